@@ -1,0 +1,15 @@
+"""minqwen: the Qwen3.5 model family in readable NumPy, with Numba where it counts.
+
+    >>> import minqwen
+    >>> model = minqwen.load("path/to/checkpoint")
+    >>> logits = model.forward([1, 2, 3])          # [3, vocab], fresh state
+    >>> cache = model.new_cache()
+    >>> model.forward([1, 2, 3], cache)            # prefill …
+    >>> model.forward([4], cache, last_only=True)  # … then decode one token at a time
+"""
+
+from .errors import MinqwenError
+from .model import Cache, Model, load
+
+__version__ = "0.1.0"
+__all__ = ["Cache", "MinqwenError", "Model", "load", "__version__"]

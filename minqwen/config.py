@@ -1,0 +1,342 @@
+"""config.json → one frozen dataclass, every field validated once, here.
+
+Qwen3.5 checkpoints come in two wrappers:
+
+* ``model_type: "qwen3_5"`` — the multimodal release. The text model's fields live in
+  ``text_config``; the vision tower's in ``vision_config``; tying of the LM head is read from
+  the *top level* ``tie_word_embeddings`` (absent there means untied, whatever
+  ``text_config`` says — this is what transformers 5.23.0 does).
+* ``model_type: "qwen3_5_text"`` — a text-only model as transformers saves it.
+
+Every field transformers 5.23.0 knows for the text model is listed in :data:`TEXT_FIELDS`
+with what minqwen does with it. Fields outside the table are reported with a warning, never
+silently dropped; a value minqwen cannot honour (a rope type it does not implement, an
+activation it does not know) is a :class:`~minqwen.errors.MinqwenError`.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import MinqwenError
+
+# What minqwen does with each text-config field. "honoured": read and used exactly as the
+# reference uses it. "defaulted": read, with the reference's default when absent.
+# "ignored": the reference's forward pass never reads it either. "metadata": describes the
+# file, not the math.
+TEXT_FIELDS: dict[str, str] = {
+    "vocab_size": "honoured (default 248320)",
+    "hidden_size": "honoured (default 4096)",
+    "intermediate_size": "honoured (default 12288): the SwiGLU MLP width",
+    "num_hidden_layers": "honoured (default 32)",
+    "num_attention_heads": "honoured (default 16)",
+    "num_key_value_heads": "honoured (default 4): grouped-query attention",
+    "head_dim": "honoured (default 256)",
+    "hidden_act": "honoured (default silu): the MLP activation and the Gated DeltaNet conv activation",
+    "max_position_embeddings": "honoured (default 32768): a prompt beyond it is an error",
+    "rms_norm_eps": "honoured (default 1e-6)",
+    "tie_word_embeddings": "honoured (default false); in the qwen3_5 wrapper the top-level value wins",
+    "attention_bias": "honoured (default false): biases on q_proj, k_proj, v_proj and o_proj",
+    "linear_conv_kernel_dim": "honoured (default 4)",
+    "linear_key_head_dim": "honoured (default 128)",
+    "linear_value_head_dim": "honoured (default 128)",
+    "linear_num_key_heads": "honoured (default 16)",
+    "linear_num_value_heads": "honoured (default 32): must be a multiple of linear_num_key_heads",
+    "layer_types": "honoured; derived from full_attention_interval when absent",
+    "full_attention_interval": "honoured (default 4) when layer_types is absent",
+    "rope_parameters": "honoured: rope_type (only 'default'), rope_theta, partial_rotary_factor, mrope_section",
+    "rope_scaling": "honoured as the legacy name of rope_parameters",
+    "rope_theta": "defaulted (10000) when rope_parameters has none (legacy top-level field)",
+    "partial_rotary_factor": "defaulted (0.25) when rope_parameters has none (legacy top-level field)",
+    "eos_token_id": "honoured by generation (stop ids)",
+    "bos_token_id": "metadata",
+    "pad_token_id": "ignored: minqwen never pads",
+    "attention_dropout": "ignored: inference only",
+    "initializer_range": "ignored: training only",
+    "use_cache": "ignored: minqwen always offers a cache",
+    "attn_output_gate": "ignored as the reference ignores it: the output gate is always on",
+    "mtp_num_hidden_layers": "metadata for now: the MTP head is reported, not loaded",
+    "mtp_use_dedicated_embeddings": "metadata for now: the MTP head is reported, not loaded",
+    "dtype": "metadata: weights are read in their stored dtype and computed in fp32",
+    "torch_dtype": "metadata (legacy name of dtype)",
+    "model_type": "metadata: must be qwen3_5_text inside text_config",
+    "architectures": "metadata",
+    "transformers_version": "metadata",
+    "output_attentions": "ignored",
+    "output_hidden_states": "ignored",
+    "return_dict": "ignored",
+    "keys_to_ignore_at_inference": "ignored",
+    "layer_scan": "ignored",
+}
+
+# Fields of the multimodal wrapper (``model_type: qwen3_5``) outside text_config.
+WRAPPER_FIELDS: dict[str, str] = {
+    "text_config": "honoured: the text model's fields (TEXT_FIELDS)",
+    "vision_config": "reported: the vision tower is not loaded yet",
+    "tie_word_embeddings": "honoured: decides tying for the whole model (absent → untied)",
+    "image_token_id": "metadata for now (vision)",
+    "video_token_id": "metadata for now (vision)",
+    "vision_start_token_id": "metadata for now (vision)",
+    "vision_end_token_id": "metadata for now (vision)",
+    "model_type": "metadata",
+    "architectures": "metadata",
+    "transformers_version": "metadata",
+    "dtype": "metadata",
+    "torch_dtype": "metadata",
+    "eos_token_id": "honoured when text_config has none",
+    "bos_token_id": "metadata",
+    "pad_token_id": "ignored",
+    "use_cache": "ignored",
+    "output_attentions": "ignored",
+    "output_hidden_states": "ignored",
+    "return_dict": "ignored",
+}
+
+ROPE_FIELDS = {"rope_type", "type", "rope_theta", "partial_rotary_factor", "mrope_section", "mrope_interleaved"}
+SUPPORTED_ACTIVATIONS = ("silu", "swish", "gelu", "gelu_pytorch_tanh", "relu")
+LAYER_TYPES = ("linear_attention", "full_attention")
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """The Qwen3.5 text model's hyper-parameters, validated. Names are config.json's."""
+
+    vocab_size: int = 248320
+    hidden_size: int = 4096
+    intermediate_size: int = 12288
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 4
+    head_dim: int = 256
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 32768
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    linear_conv_kernel_dim: int = 4
+    linear_key_head_dim: int = 128
+    linear_value_head_dim: int = 128
+    linear_num_key_heads: int = 16
+    linear_num_value_heads: int = 32
+    layer_types: tuple[str, ...] = ()
+    rope_theta: float = 10000.0
+    partial_rotary_factor: float = 0.25
+    mrope_section: tuple[int, ...] = (11, 11, 10)
+    eos_token_id: tuple[int, ...] = ()
+    source: str = field(default="<dict>", compare=False)
+
+    # Derived sizes, named as the reference names them.
+    @property
+    def rotary_dim(self) -> int:
+        """How many leading dims of each attention head are rotated (the rest pass through)."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def linear_key_dim(self) -> int:
+        return self.linear_num_key_heads * self.linear_key_head_dim
+
+    @property
+    def linear_value_dim(self) -> int:
+        return self.linear_num_value_heads * self.linear_value_head_dim
+
+    @property
+    def linear_conv_dim(self) -> int:
+        """Channels of the short convolution: q, k and v side by side."""
+        return 2 * self.linear_key_dim + self.linear_value_dim
+
+    def to_dict(self) -> dict:
+        """The config as plain JSON-able values (used for hashing and reports)."""
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "source"}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+
+def load_config(path: str | Path) -> TextConfig:
+    """Read ``config.json`` (a file, or the folder holding it) into a :class:`TextConfig`."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise MinqwenError(f"{path}: no config.json here (a Qwen3.5 checkpoint folder needs one)")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MinqwenError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise MinqwenError(f"{path}: expected a JSON object at the top level")
+    return config_from_dict(raw, source=str(path))
+
+
+def config_from_dict(raw: dict, source: str = "<dict>") -> TextConfig:
+    """Turn a config.json dictionary (either wrapper) into a validated :class:`TextConfig`."""
+    model_type = raw.get("model_type")
+    if model_type == "qwen3_5":
+        _warn_unknown(raw, WRAPPER_FIELDS, source, "")
+        text = raw.get("text_config")
+        if text is None:
+            text = {}
+        if not isinstance(text, dict):
+            raise MinqwenError(f"{source}: field 'text_config' must be an object")
+        text = dict(text)
+        # The wrapper decides tying; absent at the top level means untied (reference behaviour).
+        text["tie_word_embeddings"] = raw.get("tie_word_embeddings", False)
+        if "eos_token_id" not in text and "eos_token_id" in raw:
+            text["eos_token_id"] = raw["eos_token_id"]
+        inner = text.get("model_type", "qwen3_5_text")
+        if inner != "qwen3_5_text":
+            raise MinqwenError(f"{source}: text_config.model_type is {inner!r}; expected 'qwen3_5_text'")
+        return _text_config(text, source, prefix="text_config.")
+    if model_type == "qwen3_5_text":
+        return _text_config(raw, source, prefix="")
+    if model_type in ("qwen3_5_moe", "qwen3_5_moe_text"):
+        raise MinqwenError(
+            f"{source}: model_type {model_type!r} (sparse mixture of experts) is not supported yet; "
+            "minqwen runs the dense Qwen3.5 models (model_type 'qwen3_5' or 'qwen3_5_text')"
+        )
+    raise MinqwenError(
+        f"{source}: field 'model_type' is {model_type!r}; minqwen reads Qwen3.5 checkpoints "
+        "(model_type 'qwen3_5' or 'qwen3_5_text')"
+    )
+
+
+def _warn_unknown(raw: dict, table: dict, source: str, prefix: str) -> None:
+    unknown = sorted(k for k in raw if k not in table)
+    if unknown:
+        warnings.warn(
+            f"{source}: config fields minqwen does not know were not used: "
+            + ", ".join(prefix + k for k in unknown),
+            stacklevel=3,
+        )
+
+
+def _text_config(raw: dict, source: str, prefix: str) -> TextConfig:
+    _warn_unknown(raw, TEXT_FIELDS, source, prefix)
+    defaults = TextConfig()
+
+    def get(name, kind):
+        value = raw.get(name, getattr(defaults, name))
+        if kind is int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise MinqwenError(f"{source}: field '{prefix}{name}' must be an integer, got {value!r}")
+        elif kind is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise MinqwenError(f"{source}: field '{prefix}{name}' must be a number, got {value!r}")
+            value = float(value)
+        elif kind is bool:
+            if not isinstance(value, bool):
+                raise MinqwenError(f"{source}: field '{prefix}{name}' must be true or false, got {value!r}")
+        return value
+
+    sizes = {
+        name: get(name, int)
+        for name in (
+            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "head_dim", "max_position_embeddings", "linear_conv_kernel_dim",
+            "linear_key_head_dim", "linear_value_head_dim", "linear_num_key_heads", "linear_num_value_heads",
+        )
+    }
+    for name, value in sizes.items():
+        if value < 1:
+            raise MinqwenError(f"{source}: field '{prefix}{name}' must be at least 1, got {value}")
+    if sizes["num_attention_heads"] % sizes["num_key_value_heads"]:
+        raise MinqwenError(
+            f"{source}: field '{prefix}num_attention_heads' ({sizes['num_attention_heads']}) must be a multiple "
+            f"of num_key_value_heads ({sizes['num_key_value_heads']})"
+        )
+    if sizes["linear_num_value_heads"] % sizes["linear_num_key_heads"]:
+        raise MinqwenError(
+            f"{source}: field '{prefix}linear_num_value_heads' ({sizes['linear_num_value_heads']}) must be a "
+            f"multiple of linear_num_key_heads ({sizes['linear_num_key_heads']})"
+        )
+
+    hidden_act = raw.get("hidden_act", defaults.hidden_act)
+    if hidden_act not in SUPPORTED_ACTIVATIONS:
+        raise MinqwenError(
+            f"{source}: field '{prefix}hidden_act' is {hidden_act!r}; minqwen knows {', '.join(SUPPORTED_ACTIVATIONS)}"
+        )
+
+    layer_types = raw.get("layer_types")
+    if layer_types is None:
+        interval = raw.get("full_attention_interval", 4)
+        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+            raise MinqwenError(f"{source}: field '{prefix}full_attention_interval' must be a positive integer")
+        # Every interval-th layer is full attention, the rest Gated DeltaNet: [L, L, L, F] for 4.
+        layer_types = [
+            "full_attention" if (i + 1) % interval == 0 else "linear_attention"
+            for i in range(sizes["num_hidden_layers"])
+        ]
+    if not isinstance(layer_types, list) or len(layer_types) != sizes["num_hidden_layers"]:
+        raise MinqwenError(
+            f"{source}: field '{prefix}layer_types' must list one type per layer "
+            f"({sizes['num_hidden_layers']} layers)"
+        )
+    for i, kind in enumerate(layer_types):
+        if kind not in LAYER_TYPES:
+            raise MinqwenError(
+                f"{source}: field '{prefix}layer_types[{i}]' is {kind!r}; expected one of {', '.join(LAYER_TYPES)}"
+            )
+
+    rope = _rope_parameters(raw, source, prefix)
+    rotary_dim = int(sizes["head_dim"] * rope["partial_rotary_factor"])
+    if rotary_dim % 2 or rotary_dim < 2:
+        raise MinqwenError(
+            f"{source}: head_dim × partial_rotary_factor = {rotary_dim}; rotary needs an even number of dims ≥ 2"
+        )
+
+    eos = raw.get("eos_token_id")
+    eos = () if eos is None else (tuple(eos) if isinstance(eos, list) else (eos,))
+    if not all(isinstance(e, int) and not isinstance(e, bool) for e in eos):
+        raise MinqwenError(f"{source}: field '{prefix}eos_token_id' must be an integer or a list of integers")
+
+    return TextConfig(
+        **sizes,
+        hidden_act=hidden_act,
+        rms_norm_eps=get("rms_norm_eps", float),
+        tie_word_embeddings=get("tie_word_embeddings", bool),
+        attention_bias=get("attention_bias", bool),
+        layer_types=tuple(layer_types),
+        rope_theta=rope["rope_theta"],
+        partial_rotary_factor=rope["partial_rotary_factor"],
+        mrope_section=rope["mrope_section"],
+        eos_token_id=eos,
+        source=source,
+    )
+
+
+def _rope_parameters(raw: dict, source: str, prefix: str) -> dict:
+    """Standardise the rope fields the way transformers does (new dict, legacy names, defaults)."""
+    rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise MinqwenError(f"{source}: field '{prefix}rope_parameters' must be an object")
+    unknown = sorted(set(rope) - ROPE_FIELDS)
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        raise MinqwenError(
+            f"{source}: field '{prefix}rope_parameters.rope_type' is {rope_type!r}; "
+            "minqwen implements only 'default' rotary embeddings"
+        )
+    if unknown:
+        raise MinqwenError(
+            f"{source}: rope_parameters fields minqwen does not implement: {', '.join(unknown)}"
+        )
+    theta = rope.get("rope_theta", raw.get("rope_theta", 10000.0))
+    factor = rope.get("partial_rotary_factor", raw.get("partial_rotary_factor", 0.25))
+    for name, value in (("rope_theta", theta), ("partial_rotary_factor", factor)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise MinqwenError(f"{source}: field '{prefix}rope_parameters.{name}' must be a positive number")
+    if factor > 1:
+        raise MinqwenError(f"{source}: field '{prefix}rope_parameters.partial_rotary_factor' must be ≤ 1")
+    section = rope.get("mrope_section", [11, 11, 10])
+    if (
+        not isinstance(section, list)
+        or len(section) != 3
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in section)
+    ):
+        raise MinqwenError(
+            f"{source}: field '{prefix}rope_parameters.mrope_section' must be three non-negative integers (t, h, w)"
+        )
+    # A section that does not sum to rotary_dim / 2 is accepted, as the reference accepts it:
+    # the interleaving rule below only ever writes indices that exist (see rope.py).
+    return {"rope_theta": float(theta), "partial_rotary_factor": float(factor), "mrope_section": tuple(section)}

@@ -1,0 +1,282 @@
+"""Gated DeltaNet: the linear-attention layer that makes up three in four Qwen3.5 layers.
+
+Instead of keeping every past key and value, each value head keeps a fixed-size memory, a
+matrix ``S`` of shape [Dk, Dv] that maps keys to values. Each token
+
+1. decays the memory:              S ← exp(g) · S                     (g ≤ 0, the "gate")
+2. reads what S predicts for k:    v̂ = Sᵀ k
+3. writes the correction:          S ← S + k ⊗ β (v − v̂)             (β ∈ (0, 1): the delta rule)
+4. reads the output for q:         o = Sᵀ q
+
+so a decode step costs the same at token 10 as at token 100 000 (Yang et al., "Gated Delta
+Networks", ICLR 2025). The layer around that recurrence:
+
+    x ─ in_proj_qkv ─ conv1d (causal, depthwise, K taps) ─ SiLU ─ split q, k, v
+      ─ in_proj_z → z (output gate)     in_proj_b → β = sigmoid(b)
+      ─ in_proj_a → g = −exp(A_log) · softplus(a + dt_bias)
+    q, k: L2-normalised per head, q scaled by 1/√Dk; q and k shared by groups of value heads
+    o ─ RMSNorm(o) · w · silu(z) ─ out_proj
+
+The recurrence is written three times, on purpose:
+
+* :func:`recurrent_gated_delta_rule_numpy` — the four steps above, token by token, in NumPy.
+  This is the definition; read it first.
+* :func:`recurrent_gated_delta_rule` — the same loop compiled by Numba. It is what decoding
+  runs; tests hold it equal to the NumPy twin.
+* :func:`chunked_gated_delta_rule` — the same result computed chunk by chunk with matrix
+  products (the WY / UT-transform form of Yang et al., NeurIPS 2024), which is how a long
+  prompt is processed fast. Tests hold it equal to the recurrent form (to ~1e-10 in float64).
+
+The layer's decode state is (conv window, S): see :class:`DeltaNetState`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+
+from .activations import ACTIVATIONS, sigmoid, softplus
+from .linear import linear
+from .norms import gated_rms_norm
+
+# Below this many tokens the recurrent kernel beats building chunk matrices.
+RECURRENT_BELOW = 16
+CHUNK_SIZE = 64
+
+
+@dataclass
+class DeltaNetWeights:
+    in_proj_qkv: np.ndarray  # [2·Hk·Dk + Hv·Dv, H]
+    in_proj_z: np.ndarray  # [Hv·Dv, H]
+    in_proj_b: np.ndarray  # [Hv, H]
+    in_proj_a: np.ndarray  # [Hv, H]
+    conv1d: np.ndarray  # [conv_dim, K]: the checkpoint's conv1d.weight [conv_dim, 1, K], squeezed
+    A_log: np.ndarray  # [Hv]
+    dt_bias: np.ndarray  # [Hv]
+    norm: np.ndarray  # [Dv]
+    out_proj: np.ndarray  # [H, Hv·Dv]
+
+
+@dataclass
+class DeltaNetState:
+    """What a Gated DeltaNet layer carries from one call to the next.
+
+    ``conv``: the last K − 1 inputs of the short convolution, [K − 1, conv_dim], oldest first.
+    (transformers keeps K, the oldest of which is never used; minqwen keeps only what is read.)
+    ``recurrent``: the memory S of every value head, [Hv, Dk, Dv], always float32.
+    """
+
+    conv: np.ndarray
+    recurrent: np.ndarray
+
+    def copy(self) -> DeltaNetState:
+        return DeltaNetState(self.conv.copy(), self.recurrent.copy())
+
+    @property
+    def nbytes(self) -> int:
+        return self.conv.nbytes + self.recurrent.nbytes
+
+
+# --------------------------------------------------------------------------- short convolution
+
+
+def causal_conv1d(x: np.ndarray, weight: np.ndarray, conv_state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Depthwise causal convolution of x [T, C] with weight [C, K], continuing from conv_state [K−1, C].
+
+    Output t mixes inputs t−K+1 … t of its own channel; the inputs before this call come from
+    conv_state, so a prompt split in two pieces gives the same output as in one piece.
+    Returns (output [T, C], new conv_state [K−1, C]).
+    """
+    kernel = weight.shape[1]
+    t_len = x.shape[0]
+    window = np.concatenate([conv_state, x], axis=0)  # [K−1+T, C]
+    out = np.zeros_like(x)
+    for tap in range(kernel):
+        # weight[:, tap] multiplies the input (K−1−tap) steps before the output position
+        out += window[tap : tap + t_len] * weight[:, tap]
+    return out, window[window.shape[0] - (kernel - 1) :].copy()
+
+
+# --------------------------------------------------------------------------- the recurrence
+
+
+def recurrent_gated_delta_rule_numpy(q, k, v, g, beta, state):
+    """The gated delta rule, one token at a time: the definition.
+
+    q, k: [T, Hv, Dk]; v: [T, Hv, Dv]; g, beta: [T, Hv]; state: [Hv, Dk, Dv].
+    Returns (o [T, Hv, Dv], final state [Hv, Dk, Dv]); the input state is not modified.
+    """
+    S = state.copy()
+    out = np.empty_like(v)
+    for t in range(q.shape[0]):
+        S *= np.exp(g[t])[:, None, None]  # 1. decay
+        predicted = np.einsum("hk,hkv->hv", k[t], S)  # 2. v̂ = Sᵀk        [Hv, Dv]
+        delta = beta[t][:, None] * (v[t] - predicted)  #    β (v − v̂)       [Hv, Dv]
+        S += k[t][:, :, None] * delta[:, None, :]  # 3. S += k ⊗ δ      [Hv, Dk, Dv]
+        out[t] = np.einsum("hk,hkv->hv", q[t], S)  # 4. o = Sᵀq         [Hv, Dv]
+    return out, S
+
+
+@numba.njit(cache=True)
+def _recurrent_kernel(q, k, v, g, beta, S, out):
+    """Numba twin of recurrent_gated_delta_rule_numpy; updates S [Hv, Dk, Dv] in place."""
+    t_len, num_heads, dk = q.shape
+    dv = v.shape[2]
+    predicted = np.empty(dv, S.dtype)
+    for h in range(num_heads):
+        for t in range(t_len):
+            decay = np.exp(g[t, h])
+            # 1 + 2: decay S and read v̂ = Sᵀk in one pass over S
+            predicted[:] = 0.0
+            for i in range(dk):
+                ki = k[t, h, i]
+                for j in range(dv):
+                    S[h, i, j] *= decay
+                    predicted[j] += ki * S[h, i, j]
+            for j in range(dv):
+                predicted[j] = beta[t, h] * (v[t, h, j] - predicted[j])  # now δ
+            # 3 + 4: write k ⊗ δ and read o = Sᵀq in one pass
+            for j in range(dv):
+                out[t, h, j] = 0.0
+            for i in range(dk):
+                ki = k[t, h, i]
+                qi = q[t, h, i]
+                for j in range(dv):
+                    S[h, i, j] += ki * predicted[j]
+                    out[t, h, j] += qi * S[h, i, j]
+
+
+def recurrent_gated_delta_rule(q, k, v, g, beta, state):
+    """The gated delta rule, token by token, compiled: same contract as the NumPy twin."""
+    S = np.array(state, dtype=np.float32 if q.dtype == np.float32 else q.dtype, copy=True)
+    out = np.empty(v.shape, S.dtype)
+    _recurrent_kernel(
+        np.ascontiguousarray(q), np.ascontiguousarray(k), np.ascontiguousarray(v),
+        np.ascontiguousarray(g), np.ascontiguousarray(beta), S, out,
+    )
+    return out, S
+
+
+def chunked_gated_delta_rule(q, k, v, g, beta, state, chunk_size: int = CHUNK_SIZE):
+    """The gated delta rule over whole chunks of tokens with matrix products.
+
+    Same contract as :func:`recurrent_gated_delta_rule_numpy`. Within a chunk of C tokens,
+    all the writes of the delta rule are solved at once: the values actually written, u, obey
+    the lower-triangular system (I + A) u = β v with A[i, j] = β_i (k_i · k_j) · decay(j → i)
+    for j < i (the UT transform). Between chunks the state is carried as in the recurrent form.
+    """
+    t_len, num_heads, dk = q.shape
+    dv = v.shape[-1]
+    C = chunk_size
+    pad = (-t_len) % C
+    n_chunks = (t_len + pad) // C
+
+    def chunks(x):  # [T, Hv, ...] → [Hv, N, C, ...], zero-padded: a zero k and β leave S alone
+        x = np.moveaxis(x, 0, 1)
+        x = np.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        return x.reshape(num_heads, n_chunks, C, *x.shape[2:])
+
+    q, k, v, g, beta = chunks(q), chunks(k), chunks(v), chunks(g), chunks(beta)
+    g_cum = np.cumsum(g, axis=-1)  # [Hv, N, C]: log of the decay from the chunk start to t
+
+    # decay(j → i) = exp(g_cum_i − g_cum_j) for j ≤ i. Mask in log space *before* exp: for j > i
+    # the difference is positive and exp of it overflows float32.
+    causal = np.tril(np.ones((C, C), dtype=bool))
+    log_decay = g_cum[..., :, None] - g_cum[..., None, :]  # [Hv, N, C, C]
+    decay = np.exp(np.where(causal, log_decay, -np.inf))
+
+    k_beta = k * beta[..., None]  # [Hv, N, C, Dk]
+    v_beta = v * beta[..., None]  # [Hv, N, C, Dv]
+    A = np.tril((k_beta @ k.swapaxes(-1, -2)) * decay, -1)  # [Hv, N, C, C], strictly lower
+    inv = unit_lower_inverse(A)  # (I + A)⁻¹                   [Hv, N, C, C]
+    u = inv @ v_beta  # values to write, if S were zero at the chunk start   [Hv, N, C, Dv]
+    w = inv @ (k_beta * np.exp(g_cum)[..., None])  # how much of S each write cancels [Hv, N, C, Dk]
+
+    attn = (q @ k.swapaxes(-1, -2)) * decay  # within-chunk q·k with decay, diagonal included [Hv, N, C, C]
+    q_from_start = q * np.exp(g_cum)[..., None]  # q reads S as decayed since the chunk start
+    k_to_end = k * np.exp(g_cum[..., -1:] - g_cum)[..., None]  # writes decayed to the chunk end
+    chunk_decay = np.exp(g_cum[..., -1])  # [Hv, N]
+
+    S = np.array(state, dtype=q.dtype, copy=True)  # [Hv, Dk, Dv]
+    out = np.empty((num_heads, n_chunks, C, dv), q.dtype)
+    for n in range(n_chunks):
+        v_new = u[:, n] - w[:, n] @ S  # the correction each token writes, given S   [Hv, C, Dv]
+        out[:, n] = q_from_start[:, n] @ S + attn[:, n] @ v_new  # old memory + this chunk's writes
+        S = S * chunk_decay[:, n, None, None] + k_to_end[:, n].swapaxes(-1, -2) @ v_new
+    out = out.reshape(num_heads, n_chunks * C, dv)[:, :t_len]  # [Hv, T, Dv]
+    return np.moveaxis(out, 0, 1), S  # [T, Hv, Dv], [Hv, Dk, Dv]
+
+
+def unit_lower_inverse(A: np.ndarray) -> np.ndarray:
+    """(I + A)⁻¹ for strictly lower-triangular A [..., C, C], by forward substitution.
+
+    Row i of the inverse is e_i − Σ_{j<i} A[i, j] · (row j of the inverse): each row needs only
+    the rows above it, so C steps, each a small matrix product over every head and chunk at once.
+    """
+    C = A.shape[-1]
+    inv = np.broadcast_to(np.eye(C, dtype=A.dtype), A.shape).copy()
+    for i in range(1, C):
+        inv[..., i : i + 1, :] -= A[..., i : i + 1, :i] @ inv[..., :i, :]
+    return inv
+
+
+# --------------------------------------------------------------------------- the layer
+
+
+def l2_normalize(x: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+    """x / sqrt(|x|² + eps) over the last axis (the reference's eps placement)."""
+    return x / np.sqrt(np.sum(x * x, axis=-1, keepdims=True) + np.float32(eps))
+
+
+def gated_deltanet(
+    x: np.ndarray,
+    w: DeltaNetWeights,
+    state: DeltaNetState,
+    num_key_heads: int,
+    num_value_heads: int,
+    key_head_dim: int,
+    value_head_dim: int,
+    hidden_act: str,
+    eps: float,
+    tap=None,
+) -> np.ndarray:
+    """One Gated DeltaNet layer over x [T, H]; advances state in place (conv window and S)."""
+    t_len = x.shape[0]
+    key_dim = num_key_heads * key_head_dim
+
+    mixed_qkv = linear(x, w.in_proj_qkv)  # [T, 2·Hk·Dk + Hv·Dv]
+    z = linear(x, w.in_proj_z).reshape(t_len, num_value_heads, value_head_dim)  # [T, Hv, Dv]
+    b = linear(x, w.in_proj_b)  # [T, Hv]
+    a = linear(x, w.in_proj_a)  # [T, Hv]
+
+    mixed_qkv, state.conv = causal_conv1d(mixed_qkv, w.conv1d, state.conv)
+    mixed_qkv = ACTIVATIONS[hidden_act](mixed_qkv)
+    q = mixed_qkv[:, :key_dim].reshape(t_len, num_key_heads, key_head_dim)  # [T, Hk, Dk]
+    k = mixed_qkv[:, key_dim : 2 * key_dim].reshape(t_len, num_key_heads, key_head_dim)  # [T, Hk, Dk]
+    v = mixed_qkv[:, 2 * key_dim :].reshape(t_len, num_value_heads, value_head_dim)  # [T, Hv, Dv]
+
+    q = l2_normalize(q) * np.float32(key_head_dim**-0.5)
+    k = l2_normalize(k)
+    # Each key head serves Hv / Hk consecutive value heads.
+    group = num_value_heads // num_key_heads
+    q = np.repeat(q, group, axis=1)  # [T, Hv, Dk]
+    k = np.repeat(k, group, axis=1)  # [T, Hv, Dk]
+
+    beta = sigmoid(b)  # [T, Hv]: how strongly this token overwrites the memory
+    g = -np.exp(w.A_log) * softplus(a + w.dt_bias)  # [T, Hv]: log of the memory's decay, ≤ 0
+    if tap is not None:
+        tap("linear_attn.q", q)
+        tap("linear_attn.k", k)
+        tap("linear_attn.v", v)
+        tap("linear_attn.g", g)
+        tap("linear_attn.beta", beta)
+
+    rule = recurrent_gated_delta_rule if t_len < RECURRENT_BELOW else chunked_gated_delta_rule
+    core, state.recurrent = rule(q, k, v, g, beta, state.recurrent)  # [T, Hv, Dv]
+    if tap is not None:
+        tap("linear_attn.core", core)
+
+    normed = gated_rms_norm(core, z, w.norm, eps)  # [T, Hv, Dv]
+    return linear(normed.reshape(t_len, num_value_heads * value_head_dim), w.out_proj)  # [T, H]

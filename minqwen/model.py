@@ -1,0 +1,334 @@
+"""The Qwen3.5 decoder stack: load a checkpoint, run tokens through it, get logits.
+
+A token's path, top to bottom of this file:
+
+    ids ─ embed_tokens ─┬─ for each layer ───────────────────────────────────────────┐
+                        │  x += token_mixer(input_layernorm(x))                      │
+                        │        (Gated DeltaNet, or gated full attention, per layer) │
+                        │  x += mlp(post_attention_layernorm(x))                     │
+                        └─────────────────────────────────────────────────────────────┘
+                          ─ norm ─ lm_head ─ logits
+
+Everything a later call needs — each attention layer's keys and values, each Gated DeltaNet
+layer's conv window and memory, the next position — lives in a :class:`Cache` that the caller
+owns, so that prefill-then-decode, rollback (``cache.copy()``) and several conversations at
+once are all plain Python.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .attention import AttentionWeights, KVCache, gated_attention
+from .checkpoint import Checkpoint
+from .config import TextConfig, load_config
+from .deltanet import DeltaNetState, DeltaNetWeights, gated_deltanet
+from .errors import MinqwenError
+from .linear import linear
+from .mlp import MLPWeights, swiglu_mlp
+from .norms import rms_norm
+from .rope import inverse_frequencies, mrope_cos_sin, text_position_ids
+
+
+@dataclass
+class DecoderLayer:
+    """One decoder layer's weights, named as in the checkpoint (``layers.{i}.…``)."""
+
+    layer_type: str  # "linear_attention" or "full_attention"
+    input_layernorm: np.ndarray  # [H]
+    post_attention_layernorm: np.ndarray  # [H]
+    mlp: MLPWeights
+    linear_attn: DeltaNetWeights | None = None
+    self_attn: AttentionWeights | None = None
+
+
+class Cache:
+    """The decode state of every layer, plus where the next token goes.
+
+    ``position`` counts the tokens consumed so far. ``rope_delta`` is added to it to get the
+    next rotary position (non-zero once images have been placed in the sequence, since an
+    image spans fewer positions than tokens).
+    """
+
+    def __init__(self, layers: list):
+        self.layers = layers  # per layer: DeltaNetState or KVCache
+        self.position = 0
+        self.rope_delta = 0
+
+    def copy(self) -> Cache:
+        """An independent snapshot: restore it to roll back (a DeltaNet memory cannot be rewound)."""
+        new = Cache([layer.copy() for layer in self.layers])
+        new.position, new.rope_delta = self.position, self.rope_delta
+        return new
+
+    @property
+    def nbytes(self) -> int:
+        return sum(layer.nbytes for layer in self.layers)
+
+
+class Model:
+    """A loaded Qwen3.5 text model. Build one with :func:`load`."""
+
+    def __init__(self, config: TextConfig, embed_tokens, layers, norm, lm_head, load_report=""):
+        self.config = config
+        self.embed_tokens = embed_tokens  # [V, H]
+        self.layers: list[DecoderLayer] = layers
+        self.norm = norm  # [H]
+        self.lm_head = lm_head  # [V, H]; the same array as embed_tokens when tied
+        self.load_report = load_report
+        self.inv_freq = inverse_frequencies(config.rope_theta, config.rotary_dim)  # [R/2]
+
+    # ---------------------------------------------------------------- public API
+
+    def new_cache(self) -> Cache:
+        c = self.config
+        states = []
+        for layer in self.layers:
+            if layer.layer_type == "linear_attention":
+                states.append(
+                    DeltaNetState(
+                        conv=np.zeros((c.linear_conv_kernel_dim - 1, c.linear_conv_dim), np.float32),
+                        recurrent=np.zeros(
+                            (c.linear_num_value_heads, c.linear_key_head_dim, c.linear_value_head_dim), np.float32
+                        ),
+                    )
+                )
+            else:
+                states.append(KVCache(c.num_key_value_heads, c.head_dim))
+        return Cache(states)
+
+    def forward(
+        self,
+        token_ids=None,
+        cache: Cache | None = None,
+        *,
+        inputs_embeds: np.ndarray | None = None,
+        position_ids: np.ndarray | None = None,
+        last_only: bool = False,
+        tap=None,
+    ) -> np.ndarray:
+        """Logits for a run of tokens: [T, vocab] float32, or [1, vocab] with ``last_only``.
+
+        ``token_ids``: 1-D ints. Or give ``inputs_embeds`` [T, H] instead (e.g. with image
+        features spliced in). Without a cache the run starts fresh; with one it continues from
+        it and advances it. ``position_ids`` [3, T] overrides the M-RoPE positions (t, h, w).
+        ``tap(name, array)``, if given, is called with every named intermediate (see taps in
+        the README); when it is None no intermediate is kept.
+        """
+        hidden = self.hidden_states(token_ids, cache, inputs_embeds=inputs_embeds, position_ids=position_ids, tap=tap)
+        if last_only:
+            hidden = hidden[-1:]
+        logits = self.logits(hidden)
+        if tap is not None:
+            tap("logits", logits)
+        return logits
+
+    def hidden_states(self, token_ids=None, cache=None, *, inputs_embeds=None, position_ids=None, tap=None):
+        """The decoder stack: embeddings → layers → final norm, [T, H] float32."""
+        x = self._embed(token_ids, inputs_embeds)  # [T, H]
+        t_len = x.shape[0]
+        cache = cache if cache is not None else self.new_cache()
+        c = self.config
+        if cache.position + t_len > c.max_position_embeddings:
+            raise MinqwenError(
+                f"the sequence would reach {cache.position + t_len} tokens, beyond the model's context of "
+                f"{c.max_position_embeddings} (config max_position_embeddings)"
+            )
+        if position_ids is None:
+            position_ids = text_position_ids(cache.position + cache.rope_delta, t_len)
+        position_ids = np.asarray(position_ids)
+        if position_ids.shape != (3, t_len):
+            raise MinqwenError(f"position_ids must have shape [3, {t_len}] (t, h, w rows), got {list(position_ids.shape)}")
+        cos, sin = mrope_cos_sin(position_ids, self.inv_freq, c.mrope_section)  # [T, R] each
+        if tap is not None:
+            tap("embed", x)
+
+        for i, (layer, state) in enumerate(zip(self.layers, cache.layers)):
+            layer_tap = None if tap is None else _prefixed(tap, f"layers.{i}.")
+            x = self._decoder_layer(x, layer, state, cos, sin, layer_tap)
+
+        cache.position += t_len
+        x = rms_norm(x, self.norm, c.rms_norm_eps)
+        if tap is not None:
+            tap("norm", x)
+        return x
+
+    def logits(self, hidden: np.ndarray) -> np.ndarray:
+        """The LM head: hidden [T, H] → logits [T, V]."""
+        return linear(hidden, self.lm_head)
+
+    # ---------------------------------------------------------------- the layers
+
+    def _embed(self, token_ids, inputs_embeds):
+        if (token_ids is None) == (inputs_embeds is None):
+            raise MinqwenError("give exactly one of token_ids or inputs_embeds")
+        if inputs_embeds is not None:
+            x = np.asarray(inputs_embeds, dtype=np.float32)
+            if x.ndim != 2 or x.shape[1] != self.config.hidden_size or x.shape[0] == 0:
+                raise MinqwenError(
+                    f"inputs_embeds must have shape [T ≥ 1, {self.config.hidden_size}], got {list(x.shape)}"
+                )
+            return x
+        ids = np.asarray(token_ids)
+        if ids.ndim != 1 or ids.size == 0:
+            raise MinqwenError(f"token_ids must be a non-empty 1-D sequence of ints, got shape {list(ids.shape)}")
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise MinqwenError(f"token_ids must be integers, got dtype {ids.dtype}")
+        bad = ids[(ids < 0) | (ids >= self.config.vocab_size)]
+        if bad.size:
+            raise MinqwenError(
+                f"token id {int(bad[0])} is outside the vocabulary (0 … {self.config.vocab_size - 1})"
+            )
+        return self.embed_tokens[ids].astype(np.float32)  # [T, H]
+
+    def _decoder_layer(self, x, layer: DecoderLayer, state, cos, sin, tap):
+        c = self.config
+        h = rms_norm(x, layer.input_layernorm, c.rms_norm_eps)
+        if tap is not None:
+            tap("input_layernorm", h)
+        if layer.layer_type == "linear_attention":
+            mixed = gated_deltanet(
+                h, layer.linear_attn, state,
+                c.linear_num_key_heads, c.linear_num_value_heads, c.linear_key_head_dim, c.linear_value_head_dim,
+                c.hidden_act, c.rms_norm_eps, tap,
+            )
+        else:
+            mixed = gated_attention(
+                h, layer.self_attn, state, cos, sin,
+                c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.rms_norm_eps, tap,
+            )
+        if tap is not None:
+            tap("token_mixer", mixed)
+        x = x + mixed
+        h = rms_norm(x, layer.post_attention_layernorm, c.rms_norm_eps)
+        if tap is not None:
+            tap("post_attention_layernorm", h)
+        out = swiglu_mlp(h, layer.mlp, c.hidden_act)
+        if tap is not None:
+            tap("mlp", out)
+        x = x + out
+        if tap is not None:
+            tap("output", x)
+        return x
+
+
+def _prefixed(tap, prefix):
+    return lambda name, value: tap(prefix + name, value)
+
+
+# ==================================================================== loading
+
+
+def load(path: str | Path) -> Model:
+    """Load a Qwen3.5 checkpoint folder (config.json + safetensors) into a :class:`Model`."""
+    path = Path(path)
+    if not path.is_dir():
+        raise MinqwenError(f"{path}: not a folder (a checkpoint is a folder with config.json and *.safetensors)")
+    config = load_config(path)
+    ckpt = Checkpoint(path)
+    reader = _TensorReader(ckpt)
+    c = config
+
+    H = c.hidden_size
+    embed = reader.take("embed_tokens.weight", (c.vocab_size, H))
+    layers = []
+    for i, kind in enumerate(c.layer_types):
+        p = f"layers.{i}."
+        mlp = MLPWeights(
+            gate_proj=reader.take(p + "mlp.gate_proj.weight", (c.intermediate_size, H)),
+            up_proj=reader.take(p + "mlp.up_proj.weight", (c.intermediate_size, H)),
+            down_proj=reader.take(p + "mlp.down_proj.weight", (H, c.intermediate_size)),
+        )
+        layer = DecoderLayer(
+            layer_type=kind,
+            input_layernorm=reader.take(p + "input_layernorm.weight", (H,)),
+            post_attention_layernorm=reader.take(p + "post_attention_layernorm.weight", (H,)),
+            mlp=mlp,
+        )
+        if kind == "linear_attention":
+            layer.linear_attn = _load_deltanet(reader, p + "linear_attn.", c)
+        else:
+            layer.self_attn = _load_attention(reader, p + "self_attn.", c)
+        layers.append(layer)
+    norm = reader.take("norm.weight", (H,))
+    if c.tie_word_embeddings:
+        lm_head = embed
+    else:
+        lm_head = reader.take_top("lm_head.weight", (c.vocab_size, H))
+    return Model(config, embed, layers, norm, lm_head, load_report=reader.report())
+
+
+def _load_deltanet(reader, p, c: TextConfig) -> DeltaNetWeights:
+    H, Hv = c.hidden_size, c.linear_num_value_heads
+    conv = reader.take(p + "conv1d.weight", (c.linear_conv_dim, 1, c.linear_conv_kernel_dim))
+    return DeltaNetWeights(
+        in_proj_qkv=reader.take(p + "in_proj_qkv.weight", (c.linear_conv_dim, H)),
+        in_proj_z=reader.take(p + "in_proj_z.weight", (c.linear_value_dim, H)),
+        in_proj_b=reader.take(p + "in_proj_b.weight", (Hv, H)),
+        in_proj_a=reader.take(p + "in_proj_a.weight", (Hv, H)),
+        conv1d=np.ascontiguousarray(conv[:, 0, :]),  # [conv_dim, K]
+        A_log=reader.take(p + "A_log", (Hv,)),
+        dt_bias=reader.take(p + "dt_bias", (Hv,)),
+        norm=reader.take(p + "norm.weight", (c.linear_value_head_dim,)),
+        out_proj=reader.take(p + "out_proj.weight", (H, c.linear_value_dim)),
+    )
+
+
+def _load_attention(reader, p, c: TextConfig) -> AttentionWeights:
+    H, D, Hq, Hkv = c.hidden_size, c.head_dim, c.num_attention_heads, c.num_key_value_heads
+    w = AttentionWeights(
+        q_proj=reader.take(p + "q_proj.weight", (Hq * 2 * D, H)),
+        k_proj=reader.take(p + "k_proj.weight", (Hkv * D, H)),
+        v_proj=reader.take(p + "v_proj.weight", (Hkv * D, H)),
+        o_proj=reader.take(p + "o_proj.weight", (H, Hq * D)),
+        q_norm=reader.take(p + "q_norm.weight", (D,)),
+        k_norm=reader.take(p + "k_norm.weight", (D,)),
+    )
+    if c.attention_bias:
+        w.q_proj_bias = reader.take(p + "q_proj.bias", (Hq * 2 * D,))
+        w.k_proj_bias = reader.take(p + "k_proj.bias", (Hkv * D,))
+        w.v_proj_bias = reader.take(p + "v_proj.bias", (Hkv * D,))
+        w.o_proj_bias = reader.take(p + "o_proj.bias", (H,))
+    return w
+
+
+# Checkpoint name prefixes of the parts minqwen does not load (yet), for the load report.
+DEFERRED_PARTS = {"model.visual.": "vision tower", "mtp.": "MTP head"}
+
+
+class _TensorReader:
+    """Reads the text model's tensors under the right prefix and remembers which were used."""
+
+    def __init__(self, ckpt: Checkpoint):
+        self.ckpt = ckpt
+        names = ckpt.names
+        # Multimodal releases nest the text model under model.language_model.; text-only saves use model.
+        if any(n.startswith("model.language_model.") for n in names):
+            self.prefix = "model.language_model."
+        else:
+            self.prefix = "model."
+        self.used: set[str] = set()
+
+    def take(self, name, shape):
+        return self.take_top(self.prefix + name, shape)
+
+    def take_top(self, full_name, shape):
+        self.used.add(full_name)
+        return self.ckpt.float32(full_name, shape)
+
+    def report(self) -> str:
+        """One line per group of unused tensors: deferred parts by name, anything else listed."""
+        unused = [n for n in self.ckpt.names if n not in self.used]
+        lines = []
+        for prefix, part in DEFERRED_PARTS.items():
+            group = [n for n in unused if n.startswith(prefix)]
+            if group:
+                lines.append(f"{part}: {len(group)} tensors (not loaded)")
+        other = sorted(n for n in unused if not any(n.startswith(p) for p in DEFERRED_PARTS))
+        if other:
+            shown = ", ".join(other[:10]) + (f", … ({len(other) - 10} more)" if len(other) > 10 else "")
+            lines.append(f"unused: {len(other)} tensors not part of the model: {shown}")
+        return "\n".join(lines)
