@@ -250,20 +250,22 @@ def gated_deltanet(
     z = linear(x, w.in_proj_z).reshape(t_len, num_value_heads, value_head_dim)  # [T, Hv, Dv]
     b = linear(x, w.in_proj_b)  # [T, Hv]
     a = linear(x, w.in_proj_a)  # [T, Hv]
+    if tap is not None:
+        tap("linear_attn.in_proj_qkv", mixed_qkv)
+        tap("linear_attn.in_proj_z", z)
+        tap("linear_attn.in_proj_b", b)
+        tap("linear_attn.in_proj_a", a)
 
     mixed_qkv, state.conv = causal_conv1d(mixed_qkv, w.conv1d, state.conv)
     mixed_qkv = ACTIVATIONS[hidden_act](mixed_qkv)
+    if tap is not None:
+        tap("linear_attn.conv1d", mixed_qkv)
     q = mixed_qkv[:, :key_dim].reshape(t_len, num_key_heads, key_head_dim)  # [T, Hk, Dk]
     k = mixed_qkv[:, key_dim : 2 * key_dim].reshape(t_len, num_key_heads, key_head_dim)  # [T, Hk, Dk]
     v = mixed_qkv[:, 2 * key_dim :].reshape(t_len, num_value_heads, value_head_dim)  # [T, Hv, Dv]
 
     q = l2_normalize(q) * np.float32(key_head_dim**-0.5)
     k = l2_normalize(k)
-    # Each key head serves Hv / Hk consecutive value heads.
-    group = num_value_heads // num_key_heads
-    q = np.repeat(q, group, axis=1)  # [T, Hv, Dk]
-    k = np.repeat(k, group, axis=1)  # [T, Hv, Dk]
-
     beta = sigmoid(b)  # [T, Hv]: how strongly this token overwrites the memory
     g = -np.exp(w.A_log) * softplus(a + w.dt_bias)  # [T, Hv]: log of the memory's decay, ≤ 0
     if tap is not None:
@@ -273,10 +275,18 @@ def gated_deltanet(
         tap("linear_attn.g", g)
         tap("linear_attn.beta", beta)
 
+    # Each key head serves Hv / Hk consecutive value heads.
+    group = num_value_heads // num_key_heads
+    q = np.repeat(q, group, axis=1)  # [T, Hv, Dk]
+    k = np.repeat(k, group, axis=1)  # [T, Hv, Dk]
     rule = recurrent_gated_delta_rule if t_len < RECURRENT_BELOW else chunked_gated_delta_rule
     core, state.recurrent = rule(q, k, v, g, beta, state.recurrent)  # [T, Hv, Dv]
     if tap is not None:
         tap("linear_attn.core", core)
+        tap("linear_attn.conv_state", state.conv)
+        tap("linear_attn.recurrent_state", state.recurrent)
 
     normed = gated_rms_norm(core, z, w.norm, eps)  # [T, Hv, Dv]
+    if tap is not None:
+        tap("linear_attn.norm", normed)
     return linear(normed.reshape(t_len, num_value_heads * value_head_dim), w.out_proj)  # [T, H]
