@@ -18,6 +18,7 @@ A checkpoint folder holds either ``model.safetensors`` or shards listed by
 from __future__ import annotations
 
 import json
+import math
 import struct
 from pathlib import Path
 
@@ -54,11 +55,14 @@ class SafetensorsFile:
         self.path = Path(path)
         try:
             size = self.path.stat().st_size
+            f = open(self.path, "rb")  # a folder or an unreadable file fails here, not below
         except OSError as e:
             raise MinqwenError(f"{self.path}: cannot open safetensors file ({e.strerror})") from None
-        if size < 8:
-            raise MinqwenError(f"{self.path}: file is {size} bytes, too short to be a safetensors file (truncated?)")
-        with open(self.path, "rb") as f:
+        with f:
+            if size < 8:
+                raise MinqwenError(
+                    f"{self.path}: file is {size} bytes, too short to be a safetensors file (truncated?)"
+                )
             (header_len,) = struct.unpack("<Q", f.read(8))
             if header_len > min(size - 8, MAX_HEADER_BYTES):
                 raise MinqwenError(
@@ -68,7 +72,7 @@ class SafetensorsFile:
             header_bytes = f.read(header_len)
         try:
             header = json.loads(header_bytes.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, a huge int literal, deep nesting
             raise MinqwenError(f"{self.path}: bad header: not valid UTF-8 JSON ({e})") from None
         if not isinstance(header, dict):
             raise MinqwenError(f"{self.path}: bad header: expected a JSON object")
@@ -89,7 +93,7 @@ class SafetensorsFile:
         if not isinstance(entry, dict):
             raise MinqwenError(f"{where}: bad header entry (expected an object)")
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise MinqwenError(f"{where}: unknown dtype {dtype!r} (known: {', '.join(DTYPES)})")
         if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
             raise MinqwenError(f"{where}: bad shape {shape!r} (expected a list of non-negative integers)")
@@ -107,7 +111,7 @@ class SafetensorsFile:
                 f"{where}: data_offsets {offsets!r} point outside the file, whose data section has "
                 f"{self.data_len} bytes (truncated download?)"
             )
-        nbytes = int(np.prod(shape, dtype=np.int64)) * DTYPES[dtype].itemsize
+        nbytes = math.prod(shape) * DTYPES[dtype].itemsize  # Python ints: a huge shape cannot wrap around
         if end - begin != nbytes:
             raise MinqwenError(
                 f"{where}: data_offsets span {end - begin} bytes but {dtype} {shape} needs {nbytes}"
@@ -168,7 +172,7 @@ class Checkpoint:
     def _open_shards(self, index: Path):
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        except (OSError, ValueError, RecursionError, KeyError, TypeError) as e:
             raise MinqwenError(f"{index}: not a valid shard index (needs a 'weight_map' object): {e}") from None
         if not isinstance(weight_map, dict):
             raise MinqwenError(f"{index}: 'weight_map' must map tensor names to file names")
@@ -213,3 +217,42 @@ class Checkpoint:
             )
         # astype always copies, so the float32 array owns its memory and the map can be dropped.
         return f.array(name).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- finding a checkpoint
+
+EMBEDDED = Path(__file__).resolve().parent / "embedded"
+
+
+def find_checkpoint(spec: str | Path | None) -> Path:
+    """A checkpoint folder from what a user typed: nothing (the embedded model), a folder, or a hub id.
+
+    A hub id (``Qwen/Qwen3.5-0.8B``) is looked up in the local Hugging Face cache only —
+    minqwen never downloads anything. The cache is ``$HF_HUB_CACHE``, else ``$HF_HOME/hub``,
+    else ``~/.cache/huggingface/hub``.
+    """
+    import os
+
+    if spec is None:
+        return EMBEDDED
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return path
+    text = str(spec)
+    if text.count("/") == 1 and not path.exists() and not text.startswith((".", "/", "~")):
+        hub = os.environ.get("HF_HUB_CACHE") or os.path.join(
+            os.environ.get("HF_HOME", os.path.join(Path.home(), ".cache", "huggingface")), "hub")
+        repo = Path(hub) / ("models--" + text.replace("/", "--"))
+        snapshots = repo / "snapshots"
+        ref = repo / "refs" / "main"
+        if ref.is_file() and (snapshots / ref.read_text().strip()).is_dir():
+            return snapshots / ref.read_text().strip()
+        if snapshots.is_dir():
+            found = sorted(snapshots.iterdir())
+            if found:
+                return found[-1]
+        raise MinqwenError(
+            f"{text}: not in the local Hugging Face cache ({hub}). minqwen does not download; get the files "
+            f"with `huggingface-cli download {text}` (or `git clone` the model repository) and pass the folder"
+        )
+    raise MinqwenError(f"{spec}: no such folder (a checkpoint is a folder with config.json and *.safetensors)")

@@ -1,5 +1,10 @@
 """The `minqwen` command line: one subcommand per job, each a thin layer over the Python API.
 
+    minqwen generate "def fibonacci(n):"       complete a prompt (the embedded model by default)
+    minqwen chat                               talk, several turns, one cache
+    minqwen inspect --context 32768            layers, parameters, weight and cache bytes
+    minqwen golden record|compare …            golden outputs for other implementations
+
 Every error a user can cause ends as a one-line message and a non-zero exit code, never a
 traceback: MinqwenError is caught here and printed.
 """
@@ -12,12 +17,249 @@ import sys
 from . import __version__, golden
 from .errors import MinqwenError
 
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+# --------------------------------------------------------------------------- shared options
+
+
+def add_model_option(parser):
+    parser.add_argument("--model", metavar="DIR|HUB_ID",
+                        help="checkpoint folder, or a hub id already in the local Hugging Face cache "
+                             "(default: the small model embedded in minqwen)")
+
+
+def add_sampling_options(parser):
+    g = parser.add_argument_group("sampling (defaults: the checkpoint's generation_config.json, else greedy)")
+    g.add_argument("--max-new-tokens", type=int, default=128, metavar="N")
+    g.add_argument("--temperature", type=float, metavar="T", help="0 = greedy")
+    g.add_argument("--top-k", type=int, metavar="K")
+    g.add_argument("--top-p", type=float, metavar="P")
+    g.add_argument("--min-p", type=float, metavar="P")
+    g.add_argument("--repetition-penalty", type=float, metavar="R", help="multiplicative, as transformers (1 = off)")
+    g.add_argument("--presence-penalty", type=float, metavar="P", help="additive, as the OpenAI API (0 = off)")
+    g.add_argument("--seed", type=int, help="makes sampling reproducible")
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop at this text (repeatable)")
+
+
+def sampling_params(args, tokenizer):
+    from .sampling import SamplingParams
+
+    defaults = tokenizer.generation_config if tokenizer is not None else {}
+    do_sample = defaults.get("do_sample", True)
+    values = {
+        "temperature": defaults.get("temperature", 0.0) if do_sample else 0.0,
+        "top_k": defaults.get("top_k", 0) or 0,
+        "top_p": defaults.get("top_p", 1.0) or 1.0,
+        "min_p": defaults.get("min_p", 0.0) or 0.0,
+        "repetition_penalty": defaults.get("repetition_penalty", 1.0) or 1.0,
+        "presence_penalty": defaults.get("presence_penalty", 0.0) or 0.0,
+    }
+    for name in values:
+        given = getattr(args, name)
+        if given is not None:
+            values[name] = given
+    return SamplingParams(**values)
+
+
+def load_model_and_tokenizer(spec, need_tokenizer=True):
+    from .checkpoint import find_checkpoint
+    from .model import load
+    from .tokenizer import Tokenizer
+
+    folder = find_checkpoint(spec)
+    tokenizer = Tokenizer(folder) if need_tokenizer else None
+    model = load(folder, progress=progress_bar())
+    return model, tokenizer
+
+
+def progress_bar():
+    """A loading bar on stderr for big checkpoints (tqdm if installed, else a plain line)."""
+    state = {"bar": None, "shown": -1}
+
+    def update(done: int, total: int):
+        if total < 200 * 1024 * 1024 or not sys.stderr.isatty():
+            return
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            percent = 100 * done // total
+            if percent != state["shown"]:
+                state["shown"] = percent
+                print(f"\rloading weights: {percent:3d}%", end="" if done < total else "\n", file=sys.stderr)
+            return
+        if state["bar"] is None:
+            state["bar"] = tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", file=sys.stderr)
+        state["bar"].update(done - state["bar"].n)
+        if done >= total:
+            state["bar"].close()
+
+    return update
+
+
+class ThinkingPrinter:
+    """Prints streamed text, showing the reasoning inside <think>…</think> dimmed, or hiding it."""
+
+    def __init__(self, hide: bool, in_think: bool, out=sys.stdout):
+        self.hide, self.in_think, self.out = hide, in_think, out
+        self.color = out.isatty()
+        self.pending = ""
+
+    def write(self, piece: str):
+        text = self.pending + piece
+        self.pending = ""
+        while text:
+            tag = THINK_CLOSE if self.in_think else THINK_OPEN
+            at = text.find(tag)
+            if at < 0:
+                # hold back a possible partial tag at the end
+                keep = next((k for k in range(len(tag) - 1, 0, -1) if text.endswith(tag[:k])), 0)
+                self._emit(text[: len(text) - keep])
+                self.pending = text[len(text) - keep:]
+                break
+            self._emit(text[:at])
+            self.in_think = not self.in_think
+            if not self.hide and not self.color:
+                self.out.write(tag)
+            text = text[at + len(tag):].lstrip("\n") if not self.in_think else text[at + len(tag):]
+        self.out.flush()
+
+    def _emit(self, text: str):
+        if not text:
+            return
+        if self.in_think:
+            if self.hide:
+                return
+            if self.color:
+                text = f"\x1b[2m{text}\x1b[0m"
+        self.out.write(text)
+
+    def close(self):
+        self._emit(self.pending)
+        self.pending = ""
+        self.out.flush()
+
+
+# --------------------------------------------------------------------------- generate
+
+
+def run_generate(args) -> int:
+    from .generate import GenerationStats, stream_text
+
+    prompt_text = args.prompt
+    if prompt_text is None and args.tokens is None:
+        if sys.stdin.isatty():
+            raise MinqwenError("give a prompt as an argument or on standard input")
+        prompt_text = sys.stdin.read()
+    if args.tokens is None and not prompt_text.strip():
+        raise MinqwenError("the prompt is empty")
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    if args.tokens is not None:
+        try:
+            ids = [int(t) for t in args.tokens.replace(",", " ").split()]
+        except ValueError:
+            raise MinqwenError(f"--tokens must be integers separated by commas or spaces, got {args.tokens!r}") from None
+    elif args.chat:
+        ids = tokenizer.encode(tokenizer.render_chat([{"role": "user", "content": prompt_text}],
+                                                     enable_thinking=not args.no_think))
+    else:
+        ids = tokenizer.encode(prompt_text)
+    params = sampling_params(args, tokenizer)
+    stats = GenerationStats()
+    printer = ThinkingPrinter(hide=args.hide_thinking, in_think=args.chat and not args.no_think)
+    if not args.chat:
+        sys.stdout.write(prompt_text if args.tokens is None and args.echo else "")
+    for piece in stream_text(model, tokenizer, ids, params, args.max_new_tokens, args.stop, args.seed,
+                             stats=stats, skip_special_tokens=not args.chat):
+        printer.write(piece)
+    printer.close()
+    print(file=sys.stdout)
+    print(f"[prefill: {stats.prompt_tokens} tokens, {stats.prefill_tokens_per_second:.1f} tok/s · "
+          f"decode: {stats.generated_tokens} tokens, {stats.decode_tokens_per_second:.1f} tok/s · "
+          f"stop: {stats.stop_reason}]", file=sys.stderr)
+    return 0
+
+
+# --------------------------------------------------------------------------- chat
+
+
+def run_chat(args) -> int:
+    from .generate import ChatSession, GenerationStats
+
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    params = sampling_params(args, tokenizer)
+    session = ChatSession(model, tokenizer, enable_thinking=not args.no_think)
+    if args.system:
+        session.messages.append({"role": "system", "content": args.system})
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("minqwen chat — Ctrl-D or Ctrl-C to leave.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return 0
+        if not line.strip():
+            continue
+        stats = GenerationStats()
+        printer = ThinkingPrinter(hide=args.hide_thinking, in_think=not args.no_think)
+        try:
+            for piece in session.reply(line, params, args.max_new_tokens, args.seed, stats):
+                printer.write(piece)
+        except KeyboardInterrupt:
+            printer.close()
+            print(file=sys.stderr)
+            return 0
+        printer.close()
+        print()
+        if args.verbose:
+            print(f"[decode: {stats.generated_tokens} tokens, {stats.decode_tokens_per_second:.1f} tok/s]",
+                  file=sys.stderr)
+
+
+# --------------------------------------------------------------------------- inspect
+
+
+def run_inspect(args) -> int:
+    from .summary import describe
+
+    model, _ = load_model_and_tokenizer(args.model, need_tokenizer=False)
+    print(describe(model, args.context))
+    return 0
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minqwen", description="Qwen3.5 in readable NumPy.")
     parser.add_argument("--version", action="version", version=f"minqwen {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
+
+    p = sub.add_parser("generate", help="continue a prompt, streaming tokens")
+    p.add_argument("prompt", nargs="?", help="the prompt (default: read standard input)")
+    p.add_argument("--tokens", metavar="IDS", help="token ids instead of a text prompt, e.g. '1,2,3'")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
+    p.add_argument("--no-think", action="store_true", help="with --chat: ask for an answer without reasoning")
+    p.add_argument("--hide-thinking", action="store_true", help="do not print the reasoning")
+    p.add_argument("--echo", action=argparse.BooleanOptionalAction, default=True, help="print the prompt first")
+    add_model_option(p)
+    add_sampling_options(p)
+    p.set_defaults(run=run_generate)
+
+    p = sub.add_parser("chat", help="an interactive multi-turn conversation")
+    p.add_argument("--system", help="a system message")
+    p.add_argument("--no-think", action="store_true", help="answer without reasoning")
+    p.add_argument("--hide-thinking", action="store_true", help="do not print the reasoning")
+    p.add_argument("--verbose", action="store_true", help="print tokens/s after each answer")
+    add_model_option(p)
+    add_sampling_options(p)
+    p.set_defaults(run=run_chat)
+
+    p = sub.add_parser("inspect", help="the model at a glance: layers, parameters, memory")
+    p.add_argument("--context", type=int, default=4096, metavar="N", help="context length for the cache sizes")
+    add_model_option(p)
+    p.set_defaults(run=run_inspect)
+
     golden.add_parser(sub)
     return parser
 
@@ -33,3 +275,5 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return 0

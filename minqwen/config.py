@@ -17,6 +17,7 @@ activation it does not know) is a :class:`~minqwen.errors.MinqwenError`.
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,7 +163,7 @@ def load_config(path: str | Path) -> TextConfig:
         raise MinqwenError(f"{path}: no config.json here (a Qwen3.5 checkpoint folder needs one)")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, a huge int literal, deep nesting
         raise MinqwenError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(raw, dict):
         raise MinqwenError(f"{path}: expected a JSON object at the top level")
@@ -324,8 +325,9 @@ def _rope_parameters(raw: dict, source: str, prefix: str) -> dict:
     theta = rope.get("rope_theta", raw.get("rope_theta", 10000.0))
     factor = rope.get("partial_rotary_factor", raw.get("partial_rotary_factor", 0.25))
     for name, value in (("rope_theta", theta), ("partial_rotary_factor", factor)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            raise MinqwenError(f"{source}: field '{prefix}rope_parameters.{name}' must be a positive number")
+        # `not 0 < value < inf` also rejects NaN, which every ordinary comparison lets through.
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            raise MinqwenError(f"{source}: field '{prefix}rope_parameters.{name}' must be a positive, finite number")
     if factor > 1:
         raise MinqwenError(f"{source}: field '{prefix}rope_parameters.partial_rotary_factor' must be ≤ 1")
     section = rope.get("mrope_section", [11, 11, 10])

@@ -17,6 +17,7 @@ once are all plain Python.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,21 +84,44 @@ class Model:
 
     # ---------------------------------------------------------------- public API
 
+    @property
+    def dtype(self) -> np.dtype:
+        """The compute dtype: float32, or float64 for a copy made with :meth:`astype`."""
+        return self.embed_tokens.dtype
+
+    def astype(self, dtype) -> Model:
+        """A copy computing in another float dtype — float64 checks algebra free of round-off."""
+        def convert(obj):
+            if isinstance(obj, np.ndarray):
+                return obj.astype(dtype)
+            if dataclasses.is_dataclass(obj):
+                return dataclasses.replace(obj, **{
+                    f.name: convert(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+                    if getattr(obj, f.name) is not None and not isinstance(getattr(obj, f.name), str)
+                })
+            return obj
+
+        embed = convert(self.embed_tokens)
+        lm_head = embed if self.lm_head is self.embed_tokens else convert(self.lm_head)
+        return Model(self.config, embed, [convert(layer) for layer in self.layers], convert(self.norm), lm_head,
+                     self.load_report)
+
     def new_cache(self) -> Cache:
         c = self.config
+        dtype = self.dtype
         states = []
         for layer in self.layers:
             if layer.layer_type == "linear_attention":
                 states.append(
                     DeltaNetState(
-                        conv=np.zeros((c.linear_conv_kernel_dim - 1, c.linear_conv_dim), np.float32),
+                        conv=np.zeros((c.linear_conv_kernel_dim - 1, c.linear_conv_dim), dtype),
                         recurrent=np.zeros(
-                            (c.linear_num_value_heads, c.linear_key_head_dim, c.linear_value_head_dim), np.float32
+                            (c.linear_num_value_heads, c.linear_key_head_dim, c.linear_value_head_dim), dtype
                         ),
                     )
                 )
             else:
-                states.append(KVCache(c.num_key_value_heads, c.head_dim))
+                states.append(KVCache(c.num_key_value_heads, c.head_dim, dtype))
         return Cache(states)
 
     def forward(
@@ -166,7 +190,7 @@ class Model:
         if (token_ids is None) == (inputs_embeds is None):
             raise MinqwenError("give exactly one of token_ids or inputs_embeds")
         if inputs_embeds is not None:
-            x = np.asarray(inputs_embeds, dtype=np.float32)
+            x = np.asarray(inputs_embeds, dtype=self.dtype)
             if x.ndim != 2 or x.shape[1] != self.config.hidden_size or x.shape[0] == 0:
                 raise MinqwenError(
                     f"inputs_embeds must have shape [T ≥ 1, {self.config.hidden_size}], got {list(x.shape)}"
@@ -182,7 +206,7 @@ class Model:
             raise MinqwenError(
                 f"token id {int(bad[0])} is outside the vocabulary (0 … {self.config.vocab_size - 1})"
             )
-        return self.embed_tokens[ids].astype(np.float32)  # [T, H]
+        return self.embed_tokens[ids]  # [T, H]
 
     def _decoder_layer(self, x, layer: DecoderLayer, state, cos, sin, tap):
         c = self.config
@@ -222,14 +246,17 @@ def _prefixed(tap, prefix):
 # ==================================================================== loading
 
 
-def load(path: str | Path) -> Model:
-    """Load a Qwen3.5 checkpoint folder (config.json + safetensors) into a :class:`Model`."""
+def load(path: str | Path, progress=None) -> Model:
+    """Load a Qwen3.5 checkpoint folder (config.json + safetensors) into a :class:`Model`.
+
+    ``progress(done_bytes, total_bytes)``, if given, is called after each tensor is read.
+    """
     path = Path(path)
     if not path.is_dir():
         raise MinqwenError(f"{path}: not a folder (a checkpoint is a folder with config.json and *.safetensors)")
     config = load_config(path)
     ckpt = Checkpoint(path)
-    reader = _TensorReader(ckpt)
+    reader = _TensorReader(ckpt, progress)
     c = config
 
     H = c.hidden_size
@@ -258,6 +285,8 @@ def load(path: str | Path) -> Model:
         lm_head = embed
     else:
         lm_head = reader.take_top("lm_head.weight", (c.vocab_size, H))
+    if progress is not None:
+        progress(reader.total_bytes, reader.total_bytes)
     return Model(config, embed, layers, norm, lm_head, load_report=reader.report())
 
 
@@ -302,8 +331,11 @@ DEFERRED_PARTS = {"model.visual.": "vision tower", "mtp.": "MTP head"}
 class _TensorReader:
     """Reads the text model's tensors under the right prefix and remembers which were used."""
 
-    def __init__(self, ckpt: Checkpoint):
+    def __init__(self, ckpt: Checkpoint, progress=None):
         self.ckpt = ckpt
+        self.progress = progress
+        self.done_bytes = 0
+        self.total_bytes = sum(f.data_len for f in ckpt.files.values())
         names = ckpt.names
         # Multimodal releases nest the text model under model.language_model.; text-only saves use model.
         if any(n.startswith("model.language_model.") for n in names):
@@ -317,7 +349,11 @@ class _TensorReader:
 
     def take_top(self, full_name, shape):
         self.used.add(full_name)
-        return self.ckpt.float32(full_name, shape)
+        array = self.ckpt.float32(full_name, shape)
+        if self.progress is not None:
+            self.done_bytes += self.ckpt.raw(full_name).nbytes
+            self.progress(self.done_bytes, self.total_bytes)
+        return array
 
     def report(self) -> str:
         """One line per group of unused tensors: deferred parts by name, anything else listed."""

@@ -31,6 +31,9 @@ from transformers import (
 )
 
 assert transformers.__version__ == "5.23.0", f"reference is transformers 5.23.0, found {transformers.__version__}"
+# Quiet: no progress bars when saving, no notes about optional fast kernels.
+transformers.utils.logging.disable_progress_bar()
+transformers.utils.logging.set_verbosity_error()
 
 # A vision tower just big enough to exist: the multimodal wrapper needs one.
 TINY_VISION = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=0,

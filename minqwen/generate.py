@@ -1,0 +1,212 @@
+"""Generation: prefill the prompt, then decode one token at a time until a stop rule fires.
+
+:func:`generate_ids` is the loop itself, over ids. :func:`stream_text` wraps it with the
+tokenizer: text pieces out, stop strings honoured. :class:`ChatSession` keeps one cache across
+the turns of a conversation, feeding only what is new each turn.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import MinqwenError
+from .model import Cache, Model
+from .sampling import SamplingParams, sample_next
+from .tokenizer import StreamDecoder, Tokenizer
+
+
+@dataclass
+class GenerationStats:
+    """Counts and timings of one generation, for the tokens/s line the CLI prints."""
+
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    stop_reason: str = ""
+
+    @property
+    def prefill_tokens_per_second(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        # The first new token comes out of the prefill; decode speed counts the ones after it.
+        return (self.generated_tokens - 1) / self.decode_seconds if self.decode_seconds and self.generated_tokens > 1 else 0.0
+
+
+def generate_ids(
+    model: Model,
+    prompt_ids,
+    params: SamplingParams = SamplingParams(),
+    max_new_tokens: int = 128,
+    stop_ids=(),
+    seed: int | None = None,
+    cache: Cache | None = None,
+    history=(),
+    stats: GenerationStats | None = None,
+) -> Iterator[int]:
+    """Yield new token ids. The prompt is fed into ``cache`` (a fresh one if None).
+
+    ``history``: ids already in the cache before this prompt (they count for the repetition
+    penalty). A stop id is yielded, then generation ends. The cache ends holding the prompt
+    and every yielded token except the last (which has not been fed back yet).
+    """
+    prompt_ids = [int(i) for i in prompt_ids]
+    if not prompt_ids:
+        raise MinqwenError("the prompt is empty: give at least one token")
+    if max_new_tokens < 1:
+        raise MinqwenError("max_new_tokens must be at least 1")
+    cache = cache if cache is not None else model.new_cache()
+    stats = stats if stats is not None else GenerationStats()
+    rng = np.random.default_rng(seed)
+    seen = list(history) + prompt_ids
+    generated: list[int] = []
+    stop_ids = set(stop_ids)
+
+    start = time.perf_counter()
+    logits = model.forward(prompt_ids, cache, last_only=True)[-1]
+    stats.prompt_tokens = len(prompt_ids)
+    stats.prefill_seconds = time.perf_counter() - start
+    decode_start = time.perf_counter()
+    while True:
+        token = sample_next(logits, params, rng, seen, generated)
+        generated.append(token)
+        seen.append(token)
+        stats.generated_tokens = len(generated)
+        stats.decode_seconds = time.perf_counter() - decode_start
+        yield token
+        if token in stop_ids:
+            stats.stop_reason = "eos"
+            return
+        if len(generated) >= max_new_tokens:
+            stats.stop_reason = "length"
+            return
+        if cache.position >= model.config.max_position_embeddings:
+            stats.stop_reason = "context"
+            return
+        logits = model.forward([token], cache, last_only=True)[-1]
+
+
+def stream_text(
+    model: Model,
+    tokenizer: Tokenizer,
+    prompt_ids,
+    params: SamplingParams = SamplingParams(),
+    max_new_tokens: int = 128,
+    stop_strings=(),
+    seed: int | None = None,
+    cache: Cache | None = None,
+    history=(),
+    stats: GenerationStats | None = None,
+    ids_out: list | None = None,
+    skip_special_tokens: bool = True,
+) -> Iterator[str]:
+    """Yield text pieces as they are decoded; stop at eos ids or at the first stop string.
+
+    Text that might be the start of a stop string is held back until it is known not to be,
+    so a stop string never appears in the output. ``ids_out``, if given, receives every
+    generated id. Eos ids end the text and are not part of it.
+    """
+    decoder = StreamDecoder(tokenizer, skip_special_tokens=skip_special_tokens)
+    eos = set(tokenizer.eos_ids) | set(model.config.eos_token_id)
+    held = ""
+    longest = max((len(s) for s in stop_strings), default=0)
+    for token in generate_ids(model, prompt_ids, params, max_new_tokens, eos, seed, cache, history, stats):
+        if ids_out is not None:
+            ids_out.append(token)
+        if token in eos:
+            break
+        held += decoder.push(token)
+        hits = [held.index(s) for s in stop_strings if s in held]
+        if hits:
+            if stats is not None:
+                stats.stop_reason = "stop string"
+            yield held[: min(hits)]
+            return
+        # keep back only what could still become a stop string
+        safe = len(held) - (longest - 1) if longest else len(held)
+        if safe > 0:
+            yield held[:safe]
+            held = held[safe:]
+    held += decoder.flush()
+    hits = [held.index(s) for s in stop_strings if s in held]
+    yield held[: min(hits)] if hits else held
+
+
+@dataclass
+class ChatSession:
+    """A multi-turn conversation over one cache.
+
+    The cache holds an append-only log of ids (``self.log``). Each turn renders the whole
+    conversation with the template; if the rendering extends the log, only the new suffix is
+    fed. Qwen templates rewrite history (earlier turns lose their ``<think>`` block), so when
+    the rendering diverges from the log, the session restores the latest snapshot at or
+    before the divergence and feeds from there. Snapshots are taken at the end of each
+    rendered conversation, before its generation prompt, which is exactly where a rewritten
+    history starts to differ.
+    """
+
+    model: Model
+    tokenizer: Tokenizer
+    enable_thinking: bool = True
+    messages: list = field(default_factory=list)
+    cache: Cache | None = None
+    log: list = field(default_factory=list)
+    snapshots: dict = field(default_factory=dict)  # log length → Cache copy
+
+    def __post_init__(self):
+        self.cache = self.model.new_cache()
+        self.snapshots = {0: self.cache.copy()}
+
+    def _sync(self, ids: list[int]) -> list[int]:
+        """Bring the cache to a prefix of ``ids``; return the ids still to feed."""
+        common = 0
+        for a, b in zip(self.log, ids):
+            if a != b:
+                break
+            common += 1
+        if common < len(self.log):  # history was rewritten: roll back
+            at = max(p for p in self.snapshots if p <= common)
+            self.cache = self.snapshots[at].copy()
+            self.log = self.log[:at]
+            self.snapshots = {p: c for p, c in self.snapshots.items() if p <= at}
+            common = at
+        return ids[common:]
+
+    def _feed(self, ids: list[int]) -> None:
+        if ids:
+            self.model.forward(ids, self.cache, last_only=True)
+            self.log += ids
+
+    def reply(self, user_text: str, params: SamplingParams = SamplingParams(), max_new_tokens: int = 256,
+              seed: int | None = None, stats: GenerationStats | None = None) -> Iterator[str]:
+        """Add a user message and stream the assistant's answer, thinking included, as raw text."""
+        if not user_text.strip():
+            raise MinqwenError("the message is empty")
+        self.messages.append({"role": "user", "content": user_text})
+        body_text = self.tokenizer.render_chat(self.messages, add_generation_prompt=False)
+        full_text = self.tokenizer.render_chat(self.messages, add_generation_prompt=True,
+                                               enable_thinking=self.enable_thinking)
+        body, full = self.tokenizer.encode(body_text), self.tokenizer.encode(full_text)
+        if full[: len(body)] == body:
+            # Feed the conversation so far and remember this point: next turn's re-rendered
+            # history (which may differ after it) can roll back to here.
+            self._feed(self._sync(body))
+            self.snapshots[len(self.log)] = self.cache.copy()
+        prompt = self._sync(full)
+        # What the generation prompt already wrote of the answer (e.g. "<think>\n").
+        answer_start = full_text[len(body_text):].split("<|im_start|>assistant\n", 1)[-1] \
+            if full_text.startswith(body_text) else ""
+        ids: list[int] = []
+        pieces = []
+        for piece in stream_text(self.model, self.tokenizer, prompt, params, max_new_tokens, (), seed,
+                                 self.cache, list(self.log), stats, ids_out=ids, skip_special_tokens=False):
+            pieces.append(piece)
+            yield piece
+        self.log += prompt + ids[:-1]  # the last id was sampled but not fed back
+        self.messages.append({"role": "assistant", "content": answer_start + "".join(pieces)})

@@ -1,0 +1,627 @@
+"""Golden outputs: record every named intermediate of a run, and find where two runs part ways.
+
+A port of Qwen3.5 to another language or framework that gets the logits wrong says only that
+*something* is wrong. To say *what*, both implementations write their intermediates — the
+"taps" — under the same names into one safetensors file each, and :func:`compare` walks the
+two files in forward order and names the first tap whose values differ beyond tolerance:
+
+    minqwen golden record --model ckpt/ --tokens 1,2,3 --decode 4 --out minqwen.safetensors
+    python my_port.py ... --out port.safetensors          # writes the same names
+    minqwen golden compare port.safetensors minqwen.safetensors
+
+Every tap minqwen records is listed in :data:`TAPS` (name, shape, dtype, meaning), in the
+order a forward pass produces them; ``minqwen golden taps`` prints the table. The names are
+a stable interface: they change only with a new ``format`` in the metadata.
+
+Where taps come from: ``Model.forward(..., tap=f)`` calls ``f(name, array)`` for every
+intermediate; with ``tap=None`` (the default) every call site is skipped by one
+``if tap is not None`` test and nothing is kept (``tools/tap_overhead.py`` measures it).
+
+The file
+--------
+One safetensors file: the tensors under their tap names, plus two id vectors,
+
+* ``token_ids``      [T] int64 — the prompt;
+* ``generated_ids``  [N] int64 — present when N > 0 decode steps were recorded: step n's input
+  is ``generated_ids[n]``, greedy: the argmax of the previous forward's last logits row.
+
+The prompt's taps carry their plain names (``layers.0.mlp``); decode step n's taps are
+prefixed ``step{n}.`` (``step0.layers.0.mlp``, n from 0). The header's ``__metadata__`` maps
+each key to JSON text (decode every value with ``json.loads``):
+
+===================  =========================================================================
+``format``           ``"minqwen-golden/1"``
+``producer``         who wrote the file, e.g. ``"minqwen 0.1.0"``
+``minqwen_version``  minqwen's version, when minqwen wrote it
+``config``           the text config as minqwen reads it (:meth:`TextConfig.to_dict`)
+``config_sha256``    SHA-256 (hex) of that config as canonical JSON: sorted keys, no spaces
+                     — ``json.dumps(cfg, sort_keys=True, separators=(",", ":"))``
+``token_ids``        the prompt, a list of ints
+``decode_steps``     N
+``taps``             the manifest: ``[{"name", "shape", "dtype"}, …]`` in forward order
+``tolerances``       the defaults a comparison uses, ``{"atol": 1e-4, "rtol": 1e-3}``
+===================  =========================================================================
+
+A file written by another implementation needs only the tensors it has, ``token_ids`` and
+``config_sha256``: :func:`compare` refuses to compare runs over different prompts or configs,
+orders rows by :data:`TAPS` and lists the taps that only one side has.
+
+Within tolerance means, for every element, ``|a − b| ≤ atol + rtol·|b|`` (NumPy's ``isclose``),
+so give the reference as ``b``. Integer tensors (the ids) must be equal.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy, so safetensors can read bf16 taps)
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from . import __version__
+from .config import TextConfig
+from .errors import MinqwenError
+
+FORMAT = "minqwen-golden/1"
+DEFAULT_ATOL = 1e-4
+DEFAULT_RTOL = 1e-3
+
+
+# ==================================================================== the tap table
+
+
+@dataclass(frozen=True)
+class Tap:
+    """One row of the tap table. ``{i}`` in the name stands for the decoder layer's index."""
+
+    name: str
+    shape: str  # in the symbols listed above TAPS
+    meaning: str
+    layer_type: str | None = None  # only layers of this type have it; None: every layer (or not a layer tap)
+    dtype: str = "float32"
+
+
+# Symbols: T tokens in this forward call · H hidden_size · V vocab_size · I intermediate_size.
+# Gated DeltaNet: Hk, Dk key heads and dim · Hv, Dv value heads and dim · K conv kernel ·
+# C = 2·Hk·Dk + Hv·Dv conv channels (q, k, v side by side). Attention: Hq query heads,
+# Hkv key/value heads, D head_dim.
+EMBED_TAPS = (
+    Tap("embed", "[T, H]", "the input embeddings: rows of embed_tokens for the ids"),
+)
+LAYER_TAPS = (
+    Tap("layers.{i}.input_layernorm", "[T, H]", "zero-centred RMSNorm of the residual stream, scale 1 + w"),
+    # Gated DeltaNet layers (layer_types[i] == "linear_attention")
+    Tap("layers.{i}.linear_attn.in_proj_qkv", "[T, C]", "x · in_proj_qkvᵀ: q, k, v before the conv",
+        "linear_attention"),
+    Tap("layers.{i}.linear_attn.in_proj_z", "[T, Hv, Dv]", "x · in_proj_zᵀ: the output gate, before SiLU",
+        "linear_attention"),
+    Tap("layers.{i}.linear_attn.in_proj_b", "[T, Hv]", "x · in_proj_bᵀ: β before the sigmoid", "linear_attention"),
+    Tap("layers.{i}.linear_attn.in_proj_a", "[T, Hv]", "x · in_proj_aᵀ: feeds the decay g", "linear_attention"),
+    Tap("layers.{i}.linear_attn.conv1d", "[T, C]", "causal depthwise conv over in_proj_qkv, then the activation",
+        "linear_attention"),
+    Tap("layers.{i}.linear_attn.q", "[T, Hk, Dk]", "query: L2-normalised per head, times Dk^-0.5",
+        "linear_attention"),
+    Tap("layers.{i}.linear_attn.k", "[T, Hk, Dk]", "key: L2-normalised per head", "linear_attention"),
+    Tap("layers.{i}.linear_attn.v", "[T, Hv, Dv]", "value, as split from the conv output", "linear_attention"),
+    Tap("layers.{i}.linear_attn.g", "[T, Hv]", "log decay: −exp(A_log) · softplus(a + dt_bias), ≤ 0",
+        "linear_attention"),
+    Tap("layers.{i}.linear_attn.beta", "[T, Hv]", "write strength: sigmoid(b)", "linear_attention"),
+    Tap("layers.{i}.linear_attn.core", "[T, Hv, Dv]", "the gated delta rule's output, before the gated norm",
+        "linear_attention"),
+    # transformers keeps K inputs as [C, K]: its [:, 1:].T is this tap.
+    Tap("layers.{i}.linear_attn.conv_state", "[K−1, C]", "the conv window after this call: the last K−1 "
+        "conv inputs (in_proj_qkv rows), oldest first", "linear_attention"),
+    Tap("layers.{i}.linear_attn.recurrent_state", "[Hv, Dk, Dv]", "the memory S after this call",
+        "linear_attention"),
+    Tap("layers.{i}.linear_attn.norm", "[T, Hv, Dv]", "RMSNorm(core) · w · silu(z): the input of out_proj",
+        "linear_attention"),
+    # Gated attention layers (layer_types[i] == "full_attention")
+    Tap("layers.{i}.self_attn.q", "[T, Hq, D]", "query after q_norm and rotary", "full_attention"),
+    Tap("layers.{i}.self_attn.k", "[T, Hkv, D]", "key after k_norm and rotary (what the cache stores)",
+        "full_attention"),
+    Tap("layers.{i}.self_attn.v", "[T, Hkv, D]", "value", "full_attention"),
+    Tap("layers.{i}.self_attn.gate", "[T, Hq, D]", "output gate before the sigmoid (second half of each "
+        "head's q_proj output)", "full_attention"),
+    Tap("layers.{i}.self_attn.gated_output", "[T, Hq·D]", "attention output × sigmoid(gate): the input of o_proj",
+        "full_attention"),
+    # Every layer
+    Tap("layers.{i}.token_mixer", "[T, H]", "the DeltaNet or attention block's output (after out_proj / o_proj)"),
+    Tap("layers.{i}.post_attention_layernorm", "[T, H]", "zero-centred RMSNorm of x + token_mixer"),
+    Tap("layers.{i}.mlp", "[T, H]", "SwiGLU: down(act(gate(x)) · up(x))"),
+    Tap("layers.{i}.output", "[T, H]", "the residual stream after layer i (transformers' hidden_states[i + 1])"),
+)
+FINAL_TAPS = (
+    Tap("norm", "[T, H]", "the final zero-centred RMSNorm"),
+    Tap("logits", "[T, V]", "the LM head's output (every position: recording never asks for the last only)"),
+)
+TAPS = EMBED_TAPS + LAYER_TAPS + FINAL_TAPS
+
+# Position of each within-layer tap, for putting rows of a comparison in forward order.
+_LAYER_SUFFIXES = [tap.name.removeprefix("layers.{i}.") for tap in LAYER_TAPS]
+
+
+def tap_names(config: TextConfig) -> list[str]:
+    """The names one forward call taps for this config, in the order it taps them."""
+    names = [tap.name for tap in EMBED_TAPS]
+    for i, kind in enumerate(config.layer_types):
+        names += [tap.name.format(i=i) for tap in LAYER_TAPS if tap.layer_type in (None, kind)]
+    return names + [tap.name for tap in FINAL_TAPS]
+
+
+def format_tap_table() -> str:
+    """The tap table as text, for ``minqwen golden taps`` and the README."""
+    width = max(len(tap.name) for tap in TAPS)
+    lines = [
+        "T tokens in the call, H hidden, V vocab. DeltaNet: Hk×Dk keys, Hv×Dv values, K conv kernel,",
+        "C = 2·Hk·Dk + Hv·Dv. Attention: Hq query heads, Hkv key/value heads, D head_dim.",
+        "Every tap is float32. Decode step n records the same names prefixed 'step{n}.'.",
+    ]
+    group = None
+    for tap in TAPS:
+        this = _GROUPS[tap.layer_type] if tap.name.startswith("layers.") else "the model"
+        if this != group:
+            group = this
+            lines += ["", f"{group}:"]
+        lines.append(f"  {tap.name:<{width}}  {tap.shape:<13} {tap.meaning}")
+    return "\n".join(lines)
+
+
+_GROUPS = {
+    None: "every layer",
+    "linear_attention": "Gated DeltaNet layers (layer_types[i] = linear_attention)",
+    "full_attention": "gated attention layers (layer_types[i] = full_attention)",
+}
+
+
+# ==================================================================== recording
+
+
+def record(model, token_ids, decode_steps: int = 0, taps: str = "*") -> dict[str, np.ndarray]:
+    """Run ``token_ids`` through ``model`` and ``decode_steps`` greedy steps, keeping the taps.
+
+    ``taps``: comma-separated fnmatch-style globs, matched against each tap's name within its
+    forward call (``layers.*.mlp``) and against its recorded name (``step2.logits``). Note that
+    ``*`` crosses dots: ``layers.1*`` also matches layer 10; write ``layers.1.*``. A pattern
+    that matches no tap of this model is an error (a typo would otherwise record nothing).
+
+    Returns ``{name: array}`` in forward order: ``token_ids``, the prompt's taps, each step's
+    ``step{n}.`` taps, and ``generated_ids`` when ``decode_steps`` > 0. The arrays are copies;
+    the model computes exactly what it computes without recording, bit for bit.
+    """
+    if not isinstance(decode_steps, int) or isinstance(decode_steps, bool) or decode_steps < 0:
+        raise MinqwenError(f"decode_steps must be a whole number ≥ 0, got {decode_steps!r}")
+    patterns = _parse_patterns(taps)
+    per_call = tap_names(model.config)
+    _check_patterns(patterns, per_call, decode_steps)
+
+    taps_seen: dict[str, np.ndarray] = {}
+
+    def collector(prefix: str):
+        """A tap function that copies the selected intermediates of one forward call, or None."""
+        wanted = {name for name in per_call if _selected(patterns, name, prefix + name)}
+        if not wanted:
+            return None  # this call records nothing: run it untapped
+
+        def keep(name, value):
+            if name in wanted:
+                taps_seen[prefix + name] = np.array(value, copy=True, order="C")
+
+        return keep
+
+    cache = model.new_cache()
+    logits = model.forward(token_ids, cache, tap=collector(""))  # [T, V]; forward validates the ids
+    generated = []
+    for n in range(decode_steps):
+        next_id = int(np.argmax(logits[-1]))
+        generated.append(next_id)
+        logits = model.forward([next_id], cache, last_only=True, tap=collector(f"step{n}."))  # [1, V]
+    recording = {"token_ids": np.asarray(token_ids).astype(np.int64), **taps_seen}
+    if decode_steps:
+        recording["generated_ids"] = np.array(generated, dtype=np.int64)
+    return recording
+
+
+def _parse_patterns(taps: str) -> list[str]:
+    if not isinstance(taps, str):
+        raise MinqwenError(f"taps must be a string of comma-separated patterns, got {type(taps).__name__}")
+    patterns = [p.strip() for p in taps.split(",") if p.strip()]
+    if not patterns:
+        raise MinqwenError("taps: give at least one pattern, e.g. '*' (everything) or 'layers.0.*,logits'")
+    return patterns
+
+
+def _selected(patterns, name, full_name) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(full_name, p) for p in patterns)
+
+
+def _check_patterns(patterns, per_call, decode_steps) -> None:
+    """Every pattern must match some tap of this recording; name the ones that do not."""
+    prefixes = [""] + [f"step{n}." for n in range(decode_steps)]
+    for p in patterns:
+        if not any(_selected([p], name, prefix + name) for prefix in prefixes for name in per_call):
+            examples = ", ".join(per_call[:3] + [per_call[-1]])
+            steps = f"; decode taps step0 … step{decode_steps - 1}." if decode_steps else " (no decode steps)"
+            raise MinqwenError(
+                f"tap pattern '{p}' matches no tap of this model (names look like {examples}{steps}; "
+                f"`minqwen golden taps` lists them all)"
+            )
+
+
+# ==================================================================== the file
+
+
+def config_hash(config: TextConfig) -> str:
+    """SHA-256 (hex) of the text config as canonical JSON: sorted keys, no spaces."""
+    return hashlib.sha256(_canonical_json(config.to_dict()).encode("utf-8")).hexdigest()
+
+
+def _canonical_json(value) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def model_metadata(model) -> dict:
+    """What a recording says about the model that made it: config, its hash, the producer."""
+    return {
+        "producer": f"minqwen {__version__}",
+        "minqwen_version": __version__,
+        "config": model.config.to_dict(),
+        "config_sha256": config_hash(model.config),
+    }
+
+
+# Metadata fields that save() derives from the recording itself.
+_DERIVED = ("format", "token_ids", "decode_steps", "taps")
+
+
+def save(recording: dict[str, np.ndarray], path, metadata: dict) -> None:
+    """Write a recording to one safetensors file, with ``metadata`` (e.g. :func:`model_metadata`).
+
+    ``metadata`` must hold ``config_sha256``; the format, token ids, decode steps and the tap
+    manifest are derived from the recording, and ``tolerances`` defaults to atol 1e-4, rtol
+    1e-3. Every metadata value is stored as JSON text.
+    """
+    if "token_ids" not in recording:
+        raise MinqwenError("a recording needs its 'token_ids' (the prompt): record() puts them there")
+    if "config_sha256" not in metadata:
+        raise MinqwenError("save: metadata needs 'config_sha256' (golden.model_metadata(model) gives it)")
+    arrays = {name: np.ascontiguousarray(value) for name, value in recording.items()}
+    generated = arrays.get("generated_ids", np.zeros(0, np.int64))
+    derived = {
+        "format": FORMAT,
+        "token_ids": [int(t) for t in arrays["token_ids"]],
+        "decode_steps": int(generated.size),
+        "taps": [{"name": n, "shape": list(a.shape), "dtype": str(a.dtype)} for n, a in arrays.items()],
+    }
+    for key in _DERIVED:
+        if key in metadata and metadata[key] != derived[key]:
+            raise MinqwenError(f"save: metadata '{key}' = {metadata[key]!r} contradicts the recording")
+    full = {"tolerances": {"atol": DEFAULT_ATOL, "rtol": DEFAULT_RTOL}, **metadata, **derived}
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise MinqwenError(f"{path}: the folder {path.parent} does not exist")
+    save_file(arrays, str(path), metadata={key: json.dumps(value) for key, value in full.items()})
+
+
+@dataclass
+class Recording:
+    """A golden file read back: its tensors and its decoded metadata."""
+
+    path: Path
+    tensors: dict[str, np.ndarray]
+    metadata: dict
+
+    @property
+    def token_ids(self) -> list[int]:
+        if "token_ids" in self.metadata:
+            return [int(t) for t in self.metadata["token_ids"]]
+        if "token_ids" in self.tensors:
+            return [int(t) for t in self.tensors["token_ids"]]
+        raise MinqwenError(f"{self.path}: records no token ids (metadata 'token_ids' or a 'token_ids' tensor)")
+
+    @property
+    def config_sha256(self) -> str:
+        if "config_sha256" not in self.metadata:
+            raise MinqwenError(
+                f"{self.path}: its metadata has no 'config_sha256', so nothing says which model it ran "
+                f"(SHA-256 of the text config as canonical JSON; see minqwen.golden)"
+            )
+        return str(self.metadata["config_sha256"])
+
+
+def load_recording(path) -> Recording:
+    """Read a golden file. A missing or malformed file is a MinqwenError that names it."""
+    path = Path(path)
+    if not path.is_file():
+        raise MinqwenError(f"{path}: no such file (a golden recording is a .safetensors file, "
+                           f"e.g. from `minqwen golden record`)")
+    try:
+        with safe_open(str(path), framework="np") as f:
+            raw_meta = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as e:  # safetensors raises several types for a bad header
+        raise MinqwenError(f"{path}: not a readable safetensors file ({e})") from None
+    metadata = {}
+    for key, text in raw_meta.items():
+        try:
+            metadata[key] = json.loads(text)
+        except json.JSONDecodeError:
+            raise MinqwenError(f"{path}: metadata '{key}' is not JSON text ({text[:40]!r}); "
+                               f"every golden metadata value is JSON") from None
+    return Recording(path, tensors, metadata)
+
+
+# ==================================================================== comparing
+
+
+@dataclass
+class TapDiff:
+    """How one tensor differs between the two recordings."""
+
+    name: str
+    shape_a: tuple
+    shape_b: tuple
+    max_abs: float = 0.0  # max |a − b|
+    max_rel: float = 0.0  # max |a − b| / |b| over the elements where b ≠ 0
+    beyond: int = 0  # how many elements break |a − b| ≤ atol + rtol·|b|
+    size: int = 0
+    note: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.shape_a == self.shape_b and self.beyond == 0
+
+
+@dataclass
+class Report:
+    """The result of :func:`compare`: per-tap errors in forward order, and what only one side has."""
+
+    a: Path
+    b: Path
+    atol: float
+    rtol: float
+    rows: list[TapDiff]
+    only_in_a: list[str] = field(default_factory=list)
+    only_in_b: list[str] = field(default_factory=list)
+    producers: tuple[str, str] = ("", "")
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def first_divergent(self) -> TapDiff | None:
+        """The first tap, in forward order, with an element beyond tolerance (or a shape mismatch)."""
+        return next((row for row in self.rows if not row.ok), None)
+
+    @property
+    def ok(self) -> bool:
+        return self.first_divergent is None
+
+    def format(self) -> str:
+        """The report as a table; the first divergent tap is marked ``>>``."""
+        first = self.first_divergent
+        width = max([len(r.name) for r in self.rows] + [3])
+        lines = [
+            f"a: {self.a}" + (f"  ({self.producers[0]})" if self.producers[0] else ""),
+            f"b: {self.b}" + (f"  ({self.producers[1]})" if self.producers[1] else ""),
+            f"tolerance: |a − b| ≤ atol + rtol·|b| with atol {self.atol:g}, rtol {self.rtol:g}",
+            "",
+            f"   {'tap':<{width}}  {'shape':<16} {'max abs':>9} {'max rel':>9}  beyond",
+        ]
+        for row in self.rows:
+            mark = ">>" if row is first else "  "
+            if row.shape_a != row.shape_b:
+                shape, numbers = "mismatch", f"a {list(row.shape_a)} vs b {list(row.shape_b)}"
+            else:
+                shape = str(list(row.shape_a))
+                numbers = f"{row.max_abs:9.2e} {row.max_rel:9.2e}  {row.beyond}/{row.size}"
+            lines.append(f"{mark} {row.name:<{width}}  {shape:<16} {numbers}" + (f"  {row.note}" if row.note else ""))
+        for side, names in (("a", self.only_in_a), ("b", self.only_in_b)):
+            if names:
+                shown = ", ".join(names[:6]) + (", …" if len(names) > 6 else "")
+                lines.append(f"only in {side} ({len(names)}): {shown}")
+        lines += self.notes
+        if first is None:
+            lines.append(f"all {len(self.rows)} common tensors within tolerance")
+        elif first.shape_a != first.shape_b:
+            lines.append(f"first divergence: {first.name} (shapes differ)")
+        else:
+            lines.append(f"first divergence: {first.name} ({first.beyond} of {first.size} elements beyond "
+                         f"tolerance, max abs {first.max_abs:.3g}, max rel {first.max_rel:.3g})")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.format()
+
+
+def compare(a_path, b_path, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL) -> Report:
+    """Compare two golden files tap by tap; ``b`` is the reference (rtol scales with |b|).
+
+    Runs over different prompts or model configs are not comparable: that is a MinqwenError,
+    as is a missing file. Taps only one side recorded are listed, not counted as divergent.
+    """
+    if not (atol >= 0 and rtol >= 0):
+        raise MinqwenError(f"tolerances must be ≥ 0, got atol {atol}, rtol {rtol}")
+    a, b = load_recording(a_path), load_recording(b_path)
+    if a.token_ids != b.token_ids:
+        where = next((i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y),
+                     min(len(a.token_ids), len(b.token_ids)))
+        raise MinqwenError(
+            f"{a.path} and {b.path} ran different prompts ({len(a.token_ids)} vs {len(b.token_ids)} tokens, "
+            f"first difference at position {where}); golden outputs compare only runs over the same token ids"
+        )
+    if a.config_sha256 != b.config_sha256:
+        raise MinqwenError(
+            f"{a.path} and {b.path} ran different model configs (config sha256 {a.config_sha256[:12]}… vs "
+            f"{b.config_sha256[:12]}…); compare recordings of the same checkpoint"
+        )
+    common = sorted(set(a.tensors) & set(b.tensors), key=forward_order)
+    rows = [_diff(name, a.tensors[name], b.tensors[name], atol, rtol) for name in common]
+    return Report(
+        a=a.path, b=b.path, atol=atol, rtol=rtol, rows=rows,
+        only_in_a=sorted(set(a.tensors) - set(b.tensors), key=forward_order),
+        only_in_b=sorted(set(b.tensors) - set(a.tensors), key=forward_order),
+        producers=(str(a.metadata.get("producer", "")), str(b.metadata.get("producer", ""))),
+        notes=_decode_notes(a, b),
+    )
+
+
+def _diff(name: str, a: np.ndarray, b: np.ndarray, atol: float, rtol: float) -> TapDiff:
+    if name == "generated_ids":
+        # One side may have decoded more steps than the other: compare the steps both have.
+        n = min(a.size, b.size)
+        a, b = a[:n], b[:n]
+    row = TapDiff(name, tuple(a.shape), tuple(b.shape), size=int(a.size))
+    if row.shape_a != row.shape_b:
+        return row
+    if np.issubdtype(a.dtype, np.integer) and np.issubdtype(b.dtype, np.integer):
+        a64, b64 = a.astype(np.int64), b.astype(np.int64)
+        close = a64 == b64  # ids: equal or not
+    else:
+        a64, b64 = a.astype(np.float64), b.astype(np.float64)
+        close = np.isclose(a64, b64, rtol=rtol, atol=atol)  # |a − b| ≤ atol + rtol·|b|
+    err = np.abs(a64 - b64).astype(np.float64)
+    if err.size:
+        row.max_abs = float(np.max(err))  # NaN if either side has a NaN there
+        nonzero = b64 != 0
+        row.max_rel = float(np.max(err[nonzero] / np.abs(b64[nonzero]))) if nonzero.any() else 0.0
+    row.beyond = int(np.count_nonzero(~close))
+    return row
+
+
+def _decode_notes(a: Recording, b: Recording) -> list[str]:
+    """Say where greedy decoding chose different tokens: from there on the steps ran on different inputs."""
+    ga, gb = a.tensors.get("generated_ids"), b.tensors.get("generated_ids")
+    if ga is None or gb is None:
+        return []
+    n = min(ga.size, gb.size)
+    differ = np.nonzero(ga[:n] != gb[:n])[0]
+    notes = []
+    if differ.size:
+        s = int(differ[0])
+        notes.append(f"greedy decoding chose different tokens at step{s} (a {int(ga[s])}, b {int(gb[s])}): "
+                     f"taps from step{s} on ran on different inputs; look at the logits before it")
+    if ga.size != gb.size:
+        notes.append(f"decode steps: a {ga.size}, b {gb.size} (only the common steps are compared)")
+    return notes
+
+
+_STEP = re.compile(r"step(\d+)\.(.*)")
+_LAYER = re.compile(r"layers\.(\d+)\.(.*)")
+
+
+def forward_order(name: str) -> tuple:
+    """A sort key that puts recorded names in the order a forward pass produces them.
+
+    token_ids, then the prompt's taps, then each decode step's, then generated_ids; within a
+    call, by layer and by position in :data:`TAPS`. Names outside the table go last, sorted.
+    """
+    if name == "token_ids":
+        return (0,)
+    if name == "generated_ids":
+        return (2,)
+    step, rest = -1, name
+    match = _STEP.fullmatch(name)
+    if match:
+        step, rest = int(match.group(1)), match.group(2)
+    layer = _LAYER.fullmatch(rest)
+    if rest == "embed":
+        return (1, step, -1, 0)
+    if layer and layer.group(2) in _LAYER_SUFFIXES:
+        return (1, step, int(layer.group(1)), _LAYER_SUFFIXES.index(layer.group(2)))
+    finals = [tap.name for tap in FINAL_TAPS]
+    if rest in finals:
+        return (1, step, float("inf"), finals.index(rest))
+    return (3, name)
+
+
+# ==================================================================== command line
+
+
+def add_parser(subparsers) -> None:
+    """``minqwen golden record | compare | taps``."""
+    golden = subparsers.add_parser(
+        "golden", help="record intermediates (taps) of a run, or compare two recordings",
+        description="Golden outputs: record every named intermediate of a run, and find where two runs part ways.",
+    )
+    sub = golden.add_subparsers(dest="golden_command", metavar="ACTION")
+    sub.required = True
+
+    rec = sub.add_parser("record", help="run a prompt (and greedy decode steps) and save every tap")
+    rec.add_argument("--model", required=True, metavar="DIR", help="checkpoint folder (config.json + safetensors)")
+    prompt = rec.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", metavar="TEXT", help="text, tokenized with DIR/tokenizer.json")
+    prompt.add_argument("--tokens", metavar="IDS", help="token ids, comma- or space-separated, e.g. 1,2,3")
+    rec.add_argument("--decode", type=int, default=0, metavar="N", help="greedy decode steps to record (default 0)")
+    rec.add_argument("--taps", default="*", metavar="PATTERN",
+                     help="comma-separated globs of tap names (default '*': all); see `minqwen golden taps`")
+    rec.add_argument("--out", required=True, metavar="FILE", help="the .safetensors file to write")
+    rec.set_defaults(run=_run_record)
+
+    cmp_ = sub.add_parser("compare", help="compare two recordings tap by tap (B is the reference)",
+                          description="Exit code 0 when every common tap is within tolerance, 1 otherwise.")
+    cmp_.add_argument("a", metavar="A", help="a recording (e.g. your port's)")
+    cmp_.add_argument("b", metavar="B", help="the reference recording: rtol scales with |B|")
+    cmp_.add_argument("--atol", type=float, default=DEFAULT_ATOL, help=f"absolute tolerance (default {DEFAULT_ATOL:g})")
+    cmp_.add_argument("--rtol", type=float, default=DEFAULT_RTOL, help=f"relative tolerance (default {DEFAULT_RTOL:g})")
+    cmp_.set_defaults(run=_run_compare)
+
+    taps = sub.add_parser("taps", help="print the table of tap names, shapes and meanings")
+    taps.set_defaults(run=_run_taps)
+
+
+def _run_record(args) -> int:
+    from .model import load  # here, not at the top: `minqwen golden compare` needs no model
+
+    if args.decode < 0:
+        raise MinqwenError(f"--decode must be ≥ 0, got {args.decode}")
+    model_dir = Path(args.model)
+    ids = parse_token_ids(args.tokens) if args.tokens is not None else encode_prompt(model_dir, args.prompt)
+    model = load(model_dir)
+    recording = record(model, ids, decode_steps=args.decode, taps=args.taps)
+    save(recording, args.out, model_metadata(model))
+    n_taps = len([name for name in recording if name not in ("token_ids", "generated_ids")])
+    size = sum(a.nbytes for a in recording.values())
+    print(f"recorded {n_taps} taps ({size / 1e6:.1f} MB) for {len(ids)} prompt tokens and {args.decode} decode "
+          f"steps → {args.out}")
+    return 0
+
+
+def _run_compare(args) -> int:
+    report = compare(args.a, args.b, atol=args.atol, rtol=args.rtol)
+    print(report.format())
+    return 0 if report.ok else 1
+
+
+def _run_taps(args) -> int:
+    print(format_tap_table())
+    return 0
+
+
+def parse_token_ids(text: str) -> list[int]:
+    """``"1,2, 3"`` or ``"1 2 3"`` → [1, 2, 3]."""
+    parts = [p for p in re.split(r"[,\s]+", text.strip()) if p]
+    if not parts or not all(re.fullmatch(r"\d+", p) for p in parts):
+        raise MinqwenError(f"--tokens: {text!r} is not a list of token ids (e.g. --tokens 151644,872,198)")
+    return [int(p) for p in parts]
+
+
+def encode_prompt(model_dir: Path, text: str) -> list[int]:
+    """Tokenize ``text`` with the checkpoint's tokenizer.json (no special tokens are added)."""
+    path = model_dir / "tokenizer.json"
+    if not path.is_file():
+        raise MinqwenError(f"{model_dir}: no tokenizer.json, so --prompt cannot be tokenized; "
+                           f"give the ids with --tokens instead (e.g. --tokens 1,2,3)")
+    from tokenizers import Tokenizer
+
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as e:  # the tokenizers library raises a plain Exception for a bad file
+        raise MinqwenError(f"{path}: not a tokenizer.json the tokenizers library can read ({e})") from None
+    ids = tokenizer.encode(text, add_special_tokens=False).ids
+    if not ids:
+        raise MinqwenError("--prompt: the text tokenizes to no tokens; give a non-empty prompt")
+    return ids

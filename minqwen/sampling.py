@@ -1,0 +1,94 @@
+"""From logits to the next token: penalties, temperature, top-k, top-p, min-p, then a draw.
+
+The order is transformers' ``generate``: penalties → temperature → top-k → top-p → min-p →
+draw. Temperature 0 means greedy: the argmax after penalties.
+
+* **repetition_penalty** (transformers' definition, multiplicative): every id seen so far in
+  the prompt or the output has its logit divided by the penalty if positive, multiplied by
+  it if negative — either way made less likely. 1.0 turns it off.
+* **presence_penalty** (the OpenAI API / vLLM definition, additive; transformers has none):
+  the penalty is subtracted once from the logit of every id already *generated*. 0 turns it off.
+* **top_k** keeps the k most likely ids (0: off); **top_p** keeps the smallest set of most
+  likely ids whose probabilities add up to at least p (1.0: off); **min_p** drops ids less
+  likely than min_p × the most likely one's probability (0: off).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import MinqwenError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+
+    def __post_init__(self):
+        checks = [
+            (self.temperature >= 0, "temperature must be ≥ 0 (0 is greedy)"),
+            (isinstance(self.top_k, int) and self.top_k >= 0, "top_k must be a whole number ≥ 0 (0 is off)"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
+            (self.repetition_penalty > 0, "repetition_penalty must be > 0 (1 is off)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise MinqwenError(message)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def apply_penalties(logits: np.ndarray, seen_ids, generated_ids, params: SamplingParams) -> np.ndarray:
+    """logits [V] with the repetition and presence penalties applied (a new array)."""
+    logits = logits.astype(np.float32, copy=True)
+    if params.repetition_penalty != 1.0 and len(seen_ids):
+        ids = np.unique(np.asarray(seen_ids))
+        values = logits[ids]
+        logits[ids] = np.where(values > 0, values / params.repetition_penalty, values * params.repetition_penalty)
+    if params.presence_penalty != 0.0 and len(generated_ids):
+        logits[np.unique(np.asarray(generated_ids))] -= params.presence_penalty
+    return logits
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.exp(logits - logits.max())
+    return z / z.sum()
+
+
+def filter_logits(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
+    """Temperature, then top-k, top-p and min-p: removed ids get −inf."""
+    logits = logits / params.temperature
+    if params.top_k and params.top_k < logits.size:
+        kth = np.partition(logits, -params.top_k)[-params.top_k]
+        logits = np.where(logits < kth, -np.inf, logits)
+    if params.top_p < 1.0:
+        order = np.argsort(-logits, kind="stable")
+        probs = softmax(logits)[order]
+        before = np.cumsum(probs) - probs  # probability mass of the ids ranked above each id
+        removed = order[before >= params.top_p]  # the top id always stays (its "before" is 0)
+        logits = logits.copy()
+        logits[removed] = -np.inf
+    if params.min_p > 0.0:
+        probs = softmax(logits)
+        logits = np.where(probs < params.min_p * probs.max(), -np.inf, logits)
+    return logits
+
+
+def sample_next(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
+                seen_ids=(), generated_ids=()) -> int:
+    """The next token id from last-position logits [V]."""
+    logits = apply_penalties(logits, seen_ids, generated_ids, params)
+    if params.greedy:
+        return int(np.argmax(logits))
+    probs = softmax(filter_logits(logits, params)).astype(np.float64)
+    return int(rng.choice(probs.size, p=probs / probs.sum()))

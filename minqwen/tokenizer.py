@@ -1,0 +1,151 @@
+"""Text ↔ token ids, the chat template, and streaming decode.
+
+* ids come from the checkpoint's ``tokenizer.json`` through the ``tokenizers`` library (the
+  same byte-level BPE the reference uses), special tokens included;
+* ``tokenizer_config.json`` gives the chat template and the eos token;
+  ``generation_config.json`` gives eos ids and default sampling settings;
+* the chat template is Jinja, rendered in a sandbox: a template ships with a checkpoint, and
+  code that ships with a checkpoint is never trusted;
+* :class:`StreamDecoder` turns ids into text piece by piece without ever emitting half of a
+  character that spans several tokens.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .errors import MinqwenError
+
+# Used when a checkpoint has no template: Qwen's ChatML with its thinking switch.
+CHATML_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{{- '<|im_start|>assistant\\n' -}}"
+    "{%- if enable_thinking is defined and enable_thinking is false -%}{{- '<think>\\n\\n</think>\\n\\n' -}}"
+    "{%- else -%}{{- '<think>\\n' -}}{%- endif -%}"
+    "{%- endif -%}"
+)
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MinqwenError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise MinqwenError(f"{path}: expected a JSON object")
+    return data
+
+
+class Tokenizer:
+    """A checkpoint's tokenizer, chat template, eos ids and generation defaults."""
+
+    def __init__(self, folder: str | Path):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        folder = Path(folder)
+        path = folder / "tokenizer.json"
+        if not path.is_file():
+            raise MinqwenError(
+                f"{folder}: no tokenizer.json in this folder; minqwen needs the checkpoint's tokenizer to "
+                "turn text into token ids (copy it from the model's release, or pass token ids directly)"
+            )
+        try:
+            self._tok = HFTokenizer.from_file(str(path))
+        except Exception as e:  # the tokenizers library raises its own exception type
+            raise MinqwenError(f"{path}: cannot read this tokenizer ({e})") from None
+        self.config = _read_json(folder / "tokenizer_config.json")
+        self.generation_config = _read_json(folder / "generation_config.json")
+        template = self.config.get("chat_template")
+        if isinstance(template, list):  # some releases store several named templates
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default")
+        self.chat_template = template if isinstance(template, str) else CHATML_TEMPLATE
+        self.has_chat_template = isinstance(template, str)
+        self.eos_ids = self._eos_ids()
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def _eos_ids(self) -> tuple[int, ...]:
+        ids = []
+        eos = self.generation_config.get("eos_token_id")
+        ids += eos if isinstance(eos, list) else ([eos] if isinstance(eos, int) else [])
+        eos_token = self.config.get("eos_token")
+        if isinstance(eos_token, dict):
+            eos_token = eos_token.get("content")
+        if isinstance(eos_token, str) and self.token_to_id(eos_token) is not None:
+            ids.append(self.token_to_id(eos_token))
+        return tuple(dict.fromkeys(ids))
+
+    def encode(self, text: str) -> list[int]:
+        """Text → ids. Special-token strings in the text (``<|im_start|>`` …) become their ids."""
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, enable_thinking: bool = True) -> str:
+        """The conversation as the model was trained to see it (the checkpoint's Jinja template)."""
+        from jinja2 import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise MinqwenError(f"chat message {i} must be a dict with string 'role' and 'content'")
+
+        def raise_exception(message):
+            raise MinqwenError(f"the chat template refused this conversation: {message}")
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        env.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
+        try:
+            return env.from_string(self.chat_template).render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                enable_thinking=enable_thinking,
+                bos_token="",
+                eos_token=self.config.get("eos_token", ""),
+            )
+        except TemplateError as e:
+            raise MinqwenError(f"the chat template failed to render: {e}") from None
+
+
+class StreamDecoder:
+    """Ids in, text out, a piece at a time, never splitting a character.
+
+    Byte-level BPE can split one character (an emoji, a CJK ideograph) over several tokens;
+    decoding those tokens one by one would print replacement characters. Instead we decode
+    the pending ids together and hold them back while the text ends in an incomplete
+    character (which the decoder renders as U+FFFD).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.pending: list[int] = []
+
+    def push(self, token_id: int) -> str:
+        """Add one id; return the text that is now complete (possibly empty)."""
+        self.pending.append(token_id)
+        text = self.tokenizer.decode(self.pending, self.skip_special_tokens)
+        if text.endswith("\ufffd") and len(self.pending) < 8:
+            return ""  # an incomplete character: wait for its remaining bytes
+        self.pending = []
+        return text
+
+    def flush(self) -> str:
+        """Whatever is still held back (at the end of generation)."""
+        text = self.tokenizer.decode(self.pending, self.skip_special_tokens) if self.pending else ""
+        self.pending = []
+        return text

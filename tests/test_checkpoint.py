@@ -1,0 +1,623 @@
+"""The safetensors reader and checkpoint loading, as a specification.
+
+Every bad input is a :class:`minqwen.MinqwenError` whose message names the file and, where
+there is one, the tensor. Good input reads back exactly, memory-mapped and read-only. Parts
+of a checkpoint minqwen does not load are reported, never silently dropped.
+
+Small files are built in ``tmp_path``: well-formed ones with ``safetensors.numpy.save_file``,
+malformed ones byte by byte with ``struct`` and ``json``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import re
+import shutil
+import struct
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.numpy import load_file, save_file
+
+import minqwen
+from minqwen import MinqwenError
+from minqwen.checkpoint import DTYPES, Checkpoint, SafetensorsFile
+
+FIXTURES = Path(__file__).parent / "fixtures"
+TEXT = FIXTURES / "text_tied_fp32"  # qwen3_5_text, one model.safetensors, all F32, tied head
+SHARDED = FIXTURES / "multimodal_sharded"  # qwen3_5 wrapper, 13 shards + index, with a vision tower
+
+NORM = "model.norm.weight"  # [48] in TEXT
+Q_NORM = "model.layers.3.self_attn.q_norm.weight"  # [16] in TEXT, layer 3 is full attention
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def copy_fixture(tmp_path: Path, fixture: Path = TEXT) -> Path:
+    """A private copy of a fixture checkpoint folder that a test may damage."""
+    folder = tmp_path / fixture.name
+    shutil.copytree(fixture, folder)
+    return folder
+
+
+def rewrite_tensors(folder: Path, change) -> None:
+    """Load the copy's model.safetensors, let ``change(tensors)`` edit the dict, save it back."""
+    path = folder / "model.safetensors"
+    tensors = load_file(path)
+    change(tensors)
+    save_file(tensors, path)
+
+
+def write_raw(path: Path, header, data: bytes = b"", header_len: int | None = None) -> Path:
+    """A safetensors file by hand: 8-byte length, header (a JSON value or raw bytes), data."""
+    header_bytes = header if isinstance(header, bytes) else json.dumps(header).encode("utf-8")
+    length = len(header_bytes) if header_len is None else header_len
+    path.write_bytes(struct.pack("<Q", length) + header_bytes + data)
+    return path
+
+
+def entry(dtype: str, shape, begin: int, end: int) -> dict:
+    return {"dtype": dtype, "shape": list(shape), "data_offsets": [begin, end]}
+
+
+def names(path: Path, tensor: str | None = None) -> str:
+    """A regex matching a message that names the file (and the tensor, if given)."""
+    pattern = re.escape(str(path))
+    if tensor is not None:
+        pattern += r".*" + re.escape(f"'{tensor}'")
+    return pattern
+
+
+# ----------------------------------------------------------------------------- tensors that do not fit the config
+
+
+def test_a_missing_tensor_is_an_error_naming_the_tensor_and_the_folder(tmp_path):
+    folder = copy_fixture(tmp_path)
+    rewrite_tensors(folder, lambda t: t.pop(Q_NORM))
+    with pytest.raises(MinqwenError, match=re.escape(f"{folder}: tensor '{Q_NORM}' is missing from the checkpoint")):
+        minqwen.load(folder)
+
+
+def test_a_tensor_of_the_wrong_shape_is_an_error_naming_it_with_both_shapes(tmp_path):
+    folder = copy_fixture(tmp_path)
+    rewrite_tensors(folder, lambda t: t.update({NORM: np.ones(47, np.float32)}))
+    expected = f"{folder / 'model.safetensors'}: tensor '{NORM}' has shape [47] but the config needs [48]"
+    with pytest.raises(MinqwenError, match=re.escape(expected)):
+        minqwen.load(folder)
+
+
+def test_an_integer_tensor_where_a_float_is_needed_is_an_error_naming_its_dtype(tmp_path):
+    folder = copy_fixture(tmp_path)
+    rewrite_tensors(folder, lambda t: t.update({NORM: np.ones(48, np.int32)}))
+    with pytest.raises(MinqwenError, match=names(folder / "model.safetensors", NORM) + r".*stored as I32"):
+        minqwen.load(folder)
+
+
+def test_a_tied_checkpoint_needs_no_lm_head_and_an_untied_one_does(tmp_path):
+    folder = copy_fixture(tmp_path)
+    model = minqwen.load(folder)
+    assert model.lm_head is model.embed_tokens
+    config = json.loads((folder / "config.json").read_text())
+    config["tie_word_embeddings"] = False
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(MinqwenError, match=re.escape("tensor 'lm_head.weight' is missing")):
+        minqwen.load(folder)
+
+
+# ----------------------------------------------------------------------------- damaged files
+
+
+def test_a_truncated_file_is_an_error_naming_the_file_and_a_tensor_past_the_end(tmp_path):
+    folder = copy_fixture(tmp_path)
+    path = folder / "model.safetensors"
+    entries = SafetensorsFile(path).entries
+    last = max(entries, key=lambda name: entries[name][3])  # the tensor whose data ends the file
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(MinqwenError, match=names(path, last) + r": data_offsets .* outside the file.*truncated"):
+        minqwen.load(folder)
+
+
+def test_a_file_shorter_than_the_length_field_is_an_error_naming_the_file(tmp_path):
+    path = tmp_path / "tiny.safetensors"
+    path.write_bytes(b"\x01\x02\x03")
+    with pytest.raises(MinqwenError, match=names(path) + r": file is 3 bytes, too short"):
+        SafetensorsFile(path)
+
+
+def test_a_header_length_larger_than_the_file_is_a_bad_header(tmp_path):
+    path = write_raw(tmp_path / "x.safetensors", {}, header_len=10_000)
+    with pytest.raises(MinqwenError, match=names(path) + r": bad header: its length field says 10000 bytes"):
+        SafetensorsFile(path)
+
+
+def test_a_header_that_is_not_json_is_a_bad_header(tmp_path):
+    path = write_raw(tmp_path / "x.safetensors", b"{this is not json")
+    with pytest.raises(MinqwenError, match=names(path) + r": bad header: not valid UTF-8 JSON"):
+        SafetensorsFile(path)
+
+
+def test_a_header_that_is_not_utf8_is_a_bad_header(tmp_path):
+    path = write_raw(tmp_path / "x.safetensors", b'{"\xff\xfe": 1}')
+    with pytest.raises(MinqwenError, match=names(path) + r": bad header: not valid UTF-8 JSON"):
+        SafetensorsFile(path)
+
+
+def test_a_deeply_nested_header_is_a_bad_header_not_a_recursion_error(tmp_path):
+    path = write_raw(tmp_path / "x.safetensors", b"[" * 100_000)
+    with pytest.raises(MinqwenError, match=names(path) + r": bad header: not valid UTF-8 JSON"):
+        SafetensorsFile(path)
+
+
+def test_a_header_with_an_enormous_integer_literal_is_a_bad_header(tmp_path):
+    path = write_raw(tmp_path / "x.safetensors", b'{"a": ' + b"9" * 5000 + b"}")
+    with pytest.raises(MinqwenError, match=names(path) + r": bad header: not valid UTF-8 JSON"):
+        SafetensorsFile(path)
+
+
+@pytest.mark.parametrize("header", [[], "weights", 3, None], ids=["list", "string", "number", "null"])
+def test_a_header_that_is_not_a_json_object_is_a_bad_header(tmp_path, header):
+    path = write_raw(tmp_path / "x.safetensors", header)
+    with pytest.raises(MinqwenError, match=names(path) + r": bad header: expected a JSON object"):
+        SafetensorsFile(path)
+
+
+def test_metadata_that_is_not_an_object_is_a_bad_header(tmp_path):
+    path = write_raw(tmp_path / "x.safetensors", {"__metadata__": ["format", "pt"]})
+    with pytest.raises(MinqwenError, match=names(path) + r": bad header: __metadata__ must be an object"):
+        SafetensorsFile(path)
+
+
+def test_a_header_entry_that_is_not_an_object_is_an_error_naming_the_tensor(tmp_path):
+    path = write_raw(tmp_path / "x.safetensors", {"w": [1, 2]})
+    with pytest.raises(MinqwenError, match=names(path, "w") + r": bad header entry"):
+        SafetensorsFile(path)
+
+
+def test_data_offsets_outside_the_file_are_an_error_naming_the_tensor(tmp_path):
+    path = write_raw(tmp_path / "x.safetensors", {"w": entry("F32", [4], 0, 16)}, data=bytes(8))
+    with pytest.raises(MinqwenError, match=names(path, "w") + r": data_offsets \[0, 16\] point outside the file"):
+        SafetensorsFile(path)
+
+
+def test_data_offsets_that_end_before_they_begin_are_an_error_naming_the_tensor(tmp_path):
+    path = write_raw(tmp_path / "x.safetensors", {"w": entry("F32", [1], 8, 4)}, data=bytes(16))
+    with pytest.raises(MinqwenError, match=names(path, "w") + r": bad data_offsets \[8, 4\]"):
+        SafetensorsFile(path)
+
+
+@pytest.mark.parametrize(
+    "offsets", [[0], [0, 4, 8], ["0", "4"], [0.0, 4.0], [False, True], None], ids=str
+)
+def test_data_offsets_that_are_not_two_integers_are_an_error_naming_the_tensor(tmp_path, offsets):
+    header = {"w": {"dtype": "F32", "shape": [1], "data_offsets": offsets}}
+    path = write_raw(tmp_path / "x.safetensors", header, data=bytes(8))
+    with pytest.raises(MinqwenError, match=names(path, "w") + r": bad data_offsets"):
+        SafetensorsFile(path)
+
+
+def test_data_offsets_whose_span_disagrees_with_dtype_and_shape_are_an_error_with_both_sizes(tmp_path):
+    path = write_raw(tmp_path / "x.safetensors", {"w": entry("F32", [2, 3], 0, 20)}, data=bytes(24))
+    with pytest.raises(MinqwenError, match=names(path, "w") + r": data_offsets span 20 bytes but F32 \[2, 3\] needs 24"):
+        SafetensorsFile(path)
+
+
+def test_a_shape_too_large_for_64_bits_does_not_wrap_around_to_a_matching_span(tmp_path):
+    # 2**32 × 2**32 elements is 2**64, which an int64 product wraps to 0: it must not match [0, 0].
+    path = write_raw(tmp_path / "x.safetensors", {"w": entry("F32", [2**32, 2**32], 0, 0)}, data=bytes(8))
+    with pytest.raises(MinqwenError, match=names(path, "w") + r": data_offsets span 0 bytes but F32"):
+        SafetensorsFile(path)
+
+
+def test_a_shape_dimension_beyond_any_integer_type_is_an_error_naming_the_tensor(tmp_path):
+    path = write_raw(tmp_path / "x.safetensors", {"w": entry("F32", [2**70], 0, 4)}, data=bytes(8))
+    with pytest.raises(MinqwenError, match=names(path, "w") + r": data_offsets span 4 bytes but F32"):
+        SafetensorsFile(path)
+
+
+@pytest.mark.parametrize("shape", [[-1], [2.0], "4", [True], None], ids=str)
+def test_a_shape_that_is_not_a_list_of_non_negative_integers_is_an_error_naming_the_tensor(tmp_path, shape):
+    header = {"w": {"dtype": "F32", "shape": shape, "data_offsets": [0, 4]}}
+    path = write_raw(tmp_path / "x.safetensors", header, data=bytes(8))
+    with pytest.raises(MinqwenError, match=names(path, "w") + r": bad shape"):
+        SafetensorsFile(path)
+
+
+def test_overlapping_tensors_are_an_error_naming_both(tmp_path):
+    header = {"a": entry("F32", [4], 0, 16), "b": entry("F32", [2], 8, 16)}
+    path = write_raw(tmp_path / "x.safetensors", header, data=bytes(16))
+    with pytest.raises(MinqwenError, match=names(path) + r": bad header: tensors '(a' and 'b|b' and 'a)' overlap"):
+        SafetensorsFile(path)
+
+
+def test_a_tensor_nested_inside_another_is_an_overlap_even_with_a_third_in_between(tmp_path):
+    header = {"outer": entry("U8", [12], 0, 12), "x": entry("U8", [2], 2, 4), "y": entry("U8", [2], 6, 8)}
+    path = write_raw(tmp_path / "x.safetensors", header, data=bytes(12))
+    with pytest.raises(MinqwenError, match=names(path) + r": bad header: tensors '.*' and '.*' overlap"):
+        SafetensorsFile(path)
+
+
+def test_empty_tensors_at_the_same_offset_do_not_overlap(tmp_path):
+    header = {"a": entry("F32", [0], 4, 4), "b": entry("F32", [0, 3], 4, 4), "c": entry("F32", [2], 0, 8)}
+    f = SafetensorsFile(write_raw(tmp_path / "x.safetensors", header, data=bytes(8)))
+    assert f.array("a").shape == (0,)
+    assert f.array("b").shape == (0, 3)
+    assert f.array("c").shape == (2,)
+
+
+@pytest.mark.parametrize("dtype", ["F4", "float32", "f32", "", None, 7, ["F32"], {"F32": 1}], ids=str)
+def test_an_unknown_dtype_is_an_error_naming_the_tensor_and_the_known_dtypes(tmp_path, dtype):
+    header = {"w": {"dtype": dtype, "shape": [1], "data_offsets": [0, 4]}}
+    path = write_raw(tmp_path / "x.safetensors", header, data=bytes(4))
+    with pytest.raises(MinqwenError, match=names(path, "w") + r": unknown dtype .*known: F64, F32"):
+        SafetensorsFile(path)
+
+
+def test_a_file_that_does_not_exist_is_an_error_naming_it(tmp_path):
+    path = tmp_path / "absent.safetensors"
+    with pytest.raises(MinqwenError, match=names(path) + r": cannot open safetensors file"):
+        SafetensorsFile(path)
+
+
+def test_a_folder_given_as_a_safetensors_file_is_an_error_naming_it(tmp_path):
+    with pytest.raises(MinqwenError, match=names(tmp_path) + r": cannot open safetensors file"):
+        SafetensorsFile(tmp_path)
+
+
+# ----------------------------------------------------------------------------- shards
+
+
+def test_a_shard_index_pointing_at_a_missing_file_is_an_error_naming_that_file(tmp_path):
+    folder = copy_fixture(tmp_path, SHARDED)
+    victim = folder / "model-00007-of-00013.safetensors"
+    victim.unlink()
+    with pytest.raises(MinqwenError, match=names(victim) + r": cannot open safetensors file"):
+        minqwen.load(folder)
+
+
+def test_a_shard_index_listing_a_tensor_its_shard_lacks_is_an_error_naming_tensor_shard_and_index(tmp_path):
+    folder = copy_fixture(tmp_path, SHARDED)
+    index_path = folder / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    shard = "model-00002-of-00013.safetensors"
+    index["weight_map"]["model.language_model.not_a_tensor"] = shard
+    index_path.write_text(json.dumps(index))
+    expected = (
+        f"{folder / shard}: tensor 'model.language_model.not_a_tensor' is listed in "
+        "model.safetensors.index.json but not in this file"
+    )
+    with pytest.raises(MinqwenError, match=re.escape(expected)):
+        minqwen.load(folder)
+
+
+def test_a_shard_index_naming_a_file_outside_the_folder_is_an_error(tmp_path):
+    folder = copy_fixture(tmp_path, SHARDED)
+    index_path = folder / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index["weight_map"]["model.language_model.norm.weight"] = "../elsewhere.safetensors"
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(MinqwenError, match=names(index_path, "model.language_model.norm.weight") + r" maps to"):
+        minqwen.load(folder)
+
+
+@pytest.mark.parametrize(
+    "text", ["{not json", "[]", '{"metadata": {}}', '{"weight_map": ["a"]}', "[" * 100_000],
+    ids=["not-json", "list", "no-weight-map", "weight-map-not-an-object", "deeply-nested"],
+)
+def test_a_malformed_shard_index_is_an_error_naming_it(tmp_path, text):
+    folder = copy_fixture(tmp_path, SHARDED)
+    index_path = folder / "model.safetensors.index.json"
+    index_path.write_text(text)
+    with pytest.raises(MinqwenError, match=names(index_path) + r": (not a valid shard index|'weight_map' must)"):
+        minqwen.load(folder)
+
+
+# ----------------------------------------------------------------------------- folders
+
+
+def test_a_folder_with_no_safetensors_is_an_error_naming_the_folder(tmp_path):
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    shutil.copy(TEXT / "config.json", folder / "config.json")
+    with pytest.raises(MinqwenError, match=names(folder) + r": no model.safetensors or model.safetensors.index.json"):
+        minqwen.load(folder)
+
+
+def test_a_folder_with_several_unindexed_safetensors_is_an_error_that_counts_them(tmp_path):
+    folder = copy_fixture(tmp_path)
+    (folder / "model.safetensors").rename(folder / "a.safetensors")
+    shutil.copy(folder / "a.safetensors", folder / "b.safetensors")
+    (folder / "expected.safetensors").unlink()
+    with pytest.raises(MinqwenError, match=names(folder) + r": no model.safetensors .*found 2 other"):
+        minqwen.load(folder)
+
+
+def test_a_folder_with_one_oddly_named_safetensors_file_loads_it(tmp_path):
+    folder = copy_fixture(tmp_path)
+    (folder / "expected.safetensors").unlink()
+    (folder / "model.safetensors").rename(folder / "weights.safetensors")
+    assert Checkpoint(folder).file_of(NORM) == folder / "weights.safetensors"
+
+
+def test_a_folder_with_no_config_json_is_an_error_naming_the_folder(tmp_path):
+    folder = copy_fixture(tmp_path)
+    (folder / "config.json").unlink()
+    with pytest.raises(MinqwenError, match=names(folder / "config.json") + r": no config.json here"):
+        minqwen.load(folder)
+
+
+def test_a_path_that_is_a_file_is_not_a_checkpoint_folder(tmp_path):
+    path = copy_fixture(tmp_path) / "model.safetensors"
+    with pytest.raises(MinqwenError, match=names(path) + r": not a folder"):
+        minqwen.load(path)
+
+
+def test_a_path_that_does_not_exist_is_not_a_checkpoint_folder(tmp_path):
+    path = tmp_path / "nowhere"
+    with pytest.raises(MinqwenError, match=names(path) + r": not a folder"):
+        minqwen.load(path)
+
+
+# ----------------------------------------------------------------------------- reading values
+
+
+# Values chosen to be exact in bf16 and f16, plus some that round (0.1, 1/3) and bf16's range.
+KNOWN = np.array([0.0, -0.0, 1.0, -2.5, 0.15625, 0.1, 1 / 3, 3.0e-5, 65504.0, -1.5e-3], np.float32)
+
+
+def _bf16_by_hand(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """bf16 bits (round to nearest even) and their float32 value, without ml_dtypes."""
+    bits = values.view(np.uint32).astype(np.uint64)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    as_bf16 = rounded.astype(np.uint16)
+    return as_bf16, (as_bf16.astype(np.uint32) << 16).view(np.float32)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, ml_dtypes.bfloat16], ids=["F32", "F16", "BF16"])
+def test_stored_floats_read_back_as_the_same_float32_values(tmp_path, dtype):
+    stored = KNOWN.astype(dtype)
+    path = tmp_path / "model.safetensors"
+    save_file({"w": stored.reshape(2, 5)}, path)
+    got = Checkpoint(tmp_path).float32("w", (2, 5))
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got.ravel(), stored.astype(np.float32))
+    np.testing.assert_array_equal(np.signbit(got.ravel()), np.signbit(KNOWN))
+
+
+def test_bf16_is_read_as_the_upper_half_of_a_float32(tmp_path):
+    bits, expected = _bf16_by_hand(KNOWN)
+    path = write_raw(tmp_path / "model.safetensors", {"w": entry("BF16", [10], 0, 20)}, data=bits.tobytes())
+    got = Checkpoint(tmp_path).float32("w", (10,))
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(got, KNOWN.astype(ml_dtypes.bfloat16).astype(np.float32))
+    assert SafetensorsFile(path).array("w").dtype == np.dtype(ml_dtypes.bfloat16)
+
+
+def test_f16_is_read_as_ieee_half_precision(tmp_path):
+    # 0x3C00 = 1.0, 0xC100 = -2.5, 0x7BFF = 65504 (largest half), 0x0001 = 2**-24 (smallest subnormal)
+    bits = np.array([0x3C00, 0xC100, 0x7BFF, 0x0001], np.uint16)
+    write_raw(tmp_path / "model.safetensors", {"w": entry("F16", [4], 0, 8)}, data=bits.tobytes())
+    got = Checkpoint(tmp_path).float32("w", (4,))
+    np.testing.assert_array_equal(got, np.array([1.0, -2.5, 65504.0, 2.0**-24], np.float32))
+
+
+def test_tensors_are_read_at_their_offsets_after_the_header_in_little_endian(tmp_path):
+    a = np.arange(6, dtype="<f4").reshape(2, 3)
+    b = np.array([7, -8], dtype="<i8")
+    # b first in the data section, then a; the header lists them the other way round.
+    header = {"__metadata__": {"format": "pt"}, "a": entry("F32", [2, 3], 16, 40), "b": entry("I64", [2], 0, 16)}
+    f = SafetensorsFile(write_raw(tmp_path / "x.safetensors", header, data=b.tobytes() + a.tobytes()))
+    np.testing.assert_array_equal(f.array("a"), a)
+    np.testing.assert_array_equal(f.array("b"), b)
+    assert f.metadata == {"format": "pt"}
+    assert "__metadata__" not in f
+    assert f.shape("a") == (2, 3) and f.dtype_name("b") == "I64"
+
+
+def test_a_scalar_tensor_has_shape_empty_and_one_element(tmp_path):
+    f = SafetensorsFile(write_raw(tmp_path / "x.safetensors", {"s": entry("F32", [], 0, 4)}, np.float32(2.5).tobytes()))
+    assert f.array("s").shape == ()
+    assert float(f.array("s")) == 2.5
+
+
+def test_every_known_dtype_reads_back_what_numpy_wrote(tmp_path):
+    arrays = {name: np.arange(6, dtype=np.float32).astype(dtype).reshape(3, 2) for name, dtype in DTYPES.items()}
+    header, data, offset = {}, b"", 0
+    for name, arr in arrays.items():
+        raw = arr.tobytes()
+        header[name] = entry(name, arr.shape, offset, offset + len(raw))
+        data += raw
+        offset += len(raw)
+    f = SafetensorsFile(write_raw(tmp_path / "x.safetensors", header, data))
+    for name, arr in arrays.items():
+        got = f.array(name)
+        assert got.dtype == DTYPES[name], name
+        assert got.tobytes() == arr.tobytes(), name
+
+
+def test_raw_tensors_are_read_only_views_of_one_memory_map_not_copies(tmp_path):
+    folder = copy_fixture(tmp_path)
+    ckpt = Checkpoint(folder)
+    first, second = ckpt.raw(NORM), ckpt.raw(NORM)
+    assert not first.flags.writeable
+    assert not first.flags.owndata
+    assert np.shares_memory(first, second)
+    with pytest.raises(ValueError):
+        first[0] = 1.0
+    base = first
+    while getattr(base, "base", None) is not None and not isinstance(base, np.memmap):
+        base = base.base
+    assert isinstance(base, np.memmap)
+
+
+def test_float32_returns_an_independent_writable_copy(tmp_path):
+    ckpt = Checkpoint(copy_fixture(tmp_path))
+    widened = ckpt.float32(NORM, (48,))
+    assert widened.flags.writeable and widened.flags.owndata
+    assert not np.shares_memory(widened, ckpt.raw(NORM))
+    np.testing.assert_array_equal(widened, ckpt.raw(NORM))
+
+
+# ----------------------------------------------------------------------------- what is not loaded is reported
+
+
+def test_loading_a_multimodal_checkpoint_reports_the_vision_tower_as_not_loaded():
+    weight_map = json.loads((SHARDED / "model.safetensors.index.json").read_text())["weight_map"]
+    n_vision = sum(name.startswith("model.visual.") for name in weight_map)
+    assert n_vision > 0
+    model = minqwen.load(SHARDED)
+    assert f"vision tower: {n_vision} tensors (not loaded)" in model.load_report.splitlines()
+    assert "unused" not in model.load_report
+
+
+def test_loading_a_complete_text_checkpoint_reports_nothing():
+    assert minqwen.load(TEXT).load_report == ""
+
+
+def test_extra_mtp_tensors_are_reported_as_the_mtp_head_and_unrelated_ones_as_unused(tmp_path):
+    folder = copy_fixture(tmp_path)
+    extra = {
+        "mtp.fc.weight": np.zeros((48, 96), np.float32),
+        "mtp.norm.weight": np.ones(48, np.float32),
+        "mtp.layers.0.input_layernorm.weight": np.ones(48, np.float32),
+        "something.else": np.zeros(3, np.float32),
+    }
+    rewrite_tensors(folder, lambda t: t.update(extra))
+    lines = minqwen.load(folder).load_report.splitlines()
+    assert "MTP head: 3 tensors (not loaded)" in lines
+    assert "unused: 1 tensors not part of the model: something.else" in lines
+
+
+def test_a_long_list_of_unused_tensors_is_shortened_with_a_count(tmp_path):
+    folder = copy_fixture(tmp_path)
+    rewrite_tensors(folder, lambda t: t.update({f"junk.{i:02d}": np.zeros(1, np.float32) for i in range(13)}))
+    report = minqwen.load(folder).load_report
+    assert report.startswith("unused: 13 tensors not part of the model: junk.00, junk.01")
+    assert report.endswith("junk.09, … (3 more)")
+
+
+# ----------------------------------------------------------------------------- fuzzing the reader
+
+_counter = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def fuzz_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("fuzz")
+
+
+@pytest.fixture(scope="module")
+def valid_file_bytes(tmp_path_factory) -> bytes:
+    """A small well-formed file with several dtypes, a scalar and an empty tensor."""
+    path = tmp_path_factory.mktemp("seed") / "seed.safetensors"
+    save_file(
+        {
+            "a": np.arange(12, dtype=np.float32).reshape(3, 4),
+            "b": np.arange(5, dtype=np.float16),
+            "c": np.arange(4, dtype=np.float32).astype(ml_dtypes.bfloat16),
+            "d": np.array([1, 2, 3], np.int64),
+            "e": np.zeros((0, 2), np.float32),
+            "s": np.array(1.5, np.float32),
+        },
+        path,
+        metadata={"format": "pt"},
+    )
+    return path.read_bytes()
+
+
+def parse_or_fail_cleanly(folder: Path, content: bytes) -> None:
+    """The property: a file either parses into consistent entries or raises MinqwenError."""
+    path = folder / f"f{next(_counter)}.safetensors"
+    path.write_bytes(content)
+    try:
+        try:
+            f = SafetensorsFile(path)
+        except MinqwenError as e:
+            assert str(path) in str(e)
+            return
+        assert f.data_start + f.data_len == len(content)
+        spans = []
+        for name, (dtype, shape, begin, end) in f.entries.items():
+            assert dtype in DTYPES
+            assert all(isinstance(d, int) and d >= 0 for d in shape)
+            assert 0 <= begin <= end <= f.data_len
+            assert end - begin == math.prod(shape) * DTYPES[dtype].itemsize
+            if end > begin:
+                spans.append((begin, end))
+            arr = f.array(name)
+            assert arr.shape == shape and arr.dtype == DTYPES[dtype]
+            assert arr.tobytes() == content[f.data_start + begin : f.data_start + end]
+        spans.sort()
+        assert all(b2 >= e1 for (_, e1), (b2, _) in zip(spans, spans[1:]))
+    finally:
+        path.unlink()
+
+
+FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=12,
+)
+small_ints = st.integers(-2, 40) | st.sampled_from([2**31, 2**32, 2**63, 2**64, 2**70])
+dtypes = st.sampled_from(list(DTYPES)) | st.sampled_from(["F4", "bf16", "", "U64"]) | json_values
+shapes = st.lists(small_ints, max_size=3) | json_values
+offsets = st.lists(small_ints, min_size=2, max_size=2) | st.lists(small_ints, max_size=3) | json_values
+entries = st.fixed_dictionaries({"dtype": dtypes, "shape": shapes, "data_offsets": offsets}) | json_values
+headers = st.dictionaries(st.text(max_size=6), entries, max_size=5) | json_values
+
+
+@FUZZ
+@given(data=st.data())
+def test_fuzz_random_mutations_of_a_valid_file_parse_consistently_or_raise_minqwen_error(
+    fuzz_dir, valid_file_bytes, data
+):
+    content = bytearray(valid_file_bytes)
+    for _ in range(data.draw(st.integers(1, 4), label="n_mutations")):
+        kind = data.draw(st.sampled_from(["flip", "set", "truncate", "insert", "delete"]), label="kind")
+        last = max(len(content) - 1, 0)
+        # Half the mutations land in the length field and header (the first few hundred bytes).
+        pos = data.draw(st.integers(0, min(last, 400)) | st.integers(0, last), label="pos")
+        if kind == "flip" and content:
+            content[pos] ^= 1 << data.draw(st.integers(0, 7))
+        elif kind == "set" and content:
+            content[pos] = data.draw(st.integers(0, 255))
+        elif kind == "truncate":
+            del content[pos:]
+        elif kind == "insert":
+            content[pos:pos] = data.draw(st.binary(min_size=1, max_size=8))
+        elif kind == "delete":
+            del content[pos : pos + data.draw(st.integers(1, 8))]
+    parse_or_fail_cleanly(fuzz_dir, bytes(content))
+
+
+@FUZZ
+@given(header=headers, data_len=st.integers(0, 64), fill=st.integers(0, 255))
+def test_fuzz_random_headers_parse_consistently_or_raise_minqwen_error(fuzz_dir, header, data_len, fill):
+    header_bytes = json.dumps(header).encode("utf-8")
+    content = struct.pack("<Q", len(header_bytes)) + header_bytes + bytes([fill]) * data_len
+    parse_or_fail_cleanly(fuzz_dir, content)
+
+
+@FUZZ
+@given(
+    header_len=st.integers(0, 64) | st.integers(0, 2**64 - 1),
+    rest=st.binary(max_size=96),
+)
+def test_fuzz_random_bytes_after_any_length_field_parse_consistently_or_raise_minqwen_error(
+    fuzz_dir, header_len, rest
+):
+    parse_or_fail_cleanly(fuzz_dir, struct.pack("<Q", header_len) + rest)
+
+
+@FUZZ
+@given(content=st.binary(max_size=64))
+def test_fuzz_arbitrary_short_files_parse_consistently_or_raise_minqwen_error(fuzz_dir, content):
+    parse_or_fail_cleanly(fuzz_dir, content)

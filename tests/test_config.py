@@ -1,0 +1,554 @@
+"""config.json handling, as a specification.
+
+Both wrappers (``qwen3_5_text`` and the multimodal ``qwen3_5``) give the same validated
+TextConfig; missing fields take transformers 5.23.0's defaults; legacy names are honoured;
+every value minqwen cannot honour is a MinqwenError naming the field; unknown fields are a
+warning naming them.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+import re
+import warnings
+from pathlib import Path
+
+import pytest
+
+from minqwen import MinqwenError
+from minqwen.config import TEXT_FIELDS, WRAPPER_FIELDS, TextConfig, config_from_dict, load_config
+
+FIXTURES = Path(__file__).parent / "fixtures"
+L, F = "linear_attention", "full_attention"
+
+
+def small_text(**overrides) -> dict:
+    """A valid qwen3_5_text config.json dict (the text_tied_fp32 fixture's), with overrides."""
+    raw = json.loads((FIXTURES / "text_tied_fp32" / "config.json").read_text())
+    raw.update(overrides)
+    return raw
+
+
+def wrapped(text: dict, **top) -> dict:
+    """The same text model inside a qwen3_5 multimodal wrapper."""
+    inner = dict(text)
+    inner.pop("architectures", None)
+    inner.pop("transformers_version", None)
+    return {"model_type": "qwen3_5", "architectures": ["Qwen3_5ForConditionalGeneration"], "text_config": inner, **top}
+
+
+def parse(raw: dict) -> TextConfig:
+    """config_from_dict, failing the test on any warning (a valid config must load silently)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        return config_from_dict(raw, source="config.json")
+
+
+def write(tmp_path: Path, raw) -> Path:
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(raw) if not isinstance(raw, str) else raw)
+    return path
+
+
+# ----------------------------------------------------------------------------- the two wrappers
+
+
+def test_a_text_config_is_read_field_by_field():
+    c = parse(small_text())
+    assert (c.vocab_size, c.hidden_size, c.intermediate_size, c.num_hidden_layers) == (160, 48, 96, 4)
+    assert (c.num_attention_heads, c.num_key_value_heads, c.head_dim) == (4, 2, 16)
+    assert (c.linear_num_key_heads, c.linear_num_value_heads, c.linear_key_head_dim, c.linear_value_head_dim) == (
+        2, 2, 12, 8,
+    )
+    assert c.linear_conv_kernel_dim == 4
+    assert c.layer_types == (L, L, L, F)
+    assert c.hidden_act == "silu" and c.rms_norm_eps == 1e-6 and c.max_position_embeddings == 512
+    assert c.tie_word_embeddings is True and c.attention_bias is False
+    assert (c.rope_theta, c.partial_rotary_factor, c.rotary_dim) == (10000.0, 0.25, 4)
+    assert c.eos_token_id == ()
+
+
+def test_the_multimodal_wrapper_reads_the_text_model_from_text_config():
+    text = small_text(tie_word_embeddings=False)
+    assert parse(wrapped(text)) == parse(text)
+
+
+def test_the_multimodal_wrapper_takes_eos_from_the_top_level_when_text_config_has_none():
+    text = small_text()
+    del text["eos_token_id"]
+    assert parse(wrapped(text, eos_token_id=[7, 9])).eos_token_id == (7, 9)
+    assert parse(wrapped(small_text(eos_token_id=3), eos_token_id=[7, 9])).eos_token_id == (3,)
+
+
+def test_the_multimodal_wrapper_needs_a_text_model_type_inside_text_config():
+    raw = wrapped(small_text(model_type="qwen3_5_moe_text"))
+    with pytest.raises(MinqwenError, match=r"text_config\.model_type is 'qwen3_5_moe_text'; expected 'qwen3_5_text'"):
+        parse(raw)
+
+
+def test_a_text_config_that_is_not_an_object_is_an_error_naming_it():
+    with pytest.raises(MinqwenError, match=r"field 'text_config' must be an object"):
+        parse({"model_type": "qwen3_5", "text_config": [1, 2]})
+
+
+def test_a_wrapper_without_text_config_gives_the_default_text_model():
+    assert parse({"model_type": "qwen3_5"}) == TextConfig(layer_types=(L, L, L, F) * 8)
+
+
+@pytest.mark.parametrize("fixture", sorted(p.name for p in FIXTURES.iterdir() if (p / "config.json").is_file()))
+def test_every_fixture_config_loads_without_a_warning(fixture):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        c = load_config(FIXTURES / fixture)
+    assert c.source == str(FIXTURES / fixture / "config.json")
+    assert len(c.layer_types) == c.num_hidden_layers
+
+
+# ----------------------------------------------------------------------------- tying in the wrapper
+
+
+@pytest.mark.parametrize("inner", [True, False, None], ids=["text-true", "text-false", "text-absent"])
+@pytest.mark.parametrize("top", [True, False, None], ids=["top-true", "top-false", "top-absent"])
+def test_in_the_wrapper_top_level_tie_word_embeddings_wins_and_absent_means_untied(top, inner):
+    text = small_text()
+    if inner is None:
+        del text["tie_word_embeddings"]
+    else:
+        text["tie_word_embeddings"] = inner
+    raw = wrapped(text) if top is None else wrapped(text, tie_word_embeddings=top)
+    assert parse(raw).tie_word_embeddings is (top is True)
+
+
+def test_a_text_config_without_tie_word_embeddings_is_untied():
+    text = small_text()
+    del text["tie_word_embeddings"]
+    assert parse(text).tie_word_embeddings is False
+
+
+# ----------------------------------------------------------------------------- layer_types
+
+
+@pytest.mark.parametrize(
+    "interval, layers, expected",
+    [
+        (4, 8, [L, L, L, F] * 2),
+        (4, 6, [L, L, L, F, L, L]),
+        (3, 6, [L, L, F] * 2),
+        (2, 4, [L, F] * 2),
+        (1, 3, [F, F, F]),
+        (7, 3, [L, L, L]),
+    ],
+)
+def test_layer_types_are_derived_from_full_attention_interval_when_absent(interval, layers, expected):
+    raw = small_text(num_hidden_layers=layers, full_attention_interval=interval)
+    del raw["layer_types"]
+    assert parse(raw).layer_types == tuple(expected)
+
+
+def test_full_attention_interval_defaults_to_4():
+    raw = small_text(num_hidden_layers=8)
+    del raw["layer_types"]
+    assert parse(raw).layer_types == (L, L, L, F) * 2
+
+
+def test_explicit_layer_types_win_over_full_attention_interval():
+    raw = small_text(layer_types=[F, L, F, L], full_attention_interval=4)
+    assert parse(raw).layer_types == (F, L, F, L)
+
+
+@pytest.mark.parametrize("interval", [0, -4, 2.0, True, "4"], ids=str)
+def test_a_full_attention_interval_that_is_not_a_positive_integer_is_an_error_naming_it(interval):
+    raw = small_text(full_attention_interval=interval)
+    del raw["layer_types"]
+    with pytest.raises(MinqwenError, match=r"field 'full_attention_interval' must be a positive integer"):
+        parse(raw)
+
+
+@pytest.mark.parametrize("layer_types", [[L, L, F], [L, L, L, F, F], [], "LLLF", {"0": L}], ids=str)
+def test_layer_types_of_the_wrong_length_or_kind_is_an_error_naming_the_field_and_layer_count(layer_types):
+    with pytest.raises(MinqwenError, match=r"field 'layer_types' must list one type per layer \(4 layers\)"):
+        parse(small_text(layer_types=layer_types))
+
+
+@pytest.mark.parametrize("kind", ["sliding_attention", "Full_Attention", None, 1], ids=str)
+def test_an_unknown_layer_type_is_an_error_naming_the_layer_and_the_known_types(kind):
+    with pytest.raises(MinqwenError, match=rf"field 'layer_types\[2\]' is {re.escape(repr(kind))}; expected one of "):
+        parse(small_text(layer_types=[L, L, kind, F]))
+
+
+def test_errors_inside_text_config_name_the_field_with_its_prefix():
+    with pytest.raises(MinqwenError, match=r"field 'text_config\.layer_types\[0\]' is 'dense'"):
+        parse(wrapped(small_text(layer_types=["dense", L, L, F])))
+
+
+# ----------------------------------------------------------------------------- rope
+
+
+def test_rope_parameters_are_read():
+    rope = {"rope_type": "default", "rope_theta": 5e6, "partial_rotary_factor": 0.5, "mrope_section": [1, 1, 2]}
+    c = parse(small_text(rope_parameters=rope))
+    assert (c.rope_theta, c.partial_rotary_factor, c.mrope_section, c.rotary_dim) == (5e6, 0.5, (1, 1, 2), 8)
+
+
+def test_legacy_rope_scaling_is_read_as_rope_parameters():
+    raw = small_text(rope_scaling={"type": "default", "rope_theta": 123.0, "partial_rotary_factor": 0.5})
+    del raw["rope_parameters"]
+    c = parse(raw)
+    assert (c.rope_theta, c.partial_rotary_factor) == (123.0, 0.5)
+
+
+def test_legacy_top_level_rope_theta_and_partial_rotary_factor_are_honoured():
+    raw = small_text(rope_theta=1e6, partial_rotary_factor=0.5)
+    del raw["rope_parameters"]
+    c = parse(raw)
+    assert (c.rope_theta, c.partial_rotary_factor) == (1e6, 0.5)
+
+
+def test_legacy_top_level_rope_fields_fill_in_what_rope_parameters_leaves_out():
+    c = parse(small_text(rope_parameters={"rope_type": "default"}, rope_theta=77.0, partial_rotary_factor=0.5))
+    assert (c.rope_theta, c.partial_rotary_factor) == (77.0, 0.5)
+
+
+def test_rope_parameters_win_over_legacy_top_level_rope_fields():
+    rope = {"rope_type": "default", "rope_theta": 1e6, "partial_rotary_factor": 0.5}
+    c = parse(small_text(rope_parameters=rope, rope_theta=77.0, partial_rotary_factor=1.0))
+    assert (c.rope_theta, c.partial_rotary_factor) == (1e6, 0.5)
+
+
+def test_defaults_equal_those_of_transformers_5_23():
+    c = parse({"model_type": "qwen3_5_text"})
+    assert c.partial_rotary_factor == 0.25
+    assert c.mrope_section == (11, 11, 10)
+    assert c.rope_theta == 10000.0
+    assert c.tie_word_embeddings is False and c.attention_bias is False
+    assert c.hidden_act == "silu" and c.rms_norm_eps == 1e-6
+    assert c.layer_types == (L, L, L, F) * 8
+    sizes = (
+        c.vocab_size, c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.num_attention_heads,
+        c.num_key_value_heads, c.head_dim, c.max_position_embeddings, c.linear_conv_kernel_dim,
+        c.linear_key_head_dim, c.linear_value_head_dim, c.linear_num_key_heads, c.linear_num_value_heads,
+    )
+    assert sizes == (248320, 4096, 12288, 32, 16, 4, 256, 32768, 4, 128, 128, 16, 32)
+
+
+def test_rope_theta_defaults_to_10000_when_rope_parameters_has_none():
+    c = parse(small_text(rope_parameters={"rope_type": "default", "partial_rotary_factor": 0.5}))
+    assert c.rope_theta == 10000.0
+
+
+@pytest.mark.parametrize("rope_type", ["yarn", "linear", "dynamic", "mrope", None])
+def test_a_rope_type_other_than_default_is_an_error_naming_the_field(rope_type):
+    with pytest.raises(
+        MinqwenError, match=rf"field 'rope_parameters\.rope_type' is {re.escape(repr(rope_type))}; .*only 'default'"
+    ):
+        parse(small_text(rope_parameters={"rope_type": rope_type, "rope_theta": 1e4, "factor": 4.0}))
+
+
+def test_a_legacy_rope_scaling_with_type_linear_is_an_error_naming_the_field():
+    raw = small_text(rope_scaling={"type": "linear", "factor": 2.0})
+    del raw["rope_parameters"]
+    with pytest.raises(MinqwenError, match=r"field 'rope_parameters\.rope_type' is 'linear'"):
+        parse(raw)
+
+
+def test_an_unknown_rope_parameters_field_is_an_error_naming_it():
+    rope = {"rope_type": "default", "rope_theta": 1e4, "factor": 8.0, "original_max_position_embeddings": 4096}
+    with pytest.raises(MinqwenError, match=r"rope_parameters fields minqwen does not implement: factor, original_max"):
+        parse(small_text(rope_parameters=rope))
+
+
+def test_rope_parameters_that_are_not_an_object_is_an_error_naming_the_field():
+    with pytest.raises(MinqwenError, match=r"field 'rope_parameters' must be an object"):
+        parse(small_text(rope_parameters=[10000.0]))
+
+
+@pytest.mark.parametrize("field", ["rope_theta", "partial_rotary_factor"])
+@pytest.mark.parametrize("value", [0, -1.0, "1e4", True, None, float("nan"), float("inf")], ids=str)
+def test_a_rope_number_that_is_not_positive_and_finite_is_an_error_naming_it(field, value):
+    rope = {"rope_type": "default", field: value}
+    with pytest.raises(MinqwenError, match=rf"field 'rope_parameters\.{field}' must be a positive, finite number"):
+        parse(small_text(rope_parameters=rope))
+
+
+def test_a_partial_rotary_factor_above_one_is_an_error_naming_it():
+    with pytest.raises(MinqwenError, match=r"field 'rope_parameters\.partial_rotary_factor' must be ≤ 1"):
+        parse(small_text(rope_parameters={"rope_type": "default", "partial_rotary_factor": 1.5}))
+
+
+@pytest.mark.parametrize("factor", [0.1875, 0.0625, 0.01], ids=["3-dims", "1-dim", "0-dims"])
+def test_an_odd_or_empty_number_of_rotary_dims_is_an_error_naming_head_dim_and_the_factor(factor):
+    # head_dim is 16: 0.1875 → 3 rotary dims, 0.0625 → 1, 0.01 → 0.
+    with pytest.raises(MinqwenError, match=r"head_dim × partial_rotary_factor = \d+; rotary needs an even number"):
+        parse(small_text(rope_parameters={"rope_type": "default", "partial_rotary_factor": factor}))
+
+
+@pytest.mark.parametrize("section", [[11, 11], [1, 1, 1, 1], [1, -1, 2], [1.0, 1, 2], "11,11,10", [True, 1, 2]], ids=str)
+def test_an_mrope_section_that_is_not_three_non_negative_integers_is_an_error_naming_it(section):
+    with pytest.raises(MinqwenError, match=r"field 'rope_parameters\.mrope_section' must be three non-negative"):
+        parse(small_text(rope_parameters={"rope_type": "default", "mrope_section": section}))
+
+
+def test_mrope_interleaved_is_accepted_in_rope_parameters():
+    rope = {"rope_type": "default", "mrope_section": [1, 1, 0], "mrope_interleaved": True}
+    assert parse(small_text(rope_parameters=rope)).mrope_section == (1, 1, 0)
+
+
+# ----------------------------------------------------------------------------- model types
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3", "qwen3_next", "", None, ["qwen3_5"]], ids=str)
+def test_an_unknown_model_type_is_an_error_naming_the_field_and_what_is_supported(model_type):
+    raw = small_text(model_type=model_type)
+    with pytest.raises(
+        MinqwenError, match=rf"field 'model_type' is {re.escape(repr(model_type))}; .*'qwen3_5' or 'qwen3_5_text'"
+    ):
+        parse(raw)
+
+
+def test_a_missing_model_type_is_an_error_naming_the_field():
+    raw = small_text()
+    del raw["model_type"]
+    with pytest.raises(MinqwenError, match=r"field 'model_type' is None"):
+        parse(raw)
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_5_moe", "qwen3_5_moe_text"])
+def test_the_mixture_of_experts_variant_is_an_error_saying_it_is_not_supported_yet(model_type):
+    with pytest.raises(MinqwenError, match=rf"model_type '{model_type}' \(sparse mixture of experts\) is not supported yet"):
+        parse(small_text(model_type=model_type))
+
+
+# ----------------------------------------------------------------------------- sizes and other fields
+
+
+SIZE_FIELDS = [
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "max_position_embeddings", "linear_conv_kernel_dim",
+    "linear_key_head_dim", "linear_value_head_dim", "linear_num_key_heads", "linear_num_value_heads",
+]
+
+
+@pytest.mark.parametrize("field", SIZE_FIELDS)
+@pytest.mark.parametrize("value", [48.0, "48", None, True, [48]], ids=repr)
+def test_a_size_that_is_not_an_integer_is_an_error_naming_the_field(field, value):
+    with pytest.raises(MinqwenError, match=rf"field '{field}' must be an integer, got {re.escape(repr(value))}"):
+        parse(small_text(**{field: value}))
+
+
+@pytest.mark.parametrize("field", SIZE_FIELDS)
+def test_a_size_below_one_is_an_error_naming_the_field(field):
+    with pytest.raises(MinqwenError, match=rf"field '{field}' must be at least 1, got 0"):
+        parse(small_text(**{field: 0}))
+
+
+def test_num_attention_heads_not_a_multiple_of_num_key_value_heads_is_an_error_naming_both():
+    with pytest.raises(
+        MinqwenError, match=r"field 'num_attention_heads' \(5\) must be a multiple of num_key_value_heads \(2\)"
+    ):
+        parse(small_text(num_attention_heads=5))
+
+
+def test_linear_num_value_heads_not_a_multiple_of_linear_num_key_heads_is_an_error_naming_both():
+    with pytest.raises(
+        MinqwenError, match=r"field 'linear_num_value_heads' \(3\) must be a multiple of linear_num_key_heads \(2\)"
+    ):
+        parse(small_text(linear_num_value_heads=3))
+
+
+@pytest.mark.parametrize("act", ["silu", "swish", "gelu", "gelu_pytorch_tanh", "relu"])
+def test_known_activations_are_accepted(act):
+    assert parse(small_text(hidden_act=act)).hidden_act == act
+
+
+@pytest.mark.parametrize("act", ["tanh", "SiLU", "", None, ["silu"]], ids=str)
+def test_an_unknown_hidden_act_is_an_error_naming_the_field_and_the_known_ones(act):
+    with pytest.raises(MinqwenError, match=rf"field 'hidden_act' is {re.escape(repr(act))}; minqwen knows silu, swish"):
+        parse(small_text(hidden_act=act))
+
+
+@pytest.mark.parametrize("field", ["tie_word_embeddings", "attention_bias"])
+@pytest.mark.parametrize("value", [1, 0, "true", None], ids=repr)
+def test_a_flag_that_is_not_a_boolean_is_an_error_naming_the_field(field, value):
+    with pytest.raises(MinqwenError, match=rf"field '{field}' must be true or false, got {re.escape(repr(value))}"):
+        parse(small_text(**{field: value}))
+
+
+@pytest.mark.parametrize("value", ["1e-6", None, False], ids=repr)
+def test_an_rms_norm_eps_that_is_not_a_number_is_an_error_naming_the_field(value):
+    with pytest.raises(MinqwenError, match=r"field 'rms_norm_eps' must be a number"):
+        parse(small_text(rms_norm_eps=value))
+
+
+@pytest.mark.parametrize("eos, expected", [(5, (5,)), ([5, 6], (5, 6)), (None, ()), ([], ())], ids=str)
+def test_eos_token_id_is_an_integer_or_a_list_of_them(eos, expected):
+    assert parse(small_text(eos_token_id=eos)).eos_token_id == expected
+
+
+@pytest.mark.parametrize("eos", ["5", [5, "6"], [True], 5.0, {"id": 5}], ids=str)
+def test_an_eos_token_id_that_is_not_integers_is_an_error_naming_the_field(eos):
+    with pytest.raises(MinqwenError, match=r"field 'eos_token_id' must be an integer or a list of integers"):
+        parse(small_text(eos_token_id=eos))
+
+
+def test_derived_sizes_follow_the_reference():
+    c = parse(small_text())
+    assert c.rotary_dim == 16 * 0.25
+    assert c.linear_key_dim == 2 * 12 and c.linear_value_dim == 2 * 8
+    assert c.linear_conv_dim == 2 * 24 + 16
+
+
+# ----------------------------------------------------------------------------- unknown fields warn
+
+
+def test_unknown_top_level_fields_give_one_warning_naming_them_all():
+    raw = small_text(frobnicate=1, another_new_field=True)
+    with pytest.warns(UserWarning, match=r"config fields minqwen does not know were not used: another_new_field, frobnicate"):
+        c = config_from_dict(raw, source="config.json")
+    assert c == parse(small_text())
+
+
+def test_unknown_fields_in_text_config_and_the_wrapper_are_named_with_where_they_are():
+    raw = wrapped(small_text(new_text_field=1), new_wrapper_field=2)
+    with pytest.warns(UserWarning) as record:
+        config_from_dict(raw, source="config.json")
+    messages = [str(w.message) for w in record]
+    assert any(m.endswith("not used: new_wrapper_field") for m in messages)
+    assert any(m.endswith("not used: text_config.new_text_field") for m in messages)
+
+
+def test_the_warning_names_the_config_file(tmp_path):
+    path = write(tmp_path, small_text(frobnicate=1))
+    with pytest.warns(UserWarning, match=re.escape(str(path)) + r": .*frobnicate"):
+        load_config(path)
+
+
+# ----------------------------------------------------------------------------- the file itself
+
+
+def test_load_config_takes_the_folder_or_the_file(tmp_path):
+    path = write(tmp_path, small_text())
+    assert load_config(tmp_path) == load_config(path) == parse(small_text())
+    assert load_config(tmp_path).source == str(path)
+
+
+def test_a_folder_without_config_json_is_an_error_naming_the_missing_file(tmp_path):
+    with pytest.raises(MinqwenError, match=re.escape(str(tmp_path / "config.json")) + r": no config.json here"):
+        load_config(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ['{"model_type": "qwen3_5_text",', "", "not json", "{'model_type': 'qwen3_5_text'}", "[" * 100_000,
+     '{"vocab_size": ' + "1" * 5000 + "}"],
+    ids=["truncated", "empty", "words", "single-quotes", "deeply-nested", "enormous-integer"],
+)
+def test_invalid_json_is_an_error_naming_the_file(tmp_path, text):
+    path = write(tmp_path, text)
+    with pytest.raises(MinqwenError, match=re.escape(str(path)) + r": not valid JSON"):
+        load_config(path)
+
+
+def test_a_config_that_is_not_utf8_is_an_error_naming_the_file(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_bytes(b'{"model_type": "\xff"}')
+    with pytest.raises(MinqwenError, match=re.escape(str(path)) + r": not valid JSON"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("value", [[], "qwen3_5_text", 1, None], ids=repr)
+def test_a_config_that_is_not_a_json_object_is_an_error_naming_the_file(tmp_path, value):
+    path = write(tmp_path, json.dumps(value))
+    with pytest.raises(MinqwenError, match=re.escape(str(path)) + r": expected a JSON object at the top level"):
+        load_config(path)
+
+
+def test_errors_name_the_config_file_they_came_from(tmp_path):
+    path = write(tmp_path, small_text(hidden_act="tanh"))
+    with pytest.raises(MinqwenError, match=re.escape(str(path)) + r": field 'hidden_act'"):
+        load_config(path)
+
+
+def test_the_config_is_frozen_and_round_trips_through_to_dict():
+    c = parse(small_text())
+    with pytest.raises(AttributeError):
+        c.hidden_size = 1  # type: ignore[misc]
+    d = c.to_dict()
+    assert "source" not in d
+    assert json.loads(json.dumps(d)) == d
+    # to_dict's rope_theta and partial_rotary_factor read back as the legacy top-level fields.
+    section = d.pop("mrope_section")
+    again = parse({"model_type": "qwen3_5_text", "rope_parameters": {"mrope_section": section}, **d})
+    assert again == c
+
+
+def test_the_field_tables_say_what_minqwen_does_with_every_field():
+    for table in (TEXT_FIELDS, WRAPPER_FIELDS):
+        for name, what in table.items():
+            assert re.match(r"(honoured|defaulted|ignored|metadata|reported)\b", what), (name, what)
+
+
+# ----------------------------------------------------------------------------- against transformers
+
+
+@pytest.mark.reference
+def test_every_field_of_transformers_qwen3_5_text_config_is_listed_in_text_fields():
+    transformers = pytest.importorskip("transformers")
+    ref = transformers.Qwen3_5TextConfig
+    # The dataclass fields of PreTrainedConfig itself are generic to every model; minqwen lists
+    # only those a Qwen3.5 config.json carries (transformers_version, architectures, dtype,
+    # output_hidden_states, return_dict). Ignored here: chunk_size_feed_forward,
+    # is_encoder_decoder, id2label, label2id, problem_type, and the class-level settings
+    # (base_config_key, sub_configs_defaults, attribute_map, base_model_*_plan, _auto_class,
+    # extra_files, extra_config_files, model_type).
+    generic = set(transformers.PreTrainedConfig.__dataclass_fields__)
+    own = {name for name in ref.__dataclass_fields__ if name not in generic}
+    assert own, "transformers changed how config fields are declared"
+    assert sorted(own - set(TEXT_FIELDS)) == []
+
+    # What save_pretrained writes for a text model (fields that differ from PreTrainedConfig's defaults).
+    saved = set(ref(num_hidden_layers=4).to_diff_dict())
+    assert sorted(saved - set(TEXT_FIELDS)) == []
+
+    # Legacy keyword arguments the reference's __post_init__ reads (full_attention_interval, …).
+    legacy = set(re.findall(r"kwargs\.(?:pop|get|setdefault)\(\s*[\"'](\w+)[\"']", inspect.getsource(ref.__post_init__)))
+    assert legacy, "transformers' Qwen3_5TextConfig.__post_init__ no longer reads legacy kwargs"
+    assert sorted(legacy - set(TEXT_FIELDS)) == []
+
+
+@pytest.mark.reference
+def test_every_field_of_transformers_qwen3_5_config_is_listed_in_wrapper_fields():
+    transformers = pytest.importorskip("transformers")
+    generic = set(transformers.PreTrainedConfig.__dataclass_fields__)
+    own = {name for name in transformers.Qwen3_5Config.__dataclass_fields__ if name not in generic}
+    assert sorted(own - set(WRAPPER_FIELDS)) == []
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"num_hidden_layers": 6, "full_attention_interval": 3},
+        {"rope_theta": 5e5, "partial_rotary_factor": 0.5},
+        {"rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}},
+        {"tie_word_embeddings": True, "attention_bias": True, "hidden_act": "gelu", "eos_token_id": [1, 2]},
+    ],
+    ids=["defaults", "interval-3", "legacy-rope", "rope-parameters", "flags"],
+)
+def test_a_config_read_by_transformers_and_by_minqwen_agree(overrides):
+    transformers = pytest.importorskip("transformers")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = transformers.Qwen3_5TextConfig(**copy.deepcopy(overrides))
+    ours = parse({"model_type": "qwen3_5_text", **copy.deepcopy(overrides)})
+    for name in SIZE_FIELDS + ["hidden_act", "rms_norm_eps", "tie_word_embeddings", "attention_bias"]:
+        assert getattr(ours, name) == getattr(ref, name), name
+    assert list(ours.layer_types) == ref.layer_types
+    rope = ref.rope_parameters
+    assert ours.rope_theta == rope["rope_theta"]
+    assert ours.partial_rotary_factor == rope.get("partial_rotary_factor", 0.25)
+    assert ours.mrope_section == tuple(rope.get("mrope_section", [11, 11, 10]))
+    eos = ref.eos_token_id
+    assert ours.eos_token_id == (() if eos is None else tuple(eos) if isinstance(eos, list) else (eos,))

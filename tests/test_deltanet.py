@@ -1,0 +1,130 @@
+"""Properties of the Gated DeltaNet recurrence and its short convolution.
+
+Three implementations of one recurrence must agree: the NumPy definition, the Numba kernel
+that decoding runs, and the chunked (WY) form that prefill runs.
+"""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from minqwen.deltanet import (
+    causal_conv1d,
+    chunked_gated_delta_rule,
+    recurrent_gated_delta_rule,
+    recurrent_gated_delta_rule_numpy,
+)
+
+
+def random_inputs(rng, t_len, heads, dk, dv, dtype, with_state=True):
+    """Inputs shaped as the layer makes them: unit-norm keys, scaled queries, g ≤ 0, β in (0, 1)."""
+    def unit(x):
+        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+    q = unit(rng.normal(size=(t_len, heads, dk))) / np.sqrt(dk)
+    k = unit(rng.normal(size=(t_len, heads, dk)))
+    v = rng.normal(size=(t_len, heads, dv))
+    g = -np.exp(rng.uniform(-1, 1.5, heads)) * np.log1p(np.exp(rng.normal(-2, 1.5, size=(t_len, heads))))
+    beta = 1 / (1 + np.exp(-rng.normal(size=(t_len, heads))))
+    state = rng.normal(size=(heads, dk, dv)) if with_state else np.zeros((heads, dk, dv))
+    return [np.asarray(a, dtype) for a in (q, k, v, g, beta, state)]
+
+
+shapes = st.tuples(
+    st.integers(1, 300),  # T
+    st.integers(1, 4),  # heads
+    st.integers(1, 24),  # Dk
+    st.integers(1, 24),  # Dv
+    st.sampled_from([16, 32, 64]),  # chunk size
+    st.integers(0, 2**31),  # seed
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(shapes)
+def test_chunked_form_equals_recurrent_form_in_float64(shape):
+    t_len, heads, dk, dv, chunk, seed = shape
+    args = random_inputs(np.random.default_rng(seed), t_len, heads, dk, dv, np.float64)
+    o_ref, s_ref = recurrent_gated_delta_rule_numpy(*args)
+    o, s = chunked_gated_delta_rule(*args, chunk_size=chunk)
+    np.testing.assert_allclose(o, o_ref, rtol=0, atol=1e-10 * max(1.0, np.abs(o_ref).max()))
+    np.testing.assert_allclose(s, s_ref, rtol=0, atol=1e-10 * max(1.0, np.abs(s_ref).max()))
+
+
+@settings(max_examples=40, deadline=None)
+@given(shapes)
+def test_chunked_form_equals_recurrent_form_in_float32(shape):
+    t_len, heads, dk, dv, chunk, seed = shape
+    args64 = random_inputs(np.random.default_rng(seed), t_len, heads, dk, dv, np.float64)
+    o_ref, s_ref = recurrent_gated_delta_rule_numpy(*args64)
+    o, s = chunked_gated_delta_rule(*[a.astype(np.float32) for a in args64], chunk_size=chunk)
+    assert o.dtype == np.float32 and s.dtype == np.float32
+    np.testing.assert_allclose(o, o_ref, rtol=0, atol=1e-5 * max(1.0, np.abs(o_ref).max()))
+    np.testing.assert_allclose(s, s_ref, rtol=0, atol=1e-5 * max(1.0, np.abs(s_ref).max()))
+
+
+@pytest.mark.parametrize("t_len", [1, 63, 64, 65, 257])
+def test_chunked_form_at_chunk_boundaries(t_len):
+    args = random_inputs(np.random.default_rng(t_len), t_len, 3, 16, 8, np.float64)
+    o_ref, s_ref = recurrent_gated_delta_rule_numpy(*args)
+    o, s = chunked_gated_delta_rule(*args, chunk_size=64)
+    np.testing.assert_allclose(o, o_ref, atol=1e-10)
+    np.testing.assert_allclose(s, s_ref, atol=1e-10)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.tuples(st.integers(1, 40), st.integers(1, 4), st.integers(1, 20), st.integers(1, 20),
+                 st.sampled_from([np.float32, np.float64]), st.integers(0, 2**31)))
+def test_numba_kernel_equals_numpy_twin(shape):
+    t_len, heads, dk, dv, dtype, seed = shape
+    args = random_inputs(np.random.default_rng(seed), t_len, heads, dk, dv, dtype)
+    o_ref, s_ref = recurrent_gated_delta_rule_numpy(*args)
+    o, s = recurrent_gated_delta_rule(*args)
+    tol = 1e-12 if dtype == np.float64 else 2e-6
+    np.testing.assert_allclose(o, o_ref, rtol=0, atol=tol * max(1.0, np.abs(o_ref).max()))
+    np.testing.assert_allclose(s, s_ref, rtol=0, atol=tol * max(1.0, np.abs(s_ref).max()))
+
+
+def test_rules_do_not_modify_the_state_they_are_given():
+    args = random_inputs(np.random.default_rng(0), 70, 2, 8, 8, np.float32)
+    before = args[-1].copy()
+    for rule in (recurrent_gated_delta_rule_numpy, recurrent_gated_delta_rule, chunked_gated_delta_rule):
+        rule(*args)
+        np.testing.assert_array_equal(args[-1], before)
+
+
+def test_strong_decay_does_not_overflow_in_the_chunked_form():
+    # g of −80 per token: exp of a positive log-decay would overflow float32 if the mask were
+    # applied after exp.
+    q, k, v, g, beta, state = random_inputs(np.random.default_rng(1), 64, 2, 8, 8, np.float32)
+    g[:] = -80.0
+    with np.errstate(over="raise", invalid="raise"):
+        o, s = chunked_gated_delta_rule(q, k, v, g, beta, state)
+    assert np.isfinite(o).all() and np.isfinite(s).all()
+
+
+def test_causal_conv1d_split_anywhere_equals_one_pass():
+    rng = np.random.default_rng(3)
+    for kernel in (1, 2, 3, 4, 5):
+        x = rng.normal(size=(12, 7)).astype(np.float32)
+        w = rng.normal(size=(7, kernel)).astype(np.float32)
+        zero = np.zeros((kernel - 1, 7), np.float32)
+        whole, state_whole = causal_conv1d(x, w, zero)
+        for split in range(1, 12):
+            a, state = causal_conv1d(x[:split], w, zero)
+            b, state = causal_conv1d(x[split:], w, state)
+            np.testing.assert_allclose(np.concatenate([a, b]), whole, atol=1e-6)
+            np.testing.assert_array_equal(state, state_whole)
+
+
+def test_causal_conv1d_is_the_textbook_convolution():
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(9, 3))
+    w = rng.normal(size=(3, 4))
+    out, _ = causal_conv1d(x, w, np.zeros((3, 3)))
+    for t in range(9):
+        for c in range(3):
+            # the newest input meets the last tap
+            expected = sum(w[c, 3 - j] * x[t - j, c] for j in range(4) if t - j >= 0)
+            assert out[t, c] == pytest.approx(expected)

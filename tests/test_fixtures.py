@@ -1,0 +1,64 @@
+"""Golden tests: minqwen reproduces what transformers 5.23.0 (fp32, eager) computed for each fixture.
+
+The fixtures (tests/fixtures/, built by tools/make_fixtures.py) cover both key layouts, tied
+and untied heads, fp32 and bf16 storage, a sharded checkpoint, grouped value heads, several
+conv kernels, head dims and rotary fractions, attention biases, and a config that derives its
+layer types from full_attention_interval.
+"""
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+import minqwen
+from conftest import FIXTURE_NAMES, FIXTURES
+
+ATOL = 1e-4
+
+
+@pytest.fixture(scope="module", params=FIXTURE_NAMES)
+def fixture(request):
+    folder = FIXTURES / request.param
+    return minqwen.load(folder), load_file(str(folder / "expected.safetensors"))
+
+
+def test_there_are_fixtures():
+    assert len(FIXTURE_NAMES) >= 4
+
+
+def test_logits_and_every_layer_output_match_the_reference(fixture):
+    model, expected = fixture
+    taps = {}
+    logits = model.forward(expected["token_ids"], tap=lambda name, x: taps.__setitem__(name, x.copy()))
+    assert logits.shape == expected["logits"].shape and logits.dtype == np.float32
+    np.testing.assert_allclose(logits, expected["logits"], rtol=0, atol=ATOL)
+    for i in range(len(model.layers)):
+        np.testing.assert_allclose(taps[f"layers.{i}.output"], expected[f"hidden.{i}"], rtol=0, atol=ATOL,
+                                   err_msg=f"layer {i}")
+    np.testing.assert_allclose(taps["norm"], expected["norm"], rtol=0, atol=ATOL)
+
+
+def test_decode_state_after_the_prompt_matches_the_reference(fixture):
+    model, expected = fixture
+    cache = model.new_cache()
+    model.forward(expected["token_ids"], cache)
+    for i, state in enumerate(cache.layers):
+        if model.layers[i].layer_type == "linear_attention":
+            np.testing.assert_allclose(state.conv, expected[f"state.{i}.conv"], rtol=0, atol=ATOL)
+            np.testing.assert_allclose(state.recurrent, expected[f"state.{i}.recurrent"], rtol=0, atol=ATOL)
+        else:
+            np.testing.assert_allclose(state.keys[:, : state.length], expected[f"state.{i}.keys"], rtol=0, atol=ATOL)
+            np.testing.assert_allclose(state.values[:, : state.length], expected[f"state.{i}.values"], rtol=0, atol=ATOL)
+
+
+def test_greedy_continuation_is_token_for_token_the_reference(fixture):
+    model, expected = fixture
+    cache = model.new_cache()
+    logits = model.forward(expected["token_ids"], cache, last_only=True)
+    generated = []
+    for _ in range(len(expected["greedy"])):
+        token = int(np.argmax(logits[-1]))
+        generated.append(token)
+        logits = model.forward([token], cache, last_only=True)
+    assert len(generated) >= 32
+    assert generated == expected["greedy"].tolist()

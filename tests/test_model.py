@@ -1,0 +1,164 @@
+"""Properties of the whole model and its cache, on the reference fixtures."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import minqwen
+from conftest import FIXTURES
+from minqwen import MinqwenError
+
+# One fixture with Hv = Hk, one with grouped heads, bf16 and kernel 3, one with kernel 2.
+NAMES = ["text_tied_fp32", "text_grouped_bf16_bias", "multimodal_sharded"]
+MODELS = {name: minqwen.load(FIXTURES / name) for name in NAMES}
+
+
+def prompt(model, length, seed=0):
+    return np.random.default_rng(seed).integers(0, model.config.vocab_size, size=length)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_prefill_then_decode_equals_one_full_forward(name):
+    model = MODELS[name]
+    ids = prompt(model, 40)
+    full = model.forward(ids)
+    cache = model.new_cache()
+    steps = [model.forward(ids[:20], cache)]
+    for token in ids[20:]:
+        steps.append(model.forward([token], cache))
+    np.testing.assert_allclose(np.concatenate(steps), full, rtol=0, atol=1e-4)
+    assert cache.position == 40
+
+
+MODELS64 = {name: model.astype(np.float64) for name, model in MODELS.items()}
+
+
+@settings(max_examples=25, deadline=None)
+@given(name=st.sampled_from(NAMES), length=st.integers(2, 150), data=st.data())
+def test_a_prefill_split_anywhere_equals_the_unsplit_prefill(name, length, data):
+    # In float64 the two are equal to round-off: the split changes which form (recurrent or
+    # chunked) runs where, and nothing else. In float32 these random models amplify round-off
+    # (a tiny Gated DeltaNet output divided by its own RMS), so the float32 check is looser.
+    ids = prompt(MODELS[name], length, seed=length)
+    split = data.draw(st.integers(1, length - 1))
+    for model, atol in ((MODELS64[name], 1e-9), (MODELS[name], 1e-3)):
+        whole = model.forward(ids)
+        cache = model.new_cache()
+        parts = np.concatenate([model.forward(ids[:split], cache), model.forward(ids[split:], cache)])
+        np.testing.assert_allclose(parts, whole, rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_short_prefills_after_a_cache_use_the_old_conv_window(name):
+    # Prompts shorter than the conv window after a non-empty cache must read the cached inputs.
+    model = MODELS[name]
+    kernel = model.config.linear_conv_kernel_dim
+    for n in range(1, kernel + 2):
+        ids = prompt(model, 10 + n, seed=n)
+        whole = model.forward(ids)
+        cache = model.new_cache()
+        model.forward(ids[:10], cache)
+        tail = model.forward(ids[10:], cache)
+        np.testing.assert_allclose(tail, whole[10:], rtol=0, atol=1e-4)
+
+
+def test_last_only_returns_the_last_row():
+    model = MODELS["text_tied_fp32"]
+    ids = prompt(model, 9)
+    last = model.forward(ids, last_only=True)
+    assert last.shape == (1, model.config.vocab_size)
+    # One row or many through BLAS round differently, hence not bit-equal.
+    np.testing.assert_allclose(last[0], model.forward(ids)[-1], rtol=0, atol=1e-5)
+
+
+def test_inputs_embeds_give_the_same_logits_as_token_ids():
+    model = MODELS["text_grouped_bf16_bias"]
+    ids = prompt(model, 12)
+    np.testing.assert_array_equal(model.forward(inputs_embeds=model.embed_tokens[ids]), model.forward(ids))
+
+
+def test_explicit_text_positions_equal_the_default_positions():
+    model = MODELS["text_grouped_bf16_bias"]
+    ids = prompt(model, 12)
+    positions = np.stack([np.arange(12)] * 3)
+    np.testing.assert_array_equal(model.forward(ids, position_ids=positions), model.forward(ids))
+
+
+def test_distinct_height_and_width_positions_change_the_logits():
+    # M-RoPE: with a fitting section, h and w rows drive their own frequencies.
+    model = MODELS["text_grouped_bf16_bias"]
+    ids = prompt(model, 6)
+    positions = np.stack([np.arange(6), np.arange(6) * 2, np.arange(6) * 3])
+    assert not np.allclose(model.forward(ids, position_ids=positions), model.forward(ids))
+
+
+def test_rope_delta_shifts_the_next_position():
+    model = MODELS["text_tied_fp32"]
+    ids = prompt(model, 8)
+    cache = model.new_cache()
+    model.forward(ids[:4], cache)
+    cache.rope_delta = 5
+    shifted = model.forward(ids[4:], cache)
+    cache2 = model.new_cache()
+    model.forward(ids[:4], cache2)
+    explicit = model.forward(ids[4:], cache2, position_ids=np.stack([np.arange(9, 13)] * 3))
+    np.testing.assert_array_equal(shifted, explicit)
+
+
+def test_a_cache_copy_rolls_back_exactly():
+    model = MODELS["text_grouped_bf16_bias"]
+    ids = prompt(model, 30)
+    cache = model.new_cache()
+    model.forward(ids[:20], cache)
+    snapshot = cache.copy()
+    first = model.forward(ids[20:], cache)
+    model.forward(prompt(model, 7, seed=9), cache)  # wander off
+    again = model.forward(ids[20:], snapshot)
+    np.testing.assert_array_equal(again, first)
+    assert snapshot.position == 30 and cache.position == 37
+
+
+def test_cache_reports_its_size():
+    model = MODELS["text_tied_fp32"]
+    cache = model.new_cache()
+    before = cache.nbytes
+    model.forward(prompt(model, 10), cache)
+    c = model.config
+    kv_per_token = 2 * c.num_key_value_heads * c.head_dim * 4 * c.layer_types.count("full_attention")
+    assert cache.nbytes - before == 10 * kv_per_token
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ([], "non-empty"),
+        ([[1, 2]], "1-D"),
+        ([1.5, 2.0], "integers"),
+        ([1, -1], "token id -1 is outside the vocabulary"),
+        ([1, 10**6], "token id 1000000 is outside the vocabulary"),
+    ],
+)
+def test_bad_token_ids_are_clear_errors(bad, message):
+    with pytest.raises(MinqwenError, match=message):
+        MODELS["text_tied_fp32"].forward(bad)
+
+
+def test_a_sequence_beyond_the_context_is_an_error():
+    model = MODELS["text_tied_fp32"]
+    limit = model.config.max_position_embeddings
+    cache = model.new_cache()
+    model.forward(prompt(model, limit - 1), cache)
+    with pytest.raises(MinqwenError, match="beyond the model's context"):
+        model.forward([1, 2], cache)
+    assert cache.position == limit - 1  # the failed call left the cache as it was
+
+
+def test_bad_inputs_embeds_and_positions_are_clear_errors():
+    model = MODELS["text_tied_fp32"]
+    with pytest.raises(MinqwenError, match="exactly one"):
+        model.forward([1], inputs_embeds=np.zeros((1, model.config.hidden_size)))
+    with pytest.raises(MinqwenError, match="inputs_embeds must have shape"):
+        model.forward(inputs_embeds=np.zeros((2, 3)))
+    with pytest.raises(MinqwenError, match=r"position_ids must have shape \[3, 2\]"):
+        model.forward([1, 2], position_ids=np.zeros((3, 5), int))
