@@ -73,6 +73,16 @@ TEXT_FIELDS: dict[str, str] = {
     "layer_scan": "ignored",
 }
 
+# Fields every transformers config may carry, about tasks or training rather than this model.
+GENERIC_FIELDS = (
+    "is_encoder_decoder", "is_decoder", "add_cross_attention", "cross_attention_hidden_size",
+    "tie_encoder_decoder", "chunk_size_feed_forward", "problem_type", "id2label", "label2id",
+    "pruned_heads", "finetuning_task", "task_specific_params", "tokenizer_class", "prefix",
+    "sep_token_id", "decoder_start_token_id", "torchscript", "use_bfloat16", "tf_legacy_loss",
+    "output_scores", "return_dict_in_generate", "_name_or_path", "_attn_implementation_autoset",
+)
+TEXT_FIELDS.update({name: "ignored: a generic transformers field" for name in GENERIC_FIELDS})
+
 # Fields of the multimodal wrapper (``model_type: qwen3_5``) outside text_config.
 WRAPPER_FIELDS: dict[str, str] = {
     "text_config": "honoured: the text model's fields (TEXT_FIELDS)",
@@ -94,6 +104,7 @@ WRAPPER_FIELDS: dict[str, str] = {
     "output_attentions": "ignored",
     "output_hidden_states": "ignored",
     "return_dict": "ignored",
+    **{name: "ignored: a generic transformers field" for name in GENERIC_FIELDS},
 }
 
 ROPE_FIELDS = {"rope_type", "type", "rope_theta", "partial_rotary_factor", "mrope_section", "mrope_interleaved"}

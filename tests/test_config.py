@@ -496,12 +496,11 @@ def test_the_field_tables_say_what_minqwen_does_with_every_field():
 def test_every_field_of_transformers_qwen3_5_text_config_is_listed_in_text_fields():
     transformers = pytest.importorskip("transformers")
     ref = transformers.Qwen3_5TextConfig
-    # The dataclass fields of PreTrainedConfig itself are generic to every model; minqwen lists
-    # only those a Qwen3.5 config.json carries (transformers_version, architectures, dtype,
-    # output_hidden_states, return_dict). Ignored here: chunk_size_feed_forward,
-    # is_encoder_decoder, id2label, label2id, problem_type, and the class-level settings
-    # (base_config_key, sub_configs_defaults, attribute_map, base_model_*_plan, _auto_class,
-    # extra_files, extra_config_files, model_type).
+    # The dataclass fields PreTrainedConfig itself declares are generic to every model and not
+    # required here: transformers_version, architectures, output_hidden_states, return_dict,
+    # dtype, chunk_size_feed_forward, is_encoder_decoder, id2label, label2id, problem_type, and
+    # the class-level settings (base_config_key, sub_configs_defaults, attribute_map,
+    # base_model_*_plan, _auto_class, extra_files, extra_config_files, model_type).
     generic = set(transformers.PreTrainedConfig.__dataclass_fields__)
     own = {name for name in ref.__dataclass_fields__ if name not in generic}
     assert own, "transformers changed how config fields are declared"

@@ -1,0 +1,123 @@
+"""Sampling semantics: penalties, temperature, top-k, top-p, min-p, in transformers' order."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from conftest import require_reference
+from minqwen import MinqwenError
+from minqwen.sampling import SamplingParams, apply_penalties, filter_logits, sample_next
+
+
+def test_greedy_is_the_argmax_after_penalties():
+    logits = np.array([1.0, 3.0, 2.9, -1.0], np.float32)
+    assert sample_next(logits, SamplingParams(), np.random.default_rng(0)) == 1
+    # id 1 was seen: 3.0 / 1.2 = 2.5 < 2.9
+    assert sample_next(logits, SamplingParams(repetition_penalty=1.2), np.random.default_rng(0), seen_ids=[1]) == 2
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits_of_seen_ids():
+    logits = np.array([2.0, -2.0, 1.0], np.float32)
+    out = apply_penalties(logits, seen_ids=[0, 1, 1], generated_ids=[], params=SamplingParams(repetition_penalty=2.0))
+    np.testing.assert_allclose(out, [1.0, -4.0, 1.0])
+
+
+def test_presence_penalty_subtracts_once_per_generated_id_and_ignores_the_prompt():
+    logits = np.array([2.0, 2.0, 2.0], np.float32)
+    out = apply_penalties(logits, seen_ids=[0, 1, 1, 1], generated_ids=[1, 1, 1],
+                          params=SamplingParams(presence_penalty=0.5))
+    np.testing.assert_allclose(out, [2.0, 1.5, 2.0])
+
+
+def test_top_k_keeps_the_k_most_likely():
+    logits = np.array([0.0, 5.0, 3.0, 4.0, 1.0], np.float32)
+    kept = np.isfinite(filter_logits(logits, SamplingParams(temperature=1.0, top_k=2)))
+    assert kept.tolist() == [False, True, False, True, False]
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = np.array([0.5, 0.3, 0.15, 0.05])
+    logits = np.log(probs).astype(np.float32)
+    kept = np.isfinite(filter_logits(logits, SamplingParams(temperature=1.0, top_p=0.8)))
+    assert kept.tolist() == [True, True, False, False]
+    kept = np.isfinite(filter_logits(logits, SamplingParams(temperature=1.0, top_p=0.81)))
+    assert kept.tolist() == [True, True, True, False]
+
+
+def test_min_p_drops_ids_below_a_fraction_of_the_top_probability():
+    probs = np.array([0.5, 0.3, 0.15, 0.05])
+    logits = np.log(probs).astype(np.float32)
+    kept = np.isfinite(filter_logits(logits, SamplingParams(temperature=1.0, min_p=0.25)))
+    assert kept.tolist() == [True, True, True, False]
+
+
+def test_temperature_comes_before_top_p():
+    # At temperature 0.5 the top id alone has > 90 % of the mass, so top-p 0.9 keeps only it.
+    logits = np.log(np.array([0.6, 0.2, 0.2])).astype(np.float32)
+    assert np.isfinite(filter_logits(logits, SamplingParams(temperature=1.0, top_p=0.9))).sum() == 3
+    assert np.isfinite(filter_logits(logits, SamplingParams(temperature=0.3, top_p=0.9))).sum() == 1
+
+
+def test_a_seed_makes_sampling_reproducible():
+    logits = np.random.default_rng(0).normal(size=50).astype(np.float32)
+    params = SamplingParams(temperature=1.0)
+    draws = [[sample_next(logits, params, np.random.default_rng(7)) for _ in range(5)] for _ in range(2)]
+    assert draws[0] == draws[1]
+
+
+@settings(max_examples=100, deadline=None)
+@given(logits=arrays(np.float32, st.integers(2, 60), elements=st.floats(-20, 20, width=32)),
+       temperature=st.floats(0.1, 2.0), top_k=st.integers(0, 70), top_p=st.floats(0.05, 1.0),
+       min_p=st.floats(0.0, 0.9), seed=st.integers(0, 1000))
+def test_filters_never_remove_the_most_likely_id_and_draws_stay_in_the_kept_set(
+        logits, temperature, top_k, top_p, min_p, seed):
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    kept = np.isfinite(filter_logits(logits, params))
+    assert kept[np.argmax(logits)]
+    assert kept[sample_next(logits, params, np.random.default_rng(seed))]
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(min_p=2),
+                                 dict(top_k=-1), dict(repetition_penalty=0)])
+def test_bad_sampling_parameters_are_clear_errors(bad):
+    with pytest.raises(MinqwenError):
+        SamplingParams(**bad)
+
+
+@pytest.mark.reference
+@settings(max_examples=60, deadline=None)
+@given(logits=arrays(np.float32, st.integers(2, 40), elements=st.floats(-10, 10, width=32), unique=True),
+       temperature=st.floats(0.2, 2.0), top_k=st.integers(0, 40), top_p=st.floats(0.05, 1.0),
+       min_p=st.floats(0.0, 0.9), penalty=st.floats(0.5, 2.0), seen=st.lists(st.integers(0, 1), max_size=3))
+def test_penalties_and_filters_match_transformers_logits_processors(logits, temperature, top_k, top_p, min_p,
+                                                                    penalty, seen):
+    require_reference()
+    import torch
+    from transformers.generation.logits_process import (
+        MinPLogitsWarper,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                            repetition_penalty=penalty)
+    ours = filter_logits(apply_penalties(logits, seen, [], params), params)
+
+    ids = torch.tensor([seen or [0]])[:, : max(1, len(seen))]
+    scores = torch.tensor(logits)[None]
+    if seen:
+        scores = RepetitionPenaltyLogitsProcessor(penalty)(ids, scores)
+    scores = TemperatureLogitsWarper(temperature)(ids, scores)
+    if top_k:
+        scores = TopKLogitsWarper(top_k)(ids, scores)
+    if top_p < 1.0:
+        scores = TopPLogitsWarper(top_p)(ids, scores)
+    if min_p > 0.0:
+        scores = MinPLogitsWarper(min_p)(ids, scores)
+    theirs = scores[0].numpy()
+    assert (np.isfinite(ours) == np.isfinite(theirs)).all()
+    np.testing.assert_allclose(ours[np.isfinite(ours)], theirs[np.isfinite(theirs)], rtol=1e-5)

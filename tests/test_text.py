@@ -1,0 +1,135 @@
+"""Text in, text out on the embedded model: tokenizer, streaming decode, chat template, generation, chat."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import minqwen
+from minqwen import MinqwenError
+from minqwen.checkpoint import EMBEDDED
+from minqwen.generate import ChatSession, generate_ids, stream_text
+from minqwen.sampling import SamplingParams
+from minqwen.tokenizer import StreamDecoder, Tokenizer
+
+TOKENIZER = Tokenizer(EMBEDDED)
+MODEL = minqwen.load(EMBEDDED)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.text(alphabet=st.characters(codec="utf-8"), max_size=40)
+       | st.sampled_from(["héllo wörld", "日本語のテキスト", "emoji 🐍🎉👩‍👩‍👧", "e\u0301\u0302", "  \t\n  x"]))
+def test_streaming_decode_never_splits_a_character_and_adds_up_to_the_whole(text):
+    ids = TOKENIZER.encode(text)
+    decoder = StreamDecoder(TOKENIZER)
+    pieces = [decoder.push(i) for i in ids] + [decoder.flush()]
+    whole = TOKENIZER.decode(ids)
+    assert "".join(pieces) == whole
+    if "\ufffd" not in whole:
+        assert all("\ufffd" not in p for p in pieces)
+
+
+def test_special_token_strings_encode_to_their_ids():
+    ids = TOKENIZER.encode("<|im_start|>user\nhi<|im_end|>")
+    assert ids[0] == TOKENIZER.token_to_id("<|im_start|>")
+    assert ids[-1] == TOKENIZER.token_to_id("<|im_end|>")
+
+
+def test_eos_ids_come_from_the_checkpoint():
+    assert TOKENIZER.token_to_id("<|im_end|>") in TOKENIZER.eos_ids
+
+
+def test_thinking_switch_in_the_generation_prompt():
+    messages = [{"role": "user", "content": "hi"}]
+    on = TOKENIZER.render_chat(messages, enable_thinking=True)
+    off = TOKENIZER.render_chat(messages, enable_thinking=False)
+    assert on.endswith("<|im_start|>assistant\n<think>\n")
+    assert off.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert on.startswith("<|im_start|>user\nhi<|im_end|>\n")
+
+
+def test_earlier_turns_lose_their_reasoning_when_re_rendered():
+    messages = [{"role": "user", "content": "a"},
+                {"role": "assistant", "content": "<think>\nsecret\n</think>\n\nanswer"},
+                {"role": "user", "content": "b"}]
+    text = TOKENIZER.render_chat(messages)
+    assert "secret" not in text and "answer" in text
+
+
+def test_a_checkpoint_without_a_template_falls_back_to_chatml(tmp_path):
+    import shutil
+
+    shutil.copy(EMBEDDED / "tokenizer.json", tmp_path / "tokenizer.json")
+    tok = Tokenizer(tmp_path)
+    assert not tok.has_chat_template
+    assert tok.render_chat([{"role": "user", "content": "x"}], enable_thinking=False) == \
+        "<|im_start|>user\nx<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+
+
+def test_a_folder_without_a_tokenizer_is_a_clear_error(tmp_path):
+    with pytest.raises(MinqwenError, match="no tokenizer.json"):
+        Tokenizer(tmp_path)
+
+
+def test_greedy_generation_equals_a_manual_argmax_loop():
+    ids = TOKENIZER.encode("import os\n")
+    got = list(generate_ids(MODEL, ids, SamplingParams(), max_new_tokens=12))
+    cache = MODEL.new_cache()
+    logits = MODEL.forward(ids, cache, last_only=True)
+    expected = []
+    for _ in range(12):
+        expected.append(int(np.argmax(logits[-1])))
+        if expected[-1] in MODEL.config.eos_token_id or expected[-1] in TOKENIZER.eos_ids:
+            break
+        logits = MODEL.forward([expected[-1]], cache, last_only=True)
+    assert got == expected
+
+
+def test_a_seed_makes_sampled_generation_reproducible():
+    ids = TOKENIZER.encode("def ")
+    params = SamplingParams(temperature=1.0, top_p=0.95)
+    runs = [list(generate_ids(MODEL, ids, params, max_new_tokens=20, seed=3)) for _ in range(2)]
+    assert runs[0] == runs[1]
+
+
+def test_max_new_tokens_and_eos_stop_generation():
+    ids = TOKENIZER.encode("class ")
+    assert len(list(generate_ids(MODEL, ids, max_new_tokens=5))) == 5
+    eos_first = list(generate_ids(MODEL, ids, max_new_tokens=50, stop_ids=range(MODEL.config.vocab_size)))
+    assert len(eos_first) == 1  # every id is a stop id: the first one ends it
+
+
+def test_stop_strings_end_the_text_before_them():
+    ids = TOKENIZER.encode("def f(x):\n")
+    full = "".join(stream_text(MODEL, TOKENIZER, ids, max_new_tokens=40))
+    stop = full.strip()[:3] if len(full.strip()) >= 3 else None
+    if stop is None:
+        pytest.skip("the model produced almost nothing")
+    cut = "".join(stream_text(MODEL, TOKENIZER, ids, max_new_tokens=40, stop_strings=[stop]))
+    assert stop not in cut and full.startswith(cut)
+
+
+def test_empty_prompt_is_a_clear_error():
+    with pytest.raises(MinqwenError, match="empty"):
+        list(generate_ids(MODEL, [], max_new_tokens=3))
+
+
+def test_every_chat_turn_equals_a_fresh_run_on_the_same_rendered_conversation():
+    session = ChatSession(MODEL, TOKENIZER, enable_thinking=False)
+    for text in ["Hello there.", "What is a list?", "Thanks."]:
+        answer = "".join(session.reply(text, max_new_tokens=24))
+        # the same conversation, rendered and run from scratch
+        rendered = TOKENIZER.render_chat(session.messages[:-1], enable_thinking=False)
+        fresh = "".join(stream_text(MODEL, TOKENIZER, TOKENIZER.encode(rendered), max_new_tokens=24,
+                                    skip_special_tokens=False))
+        assert answer == fresh
+
+
+def test_chat_with_thinking_rolls_back_rewritten_history_and_still_matches_a_fresh_run():
+    session = ChatSession(MODEL, TOKENIZER, enable_thinking=True)
+    for text in ["Hi.", "Again."]:
+        answer = "".join(session.reply(text, max_new_tokens=16))
+        rendered = TOKENIZER.render_chat(session.messages[:-1], enable_thinking=True)
+        fresh = "".join(stream_text(MODEL, TOKENIZER, TOKENIZER.encode(rendered), max_new_tokens=16,
+                                    skip_special_tokens=False))
+        assert answer == fresh
