@@ -133,6 +133,21 @@ class SafetensorsFile:
     def shape(self, name) -> tuple[int, ...]:
         return self.entries[name][1]
 
+    def read(self, name) -> np.ndarray:
+        """The tensor as stored, copied into memory with a plain file read.
+
+        Loading reads rather than maps, so that the file's pages never count in the process's
+        resident memory: once a weight is converted, only the converted copy stays.
+        """
+        dtype, shape, begin, end = self.entries[name]
+        out = np.empty(shape, DTYPES[dtype])
+        with open(self.path, "rb") as f:
+            f.seek(self.data_start + begin)
+            got = f.readinto(memoryview(out.reshape(-1).view(np.uint8)))
+        if got != end - begin:
+            raise MinqwenError(f"{self.path}: tensor '{name}': file ended after {got} of {end - begin} bytes")
+        return out
+
     def array(self, name) -> np.ndarray:
         """The tensor as stored, a read-only view into the memory map (no copy)."""
         dtype, shape, begin, end = self.entries[name]
@@ -202,6 +217,15 @@ class Checkpoint:
 
     def float32(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
         """The tensor widened to float32, after checking its shape and that it is a float type."""
+        f = self._checked(name, shape)
+        return f.read(name).astype(np.float32, copy=False)
+
+    def bfloat16(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        """The tensor as bf16: as stored if it is bf16 (exact), else rounded to bf16."""
+        f = self._checked(name, shape)
+        return f.read(name).astype(DTYPES["BF16"], copy=False)
+
+    def _checked(self, name: str, shape: tuple[int, ...]) -> SafetensorsFile:
         if name not in self.where:
             raise MinqwenError(f"{self.folder}: tensor '{name}' is missing from the checkpoint")
         f = self.where[name]
@@ -215,8 +239,7 @@ class Checkpoint:
             raise MinqwenError(
                 f"{f.path}: tensor '{name}' is stored as {dtype}; minqwen expects one of {', '.join(FLOAT_DTYPES)}"
             )
-        # astype always copies, so the float32 array owns its memory and the map can be dropped.
-        return f.array(name).astype(np.float32)
+        return f
 
 
 # --------------------------------------------------------------------------- finding a checkpoint

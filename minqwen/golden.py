@@ -370,7 +370,6 @@ class TapDiff:
     max_rel: float = 0.0  # max |a − b| / |b| over the elements where b ≠ 0
     beyond: int = 0  # how many elements break |a − b| ≤ atol + rtol·|b|
     size: int = 0
-    note: str = ""
 
     @property
     def ok(self) -> bool:
@@ -397,8 +396,14 @@ class Report:
         return next((row for row in self.rows if not row.ok), None)
 
     @property
+    def compared_taps(self) -> int:
+        """How many taps (not counting the id vectors) both sides recorded."""
+        return sum(row.name not in _ID_VECTORS for row in self.rows)
+
+    @property
     def ok(self) -> bool:
-        return self.first_divergent is None
+        """Every common tap within tolerance — and at least one tap in common: misnamed taps are no pass."""
+        return self.first_divergent is None and self.compared_taps > 0
 
     def format(self) -> str:
         """The report as a table; the first divergent tap is marked ``>>``."""
@@ -418,14 +423,16 @@ class Report:
             else:
                 shape = str(list(row.shape_a))
                 numbers = f"{row.max_abs:9.2e} {row.max_rel:9.2e}  {row.beyond}/{row.size}"
-            lines.append(f"{mark} {row.name:<{width}}  {shape:<16} {numbers}" + (f"  {row.note}" if row.note else ""))
+            lines.append(f"{mark} {row.name:<{width}}  {shape:<16} {numbers}")
         for side, names in (("a", self.only_in_a), ("b", self.only_in_b)):
             if names:
                 shown = ", ".join(names[:6]) + (", …" if len(names) > 6 else "")
                 lines.append(f"only in {side} ({len(names)}): {shown}")
         lines += self.notes
-        if first is None:
-            lines.append(f"all {len(self.rows)} common tensors within tolerance")
+        if self.compared_taps == 0:
+            lines.append("no tap in common: nothing was compared (check the names with `minqwen golden taps`)")
+        elif first is None:
+            lines.append(f"all {self.compared_taps} common taps within tolerance")
         elif first.shape_a != first.shape_b:
             lines.append(f"first divergence: {first.name} (shapes differ)")
         else:
@@ -465,7 +472,7 @@ def compare(a_path, b_path, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RT
         only_in_a=sorted(set(a.tensors) - set(b.tensors), key=forward_order),
         only_in_b=sorted(set(b.tensors) - set(a.tensors), key=forward_order),
         producers=(str(a.metadata.get("producer", "")), str(b.metadata.get("producer", ""))),
-        notes=_decode_notes(a, b),
+        notes=_decode_notes(a, b) + _unknown_name_notes(a, b),
     )
 
 
@@ -509,6 +516,18 @@ def _decode_notes(a: Recording, b: Recording) -> list[str]:
     return notes
 
 
+def _unknown_name_notes(a: Recording, b: Recording) -> list[str]:
+    """Names outside the tap table are usually typos in a port: say so."""
+    notes = []
+    for side, rec in (("a", a), ("b", b)):
+        unknown = [name for name in sorted(rec.tensors) if forward_order(name)[0] == 3]
+        if unknown:
+            shown = ", ".join(unknown[:6]) + (", …" if len(unknown) > 6 else "")
+            notes.append(f"{side} has names outside the tap table ({len(unknown)}): {shown}")
+    return notes
+
+
+_ID_VECTORS = ("token_ids", "generated_ids")
 _STEP = re.compile(r"step(\d+)\.(.*)")
 _LAYER = re.compile(r"layers\.(\d+)\.(.*)")
 
@@ -583,7 +602,7 @@ def _run_record(args) -> int:
     model = load(model_dir)
     recording = record(model, ids, decode_steps=args.decode, taps=args.taps)
     save(recording, args.out, model_metadata(model))
-    n_taps = len([name for name in recording if name not in ("token_ids", "generated_ids")])
+    n_taps = len([name for name in recording if name not in _ID_VECTORS])
     size = sum(a.nbytes for a in recording.values())
     print(f"recorded {n_taps} taps ({size / 1e6:.1f} MB) for {len(ids)} prompt tokens and {args.decode} decode "
           f"steps → {args.out}")

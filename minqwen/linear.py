@@ -1,11 +1,108 @@
-"""The projection every layer is made of: y = x · Wᵀ (+ b), with W stored [out, in] as in the checkpoint."""
+"""The projection every layer is made of: y = x · Wᵀ (+ b), with W stored [out, in] as in the checkpoint.
 
+Weights are either float32 arrays (NumPy hands them to BLAS), or — in the bf16-resident mode
+(``minqwen.load(path, dtype="bfloat16")``) — the checkpoint's bf16 values kept as they are,
+half the memory and half the bytes a decode step must read. bf16 is the top half of a
+float32, so widening is exact: shift the 16 bits left by 16 and read the result as a float32.
+
+For bf16 weights:
+
+* :func:`linear_bf16_numpy` — the definition: widen, then multiply. Slow and clear.
+* :func:`_bf16_rows_kernel` — Numba: walks each weight row once, widening on the fly and
+  accumulating in float32 for every input row at once (decode has 1 row, a speculative
+  verify a few). This is what decoding runs; tests hold it to the NumPy twin.
+* for many input rows (a prefill), blocks of weight rows are widened to float32 and handed
+  to BLAS, which is compute-bound there anyway.
+"""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numba
 import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+# At or above this many input rows, widen blocks of W and use BLAS instead of the row kernel.
+BLAS_ROWS = 16
+WIDEN_BLOCK = 1024  # weight rows widened at a time: a few MB of float32 scratch
 
 
 def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
-    # x: [T, in], weight: [out, in] → [T, out]. NumPy hands the transposed view to BLAS as is.
-    y = x @ weight.T
+    # x: [T, in], weight: [out, in] → [T, out]
+    if weight.dtype == BF16:
+        y = linear_bf16(x, weight)
+    else:
+        y = x @ weight.T  # NumPy hands the transposed view to BLAS as is
     if bias is not None:
         y += bias
     return y
+
+
+def linear_bf16_numpy(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """The twin: widen every bf16 weight to float32 exactly, then an ordinary product."""
+    bits = weight.view(np.uint16).astype(np.uint32) << 16  # [out, in]: bf16 bits in the top half
+    return x.astype(np.float32) @ bits.view(np.float32).T
+
+
+@intrinsic
+def _float32_from_bits(typingctx, bits):
+    """Reinterpret a uint32 as the float32 with the same bits (no conversion, one instruction)."""
+    sig = types.float32(types.uint32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return sig, codegen
+
+
+@numba.njit(parallel=True, fastmath=True, cache=True)
+def _bf16_rows_kernel(x, w_bits, out):
+    """out[t, r] = Σ_i x[t, i] · widen(w_bits[r, i]) for all t, reading each weight row once.
+
+    fastmath lets LLVM reorder the sum into vector lanes; the result differs from the twin
+    only by float32 rounding of a reordered sum (tests bound it).
+    """
+    n_rows, n_in = x.shape
+    n_out = w_bits.shape[0]
+    for r in numba.prange(n_out):
+        for t in range(n_rows):
+            acc = np.float32(0.0)
+            for i in range(n_in):
+                acc += x[t, i] * _float32_from_bits(np.uint32(w_bits[r, i]) << np.uint32(16))
+            out[t, r] = acc
+
+
+@numba.njit(parallel=True, cache=True)
+def _widen_kernel(w_bits, out):
+    """out = the float32 values of bf16 bits w_bits [rows, in]."""
+    for r in numba.prange(w_bits.shape[0]):
+        for i in range(w_bits.shape[1]):
+            out[r, i] = _float32_from_bits(np.uint32(w_bits[r, i]) << np.uint32(16))
+
+
+def widen_bf16(weight: np.ndarray) -> np.ndarray:
+    """bf16 array → float32 array, exactly (compiled; the same values as the NumPy twin's widening)."""
+    bits = np.ascontiguousarray(weight.view(np.uint16)).reshape(-1, weight.shape[-1])  # [rows, in]
+    out = np.empty(bits.shape, np.float32)
+    _widen_kernel(bits, out)
+    return out.reshape(weight.shape)
+
+
+def linear_bf16(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """x [T, in] float32 · bf16 weight [out, in]ᵀ → [T, out] float32, accumulating in float32."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    bits = weight.view(np.uint16)
+    out = np.empty((x.shape[0], weight.shape[0]), np.float32)
+    if x.shape[0] < BLAS_ROWS:
+        _bf16_rows_kernel(x, bits, out)
+        return out
+    scratch = np.empty((min(WIDEN_BLOCK, weight.shape[0]), weight.shape[1]), np.float32)
+    for start in range(0, weight.shape[0], WIDEN_BLOCK):
+        stop = min(start + WIDEN_BLOCK, weight.shape[0])
+        block = scratch[: stop - start]
+        _widen_kernel(bits[start:stop], block)
+        out[:, start:stop] = x @ block.T
+    return out

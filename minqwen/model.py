@@ -28,7 +28,7 @@ from .checkpoint import Checkpoint
 from .config import TextConfig, load_config
 from .deltanet import DeltaNetState, DeltaNetWeights, gated_deltanet
 from .errors import MinqwenError
-from .linear import linear
+from .linear import BF16, linear, widen_bf16
 from .mlp import MLPWeights, swiglu_mlp
 from .norms import rms_norm
 from .rope import inverse_frequencies, mrope_cos_sin, text_position_ids
@@ -87,6 +87,11 @@ class Model:
     @property
     def dtype(self) -> np.dtype:
         """The compute dtype: float32, or float64 for a copy made with :meth:`astype`."""
+        return self.norm.dtype
+
+    @property
+    def weights_dtype(self) -> np.dtype:
+        """How the projection matrices are stored in memory: float32, bf16 or float64."""
         return self.embed_tokens.dtype
 
     def astype(self, dtype) -> Model:
@@ -206,7 +211,8 @@ class Model:
             raise MinqwenError(
                 f"token id {int(bad[0])} is outside the vocabulary (0 … {self.config.vocab_size - 1})"
             )
-        return self.embed_tokens[ids]  # [T, H]
+        rows = self.embed_tokens[ids]  # [T, H]
+        return widen_bf16(rows) if rows.dtype == BF16 else rows
 
     def _decoder_layer(self, x, layer: DecoderLayer, state, cos, sin, tap):
         c = self.config
@@ -246,28 +252,35 @@ def _prefixed(tap, prefix):
 # ==================================================================== loading
 
 
-def load(path: str | Path, progress=None) -> Model:
+def load(path: str | Path, progress=None, dtype: str = "float32") -> Model:
     """Load a Qwen3.5 checkpoint folder (config.json + safetensors) into a :class:`Model`.
 
+    ``dtype``: how the projection matrices are kept in memory. "float32" (default) widens
+    everything on load. "bfloat16" keeps them as bf16 — half the memory and half the bytes
+    per decode step — and widens inside the matmul kernels, accumulating in float32: exact
+    for a bf16 checkpoint, a rounding of the weights for an fp32 one. Norms, decay
+    parameters, biases and every activation stay float32 in both modes.
     ``progress(done_bytes, total_bytes)``, if given, is called after each tensor is read.
     """
+    if dtype not in ("float32", "bfloat16"):
+        raise MinqwenError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
     path = Path(path)
     if not path.is_dir():
         raise MinqwenError(f"{path}: not a folder (a checkpoint is a folder with config.json and *.safetensors)")
     config = load_config(path)
     ckpt = Checkpoint(path)
-    reader = _TensorReader(ckpt, progress)
+    reader = _TensorReader(ckpt, progress, dtype)
     c = config
 
     H = c.hidden_size
-    embed = reader.take("embed_tokens.weight", (c.vocab_size, H))
+    embed = reader.matrix("embed_tokens.weight", (c.vocab_size, H))
     layers = []
     for i, kind in enumerate(c.layer_types):
         p = f"layers.{i}."
         mlp = MLPWeights(
-            gate_proj=reader.take(p + "mlp.gate_proj.weight", (c.intermediate_size, H)),
-            up_proj=reader.take(p + "mlp.up_proj.weight", (c.intermediate_size, H)),
-            down_proj=reader.take(p + "mlp.down_proj.weight", (H, c.intermediate_size)),
+            gate_proj=reader.matrix(p + "mlp.gate_proj.weight", (c.intermediate_size, H)),
+            up_proj=reader.matrix(p + "mlp.up_proj.weight", (c.intermediate_size, H)),
+            down_proj=reader.matrix(p + "mlp.down_proj.weight", (H, c.intermediate_size)),
         )
         layer = DecoderLayer(
             layer_type=kind,
@@ -284,7 +297,7 @@ def load(path: str | Path, progress=None) -> Model:
     if c.tie_word_embeddings:
         lm_head = embed
     else:
-        lm_head = reader.take_top("lm_head.weight", (c.vocab_size, H))
+        lm_head = reader.matrix_top("lm_head.weight", (c.vocab_size, H))
     if progress is not None:
         progress(reader.total_bytes, reader.total_bytes)
     return Model(config, embed, layers, norm, lm_head, load_report=reader.report())
@@ -294,25 +307,25 @@ def _load_deltanet(reader, p, c: TextConfig) -> DeltaNetWeights:
     H, Hv = c.hidden_size, c.linear_num_value_heads
     conv = reader.take(p + "conv1d.weight", (c.linear_conv_dim, 1, c.linear_conv_kernel_dim))
     return DeltaNetWeights(
-        in_proj_qkv=reader.take(p + "in_proj_qkv.weight", (c.linear_conv_dim, H)),
-        in_proj_z=reader.take(p + "in_proj_z.weight", (c.linear_value_dim, H)),
-        in_proj_b=reader.take(p + "in_proj_b.weight", (Hv, H)),
-        in_proj_a=reader.take(p + "in_proj_a.weight", (Hv, H)),
+        in_proj_qkv=reader.matrix(p + "in_proj_qkv.weight", (c.linear_conv_dim, H)),
+        in_proj_z=reader.matrix(p + "in_proj_z.weight", (c.linear_value_dim, H)),
+        in_proj_b=reader.matrix(p + "in_proj_b.weight", (Hv, H)),
+        in_proj_a=reader.matrix(p + "in_proj_a.weight", (Hv, H)),
         conv1d=np.ascontiguousarray(conv[:, 0, :]),  # [conv_dim, K]
         A_log=reader.take(p + "A_log", (Hv,)),
         dt_bias=reader.take(p + "dt_bias", (Hv,)),
         norm=reader.take(p + "norm.weight", (c.linear_value_head_dim,)),
-        out_proj=reader.take(p + "out_proj.weight", (H, c.linear_value_dim)),
+        out_proj=reader.matrix(p + "out_proj.weight", (H, c.linear_value_dim)),
     )
 
 
 def _load_attention(reader, p, c: TextConfig) -> AttentionWeights:
     H, D, Hq, Hkv = c.hidden_size, c.head_dim, c.num_attention_heads, c.num_key_value_heads
     w = AttentionWeights(
-        q_proj=reader.take(p + "q_proj.weight", (Hq * 2 * D, H)),
-        k_proj=reader.take(p + "k_proj.weight", (Hkv * D, H)),
-        v_proj=reader.take(p + "v_proj.weight", (Hkv * D, H)),
-        o_proj=reader.take(p + "o_proj.weight", (H, Hq * D)),
+        q_proj=reader.matrix(p + "q_proj.weight", (Hq * 2 * D, H)),
+        k_proj=reader.matrix(p + "k_proj.weight", (Hkv * D, H)),
+        v_proj=reader.matrix(p + "v_proj.weight", (Hkv * D, H)),
+        o_proj=reader.matrix(p + "o_proj.weight", (H, Hq * D)),
         q_norm=reader.take(p + "q_norm.weight", (D,)),
         k_norm=reader.take(p + "k_norm.weight", (D,)),
     )
@@ -331,8 +344,9 @@ DEFERRED_PARTS = {"model.visual.": "vision tower", "mtp.": "MTP head"}
 class _TensorReader:
     """Reads the text model's tensors under the right prefix and remembers which were used."""
 
-    def __init__(self, ckpt: Checkpoint, progress=None):
+    def __init__(self, ckpt: Checkpoint, progress=None, matrix_dtype: str = "float32"):
         self.ckpt = ckpt
+        self.matrix_dtype = matrix_dtype
         self.progress = progress
         self.done_bytes = 0
         self.total_bytes = sum(f.data_len for f in ckpt.files.values())
@@ -347,9 +361,16 @@ class _TensorReader:
     def take(self, name, shape):
         return self.take_top(self.prefix + name, shape)
 
-    def take_top(self, full_name, shape):
+    def matrix(self, name, shape):
+        """A projection matrix, kept in the load's matrix dtype (float32 or bf16)."""
+        return self.matrix_top(self.prefix + name, shape)
+
+    def matrix_top(self, full_name, shape):
+        return self.take_top(full_name, shape, bf16=self.matrix_dtype == "bfloat16")
+
+    def take_top(self, full_name, shape, bf16=False):
         self.used.add(full_name)
-        array = self.ckpt.float32(full_name, shape)
+        array = self.ckpt.bfloat16(full_name, shape) if bf16 else self.ckpt.float32(full_name, shape)
         if self.progress is not None:
             self.done_bytes += self.ckpt.raw(full_name).nbytes
             self.progress(self.done_bytes, self.total_bytes)

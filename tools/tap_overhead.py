@@ -12,9 +12,9 @@ built in memory) and on the tiny test fixture, where Python overhead weighs the 
 * ``tap=None``  — the ordinary forward;
 * ``discard``   — a tap function that does nothing: what the tap sites cost when used;
 * ``record``    — golden.record's own collector, copying every intermediate;
-* the guard cost of ``tap=None`` itself: (tap sites per forward) × (time of one
-  ``is not None`` test), estimated with timeit, since a forward without the guards does not exist
-  to time against.
+* the guard cost of ``tap=None`` itself: (tap calls per forward, an upper bound on the guards
+  evaluated) × (time of one ``is not None`` test), estimated with timeit, since a forward
+  without the guards does not exist to time against.
 
 Each figure is the fastest of interleaved repetitions (the three variants take turns, so drift
 in the machine's speed hits them alike; the minimum, as timeit advises, because other load on
@@ -62,7 +62,8 @@ def random_model(raw_config: dict, seed: int = 0) -> Model:
     H, I = c.hidden_size, c.intermediate_size
     layers = []
     for kind in c.layer_types:
-        layer = DecoderLayer(kind, w(H) * 0.1, w(H) * 0.1, MLPWeights(w(I, H), w(I, H), w(H, I)))
+        layer = DecoderLayer(layer_type=kind, input_layernorm=w(H) * 0.1, post_attention_layernorm=w(H) * 0.1,
+                             mlp=MLPWeights(gate_proj=w(I, H), up_proj=w(I, H), down_proj=w(H, I)))
         if kind == "linear_attention":
             Hv = c.linear_num_value_heads
             layer.linear_attn = DeltaNetWeights(
@@ -73,8 +74,8 @@ def random_model(raw_config: dict, seed: int = 0) -> Model:
             )
         else:
             D, Hq, Hkv = c.head_dim, c.num_attention_heads, c.num_key_value_heads
-            layer.self_attn = AttentionWeights(w(Hq * 2 * D, H), w(Hkv * D, H), w(Hkv * D, H), w(H, Hq * D),
-                                               w(D) * 0.1, w(D) * 0.1)
+            layer.self_attn = AttentionWeights(q_proj=w(Hq * 2 * D, H), k_proj=w(Hkv * D, H), v_proj=w(Hkv * D, H),
+                                               o_proj=w(H, Hq * D), q_norm=w(D) * 0.1, k_norm=w(D) * 0.1)
         layers.append(layer)
     embed = w(c.vocab_size, H) * 0.3
     return Model(c, embed, layers, w(H) * 0.1, embed)
@@ -118,19 +119,20 @@ def measure(model: Model, label: str, prompt_len: int, repeats: int) -> None:
     guard = min(timeit.repeat("tap is not None", globals={"tap": None}, number=1_000_000, repeat=5)) / 1e6
 
     print(f"\n{label}: {len(n_sites)} tap calls per forward")
-    for what, run, n in (("decode step (T=1)", decode, repeats), (f"prefill (T={prompt_len})", prefill, max(3, repeats // 5))):
+    runs = (("decode step (T=1)", decode, repeats), (f"prefill (T={prompt_len})", prefill, max(3, repeats // 5)))
+    for what, run, n in runs:
         times = {kind: [] for kind in ("none", "discard", "record")}
         for _ in range(n):
             for kind in times:
                 times[kind].append(run(kind))
-        med = {kind: min(ts) for kind, ts in times.items()}
-        base = med["none"]
+        best = {kind: min(ts) for kind, ts in times.items()}
+        base = best["none"]
         guards = len(n_sites) * guard
-        print(f"  {what:<20} tap=None {base * 1e3:8.3f} ms | discard {med['discard'] * 1e3:8.3f} ms "
-              f"({(med['discard'] / base - 1) * 100:+5.1f}%) | record {med['record'] * 1e3:8.3f} ms "
-              f"({(med['record'] / base - 1) * 100:+5.1f}%)")
-        print(f"  {'':<20} guards when tap=None: {len(n_sites)} × {guard * 1e9:.0f} ns = {guards * 1e6:.2f} µs "
-              f"= {guards / base * 100:.4f}% of the forward")
+        print(f"  {what:<20} tap=None {base * 1e3:8.3f} ms | discard {best['discard'] * 1e3:8.3f} ms "
+              f"({(best['discard'] / base - 1) * 100:+5.1f}%) | record {best['record'] * 1e3:8.3f} ms "
+              f"({(best['record'] / base - 1) * 100:+5.1f}%)")
+        print(f"  {'':<20} guards when tap=None: at most {len(n_sites)} × {guard * 1e9:.0f} ns = "
+              f"{guards * 1e6:.2f} µs = {guards / base * 100:.4f}% of the forward")
 
 
 def main() -> None:

@@ -1,0 +1,90 @@
+"""The bf16-resident mode: weights kept bf16, widened exactly inside the kernels, float32 accumulation."""
+
+import json
+
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.numpy import load_file
+
+import minqwen
+from conftest import FIXTURE_NAMES, FIXTURES
+from minqwen.linear import BLAS_ROWS, linear, linear_bf16, linear_bf16_numpy, widen_bf16
+
+BF16_FIXTURES = [n for n in FIXTURE_NAMES
+                 if json.loads((FIXTURES / n / "config.json").read_text()).get("dtype") == "bfloat16"]
+
+
+def random_bf16(rng, shape):
+    return (rng.normal(size=shape) * rng.uniform(0.1, 3)).astype(ml_dtypes.bfloat16)
+
+
+def reordering_bound(x, w32):
+    # A float32 sum of n terms reordered differs by at most ~n · 2⁻²⁴ · Σ|terms|.
+    return 2 * x.shape[1] * 2.0**-24 * (np.abs(x) @ np.abs(w32).T) + 1e-30
+
+
+def test_widening_bf16_is_exact():
+    rng = np.random.default_rng(0)
+    w = random_bf16(rng, (37, 19))
+    w[0, :4] = np.array([0.0, -0.0, np.inf, -np.inf], dtype=ml_dtypes.bfloat16)
+    expected = w.astype(np.float32)
+    np.testing.assert_array_equal(widen_bf16(w).view(np.uint32), expected.view(np.uint32))
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 2 * BLAS_ROWS), n_in=st.integers(1, 300), n_out=st.integers(1, 300), seed=st.integers(0, 2**16))
+def test_bf16_kernels_equal_the_numpy_twin_within_float32_reordering(rows, n_in, n_out, seed):
+    rng = np.random.default_rng(seed)
+    w = random_bf16(rng, (n_out, n_in))
+    x = rng.normal(size=(rows, n_in)).astype(np.float32)
+    expected = linear_bf16_numpy(x, w)
+    got = linear_bf16(x, w)
+    assert got.dtype == np.float32 and got.shape == (rows, n_out)
+    assert (np.abs(got - expected) <= reordering_bound(x, w.astype(np.float32))).all()
+
+
+def test_linear_dispatches_on_the_weight_dtype_and_adds_the_bias():
+    rng = np.random.default_rng(1)
+    w = random_bf16(rng, (8, 5))
+    x = rng.normal(size=(2, 5)).astype(np.float32)
+    b = rng.normal(size=8).astype(np.float32)
+    np.testing.assert_allclose(linear(x, w, b), linear(x, w.astype(np.float32), b), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", BF16_FIXTURES)
+def test_bf16_resident_model_matches_the_reference_on_bf16_checkpoints(name):
+    model = minqwen.load(FIXTURES / name, dtype="bfloat16")
+    expected = load_file(str(FIXTURES / name / "expected.safetensors"))
+    assert model.weights_dtype == ml_dtypes.bfloat16 and model.dtype == np.float32
+    logits = model.forward(expected["token_ids"])
+    np.testing.assert_allclose(logits, expected["logits"], rtol=0, atol=1e-4)
+    cache = model.new_cache()
+    logits = model.forward(expected["token_ids"], cache, last_only=True)
+    generated = []
+    for _ in range(len(expected["greedy"])):
+        generated.append(int(np.argmax(logits[-1])))
+        logits = model.forward([generated[-1]], cache, last_only=True)
+    assert generated == expected["greedy"].tolist()
+
+
+def test_bf16_resident_weights_take_half_the_memory():
+    def matrix_bytes(model):
+        # the projection matrices; the small conv1d filter stays float32 in both modes
+        total = model.embed_tokens.nbytes
+        for layer in model.layers:
+            for part in (layer.mlp, layer.linear_attn, layer.self_attn):
+                if part is not None:
+                    total += sum(v.nbytes for k, v in vars(part).items()
+                                 if isinstance(v, np.ndarray) and v.ndim == 2 and k != "conv1d")
+        return total
+
+    name = BF16_FIXTURES[0]
+    assert matrix_bytes(minqwen.load(FIXTURES / name, dtype="bfloat16")) * 2 == matrix_bytes(minqwen.load(FIXTURES / name))
+
+
+def test_an_unknown_load_dtype_is_a_clear_error():
+    with pytest.raises(minqwen.MinqwenError, match="dtype must be"):
+        minqwen.load(FIXTURES / FIXTURE_NAMES[0], dtype="int8")

@@ -1,0 +1,599 @@
+"""Golden outputs (issue #5): recordings are right, comparisons find the first wrong tap.
+
+What is checked, top to bottom:
+
+* the tap table (golden.TAPS) lists exactly the taps a forward pass makes, in its order, with
+  the shapes it states;
+* recordings of the fixtures agree with transformers: hidden states, final norm, logits, the
+  decode state and the greedy continuation stored in expected.safetensors, and — with forward
+  hooks on the transformers modules, in-process — every internal tap, prompt and decode steps;
+* recording changes nothing: logits with and without taps are bitwise equal, and the decode
+  steps are those of a plain cached decode;
+* compare finds an error injected into layer k — into a recorded tap, or into a weight of the
+  model — and names layer k's first affected tap;
+* the file format (metadata as JSON, config hash, manifest) and the errors for bad input;
+* the command line, in a subprocess: exit code 0 when within tolerance, 1 on divergence;
+* the worked example in tools/golden_port_example.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import subprocess
+import sys
+from contextlib import ExitStack
+from unittest import mock
+
+import numpy as np
+import pytest
+from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
+
+import minqwen
+from conftest import FIXTURE_NAMES, FIXTURES, ROOT, require_reference
+from minqwen import golden
+from minqwen.cli import main as cli_main
+from minqwen.errors import MinqwenError
+
+ATOL = 1e-4
+DECODE_STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def models():
+    """Each fixture's minqwen model, loaded once."""
+    return {name: minqwen.load(FIXTURES / name) for name in FIXTURE_NAMES}
+
+
+def expected(name):
+    return load_file(str(FIXTURES / name / "expected.safetensors"))
+
+
+def save_recording(model, recording, path):
+    golden.save(recording, path, golden.model_metadata(model))
+    return path
+
+
+# ============================================================================ the tap table
+
+
+def shape_of(symbolic: str, c, t: int) -> tuple[int, ...]:
+    """Evaluate a shape from the tap table, e.g. "[K−1, C]", for config c and T = t tokens."""
+    symbols = dict(
+        T=t, H=c.hidden_size, V=c.vocab_size, I=c.intermediate_size,
+        Hk=c.linear_num_key_heads, Dk=c.linear_key_head_dim, Hv=c.linear_num_value_heads,
+        Dv=c.linear_value_head_dim, K=c.linear_conv_kernel_dim, C=c.linear_conv_dim,
+        Hq=c.num_attention_heads, Hkv=c.num_key_value_heads, D=c.head_dim,
+    )
+    terms = symbolic.strip("[]").replace("−", "-").replace("·", "*").split(",")
+    return tuple(eval(term, {"__builtins__": {}}, symbols) for term in terms)
+
+
+@pytest.mark.parametrize("name", FIXTURE_NAMES)
+def test_tap_table_lists_every_tap_forward_makes_in_order_with_its_shape_and_dtype(models, name):
+    model = models[name]
+    ids = expected(name)["token_ids"]
+    seen = []
+    model.forward(ids, tap=lambda tap_name, value: seen.append((tap_name, value.shape, value.dtype)))
+
+    assert [tap_name for tap_name, _, _ in seen] == golden.tap_names(model.config)
+    table = {tap.name: tap for tap in golden.TAPS}
+    for tap_name, shape, dtype in seen:
+        # layers.3.mlp → layers.{i}.mlp
+        generic = ".".join("{i}" if part.isdigit() else part for part in tap_name.split("."))
+        tap = table[generic]
+        assert shape == shape_of(tap.shape, model.config, len(ids)), tap_name
+        assert str(dtype) == tap.dtype, tap_name
+
+
+def test_tap_table_prints_every_tap():
+    text = golden.format_tap_table()
+    for tap in golden.TAPS:
+        assert tap.name in text
+
+
+# ============================================================================ against transformers
+
+
+@pytest.mark.parametrize("name", FIXTURE_NAMES)
+def test_recording_matches_transformers_hidden_states_final_states_and_greedy_tokens(models, name):
+    model, ref = models[name], expected(name)
+    rec = golden.record(model, ref["token_ids"], decode_steps=DECODE_STEPS)
+
+    close = dict(atol=ATOL, rtol=0)
+    for i, kind in enumerate(model.config.layer_types):
+        np.testing.assert_allclose(rec[f"layers.{i}.output"], ref[f"hidden.{i}"], **close, err_msg=f"layer {i}")
+        if kind == "linear_attention":
+            np.testing.assert_allclose(rec[f"layers.{i}.linear_attn.conv_state"], ref[f"state.{i}.conv"], **close)
+            np.testing.assert_allclose(rec[f"layers.{i}.linear_attn.recurrent_state"], ref[f"state.{i}.recurrent"],
+                                       **close)
+        else:  # the prompt's keys and values are the whole cache: [T, Hkv, D] → the reference's [Hkv, T, D]
+            np.testing.assert_allclose(rec[f"layers.{i}.self_attn.k"].transpose(1, 0, 2), ref[f"state.{i}.keys"],
+                                       **close)
+            np.testing.assert_allclose(rec[f"layers.{i}.self_attn.v"].transpose(1, 0, 2), ref[f"state.{i}.values"],
+                                       **close)
+    np.testing.assert_allclose(rec["norm"], ref["norm"], **close)
+    np.testing.assert_allclose(rec["logits"], ref["logits"], **close)
+    assert rec["generated_ids"].tolist() == ref["greedy"][:DECODE_STEPS].tolist()
+
+
+def reference_taps(hf_model, token_ids, decode_steps: int) -> dict[str, np.ndarray]:
+    """The golden taps as transformers computes them, for the prompt and greedy decode steps.
+
+    Forward hooks on the modules give most taps. Three sit inside a module's forward with no
+    module around them, so the functions are wrapped for the run: apply_rotary_pos_emb (q and k
+    after q_norm/k_norm and rotary), and the two gated-delta-rule kernels (their inputs are the
+    conv output split into q, k, v — still un-normalised, the kernel normalises — and g, beta).
+    The decode states are read from the reference's cache after each forward.
+    """
+    import torch
+    from transformers.models.qwen3_5 import modeling_qwen3_5 as modeling
+
+    inner = hf_model.model.language_model if hasattr(hf_model.model, "language_model") else hf_model.model
+    cfg = inner.config
+    taps: dict[str, np.ndarray] = {"token_ids": np.asarray(token_ids, dtype=np.int64)}
+    where = {"prefix": "", "layer": None}  # the running forward's step prefix and decoder layer
+
+    def put(name, tensor, layer=True):
+        full = f"{where['prefix']}layers.{where['layer']}.{name}" if layer else where["prefix"] + name
+        taps[full] = tensor.detach().float().numpy().copy()
+
+    def output_hook(name, reshape=None, layer=True):
+        def hook(module, args, out):
+            out = out[0] if isinstance(out, tuple) else out  # attention returns (output, weights)
+            out = out[0]  # drop the batch
+            put(name, out.reshape(out.shape[0], *reshape) if reshape else out, layer)
+        return hook
+
+    hv, dv = cfg.linear_num_value_heads, cfg.linear_value_head_dim
+    hq, d = cfg.num_attention_heads, cfg.head_dim
+    handles = [inner.embed_tokens.register_forward_hook(output_hook("embed", layer=False)),
+               inner.norm.register_forward_hook(output_hook("norm", layer=False))]
+    for i, layer in enumerate(inner.layers):
+        handles.append(layer.register_forward_pre_hook(lambda module, args, i=i: where.update(layer=i)))
+        handles.append(layer.register_forward_hook(output_hook("output")))
+        for name in ("input_layernorm", "post_attention_layernorm", "mlp"):
+            handles.append(getattr(layer, name).register_forward_hook(output_hook(name)))
+        if cfg.layer_types[i] == "linear_attention":
+            la = layer.linear_attn
+            handles += [
+                la.register_forward_hook(output_hook("token_mixer")),
+                la.in_proj_qkv.register_forward_hook(output_hook("linear_attn.in_proj_qkv")),
+                la.in_proj_z.register_forward_hook(output_hook("linear_attn.in_proj_z", reshape=(hv, dv))),
+                la.in_proj_b.register_forward_hook(output_hook("linear_attn.in_proj_b")),
+                la.in_proj_a.register_forward_hook(output_hook("linear_attn.in_proj_a")),
+                # the gated norm sees the core output flattened to [T·Hv, Dv]
+                la.norm.register_forward_pre_hook(
+                    lambda module, args: put("linear_attn.core", args[0].reshape(-1, hv, dv))),
+                la.norm.register_forward_hook(
+                    lambda module, args, out: put("linear_attn.norm", out.reshape(-1, hv, dv))),
+            ]
+        else:
+            sa = layer.self_attn
+            handles += [
+                sa.register_forward_hook(output_hook("token_mixer")),
+                sa.q_proj.register_forward_hook(  # per head [q_h | gate_h]: the gate is the second half
+                    lambda module, args, out: put("self_attn.gate", out[0].reshape(-1, hq, 2 * d)[..., d:])),
+                sa.v_proj.register_forward_hook(output_hook("self_attn.v", reshape=(-1, d))),
+                sa.o_proj.register_forward_pre_hook(lambda module, args: put("self_attn.gated_output", args[0][0])),
+            ]
+
+    def rotary(q, k, *args, **kwargs):
+        q_rot, k_rot = original_rotary(q, k, *args, **kwargs)  # [1, heads, T, D]
+        put("self_attn.q", q_rot[0].transpose(0, 1))
+        put("self_attn.k", k_rot[0].transpose(0, 1))
+        return q_rot, k_rot
+
+    def delta_rule(kernel):
+        def wrapped(query, key, value, *args, **kwargs):  # [1, T, heads, dim]; g, beta [1, T, Hv]
+            t = query.shape[1]
+            put("linear_attn.conv1d", torch.cat([query.reshape(t, -1), key.reshape(t, -1), value.reshape(t, -1)], -1))
+            put("linear_attn.q", modeling.l2norm(query[0], dim=-1, eps=1e-6) * query.shape[-1] ** -0.5)
+            put("linear_attn.k", modeling.l2norm(key[0], dim=-1, eps=1e-6))
+            put("linear_attn.v", value[0])
+            put("linear_attn.g", kwargs["g"][0])
+            put("linear_attn.beta", kwargs["beta"][0])
+            return kernel(query, key, value, *args, **kwargs)
+        return wrapped
+
+    def read_states(cache):
+        for i, layer_cache in enumerate(cache.layers):
+            if cfg.layer_types[i] == "linear_attention":
+                where["layer"] = i
+                conv = layer_cache.conv_states[0][0]  # [C, K]: the K latest inputs; minqwen keeps K − 1
+                put("linear_attn.conv_state", conv[:, 1:].T)
+                put("linear_attn.recurrent_state", layer_cache.recurrent_states[0][0])
+
+    original_rotary = modeling.apply_rotary_pos_emb
+    with ExitStack() as stack, torch.no_grad():
+        stack.enter_context(mock.patch.object(modeling, "apply_rotary_pos_emb", rotary))
+        for kernel_name in ("torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule"):
+            stack.enter_context(mock.patch.object(modeling, kernel_name, delta_rule(getattr(modeling, kernel_name))))
+        out = hf_model(input_ids=torch.tensor(np.asarray(token_ids)[None], dtype=torch.long), use_cache=True)
+        taps["logits"] = out.logits[0].numpy().copy()
+        read_states(out.past_key_values)
+        generated = []
+        for n in range(decode_steps):
+            generated.append(int(torch.argmax(out.logits[0, -1])))
+            where["prefix"] = f"step{n}."
+            out = hf_model(input_ids=torch.tensor([[generated[-1]]]), past_key_values=out.past_key_values,
+                           use_cache=True)
+            put("logits", out.logits[0], layer=False)
+            read_states(out.past_key_values)
+    for h in handles:
+        h.remove()
+    if decode_steps:
+        taps["generated_ids"] = np.array(generated, dtype=np.int64)
+    return taps
+
+
+def load_reference_model(name):
+    """The fixture checkpoint loaded by transformers itself, fp32, eager attention."""
+    require_reference()
+    import torch
+    from transformers import Qwen3_5ForCausalLM, Qwen3_5ForConditionalGeneration
+
+    folder = FIXTURES / name
+    multimodal = json.loads((folder / "config.json").read_text())["model_type"] == "qwen3_5"
+    cls = Qwen3_5ForConditionalGeneration if multimodal else Qwen3_5ForCausalLM
+    return cls.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("name", FIXTURE_NAMES)
+def test_every_tap_matches_its_transformers_counterpart_caught_with_forward_hooks(models, name, tmp_path):
+    model = models[name]
+    ids = expected(name)["token_ids"]
+    hf_model = load_reference_model(name)
+
+    ours = save_recording(model, golden.record(model, ids, decode_steps=3), tmp_path / "minqwen.safetensors")
+    theirs = tmp_path / "transformers.safetensors"
+    golden.save(reference_taps(hf_model, ids, decode_steps=3), theirs,
+                {"config_sha256": golden.config_hash(model.config), "producer": "transformers (forward hooks)"})
+    report = golden.compare(ours, theirs, atol=ATOL, rtol=1e-3)
+
+    assert report.ok, report.format()
+    assert report.only_in_a == [] and report.only_in_b == [], "every minqwen tap has a reference counterpart"
+    assert len(report.rows) == 2 + 4 * len(golden.tap_names(model.config))  # both id vectors, prompt, 3 steps
+
+
+# ============================================================================ recording changes nothing
+
+
+@pytest.mark.parametrize("name", FIXTURE_NAMES)
+def test_recording_leaves_logits_bitwise_identical(models, name):
+    model = models[name]
+    ids = expected(name)["token_ids"]
+    rec = golden.record(model, ids)
+    assert np.array_equal(rec["logits"], model.forward(ids))
+    assert np.array_equal(rec["logits"], model.forward(ids, tap=lambda tap_name, value: None))
+
+
+@pytest.mark.parametrize("name", FIXTURE_NAMES)
+def test_decode_steps_recorded_per_step_equal_a_plain_cached_decode(models, name):
+    model = models[name]
+    ids = expected(name)["token_ids"]
+    rec = golden.record(model, ids, decode_steps=DECODE_STEPS)
+
+    cache = model.new_cache()
+    logits = model.forward(ids, cache, last_only=True)
+    for n in range(DECODE_STEPS):
+        token = int(np.argmax(logits[-1]))
+        assert rec["generated_ids"][n] == token
+        logits = model.forward([token], cache, last_only=True)
+        assert np.array_equal(rec[f"step{n}.logits"], logits), f"step {n}"
+    last = f"step{DECODE_STEPS - 1}."
+    for i, state in enumerate(cache.layers):
+        if model.config.layer_types[i] == "linear_attention":
+            assert np.array_equal(rec[f"{last}layers.{i}.linear_attn.conv_state"], state.conv)
+            assert np.array_equal(rec[f"{last}layers.{i}.linear_attn.recurrent_state"], state.recurrent)
+
+
+# ============================================================================ finding an injected error
+
+
+def perturbed_copy(path, tap, delta, out):
+    tensors = load_file(str(path))
+    tensors[tap] = tensors[tap] + np.float32(delta)
+    with safe_open(str(path), framework="np") as f:
+        metadata = f.metadata()
+    save_file(tensors, str(out), metadata=metadata)
+    return out
+
+
+@pytest.mark.parametrize("tap", ["layers.1.post_attention_layernorm", "layers.3.self_attn.q",
+                                 "step1.layers.2.linear_attn.recurrent_state"])
+def test_compare_names_a_perturbed_tap_as_the_first_divergence(models, tap, tmp_path):
+    model = models["text_tied_fp32"]
+    rec = golden.record(model, [3, 1, 4, 1, 5, 9], decode_steps=2)
+    good = save_recording(model, rec, tmp_path / "good.safetensors")
+    bad = perturbed_copy(good, tap, 1e-2, tmp_path / "bad.safetensors")
+    slight = perturbed_copy(good, tap, 1e-5, tmp_path / "slight.safetensors")
+
+    report = golden.compare(bad, good)
+    assert not report.ok
+    assert report.first_divergent.name == tap
+    assert [row.name for row in report.rows if not row.ok] == [tap]
+    assert f">> {tap} " in report.format()
+    assert golden.compare(slight, good).ok  # 1e-5 is within atol 1e-4
+
+
+# (weight, how to perturb it, the first tap it changes): each weight's own output comes first.
+WEIGHT_INJECTIONS = [
+    (0, "input_layernorm", "layers.0.input_layernorm"),
+    (1, "linear_attn.in_proj_a", "layers.1.linear_attn.in_proj_a"),
+    (1, "linear_attn.conv1d", "layers.1.linear_attn.conv1d"),
+    (2, "linear_attn.A_log", "layers.2.linear_attn.g"),
+    (2, "linear_attn.norm", "layers.2.linear_attn.norm"),
+    (2, "mlp.down_proj", "layers.2.mlp"),
+    (3, "self_attn.q_norm", "layers.3.self_attn.q"),
+    (3, "self_attn.v_proj", "layers.3.self_attn.v"),
+    (3, "self_attn.o_proj", "layers.3.token_mixer"),
+]
+
+
+@pytest.mark.parametrize("layer, weight, first", WEIGHT_INJECTIONS)
+def test_compare_names_the_first_tap_of_the_layer_whose_weight_was_changed(models, layer, weight, first, tmp_path):
+    model = models["text_tied_fp32"]
+    ids = [3, 1, 4, 1, 5, 9, 2, 6]
+    good = save_recording(model, golden.record(model, ids, decode_steps=2), tmp_path / "good.safetensors")
+
+    broken = minqwen.load(FIXTURES / "text_tied_fp32")  # a second copy of the model
+    owner, attr = broken.layers[layer], weight
+    while "." in attr:
+        part, attr = attr.split(".", 1)
+        owner = getattr(owner, part)
+    setattr(owner, attr, getattr(owner, attr) + np.float32(0.05))
+    bad = save_recording(broken, golden.record(broken, ids, decode_steps=2), tmp_path / "bad.safetensors")
+
+    report = golden.compare(bad, good)
+    assert report.first_divergent is not None and report.first_divergent.name == first, report.format()
+    before = report.rows[: report.rows.index(report.first_divergent)]
+    assert all(row.max_abs == 0 for row in before), "everything upstream is bit for bit the same"
+
+
+def test_beyond_tolerance_means_abs_diff_above_atol_plus_rtol_times_reference(tmp_path):
+    def write(path, value):
+        golden.save({"token_ids": np.array([1]), "logits": np.array([value], np.float32)}, path,
+                    {"config_sha256": "same"})
+        return path
+
+    ref = write(tmp_path / "ref.safetensors", 10.0)  # threshold: 1e-4 + 1e-3 · 10 = 0.0101
+    inside = write(tmp_path / "inside.safetensors", 10.0095)
+    outside = write(tmp_path / "outside.safetensors", 10.0110)
+    assert golden.compare(inside, ref).ok
+    report = golden.compare(outside, ref)
+    assert report.first_divergent.name == "logits"
+    assert report.first_divergent.max_rel == pytest.approx(1.1e-3, rel=1e-3)
+    assert golden.compare(outside, ref, rtol=2e-3).ok
+    assert "atol 0.0001, rtol 0.001" in report.format()
+
+
+def test_compare_lists_the_taps_only_one_side_recorded(models, tmp_path):
+    model = models["text_tied_fp32"]
+    ids = [7, 8, 9]
+    full = save_recording(model, golden.record(model, ids, decode_steps=1), tmp_path / "full.safetensors")
+    part = save_recording(model, golden.record(model, ids, decode_steps=1, taps="layers.0.*,logits"),
+                          tmp_path / "part.safetensors")
+    report = golden.compare(part, full)
+    assert report.ok
+    assert report.only_in_a == []
+    assert "embed" in report.only_in_b and "step0.norm" in report.only_in_b
+    assert report.only_in_b == sorted(report.only_in_b, key=golden.forward_order)
+    assert "only in b" in report.format()
+
+
+def test_a_port_whose_tap_names_match_none_does_not_pass(models, tmp_path):
+    model = models["text_tied_fp32"]
+    rec = golden.record(model, [7, 8, 9])
+    good = save_recording(model, rec, tmp_path / "good.safetensors")
+    misnamed = {"token_ids": rec["token_ids"], "layer0.mlp": rec["layers.0.mlp"]}
+    port = tmp_path / "port.safetensors"
+    golden.save(misnamed, port, {"config_sha256": golden.config_hash(model.config)})
+    report = golden.compare(port, good)
+    assert not report.ok
+    text = report.format()
+    assert "no tap in common" in text
+    assert "a has names outside the tap table (1): layer0.mlp" in text
+
+
+def test_greedy_tokens_that_part_ways_are_pointed_out(models, tmp_path):
+    model = models["text_tied_fp32"]
+    rec = golden.record(model, [7, 8, 9], decode_steps=2)
+    good = save_recording(model, rec, tmp_path / "good.safetensors")
+    rec["generated_ids"] = rec["generated_ids"] + np.array([0, 1])
+    other = save_recording(model, rec, tmp_path / "other.safetensors")
+    text = golden.compare(other, good).format()
+    assert "different tokens at step1" in text
+
+
+# ============================================================================ selecting taps
+
+
+def test_tap_patterns_select_by_name_within_a_call_and_by_recorded_name(models):
+    model = models["text_tied_fp32"]
+    rec = golden.record(model, [1, 2, 3], decode_steps=1, taps="layers.0.*, logits")
+    layer0 = [n for n in golden.tap_names(model.config) if n.startswith("layers.0.")]
+    assert list(rec) == ["token_ids", *layer0, "logits", *(f"step0.{n}" for n in layer0), "step0.logits",
+                         "generated_ids"]
+
+    only_step = golden.record(model, [1, 2, 3], decode_steps=2, taps="step1.logits")
+    assert list(only_step) == ["token_ids", "step1.logits", "generated_ids"]
+
+
+@pytest.mark.parametrize("taps, decode_steps", [("layers.0.mlpx", 0), ("logits,nosuch*", 0), ("step0.*", 0),
+                                                ("layers.9.*", 2)])
+def test_a_tap_pattern_that_matches_nothing_is_an_error_naming_it(models, taps, decode_steps):
+    bad = [p for p in taps.split(",") if p not in ("logits",)][0]
+    with pytest.raises(MinqwenError, match=f"tap pattern '{bad.replace('*', '[*]')}' matches no tap"):
+        golden.record(models["text_tied_fp32"], [1, 2], decode_steps=decode_steps, taps=taps)
+
+
+@pytest.mark.parametrize("kwargs, message", [(dict(taps=" , "), "at least one pattern"),
+                                             (dict(decode_steps=-1), "decode_steps"),
+                                             (dict(decode_steps=1.5), "decode_steps")])
+def test_bad_record_arguments_are_clear_errors(models, kwargs, message):
+    with pytest.raises(MinqwenError, match=message):
+        golden.record(models["text_tied_fp32"], [1, 2], **kwargs)
+
+
+# ============================================================================ the file
+
+
+def test_saved_file_carries_json_metadata_config_hash_and_manifest(models, tmp_path):
+    model = models["text_grouped_bf16_bias"]
+    rec = golden.record(model, [5, 6, 7], decode_steps=2)
+    path = save_recording(model, rec, tmp_path / "rec.safetensors")
+
+    with safe_open(str(path), framework="np") as f:
+        meta = {key: json.loads(text) for key, text in f.metadata().items()}  # every value is JSON text
+    canonical = json.dumps(model.config.to_dict(), sort_keys=True, separators=(",", ":"))
+    assert meta["config_sha256"] == hashlib.sha256(canonical.encode()).hexdigest()
+    assert meta["config_sha256"] == hashlib.sha256(
+        json.dumps(meta["config"], sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    assert meta["format"] == golden.FORMAT
+    assert meta["minqwen_version"] == minqwen.__version__
+    assert meta["token_ids"] == [5, 6, 7]
+    assert meta["decode_steps"] == 2
+    assert meta["tolerances"] == {"atol": 1e-4, "rtol": 1e-3}
+    assert [entry["name"] for entry in meta["taps"]] == list(rec)  # forward order
+    assert all(entry["shape"] == list(rec[entry["name"]].shape) and entry["dtype"] == str(rec[entry["name"]].dtype)
+               for entry in meta["taps"])
+
+    back = golden.load_recording(path)
+    assert set(back.tensors) == set(rec)
+    assert all(np.array_equal(back.tensors[name], rec[name]) for name in rec)
+
+
+def test_save_refuses_metadata_without_a_config_hash_or_contradicting_the_recording(models, tmp_path):
+    model = models["text_tied_fp32"]
+    rec = golden.record(model, [1, 2])
+    with pytest.raises(MinqwenError, match="config_sha256"):
+        golden.save(rec, tmp_path / "x.safetensors", {})
+    with pytest.raises(MinqwenError, match="token_ids"):
+        golden.save(rec, tmp_path / "x.safetensors", {**golden.model_metadata(model), "token_ids": [9, 9]})
+
+
+def test_compare_refuses_recordings_of_different_prompts(models, tmp_path):
+    model = models["text_tied_fp32"]
+    a = save_recording(model, golden.record(model, [1, 2, 3]), tmp_path / "a.safetensors")
+    b = save_recording(model, golden.record(model, [1, 2, 4]), tmp_path / "b.safetensors")
+    with pytest.raises(MinqwenError, match="different prompts.*position 2"):
+        golden.compare(a, b)
+
+
+def test_compare_refuses_recordings_of_different_configs(models, tmp_path):
+    one, two = models["text_tied_fp32"], models["multimodal_bf16_untied"]
+    a = save_recording(one, golden.record(one, [1, 2, 3]), tmp_path / "a.safetensors")
+    b = save_recording(two, golden.record(two, [1, 2, 3]), tmp_path / "b.safetensors")
+    with pytest.raises(MinqwenError, match="different model configs"):
+        golden.compare(a, b)
+
+
+def test_compare_names_a_missing_or_unreadable_file(models, tmp_path):
+    model = models["text_tied_fp32"]
+    a = save_recording(model, golden.record(model, [1, 2, 3]), tmp_path / "a.safetensors")
+    missing = tmp_path / "nowhere.safetensors"
+    with pytest.raises(MinqwenError, match="nowhere.safetensors: no such file"):
+        golden.compare(a, missing)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file")
+    with pytest.raises(MinqwenError, match="junk.safetensors: not a readable safetensors file"):
+        golden.compare(junk, a)
+    no_hash = tmp_path / "no_hash.safetensors"
+    save_file({"token_ids": np.array([1, 2, 3])}, str(no_hash), metadata={"token_ids": "[1, 2, 3]"})
+    with pytest.raises(MinqwenError, match="no_hash.safetensors: its metadata has no 'config_sha256'"):
+        golden.compare(no_hash, a)
+
+
+# ============================================================================ command line
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "minqwen", "golden", *map(str, args)],
+                          capture_output=True, text=True, cwd=ROOT)
+
+
+def test_cli_record_then_compare_exits_0_when_within_tolerance_and_1_on_divergence(tmp_path):
+    fixture = FIXTURES / "text_tied_fp32"
+    good = tmp_path / "good.safetensors"
+    done = run_cli("record", "--model", fixture, "--tokens", "3,1,4,1,5", "--decode", "2", "--out", good)
+    assert done.returncode == 0, done.stderr
+    assert "2 decode steps" in done.stdout
+
+    same = run_cli("compare", good, good)
+    assert same.returncode == 0, same.stdout + same.stderr
+    assert "within tolerance" in same.stdout
+
+    bad = perturbed_copy(good, "layers.2.mlp", 1e-2, tmp_path / "bad.safetensors")
+    diverged = run_cli("compare", bad, good)
+    assert diverged.returncode == 1
+    assert any(line.startswith(">> layers.2.mlp ") for line in diverged.stdout.splitlines()), diverged.stdout
+    assert "first divergence: layers.2.mlp" in diverged.stdout
+    assert run_cli("compare", bad, good, "--atol", "0.1").returncode == 0
+
+
+def test_cli_errors_exit_2_with_a_one_line_message(tmp_path):
+    fixture = FIXTURES / "text_tied_fp32"
+    missing = run_cli("compare", tmp_path / "a.safetensors", tmp_path / "b.safetensors")
+    assert missing.returncode == 2 and "a.safetensors: no such file" in missing.stderr
+    assert "Traceback" not in missing.stderr
+
+    no_tokenizer = run_cli("record", "--model", fixture, "--prompt", "hello", "--out", tmp_path / "x.safetensors")
+    assert no_tokenizer.returncode == 2 and "--tokens" in no_tokenizer.stderr
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--tokens", "1,two"], "not a list of token ids"),
+    (["--tokens", "1,2", "--taps", "layers.7.*"], "tap pattern 'layers.7.*'"),
+    (["--tokens", "1,2", "--decode", "-1"], "--decode"),
+    (["--tokens", "1,999"], "outside the vocabulary"),
+])
+def test_cli_record_rejects_bad_arguments(argv, message, tmp_path, capsys):
+    code = cli_main(["golden", "record", "--model", str(FIXTURES / "text_tied_fp32"), *argv,
+                     "--out", str(tmp_path / "x.safetensors")])
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_record_tokenizes_a_prompt_with_the_checkpoints_tokenizer_json(tmp_path):
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers.models import WordLevel
+
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    for file in (FIXTURES / "text_tied_fp32").iterdir():
+        (folder / file.name).symlink_to(file)
+    tokenizer = Tokenizer(WordLevel({"[UNK]": 0, "hello": 11, "world": 22}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(folder / "tokenizer.json"))
+
+    out = tmp_path / "rec.safetensors"
+    code = cli_main(["golden", "record", "--model", str(folder), "--prompt", "hello world hello", "--out", str(out)])
+    assert code == 0
+    assert golden.load_recording(out).token_ids == [11, 22, 11]
+
+
+def test_cli_taps_prints_the_table(capsys):
+    assert cli_main(["golden", "taps"]) == 0
+    assert "layers.{i}.linear_attn.conv_state" in capsys.readouterr().out
+
+
+# ============================================================================ the worked example
+
+
+def test_worked_example_port_agrees_and_its_norm_bug_is_found_at_the_norm(tmp_path, capfd):
+    spec = importlib.util.spec_from_file_location("golden_port_example", ROOT / "tools" / "golden_port_example.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    args = ["--model", str(FIXTURES / "multimodal_sharded"), "--tokens", "5,17,42,99"]
+
+    assert example.main([*args, "--workdir", str(tmp_path / "right")]) == 0
+    assert "within tolerance" in capfd.readouterr().out
+
+    assert example.main([*args, "--workdir", str(tmp_path / "bug"), "--bug"]) == 1
+    out = capfd.readouterr().out
+    assert "first divergence: layers.0.input_layernorm" in out
+    assert any(line.startswith(">> layers.0.input_layernorm ") for line in out.splitlines())
