@@ -9,7 +9,12 @@
 """
 
 from .errors import MinqwenError
+from .generate import ChatSession, generate, stream
 from .model import Cache, Model, load
+from .sampling import SamplingParams
+from .threads import set_threads
+from .tokenizer import Tokenizer
 
 __version__ = "0.1.0"
-__all__ = ["Cache", "MinqwenError", "Model", "load", "__version__"]
+__all__ = ["Cache", "ChatSession", "MinqwenError", "Model", "SamplingParams", "Tokenizer", "generate", "load",
+           "set_threads", "stream", "__version__"]

@@ -3,6 +3,7 @@
     minqwen generate "def fibonacci(n):"       complete a prompt (the embedded model by default)
     minqwen chat                               talk, several turns, one cache
     minqwen inspect --context 32768            layers, parameters, weight and cache bytes
+    minqwen score FILE --window 1024           perplexity and bits per byte of a text
     minqwen golden record|compare …            golden outputs for other implementations
 
 Every error a user can cause ends as a one-line message and a non-zero exit code, never a
@@ -45,21 +46,8 @@ def add_sampling_options(parser):
 def sampling_params(args, tokenizer):
     from .sampling import SamplingParams
 
-    defaults = tokenizer.generation_config if tokenizer is not None else {}
-    do_sample = defaults.get("do_sample", True)
-    values = {
-        "temperature": defaults.get("temperature", 0.0) if do_sample else 0.0,
-        "top_k": defaults.get("top_k", 0) or 0,
-        "top_p": defaults.get("top_p", 1.0) or 1.0,
-        "min_p": defaults.get("min_p", 0.0) or 0.0,
-        "repetition_penalty": defaults.get("repetition_penalty", 1.0) or 1.0,
-        "presence_penalty": defaults.get("presence_penalty", 0.0) or 0.0,
-    }
-    for name in values:
-        given = getattr(args, name)
-        if given is not None:
-            values[name] = given
-    return SamplingParams(**values)
+    names = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty")
+    return SamplingParams.from_generation_config(tokenizer.generation_config, **{n: getattr(args, n) for n in names})
 
 
 def load_model_and_tokenizer(spec, need_tokenizer=True):
@@ -224,14 +212,64 @@ def run_chat(args) -> int:
 def run_inspect(args) -> int:
     from .summary import describe
 
+    from .threads import threads_in_use
+
     model, _ = load_model_and_tokenizer(args.model, need_tokenizer=False)
     print(describe(model, args.context))
+    threads = threads_in_use()
+    print(f"\nthreads: BLAS {', '.join(map(str, threads['blas'])) or '?'}, Numba {threads['numba']} "
+          f"(physical cores: {threads['physical_cores']})")
     return 0
+
+
+# --------------------------------------------------------------------------- score
+
+
+def run_score(args) -> int:
+    from pathlib import Path
+
+    from .scoring import score_text
+
+    path = Path(args.file)
+    try:
+        text = sys.stdin.read() if args.file == "-" else path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise MinqwenError(f"{args.file}: cannot read this text file ({e})") from None
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    bar = progress_bar_tokens()
+    result = score_text(model, tokenizer, text, window=args.window, stride=args.stride, progress=bar)
+    print(f"tokens scored: {result.tokens_scored}")
+    print(f"perplexity: {result.perplexity:.4f}")
+    print(f"bits per byte: {result.bits_per_byte:.4f}")
+    return 0
+
+
+def progress_bar_tokens():
+    """A token-count bar on stderr while scoring long texts (only on a terminal)."""
+    state = {"bar": None}
+
+    def update(done: int, total: int):
+        if not sys.stderr.isatty():
+            return
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            print(f"\rscoring: {done}/{total} tokens", end="" if done < total else "\n", file=sys.stderr)
+            return
+        if state["bar"] is None:
+            state["bar"] = tqdm(total=total, unit="tok", desc="scoring", file=sys.stderr)
+        state["bar"].update(done - state["bar"].n)
+        if done >= total:
+            state["bar"].close()
+
+    return update
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minqwen", description="Qwen3.5 in readable NumPy.")
     parser.add_argument("--version", action="version", version=f"minqwen {__version__}")
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="threads for BLAS and Numba (default: the physical cores)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -260,6 +298,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_option(p)
     p.set_defaults(run=run_inspect)
 
+    p = sub.add_parser("score", help="perplexity and bits per byte of a text file")
+    p.add_argument("file", help="a UTF-8 text file, or - for standard input")
+    p.add_argument("--window", type=int, metavar="N", help="tokens per window (default: the model's context)")
+    p.add_argument("--stride", type=int, metavar="N", help="tokens between window starts (default: window / 2)")
+    add_model_option(p)
+    p.set_defaults(run=run_score)
+
     golden.add_parser(sub)
     return parser
 
@@ -268,6 +313,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        from .threads import set_threads
+
+        set_threads(args.threads)
         return int(args.run(args) or 0)
     except MinqwenError as e:
         print(f"minqwen: error: {e}", file=sys.stderr)

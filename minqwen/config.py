@@ -8,8 +8,15 @@ Qwen3.5 checkpoints come in two wrappers:
   ``text_config`` says — this is what transformers 5.23.0 does).
 * ``model_type: "qwen3_5_text"`` — a text-only model as transformers saves it.
 
+and the sparse mixture-of-experts members (35B-A3B and larger) come in the same two, as
+``qwen3_5_moe`` (text model in ``text_config``, ``model_type: "qwen3_5_moe_text"``) and
+``qwen3_5_moe_text``. Their text config is the dense one with the SwiGLU MLP of every layer
+replaced by a sparse MoE block: no ``intermediate_size``, four expert sizes instead
+(:data:`MOE_FIELDS`), and a few different defaults. One :class:`TextConfig` holds both: a
+dense model simply has ``num_experts == 0``.
+
 Every field transformers 5.23.0 knows for the text model is listed in :data:`TEXT_FIELDS`
-with what minqwen does with it. Fields outside the table are reported with a warning, never
+(and, for MoE models, :data:`MOE_TEXT_FIELDS`) with what minqwen does with it. Fields outside the table are reported with a warning, never
 silently dropped; a value minqwen cannot honour (a rope type it does not implement, an
 activation it does not know) is a :class:`~minqwen.errors.MinqwenError`.
 """
@@ -73,6 +80,31 @@ TEXT_FIELDS: dict[str, str] = {
     "layer_scan": "ignored",
 }
 
+# The MoE text config (``qwen3_5_moe_text``): the dense table, with these fields added or changed.
+# transformers 5.23.0 makes *every* layer of a qwen3_5_moe model a sparse MoE block and always
+# renormalises the k routing weights. Three fields that its relative Qwen3-Next reads to do
+# otherwise (dense layers in between, unnormalised weights) are declared and then deleted by
+# the qwen3_5_moe config: the reference never reads them. A value that asks for that other
+# model is an error here, since neither transformers nor minqwen would build what it means.
+MOE_FIELDS: dict[str, str] = {
+    "num_experts": "honoured (default 256): routed experts per layer",
+    "num_experts_per_tok": "honoured (default 8): experts each token is routed to (top-k), 1 ≤ k ≤ num_experts",
+    "moe_intermediate_size": "honoured (default 512): the SwiGLU width of each routed expert",
+    "shared_expert_intermediate_size": "honoured (default 512): the SwiGLU width of the shared expert",
+    "output_router_logits": "ignored: training only (returns router logits for the load-balancing loss)",
+    "router_aux_loss_coef": "ignored: training only (the weight of the load-balancing loss)",
+    "intermediate_size": "ignored: a qwen3_5_moe model has no dense MLP; the reference's MoE text model never reads it",
+    "hidden_size": "honoured (default 2048 in qwen3_5_moe_text)",
+    "num_hidden_layers": "honoured (default 40 in qwen3_5_moe_text)",
+    "num_key_value_heads": "honoured (default 2 in qwen3_5_moe_text): grouped-query attention",
+    "mlp_only_layers": "honoured only when empty: every layer is MoE in the reference; naming dense layers is an error",
+    "decoder_sparse_step": "honoured only as 1: every layer is MoE in the reference; another step is an error",
+    "norm_topk_prob": "honoured only as true: the reference always renormalises the k weights; false is an error",
+}
+MOE_TEXT_FIELDS: dict[str, str] = {**TEXT_FIELDS, **MOE_FIELDS}
+# Values of the Qwen3-Next fields that describe the model transformers 5.23.0 builds anyway.
+MOE_ALWAYS = {"mlp_only_layers": [], "decoder_sparse_step": 1, "norm_topk_prob": True}
+
 # Fields every transformers config may carry, about tasks or training rather than this model.
 GENERIC_FIELDS = (
     "is_encoder_decoder", "is_decoder", "add_cross_attention", "cross_attention_hidden_size",
@@ -82,8 +114,9 @@ GENERIC_FIELDS = (
     "output_scores", "return_dict_in_generate", "_name_or_path", "_attn_implementation_autoset",
 )
 TEXT_FIELDS.update({name: "ignored: a generic transformers field" for name in GENERIC_FIELDS})
+MOE_TEXT_FIELDS.update({name: "ignored: a generic transformers field" for name in GENERIC_FIELDS})
 
-# Fields of the multimodal wrapper (``model_type: qwen3_5``) outside text_config.
+# Fields of the multimodal wrapper (``model_type: qwen3_5``, or ``qwen3_5_moe``) outside text_config.
 WRAPPER_FIELDS: dict[str, str] = {
     "text_config": "honoured: the text model's fields (TEXT_FIELDS)",
     "vision_config": "reported: the vision tower is not loaded yet",
@@ -138,7 +171,20 @@ class TextConfig:
     partial_rotary_factor: float = 0.25
     mrope_section: tuple[int, ...] = (11, 11, 10)
     eos_token_id: tuple[int, ...] = ()
+    # Sparse mixture of experts (qwen3_5_moe): every layer's MLP is a router over num_experts
+    # SwiGLU experts of width moe_intermediate_size, num_experts_per_tok of them used per
+    # token, plus one shared expert. All 0 in a dense model (and intermediate_size is 0 in an
+    # MoE one).
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0
     source: str = field(default="<dict>", compare=False)
+
+    @property
+    def is_moe(self) -> bool:
+        """True for a sparse mixture-of-experts model (every layer), False for a dense one."""
+        return self.num_experts > 0
 
     # Derived sizes, named as the reference names them.
     @property
@@ -160,9 +206,22 @@ class TextConfig:
         return 2 * self.linear_key_dim + self.linear_value_dim
 
     def to_dict(self) -> dict:
-        """The config as plain JSON-able values (used for hashing and reports)."""
-        out = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "source"}
+        """The config as plain JSON-able values (used for hashing and reports).
+
+        Only the fields the model has: a dense model's dict has no expert sizes, an MoE
+        model's no intermediate_size (so a dense dict is what it was before MoE existed).
+        """
+        absent = _MOE_SIZES if not self.is_moe else ("intermediate_size",)
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "source" and k not in absent}
         return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+
+_MOE_SIZES = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size")
+# transformers 5.23.0's Qwen3_5MoeTextConfig defaults, where they differ from the dense ones.
+MOE_DEFAULTS = TextConfig(
+    hidden_size=2048, num_hidden_layers=40, num_key_value_heads=2, intermediate_size=0,
+    num_experts=256, num_experts_per_tok=8, moe_intermediate_size=512, shared_expert_intermediate_size=512,
+)
 
 
 def load_config(path: str | Path) -> TextConfig:
@@ -184,7 +243,7 @@ def load_config(path: str | Path) -> TextConfig:
 def config_from_dict(raw: dict, source: str = "<dict>") -> TextConfig:
     """Turn a config.json dictionary (either wrapper) into a validated :class:`TextConfig`."""
     model_type = raw.get("model_type")
-    if model_type == "qwen3_5":
+    if model_type in ("qwen3_5", "qwen3_5_moe"):
         _warn_unknown(raw, WRAPPER_FIELDS, source, "")
         text = raw.get("text_config")
         if text is None:
@@ -196,20 +255,16 @@ def config_from_dict(raw: dict, source: str = "<dict>") -> TextConfig:
         text["tie_word_embeddings"] = raw.get("tie_word_embeddings", False)
         if "eos_token_id" not in text and "eos_token_id" in raw:
             text["eos_token_id"] = raw["eos_token_id"]
-        inner = text.get("model_type", "qwen3_5_text")
-        if inner != "qwen3_5_text":
-            raise MinqwenError(f"{source}: text_config.model_type is {inner!r}; expected 'qwen3_5_text'")
-        return _text_config(text, source, prefix="text_config.")
-    if model_type == "qwen3_5_text":
-        return _text_config(raw, source, prefix="")
-    if model_type in ("qwen3_5_moe", "qwen3_5_moe_text"):
-        raise MinqwenError(
-            f"{source}: model_type {model_type!r} (sparse mixture of experts) is not supported yet; "
-            "minqwen runs the dense Qwen3.5 models (model_type 'qwen3_5' or 'qwen3_5_text')"
-        )
+        expected = model_type + "_text"  # qwen3_5 holds a qwen3_5_text, qwen3_5_moe a qwen3_5_moe_text
+        inner = text.get("model_type", expected)
+        if inner != expected:
+            raise MinqwenError(f"{source}: text_config.model_type is {inner!r}; expected {expected!r}")
+        return _text_config(text, source, prefix="text_config.", moe=model_type == "qwen3_5_moe")
+    if model_type in ("qwen3_5_text", "qwen3_5_moe_text"):
+        return _text_config(raw, source, prefix="", moe=model_type == "qwen3_5_moe_text")
     raise MinqwenError(
         f"{source}: field 'model_type' is {model_type!r}; minqwen reads Qwen3.5 checkpoints "
-        "(model_type 'qwen3_5' or 'qwen3_5_text')"
+        "(model_type 'qwen3_5' or 'qwen3_5_text', or the mixture-of-experts 'qwen3_5_moe' or 'qwen3_5_moe_text')"
     )
 
 
@@ -223,9 +278,9 @@ def _warn_unknown(raw: dict, table: dict, source: str, prefix: str) -> None:
         )
 
 
-def _text_config(raw: dict, source: str, prefix: str) -> TextConfig:
-    _warn_unknown(raw, TEXT_FIELDS, source, prefix)
-    defaults = TextConfig()
+def _text_config(raw: dict, source: str, prefix: str, moe: bool = False) -> TextConfig:
+    _warn_unknown(raw, MOE_TEXT_FIELDS if moe else TEXT_FIELDS, source, prefix)
+    defaults = MOE_DEFAULTS if moe else TextConfig()
 
     def get(name, kind):
         value = raw.get(name, getattr(defaults, name))
@@ -244,14 +299,18 @@ def _text_config(raw: dict, source: str, prefix: str) -> TextConfig:
     sizes = {
         name: get(name, int)
         for name in (
-            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads", "head_dim", "max_position_embeddings", "linear_conv_kernel_dim",
             "linear_key_head_dim", "linear_value_head_dim", "linear_num_key_heads", "linear_num_value_heads",
+            *(_MOE_SIZES if moe else ("intermediate_size",)),
         )
     }
     for name, value in sizes.items():
         if value < 1:
             raise MinqwenError(f"{source}: field '{prefix}{name}' must be at least 1, got {value}")
+    if moe:
+        _check_moe(raw, sizes, source, prefix)
+        sizes["intermediate_size"] = 0  # no dense MLP anywhere
     if sizes["num_attention_heads"] % sizes["num_key_value_heads"]:
         raise MinqwenError(
             f"{source}: field '{prefix}num_attention_heads' ({sizes['num_attention_heads']}) must be a multiple "
@@ -315,6 +374,22 @@ def _text_config(raw: dict, source: str, prefix: str) -> TextConfig:
         eos_token_id=eos,
         source=source,
     )
+
+
+def _check_moe(raw: dict, sizes: dict, source: str, prefix: str) -> None:
+    """The MoE fields beyond their types: top-k within the experts, and no request for dense layers."""
+    if sizes["num_experts_per_tok"] > sizes["num_experts"]:
+        raise MinqwenError(
+            f"{source}: field '{prefix}num_experts_per_tok' ({sizes['num_experts_per_tok']}) must be at most "
+            f"num_experts ({sizes['num_experts']})"
+        )
+    for name, always in MOE_ALWAYS.items():
+        if name in raw and raw[name] != always:
+            raise MinqwenError(
+                f"{source}: field '{prefix}{name}' is {raw[name]!r}; transformers 5.23.0 ignores it and builds every "
+                f"layer as a sparse MoE block with renormalised routing weights, and so does minqwen: only "
+                f"{json.dumps(always)} (or leaving the field out) describes that model"
+            )
 
 
 def _rope_parameters(raw: dict, source: str, prefix: str) -> dict:

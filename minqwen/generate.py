@@ -138,6 +138,31 @@ def stream_text(
     yield held[: min(hits)] if hits else held
 
 
+def stream(model: Model, tokenizer: Tokenizer, prompt, *, max_new_tokens: int = 128, stop=(),
+           seed: int | None = None, enable_thinking: bool = True, params: SamplingParams | None = None,
+           **sampling) -> Iterator[str]:
+    """Stream the answer to ``prompt`` — a string to continue, or chat messages
+    ``[{"role": "user", "content": "…"}]`` rendered with the checkpoint's template.
+
+    Sampling options (temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty)
+    default to the checkpoint's generation_config.json; or pass a whole ``params``.
+    """
+    if params is None:
+        params = SamplingParams.from_generation_config(tokenizer.generation_config, **sampling)
+    if isinstance(prompt, str):
+        ids = tokenizer.encode(prompt)
+    elif isinstance(prompt, list):
+        ids = tokenizer.encode(tokenizer.render_chat(prompt, enable_thinking=enable_thinking))
+    else:
+        raise MinqwenError("prompt must be a string or a list of chat messages")
+    yield from stream_text(model, tokenizer, ids, params, max_new_tokens, stop, seed)
+
+
+def generate(model: Model, tokenizer: Tokenizer, prompt, **options) -> str:
+    """The whole answer to ``prompt`` as one string (same options as :func:`stream`)."""
+    return "".join(stream(model, tokenizer, prompt, **options))
+
+
 @dataclass
 class ChatSession:
     """A multi-turn conversation over one cache.

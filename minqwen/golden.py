@@ -32,19 +32,24 @@ each key to JSON text (decode every value with ``json.loads``):
 ===================  =========================================================================
 ``format``           ``"minqwen-golden/1"``
 ``producer``         who wrote the file, e.g. ``"minqwen 0.1.0"``
-``minqwen_version``  minqwen's version, when minqwen wrote it
+``minqwen_version``  the minqwen that wrote the file (absent from files written without it)
 ``config``           the text config as minqwen reads it (:meth:`TextConfig.to_dict`)
 ``config_sha256``    SHA-256 (hex) of that config as canonical JSON: sorted keys, no spaces
                      — ``json.dumps(cfg, sort_keys=True, separators=(",", ":"))``
 ``token_ids``        the prompt, a list of ints
 ``decode_steps``     N
 ``taps``             the manifest: ``[{"name", "shape", "dtype"}, …]`` in forward order
-``tolerances``       the defaults a comparison uses, ``{"atol": 1e-4, "rtol": 1e-3}``
+``tolerances``       the fp32 defaults, ``{"atol": 1e-4, "rtol": 1e-3}`` (compare's own defaults)
 ===================  =========================================================================
 
 A file written by another implementation needs only the tensors it has, ``token_ids`` and
 ``config_sha256``: :func:`compare` refuses to compare runs over different prompts or configs,
 orders rows by :data:`TAPS` and lists the taps that only one side has.
+
+The conv state. A Gated DeltaNet layer's short convolution reads the last K−1 inputs
+(rows of ``in_proj_qkv``) before each token. transformers keeps the last K as [C, K] and never
+reads the oldest; minqwen keeps the K−1 it reads, [K−1, C], oldest first, and that is what
+``layers.{i}.linear_attn.conv_state`` records — from transformers' cache, ``conv[:, 1:].T``.
 
 Within tolerance means, for every element, ``|a − b| ≤ atol + rtol·|b|`` (NumPy's ``isclose``),
 so give the reference as ``b``. Integer tensors (the ids) must be equal.
@@ -84,7 +89,7 @@ class Tap:
     shape: str  # in the symbols listed above TAPS
     meaning: str
     layer_type: str | None = None  # only layers of this type have it; None: every layer (or not a layer tap)
-    dtype: str = "float32"
+    dtype: str = "float32"  # float64 when the model is a Model.astype(np.float64) copy
 
 
 # Symbols: T tokens in this forward call · H hidden_size · V vocab_size · I intermediate_size.
@@ -160,7 +165,8 @@ def format_tap_table() -> str:
     lines = [
         "T tokens in the call, H hidden, V vocab. DeltaNet: Hk×Dk keys, Hv×Dv values, K conv kernel,",
         "C = 2·Hk·Dk + Hv·Dv. Attention: Hq query heads, Hkv key/value heads, D head_dim.",
-        "Every tap is float32. Decode step n records the same names prefixed 'step{n}.'.",
+        "Every tap is float32 (float64 from a Model.astype(np.float64) copy).",
+        "Decode step n records the same names prefixed 'step{n}.'.",
     ]
     group = None
     for tap in TAPS:
@@ -269,7 +275,6 @@ def model_metadata(model) -> dict:
     """What a recording says about the model that made it: config, its hash, the producer."""
     return {
         "producer": f"minqwen {__version__}",
-        "minqwen_version": __version__,
         "config": model.config.to_dict(),
         "config_sha256": config_hash(model.config),
     }
@@ -283,8 +288,8 @@ def save(recording: dict[str, np.ndarray], path, metadata: dict) -> None:
     """Write a recording to one safetensors file, with ``metadata`` (e.g. :func:`model_metadata`).
 
     ``metadata`` must hold ``config_sha256``; the format, token ids, decode steps and the tap
-    manifest are derived from the recording, and ``tolerances`` defaults to atol 1e-4, rtol
-    1e-3. Every metadata value is stored as JSON text.
+    manifest are derived from the recording; ``minqwen_version`` is this minqwen's and
+    ``tolerances`` defaults to atol 1e-4, rtol 1e-3. Every value is stored as JSON text.
     """
     if "token_ids" not in recording:
         raise MinqwenError("a recording needs its 'token_ids' (the prompt): record() puts them there")
@@ -301,7 +306,8 @@ def save(recording: dict[str, np.ndarray], path, metadata: dict) -> None:
     for key in _DERIVED:
         if key in metadata and metadata[key] != derived[key]:
             raise MinqwenError(f"save: metadata '{key}' = {metadata[key]!r} contradicts the recording")
-    full = {"tolerances": {"atol": DEFAULT_ATOL, "rtol": DEFAULT_RTOL}, **metadata, **derived}
+    defaults = {"minqwen_version": __version__, "tolerances": {"atol": DEFAULT_ATOL, "rtol": DEFAULT_RTOL}}
+    full = {**defaults, **metadata, **derived}
     path = Path(path)
     if not path.parent.is_dir():
         raise MinqwenError(f"{path}: the folder {path.parent} does not exist")

@@ -30,6 +30,7 @@ from .deltanet import DeltaNetState, DeltaNetWeights, gated_deltanet
 from .errors import MinqwenError
 from .linear import BF16, linear, widen_bf16
 from .mlp import MLPWeights, swiglu_mlp
+from .moe import MoEWeights, load_moe, sparse_moe_block
 from .norms import rms_norm
 from .rope import inverse_frequencies, mrope_cos_sin, text_position_ids
 
@@ -41,7 +42,7 @@ class DecoderLayer:
     layer_type: str  # "linear_attention" or "full_attention"
     input_layernorm: np.ndarray  # [H]
     post_attention_layernorm: np.ndarray  # [H]
-    mlp: MLPWeights
+    mlp: MLPWeights | MoEWeights  # a SwiGLU MLP (qwen3_5), or a sparse MoE block (qwen3_5_moe)
     linear_attn: DeltaNetWeights | None = None
     self_attn: AttentionWeights | None = None
 
@@ -185,6 +186,12 @@ class Model:
             tap("norm", x)
         return x
 
+    def score(self, token_ids) -> np.ndarray:
+        """log p(ids[t] | ids[:t]) for t = 1 … T−1, in nats (see scoring.py)."""
+        from .scoring import log_probs
+
+        return log_probs(self, token_ids)
+
     def logits(self, hidden: np.ndarray) -> np.ndarray:
         """The LM head: hidden [T, H] → logits [T, V]."""
         return linear(hidden, self.lm_head)
@@ -236,7 +243,10 @@ class Model:
         h = rms_norm(x, layer.post_attention_layernorm, c.rms_norm_eps)
         if tap is not None:
             tap("post_attention_layernorm", h)
-        out = swiglu_mlp(h, layer.mlp, c.hidden_act)
+        if isinstance(layer.mlp, MoEWeights):
+            out = sparse_moe_block(h, layer.mlp, c.num_experts_per_tok, c.hidden_act, tap)
+        else:
+            out = swiglu_mlp(h, layer.mlp, c.hidden_act)
         if tap is not None:
             tap("mlp", out)
         x = x + out
@@ -277,11 +287,14 @@ def load(path: str | Path, progress=None, dtype: str = "float32") -> Model:
     layers = []
     for i, kind in enumerate(c.layer_types):
         p = f"layers.{i}."
-        mlp = MLPWeights(
-            gate_proj=reader.matrix(p + "mlp.gate_proj.weight", (c.intermediate_size, H)),
-            up_proj=reader.matrix(p + "mlp.up_proj.weight", (c.intermediate_size, H)),
-            down_proj=reader.matrix(p + "mlp.down_proj.weight", (H, c.intermediate_size)),
-        )
+        if c.is_moe:  # every layer of a qwen3_5_moe model; experts stay memory-mapped
+            mlp = load_moe(reader, p + "mlp.", c)
+        else:
+            mlp = MLPWeights(
+                gate_proj=reader.matrix(p + "mlp.gate_proj.weight", (c.intermediate_size, H)),
+                up_proj=reader.matrix(p + "mlp.up_proj.weight", (c.intermediate_size, H)),
+                down_proj=reader.matrix(p + "mlp.down_proj.weight", (H, c.intermediate_size)),
+            )
         layer = DecoderLayer(
             layer_type=kind,
             input_layernorm=reader.take(p + "input_layernorm.weight", (H,)),

@@ -47,6 +47,24 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @classmethod
+    def from_generation_config(cls, config: dict, **overrides) -> SamplingParams:
+        """A checkpoint's generation_config.json defaults, with ``overrides`` (None = keep default)."""
+        do_sample = config.get("do_sample", True)
+        values = {
+            "temperature": config.get("temperature", 0.0) if do_sample else 0.0,
+            "top_k": config.get("top_k") or 0,
+            "top_p": config.get("top_p") or 1.0,
+            "min_p": config.get("min_p") or 0.0,
+            "repetition_penalty": config.get("repetition_penalty") or 1.0,
+            "presence_penalty": config.get("presence_penalty") or 0.0,
+        }
+        unknown = set(overrides) - set(values)
+        if unknown:
+            raise MinqwenError(f"unknown sampling option(s): {', '.join(sorted(unknown))}")
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
 
 def apply_penalties(logits: np.ndarray, seen_ids, generated_ids, params: SamplingParams) -> np.ndarray:
     """logits [V] with the repetition and presence penalties applied (a new array)."""

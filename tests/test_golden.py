@@ -320,7 +320,8 @@ def test_compare_names_a_perturbed_tap_as_the_first_divergence(models, tap, tmp_
     assert golden.compare(slight, good).ok  # 1e-5 is within atol 1e-4
 
 
-# (weight, how to perturb it, the first tap it changes): each weight's own output comes first.
+# (layer, weight, the first tap it changes). Every element of the weight gets + 0.05; the first
+# tap to change is the one that weight produces, everything before it stays bit for bit the same.
 WEIGHT_INJECTIONS = [
     (0, "input_layernorm", "layers.0.input_layernorm"),
     (1, "linear_attn.in_proj_a", "layers.1.linear_attn.in_proj_a"),

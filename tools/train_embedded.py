@@ -531,6 +531,7 @@ def export(model: ModelWithMtp, tokenizer: Tokenizer, template: str, out: Path) 
 
     tensors = {name: t.detach().to(torch.bfloat16).contiguous() for name, t in model.export_state_dict().items()}
     safetensors.torch.save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "model.safetensors").chmod(0o644)  # save_file creates it owner-only; this file ships
 
     tokenizer.save(str(out / "tokenizer.json"))
     added = {str(tokenizer.token_to_id(content)): {
@@ -587,9 +588,10 @@ def verify_export(model: ModelWithMtp, out: Path, sample: torch.Tensor) -> dict:
     difference = (expected - got).abs().max().item()
     if difference > 1e-4:
         raise RuntimeError(f"reloaded logits differ from the trained model's by {difference}")
-    mtp_keys = sorted(safetensors.torch.load_file(str(out / "model.safetensors")).keys())
+    stored = safetensors.torch.load_file(str(out / "model.safetensors"))
     return {"max_logit_difference": difference, "missing_keys": list(info["missing_keys"]),
-            "ignored_keys": len([k for k in mtp_keys if k.startswith("mtp.")]), "model": loaded}
+            "tensors": len(stored), "mtp_tensors": len([k for k in stored if k.startswith("mtp.")]),
+            "model": loaded}
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,307 @@
+"""The sparse mixture-of-experts block: every qwen3_5_moe layer's MLP.
+
+In place of one wide SwiGLU MLP, an MoE layer holds E small SwiGLU "experts" and a router
+that sends each token to k of them (Qwen3.5-35B-A3B: 256 experts, k = 8), plus one shared
+expert that every token uses. A token's path (x: the post-attention-normed residual, [T, H]):
+
+    x ─ gate (the router, [E, H]) ─ softmax over the E experts, in fp32 ─ top-k ─ renormalise
+                                                   → k experts per token, k weights summing to 1
+    routed = Σ over the token's k experts e:  weight_e · down_e(act(gate_e(x)) · up_e(x))
+    shared = sigmoid(x · shared_expert_gateᵀ) · shared_expert(x)
+    out    = routed + shared
+
+The point of it: a token reads k of the E experts, so the model has the knowledge of all its
+parameters (35 B) and the per-token cost of the ones it uses (3 B). minqwen keeps that true in
+memory as well as in arithmetic: the experts stay memory-mapped in the checkpoint's own dtype
+(:func:`load_experts` never reads them) and a step indexes only the experts its tokens chose,
+so a decode step pages in the active parameters, not the total.
+
+**The gather.** Looping over tokens would run one tiny matmul per (token, expert) pair;
+looping over all E experts with a mask (what the tests use as the definition) would read every
+expert. Instead the k·T (token, expert) assignments are grouped by expert — a counting sort,
+:func:`group_by_expert` — so that each chosen expert runs one matmul over all of its tokens, and
+the outputs are then scattered back to their tokens with their routing weights,
+:func:`scatter_weighted`. The grouping and the scatter are plain loops, compiled by Numba; each
+has a NumPy twin (``…_numpy``) that is the definition and that tests hold it equal to. The
+experts' matmuls themselves go to :func:`~minqwen.linear.linear` (BLAS, or for bf16 weights its
+compiled bf16 matvec), on the one expert's slice.
+
+**Ties.** ``torch.topk`` leaves the order of exactly equal router scores unspecified; minqwen
+breaks ties towards the lowest expert index (a stable sort), and tests pin that rule. Ties
+cannot change the output unless they straddle the k-th place.
+
+**Two expert layouts** a checkpoint may use, found per layer (one checkpoint can mix them):
+per expert, ``experts.{e}.gate_proj/up_proj/down_proj.weight`` (what transformers'
+``save_pretrained`` writes, the FP8 releases, the MTP layer), and fused,
+``experts.gate_up_proj`` [E, 2·I, H] (gate rows first, then up rows) with ``experts.down_proj``
+[E, H, I], no ``.weight`` suffix (the bf16 35B-A3B's main layers, and ``save_pretrained`` with
+``save_original_format=False``). Both become the same :class:`Experts`: three sequences
+indexed by expert, ``gate_proj[e]`` [I, H] and so on — views into the file either way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+
+from .activations import ACTIVATIONS, sigmoid
+from .checkpoint import FLOAT_DTYPES
+from .errors import MinqwenError
+from .linear import BF16, linear
+from .mlp import MLPWeights, swiglu_mlp
+
+
+@dataclass
+class Experts:
+    """One layer's E routed experts, as stored (dtype and all), indexed by expert.
+
+    Each field is anything that ``[e]`` turns into that expert's matrix: a list of per-expert
+    arrays, or a view of a fused [E, …] array. Nothing is read until an expert is used.
+    """
+
+    gate_proj: Sequence[np.ndarray]  # E × [I, H]
+    up_proj: Sequence[np.ndarray]  # E × [I, H]
+    down_proj: Sequence[np.ndarray]  # E × [H, I]
+    layout: str = "per_expert"  # or "fused": how the checkpoint stores them (for reports)
+
+    def __len__(self) -> int:
+        return len(self.gate_proj)
+
+
+@dataclass
+class MoEWeights:
+    """One layer's sparse MoE block, named as in the checkpoint (``layers.{i}.mlp.…``)."""
+
+    gate: np.ndarray  # [E, H]: the router (``mlp.gate.weight``)
+    experts: Experts
+    shared_expert: MLPWeights  # [S, H], [S, H], [H, S]
+    shared_expert_gate: np.ndarray  # [1, H]
+
+
+# ==================================================================== the block
+
+
+def sparse_moe_block(x: np.ndarray, w: MoEWeights, top_k: int, hidden_act: str, tap=None) -> np.ndarray:
+    """The MoE block: x [T, H] → routed experts + gated shared expert, [T, H]."""
+    router_logits, chosen, weights = route(x, w.gate, top_k)  # [T, E], [T, k], [T, k]
+    if tap is not None:
+        tap("mlp.router_logits", router_logits)
+        tap("mlp.experts_chosen", chosen)
+        tap("mlp.expert_weights", weights)
+    routed = routed_experts(x, w.experts, chosen, weights, hidden_act)  # [T, H]
+    shared = swiglu_mlp(x, w.shared_expert, hidden_act)  # [T, H]
+    if tap is not None:
+        tap("mlp.shared_expert", shared)
+    return routed + sigmoid(linear(x, w.shared_expert_gate)) * shared  # [T, 1] gate per token
+
+
+def route(x: np.ndarray, gate: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The router: which k experts each token goes to, and with what weights.
+
+    Returns ``router_logits`` [T, E], ``experts_chosen`` [T, k] int64 (best first) and
+    ``expert_weights`` [T, k] (the chosen experts' softmax probabilities, renormalised to sum
+    to 1). Exactly equal probabilities are ranked lowest expert index first.
+    """
+    logits = linear(x, gate)  # [T, H] · [E, H]ᵀ → [T, E]
+    # The reference takes the softmax in fp32 whatever the activations' dtype (float64 stays 64).
+    z = logits.astype(np.promote_types(logits.dtype, np.float32), copy=False)
+    z = np.exp(z - z.max(axis=-1, keepdims=True))
+    probs = z / z.sum(axis=-1, keepdims=True)  # [T, E]
+    # A stable sort of −p keeps equal probabilities in index order: ties go to the lowest index.
+    chosen = np.argsort(-probs, axis=-1, kind="stable")[:, :top_k]  # [T, k]
+    top = np.take_along_axis(probs, chosen, axis=-1)  # [T, k]
+    weights = (top / top.sum(axis=-1, keepdims=True)).astype(logits.dtype, copy=False)
+    return logits, chosen.astype(np.int64, copy=False), weights
+
+
+def routed_experts(
+    x: np.ndarray,
+    experts: Experts,
+    chosen: np.ndarray,
+    weights: np.ndarray,
+    hidden_act: str,
+    grouped=None,
+    scatter=None,
+) -> np.ndarray:
+    """Σ over each token's chosen experts of weight · expert(x), touching only chosen experts.
+
+    x [T, H], chosen and weights [T, k]. ``grouped`` and ``scatter`` default to the Numba
+    kernels; tests pass the NumPy twins to check that both give the same answer.
+    """
+    grouped = grouped or group_by_expert
+    scatter = scatter or scatter_weighted
+    t_len, top_k = chosen.shape
+    order, offsets = grouped(chosen, len(experts))  # [T·k] assignments sorted by expert; [E + 1]
+    tokens = order // top_k  # [T·k]: the token of each assignment (assignment a = token·k + slot)
+    xs = x[tokens]  # [T·k, H]: each expert's tokens side by side
+    ys = np.empty_like(xs)  # [T·k, H]
+    for e in np.flatnonzero(offsets[1:] > offsets[:-1]):  # the experts some token chose, ascending
+        rows = slice(offsets[e], offsets[e + 1])
+        ys[rows] = expert_swiglu(xs[rows], experts, e, hidden_act)
+    return scatter(ys, order, weights.reshape(-1), top_k, t_len)  # [T, H]
+
+
+def expert_swiglu(x: np.ndarray, experts: Experts, e: int, hidden_act: str) -> np.ndarray:
+    """Expert e on its tokens x [n, H] → [n, H]. Reads expert e's three matrices, no other."""
+    gate = ACTIVATIONS[hidden_act](linear(x, _readable(experts.gate_proj[e], x.dtype)))  # [n, I]
+    up = linear(x, _readable(experts.up_proj[e], x.dtype))  # [n, I]
+    return linear(gate * up, _readable(experts.down_proj[e], x.dtype))  # [n, I] · [H, I]ᵀ → [n, H]
+
+
+def _readable(weight: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """One expert's stored matrix in a form linear() multiplies: as is when it can, else widened.
+
+    float32 goes to BLAS straight from the memory map, bf16 to linear()'s bf16 kernel (which
+    widens on the fly); other dtypes (float16, or float32 under a float64 model) are converted,
+    this one slice only.
+    """
+    if weight.dtype == dtype or (weight.dtype == BF16 and dtype == np.float32):
+        return weight
+    return weight.astype(dtype)
+
+
+# ==================================================================== the gather: kernels and twins
+
+
+def group_by_expert_numpy(chosen: np.ndarray, n_experts: int) -> tuple[np.ndarray, np.ndarray]:
+    """The definition: assignments (token·k + slot) sorted by expert, and where each expert starts.
+
+    chosen [T, k] → ``order`` [T·k] (expert 0's assignments first, each expert's in token
+    order) and ``offsets`` [E + 1] (expert e owns ``order[offsets[e]:offsets[e + 1]]``).
+    """
+    flat = chosen.reshape(-1)  # [T·k]
+    order = np.argsort(flat, kind="stable")  # stable: within an expert, tokens stay in order
+    offsets = np.zeros(n_experts + 1, np.int64)
+    offsets[1:] = np.cumsum(np.bincount(flat, minlength=n_experts))
+    return order.astype(np.int64), offsets
+
+
+@numba.njit(cache=True)
+def _group_kernel(flat, order, offsets):
+    """Counting sort of the assignments by expert: count, prefix-sum, place (one pass each)."""
+    for a in range(flat.size):
+        offsets[flat[a] + 1] += 1
+    for e in range(offsets.size - 1):
+        offsets[e + 1] += offsets[e]
+    fill = offsets[:-1].copy()  # next free place of each expert
+    for a in range(flat.size):
+        e = flat[a]
+        order[fill[e]] = a
+        fill[e] += 1
+
+
+def group_by_expert(chosen: np.ndarray, n_experts: int) -> tuple[np.ndarray, np.ndarray]:
+    """The same as :func:`group_by_expert_numpy`, compiled."""
+    flat = np.ascontiguousarray(chosen.reshape(-1), dtype=np.int64)  # [T·k]
+    order = np.empty(flat.size, np.int64)
+    offsets = np.zeros(n_experts + 1, np.int64)
+    _group_kernel(flat, order, offsets)
+    return order, offsets
+
+
+def scatter_weighted_numpy(ys, order, weights, top_k, n_tokens):
+    """The definition: out[token] += weight · y for each assignment, in grouped (expert) order.
+
+    ys [T·k, H] expert outputs in grouped order; order [T·k] their assignments; weights [T·k]
+    routing weights by assignment. Adding expert by expert, ascending, is also the order in
+    which the reference accumulates, so the sums round alike.
+    """
+    out = np.zeros((n_tokens, ys.shape[1]), ys.dtype)  # [T, H]
+    np.add.at(out, order // top_k, weights[order][:, None] * ys)  # unbuffered: in index order
+    return out
+
+
+@numba.njit(cache=True)
+def _scatter_kernel(ys, order, weights, top_k, out):
+    for j in range(order.size):
+        a = order[j]
+        t = a // top_k
+        w = weights[a]
+        for h in range(ys.shape[1]):
+            out[t, h] += w * ys[j, h]
+
+
+def scatter_weighted(ys, order, weights, top_k, n_tokens):
+    """The same as :func:`scatter_weighted_numpy`, compiled: one pass, no [T·k, H] temporary."""
+    out = np.zeros((n_tokens, ys.shape[1]), ys.dtype)  # [T, H]
+    _scatter_kernel(ys, order, np.ascontiguousarray(weights, dtype=ys.dtype), top_k, out)
+    return out
+
+
+# ==================================================================== loading
+
+
+def load_moe(reader, prefix: str, config) -> MoEWeights:
+    """Layer ``prefix`` (``layers.{i}.mlp.``)'s MoE block from the model's tensor reader.
+
+    The router, shared expert and its gate are read like every other weight; the routed
+    experts are only mapped (:func:`load_experts`).
+    """
+    H, E, S = config.hidden_size, config.num_experts, config.shared_expert_intermediate_size
+    return MoEWeights(
+        gate=reader.take(prefix + "gate.weight", (E, H)),
+        experts=load_experts(reader, prefix + "experts.", config),
+        shared_expert=MLPWeights(
+            gate_proj=reader.matrix(prefix + "shared_expert.gate_proj.weight", (S, H)),
+            up_proj=reader.matrix(prefix + "shared_expert.up_proj.weight", (S, H)),
+            down_proj=reader.matrix(prefix + "shared_expert.down_proj.weight", (H, S)),
+        ),
+        shared_expert_gate=reader.take(prefix + "shared_expert_gate.weight", (1, H)),
+    )
+
+
+def load_experts(reader, prefix: str, config) -> Experts:
+    """The routed experts under ``prefix`` (``layers.{i}.mlp.experts.``), in whichever layout
+    this layer uses: memory-mapped views in their stored dtype, nothing read."""
+    H, E, I = config.hidden_size, config.num_experts, config.moe_intermediate_size
+    full = reader.prefix + prefix
+    fused = full + "gate_up_proj" in reader.ckpt
+    per_expert = full + "0.gate_proj.weight" in reader.ckpt
+    if fused and per_expert:
+        raise MinqwenError(
+            f"{reader.ckpt.folder}: layer '{full}' holds its experts twice, fused ('{full}gate_up_proj') and "
+            f"per expert ('{full}0.gate_proj.weight'); a layer must use one layout"
+        )
+    if fused:
+        gate_up = _mapped(reader, prefix + "gate_up_proj", (E, 2 * I, H))  # [E, 2·I, H]
+        return Experts(
+            gate_proj=gate_up[:, :I],  # [E, I, H]: the first I rows of each expert are its gate_proj
+            up_proj=gate_up[:, I:],  # [E, I, H]: the next I its up_proj
+            down_proj=_mapped(reader, prefix + "down_proj", (E, H, I)),  # [E, H, I]
+            layout="fused",
+        )
+    if per_expert:
+        return Experts(
+            gate_proj=[_mapped(reader, f"{prefix}{e}.gate_proj.weight", (I, H)) for e in range(E)],
+            up_proj=[_mapped(reader, f"{prefix}{e}.up_proj.weight", (I, H)) for e in range(E)],
+            down_proj=[_mapped(reader, f"{prefix}{e}.down_proj.weight", (H, I)) for e in range(E)],
+            layout="per_expert",
+        )
+    raise MinqwenError(
+        f"{reader.ckpt.folder}: no experts for layer '{full}': expected '{full}gate_up_proj' and "
+        f"'{full}down_proj' (fused), or '{full}{{e}}.gate_proj.weight', '…up_proj.weight', "
+        f"'…down_proj.weight' for e = 0 … {E - 1} (per expert)"
+    )
+
+
+def _mapped(reader, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """A tensor as stored, a view into the checkpoint's memory map, after checking shape and dtype."""
+    full = reader.prefix + name
+    ckpt = reader.ckpt
+    if full not in ckpt:
+        raise MinqwenError(f"{ckpt.folder}: tensor '{full}' is missing from the checkpoint")
+    f = ckpt.where[full]
+    if f.shape(full) != tuple(shape):
+        raise MinqwenError(
+            f"{f.path}: tensor '{full}' has shape {list(f.shape(full))} but the config needs {list(shape)}"
+        )
+    if f.dtype_name(full) not in FLOAT_DTYPES:
+        raise MinqwenError(
+            f"{f.path}: tensor '{full}' is stored as {f.dtype_name(full)}; minqwen expects one of "
+            f"{', '.join(FLOAT_DTYPES)}"
+        )
+    reader.used.add(full)
+    return np.asarray(ckpt.raw(full))  # a plain ndarray view of the map: no copy, no read

@@ -1,0 +1,71 @@
+"""Scoring text: how likely the model finds it, token by token.
+
+``log_probs(model, ids)`` gives log p(ids[t] | ids[:t]) for t ≥ 1. For a text longer than the
+context, :func:`score_text` slides a window over it: each window starts fresh, and only the
+tokens a window adds beyond the previous one are scored, each with up to ``window − stride``
+tokens of left context (the usual overlapping-window perplexity).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import MinqwenError
+from .model import Model
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def log_probs(model: Model, ids) -> np.ndarray:
+    """log p(ids[t] | ids[:t]) for t = 1 … T−1, in nats, [T−1] float32."""
+    ids = np.asarray(ids)
+    if ids.ndim != 1 or ids.size < 2:
+        raise MinqwenError("scoring needs at least two token ids (the first is only context)")
+    logp = log_softmax(model.forward(ids))  # [T, V]: row t predicts ids[t + 1]
+    return logp[np.arange(ids.size - 1), ids[1:]]
+
+
+@dataclass
+class TextScore:
+    tokens_scored: int
+    nll_nats: float  # summed over the scored tokens
+    n_bytes: int  # UTF-8 bytes of the text
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nll_nats / self.tokens_scored)
+
+    @property
+    def bits_per_byte(self) -> float:
+        return self.nll_nats / math.log(2) / self.n_bytes
+
+
+def score_text(model: Model, tokenizer, text: str, window: int | None = None, stride: int | None = None,
+               progress=None) -> TextScore:
+    """Perplexity and bits per byte of ``text``, with overlapping windows when it exceeds ``window``."""
+    ids = tokenizer.encode(text)
+    if len(ids) < 2:
+        raise MinqwenError("the text is too short to score: it needs at least two tokens")
+    window = window or model.config.max_position_embeddings
+    stride = stride or max(1, window // 2)
+    if not 1 <= stride <= window or window < 2:
+        raise MinqwenError(f"need 2 ≤ window and 1 ≤ stride ≤ window, got window {window}, stride {stride}")
+    nll, scored, start = 0.0, 0, 0
+    while True:
+        stop = min(start + window, len(ids))
+        logp = log_probs(model, ids[start:stop])  # predicts ids[start + 1 : stop]
+        first_new = max(scored + 1, start + 1)  # tokens before this were scored by an earlier window
+        nll -= float(logp[first_new - start - 1 :].astype(np.float64).sum())
+        scored = stop - 1
+        if progress is not None:
+            progress(stop, len(ids))
+        if stop == len(ids):
+            break
+        start += stride
+    return TextScore(tokens_scored=len(ids) - 1, nll_nats=nll, n_bytes=len(text.encode("utf-8")))

@@ -1,0 +1,66 @@
+"""How many threads minqwen's BLAS calls and Numba kernels use.
+
+Two thread pools do the work: the BLAS library behind NumPy's matmuls (set through
+threadpoolctl) and Numba's parallel kernels. Numba cannot use more threads than
+``NUMBA_NUM_THREADS`` said when numba was first imported; to go higher, set that variable
+before importing minqwen.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .errors import MinqwenError
+
+_limits = None  # the threadpoolctl limiter in force, kept alive so the limit holds
+
+
+def physical_cores() -> int:
+    """Cores, not hardware threads: two hyper-threads share one core's memory bandwidth."""
+    try:
+        cores = set()
+        physical = core = None
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("physical id"):
+                physical = line.split(":")[1].strip()
+            elif line.startswith("core id"):
+                core = line.split(":")[1].strip()
+            elif not line.strip() and core is not None:
+                cores.add((physical, core))
+                physical = core = None
+        if core is not None:
+            cores.add((physical, core))
+        if cores:
+            return min(len(cores), os.cpu_count() or len(cores))
+    except OSError:
+        pass
+    return os.cpu_count() or 1
+
+
+def set_threads(n: int | None = None) -> int:
+    """Use ``n`` threads (default: the physical cores) for BLAS and Numba; returns n."""
+    global _limits
+    import numba
+    from threadpoolctl import threadpool_limits
+
+    n = physical_cores() if n is None else n
+    if not isinstance(n, int) or n < 1:
+        raise MinqwenError(f"threads must be a positive whole number, got {n!r}")
+    if n > numba.config.NUMBA_NUM_THREADS:
+        raise MinqwenError(
+            f"Numba was started with {numba.config.NUMBA_NUM_THREADS} threads and cannot use {n}; "
+            f"set NUMBA_NUM_THREADS={n} in the environment before starting Python"
+        )
+    _limits = threadpool_limits(limits=n)
+    numba.set_num_threads(n)
+    return n
+
+
+def threads_in_use() -> dict:
+    """What each pool is set to now."""
+    import numba
+    from threadpoolctl import threadpool_info
+
+    blas = sorted({pool["num_threads"] for pool in threadpool_info() if pool.get("user_api") == "blas"})
+    return {"blas": blas, "numba": numba.get_num_threads(), "physical_cores": physical_cores()}

@@ -1,0 +1,81 @@
+"""Scoring, threads and the Python generate API."""
+
+import math
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+import minqwen
+from conftest import FIXTURES
+from minqwen import MinqwenError
+from minqwen.scoring import log_softmax, score_text
+
+
+def test_score_is_the_log_softmax_of_the_reference_logits():
+    folder = FIXTURES / "text_grouped_bf16_bias"
+    expected = load_file(str(folder / "expected.safetensors"))
+    ids = expected["token_ids"]
+    reference = log_softmax(expected["logits"].astype(np.float64))[np.arange(len(ids) - 1), ids[1:]]
+    np.testing.assert_allclose(minqwen.load(folder).score(ids), reference, rtol=0, atol=1e-4)
+
+
+class CharTokenizer:
+    """One token per byte: enough to test windowing without a tokenizer file."""
+
+    def encode(self, text):
+        return list(text.encode("utf-8"))
+
+
+def test_windowed_scoring_scores_every_token_once_and_equals_one_window_when_it_fits():
+    model = minqwen.load(FIXTURES / "text_tied_fp32")
+    text = "abcdefghij" * 6  # 60 tokens
+    whole = score_text(model, CharTokenizer(), text, window=60)
+    direct = -model.score(np.array(list(text.encode()))).astype(np.float64).sum()
+    assert whole.tokens_scored == 59
+    assert whole.nll_nats == pytest.approx(direct, rel=1e-6)
+    windowed = score_text(model, CharTokenizer(), text, window=16, stride=8)
+    assert windowed.tokens_scored == 59
+    assert math.isfinite(windowed.perplexity) and windowed.bits_per_byte > 0
+    # with less context per token, the total can differ; with stride 1 and a full window it cannot
+    same = score_text(model, CharTokenizer(), text, window=60, stride=1)
+    assert same.nll_nats == pytest.approx(direct, rel=1e-6)
+
+
+def test_bits_per_byte_counts_utf8_bytes():
+    model = minqwen.load(FIXTURES / "text_tied_fp32")
+    result = score_text(model, CharTokenizer(), "héllo wörld")
+    assert result.n_bytes == len("héllo wörld".encode()) == 13
+    assert result.bits_per_byte == pytest.approx(result.nll_nats / math.log(2) / 13)
+
+
+@pytest.mark.parametrize("bad", [dict(window=1), dict(window=10, stride=11), dict(window=10, stride=0)])
+def test_bad_windows_are_clear_errors(bad):
+    model = minqwen.load(FIXTURES / "text_tied_fp32")
+    with pytest.raises(MinqwenError, match="window"):
+        score_text(model, CharTokenizer(), "abcdefghijkl", **bad)
+
+
+def test_scoring_needs_two_tokens():
+    with pytest.raises(MinqwenError, match="at least two"):
+        minqwen.load(FIXTURES / "text_tied_fp32").score([5])
+
+
+def test_set_threads_sets_blas_and_numba():
+    import numba
+
+    from minqwen.threads import threads_in_use
+
+    minqwen.set_threads(1)
+    in_use = threads_in_use()
+    assert in_use["numba"] == 1 and set(in_use["blas"]) <= {1}
+    minqwen.set_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+
+
+def test_too_many_threads_is_a_clear_error():
+    import numba
+
+    with pytest.raises(MinqwenError, match="NUMBA_NUM_THREADS"):
+        minqwen.set_threads(numba.config.NUMBA_NUM_THREADS + 1)
+    with pytest.raises(MinqwenError, match="positive"):
+        minqwen.set_threads(0)

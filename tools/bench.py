@@ -1,0 +1,240 @@
+"""Benchmark minqwen against transformers on the real Qwen3.5-0.8B shape, in one run.
+
+    python tools/bench.py                 # the full protocol (../shared/docs/benchmarks.md)
+    python tools/bench.py --quick         # fewer repeats, no 16k context: a smoke run
+    python tools/bench.py --json out.json
+
+Every contender runs on the same random-weight bf16 checkpoint (tools/real_shape.py makes it
+once), with the same thread count, and every figure is the median of several runs. Speed is
+reported as a ratio against transformers measured in the same run, because absolute figures
+drift on shared machines. The memory roofline is measured here too: a NumPy fp32 GEMV over a
+matrix much larger than the last-level cache.
+
+Decode figure: 64 new tokens after a 16-token prompt, greedy, last-position logits, on a
+second run (Numba's cache warm); tokens/s = 63 ÷ the time after the first new token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+TOOLS = Path(__file__).resolve().parent
+sys.path.insert(0, str(TOOLS))
+
+
+def machine() -> dict:
+    cpu = platform.processor() or "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__}
+
+
+def last_level_cache_bytes() -> int:
+    base = Path("/sys/devices/system/cpu/cpu0/cache")
+    sizes = []
+    for index in base.glob("index*"):
+        try:
+            text = (index / "size").read_text().strip()
+            sizes.append(int(text[:-1]) * 1024 if text.endswith("K") else int(text))
+        except (OSError, ValueError):
+            pass
+    return max(sizes, default=32 * 1024 * 1024)
+
+
+def roofline(repeats: int) -> float:
+    """fp32 GEMV read bandwidth in GB/s over a matrix ≥ 4× the last-level cache."""
+    n_bytes = max(4 * last_level_cache_bytes(), 512 * 1024 * 1024)
+    cols = 4096
+    rows = n_bytes // (4 * cols)
+    W = np.random.default_rng(0).random((rows, cols), dtype=np.float32)
+    x = np.ones(cols, np.float32)
+    W @ x
+    times = []
+    for _ in range(max(repeats, 5)):
+        start = time.perf_counter()
+        W @ x
+        times.append(time.perf_counter() - start)
+    return W.nbytes / statistics.median(times) / 1e9
+
+
+def weight_bytes_per_token(model) -> int:
+    """Bytes a decode step reads: every projection matrix once (the tied head counted once)."""
+    total = model.embed_tokens.nbytes if model.lm_head is not model.embed_tokens else 0
+    total += model.lm_head.nbytes
+    for layer in model.layers:
+        for part in (layer.mlp, layer.linear_attn, layer.self_attn):
+            if part is not None:
+                total += sum(v.nbytes for k, v in vars(part).items() if isinstance(v, np.ndarray) and v.ndim == 2)
+    return total
+
+
+# --------------------------------------------------------------------------- contenders
+
+
+class Minqwen:
+    def __init__(self, folder, dtype):
+        import minqwen
+
+        self.name = f"minqwen {'bf16-resident' if dtype == 'bfloat16' else 'fp32'}"
+        self.model = minqwen.load(folder, dtype=dtype)
+
+    def prefill(self, ids):
+        self.model.forward(ids, self.model.new_cache(), last_only=True)
+
+    def decode(self, prompt, n_new):
+        """Seconds for tokens 2 … n_new (after the first new token)."""
+        cache = self.model.new_cache()
+        token = int(np.argmax(self.model.forward(prompt, cache, last_only=True)[-1]))
+        start = time.perf_counter()
+        for _ in range(n_new - 1):
+            token = int(np.argmax(self.model.forward([token], cache, last_only=True)[-1]))
+        return time.perf_counter() - start
+
+    def decode_after(self, prompt, n_new):
+        return self.decode(prompt, n_new)
+
+
+class Transformers:
+    def __init__(self, folder, dtype, threads):
+        import torch
+        from transformers import Qwen3_5ForCausalLM
+
+        torch.set_num_threads(threads)
+        self.torch = torch
+        self.name = f"transformers {'bf16' if dtype == 'bfloat16' else 'fp32'}"
+        torch_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+        self.model = Qwen3_5ForCausalLM.from_pretrained(folder, dtype=torch_dtype).eval()
+
+    def prefill(self, ids):
+        with self.torch.no_grad():
+            self.model(input_ids=self.torch.tensor(ids[None]), use_cache=True, logits_to_keep=1)
+
+    def decode(self, prompt, n_new):
+        torch = self.torch
+        with torch.no_grad():
+            out = self.model(input_ids=torch.tensor(prompt[None]), use_cache=True, logits_to_keep=1)
+            cache, token = out.past_key_values, int(out.logits[0, -1].argmax())
+            start = time.perf_counter()
+            for _ in range(n_new - 1):
+                out = self.model(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True,
+                                 logits_to_keep=1)
+                cache, token = out.past_key_values, int(out.logits[0, -1].argmax())
+            return time.perf_counter() - start
+
+
+def median_rate(fn, count, repeats):
+    fn()  # warm-up: JIT, caches, allocator
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return count / statistics.median(times)
+
+
+def cold_start(folder: Path, dtype: str) -> dict:
+    """import + load + first token in a new process (Numba's on-disk cache already warm)."""
+    code = (
+        "import time, resource; t0 = time.perf_counter(); import numpy as np, minqwen\n"
+        f"m = minqwen.load({str(folder)!r}, dtype={dtype!r})\n"
+        "tok = int(np.argmax(m.forward(np.arange(16) + 100, last_only=True)[-1]))\n"
+        "print(time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    seconds, rss = out.stdout.split()
+    return {"seconds": float(seconds), "peak_rss_bytes": int(rss)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, help="checkpoint folder (default: make/reuse the real-shape one)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--long-context", type=int, default=16384, help="0 skips the long-context decode")
+    parser.add_argument("--no-transformers", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="1 repeat, no long context")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    if args.quick:
+        args.repeats, args.long_context = 1, 0
+
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(args.threads)
+    import numba
+
+    numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
+
+    from real_shape import DEFAULT_DIR, make
+
+    folder = args.model or make(DEFAULT_DIR)
+    rng = np.random.default_rng(0)
+    prompt16 = rng.integers(100, 240000, size=16)
+    prompt512 = rng.integers(100, 240000, size=512)
+    results = {"machine": machine(), "threads": args.threads, "checkpoint": str(folder), "rows": []}
+    results["roofline_GBps"] = roofline(args.repeats)
+    print(f"machine: {results['machine']['cpu']}, {args.threads} threads; "
+          f"fp32 GEMV roofline {results['roofline_GBps']:.1f} GB/s", flush=True)
+
+    contenders = [("minqwen", "float32"), ("minqwen", "bfloat16")]
+    if not args.no_transformers:
+        contenders += [("transformers", "float32"), ("transformers", "bfloat16")]
+    for kind, dtype in contenders:
+        runner = Minqwen(folder, dtype) if kind == "minqwen" else Transformers(folder, dtype, args.threads)
+        row = {"name": runner.name}
+        row["prefill512_tps"] = median_rate(lambda: runner.prefill(prompt512), 512, args.repeats)
+        runner.decode(prompt16, 4)  # warm the decode path
+        decode_times = [runner.decode(prompt16, 64) for _ in range(args.repeats)]
+        row["decode_tps"] = 63 / statistics.median(decode_times)
+        if kind == "minqwen":
+            row["weight_bytes_per_token"] = weight_bytes_per_token(runner.model)
+            row["roofline_fraction"] = row["decode_tps"] * row["weight_bytes_per_token"] / (results["roofline_GBps"] * 1e9)
+            if args.long_context:
+                long_prompt = rng.integers(100, 240000, size=args.long_context)
+                row[f"decode_at_{args.long_context}_tps"] = 63 / runner.decode(long_prompt, 64)
+            row["cold_start"] = cold_start(folder, dtype)
+        results["rows"].append(row)
+        print(json.dumps(row), flush=True)
+        del runner
+
+    print_table(results)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+def print_table(results):
+    rows = results["rows"]
+    peer = next((r for r in rows if r["name"] == "transformers fp32"), None)
+    print()
+    print(f"{'contender':<26}{'prefill 512':>14}{'decode':>12}{'× tf fp32 (prefill, decode)':>30}")
+    for r in rows:
+        ratio = (f"{r['prefill512_tps'] / peer['prefill512_tps']:.2f}, {r['decode_tps'] / peer['decode_tps']:.2f}"
+                 if peer else "-")
+        print(f"{r['name']:<26}{r['prefill512_tps']:>10.1f} t/s{r['decode_tps']:>8.2f} t/s{ratio:>30}")
+    for r in rows:
+        if "roofline_fraction" in r:
+            extra = [f"{k}: {v:.2f} t/s" for k, v in r.items() if k.startswith("decode_at_")]
+            cold = r["cold_start"]
+            print(f"{r['name']}: {r['roofline_fraction']:.0%} of the memory roofline "
+                  f"({r['weight_bytes_per_token'] / 1e9:.2f} GB/token); cold start {cold['seconds']:.1f} s, "
+                  f"peak RSS {cold['peak_rss_bytes'] / 1e9:.2f} GB" + ("; " + ", ".join(extra) if extra else ""))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
