@@ -52,8 +52,8 @@ def score_text(model: Model, tokenizer, text: str, window: int | None = None, st
     ids = tokenizer.encode(text)
     if len(ids) < 2:
         raise MinqwenError("the text is too short to score: it needs at least two tokens")
-    window = window or model.config.max_position_embeddings
-    stride = stride or max(1, window // 2)
+    window = model.config.max_position_embeddings if window is None else window
+    stride = max(1, window // 2) if stride is None else stride
     if not 1 <= stride <= window or window < 2:
         raise MinqwenError(f"need 2 ≤ window and 1 ≤ stride ≤ window, got window {window}, stride {stride}")
     nll, scored, start = 0.0, 0, 0
