@@ -55,7 +55,8 @@ TEXT_FIELDS: dict[str, str] = {
     "linear_num_value_heads": "honoured (default 32): must be a multiple of linear_num_key_heads",
     "layer_types": "honoured; derived from full_attention_interval when absent",
     "full_attention_interval": "honoured (default 4) when layer_types is absent",
-    "rope_parameters": "honoured: rope_type (only 'default'), rope_theta, partial_rotary_factor, mrope_section",
+    "rope_parameters": "honoured: rope_type ('default' or 'yarn' with all its fields), rope_theta, "
+                       "partial_rotary_factor, mrope_section; mrope_interleaved ignored (always interleaved)",
     "rope_scaling": "honoured as the legacy name of rope_parameters",
     "rope_theta": "defaulted (10000) when rope_parameters has none (legacy top-level field)",
     "partial_rotary_factor": "defaulted (0.25) when rope_parameters has none (legacy top-level field)",
@@ -141,6 +142,27 @@ WRAPPER_FIELDS: dict[str, str] = {
 }
 
 ROPE_FIELDS = {"rope_type", "type", "rope_theta", "partial_rotary_factor", "mrope_section", "mrope_interleaved"}
+YARN_FIELDS = {"factor", "original_max_position_embeddings", "attention_factor", "beta_fast", "beta_slow",
+               "mscale", "mscale_all_dim", "truncate"}
+
+
+@dataclass(frozen=True)
+class YarnScaling:
+    """``rope_type: yarn`` (Peng et al., 2023): stretch the slow rotary frequencies by ``factor``.
+
+    Field names and defaults are transformers 5.23.0's: ``original_max_position_embeddings``
+    defaults to max_position_embeddings, ``beta_fast``/``beta_slow`` to 32/1, ``truncate`` to
+    true; ``attention_factor`` absent means "derive it from factor, mscale, mscale_all_dim".
+    """
+
+    factor: float
+    original_max_position_embeddings: int
+    attention_factor: float | None = None
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool = True
 SUPPORTED_ACTIVATIONS = ("silu", "swish", "gelu", "gelu_pytorch_tanh", "relu")
 LAYER_TYPES = ("linear_attention", "full_attention")
 
@@ -170,6 +192,7 @@ class TextConfig:
     rope_theta: float = 10000.0
     partial_rotary_factor: float = 0.25
     mrope_section: tuple[int, ...] = (11, 11, 10)
+    yarn: YarnScaling | None = None  # None: plain rotary (rope_type "default")
     eos_token_id: tuple[int, ...] = ()
     # Sparse mixture of experts (qwen3_5_moe): every layer's MLP is a router over num_experts
     # SwiGLU experts of width moe_intermediate_size, num_experts_per_tok of them used per
@@ -213,6 +236,10 @@ class TextConfig:
         """
         absent = _MOE_SIZES if not self.is_moe else ("intermediate_size",)
         out = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "source" and k not in absent}
+        if self.yarn is None:
+            out.pop("yarn")  # a plain-rotary dict is what it was before YaRN existed
+        else:
+            out["yarn"] = dict(vars(self.yarn))
         return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
 
 
@@ -371,6 +398,7 @@ def _text_config(raw: dict, source: str, prefix: str, moe: bool = False) -> Text
         rope_theta=rope["rope_theta"],
         partial_rotary_factor=rope["partial_rotary_factor"],
         mrope_section=rope["mrope_section"],
+        yarn=_yarn(rope["raw"], sizes["max_position_embeddings"], source, prefix),
         eos_token_id=eos,
         source=source,
     )
@@ -397,13 +425,13 @@ def _rope_parameters(raw: dict, source: str, prefix: str) -> dict:
     rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
     if not isinstance(rope, dict):
         raise MinqwenError(f"{source}: field '{prefix}rope_parameters' must be an object")
-    unknown = sorted(set(rope) - ROPE_FIELDS)
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
+    if rope_type not in ("default", "yarn"):
         raise MinqwenError(
             f"{source}: field '{prefix}rope_parameters.rope_type' is {rope_type!r}; "
-            "minqwen implements only 'default' rotary embeddings"
+            "minqwen implements 'default' and 'yarn' rotary embeddings"
         )
+    unknown = sorted(set(rope) - ROPE_FIELDS - (YARN_FIELDS if rope_type == "yarn" else set()))
     if unknown:
         raise MinqwenError(
             f"{source}: rope_parameters fields minqwen does not implement: {', '.join(unknown)}"
@@ -427,4 +455,41 @@ def _rope_parameters(raw: dict, source: str, prefix: str) -> dict:
         )
     # A section that does not sum to rotary_dim / 2 is accepted, as the reference accepts it:
     # the interleaving rule below only ever writes indices that exist (see rope.py).
-    return {"rope_theta": float(theta), "partial_rotary_factor": float(factor), "mrope_section": tuple(section)}
+    return {"rope_theta": float(theta), "partial_rotary_factor": float(factor), "mrope_section": tuple(section),
+            "raw": rope if rope_type == "yarn" else None}
+
+
+def _yarn(rope: dict | None, max_position_embeddings: int, source: str, prefix: str) -> YarnScaling | None:
+    """Validate the YaRN fields (None for plain rotary)."""
+    if rope is None:
+        return None
+    where = f"{source}: field '{prefix}rope_parameters."
+
+    def number(name, default, positive=True):
+        value = rope.get(name)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (
+                positive and value <= 0):
+            raise MinqwenError(f"{where}{name}' must be a {'positive ' if positive else ''}finite number, got {value!r}")
+        return float(value)
+
+    original = rope.get("original_max_position_embeddings", max_position_embeddings)
+    if isinstance(original, bool) or not isinstance(original, int) or original < 1:
+        raise MinqwenError(f"{where}original_max_position_embeddings' must be a positive integer, got {original!r}")
+    # factor absent: the ratio of the two context lengths, as the reference derives it
+    factor = number("factor", max_position_embeddings / original)
+    truncate = rope.get("truncate", True)
+    if not isinstance(truncate, bool):
+        raise MinqwenError(f"{where}truncate' must be true or false, got {truncate!r}")
+    return YarnScaling(
+        factor=factor,
+        original_max_position_embeddings=original,
+        attention_factor=number("attention_factor", None),
+        # the reference treats 0 like absent here (`or 32`), so do we
+        beta_fast=number("beta_fast", None, positive=False) or 32.0,
+        beta_slow=number("beta_slow", None, positive=False) or 1.0,
+        mscale=number("mscale", None, positive=False),
+        mscale_all_dim=number("mscale_all_dim", None, positive=False),
+        truncate=truncate,
+    )

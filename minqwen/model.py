@@ -32,7 +32,7 @@ from .linear import BF16, linear, widen_bf16
 from .mlp import MLPWeights, swiglu_mlp
 from .moe import MoEWeights, load_moe, sparse_moe_block
 from .norms import rms_norm
-from .rope import inverse_frequencies, mrope_cos_sin, text_position_ids
+from .rope import inverse_frequencies, mrope_cos_sin, text_position_ids, yarn_inverse_frequencies
 
 
 @dataclass
@@ -81,7 +81,12 @@ class Model:
         self.norm = norm  # [H]
         self.lm_head = lm_head  # [V, H]; the same array as embed_tokens when tied
         self.load_report = load_report
-        self.inv_freq = inverse_frequencies(config.rope_theta, config.rotary_dim)  # [R/2]
+        if config.yarn is None:
+            self.inv_freq = inverse_frequencies(config.rope_theta, config.rotary_dim)  # [R/2]
+            self.attention_factor = 1.0
+        else:
+            self.inv_freq, self.attention_factor = yarn_inverse_frequencies(
+                config.rope_theta, config.rotary_dim, config.yarn)
 
     # ---------------------------------------------------------------- public API
 
@@ -172,7 +177,7 @@ class Model:
         position_ids = np.asarray(position_ids)
         if position_ids.shape != (3, t_len):
             raise MinqwenError(f"position_ids must have shape [3, {t_len}] (t, h, w rows), got {list(position_ids.shape)}")
-        cos, sin = mrope_cos_sin(position_ids, self.inv_freq, c.mrope_section)  # [T, R] each
+        cos, sin = mrope_cos_sin(position_ids, self.inv_freq, c.mrope_section, self.attention_factor)  # [T, R] each
         if tap is not None:
             tap("embed", x)
 

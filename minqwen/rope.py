@@ -15,6 +15,8 @@ Three ideas stack up here.
    M-RoPE is plain RoPE.
 """
 
+import math
+
 import numpy as np
 
 
@@ -24,14 +26,61 @@ def inverse_frequencies(theta: float, rotary_dim: int) -> np.ndarray:
     return (1.0 / (np.float64(theta) ** exponents.astype(np.float64))).astype(np.float32)
 
 
+def yarn_inverse_frequencies(theta: float, rotary_dim: int, yarn) -> tuple[np.ndarray, float]:
+    """YaRN: (inv_freq [R/2], attention factor), as transformers 5.23.0 computes them.
+
+    Fast-turning frequencies (many rotations within the original context) are kept;
+    slow ones (less than one rotation) are divided by ``factor``, so positions beyond the
+    original context look like positions it was trained on; a linear ramp blends the two
+    between ``beta_fast`` and ``beta_slow`` rotations. The scaling is static: the same
+    frequencies at every position. The attention factor multiplies cos and sin, so it
+    scales only the rotated dims of q and k. The correction range is measured on the rotary
+    dims (head_dim × partial factor), not on head_dim.
+    """
+    factor = yarn.factor
+
+    def mscale(scale, m=1.0):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention_factor = yarn.attention_factor
+    if attention_factor is None:
+        # mscale alone changes nothing: the reference uses it only together with mscale_all_dim
+        if yarn.mscale and yarn.mscale_all_dim:
+            attention_factor = mscale(factor, yarn.mscale) / mscale(factor, yarn.mscale_all_dim)
+        else:
+            attention_factor = mscale(factor)
+
+    def correction_dim(rotations):
+        """The frequency index that turns ``rotations`` times over the original context."""
+        return rotary_dim * math.log(yarn.original_max_position_embeddings / (rotations * 2 * math.pi)) / (
+            2 * math.log(theta))
+
+    low, high = correction_dim(yarn.beta_fast), correction_dim(yarn.beta_slow)
+    if yarn.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, rotary_dim - 1)
+    if low == high:
+        high += 0.001  # the reference's guard against a zero-width ramp
+
+    exponents = np.arange(0, rotary_dim, 2, dtype=np.float32) / np.float32(rotary_dim)  # [R/2]
+    pos_freqs = (np.float64(theta) ** exponents.astype(np.float64)).astype(np.float32)
+    extrapolation = np.float32(1.0) / pos_freqs  # the original frequencies
+    interpolation = np.float32(1.0) / (np.float32(factor) * pos_freqs)  # stretched by factor
+    ramp = np.clip((np.arange(rotary_dim // 2, dtype=np.float32) - np.float32(low)) / np.float32(high - low), 0, 1)
+    keep = np.float32(1.0) - ramp  # 1: keep the original frequency, 0: fully interpolate
+    inv_freq = interpolation * (np.float32(1.0) - keep) + extrapolation * keep
+    return inv_freq.astype(np.float32), float(attention_factor)
+
+
 def text_position_ids(start: int, length: int) -> np.ndarray:
     """Positions for plain text: the same running index in all three M-RoPE rows."""
     positions = np.arange(start, start + length, dtype=np.int64)  # [T]
     return np.broadcast_to(positions, (3, length))  # [3, T]
 
 
-def mrope_cos_sin(position_ids: np.ndarray, inv_freq: np.ndarray, mrope_section) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin tables [T, R] for 3-row position ids [3, T]."""
+def mrope_cos_sin(position_ids: np.ndarray, inv_freq: np.ndarray, mrope_section,
+                  attention_factor: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin tables [T, R] for 3-row position ids [3, T] (both scaled by YaRN's attention factor)."""
     # angles[axis, t, i] = position_ids[axis, t] · inv_freq[i]
     angles = position_ids[..., None].astype(np.float32) * inv_freq  # [3, T, R/2]
     chosen = angles[0].copy()  # start from time, overwrite the height and width frequencies
@@ -41,6 +90,8 @@ def mrope_cos_sin(position_ids: np.ndarray, inv_freq: np.ndarray, mrope_section)
         picked = slice(axis, 3 * mrope_section[axis], 3)
         chosen[:, picked] = angles[axis][:, picked]
     emb = np.concatenate([chosen, chosen], axis=-1)  # [T, R]: dim i and i + R/2 share an angle
+    if attention_factor != 1.0:
+        return np.cos(emb) * np.float32(attention_factor), np.sin(emb) * np.float32(attention_factor)
     return np.cos(emb), np.sin(emb)
 
 

@@ -10,7 +10,10 @@ reference's own cache. The configs between them cover: value heads = key heads, 
 tied and untied heads; conv kernels 2, 3 and 4; head dims 16 and 32; partial rotary 0.25, 0.5
 and 1.0; an M-RoPE section that does not fit the rotary dims (the default one, as tiny test
 models do) and ones that do; attention biases; fp32 and bf16 storage; both key layouts; a
-sharded checkpoint; layer types derived from full_attention_interval.
+sharded checkpoint; layer types derived from full_attention_interval. The mixture-of-experts
+fixtures (``moe_*``) cover 3, 4, 8 and 16 experts with top-1, top-2, top-4 and top-k = all
+experts; per-expert and fused expert tensors; text-only and multimodal; fp32 and bf16; and
+also record each layer's router logits and chosen experts.
 """
 
 from __future__ import annotations
@@ -40,6 +43,15 @@ def base(**overrides) -> dict:
         linear_num_key_heads=2, linear_num_value_heads=2, tie_word_embeddings=False,
         rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.25),
     )
+    cfg.update(overrides)
+    return cfg
+
+
+def moe(**overrides) -> dict:
+    """A small qwen3_5_moe text config: base() with the dense MLP replaced by experts."""
+    cfg = base(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=24,
+               layer_types=["linear_attention"] * 3 + ["full_attention"])
+    del cfg["intermediate_size"]  # not a field of the MoE config: every layer is MoE
     cfg.update(overrides)
     return cfg
 
@@ -78,6 +90,29 @@ FIXTURE_SPECS = {
              layer_types=["linear_attention"] * 3 + ["full_attention"]),
         dict(multimodal=True, tie=None, dtype="bfloat16", drop_top_config=("tie_word_embeddings",)),
     ),
+    # MoE, text-only, fp32, tied, 4 experts top-2, experts per expert (save_pretrained's default).
+    "moe_text_per_expert_fp32": (
+        moe(tie_word_embeddings=True),
+        dict(multimodal=False, dtype="float32"),
+    ),
+    # MoE, bf16, untied, top-k = all 8 experts (the router only weighs them), fused experts,
+    # grouped value heads.
+    "moe_text_fused_all_experts_bf16": (
+        moe(num_experts=8, num_experts_per_tok=8, linear_num_value_heads=4, shared_expert_intermediate_size=16),
+        dict(multimodal=False, dtype="bfloat16", fused_experts=True),
+    ),
+    # MoE, bf16, 16 narrow experts top-4, per expert, attention every other layer.
+    "moe_text_16_experts_top4_bf16": (
+        moe(num_experts=16, num_experts_per_tok=4, moe_intermediate_size=8, shared_expert_intermediate_size=12,
+            layer_types=["linear_attention", "full_attention"] * 2),
+        dict(multimodal=False, dtype="bfloat16"),
+    ),
+    # MoE, multimodal layout (model.language_model.*), top-level tie, fp32, 3 experts top-1,
+    # fused experts.
+    "moe_multimodal_fused_top1": (
+        moe(num_experts=3, num_experts_per_tok=1, moe_intermediate_size=24),
+        dict(multimodal=True, tie=True, dtype="float32", fused_experts=True),
+    ),
 }
 
 
@@ -88,7 +123,7 @@ def build_fixture(name: str, text: dict, how: dict, seed: int) -> None:
     model = build_model(text, seed, multimodal=how.get("multimodal", False), tie=how.get("tie"))
     save_checkpoint(model, folder, dtype=how["dtype"], max_shard_size=how.get("max_shard_size"),
                     extra_config=how.get("extra_config"), drop_config=how.get("drop_config", ()),
-                    drop_top_config=how.get("drop_top_config", ()))
+                    drop_top_config=how.get("drop_top_config", ()), fused_experts=how.get("fused_experts", False))
     rng = np.random.default_rng(seed)
     ids = rng.integers(0, text["vocab_size"], size=PROMPT_LENGTH).astype(np.int64)
     expected = run_reference(model, ids, n_greedy=GREEDY_TOKENS)

@@ -2,9 +2,11 @@
 
 One place that builds every checkpoint minqwen is tested or measured against:
 
-* :func:`build_model` — a transformers Qwen3.5 model from a text-config dict, every tensor
-  randomized (:func:`randomize`), fp32, eager attention;
-* :func:`save_checkpoint` — writes it in either key layout, fp32 or bf16, single file or sharded;
+* :func:`build_model` — a transformers Qwen3.5 model from a text-config dict, dense or
+  mixture-of-experts (a config with ``num_experts``), every tensor randomized
+  (:func:`randomize`), fp32, eager attention and eager experts;
+* :func:`save_checkpoint` — writes it in either key layout, fp32 or bf16, single file or
+  sharded, MoE experts per expert (transformers' default) or fused;
 * :func:`run_reference` — logits, per-layer hidden states, final decode states and a greedy
   continuation, all from the reference;
 * :func:`real_shape_text_config` — the real Qwen3.5-0.8B text config (random weights only).
@@ -27,6 +29,10 @@ from transformers import (
     Qwen3_5Config,
     Qwen3_5ForCausalLM,
     Qwen3_5ForConditionalGeneration,
+    Qwen3_5MoeConfig,
+    Qwen3_5MoeForCausalLM,
+    Qwen3_5MoeForConditionalGeneration,
+    Qwen3_5MoeTextConfig,
     Qwen3_5TextConfig,
 )
 
@@ -59,20 +65,27 @@ def build_model(text: dict, seed: int, multimodal: bool = False, tie: bool | Non
     """A randomized fp32 eager transformers model for the text config ``text``.
 
     ``multimodal``: build ``Qwen3_5ForConditionalGeneration`` (keys ``model.language_model.*``,
-    tying decided by the top-level flag ``tie``) instead of ``Qwen3_5ForCausalLM``.
+    tying decided by the top-level flag ``tie``) instead of ``Qwen3_5ForCausalLM``. A config
+    with ``num_experts`` builds the mixture-of-experts classes (``Qwen3_5Moe…``) instead, with
+    the experts run by transformers' eager loop (its default, grouped_mm, is another kernel).
     """
     torch.manual_seed(seed)
+    moe = "num_experts" in text
     if multimodal:
         vision = dict(TINY_VISION, out_hidden_size=text["hidden_size"])
         top = {} if tie is None else {"tie_word_embeddings": tie}
-        cfg = Qwen3_5Config(text_config=dict(text), vision_config=vision, **top)
-        model = Qwen3_5ForConditionalGeneration(cfg)
+        wrapper, cls = (Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration) if moe else (
+            Qwen3_5Config, Qwen3_5ForConditionalGeneration)
+        model = cls(wrapper(text_config=dict(text), vision_config=vision, **top))
     else:
-        model = Qwen3_5ForCausalLM(Qwen3_5TextConfig(**text))
+        config, cls = (Qwen3_5MoeTextConfig, Qwen3_5MoeForCausalLM) if moe else (Qwen3_5TextConfig, Qwen3_5ForCausalLM)
+        model = cls(config(**text))
     model.config._attn_implementation = "eager"
     for sub in (getattr(model.config, "text_config", None),):
         if sub is not None:
             sub._attn_implementation = "eager"
+    if moe:
+        model.set_experts_implementation("eager")
     model.eval()
     randomize(model, seed)
     return model
@@ -86,34 +99,45 @@ def randomize(model, seed: int) -> None:
     parity test exists to catch — a forgotten ``1 +``, a dropped bias — so nothing keeps one.
     """
     gen = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        p.copy_(random_value(name, p.shape, gen))
 
-    def normal(shape, std, mean=0.0):
+
+def random_value(name: str, shape, gen: torch.Generator) -> torch.Tensor:
+    """A random fp32 value for the parameter called ``name`` (transformers' own names).
+
+    The router (``mlp.gate.weight``), the experts and ``shared_expert_gate`` are matrices like
+    any other: scaled by their fan-in, so router logits are of order one and the softmax
+    over experts is far from uniform and far from one-hot.
+    """
+    def normal(std, mean=0.0):
         return torch.randn(shape, generator=gen) * std + mean
 
-    for name, p in model.named_parameters():
-        if name.endswith("A_log"):
-            # A in (0.3, 4), and below softplus(a + dt_bias) ≈ 0.1: per-token decays exp(g) of
-            # about 0.5 to 0.99, as in trained models. The memory then carries information
-            # across many tokens (and chunk boundaries), so a wrong state shows; a decay that
-            # forgets everything each token would hide it.
-            p.copy_(torch.empty(p.shape).uniform_(math.log(0.3), math.log(4.0), generator=gen))
-        elif name.endswith("dt_bias"):
-            p.copy_(normal(p.shape, 0.5, mean=-2.5))
-        elif name.endswith("linear_attn.norm.weight"):
-            p.copy_(normal(p.shape, 0.2, mean=1.0))  # a plain scale, centred on one
-        elif p.ndim == 1 and "norm" in name:
-            p.copy_(normal(p.shape, 0.2))  # zero-centred: the model applies 1 + w
-        elif name.endswith(".bias"):
-            p.copy_(normal(p.shape, 0.1))
-        elif "embed_tokens" in name:
-            # Small enough that a tied head gives logits of a few units: fp32 round-off then
-            # stays well inside the 1e-4 parity tolerance (at |logit| ≈ 50 it does not).
-            p.copy_(normal(p.shape, 0.3))
-        elif p.ndim >= 2:
-            fan_in = math.prod(p.shape[1:])
-            p.copy_(normal(p.shape, 1.0 / math.sqrt(fan_in)))
-        else:
-            p.copy_(normal(p.shape, 0.1))
+    ndim = len(shape)
+    if name.endswith("A_log"):
+        # A in (0.3, 4), and below softplus(a + dt_bias) ≈ 0.1: per-token decays exp(g) of
+        # about 0.5 to 0.99, as in trained models. The memory then carries information
+        # across many tokens (and chunk boundaries), so a wrong state shows; a decay that
+        # forgets everything each token would hide it.
+        return torch.empty(shape).uniform_(math.log(0.3), math.log(4.0), generator=gen)
+    if name.endswith("dt_bias"):
+        return normal(0.5, mean=-2.5)
+    if name.endswith("linear_attn.norm.weight"):
+        return normal(0.2, mean=1.0)  # a plain scale, centred on one
+    if ndim == 1 and "norm" in name:
+        return normal(0.2)  # zero-centred: the model applies 1 + w
+    if name.endswith(".bias"):
+        return normal(0.1)
+    if "embed_tokens" in name:
+        # Small enough that a tied head gives logits of a few units: fp32 round-off then
+        # stays well inside the 1e-4 parity tolerance (at |logit| ≈ 50 it does not).
+        return normal(0.3)
+    if ndim >= 2:
+        # Fused experts are [E, out, in]: each expert's fan-in is the last dim. (Elsewhere the
+        # only 3-D weight is the depthwise conv [C, 1, K], whose fan-in is K.)
+        fan_in = shape[-1] if ".experts." in name else math.prod(shape[1:])
+        return normal(1.0 / math.sqrt(fan_in))
+    return normal(0.1)
 
 
 @torch.no_grad()
@@ -124,14 +148,19 @@ def round_to_bf16(model) -> None:
 
 
 def save_checkpoint(model, folder: Path, dtype: str = "float32", max_shard_size=None, extra_config: dict | None = None,
-                    drop_config: tuple = (), drop_top_config: tuple = ()) -> None:
+                    drop_config: tuple = (), drop_top_config: tuple = (), fused_experts: bool = False) -> None:
     """save_pretrained in fp32 or bf16 (optionally sharded), then patch config.json if asked.
 
     ``extra_config`` / ``drop_config`` edit the text config (``text_config`` in the multimodal
-    wrapper); ``drop_top_config`` removes fields of the wrapper itself.
+    wrapper); ``drop_top_config`` removes fields of the wrapper itself. MoE experts are saved
+    per expert (``experts.{e}.gate_proj.weight`` …, what save_pretrained writes by default)
+    unless ``fused_experts`` (``experts.gate_up_proj``, ``experts.down_proj``: transformers'
+    in-memory layout, written with ``save_original_format=False``).
     """
     folder = Path(folder)
     kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    if fused_experts:
+        kwargs["save_original_format"] = False
     if dtype == "bfloat16":
         round_to_bf16(model)
         # Save a bf16 copy: casting the model itself there and back would also round its
@@ -164,8 +193,10 @@ def run_reference(model, token_ids: np.ndarray, n_greedy: int = 0) -> dict[str, 
     ``logits`` [T, V]; ``hidden.{i}`` the output of decoder layer i [T, H]; ``norm`` the final
     norm's output; ``state.{i}.conv`` (last K−1 conv inputs, [K−1, conv_dim]) and
     ``state.{i}.recurrent`` [Hv, Dk, Dv] for DeltaNet layers, ``state.{i}.keys/values``
-    [Hkv, T, D] for attention layers; ``greedy`` the next n_greedy argmax tokens decoded one
-    at a time through the reference cache, with ``greedy_margin`` the top-1 − top-2 logit gap.
+    [Hkv, T, D] for attention layers; for MoE layers ``router_logits.{i}`` [T, E] and
+    ``experts_chosen.{i}`` [T, k] (the router's top-k, best first); ``greedy`` the next
+    n_greedy argmax tokens decoded one at a time through the reference cache, with
+    ``greedy_margin`` the top-1 − top-2 logit gap.
     """
     inner = _decoder_layers(model)
     captured: dict[str, np.ndarray] = {}
@@ -174,6 +205,14 @@ def run_reference(model, token_ids: np.ndarray, n_greedy: int = 0) -> dict[str, 
         hooks.append(layer.register_forward_hook(
             lambda mod, args, out, i=i: captured.__setitem__(f"hidden.{i}", out[0].float().numpy().copy())
         ))
+    for i, layer in enumerate(inner.layers):
+        if hasattr(layer.mlp, "gate"):  # an MoE block: its router returns (logits, weights, indices)
+            hooks.append(layer.mlp.gate.register_forward_hook(
+                lambda mod, args, out, i=i: captured.update({
+                    f"router_logits.{i}": out[0].float().numpy().copy(),
+                    f"experts_chosen.{i}": out[2].numpy().astype(np.int64),
+                })
+            ))
     hooks.append(inner.norm.register_forward_hook(
         lambda mod, args, out: captured.__setitem__("norm", out[0].float().numpy().copy())
     ))

@@ -1,0 +1,96 @@
+"""YaRN rotary scaling, against transformers 5.23.0."""
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import minqwen
+from conftest import require_reference
+from minqwen import MinqwenError
+from minqwen.config import YarnScaling, config_from_dict
+from minqwen.rope import yarn_inverse_frequencies
+
+pytestmark = pytest.mark.reference
+
+
+def text_config(rope, **overrides):
+    cfg = dict(
+        vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        layer_types=["linear_attention", "full_attention"], num_attention_heads=2, num_key_value_heads=1,
+        head_dim=16, linear_num_key_heads=1, linear_num_value_heads=2, linear_key_head_dim=8,
+        linear_value_head_dim=8, linear_conv_kernel_dim=4, max_position_embeddings=256, rope_parameters=rope,
+    )
+    cfg.update(overrides)
+    return cfg
+
+
+yarn_parameters = st.fixed_dictionaries(
+    {"rope_type": st.just("yarn"), "factor": st.sampled_from([2.0, 4.0, 8.0, 32.0]),
+     "rope_theta": st.sampled_from([1e4, 1e6, 1e7]), "partial_rotary_factor": st.sampled_from([0.25, 0.5, 1.0])},
+    optional={"original_max_position_embeddings": st.sampled_from([16, 64, 4096]),
+              "attention_factor": st.floats(0.5, 2.0), "beta_fast": st.sampled_from([16.0, 32.0, 64.0]),
+              "beta_slow": st.sampled_from([0.5, 1.0, 2.0]), "mscale": st.sampled_from([0.5, 0.707, 1.0]),
+              "mscale_all_dim": st.sampled_from([0.5, 1.0]), "truncate": st.booleans()},
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(rope=yarn_parameters, head_dim=st.sampled_from([16, 64, 256]))
+def test_yarn_frequencies_and_attention_factor_match_transformers(rope, head_dim):
+    require_reference()
+    from transformers import Qwen3_5TextConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    reference = Qwen3_5TextConfig(**text_config(dict(rope), head_dim=head_dim))
+    inv_freq, factor = ROPE_INIT_FUNCTIONS["yarn"](reference)
+    ours = config_from_dict(dict(text_config(dict(rope), head_dim=head_dim), model_type="qwen3_5_text"))
+    got, got_factor = yarn_inverse_frequencies(ours.rope_theta, ours.rotary_dim, ours.yarn)
+    np.testing.assert_allclose(got, inv_freq.numpy(), rtol=2e-7)
+    assert got_factor == pytest.approx(factor, rel=1e-12)
+
+
+def test_mscale_alone_changes_nothing_and_with_mscale_all_dim_it_does():
+    base = YarnScaling(factor=4.0, original_max_position_embeddings=64)
+    _, plain = yarn_inverse_frequencies(1e4, 32, base)
+    _, alone = yarn_inverse_frequencies(1e4, 32, YarnScaling(factor=4.0, original_max_position_embeddings=64, mscale=0.7))
+    _, both = yarn_inverse_frequencies(1e4, 32, YarnScaling(factor=4.0, original_max_position_embeddings=64,
+                                                            mscale=0.7, mscale_all_dim=1.0))
+    assert alone == plain and both != plain
+
+
+@settings(max_examples=8, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(rope=yarn_parameters, length=st.sampled_from([10, 40]), seed=st.integers(0, 1000))
+def test_yarn_models_match_transformers_below_and_above_the_original_context(tmp_path_factory, rope, length, seed):
+    reference = require_reference()
+    import torch
+
+    rope = dict(rope, original_max_position_embeddings=16)  # 10 tokens below it, 40 above
+    text = text_config(rope)
+    model = reference.build_model(text, seed)
+    folder = tmp_path_factory.mktemp("yarn")
+    reference.save_checkpoint(model, folder)
+    ids = np.random.default_rng(seed).integers(0, 97, size=length)
+    with torch.no_grad():
+        expected = model(input_ids=torch.tensor(ids[None])).logits[0].numpy()
+    np.testing.assert_allclose(minqwen.load(folder).forward(ids), expected, rtol=0, atol=1e-4)
+
+
+def test_yarn_is_static_the_same_frequencies_at_every_position():
+    cfg = config_from_dict(dict(text_config({"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4,
+                                             "original_max_position_embeddings": 16}), model_type="qwen3_5_text"))
+    assert cfg.yarn.factor == 4.0 and cfg.yarn.beta_fast == 32.0 and cfg.yarn.truncate is True
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"rope_type": "yarn", "factor": -1.0}, "factor"),
+    ({"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 0}, "original_max_position_embeddings"),
+    ({"rope_type": "yarn", "factor": 2.0, "truncate": "yes"}, "truncate"),
+    ({"rope_type": "yarn", "factor": 2.0, "bogus": 1}, "bogus"),
+    ({"rope_type": "linear", "factor": 2.0}, "'linear'"),
+    ({"rope_type": "default", "factor": 2.0}, "factor"),
+])
+def test_bad_rope_scaling_fields_are_clear_errors(bad, message):
+    with pytest.raises(MinqwenError, match=message):
+        config_from_dict(dict(text_config(bad), model_type="qwen3_5_text"))
