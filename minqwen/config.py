@@ -16,9 +16,10 @@ replaced by a sparse MoE block: no ``intermediate_size``, four expert sizes inst
 dense model simply has ``num_experts == 0``.
 
 Every field transformers 5.23.0 knows for the text model is listed in :data:`TEXT_FIELDS`
-(and, for MoE models, :data:`MOE_TEXT_FIELDS`) with what minqwen does with it. Fields outside the table are reported with a warning, never
-silently dropped; a value minqwen cannot honour (a rope type it does not implement, an
-activation it does not know) is a :class:`~minqwen.errors.MinqwenError`.
+(for MoE models :data:`MOE_TEXT_FIELDS`) with what minqwen does with it. Fields outside the
+table are reported with a warning, never silently dropped; a value minqwen cannot honour (a
+rope type it does not implement, an activation it does not know, dense layers in an MoE
+model) is a :class:`~minqwen.errors.MinqwenError`.
 """
 
 from __future__ import annotations

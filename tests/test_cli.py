@@ -1,0 +1,122 @@
+"""The `minqwen` console script, run for real in a subprocess, on the embedded model."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import FIXTURES
+
+SCRIPT = shutil.which("minqwen") or ""
+ENV = dict(os.environ, PYTHONIOENCODING="utf-8")
+
+
+def run(*args, stdin=None, script=True):
+    command = [SCRIPT, *args] if script and SCRIPT else [sys.executable, "-m", "minqwen", *args]
+    return subprocess.run(command, input=stdin, capture_output=True, text=True, env=ENV, timeout=300)
+
+
+def assert_clean_error(result, message):
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert message in result.stderr, result.stderr
+
+
+def test_the_console_script_is_installed():
+    assert SCRIPT, "the `minqwen` console script is not on PATH (pip install the package)"
+
+
+def test_generate_streams_a_continuation_and_reports_speed():
+    result = run("generate", "def fibonacci(n):", "--max-new-tokens", "16", "--temperature", "0")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("def fibonacci(n):")
+    assert len(result.stdout) > len("def fibonacci(n):")
+    assert "prefill:" in result.stderr and "tok/s" in result.stderr
+
+
+def test_generate_reads_the_prompt_from_stdin_and_python_m_works_too():
+    result = run("generate", "--max-new-tokens", "8", stdin="import os\n", script=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("import os\n")
+
+
+def test_greedy_generation_is_reproducible_and_a_seed_reproduces_sampling():
+    a = run("generate", "class ", "--max-new-tokens", "12", "--temperature", "0")
+    b = run("generate", "class ", "--max-new-tokens", "12", "--temperature", "0")
+    assert a.stdout == b.stdout
+    c = run("generate", "class ", "--max-new-tokens", "12", "--temperature", "1", "--seed", "5")
+    d = run("generate", "class ", "--max-new-tokens", "12", "--temperature", "1", "--seed", "5")
+    assert c.stdout == d.stdout
+
+
+def test_chat_keeps_going_for_two_turns_over_stdin_and_ends_at_eof():
+    result = run("chat", "--no-think", "--max-new-tokens", "12", "--temperature", "0",
+                 stdin="Hello!\nWhat is Python?\n")
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stdout.count("\n") >= 2  # one answer per turn
+
+
+def test_inspect_shows_layers_memory_and_threads():
+    result = run("inspect", "--context", "1000")
+    assert result.returncode == 0, result.stderr
+    for text in ("Gated DeltaNet", "gated attention", "KV cache", "DeltaNet state", "threads:"):
+        assert text in result.stdout
+
+
+def test_score_prints_perplexity_and_bits_per_byte(tmp_path):
+    path = tmp_path / "sample.py"
+    path.write_text("def add(a, b):\n    return a + b\n" * 5)
+    result = run("score", str(path), "--window", "32")
+    assert result.returncode == 0, result.stderr
+    assert "perplexity:" in result.stdout and "bits per byte:" in result.stdout
+
+
+def test_empty_prompt_is_a_clean_error():
+    assert_clean_error(run("generate", "   "), "empty")
+
+
+def test_invalid_token_ids_are_a_clean_error():
+    assert_clean_error(run("generate", "--tokens", "1,2,999999999"), "outside the vocabulary")
+    assert_clean_error(run("generate", "--tokens", "1,x"), "--tokens must be integers")
+
+
+def test_a_prompt_longer_than_the_context_is_a_clean_error():
+    ids = ",".join(["1"] * 70000)
+    assert_clean_error(run("generate", "--tokens", ids), "beyond the model's context")
+
+
+def test_unknown_flags_are_a_clean_error():
+    result = run("generate", "hi", "--no-such-flag")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "unrecognized arguments" in result.stderr
+
+
+def test_a_folder_without_a_tokenizer_is_a_clean_error():
+    assert_clean_error(run("generate", "hi", "--model", str(FIXTURES / "text_tied_fp32")), "no tokenizer.json")
+
+
+def test_a_hub_id_not_in_the_local_cache_says_how_to_get_it(tmp_path):
+    env_cache = str(tmp_path)
+    result = subprocess.run([sys.executable, "-m", "minqwen", "generate", "hi", "--model", "Qwen/Qwen3.5-0.8B"],
+                            capture_output=True, text=True, env=dict(ENV, HF_HUB_CACHE=env_cache), timeout=120)
+    assert_clean_error(result, "not in the local Hugging Face cache")
+
+
+def test_a_hub_id_in_the_local_cache_resolves_offline(tmp_path):
+    snapshot = tmp_path / "models--org--tiny" / "snapshots" / "abc123"
+    shutil.copytree(FIXTURES / "text_tied_fp32", snapshot)
+    (tmp_path / "models--org--tiny" / "refs").mkdir()
+    (tmp_path / "models--org--tiny" / "refs" / "main").write_text("abc123")
+    result = subprocess.run([sys.executable, "-m", "minqwen", "inspect", "--model", "org/tiny"],
+                            capture_output=True, text=True, env=dict(ENV, HF_HUB_CACHE=str(tmp_path)), timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "abc123" in result.stdout
+
+
+@pytest.mark.parametrize("flag", ["--temperature=-1", "--top-p=0"])
+def test_bad_sampling_flags_are_a_clean_error(flag):
+    result = run("generate", "hi", flag)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
