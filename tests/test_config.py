@@ -18,7 +18,14 @@ from pathlib import Path
 import pytest
 
 from minqwen import MinqwenError
-from minqwen.config import TEXT_FIELDS, WRAPPER_FIELDS, TextConfig, config_from_dict, load_config
+from minqwen.config import (
+    MOE_TEXT_FIELDS,
+    TEXT_FIELDS,
+    WRAPPER_FIELDS,
+    TextConfig,
+    config_from_dict,
+    load_config,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 L, F = "linear_attention", "full_attention"
@@ -238,10 +245,11 @@ def test_rope_theta_defaults_to_10000_when_rope_parameters_has_none():
     assert c.rope_theta == 10000.0
 
 
-@pytest.mark.parametrize("rope_type", ["yarn", "linear", "dynamic", "mrope", None])
-def test_a_rope_type_other_than_default_is_an_error_naming_the_field(rope_type):
+@pytest.mark.parametrize("rope_type", ["linear", "dynamic", "mrope", None])
+def test_a_rope_type_other_than_default_or_yarn_is_an_error_naming_the_field(rope_type):
     with pytest.raises(
-        MinqwenError, match=rf"field 'rope_parameters\.rope_type' is {re.escape(repr(rope_type))}; .*only 'default'"
+        MinqwenError,
+        match=rf"field 'rope_parameters\.rope_type' is {re.escape(repr(rope_type))}; .*'default' and 'yarn'",
     ):
         parse(small_text(rope_parameters={"rope_type": rope_type, "rope_theta": 1e4, "factor": 4.0}))
 
@@ -314,10 +322,118 @@ def test_a_missing_model_type_is_an_error_naming_the_field():
         parse(raw)
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_5_moe", "qwen3_5_moe_text"])
-def test_the_mixture_of_experts_variant_is_an_error_saying_it_is_not_supported_yet(model_type):
-    with pytest.raises(MinqwenError, match=rf"model_type '{model_type}' \(sparse mixture of experts\) is not supported yet"):
-        parse(small_text(model_type=model_type))
+# ----------------------------------------------------------------------------- mixture of experts
+
+
+def small_moe(**overrides) -> dict:
+    """A valid qwen3_5_moe_text config.json dict (the moe_text_per_expert_fp32 fixture's), with overrides."""
+    raw = json.loads((FIXTURES / "moe_text_per_expert_fp32" / "config.json").read_text())
+    raw.update(overrides)
+    return raw
+
+
+def moe_wrapped(text: dict, **top) -> dict:
+    return {**wrapped(text, **top), "model_type": "qwen3_5_moe", "architectures": ["Qwen3_5MoeForConditionalGeneration"]}
+
+
+def test_an_moe_text_config_reads_the_expert_fields():
+    c = parse(small_moe(num_experts=6, num_experts_per_tok=3, moe_intermediate_size=20,
+                        shared_expert_intermediate_size=28))
+    assert c.is_moe
+    assert (c.num_experts, c.num_experts_per_tok, c.moe_intermediate_size, c.shared_expert_intermediate_size) == (
+        6, 3, 20, 28,
+    )
+    assert c.intermediate_size == 0  # there is no dense MLP
+
+
+def test_a_dense_config_has_no_experts():
+    c = parse(small_text())
+    assert not c.is_moe
+    assert (c.num_experts, c.num_experts_per_tok, c.moe_intermediate_size, c.shared_expert_intermediate_size) == (
+        0, 0, 0, 0,
+    )
+
+
+def test_the_moe_wrapper_reads_the_text_model_from_text_config():
+    text = small_moe(tie_word_embeddings=False)
+    text["model_type"] = "qwen3_5_moe_text"
+    assert parse(moe_wrapped(text)) == parse(text)
+
+
+def test_the_moe_wrapper_needs_an_moe_text_model_inside():
+    with pytest.raises(MinqwenError, match=r"text_config\.model_type is 'qwen3_5_text'; expected 'qwen3_5_moe_text'"):
+        parse(moe_wrapped(small_text()))
+
+
+def test_moe_defaults_equal_those_of_transformers_5_23():
+    c = parse({"model_type": "qwen3_5_moe_text"})
+    assert (c.num_experts, c.num_experts_per_tok, c.moe_intermediate_size, c.shared_expert_intermediate_size) == (
+        256, 8, 512, 512,
+    )
+    assert (c.hidden_size, c.num_hidden_layers, c.num_key_value_heads, c.intermediate_size) == (2048, 40, 2, 0)
+    assert (c.vocab_size, c.num_attention_heads, c.head_dim, c.linear_num_value_heads) == (248320, 16, 256, 32)
+
+
+@pytest.mark.parametrize("field", ["num_experts", "num_experts_per_tok", "moe_intermediate_size",
+                                   "shared_expert_intermediate_size"])
+@pytest.mark.parametrize("value", [4.0, "4", None, True, [4]], ids=repr)
+def test_an_expert_size_that_is_not_an_integer_is_an_error_naming_the_field(field, value):
+    with pytest.raises(MinqwenError, match=rf"field '{field}' must be an integer, got {re.escape(repr(value))}"):
+        parse(small_moe(**{field: value}))
+
+
+@pytest.mark.parametrize("field", ["num_experts", "num_experts_per_tok", "moe_intermediate_size",
+                                   "shared_expert_intermediate_size"])
+def test_an_expert_size_below_one_is_an_error_naming_the_field(field):
+    with pytest.raises(MinqwenError, match=rf"field '{field}' must be at least 1, got 0"):
+        parse(small_moe(**{field: 0}))
+
+
+def test_more_experts_per_token_than_experts_is_an_error_naming_both():
+    with pytest.raises(MinqwenError, match=r"field 'num_experts_per_tok' \(5\) must be at most num_experts \(4\)"):
+        parse(small_moe(num_experts_per_tok=5))
+
+
+def test_top_k_may_equal_the_number_of_experts():
+    assert parse(small_moe(num_experts_per_tok=4)).num_experts_per_tok == 4
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("mlp_only_layers", [0]), ("mlp_only_layers", [1, 3]), ("decoder_sparse_step", 2), ("norm_topk_prob", False)],
+)
+def test_an_moe_field_asking_for_dense_layers_or_unnormalised_weights_is_an_error_naming_it(field, value):
+    # transformers 5.23.0 would silently build every layer MoE with renormalised weights: not
+    # the model the field describes, so minqwen refuses rather than guess.
+    with pytest.raises(MinqwenError, match=rf"field '{field}' is {re.escape(repr(value))}; transformers 5\.23\.0 "
+                                           r"ignores it and builds every layer as a sparse MoE block"):
+        parse(small_moe(**{field: value}))
+
+
+def test_moe_fields_at_the_values_the_reference_implies_are_accepted_silently():
+    c = parse(small_moe(mlp_only_layers=[], decoder_sparse_step=1, norm_topk_prob=True))
+    assert c == parse(small_moe())
+
+
+def test_in_an_moe_config_intermediate_size_and_training_fields_are_ignored_silently():
+    c = parse(small_moe(intermediate_size=1234, router_aux_loss_coef=0.5, output_router_logits=True))
+    assert c == parse(small_moe())
+
+
+def test_expert_fields_in_a_dense_config_are_a_warning_naming_them():
+    with pytest.warns(UserWarning, match=r"not used: moe_intermediate_size, num_experts$"):
+        config_from_dict(small_text(num_experts=4, moe_intermediate_size=8), source="config.json")
+
+
+def test_an_moe_config_round_trips_through_to_dict_and_a_dense_dict_has_no_expert_fields():
+    c = parse(small_moe())
+    d = c.to_dict()
+    assert "intermediate_size" not in d and d["num_experts"] == 4
+    section = d.pop("mrope_section")
+    again = parse({"model_type": "qwen3_5_moe_text", "rope_parameters": {"mrope_section": section}, **d})
+    assert again == c
+    assert not set(parse(small_text()).to_dict()) & {"num_experts", "num_experts_per_tok", "moe_intermediate_size",
+                                                     "shared_expert_intermediate_size"}
 
 
 # ----------------------------------------------------------------------------- sizes and other fields
@@ -484,7 +600,7 @@ def test_the_config_is_frozen_and_round_trips_through_to_dict():
 
 
 def test_the_field_tables_say_what_minqwen_does_with_every_field():
-    for table in (TEXT_FIELDS, WRAPPER_FIELDS):
+    for table in (TEXT_FIELDS, MOE_TEXT_FIELDS, WRAPPER_FIELDS):
         for name, what in table.items():
             assert re.match(r"(honoured|defaulted|ignored|metadata|reported)\b", what), (name, what)
 
@@ -522,6 +638,41 @@ def test_every_field_of_transformers_qwen3_5_config_is_listed_in_wrapper_fields(
     generic = set(transformers.PreTrainedConfig.__dataclass_fields__)
     own = {name for name in transformers.Qwen3_5Config.__dataclass_fields__ if name not in generic}
     assert sorted(own - set(WRAPPER_FIELDS)) == []
+
+
+@pytest.mark.reference
+def test_every_field_of_transformers_moe_configs_is_listed_in_the_moe_tables():
+    transformers = pytest.importorskip("transformers")
+    generic = set(transformers.PreTrainedConfig.__dataclass_fields__)
+    ref = transformers.Qwen3_5MoeTextConfig
+    own = {name for name in ref.__dataclass_fields__ if name not in generic}
+    assert {"num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size"} <= own
+    assert sorted(own - set(MOE_TEXT_FIELDS)) == []
+    assert sorted(set(ref(num_hidden_layers=4).to_diff_dict()) - set(MOE_TEXT_FIELDS)) == []
+    legacy = set(re.findall(r"kwargs\.(?:pop|get|setdefault)\(\s*[\"'](\w+)[\"']", inspect.getsource(ref.__post_init__)))
+    assert sorted(legacy - set(MOE_TEXT_FIELDS)) == []
+    wrapper = {name for name in transformers.Qwen3_5MoeConfig.__dataclass_fields__ if name not in generic}
+    assert sorted(wrapper - set(WRAPPER_FIELDS)) == []
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"num_experts": 6, "num_experts_per_tok": 6, "moe_intermediate_size": 24, "shared_expert_intermediate_size": 8},
+        {"num_hidden_layers": 6, "full_attention_interval": 3, "num_experts": 1, "num_experts_per_tok": 1},
+    ],
+    ids=["defaults", "top-k-all", "one-expert"],
+)
+def test_an_moe_config_read_by_transformers_and_by_minqwen_agree(overrides):
+    transformers = pytest.importorskip("transformers")
+    ref = transformers.Qwen3_5MoeTextConfig(**copy.deepcopy(overrides))
+    ours = parse({"model_type": "qwen3_5_moe_text", **copy.deepcopy(overrides)})
+    moe_sizes = ["num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size"]
+    for name in [f for f in SIZE_FIELDS if f != "intermediate_size"] + moe_sizes + ["hidden_act", "rms_norm_eps"]:
+        assert getattr(ours, name) == getattr(ref, name), name
+    assert list(ours.layer_types) == ref.layer_types
 
 
 @pytest.mark.reference

@@ -3,7 +3,9 @@
 The fixtures (tests/fixtures/, built by tools/make_fixtures.py) cover both key layouts, tied
 and untied heads, fp32 and bf16 storage, a sharded checkpoint, grouped value heads, several
 conv kernels, head dims and rotary fractions, attention biases, and a config that derives its
-layer types from full_attention_interval.
+layer types from full_attention_interval; and mixture-of-experts models (``moe_*``) with 3 to
+16 experts, top-1 to top-k = all, experts stored per expert and fused, text-only and
+multimodal.
 """
 
 import numpy as np
@@ -36,6 +38,19 @@ def test_logits_and_every_layer_output_match_the_reference(fixture):
         np.testing.assert_allclose(taps[f"layers.{i}.output"], expected[f"hidden.{i}"], rtol=0, atol=ATOL,
                                    err_msg=f"layer {i}")
     np.testing.assert_allclose(taps["norm"], expected["norm"], rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("name", [n for n in FIXTURE_NAMES if n.startswith("moe_")])
+def test_moe_routers_choose_the_experts_the_reference_chose(name):
+    model = minqwen.load(FIXTURES / name)
+    expected = load_file(str(FIXTURES / name / "expected.safetensors"))
+    assert model.config.is_moe
+    taps = {}
+    model.forward(expected["token_ids"], tap=lambda tap_name, x: taps.__setitem__(tap_name, x.copy()))
+    for i in range(len(model.layers)):
+        np.testing.assert_allclose(taps[f"layers.{i}.mlp.router_logits"], expected[f"router_logits.{i}"], rtol=0,
+                                   atol=ATOL, err_msg=f"layer {i}")
+        assert (taps[f"layers.{i}.mlp.experts_chosen"] == expected[f"experts_chosen.{i}"]).all(), f"layer {i}"
 
 
 def test_decode_state_after_the_prompt_matches_the_reference(fixture):

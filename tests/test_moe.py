@@ -1,0 +1,445 @@
+"""The sparse mixture-of-experts block, as a specification.
+
+* the router: softmax over experts, top-k, renormalised; exact ties go to the lowest expert index;
+* the gather (group by expert, one matmul per expert, scatter back weighted): its Numba kernels
+  equal their NumPy twins, and the whole equals a dense loop over every expert masked by the
+  routing; permuting the tokens permutes the output;
+* loading: both expert layouts, detected per layer; experts stay memory-mapped in their stored
+  dtype, and a decode step indexes only the experts its token chose;
+* the live lane: random MoE configs built in transformers 5.23.0 agree with minqwen to 1e-4.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import mmap
+import shutil
+
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.numpy import load_file, save_file
+
+import minqwen
+from conftest import FIXTURE_NAMES, FIXTURES, require_reference
+from minqwen import MinqwenError
+from minqwen.activations import ACTIVATIONS
+from minqwen.moe import (
+    Experts,
+    group_by_expert,
+    group_by_expert_numpy,
+    route,
+    routed_experts,
+    scatter_weighted,
+    scatter_weighted_numpy,
+)
+
+ATOL = 1e-4
+MOE_FIXTURES = [name for name in FIXTURE_NAMES if name.startswith("moe_")]
+BF16 = np.dtype(ml_dtypes.bfloat16)
+
+
+# ============================================================================ helpers
+
+
+def random_experts(rng, n_experts, hidden, width, layout, dtype) -> Experts:
+    """E random SwiGLU experts, stored in ``dtype``, per expert (lists) or fused (views of one array)."""
+    gate_up = (rng.normal(size=(n_experts, 2 * width, hidden)) / np.sqrt(hidden)).astype(dtype)
+    down = (rng.normal(size=(n_experts, hidden, width)) / np.sqrt(width)).astype(dtype)
+    if layout == "fused":
+        return Experts(gate_up[:, :width], gate_up[:, width:], down, layout="fused")
+    return Experts([g for g in gate_up[:, :width].copy()], [u for u in gate_up[:, width:].copy()],
+                   [d for d in down.copy()])
+
+
+def dense_masked_moe(x, experts: Experts, chosen, weights, hidden_act):
+    """The definition of the routed part: every expert on every token, weighted by the routing (0 if not chosen)."""
+    act = ACTIVATIONS[hidden_act]
+    out = np.zeros_like(x)
+    for e in range(len(experts)):
+        gate, up, down = (np.asarray(m[e], dtype=x.dtype) for m in (experts.gate_proj, experts.up_proj,
+                                                                      experts.down_proj))
+        y = (act(x @ gate.T) * (x @ up.T)) @ down.T  # [T, H]: expert e on every token
+        w = (weights * (chosen == e)).sum(axis=-1)  # [T]: each token's weight for e (0 when not chosen)
+        out += w[:, None] * y
+    return out
+
+
+def random_routing(rng, t_len, n_experts, top_k):
+    """k distinct experts per token, and positive weights summing to one."""
+    chosen = np.stack([rng.permutation(n_experts)[:top_k] for _ in range(t_len)]).astype(np.int64)  # [T, k]
+    weights = rng.uniform(0.1, 1, size=(t_len, top_k)).astype(np.float32)
+    return chosen, weights / weights.sum(axis=-1, keepdims=True)
+
+
+class Counting:
+    """An expert sequence that counts how often each expert is indexed (the counting tests)."""
+
+    def __init__(self, inner, counts: dict):
+        self.inner, self.counts = inner, counts
+
+    def __getitem__(self, e):
+        self.counts[int(e)] = self.counts.get(int(e), 0) + 1
+        return self.inner[e]
+
+    def __len__(self):
+        return len(self.inner)
+
+
+def count_expert_use(model) -> list[dict]:
+    """Wrap every layer's experts in Counting; returns, per layer, {expert: times indexed}."""
+    per_layer = []
+    for layer in model.layers:
+        counts: dict[int, int] = {}
+        ex = layer.mlp.experts
+        layer.mlp.experts = dataclasses.replace(
+            ex, gate_proj=Counting(ex.gate_proj, counts), up_proj=Counting(ex.up_proj, counts),
+            down_proj=Counting(ex.down_proj, counts),
+        )
+        per_layer.append(counts)
+    return per_layer
+
+
+def backed_by_file(array) -> bool:
+    """True if the array's memory is a memory map of a file (it owns no copy)."""
+    while array is not None:
+        if isinstance(array, (np.memmap, mmap.mmap)):
+            return True
+        array = getattr(array, "base", None)
+    return False
+
+
+# ============================================================================ the router
+
+
+@settings(max_examples=60, deadline=None)
+@given(t_len=st.integers(1, 12), n_experts=st.integers(1, 10), data=st.data(), seed=st.integers(0, 2**31))
+def test_the_router_is_softmax_top_k_renormalised(t_len, n_experts, data, seed):
+    rng = np.random.default_rng(seed)
+    top_k = data.draw(st.integers(1, n_experts))
+    x = rng.normal(size=(t_len, 8)).astype(np.float32)
+    gate = rng.normal(size=(n_experts, 8)).astype(np.float32)
+    logits, chosen, weights = route(x, gate, top_k)
+    assert logits.shape == (t_len, n_experts) and chosen.shape == weights.shape == (t_len, top_k)
+    assert chosen.dtype == np.int64 and weights.dtype == np.float32
+    np.testing.assert_allclose(logits, x @ gate.T, rtol=1e-6, atol=1e-6)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    for t in range(t_len):
+        assert len(set(chosen[t])) == top_k  # k distinct experts
+        p = probs[t, chosen[t]]
+        assert (np.diff(p) <= 0).all()  # best first
+        others = np.delete(probs[t], chosen[t])
+        assert others.size == 0 or others.max() <= p.min()  # nothing left out beats what was chosen
+        np.testing.assert_allclose(weights[t], p / p.sum(), rtol=1e-5)
+    np.testing.assert_allclose(weights.sum(-1), 1, rtol=1e-6)
+
+
+def test_exact_ties_go_to_the_lowest_expert_index():
+    x = np.ones((1, 4), np.float32)
+    # Equal rows give equal scores: every expert ties with every other.
+    _, chosen, weights = route(x, np.ones((6, 4), np.float32), 3)
+    assert chosen.tolist() == [[0, 1, 2]]
+    np.testing.assert_allclose(weights, 1 / 3)
+    # Expert 4 is best; 1, 3 and 5 tie for second: the lower indices win the two places left.
+    gate = np.array([[0.0] * 4, [1.0] * 4, [0.0] * 4, [1.0] * 4, [2.0] * 4, [1.0] * 4], np.float32)
+    _, chosen, _ = route(x, gate, 3)
+    assert chosen.tolist() == [[4, 1, 3]]
+
+
+@settings(max_examples=80, deadline=None)
+@given(scores=st.lists(st.lists(st.integers(-2, 2), min_size=7, max_size=7), min_size=1, max_size=6),
+       top_k=st.integers(1, 7))
+def test_among_equal_router_scores_lower_indices_are_chosen_first(scores, top_k):
+    # Integer logits in a small range: ties everywhere. The rule: rank by score, then by index.
+    gate = np.array(scores, np.float32).T  # [E, T]: token t's input is one-hot at t, so its logits are scores[t]
+    _, chosen, _ = route(np.eye(len(scores), dtype=np.float32), gate, top_k)
+    for t, row in enumerate(scores):
+        assert chosen[t].tolist() == sorted(range(7), key=lambda e: (-row[e], e))[:top_k]
+
+
+# ============================================================================ the gather
+
+
+@settings(max_examples=60, deadline=None)
+@given(t_len=st.integers(1, 40), n_experts=st.integers(1, 16), data=st.data(), seed=st.integers(0, 2**31))
+def test_grouping_kernel_equals_its_numpy_twin(t_len, n_experts, data, seed):
+    top_k = data.draw(st.integers(1, n_experts))
+    chosen, _ = random_routing(np.random.default_rng(seed), t_len, n_experts, top_k)
+    order, offsets = group_by_expert(chosen, n_experts)
+    order_twin, offsets_twin = group_by_expert_numpy(chosen, n_experts)
+    assert order.tolist() == order_twin.tolist()
+    assert offsets.tolist() == offsets_twin.tolist()
+    # What the twin means: expert e's assignments, in token order, sit at order[offsets[e]:offsets[e + 1]].
+    flat = chosen.reshape(-1)
+    for e in range(n_experts):
+        mine = order[offsets[e]:offsets[e + 1]]
+        assert mine.tolist() == np.flatnonzero(flat == e).tolist()
+
+
+@settings(max_examples=60, deadline=None)
+@given(t_len=st.integers(1, 30), n_experts=st.integers(1, 8), hidden=st.integers(1, 24), data=st.data(),
+       dtype=st.sampled_from([np.float32, np.float64]), seed=st.integers(0, 2**31))
+def test_scatter_kernel_equals_its_numpy_twin(t_len, n_experts, hidden, data, dtype, seed):
+    rng = np.random.default_rng(seed)
+    top_k = data.draw(st.integers(1, n_experts))
+    chosen, weights = random_routing(rng, t_len, n_experts, top_k)
+    order, _ = group_by_expert_numpy(chosen, n_experts)
+    ys = rng.normal(size=(t_len * top_k, hidden)).astype(dtype)
+    w = weights.reshape(-1).astype(dtype)
+    got = scatter_weighted(ys, order, w, top_k, t_len)
+    twin = scatter_weighted_numpy(ys, order, w, top_k, t_len)
+    assert got.dtype == twin.dtype == dtype
+    np.testing.assert_array_equal(got, twin)  # the same products, added in the same order
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(t_len=st.integers(1, 24), n_experts=st.integers(1, 8), hidden=st.integers(1, 16), width=st.integers(1, 12),
+       layout=st.sampled_from(["per_expert", "fused"]), stored=st.sampled_from(["float32", "bfloat16", "float16"]),
+       act=st.sampled_from(["silu", "gelu_pytorch_tanh"]), data=st.data(), seed=st.integers(0, 2**31))
+def test_the_gather_equals_a_dense_loop_over_all_experts_masked_by_routing(
+        t_len, n_experts, hidden, width, layout, stored, act, data, seed):
+    rng = np.random.default_rng(seed)
+    top_k = data.draw(st.integers(1, n_experts))
+    experts = random_experts(rng, n_experts, hidden, width, layout, np.dtype(stored) if stored != "bfloat16" else BF16)
+    x = rng.normal(size=(t_len, hidden)).astype(np.float32)
+    chosen, weights = random_routing(rng, t_len, n_experts, top_k)
+
+    dense = dense_masked_moe(x, experts, chosen, weights, act)
+    kernels = routed_experts(x, experts, chosen, weights, act)
+    twins = routed_experts(x, experts, chosen, weights, act, grouped=group_by_expert_numpy,
+                           scatter=scatter_weighted_numpy)
+    np.testing.assert_allclose(kernels, dense, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(twins, kernels, rtol=1e-6, atol=1e-6)
+    # In float64 the three agree to round-off: the algebra is the same, not just close.
+    x64 = x.astype(np.float64)
+    np.testing.assert_allclose(routed_experts(x64, experts, chosen, weights.astype(np.float64), act),
+                               dense_masked_moe(x64, experts, chosen, weights.astype(np.float64), act),
+                               rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", MOE_FIXTURES)
+def test_permuting_tokens_permutes_the_moe_blocks_output(name):
+    from minqwen.moe import sparse_moe_block
+
+    model = minqwen.load(FIXTURES / name)
+    c = model.config
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(23, c.hidden_size)).astype(np.float32)
+    perm = rng.permutation(23)
+    for layer in model.layers:
+        out = sparse_moe_block(x, layer.mlp, c.num_experts_per_tok, c.hidden_act)
+        permuted = sparse_moe_block(x[perm], layer.mlp, c.num_experts_per_tok, c.hidden_act)
+        np.testing.assert_allclose(permuted, out[perm], rtol=1e-6, atol=1e-6)
+
+
+# ============================================================================ loading and touching
+
+
+@pytest.mark.parametrize("name", MOE_FIXTURES)
+def test_experts_stay_memory_mapped_in_their_stored_dtype(name):
+    model = minqwen.load(FIXTURES / name)
+    stored = "bfloat16" if "bf16" in name else "float32"
+    for layer in model.layers:
+        ex = layer.mlp.experts
+        assert ex.layout == ("fused" if "fused" in name else "per_expert")
+        for matrices in (ex.gate_proj, ex.up_proj, ex.down_proj):
+            for e in range(len(ex)):
+                assert str(matrices[e].dtype) == stored
+                assert backed_by_file(matrices[e]), "an expert was copied into memory at load"
+
+
+@pytest.mark.parametrize("name", MOE_FIXTURES)
+def test_a_decode_step_touches_only_the_chosen_experts(name):
+    model = minqwen.load(FIXTURES / name)
+    ids = load_file(str(FIXTURES / name / "expected.safetensors"))["token_ids"]
+    cache = model.new_cache()
+    model.forward(ids, cache)
+    counts = count_expert_use(model)
+    taps = {}
+    model.forward([int(ids[0])], cache, tap=lambda tap_name, x: taps.__setitem__(tap_name, x.copy()))
+    for i, used in enumerate(counts):
+        chosen = set(taps[f"layers.{i}.mlp.experts_chosen"][0].tolist())
+        assert len(chosen) == model.config.num_experts_per_tok
+        assert set(used) == chosen, f"layer {i}: indexed {sorted(used)}, chosen {sorted(chosen)}"
+
+
+def test_a_prefill_indexes_each_chosen_expert_once_per_matrix():
+    # One matmul per expert over all of its tokens, not one per (token, expert) pair.
+    model = minqwen.load(FIXTURES / "moe_text_16_experts_top4_bf16")
+    counts = count_expert_use(model)
+    taps = {}
+    model.forward(np.arange(40) % model.config.vocab_size, tap=lambda tap_name, x: taps.__setitem__(tap_name, x))
+    for i, used in enumerate(counts):
+        assert set(used) == set(taps[f"layers.{i}.mlp.experts_chosen"].reshape(-1).tolist())
+        assert set(used.values()) == {3}  # gate_proj, up_proj and down_proj, once each
+
+
+def _fuse_layer_experts(tensors: dict, layer_prefix: str, n_experts: int) -> None:
+    """Rewrite one layer's per-expert tensors as the fused pair, in place."""
+    gate = [tensors.pop(f"{layer_prefix}experts.{e}.gate_proj.weight") for e in range(n_experts)]
+    up = [tensors.pop(f"{layer_prefix}experts.{e}.up_proj.weight") for e in range(n_experts)]
+    down = [tensors.pop(f"{layer_prefix}experts.{e}.down_proj.weight") for e in range(n_experts)]
+    tensors[f"{layer_prefix}experts.gate_up_proj"] = np.stack([np.concatenate([g, u]) for g, u in zip(gate, up)])
+    tensors[f"{layer_prefix}experts.down_proj"] = np.stack(down)
+
+
+def test_the_expert_layout_is_detected_per_layer(tmp_path):
+    # The bf16 35B-A3B release mixes layouts in one checkpoint; so does this copy of a fixture.
+    source = FIXTURES / "moe_text_per_expert_fp32"
+    shutil.copy(source / "config.json", tmp_path / "config.json")
+    tensors = load_file(str(source / "model.safetensors"))
+    _fuse_layer_experts(tensors, "model.layers.1.mlp.", 4)
+    _fuse_layer_experts(tensors, "model.layers.3.mlp.", 4)
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+
+    model = minqwen.load(tmp_path)
+    assert [layer.mlp.experts.layout for layer in model.layers] == ["per_expert", "fused", "per_expert", "fused"]
+    assert model.load_report == ""
+    expected = load_file(str(source / "expected.safetensors"))
+    np.testing.assert_allclose(model.forward(expected["token_ids"]), expected["logits"], rtol=0, atol=ATOL)
+
+
+def test_a_layer_with_both_expert_layouts_is_an_error_naming_it(tmp_path):
+    source = FIXTURES / "moe_text_per_expert_fp32"
+    shutil.copy(source / "config.json", tmp_path / "config.json")
+    tensors = load_file(str(source / "model.safetensors"))
+    tensors["model.layers.2.mlp.experts.gate_up_proj"] = np.zeros((4, 32, 48), np.float32)
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with pytest.raises(MinqwenError, match=r"'model\.layers\.2\.mlp\.experts\.' holds its experts twice"):
+        minqwen.load(tmp_path)
+
+
+def test_a_layer_without_experts_is_an_error_naming_both_layouts(tmp_path):
+    source = FIXTURES / "moe_text_per_expert_fp32"
+    shutil.copy(source / "config.json", tmp_path / "config.json")
+    tensors = {k: v for k, v in load_file(str(source / "model.safetensors")).items()
+               if not k.startswith("model.layers.0.mlp.experts.")}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with pytest.raises(MinqwenError, match=r"no experts for layer 'model\.layers\.0\.mlp\.experts\.': expected "
+                                           r"'model\.layers\.0\.mlp\.experts\.gate_up_proj'.*per expert"):
+        minqwen.load(tmp_path)
+
+
+@pytest.mark.parametrize("missing", ["experts.3.up_proj.weight", "shared_expert_gate.weight", "gate.weight"])
+def test_a_missing_moe_tensor_is_an_error_naming_it(tmp_path, missing):
+    source = FIXTURES / "moe_text_per_expert_fp32"
+    shutil.copy(source / "config.json", tmp_path / "config.json")
+    tensors = load_file(str(source / "model.safetensors"))
+    del tensors["model.layers.1.mlp." + missing]
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with pytest.raises(MinqwenError, match=rf"tensor 'model\.layers\.1\.mlp\.{missing}' is missing"):
+        minqwen.load(tmp_path)
+
+
+def test_experts_of_the_wrong_shape_are_an_error_naming_the_tensor_and_both_shapes(tmp_path):
+    source = FIXTURES / "moe_text_per_expert_fp32"
+    config = json.loads((source / "config.json").read_text())
+    config["moe_intermediate_size"] = 8
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    shutil.copy(source / "model.safetensors", tmp_path / "model.safetensors")
+    with pytest.raises(MinqwenError, match=r"tensor 'model\.layers\.0\.mlp\.experts\.0\.gate_proj\.weight' has shape "
+                                           r"\[16, 48\] but the config needs \[8, 48\]"):
+        minqwen.load(tmp_path)
+
+
+def test_experts_stored_as_integers_are_an_error_naming_the_dtype(tmp_path):
+    source = FIXTURES / "moe_text_per_expert_fp32"
+    shutil.copy(source / "config.json", tmp_path / "config.json")
+    tensors = load_file(str(source / "model.safetensors"))
+    name = "model.layers.0.mlp.experts.2.down_proj.weight"
+    tensors[name] = tensors[name].astype(np.int8)
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with pytest.raises(MinqwenError, match=r"experts\.2\.down_proj\.weight' is stored as I8"):
+        minqwen.load(tmp_path)
+
+
+def test_all_experts_active_gives_the_dense_masked_result():
+    # top-k = E: the gather then runs every expert, each over every token; so does the dense loop.
+    model = minqwen.load(FIXTURES / "moe_text_fused_all_experts_bf16")
+    c = model.config
+    assert c.num_experts_per_tok == c.num_experts
+    x = np.random.default_rng(1).normal(size=(9, c.hidden_size)).astype(np.float32)
+    for layer in model.layers:
+        _, chosen, weights = route(x, layer.mlp.gate, c.num_experts_per_tok)
+        np.testing.assert_allclose(routed_experts(x, layer.mlp.experts, chosen, weights, c.hidden_act),
+                                   dense_masked_moe(x, layer.mlp.experts, chosen, weights, c.hidden_act),
+                                   rtol=1e-5, atol=1e-5)
+
+
+# ============================================================================ the live lane
+
+
+@st.composite
+def moe_configs(draw):
+    n_experts = draw(st.integers(1, 8))
+    kv_heads = draw(st.sampled_from([1, 2]))
+    key_heads = draw(st.sampled_from([1, 2]))
+    n_layers = draw(st.integers(2, 4))
+    layer_types = draw(st.lists(st.sampled_from(["linear_attention", "full_attention"]),
+                                min_size=n_layers, max_size=n_layers))
+    if "full_attention" not in layer_types:
+        layer_types[draw(st.integers(0, n_layers - 1))] = "full_attention"  # the reference needs one to cache
+    return dict(
+        vocab_size=draw(st.integers(40, 200)),
+        hidden_size=draw(st.sampled_from([16, 24, 32])),
+        num_hidden_layers=n_layers,
+        layer_types=layer_types,
+        num_attention_heads=kv_heads * draw(st.sampled_from([1, 2])),
+        num_key_value_heads=kv_heads,
+        head_dim=draw(st.sampled_from([8, 16])),
+        hidden_act=draw(st.sampled_from(["silu", "silu", "gelu_pytorch_tanh"])),
+        rms_norm_eps=1e-6,
+        attention_bias=draw(st.booleans()),
+        tie_word_embeddings=draw(st.booleans()),
+        linear_conv_kernel_dim=draw(st.integers(2, 4)),
+        linear_num_key_heads=key_heads,
+        linear_num_value_heads=key_heads * draw(st.sampled_from([1, 2])),
+        linear_key_head_dim=draw(st.sampled_from([4, 8])),
+        linear_value_head_dim=draw(st.sampled_from([4, 8])),
+        max_position_embeddings=1024,
+        rope_parameters=dict(rope_type="default", rope_theta=1e4, partial_rotary_factor=0.5),
+        num_experts=n_experts,
+        num_experts_per_tok=draw(st.integers(1, n_experts)),
+        moe_intermediate_size=draw(st.sampled_from([4, 8, 12])),
+        shared_expert_intermediate_size=draw(st.sampled_from([4, 8, 16])),
+    )
+
+
+@pytest.mark.reference
+@settings(max_examples=25, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(text=moe_configs(), multimodal=st.booleans(), fused=st.booleans(),
+       dtype=st.sampled_from(["float32", "bfloat16"]), prompt_len=st.integers(1, 40), seed=st.integers(0, 2**16),
+       data=st.data())
+def test_random_moe_configs_match_transformers(tmp_path_factory, text, multimodal, fused, dtype, prompt_len, seed,
+                                               data):
+    reference = require_reference()
+    import torch
+
+    tie = data.draw(st.sampled_from([None, True, False])) if multimodal else None
+    model = reference.build_model(text, seed, multimodal=multimodal, tie=tie)
+    folder = tmp_path_factory.mktemp("moe")
+    reference.save_checkpoint(model, folder, dtype=dtype, fused_experts=fused)
+    ours = minqwen.load(folder)
+    assert all(layer.mlp.experts.layout == ("fused" if fused else "per_expert") for layer in ours.layers)
+
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, text["vocab_size"], size=prompt_len + 3)
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor(ids[None, :prompt_len]), use_cache=True)
+        expected = [out.logits[0].numpy()]
+        cache = out.past_key_values
+        for token in ids[prompt_len:]:
+            out = model(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            expected.append(out.logits[0].numpy())
+
+    our_cache = ours.new_cache()
+    got = [ours.forward(ids[:prompt_len], our_cache)]
+    got += [ours.forward([token], our_cache) for token in ids[prompt_len:]]
+    for step, (g, e) in enumerate(zip(got, expected)):
+        np.testing.assert_allclose(g, e, rtol=0, atol=ATOL, err_msg=f"step {step} of {text}")
