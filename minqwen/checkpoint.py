@@ -13,6 +13,16 @@ string → string pairs.
 
 A checkpoint folder holds either ``model.safetensors`` or shards listed by
 ``model.safetensors.index.json`` (``{"weight_map": {tensor name: file name}}``).
+
+FP8 checkpoints (config ``quantization_config.quant_method: "fp8"``, Qwen's "-FP8" releases)
+store most projection matrices as F8_E4M3 — one byte per weight — each with a sibling tensor of
+block scales, ``<name>_scale_inv`` (``….weight`` → ``….weight_scale_inv``; fused experts
+``experts.gate_up_proj`` → ``experts.gate_up_proj_scale_inv``). The weight is cut into blocks
+of ``weight_block_size`` = [b0, b1] (rows × columns) on a *ceiling* grid — the last row and
+column of blocks are cut short when b0 or b1 does not divide the shape — and the real weight is
+``fp8 value × its block's scale_inv`` (:func:`dequantize_fp8`). :meth:`Checkpoint.float32` and
+:meth:`Checkpoint.bfloat16` return FP8 weights dequantized, so the model computes with them
+exactly as with bf16 weights.
 """
 
 from __future__ import annotations
@@ -43,6 +53,7 @@ DTYPES: dict[str, np.dtype] = {
     "BOOL": np.dtype(np.bool_),
 }
 FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
+FP8_DTYPE = "F8_E4M3"  # the FP8 format Qwen's FP8 releases use (config fmt "e4m3"); read only with its scales
 
 # A header larger than this is not a safetensors header but a damaged length field.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -158,10 +169,16 @@ class SafetensorsFile:
 
 
 class Checkpoint:
-    """Every tensor of a checkpoint folder (single file or shards), by name."""
+    """Every tensor of a checkpoint folder (single file or shards), by name.
 
-    def __init__(self, folder: str | Path):
+    ``fp8_block``: the ``weight_block_size`` [b0, b1] of an FP8 checkpoint (from its config's
+    ``quantization_config``), or None when the config declares no FP8 quantization — then an
+    F8_E4M3 tensor is an error, since nothing says how its scales are laid out.
+    """
+
+    def __init__(self, folder: str | Path, fp8_block: tuple[int, int] | None = None):
         self.folder = Path(folder)
+        self.fp8_block = None if fp8_block is None else (int(fp8_block[0]), int(fp8_block[1]))
         index = self.folder / "model.safetensors.index.json"
         single = self.folder / "model.safetensors"
         self.files: dict[str, SafetensorsFile] = {}
@@ -216,14 +233,78 @@ class Checkpoint:
         return self.where[name].array(name)
 
     def float32(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
-        """The tensor widened to float32, after checking its shape and that it is a float type."""
+        """The tensor widened to float32, after checking its shape and that it is a float type.
+
+        An FP8 weight comes back dequantized (fp8 value × its block's scale, in float32).
+        """
         f = self._checked(name, shape)
+        if self.fp8_scale_name(name) is not None:
+            return self._dequantized(name)
         return f.read(name).astype(np.float32, copy=False)
 
     def bfloat16(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
-        """The tensor as bf16: as stored if it is bf16 (exact), else rounded to bf16."""
+        """The tensor as bf16: as stored if it is bf16 (exact), else rounded to bf16.
+
+        An FP8 weight is dequantized in float32 first, then rounded to bf16.
+        """
         f = self._checked(name, shape)
+        if self.fp8_scale_name(name) is not None:
+            return self._dequantized(name).astype(DTYPES["BF16"])
         return f.read(name).astype(DTYPES["BF16"], copy=False)
+
+    def mapped(self, name: str, shape: tuple[int, ...]):
+        """The tensor left in the file, after the same checks as :meth:`float32`: nothing is read.
+
+        A float tensor comes back as a read-only view of the memory map in its stored dtype;
+        an FP8 one as an :class:`FP8Tensor`, which dequantizes only the parts that are indexed.
+        """
+        self._checked(name, shape)
+        scale = self.fp8_scale_name(name)
+        if scale is not None:
+            return FP8Tensor(self.raw(name), self.raw(scale), self.fp8_block)
+        return self.raw(name)
+
+    def fp8_scale_name(self, name: str) -> str | None:
+        """The name of the block scales of ``name`` if it is an FP8 weight, else None.
+
+        Checks what dequantizing needs: an FP8 config, the scale tensor, a float dtype for it,
+        and one scale per block of the ceiling grid.
+        """
+        f = self.where[name]
+        if f.dtype_name(name) != FP8_DTYPE:
+            return None
+        where = f"{f.path}: tensor '{name}' is stored as {FP8_DTYPE} (FP8)"
+        if self.fp8_block is None:
+            raise MinqwenError(
+                f"{where} but {self.folder / 'config.json'} declares no FP8 quantization; an FP8 checkpoint's "
+                f"config.json has a quantization_config with quant_method 'fp8' and its weight_block_size"
+            )
+        scale = name + "_scale_inv"  # ….weight → ….weight_scale_inv; experts.gate_up_proj → …_scale_inv
+        if scale not in self.where:
+            raise MinqwenError(
+                f"{where} but its block scales '{scale}' are missing from the checkpoint; without them the "
+                f"weights would load wrong by a factor per block"
+            )
+        g = self.where[scale]
+        if g.dtype_name(scale) not in FLOAT_DTYPES:
+            raise MinqwenError(
+                f"{g.path}: tensor '{scale}' (the block scales of '{name}') is stored as {g.dtype_name(scale)}; "
+                f"scales must be one of {', '.join(FLOAT_DTYPES)}"
+            )
+        stored, shape = g.shape(scale), f.shape(name)
+        grid = fp8_scale_grid(shape, self.fp8_block) if len(shape) >= 2 else None
+        if stored != grid:
+            raise MinqwenError(
+                f"{g.path}: tensor '{scale}' has shape {list(stored)}, but '{name}' {list(shape)} in blocks of "
+                f"{list(self.fp8_block)} (weight_block_size) needs "
+                + (f"{list(grid)}: one scale per block, ⌈rows / {self.fp8_block[0]}⌉ × ⌈columns / "
+                   f"{self.fp8_block[1]}⌉" if grid else "a matrix, not a vector")
+            )
+        return scale
+
+    def _dequantized(self, name: str) -> np.ndarray:
+        scale = self.fp8_scale_name(name)
+        return dequantize_fp8(self.where[name].read(name), self.where[scale].read(scale), self.fp8_block)
 
     def _checked(self, name: str, shape: tuple[int, ...]) -> SafetensorsFile:
         if name not in self.where:
@@ -235,11 +316,81 @@ class Checkpoint:
                 f"{f.path}: tensor '{name}' has shape {list(stored)} but the config needs {list(shape)}"
             )
         dtype = f.dtype_name(name)
-        if dtype not in FLOAT_DTYPES:
+        if dtype not in FLOAT_DTYPES and dtype != FP8_DTYPE:
             raise MinqwenError(
-                f"{f.path}: tensor '{name}' is stored as {dtype}; minqwen expects one of {', '.join(FLOAT_DTYPES)}"
+                f"{f.path}: tensor '{name}' is stored as {dtype}; minqwen expects one of {', '.join(FLOAT_DTYPES)} "
+                f"(or {FP8_DTYPE} with block scales, in an FP8 checkpoint)"
             )
         return f
+
+
+# --------------------------------------------------------------------------- FP8 weights
+
+
+def fp8_scale_grid(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, ...]:
+    """The shape of an FP8 weight's scales: [..., R, C] in blocks of [b0, b1] → [..., ⌈R/b0⌉, ⌈C/b1⌉]."""
+    *lead, rows, cols = shape
+    return (*lead, -(-rows // block[0]), -(-cols // block[1]))
+
+
+def dequantize_fp8(weight: np.ndarray, scale_inv: np.ndarray, block: tuple[int, int]) -> np.ndarray:
+    """FP8 weight [..., R, C] × block scales [..., ⌈R/b0⌉, ⌈C/b1⌉] → the weight in float32 [..., R, C].
+
+    Element (r, c) belongs to block (r // b0, c // b1) and is multiplied by that block's scale.
+    Each scale is repeated over a whole b0 × b1 block and the result cropped to [R, C]: that is
+    the ceiling grid, whose bottom row and right column of blocks are cut short when b0 ∤ R or
+    b1 ∤ C. The scales may be stored bf16, fp16 or fp32; the product is taken in float32, as the
+    reference takes it.
+    """
+    b0, b1 = block
+    rows, cols = weight.shape[-2:]
+    scale = scale_inv.astype(np.float32)  # [..., ⌈R/b0⌉, ⌈C/b1⌉], widened exactly
+    per_element = np.repeat(np.repeat(scale, b0, axis=-2), b1, axis=-1)[..., :rows, :cols]  # [..., R, C]
+    return weight.astype(np.float32) * per_element
+
+
+class FP8Tensor:
+    """An FP8 weight left in the file — [..., R, C] F8_E4M3 and its block scales, both memory-mapped.
+
+    What the MoE experts use instead of a memory-mapped array, so that an FP8 checkpoint's
+    experts, too, are read only when a token chooses them. It supports exactly the indexing the
+    experts need: ``t[e]`` (expert e of a stack) and ``t[:, a:b]`` (rows a … b−1 of every
+    expert: a fused ``gate_up_proj`` holds gate_proj rows, then up_proj rows), both still lazy,
+    and :meth:`dequantize`, which reads the rows wanted — whole blocks of them — and nothing else.
+    """
+
+    def __init__(self, weight: np.ndarray, scale_inv: np.ndarray, block: tuple[int, int],
+                 rows: tuple[int, int] | None = None):
+        self.weight = weight  # [..., R, C] float8_e4m3fn, a view of the memory map
+        self.scale_inv = scale_inv  # [..., ⌈R/b0⌉, ⌈C/b1⌉]
+        self.block = block
+        self.rows = rows if rows is not None else (0, weight.shape[-2])  # [start, stop) of each matrix
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (*self.weight.shape[:-2], self.rows[1] - self.rows[0], self.weight.shape[-1])
+
+    def __len__(self) -> int:
+        return self.weight.shape[0]
+
+    def __getitem__(self, index):
+        if isinstance(index, (int, np.integer)) and self.weight.ndim > 2:  # t[e]: one matrix of the stack
+            return FP8Tensor(self.weight[index], self.scale_inv[index], self.block, self.rows)
+        if (isinstance(index, tuple) and len(index) == 2 and index[0] == slice(None)
+                and isinstance(index[1], slice) and index[1].step is None and self.weight.ndim == 3):
+            start, stop, _ = index[1].indices(self.rows[1] - self.rows[0])  # t[:, a:b]: rows of every matrix
+            return FP8Tensor(self.weight, self.scale_inv, self.block, (self.rows[0] + start, self.rows[0] + stop))
+        raise TypeError(f"an FP8Tensor supports t[e] and t[:, a:b], not t[{index!r}]")
+
+    def dequantize(self) -> np.ndarray:
+        """The wanted rows in float32, [..., stop − start, C]: whole blocks are read, then cropped."""
+        start, stop = self.rows
+        b0 = self.block[0]
+        first = start // b0  # the block row holding row `start`
+        # Rows from the first needed block's top edge: the scales line up with them block for block.
+        weight = self.weight[..., first * b0:stop, :]
+        scale = self.scale_inv[..., first:-(-stop // b0), :]
+        return dequantize_fp8(weight, scale, self.block)[..., start - first * b0:, :]
 
 
 # --------------------------------------------------------------------------- finding a checkpoint

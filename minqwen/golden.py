@@ -90,12 +90,13 @@ class Tap:
     meaning: str
     layer_type: str | None = None  # only layers of this type have it; None: every layer (or not a layer tap)
     dtype: str = "float32"  # float64 when the model is a Model.astype(np.float64) copy
+    moe: bool = False  # only mixture-of-experts models (qwen3_5_moe) have it
 
 
 # Symbols: T tokens in this forward call · H hidden_size · V vocab_size · I intermediate_size.
 # Gated DeltaNet: Hk, Dk key heads and dim · Hv, Dv value heads and dim · K conv kernel ·
 # C = 2·Hk·Dk + Hv·Dv conv channels (q, k, v side by side). Attention: Hq query heads,
-# Hkv key/value heads, D head_dim.
+# Hkv key/value heads, D head_dim. Mixture of experts: E experts, k of them per token.
 EMBED_TAPS = (
     Tap("embed", "[T, H]", "the input embeddings: rows of embed_tokens for the ids"),
 )
@@ -138,7 +139,15 @@ LAYER_TAPS = (
     # Every layer
     Tap("layers.{i}.token_mixer", "[T, H]", "the DeltaNet or attention block's output (after out_proj / o_proj)"),
     Tap("layers.{i}.post_attention_layernorm", "[T, H]", "zero-centred RMSNorm of x + token_mixer"),
-    Tap("layers.{i}.mlp", "[T, H]", "SwiGLU: down(act(gate(x)) · up(x))"),
+    # Mixture-of-experts models: the MoE block's router and shared expert (every layer)
+    Tap("layers.{i}.mlp.router_logits", "[T, E]", "x · gateᵀ: the router's score for every expert", moe=True),
+    Tap("layers.{i}.mlp.experts_chosen", "[T, k]", "each token's k experts, best first (exact ties: lowest index)",
+        dtype="int64", moe=True),
+    Tap("layers.{i}.mlp.expert_weights", "[T, k]", "their softmax probabilities, renormalised to sum to 1",
+        moe=True),
+    Tap("layers.{i}.mlp.shared_expert", "[T, H]", "the shared expert's SwiGLU output, before its sigmoid gate",
+        moe=True),
+    Tap("layers.{i}.mlp", "[T, H]", "SwiGLU: down(act(gate(x)) · up(x)); MoE: routed experts + gated shared expert"),
     Tap("layers.{i}.output", "[T, H]", "the residual stream after layer i (transformers' hidden_states[i + 1])"),
 )
 FINAL_TAPS = (
@@ -155,7 +164,8 @@ def tap_names(config: TextConfig) -> list[str]:
     """The names one forward call taps for this config, in the order it taps them."""
     names = [tap.name for tap in EMBED_TAPS]
     for i, kind in enumerate(config.layer_types):
-        names += [tap.name.format(i=i) for tap in LAYER_TAPS if tap.layer_type in (None, kind)]
+        names += [tap.name.format(i=i) for tap in LAYER_TAPS
+                  if tap.layer_type in (None, kind) and (config.is_moe or not tap.moe)]
     return names + [tap.name for tap in FINAL_TAPS]
 
 
@@ -165,12 +175,13 @@ def format_tap_table() -> str:
     lines = [
         "T tokens in the call, H hidden, V vocab. DeltaNet: Hk×Dk keys, Hv×Dv values, K conv kernel,",
         "C = 2·Hk·Dk + Hv·Dv. Attention: Hq query heads, Hkv key/value heads, D head_dim.",
-        "Every tap is float32 (float64 from a Model.astype(np.float64) copy).",
+        "Mixture of experts: E experts, k per token.",
+        "Every tap is float32 (float64 from a Model.astype(np.float64) copy), but experts_chosen (int64).",
         "Decode step n records the same names prefixed 'step{n}.'.",
     ]
     group = None
     for tap in TAPS:
-        this = _GROUPS[tap.layer_type] if tap.name.startswith("layers.") else "the model"
+        this = _GROUPS["moe" if tap.moe else tap.layer_type] if tap.name.startswith("layers.") else "the model"
         if this != group:
             group = this
             lines += ["", f"{group}:"]
@@ -182,6 +193,7 @@ _GROUPS = {
     None: "every layer",
     "linear_attention": "Gated DeltaNet layers (layer_types[i] = linear_attention)",
     "full_attention": "gated attention layers (layer_types[i] = full_attention)",
+    "moe": "every layer of a mixture-of-experts model (qwen3_5_moe)",
 }
 
 

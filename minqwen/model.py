@@ -81,6 +81,9 @@ class Model:
         self.norm = norm  # [H]
         self.lm_head = lm_head  # [V, H]; the same array as embed_tokens when tied
         self.load_report = load_report
+        # How Gated DeltaNet layers process several tokens at once: "recurrent" (a compiled
+        # loop, fastest on a CPU) or "chunked" (the matmul form); see deltanet.FORMS.
+        self.deltanet_form = "recurrent"
         if config.yarn is None:
             self.inv_freq = inverse_frequencies(config.rope_theta, config.rotary_dim)  # [R/2]
             self.attention_factor = 1.0
@@ -235,7 +238,7 @@ class Model:
             mixed = gated_deltanet(
                 h, layer.linear_attn, state,
                 c.linear_num_key_heads, c.linear_num_value_heads, c.linear_key_head_dim, c.linear_value_head_dim,
-                c.hidden_act, c.rms_norm_eps, tap,
+                c.hidden_act, c.rms_norm_eps, tap, self.deltanet_form,
             )
         else:
             mixed = gated_attention(
@@ -283,7 +286,8 @@ def load(path: str | Path, progress=None, dtype: str = "float32") -> Model:
     if not path.is_dir():
         raise MinqwenError(f"{path}: not a folder (a checkpoint is a folder with config.json and *.safetensors)")
     config = load_config(path)
-    ckpt = Checkpoint(path)
+    # An FP8 checkpoint's weights are dequantized as they are read, with the config's block size.
+    ckpt = Checkpoint(path, fp8_block=config.quantization.weight_block_size if config.quantization else None)
     reader = _TensorReader(ckpt, progress, dtype)
     c = config
 
@@ -387,12 +391,19 @@ class _TensorReader:
         return self.take_top(full_name, shape, bf16=self.matrix_dtype == "bfloat16")
 
     def take_top(self, full_name, shape, bf16=False):
-        self.used.add(full_name)
+        self.mark_used(full_name)
         array = self.ckpt.bfloat16(full_name, shape) if bf16 else self.ckpt.float32(full_name, shape)
         if self.progress is not None:
             self.done_bytes += self.ckpt.raw(full_name).nbytes
             self.progress(self.done_bytes, self.total_bytes)
         return array
+
+    def mark_used(self, full_name):
+        """Count a tensor as part of the model — with its block scales, if it is an FP8 weight."""
+        self.used.add(full_name)
+        scale = self.ckpt.fp8_scale_name(full_name) if full_name in self.ckpt else None
+        if scale is not None:
+            self.used.add(scale)
 
     def report(self) -> str:
         """One line per group of unused tensors: deferred parts by name, anything else listed."""

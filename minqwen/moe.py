@@ -48,7 +48,7 @@ import numba
 import numpy as np
 
 from .activations import ACTIVATIONS, sigmoid
-from .checkpoint import FLOAT_DTYPES
+from .checkpoint import FP8Tensor
 from .errors import MinqwenError
 from .linear import BF16, linear
 from .mlp import MLPWeights, swiglu_mlp
@@ -156,8 +156,11 @@ def _readable(weight: np.ndarray, dtype: np.dtype) -> np.ndarray:
 
     float32 goes to BLAS straight from the memory map, bf16 to linear()'s bf16 kernel (which
     widens on the fly); other dtypes (float16, or float32 under a float64 model) are converted,
-    this one slice only.
+    this one slice only. An FP8 expert (:class:`~minqwen.checkpoint.FP8Tensor`) is dequantized,
+    this one expert only.
     """
+    if isinstance(weight, FP8Tensor):
+        return weight.dequantize().astype(dtype, copy=False)
     if weight.dtype == dtype or (weight.dtype == BF16 and dtype == np.float32):
         return weight
     return weight.astype(dtype)
@@ -287,21 +290,13 @@ def load_experts(reader, prefix: str, config) -> Experts:
     )
 
 
-def _mapped(reader, name: str, shape: tuple[int, ...]) -> np.ndarray:
-    """A tensor as stored, a view into the checkpoint's memory map, after checking shape and dtype."""
+def _mapped(reader, name: str, shape: tuple[int, ...]) -> np.ndarray | FP8Tensor:
+    """A tensor as stored, a view into the checkpoint's memory map, after checking shape and dtype.
+
+    An FP8 tensor comes back as an :class:`~minqwen.checkpoint.FP8Tensor` (weights and block
+    scales both mapped), dequantized expert by expert when used.
+    """
     full = reader.prefix + name
-    ckpt = reader.ckpt
-    if full not in ckpt:
-        raise MinqwenError(f"{ckpt.folder}: tensor '{full}' is missing from the checkpoint")
-    f = ckpt.where[full]
-    if f.shape(full) != tuple(shape):
-        raise MinqwenError(
-            f"{f.path}: tensor '{full}' has shape {list(f.shape(full))} but the config needs {list(shape)}"
-        )
-    if f.dtype_name(full) not in FLOAT_DTYPES:
-        raise MinqwenError(
-            f"{f.path}: tensor '{full}' is stored as {f.dtype_name(full)}; minqwen expects one of "
-            f"{', '.join(FLOAT_DTYPES)}"
-        )
-    reader.used.add(full)
-    return np.asarray(ckpt.raw(full))  # a plain ndarray view of the map: no copy, no read
+    tensor = reader.ckpt.mapped(full, shape)
+    reader.mark_used(full)
+    return tensor if isinstance(tensor, FP8Tensor) else np.asarray(tensor)  # a plain ndarray view: no copy, no read

@@ -66,6 +66,7 @@ def shape_of(symbolic: str, c, t: int) -> tuple[int, ...]:
         Hk=c.linear_num_key_heads, Dk=c.linear_key_head_dim, Hv=c.linear_num_value_heads,
         Dv=c.linear_value_head_dim, K=c.linear_conv_kernel_dim, C=c.linear_conv_dim,
         Hq=c.num_attention_heads, Hkv=c.num_key_value_heads, D=c.head_dim,
+        E=c.num_experts, k=c.num_experts_per_tok,
     )
     terms = symbolic.strip("[]").replace("−", "-").replace("·", "*").split(",")
     return tuple(eval(term, {"__builtins__": {}}, symbols) for term in terms)
@@ -129,10 +130,12 @@ def reference_taps(hf_model, token_ids, decode_steps: int) -> dict[str, np.ndarr
     The decode states are read from the reference's cache after each forward.
     """
     import torch
-    from transformers.models.qwen3_5 import modeling_qwen3_5 as modeling
+    from transformers.models.qwen3_5 import modeling_qwen3_5
+    from transformers.models.qwen3_5_moe import modeling_qwen3_5_moe
 
     inner = hf_model.model.language_model if hasattr(hf_model.model, "language_model") else hf_model.model
     cfg = inner.config
+    modeling = modeling_qwen3_5_moe if cfg.model_type == "qwen3_5_moe_text" else modeling_qwen3_5
     taps: dict[str, np.ndarray] = {"token_ids": np.asarray(token_ids, dtype=np.int64)}
     where = {"prefix": "", "layer": None}  # the running forward's step prefix and decoder layer
 
@@ -156,6 +159,14 @@ def reference_taps(hf_model, token_ids, decode_steps: int) -> dict[str, np.ndarr
         handles.append(layer.register_forward_hook(output_hook("output")))
         for name in ("input_layernorm", "post_attention_layernorm", "mlp"):
             handles.append(getattr(layer, name).register_forward_hook(output_hook(name)))
+        if hasattr(layer.mlp, "gate"):  # an MoE block: the router returns (logits, weights, indices), [T, …]
+            handles += [
+                layer.mlp.gate.register_forward_hook(lambda module, args, out: (
+                    put("mlp.router_logits", out[0]), put("mlp.expert_weights", out[1]),
+                    taps.__setitem__(f"{where['prefix']}layers.{where['layer']}.mlp.experts_chosen",
+                                     out[2].numpy().astype(np.int64)))),
+                layer.mlp.shared_expert.register_forward_hook(lambda module, args, out: put("mlp.shared_expert", out)),
+            ]
         if cfg.layer_types[i] == "linear_attention":
             la = layer.linear_attn
             handles += [
@@ -233,12 +244,19 @@ def load_reference_model(name):
     """The fixture checkpoint loaded by transformers itself, fp32, eager attention."""
     require_reference()
     import torch
-    from transformers import Qwen3_5ForCausalLM, Qwen3_5ForConditionalGeneration
+    from transformers import (
+        Qwen3_5ForCausalLM,
+        Qwen3_5ForConditionalGeneration,
+        Qwen3_5MoeForCausalLM,
+        Qwen3_5MoeForConditionalGeneration,
+    )
 
     folder = FIXTURES / name
-    multimodal = json.loads((folder / "config.json").read_text())["model_type"] == "qwen3_5"
-    cls = Qwen3_5ForConditionalGeneration if multimodal else Qwen3_5ForCausalLM
-    return cls.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
+    model_type = json.loads((folder / "config.json").read_text())["model_type"]
+    cls = {"qwen3_5": Qwen3_5ForConditionalGeneration, "qwen3_5_text": Qwen3_5ForCausalLM,
+           "qwen3_5_moe": Qwen3_5MoeForConditionalGeneration, "qwen3_5_moe_text": Qwen3_5MoeForCausalLM}[model_type]
+    extra = {"experts_implementation": "eager"} if model_type.startswith("qwen3_5_moe") else {}
+    return cls.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager", **extra).eval()
 
 
 @pytest.mark.reference

@@ -162,3 +162,25 @@ def test_bad_inputs_embeds_and_positions_are_clear_errors():
         model.forward(inputs_embeds=np.zeros((2, 3)))
     with pytest.raises(MinqwenError, match=r"position_ids must have shape \[3, 2\]"):
         model.forward([1, 2], position_ids=np.zeros((3, 5), int))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_chunked_form_gives_the_same_model_as_the_recurrent_form(name):
+    ids = prompt(MODELS[name], 150, seed=2)  # crosses two chunk boundaries
+    model = MODELS64[name]
+    recurrent = model.forward(ids)
+    model.deltanet_form = "chunked"
+    try:
+        chunked = model.forward(ids)
+    finally:
+        model.deltanet_form = "recurrent"
+    np.testing.assert_allclose(chunked, recurrent, rtol=0, atol=1e-9)
+
+
+def test_the_chunked_form_matches_the_reference_fixture():
+    from safetensors.numpy import load_file
+
+    model = minqwen.load(FIXTURES / "text_grouped_bf16_bias")
+    model.deltanet_form = "chunked"
+    expected = load_file(str(FIXTURES / "text_grouped_bf16_bias" / "expected.safetensors"))
+    np.testing.assert_allclose(model.forward(expected["token_ids"]), expected["logits"], rtol=0, atol=1e-4)
