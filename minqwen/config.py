@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .errors import MinqwenError
@@ -80,6 +80,8 @@ TEXT_FIELDS: dict[str, str] = {
     "return_dict": "ignored",
     "keys_to_ignore_at_inference": "ignored",
     "layer_scan": "ignored",
+    "quantization_config": "honoured at the top level of config.json: FP8 (quant_method fp8, fmt e4m3, dynamic "
+                           "activations, weight_block_size) is dequantized on load; any other method is an error",
 }
 
 # The MoE text config (``qwen3_5_moe_text``): the dense table, with these fields added or changed.
@@ -139,6 +141,7 @@ WRAPPER_FIELDS: dict[str, str] = {
     "output_attentions": "ignored",
     "output_hidden_states": "ignored",
     "return_dict": "ignored",
+    "quantization_config": "honoured: see TEXT_FIELDS (it lives here, at the top level, in the wrapper too)",
     **{name: "ignored: a generic transformers field" for name in GENERIC_FIELDS},
 }
 
@@ -164,6 +167,48 @@ class YarnScaling:
     mscale: float | None = None
     mscale_all_dim: float | None = None
     truncate: bool = True
+
+
+@dataclass(frozen=True)
+class FP8Quantization:
+    """``quantization_config`` of an FP8 checkpoint (Qwen's "-FP8" releases), validated.
+
+    Weights stored F8_E4M3 carry one scale per ``weight_block_size`` = [b0, b1] block (rows ×
+    columns); activations are not quantized at all ("dynamic" means: quantized on the fly by
+    FP8 kernels, which a CPU does not have), so dequantizing the weights on load gives the
+    model the reference computes on a CPU. ``modules_to_not_convert`` is kept for reports: what
+    is FP8 and what is not is read from each tensor's stored dtype.
+    """
+
+    weight_block_size: tuple[int, int] = (128, 128)
+    modules_to_not_convert: tuple[str, ...] = ()
+
+
+# Every quantization_config field transformers 5.23.0's FP8 config reads, and what minqwen does with it.
+FP8_FIELDS: dict[str, str] = {
+    "quant_method": "must be 'fp8' (other methods are errors, see OTHER_QUANTIZATION)",
+    "fmt": "must be 'e4m3' (default): the F8_E4M3 storage format",
+    "activation_scheme": "must be 'dynamic' (default); 'static' stores activation scales minqwen does not apply",
+    "weight_block_size": "honoured (default [128, 128]): the scale grid; null (one scale per tensor) is an error",
+    "modules_to_not_convert": "metadata: each tensor's stored dtype says whether it is FP8",
+    "ignored_layers": "metadata: another name of modules_to_not_convert",
+    "dequantize": "ignored: a loading option of transformers (minqwen always dequantizes)",
+    "modules_to_convert": "must be empty: FP8 embedding tables are not read",
+    "scale_fmt": "must be 'float' (default): the scales are float tensors ('ue8m0' byte exponents are an error)",
+    "expert_dtype": "must be 'fp8' (default): FP4-packed experts are an error",
+}
+# What the quantization methods minqwen does not read are, for the error message.
+OTHER_QUANTIZATION: dict[str, str] = {
+    "gptq": "4-bit integer weights in groups (GPTQ)",
+    "awq": "4-bit integer weights in groups (AWQ)",
+    "bitsandbytes": "bitsandbytes 8-bit or 4-bit (NF4) weights",
+    "compressed-tensors": "llm-compressor's packed integer or float formats",
+    "fbgemm_fp8": "FP8 with per-row scales (FBGEMM)",
+    "torchao": "torchao's quantized tensor subclasses",
+    "hqq": "half-quadratic quantization",
+    "gguf": "GGUF quantized blocks",
+    "mxfp4": "MXFP4 4-bit float weights",
+}
 SUPPORTED_ACTIVATIONS = ("silu", "swish", "gelu", "gelu_pytorch_tanh", "relu")
 LAYER_TYPES = ("linear_attention", "full_attention")
 
@@ -194,6 +239,7 @@ class TextConfig:
     partial_rotary_factor: float = 0.25
     mrope_section: tuple[int, ...] = (11, 11, 10)
     yarn: YarnScaling | None = None  # None: plain rotary (rope_type "default")
+    quantization: FP8Quantization | None = None  # None: weights stored unquantized (bf16, fp16 or fp32)
     eos_token_id: tuple[int, ...] = ()
     # Sparse mixture of experts (qwen3_5_moe): every layer's MLP is a router over num_experts
     # SwiGLU experts of width moe_intermediate_size, num_experts_per_tok of them used per
@@ -241,6 +287,10 @@ class TextConfig:
             out.pop("yarn")  # a plain-rotary dict is what it was before YaRN existed
         else:
             out["yarn"] = dict(vars(self.yarn))
+        if self.quantization is None:
+            out.pop("quantization")  # an unquantized dict is what it was before FP8 existed
+        else:
+            out["quantization"] = {k: list(v) for k, v in vars(self.quantization).items()}
         return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
 
 
@@ -271,6 +321,17 @@ def load_config(path: str | Path) -> TextConfig:
 def config_from_dict(raw: dict, source: str = "<dict>") -> TextConfig:
     """Turn a config.json dictionary (either wrapper) into a validated :class:`TextConfig`."""
     model_type = raw.get("model_type")
+    if model_type in ("qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text"):
+        # Read from the top level of config.json in every wrapper, as transformers reads it.
+        quantization = _quantization(raw.get("quantization_config"), source)
+        return replace(_model_config(raw, source, model_type), quantization=quantization)
+    raise MinqwenError(
+        f"{source}: field 'model_type' is {model_type!r}; minqwen reads Qwen3.5 checkpoints "
+        "(model_type 'qwen3_5' or 'qwen3_5_text', or the mixture-of-experts 'qwen3_5_moe' or 'qwen3_5_moe_text')"
+    )
+
+
+def _model_config(raw: dict, source: str, model_type: str) -> TextConfig:
     if model_type in ("qwen3_5", "qwen3_5_moe"):
         _warn_unknown(raw, WRAPPER_FIELDS, source, "")
         text = raw.get("text_config")
@@ -287,13 +348,58 @@ def config_from_dict(raw: dict, source: str = "<dict>") -> TextConfig:
         inner = text.get("model_type", expected)
         if inner != expected:
             raise MinqwenError(f"{source}: text_config.model_type is {inner!r}; expected {expected!r}")
+        if "quantization_config" in text:
+            raise MinqwenError(
+                f"{source}: field 'text_config.quantization_config': transformers reads quantization_config only "
+                f"at the top level of config.json, so it would not dequantize these weights; move it there"
+            )
         return _text_config(text, source, prefix="text_config.", moe=model_type == "qwen3_5_moe")
-    if model_type in ("qwen3_5_text", "qwen3_5_moe_text"):
-        return _text_config(raw, source, prefix="", moe=model_type == "qwen3_5_moe_text")
-    raise MinqwenError(
-        f"{source}: field 'model_type' is {model_type!r}; minqwen reads Qwen3.5 checkpoints "
-        "(model_type 'qwen3_5' or 'qwen3_5_text', or the mixture-of-experts 'qwen3_5_moe' or 'qwen3_5_moe_text')"
-    )
+    return _text_config(raw, source, prefix="", moe=model_type == "qwen3_5_moe_text")
+
+
+def _quantization(q, source: str) -> FP8Quantization | None:
+    """Validate ``quantization_config``: FP8 with e4m3 weights, dynamic activations and block scales, or absent."""
+    if q is None:
+        return None
+    where = f"{source}: field 'quantization_config"
+    if not isinstance(q, dict):
+        raise MinqwenError(f"{where}' must be an object, got {q!r}")
+    method = q.get("quant_method")
+    if not isinstance(method, str):
+        raise MinqwenError(f"{where}.quant_method' is {method!r}; expected the name of a quantization method ('fp8')")
+    instead = ("use the model's bf16 release (or its FP8 release), or dequantize this checkpoint to bf16 "
+               "first; minqwen reads unquantized weights (bf16, fp16, fp32) and block-scaled FP8 ones "
+               "(quant_method 'fp8', fmt 'e4m3', activation_scheme 'dynamic')")
+    if method.lower() != "fp8":
+        what = OTHER_QUANTIZATION.get(method.lower(), "a quantization method")
+        raise MinqwenError(f"{where}.quant_method' is {method!r} ({what}), which minqwen does not read: {instead}")
+    _warn_unknown(q, FP8_FIELDS, source, "quantization_config.")
+
+    def must_be(name, allowed, default, meaning):
+        value = q.get(name, default)
+        if not isinstance(value, str) or value.lower() != allowed:
+            raise MinqwenError(f"{where}.{name}' is {value!r} ({meaning}), which minqwen does not read: {instead}")
+
+    must_be("fmt", "e4m3", "e4m3", "the FP8 format; minqwen reads F8_E4M3 weights")
+    must_be("activation_scheme", "dynamic", "dynamic",
+            "'static' FP8 quantizes activations with stored input scales, a different model from the bf16 one")
+    must_be("scale_fmt", "float", "float", "the scales' storage; minqwen reads float scales")
+    must_be("expert_dtype", "fp8", "fp8", "the experts' format; minqwen reads FP8 experts, not FP4-packed ones")
+    if q.get("modules_to_convert"):
+        raise MinqwenError(f"{where}.modules_to_convert' lists {q['modules_to_convert']!r}: FP8 embedding tables "
+                           f"are not read by minqwen; {instead}")
+
+    block = q.get("weight_block_size", [128, 128])  # transformers' default when the field is absent
+    if block is None:
+        raise MinqwenError(f"{where}.weight_block_size' is null (one scale per tensor); minqwen reads block-scaled "
+                           f"FP8 (e.g. weight_block_size [128, 128]): {instead}")
+    if (not isinstance(block, list) or len(block) != 2
+            or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in block)):
+        raise MinqwenError(f"{where}.weight_block_size' must be two positive integers [rows, columns], got {block!r}")
+    skip = q.get("modules_to_not_convert", q.get("ignored_layers")) or []
+    if not isinstance(skip, list) or not all(isinstance(m, str) for m in skip):
+        raise MinqwenError(f"{where}.modules_to_not_convert' must be a list of module names, got {skip!r}")
+    return FP8Quantization(weight_block_size=(block[0], block[1]), modules_to_not_convert=tuple(skip))
 
 
 def _warn_unknown(raw: dict, table: dict, source: str, prefix: str) -> None:

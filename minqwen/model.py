@@ -391,17 +391,17 @@ class _TensorReader:
         return self.take_top(full_name, shape, bf16=self.matrix_dtype == "bfloat16")
 
     def take_top(self, full_name, shape, bf16=False):
-        self.mark_used(full_name)
         array = self.ckpt.bfloat16(full_name, shape) if bf16 else self.ckpt.float32(full_name, shape)
+        self.mark_used(full_name)
         if self.progress is not None:
             self.done_bytes += self.ckpt.raw(full_name).nbytes
             self.progress(self.done_bytes, self.total_bytes)
         return array
 
     def mark_used(self, full_name):
-        """Count a tensor as part of the model — with its block scales, if it is an FP8 weight."""
+        """Count a (checked, read) tensor as part of the model — with its block scales, if it is FP8."""
         self.used.add(full_name)
-        scale = self.ckpt.fp8_scale_name(full_name) if full_name in self.ckpt else None
+        scale = self.ckpt.fp8_scale_name(full_name)
         if scale is not None:
             self.used.add(scale)
 

@@ -150,6 +150,12 @@ def reference_taps(hf_model, token_ids, decode_steps: int) -> dict[str, np.ndarr
             put(name, out.reshape(out.shape[0], *reshape) if reshape else out, layer)
         return hook
 
+    def router_hook(module, args, out):
+        logits, weights, chosen = out  # [T, E], [T, k], [T, k]: the router sees the batch flattened
+        put("mlp.router_logits", logits)
+        put("mlp.expert_weights", weights)
+        taps[f"{where['prefix']}layers.{where['layer']}.mlp.experts_chosen"] = chosen.numpy().astype(np.int64)
+
     hv, dv = cfg.linear_num_value_heads, cfg.linear_value_head_dim
     hq, d = cfg.num_attention_heads, cfg.head_dim
     handles = [inner.embed_tokens.register_forward_hook(output_hook("embed", layer=False)),
@@ -159,12 +165,9 @@ def reference_taps(hf_model, token_ids, decode_steps: int) -> dict[str, np.ndarr
         handles.append(layer.register_forward_hook(output_hook("output")))
         for name in ("input_layernorm", "post_attention_layernorm", "mlp"):
             handles.append(getattr(layer, name).register_forward_hook(output_hook(name)))
-        if hasattr(layer.mlp, "gate"):  # an MoE block: the router returns (logits, weights, indices), [T, …]
+        if hasattr(layer.mlp, "gate"):  # an MoE block
             handles += [
-                layer.mlp.gate.register_forward_hook(lambda module, args, out: (
-                    put("mlp.router_logits", out[0]), put("mlp.expert_weights", out[1]),
-                    taps.__setitem__(f"{where['prefix']}layers.{where['layer']}.mlp.experts_chosen",
-                                     out[2].numpy().astype(np.int64)))),
+                layer.mlp.gate.register_forward_hook(router_hook),
                 layer.mlp.shared_expert.register_forward_hook(lambda module, args, out: put("mlp.shared_expert", out)),
             ]
         if cfg.layer_types[i] == "linear_attention":

@@ -9,7 +9,8 @@ One place that builds every checkpoint minqwen is tested or measured against:
   sharded, MoE experts per expert (transformers' default) or fused;
 * :func:`run_reference` — logits, per-layer hidden states, final decode states and a greedy
   continuation, all from the reference;
-* :func:`real_shape_text_config` — the real Qwen3.5-0.8B text config (random weights only).
+* :func:`real_shape_text_config` — the real Qwen3.5-0.8B text config (random weights only);
+  :func:`real_shape_moe_text_config` — Qwen3.5-35B-A3B's, cut to a few layers.
 
 Used by tools/make_fixtures.py, tools/real_shape_parity.py and the live reference lane in
 tests/test_reference_live.py. Never imported by minqwen itself.
@@ -58,6 +59,28 @@ def real_shape_text_config() -> dict:
         rope_parameters=dict(rope_type="default", rope_theta=1e7, partial_rotary_factor=0.25,
                              mrope_section=[11, 11, 10], mrope_interleaved=True),
         eos_token_id=248046,
+    )
+
+
+def real_shape_moe_text_config(num_experts: int = 256, experts_per_tok: int = 8, num_hidden_layers: int = 4) -> dict:
+    """Qwen3.5-35B-A3B's public text config, cut to ``num_hidden_layers`` layers [L, L, L, F, …].
+
+    hidden 2048; 256 experts, 8 per token, each 512 wide, plus a 512-wide shared expert;
+    attention 16 query heads, 2 key/value heads, head_dim 256; Gated DeltaNet 16 key heads and
+    32 value heads of 128; untied head. The expert count and top-k can be changed (the MoE
+    figure also runs the issue's 64 experts, top-4).
+    """
+    return dict(
+        vocab_size=248320, hidden_size=2048, num_hidden_layers=num_hidden_layers,
+        num_attention_heads=16, num_key_value_heads=2, head_dim=256, hidden_act="silu",
+        max_position_embeddings=262144, rms_norm_eps=1e-6, tie_word_embeddings=False, attention_bias=False,
+        linear_conv_kernel_dim=4, linear_key_head_dim=128, linear_value_head_dim=128,
+        linear_num_key_heads=16, linear_num_value_heads=32,
+        layer_types=[("full_attention" if (i + 1) % 4 == 0 else "linear_attention") for i in range(num_hidden_layers)],
+        rope_parameters=dict(rope_type="default", rope_theta=1e7, partial_rotary_factor=0.25,
+                             mrope_section=[11, 11, 10], mrope_interleaved=True),
+        num_experts=num_experts, num_experts_per_tok=experts_per_tok, moe_intermediate_size=512,
+        shared_expert_intermediate_size=512, eos_token_id=248046,
     )
 
 
