@@ -123,11 +123,10 @@ def recurrent_gated_delta_rule_numpy(q, k, v, g, beta, state):
     return out, S
 
 
-@numba.njit(parallel=True, cache=True)
-def _recurrent_kernel(q, k, v, g, beta, S, out):
+def _recurrent_loops(q, k, v, g, beta, S, out):
     """Numba twin of recurrent_gated_delta_rule_numpy; updates S [Hv, Dk, Dv] in place.
 
-    Heads are independent, so they run in parallel; within a head the tokens are sequential.
+    Heads are independent, so they may run in parallel; within a head the tokens are sequential.
     """
     t_len, num_heads, dk = q.shape
     dv = v.shape[2]
@@ -155,11 +154,19 @@ def _recurrent_kernel(q, k, v, g, beta, S, out):
                     out[t, h, j] += qi * S[h, i, j]
 
 
+# One body, compiled twice: a decode step's work per head is too small to pay for waking a
+# thread pool, a prompt's is large enough to split the heads across cores.
+_recurrent_kernel = numba.njit(cache=True)(_recurrent_loops)
+_recurrent_kernel_parallel = numba.njit(parallel=True, cache=True)(_recurrent_loops)
+PARALLEL_FROM = 1 << 21  # multiply-adds per call (tokens × heads × Dk × Dv) worth a parallel region
+
+
 def recurrent_gated_delta_rule(q, k, v, g, beta, state):
     """The gated delta rule, token by token, compiled: same contract as the NumPy twin."""
     S = np.array(state, dtype=np.float32 if q.dtype == np.float32 else q.dtype, copy=True)
     out = np.empty(v.shape, S.dtype)
-    _recurrent_kernel(
+    kernel = _recurrent_kernel_parallel if S.size * q.shape[0] >= PARALLEL_FROM else _recurrent_kernel
+    kernel(
         np.ascontiguousarray(q), np.ascontiguousarray(k), np.ascontiguousarray(v),
         np.ascontiguousarray(g), np.ascontiguousarray(beta), S, out,
     )

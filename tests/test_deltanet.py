@@ -128,3 +128,15 @@ def test_causal_conv1d_is_the_textbook_convolution():
             # the newest input meets the last tap
             expected = sum(w[c, 3 - j] * x[t - j, c] for j in range(4) if t - j >= 0)
             assert out[t, c] == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("parallel_from", [0, 1 << 60])
+def test_the_parallel_and_serial_compilations_both_equal_the_twin(monkeypatch, parallel_from):
+    import minqwen.deltanet as deltanet
+
+    monkeypatch.setattr(deltanet, "PARALLEL_FROM", parallel_from)
+    args = random_inputs(np.random.default_rng(5), 33, 3, 16, 12, np.float32)
+    o_ref, s_ref = recurrent_gated_delta_rule_numpy(*args)
+    o, s = recurrent_gated_delta_rule(*args)
+    np.testing.assert_allclose(o, o_ref, rtol=0, atol=2e-6 * np.abs(o_ref).max())
+    np.testing.assert_allclose(s, s_ref, rtol=0, atol=2e-6 * np.abs(s_ref).max())
