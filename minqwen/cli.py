@@ -19,6 +19,7 @@ from . import __version__, golden
 from .errors import MinqwenError
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"  # what Qwen's template writes per image
 
 
 # --------------------------------------------------------------------------- shared options
@@ -142,23 +143,35 @@ def run_generate(args) -> int:
     if args.tokens is None and not prompt_text.strip():
         raise MinqwenError("the prompt is empty")
     model, tokenizer = load_model_and_tokenizer(args.model)
+    if args.image and args.tokens is not None:
+        raise MinqwenError("--image goes with a text prompt, not with --tokens")
+    placeholders = IMAGE_PLACEHOLDER * len(args.image)
     if args.tokens is not None:
         try:
             ids = [int(t) for t in args.tokens.replace(",", " ").split()]
         except ValueError:
             raise MinqwenError(f"--tokens must be integers separated by commas or spaces, got {args.tokens!r}") from None
     elif args.chat:
-        ids = tokenizer.encode(tokenizer.render_chat([{"role": "user", "content": prompt_text}],
+        ids = tokenizer.encode(tokenizer.render_chat([{"role": "user", "content": placeholders + prompt_text}],
                                                      enable_thinking=not args.no_think))
     else:
-        ids = tokenizer.encode(prompt_text)
+        ids = tokenizer.encode(placeholders + prompt_text)
     params = sampling_params(args, tokenizer)
+    cache, history = None, ()
+    if args.image:
+        from . import vision
+        from .checkpoint import find_checkpoint
+
+        tower = vision.load_vision(find_checkpoint(args.model))
+        cache = model.new_cache()
+        vision.prefill(model, tower, ids[:-1], args.image, cache)  # the images go in with the prompt…
+        ids, history = ids[-1:], ids[:-1]  # …and its last token starts generation
     stats = GenerationStats()
     printer = ThinkingPrinter(hide=args.hide_thinking, in_think=args.chat and not args.no_think)
     if not args.chat:
         sys.stdout.write(prompt_text if args.tokens is None and args.echo else "")
     for piece in stream_text(model, tokenizer, ids, params, args.max_new_tokens, args.stop, args.seed,
-                             stats=stats, skip_special_tokens=not args.chat):
+                             cache=cache, history=history, stats=stats, skip_special_tokens=not args.chat):
         printer.write(piece)
     printer.close()
     print(file=sys.stdout)
@@ -280,6 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-think", action="store_true", help="with --chat: ask for an answer without reasoning")
     p.add_argument("--hide-thinking", action="store_true", help="do not print the reasoning")
     p.add_argument("--echo", action=argparse.BooleanOptionalAction, default=True, help="print the prompt first")
+    p.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="an image to show the model (repeatable; needs a multimodal checkpoint and Pillow)")
     add_model_option(p)
     add_sampling_options(p)
     p.set_defaults(run=run_generate)

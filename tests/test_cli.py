@@ -84,7 +84,7 @@ def test_invalid_token_ids_are_a_clean_error():
 
 
 def test_a_prompt_longer_than_the_context_is_a_clean_error():
-    ids = ",".join(["1"] * 70000)
+    ids = ",".join(["1"] * 5000)  # the embedded model's context is 2048
     assert_clean_error(run("generate", "--tokens", ids), "beyond the model's context")
 
 
@@ -120,3 +120,14 @@ def test_a_hub_id_in_the_local_cache_resolves_offline(tmp_path):
 def test_bad_sampling_flags_are_a_clean_error(flag):
     result = run("generate", "hi", flag)
     assert result.returncode != 0 and "Traceback" not in result.stderr
+
+
+def test_an_image_with_a_text_only_model_is_a_clean_error(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    path = tmp_path / "red.png"
+    Image.fromarray(np.full((32, 32, 3), 200, np.uint8)).save(path)
+    result = run("generate", "Describe this.", "--image", str(path))
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "minqwen: error:" in result.stderr
