@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .activations import sigmoid
+from .errors import MinqwenError
 from .linear import linear
 from .norms import rms_norm
 from .rope import apply_rotary
@@ -76,6 +77,16 @@ class KVCache:
         new.values = self.values[:, : self.length].copy()
         new.length = self.length
         return new
+
+    def truncate(self, length: int) -> None:
+        """Forget every token after the first ``length`` (a rejected speculative draft's).
+
+        Unlike a Gated DeltaNet memory, keys and values can be rewound: each token owns its
+        row, so dropping the last rows leaves exactly the cache of the shorter sequence.
+        """
+        if not 0 <= length <= self.length:
+            raise MinqwenError(f"truncate: length must be 0 … {self.length} (the tokens held), got {length}")
+        self.length = length
 
     @property
     def nbytes(self) -> int:

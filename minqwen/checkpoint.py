@@ -238,8 +238,9 @@ class Checkpoint:
         An FP8 weight comes back dequantized (fp8 value × its block's scale, in float32).
         """
         f = self._checked(name, shape)
-        if self.fp8_scale_name(name) is not None:
-            return self._dequantized(name)
+        scale = self.fp8_scale_name(name)
+        if scale is not None:
+            return self._dequantized(name, scale)
         return f.read(name).astype(np.float32, copy=False)
 
     def bfloat16(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -248,8 +249,9 @@ class Checkpoint:
         An FP8 weight is dequantized in float32 first, then rounded to bf16.
         """
         f = self._checked(name, shape)
-        if self.fp8_scale_name(name) is not None:
-            return self._dequantized(name).astype(DTYPES["BF16"])
+        scale = self.fp8_scale_name(name)
+        if scale is not None:
+            return self._dequantized(name, scale).astype(DTYPES["BF16"])
         return f.read(name).astype(DTYPES["BF16"], copy=False)
 
     def mapped(self, name: str, shape: tuple[int, ...]):
@@ -279,6 +281,9 @@ class Checkpoint:
                 f"{where} but {self.folder / 'config.json'} declares no FP8 quantization; an FP8 checkpoint's "
                 f"config.json has a quantization_config with quant_method 'fp8' and its weight_block_size"
             )
+        if len(f.shape(name)) < 2:
+            raise MinqwenError(f"{where} but has shape {list(f.shape(name))}; FP8 weights are matrices, "
+                               f"scaled in blocks of rows × columns")
         scale = name + "_scale_inv"  # ….weight → ….weight_scale_inv; experts.gate_up_proj → …_scale_inv
         if scale not in self.where:
             raise MinqwenError(
@@ -292,18 +297,16 @@ class Checkpoint:
                 f"scales must be one of {', '.join(FLOAT_DTYPES)}"
             )
         stored, shape = g.shape(scale), f.shape(name)
-        grid = fp8_scale_grid(shape, self.fp8_block) if len(shape) >= 2 else None
+        grid = fp8_scale_grid(shape, self.fp8_block)
         if stored != grid:
             raise MinqwenError(
                 f"{g.path}: tensor '{scale}' has shape {list(stored)}, but '{name}' {list(shape)} in blocks of "
-                f"{list(self.fp8_block)} (weight_block_size) needs "
-                + (f"{list(grid)}: one scale per block, ⌈rows / {self.fp8_block[0]}⌉ × ⌈columns / "
-                   f"{self.fp8_block[1]}⌉" if grid else "a matrix, not a vector")
+                f"{list(self.fp8_block)} (weight_block_size) needs {list(grid)}: one scale per block, "
+                f"⌈rows / {self.fp8_block[0]}⌉ × ⌈columns / {self.fp8_block[1]}⌉"
             )
         return scale
 
-    def _dequantized(self, name: str) -> np.ndarray:
-        scale = self.fp8_scale_name(name)
+    def _dequantized(self, name: str, scale: str) -> np.ndarray:
         return dequantize_fp8(self.where[name].read(name), self.where[scale].read(scale), self.fp8_block)
 
     def _checked(self, name: str, shape: tuple[int, ...]) -> SafetensorsFile:

@@ -20,6 +20,11 @@ Every field transformers 5.23.0 knows for the text model is listed in :data:`TEX
 table are reported with a warning, never silently dropped; a value minqwen cannot honour (a
 rope type it does not implement, an activation it does not know, dense layers in an MoE
 model) is a :class:`~minqwen.errors.MinqwenError`.
+
+``quantization_config`` sits at the top level of config.json in every wrapper. Block-scaled
+FP8 (:class:`FP8Quantization`, Qwen's "-FP8" releases) is read — its weights are dequantized on
+load, see checkpoint.py; any other method (GPTQ, AWQ, bitsandbytes, compressed-tensors, static
+FP8, …) is an error that says what to use instead.
 """
 
 from __future__ import annotations

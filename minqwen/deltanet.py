@@ -32,7 +32,7 @@ The layer's decode state is (conv window, S): see :class:`DeltaNetState`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numba
 import numpy as np
@@ -70,10 +70,14 @@ class DeltaNetState:
     ``conv``: the last K − 1 inputs of the short convolution, [K − 1, conv_dim], oldest first.
     (transformers keeps K, the oldest of which is never used; minqwen keeps only what is read.)
     ``recurrent``: the memory S of every value head, [Hv, Dk, Dv], always float32.
+    ``history``: None, except while a speculative verify runs (see mtp.py): then a list that
+    each call extends with the (conv, recurrent) state after every one of its tokens, so that
+    the verify can keep any prefix of its tokens without recomputing (S cannot be rewound).
     """
 
     conv: np.ndarray
     recurrent: np.ndarray
+    history: list | None = field(default=None, repr=False, compare=False)
 
     def copy(self) -> DeltaNetState:
         return DeltaNetState(self.conv.copy(), self.recurrent.copy())
@@ -275,6 +279,7 @@ def gated_deltanet(
         tap("linear_attn.in_proj_b", b)
         tap("linear_attn.in_proj_a", a)
 
+    conv_inputs, conv_before = mixed_qkv, state.conv
     mixed_qkv, state.conv = causal_conv1d(mixed_qkv, w.conv1d, state.conv)
     mixed_qkv = ACTIVATIONS[hidden_act](mixed_qkv)
     if tap is not None:
@@ -298,8 +303,11 @@ def gated_deltanet(
     group = num_value_heads // num_key_heads
     q = np.repeat(q, group, axis=1)  # [T, Hv, Dk]
     k = np.repeat(k, group, axis=1)  # [T, Hv, Dk]
-    rule = chunked_gated_delta_rule if form == "chunked" and t_len > 1 else recurrent_gated_delta_rule
-    core, state.recurrent = rule(q, k, v, g, beta, state.recurrent)  # [T, Hv, Dv]
+    if state.history is not None:
+        core = _recurrence_keeping_every_state(q, k, v, g, beta, state, conv_inputs, conv_before)
+    else:
+        rule = chunked_gated_delta_rule if form == "chunked" and t_len > 1 else recurrent_gated_delta_rule
+        core, state.recurrent = rule(q, k, v, g, beta, state.recurrent)  # [T, Hv, Dv]
     if tap is not None:
         tap("linear_attn.core", core)
         tap("linear_attn.conv_state", state.conv)
@@ -309,3 +317,21 @@ def gated_deltanet(
     if tap is not None:
         tap("linear_attn.norm", normed)
     return linear(normed.reshape(t_len, num_value_heads * value_head_dim), w.out_proj)  # [T, H]
+
+
+def _recurrence_keeping_every_state(q, k, v, g, beta, state, conv_inputs, conv_before):
+    """The recurrence token by token, appending the state after each token to ``state.history``.
+
+    Each token is one call of the compiled step, so every kept state is bit for bit what a
+    decode step would have left. The conv window after token t is the last K − 1 rows of
+    (old window, inputs up to t). Returns the output [T, Hv, Dv]; leaves the final state in place.
+    """
+    window = np.concatenate([conv_before, conv_inputs], axis=0)  # [K−1+T, C]
+    keep = conv_before.shape[0]  # K − 1
+    outputs = []
+    for t in range(q.shape[0]):
+        o, state.recurrent = recurrent_gated_delta_rule(
+            q[t : t + 1], k[t : t + 1], v[t : t + 1], g[t : t + 1], beta[t : t + 1], state.recurrent)
+        outputs.append(o)  # [1, Hv, Dv]
+        state.history.append(DeltaNetState(window[t + 1 : t + 1 + keep].copy(), state.recurrent))
+    return np.concatenate(outputs, axis=0)  # [T, Hv, Dv]

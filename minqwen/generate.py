@@ -105,18 +105,22 @@ def stream_text(
     stats: GenerationStats | None = None,
     ids_out: list | None = None,
     skip_special_tokens: bool = True,
+    decode=None,
 ) -> Iterator[str]:
     """Yield text pieces as they are decoded; stop at eos ids or at the first stop string.
 
     Text that might be the start of a stop string is held back until it is known not to be,
     so a stop string never appears in the output. ``ids_out``, if given, receives every
-    generated id. Eos ids end the text and are not part of it.
+    generated id. Eos ids end the text and are not part of it. ``decode``: what yields the
+    ids — :func:`generate_ids` by default, or a drop-in with its arguments, such as
+    ``minqwen.mtp.speculative_decoder(head)`` (speculative decoding with the MTP head).
     """
     decoder = StreamDecoder(tokenizer, skip_special_tokens=skip_special_tokens)
     eos = set(tokenizer.eos_ids) | set(model.config.eos_token_id)
     held = ""
     longest = max((len(s) for s in stop_strings), default=0)
-    for token in generate_ids(model, prompt_ids, params, max_new_tokens, eos, seed, cache, history, stats):
+    decode = decode or generate_ids
+    for token in decode(model, prompt_ids, params, max_new_tokens, eos, seed, cache, history, stats):
         if ids_out is not None:
             ids_out.append(token)
         if token in eos:
@@ -140,12 +144,13 @@ def stream_text(
 
 def stream(model: Model, tokenizer: Tokenizer, prompt, *, max_new_tokens: int = 128, stop=(),
            seed: int | None = None, enable_thinking: bool = True, params: SamplingParams | None = None,
-           **sampling) -> Iterator[str]:
+           decode=None, **sampling) -> Iterator[str]:
     """Stream the answer to ``prompt`` — a string to continue, or chat messages
     ``[{"role": "user", "content": "…"}]`` rendered with the checkpoint's template.
 
     Sampling options (temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty)
     default to the checkpoint's generation_config.json; or pass a whole ``params``.
+    ``decode``: see :func:`stream_text` (e.g. ``minqwen.mtp.speculative_decoder(head)``).
     """
     if params is None:
         params = SamplingParams.from_generation_config(tokenizer.generation_config, **sampling)
@@ -155,7 +160,7 @@ def stream(model: Model, tokenizer: Tokenizer, prompt, *, max_new_tokens: int = 
         ids = tokenizer.encode(tokenizer.render_chat(prompt, enable_thinking=enable_thinking))
     else:
         raise MinqwenError("prompt must be a string or a list of chat messages")
-    yield from stream_text(model, tokenizer, ids, params, max_new_tokens, stop, seed)
+    yield from stream_text(model, tokenizer, ids, params, max_new_tokens, stop, seed, decode=decode)
 
 
 def generate(model: Model, tokenizer: Tokenizer, prompt, **options) -> str:
@@ -209,7 +214,7 @@ class ChatSession:
             self.log += ids
 
     def reply(self, user_text: str, params: SamplingParams = SamplingParams(), max_new_tokens: int = 256,
-              seed: int | None = None, stats: GenerationStats | None = None) -> Iterator[str]:
+              seed: int | None = None, stats: GenerationStats | None = None, decode=None) -> Iterator[str]:
         """Add a user message and stream the assistant's answer, thinking included, as raw text."""
         if not user_text.strip():
             raise MinqwenError("the message is empty")
@@ -230,7 +235,8 @@ class ChatSession:
         ids: list[int] = []
         pieces = []
         for piece in stream_text(self.model, self.tokenizer, prompt, params, max_new_tokens, (), seed,
-                                 self.cache, list(self.log), stats, ids_out=ids, skip_special_tokens=False):
+                                 self.cache, list(self.log), stats, ids_out=ids, skip_special_tokens=False,
+                                 decode=decode):
             pieces.append(piece)
             yield piece
         self.log += prompt + ids[:-1]  # the last id was sampled but not fed back

@@ -3,19 +3,60 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 
+from .checkpoint import FP8Tensor
 from .model import Model
+from .moe import Experts, MoEWeights
 
 
 def count(obj) -> int:
-    """Parameters in an array or a weights dataclass."""
+    """Parameters in an array, a list of arrays (per-expert weights) or a weights dataclass."""
     if isinstance(obj, np.ndarray):
         return obj.size
+    if isinstance(obj, FP8Tensor):  # an FP8 expert stack left in the file
+        return math.prod(obj.shape)
+    if isinstance(obj, (list, tuple)):
+        return sum(count(item) for item in obj)
     if dataclasses.is_dataclass(obj):
         return sum(count(getattr(obj, f.name)) for f in dataclasses.fields(obj))
     return 0
+
+
+def resident_bytes(model: Model) -> int:
+    """Bytes of weights held in memory — each array once (a tied head is the embedding); the
+    routed experts are left out, since they stay memory-mapped in the checkpoint."""
+    seen: dict[int, int] = {}
+
+    def walk(obj):
+        if isinstance(obj, np.ndarray):
+            seen[id(obj)] = obj.nbytes
+        elif dataclasses.is_dataclass(obj) and not isinstance(obj, Experts):
+            for f in dataclasses.fields(obj):
+                walk(getattr(obj, f.name))
+
+    for part in (model.embed_tokens, model.lm_head, model.norm, *model.layers):
+        walk(part)
+    return sum(seen.values())
+
+
+def experts(model: Model) -> tuple[int, int, int]:
+    """(parameters in routed experts, of them read per token, their stored bytes); zeros for a dense model."""
+    c = model.config
+    total = active = nbytes = 0
+    for layer in model.layers:
+        if isinstance(layer.mlp, MoEWeights):
+            ex = layer.mlp.experts
+            n = count(ex)
+            total += n
+            active += n * c.num_experts_per_tok // c.num_experts
+            for matrices in (ex.gate_proj, ex.up_proj, ex.down_proj):
+                for e in range(len(ex)):
+                    m = matrices[e]
+                    nbytes += math.prod(m.shape) if isinstance(m, FP8Tensor) else m.nbytes  # FP8: a byte each
+    return total, active, nbytes
 
 
 def cache_bytes(model: Model, context: int, itemsize: int = 4) -> tuple[int, int]:
@@ -55,8 +96,16 @@ def describe(model: Model, context: int = 4096) -> str:
         f"embed_tokens: {embed:,} parameters" + ("  (tied: also the LM head)" if not head else ""),
         *([f"lm_head: {head:,} parameters"] if head else []),
         f"decoder layers: {layers:,} parameters",
-        f"total: {total:,} parameters · {human(total * model.dtype.itemsize)} resident as {model.dtype}",
+        f"total: {total:,} parameters · {human(resident_bytes(model))} resident",
     ]
+    in_experts, active_experts, expert_bytes = experts(model)
+    if in_experts:
+        active = total - in_experts + active_experts
+        lines += [
+            f"experts: {c.num_experts} per layer, {c.num_experts_per_tok} used per token: {in_experts:,} parameters, "
+            f"{human(expert_bytes)} memory-mapped as stored (read only when chosen)",
+            f"active per token: {active:,} parameters ({active / total:.1%} of the total)",
+        ]
     kv, state = cache_bytes(model, context, model.dtype.itemsize)
     lines += [
         "",

@@ -327,12 +327,14 @@ SCORE_BLOCK = 1 << 24
 def frame_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
     """Full (non-causal) attention within one frame: q, k, v [L, heads, hd] → [L, heads, hd]."""
     length, heads, hd = q.shape
-    q, k, v = (a.transpose(1, 0, 2) for a in (q, k, v))  # [heads, L, hd]
+    # [heads, L, hd], contiguous: NumPy hands stacked matmuls to BLAS only for plain strides.
+    q, k, v = (np.ascontiguousarray(a.transpose(1, 0, 2)) for a in (q, k, v))
+    k_t = np.ascontiguousarray(k.transpose(0, 2, 1))  # [heads, hd, L]
     scale = np.float32(hd**-0.5)
     out = np.empty_like(q)
     rows = max(1, SCORE_BLOCK // (heads * length))
     for start in range(0, length, rows):
-        scores = q[:, start:start + rows] @ k.transpose(0, 2, 1) * scale  # [heads, r, L]
+        scores = q[:, start:start + rows] @ k_t * scale  # [heads, r, L]
         scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
         scores /= scores.sum(axis=-1, keepdims=True)  # softmax over the frame's keys
         out[:, start:start + rows] = scores @ v  # [heads, r, hd]

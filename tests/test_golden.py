@@ -23,8 +23,6 @@ import importlib.util
 import json
 import subprocess
 import sys
-from contextlib import ExitStack
-from unittest import mock
 
 import numpy as np
 import pytest
@@ -120,146 +118,15 @@ def test_recording_matches_transformers_hidden_states_final_states_and_greedy_to
     assert rec["generated_ids"].tolist() == ref["greedy"][:DECODE_STEPS].tolist()
 
 
-def reference_taps(hf_model, token_ids, decode_steps: int) -> dict[str, np.ndarray]:
-    """The golden taps as transformers computes them, for the prompt and greedy decode steps.
-
-    Forward hooks on the modules give most taps. Three sit inside a module's forward with no
-    module around them, so the functions are wrapped for the run: apply_rotary_pos_emb (q and k
-    after q_norm/k_norm and rotary), and the two gated-delta-rule kernels (their inputs are the
-    conv output split into q, k, v — still un-normalised, the kernel normalises — and g, beta).
-    The decode states are read from the reference's cache after each forward.
-    """
-    import torch
-    from transformers.models.qwen3_5 import modeling_qwen3_5
-    from transformers.models.qwen3_5_moe import modeling_qwen3_5_moe
-
-    inner = hf_model.model.language_model if hasattr(hf_model.model, "language_model") else hf_model.model
-    cfg = inner.config
-    modeling = modeling_qwen3_5_moe if cfg.model_type == "qwen3_5_moe_text" else modeling_qwen3_5
-    taps: dict[str, np.ndarray] = {"token_ids": np.asarray(token_ids, dtype=np.int64)}
-    where = {"prefix": "", "layer": None}  # the running forward's step prefix and decoder layer
-
-    def put(name, tensor, layer=True):
-        full = f"{where['prefix']}layers.{where['layer']}.{name}" if layer else where["prefix"] + name
-        taps[full] = tensor.detach().float().numpy().copy()
-
-    def output_hook(name, reshape=None, layer=True):
-        def hook(module, args, out):
-            out = out[0] if isinstance(out, tuple) else out  # attention returns (output, weights)
-            out = out[0]  # drop the batch
-            put(name, out.reshape(out.shape[0], *reshape) if reshape else out, layer)
-        return hook
-
-    def router_hook(module, args, out):
-        logits, weights, chosen = out  # [T, E], [T, k], [T, k]: the router sees the batch flattened
-        put("mlp.router_logits", logits)
-        put("mlp.expert_weights", weights)
-        taps[f"{where['prefix']}layers.{where['layer']}.mlp.experts_chosen"] = chosen.numpy().astype(np.int64)
-
-    hv, dv = cfg.linear_num_value_heads, cfg.linear_value_head_dim
-    hq, d = cfg.num_attention_heads, cfg.head_dim
-    handles = [inner.embed_tokens.register_forward_hook(output_hook("embed", layer=False)),
-               inner.norm.register_forward_hook(output_hook("norm", layer=False))]
-    for i, layer in enumerate(inner.layers):
-        handles.append(layer.register_forward_pre_hook(lambda module, args, i=i: where.update(layer=i)))
-        handles.append(layer.register_forward_hook(output_hook("output")))
-        for name in ("input_layernorm", "post_attention_layernorm", "mlp"):
-            handles.append(getattr(layer, name).register_forward_hook(output_hook(name)))
-        if hasattr(layer.mlp, "gate"):  # an MoE block
-            handles += [
-                layer.mlp.gate.register_forward_hook(router_hook),
-                layer.mlp.shared_expert.register_forward_hook(lambda module, args, out: put("mlp.shared_expert", out)),
-            ]
-        if cfg.layer_types[i] == "linear_attention":
-            la = layer.linear_attn
-            handles += [
-                la.register_forward_hook(output_hook("token_mixer")),
-                la.in_proj_qkv.register_forward_hook(output_hook("linear_attn.in_proj_qkv")),
-                la.in_proj_z.register_forward_hook(output_hook("linear_attn.in_proj_z", reshape=(hv, dv))),
-                la.in_proj_b.register_forward_hook(output_hook("linear_attn.in_proj_b")),
-                la.in_proj_a.register_forward_hook(output_hook("linear_attn.in_proj_a")),
-                # the gated norm sees the core output flattened to [T·Hv, Dv]
-                la.norm.register_forward_pre_hook(
-                    lambda module, args: put("linear_attn.core", args[0].reshape(-1, hv, dv))),
-                la.norm.register_forward_hook(
-                    lambda module, args, out: put("linear_attn.norm", out.reshape(-1, hv, dv))),
-            ]
-        else:
-            sa = layer.self_attn
-            handles += [
-                sa.register_forward_hook(output_hook("token_mixer")),
-                sa.q_proj.register_forward_hook(  # per head [q_h | gate_h]: the gate is the second half
-                    lambda module, args, out: put("self_attn.gate", out[0].reshape(-1, hq, 2 * d)[..., d:])),
-                sa.v_proj.register_forward_hook(output_hook("self_attn.v", reshape=(-1, d))),
-                sa.o_proj.register_forward_pre_hook(lambda module, args: put("self_attn.gated_output", args[0][0])),
-            ]
-
-    def rotary(q, k, *args, **kwargs):
-        q_rot, k_rot = original_rotary(q, k, *args, **kwargs)  # [1, heads, T, D]
-        put("self_attn.q", q_rot[0].transpose(0, 1))
-        put("self_attn.k", k_rot[0].transpose(0, 1))
-        return q_rot, k_rot
-
-    def delta_rule(kernel):
-        def wrapped(query, key, value, *args, **kwargs):  # [1, T, heads, dim]; g, beta [1, T, Hv]
-            t = query.shape[1]
-            put("linear_attn.conv1d", torch.cat([query.reshape(t, -1), key.reshape(t, -1), value.reshape(t, -1)], -1))
-            put("linear_attn.q", modeling.l2norm(query[0], dim=-1, eps=1e-6) * query.shape[-1] ** -0.5)
-            put("linear_attn.k", modeling.l2norm(key[0], dim=-1, eps=1e-6))
-            put("linear_attn.v", value[0])
-            put("linear_attn.g", kwargs["g"][0])
-            put("linear_attn.beta", kwargs["beta"][0])
-            return kernel(query, key, value, *args, **kwargs)
-        return wrapped
-
-    def read_states(cache):
-        for i, layer_cache in enumerate(cache.layers):
-            if cfg.layer_types[i] == "linear_attention":
-                where["layer"] = i
-                conv = layer_cache.conv_states[0][0]  # [C, K]: the K latest inputs; minqwen keeps K − 1
-                put("linear_attn.conv_state", conv[:, 1:].T)
-                put("linear_attn.recurrent_state", layer_cache.recurrent_states[0][0])
-
-    original_rotary = modeling.apply_rotary_pos_emb
-    with ExitStack() as stack, torch.no_grad():
-        stack.enter_context(mock.patch.object(modeling, "apply_rotary_pos_emb", rotary))
-        for kernel_name in ("torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule"):
-            stack.enter_context(mock.patch.object(modeling, kernel_name, delta_rule(getattr(modeling, kernel_name))))
-        out = hf_model(input_ids=torch.tensor(np.asarray(token_ids)[None], dtype=torch.long), use_cache=True)
-        taps["logits"] = out.logits[0].numpy().copy()
-        read_states(out.past_key_values)
-        generated = []
-        for n in range(decode_steps):
-            generated.append(int(torch.argmax(out.logits[0, -1])))
-            where["prefix"] = f"step{n}."
-            out = hf_model(input_ids=torch.tensor([[generated[-1]]]), past_key_values=out.past_key_values,
-                           use_cache=True)
-            put("logits", out.logits[0], layer=False)
-            read_states(out.past_key_values)
-    for h in handles:
-        h.remove()
-    if decode_steps:
-        taps["generated_ids"] = np.array(generated, dtype=np.int64)
-    return taps
-
-
 def load_reference_model(name):
-    """The fixture checkpoint loaded by transformers itself, fp32, eager attention."""
-    require_reference()
-    import torch
-    from transformers import (
-        Qwen3_5ForCausalLM,
-        Qwen3_5ForConditionalGeneration,
-        Qwen3_5MoeForCausalLM,
-        Qwen3_5MoeForConditionalGeneration,
-    )
+    """The fixture checkpoint loaded by transformers itself, fp32, eager attention (and experts)."""
+    return require_reference().load_pretrained(FIXTURES / name)
 
-    folder = FIXTURES / name
-    model_type = json.loads((folder / "config.json").read_text())["model_type"]
-    cls = {"qwen3_5": Qwen3_5ForConditionalGeneration, "qwen3_5_text": Qwen3_5ForCausalLM,
-           "qwen3_5_moe": Qwen3_5MoeForConditionalGeneration, "qwen3_5_moe_text": Qwen3_5MoeForCausalLM}[model_type]
-    extra = {"experts_implementation": "eager"} if model_type.startswith("qwen3_5_moe") else {}
-    return cls.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager", **extra).eval()
+
+def reference_taps(hf_model, token_ids, decode_steps: int) -> dict[str, np.ndarray]:
+    """The golden taps caught with forward hooks on transformers: tools/reference.py's, shared with
+    tools/compare_with_transformers.py."""
+    return require_reference().reference_taps(hf_model, token_ids, decode_steps)
 
 
 @pytest.mark.reference

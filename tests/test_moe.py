@@ -31,6 +31,8 @@ from minqwen.moe import (
     Experts,
     group_by_expert,
     group_by_expert_numpy,
+    grouped_rows_bf16,
+    grouped_rows_bf16_numpy,
     route,
     routed_experts,
     scatter_weighted,
@@ -194,6 +196,21 @@ def test_scatter_kernel_equals_its_numpy_twin(t_len, n_experts, hidden, data, dt
     twin = scatter_weighted_numpy(ys, order, w, top_k, t_len)
     assert got.dtype == twin.dtype == dtype
     np.testing.assert_array_equal(got, twin)  # the same products, added in the same order
+
+
+@settings(max_examples=60, deadline=None)
+@given(counts=st.lists(st.integers(1, 4), min_size=1, max_size=8), n_out=st.integers(1, 40),
+       n_in=st.integers(1, 300), seed=st.integers(0, 2**31))
+def test_grouped_rows_kernel_equals_its_numpy_twin(counts, n_out, n_in, seed):
+    # A decode step's expert matmuls: row j of x against the bf16 matrix of the expert it went to.
+    rng = np.random.default_rng(seed)
+    matrices = [rng.normal(size=(n_out, n_in)).astype(BF16) for _ in counts]
+    matrix_of_row = np.repeat(np.arange(len(counts)), counts)
+    x = rng.normal(size=(len(matrix_of_row), n_in)).astype(np.float32)
+    got = grouped_rows_bf16(x, matrix_of_row, matrices)
+    assert got.shape == (len(matrix_of_row), n_out) and got.dtype == np.float32
+    # The kernel sums in a different order (vector lanes): float32 round-off of an n_in-term sum.
+    np.testing.assert_allclose(got, grouped_rows_bf16_numpy(x, matrix_of_row, matrices), rtol=1e-5, atol=1e-5)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -10,10 +10,15 @@ One place that builds every checkpoint minqwen is tested or measured against:
 * :func:`run_reference` — logits, per-layer hidden states, final decode states and a greedy
   continuation, all from the reference;
 * :func:`real_shape_text_config` — the real Qwen3.5-0.8B text config (random weights only);
-  :func:`real_shape_moe_text_config` — Qwen3.5-35B-A3B's, cut to a few layers.
+  :func:`real_shape_moe_text_config` — Qwen3.5-35B-A3B's, cut to a few layers;
+* :func:`load_pretrained` — any local Qwen3.5 checkpoint folder (dense or MoE, either wrapper,
+  unquantized or FP8) loaded by transformers as the reference runs it: fp32, eager;
+* :func:`reference_taps` — the golden taps (minqwen.golden) as transformers computes them,
+  caught with forward hooks, for a prompt and greedy decode steps.
 
-Used by tools/make_fixtures.py, tools/real_shape_parity.py and the live reference lane in
-tests/test_reference_live.py. Never imported by minqwen itself.
+Used by tools/make_fixtures.py, tools/real_shape.py, tools/compare_with_transformers.py, the
+live reference lane in tests/test_reference_live.py, and the golden, FP8 and compare-tool
+tests. Never imported by minqwen itself.
 """
 
 from __future__ import annotations
@@ -21,7 +26,10 @@ from __future__ import annotations
 import copy
 import json
 import math
+import sys
+from contextlib import ExitStack
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -270,3 +278,179 @@ def run_reference(model, token_ids: np.ndarray, n_greedy: int = 0) -> dict[str, 
         result["greedy"] = np.array(greedy, dtype=np.int64)
         result["greedy_margin"] = np.array(margins, dtype=np.float32)
     return result
+
+
+# ==================================================================== a checkpoint folder, as the reference loads it
+
+# model_type in config.json → the transformers class that loads the whole checkpoint.
+PRETRAINED_CLASSES = {
+    "qwen3_5": Qwen3_5ForConditionalGeneration,
+    "qwen3_5_text": Qwen3_5ForCausalLM,
+    "qwen3_5_moe": Qwen3_5MoeForConditionalGeneration,
+    "qwen3_5_moe_text": Qwen3_5MoeForCausalLM,
+}
+
+
+def pretrained_class(folder: Path):
+    """The transformers class for the checkpoint in ``folder``, from its config.json's model_type."""
+    model_type = json.loads((Path(folder) / "config.json").read_text())["model_type"]
+    if model_type not in PRETRAINED_CLASSES:
+        raise ValueError(f"{folder}: model_type {model_type!r} is not a Qwen3.5 checkpoint "
+                         f"(known: {', '.join(PRETRAINED_CLASSES)})")
+    return PRETRAINED_CLASSES[model_type]
+
+
+@torch.no_grad()
+def load_pretrained(folder: Path):
+    """The checkpoint in ``folder`` loaded by transformers, fp32 throughout, eager attention and experts.
+
+    An FP8 checkpoint (``quantization_config.quant_method: fp8``) is dequantized by transformers
+    on load, as it always is on a CPU — but its *unquantized* tensors (norms, embeddings, the
+    router…) keep their stored dtype even with ``dtype=torch.float32``. They are widened here
+    (bf16 and fp16 widen exactly), so that the reference is fp32 everywhere, as for any other
+    checkpoint.
+    """
+    cls = pretrained_class(folder)
+    model = cls.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
+    if cls in (Qwen3_5MoeForCausalLM, Qwen3_5MoeForConditionalGeneration):
+        model.set_experts_implementation("eager")  # the plain loop; grouped_mm is another kernel
+    for p in model.parameters():
+        if p.dtype.is_floating_point and p.dtype != torch.float32:
+            p.data = p.data.float()
+    return model
+
+
+# ==================================================================== golden taps, from transformers
+
+
+def reference_taps(hf_model, token_ids, decode_steps: int) -> dict[str, np.ndarray]:
+    """The golden taps as transformers computes them, for the prompt and greedy decode steps.
+
+    Forward hooks on the modules give most taps. Three sit inside a module's forward with no
+    module around them, so the functions are wrapped for the run: apply_rotary_pos_emb (q and k
+    after q_norm/k_norm and rotary), and the two gated-delta-rule kernels (their inputs are the
+    conv output split into q, k, v — still un-normalised, the kernel normalises — and g, beta).
+    The decode states are read from the reference's cache after each forward. Decode step n
+    feeds the argmax of the previous logits: the reference's own greedy continuation, through
+    its own cache.
+
+    Works for every Qwen3.5 class, dense or MoE, text-only or multimodal: the functions are
+    wrapped in the modeling module the model comes from, and an MoE layer's router and shared
+    expert are hooked too. Only names in minqwen's tap table (:data:`minqwen.golden.TAPS`) are
+    returned, so that both sides of a comparison hold the same names.
+    """
+    from minqwen import golden
+
+    inner = hf_model.model.language_model if hasattr(hf_model.model, "language_model") else hf_model.model
+    modeling = sys.modules[type(inner).__module__]  # modeling_qwen3_5, or modeling_qwen3_5_moe
+    cfg = inner.config
+    taps: dict[str, np.ndarray] = {"token_ids": np.asarray(token_ids, dtype=np.int64)}
+    where = {"prefix": "", "layer": None}  # the running forward's step prefix and decoder layer
+
+    def put(name, tensor, layer=True):
+        full = f"{where['prefix']}layers.{where['layer']}.{name}" if layer else where["prefix"] + name
+        tensor = tensor.detach()
+        taps[full] = (tensor.float().numpy().copy() if tensor.is_floating_point()
+                      else tensor.numpy().astype(np.int64))  # experts_chosen stays integer
+
+    def output_hook(name, reshape=None, layer=True):
+        def hook(module, args, out):
+            out = out[0] if isinstance(out, tuple) else out  # attention returns (output, weights)
+            out = out[0]  # drop the batch
+            put(name, out.reshape(out.shape[0], *reshape) if reshape else out, layer)
+        return hook
+
+    def router_hook(module, args, out):
+        logits, weights, chosen = out  # [T, E], [T, k], [T, k]: the router sees the batch flattened
+        put("mlp.router_logits", logits)
+        put("mlp.expert_weights", weights)
+        put("mlp.experts_chosen", chosen)
+
+    hv, dv = cfg.linear_num_value_heads, cfg.linear_value_head_dim
+    hq, d = cfg.num_attention_heads, cfg.head_dim
+    handles = [inner.embed_tokens.register_forward_hook(output_hook("embed", layer=False)),
+               inner.norm.register_forward_hook(output_hook("norm", layer=False))]
+    for i, layer in enumerate(inner.layers):
+        handles.append(layer.register_forward_pre_hook(lambda module, args, i=i: where.update(layer=i)))
+        handles.append(layer.register_forward_hook(output_hook("output")))
+        for name in ("input_layernorm", "post_attention_layernorm", "mlp"):
+            handles.append(getattr(layer, name).register_forward_hook(output_hook(name)))
+        if hasattr(layer.mlp, "gate"):  # an MoE block; the shared expert also sees [T, H]
+            handles += [
+                layer.mlp.gate.register_forward_hook(router_hook),
+                layer.mlp.shared_expert.register_forward_hook(lambda module, args, out: put("mlp.shared_expert", out)),
+            ]
+        if cfg.layer_types[i] == "linear_attention":
+            la = layer.linear_attn
+            handles += [
+                la.register_forward_hook(output_hook("token_mixer")),
+                la.in_proj_qkv.register_forward_hook(output_hook("linear_attn.in_proj_qkv")),
+                la.in_proj_z.register_forward_hook(output_hook("linear_attn.in_proj_z", reshape=(hv, dv))),
+                la.in_proj_b.register_forward_hook(output_hook("linear_attn.in_proj_b")),
+                la.in_proj_a.register_forward_hook(output_hook("linear_attn.in_proj_a")),
+                # the gated norm sees the core output flattened to [T·Hv, Dv]
+                la.norm.register_forward_pre_hook(
+                    lambda module, args: put("linear_attn.core", args[0].reshape(-1, hv, dv))),
+                la.norm.register_forward_hook(
+                    lambda module, args, out: put("linear_attn.norm", out.reshape(-1, hv, dv))),
+            ]
+        else:
+            sa = layer.self_attn
+            handles += [
+                sa.register_forward_hook(output_hook("token_mixer")),
+                sa.q_proj.register_forward_hook(  # per head [q_h | gate_h]: the gate is the second half
+                    lambda module, args, out: put("self_attn.gate", out[0].reshape(-1, hq, 2 * d)[..., d:])),
+                sa.v_proj.register_forward_hook(output_hook("self_attn.v", reshape=(-1, d))),
+                sa.o_proj.register_forward_pre_hook(lambda module, args: put("self_attn.gated_output", args[0][0])),
+            ]
+
+    def rotary(q, k, *args, **kwargs):
+        q_rot, k_rot = original_rotary(q, k, *args, **kwargs)  # [1, heads, T, D]
+        put("self_attn.q", q_rot[0].transpose(0, 1))
+        put("self_attn.k", k_rot[0].transpose(0, 1))
+        return q_rot, k_rot
+
+    def delta_rule(kernel):
+        def wrapped(query, key, value, *args, **kwargs):  # [1, T, heads, dim]; g, beta [1, T, Hv]
+            t = query.shape[1]
+            put("linear_attn.conv1d", torch.cat([query.reshape(t, -1), key.reshape(t, -1), value.reshape(t, -1)], -1))
+            put("linear_attn.q", modeling.l2norm(query[0], dim=-1, eps=1e-6) * query.shape[-1] ** -0.5)
+            put("linear_attn.k", modeling.l2norm(key[0], dim=-1, eps=1e-6))
+            put("linear_attn.v", value[0])
+            put("linear_attn.g", kwargs["g"][0])
+            put("linear_attn.beta", kwargs["beta"][0])
+            return kernel(query, key, value, *args, **kwargs)
+        return wrapped
+
+    def read_states(cache):
+        for i, layer_cache in enumerate(cache.layers):
+            if cfg.layer_types[i] == "linear_attention":
+                where["layer"] = i
+                conv = layer_cache.conv_states[0][0]  # [C, K]: the K latest inputs; minqwen keeps K − 1
+                put("linear_attn.conv_state", conv[:, 1:].T)
+                put("linear_attn.recurrent_state", layer_cache.recurrent_states[0][0])
+
+    original_rotary = modeling.apply_rotary_pos_emb
+    try:
+        with ExitStack() as stack, torch.no_grad():
+            stack.enter_context(mock.patch.object(modeling, "apply_rotary_pos_emb", rotary))
+            for kernel_name in ("torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule"):
+                stack.enter_context(mock.patch.object(modeling, kernel_name, delta_rule(getattr(modeling, kernel_name))))
+            out = hf_model(input_ids=torch.tensor(np.asarray(token_ids)[None], dtype=torch.long), use_cache=True)
+            taps["logits"] = out.logits[0].float().numpy().copy()
+            read_states(out.past_key_values)
+            generated = []
+            for n in range(decode_steps):
+                generated.append(int(torch.argmax(out.logits[0, -1])))
+                where["prefix"] = f"step{n}."
+                out = hf_model(input_ids=torch.tensor([[generated[-1]]]), past_key_values=out.past_key_values,
+                               use_cache=True)
+                put("logits", out.logits[0], layer=False)
+                read_states(out.past_key_values)
+    finally:
+        for h in handles:
+            h.remove()
+    if decode_steps:
+        taps["generated_ids"] = np.array(generated, dtype=np.int64)
+    # Keep the names in minqwen's tap table (forward_order puts every other name in group 3).
+    return {name: value for name, value in taps.items() if golden.forward_order(name)[0] != 3}

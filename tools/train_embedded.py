@@ -605,7 +605,7 @@ def continue_text(lm, tokenizer: Tokenizer, text: str, new_tokens: int, sample: 
     ids = torch.tensor([tokenizer.encode(text).ids])
     torch.manual_seed(seed)
     kwargs = dict(do_sample=True, temperature=0.7, top_k=20, top_p=0.9, repetition_penalty=1.05) if sample else \
-        dict(do_sample=False, temperature=None, top_k=None, top_p=None)
+        dict(do_sample=False, temperature=None, top_k=None, top_p=None, repetition_penalty=1.0)
     out = lm.generate(ids, max_new_tokens=new_tokens, pad_token_id=lm.config.pad_token_id,
                       eos_token_id=lm.config.eos_token_id, **kwargs)
     return tokenizer.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=False)
@@ -689,7 +689,7 @@ valid `{corpus['valid']['sha256'][:16]}…`.
 
 - {r['train']['steps']:,} steps of {r['args']['batch_size']} × {r['args']['seq_len']} tokens:
   **{r['train']['tokens_seen']:,} tokens seen** in {r['train']['train_seconds'] / 60:.1f} minutes
-  on {r['machine']}; torch {torch.__version__}, transformers {transformers.__version__}.
+  on {r['machine']}; torch {torch.__version__}, transformers {transformers.__version__}, tokenizers {tokenizers.__version__}.
 - AdamW (β 0.9/0.95, weight decay {r['args']['weight_decay']} on matrices), peak lr {r['args']['lr']},
   {r['args']['warmup']:.0%} warm-up then cosine to {r['args']['min_lr_ratio']:.0%}, gradient clip {r['args']['clip']},
   seed {r['args']['seed']}. Loss = main next-token loss + {r['args']['mtp_weight']} × MTP loss.
@@ -706,6 +706,15 @@ valid `{corpus['valid']['sha256'][:16]}…`.
 | MTP top-1 accuracy for t[j+2] | {r['eval']['code']['mtp_top1']:.1%} |
 | MTP argmax = main model's greedy next-next token (teacher-forced) | {r['eval']['code']['mtp_agree']:.1%} |
 | greedy speculative acceptance, one MTP draft, on the model's own greedy output | {r['eval']['acceptance']['acceptance']:.1%} ({r['eval']['acceptance']['drafts']:,} drafts) |
+
+## Prompting
+
+Try `minqwen generate "{RECOMMENDED_PROMPT}"`. The tokenizer, like Qwen's, attaches a space to
+the word after it (`" def"`, `" return"`), so in training a token that is only a space is
+almost never followed by a word: a prompt that ends in a space (`"def "`) starts the model
+somewhere it has hardly been. End prompts on a word, a bracket or a newline instead. Chat
+replies are short and often beside the point: the dialog data is a few thousand one-line
+exchanges.
 
 ## Samples (transformers, these weights)
 
@@ -768,7 +777,10 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-PROMPTS = ["def ", "import os\n", "class ", "def fibonacci(n):\n"]
+# Prompts for the card's samples and the acceptance measurement; the first is the one to
+# recommend (it ends on a token the model has seen followed by code, see "Prompting").
+PROMPTS = ["def fibonacci(n):", "import os\n", "class", "def"]
+RECOMMENDED_PROMPT = PROMPTS[0]
 CHAT_TURNS = ["Hello, how are you?", "What is Python?"]
 
 
@@ -853,7 +865,7 @@ def main(argv=None) -> None:
 
     samples = []
     for prompt in PROMPTS:
-        for mode, sample in (("greedy", False), ("sampled (T 0.7, top-k 20, top-p 0.9, seed 0)", True)):
+        for mode, sample in (("greedy", False), ("sampled (temperature 0.7, top-k 20, top-p 0.9, repetition penalty 1.05, seed 0)", True)):
             samples.append({"prompt": prompt, "mode": mode,
                             "output": continue_text(loaded, tokenizer, prompt, 80, sample)})
     chat_samples = []

@@ -122,7 +122,8 @@ print("stored w of the final norm (first 6):", w_final[:6])
 
 # %%
 rng = np.random.default_rng(0)
-core, z, w = rng.normal(size=(5, 8)).astype(np.float32), rng.normal(size=(5, 8)).astype(np.float32), rng.normal(size=8).astype(np.float32)
+core, z = rng.normal(size=(2, 5, 8)).astype(np.float32)  # [T, Dv] each
+w = rng.normal(size=8).astype(np.float32)
 silu = z / (1 + np.exp(-z))
 plain_scale = core / np.sqrt(np.mean(core**2, axis=-1, keepdims=True) + 1e-6) * w * silu  # w, not 1 + w
 np.testing.assert_allclose(plain_scale, gated_rms_norm(core, z, w, 1e-6), rtol=1e-5, atol=1e-6)
@@ -216,7 +217,7 @@ assert np.isinf(mean_square_fp16) and np.isfinite(my_rms_norm(activation, np.zer
 # Solutions: `walkthrough/solutions/02_embeddings_and_norm.py`.
 #
 # **Exercise 2.1.** RMSNorm is *scale invariant*: `rms_norm(c·x) ≈ rms_norm(x)` for any
-# `c > 0`. Check it numerically on `expected["hidden.0"]` for c = 1e-3, 1 and 1e3. For which
+# `c > 0`. Check it numerically on `expected["hidden.0"]` for c = 0.1, 1 and 1e3. For which
 # tiny `c` does it stop being true, and which term of the formula is responsible?
 #
 # **Exercise 2.2.** Write `layer_norm(x, w)` (subtract the mean, divide by the standard
@@ -233,5 +234,5 @@ answer = exercise_2_1(expected["hidden.0"])
 if answer is None:
     print("Exercise 2.1: not attempted yet.")
 else:
-    assert 1e-9 <= answer <= 1e-2, "ε = 1e-6 is compared with the mean *square*: think about c² · mean(x²)"
+    assert 1e-4 <= answer <= 1, "ε = 1e-6 is compared with the mean *square*: think about c² · mean(x²)"
     print("Exercise 2.1: smallest scale that still normalises:", answer)

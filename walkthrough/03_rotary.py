@@ -155,7 +155,8 @@ def my_mrope_angles(position_ids, theta, R, section):
 # %%
 text_pos = text_position_ids(0, 20)  # [3, T]
 assert (text_pos[0] == text_pos[1]).all() and (text_pos[1] == text_pos[2]).all()
-np.testing.assert_allclose(my_mrope_angles(text_pos, theta, R, (11, 11, 10)), positions[:, None] * my_inv_freq(theta, R))
+plain_rope_angles = positions[:, None] * my_inv_freq(theta, R)
+np.testing.assert_allclose(my_mrope_angles(text_pos, theta, R, (11, 11, 10)), plain_rope_angles)
 
 # %% [markdown]
 # With an image the rows differ. Here are five text tokens followed by a 2 × 3 grid of

@@ -31,7 +31,6 @@ import numpy as np
 import course
 import minqwen
 from minqwen.attention import KVCache
-from minqwen.rope import inverse_frequencies, mrope_cos_sin, text_position_ids
 
 np.set_printoptions(precision=4, suppress=True, linewidth=110)
 
@@ -239,7 +238,7 @@ assert np.allclose(probs.sum(-1), 1)
 
 plt = course.pyplot()
 if plt is not None:
-    labels = [repr(tok.decode([i]))[1:-1] for i in ids]
+    labels = [course.token_label(tok.decode([i])) for i in ids]
     n_heads = probs.shape[0]
     fig, axes = plt.subplots(1, n_heads, figsize=(3.3 * n_heads, 3.8))
     for head, ax in enumerate(np.atleast_1d(axes)):

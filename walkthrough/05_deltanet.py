@@ -18,9 +18,9 @@
 # 1. linear attention: attention without the softmax *is* a fixed-size memory;
 # 2. the **delta rule**: write only what the memory gets wrong;
 # 3. **gating**: let the memory forget, at a rate chosen per token;
-# 4. the **recurrent form** (one token at a time: what decoding runs) and the **chunked
-#    (WY / UT) form** (the same numbers with matrix products: what a long prompt runs),
-#    checked equal in float64;
+# 4. the **recurrent form** (one token at a time) and the **chunked (WY / UT) form** (the
+#    same numbers with matrix products, the form GPU kernels use for long prompts), checked
+#    equal in float64;
 # 5. the whole layer on a fixture, against the reference;
 # 6. what a fixed-size memory cannot do — and so why Qwen3.5 keeps one attention layer in
 #    four.
@@ -156,9 +156,13 @@ for name, fn in (("NumPy twin", recurrent_gated_delta_rule_numpy), ("Numba kerne
 # %% [markdown]
 # ## 4 · The chunked form: the same numbers with matrix products
 #
-# The recurrent form does `T` small sequential steps — perfect for decoding one token,
-# slow for a 10,000-token prompt. The chunked form processes `C` tokens (64 in the
-# reference) at once. Derivation, for one head and one chunk starting with memory `S₀`:
+# The recurrent form does `T` small sequential steps. That is perfect for decoding one
+# token, but on a GPU a 10,000-token prompt would leave the hardware idle through 10,000
+# tiny dependent steps. The chunked form processes `C` tokens (64 in the reference) at once,
+# with matrix products — what accelerators are built for. (On a CPU the balance differs:
+# minqwen measured its compiled recurrence faster at every length, so it runs the recurrence
+# by default and keeps the chunked form as a tested, selectable twin.) Derivation, for one
+# head and one chunk starting with memory `S₀`:
 #
 # Let `Gₜ = g₁ + … + gₜ` (cumulative log-decay inside the chunk) and `γₜ = exp(Gₜ)`. Call
 # `δₜ = β_t (v_t − v̂_t)` the correction token `t` writes. Unrolling the recurrence,
@@ -223,6 +227,13 @@ for T in (1, 63, 64, 65, 150):
 inputs32 = random_inputs(150, dtype=np.float32)
 rec32, chk32 = my_recurrent(*inputs32), chunked_gated_delta_rule(*inputs32)
 assert np.abs(rec32[0] - chk32[0]).max() < 1e-5 * np.abs(rec32[0]).max()
+
+# A whole minqwen model can run either form (`model.deltanet_form`); the logits agree.
+fixture_model = minqwen.load(course.FIXTURES / "text_tied_fp32")
+prompt = np.arange(100) % 160  # long enough for two chunks
+recurrent_logits = fixture_model.forward(prompt)
+fixture_model.deltanet_form = "chunked"
+np.testing.assert_allclose(fixture_model.forward(prompt), recurrent_logits, rtol=0, atol=1e-4)
 
 # %% [markdown]
 # **A numerical trap.** `decay` needs `exp(G_t − G_j)` only for `j ≤ t`, where the exponent
@@ -333,7 +344,7 @@ print("mean exp(g) per DeltaNet layer:", [round(float(np.exp(taps[f'layers.{i}.l
 
 plt = course.pyplot()
 if plt is not None:
-    labels = [repr(tok.decode([i]))[1:-1] for i in sent_ids]
+    labels = [course.token_label(tok.decode([i])) for i in sent_ids]
     hv = emb.config.linear_num_value_heads
     fig, axes = plt.subplots(2, 1, figsize=(min(0.32 * len(sent_ids) + 2, 16), 7), sharex=True)
     for ax, values, title in ((axes[0], decays, "decay exp(g): how much memory survives the token"),
@@ -349,6 +360,12 @@ if plt is not None:
     course.save(fig, "05_decay_gates.png")
 
 # %% [markdown]
+# Things to look for in the picture: columns where many heads keep their memory (`exp(g)`
+# near 1) and write hard (`β` near 1) — in a trained model these tend to be the informative
+# tokens, such as the parts of an identifier — and columns where heads let their memory fade,
+# at punctuation and line breaks. Different heads of one layer behave very differently: some
+# forget almost everything at every token and act as a short-range window, others hold on.
+#
 # ## 6 · Why hybrids
 #
 # A Gated DeltaNet head has `Dk × Dv` numbers of memory, no matter how much text it has read.
@@ -378,7 +395,8 @@ for trial in range(trials):
 age = n_pairs - 1 - np.arange(n_pairs)  # 0: written last
 print("relative recall error, newest pair → oldest pair")
 for row, name in enumerate(("linear attention (additive)", "delta rule", "softmax attention")):
-    print(f"  {name:<28} newest {errors[row, -1]:.2f}   8 writes ago {errors[row, -9]:.2f}   oldest {errors[row, 0]:.2f}")
+    print(f"  {name:<28} newest {errors[row, -1]:.2f}   8 writes ago {errors[row, -9]:.2f}   "
+          f"oldest {errors[row, 0]:.2f}")
 assert errors[1, -1] < 1e-9 < errors[1, 0]  # the delta rule: exact for the newest, lossy for the oldest
 assert errors[2].max() < 0.05  # attention: every pair, however old
 

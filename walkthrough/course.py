@@ -7,7 +7,10 @@ Nothing here is part of the model. It exists so that each chapter can start with
 * ``course.fixture(name)``: a fixture folder and the reference outputs stored in it;
 * ``course.embedded_model()``: the folder of the small model shipped inside minqwen;
 * ``course.pyplot()`` and ``course.save(fig, name)``: matplotlib if it is installed (it is
-  optional), figures written to ``walkthrough/figures/``.
+  optional), figures written to ``walkthrough/figures/``; ``course.token_label(text)`` for
+  tokens on a figure's axis.
+
+Importing it also sets minqwen to one thread (see below).
 """
 
 from __future__ import annotations
@@ -27,6 +30,12 @@ try:
     import minqwen  # noqa: F401
 except ImportError:
     sys.path.insert(0, str(ROOT))
+
+# The models in this course are tiny. Their matrix products are faster on one thread than
+# split across several — much faster on a busy machine — so the chapters use one.
+from minqwen.threads import set_threads  # noqa: E402
+
+set_threads(1)
 
 
 def fixture(name: str):
@@ -102,6 +111,11 @@ def save(fig, name: str) -> Path:
     else:
         plt.close(fig)
     return path
+
+
+def token_label(text: str) -> str:
+    """A token's text made visible for a figure's axis: escapes for newlines, ␣ for spaces."""
+    return repr(text)[1:-1].replace(" ", "␣")
 
 
 def _shown(path: Path) -> str:

@@ -1,0 +1,143 @@
+"""tools/compare_with_transformers.py (issue #11): one command checks minqwen against transformers.
+
+* on fixtures — dense text-only, multimodal MoE with fused experts, and an FP8 copy — it passes:
+  exit code 0, max |Δlogits| within tolerance, identical greedy tokens;
+* on a corrupted copy (one tensor of layer k changed, rewritten with safetensors.numpy) that
+  minqwen reads while transformers reads the pristine fixture (``--reference-model``: what a
+  minqwen loader bug would look like) it fails, exit code 1, naming layer k's first tap;
+* prompts come from tokenizer.json, from --tokens or at random; errors exit 2 with a message.
+
+The real-shape run (python tools/real_shape.py make, then the tool on scratch/…) is a manual
+figure, not part of the test suite.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from conftest import FIXTURES, ROOT, require_reference
+
+pytestmark = pytest.mark.reference
+TOOL = ROOT / "tools" / "compare_with_transformers.py"
+FIXTURE_ATOL = "1e-4"  # tiny fixtures: fp32 round-off stays far below it
+
+
+@pytest.fixture(scope="module")
+def tool():
+    require_reference()
+    spec = importlib.util.spec_from_file_location("compare_with_transformers", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(tool, capsys, *args):
+    code = tool.main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def prompt_logit_diff(out: str) -> float:
+    return float(re.search(r"logits over the prompt:\s+max \|Δ\| = (\S+)", out).group(1))
+
+
+def fixture_ids(name) -> str:
+    return ",".join(str(int(t)) for t in load_file(str(FIXTURES / name / "expected.safetensors"))["token_ids"])
+
+
+@pytest.mark.parametrize("name", ["text_tied_fp32", "moe_multimodal_fused_top1"])
+def test_it_passes_on_fixtures_with_logits_within_tolerance_and_identical_greedy_tokens(tool, capsys, name):
+    code, out, _ = run(tool, capsys, "--model", FIXTURES / name, "--tokens", fixture_ids(name), "--new-tokens", 4,
+                       "--atol", FIXTURE_ATOL)
+    assert code == 0, out
+    assert prompt_logit_diff(out) <= 1e-4
+    assert "greedy: 4 of 4 tokens identical" in out
+    assert out.rstrip().endswith("PASS")
+
+
+def test_from_the_shell_it_exits_0_on_random_ids_by_default(tool):
+    done = subprocess.run([sys.executable, str(TOOL), "--model", str(FIXTURES / "text_grouped_bf16_bias"),
+                           "--new-tokens", "3", "--atol", FIXTURE_ATOL], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "prompt: 32 tokens (random ids, seed 0)" in done.stdout
+    assert "reference: transformers Qwen3_5ForCausalLM, fp32, eager" in done.stdout
+
+
+def test_it_passes_on_an_fp8_checkpoint(tool, capsys, tmp_path):
+    spec = importlib.util.spec_from_file_location("quantize_fp8", ROOT / "tools" / "quantize_fp8.py")
+    quantize_fp8 = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quantize_fp8)
+    folder = tmp_path / "fp8"
+    quantize_fp8.quantize_checkpoint(FIXTURES / "text_tied_fp32", folder, (16, 16), "bfloat16")
+    code, out, _ = run(tool, capsys, "--model", folder, "--new-tokens", 4, "--atol", FIXTURE_ATOL)
+    assert code == 0, out
+    assert "FP8, blocks [16, 16]" in out
+
+
+# (layer, tensor, the first tap it changes): every element of the tensor gets + 0.05.
+CORRUPTIONS = [
+    (2, "mlp.down_proj.weight", "layers.2.mlp"),
+    (3, "self_attn.v_proj.weight", "layers.3.self_attn.v"),
+]
+
+
+@pytest.mark.parametrize("layer, tensor, first", CORRUPTIONS)
+def test_a_corrupted_copy_fails_naming_the_first_tap_of_the_changed_layer(tool, capsys, tmp_path, layer, tensor, first):
+    pristine = FIXTURES / "text_tied_fp32"
+    corrupted = tmp_path / "corrupted"
+    corrupted.mkdir()
+    shutil.copy(pristine / "config.json", corrupted / "config.json")
+    tensors = load_file(str(pristine / "model.safetensors"))
+    tensors[f"model.layers.{layer}.{tensor}"] += np.float32(0.05)
+    save_file(tensors, str(corrupted / "model.safetensors"), metadata={"format": "pt"})
+
+    code, out, _ = run(tool, capsys, "--model", corrupted, "--reference-model", pristine,
+                       "--tokens", fixture_ids("text_tied_fp32"), "--new-tokens", 2, "--atol", FIXTURE_ATOL,
+                       "--keep", tmp_path / "recordings")
+    assert code == 1, out
+    assert prompt_logit_diff(out) > 1e-4
+    assert f"first diverging tap: {first}\n" in out
+    assert any(line.startswith(f"  >> {first} ") for line in out.splitlines()), out
+    assert (tmp_path / "recordings" / "minqwen.safetensors").is_file()
+    assert "minqwen golden compare" in out
+    assert out.rstrip().endswith("FAIL")
+
+
+def test_a_prompt_is_tokenized_with_the_checkpoints_tokenizer_json(tool, capsys, tmp_path):
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers.models import WordLevel
+
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    for file in (FIXTURES / "text_tied_fp32").iterdir():
+        (folder / file.name).symlink_to(file)
+    tokenizer = Tokenizer(WordLevel({"[UNK]": 0, "hello": 11, "world": 22}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(folder / "tokenizer.json"))
+
+    code, out, _ = run(tool, capsys, "--model", folder, "--prompt", "hello world hello", "--new-tokens", 2,
+                       "--atol", FIXTURE_ATOL)
+    assert code == 0, out
+    assert "prompt: 3 tokens (tokenizer.json)" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--prompt", "hello"], "no tokenizer.json, so --prompt cannot be tokenized; give ids with --tokens"),
+    (["--tokens", "1,x"], "not a list of token ids"),
+    (["--tokens", "1,999"], "outside the vocabulary"),
+    (["--new-tokens", "-1"], "--new-tokens must be ≥ 0"),
+    (["--reference-model", FIXTURES / "multimodal_sharded"], "hold different model configs"),
+])
+def test_errors_exit_2_with_a_message(tool, capsys, args, message):
+    code, out, err = run(tool, capsys, "--model", FIXTURES / "text_tied_fp32", *args)
+    assert code == 2
+    assert message in err
+    assert "Traceback" not in err

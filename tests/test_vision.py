@@ -1,0 +1,557 @@
+"""Vision: preprocessing, the tower, image tokens in the sequence, 3-D positions — against transformers 5.23.0.
+
+The fixtures (tests/fixtures_vision/, built by tools/make_vision_fixtures.py) hold two tiny
+multimodal checkpoints with every tensor randomized, test images of several sizes and aspect
+ratios, and what the reference computed: Qwen2VLImageProcessorPil's pixel values, the tower's
+features and intermediates, the expanded ids, get_rope_index's positions and rope delta,
+logits, and a greedy continuation through the reference's cache. They need neither torch nor
+Pillow. The live lane (marked ``reference``) draws random vision configs and images and
+compares in-process.
+"""
+
+import json
+import os
+import shutil
+import sys
+import tracemalloc
+import warnings
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.numpy import load_file
+
+import minqwen
+from conftest import FIXTURES, ROOT, require_reference
+from minqwen import MinqwenError, vision
+from minqwen.image import (
+    BICUBIC,
+    BILINEAR,
+    load_preprocessor_config,
+    preprocess,
+    preprocessor_config_from_dict,
+    read_image,
+    resize,
+    smart_resize,
+)
+
+VISION_FIXTURES = ROOT / "tests" / "fixtures_vision"
+FIXTURE_NAMES = sorted(p.name for p in VISION_FIXTURES.iterdir() if (p / "expected.safetensors").is_file())
+ATOL = 1e-4
+
+
+def require_pillow():
+    """Pillow (the optional extra), or skip — or fail under CI, where every lane must run."""
+    try:
+        import PIL.Image
+    except ImportError as e:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"CI=true but Pillow is missing ({e}); install it with pip install pillow")
+        pytest.skip(f"needs Pillow ({e})")
+    return PIL.Image
+
+
+@pytest.fixture(scope="module", params=FIXTURE_NAMES)
+def fixture(request):
+    folder = VISION_FIXTURES / request.param
+    expected = load_file(str(folder / "expected.safetensors"))
+    prompts = sorted({k.split(".")[0] for k in expected if k.endswith(".ids")})
+    return minqwen.load(folder), vision.load_vision(folder), expected, prompts
+
+
+def images_of(expected, prompt):
+    return [expected[f"image.{i}"] for i in expected[f"{prompt}.images"]]
+
+
+# ==================================================================== against the fixtures
+
+
+def test_there_are_fixtures_with_several_sizes_and_a_two_image_prompt():
+    assert len(FIXTURE_NAMES) >= 2
+    expected = load_file(str(VISION_FIXTURES / "vision_fp32" / "expected.safetensors"))
+    shapes = [expected[k].shape[:2] for k in expected if k.startswith("image.")]
+    assert any(h != w for h, w in shapes) and (1, 1) in shapes and max(h * w for h, w in shapes) > 48 * 48
+    assert len(expected["two_images.images"]) == 2
+    total = sum(p.stat().st_size for p in VISION_FIXTURES.rglob("*") if p.is_file())
+    assert total < 1.5 * 1024 * 1024
+
+
+def test_preprocessing_is_bit_identical_to_the_reference_processor(fixture):
+    _, tower, expected, _ = fixture
+    i = 0
+    while f"image.{i}" in expected:
+        pixel_values, grid_thw = preprocess(expected[f"image.{i}"], tower.preprocessor)
+        assert pixel_values.dtype == np.float32
+        np.testing.assert_array_equal(grid_thw, expected[f"grid_thw.{i}"])
+        np.testing.assert_array_equal(pixel_values, expected[f"pixel_values.{i}"])
+        i += 1
+
+
+def test_tower_features_and_every_block_output_match_the_reference(fixture):
+    _, tower, expected, prompts = fixture
+    for prompt in prompts:
+        taps = {}
+        features, grid_thw = tower.encode_images(images_of(expected, prompt))
+        np.testing.assert_array_equal(grid_thw, expected[f"{prompt}.grid_thw"])
+        np.testing.assert_allclose(features, expected[f"{prompt}.features"], rtol=0, atol=ATOL, err_msg=prompt)
+    prompt = prompts[0]  # the fixture keeps the intermediates of its first prompt
+    pixel_values = np.concatenate([preprocess(im, tower.preprocessor)[0] for im in images_of(expected, prompt)])
+    tower.forward(pixel_values, expected[f"{prompt}.grid_thw"], tap=lambda name, x: taps.__setitem__(name, x.copy()))
+    np.testing.assert_allclose(taps["patch_embed"], expected[f"{prompt}.tap.patch_embed"], rtol=0, atol=ATOL)
+    for i in range(len(tower.blocks)):
+        np.testing.assert_allclose(taps[f"blocks.{i}"], expected[f"{prompt}.tap.blocks.{i}"], rtol=0, atol=ATOL)
+
+
+def test_expanded_ids_position_ids_and_rope_delta_are_exactly_the_references(fixture):
+    model, tower, expected, prompts = fixture
+    for prompt in prompts:
+        inputs = vision.multimodal_inputs(model, tower, expected[f"{prompt}.ids"], images_of(expected, prompt))
+        np.testing.assert_array_equal(inputs.token_ids, expected[f"{prompt}.input_ids"])
+        np.testing.assert_array_equal(inputs.position_ids, expected[f"{prompt}.position_ids"])
+        assert inputs.rope_delta == int(expected[f"{prompt}.rope_delta"][0])
+        assert inputs.rope_delta < 0  # an image spans fewer positions than tokens
+
+
+def test_logits_with_images_match_the_reference(fixture):
+    model, tower, expected, prompts = fixture
+    for prompt in prompts:
+        inputs = vision.multimodal_inputs(model, tower, expected[f"{prompt}.ids"], images_of(expected, prompt))
+        logits = model.forward(inputs_embeds=inputs.inputs_embeds, position_ids=inputs.position_ids)
+        np.testing.assert_allclose(logits, expected[f"{prompt}.logits"], rtol=0, atol=ATOL, err_msg=prompt)
+
+
+def test_cached_continuation_after_the_images_is_the_references(fixture):
+    """prefill sets cache.rope_delta; plain text decoding then continues at the right positions."""
+    model, tower, expected, prompts = fixture
+    for prompt in prompts:
+        cache = model.new_cache()
+        logits = vision.prefill(model, tower, expected[f"{prompt}.ids"], images_of(expected, prompt), cache)
+        assert cache.rope_delta == int(expected[f"{prompt}.rope_delta"][0])
+        assert cache.position == len(expected[f"{prompt}.input_ids"])
+        generated = []
+        for step, want in enumerate(expected[f"{prompt}.greedy_logits"]):
+            token = int(np.argmax(logits[-1]))
+            generated.append(token)
+            logits = model.forward([token], cache, last_only=True)
+            np.testing.assert_allclose(logits[-1], want, rtol=0, atol=ATOL, err_msg=f"{prompt} step {step}")
+        assert generated == expected[f"{prompt}.greedy"].tolist()
+
+
+def test_generation_after_an_image_prefill_is_the_references_greedy_continuation(fixture):
+    """How the CLI wires images: prefill all but the last prompt token, then generate from it."""
+    from minqwen.generate import generate_ids
+
+    model, tower, expected, prompts = fixture
+    prompt = prompts[0]
+    ids = expected[f"{prompt}.ids"]
+    cache = model.new_cache()
+    vision.prefill(model, tower, ids[:-1], images_of(expected, prompt), cache)
+    want = expected[f"{prompt}.greedy"].tolist()
+    got = list(generate_ids(model, ids[-1:], max_new_tokens=len(want), cache=cache, history=ids[:-1].tolist()))
+    assert got == want
+
+
+def test_images_fed_in_two_chunks_equal_one_prefill(fixture):
+    """A later turn can bring an image: positions continue from cache.position + cache.rope_delta."""
+    model, tower, expected, prompts = fixture
+    prompt = max(prompts, key=lambda p: len(expected[f"{p}.images"]))
+    ids, images = expected[f"{prompt}.ids"], images_of(expected, prompt)
+    cut = int(np.flatnonzero(ids == tower.config.vision_end_token_id)[0]) + 1  # after the first image
+    cache = model.new_cache()
+    first = vision.prefill(model, tower, ids[:cut], images[:1], cache, last_only=False)
+    second = vision.prefill(model, tower, ids[cut:], images[1:], cache, last_only=False)
+    np.testing.assert_allclose(np.concatenate([first, second]), expected[f"{prompt}.logits"], rtol=0, atol=ATOL)
+    assert cache.rope_delta == int(expected[f"{prompt}.rope_delta"][0])
+
+
+def test_two_images_never_attend_to_each_other(fixture):
+    _, tower, expected, _ = fixture
+    a, b = expected["image.0"], expected["image.1"]
+    together, _ = tower.encode_images([a, b])
+    alone_a, _ = tower.encode_images([a])
+    alone_b, _ = tower.encode_images([b])
+    np.testing.assert_allclose(together, np.concatenate([alone_a, alone_b]), rtol=0, atol=1e-5)  # BLAS round-off only: a leak would be O(0.1)
+
+
+def test_a_clip_of_frames_is_its_frames_encoded_one_by_one(fixture):
+    """grid t > 1 (video frames): each frame attends to itself, with the same position embeddings."""
+    _, tower, expected, _ = fixture
+    pv0, grid = preprocess(expected["image.0"], tower.preprocessor)
+    pv1, _ = preprocess(expected["image.1"][: expected["image.0"].shape[0], : expected["image.0"].shape[1]],
+                        tower.preprocessor)
+    clip = tower.forward(np.concatenate([pv0, pv1]), [[2, grid[0, 1], grid[0, 2]]])
+    frames = np.concatenate([tower.forward(pv0, grid), tower.forward(pv1, grid)])
+    np.testing.assert_allclose(clip, frames, rtol=0, atol=1e-5)  # BLAS round-off only: a leak would be O(0.1)
+
+
+def test_image_pads_are_expanded_one_per_merged_patch():
+    ids = vision.expand_image_tokens([5, 9, 6, 9, 7], [[1, 4, 6], [1, 2, 2]], image_token_id=9, merge=2)
+    assert ids.tolist() == [5] + [9] * 6 + [6] + [9] + [7]
+
+
+def test_rope_index_follows_the_reference_rule():
+    """Text counts up in all rows; an image sits on its grid; the text after it starts at start + max(h, w)."""
+    config = vision.VisionConfig(image_token_id=9, video_token_id=8, spatial_merge_size=2)
+    ids = [1, 2] + [9] * 6 + [3]  # an image of 2 × 3 merged patches
+    positions, next_position = vision.rope_index(ids, [[1, 4, 6]], config, start=10)
+    assert positions[:, :2].tolist() == [[10, 11]] * 3
+    assert positions[:, 2:8].tolist() == [[12] * 6, [12, 12, 12, 13, 13, 13], [12, 13, 14, 12, 13, 14]]
+    assert positions[:, 8].tolist() == [15, 15, 15] and next_position == 16
+
+
+# ==================================================================== resizing
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(h=st.integers(1, 90), w=st.integers(1, 90), height=st.integers(1, 120), width=st.integers(1, 120),
+       resample=st.sampled_from([BICUBIC, BILINEAR]), seed=st.integers(0, 2**16))
+def test_resize_is_pillows_bit_for_bit(h, w, height, width, resample, seed):
+    Image = require_pillow()
+    image = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    want = np.array(Image.fromarray(image).resize((width, height), resample=resample))
+    np.testing.assert_array_equal(resize(image, height, width, resample), want)
+
+
+def test_resize_is_pillows_on_both_sides_of_its_pass_order_switch():
+    Image = require_pillow()
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    for height in (2, 20, 38, 60):
+        for width in range(15, 50):
+            want = np.array(Image.fromarray(image).resize((width, height), resample=BICUBIC))
+            np.testing.assert_array_equal(resize(image, height, width), want, err_msg=f"{height}×{width}")
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(h=st.integers(1, 5000), w=st.integers(1, 5000), factor=st.sampled_from([8, 28, 32]),
+       budget=st.sampled_from([(64, 4096), (56 * 56, 28 * 28 * 1280), (65536, 16777216)]))
+def test_smart_resize_lands_on_the_grid_within_the_budget(h, w, factor, budget):
+    if max(h, w) / min(h, w) > 200:
+        with pytest.raises(MinqwenError, match="aspect ratio above 200"):
+            smart_resize(h, w, factor, *budget)
+        return
+    height, width = smart_resize(h, w, factor, *budget)
+    assert height % factor == 0 and width % factor == 0 and height >= factor and width >= factor
+    if min(height, width) > factor:  # a side clamped at one merged patch can exceed the budget
+        assert height * width <= budget[1]
+    assert height * width >= budget[0] or height * width > budget[1] // 4  # below the minimum only after shrinking
+
+
+def test_a_huge_image_is_resized_into_the_budget_without_a_memory_blow_up():
+    config = preprocessor_config_from_dict(dict(patch_size=4, merge_size=2, temporal_patch_size=2,
+                                                size=dict(shortest_edge=64, longest_edge=64 * 64)))
+    rng = np.random.default_rng(0)
+    image = np.repeat(rng.integers(0, 256, (3000, 1, 3), dtype=np.uint8), 4000, axis=1)  # 36 MB
+    tracemalloc.start()
+    pixel_values, grid = preprocess(image, config)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert grid[0, 1] * grid[0, 2] * 16 <= 64 * 64  # patches of 4 × 4 pixels inside the budget
+    assert peak < 100 * 1024 * 1024, f"peak {peak / 2**20:.0f} MiB while resizing a 36 MB image"
+
+
+# ==================================================================== bad input
+
+
+def test_bad_arrays_are_refused_by_name():
+    with pytest.raises(MinqwenError, match=r"empty: 0×5 pixels"):
+        read_image(np.zeros((0, 5, 3), np.uint8))
+    with pytest.raises(MinqwenError, match=r"must have shape \[H, W, 3\]"):
+        read_image(np.zeros((5, 5), np.uint8))
+    with pytest.raises(MinqwenError, match="must be uint8"):
+        read_image(np.zeros((5, 5, 3), np.float32))
+    with pytest.raises(MinqwenError, match="an image must be a file path, a Pillow image or a NumPy array"):
+        read_image(42)
+
+
+def test_an_extreme_aspect_ratio_is_refused():
+    config = preprocessor_config_from_dict(dict(patch_size=4, merge_size=2))
+    with pytest.raises(MinqwenError, match="aspect ratio above 200"):
+        preprocess(np.zeros((1, 201, 3), np.uint8), config)
+
+
+def test_missing_corrupt_and_truncated_files_are_refused_by_name(tmp_path):
+    Image = require_pillow()
+    with pytest.raises(MinqwenError, match="no such image file"):
+        read_image(tmp_path / "nowhere.png")
+    (tmp_path / "notes.png").write_text("not an image at all")
+    with pytest.raises(MinqwenError, match=r"notes\.png: cannot read this image file"):
+        read_image(tmp_path / "notes.png")
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    data = (tmp_path / "a.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(MinqwenError, match=r"cut\.png: cannot read this image file"):
+        read_image(tmp_path / "cut.png")
+
+
+def test_a_decompression_bomb_is_refused(tmp_path, monkeypatch):
+    Image = require_pillow()
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64² is then over twice the limit
+    with pytest.raises(MinqwenError, match="too many pixels"):
+        read_image(tmp_path / "big.png")
+
+
+def test_a_file_reads_as_its_pixels_and_transparency_goes_white(tmp_path):
+    Image = require_pillow()
+    rgb = np.random.default_rng(1).integers(0, 256, (7, 9, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "rgb.png")
+    np.testing.assert_array_equal(read_image(tmp_path / "rgb.png"), rgb)
+    rgba = np.zeros((2, 2, 4), np.uint8)
+    rgba[0, 0] = (10, 20, 30, 255)
+    Image.fromarray(rgba).save(tmp_path / "rgba.png")
+    got = read_image(tmp_path / "rgba.png")
+    assert got[0, 0].tolist() == [10, 20, 30] and got[1, 1].tolist() == [255, 255, 255]
+
+
+def test_without_pillow_files_need_it_and_arrays_do_not(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "PIL", None)
+    monkeypatch.setitem(sys.modules, "PIL.Image", None)
+    with pytest.raises(MinqwenError, match="pip install pillow"):
+        read_image(tmp_path / "x.png")
+    config = preprocessor_config_from_dict(dict(patch_size=4, merge_size=2, size=dict(shortest_edge=64, longest_edge=4096)))
+    pixel_values, grid = preprocess(np.zeros((30, 20, 3), np.uint8), config)
+    # 30 × 20 → 32 × 16: round(20 / 8) is 2, Python's round-half-to-even, as in the reference.
+    assert grid.tolist() == [[1, 8, 4]] and pixel_values.shape == (32, 3 * 2 * 4 * 4)
+
+
+def test_image_token_count_not_matching_the_images_is_refused(fixture):
+    model, tower, expected, prompts = fixture
+    prompt = max(prompts, key=lambda p: len(expected[f"{p}.images"]))
+    ids, images = expected[f"{prompt}.ids"], images_of(expected, prompt)
+    with pytest.raises(MinqwenError, match=rf"has {len(images)} <\|image_pad\|> tokens .* but {len(images) - 1} images"):
+        vision.multimodal_inputs(model, tower, ids, images[:-1])
+    pad = tower.config.image_token_id
+    with pytest.raises(MinqwenError, match="image features and image tokens do not match: the prompt has 3"):
+        vision.place_image_features(np.zeros((4, 8)), [1, pad, pad, pad], np.zeros((2, 8)), pad)
+    expanded = expected[f"{prompt}.input_ids"]
+    short = np.delete(expanded, np.flatnonzero(expanded == pad)[0])  # one image token too few
+    with pytest.raises(MinqwenError, match=r"image 0 needs \d+ <\|image_pad\|> tokens .* a run of"):
+        vision.rope_index(short, expected[f"{prompt}.grid_thw"], tower.config)
+    with pytest.raises(MinqwenError, match="reads images, not videos"):
+        vision.rope_index([1, tower.config.video_token_id], np.zeros((0, 3), np.int64), tower.config)
+
+
+def test_pixel_values_not_matching_the_grid_are_refused(fixture):
+    _, tower, expected, _ = fixture
+    pixel_values, grid = preprocess(expected["image.0"], tower.preprocessor)
+    with pytest.raises(MinqwenError, match=r"pixel_values must have shape \["):
+        tower.forward(pixel_values[:-1], grid)
+    with pytest.raises(MinqwenError, match="multiples of spatial_merge_size"):
+        tower.forward(pixel_values, [[1, grid[0, 1] + 1, grid[0, 2]]])
+
+
+# ==================================================================== configs and checkpoints
+
+
+@pytest.fixture
+def folder(tmp_path):
+    target = tmp_path / "ckpt"
+    shutil.copytree(VISION_FIXTURES / "vision_fp32", target)
+    return target
+
+
+def edit_json(path, change):
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("hidden_act", "swiglu9", "vision_config.hidden_act' is 'swiglu9'"),
+    ("in_channels", 4, "in_channels' is 4"),
+    ("out_hidden_size", 40, "out_hidden_size 40 must equal the text hidden_size 32"),
+    ("num_heads", 3, "not a multiple of num_heads 3"),
+    ("patch_size", [4, 4], "'vision_config.patch_size' must be an integer"),
+    ("rope_parameters", {"rope_type": "default"}, "only 'axial'"),
+])
+def test_unsupported_vision_config_values_are_errors_naming_the_field(folder, field, value, message):
+    edit_json(folder / "config.json", lambda c: c["vision_config"].update({field: value}))
+    with pytest.raises(MinqwenError, match=message.replace("[", r"\[")):
+        vision.load_vision(folder)
+
+
+def test_head_dim_not_a_multiple_of_four_is_an_error(folder):
+    edit_json(folder / "config.json", lambda c: c["vision_config"].update(hidden_size=24, num_heads=4))
+    with pytest.raises(MinqwenError, match="head_dim 6 must be a multiple of 4"):
+        vision.load_vision(folder)
+
+
+def test_an_unknown_vision_field_is_reported_not_dropped(folder):
+    edit_json(folder / "config.json", lambda c: c["vision_config"].update(deepstack_visual_indexes=[1]))
+    with pytest.warns(UserWarning, match="deepstack_visual_indexes"):
+        vision.load_vision(folder)
+
+
+def test_a_special_token_outside_the_vocabulary_is_an_error(folder):
+    edit_json(folder / "config.json", lambda c: c.update(image_token_id=248056))
+    with pytest.raises(MinqwenError, match="'image_token_id' is 248056, outside the vocabulary"):
+        vision.load_vision(folder)
+
+
+def test_preprocessor_must_agree_with_the_tower(folder):
+    edit_json(folder / "preprocessor_config.json", lambda c: c.update(merge_size=3))
+    with pytest.raises(MinqwenError, match="merge_size is 3 but config.json's vision_config.spatial_merge_size is 2"):
+        vision.load_vision(folder)
+
+
+def test_missing_or_bad_preprocessor_config_is_an_error(folder):
+    edit_json(folder / "preprocessor_config.json", lambda c: c.update(resample=1))
+    with pytest.raises(MinqwenError, match="'resample' is 1"):
+        load_preprocessor_config(folder)
+    edit_json(folder / "preprocessor_config.json", lambda c: c.update(resample=3, image_std=[0.5, 0, 0.5]))
+    with pytest.raises(MinqwenError, match="must not contain 0"):
+        load_preprocessor_config(folder)
+    (folder / "preprocessor_config.json").unlink()
+    with pytest.raises(MinqwenError, match="no preprocessor_config.json here"):
+        vision.load_vision(folder)
+
+
+def test_legacy_min_max_pixels_win_over_size_as_in_the_reference():
+    config = preprocessor_config_from_dict(dict(size=dict(shortest_edge=10, longest_edge=99), min_pixels=20,
+                                                max_pixels=400))
+    assert (config.min_pixels, config.max_pixels) == (20, 400)
+
+
+def test_a_missing_or_wrongly_shaped_tensor_is_an_error(folder):
+    from safetensors.numpy import load_file as load, save_file
+
+    tensors = load(str(folder / "model.safetensors"))
+    del tensors["model.visual.blocks.1.mlp.linear_fc2.bias"]
+    save_file(tensors, str(folder / "model.safetensors"))
+    with pytest.raises(MinqwenError, match="'model.visual.blocks.1.mlp.linear_fc2.bias' is missing"):
+        vision.load_vision(folder)
+    edit_json(folder / "config.json", lambda c: c["vision_config"].update(depth=1))
+    with pytest.raises(MinqwenError, match="vision tensors minqwen does not know .*blocks.1"):
+        vision.load_vision(folder)
+    edit_json(folder / "config.json", lambda c: c["vision_config"].update(depth=2, intermediate_size=40))
+    with pytest.raises(MinqwenError, match=r"'model.visual.blocks.0.mlp.linear_fc1.weight' has shape \[48, 32\]"):
+        vision.load_vision(folder)
+
+
+def test_a_text_only_checkpoint_has_no_vision_tower():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(MinqwenError, match="has no vision tower"):
+            vision.load_vision(FIXTURES / "text_tied_fp32")
+
+
+# ==================================================================== the live lane
+
+
+@st.composite
+def vision_setups(draw):
+    merge = draw(st.sampled_from([1, 2, 3]))
+    heads = draw(st.sampled_from([1, 2]))
+    vision_cfg = dict(
+        depth=draw(st.integers(1, 2)), hidden_size=heads * draw(st.sampled_from([8, 12, 16])), num_heads=heads,
+        intermediate_size=draw(st.sampled_from([16, 40])), patch_size=draw(st.integers(2, 5)),
+        temporal_patch_size=draw(st.sampled_from([1, 2])), spatial_merge_size=merge,
+        num_position_embeddings=draw(st.sampled_from([4, 16, 25, 36, 40])),
+        hidden_act=draw(st.sampled_from(["gelu_pytorch_tanh", "gelu", "silu"])),
+    )
+    factor = vision_cfg["patch_size"] * merge
+    budget = (factor * factor, factor * factor * draw(st.sampled_from([9, 25, 49])))
+    sizes = draw(st.lists(st.tuples(st.integers(1, 90), st.integers(1, 90)), min_size=1, max_size=3))
+    return vision_cfg, budget, sizes
+
+
+@pytest.mark.reference
+@settings(max_examples=20, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(setup=vision_setups(), dtype=st.sampled_from(["float32", "bfloat16"]), default_section=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_random_vision_configs_match_transformers(tmp_path_factory, setup, dtype, default_section, seed):
+    require_reference()
+    require_pillow()
+    import make_vision_fixtures as builder
+
+    vision_cfg, (min_pixels, max_pixels), sizes = setup
+    rope = dict(rope_type="default", rope_theta=1e4, partial_rotary_factor=1.0)
+    if not default_section:
+        rope.update(mrope_section=[2, 3, 3], mrope_interleaved=True)
+    text = builder.tiny_text(rope_parameters=rope)
+    model = builder.build_vision_model(text, vision_cfg, seed)
+    settings_ = builder.preprocessor_settings(vision_cfg, min_pixels, max_pixels, seed)
+    folder = tmp_path_factory.mktemp("vision")
+    builder.save_vision_checkpoint(model, settings_, folder, dtype)
+    rng = np.random.default_rng(seed)
+    images = [builder.test_image(rng, h, w) for h, w in sizes]
+    ids = builder.prompt(rng, text["vocab_size"], len(images))
+    ours, tower = minqwen.load(folder), vision.load_vision(folder)
+    features, grid = tower.encode_images(images)
+    # The reference's text model runs on our features (see run_vision_reference); its tower is compared here.
+    expected = builder.run_vision_reference(model, builder.reference_processor(settings_), images, ids, n_greedy=3,
+                                            features=features)
+
+    pixel_values = np.concatenate([preprocess(im, tower.preprocessor)[0] for im in images])
+    np.testing.assert_array_equal(pixel_values, expected["pixel_values"])
+    np.testing.assert_array_equal(grid, expected["grid_thw"])
+    np.testing.assert_allclose(features, expected["features"], rtol=0, atol=ATOL)
+    cache = ours.new_cache()
+    inputs = vision.multimodal_inputs(ours, tower, ids, images, cache)
+    np.testing.assert_array_equal(inputs.position_ids, expected["position_ids"])
+    assert inputs.rope_delta == int(expected["rope_delta"][0])
+    logits = vision.prefill(ours, tower, ids, images, cache, last_only=False)
+    np.testing.assert_allclose(logits, expected["logits"], rtol=0, atol=ATOL)
+    for step, token in enumerate(expected["greedy"]):
+        logits = ours.forward([int(token)], cache, last_only=True)
+        np.testing.assert_allclose(logits[-1], expected["greedy_logits"][step], rtol=0, atol=ATOL)
+
+
+@pytest.mark.reference
+def test_a_multi_frame_grid_matches_the_reference_tower():
+    """The machinery video frames would use: grid t > 1, distinct frames, attention per frame."""
+    require_reference()
+    import torch
+
+    import make_vision_fixtures as builder
+
+    vision_cfg = builder.tiny_vision()
+    model = builder.build_vision_model(builder.tiny_text(), vision_cfg, seed=5)
+    folder = VISION_FIXTURES / "vision_fp32"
+    tower = vision.load_vision(folder)
+    visual_state = {k[len("model.visual."):]: torch.from_numpy(v) for k, v in
+                    load_file(str(folder / "model.safetensors")).items() if k.startswith("model.visual.")}
+    model.model.visual.load_state_dict(visual_state)
+    grid = np.array([[3, 4, 6], [2, 6, 2]])
+    pixel_values = np.random.default_rng(0).normal(size=(int(grid.prod(1).sum()), tower.config.patch_dim))
+    pixel_values = pixel_values.astype(np.float32)
+    with torch.no_grad():
+        want = model.model.visual(torch.from_numpy(pixel_values), grid_thw=torch.from_numpy(grid)).pooler_output.numpy()
+    np.testing.assert_allclose(tower.forward(pixel_values, grid), want, rtol=0, atol=ATOL)
+
+
+@pytest.mark.reference
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(h=st.integers(1, 3000), w=st.integers(1, 3000), factor=st.sampled_from([8, 28, 32]),
+       budget=st.sampled_from([(64, 4096), (56 * 56, 28 * 28 * 1280), (65536, 16777216)]))
+def test_smart_resize_is_the_references(h, w, factor, budget):
+    require_reference()
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as reference_smart_resize
+
+    if max(h, w) / min(h, w) > 200:
+        return
+    assert smart_resize(h, w, factor, *budget) == reference_smart_resize(h, w, factor, *budget)
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "P", "LA"])
+def test_pillow_images_of_every_mode_preprocess_as_the_reference(mode):
+    require_reference()
+    Image = require_pillow()
+    import make_vision_fixtures as builder
+
+    rgb = builder.test_image(np.random.default_rng(3), 37, 53)
+    image = Image.fromarray(rgb)
+    if mode == "RGBA":
+        alpha = np.random.default_rng(4).integers(0, 256, rgb.shape[:2], dtype=np.uint8)
+        image = Image.fromarray(np.dstack([rgb, alpha]))
+    elif mode != "RGB":
+        image = image.convert(mode)
+    settings_ = builder.preprocessor_settings(builder.tiny_vision(), 64, 48 * 48, seed=1)
+    want = builder.reference_processor(settings_)(images=[image], return_tensors="np")
+    got = preprocess(image, preprocessor_config_from_dict(settings_))
+    np.testing.assert_array_equal(got[1], want["image_grid_thw"])
+    np.testing.assert_array_equal(got[0], want["pixel_values"])

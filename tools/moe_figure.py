@@ -1,0 +1,217 @@
+"""The MoE figure: what a decode step of a sparse MoE model costs next to a dense one.
+
+    python tools/moe_figure.py                    # Qwen3.5-35B-A3B layers, then the issue's 64 experts top-4
+    python tools/moe_figure.py --json out.json --dtype bfloat16 --steps 16
+
+For each MoE config, three contenders decode the same tokens after the same 8-token prompt:
+
+* **MoE** — the model as it is: each token reads the router, the shared expert and its k
+  experts, memory-mapped in bf16 from the checkpoint;
+* **dense, same active parameters** — the same model with each MoE block replaced by one
+  SwiGLU MLP whose width makes its parameters equal to the MoE block's active ones (router,
+  shared expert and its gate, k experts); this is the cost the MoE should approach;
+* **MoE, all experts active** — the MoE checkpoint with top-k raised to E: what the step
+  would cost if the gather touched every expert (a dense loop masked by the routing).
+
+Checkpoints (tools/real_shape.py, random bf16, four layers [L, L, L, F], untied head of the
+real vocabulary) are built once under scratch/. Every expert page is touched once before
+timing, so the figure is for a model whose experts are in memory (the page cache), not for
+first reads from disk. A step is timed in two parts: the decoder layers
+(``Model.hidden_states``) and the LM head (``Model.logits`` of the last row), which is the
+same 509 M-parameter product for all three and would otherwise hide the difference. The
+contenders take turns, a few steps at a time, so that load from other processes on a shared
+machine falls on all of them alike; each figure is the median over steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+CONFIGS = {  # name → (experts, experts per token)
+    "35B-A3B layers (256 experts, top-8)": (256, 8),
+    "issue #4 (64 experts, top-4)": (64, 4),
+}
+LAYERS = 4
+PROMPT = 8
+
+
+def active_mlp_parameters(text: dict) -> int:
+    """Parameters one token reads in one MoE block: router, shared expert and its gate, k experts."""
+    H = text["hidden_size"]
+    router = text["num_experts"] * H
+    shared = 3 * text["shared_expert_intermediate_size"] * H + H
+    experts = text["num_experts_per_tok"] * 3 * text["moe_intermediate_size"] * H
+    return router + shared + experts
+
+
+def dense_twin(text: dict) -> dict:
+    """The same model with a dense SwiGLU MLP as wide as the MoE block's active parameters."""
+    dense = {k: v for k, v in text.items() if k not in (
+        "num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size")}
+    dense["intermediate_size"] = round(active_mlp_parameters(text) / (3 * text["hidden_size"]))
+    return dense
+
+
+def build(num_experts: int, top_k: int):
+    """(MoE folder, dense folder, the MoE text config, the dense text config), built if missing."""
+    from real_shape import SCRATCH, make_moe, write_random
+    from reference import real_shape_moe_text_config
+
+    text = real_shape_moe_text_config(num_experts, top_k, LAYERS)
+    dense = dense_twin(text)
+    moe_folder = make_moe(num_experts, top_k, LAYERS)
+    dense_folder = write_random(
+        SCRATCH / f"qwen3.5-35b-a3b-{LAYERS}-layers-dense-{dense['intermediate_size']}-random", dense, seed=1)
+    return moe_folder, dense_folder, text, dense
+
+
+def touch_experts(model) -> int:
+    """Read one byte of every page of every expert (so timing finds them in memory); returns bytes."""
+    total = 0
+    for layer in model.layers:
+        ex = layer.mlp.experts
+        for matrices in (ex.gate_proj, ex.up_proj, ex.down_proj):
+            for e in range(len(ex)):
+                raw = np.asarray(matrices[e]).reshape(-1).view(np.uint8)
+                int(raw[::4096].sum())
+                total += raw.nbytes
+    return total
+
+
+class Contender:
+    """One model decoding one token per step from its own cache, timed in two parts."""
+
+    def __init__(self, label, model, prompt, top_k=None):
+        self.label, self.model = label, model
+        if top_k is not None:  # the same weights, every expert chosen
+            model = self.model = _with_top_k(model, top_k)
+        self.cache = model.new_cache()
+        model.forward(prompt, self.cache)
+        self.layers_ms, self.head_ms = [], []
+
+    def step(self, token: int) -> None:
+        start = time.perf_counter()
+        hidden = self.model.hidden_states([token], self.cache)  # [1, H]
+        mid = time.perf_counter()
+        self.model.logits(hidden[-1:])  # [1, V]
+        end = time.perf_counter()
+        self.layers_ms.append((mid - start) * 1e3)
+        self.head_ms.append((end - mid) * 1e3)
+
+    def summary(self) -> dict:
+        layers, head = statistics.median(self.layers_ms), statistics.median(self.head_ms)
+        return {"label": self.label, "steps": len(self.layers_ms), "layers_ms": layers, "head_ms": head,
+                "step_ms": layers + head}
+
+
+def _with_top_k(model, top_k):
+    import copy
+
+    other = copy.copy(model)  # shares every weight; only the config differs
+    other.config = dataclasses.replace(model.config, num_experts_per_tok=top_k)
+    return other
+
+
+def measure(name: str, num_experts: int, top_k: int, dtype: str, steps: int, all_steps: int) -> dict:
+    import minqwen
+
+    moe_folder, dense_folder, text, dense_text = build(num_experts, top_k)
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(0, 248044, size=PROMPT)
+    tokens = rng.integers(0, 248044, size=steps + 4)
+
+    moe_model = minqwen.load(moe_folder, dtype=dtype)
+    dense_model = minqwen.load(dense_folder, dtype=dtype)
+    expert_bytes = touch_experts(moe_model)
+    moe = Contender("MoE", moe_model, prompt)
+    dense = Contender("dense, same active parameters", dense_model, prompt)
+    everything = Contender("MoE, all experts active", moe_model, prompt, top_k=num_experts)
+
+    for c in (moe, dense, everything):  # warm-up (first calls, compiled kernels), not timed
+        for token in tokens[:2]:
+            c.step(int(token))
+        c.layers_ms.clear()
+        c.head_ms.clear()
+    every = max(1, steps // max(1, all_steps))
+    for n, token in enumerate(tokens[2:2 + steps]):  # take turns, so shared-machine load hits all alike
+        moe.step(int(token))
+        dense.step(int(token))
+        if n % every == 0:
+            everything.step(int(token))
+
+    rows = [moe.summary(), dense.summary(), everything.summary()]
+    itemsize = 2  # bf16 experts
+    per_expert = 3 * text["moe_intermediate_size"] * text["hidden_size"]
+    result = {
+        "config": name, "num_experts": num_experts, "top_k": top_k, "layers": LAYERS, "dtype": dtype,
+        "dense_intermediate_size": dense_text["intermediate_size"],
+        "active_mlp_parameters_per_layer": active_mlp_parameters(text),
+        "expert_bytes_total": expert_bytes,
+        "expert_bytes_read_per_step": LAYERS * top_k * per_expert * itemsize,
+        "rows": rows,
+        "moe_over_dense_layers": rows[0]["layers_ms"] / rows[1]["layers_ms"],
+        "moe_over_dense_step": rows[0]["step_ms"] / rows[1]["step_ms"],
+        "all_experts_over_moe_layers": rows[2]["layers_ms"] / rows[0]["layers_ms"],
+        "all_experts_over_moe_step": rows[2]["step_ms"] / rows[0]["step_ms"],
+    }
+    del moe, dense, everything, moe_model, dense_model
+    return result
+
+
+def report(result: dict) -> str:
+    lines = [
+        f"{result['config']}: {result['layers']} layers, weights {result['dtype']}, experts bf16 memory-mapped "
+        f"({result['expert_bytes_total'] / 1e9:.2f} GB of experts, {result['expert_bytes_read_per_step'] / 1e6:.0f} MB "
+        f"read per token); dense twin intermediate_size {result['dense_intermediate_size']}",
+        f"  {'contender':<32}{'layers ms':>11}{'head ms':>10}{'step ms':>10}{'steps':>7}",
+    ]
+    for row in result["rows"]:
+        lines.append(f"  {row['label']:<32}{row['layers_ms']:>11.1f}{row['head_ms']:>10.1f}{row['step_ms']:>10.1f}"
+                     f"{row['steps']:>7}")
+    lines += [
+        f"  MoE ÷ dense with the same active parameters: {result['moe_over_dense_layers']:.2f}× (layers), "
+        f"{result['moe_over_dense_step']:.2f}× (whole step)",
+        f"  all experts active ÷ MoE: {result['all_experts_over_moe_layers']:.1f}× (layers), "
+        f"{result['all_experts_over_moe_step']:.1f}× (whole step)",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                        help="how minqwen keeps the non-expert matrices (experts stay bf16, mapped)")
+    parser.add_argument("--steps", type=int, default=16, help="timed decode steps per contender")
+    parser.add_argument("--all-steps", type=int, default=4, help="timed steps with all experts active")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--only", choices=["256", "64"], default=None, help="one config only (by expert count)")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+
+    from minqwen.threads import set_threads
+
+    set_threads(args.threads)
+    results = []
+    for name, (num_experts, top_k) in CONFIGS.items():
+        if args.only and int(args.only) != num_experts:
+            continue
+        result = measure(name, num_experts, top_k, args.dtype, args.steps, args.all_steps)
+        print(report(result), flush=True)
+        results.append(result)
+    if args.json:
+        args.json.write_text(json.dumps({"threads": args.threads, "results": results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
