@@ -16,9 +16,10 @@ For bf16 weights:
 
 For float32 weights, one input row (a decode step) and many (a prefill) go to BLAS. A few
 rows — a speculative verify of 2 to 15 positions — go to :func:`_f32_rows_kernel`, which
-reads each weight row once for all of them: BLAS's GEMM for 2 rows was measured here at
-~3× the time of one row's GEMV (it streams the weights through a blocking scheme made for
-many rows), the kernel at ~1.1×. Its twin is the plain product ``x @ W.T``.
+reads each weight row once for all of them: OpenBLAS's GEMM for 2 rows was measured here at
+3–5× the time of one row's GEMV (its blocking is made for many rows), the kernel at 1.0–1.15×
+(tools/mtp_figures.py: a whole 2-position forward of the 0.8B shape at 1.03× a decode step).
+Its twin is the plain product ``x @ W.T``.
 """
 
 from __future__ import annotations

@@ -16,11 +16,14 @@ For each MoE config, three contenders decode the same tokens after the same 8-to
 Checkpoints (tools/real_shape.py, random bf16, four layers [L, L, L, F], untied head of the
 real vocabulary) are built once under scratch/. Every expert page is touched once before
 timing, so the figure is for a model whose experts are in memory (the page cache), not for
-first reads from disk. A step is timed in two parts: the decoder layers
-(``Model.hidden_states``) and the LM head (``Model.logits`` of the last row), which is the
-same 509 M-parameter product for all three and would otherwise hide the difference. The
-contenders take turns, a few steps at a time, so that load from other processes on a shared
-machine falls on all of them alike; each figure is the median over steps.
+first reads from disk; the "disk reads/step" column counts the major page faults a step
+still takes (experts the kernel dropped from memory meanwhile). A step is timed in two parts:
+the decoder layers (``Model.hidden_states``) and the LM head (``Model.logits`` of the last
+row), which is the same 509 M-parameter product for all three and would otherwise hide the
+difference. The contenders take turns, one step at a time, so that load from other processes
+on a shared machine falls on all of them alike; each figure is the median over steps. The
+load average is printed before and after: with more runnable threads than cores, every
+parallel region waits for its slowest thread, and the MoE step has more of them.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import resource
 import statistics
 import sys
 import time
@@ -97,9 +102,10 @@ class Contender:
             model = self.model = _with_top_k(model, top_k)
         self.cache = model.new_cache()
         model.forward(prompt, self.cache)
-        self.layers_ms, self.head_ms = [], []
+        self.layers_ms, self.head_ms, self.major_faults = [], [], []
 
     def step(self, token: int) -> None:
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_majflt
         start = time.perf_counter()
         hidden = self.model.hidden_states([token], self.cache)  # [1, H]
         mid = time.perf_counter()
@@ -107,11 +113,13 @@ class Contender:
         end = time.perf_counter()
         self.layers_ms.append((mid - start) * 1e3)
         self.head_ms.append((end - mid) * 1e3)
+        # Pages read from disk during the step: weights the kernel had dropped from memory.
+        self.major_faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_majflt - faults)
 
     def summary(self) -> dict:
         layers, head = statistics.median(self.layers_ms), statistics.median(self.head_ms)
         return {"label": self.label, "steps": len(self.layers_ms), "layers_ms": layers, "head_ms": head,
-                "step_ms": layers + head}
+                "step_ms": layers + head, "major_faults_per_step": statistics.mean(self.major_faults)}
 
 
 def _with_top_k(model, top_k):
@@ -142,6 +150,7 @@ def measure(name: str, num_experts: int, top_k: int, dtype: str, steps: int, all
             c.step(int(token))
         c.layers_ms.clear()
         c.head_ms.clear()
+        c.major_faults.clear()
     every = max(1, steps // max(1, all_steps))
     for n, token in enumerate(tokens[2:2 + steps]):  # take turns, so shared-machine load hits all alike
         moe.step(int(token))
@@ -173,11 +182,11 @@ def report(result: dict) -> str:
         f"{result['config']}: {result['layers']} layers, weights {result['dtype']}, experts bf16 memory-mapped "
         f"({result['expert_bytes_total'] / 1e9:.2f} GB of experts, {result['expert_bytes_read_per_step'] / 1e6:.0f} MB "
         f"read per token); dense twin intermediate_size {result['dense_intermediate_size']}",
-        f"  {'contender':<32}{'layers ms':>11}{'head ms':>10}{'step ms':>10}{'steps':>7}",
+        f"  {'contender':<32}{'layers ms':>11}{'head ms':>10}{'step ms':>10}{'steps':>7}{'disk reads/step':>17}",
     ]
     for row in result["rows"]:
         lines.append(f"  {row['label']:<32}{row['layers_ms']:>11.1f}{row['head_ms']:>10.1f}{row['step_ms']:>10.1f}"
-                     f"{row['steps']:>7}")
+                     f"{row['steps']:>7}{row['major_faults_per_step']:>17.0f}")
     lines += [
         f"  MoE ÷ dense with the same active parameters: {result['moe_over_dense_layers']:.2f}× (layers), "
         f"{result['moe_over_dense_step']:.2f}× (whole step)",
@@ -197,6 +206,7 @@ def main() -> int:
     parser.add_argument("--only", choices=["256", "64"], default=None, help="one config only (by expert count)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    print(f"{args.threads} threads; load average before: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
     from minqwen.threads import set_threads
 
@@ -208,6 +218,7 @@ def main() -> int:
         result = measure(name, num_experts, top_k, args.dtype, args.steps, args.all_steps)
         print(report(result), flush=True)
         results.append(result)
+    print(f"load average after: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     if args.json:
         args.json.write_text(json.dumps({"threads": args.threads, "results": results}, indent=2))
     return 0

@@ -46,6 +46,7 @@ from minqwen.mtp import (  # noqa: E402
     DRAFT_VOCAB,
     MtpCache,
     SpeculativeStats,
+    draft_cost_estimate,
     draft_logits,
     keep_first,
     load_mtp,
@@ -133,7 +134,8 @@ def real_shape(checkpoint: Path, dtype: str, repeats: int) -> None:
     print(f"  draft head + pick, {DRAFT_VOCAB} ids:  {t['head_subset'] * 1e3:7.1f} ms  ({t['head_subset'] / step:.3f})")
     c_draft_full = (t["layer"] + t["head_all"]) / step
     c_draft = (t["layer"] + t["head_subset"]) / step
-    print(f"  c_draft = {c_draft:.3f} (with the whole LM head: {c_draft_full:.3f})")
+    print(f"  c_draft = {c_draft:.3f} (with the whole LM head: {c_draft_full:.3f}); by weight bytes: "
+          f"{draft_cost_estimate(model, head):.3f} ({draft_cost_estimate(model, head, None):.3f})")
     for a in (0.6, 0.8):
         k1 = (1 + a) / (c_verify[2] + c_draft)
         k2 = (1 + a + a * a) / (c_verify[3] + 2 * c_draft)
@@ -146,9 +148,10 @@ def real_shape(checkpoint: Path, dtype: str, repeats: int) -> None:
     plain, spec = GenerationStats(), SpeculativeStats()
     list(generate_ids(model, ids, max_new_tokens=16, stats=plain))
     list(speculative_generate(model, head, ids, max_new_tokens=16, stats=spec, draft_tokens=1))
+    ratio = spec.decode_tokens_per_second / plain.decode_tokens_per_second
     print(f"  measured, nothing accepted: plain {plain.decode_tokens_per_second:.2f} tok/s, speculative "
-          f"{spec.decode_tokens_per_second:.2f} tok/s (ratio {spec.decode_tokens_per_second / plain.decode_tokens_per_second:.2f}, "
-          f"model: {1 / (c_verify[2] + c_draft):.2f}); acceptance {spec.acceptance_rate:.2f}")
+          f"{spec.decode_tokens_per_second:.2f} tok/s (ratio {ratio:.2f}, model: {1 / (c_verify[2] + c_draft):.2f}); "
+          f"acceptance {spec.acceptance_rate:.2f}")
 
 
 # ==================================================================== the embedded model
