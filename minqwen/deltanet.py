@@ -21,11 +21,11 @@ The recurrence is written three times, on purpose:
 
 * :func:`recurrent_gated_delta_rule_numpy` — the four steps above, token by token, in NumPy.
   This is the definition; read it first.
-* :func:`recurrent_gated_delta_rule` — the same loop compiled by Numba. It is what decoding
-  runs; tests hold it equal to the NumPy twin.
+* :func:`recurrent_gated_delta_rule` — the same loop compiled by Numba. It is what runs, for
+  decode steps and prompts alike (see FORMS below for why); tests hold it equal to the twin.
 * :func:`chunked_gated_delta_rule` — the same result computed chunk by chunk with matrix
-  products (the WY / UT-transform form of Yang et al., NeurIPS 2024), which is how a long
-  prompt is processed fast. Tests hold it equal to the recurrent form (to ~1e-10 in float64).
+  products (the WY / UT-transform form of Yang et al., NeurIPS 2024), the form GPU kernels
+  use for long prompts. Tests hold it equal to the recurrent form (to ~1e-10 in float64).
 
 The layer's decode state is (conv window, S): see :class:`DeltaNetState`.
 """
