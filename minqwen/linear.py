@@ -18,7 +18,7 @@ For float32 weights, one input row (a decode step) and many (a prefill) go to BL
 rows — a speculative verify of 2 to 15 positions — go to :func:`_f32_rows_kernel`, which
 reads each weight row once for all of them: OpenBLAS's GEMM for 2 rows was measured here at
 3–5× the time of one row's GEMV (its blocking is made for many rows), the kernel at 1.0–1.15×
-(tools/mtp_figures.py: a whole 2-position forward of the 0.8B shape at 1.03× a decode step).
+(a whole 2-position forward of the 0.8B shape measured at 1.03× a decode step).
 Its twin is the plain product ``x @ W.T``.
 """
 
