@@ -1,6 +1,6 @@
 """The `minqwen` command line: one subcommand per job, each a thin layer over the Python API.
 
-    minqwen generate "def fibonacci(n):"       complete a prompt (the embedded model by default)
+    minqwen generate "def parse_args"         complete a prompt (the embedded model by default)
     minqwen chat                               talk, several turns, one cache
     minqwen inspect --context 32768            layers, parameters, weight and cache bytes
     minqwen score FILE --window 1024           perplexity and bits per byte of a text

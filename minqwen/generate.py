@@ -113,7 +113,7 @@ def stream_text(
     so a stop string never appears in the output. ``ids_out``, if given, receives every
     generated id. Eos ids end the text and are not part of it. ``decode``: what yields the
     ids — :func:`generate_ids` by default, or a drop-in with its arguments, such as
-    a speculative decoder.
+    ``minqwen.mtp.speculative_decoder(head)`` (speculative decoding with the MTP head).
     """
     decoder = StreamDecoder(tokenizer, skip_special_tokens=skip_special_tokens)
     eos = set(tokenizer.eos_ids) | set(model.config.eos_token_id)
@@ -150,7 +150,7 @@ def stream(model: Model, tokenizer: Tokenizer, prompt, *, max_new_tokens: int = 
 
     Sampling options (temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty)
     default to the checkpoint's generation_config.json; or pass a whole ``params``.
-    ``decode``: see :func:`stream_text`.
+    ``decode``: see :func:`stream_text` (e.g. ``minqwen.mtp.speculative_decoder(head)``).
     """
     if params is None:
         params = SamplingParams.from_generation_config(tokenizer.generation_config, **sampling)

@@ -138,10 +138,13 @@ def test_chat_with_thinking_rolls_back_rewritten_history_and_still_matches_a_fre
 def test_the_python_generate_api_takes_a_prompt_or_chat_messages_and_streams_the_same_text():
     text = minqwen.generate(MODEL, TOKENIZER, "def ", max_new_tokens=12, temperature=0)
     assert text == "".join(minqwen.stream(MODEL, TOKENIZER, "def ", max_new_tokens=12, temperature=0))
-    assert text == "".join(stream_text(MODEL, TOKENIZER, TOKENIZER.encode("def "), max_new_tokens=12))
+    # generate() fills what it is not told from generation_config.json (here: a repetition penalty)
+    greedy = SamplingParams.from_generation_config(TOKENIZER.generation_config, temperature=0)
+    assert greedy.greedy and greedy.repetition_penalty == TOKENIZER.generation_config["repetition_penalty"]
+    assert text == "".join(stream_text(MODEL, TOKENIZER, TOKENIZER.encode("def "), greedy, max_new_tokens=12))
     messages = [{"role": "user", "content": "Hello"}]
     chat = minqwen.generate(MODEL, TOKENIZER, messages, max_new_tokens=8, temperature=0, enable_thinking=False)
     rendered = TOKENIZER.encode(TOKENIZER.render_chat(messages, enable_thinking=False))
-    assert chat == "".join(stream_text(MODEL, TOKENIZER, rendered, max_new_tokens=8))
+    assert chat == "".join(stream_text(MODEL, TOKENIZER, rendered, greedy, max_new_tokens=8))
     with pytest.raises(MinqwenError, match="unknown sampling option"):
         minqwen.generate(MODEL, TOKENIZER, "x", temprature=0)

@@ -652,7 +652,8 @@ Every file here loads in `transformers` {transformers.__version__} as `Qwen3_5Fo
 
 | file | bytes |
 |---|---|
-""" + "\n".join(f"| `{name}` | {size:,} |" for name, size in r["file_sizes"].items()) + f"""
+""" + "\n".join(f"| `{name}` | {size:,} |" for name, size in r["file_sizes"].items()
+                   if name != "MODEL_CARD.md") + f"""
 
 ## Architecture
 
@@ -712,7 +713,10 @@ valid `{corpus['valid']['sha256'][:16]}…`.
 Try `minqwen generate "{RECOMMENDED_PROMPT}"`. The tokenizer, like Qwen's, attaches a space to
 the word after it (`" def"`, `" return"`), so in training a token that is only a space is
 almost never followed by a word: a prompt that ends in a space (`"def "`) starts the model
-somewhere it has hardly been. End prompts on a word, a bracket or a newline instead. Chat
+somewhere it has hardly been. For the same reason a prompt ending in `):` is unusual: in
+code `):` is nearly always followed by a newline, and `):\\n` is a single token. End prompts
+on a word or a newline instead, and prefer sampling to greedy decoding, which soon repeats
+itself in a model this small. Chat
 replies are short and often beside the point: the dialog data is a few thousand one-line
 exchanges.
 
@@ -779,7 +783,7 @@ def parse_args(argv=None):
 
 # Prompts for the card's samples and the acceptance measurement; the first is the one to
 # recommend (it ends on a token the model has seen followed by code, see "Prompting").
-PROMPTS = ["def fibonacci(n):", "import os\n", "class", "def"]
+PROMPTS = ["def parse_args", "def fibonacci(n):", "import os\n", "class", "def"]
 RECOMMENDED_PROMPT = PROMPTS[0]
 CHAT_TURNS = ["Hello, how are you?", "What is Python?"]
 

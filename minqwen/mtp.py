@@ -1,0 +1,672 @@
+"""Multi-token prediction: Qwen3.5's MTP head, and self-speculative decoding with it.
+
+A decode step reads every weight of the model to produce one token. Reading the weights is
+what costs (decode is memory-bound), not the arithmetic — so a forward pass over a few
+positions costs about as much as over one, *if* every weight is read once for all of them.
+Speculative decoding turns that into speed: guess a few tokens cheaply, then check all the
+guesses with one forward pass of the real model, and keep the ones it agrees with.
+
+Qwen3.5 checkpoints ship their own guesser, the MTP head (``mtp.*``), trained with the model
+to predict the token *after* next. For position j it reads what the main model knows after
+token j (its output ``h[j]``, after the final norm) and the token j + 1 that the main model
+has just chosen:
+
+    e = pre_fc_norm_embedding(embed(t[j+1]))        h' = pre_fc_norm_hidden(h[j])
+    x = fc([e ; h'])                                [2H] → [H]    (embedding first)
+    x = MTP decoder layer (full attention, its own KV cache, dense MLP or MoE) at position j
+    logits for t[j+2] = lm_head(norm(x))            (the main model's embedding and LM head)
+
+Self-speculative decoding, one cycle (:func:`speculative_generate`):
+
+1. **Draft** k tokens with the head (:func:`draft`): the first from the main model's newest
+   output, each next one by feeding the head's own output back as the "hidden state" of the
+   next position. With several MTP layers, draft step s uses layer s (beyond the last layer,
+   the last one again).
+2. **Verify**: one forward of the main model over (last token, draft 1 … draft k) gives the
+   model's own logits at all k + 1 positions, reading each weight once (see linear.py).
+3. **Accept** the longest prefix of drafts the model agrees with, plus one token of its own:
+   the correction at the first disagreement, or the bonus token after the last draft.
+   Greedy: agree = same argmax. Sampling: the standard rejection rule (Leviathan et al.,
+   2023; Chen et al., 2023), which makes every emitted token distributed exactly as plain
+   sampling would make it.
+4. **Roll back** every cache to the last accepted token: attention caches are truncated; a
+   Gated DeltaNet memory cannot be rewound, so the verify pass keeps the (conv window,
+   memory) after each of its positions and the rollback picks one. Then the MTP cache is
+   brought up to date over the accepted positions with the main model's own hidden states.
+
+The output is the model's, not the head's: a bad head only makes decoding slower.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, fields, is_dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from .attention import KVCache
+from .checkpoint import Checkpoint
+from .deltanet import DeltaNetState
+from .errors import MinqwenError
+from .generate import GenerationStats
+from .golden import LAYER_TAPS, Tap
+from .linear import BF16, linear
+from .mlp import MLPWeights
+from .model import Cache, DecoderLayer, Model, _load_attention, _prefixed, _TensorReader
+from .moe import Experts, load_moe
+from .norms import rms_norm
+from .rope import mrope_cos_sin, text_position_ids
+from .sampling import SamplingParams, apply_penalties, filter_logits, sample_next, softmax
+
+# How many tokens to draft per verify, unless told otherwise (see tools/mtp_figures.py).
+DRAFT_TOKENS = 1
+# Draft over the first DRAFT_VOCAB token ids (plus every id already in the context) when the
+# vocabulary is larger: a byte-level BPE numbers its tokens in merge order, so low ids are
+# the frequent ones. This cuts the draft's LM head (248k rows on Qwen3.5) to a 32k-row view.
+DRAFT_VOCAB = 32768
+
+
+# ==================================================================== the head
+
+
+@dataclass
+class MtpHead:
+    """The MTP head's own weights, named as in the checkpoint (``mtp.…``).
+
+    The token embedding and the LM head are the main model's (``model.embed_tokens``,
+    ``model.lm_head``); only these are new.
+    """
+
+    fc: np.ndarray  # [H, 2H]: mixes [embedding ; hidden]
+    pre_fc_norm_embedding: np.ndarray  # [H]
+    pre_fc_norm_hidden: np.ndarray  # [H]
+    layers: list[DecoderLayer]  # full-attention decoder layers (``mtp.layers.{i}.…``)
+    norm: np.ndarray  # [H]
+
+    def astype(self, dtype) -> MtpHead:
+        """A copy computing in another float dtype (to pair with ``Model.astype``)."""
+        return _converted(self, dtype)
+
+
+def _converted(obj, dtype):
+    if isinstance(obj, np.ndarray):
+        return obj.astype(dtype)
+    if isinstance(obj, list) and obj and isinstance(obj[0], DecoderLayer):
+        return [_converted(layer, dtype) for layer in obj]
+    if is_dataclass(obj):
+        return replace(obj, **{f.name: _converted(getattr(obj, f.name), dtype) for f in fields(obj)
+                               if getattr(obj, f.name) is not None and not isinstance(getattr(obj, f.name), str)})
+    return obj  # e.g. memory-mapped experts: converted expert by expert when used
+
+
+def load_mtp(folder: str | Path, model: Model) -> MtpHead | None:
+    """The MTP head stored in checkpoint ``folder`` (``mtp.*`` tensors) for ``model``, or None.
+
+    None when the checkpoint has no ``mtp.*`` tensor at all. The weights are kept like the
+    model's (float32 or bf16 matrices, experts memory-mapped).
+    """
+    folder = Path(folder)
+    c = model.config
+    quantization = getattr(c, "quantization", None)
+    ckpt = Checkpoint(folder, fp8_block=quantization.weight_block_size if quantization else None)
+    names = [n for n in ckpt.names if n.startswith("mtp.")]
+    if not names:
+        return None
+    _check_mtp_config(folder)
+    n_layers = len({n.split(".")[2] for n in names if n.startswith("mtp.layers.")})
+    declared = _declared_mtp_layers(folder)
+    if declared is not None and declared != n_layers:
+        raise MinqwenError(
+            f"{folder}: config field 'mtp_num_hidden_layers' is {declared} but the checkpoint holds "
+            f"{n_layers} MTP layers (tensors mtp.layers.{{i}}.*)")
+    if n_layers == 0:
+        raise MinqwenError(f"{folder}: the checkpoint has mtp.* tensors but no MTP layer (mtp.layers.0.*)")
+
+    reader = _TensorReader(ckpt, None, "bfloat16" if model.weights_dtype == BF16 else "float32")
+    reader.prefix = "mtp."
+    H = c.hidden_size
+    layers = []
+    for i in range(n_layers):
+        p = f"layers.{i}."
+        if f"mtp.{p}input_layernorm.weight" not in ckpt:
+            raise MinqwenError(f"{folder}: MTP layers must be numbered 0 … {n_layers - 1}; "
+                               f"tensor 'mtp.{p}input_layernorm.weight' is missing")
+        if c.is_moe:  # the MTP layer of a qwen3_5_moe model is an MoE layer too
+            mlp = load_moe(reader, p + "mlp.", c)
+        else:
+            mlp = MLPWeights(
+                gate_proj=reader.matrix(p + "mlp.gate_proj.weight", (c.intermediate_size, H)),
+                up_proj=reader.matrix(p + "mlp.up_proj.weight", (c.intermediate_size, H)),
+                down_proj=reader.matrix(p + "mlp.down_proj.weight", (H, c.intermediate_size)),
+            )
+        layers.append(DecoderLayer(
+            layer_type="full_attention",
+            input_layernorm=reader.take(p + "input_layernorm.weight", (H,)),
+            post_attention_layernorm=reader.take(p + "post_attention_layernorm.weight", (H,)),
+            mlp=mlp,
+            self_attn=_load_attention(reader, p + "self_attn.", c),
+        ))
+    head = MtpHead(
+        fc=reader.matrix("fc.weight", (H, 2 * H)),
+        pre_fc_norm_embedding=reader.take("pre_fc_norm_embedding.weight", (H,)),
+        pre_fc_norm_hidden=reader.take("pre_fc_norm_hidden.weight", (H,)),
+        layers=layers,
+        norm=reader.take("norm.weight", (H,)),
+    )
+    unused = sorted(n for n in names if n not in reader.used)
+    if unused:
+        raise MinqwenError(f"{folder}: MTP tensors minqwen does not know how to use: {', '.join(unused[:5])}"
+                           + (f", … ({len(unused) - 5} more)" if len(unused) > 5 else ""))
+    return head if model.dtype == np.float32 else head.astype(model.dtype)
+
+
+def _raw_text_config(folder: Path) -> dict:
+    raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    return raw.get("text_config", raw) if isinstance(raw.get("text_config"), dict) else raw
+
+
+def _declared_mtp_layers(folder: Path) -> int | None:
+    value = _raw_text_config(folder).get("mtp_num_hidden_layers")
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise MinqwenError(f"{folder}: config field 'mtp_num_hidden_layers' must be a whole number, got {value!r}")
+    return value
+
+
+def _check_mtp_config(folder: Path) -> None:
+    if _raw_text_config(folder).get("mtp_use_dedicated_embeddings"):
+        raise MinqwenError(f"{folder}: config field 'mtp_use_dedicated_embeddings' is true; minqwen's MTP head "
+                           "shares the main model's embedding, as Qwen3.5's released checkpoints do")
+
+
+def require_head(head: MtpHead | None, where: str = "this checkpoint") -> MtpHead:
+    """``head``, or the error that explains why speculative decoding cannot run without one."""
+    if head is None:
+        raise MinqwenError(
+            f"speculative decoding needs an MTP head, and {where} has none (no mtp.* tensors): "
+            "the head is what drafts the tokens the model then verifies. Run without --speculative, "
+            "or use a checkpoint that ships its MTP head (Qwen3.5's releases do)")
+    return head
+
+
+# ==================================================================== one MTP layer
+
+
+def mtp_layer(model: Model, head: MtpHead, i: int, hidden: np.ndarray, next_ids, kv: KVCache, position: int,
+              tap=None) -> np.ndarray:
+    """MTP layer i over pairs (hidden[m], next_ids[m]) at rotary positions position, position + 1, …
+
+    hidden [T, H]: for layer 0, the main model's output at positions j (after its final
+    norm); next_ids [T]: the token that follows each, t[j+1]. Appends to ``kv``. Returns the
+    layer's output after ``mtp.norm``, [T, H]: the LM head of it gives logits for t[j+2],
+    and it is what a further draft step reads as its hidden state.
+    """
+    c = model.config
+    eps = c.rms_norm_eps
+    t_len = hidden.shape[0]
+    embedded = model._embed(np.asarray(next_ids), None)  # [T, H]
+    e = rms_norm(embedded, head.pre_fc_norm_embedding, eps)  # [T, H]
+    h = rms_norm(hidden, head.pre_fc_norm_hidden, eps)  # [T, H]
+    x = linear(np.concatenate([e, h], axis=-1), head.fc)  # [T, 2H] · [H, 2H]ᵀ → [T, H]: embedding first
+    if tap is not None:
+        tap("pre_fc_norm_embedding", e)
+        tap("pre_fc_norm_hidden", h)
+        tap("fc", x)
+    cos, sin = mrope_cos_sin(text_position_ids(position, t_len), model.inv_freq, c.mrope_section,
+                             model.attention_factor)  # [T, R] each
+    layer_tap = None if tap is None else _prefixed(tap, f"layers.{i}.")
+    x = model._decoder_layer(x, head.layers[i], kv, cos, sin, layer_tap)  # [T, H]
+    out = rms_norm(x, head.norm, eps)
+    if tap is not None:
+        tap("norm", out)
+    return out
+
+
+def mtp_logits(model: Model, head: MtpHead, token_ids, tap=None) -> np.ndarray:
+    """Teacher-forced MTP logits over a sequence: row j predicts t[j+2] from (h[j], t[j+1]).
+
+    token_ids [T] → [T − 1, V]. This is what the head was trained on (and what its golden
+    taps record: ``tap`` receives ``pre_fc_norm_embedding`` … ``norm`` and ``logits``).
+    """
+    ids = np.asarray(token_ids)
+    if ids.ndim != 1 or ids.size < 2:
+        raise MinqwenError("mtp_logits needs at least two token ids: the head reads t[j] and t[j+1]")
+    hidden = model.hidden_states(ids)  # [T, H]
+    kv = new_mtp_kv(model)
+    out = mtp_layer(model, head, 0, hidden[:-1], ids[1:], kv, 0, tap)  # [T − 1, H]
+    logits = model.logits(out)  # [T − 1, V]
+    if tap is not None:
+        tap("logits", logits)
+    return logits
+
+
+def new_mtp_kv(model: Model) -> KVCache:
+    return KVCache(model.config.num_key_value_heads, model.config.head_dim, model.dtype)
+
+
+# ==================================================================== the MTP cache
+
+
+class MtpCache:
+    """What the MTP head carries from one draft to the next.
+
+    Layer i of the head consumes, at index j, the pair (g_i[j], t[j+1+i]): g_0 is the main
+    model's output h, g_i the output of layer i − 1 at the same index. Each layer keeps the
+    keys and values of the pairs it has *committed* — those built only from accepted tokens
+    and the main model's hidden states. (With one layer, the usual case: the pairs
+    (h[j], t[j+1]) for every j so far.)
+
+    ``start``: the main position of the first pair. ``next_ids``: t[j+1] for j = start, …
+    ``waiting[i]``: committed outputs of layer i − 1 that layer i cannot use yet, because the
+    token i places further on is still unknown. ``last``: layer 0's newest output, from which
+    the next draft starts.
+    """
+
+    def __init__(self, model: Model, head: MtpHead, start: int = 0, rope_delta: int = 0):
+        self.layers = [new_mtp_kv(model) for _ in head.layers]
+        self.start = start
+        self.rope_delta = rope_delta
+        self.next_ids: list[int] = []
+        self.waiting = [np.zeros((0, model.config.hidden_size), model.dtype) for _ in head.layers]
+        self.last: np.ndarray | None = None  # [H]
+
+    @property
+    def end(self) -> int:
+        """The main position after the newest committed pair of layer 0."""
+        return self.start + self.layers[0].length
+
+    def copy(self) -> MtpCache:
+        new = MtpCache.__new__(MtpCache)
+        new.layers = [kv.copy() for kv in self.layers]
+        new.start, new.rope_delta = self.start, self.rope_delta
+        new.next_ids = list(self.next_ids)
+        new.waiting = [w.copy() for w in self.waiting]
+        new.last = None if self.last is None else self.last.copy()
+        return new
+
+    def commit(self, model: Model, head: MtpHead, hidden: np.ndarray, next_ids) -> None:
+        """Add the main model's hidden states [n, H] at positions end … end + n − 1, with the token after each."""
+        next_ids = [int(t) for t in next_ids]
+        if hidden.shape[0] != len(next_ids):
+            raise MinqwenError(f"commit: {hidden.shape[0]} hidden states but {len(next_ids)} next tokens")
+        self.next_ids += next_ids
+        inputs = hidden  # layer i's new inputs g_i, at its next uncommitted indices
+        for i, kv in enumerate(self.layers):
+            first = self.start + kv.length  # index of layer i's next pair
+            inputs = np.concatenate([self.waiting[i], inputs])
+            # the pair at index j needs t[j+1+i]: only so many of those are known
+            ready = min(len(inputs), len(self.next_ids) - (first - self.start) - i)
+            self.waiting[i] = inputs[ready:]
+            if ready == 0:
+                break
+            ids = self.next_ids[first - self.start + i : first - self.start + i + ready]
+            inputs = mtp_layer(model, head, i, inputs[:ready], ids, kv, first + self.rope_delta)  # [ready, H]
+            if i == 0:
+                self.last = inputs[-1]
+
+
+# ==================================================================== draft, verify, accept, roll back
+
+
+def draft(model: Model, head: MtpHead, mtp: MtpCache, k: int, pick, draft_vocab: int | None = DRAFT_VOCAB,
+          context_ids=()) -> list[int]:
+    """k draft tokens. ``pick(logits [V], step)`` turns each step's logits into its token.
+
+    Step 0 reads layer 0's newest committed output (``mtp.last``). Step s < number of layers
+    runs layer s over its pending indices, whose last token is draft s; a later step runs the
+    last layer one index further on, its own previous output standing in for the hidden
+    state there. The MTP cache is left as it was found: drafts are never committed.
+    """
+    if mtp.last is None:
+        raise MinqwenError("draft: the MTP cache is empty; commit the prompt's hidden states first")
+    committed = [kv.length for kv in mtp.layers]
+    n_layers = len(head.layers)
+    drafts: list[int] = []
+    out = mtp.last[None]  # [1, H]: the newest output of the step before
+    context = np.unique(np.asarray(context_ids, dtype=np.int64))
+    try:
+        for s in range(k):
+            if s > 0:
+                tokens = mtp.next_ids + drafts  # t[j+1] for j = start, … (drafts at the end)
+                i = min(s, n_layers - 1)
+                kv = mtp.layers[i]
+                if s < n_layers:  # layer s over its uncommitted indices, the last of which reads draft s
+                    inputs = np.concatenate([mtp.waiting[i], out]) if i > 1 else mtp.waiting[i]
+                else:  # past the last layer: one index further, fed its own output
+                    inputs = out[-1:]
+                first = mtp.start + kv.length
+                at = first - mtp.start + i
+                out = mtp_layer(model, head, i, inputs, tokens[at : at + len(inputs)], kv, first + mtp.rope_delta)
+            drafts.append(int(pick(draft_logits(model, out[-1], draft_vocab, context), s)))
+    finally:
+        for kv, length in zip(mtp.layers, committed):
+            kv.truncate(length)
+    return drafts
+
+
+def draft_logits(model: Model, hidden: np.ndarray, draft_vocab: int | None, context=()) -> np.ndarray:
+    """LM head logits [V] for one hidden state [H]; over ids below ``draft_vocab`` and the context only.
+
+    Ids outside get −inf: the draft never proposes them. Since the verify decides, this only
+    changes how often drafts are accepted, never the output.
+    """
+    vocab = model.config.vocab_size
+    if draft_vocab is None or draft_vocab >= vocab:
+        return model.logits(hidden[None])[0]
+    logits = np.full(vocab, -np.inf, np.float32)
+    logits[:draft_vocab] = linear(hidden[None], model.lm_head[:draft_vocab])[0]  # a view: no copy
+    extra = np.asarray(context, dtype=np.int64)
+    extra = extra[extra >= draft_vocab]
+    if extra.size:
+        logits[extra] = linear(hidden[None], model.lm_head[extra])[0]
+    return logits
+
+
+def verify(model: Model, cache: Cache, tokens: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """One forward of the main model over ``tokens`` (last token, drafts), keeping every DeltaNet state.
+
+    Returns (hidden [k+1, H], logits [k+1, V]). Afterwards each DeltaNet state holds its
+    per-position states in ``history`` until :func:`keep_first` picks one.
+    """
+    for state in cache.layers:
+        if isinstance(state, DeltaNetState):
+            state.history = []
+    try:
+        hidden = model.hidden_states(tokens, cache)  # [k+1, H]
+    except BaseException:
+        _forget_history(cache)
+        raise
+    return hidden, model.logits(hidden)  # [k+1, V]: every weight read once for all rows
+
+
+def keep_first(cache: Cache, start: int, keep: int) -> None:
+    """Cut ``cache`` back to the first ``keep`` tokens of the verify pass that began at position ``start``."""
+    for state in cache.layers:
+        if isinstance(state, DeltaNetState):
+            kept = state.history[keep - 1]  # the state right after the keep-th token
+            state.conv, state.recurrent = kept.conv, kept.recurrent
+        else:
+            state.truncate(start + keep)  # attention: drop the rejected tokens' keys and values
+    _forget_history(cache)
+    cache.position = start + keep
+
+
+def _forget_history(cache: Cache) -> None:
+    for state in cache.layers:
+        if isinstance(state, DeltaNetState):
+            state.history = None
+
+
+def target_distribution(logits: np.ndarray, params: SamplingParams, seen, generated) -> np.ndarray:
+    """The distribution plain sampling draws from (as :func:`~minqwen.sampling.sample_next`), float64 [V]."""
+    probs = softmax(filter_logits(apply_penalties(logits, seen, generated, params), params)).astype(np.float64)
+    return probs / probs.sum()
+
+
+def accept(logits: np.ndarray, drafts: list[int], q: list, params: SamplingParams, rng: np.random.Generator,
+           seen: list[int], generated: list[int]) -> tuple[list[int], int]:
+    """The tokens this verify emits, and how many of them are accepted drafts.
+
+    logits [k+1, V]: row m is the model's prediction after (last token, drafts 1 … m).
+    ``q[m]``: the distribution draft m+1 was drawn from, or None when it was an argmax (a
+    one-hot q). Penalties at row m count the drafts before it, as if they had been generated.
+
+    Greedy: accept a draft while it is the model's argmax; then emit the model's argmax.
+    Sampling: accept draft d with probability min(1, p(d)/q(d)); at the first rejection emit
+    a token drawn from the residual max(p − q, 0), normalised; after k acceptances, a bonus
+    token drawn from p. Whatever q is, each emitted token is then distributed exactly as p.
+    """
+    emitted: list[int] = []
+    for m, d in enumerate(drafts):
+        before = drafts[:m]
+        if params.greedy:
+            best = sample_next(logits[m], params, rng, seen + before, generated + before)
+            emitted.append(best)
+            if best != d:
+                return emitted, m
+            continue
+        p = target_distribution(logits[m], params, seen + before, generated + before)
+        q_d = 1.0 if q[m] is None else q[m][d]
+        if rng.random() < p[d] / q_d:
+            emitted.append(d)
+            continue
+        residual = p.copy()
+        if q[m] is None:
+            residual[d] = 0.0
+        else:
+            residual = np.maximum(p - q[m], 0.0)
+        total = residual.sum()
+        emitted.append(int(rng.choice(p.size, p=residual / total)) if total > 0 else int(rng.choice(p.size, p=p)))
+        return emitted, m
+    emitted.append(sample_next(logits[len(drafts)], params, rng, seen + drafts, generated + drafts))
+    return emitted, len(drafts)
+
+
+# ==================================================================== the generation loop
+
+
+@dataclass
+class SpeculativeStats(GenerationStats):
+    """GenerationStats plus how the drafts fared."""
+
+    drafted: int = 0  # draft tokens proposed
+    accepted: int = 0  # of which the model accepted
+    verifies: int = 0  # verify passes (forward passes of the main model after the prefill)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tokens_per_verify(self) -> float:
+        return (self.generated_tokens - 1) / self.verifies if self.verifies else 0.0
+
+
+def speculative_generate(
+    model: Model,
+    head: MtpHead | None,
+    prompt_ids,
+    params: SamplingParams = SamplingParams(),
+    max_new_tokens: int = 128,
+    stop_ids=(),
+    seed: int | None = None,
+    cache: Cache | None = None,
+    history=(),
+    stats: GenerationStats | None = None,
+    *,
+    draft_tokens: int = DRAFT_TOKENS,
+    draft_vocab: int | None = DRAFT_VOCAB,
+    argmax_drafts: bool = False,
+    mtp_cache: MtpCache | None = None,
+) -> Iterator[int]:
+    """Yield new token ids, as :func:`~minqwen.generate.generate_ids` does, drafting with the MTP head.
+
+    Same arguments, stop rules and cache contract as ``generate_ids`` (the cache ends holding
+    the prompt and every yielded token but the last, even when the caller stops early),
+    plus: ``draft_tokens`` k drafted per verify; ``draft_vocab`` (see :data:`DRAFT_VOCAB`;
+    None: the whole vocabulary); ``argmax_drafts``: draft the head's argmax even when
+    sampling (a one-hot q; by default a sampled draft is drawn from the head's distribution
+    under the same sampling options); ``mtp_cache``: continue one (its ``end`` must be the
+    cache's position), else a fresh one covers this call from the prompt on.
+
+    Greedy output equals ``generate_ids``'s; sampled output has the same distribution (not
+    the same draws for a seed: the random stream is used differently).
+    """
+    head = require_head(head)
+    prompt_ids = [int(i) for i in prompt_ids]
+    if not prompt_ids:
+        raise MinqwenError("the prompt is empty: give at least one token")
+    if max_new_tokens < 1:
+        raise MinqwenError("max_new_tokens must be at least 1")
+    if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int) or draft_tokens < 1:
+        raise MinqwenError(f"draft_tokens (--speculative K) must be a whole number ≥ 1, got {draft_tokens!r}")
+    cache = cache if cache is not None else model.new_cache()
+    if mtp_cache is None:
+        mtp_cache = MtpCache(model, head, start=cache.position, rope_delta=cache.rope_delta)
+    elif mtp_cache.end != cache.position:
+        raise MinqwenError(f"mtp_cache ends at position {mtp_cache.end} but the cache is at {cache.position}")
+    stats = stats if stats is not None else SpeculativeStats()
+    rng = np.random.default_rng(seed)
+    seen = list(history) + prompt_ids
+    generated: list[int] = []
+    stop_ids = set(stop_ids)
+    max_context = model.config.max_position_embeddings
+
+    start = time.perf_counter()
+    hidden = model.hidden_states(prompt_ids, cache)  # [T, H]
+    token = sample_next(model.logits(hidden[-1:])[0], params, rng, seen, generated)
+    mtp_cache.commit(model, head, hidden, prompt_ids[1:] + [token])  # the pairs (h[j], t[j+1]) of the prompt
+    stats.prompt_tokens = len(prompt_ids)
+    stats.prefill_seconds = time.perf_counter() - start
+    decode_start = time.perf_counter()
+
+    # pending: the tokens to yield next; first_at: the position of the first of them; settle:
+    # how to cut the caches back once we know how many of them were yielded.
+    pending, first_at, settle = [token], cache.position, None
+    while True:
+        yielded, stop = 0, ""
+        try:
+            for token in pending:
+                generated.append(token)
+                seen.append(token)
+                yielded += 1
+                stats.generated_tokens = len(generated)
+                stats.decode_seconds = time.perf_counter() - decode_start
+                yield token
+                if token in stop_ids:
+                    stop = "eos"
+                elif len(generated) >= max_new_tokens:
+                    stop = "length"
+                elif first_at + yielded - 1 >= max_context:  # no room to feed this token back
+                    stop = "context"
+                if stop:
+                    break
+        finally:
+            if settle is not None:  # also when the caller stops early: cut back to what was yielded
+                settle(yielded)
+        if stop:
+            stats.stop_reason = stop
+            return
+
+        # One cycle: draft k, verify k + 1 positions in one pass, accept, roll back.
+        fed = cache.position
+        k = min(draft_tokens, max_new_tokens - len(generated) - 1, max_context - fed - 1)
+        q: list = []  # the distribution each draft was drawn from (None: an argmax)
+        pick = _draft_picker(params, rng, seen, generated, argmax_drafts, q)
+        drafts = draft(model, head, mtp_cache, k, pick, draft_vocab, seen) if k > 0 else []
+        hidden, logits = verify(model, cache, [generated[-1]] + drafts)
+        emitted, n_accepted = accept(logits, drafts, q, params, rng, seen, generated)
+        stats.drafted += len(drafts)
+        stats.accepted += n_accepted
+        stats.verifies += 1
+
+        def settle(kept, fed=fed, hidden=hidden, emitted=emitted):
+            # the cache holds the verify's first `kept` tokens; the MTP head learns their pairs
+            keep_first(cache, fed, kept)
+            mtp_cache.commit(model, head, hidden[:kept], emitted[:kept])
+
+        pending, first_at = emitted, fed + 1
+
+
+def _draft_picker(params: SamplingParams, rng, seen, generated, argmax: bool, q: list):
+    """pick(logits, step) for :func:`draft`: penalties as if earlier drafts were generated, then
+    the argmax (greedy, or ``argmax``) or a draw under the sampling options; each draw's
+    distribution is appended to ``q`` (None for an argmax)."""
+    drafted: list[int] = []
+
+    def pick(logits, step):
+        row = apply_penalties(logits, seen + drafted, generated + drafted, params)
+        if params.greedy or argmax:
+            q.append(None)
+            token = int(np.argmax(row))
+        else:
+            probs = softmax(filter_logits(row, params)).astype(np.float64)
+            probs /= probs.sum()
+            q.append(probs)
+            token = int(rng.choice(probs.size, p=probs))
+        drafted.append(token)
+        return token
+
+    return pick
+
+
+def draft_cost_estimate(model: Model, head: MtpHead, draft_vocab: int | None = DRAFT_VOCAB) -> float:
+    """Bytes one draft step reads (MTP layer, fc, the draft's LM head rows) ÷ bytes one decode step reads.
+
+    What c_draft would be if both were bound by reading weights — true of big models (the
+    0.8B shape: 0.07 with the 32k-row draft vocabulary, 0.36 with all 248k rows); a tiny
+    model's steps are bound by per-call overheads instead (tools/mtp_figures.py measures both).
+    """
+    from .summary import experts, resident_bytes
+
+    c = model.config
+    step = resident_bytes(model)
+    if model.lm_head is not model.embed_tokens:
+        step -= model.embed_tokens.nbytes  # an untied embedding is looked up, not read whole
+    total, active, expert_bytes = experts(model)
+    step += expert_bytes * active // max(total, 1)  # the experts a token visits
+    rows = c.vocab_size if draft_vocab is None else min(draft_vocab, c.vocab_size)
+    layer_bytes = sum(_resident(layer) for layer in head.layers) // len(head.layers)
+    if c.is_moe:
+        per_layer_experts = expert_bytes // c.num_hidden_layers
+        layer_bytes += per_layer_experts * c.num_experts_per_tok // c.num_experts
+    draft = head.fc.nbytes + layer_bytes + rows * model.lm_head.nbytes // c.vocab_size
+    return draft / step
+
+
+def _resident(obj) -> int:
+    if isinstance(obj, np.ndarray):
+        return obj.nbytes
+    if is_dataclass(obj) and not isinstance(obj, Experts):  # experts stay mapped; counted apart
+        return sum(_resident(getattr(obj, f.name)) for f in fields(obj))
+    return 0
+
+
+def speculative_decoder(head: MtpHead | None, draft_tokens: int = DRAFT_TOKENS, **options):
+    """A drop-in for ``generate_ids`` (same positional arguments) that decodes speculatively.
+
+    For ``stream_text(…, decode=speculative_decoder(head, 2))`` and the chat session: each
+    call starts a fresh MTP cache at the cache's position.
+    """
+    head = require_head(head)
+
+    def decode(model, prompt_ids, *args, **kwargs):
+        return speculative_generate(model, head, prompt_ids, *args, draft_tokens=draft_tokens, **options, **kwargs)
+
+    return decode
+
+
+# ==================================================================== golden taps
+
+
+def _mtp_layer_taps() -> tuple[Tap, ...]:
+    return tuple(
+        Tap("mtp." + tap.name, tap.shape.replace("[T", "[T−1"), tap.meaning, tap.layer_type, tap.dtype, tap.moe)
+        for tap in LAYER_TAPS if tap.layer_type in (None, "full_attention")
+    )
+
+
+# The MTP head's taps, recorded by :func:`record_mtp` for a prompt of T tokens (T − 1 pairs).
+MTP_TAPS = (
+    Tap("mtp.pre_fc_norm_embedding", "[T−1, H]", "zero-centred RMSNorm of embed(t[j+1]), j = 0 … T−2"),
+    Tap("mtp.pre_fc_norm_hidden", "[T−1, H]", "zero-centred RMSNorm of h[j]: the main model's output after its "
+        "final norm (the tap 'norm')"),
+    Tap("mtp.fc", "[T−1, H]", "[pre_fc_norm_embedding ; pre_fc_norm_hidden] · fcᵀ: embedding first"),
+    *_mtp_layer_taps(),
+    Tap("mtp.norm", "[T−1, H]", "the MTP's own final zero-centred RMSNorm (mtp.norm)"),
+    Tap("mtp.logits", "[T−1, V]", "the shared LM head: row j predicts t[j+2]"),
+)
+
+
+def record_mtp(model: Model, head: MtpHead, token_ids) -> dict[str, np.ndarray]:
+    """The MTP taps (:data:`MTP_TAPS`, names ``mtp.…``) of a teacher-forced run over ``token_ids``.
+
+    Layer 0 only, at rotary positions 0 … T−2, over a fresh MTP cache: what a port computes
+    when it runs its MTP head over a prompt. Merge with :func:`minqwen.golden.record`'s
+    recording to save one file.
+    """
+    taps: dict[str, np.ndarray] = {}
+    mtp_logits(model, head, token_ids, tap=lambda name, value: taps.__setitem__("mtp." + name, np.array(value)))
+    return taps

@@ -1,0 +1,241 @@
+"""Figures for self-speculative decoding with the MTP head: what a draft and a verify cost, and what they buy.
+
+    python tools/mtp_figures.py real        # the real Qwen3.5-0.8B shape, random weights
+    python tools/mtp_figures.py embedded    # the embedded model (trained with its MTP head)
+
+Every cost is relative to a one-token decode step measured in the same run, on the same
+cache (after a 16-token prompt), median of ≥ 5 runs:
+
+* c_verify(n): one forward of the main model over n positions — what a verify of n − 1
+  drafts costs — including its LM head over all n rows and the rollback;
+* c_draft: one draft step — the MTP layer over one position (the commit of an accepted
+  pair; its fc, attention and MLP) plus the LM head for the draft and the pick (penalties,
+  argmax). Measured with the whole 248k-row LM head and with the 32k-row draft vocabulary
+  (minqwen.mtp.DRAFT_VOCAB);
+* predicted speedup = (1 + accepted per verify) ÷ (c_verify + c_draft): with k = 1 draft
+  per verify and per-draft acceptance a, (1 + a) ÷ (c_verify(2) + c_draft); with k = 2,
+  (1 + a + a²) ÷ (c_verify(3) + 2·c_draft).
+
+"real" builds (once) ``scratch/qwen3.5-0.8b-random-mtp``: the real-shape checkpoint's files
+linked, plus a random MTP head — never committed. Random weights accept nothing, so the
+measured speculative tokens/s there is the worst case, a check on the cost model.
+
+"embedded" measures decode tokens/s (63 new tokens after the first ÷ their time, greedy,
+median of 3, Numba warm) without and with speculation, and the acceptance rate, on prompts
+from standard-library files that the embedded model's corpus held out (tools/build_corpus.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+import minqwen  # noqa: E402
+from minqwen.generate import GenerationStats, generate_ids  # noqa: E402
+from minqwen.mtp import (  # noqa: E402
+    DRAFT_VOCAB,
+    MtpCache,
+    SpeculativeStats,
+    draft_cost_estimate,
+    draft_logits,
+    keep_first,
+    load_mtp,
+    mtp_layer,
+    speculative_generate,
+    verify,
+)
+from minqwen.sampling import SamplingParams, apply_penalties  # noqa: E402
+
+
+def machine_line() -> str:
+    load = os.getloadavg()
+    return f"{os.cpu_count()} cores, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
+
+
+# ==================================================================== the real shape
+
+
+def real_shape(checkpoint: Path, dtype: str, repeats: int) -> None:
+    from make_mtp_fixtures import with_random_mtp
+
+    folder = ROOT / "scratch" / (checkpoint.name + "-mtp")
+    if not (folder / "mtp.safetensors").is_file():
+        with_random_mtp(checkpoint, folder)
+    model = minqwen.load(folder, dtype=dtype)
+    head = load_mtp(folder, model)
+    c = model.config
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(0, c.vocab_size, size=16)
+    cache = model.new_cache()
+    hidden = model.hidden_states(prompt, cache)
+    mtp = MtpCache(model, head)
+    mtp.commit(model, head, hidden, list(prompt[1:]) + [1])
+    tokens = [int(t) for t in rng.integers(0, c.vocab_size, size=3)]
+    params = SamplingParams(repetition_penalty=1.05)  # a pick with penalties, as generation configs have
+    print(f"Qwen3.5-0.8B shape, random weights, {dtype}; {machine_line()}")
+
+    h = hidden[-1]
+    seen = list(prompt)
+
+    def decode_step(branch):
+        model.forward(tokens[:1], branch, last_only=True)
+
+    def verify_and_roll_back(n):
+        def run(branch):
+            verify(model, branch, tokens[:n])
+            keep_first(branch, cache.position, 1)
+        return run
+
+    def layer(kv):
+        mtp_layer(model, head, 0, h[None], [1], kv, cache.position)
+
+    def pick(vocab):
+        def run(_):
+            row = apply_penalties(draft_logits(model, h, vocab, seen), seen, [], params)
+            return int(np.argmax(row))
+        return run
+
+    # Each probe: (prepare a fresh state, untimed; the timed run). Run round-robin, so that a
+    # busy machine slows every probe alike and the ratios stay meaningful.
+    probes = {
+        "step": (cache.copy, decode_step),
+        "verify2": (cache.copy, verify_and_roll_back(2)),
+        "verify3": (cache.copy, verify_and_roll_back(3)),
+        "layer": (lambda: mtp.layers[0].copy(), layer),
+        "head_all": (lambda: None, pick(None)),
+        "head_subset": (lambda: None, pick(DRAFT_VOCAB)),
+    }
+    times = {name: [] for name in probes}
+    for repeat in range(repeats + 1):  # the first round warms every kernel and is dropped
+        for name, (setup, run) in probes.items():
+            state = setup()
+            start = time.perf_counter()
+            run(state)
+            if repeat:
+                times[name].append(time.perf_counter() - start)
+    t = {name: statistics.median(values) for name, values in times.items()}
+    step = t["step"]
+    c_verify = {2: t["verify2"] / step, 3: t["verify3"] / step}
+    print(f"  decode step:            {step * 1e3:7.1f} ms  (1.00)")
+    for n in (2, 3):
+        print(f"  verify of {n} positions:  {t[f'verify{n}'] * 1e3:7.1f} ms  c_verify({n}) = {c_verify[n]:.3f}")
+    print(f"  MTP layer, 1 position:  {t['layer'] * 1e3:7.1f} ms  ({t['layer'] / step:.3f})")
+    print(f"  draft head + pick, all {c.vocab_size} ids: {t['head_all'] * 1e3:7.1f} ms  ({t['head_all'] / step:.3f})")
+    print(f"  draft head + pick, {DRAFT_VOCAB} ids:  {t['head_subset'] * 1e3:7.1f} ms  ({t['head_subset'] / step:.3f})")
+    c_draft_full = (t["layer"] + t["head_all"]) / step
+    c_draft = (t["layer"] + t["head_subset"]) / step
+    print(f"  c_draft = {c_draft:.3f} (with the whole LM head: {c_draft_full:.3f}); by weight bytes: "
+          f"{draft_cost_estimate(model, head):.3f} ({draft_cost_estimate(model, head, None):.3f})")
+    for a in (0.6, 0.8):
+        k1 = (1 + a) / (c_verify[2] + c_draft)
+        k2 = (1 + a + a * a) / (c_verify[3] + 2 * c_draft)
+        k1_full = (1 + a) / (c_verify[2] + c_draft_full)
+        print(f"  predicted speedup at acceptance {a}: k=1 {k1:.2f}x, k=2 {k2:.2f}x "
+              f"(k=1 drafting over the whole vocabulary: {k1_full:.2f}x)")
+
+    # The cost model against a measurement: random drafts are always rejected.
+    ids = [int(t) for t in prompt]
+    plain, spec = GenerationStats(), SpeculativeStats()
+    list(generate_ids(model, ids, max_new_tokens=16, stats=plain))
+    list(speculative_generate(model, head, ids, max_new_tokens=16, stats=spec, draft_tokens=1))
+    ratio = spec.decode_tokens_per_second / plain.decode_tokens_per_second
+    print(f"  measured, nothing accepted: plain {plain.decode_tokens_per_second:.2f} tok/s, speculative "
+          f"{spec.decode_tokens_per_second:.2f} tok/s (ratio {ratio:.2f}, model: {1 / (c_verify[2] + c_draft):.2f}); "
+          f"acceptance {spec.acceptance_rate:.2f}")
+
+
+# ==================================================================== the embedded model
+
+
+def held_out_prompts(tokenizer, count: int, length: int) -> list[tuple[str, list[int]]]:
+    """The first ``length`` tokens of ``count`` standard-library files the embedded model's corpus held out."""
+    from build_corpus import in_validation, stdlib_documents
+
+    prompts = []
+    for doc in stdlib_documents():
+        if in_validation(doc["name"]):
+            ids = tokenizer.encode(doc["text"])
+            if len(ids) >= length:
+                prompts.append((doc["name"], ids[:length]))
+        if len(prompts) == count:
+            break
+    return prompts
+
+
+def embedded(folder: Path, dtype: str, new_tokens: int, count: int) -> None:
+    from minqwen.tokenizer import Tokenizer
+
+    model = minqwen.load(folder, dtype=dtype)
+    head = load_mtp(folder, model)
+    tokenizer = Tokenizer(folder)
+    prompts = held_out_prompts(tokenizer, count, 48)
+    print(f"embedded model {folder.name}, {dtype}; {machine_line()}")
+    print(f"  held-out prompts: {', '.join(name for name, _ in prompts)}")
+    eos = tuple(model.config.eos_token_id)
+    variants = (0, 1, 2, 3)  # drafts per verify; 0 = plain decoding
+
+    def once(k, ids):
+        stats = SpeculativeStats() if k else GenerationStats()
+        if k:
+            out = list(speculative_generate(model, head, ids, max_new_tokens=new_tokens, stop_ids=eos, stats=stats,
+                                            draft_tokens=k))
+        else:
+            out = list(generate_ids(model, ids, max_new_tokens=new_tokens, stop_ids=eos, stats=stats))
+        return out, stats
+
+    for k in variants:  # warm Numba for every path
+        once(k, prompts[0][1])
+    rates = {k: [] for k in variants}
+    accepted = {k: 0 for k in variants}
+    drafted = {k: 0 for k in variants}
+    for _, ids in prompts:
+        outputs = {}
+        for repeat in range(3):  # round-robin, median of 3 per prompt and variant
+            for k in variants:
+                outputs[k], stats = once(k, ids)
+                rates[k].append(stats.decode_tokens_per_second)
+                if k and repeat == 0:
+                    accepted[k] += stats.accepted
+                    drafted[k] += stats.drafted
+        assert all(outputs[k] == outputs[0] for k in variants), "greedy speculation must equal plain greedy"
+    plain = statistics.median(rates[0])
+    print(f"  plain decode:        {plain:7.1f} tok/s   ({new_tokens} new tokens per prompt, greedy)")
+    for k in variants[1:]:
+        rate = statistics.median(rates[k])
+        acceptance = accepted[k] / drafted[k] if drafted[k] else 0.0
+        print(f"  speculative k = {k}:   {rate:7.1f} tok/s  ({rate / plain:.2f}x)  acceptance {acceptance:.3f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="which", required=True)
+    real = sub.add_parser("real")
+    real.add_argument("--checkpoint", type=Path, default=ROOT / "scratch" / "qwen3.5-0.8b-random")
+    real.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
+    real.add_argument("--repeats", type=int, default=7)
+    emb = sub.add_parser("embedded")
+    emb.add_argument("--model", type=Path, default=ROOT / "minqwen" / "embedded")
+    emb.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    emb.add_argument("--new-tokens", type=int, default=64)
+    emb.add_argument("--prompts", type=int, default=6)
+    parser.add_argument("--threads", type=int, help="BLAS and Numba threads (default: the physical cores)")
+    args = parser.parse_args()
+    print(f"threads: {minqwen.set_threads(args.threads)}")
+    if args.which == "real":
+        real_shape(args.checkpoint, args.dtype, args.repeats)
+    else:
+        embedded(args.model, args.dtype, args.new_tokens, args.prompts)
+
+
+if __name__ == "__main__":
+    main()
