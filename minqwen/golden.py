@@ -156,6 +156,20 @@ FINAL_TAPS = (
 )
 TAPS = EMBED_TAPS + LAYER_TAPS + FINAL_TAPS
 
+# The MTP head's taps (minqwen/mtp.py), recorded when asked for (``record(…, mtp_head=…)``,
+# ``golden record --mtp``): a teacher-forced run of MTP layer 0 over the prompt's T − 1 pairs
+# (h[j], t[j+1]), at rotary positions 0 … T−2, over a fresh MTP cache.
+MTP_TAPS = (
+    Tap("mtp.pre_fc_norm_embedding", "[T−1, H]", "zero-centred RMSNorm of embed(t[j+1]), j = 0 … T−2"),
+    Tap("mtp.pre_fc_norm_hidden", "[T−1, H]", "zero-centred RMSNorm of h[j]: the main model's output after its "
+        "final norm (the tap 'norm')"),
+    Tap("mtp.fc", "[T−1, H]", "[pre_fc_norm_embedding ; pre_fc_norm_hidden] · fcᵀ: embedding first"),
+    *(Tap("mtp." + tap.name, tap.shape.replace("[T", "[T−1"), tap.meaning, tap.layer_type, tap.dtype, tap.moe)
+      for tap in LAYER_TAPS if tap.layer_type in (None, "full_attention")),  # its layer is a full-attention one
+    Tap("mtp.norm", "[T−1, H]", "the MTP's own final zero-centred RMSNorm (mtp.norm)"),
+    Tap("mtp.logits", "[T−1, V]", "the shared LM head: row j predicts t[j+2]"),
+)
+
 # Position of each within-layer tap, for putting rows of a comparison in forward order.
 _LAYER_SUFFIXES = [tap.name.removeprefix("layers.{i}.") for tap in LAYER_TAPS]
 
@@ -169,6 +183,11 @@ def tap_names(config: TextConfig) -> list[str]:
     return names + [tap.name for tap in FINAL_TAPS]
 
 
+def mtp_tap_names(config: TextConfig) -> list[str]:
+    """The names a recording of the MTP head holds for this config, in the order it taps them."""
+    return [tap.name.format(i=0) for tap in MTP_TAPS if config.is_moe or not tap.moe]
+
+
 def format_tap_table() -> str:
     """The tap table as text, for ``minqwen golden taps`` and the README."""
     width = max(len(tap.name) for tap in TAPS)
@@ -180,8 +199,13 @@ def format_tap_table() -> str:
         "Decode step n records the same names prefixed 'step{n}.'.",
     ]
     group = None
-    for tap in TAPS:
-        this = _GROUPS["moe" if tap.moe else tap.layer_type] if tap.name.startswith("layers.") else "the model"
+    for tap in TAPS + MTP_TAPS:
+        if tap.name.startswith("mtp."):
+            this = "the MTP head (checkpoints with mtp.* tensors; `golden record --mtp`)"
+        elif tap.name.startswith("layers."):
+            this = _GROUPS["moe" if tap.moe else tap.layer_type]
+        else:
+            this = "the model"
         if this != group:
             group = this
             lines += ["", f"{group}:"]
@@ -200,8 +224,11 @@ _GROUPS = {
 # ==================================================================== recording
 
 
-def record(model, token_ids, decode_steps: int = 0, taps: str = "*") -> dict[str, np.ndarray]:
+def record(model, token_ids, decode_steps: int = 0, taps: str = "*", mtp_head=None) -> dict[str, np.ndarray]:
     """Run ``token_ids`` through ``model`` and ``decode_steps`` greedy steps, keeping the taps.
+
+    ``mtp_head`` (a :class:`minqwen.mtp.MtpHead`): also record the MTP head's taps
+    (:data:`MTP_TAPS`, names ``mtp.…``) over the prompt.
 
     ``taps``: comma-separated fnmatch-style globs, matched against each tap's name within its
     forward call (``layers.*.mlp``) and against its recorded name (``step2.logits``). Note that
@@ -216,7 +243,8 @@ def record(model, token_ids, decode_steps: int = 0, taps: str = "*") -> dict[str
         raise MinqwenError(f"decode_steps must be a whole number ≥ 0, got {decode_steps!r}")
     patterns = _parse_patterns(taps)
     per_call = tap_names(model.config)
-    _check_patterns(patterns, per_call, decode_steps)
+    mtp_names = mtp_tap_names(model.config) if mtp_head is not None else []
+    _check_patterns(patterns, per_call + mtp_names, decode_steps)
 
     taps_seen: dict[str, np.ndarray] = {}
 
@@ -240,6 +268,11 @@ def record(model, token_ids, decode_steps: int = 0, taps: str = "*") -> dict[str
         generated.append(next_id)
         logits = model.forward([next_id], cache, last_only=True, tap=collector(f"step{n}."))  # [1, V]
     recording = {"token_ids": np.asarray(token_ids).astype(np.int64), **taps_seen}
+    if mtp_head is not None and any(_selected(patterns, name, name) for name in mtp_names):
+        from .mtp import record_mtp  # here: mtp.py builds on this module
+
+        recording.update({name: value for name, value in record_mtp(model, mtp_head, token_ids).items()
+                          if _selected(patterns, name, name)})
     if decode_steps:
         recording["generated_ids"] = np.array(generated, dtype=np.int64)
     return recording
@@ -572,6 +605,9 @@ def forward_order(name: str) -> tuple:
     finals = [tap.name for tap in FINAL_TAPS]
     if rest in finals:
         return (1, step, float("inf"), finals.index(rest))
+    mtp = [tap.name.format(i=0) for tap in MTP_TAPS]
+    if step == -1 and name in mtp:  # the MTP head runs after the main model's prompt pass
+        return (1, -1, float("inf"), len(finals) + mtp.index(name))
     return (3, name)
 
 
@@ -595,6 +631,8 @@ def add_parser(subparsers) -> None:
     rec.add_argument("--decode", type=int, default=0, metavar="N", help="greedy decode steps to record (default 0)")
     rec.add_argument("--taps", default="*", metavar="PATTERN",
                      help="comma-separated globs of tap names (default '*': all); see `minqwen golden taps`")
+    rec.add_argument("--mtp", action="store_true",
+                     help="also record the MTP head's taps (mtp.*) over the prompt; needs a checkpoint with mtp.*")
     rec.add_argument("--out", required=True, metavar="FILE", help="the .safetensors file to write")
     rec.set_defaults(run=_run_record)
 
@@ -618,7 +656,14 @@ def _run_record(args) -> int:
     model_dir = Path(args.model)
     ids = parse_token_ids(args.tokens) if args.tokens is not None else encode_prompt(model_dir, args.prompt)
     model = load(model_dir)
-    recording = record(model, ids, decode_steps=args.decode, taps=args.taps)
+    head = None
+    if args.mtp:
+        from .mtp import load_mtp
+
+        head = load_mtp(model_dir, model)
+        if head is None:
+            raise MinqwenError(f"--mtp: {model_dir} has no MTP head (no mtp.* tensors) to record")
+    recording = record(model, ids, decode_steps=args.decode, taps=args.taps, mtp_head=head)
     save(recording, args.out, model_metadata(model))
     n_taps = len([name for name in recording if name not in _ID_VECTORS])
     size = sum(a.nbytes for a in recording.values())

@@ -52,7 +52,6 @@ from .checkpoint import Checkpoint
 from .deltanet import DeltaNetState
 from .errors import MinqwenError
 from .generate import GenerationStats
-from .golden import LAYER_TAPS, Tap
 from .linear import BF16, linear
 from .mlp import MLPWeights
 from .model import Cache, DecoderLayer, Model, _load_attention, _prefixed, _TensorReader
@@ -641,31 +640,12 @@ def speculative_decoder(head: MtpHead | None, draft_tokens: int = DRAFT_TOKENS, 
 # ==================================================================== golden taps
 
 
-def _mtp_layer_taps() -> tuple[Tap, ...]:
-    return tuple(
-        Tap("mtp." + tap.name, tap.shape.replace("[T", "[T−1"), tap.meaning, tap.layer_type, tap.dtype, tap.moe)
-        for tap in LAYER_TAPS if tap.layer_type in (None, "full_attention")
-    )
-
-
-# The MTP head's taps, recorded by :func:`record_mtp` for a prompt of T tokens (T − 1 pairs).
-MTP_TAPS = (
-    Tap("mtp.pre_fc_norm_embedding", "[T−1, H]", "zero-centred RMSNorm of embed(t[j+1]), j = 0 … T−2"),
-    Tap("mtp.pre_fc_norm_hidden", "[T−1, H]", "zero-centred RMSNorm of h[j]: the main model's output after its "
-        "final norm (the tap 'norm')"),
-    Tap("mtp.fc", "[T−1, H]", "[pre_fc_norm_embedding ; pre_fc_norm_hidden] · fcᵀ: embedding first"),
-    *_mtp_layer_taps(),
-    Tap("mtp.norm", "[T−1, H]", "the MTP's own final zero-centred RMSNorm (mtp.norm)"),
-    Tap("mtp.logits", "[T−1, V]", "the shared LM head: row j predicts t[j+2]"),
-)
-
-
 def record_mtp(model: Model, head: MtpHead, token_ids) -> dict[str, np.ndarray]:
-    """The MTP taps (:data:`MTP_TAPS`, names ``mtp.…``) of a teacher-forced run over ``token_ids``.
+    """The MTP taps (:data:`minqwen.golden.MTP_TAPS`, names ``mtp.…``) of a teacher-forced run over ``token_ids``.
 
     Layer 0 only, at rotary positions 0 … T−2, over a fresh MTP cache: what a port computes
-    when it runs its MTP head over a prompt. Merge with :func:`minqwen.golden.record`'s
-    recording to save one file.
+    when it runs its MTP head over a prompt. ``golden.record(…, mtp_head=head)`` and
+    ``minqwen golden record --mtp`` add these to a recording of the main model.
     """
     taps: dict[str, np.ndarray] = {}
     mtp_logits(model, head, token_ids, tap=lambda name, value: taps.__setitem__("mtp." + name, np.array(value)))

@@ -36,13 +36,13 @@ from conftest import FIXTURES, ROOT, require_reference
 from minqwen import MinqwenError
 from minqwen.attention import AttentionWeights
 from minqwen.deltanet import DeltaNetState
+from minqwen import golden
 from minqwen.generate import generate_ids
 from minqwen.linear import linear, linear_f32_rows
 from minqwen.mlp import MLPWeights
 from minqwen.model import DecoderLayer, Model
 from minqwen.moe import Experts, MoEWeights
 from minqwen.mtp import (
-    MTP_TAPS,
     MtpCache,
     MtpHead,
     SpeculativeStats,
@@ -568,7 +568,7 @@ def test_mtp_golden_taps_cover_their_table(name):
     head = random_head(model, 5)
     ids = [3, 1, 4, 1, 5, 9]
     taps = record_mtp(model, head, ids)
-    table = {tap.name.format(i=0) for tap in MTP_TAPS if model.config.is_moe or not tap.moe}
+    table = set(golden.mtp_tap_names(model.config))
     assert set(taps) == table
     assert taps["mtp.logits"].shape == (len(ids) - 1, model.config.vocab_size)
     np.testing.assert_array_equal(taps["mtp.logits"], mtp_logits(model, head, ids))
@@ -581,3 +581,34 @@ def test_mtp_golden_taps_cover_their_table(name):
                                                                          c.rms_norm_eps), rtol=0, atol=1e-6)
     np.testing.assert_allclose(taps["mtp.fc"], np.concatenate(
         [taps["mtp.pre_fc_norm_embedding"], taps["mtp.pre_fc_norm_hidden"]], axis=-1) @ head.fc.T, rtol=0, atol=1e-5)
+
+
+def test_golden_record_with_mtp_adds_the_heads_taps_in_forward_order(tmp_path):
+    from minqwen.cli import main
+
+    folder, _ = with_random_mtp_tensors(tmp_path)
+    out = tmp_path / "with_mtp.safetensors"
+    assert main(["golden", "record", "--model", str(folder), "--tokens", "3,1,4,1,5", "--mtp", "--out", str(out)]) == 0
+    recording = golden.load_recording(out)
+    model = minqwen.load(folder)
+    expected = record_mtp(model, load_mtp(folder, model), [3, 1, 4, 1, 5])
+    assert {n for n in recording.tensors if n.startswith("mtp.")} == set(golden.mtp_tap_names(model.config))
+    for name, value in expected.items():
+        np.testing.assert_array_equal(recording.tensors[name], value)
+    order = sorted(recording.tensors, key=golden.forward_order)
+    assert order.index("logits") < order.index("mtp.pre_fc_norm_embedding") < order.index("mtp.logits")
+    # a comparison walks the MTP taps too (none of them is "outside the tap table")
+    assert golden.compare(out, out).ok and "outside the tap table" not in golden.compare(out, out).format()
+    # the head's taps obey --taps like every other
+    only = tmp_path / "only.safetensors"
+    main(["golden", "record", "--model", str(folder), "--tokens", "3,1,4", "--mtp", "--taps", "mtp.fc,logits",
+          "--out", str(only)])
+    assert set(golden.load_recording(only).tensors) == {"token_ids", "mtp.fc", "logits"}
+
+
+def test_golden_record_with_mtp_on_a_checkpoint_without_a_head_says_so(capsys):
+    from minqwen.cli import main
+
+    code = main(["golden", "record", "--model", str(FIXTURES / "text_tied_fp32"), "--tokens", "1,2", "--mtp",
+                 "--out", "unused.safetensors"])
+    assert code != 0 and "no MTP head" in capsys.readouterr().err
