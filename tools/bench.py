@@ -12,6 +12,15 @@ matrix much larger than the last-level cache.
 
 Decode figure: 64 new tokens after a 16-token prompt, greedy, last-position logits, on a
 second run (Numba's cache warm); tokens/s = 63 ÷ the time after the first new token.
+
+Decode at long context (minqwen only: the target is a ratio to its own decode at 512): the
+16-token prompt is run, then every attention layer's KV cache is filled with random keys and
+values up to 512 or 16k tokens. A decode step's cost depends on how many keys it reads, not
+on what they hold (the Gated DeltaNet layers' state has a fixed size), so this measures the
+same step a real 16k-token prefill would leave, without spending minutes on that prefill.
+
+Cold start: import + load + first token in a new process, with Numba's on-disk cache warm;
+the first-call JIT cost is the same run with an empty cache, minus that.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -105,8 +115,23 @@ class Minqwen:
             token = int(np.argmax(self.model.forward([token], cache, last_only=True)[-1]))
         return time.perf_counter() - start
 
-    def decode_after(self, prompt, n_new):
-        return self.decode(prompt, n_new)
+    def decode_at_context(self, prompt, context, n_new, rng):
+        """Seconds for tokens 2 … n_new once the attention caches hold ``context`` tokens."""
+        from minqwen.attention import KVCache
+
+        c = self.model.config
+        cache = self.model.new_cache()
+        token = int(np.argmax(self.model.forward(prompt, cache, last_only=True)[-1]))
+        extra = context - cache.position
+        for state in cache.layers:
+            if isinstance(state, KVCache):  # [T, Hkv, D] rows of unit-scale keys and values
+                shape = (extra, c.num_key_value_heads, c.head_dim)
+                state.append(rng.standard_normal(shape, dtype=np.float32), rng.standard_normal(shape, dtype=np.float32))
+        cache.position = context
+        start = time.perf_counter()
+        for _ in range(n_new - 1):
+            token = int(np.argmax(self.model.forward([token], cache, last_only=True)[-1]))
+        return time.perf_counter() - start
 
 
 class Transformers:
@@ -147,17 +172,22 @@ def median_rate(fn, count, repeats):
     return count / statistics.median(times)
 
 
-def cold_start(folder: Path, dtype: str) -> dict:
-    """import + load + first token in a new process (Numba's on-disk cache already warm)."""
+def cold_start(folder: Path, dtype: str, threads: int, numba_cache: str | None = None) -> dict:
+    """import + load + first token in a new process; ``numba_cache``: a Numba cache folder to use
+    (an empty one measures the JIT), else Numba's default (warm after the runs before)."""
     code = (
         "import time, resource; t0 = time.perf_counter(); import numpy as np, minqwen\n"
+        f"minqwen.set_threads({threads})\n"
         f"m = minqwen.load({str(folder)!r}, dtype={dtype!r})\n"
         "tok = int(np.argmax(m.forward(np.arange(16) + 100, last_only=True)[-1]))\n"
-        "print(time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)\n"
+        "from minqwen.summary import resident_bytes\n"
+        "print(time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "
+        "resident_bytes(m))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    seconds, rss = out.stdout.split()
-    return {"seconds": float(seconds), "peak_rss_bytes": int(rss)}
+    env = dict(os.environ, **({"NUMBA_CACHE_DIR": numba_cache} if numba_cache else {}))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    seconds, rss, resident = out.stdout.split()
+    return {"seconds": float(seconds), "peak_rss_bytes": int(rss), "resident_weight_bytes": int(resident)}
 
 
 def main() -> int:
@@ -204,10 +234,15 @@ def main() -> int:
         if kind == "minqwen":
             row["weight_bytes_per_token"] = weight_bytes_per_token(runner.model)
             row["roofline_fraction"] = row["decode_tps"] * row["weight_bytes_per_token"] / (results["roofline_GBps"] * 1e9)
+            for context in (512, args.long_context) if args.long_context else ():
+                times = [runner.decode_at_context(prompt16, context, 64, rng) for _ in range(args.repeats)]
+                row[f"decode_at_{context}_tps"] = 63 / statistics.median(times)
             if args.long_context:
-                long_prompt = rng.integers(100, 240000, size=args.long_context)
-                row[f"decode_at_{args.long_context}_tps"] = 63 / runner.decode(long_prompt, 64)
-            row["cold_start"] = cold_start(folder, dtype)
+                row["long_over_512"] = row[f"decode_at_{args.long_context}_tps"] / row["decode_at_512_tps"]
+            row["cold_start"] = cold_start(folder, dtype, args.threads)
+            with tempfile.TemporaryDirectory() as empty:
+                row["cold_start_empty_numba_cache"] = cold_start(folder, dtype, args.threads, empty)
+            row["jit_seconds"] = row["cold_start_empty_numba_cache"]["seconds"] - row["cold_start"]["seconds"]
         results["rows"].append(row)
         print(json.dumps(row), flush=True)
         del runner
@@ -229,11 +264,19 @@ def print_table(results):
         print(f"{r['name']:<26}{r['prefill512_tps']:>10.1f} t/s{r['decode_tps']:>8.2f} t/s{ratio:>30}")
     for r in rows:
         if "roofline_fraction" in r:
-            extra = [f"{k}: {v:.2f} t/s" for k, v in r.items() if k.startswith("decode_at_")]
             cold = r["cold_start"]
             print(f"{r['name']}: {r['roofline_fraction']:.0%} of the memory roofline "
-                  f"({r['weight_bytes_per_token'] / 1e9:.2f} GB/token); cold start {cold['seconds']:.1f} s, "
-                  f"peak RSS {cold['peak_rss_bytes'] / 1e9:.2f} GB" + ("; " + ", ".join(extra) if extra else ""))
+                  f"({r['weight_bytes_per_token'] / 1e9:.2f} GB/token)")
+            contexts = [k for k in r if k.startswith("decode_at_")]
+            if contexts:
+                print("  decode with context " + ", ".join(
+                    f"{k.removeprefix('decode_at_').removesuffix('_tps')}: {r[k]:.2f} t/s" for k in contexts)
+                    + (f" (long / 512: {r['long_over_512']:.0%})" if "long_over_512" in r else ""))
+            print(f"  cold start {cold['seconds']:.1f} s (import + load + first token, Numba cache warm); "
+                  f"peak RSS {cold['peak_rss_bytes'] / 1e9:.2f} GB = "
+                  f"{cold['peak_rss_bytes'] / cold['resident_weight_bytes']:.2f}× resident weights "
+                  f"({cold['resident_weight_bytes'] / 1e9:.2f} GB)")
+            print(f"  first-call JIT (empty Numba cache): {r['jit_seconds']:.1f} s more")
 
 
 if __name__ == "__main__":
