@@ -44,6 +44,39 @@ def add_sampling_options(parser):
     g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop at this text (repeatable)")
 
 
+def add_speculative_option(parser):
+    parser.add_argument(
+        "--speculative", type=int, nargs="?", const=1, default=None, metavar="K",
+        help="draft K tokens per step with the checkpoint's MTP head and verify them in one pass "
+             "(same output; K defaults to 1; 0 turns it off). Default: on (K = 1) when the checkpoint has an MTP head")
+
+
+def speculative_decode(args, model, folder):
+    """(decode, the class of its stats) for the generation loop: speculative with the MTP head, or plain."""
+    from .generate import GenerationStats
+    from .mtp import SpeculativeStats, load_mtp, require_head, speculative_decoder
+
+    k = args.speculative
+    if k is not None and k < 0:
+        raise MinqwenError(f"--speculative takes a number of draft tokens ≥ 0, got {k}")
+    if k == 0:
+        return None, GenerationStats
+    head = load_mtp(folder, model)
+    if head is None:
+        if k is None:  # not asked for: plain decoding
+            return None, GenerationStats
+        require_head(head, str(folder))
+    return speculative_decoder(head, k or 1), SpeculativeStats
+
+
+def speculative_summary(stats) -> str:
+    """' · speculative: 82% of 40 drafts accepted, 1.8 tokens per pass', or ''."""
+    if not hasattr(stats, "acceptance_rate"):
+        return ""
+    return (f" · speculative: {stats.acceptance_rate:.0%} of {stats.drafted} drafts accepted, "
+            f"{stats.tokens_per_verify:.2f} tokens per pass")
+
+
 def sampling_params(args, tokenizer):
     from .sampling import SamplingParams
 
@@ -133,7 +166,7 @@ class ThinkingPrinter:
 
 
 def run_generate(args) -> int:
-    from .generate import GenerationStats, stream_text
+    from .generate import stream_text
 
     prompt_text = args.prompt
     if prompt_text is None and args.tokens is None:
@@ -143,9 +176,14 @@ def run_generate(args) -> int:
     if args.tokens is None and not prompt_text.strip():
         raise MinqwenError("the prompt is empty")
     model, tokenizer = load_model_and_tokenizer(args.model)
+    from .checkpoint import find_checkpoint
+
+    decode, stats_class = speculative_decode(args, model, find_checkpoint(args.model))
     if args.image and args.tokens is not None:
         raise MinqwenError("--image goes with a text prompt, not with --tokens")
-    placeholders = IMAGE_PLACEHOLDER * len(args.image)
+    # The images go before the text, unless the prompt places them itself (one <|image_pad|> each).
+    places_them = args.image and IMAGE_PLACEHOLDER in (prompt_text or "")
+    placeholders = "" if places_them else IMAGE_PLACEHOLDER * len(args.image)
     if args.tokens is not None:
         try:
             ids = [int(t) for t in args.tokens.replace(",", " ").split()]
@@ -166,35 +204,59 @@ def run_generate(args) -> int:
         cache = model.new_cache()
         vision.prefill(model, tower, ids[:-1], args.image, cache)  # the images go in with the prompt…
         ids, history = ids[-1:], ids[:-1]  # …and its last token starts generation
-    stats = GenerationStats()
+    stats = stats_class()
     printer = ThinkingPrinter(hide=args.hide_thinking, in_think=args.chat and not args.no_think)
     if not args.chat:
         sys.stdout.write(prompt_text if args.tokens is None and args.echo else "")
     for piece in stream_text(model, tokenizer, ids, params, args.max_new_tokens, args.stop, args.seed,
-                             cache=cache, history=history, stats=stats, skip_special_tokens=not args.chat):
+                             cache=cache, history=history, stats=stats, skip_special_tokens=not args.chat,
+                             decode=decode):
         printer.write(piece)
     printer.close()
     print(file=sys.stdout)
     print(f"[prefill: {stats.prompt_tokens} tokens, {stats.prefill_tokens_per_second:.1f} tok/s · "
           f"decode: {stats.generated_tokens} tokens, {stats.decode_tokens_per_second:.1f} tok/s · "
-          f"stop: {stats.stop_reason}]", file=sys.stderr)
+          f"stop: {stats.stop_reason}{speculative_summary(stats)}]", file=sys.stderr)
     return 0
 
 
 # --------------------------------------------------------------------------- chat
 
 
+def attach_image(session, path: str, spec):
+    """Read an image for the chat's next message, loading the vision tower the first time; say so on stderr."""
+    from pathlib import Path
+
+    from . import vision
+    from .checkpoint import find_checkpoint
+    from .image import read_image
+
+    if not path:
+        raise MinqwenError("/image needs a path: /image PATH")
+    if session.tower is None:
+        session.tower = vision.load_vision(find_checkpoint(spec))
+    pixels = read_image(Path(path).expanduser())
+    height, width = pixels.shape[:2]
+    tokens = session.tower.token_count(height, width)
+    print(f"[image {path}: {width}×{height} pixels, {tokens} image tokens, goes with the next message]",
+          file=sys.stderr)
+    return pixels
+
+
 def run_chat(args) -> int:
-    from .generate import ChatSession, GenerationStats
+    from .checkpoint import find_checkpoint
+    from .generate import ChatSession
 
     model, tokenizer = load_model_and_tokenizer(args.model)
+    decode, stats_class = speculative_decode(args, model, find_checkpoint(args.model))
     params = sampling_params(args, tokenizer)
     session = ChatSession(model, tokenizer, enable_thinking=not args.no_think)
     if args.system:
         session.messages.append({"role": "system", "content": args.system})
+    pending = [attach_image(session, path, args.model) for path in args.image]  # images for the next message
     interactive = sys.stdin.isatty()
     if interactive:
-        print("minqwen chat — Ctrl-D or Ctrl-C to leave.", file=sys.stderr)
+        print("minqwen chat — /image PATH shows the model an image; Ctrl-D or Ctrl-C to leave.", file=sys.stderr)
     while True:
         try:
             line = input("> " if interactive else "")
@@ -203,10 +265,21 @@ def run_chat(args) -> int:
             return 0
         if not line.strip():
             continue
-        stats = GenerationStats()
+        command, _, path = line.strip().partition(" ")
+        if command == "/image":
+            try:
+                pending.append(attach_image(session, path.strip(), args.model))
+            except MinqwenError as e:
+                if not interactive:  # a script's mistake ends the script; a person may retype the path
+                    raise
+                print(f"minqwen: error: {e}", file=sys.stderr)
+            continue
+        stats = stats_class()
         printer = ThinkingPrinter(hide=args.hide_thinking, in_think=not args.no_think)
         try:
-            for piece in session.reply(line, params, args.max_new_tokens, args.seed, stats):
+            images, pending = pending, []
+            for piece in session.reply(line, params, args.max_new_tokens, args.seed, stats, decode=decode,
+                                       images=images):
                 printer.write(piece)
         except KeyboardInterrupt:
             printer.close()
@@ -215,8 +288,8 @@ def run_chat(args) -> int:
         printer.close()
         print()
         if args.verbose:
-            print(f"[decode: {stats.generated_tokens} tokens, {stats.decode_tokens_per_second:.1f} tok/s]",
-                  file=sys.stderr)
+            print(f"[decode: {stats.generated_tokens} tokens, {stats.decode_tokens_per_second:.1f} tok/s"
+                  f"{speculative_summary(stats)}]", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------- inspect
@@ -294,9 +367,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hide-thinking", action="store_true", help="do not print the reasoning")
     p.add_argument("--echo", action=argparse.BooleanOptionalAction, default=True, help="print the prompt first")
     p.add_argument("--image", action="append", default=[], metavar="PATH",
-                   help="an image to show the model (repeatable; needs a multimodal checkpoint and Pillow)")
+                   help="an image to show the model (repeatable; needs a multimodal checkpoint and Pillow). It "
+                        "goes before the prompt, unless the prompt holds <|vision_start|><|image_pad|><|vision_end|> "
+                        "where each image goes")
     add_model_option(p)
     add_sampling_options(p)
+    add_speculative_option(p)
     p.set_defaults(run=run_generate)
 
     p = sub.add_parser("chat", help="an interactive multi-turn conversation")
@@ -304,8 +380,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-think", action="store_true", help="answer without reasoning")
     p.add_argument("--hide-thinking", action="store_true", help="do not print the reasoning")
     p.add_argument("--verbose", action="store_true", help="print tokens/s after each answer")
+    p.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="show the model an image with the first message (repeatable; later ones: a line "
+                        "'/image PATH'; needs a multimodal checkpoint and Pillow)")
     add_model_option(p)
     add_sampling_options(p)
+    add_speculative_option(p)
     p.set_defaults(run=run_chat)
 
     p = sub.add_parser("inspect", help="the model at a glance: layers, parameters, memory")

@@ -73,8 +73,8 @@ TEXT_FIELDS: dict[str, str] = {
     "initializer_range": "ignored: training only",
     "use_cache": "ignored: minqwen always offers a cache",
     "attn_output_gate": "ignored as the reference ignores it: the output gate is always on",
-    "mtp_num_hidden_layers": "checked by minqwen.mtp.load_mtp against the mtp.layers.{i}.* tensors",
-    "mtp_use_dedicated_embeddings": "checked by minqwen.mtp.load_mtp: must be false (the head shares embed_tokens)",
+    "mtp_num_hidden_layers": "honoured by minqwen.mtp.load_mtp: checked against the mtp.layers.{i}.* tensors",
+    "mtp_use_dedicated_embeddings": "honoured by minqwen.mtp.load_mtp: must be false (the head shares embed_tokens)",
     "dtype": "metadata: weights are read in their stored dtype and computed in fp32",
     "torch_dtype": "metadata (legacy name of dtype)",
     "model_type": "metadata: must be qwen3_5_text inside text_config",
@@ -128,12 +128,17 @@ MOE_TEXT_FIELDS.update({name: "ignored: a generic transformers field" for name i
 # Fields of the multimodal wrapper (``model_type: qwen3_5``, or ``qwen3_5_moe``) outside text_config.
 WRAPPER_FIELDS: dict[str, str] = {
     "text_config": "honoured: the text model's fields (TEXT_FIELDS)",
-    "vision_config": "reported: the vision tower is not loaded yet",
+    "vision_config": "honoured by minqwen.vision.load_vision, which loads the vision tower (its fields: "
+                     "vision.VISION_FIELDS); the text model does not read it",
     "tie_word_embeddings": "honoured: decides tying for the whole model (absent → untied)",
-    "image_token_id": "metadata for now (vision)",
-    "video_token_id": "metadata for now (vision)",
-    "vision_start_token_id": "metadata for now (vision)",
-    "vision_end_token_id": "metadata for now (vision)",
+    "image_token_id": "honoured by minqwen.vision (default 248056): each <|image_pad|> is expanded to one token "
+                      "per merged patch, its embedding replaced by an image feature and given a 3-D position",
+    "video_token_id": "honoured by minqwen.vision (default 248057): a prompt holding it is refused "
+                      "(minqwen reads images, not videos)",
+    "vision_start_token_id": "honoured by minqwen.vision (default 248053): ChatSession writes it before each "
+                             "image's <|image_pad|>",
+    "vision_end_token_id": "honoured by minqwen.vision (default 248054): ChatSession writes it after each "
+                           "image's <|image_pad|>",
     "model_type": "metadata",
     "architectures": "metadata",
     "transformers_version": "metadata",

@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import vision
 from .errors import MinqwenError
+from .image import read_image
 from .model import Cache, Model
 from .sampling import SamplingParams, sample_next
 from .tokenizer import StreamDecoder, Tokenizer
@@ -179,6 +181,15 @@ class ChatSession:
     before the divergence and feeds from there. Snapshots are taken at the end of each
     rendered conversation, before its generation prompt, which is exactly where a rewritten
     history starts to differ.
+
+    With a vision ``tower`` (:func:`minqwen.vision.load_vision`) a message may bring images.
+    Each is written into its message as ``<|vision_start|><|image_pad|><|vision_end|>``,
+    and the i-th ``<|image_pad|>`` of the conversation is ``self.images[i]``. The log keeps
+    the ids as rendered, one ``<|image_pad|>`` per image; the cache holds the image's
+    features, one token per merged patch, fed by :func:`minqwen.vision.prefill` with their
+    3-D positions. The cache's ``rope_delta`` (an image spans fewer positions than tokens)
+    travels with it into every snapshot, so text fed after a roll-back gets the right
+    positions too.
     """
 
     model: Model
@@ -188,6 +199,8 @@ class ChatSession:
     cache: Cache | None = None
     log: list = field(default_factory=list)
     snapshots: dict = field(default_factory=dict)  # log length → Cache copy
+    tower: vision.VisionTower | None = None  # None: a text-only conversation
+    images: list = field(default_factory=list)  # every image shown so far, [H, W, 3] uint8, in order
 
     def __post_init__(self):
         self.cache = self.model.new_cache()
@@ -209,26 +222,65 @@ class ChatSession:
         return ids[common:]
 
     def _feed(self, ids: list[int]) -> None:
-        if ids:
+        if not ids:
+            return
+        n_images = self._count_images(ids)
+        if n_images:
+            # The images go in through the tower; prefill also moves the cache's rope delta on.
+            first = self._count_images(self.log)
+            vision.prefill(self.model, self.tower, ids, self.images[first:first + n_images], self.cache)
+        else:
             self.model.forward(ids, self.cache, last_only=True)
-            self.log += ids
+        self.log += ids
+
+    def _count_images(self, ids) -> int:
+        """How many images ``ids`` (as rendered: one ``<|image_pad|>`` each) hold."""
+        return 0 if self.tower is None else sum(1 for i in ids if i == self.tower.config.image_token_id)
+
+    def _image_placeholder(self) -> str:
+        c = self.tower.config
+        return self.tokenizer.decode([c.vision_start_token_id, c.image_token_id, c.vision_end_token_id])
 
     def reply(self, user_text: str, params: SamplingParams = SamplingParams(), max_new_tokens: int = 256,
-              seed: int | None = None, stats: GenerationStats | None = None, decode=None) -> Iterator[str]:
-        """Add a user message and stream the assistant's answer, thinking included, as raw text."""
-        if not user_text.strip():
+              seed: int | None = None, stats: GenerationStats | None = None, decode=None,
+              images=()) -> Iterator[str]:
+        """Add a user message and stream the assistant's answer, thinking included, as raw text.
+
+        ``images``: paths, Pillow images or [H, W, 3] uint8 arrays to show with this message
+        (the session needs a ``tower``); they come before the text, as Qwen's examples put them.
+        """
+        images = list(images)
+        if not user_text.strip() and not images:
             raise MinqwenError("the message is empty")
-        self.messages.append({"role": "user", "content": user_text})
-        body_text = self.tokenizer.render_chat(self.messages, add_generation_prompt=False)
-        full_text = self.tokenizer.render_chat(self.messages, add_generation_prompt=True,
+        if images and self.tower is None:
+            raise MinqwenError("this chat has no vision tower: images need a multimodal checkpoint, whose tower "
+                               "minqwen.vision.load_vision loads (ChatSession(…, tower=…))")
+        images = [read_image(image) for image in images]  # read now: a bad file fails before anything changes
+        content = self._image_placeholder() * len(images) + user_text if images else user_text
+        messages = self.messages + [{"role": "user", "content": content}]
+        body_text = self.tokenizer.render_chat(messages, add_generation_prompt=False)
+        full_text = self.tokenizer.render_chat(messages, add_generation_prompt=True,
                                                enable_thinking=self.enable_thinking)
         body, full = self.tokenizer.encode(body_text), self.tokenizer.encode(full_text)
+        if self._count_images(full) != len(self.images) + len(images):
+            raise MinqwenError(
+                f"the conversation would hold {self._count_images(full)} <|image_pad|> tokens (id "
+                f"{self.tower.config.image_token_id}) for {len(self.images) + len(images)} images: attach images "
+                "with images=…, not by writing their tokens into the text"
+            )
+        self.messages.append(messages[-1])
+        self.images += images
         if full[: len(body)] == body:
             # Feed the conversation so far and remember this point: next turn's re-rendered
             # history (which may differ after it) can roll back to here.
             self._feed(self._sync(body))
             self.snapshots[len(self.log)] = self.cache.copy()
         prompt = self._sync(full)
+        if self._count_images(prompt[:-1]):
+            # The body was not fed above (the generation prompt changed how it tokenizes): feed
+            # the images through the tower now, and start generation from the last token.
+            self._feed(prompt[:-1])
+            prompt = prompt[-1:]
         # What the generation prompt already wrote of the answer (e.g. "<think>\n").
         answer_start = full_text[len(body_text):].split("<|im_start|>assistant\n", 1)[-1] \
             if full_text.startswith(body_text) else ""
@@ -240,4 +292,11 @@ class ChatSession:
             pieces.append(piece)
             yield piece
         self.log += prompt + ids[:-1]  # the last id was sampled but not fed back
-        self.messages.append({"role": "assistant", "content": answer_start + "".join(pieces)})
+        answer = answer_start + "".join(pieces)
+        if self.tower is not None:
+            # An image or video token the model wrote is no image: keep it out of the history,
+            # whose i-th <|image_pad|> is the i-th image. (The next turn rolls back over it.)
+            c = self.tower.config
+            for token_id in (c.image_token_id, c.video_token_id):
+                answer = answer.replace(self.tokenizer.decode([token_id]), "")
+        self.messages.append({"role": "assistant", "content": answer})

@@ -359,8 +359,12 @@ def _load_attention(reader, p, c: TextConfig) -> AttentionWeights:
     return w
 
 
-# Checkpoint name prefixes of the parts minqwen does not load (yet), for the load report.
-DEFERRED_PARTS = {"model.visual.": "vision tower", "mtp.": "MTP head"}
+# Checkpoint name prefixes of the parts the text model leaves to other loaders, for the load
+# report: what each part is, and what becomes of it.
+DEFERRED_PARTS = {
+    "model.visual.": ("vision tower", "not in the text model: minqwen.vision.load_vision loads them"),
+    "mtp.": ("MTP head", "not in the text model: minqwen.mtp.load_mtp loads them"),
+}
 
 
 class _TensorReader:
@@ -409,10 +413,10 @@ class _TensorReader:
         """One line per group of unused tensors: deferred parts by name, anything else listed."""
         unused = [n for n in self.ckpt.names if n not in self.used]
         lines = []
-        for prefix, part in DEFERRED_PARTS.items():
+        for prefix, (part, fate) in DEFERRED_PARTS.items():
             group = [n for n in unused if n.startswith(prefix)]
             if group:
-                lines.append(f"{part}: {len(group)} tensors (not loaded)")
+                lines.append(f"{part}: {len(group)} tensors ({fate})")
         other = sorted(n for n in unused if not any(n.startswith(p) for p in DEFERRED_PARTS))
         if other:
             shown = ", ".join(other[:10]) + (f", … ({len(other) - 10} more)" if len(other) > 10 else "")

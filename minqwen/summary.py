@@ -114,5 +114,5 @@ def describe(model: Model, context: int = 4096) -> str:
         f"  DeltaNet state ({c.layer_types.count('linear_attention')} layers): {human(state)}  (constant)",
     ]
     if model.load_report:
-        lines += ["", "not loaded:", *("  " + line for line in model.load_report.splitlines())]
+        lines += ["", "outside the text model:", *("  " + line for line in model.load_report.splitlines())]
     return "\n".join(lines)

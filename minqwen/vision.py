@@ -41,7 +41,7 @@ from .activations import ACTIVATIONS, gelu
 from .checkpoint import Checkpoint
 from .config import GENERIC_FIELDS, load_config
 from .errors import MinqwenError
-from .image import PreprocessorConfig, load_preprocessor_config, preprocess_images
+from .image import PreprocessorConfig, load_preprocessor_config, preprocess_images, smart_resize
 from .linear import linear
 from .rope import apply_rotary
 
@@ -426,6 +426,13 @@ class VisionTower:
             raise MinqwenError(f"pixel_values must have shape [{patches}, {c.patch_dim}] for grid_thw "
                                f"{grid.tolist()} (patches × C·T·P·P), got {list(shape)}")
         return grid.astype(np.int64)
+
+    def token_count(self, height: int, width: int) -> int:
+        """How many ``<|image_pad|>`` tokens (merged patches) an image of height × width pixels becomes."""
+        p = self.preprocessor
+        if p.do_resize:
+            height, width = smart_resize(height, width, p.factor, p.min_pixels, p.max_pixels)
+        return (height // p.patch_size) * (width // p.patch_size) // self.config.merge_unit
 
     def encode_images(self, images) -> tuple[np.ndarray, np.ndarray]:
         """Images (paths, Pillow images or [H, W, 3] uint8 arrays) → (features, grid_thw)."""

@@ -1,0 +1,58 @@
+"""`--speculative` in the console script: the same text, the acceptance line, and clean errors."""
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from minqwen.checkpoint import EMBEDDED
+from test_cli import assert_clean_error, run
+
+PROMPT = "def parse_args"
+
+
+def greedy(*extra):
+    return run("generate", PROMPT, "--max-new-tokens", "24", "--temperature", "0", *extra)
+
+
+def test_speculation_is_on_by_default_with_an_mtp_head_and_prints_the_same_greedy_text():
+    default, two, off = greedy(), greedy("--speculative", "2"), greedy("--speculative", "0")
+    for result in (default, two, off):
+        assert result.returncode == 0, result.stderr
+    assert default.stdout == two.stdout == off.stdout
+    assert "drafts accepted" in default.stderr and "drafts accepted" in two.stderr
+    assert "speculative" not in off.stderr
+
+
+def test_a_speculative_chat_over_stdin_answers_as_a_plain_one():
+    turns = "Hello!\nWhat is Python?\n"
+    args = ("chat", "--no-think", "--max-new-tokens", "12", "--temperature", "0", "--verbose")
+    spec, plain = run(*args, "--speculative", stdin=turns), run(*args, "--speculative", "0", stdin=turns)
+    assert spec.returncode == 0 and plain.returncode == 0, spec.stderr + plain.stderr
+    assert spec.stdout == plain.stdout and spec.stdout.count("\n") >= 2
+    assert spec.stderr.count("drafts accepted") == 2  # one line per turn
+
+
+def without_mtp(tmp_path):
+    """The embedded checkpoint with its mtp.* tensors left out."""
+    folder = tmp_path / "no_mtp"
+    folder.mkdir()
+    for path in EMBEDDED.iterdir():
+        if path.suffix != ".safetensors":
+            (folder / path.name).write_bytes(path.read_bytes())
+    tensors = load_file(str(EMBEDDED / "model.safetensors"))
+    kept = {name: np.ascontiguousarray(value) for name, value in tensors.items() if not name.startswith("mtp.")}
+    assert len(kept) < len(tensors)
+    save_file(kept, str(folder / "model.safetensors"))
+    return folder
+
+
+def test_without_an_mtp_head_plain_decoding_runs_and_asking_for_speculation_says_why(tmp_path):
+    folder = without_mtp(tmp_path)
+    plain = run("generate", PROMPT, "--max-new-tokens", "4", "--model", str(folder))
+    assert plain.returncode == 0 and "speculative" not in plain.stderr, plain.stderr
+    assert_clean_error(run("generate", PROMPT, "--speculative", "--model", str(folder)), "needs an MTP head")
+    assert_clean_error(run("chat", "--speculative", "2", "--model", str(folder), stdin="Hi\n"), "needs an MTP head")
+
+
+def test_a_negative_draft_count_is_a_clean_error():
+    assert_clean_error(run("generate", PROMPT, "--speculative", "-1"), "--speculative")
+    assert_clean_error(run("generate", PROMPT, "--speculative", "two"), "--speculative")

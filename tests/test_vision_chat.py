@@ -1,0 +1,298 @@
+"""Images in a chat, and images on the command line, with a multimodal checkpoint that has a tokenizer.
+
+The vision fixtures (tests/fixtures_vision/) have no tokenizer: their vocabulary is 128 ids,
+with the vision tokens at 124 … 127. Here the fp32 fixture gets one, made for it: a character
+per id, and the chat and vision tokens at the ids its config names. The chat template is the
+embedded model's (Qwen3.5's format). Every character round-trips, so a fixture prompt written
+as text tokenizes back to the fixture's own ids.
+"""
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+import minqwen
+from conftest import ROOT
+from minqwen import MinqwenError, vision
+from minqwen.checkpoint import EMBEDDED
+from minqwen.generate import ChatSession, GenerationStats
+from minqwen.sampling import SamplingParams
+from minqwen.tokenizer import Tokenizer
+
+FIXTURE = ROOT / "tests" / "fixtures_vision" / "vision_fp32"
+ATOL = 1e-4
+GREEDY = SamplingParams()
+SCRIPT = shutil.which("minqwen") or ""
+ENV = dict(os.environ, PYTHONIOENCODING="utf-8")
+
+# ids 0 … 118: printable ASCII, newline, then 23 Latin-1 letters; 119 … 127: the special tokens.
+CHARACTERS = [chr(c) for c in range(32, 127)] + ["\n"] + [chr(c) for c in range(0xC0, 0xC0 + 23)]
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+THINK = ["<think>", "</think>"]  # added tokens, but not special: a decode keeps them
+VISION = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+
+
+def write_tokenizer(folder):
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders
+    from tokenizers.models import BPE
+
+    tok = HFTokenizer(BPE(vocab={c: i for i, c in enumerate(CHARACTERS)}, merges=[]))
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(SPECIAL)
+    tok.add_tokens(THINK)
+    tok.add_special_tokens(VISION)
+    tok.save(str(folder / "tokenizer.json"))
+    template = json.loads((EMBEDDED / "tokenizer_config.json").read_text(encoding="utf-8"))["chat_template"]
+    (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": template, "eos_token": "<|im_end|>"}))
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("vision_chat")
+    for name in ("config.json", "model.safetensors", "preprocessor_config.json"):
+        shutil.copy(FIXTURE / name, folder / name)
+    write_tokenizer(folder)
+    config = json.loads((folder / "config.json").read_text())
+    tokenizer = Tokenizer(folder)
+    for token, field in zip(VISION, ("vision_start_token_id", "vision_end_token_id", "image_token_id",
+                                     "video_token_id")):
+        assert tokenizer.token_to_id(token) == config[field]
+    assert tokenizer.vocab_size == config["text_config"]["vocab_size"]
+    return folder
+
+
+@pytest.fixture(scope="module")
+def setup(folder):
+    return minqwen.load(folder), Tokenizer(folder), vision.load_vision(folder)
+
+
+@pytest.fixture(scope="module")
+def expected():
+    return load_file(str(FIXTURE / "expected.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def pngs(tmp_path_factory, expected):
+    """The fixture's test images as PNG files (lossless: Pillow reads back the same pixels)."""
+    Image = pytest.importorskip("PIL.Image")
+    folder = tmp_path_factory.mktemp("images")
+    paths = []
+    i = 0
+    while f"image.{i}" in expected:
+        paths.append(folder / f"image{i}.png")
+        Image.fromarray(expected[f"image.{i}"]).save(paths[-1])
+        i += 1
+    return paths
+
+
+class Recorder:
+    """The model, with the logits of every forward call kept (last row only)."""
+
+    def __init__(self, model):
+        self.model, self.rows = model, []
+
+    def forward(self, *args, **kwargs):
+        logits = self.model.forward(*args, **kwargs)
+        self.rows.append(logits[-1].copy())
+        return logits
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+
+def forced(tokens):
+    """A drop-in for generate_ids that 'generates' exactly ``tokens`` (keeping the cache's invariant)."""
+
+    def decode(model, prompt_ids, params, max_new_tokens, stop_ids, seed, cache, history, stats):
+        model.forward(list(prompt_ids), cache, last_only=True)
+        for i, token in enumerate(tokens):
+            yield token
+            if i + 1 < len(tokens):
+                model.forward([token], cache, last_only=True)
+
+    return decode
+
+
+def assert_turn_equals_one_fresh_prefill(model, tower, tokenizer, session, n_generated, recorded_rows):
+    """The logits the session generated with equal those of one prefill of the whole conversation."""
+    full = tokenizer.encode(tokenizer.render_chat(session.messages[:-1], add_generation_prompt=True,
+                                                  enable_thinking=session.enable_thinking))
+    assert session.log[: len(full)] == full  # the cache holds exactly the rendered conversation…
+    ids = session.log  # …and then the tokens generated this turn, all but the last
+    assert len(ids) == len(full) + n_generated - 1
+    fresh = model.new_cache()
+    logits = vision.prefill(model, tower, ids, session.images, fresh, last_only=False)  # [T expanded, V]
+    np.testing.assert_allclose(np.stack(recorded_rows[-n_generated:]), logits[-n_generated:], rtol=0, atol=ATOL)
+    assert (session.cache.position, session.cache.rope_delta) == (fresh.position, fresh.rope_delta)
+
+
+# ==================================================================== the chat session
+
+
+@pytest.mark.parametrize("roll_back_past_the_images", [False, True], ids=["snapshots", "roll-back-to-start"])
+def test_a_chat_with_images_over_three_turns_equals_one_fresh_prefill_of_the_conversation(
+        setup, expected, roll_back_past_the_images):
+    """Cache reuse across turns is exact with images: their features, 3-D positions and the rope
+    delta the text after them carries, through snapshots and roll-backs (enable_thinking=False:
+    each turn's re-rendered history drops the previous answer's empty think block, so the
+    session rolls back every turn). Rolling back to the start re-feeds every image."""
+    model, tokenizer, tower = setup
+    recorder = Recorder(model)
+    session = ChatSession(recorder, tokenizer, enable_thinking=False, tower=tower)
+    turns = [("Describe this.", [expected["image.0"]]), ("And this one, taller?", [expected["image.1"]]),
+             ("Which is wider?", [])]
+    for n, (text, images) in enumerate(turns):
+        if roll_back_past_the_images:
+            session.snapshots = {0: session.snapshots[0]}
+        before = list(session.log)
+        stats = GenerationStats()
+        "".join(session.reply(text, GREEDY, max_new_tokens=5, stats=stats, images=images))
+        if n:
+            assert session.log[: len(before)] != before, "the turn rolled back over the previous answer"
+        assert_turn_equals_one_fresh_prefill(model, tower, tokenizer, session, stats.generated_tokens, recorder.rows)
+    assert len(session.images) == 2 and session.cache.rope_delta < 0
+
+
+def test_an_image_token_the_model_writes_stays_out_of_the_history(setup, expected):
+    """The i-th <|image_pad|> of the history must be the i-th image: a generated one is dropped
+    from the stored answer, and the next turn, with an image, is still exact."""
+    model, tokenizer, tower = setup
+    pad, end = tower.config.image_token_id, tokenizer.token_to_id("<|im_end|>")
+    recorder = Recorder(model)
+    session = ChatSession(recorder, tokenizer, enable_thinking=False, tower=tower)
+    "".join(session.reply("Describe this.", images=[expected["image.0"]], decode=forced([pad, 40, pad, 41, end])))
+    assert session.messages[-1]["content"].endswith("HI")
+    assert "<|image_pad|>" not in session.messages[-1]["content"]
+    stats = GenerationStats()
+    "".join(session.reply("And this?", GREEDY, max_new_tokens=4, stats=stats, images=[expected["image.2"]]))
+    assert_turn_equals_one_fresh_prefill(model, tower, tokenizer, session, stats.generated_tokens, recorder.rows)
+
+
+def test_images_without_a_vision_tower_are_refused_and_change_nothing(setup, expected):
+    model, tokenizer, _ = setup
+    session = ChatSession(model, tokenizer)
+    with pytest.raises(MinqwenError, match="no vision tower"):
+        "".join(session.reply("Describe this.", images=[expected["image.0"]]))
+    assert session.messages == [] and session.log == []
+
+
+def test_image_tokens_written_into_the_text_or_a_bad_file_are_refused_and_change_nothing(setup, expected, tmp_path):
+    model, tokenizer, tower = setup
+    session = ChatSession(model, tokenizer, tower=tower)
+    with pytest.raises(MinqwenError, match="4 <.image_pad.> tokens .id 126. for 1 images"):
+        "".join(session.reply("<|image_pad|>" * 3 + "Describe this.", images=[expected["image.0"]]))
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    pytest.importorskip("PIL.Image")
+    with pytest.raises(MinqwenError, match="bad.png: cannot read this image file"):
+        "".join(session.reply("Describe this.", images=[bad]))
+    assert session.messages == [] and session.images == [] and session.log == []
+
+
+def test_the_token_count_of_an_image_is_its_merged_patches_in_the_references_grid(setup, expected):
+    _, _, tower = setup
+    i = 0
+    while f"image.{i}" in expected:
+        height, width = expected[f"image.{i}"].shape[:2]
+        assert tower.token_count(height, width) == expected[f"grid_thw.{i}"].prod() // tower.config.merge_unit
+        i += 1
+
+
+# ==================================================================== the command line
+
+
+def run(*args, stdin=None, env=ENV):
+    command = [SCRIPT, *args] if SCRIPT else [sys.executable, "-m", "minqwen", *args]
+    return subprocess.run(command, input=stdin, capture_output=True, text=True, env=env, timeout=300)
+
+
+def assert_clean_error(result, message):
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert message in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("prompt", ["one_image", "two_images"])
+def test_generate_with_images_writes_the_references_greedy_continuation(folder, setup, expected, pngs, prompt):
+    """The fixture's prompt as text, its images as PNG files: the console script prints the
+    continuation transformers computed (two_images' holds an <|image_pad|> the model wrote)."""
+    _, tokenizer, _ = setup
+    ids = expected[f"{prompt}.ids"].tolist()
+    text = tokenizer.decode(ids)
+    assert tokenizer.encode(text) == ids
+    images = [str(pngs[i]) for i in expected[f"{prompt}.images"]]
+    greedy = expected[f"{prompt}.greedy"].tolist()
+    result = run("generate", text, "--model", str(folder), *[a for p in images for a in ("--image", p)],
+                 "--no-echo", "--temperature", "0", "--max-new-tokens", str(len(greedy)))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == tokenizer.decode(greedy, skip_special_tokens=True) + "\n"
+    assert f"decode: {len(greedy)} tokens" in result.stderr
+
+
+def test_generate_puts_the_images_before_a_prompt_that_does_not_place_them(folder, setup, pngs):
+    _, tokenizer, _ = setup
+    placed = run("generate", "<|vision_start|><|image_pad|><|vision_end|>Look.", "--model", str(folder),
+                 "--image", str(pngs[0]), "--no-echo", "--temperature", "0", "--max-new-tokens", "5")
+    unplaced = run("generate", "Look.", "--model", str(folder), "--image", str(pngs[0]), "--no-echo",
+                   "--temperature", "0", "--max-new-tokens", "5")
+    assert placed.returncode == 0 and unplaced.returncode == 0, placed.stderr + unplaced.stderr
+    assert placed.stdout == unplaced.stdout and len(placed.stdout) > 1
+
+
+def expected_chat(setup, turns):
+    """What `minqwen chat --no-think --temperature 0 --max-new-tokens 6` prints, through the Python API."""
+    from minqwen.cli import ThinkingPrinter
+
+    model, tokenizer, tower = setup
+    session = ChatSession(model, tokenizer, enable_thinking=False, tower=tower)
+    out = io.StringIO()
+    for text, images in turns:
+        printer = ThinkingPrinter(hide=False, in_think=False, out=out)
+        for piece in session.reply(text, GREEDY, 6, images=images):
+            printer.write(piece)
+        printer.close()
+        out.write("\n")
+    return out.getvalue()
+
+
+def test_chat_attaches_images_with_a_slash_image_line_and_with_the_image_option(folder, setup, expected, pngs):
+    want = expected_chat(setup, [("Describe it.", [str(pngs[0])]), ("And now?", [str(pngs[1])]), ("Why?", [])])
+    options = ("chat", "--model", str(folder), "--no-think", "--temperature", "0", "--max-new-tokens", "6")
+    by_lines = run(*options, stdin=f"/image {pngs[0]}\nDescribe it.\n/image {pngs[1]}\nAnd now?\nWhy?\n")
+    assert by_lines.returncode == 0, by_lines.stderr
+    assert by_lines.stdout == want
+    tokens = expected["grid_thw.0"].prod() // 4  # the reference's grid, 2 × 2 patches per token
+    assert by_lines.stderr.count("[image ") == 2 and f"28×20 pixels, {tokens} image tokens" in by_lines.stderr
+    by_option = run(*options, "--image", str(pngs[0]), stdin=f"Describe it.\n/image {pngs[1]}\nAnd now?\nWhy?\n")
+    assert by_option.returncode == 0, by_option.stderr
+    assert by_option.stdout == want
+
+
+def test_a_corrupt_image_is_a_clean_error_in_generate_and_in_chat(folder, tmp_path):
+    pytest.importorskip("PIL.Image")
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(64)))
+    assert_clean_error(run("generate", "Look.", "--model", str(folder), "--image", str(bad)),
+                       "broken.png: cannot read this image file")
+    assert_clean_error(run("chat", "--model", str(folder), stdin=f"/image {bad}\nLook.\n"),
+                       "broken.png: cannot read this image file")
+    assert_clean_error(run("chat", "--model", str(folder), stdin="/image\nLook.\n"), "/image needs a path")
+
+
+def test_images_with_a_text_only_checkpoint_or_without_pillow_are_clean_errors(folder, pngs, tmp_path):
+    assert_clean_error(run("chat", "--image", str(pngs[0]), stdin="Look.\n"), "has no vision tower")
+    assert_clean_error(run("chat", stdin=f"/image {pngs[0]}\nLook.\n"), "has no vision tower")
+    # An importable 'PIL' that fails like a missing one.
+    (tmp_path / "PIL").mkdir()
+    (tmp_path / "PIL" / "__init__.py").write_text("raise ImportError('Pillow is hidden for this test')\n")
+    no_pillow = dict(ENV, PYTHONPATH=os.pathsep.join([str(tmp_path), ENV.get("PYTHONPATH", "")]))
+    assert_clean_error(run("chat", "--model", str(folder), "--image", str(pngs[0]), stdin="Look.\n", env=no_pillow),
+                       "reading image files needs Pillow")
