@@ -29,6 +29,9 @@ def add_model_option(parser):
     parser.add_argument("--model", metavar="DIR|HUB_ID",
                         help="checkpoint folder, or a hub id already in the local Hugging Face cache "
                              "(default: the small model embedded in minqwen)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="how the weight matrices are kept: float32 (default), or bfloat16 — half the memory "
+                             "and faster decoding, widened exactly to float32 inside the matmuls")
 
 
 def add_sampling_options(parser):
@@ -84,14 +87,14 @@ def sampling_params(args, tokenizer):
     return SamplingParams.from_generation_config(tokenizer.generation_config, **{n: getattr(args, n) for n in names})
 
 
-def load_model_and_tokenizer(spec, need_tokenizer=True):
+def load_model_and_tokenizer(spec, need_tokenizer=True, dtype="float32"):
     from .checkpoint import find_checkpoint
     from .model import load
     from .tokenizer import Tokenizer
 
     folder = find_checkpoint(spec)
     tokenizer = Tokenizer(folder) if need_tokenizer else None
-    model = load(folder, progress=progress_bar())
+    model = load(folder, progress=progress_bar(), dtype=dtype)
     return model, tokenizer
 
 
@@ -175,7 +178,7 @@ def run_generate(args) -> int:
         prompt_text = sys.stdin.read()
     if args.tokens is None and not prompt_text.strip():
         raise MinqwenError("the prompt is empty")
-    model, tokenizer = load_model_and_tokenizer(args.model)
+    model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype)
     from .checkpoint import find_checkpoint
 
     decode, stats_class = speculative_decode(args, model, find_checkpoint(args.model))
@@ -247,7 +250,7 @@ def run_chat(args) -> int:
     from .checkpoint import find_checkpoint
     from .generate import ChatSession
 
-    model, tokenizer = load_model_and_tokenizer(args.model)
+    model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype)
     decode, stats_class = speculative_decode(args, model, find_checkpoint(args.model))
     params = sampling_params(args, tokenizer)
     session = ChatSession(model, tokenizer, enable_thinking=not args.no_think)
@@ -300,7 +303,7 @@ def run_inspect(args) -> int:
 
     from .threads import threads_in_use
 
-    model, _ = load_model_and_tokenizer(args.model, need_tokenizer=False)
+    model, _ = load_model_and_tokenizer(args.model, need_tokenizer=False, dtype=args.dtype)
     print(describe(model, args.context))
     threads = threads_in_use()
     print(f"\nthreads: BLAS {', '.join(map(str, threads['blas'])) or '?'}, Numba {threads['numba']} "
@@ -321,7 +324,7 @@ def run_score(args) -> int:
         text = sys.stdin.read() if args.file == "-" else path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise MinqwenError(f"{args.file}: cannot read this text file ({e})") from None
-    model, tokenizer = load_model_and_tokenizer(args.model)
+    model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype)
     bar = progress_bar_tokens()
     result = score_text(model, tokenizer, text, window=args.window, stride=args.stride, progress=bar)
     print(f"tokens scored: {result.tokens_scored}")

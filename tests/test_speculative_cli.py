@@ -1,4 +1,4 @@
-"""`--speculative` in the console script: the same text, the acceptance line, and clean errors."""
+"""`--speculative` and `--dtype` in the console script: the same text, the acceptance line, clean errors."""
 
 import numpy as np
 from safetensors.numpy import load_file, save_file
@@ -56,3 +56,17 @@ def test_without_an_mtp_head_plain_decoding_runs_and_asking_for_speculation_says
 def test_a_negative_draft_count_is_a_clean_error():
     assert_clean_error(run("generate", PROMPT, "--speculative", "-1"), "--speculative")
     assert_clean_error(run("generate", PROMPT, "--speculative", "two"), "--speculative")
+
+
+def test_dtype_bfloat16_keeps_half_the_bytes_resident_and_generates():
+    import re
+
+    def resident_mib(*extra):
+        result = run("inspect", *extra)
+        assert result.returncode == 0, result.stderr
+        return float(re.search(r"([\d.]+) MiB resident", result.stdout).group(1))
+
+    assert resident_mib("--dtype", "bfloat16") < 0.6 * resident_mib()  # matrices bf16; norms stay float32
+    result = greedy("--dtype", "bfloat16")
+    assert result.returncode == 0 and result.stdout.startswith(PROMPT), result.stderr
+    assert_clean_error(run("generate", PROMPT, "--dtype", "float16"), "--dtype")
