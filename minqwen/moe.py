@@ -30,9 +30,15 @@ makes a float32 copy of the expert. A decode step's few rows of bf16 experts tak
 compiled loop, :func:`grouped_rows_bf16` (twin: :func:`grouped_rows_bf16_numpy`), which runs
 one projection of all chosen experts at once: see :func:`experts_swiglu_few_rows` for why.
 
-**Ties.** ``torch.topk`` leaves the order of exactly equal router scores unspecified; minqwen
-breaks ties towards the lowest expert index (a stable sort), and tests pin that rule. Ties
-cannot change the output unless they straddle the k-th place.
+**Ties.** The reference picks the k experts with ``torch.topk``, whose documentation says the
+indices of equal values are not guaranteed. On CPU it selects with ``std::partial_sort`` (when
+64·k ≤ E) or ``std::nth_element``, and neither follows an index rule: measured with torch 2.13,
+256 equal scores and k = 8 give experts 168–175; six equal scores and k = 1 give expert 3. No
+rule can match that, so minqwen breaks ties towards the lowest expert index (a stable sort), and
+tests pin the rule. What any top-k agrees on, and a reference-lane test checks: the k chosen
+probabilities (so the weights) and, unless equal scores straddle the k-th place, the chosen
+experts — the only case in which a tie changes the output. Real activations essentially never
+tie exactly; parity tests use continuous random router weights.
 
 **Two expert layouts** a checkpoint may use, found per layer (one checkpoint can mix them):
 per expert, ``experts.{e}.gate_proj/up_proj/down_proj.weight`` (what transformers'
@@ -108,10 +114,12 @@ def route(x: np.ndarray, gate: np.ndarray, top_k: int) -> tuple[np.ndarray, np.n
 
     Returns ``router_logits`` [T, E], ``experts_chosen`` [T, k] int64 (best first) and
     ``expert_weights`` [T, k] (the chosen experts' softmax probabilities, renormalised to sum
-    to 1). Exactly equal probabilities are ranked lowest expert index first.
+    to 1). Exactly equal probabilities are ranked lowest expert index first: where such a tie
+    straddles the k-th place, the reference's choice follows no rule (see the module's "Ties").
     """
     logits = linear(x, gate)  # [T, H] · [E, H]ᵀ → [T, E]
-    # The reference takes the softmax in fp32 whatever the activations' dtype (float64 stays 64).
+    # The reference takes the softmax in fp32 (dtype=torch.float) whatever the activations' dtype;
+    # so does minqwen, except that a float64 model (used to check the algebra) stays float64.
     z = logits.astype(np.promote_types(logits.dtype, np.float32), copy=False)
     z = np.exp(z - z.max(axis=-1, keepdims=True))
     probs = z / z.sum(axis=-1, keepdims=True)  # [T, E]
@@ -171,11 +179,11 @@ def experts_swiglu_few_rows(xs: np.ndarray, used: list, counts: np.ndarray, hidd
     projection of all chosen experts is one compiled loop (:func:`_grouped_rows_kernel`):
     three parallel regions per layer, whatever k. ``counts[m]``: rows of the m-th expert in ``used``.
     """
-    matrix_of_row = np.repeat(np.arange(len(used)), counts)  # [n]: which chosen expert each row goes to
+    starts = np.concatenate([[0], np.cumsum(counts)])  # [M + 1]: expert m's rows are starts[m]:starts[m + 1]
     gate_proj, up_proj, down_proj = zip(*used)  # each: the chosen experts' matrices of that kind
-    gate = ACTIVATIONS[hidden_act](grouped_rows_bf16(xs, matrix_of_row, gate_proj))  # [n, H] → [n, I]
-    up = grouped_rows_bf16(xs, matrix_of_row, up_proj)  # [n, I]
-    return grouped_rows_bf16(gate * up, matrix_of_row, down_proj)  # [n, I] → [n, H]
+    gate = ACTIVATIONS[hidden_act](grouped_rows_bf16(xs, starts, gate_proj))  # [n, H] → [n, I]
+    up = grouped_rows_bf16(xs, starts, up_proj)  # [n, I]
+    return grouped_rows_bf16(gate * up, starts, down_proj)  # [n, I] → [n, H]
 
 
 def _is_bf16(weight) -> bool:
@@ -200,32 +208,57 @@ def _readable(weight: np.ndarray, dtype: np.dtype) -> np.ndarray:
 # ==================================================================== the gather: kernels and twins
 
 
-def grouped_rows_bf16_numpy(x: np.ndarray, matrix_of_row: np.ndarray, matrices: list) -> np.ndarray:
-    """The definition: row j of x times bf16 matrix ``matrices[matrix_of_row[j]]`` (all [out, in]) → [n, out]."""
-    return np.stack([x[j] @ matrices[m].astype(np.float32).T for j, m in enumerate(matrix_of_row)])
+def grouped_rows_bf16_numpy(x: np.ndarray, starts: np.ndarray, matrices: list) -> np.ndarray:
+    """The definition: each group of rows of x times its own bf16 matrix, widened.
+
+    x [n, in]; ``starts`` [M + 1], from 0 to n: group m is rows ``starts[m]:starts[m + 1]``;
+    ``matrices`` M × [out, in] → [n, out].
+    """
+    return np.concatenate([x[starts[m]:starts[m + 1]] @ w.astype(np.float32).T for m, w in enumerate(matrices)])
+
+
+GROUPED_BLOCK = 64  # weight rows per work item of _grouped_rows_kernel
 
 
 @numba.njit(parallel=True, fastmath=True, cache=True)
-def _grouped_rows_kernel(x, matrix_of_row, matrices_bits, out):
-    """out[j, r] = Σ_i x[j, i] · widen(matrices_bits[matrix_of_row[j]][r, i]): every row of every
-    matrix in one parallel loop. fastmath reorders each sum into vector lanes (float32 round-off)."""
-    n_rows, n_out = out.shape
-    for jr in numba.prange(n_rows * n_out):
-        j = jr // n_out
-        r = jr - j * n_out
-        w = matrices_bits[matrix_of_row[j]]
-        acc = np.float32(0.0)
-        for i in range(x.shape[1]):
-            acc += x[j, i] * _float32_from_bits(np.uint32(w[r, i]) << np.uint32(16))
-        out[j, r] = acc
+def _grouped_rows_kernel(x, starts, matrices_bits, out):
+    """out[j, r] = Σ_i x[j, i] · widen(w[r, i]), w the matrix of row j's group.
+
+    x [n, in] float32; starts [M + 1]; matrices_bits M × [out, in] (bf16 bits, uint16); out [n, out].
+    One parallel loop over work items (matrix m, block of GROUPED_BLOCK rows of it): M · ⌈out/64⌉
+    items, enough to share among threads even for one expert (a 512-row projection is 8 items),
+    each streaming one contiguous slab of one matrix. Inside an item every weight row is read
+    from memory once for all of the group's input rows — a speculative verify can send several
+    rows to one expert — not once per input row. fastmath reorders each sum into vector lanes
+    (float32 round-off; tests bound it).
+    """
+    n_out = out.shape[1]
+    n_blocks = (n_out + GROUPED_BLOCK - 1) // GROUPED_BLOCK
+    for item in numba.prange((starts.size - 1) * n_blocks):
+        m = item // n_blocks
+        w = matrices_bits[m]  # [out, in]
+        first = (item - m * n_blocks) * GROUPED_BLOCK
+        for r in range(first, min(first + GROUPED_BLOCK, n_out)):
+            for j in range(starts[m], starts[m + 1]):
+                acc = np.float32(0.0)
+                for i in range(x.shape[1]):
+                    acc += x[j, i] * _float32_from_bits(np.uint32(w[r, i]) << np.uint32(16))
+                out[j, r] = acc
 
 
-def grouped_rows_bf16(x: np.ndarray, matrix_of_row: np.ndarray, matrices: list) -> np.ndarray:
+def grouped_rows_bf16(x: np.ndarray, starts: np.ndarray, matrices: list) -> np.ndarray:
     """The same as :func:`grouped_rows_bf16_numpy`, compiled, reading the bf16 values as they are."""
-    bits = List([np.ascontiguousarray(m).view(np.uint16) for m in matrices])  # a typed list, for Numba
+    assert starts[0] == 0 and starts[-1] == len(x) and len(starts) == len(matrices) + 1, "groups must tile x"
+    bits = List([_read_only(np.ascontiguousarray(m).view(np.uint16)) for m in matrices])  # a typed list, for Numba
     out = np.empty((len(x), matrices[0].shape[0]), np.float32)  # [n, out]
-    _grouped_rows_kernel(np.ascontiguousarray(x, dtype=np.float32), matrix_of_row.astype(np.int64), bits, out)
+    _grouped_rows_kernel(np.ascontiguousarray(x, dtype=np.float32), starts.astype(np.int64), bits, out)
     return out
+
+
+def _read_only(view: np.ndarray) -> np.ndarray:
+    """The view, marked read-only: a typed list holds one array type, and mapped experts are read-only."""
+    view.flags.writeable = False
+    return view
 
 
 def group_by_expert_numpy(chosen: np.ndarray, n_experts: int) -> tuple[np.ndarray, np.ndarray]:

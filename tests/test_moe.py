@@ -1,34 +1,48 @@
 """The sparse mixture-of-experts block, as a specification.
 
 * the router: softmax over experts, top-k, renormalised; exact ties go to the lowest expert index;
+  against transformers' router, the weights always agree and the experts do unless a tie
+  straddles the k-th place (where torch.topk follows no rule: see minqwen/moe.py, "Ties");
 * the gather (group by expert, one matmul per expert, scatter back weighted): its Numba kernels
   equal their NumPy twins, and the whole equals a dense loop over every expert masked by the
   routing; permuting the tokens permutes the output;
 * loading: both expert layouts, detected per layer; experts stay memory-mapped in their stored
-  dtype, and a decode step indexes only the experts its token chose;
+  dtype, and a step indexes exactly the experts the reference routed its tokens to, each
+  matrix once, and nothing of the others reaches the output;
 * the live lane: random MoE configs built in transformers 5.23.0 agree with minqwen to 1e-4.
+
+Mixed dense/MoE layers are not covered because transformers 5.23.0 cannot build them: its
+Qwen3.5-MoE has no ``mlp_only_layers`` nor ``decoder_sparse_step`` and makes every layer MoE;
+minqwen's config rejects such fields (tests/test_config.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import mmap
 import shutil
+import subprocess
+import sys
 
 import ml_dtypes
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from collections import Counter
+
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import load_file, save_file
 
 import minqwen
-from conftest import FIXTURE_NAMES, FIXTURES, require_reference
+from conftest import FIXTURE_NAMES, FIXTURES, ROOT, require_reference
 from minqwen import MinqwenError
 from minqwen.activations import ACTIVATIONS
+from minqwen.mlp import MLPWeights
 from minqwen.moe import (
     Experts,
+    MoEWeights,
     group_by_expert,
     group_by_expert_numpy,
     grouped_rows_bf16,
@@ -37,11 +51,13 @@ from minqwen.moe import (
     routed_experts,
     scatter_weighted,
     scatter_weighted_numpy,
+    sparse_moe_block,
 )
 
 ATOL = 1e-4
 MOE_FIXTURES = [name for name in FIXTURE_NAMES if name.startswith("moe_")]
 BF16 = np.dtype(ml_dtypes.bfloat16)
+MATRICES = ("gate_proj", "up_proj", "down_proj")
 
 
 # ============================================================================ helpers
@@ -78,31 +94,43 @@ def random_routing(rng, t_len, n_experts, top_k):
 
 
 class Counting:
-    """An expert sequence that counts how often each expert is indexed (the counting tests)."""
+    """An expert sequence that records every expert indexed, as (matrix name, expert).
 
-    def __init__(self, inner, counts: dict):
-        self.inner, self.counts = inner, counts
+    Only a single expert can be asked for: a slice, an array of indices or iterating over all
+    of them would also fail int(e) or be recorded, so no way of reading experts goes unseen.
+    """
+
+    def __init__(self, inner, name: str, reads: list):
+        self.inner, self.name, self.reads = inner, name, reads
 
     def __getitem__(self, e):
-        self.counts[int(e)] = self.counts.get(int(e), 0) + 1
+        self.reads.append((self.name, int(e)))
         return self.inner[e]
 
     def __len__(self):
         return len(self.inner)
 
 
-def count_expert_use(model) -> list[dict]:
-    """Wrap every layer's experts in Counting; returns, per layer, {expert: times indexed}."""
+def count_expert_use(model) -> list[list]:
+    """Wrap every layer's experts in Counting; returns, per layer, the list of (matrix, expert) read."""
     per_layer = []
     for layer in model.layers:
-        counts: dict[int, int] = {}
+        reads: list[tuple[str, int]] = []
         ex = layer.mlp.experts
-        layer.mlp.experts = dataclasses.replace(
-            ex, gate_proj=Counting(ex.gate_proj, counts), up_proj=Counting(ex.up_proj, counts),
-            down_proj=Counting(ex.down_proj, counts),
-        )
-        per_layer.append(counts)
+        layer.mlp.experts = dataclasses.replace(ex, **{m: Counting(getattr(ex, m), m, reads) for m in MATRICES})
+        per_layer.append(reads)
     return per_layer
+
+
+def each_matrix_once(experts) -> Counter:
+    """What a step over tokens routed to ``experts`` should read: each of their three matrices, once."""
+    return Counter((m, int(e)) for m in MATRICES for e in set(experts))
+
+
+def poisoned(experts: Experts, which) -> Experts:
+    """A copy of ``experts`` whose experts e with which(e) are NaN in every matrix."""
+    return Experts(*([np.full_like(m[e], np.nan) if which(e) else m[e] for e in range(len(experts))]
+                     for m in (experts.gate_proj, experts.up_proj, experts.down_proj)))
 
 
 def backed_by_file(array) -> bool:
@@ -163,6 +191,53 @@ def test_among_equal_router_scores_lower_indices_are_chosen_first(scores, top_k)
         assert chosen[t].tolist() == sorted(range(7), key=lambda e: (-row[e], e))[:top_k]
 
 
+@st.composite
+def router_scores(draw):
+    """Router logits on a grid of eighths (narrow spreads: exact ties everywhere), and a top-k.
+
+    Distinct values differ by at least 1/8, so their softmax probabilities differ in any
+    implementation: the only equal probabilities are those of exactly equal logits.
+    """
+    n_experts = draw(st.sampled_from([1, 2, 3, 4, 6, 8, 16, 64, 70]))  # 64·k ≤ E: torch's other algorithm
+    top_k = draw(st.integers(1, n_experts))
+    spread = draw(st.sampled_from([1, 2, 8, 40]))
+    value = st.integers(-spread, spread).map(lambda v: v / 8)
+    rows = draw(st.lists(st.lists(value, min_size=n_experts, max_size=n_experts), min_size=1, max_size=5))
+    return np.array(rows, np.float32), top_k
+
+
+@pytest.mark.reference
+@settings(max_examples=100, deadline=None, derandomize=True)
+@given(case=router_scores())
+def test_the_router_agrees_with_the_references_on_weights_always_and_on_experts_unless_a_tie_straddles_k(case):
+    require_reference()
+    import torch
+    from transformers.models.qwen3_5_moe.modeling_qwen3_5_moe import Qwen3_5MoeTopKRouter
+
+    scores, top_k = case  # [T, E]
+    t_len, n_experts = scores.shape
+    gate = np.ascontiguousarray(scores.T)  # [E, T]: token t's input is one-hot at t, so its logits are scores[t]
+    x = np.eye(t_len, dtype=np.float32)
+    router = Qwen3_5MoeTopKRouter(
+        type("Config", (), dict(num_experts=n_experts, num_experts_per_tok=top_k, hidden_size=t_len)))
+    with torch.no_grad():
+        router.weight.copy_(torch.from_numpy(gate))
+        ref_logits, ref_weights, ref_chosen = (a.numpy() for a in router(torch.from_numpy(x)))
+    logits, chosen, weights = route(x, gate, top_k)
+
+    np.testing.assert_array_equal(logits, ref_logits)
+    # The k best probabilities, best first, are the same whichever tied experts hold them.
+    np.testing.assert_allclose(weights, ref_weights, rtol=1e-6, atol=1e-7)
+    for t, row in enumerate(scores):
+        kth = np.sort(row)[::-1][top_k - 1]  # the k-th best score
+        above = set(np.flatnonzero(row > kth).tolist())  # experts every top-k must choose
+        ours, theirs = set(chosen[t].tolist()), set(ref_chosen[t].tolist())
+        assert above <= ours and above <= theirs
+        assert all(row[e] == kth for e in (ours | theirs) - above)
+        if top_k == n_experts or (row == kth).sum() == top_k - len(above):  # no tie straddles the k-th place
+            assert ours == theirs
+
+
 # ============================================================================ the gather
 
 
@@ -199,18 +274,30 @@ def test_scatter_kernel_equals_its_numpy_twin(t_len, n_experts, hidden, data, dt
 
 
 @settings(max_examples=60, deadline=None)
-@given(counts=st.lists(st.integers(1, 4), min_size=1, max_size=8), n_out=st.integers(1, 40),
+@given(counts=st.lists(st.integers(0, 4), min_size=1, max_size=8), n_out=st.integers(1, 150),
        n_in=st.integers(1, 300), seed=st.integers(0, 2**31))
-def test_grouped_rows_kernel_equals_its_numpy_twin(counts, n_out, n_in, seed):
-    # A decode step's expert matmuls: row j of x against the bf16 matrix of the expert it went to.
+@example(counts=[1] * 8, n_out=2048, n_in=64, seed=0)  # a decode step's down_proj at k = 8: 32 blocks per expert
+@example(counts=[3, 1], n_out=64, n_in=7, seed=1)  # exactly one block of weight rows
+@example(counts=[2], n_out=65, n_in=300, seed=2)  # one row into a second block
+def test_grouped_rows_kernel_and_its_twin_equal_the_exact_product_to_float32_round_off(counts, n_out, n_in, seed):
+    # A step's expert matmuls: the rows of each group (an expert's tokens) times that expert's bf16 matrix.
     rng = np.random.default_rng(seed)
     matrices = [rng.normal(size=(n_out, n_in)).astype(BF16) for _ in counts]
-    matrix_of_row = np.repeat(np.arange(len(counts)), counts)
-    x = rng.normal(size=(len(matrix_of_row), n_in)).astype(np.float32)
-    got = grouped_rows_bf16(x, matrix_of_row, matrices)
-    assert got.shape == (len(matrix_of_row), n_out) and got.dtype == np.float32
-    # The kernel sums in a different order (vector lanes): float32 round-off of an n_in-term sum.
-    np.testing.assert_allclose(got, grouped_rows_bf16_numpy(x, matrix_of_row, matrices), rtol=1e-5, atol=1e-5)
+    starts = np.concatenate([[0], np.cumsum(counts)])  # group m: rows starts[m]:starts[m + 1]
+    x = rng.normal(size=(starts[-1], n_in)).astype(np.float32)
+    got = grouped_rows_bf16(x, starts, matrices)
+    twin = grouped_rows_bf16_numpy(x, starts, matrices)
+    assert got.shape == twin.shape == (starts[-1], n_out) and got.dtype == twin.dtype == np.float32
+
+    # Exact (float64, bf16 widens exactly), and the most float32 round-off can add to an n_in-term
+    # dot product in any summation order: (n_in + 1)·2⁻²⁴·Σ_i |x_i·w_ri| (products and sums each
+    # rounded once; the kernel's vector lanes and FMAs, and BLAS's blocking, are all within it).
+    groups = [slice(starts[m], starts[m + 1]) for m in range(len(counts))]
+    exact = np.concatenate([x[g].astype(np.float64) @ w.astype(np.float64).T for g, w in zip(groups, matrices)])
+    bound = (n_in + 1) * 2.0**-24 * np.concatenate(
+        [np.abs(x[g]).astype(np.float64) @ np.abs(w.astype(np.float64)).T for g, w in zip(groups, matrices)])
+    assert (np.abs(got - exact) <= bound).all(), np.max(np.abs(got - exact) - bound)
+    assert (np.abs(twin - exact) <= bound).all(), np.max(np.abs(twin - exact) - bound)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -238,10 +325,32 @@ def test_the_gather_equals_a_dense_loop_over_all_experts_masked_by_routing(
                                rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("name", MOE_FIXTURES)
-def test_permuting_tokens_permutes_the_moe_blocks_output(name):
-    from minqwen.moe import sparse_moe_block
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(t_len=st.integers(1, 24), n_experts=st.integers(1, 8), hidden=st.integers(1, 16), width=st.integers(1, 12),
+       layout=st.sampled_from(["per_expert", "fused"]), stored=st.sampled_from(["float32", "bfloat16"]),
+       data=st.data(), seed=st.integers(0, 2**31))
+def test_permuting_tokens_permutes_the_moe_blocks_output(t_len, n_experts, hidden, width, layout, stored, data,
+                                                          seed):
+    # The whole block (router, gather, shared expert), over 1 to 24 tokens: the decode-size
+    # kernels and the per-expert matmuls alike. A token's output must not depend on its place.
+    rng = np.random.default_rng(seed)
+    top_k = data.draw(st.integers(1, n_experts))
+    dtype = BF16 if stored == "bfloat16" else np.dtype(stored)
+    block = MoEWeights(
+        gate=rng.normal(size=(n_experts, hidden)).astype(np.float32),
+        experts=random_experts(rng, n_experts, hidden, width, layout, dtype),
+        shared_expert=MLPWeights(*(rng.normal(size=shape).astype(np.float32) / 3
+                                   for shape in ((5, hidden), (5, hidden), (hidden, 5)))),
+        shared_expert_gate=rng.normal(size=(1, hidden)).astype(np.float32),
+    )
+    x = rng.normal(size=(t_len, hidden)).astype(np.float32)
+    perm = np.array(data.draw(st.permutations(range(t_len))), dtype=np.int64)
+    out = sparse_moe_block(x, block, top_k, "silu")
+    np.testing.assert_allclose(sparse_moe_block(x[perm], block, top_k, "silu"), out[perm], rtol=1e-6, atol=1e-6)
 
+
+@pytest.mark.parametrize("name", MOE_FIXTURES)
+def test_permuting_tokens_permutes_each_fixture_layers_moe_output(name):
     model = minqwen.load(FIXTURES / name)
     c = model.config
     rng = np.random.default_rng(0)
@@ -270,29 +379,54 @@ def test_experts_stay_memory_mapped_in_their_stored_dtype(name):
 
 
 @pytest.mark.parametrize("name", MOE_FIXTURES)
-def test_a_decode_step_touches_only_the_chosen_experts(name):
+def test_a_decode_step_reads_exactly_the_experts_the_reference_routed_to(name):
+    # Decoding the prompt's last token after the rest is, by causality, the reference's last
+    # prompt position: the fixture records which experts transformers routed it to, per layer.
     model = minqwen.load(FIXTURES / name)
-    ids = load_file(str(FIXTURES / name / "expected.safetensors"))["token_ids"]
+    expected = load_file(str(FIXTURES / name / "expected.safetensors"))
+    ids = expected["token_ids"]
     cache = model.new_cache()
-    model.forward(ids, cache)
-    counts = count_expert_use(model)
-    taps = {}
-    model.forward([int(ids[0])], cache, tap=lambda tap_name, x: taps.__setitem__(tap_name, x.copy()))
-    for i, used in enumerate(counts):
-        chosen = set(taps[f"layers.{i}.mlp.experts_chosen"][0].tolist())
-        assert len(chosen) == model.config.num_experts_per_tok
-        assert set(used) == chosen, f"layer {i}: indexed {sorted(used)}, chosen {sorted(chosen)}"
+    model.forward(ids[:-1], cache)
+    reads = count_expert_use(model)
+    model.forward(ids[-1:], cache)
+    for i, layer_reads in enumerate(reads):
+        routed = expected[f"experts_chosen.{i}"][-1]  # [k]
+        assert Counter(layer_reads) == each_matrix_once(routed), f"layer {i}: routed to {sorted(routed.tolist())}"
 
 
-def test_a_prefill_indexes_each_chosen_expert_once_per_matrix():
-    # One matmul per expert over all of its tokens, not one per (token, expert) pair.
-    model = minqwen.load(FIXTURES / "moe_text_16_experts_top4_bf16")
-    counts = count_expert_use(model)
-    taps = {}
-    model.forward(np.arange(40) % model.config.vocab_size, tap=lambda tap_name, x: taps.__setitem__(tap_name, x))
-    for i, used in enumerate(counts):
-        assert set(used) == set(taps[f"layers.{i}.mlp.experts_chosen"].reshape(-1).tolist())
-        assert set(used.values()) == {3}  # gate_proj, up_proj and down_proj, once each
+@pytest.mark.parametrize("name", MOE_FIXTURES)
+@pytest.mark.parametrize("t_len", [3, None], ids=["3 tokens", "whole prompt"])
+def test_a_step_over_several_tokens_reads_each_routed_expert_once_per_matrix(name, t_len):
+    # One matmul per expert over all of its tokens, not one per (token, expert) pair; 3 tokens
+    # (a speculative verify) take the few-rows kernels, a whole prompt the per-expert products.
+    model = minqwen.load(FIXTURES / name)
+    expected = load_file(str(FIXTURES / name / "expected.safetensors"))
+    ids = expected["token_ids"][:t_len]
+    reads = count_expert_use(model)
+    model.forward(ids)
+    for i, layer_reads in enumerate(reads):
+        routed = expected[f"experts_chosen.{i}"][: len(ids)].reshape(-1)  # [T·k]
+        assert Counter(layer_reads) == each_matrix_once(routed), f"layer {i}"
+
+
+@pytest.mark.parametrize("name", MOE_FIXTURES)
+def test_experts_a_decode_step_did_not_route_to_cannot_reach_its_output_even_as_nan(name):
+    # A dense loop masked by the routing would multiply NaN by a zero weight and give NaN.
+    model = minqwen.load(FIXTURES / name)
+    expected = load_file(str(FIXTURES / name / "expected.safetensors"))
+    ids = expected["token_ids"]
+    cache = model.new_cache()
+    model.forward(ids[:-1], cache)
+    clean = model.forward(ids[-1:], cache.copy())
+    stored = [layer.mlp.experts for layer in model.layers]
+    for i, layer in enumerate(model.layers):
+        routed = set(expected[f"experts_chosen.{i}"][-1].tolist())
+        layer.mlp.experts = poisoned(stored[i], lambda e: e not in routed)
+    np.testing.assert_array_equal(model.forward(ids[-1:], cache.copy()), clean)
+    # The poison is live: the same step with one routed expert of layer 0 poisoned too is NaN.
+    first = int(expected["experts_chosen.0"][-1][0])
+    model.layers[0].mlp.experts = poisoned(stored[0], lambda e: e == first)
+    assert np.isnan(model.forward(ids[-1:], cache.copy())).all()
 
 
 def _fuse_layer_experts(tensors: dict, layer_prefix: str, n_experts: int) -> None:
@@ -460,3 +594,32 @@ def test_random_moe_configs_match_transformers(tmp_path_factory, text, multimoda
     got += [ours.forward([token], our_cache) for token in ids[prompt_len:]]
     for step, (g, e) in enumerate(zip(got, expected)):
         np.testing.assert_allclose(g, e, rtol=0, atol=ATOL, err_msg=f"step {step} of {text}")
+
+
+# ============================================================================ the figure's tool
+
+
+@pytest.mark.reference
+def test_the_moe_figure_tool_runs_its_three_contenders_in_quick_mode(tmp_path):
+    # The real figure maps gigabytes of experts; --quick runs the same code at toy widths.
+    require_reference()
+    out = tmp_path / "figure.json"
+    run = subprocess.run([sys.executable, str(ROOT / "tools" / "moe_figure.py"), "--quick", "--threads", "1",
+                          "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    (result,) = json.loads(out.read_text())["results"]
+    assert [row["label"] for row in result["rows"]] == ["MoE", "dense, same active parameters",
+                                                        "MoE, all experts active"]
+    assert all(row["steps"] == 3 and row["layers_ms"] > 0 for row in result["rows"])
+    assert "MoE ÷ dense with the same active parameters" in run.stdout
+    # Its sizes, recomputed here from the toy shape the tool declares.
+    E, k, layers = result["num_experts"], result["top_k"], result["layers"]
+    spec = importlib.util.spec_from_file_location("moe_figure", ROOT / "tools" / "moe_figure.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    H, I, S = (tool.QUICK_SHAPE[f] for f in ("hidden_size", "moe_intermediate_size", "shared_expert_intermediate_size"))
+    assert result["expert_bytes_total"] == layers * E * 3 * I * H * 2  # bf16: 2 bytes
+    assert result["expert_bytes_read_per_step"] == layers * k * 3 * I * H * 2
+    active = E * H + 3 * S * H + H + k * 3 * I * H  # router, shared expert and its gate, k experts
+    assert result["active_mlp_parameters_per_layer"] == active
+    assert result["dense_intermediate_size"] == round(active / (3 * H))

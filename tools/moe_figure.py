@@ -2,6 +2,7 @@
 
     python tools/moe_figure.py                    # Qwen3.5-35B-A3B layers, then the issue's 64 experts top-4
     python tools/moe_figure.py --json out.json --dtype bfloat16 --steps 16
+    python tools/moe_figure.py --quick            # smoke test: toy widths, seconds; its times mean nothing
 
 For each MoE config, three contenders decode the same tokens after the same 8-token prompt:
 
@@ -29,12 +30,14 @@ parallel region waits for its slowest thread, and the MoE step has more of them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
 import resource
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -48,6 +51,16 @@ CONFIGS = {  # name → (experts, experts per token)
 }
 LAYERS = 4
 PROMPT = 8
+# --quick: the same four layers and the same three contenders at toy widths, to check that the
+# tool runs end to end (built in a temporary folder, then deleted). Its times measure nothing.
+QUICK_CONFIGS = {"smoke test (8 experts, top-2, toy widths)": (8, 2)}
+QUICK_SHAPE = dict(
+    vocab_size=512, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+    linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+    moe_intermediate_size=16, shared_expert_intermediate_size=16,
+    rope_parameters=dict(rope_type="default", rope_theta=1e7, partial_rotary_factor=0.25,
+                         mrope_section=[1, 1, 0], mrope_interleaved=True),  # rotary dim 4: 2 frequencies
+)
 
 
 def active_mlp_parameters(text: dict) -> int:
@@ -67,13 +80,19 @@ def dense_twin(text: dict) -> dict:
     return dense
 
 
-def build(num_experts: int, top_k: int):
-    """(MoE folder, dense folder, the MoE text config, the dense text config), built if missing."""
+def build(num_experts: int, top_k: int, quick_folder: Path | None = None):
+    """(MoE folder, dense folder, the MoE text config, the dense text config), built if missing.
+
+    The real shapes go to scratch/ and are reused; with ``quick_folder``, toy shapes go there."""
     from real_shape import SCRATCH, make_moe, write_random
     from reference import real_shape_moe_text_config
 
     text = real_shape_moe_text_config(num_experts, top_k, LAYERS)
+    if quick_folder is not None:
+        text.update(QUICK_SHAPE)
     dense = dense_twin(text)
+    if quick_folder is not None:
+        return write_random(quick_folder / "moe", text), write_random(quick_folder / "dense", dense, 1), text, dense
     moe_folder = make_moe(num_experts, top_k, LAYERS)
     dense_folder = write_random(
         SCRATCH / f"qwen3.5-35b-a3b-{LAYERS}-layers-dense-{dense['intermediate_size']}-random", dense, seed=1)
@@ -130,13 +149,14 @@ def _with_top_k(model, top_k):
     return other
 
 
-def measure(name: str, num_experts: int, top_k: int, dtype: str, steps: int, all_steps: int) -> dict:
+def measure(name: str, num_experts: int, top_k: int, dtype: str, steps: int, all_steps: int,
+            quick_folder: Path | None = None) -> dict:
     import minqwen
 
-    moe_folder, dense_folder, text, dense_text = build(num_experts, top_k)
+    moe_folder, dense_folder, text, dense_text = build(num_experts, top_k, quick_folder)
     rng = np.random.default_rng(0)
-    prompt = rng.integers(0, 248044, size=PROMPT)
-    tokens = rng.integers(0, 248044, size=steps + 4)
+    prompt = rng.integers(0, text["vocab_size"], size=PROMPT)
+    tokens = rng.integers(0, text["vocab_size"], size=steps + 4)
 
     moe_model = minqwen.load(moe_folder, dtype=dtype)
     dense_model = minqwen.load(dense_folder, dtype=dtype)
@@ -205,19 +225,25 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", choices=["256", "64"], default=None, help="one config only (by expert count)")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke test: toy widths in a temporary folder, 3 steps (the times mean nothing)")
     args = parser.parse_args()
+    if args.quick:
+        args.steps, args.all_steps = 3, 3
     print(f"{args.threads} threads; load average before: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
     from minqwen.threads import set_threads
 
     set_threads(args.threads)
     results = []
-    for name, (num_experts, top_k) in CONFIGS.items():
-        if args.only and int(args.only) != num_experts:
-            continue
-        result = measure(name, num_experts, top_k, args.dtype, args.steps, args.all_steps)
-        print(report(result), flush=True)
-        results.append(result)
+    with tempfile.TemporaryDirectory(prefix="moe_figure_") if args.quick else contextlib.nullcontext() as quick:
+        for name, (num_experts, top_k) in (QUICK_CONFIGS if args.quick else CONFIGS).items():
+            if args.only and int(args.only) != num_experts:
+                continue
+            result = measure(name, num_experts, top_k, args.dtype, args.steps, args.all_steps,
+                             Path(quick) if quick else None)
+            print(report(result), flush=True)
+            results.append(result)
     print(f"load average after: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     if args.json:
         args.json.write_text(json.dumps({"threads": args.threads, "results": results}, indent=2))
