@@ -118,46 +118,26 @@ def linear_bf16(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
 
 
 def _f32_rows_loops(x, weight, out):
-    """out[t, r] = Σ_i x[t, i] · weight[r, i], reading each weight row once for all rows t.
+    """out[t, r] = Σ_i x[t, i] · weight[r, i], two input rows t at a time, reading each weight row once.
 
-    x has an even number of rows (zero-padded). Each step of the inner loop multiplies two
-    input rows by four weight rows: eight named accumulators, so each value loaded is used
-    two or four times (loads, not multiplies, limit a core here). Rows are taken as 1-D
-    views, which LLVM turns into vector loops (2-D indexing in the inner loop defeated it:
-    ~3× slower, measured). fastmath lets it reorder each sum into vector lanes, so the result
-    differs from ``x @ W.T`` only by float32 rounding (tests bound it).
+    x has an even number of rows (zero-padded). The rows are taken as 1-D views and summed
+    into two named accumulators, which LLVM turns into vector loops (2-D indexing in the
+    inner loop defeated it: ~3× slower, measured). fastmath lets it reorder each sum into
+    vector lanes, so the result differs from ``x @ W.T`` only by float32 rounding (tests bound it).
     """
     n_rows, n_in = x.shape
-    n_out = weight.shape[0]
-    for block in numba.prange((n_out + 3) // 4):
-        r = 4 * block
-        if r + 4 <= n_out:
-            w0, w1, w2, w3 = weight[r], weight[r + 1], weight[r + 2], weight[r + 3]
-            for t in range(0, n_rows, 2):
-                x0, x1 = x[t], x[t + 1]
-                a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = np.float32(0.0)
-                for i in range(n_in):
-                    xa, xb = x0[i], x1[i]
-                    a00 += xa * w0[i]
-                    a01 += xa * w1[i]
-                    a02 += xa * w2[i]
-                    a03 += xa * w3[i]
-                    a10 += xb * w0[i]
-                    a11 += xb * w1[i]
-                    a12 += xb * w2[i]
-                    a13 += xb * w3[i]
-                out[t, r], out[t, r + 1], out[t, r + 2], out[t, r + 3] = a00, a01, a02, a03
-                out[t + 1, r], out[t + 1, r + 1], out[t + 1, r + 2], out[t + 1, r + 3] = a10, a11, a12, a13
-        else:  # the last 1–3 weight rows, one at a time
-            for row in range(r, n_out):
-                w0 = weight[row]
-                for t in range(0, n_rows, 2):
-                    x0, x1 = x[t], x[t + 1]
-                    a00 = a10 = np.float32(0.0)
-                    for i in range(n_in):
-                        a00 += x0[i] * w0[i]
-                        a10 += x1[i] * w0[i]
-                    out[t, row], out[t + 1, row] = a00, a10
+    for r in numba.prange(weight.shape[0]):
+        w = weight[r]  # [in]: read from memory once, then from cache for the next pair of rows
+        for t in range(0, n_rows, 2):
+            x0 = x[t]
+            x1 = x[t + 1]
+            a0 = np.float32(0.0)
+            a1 = np.float32(0.0)
+            for i in range(n_in):
+                a0 += x0[i] * w[i]
+                a1 += x1[i] * w[i]
+            out[t, r] = a0
+            out[t + 1, r] = a1
 
 
 # One body, compiled twice: waking the thread pool costs more than a small matrix takes.
