@@ -107,15 +107,22 @@ def causal_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, scale:
     out = np.empty_like(q)
     for start in range(0, t_len, QUERY_BLOCK):
         stop = min(start + QUERY_BLOCK, t_len)
+        rows = stop - start
         visible = past + stop  # no query in this block sees further than this
-        scores = q[:, :, start:stop] @ keys[:, None, :visible].swapaxes(-1, -2) * scale  # [Hkv, G, B, visible]
-        query_pos = past + np.arange(start, stop)[:, None]  # [B, 1]
-        key_pos = np.arange(visible)[None, :]  # [1, visible]
-        scores = np.where(key_pos <= query_pos, scores, -np.inf)
+        # The G query heads of a group share one key head: stack their rows so that one
+        # product per key head reads its keys once (at 16k tokens the keys dominate a step).
+        q_rows = q[:, :, start:stop].reshape(num_kv, groups * rows, head_dim)  # [Hkv, G·B, D]
+        scores = q_rows @ keys[:, :visible].swapaxes(-1, -2) * scale  # [Hkv, G·B, visible]
+        scores = scores.reshape(num_kv, groups, rows, visible)  # [Hkv, G, B, visible]
+        if rows > 1:  # a single query (decode) is the newest token: it sees every key
+            query_pos = past + np.arange(start, stop)[:, None]  # [B, 1]
+            key_pos = np.arange(visible)[None, :]  # [1, visible]
+            scores = np.where(key_pos <= query_pos, scores, -np.inf)
         scores -= scores.max(axis=-1, keepdims=True)
         probs = np.exp(scores)
         probs /= probs.sum(axis=-1, keepdims=True)
-        out[:, :, start:stop] = probs @ values[:, None, :visible]  # [Hkv, G, B, D]
+        mixed = probs.reshape(num_kv, groups * rows, visible) @ values[:, :visible]  # [Hkv, G·B, D]
+        out[:, :, start:stop] = mixed.reshape(num_kv, groups, rows, head_dim)
     return out.reshape(num_heads, t_len, head_dim).transpose(1, 0, 2)  # [T, Hq, D]
 
 

@@ -51,18 +51,19 @@ def add_speculative_option(parser):
     parser.add_argument(
         "--speculative", type=int, nargs="?", const=1, default=None, metavar="K",
         help="draft K tokens per step with the checkpoint's MTP head and verify them in one pass "
-             "(same output; K defaults to 1; 0 turns it off). Default: on (K = 1) when the checkpoint has an MTP head")
+             "(same output; K defaults to 1; 0 turns it off). Default: on (K = 1) when the checkpoint has an MTP "
+             "head and it was measured to pay: bf16-resident weights (--dtype bfloat16) or a small model")
 
 
 def speculative_decode(args, model, folder):
     """(decode, the class of its stats) for the generation loop: speculative with the MTP head, or plain."""
     from .generate import GenerationStats
-    from .mtp import SpeculativeStats, load_mtp, require_head, speculative_decoder
+    from .mtp import SpeculativeStats, load_mtp, pays_by_default, require_head, speculative_decoder
 
     k = args.speculative
     if k is not None and k < 0:
         raise MinqwenError(f"--speculative takes a number of draft tokens ≥ 0, got {k}")
-    if k == 0:
+    if k == 0 or (k is None and not pays_by_default(model)):
         return None, GenerationStats
     head = load_mtp(folder, model)
     if head is None:

@@ -37,6 +37,11 @@ BLAS_ROWS = 16
 WIDEN_BLOCK = 1024  # weight rows widened at a time: a few MB of float32 scratch
 
 
+def numba_multiplies(weight_dtype, n_rows: int) -> bool:
+    """Whether :func:`linear` hands ``n_rows`` input rows times weights of this dtype to a Numba kernel."""
+    return (weight_dtype == BF16 and n_rows < BLAS_ROWS) or (weight_dtype == np.float32 and 1 < n_rows < BLAS_ROWS)
+
+
 def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
     # x: [T, in], weight: [out, in] → [T, out]
     if weight.dtype == BF16:
@@ -71,17 +76,33 @@ def _float32_from_bits(typingctx, bits):
 def _bf16_rows_kernel(x, w_bits, out):
     """out[t, r] = Σ_i x[t, i] · widen(w_bits[r, i]) for all t, reading each weight row once.
 
-    fastmath lets LLVM reorder the sum into vector lanes; the result differs from the twin
+    Input rows go two at a time: each weight is widened once and used for both (measured: two
+    rows cost 1.2× one row on a 65536 × 1024 weight, against 1.34× one row at a time).
+    fastmath lets LLVM reorder the sums into vector lanes; the result differs from the twin
     only by float32 rounding of a reordered sum (tests bound it).
     """
     n_rows, n_in = x.shape
-    n_out = w_bits.shape[0]
-    for r in numba.prange(n_out):
-        for t in range(n_rows):
-            acc = np.float32(0.0)
+    for r in numba.prange(w_bits.shape[0]):
+        w = w_bits[r]  # [in]: from memory once, then from cache
+        t = 0
+        while t + 1 < n_rows:
+            x0 = x[t]
+            x1 = x[t + 1]
+            a0 = np.float32(0.0)
+            a1 = np.float32(0.0)
             for i in range(n_in):
-                acc += x[t, i] * _float32_from_bits(np.uint32(w_bits[r, i]) << np.uint32(16))
-            out[t, r] = acc
+                w_i = _float32_from_bits(np.uint32(w[i]) << np.uint32(16))
+                a0 += x0[i] * w_i
+                a1 += x1[i] * w_i
+            out[t, r] = a0
+            out[t + 1, r] = a1
+            t += 2
+        if t < n_rows:  # an odd row out
+            x0 = x[t]
+            a0 = np.float32(0.0)
+            for i in range(n_in):
+                a0 += x0[i] * _float32_from_bits(np.uint32(w[i]) << np.uint32(16))
+            out[t, r] = a0
 
 
 @numba.njit(parallel=True, cache=True)

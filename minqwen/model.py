@@ -28,11 +28,12 @@ from .checkpoint import Checkpoint
 from .config import TextConfig, load_config
 from .deltanet import DeltaNetState, DeltaNetWeights, gated_deltanet
 from .errors import MinqwenError
-from .linear import BF16, linear, widen_bf16
+from .linear import BF16, linear, numba_multiplies, widen_bf16
 from .mlp import MLPWeights, swiglu_mlp
 from .moe import MoEWeights, load_moe, sparse_moe_block
 from .norms import rms_norm
 from .rope import inverse_frequencies, mrope_cos_sin, text_position_ids, yarn_inverse_frequencies
+from .threads import one_blas_thread
 
 
 @dataclass
@@ -184,9 +185,11 @@ class Model:
         if tap is not None:
             tap("embed", x)
 
-        for i, (layer, state) in enumerate(zip(self.layers, cache.layers)):
-            layer_tap = None if tap is None else _prefixed(tap, f"layers.{i}.")
-            x = self._decoder_layer(x, layer, state, cos, sin, layer_tap)
+        # BLAS steps aside while Numba's parallel kernels do the matmuls (see one_blas_thread)
+        with one_blas_thread(numba_multiplies(self.weights_dtype, t_len)):
+            for i, (layer, state) in enumerate(zip(self.layers, cache.layers)):
+                layer_tap = None if tap is None else _prefixed(tap, f"layers.{i}.")
+                x = self._decoder_layer(x, layer, state, cos, sin, layer_tap)
 
         cache.position += t_len
         x = rms_norm(x, self.norm, c.rms_norm_eps)
@@ -202,7 +205,8 @@ class Model:
 
     def logits(self, hidden: np.ndarray) -> np.ndarray:
         """The LM head: hidden [T, H] → logits [T, V]."""
-        return linear(hidden, self.lm_head)
+        with one_blas_thread(numba_multiplies(self.lm_head.dtype, hidden.shape[0])):
+            return linear(hidden, self.lm_head)
 
     # ---------------------------------------------------------------- the layers
 

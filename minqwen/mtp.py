@@ -180,6 +180,25 @@ def _check_mtp_config(folder: Path) -> None:
                            "shares the main model's embedding, as Qwen3.5's released checkpoints do")
 
 
+# Below this many bytes of resident weights a decode step is bound by per-call overhead, not
+# by reading weights, and a verify of two positions costs about one step (see pays_by_default).
+SMALL_MODEL_BYTES = 64 * 1024 * 1024
+
+
+def pays_by_default(model: Model) -> bool:
+    """Whether speculative decoding (one draft per pass) is expected to be faster for ``model``.
+
+    Measured with tools/mtp_figures.py (see the README): with bf16-resident weights a
+    two-position verify costs 1.24 decode steps on the Qwen3.5-0.8B shape, so one draft pays
+    from an acceptance of about 0.35; with float32 weights it costs 1.87 (the float32 few-row
+    kernel is slower than BLAS's one-row product), so it never pays; and a small model is
+    bound by per-call overhead, where the embedded model ran 1.10× faster at 84% acceptance.
+    """
+    from .summary import resident_bytes
+
+    return model.weights_dtype == BF16 or resident_bytes(model) < SMALL_MODEL_BYTES
+
+
 def require_head(head: MtpHead | None, where: str = "this checkpoint") -> MtpHead:
     """``head``, or the error that explains why speculative decoding cannot run without one."""
     if head is None:

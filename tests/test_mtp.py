@@ -612,3 +612,13 @@ def test_golden_record_with_mtp_on_a_checkpoint_without_a_head_says_so(capsys):
     code = main(["golden", "record", "--model", str(FIXTURES / "text_tied_fp32"), "--tokens", "1,2", "--mtp",
                  "--out", "unused.safetensors"])
     assert code != 0 and "no MTP head" in capsys.readouterr().err
+
+
+def test_speculation_is_on_by_default_for_bf16_resident_weights_and_small_models_only(monkeypatch):
+    from minqwen import mtp
+
+    small = MODELS["text_tied_fp32"]
+    assert mtp.pays_by_default(small)  # a few KB of weights: bound by per-call overhead
+    monkeypatch.setattr(mtp, "SMALL_MODEL_BYTES", 0)  # as if it were big
+    assert not mtp.pays_by_default(small)  # float32: a two-row verify costs ~2 steps
+    assert mtp.pays_by_default(minqwen.load(FIXTURES / "text_grouped_bf16_bias", dtype="bfloat16"))

@@ -176,13 +176,15 @@ def cold_start(folder: Path, dtype: str, threads: int, numba_cache: str | None =
     """import + load + first token in a new process; ``numba_cache``: a Numba cache folder to use
     (an empty one measures the JIT), else Numba's default (warm after the runs before)."""
     code = (
-        "import time, resource; t0 = time.perf_counter(); import numpy as np, minqwen\n"
+        "import time; t0 = time.perf_counter(); import numpy as np, minqwen\n"
         f"minqwen.set_threads({threads})\n"
         f"m = minqwen.load({str(folder)!r}, dtype={dtype!r})\n"
         "tok = int(np.argmax(m.forward(np.arange(16) + 100, last_only=True)[-1]))\n"
         "from minqwen.summary import resident_bytes\n"
-        "print(time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "
-        "resident_bytes(m))\n"
+        # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over from the parent through
+        # fork + exec, so it would report this benchmark's own (model-holding) peak
+        "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM:')][0].split()[1]\n"
+        "print(time.perf_counter() - t0, int(hwm) * 1024, resident_bytes(m))\n"
     )
     env = dict(os.environ, **({"NUMBA_CACHE_DIR": numba_cache} if numba_cache else {}))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
@@ -275,7 +277,8 @@ def print_table(results):
             print(f"  cold start {cold['seconds']:.1f} s (import + load + first token, Numba cache warm); "
                   f"peak RSS {cold['peak_rss_bytes'] / 1e9:.2f} GB = "
                   f"{cold['peak_rss_bytes'] / cold['resident_weight_bytes']:.2f}× resident weights "
-                  f"({cold['resident_weight_bytes'] / 1e9:.2f} GB)")
+                  f"({cold['resident_weight_bytes'] / 1e9:.2f} GB; "
+                  f"+{(cold['peak_rss_bytes'] - cold['resident_weight_bytes']) / 1e6:.0f} MB)")
             print(f"  first-call JIT (empty Numba cache): {r['jit_seconds']:.1f} s more")
 
 
