@@ -8,6 +8,7 @@
     >>> model.forward([4], cache, last_only=True)  # … then decode one token at a time
 """
 
+from . import threads  # noqa: F401  (first: it sets OpenMP's spin before any kernel runs)
 from .errors import MinqwenError
 from .generate import ChatSession, generate, stream
 from .model import Cache, Model, load
