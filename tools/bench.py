@@ -227,12 +227,11 @@ def main() -> int:
     if args.quick:
         args.repeats, args.long_context = 1, 0
 
-    from threadpoolctl import threadpool_limits
+    # minqwen first: importing it sets the OpenMP spin policy (minqwen/threads.py), which
+    # OpenMP reads once, when Numba starts its threads
+    import minqwen
 
-    threadpool_limits(args.threads)
-    import numba
-
-    numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
+    minqwen.set_threads(args.threads)
 
     from real_shape import DEFAULT_DIR, make
 
