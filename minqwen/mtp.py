@@ -189,10 +189,10 @@ def pays_by_default(model: Model) -> bool:
     """Whether speculative decoding (one draft per pass) is expected to be faster for ``model``.
 
     Measured with tools/mtp_figures.py (see the README): with bf16-resident weights a
-    two-position verify costs 1.24 decode steps on the Qwen3.5-0.8B shape, so one draft pays
-    from an acceptance of about 0.35; with float32 weights it costs 1.87 (the float32 few-row
+    two-position verify costs 1.17 decode steps on the Qwen3.5-0.8B shape, so one draft pays
+    from an acceptance of about 0.25; with float32 weights it costs 1.9 (the float32 few-row
     kernel is slower than BLAS's one-row product), so it never pays; and a small model is
-    bound by per-call overhead, where the embedded model ran 1.10× faster at 84% acceptance.
+    bound by per-call overhead, where the embedded model ran 1.08× faster at 84% acceptance.
     """
     from .summary import resident_bytes
 
