@@ -300,14 +300,7 @@ def load(path: str | Path, progress=None, dtype: str = "float32") -> Model:
     layers = []
     for i, kind in enumerate(c.layer_types):
         p = f"layers.{i}."
-        if c.is_moe:  # every layer of a qwen3_5_moe model; experts stay memory-mapped
-            mlp = load_moe(reader, p + "mlp.", c)
-        else:
-            mlp = MLPWeights(
-                gate_proj=reader.matrix(p + "mlp.gate_proj.weight", (c.intermediate_size, H)),
-                up_proj=reader.matrix(p + "mlp.up_proj.weight", (c.intermediate_size, H)),
-                down_proj=reader.matrix(p + "mlp.down_proj.weight", (H, c.intermediate_size)),
-            )
+        mlp = _load_mlp(reader, p + "mlp.", c)
         layer = DecoderLayer(
             layer_type=kind,
             input_layernorm=reader.take(p + "input_layernorm.weight", (H,)),
@@ -342,6 +335,19 @@ def _load_deltanet(reader, p, c: TextConfig) -> DeltaNetWeights:
         dt_bias=reader.take(p + "dt_bias", (Hv,)),
         norm=reader.take(p + "norm.weight", (c.linear_value_head_dim,)),
         out_proj=reader.matrix(p + "out_proj.weight", (H, c.linear_value_dim)),
+    )
+
+
+def _load_mlp(reader, p, c):
+    """A layer's MLP under prefix ``p``: SwiGLU, or (qwen3_5_moe, every layer) the sparse MoE
+    block, whose experts stay memory-mapped."""
+    if c.is_moe:
+        return load_moe(reader, p, c)
+    H, inter = c.hidden_size, c.intermediate_size
+    return MLPWeights(
+        gate_proj=reader.matrix(p + "gate_proj.weight", (inter, H)),
+        up_proj=reader.matrix(p + "up_proj.weight", (inter, H)),
+        down_proj=reader.matrix(p + "down_proj.weight", (H, inter)),
     )
 
 

@@ -53,9 +53,8 @@ from .deltanet import DeltaNetState
 from .errors import MinqwenError
 from .generate import GenerationStats
 from .linear import BF16, linear
-from .mlp import MLPWeights
-from .model import Cache, DecoderLayer, Model, _load_attention, _prefixed, _TensorReader
-from .moe import Experts, load_moe
+from .model import Cache, DecoderLayer, Model, _load_attention, _load_mlp, _prefixed, _TensorReader
+from .moe import Experts
 from .norms import rms_norm
 from .rope import mrope_cos_sin, text_position_ids
 from .sampling import SamplingParams, apply_penalties, filter_logits, sample_next, softmax
@@ -133,14 +132,7 @@ def load_mtp(folder: str | Path, model: Model) -> MtpHead | None:
         if f"mtp.{p}input_layernorm.weight" not in ckpt:
             raise MinqwenError(f"{folder}: MTP layers must be numbered 0 … {n_layers - 1}; "
                                f"tensor 'mtp.{p}input_layernorm.weight' is missing")
-        if c.is_moe:  # the MTP layer of a qwen3_5_moe model is an MoE layer too
-            mlp = load_moe(reader, p + "mlp.", c)
-        else:
-            mlp = MLPWeights(
-                gate_proj=reader.matrix(p + "mlp.gate_proj.weight", (c.intermediate_size, H)),
-                up_proj=reader.matrix(p + "mlp.up_proj.weight", (c.intermediate_size, H)),
-                down_proj=reader.matrix(p + "mlp.down_proj.weight", (H, c.intermediate_size)),
-            )
+        mlp = _load_mlp(reader, p + "mlp.", c)  # the MTP layer of a qwen3_5_moe model is an MoE layer too
         layers.append(DecoderLayer(
             layer_type="full_attention",
             input_layernorm=reader.take(p + "input_layernorm.weight", (H,)),
