@@ -39,6 +39,7 @@ import numpy as np
 
 from .activations import ACTIVATIONS, sigmoid, softplus
 from .linear import linear
+from .threads import serial_and_parallel
 from .norms import gated_rms_norm
 
 CHUNK_SIZE = 64
@@ -160,8 +161,7 @@ def _recurrent_loops(q, k, v, g, beta, S, out):
 
 # One body, compiled twice: a decode step's work per head is too small to pay for waking a
 # thread pool, a prompt's is large enough to split the heads across cores.
-_recurrent_kernel = numba.njit(cache=True)(_recurrent_loops)
-_recurrent_kernel_parallel = numba.njit(parallel=True, cache=True)(_recurrent_loops)
+_recurrent_kernel, _recurrent_kernel_parallel = serial_and_parallel(_recurrent_loops)
 PARALLEL_FROM = 1 << 21  # multiply-adds per call (tokens × heads × Dk × Dv) worth a parallel region
 
 

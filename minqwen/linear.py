@@ -31,6 +31,8 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
+from .threads import serial_and_parallel
+
 BF16 = np.dtype(ml_dtypes.bfloat16)
 # At or above this many input rows, widen blocks of W and use BLAS instead of the row kernel.
 BLAS_ROWS = 16
@@ -113,11 +115,10 @@ def _widen_loops(w_bits, out):
             row[i] = _float32_from_bits(np.uint32(bits[i]) << np.uint32(16))
 
 
-_widen_kernel = numba.njit(parallel=True, cache=True)(_widen_loops)
-# One thread, between BLAS calls: OpenBLAS's threads spin for a while after each product, and
-# a parallel widening would fight them for the cores (measured: a 16-token bf16 prefill of the
-# 0.8B shape took 4 s that way).
-_widen_kernel_serial = numba.njit(cache=True)(_widen_loops)
+# The serial build runs between BLAS calls: OpenBLAS's threads spin for a while after each
+# product, and a parallel widening would fight them for the cores (measured: a 16-token bf16
+# prefill of the 0.8B shape took 4 s that way). The parallel one widens whole tensors at load.
+_widen_kernel_serial, _widen_kernel = serial_and_parallel(_widen_loops)
 
 
 def widen_bf16(weight: np.ndarray) -> np.ndarray:
@@ -146,39 +147,53 @@ def linear_bf16(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
 
 
 def _f32_rows_loops(x, weight, out):
-    """out[t, r] = Σ_i x[t, i] · weight[r, i], two input rows t at a time, reading each weight row once.
+    """out[t, r] = Σ_i x[t, i] · weight[r, i], four weight rows r and two input rows t at a time.
 
-    x has an even number of rows (zero-padded). The rows are taken as 1-D views and summed
-    into two named accumulators, which LLVM turns into vector loops (2-D indexing in the
-    inner loop defeated it: ~3× slower, measured). fastmath lets it reorder each sum into
-    vector lanes, so the result differs from ``x @ W.T`` only by float32 rounding (tests bound it).
+    x has an even number of rows (zero-padded). Each weight row is read from memory once, each
+    value of x serves four weight rows, and the eight sums of a 4 × 2 block are independent, so
+    the FMA units need not wait on one sum's previous add (measured on the 0.8B shape's layer
+    weights, 2 rows, no BLAS threads awake: 23 GB/s against 20 GB/s one weight row at a time;
+    BLAS's 1-row GEMV 25).
+    The rows are taken as 1-D views, which LLVM turns into vector loops (2-D indexing in the
+    inner loop defeated it: ~3× slower, measured). The last block repeats the last weight row
+    where it runs short. fastmath lets LLVM reorder each sum into vector lanes, so the result
+    differs from ``x @ W.T`` only by float32 rounding (tests bound it).
     """
     n_rows, n_in = x.shape
-    for r in numba.prange(weight.shape[0]):
-        w = weight[r]  # [in]: read from memory once, then from cache for the next pair of rows
+    last = weight.shape[0] - 1
+    for block in numba.prange((last + 4) // 4):
+        r0 = 4 * block
+        r1, r2, r3 = min(r0 + 1, last), min(r0 + 2, last), min(r0 + 3, last)
+        w0, w1, w2, w3 = weight[r0], weight[r1], weight[r2], weight[r3]  # [in] each
         for t in range(0, n_rows, 2):
-            x0 = x[t]
-            x1 = x[t + 1]
-            a0 = np.float32(0.0)
-            a1 = np.float32(0.0)
+            x0, x1 = x[t], x[t + 1]
+            a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = np.float32(0.0)
             for i in range(n_in):
-                a0 += x0[i] * w[i]
-                a1 += x1[i] * w[i]
-            out[t, r] = a0
-            out[t + 1, r] = a1
+                a00 += x0[i] * w0[i]
+                a01 += x0[i] * w1[i]
+                a02 += x0[i] * w2[i]
+                a03 += x0[i] * w3[i]
+                a10 += x1[i] * w0[i]
+                a11 += x1[i] * w1[i]
+                a12 += x1[i] * w2[i]
+                a13 += x1[i] * w3[i]
+            out[t, r0], out[t, r1], out[t, r2], out[t, r3] = a00, a01, a02, a03
+            out[t + 1, r0], out[t + 1, r1], out[t + 1, r2], out[t + 1, r3] = a10, a11, a12, a13
 
 
-# One body, compiled twice: waking the thread pool costs more than a small matrix takes.
-_f32_rows_kernel = numba.njit(fastmath=True, cache=True)(_f32_rows_loops)
-_f32_rows_kernel_parallel = numba.njit(parallel=True, fastmath=True, cache=True)(_f32_rows_loops)
+# Waking the thread pool costs more than a small matrix takes: those run the serial build.
+_f32_rows_kernel, _f32_rows_kernel_parallel = serial_and_parallel(_f32_rows_loops, fastmath=True)
 F32_PARALLEL_FROM = 1 << 18  # weights (out × in) worth a parallel region
 
 
 def linear_f32_rows(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
     """x [T, in] · float32 weight [out, in]ᵀ → [T, out] with the row kernel (T small; its twin: x @ weight.T)."""
     n_rows = x.shape[0]
-    padded = np.zeros((n_rows + n_rows % 2, x.shape[1]), np.float32)  # [T rounded up to even, in]
-    padded[:n_rows] = x
+    if n_rows % 2:
+        padded = np.zeros((n_rows + 1, x.shape[1]), np.float32)  # [T rounded up to even, in]
+        padded[:n_rows] = x
+    else:
+        padded = np.ascontiguousarray(x, dtype=np.float32)
     out = np.empty((padded.shape[0], weight.shape[0]), np.float32)
     kernel = _f32_rows_kernel_parallel if weight.size >= F32_PARALLEL_FROM else _f32_rows_kernel
     kernel(padded, np.ascontiguousarray(weight), out)

@@ -50,6 +50,32 @@ def physical_cores() -> int:
     return os.cpu_count() or 1
 
 
+def serial_and_parallel(loops, **options):
+    """Compile the loop nest ``loops`` twice with Numba: (on one thread, parallel over its prange).
+
+    Small calls run the serial build (waking a thread pool costs more than they take), large
+    ones the parallel build. Numba's on-disk cache files a compiled function under its module,
+    name and bytecode, not under its options, so two builds of one function would share one
+    cache entry, and whichever was compiled first would be loaded for both (seen here: the
+    "parallel" few-row kernel, cached by a process that had only needed the serial one, ran on
+    one thread). So each build gets a function of its own name over the same code.
+    """
+    import types
+
+    import numba
+
+    def named(suffix):
+        twin = types.FunctionType(loops.__code__, loops.__globals__, loops.__name__ + suffix,
+                                  loops.__defaults__, loops.__closure__)
+        twin.__qualname__ = loops.__qualname__ + suffix
+        twin.__doc__ = loops.__doc__
+        return twin
+
+    serial = numba.njit(cache=True, **options)(named("_serial"))
+    parallel = numba.njit(parallel=True, cache=True, **options)(named("_parallel"))
+    return serial, parallel
+
+
 def set_threads(n: int | None = None) -> int:
     """Use ``n`` threads (default: the physical cores) for BLAS and Numba; returns n."""
     global _limits

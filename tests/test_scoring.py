@@ -79,3 +79,19 @@ def test_too_many_threads_is_a_clear_error():
         minqwen.set_threads(numba.config.NUMBA_NUM_THREADS + 1)
     with pytest.raises(MinqwenError, match="positive"):
         minqwen.set_threads(0)
+
+
+def test_serial_and_parallel_builds_of_a_kernel_keep_separate_numba_caches():
+    # Numba files cached code by function name and bytecode, not by options: builds sharing a
+    # name would load each other's code (a "parallel" kernel then runs on one thread).
+    from minqwen import deltanet, linear
+
+    pairs = [(linear._f32_rows_kernel, linear._f32_rows_kernel_parallel),
+             (linear._widen_kernel_serial, linear._widen_kernel),
+             (deltanet._recurrent_kernel, deltanet._recurrent_kernel_parallel)]
+    names = set()
+    for serial, parallel in pairs:
+        assert not serial.targetoptions.get("parallel") and parallel.targetoptions.get("parallel")
+        assert serial.py_func.__code__ is parallel.py_func.__code__  # one body, as the twin tests assume
+        names |= {serial._cache._cache_file._index_name, parallel._cache._cache_file._index_name}
+    assert len(names) == 2 * len(pairs)
