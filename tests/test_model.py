@@ -184,3 +184,49 @@ def test_the_chunked_form_matches_the_reference_fixture():
     model.deltanet_form = "chunked"
     expected = load_file(str(FIXTURES / "text_grouped_bf16_bias" / "expected.safetensors"))
     np.testing.assert_allclose(model.forward(expected["token_ids"]), expected["logits"], rtol=0, atol=1e-4)
+
+
+# ============================================================================ the attention kernel
+
+
+@settings(max_examples=60, deadline=None)
+@given(num_kv=st.integers(1, 3), groups=st.integers(1, 4), t_len=st.integers(1, 4), past=st.integers(0, 700),
+       head_dim=st.integers(1, 70), block=st.sampled_from([1, 7, 64, 256]), seed=st.integers(0, 2**16))
+def test_the_few_query_attention_kernel_equals_the_numpy_definition(num_kv, groups, t_len, past, head_dim, block,
+                                                                      seed):
+    from minqwen import attention
+
+    rng = np.random.default_rng(seed)
+    s_len = past + t_len
+    q = rng.standard_normal((t_len, num_kv * groups, head_dim), dtype=np.float32)
+    capacity = np.zeros((2, num_kv, s_len + 5, head_dim), np.float32)  # the cache hands over views of a larger buffer
+    capacity[..., :s_len, :] = 3 * rng.standard_normal((2, num_kv, s_len, head_dim), dtype=np.float32)
+    keys, values = capacity[0, :, :s_len], capacity[1, :, :s_len]
+    old, attention.KEY_BLOCK = attention.KEY_BLOCK, block
+    try:
+        kernel = attention.attention_few_queries(q, keys, values, head_dim**-0.5)
+    finally:
+        attention.KEY_BLOCK = old
+    twin = attention.causal_attention(q, keys, values, head_dim**-0.5)
+    # float32 rounding of reordered sums; outputs are convex mixtures of values of size ~3
+    np.testing.assert_allclose(kernel, twin, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("name", ["text_tied_fp32", "text_grouped_bf16_bias"])
+def test_decoding_with_the_attention_kernel_equals_decoding_without_it(name, monkeypatch):
+    from minqwen import attention
+
+    model = MODELS[name]
+    ids = prompt(model, 30)
+    kernel, calls = attention.attention_few_queries, []
+    monkeypatch.setattr(attention, "attention_few_queries", lambda *args, **kwargs: calls.append(1) or kernel(*args, **kwargs))
+    runs = []
+    for from_keys in (10**9, 1):  # never the kernel, then always (every decode step here)
+        monkeypatch.setattr(attention, "KERNEL_FROM_KEYS", from_keys)
+        monkeypatch.setattr(attention, "KEY_BLOCK", 8)  # several blocks even for a short cache
+        cache = model.new_cache()
+        rows = [model.forward(ids[:20], cache, last_only=True)]
+        rows += [model.forward([token], cache, last_only=True) for token in ids[20:]]
+        runs.append(np.concatenate(rows))
+    assert len(calls) == 10 * model.config.layer_types.count("full_attention")  # each decode step, each attention layer
+    np.testing.assert_allclose(runs[1], runs[0], rtol=0, atol=1e-5)

@@ -13,11 +13,9 @@ matrix much larger than the last-level cache.
 Decode figure: 64 new tokens after a 16-token prompt, greedy, last-position logits, on a
 second run (Numba's cache warm); tokens/s = 63 ÷ the time after the first new token.
 
-Decode at long context (minqwen only: the target is a ratio to its own decode at 512): the
-16-token prompt is run, then every attention layer's KV cache is filled with random keys and
-values up to 512 or 16k tokens. A decode step's cost depends on how many keys it reads, not
-on what they hold (the Gated DeltaNet layers' state has a fixed size), so this measures the
-same step a real 16k-token prefill would leave, without spending minutes on that prefill.
+Decode at long context (minqwen only: the target is a ratio to its own decode at 512): a real
+prefill of 512 or 16k random tokens, once, then the decode figure from a copy of that cache per
+repeat. The 16k prefill takes a few minutes; ``--long-context 0`` skips it.
 
 Cold start: import + load + first token in a new process, with Numba's on-disk cache warm;
 the first-call JIT cost is the same run with an empty cache, minus that.
@@ -115,23 +113,19 @@ class Minqwen:
             token = int(np.argmax(self.model.forward([token], cache, last_only=True)[-1]))
         return time.perf_counter() - start
 
-    def decode_at_context(self, prompt, context, n_new, rng):
-        """Seconds for tokens 2 … n_new once the attention caches hold ``context`` tokens."""
-        from minqwen.attention import KVCache
-
-        c = self.model.config
+    def decode_at_context(self, context, n_new, rng, repeats):
+        """Seconds for tokens 2 … n_new after a prefill of ``context`` random tokens, one per repeat."""
+        ids = rng.integers(0, self.model.config.vocab_size, size=context)
         cache = self.model.new_cache()
-        token = int(np.argmax(self.model.forward(prompt, cache, last_only=True)[-1]))
-        extra = context - cache.position
-        for state in cache.layers:
-            if isinstance(state, KVCache):  # [T, Hkv, D] rows of unit-scale keys and values
-                shape = (extra, c.num_key_value_heads, c.head_dim)
-                state.append(rng.standard_normal(shape, dtype=np.float32), rng.standard_normal(shape, dtype=np.float32))
-        cache.position = context
-        start = time.perf_counter()
-        for _ in range(n_new - 1):
-            token = int(np.argmax(self.model.forward([token], cache, last_only=True)[-1]))
-        return time.perf_counter() - start
+        first = int(np.argmax(self.model.forward(ids, cache, last_only=True)[-1]))
+        times = []
+        for _ in range(repeats):
+            branch, token = cache.copy(), first
+            start = time.perf_counter()
+            for _ in range(n_new - 1):
+                token = int(np.argmax(self.model.forward([token], branch, last_only=True)[-1]))
+            times.append(time.perf_counter() - start)
+        return times
 
 
 class Transformers:
@@ -262,7 +256,7 @@ def main() -> int:
             row["weight_bytes_per_token"] = weight_bytes_per_token(runner.model)
             row["roofline_fraction"] = row["decode_tps"] * row["weight_bytes_per_token"] / (results["roofline_GBps"] * 1e9)
             for context in (512, args.long_context) if args.long_context else ():
-                times = [runner.decode_at_context(prompt16, context, 64, rng) for _ in range(args.repeats)]
+                times = runner.decode_at_context(context, 64, rng, args.repeats)
                 row[f"decode_at_{context}_tps"] = 63 / statistics.median(times)
             if args.long_context:
                 row["long_over_512"] = row[f"decode_at_{args.long_context}_tps"] / row["decode_at_512_tps"]
