@@ -52,7 +52,7 @@ def add_speculative_option(parser):
         "--speculative", type=int, nargs="?", const=1, default=None, metavar="K",
         help="draft K tokens per step with the checkpoint's MTP head and verify them in one pass "
              "(same output; K defaults to 1; 0 turns it off). Default: on (K = 1) when the checkpoint has an MTP "
-             "head and it was measured to pay: bf16-resident weights (--dtype bfloat16) or a small model")
+             "head and it was measured to pay: models of 64 MB of weights and more, not tiny ones like the embedded")
 
 
 def speculative_decode(args, model, folder):

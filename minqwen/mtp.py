@@ -172,23 +172,25 @@ def _check_mtp_config(folder: Path) -> None:
                            "shares the main model's embedding, as Qwen3.5's released checkpoints do")
 
 
-# Below this many bytes of resident weights a decode step is bound by per-call overhead, not
-# by reading weights, and a verify of two positions costs about one step (see pays_by_default).
+# Below this many bytes of resident weights a decode step is bound by per-call overhead, not by
+# reading weights: a verify and the MTP layer then cost per call what a step does, and
+# speculation measured no faster (see pays_by_default).
 SMALL_MODEL_BYTES = 64 * 1024 * 1024
 
 
 def pays_by_default(model: Model) -> bool:
     """Whether speculative decoding (one draft per pass) is expected to be faster for ``model``.
 
-    Measured with tools/mtp_figures.py (see the README): with bf16-resident weights a
-    two-position verify costs 1.17 decode steps on the Qwen3.5-0.8B shape, so one draft pays
-    from an acceptance of about 0.25; with float32 weights it costs 1.9 (the float32 few-row
-    kernel is slower than BLAS's one-row product), so it never pays; and a small model is
-    bound by per-call overhead, where the embedded model ran 1.08× faster at 84% acceptance.
+    Measured with tools/mtp_figures.py (see the README) on the Qwen3.5-0.8B shape: a
+    two-position verify costs 1.21–1.28 decode steps with bf16-resident weights and 1.36 in
+    float32, a draft 0.07, so one draft pays from an acceptance of about 0.3 (bf16) or 0.45
+    (float32); drafts from Qwen3.5's own heads are accepted around 0.8. A small model is bound
+    by per-call overhead instead: the embedded model, at 84% acceptance, measured 0.86–1.08×
+    across runs, so there speculation stays off unless asked for.
     """
     from .summary import resident_bytes
 
-    return model.weights_dtype == BF16 or resident_bytes(model) < SMALL_MODEL_BYTES
+    return resident_bytes(model) >= SMALL_MODEL_BYTES
 
 
 def require_head(head: MtpHead | None, where: str = "this checkpoint") -> MtpHead:

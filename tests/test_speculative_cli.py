@@ -13,13 +13,14 @@ def greedy(*extra):
     return run("generate", PROMPT, "--max-new-tokens", "24", "--temperature", "0", *extra)
 
 
-def test_speculation_is_on_by_default_with_an_mtp_head_and_prints_the_same_greedy_text():
-    default, two, off = greedy(), greedy("--speculative", "2"), greedy("--speculative", "0")
-    for result in (default, two, off):
+def test_speculation_prints_the_same_greedy_text_and_is_off_by_default_on_the_tiny_embedded_model():
+    default, one = greedy(), greedy("--speculative")
+    two, off = greedy("--speculative", "2"), greedy("--speculative", "0")
+    for result in (default, one, two, off):
         assert result.returncode == 0, result.stderr
-    assert default.stdout == two.stdout == off.stdout
-    assert "drafts accepted" in default.stderr and "drafts accepted" in two.stderr
-    assert "speculative" not in off.stderr
+    assert default.stdout == one.stdout == two.stdout == off.stdout
+    assert "drafts accepted" in one.stderr and "drafts accepted" in two.stderr
+    assert "speculative" not in off.stderr and "speculative" not in default.stderr
 
 
 def test_a_speculative_chat_over_stdin_answers_as_a_plain_one():
