@@ -213,6 +213,28 @@ assert kv.nbytes == 2 * 300 * Hkv * D * 4  # nbytes counts what is used, not the
 print("capacity after 300 appends:", capacities[-1], "tokens; re-allocations:", len(set(capacities)))
 
 # %% [markdown]
+# ## What minqwen runs at long context
+#
+# At 16k tokens a decode step's attention is almost all memory traffic: one query token
+# reads every key and value in the cache. minqwen's `attention_few_queries`, a Numba kernel
+# used from 2k keys for one or two query tokens, splits the keys into blocks; each core reads
+# its blocks once and returns, per block, the largest score, the sum of exponentials and the
+# exp-weighted sum of values, and the blocks are merged at the end. That is the online
+# softmax of Exercise 4.1 below, run in parallel ("flash decoding"). It is held equal to the
+# definition (minqwen stores its cache as [Hkv, S, D], hence the transposes):
+
+# %%
+from minqwen.attention import attention_few_queries
+
+r = np.random.default_rng(4)
+q_new = r.standard_normal((1, Hq, D)).astype(np.float32)  # one decode step's queries
+k_long, v_long = (r.standard_normal((3000, Hkv, D)).astype(np.float32) for _ in range(2))  # [S, Hkv, D]
+kernel_out = attention_few_queries(q_new, np.ascontiguousarray(k_long.transpose(1, 0, 2)),
+                                   np.ascontiguousarray(v_long.transpose(1, 0, 2)), D**-0.5)
+np.testing.assert_allclose(kernel_out, attention(q_new, k_long, v_long), rtol=0, atol=1e-5)
+print("minqwen's long-context decode kernel == attention() over 3,000 keys")
+
+# %% [markdown]
 # ## Pictures: what the heads look at, and how the cache grows
 #
 # The embedded model has been trained, so its attention heads have learned habits. We read
