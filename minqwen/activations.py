@@ -11,9 +11,18 @@ def silu(x: np.ndarray) -> np.ndarray:
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
-    # Written with exp(-|x|) so that large |x| never overflows.
-    e = np.exp(-np.abs(x))
-    return np.where(x >= 0, 1 / (1 + e), e / (1 + e)).astype(x.dtype, copy=False)
+    """1 / (1 + exp(−x)), in place on one temporary: torch's formula, so the same roundings.
+
+    Below x ≈ −88 (float32) exp(−x) overflows to inf and 1 / (1 + inf) = 0, the right limit:
+    the overflow is expected, not an error. (A guarded form with exp(−|x|) and a select took
+    twice the passes over memory: 1.9 s of a 512-token prefill of the 0.8B shape, in the MLP's
+    SiLU, against 0.9 s this way.)
+    """
+    e = np.empty_like(x)  # the one temporary, and the result
+    with np.errstate(over="ignore"):
+        np.exp(np.negative(x, out=e), out=e)
+    e += 1
+    return np.reciprocal(e, out=e)
 
 
 def softplus(x: np.ndarray) -> np.ndarray:

@@ -90,10 +90,12 @@ def filter_logits(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
         kth = np.partition(logits, -params.top_k)[-params.top_k]
         logits = np.where(logits < kth, -np.inf, logits)
     if params.top_p < 1.0:
-        order = np.argsort(-logits, kind="stable")
-        probs = softmax(logits)[order]
-        before = np.cumsum(probs) - probs  # probability mass of the ids ranked above each id
-        removed = order[before >= params.top_p]  # the top id always stays (its "before" is 0)
+        # Drop the least likely ids while their total mass stays ≤ 1 − p, as transformers does:
+        # summed from the bottom, float32 rounding cannot push a tiny tail over the line (summed
+        # from the top, 1 − 2e-9 rounds to 1 and reaches p = 1 − 1e-16 one id too early).
+        order = np.argsort(-logits, kind="stable")[::-1]  # [V]: least likely first, np.argmax's pick last
+        tail = np.cumsum(softmax(logits)[order])  # [V]: mass of each id and every less likely one
+        removed = order[:-1][tail[:-1] <= 1 - params.top_p]  # the most likely id always stays
         logits = logits.copy()
         logits[removed] = -np.inf
     if params.min_p > 0.0:
