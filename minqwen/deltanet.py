@@ -39,8 +39,8 @@ import numpy as np
 
 from .activations import ACTIVATIONS, sigmoid, softplus
 from .linear import linear
-from .threads import serial_and_parallel
 from .norms import gated_rms_norm
+from .threads import serial_and_parallel
 
 CHUNK_SIZE = 64
 # Which form runs a multi-token call. Measured on this project's 2-core CPU at the real
