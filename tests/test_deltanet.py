@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from minqwen.deltanet import (
     causal_conv1d,
+    causal_conv1d_numpy,
     chunked_gated_delta_rule,
     recurrent_gated_delta_rule,
     recurrent_gated_delta_rule_numpy,
@@ -104,25 +105,27 @@ def test_strong_decay_does_not_overflow_in_the_chunked_form():
     assert np.isfinite(o).all() and np.isfinite(s).all()
 
 
-def test_causal_conv1d_split_anywhere_equals_one_pass():
+@pytest.mark.parametrize("conv", [causal_conv1d_numpy, causal_conv1d])
+def test_causal_conv1d_split_anywhere_equals_one_pass(conv):
     rng = np.random.default_rng(3)
     for kernel in (1, 2, 3, 4, 5):
         x = rng.normal(size=(12, 7)).astype(np.float32)
         w = rng.normal(size=(7, kernel)).astype(np.float32)
         zero = np.zeros((kernel - 1, 7), np.float32)
-        whole, state_whole = causal_conv1d(x, w, zero)
+        whole, state_whole = conv(x, w, zero)
         for split in range(1, 12):
-            a, state = causal_conv1d(x[:split], w, zero)
-            b, state = causal_conv1d(x[split:], w, state)
+            a, state = conv(x[:split], w, zero)
+            b, state = conv(x[split:], w, state)
             np.testing.assert_allclose(np.concatenate([a, b]), whole, atol=1e-6)
             np.testing.assert_array_equal(state, state_whole)
 
 
-def test_causal_conv1d_is_the_textbook_convolution():
+@pytest.mark.parametrize("conv", [causal_conv1d_numpy, causal_conv1d])
+def test_causal_conv1d_is_the_textbook_convolution(conv):
     rng = np.random.default_rng(4)
     x = rng.normal(size=(9, 3))
     w = rng.normal(size=(3, 4))
-    out, _ = causal_conv1d(x, w, np.zeros((3, 3)))
+    out, _ = conv(x, w, np.zeros((3, 3)))
     for t in range(9):
         for c in range(3):
             # the newest input meets the last tap
@@ -130,12 +133,32 @@ def test_causal_conv1d_is_the_textbook_convolution():
             assert out[t, c] == pytest.approx(expected)
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.tuples(st.integers(1, 20), st.integers(1, 40), st.integers(1, 6),
+                 st.sampled_from([np.float32, np.float64]), st.booleans(), st.integers(0, 2**31)))
+def test_compiled_conv1d_equals_numpy_twin(shape):
+    t_len, channels, kernel, dtype, strided, seed = shape
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(t_len, 2 * channels)).astype(dtype)
+    x = x[:, ::2] if strided else x[:, :channels]  # the layer passes a column slice of in_proj_qkv's output
+    w = rng.normal(size=(channels, kernel)).astype(dtype)
+    state = rng.normal(size=(kernel - 1, channels)).astype(dtype)
+    out_ref, state_ref = causal_conv1d_numpy(x, w, state)
+    out, new_state = causal_conv1d(x, w, state)
+    assert out.dtype == dtype and new_state.shape == state_ref.shape
+    # the same taps summed in the same order: equal but for a fused multiply-add's rounding
+    tol = 1e-6 if dtype == np.float32 else 1e-13
+    np.testing.assert_allclose(out, out_ref, rtol=tol, atol=tol)
+    np.testing.assert_array_equal(new_state, state_ref)
+
+
 @pytest.mark.parametrize("parallel_from", [0, 1 << 60])
 def test_the_parallel_and_serial_compilations_both_equal_the_twin(monkeypatch, parallel_from):
     import minqwen.deltanet as deltanet
 
     monkeypatch.setattr(deltanet, "PARALLEL_FROM", parallel_from)
-    args = random_inputs(np.random.default_rng(5), 33, 3, 16, 12, np.float32)
+    # 9 tokens: fewer than BLAS_ROWS, where the parallel build may run at all
+    args = random_inputs(np.random.default_rng(5), 9, 3, 16, 12, np.float32)
     o_ref, s_ref = recurrent_gated_delta_rule_numpy(*args)
     o, s = recurrent_gated_delta_rule(*args)
     np.testing.assert_allclose(o, o_ref, rtol=0, atol=2e-6 * np.abs(o_ref).max())
