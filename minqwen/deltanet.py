@@ -167,32 +167,39 @@ def recurrent_gated_delta_rule_numpy(q, k, v, g, beta, state):
     return out, S
 
 
-def _recurrent_loops(q, k, v, g, beta, S, out):
-    """Numba twin of recurrent_gated_delta_rule_numpy; updates S [Hv, Dk, Dv] in place.
+def _recurrent_loops(q, k, v, g, beta, S_in, states, out):
+    """Numba twin of recurrent_gated_delta_rule_numpy: S_in [Hv, Dk, Dv] is read, not written.
 
-    The same four steps, rearranged so that each token makes one pass over S instead of two.
-    Both of a token's reads of S can be taken from the memory *before* its update:
+    ``states`` [n, Hv, Dk, Dv] receives the memory: with n = T, the state after every token
+    (what a speculative verify keeps); with n = 1, only the last, updated in place token after
+    token. The same four steps, rearranged so that each token makes one pass over S instead of
+    two. Both of a token's reads of S can be taken from the memory *before* its update:
 
         v̂_t = (exp(g_t) S_{t−1})ᵀ k_t = exp(g_t) · (S_{t−1}ᵀ k_t)
         o_t = S_tᵀ q_t = exp(g_t) · (S_{t−1}ᵀ q_t) + (k_t · q_t) δ_t      (S_t = exp(g_t) S_{t−1} + k_t δ_tᵀ)
 
     so the pass that writes S_t also accumulates S_tᵀ k_{t+1} and S_tᵀ q_{t+1} for the next
-    token. On the 0.8B head shape (128 × 128) this is 1.5× the two-pass loop on one core.
+    token. On the 0.8B head shape (128 × 128) this is 1.5× the two-pass loop on one core. The
+    sums run in the same order whether T tokens come in one call or in T calls, so a verify's
+    kept states are bit for bit what decode steps leave.
     Heads are independent, so they may run in parallel; within a head the tokens are sequential.
     """
     t_len, num_heads, dk = q.shape
     dv = v.shape[2]
+    last_kept = states.shape[0] - 1
     if t_len == 0:
         return
     for h in numba.prange(num_heads):
-        read_k = np.zeros(dv, S.dtype)  # S_{t−1}ᵀ k_t   [Dv]
-        read_q = np.zeros(dv, S.dtype)  # S_{t−1}ᵀ q_t   [Dv]
-        delta = np.empty(dv, S.dtype)  # δ_t = β_t (v_t − v̂_t)   [Dv]
+        read_k = np.zeros(dv, S_in.dtype)  # S_{t−1}ᵀ k_t   [Dv]
+        read_q = np.zeros(dv, S_in.dtype)  # S_{t−1}ᵀ q_t   [Dv]
+        delta = np.empty(dv, S_in.dtype)  # δ_t = β_t (v_t − v̂_t)   [Dv]
         for i in range(dk):  # the first token's reads of the incoming memory
             for j in range(dv):
-                read_k[j] += k[0, h, i] * S[h, i, j]
-                read_q[j] += q[0, h, i] * S[h, i, j]
+                read_k[j] += k[0, h, i] * S_in[h, i, j]
+                read_q[j] += q[0, h, i] * S_in[h, i, j]
         for t in range(t_len):
+            S_old = S_in[h] if t == 0 else states[min(t - 1, last_kept), h]  # S_{t−1}   [Dk, Dv]
+            S_new = states[min(t, last_kept), h]  # S_t: the same array as S_old when n = 1
             decay = np.exp(g[t, h])
             k_dot_q = 0.0  # a float64 scalar in Numba: the one sum here over Dk terms
             for i in range(dk):
@@ -203,15 +210,15 @@ def _recurrent_loops(q, k, v, g, beta, S, out):
             if t + 1 == t_len:  # the last token: write S, nothing more to read
                 for i in range(dk):
                     for j in range(dv):
-                        S[h, i, j] = decay * S[h, i, j] + k[t, h, i] * delta[j]
+                        S_new[i, j] = decay * S_old[i, j] + k[t, h, i] * delta[j]
                 break
             read_k[:] = 0.0
             read_q[:] = 0.0
             for i in range(dk):  # write S_t, and read it for token t + 1 on the way
                 k_write, k_next, q_next = k[t, h, i], k[t + 1, h, i], q[t + 1, h, i]
                 for j in range(dv):
-                    s = decay * S[h, i, j] + k_write * delta[j]
-                    S[h, i, j] = s
+                    s = decay * S_old[i, j] + k_write * delta[j]
+                    S_new[i, j] = s
                     read_k[j] += k_next * s
                     read_q[j] += q_next * s
 
@@ -226,17 +233,25 @@ _recurrent_kernel, _recurrent_kernel_parallel = serial_and_parallel(_recurrent_l
 PARALLEL_FROM = 1 << 21  # multiply-adds per call (tokens × heads × Dk × Dv) worth a parallel region
 
 
-def recurrent_gated_delta_rule(q, k, v, g, beta, state):
-    """The gated delta rule, token by token, compiled: same contract as the NumPy twin."""
-    S = np.array(state, dtype=np.float32 if q.dtype == np.float32 else q.dtype, copy=True)
-    out = np.empty(v.shape, S.dtype)
-    parallel = S.size * q.shape[0] >= PARALLEL_FROM and q.shape[0] < BLAS_ROWS
+def recurrent_gated_delta_rule(q, k, v, g, beta, state, every_state: bool = False):
+    """The gated delta rule, token by token, compiled: same contract as the NumPy twin.
+
+    With ``every_state``, the second result is the state after each token, [T, Hv, Dk, Dv],
+    instead of only the last.
+    """
+    dtype = np.float32 if q.dtype == np.float32 else q.dtype
+    t_len = q.shape[0]
+    states = np.empty((t_len if every_state else 1, *state.shape), dtype)  # [T or 1, Hv, Dk, Dv]
+    out = np.empty(v.shape, dtype)  # [T, Hv, Dv]
+    parallel = state.size * t_len >= PARALLEL_FROM and t_len < BLAS_ROWS
     kernel = _recurrent_kernel_parallel if parallel else _recurrent_kernel
     kernel(
         np.ascontiguousarray(q), np.ascontiguousarray(k), np.ascontiguousarray(v),
-        np.ascontiguousarray(g), np.ascontiguousarray(beta), S, out,
+        np.ascontiguousarray(g), np.ascontiguousarray(beta), np.ascontiguousarray(state, dtype=dtype), states, out,
     )
-    return out, S
+    if t_len == 0:  # no token: the state is the one given
+        states[...] = state
+    return out, (states if every_state else states[0])
 
 
 def chunked_gated_delta_rule(q, k, v, g, beta, state, chunk_size: int = CHUNK_SIZE):
@@ -382,18 +397,17 @@ def gated_deltanet(
 
 
 def _recurrence_keeping_every_state(q, k, v, g, beta, state, conv_inputs, conv_before):
-    """The recurrence token by token, appending the state after each token to ``state.history``.
+    """The recurrence over all T tokens, appending the state after each token to ``state.history``.
 
-    Each token is one call of the compiled step, so every kept state is bit for bit what a
-    decode step would have left. The conv window after token t is the last K − 1 rows of
-    (old window, inputs up to t). Returns the output [T, Hv, Dv]; leaves the final state in place.
+    The kernel sums in the same order for T tokens at once as for one at a time, so every kept
+    state is bit for bit what a decode step would have left. The conv window after token t is
+    the last K − 1 rows of (old window, inputs up to t). Returns the output [T, Hv, Dv];
+    leaves the final state in place.
     """
     window = np.concatenate([conv_before, conv_inputs], axis=0)  # [K−1+T, C]
     keep = conv_before.shape[0]  # K − 1
-    outputs = []
+    out, states = recurrent_gated_delta_rule(q, k, v, g, beta, state.recurrent, every_state=True)  # [T, Hv, Dk, Dv]
     for t in range(q.shape[0]):
-        o, state.recurrent = recurrent_gated_delta_rule(
-            q[t : t + 1], k[t : t + 1], v[t : t + 1], g[t : t + 1], beta[t : t + 1], state.recurrent)
-        outputs.append(o)  # [1, Hv, Dv]
-        state.history.append(DeltaNetState(window[t + 1 : t + 1 + keep].copy(), state.recurrent))
-    return np.concatenate(outputs, axis=0)  # [T, Hv, Dv]
+        state.history.append(DeltaNetState(window[t + 1 : t + 1 + keep].copy(), states[t]))
+    state.recurrent = states[-1]
+    return out

@@ -87,12 +87,32 @@ def test_numba_kernel_equals_numpy_twin(shape):
     np.testing.assert_allclose(s, s_ref, rtol=0, atol=tol * max(1.0, np.abs(s_ref).max()))
 
 
+@settings(max_examples=25, deadline=None)
+@given(st.tuples(st.integers(1, 12), st.integers(1, 4), st.integers(1, 20), st.integers(1, 20), st.integers(0, 2**31)))
+def test_every_state_is_what_token_by_token_calls_leave_bit_for_bit(shape):
+    # A speculative verify keeps the state after each of its tokens; a later decode step must
+    # continue from exactly what decoding those tokens one by one would have left.
+    t_len, heads, dk, dv, seed = shape
+    q, k, v, g, beta, state = random_inputs(np.random.default_rng(seed), t_len, heads, dk, dv, np.float32)
+    out, states = recurrent_gated_delta_rule(q, k, v, g, beta, state, every_state=True)
+    assert states.shape == (t_len, heads, dk, dv)
+    S = state
+    for t in range(t_len):
+        o_t, S = recurrent_gated_delta_rule(q[t : t + 1], k[t : t + 1], v[t : t + 1], g[t : t + 1], beta[t : t + 1], S)
+        np.testing.assert_array_equal(o_t[0], out[t])
+        np.testing.assert_array_equal(S, states[t])
+    o_ref, s_ref = recurrent_gated_delta_rule_numpy(q, k, v, g, beta, state)
+    np.testing.assert_allclose(states[-1], s_ref, rtol=0, atol=2e-6 * max(1.0, np.abs(s_ref).max()))
+
+
 def test_rules_do_not_modify_the_state_they_are_given():
     args = random_inputs(np.random.default_rng(0), 70, 2, 8, 8, np.float32)
     before = args[-1].copy()
     for rule in (recurrent_gated_delta_rule_numpy, recurrent_gated_delta_rule, chunked_gated_delta_rule):
         rule(*args)
         np.testing.assert_array_equal(args[-1], before)
+    recurrent_gated_delta_rule(*args, every_state=True)
+    np.testing.assert_array_equal(args[-1], before)
 
 
 def test_strong_decay_does_not_overflow_in_the_chunked_form():
