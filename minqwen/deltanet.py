@@ -167,13 +167,14 @@ def recurrent_gated_delta_rule_numpy(q, k, v, g, beta, state):
     return out, S
 
 
-def _recurrent_loops(q, k, v, g, beta, S_in, states, out):
-    """Numba twin of recurrent_gated_delta_rule_numpy: S_in [Hv, Dk, Dv] is read, not written.
+def _recurrent_loops(q, k, v, g, beta, states, out):
+    """Numba twin of recurrent_gated_delta_rule_numpy; updates the memory in ``states`` in place.
 
-    ``states`` [n, Hv, Dk, Dv] receives the memory: with n = T, the state after every token
-    (what a speculative verify keeps); with n = 1, only the last, updated in place token after
-    token. The same four steps, rearranged so that each token makes one pass over S instead of
-    two. Both of a token's reads of S can be taken from the memory *before* its update:
+    ``states`` [n, Hv, Dk, Dv] holds the incoming memory in states[0]. With n = 1 it is updated
+    token after token; with n = T, states[t] ends as the memory after token t (what a
+    speculative verify keeps). The same four steps, rearranged so that each token makes one
+    pass over S instead of two. Both of a token's reads of S can be taken from the memory
+    *before* its update:
 
         v̂_t = (exp(g_t) S_{t−1})ᵀ k_t = exp(g_t) · (S_{t−1}ᵀ k_t)
         o_t = S_tᵀ q_t = exp(g_t) · (S_{t−1}ᵀ q_t) + (k_t · q_t) δ_t      (S_t = exp(g_t) S_{t−1} + k_t δ_tᵀ)
@@ -186,20 +187,26 @@ def _recurrent_loops(q, k, v, g, beta, S_in, states, out):
     """
     t_len, num_heads, dk = q.shape
     dv = v.shape[2]
-    last_kept = states.shape[0] - 1
+    last_slot = states.shape[0] - 1
     if t_len == 0:
         return
     for h in numba.prange(num_heads):
-        read_k = np.zeros(dv, S_in.dtype)  # S_{t−1}ᵀ k_t   [Dv]
-        read_q = np.zeros(dv, S_in.dtype)  # S_{t−1}ᵀ q_t   [Dv]
-        delta = np.empty(dv, S_in.dtype)  # δ_t = β_t (v_t − v̂_t)   [Dv]
+        read_k = np.zeros(dv, states.dtype)  # S_{t−1}ᵀ k_t   [Dv]
+        read_q = np.zeros(dv, states.dtype)  # S_{t−1}ᵀ q_t   [Dv]
+        delta = np.empty(dv, states.dtype)  # δ_t = β_t (v_t − v̂_t)   [Dv]
         for i in range(dk):  # the first token's reads of the incoming memory
+            # Rows as 1-D views, one array written per loop: LLVM then turns the loop over j
+            # into vector code. (Reading S_{t−1} from one array and writing S_t to another
+            # needed more run-time overlap checks than LLVM makes, and ran 6× slower.)
+            row, k_first, q_first = states[0, h, i], k[0, h, i], q[0, h, i]  # row [Dv]
             for j in range(dv):
-                read_k[j] += k[0, h, i] * S_in[h, i, j]
-                read_q[j] += q[0, h, i] * S_in[h, i, j]
+                read_k[j] += k_first * row[j]
+                read_q[j] += q_first * row[j]
         for t in range(t_len):
-            S_old = S_in[h] if t == 0 else states[min(t - 1, last_kept), h]  # S_{t−1}   [Dk, Dv]
-            S_new = states[min(t, last_kept), h]  # S_t: the same array as S_old when n = 1
+            slot = min(t, last_slot)
+            if slot > 0 and slot == t:  # keeping every state: S_t starts as a copy of S_{t−1}
+                states[slot, h] = states[slot - 1, h]
+            S = states[slot, h]  # [Dk, Dv]: S_{t−1} now, S_t after this token
             decay = np.exp(g[t, h])
             k_dot_q = 0.0  # a float64 scalar in Numba: the one sum here over Dk terms
             for i in range(dk):
@@ -209,16 +216,17 @@ def _recurrent_loops(q, k, v, g, beta, S_in, states, out):
                 out[t, h, j] = decay * read_q[j] + k_dot_q * delta[j]
             if t + 1 == t_len:  # the last token: write S, nothing more to read
                 for i in range(dk):
+                    row, k_write = S[i], k[t, h, i]
                     for j in range(dv):
-                        S_new[i, j] = decay * S_old[i, j] + k[t, h, i] * delta[j]
+                        row[j] = decay * row[j] + k_write * delta[j]
                 break
             read_k[:] = 0.0
             read_q[:] = 0.0
             for i in range(dk):  # write S_t, and read it for token t + 1 on the way
-                k_write, k_next, q_next = k[t, h, i], k[t + 1, h, i], q[t + 1, h, i]
+                row, k_write, k_next, q_next = S[i], k[t, h, i], k[t + 1, h, i], q[t + 1, h, i]
                 for j in range(dv):
-                    s = decay * S_old[i, j] + k_write * delta[j]
-                    S_new[i, j] = s
+                    s = decay * row[j] + k_write * delta[j]
+                    row[j] = s
                     read_k[j] += k_next * s
                     read_q[j] += q_next * s
 
@@ -233,25 +241,28 @@ _recurrent_kernel, _recurrent_kernel_parallel = serial_and_parallel(_recurrent_l
 PARALLEL_FROM = 1 << 21  # multiply-adds per call (tokens × heads × Dk × Dv) worth a parallel region
 
 
-def recurrent_gated_delta_rule(q, k, v, g, beta, state, every_state: bool = False):
+def recurrent_gated_delta_rule(q, k, v, g, beta, state, every_state: bool = False, in_place: bool = False):
     """The gated delta rule, token by token, compiled: same contract as the NumPy twin.
 
     With ``every_state``, the second result is the state after each token, [T, Hv, Dk, Dv],
-    instead of only the last.
+    instead of only the last. With ``in_place``, the final state is written into ``state``
+    itself and returned: what a decode step wants, as the old memory is not needed again, and
+    copying it would be one more pass over 1 MB per layer (0.8B shape) each token.
     """
-    dtype = np.float32 if q.dtype == np.float32 else q.dtype
     t_len = q.shape[0]
-    states = np.empty((t_len if every_state else 1, *state.shape), dtype)  # [T or 1, Hv, Dk, Dv]
-    out = np.empty(v.shape, dtype)  # [T, Hv, Dv]
+    if in_place and not every_state and state.dtype == q.dtype and state.flags.c_contiguous:
+        states = state[None]  # [1, Hv, Dk, Dv]: a view of the caller's array
+    else:
+        states = np.empty((max(1, t_len) if every_state else 1, *state.shape), q.dtype)  # [T or 1, Hv, Dk, Dv]
+        states[0] = state  # the kernel updates states in place: the caller's stays as it was
+    out = np.empty(v.shape, q.dtype)  # [T, Hv, Dv]
     parallel = state.size * t_len >= PARALLEL_FROM and t_len < BLAS_ROWS
     kernel = _recurrent_kernel_parallel if parallel else _recurrent_kernel
     kernel(
         np.ascontiguousarray(q), np.ascontiguousarray(k), np.ascontiguousarray(v),
-        np.ascontiguousarray(g), np.ascontiguousarray(beta), np.ascontiguousarray(state, dtype=dtype), states, out,
+        np.ascontiguousarray(g), np.ascontiguousarray(beta), states, out,
     )
-    if t_len == 0:  # no token: the state is the one given
-        states[...] = state
-    return out, (states if every_state else states[0])
+    return out, (states[:t_len] if every_state else states[0])
 
 
 def chunked_gated_delta_rule(q, k, v, g, beta, state, chunk_size: int = CHUNK_SIZE):
@@ -382,9 +393,11 @@ def gated_deltanet(
     k = np.repeat(k, group, axis=1)  # [T, Hv, Dk]
     if state.history is not None:
         core = _recurrence_keeping_every_state(q, k, v, g, beta, state, conv_inputs, conv_before)
+    elif form == "chunked" and t_len > 1:
+        core, state.recurrent = chunked_gated_delta_rule(q, k, v, g, beta, state.recurrent)  # [T, Hv, Dv]
     else:
-        rule = chunked_gated_delta_rule if form == "chunked" and t_len > 1 else recurrent_gated_delta_rule
-        core, state.recurrent = rule(q, k, v, g, beta, state.recurrent)  # [T, Hv, Dv]
+        # In place, unless a tap is watching: a tap may keep the array it was handed.
+        core, state.recurrent = recurrent_gated_delta_rule(q, k, v, g, beta, state.recurrent, in_place=tap is None)
     if tap is not None:
         tap("linear_attn.core", core)
         tap("linear_attn.conv_state", state.conv)

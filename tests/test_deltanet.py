@@ -105,6 +105,16 @@ def test_every_state_is_what_token_by_token_calls_leave_bit_for_bit(shape):
     np.testing.assert_allclose(states[-1], s_ref, rtol=0, atol=2e-6 * max(1.0, np.abs(s_ref).max()))
 
 
+def test_in_place_writes_the_same_state_into_the_given_array():
+    q, k, v, g, beta, state = random_inputs(np.random.default_rng(6), 5, 3, 16, 12, np.float32)
+    out, expected = recurrent_gated_delta_rule(q, k, v, g, beta, state)
+    mine = state.copy()
+    out_in_place, returned = recurrent_gated_delta_rule(q, k, v, g, beta, mine, in_place=True)
+    assert returned is mine or returned.base is mine
+    np.testing.assert_array_equal(mine, expected)
+    np.testing.assert_array_equal(out_in_place, out)
+
+
 def test_rules_do_not_modify_the_state_they_are_given():
     args = random_inputs(np.random.default_rng(0), 70, 2, 8, 8, np.float32)
     before = args[-1].copy()
