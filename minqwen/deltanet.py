@@ -204,9 +204,12 @@ def _recurrent_loops(q, k, v, g, beta, states, out):
                 read_q[j] += q_first * row[j]
         for t in range(t_len):
             slot = min(t, last_slot)
-            if slot > 0 and slot == t:  # keeping every state: S_t starts as a copy of S_{t−1}
-                states[slot, h] = states[slot - 1, h]
             S = states[slot, h]  # [Dk, Dv]: S_{t−1} now, S_t after this token
+            if slot > 0 and slot == t:  # keeping every state: S_t starts as a copy of S_{t−1}
+                previous = states[slot - 1, h]
+                for i in range(dk):
+                    for j in range(dv):
+                        S[i, j] = previous[i, j]
             decay = np.exp(g[t, h])
             k_dot_q = 0.0  # a float64 scalar in Numba: the one sum here over Dk terms
             for i in range(dk):
@@ -214,14 +217,14 @@ def _recurrent_loops(q, k, v, g, beta, states, out):
             for j in range(dv):
                 delta[j] = beta[t, h] * (v[t, h, j] - decay * read_k[j])
                 out[t, h, j] = decay * read_q[j] + k_dot_q * delta[j]
+                read_k[j] = 0.0  # read: ready to sum the next token's reads
+                read_q[j] = 0.0
             if t + 1 == t_len:  # the last token: write S, nothing more to read
                 for i in range(dk):
                     row, k_write = S[i], k[t, h, i]
                     for j in range(dv):
                         row[j] = decay * row[j] + k_write * delta[j]
                 break
-            read_k[:] = 0.0
-            read_q[:] = 0.0
             for i in range(dk):  # write S_t, and read it for token t + 1 on the way
                 row, k_write, k_next, q_next = S[i], k[t, h, i], k[t + 1, h, i], q[t + 1, h, i]
                 for j in range(dv):

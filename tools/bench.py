@@ -7,8 +7,9 @@
 Every contender runs on the same random-weight bf16 checkpoint (tools/real_shape.py makes it
 once), with the same thread count, and every figure is the median of several runs. Speed is
 reported as a ratio against transformers measured in the same run, because absolute figures
-drift on shared machines. The memory roofline is measured here too: a NumPy fp32 GEMV over a
-matrix much larger than the last-level cache.
+drift on shared machines; for the same reason the contenders are all loaded at once and
+measured round-robin (each repeat runs every contender once). The memory roofline is measured
+in the same rounds: a NumPy fp32 GEMV over a matrix much larger than the last-level cache.
 
 Decode figure: 64 new tokens after a 16-token prompt, greedy, last-position logits, on a
 second run (Numba's cache warm); tokens/s = 63 ÷ the time after the first new token.
@@ -64,20 +65,24 @@ def last_level_cache_bytes() -> int:
     return max(sizes, default=32 * 1024 * 1024)
 
 
-def roofline(repeats: int) -> float:
-    """fp32 GEMV read bandwidth in GB/s over a matrix ≥ 4× the last-level cache."""
-    n_bytes = max(4 * last_level_cache_bytes(), 512 * 1024 * 1024)
-    cols = 4096
-    rows = n_bytes // (4 * cols)
-    W = np.random.default_rng(0).random((rows, cols), dtype=np.float32)
-    x = np.ones(cols, np.float32)
-    W @ x
-    times = []
-    for _ in range(max(repeats, 5)):
-        start = time.perf_counter()
-        W @ x
-        times.append(time.perf_counter() - start)
-    return W.nbytes / statistics.median(times) / 1e9
+class RooflineProbe:
+    """fp32 GEMV read bandwidth in GB/s over a matrix ≥ 4× the last-level cache, one sample per call."""
+
+    def __init__(self):
+        n_bytes = max(4 * last_level_cache_bytes(), 512 * 1024 * 1024)
+        cols = 4096
+        self.W = np.random.default_rng(0).random((n_bytes // (4 * cols), cols), dtype=np.float32)
+        self.x = np.ones(cols, np.float32)
+        self.W @ self.x  # page the matrix in
+
+    def sample(self) -> float:
+        """The median of 5 GEMVs, in GB/s."""
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            self.W @ self.x
+            times.append(time.perf_counter() - start)
+        return self.W.nbytes / statistics.median(times) / 1e9
 
 
 def weight_bytes_per_token(model) -> int:
@@ -156,16 +161,6 @@ class Transformers:
             return time.perf_counter() - start
 
 
-def median_rate(fn, count, repeats):
-    fn()  # warm-up: JIT, caches, allocator
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return count / statistics.median(times)
-
-
 def cold_start(folder: Path, dtype: str, threads: int, numba_cache: str | None = None) -> dict:
     """import + load + first token in a new process; ``numba_cache``: a Numba cache folder to use
     (an empty one measures the JIT), else Numba's default (warm after the runs before)."""
@@ -238,32 +233,56 @@ def main() -> int:
     prompt16 = rng.integers(100, 240000, size=16)
     prompt512 = rng.integers(100, 240000, size=512)
     results = {"machine": machine(), "threads": args.threads, "checkpoint": str(folder), "rows": []}
-    results["roofline_GBps"] = roofline(args.repeats)
-    print(f"machine: {results['machine']['cpu']}, {args.threads} threads; "
-          f"fp32 GEMV roofline {results['roofline_GBps']:.1f} GB/s", flush=True)
+    gemv = RooflineProbe()
 
     contenders = [("minqwen", "float32"), ("minqwen", "bfloat16")]
     if not args.no_transformers:
         contenders += [("transformers", "float32"), ("transformers", "bfloat16")]
-    for kind, dtype in contenders:
-        runner = Minqwen(folder, dtype) if kind == "minqwen" else Transformers(folder, dtype, args.threads)
-        row = {"name": runner.name}
-        row["prefill512_tps"] = median_rate(lambda: runner.prefill(prompt512), 512, args.repeats)
-        runner.decode(prompt16, 4)  # warm the decode path
-        decode_times = [runner.decode(prompt16, 64) for _ in range(args.repeats)]
-        row["decode_tps"] = 63 / statistics.median(decode_times)
-        if kind == "minqwen":
+    runners = [Minqwen(folder, dtype) if kind == "minqwen" else Transformers(folder, dtype, args.threads)
+               for kind, dtype in contenders]
+    for runner in runners:  # warm-up: JIT, caches, allocator
+        runner.prefill(prompt512)
+        runner.decode(prompt16, 4)
+    # Round-robin: every repeat measures the roofline and each contender once, so a machine
+    # that slows down for a minute slows every contender alike and the ratios stay meaningful
+    # (measured one contender after another, the same code moved by ±20% between runs here).
+    bandwidth, prefill, decode = [], {r.name: [] for r in runners}, {r.name: [] for r in runners}
+    for _ in range(args.repeats):
+        bandwidth.append(gemv.sample())
+        for runner in runners:
+            start = time.perf_counter()
+            runner.prefill(prompt512)
+            prefill[runner.name].append(time.perf_counter() - start)
+        for runner in runners:
+            decode[runner.name].append(runner.decode(prompt16, 64))
+    results["roofline_GBps"] = statistics.median(bandwidth)
+    print(f"machine: {results['machine']['cpu']}, {args.threads} threads; "
+          f"fp32 GEMV roofline {results['roofline_GBps']:.1f} GB/s", flush=True)
+    del gemv
+
+    for runner in runners:
+        row = {"name": runner.name,
+               "prefill512_tps": 512 / statistics.median(prefill[runner.name]),
+               "decode_tps": 63 / statistics.median(decode[runner.name])}
+        if isinstance(runner, Minqwen):
             row["weight_bytes_per_token"] = weight_bytes_per_token(runner.model)
             row["roofline_fraction"] = row["decode_tps"] * row["weight_bytes_per_token"] / (results["roofline_GBps"] * 1e9)
-            for context in (512, args.long_context) if args.long_context else ():
-                times = runner.decode_at_context(context, 64, rng, args.repeats)
-                row[f"decode_at_{context}_tps"] = 63 / statistics.median(times)
-            if args.long_context:
-                row["long_over_512"] = row[f"decode_at_{args.long_context}_tps"] / row["decode_at_512_tps"]
-            row.update(cold_starts(folder, dtype, args.threads, args.repeats))
         results["rows"].append(row)
-        print(json.dumps(row), flush=True)
+    del runners  # free transformers' copies before the long-context runs and the new processes
+
+    for row, (kind, dtype) in zip(results["rows"], contenders):
+        if kind != "minqwen":
+            continue
+        runner = Minqwen(folder, dtype)
+        for context in (512, args.long_context) if args.long_context else ():
+            times = runner.decode_at_context(context, 64, rng, args.repeats)
+            row[f"decode_at_{context}_tps"] = 63 / statistics.median(times)
+        if args.long_context:
+            row["long_over_512"] = row[f"decode_at_{args.long_context}_tps"] / row["decode_at_512_tps"]
         del runner
+        row.update(cold_starts(folder, dtype, args.threads, args.repeats))
+    for row in results["rows"]:
+        print(json.dumps(row), flush=True)
 
     print_table(results)
     if args.json:
