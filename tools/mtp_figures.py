@@ -55,6 +55,7 @@ from minqwen.mtp import (  # noqa: E402
     verify,
 )
 from minqwen.sampling import SamplingParams, apply_penalties  # noqa: E402
+from minqwen.threads import one_blas_thread  # noqa: E402
 
 
 def machine_line() -> str:
@@ -105,24 +106,35 @@ def real_shape(checkpoint: Path, dtype: str, repeats: int) -> None:
             return int(np.argmax(row))
         return run
 
+    def after_blas_idles():
+        # speculative_generate keeps BLAS on one thread through a cycle with float32 weights, so
+        # no OpenBLAS thread is left spinning (for ~0.1 s after a call) when a verify starts.
+        # Here the decode-step probe just ran BLAS on every thread: wait for those to idle.
+        time.sleep(0.2 if quiet_blas else 0.0)
+        return cache.copy()
+
     # Each probe: (prepare a fresh state, untimed; the timed run). Run round-robin, so that a
-    # busy machine slows every probe alike and the ratios stay meaningful.
+    # busy machine slows every probe alike and the ratios stay meaningful. The draft and verify
+    # probes run with BLAS as speculative_generate sets it.
+    quiet_blas = model.weights_dtype == np.float32
     probes = {
-        "step": (cache.copy, decode_step),
-        "verify2": (cache.copy, verify_and_roll_back(2)),
-        "verify3": (cache.copy, verify_and_roll_back(3)),
-        "layer": (lambda: mtp.layers[0].copy(), layer),
-        "head_all": (lambda: None, pick(None)),
-        "head_subset": (lambda: None, pick(DRAFT_VOCAB)),
+        "step": (cache.copy, decode_step, False),
+        "verify2": (after_blas_idles, verify_and_roll_back(2), quiet_blas),
+        "verify3": (after_blas_idles, verify_and_roll_back(3), quiet_blas),
+        "layer": (lambda: mtp.layers[0].copy(), layer, quiet_blas),
+        "head_all": (lambda: None, pick(None), quiet_blas),
+        "head_subset": (lambda: None, pick(DRAFT_VOCAB), quiet_blas),
     }
     times = {name: [] for name in probes}
     for repeat in range(repeats + 1):  # the first round warms every kernel and is dropped
-        for name, (setup, run) in probes.items():
+        for name, (setup, run, one_thread) in probes.items():
             state = setup()
-            start = time.perf_counter()
-            run(state)
+            with one_blas_thread(one_thread):
+                start = time.perf_counter()
+                run(state)
+                elapsed = time.perf_counter() - start
             if repeat:
-                times[name].append(time.perf_counter() - start)
+                times[name].append(elapsed)
     t = {name: statistics.median(values) for name, values in times.items()}
     step = t["step"]
     c_verify = {2: t["verify2"] / step, 3: t["verify3"] / step}

@@ -154,6 +154,30 @@ for name, fn in (("NumPy twin", recurrent_gated_delta_rule_numpy), ("Numba kerne
     print(f"my_recurrent == minqwen's {name}")
 
 # %% [markdown]
+# ### How the compiled kernel saves a pass over the memory
+#
+# Written as above, a token touches `S` twice: decay-and-read `v̂`, then write-and-read `o`.
+# On a CPU the memory (64 KB per head at the 0.8B shape) is what costs, so the kernel reads
+# both of a token's values from the memory *before* its update:
+#
+# $$\hat v_t = e^{g_t}\,(S_{t-1}^\top k_t), \qquad
+#   o_t = S_t^\top q_t = e^{g_t}\,(S_{t-1}^\top q_t) + (k_t \cdot q_t)\,\delta_t$$
+#
+# and the single pass that writes `S_t` also sums `S_tᵀ k_{t+1}` and `S_tᵀ q_{t+1}` for the next
+# token. The same numbers, checked here for one step:
+
+# %%
+q1, k1, v1, g1, beta1, S_prev = random_inputs(1)  # one token: q1 [1, Hv, Dk], …; S_prev [Hv, Dk, Dv]
+q0, k0, v0, g0, beta0 = q1[0], k1[0], v1[0], g1[0], beta1[0]  # that token, without the T axis
+reads_k = np.einsum("hk,hkv->hv", k0, S_prev)  # S_{t−1}ᵀ k   [Hv, Dv]
+reads_q = np.einsum("hk,hkv->hv", q0, S_prev)  # S_{t−1}ᵀ q   [Hv, Dv]
+delta = beta0[:, None] * (v0 - np.exp(g0)[:, None] * reads_k)  # β (v − v̂)   [Hv, Dv]
+o_from_old_memory = np.exp(g0)[:, None] * reads_q + np.sum(k0 * q0, axis=-1)[:, None] * delta
+o_definition, _ = my_recurrent(q1, k1, v1, g1, beta1, S_prev)
+np.testing.assert_allclose(o_from_old_memory, o_definition[0], atol=1e-12)
+print("one pass per token: the output read from the memory before its update matches")
+
+# %% [markdown]
 # ## 4 · The chunked form: the same numbers with matrix products
 #
 # The recurrent form does `T` small sequential steps. That is perfect for decoding one
