@@ -97,6 +97,7 @@ def _silu_kernel(x, out):
 
 
 def _elementwise(kernel, x: np.ndarray) -> np.ndarray:
+    """kernel(flat x, flat out) over any shape or strides of x; returns out shaped like x."""
     flat = np.ascontiguousarray(x).reshape(-1)
     out = np.empty_like(flat)
     kernel(flat, out)

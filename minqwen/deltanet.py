@@ -118,7 +118,7 @@ def _conv_loops(x, weight_t, conv_state, out):
     """
     t_len, channels = x.shape
     kernel = weight_t.shape[0]
-    for t in numba.prange(t_len):
+    for t in range(t_len):
         for c in range(channels):
             out[t, c] = 0.0
         for tap in range(kernel):
