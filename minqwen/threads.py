@@ -1,14 +1,19 @@
-"""How many threads minqwen's BLAS calls and Numba kernels use.
+"""How minqwen sets up the process it runs in: its two thread pools, and the allocator.
 
 Two thread pools do the work: the BLAS library behind NumPy's matmuls (set through
 threadpoolctl) and Numba's parallel kernels. Numba cannot use more threads than
 ``NUMBA_NUM_THREADS`` said when numba was first imported; to go higher, set that variable
 before importing minqwen.
+
+Importing minqwen also asks the C allocator to keep freed memory for reuse
+(:func:`keep_freed_memory`).
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -23,6 +28,39 @@ from .errors import MinqwenError
 # (the first parallel kernel); a value the user set wins.
 if "OMP_WAIT_POLICY" not in os.environ:
     os.environ.setdefault("GOMP_SPINCOUNT", "1000")
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc keep freed blocks of up to 32 MB for reuse, not hand them back to the OS.
+
+    A forward pass makes and drops large temporaries: in a 512-token prefill of the 0.8B
+    shape, [512, 3584] MLP activations of 7 MB, [512, 6144] DeltaNet projections of 13 MB.
+    By default glibc maps each block of more than 128 kB fresh from the kernel and unmaps it
+    when freed, so every such array starts with a page fault per 4 kB page, and the kernel
+    zeroes every page. Measured here: 75 000 faults in one such prefill, and 89 against 107
+    tokens/s with this setting (the same process, runs alternated). A speculative verify's
+    per-token DeltaNet states (2 MB a layer) cost 1 ms a layer in faults.
+    Freed blocks then stay in the process for the next pass: peak memory is unchanged (the
+    blocks are reused, not added to), but it is given back only at exit.
+
+    Does nothing where the C library is not glibc, or where the user already tuned malloc
+    (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_`` or ``GLIBC_TUNABLES`` set).
+    Returns whether the setting was applied.
+    """
+    if not sys.platform.startswith("linux") or any(
+        name in os.environ for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
+    ):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt  # glibc's; musl has none
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+    largest = 32 << 20  # the most glibc accepts for the mmap threshold on 64-bit systems
+    return bool(mallopt(m_mmap_threshold, largest)) and bool(mallopt(m_trim_threshold, 2 * largest))
+
+
+keep_freed_memory()
 
 _limits = None  # the threadpoolctl limiter in force, kept alive so the limit holds
 _controller = None  # a threadpoolctl controller, made once: making one scans the loaded libraries (~1 ms)

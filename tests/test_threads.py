@@ -1,0 +1,42 @@
+"""The process settings minqwen makes on import (minqwen/threads.py)."""
+
+import os
+import resource
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import minqwen
+from minqwen.threads import keep_freed_memory, set_threads
+
+GLIBC_LINUX = sys.platform.startswith("linux") and "CS_GNU_LIBC_VERSION" in getattr(os, "confstr_names", {})
+
+
+@pytest.mark.skipif(not GLIBC_LINUX, reason="the allocator setting is for glibc on Linux")
+def test_a_freed_large_array_is_reused_without_page_faults():
+    assert keep_freed_memory()
+    size = 8 << 20  # above glibc's default mmap threshold (128 kB), below minqwen's (32 MB)
+    first = np.ones(size // 4, np.float32)
+    del first
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    second = np.ones(size // 4, np.float32)  # writes every page
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    assert second.sum() == size // 4
+    # Mapped fresh, the 2048 pages of 4 kB would each fault once.
+    assert faults < 256, f"{faults} page faults re-allocating a freed 8 MB array"
+
+
+@pytest.mark.skipif(not GLIBC_LINUX, reason="the allocator setting is for glibc on Linux")
+def test_a_malloc_setting_of_the_user_wins():
+    code = "import minqwen.threads as t; print(t.keep_freed_memory())"
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_set_threads_rejects_what_is_not_a_count():
+    for bad in (0, -1, 1.5, "2"):
+        with pytest.raises(minqwen.MinqwenError, match="threads"):
+            set_threads(bad)
