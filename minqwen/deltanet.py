@@ -240,6 +240,9 @@ def _recurrent_loops(q, k, v, g, beta, states, out):
 # free. A prompt of BLAS_ROWS tokens or more runs serial: OpenBLAS's threads are still spinning
 # from the projections just before (~0.1 s after each call) and take one core. Measured on the
 # 0.8B shape, 512 tokens: 0.56–0.67 s serial against 0.60–0.75 s parallel for 18 layers.
+# (With OPENBLAS_THREAD_TIMEOUT=18 OpenBLAS's threads sleep ~0.1 ms after a call, and the
+# parallel build took 0.28–0.38 s; but the whole prefill was no faster, 101–113 against
+# 106–119 tok/s over four pairs of runs: every product then had to wake its threads.)
 _recurrent_kernel, _recurrent_kernel_parallel = serial_and_parallel(_recurrent_loops)
 PARALLEL_FROM = 1 << 21  # multiply-adds per call (tokens × heads × Dk × Dv) worth a parallel region
 

@@ -1,7 +1,7 @@
 """Properties of the Gated DeltaNet recurrence and its short convolution.
 
 Three implementations of one recurrence must agree: the NumPy definition, the Numba kernel
-that decoding runs, and the chunked (WY) form that prefill runs.
+that prefill and decoding run, and the chunked (WY) matmul form that GPU kernels use.
 """
 
 import numpy as np

@@ -8,8 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-import minqwen
-from minqwen.threads import keep_freed_memory, set_threads
+from minqwen.threads import keep_freed_memory
 
 GLIBC_LINUX = sys.platform.startswith("linux") and "CS_GNU_LIBC_VERSION" in getattr(os, "confstr_names", {})
 
@@ -35,8 +34,3 @@ def test_a_malloc_setting_of_the_user_wins():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
-
-def test_set_threads_rejects_what_is_not_a_count():
-    for bad in (0, -1, 1.5, "2"):
-        with pytest.raises(minqwen.MinqwenError, match="threads"):
-            set_threads(bad)
