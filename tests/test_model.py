@@ -119,6 +119,24 @@ def test_a_cache_copy_rolls_back_exactly():
     assert snapshot.position == 30 and cache.position == 37
 
 
+def test_a_kv_cache_keeps_spare_room_and_its_copy_keeps_the_same():
+    from minqwen.attention import KVCache
+
+    rng = np.random.default_rng(3)
+    cache = KVCache(num_kv_heads=2, head_dim=4)
+    prompt_k, prompt_v = rng.standard_normal((2, 40, 2, 4), dtype=np.float32)  # [T, Hkv, D] each
+    cache.append(prompt_k, prompt_v)
+    copy = cache.copy()
+    buffer = copy.keys
+    step_k, step_v = rng.standard_normal((2, 1, 2, 4), dtype=np.float32)
+    keys, values = copy.append(step_k, step_v)  # a decode step right after the prompt
+    assert copy.keys is buffer  # no re-allocation: the copy had the original's spare room
+    np.testing.assert_array_equal(keys, np.concatenate([prompt_k, step_k]).transpose(1, 0, 2))
+    np.testing.assert_array_equal(values, np.concatenate([prompt_v, step_v]).transpose(1, 0, 2))
+    assert cache.length == 40 and copy.length == 41  # the original is untouched
+    np.testing.assert_array_equal(cache.keys[:, :40], prompt_k.transpose(1, 0, 2))
+
+
 def test_cache_reports_its_size():
     model = MODELS["text_tied_fp32"]
     cache = model.new_cache()

@@ -15,8 +15,8 @@ Decode figure: 64 new tokens after a 16-token prompt, greedy, last-position logi
 second run (Numba's cache warm); tokens/s = 63 ÷ the time after the first new token.
 
 Decode at long context (minqwen only: the target is a ratio to its own decode at 512): a real
-prefill of 512 or 16k random tokens, once, then the decode figure from a copy of that cache per
-repeat. The 16k prefill takes a few minutes; ``--long-context 0`` skips it.
+prefill of 512 and of 16k random tokens, once each, then per repeat the decode figure from a copy
+of each cache in turn. The 16k prefill takes a few minutes; ``--long-context 0`` skips it.
 
 Cold start: import + load + first token in a new process, with Numba's on-disk cache warm;
 the first-call JIT cost is the same run with an empty cache, minus that.
@@ -118,18 +118,26 @@ class Minqwen:
             token = int(np.argmax(self.model.forward([token], cache, last_only=True)[-1]))
         return time.perf_counter() - start
 
-    def decode_at_context(self, context, n_new, rng, repeats):
-        """Seconds for tokens 2 … n_new after a prefill of ``context`` random tokens, one per repeat."""
-        ids = rng.integers(0, self.model.config.vocab_size, size=context)
-        cache = self.model.new_cache()
-        first = int(np.argmax(self.model.forward(ids, cache, last_only=True)[-1]))
-        times = []
+    def decode_at_contexts(self, contexts, n_new, rng, repeats):
+        """Per context: seconds for tokens 2 … n_new after a prefill of that many random tokens.
+
+        Each context is prefilled once; then every repeat decodes from a copy of each cache in
+        turn (round-robin, so a slow minute of the machine slows every context alike).
+        """
+        prefilled = {}
+        for context in contexts:
+            ids = rng.integers(0, self.model.config.vocab_size, size=context)
+            cache = self.model.new_cache()
+            first = int(np.argmax(self.model.forward(ids, cache, last_only=True)[-1]))
+            prefilled[context] = cache, first
+        times = {context: [] for context in contexts}
         for _ in range(repeats):
-            branch, token = cache.copy(), first
-            start = time.perf_counter()
-            for _ in range(n_new - 1):
-                token = int(np.argmax(self.model.forward([token], branch, last_only=True)[-1]))
-            times.append(time.perf_counter() - start)
+            for context, (cache, first) in prefilled.items():
+                branch, token = cache.copy(), first
+                start = time.perf_counter()
+                for _ in range(n_new - 1):
+                    token = int(np.argmax(self.model.forward([token], branch, last_only=True)[-1]))
+                times[context].append(time.perf_counter() - start)
         return times
 
 
@@ -276,8 +284,8 @@ def main() -> int:
         if kind != "minqwen":
             continue
         runner = Minqwen(folder, dtype)
-        for context in (512, args.long_context) if args.long_context else ():
-            times = runner.decode_at_context(context, 64, rng, args.repeats)
+        contexts = (512, args.long_context) if args.long_context else ()
+        for context, times in runner.decode_at_contexts(contexts, 64, rng, args.repeats).items():
             row[f"decode_at_{context}_tps"] = 63 / statistics.median(times)
         if args.long_context:
             row["long_over_512"] = row[f"decode_at_{args.long_context}_tps"] / row["decode_at_512_tps"]
