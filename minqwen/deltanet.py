@@ -40,7 +40,7 @@ import numpy as np
 from .activations import ACTIVATIONS, sigmoid, softplus
 from .linear import BLAS_ROWS, linear
 from .norms import gated_rms_norm
-from .threads import serial_and_parallel
+from .threads import OPENBLAS_THREADS_NAP, serial_and_parallel
 
 CHUNK_SIZE = 64
 # Which form runs a multi-token call. Measured on this project's 2-core CPU at the real
@@ -240,9 +240,12 @@ def _recurrent_loops(q, k, v, g, beta, states, out):
 # free. A prompt of BLAS_ROWS tokens or more runs serial: OpenBLAS's threads are still spinning
 # from the projections just before (~0.1 s after each call) and take one core. Measured on the
 # 0.8B shape, 512 tokens: 0.56–0.67 s serial against 0.60–0.75 s parallel for 18 layers.
-# (With OPENBLAS_THREAD_TIMEOUT=18 OpenBLAS's threads sleep ~0.1 ms after a call, and the
-# parallel build took 0.28–0.38 s; but the whole prefill was no faster, 101–113 against
-# 106–119 tok/s over four pairs of runs: every product then had to wake its threads.)
+# With OPENBLAS_THREAD_TIMEOUT=18 set when the process starts, OpenBLAS's threads sleep
+# ~0.1 ms after a call, and prompts take the parallel build too (threads.OPENBLAS_THREADS_NAP).
+# It pays on some machines, not others, because every product must then wake its threads:
+# on an AMD EPYC the recurrence fell to 0.28–0.38 s but the whole 512-token prefill was no
+# faster (101–113 against 106–119 tok/s); on an Intel Xeon VM it was 184–187 against 171 tok/s
+# (four alternated runs each), so it is the user's choice, not the default.
 _recurrent_kernel, _recurrent_kernel_parallel = serial_and_parallel(_recurrent_loops)
 PARALLEL_FROM = 1 << 21  # multiply-adds per call (tokens × heads × Dk × Dv) worth a parallel region
 
@@ -262,7 +265,7 @@ def recurrent_gated_delta_rule(q, k, v, g, beta, state, every_state: bool = Fals
         states = np.empty((max(1, t_len) if every_state else 1, *state.shape), q.dtype)  # [T or 1, Hv, Dk, Dv]
         states[0] = state  # the kernel updates states in place: the caller's stays as it was
     out = np.empty(v.shape, q.dtype)  # [T, Hv, Dv]
-    parallel = state.size * t_len >= PARALLEL_FROM and t_len < BLAS_ROWS
+    parallel = state.size * t_len >= PARALLEL_FROM and (t_len < BLAS_ROWS or OPENBLAS_THREADS_NAP)
     kernel = _recurrent_kernel_parallel if parallel else _recurrent_kernel
     kernel(
         np.ascontiguousarray(q), np.ascontiguousarray(k), np.ascontiguousarray(v),

@@ -35,6 +35,23 @@ if "OMP_WAIT_POLICY" not in os.environ:
     os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 
+def _openblas_threads_nap() -> bool:
+    """Whether the user started the process with OpenBLAS told to let its threads sleep soon.
+
+    OpenBLAS's idle threads spin for 2^OPENBLAS_THREAD_TIMEOUT cycles (default 2^28, ~0.1 s)
+    after each product before they sleep; it reads the variable once, when NumPy loads it.
+    At 18 or less (~0.1 ms) the cores are free right after a product, and a prompt's Gated
+    DeltaNet recurrence can take both (see deltanet.recurrent_gated_delta_rule).
+    """
+    try:
+        return int(os.environ.get("OPENBLAS_THREAD_TIMEOUT", "")) <= 18
+    except ValueError:
+        return False
+
+
+OPENBLAS_THREADS_NAP = _openblas_threads_nap()
+
+
 def keep_freed_memory() -> bool:
     """Have glibc's malloc keep freed blocks of up to 32 MB for reuse, not hand them back to the OS.
 

@@ -16,6 +16,7 @@ from minqwen.deltanet import (
     recurrent_gated_delta_rule,
     recurrent_gated_delta_rule_numpy,
 )
+from minqwen.linear import BLAS_ROWS
 
 
 def random_inputs(rng, t_len, heads, dk, dv, dtype, with_state=True):
@@ -179,6 +180,37 @@ def test_compiled_conv1d_equals_numpy_twin(shape):
     # the same taps summed in the same order, and no fastmath: the same roundings, bit for bit
     np.testing.assert_array_equal(out, out_ref)
     np.testing.assert_array_equal(new_state, state_ref)
+
+
+def test_a_prompt_takes_the_parallel_build_only_when_openblas_threads_nap(monkeypatch):
+    import minqwen.deltanet as deltanet
+
+    calls = []
+    for name in ("_recurrent_kernel", "_recurrent_kernel_parallel"):
+        kernel = getattr(deltanet, name)
+        monkeypatch.setattr(deltanet, name, lambda *a, kernel=kernel, name=name: (calls.append(name), kernel(*a)))
+    monkeypatch.setattr(deltanet, "PARALLEL_FROM", 0)
+    args = random_inputs(np.random.default_rng(6), 2 * BLAS_ROWS, 3, 16, 12, np.float32)  # a prompt
+    o_ref, s_ref = recurrent_gated_delta_rule_numpy(*args)
+    for nap, expected in ((False, "_recurrent_kernel"), (True, "_recurrent_kernel_parallel")):
+        monkeypatch.setattr(deltanet, "OPENBLAS_THREADS_NAP", nap)
+        calls.clear()
+        o, s = recurrent_gated_delta_rule(*args)
+        assert calls == [expected]
+        np.testing.assert_allclose(o, o_ref, rtol=0, atol=2e-6 * np.abs(o_ref).max())
+        np.testing.assert_allclose(s, s_ref, rtol=0, atol=2e-6 * np.abs(s_ref).max())
+
+
+@pytest.mark.parametrize("value, naps", [("18", True), ("4", True), ("19", False), ("28", False), ("", False),
+                                         ("soon", False), (None, False)])
+def test_openblas_thread_timeout_is_read_as_openblas_reads_it(monkeypatch, value, naps):
+    from minqwen import threads
+
+    if value is None:
+        monkeypatch.delenv("OPENBLAS_THREAD_TIMEOUT", raising=False)
+    else:
+        monkeypatch.setenv("OPENBLAS_THREAD_TIMEOUT", value)
+    assert threads._openblas_threads_nap() is naps
 
 
 @pytest.mark.parametrize("parallel_from", [0, 1 << 60])
