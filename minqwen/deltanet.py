@@ -244,8 +244,8 @@ def _recurrent_loops(q, k, v, g, beta, states, out):
 # ~0.1 ms after a call, and prompts take the parallel build too (threads.OPENBLAS_THREADS_NAP).
 # It pays on some machines, not others, because every product must then wake its threads:
 # on an AMD EPYC the recurrence fell to 0.28–0.38 s but the whole 512-token prefill was no
-# faster (101–113 against 106–119 tok/s); on an Intel Xeon VM it was 184–187 against 171 tok/s
-# (four alternated runs each), so it is the user's choice, not the default.
+# faster (101–113 against 106–119 tok/s); on an Intel Xeon VM it was 184–188 against 165–171
+# tok/s (alternated runs), so it is the user's choice, not the default.
 _recurrent_kernel, _recurrent_kernel_parallel = serial_and_parallel(_recurrent_loops)
 PARALLEL_FROM = 1 << 21  # multiply-adds per call (tokens × heads × Dk × Dv) worth a parallel region
 

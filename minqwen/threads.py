@@ -29,8 +29,8 @@ from .errors import MinqwenError
 # step launches ~200 kernels, each ending in a barrier where the thread done first waits for
 # the other. 10 000 spins (50-200 us there) keep the pool awake through a decode step and
 # still let it sleep through a prefill's products: bf16 decode 11.2-11.5 -> 12.7-12.9
-# tokens/s; float32 decode and prefills unchanged (same machine, alternated runs). Set before the OpenMP runtime
-# starts (the first parallel kernel); a value the user set wins.
+# tokens/s; float32 decode and prefills unchanged (same machine, alternated runs). Set
+# before the OpenMP runtime starts (the first parallel kernel); a value the user set wins.
 if "OMP_WAIT_POLICY" not in os.environ:
     os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
