@@ -40,7 +40,7 @@ import numpy as np
 from .activations import ACTIVATIONS, sigmoid, softplus
 from .linear import BLAS_ROWS, linear
 from .norms import gated_rms_norm
-from .threads import OPENBLAS_THREADS_NAP, serial_and_parallel
+from .threads import OPENBLAS_THREADS_NAP, numba_does_the_products, serial_and_parallel
 
 CHUNK_SIZE = 64
 # Which form runs a multi-token call. Measured on this project's 2-core CPU at the real
@@ -246,8 +246,14 @@ def _recurrent_loops(q, k, v, g, beta, states, out):
 # on an AMD EPYC the recurrence fell to 0.28–0.38 s but the whole 512-token prefill was no
 # faster (101–113 against 106–119 tok/s); on an Intel Xeon VM it was 184–188 against 165–171
 # tok/s (alternated runs), so it is the user's choice, not the default.
+# Where Numba's kernels do the products (bf16 weights; see threads.one_blas_thread) its pool is
+# awake between calls and the cores are free, so even a decode step's heads are worth splitting:
+# measured on the 0.8B shape, Intel Xeon VM, bf16 decode 14.4-14.6 against 14.9-15.1 tokens/s.
+# Not with float32 weights: there OpenBLAS's threads spin after each product and take a core
+# (float32 decode 9.1-9.2 serial against 8.7 parallel).
 _recurrent_kernel, _recurrent_kernel_parallel = serial_and_parallel(_recurrent_loops)
-PARALLEL_FROM = 1 << 21  # multiply-adds per call (tokens × heads × Dk × Dv) worth a parallel region
+PARALLEL_FROM = 1 << 21  # multiply-adds per call (tokens × heads × Dk × Dv) worth waking the pool
+PARALLEL_FROM_AWAKE = 1 << 16  # the same when Numba's pool is already awake
 
 
 def recurrent_gated_delta_rule(q, k, v, g, beta, state, every_state: bool = False, in_place: bool = False):
@@ -265,7 +271,10 @@ def recurrent_gated_delta_rule(q, k, v, g, beta, state, every_state: bool = Fals
         states = np.empty((max(1, t_len) if every_state else 1, *state.shape), q.dtype)  # [T or 1, Hv, Dk, Dv]
         states[0] = state  # the kernel updates states in place: the caller's stays as it was
     out = np.empty(v.shape, q.dtype)  # [T, Hv, Dv]
-    parallel = state.size * t_len >= PARALLEL_FROM and (t_len < BLAS_ROWS or OPENBLAS_THREADS_NAP)
+    work = state.size * t_len
+    parallel = (work >= PARALLEL_FROM and (t_len < BLAS_ROWS or OPENBLAS_THREADS_NAP)) or (
+        work >= PARALLEL_FROM_AWAKE and numba_does_the_products()
+    )
     kernel = _recurrent_kernel_parallel if parallel else _recurrent_kernel
     kernel(
         np.ascontiguousarray(q), np.ascontiguousarray(k), np.ascontiguousarray(v),

@@ -1,25 +1,22 @@
 """The projection every layer is made of: y = x · Wᵀ (+ b), with W stored [out, in] as in the checkpoint.
 
-Weights are either float32 arrays (NumPy hands them to BLAS), or — in the bf16-resident mode
+Weights are either float32 arrays, or — in the bf16-resident mode
 (``minqwen.load(path, dtype="bfloat16")``) — the checkpoint's bf16 values kept as they are,
 half the memory and half the bytes a decode step must read. bf16 is the top half of a
 float32, so widening is exact: shift the 16 bits left by 16 and read the result as a float32.
 
-For bf16 weights:
+The products themselves:
 
-* :func:`linear_bf16_numpy` — the definition: widen, then multiply. Slow and clear.
-* :func:`_bf16_rows_kernel` — Numba: walks each weight row once, widening on the fly and
-  accumulating in float32 for every input row at once (decode has 1 row, a speculative
-  verify a few). This is what decoding runs; tests hold it to the NumPy twin.
-* for many input rows (a prefill), blocks of weight rows are widened to float32 and handed
-  to BLAS, which is compute-bound there anyway.
-
-For float32 weights, one input row (a decode step) and many (a prefill) go to BLAS. A few
-rows — a speculative verify of 2 to 15 positions — go to :func:`_f32_rows_kernel`, which
-reads each weight row once for all of them: OpenBLAS's GEMM for 2 rows was measured here at
-3–5× the time of one row's GEMV (its blocking is made for many rows), the kernel at 1.0–1.15×
-(a whole 2-position forward of the 0.8B shape measured at 1.03× a decode step).
-Its twin is the plain product ``x @ W.T``.
+* :func:`linear_bf16_numpy` — the definition for bf16 weights: widen, then multiply. Slow
+  and clear. For float32 weights the definition is the plain product ``x @ W.T``.
+* :func:`_rows_loops` — Numba: for a few input rows (a decode step has 1, a speculative
+  verify 2 to 15), reads each weight row once for all of them, widening bf16 on the fly and
+  accumulating in float32. Decoding runs this, for both weight formats; tests hold it to
+  the twins. For float32 it beats BLAS here: OpenBLAS's GEMM for 2 rows was measured at
+  3-5× the time of one row's GEMV (its blocking is made for many rows), and even for one row
+  the kernel reads memory faster (see :func:`_rows_loops` for why).
+* for many input rows (a prefill) BLAS does the product, compute-bound there anyway; bf16
+  weights are widened to float32 a block of rows at a time first.
 """
 
 from __future__ import annotations
@@ -29,7 +26,7 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 from .threads import serial_and_parallel
 
@@ -41,15 +38,15 @@ WIDEN_BLOCK = 1024  # weight rows widened at a time: a few MB of float32 scratch
 
 def numba_multiplies(weight_dtype, n_rows: int) -> bool:
     """Whether :func:`linear` hands ``n_rows`` input rows times weights of this dtype to a Numba kernel."""
-    return (weight_dtype == BF16 and n_rows < BLAS_ROWS) or (weight_dtype == np.float32 and 1 < n_rows < BLAS_ROWS)
+    return weight_dtype in (BF16, np.float32) and n_rows < BLAS_ROWS
 
 
 def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
     # x: [T, in], weight: [out, in] → [T, out]
     if weight.dtype == BF16:
         y = linear_bf16(x, weight)
-    elif weight.dtype == x.dtype == np.float32 and 1 < x.shape[0] < BLAS_ROWS:
-        y = linear_f32_rows(x, weight)
+    elif weight.dtype == x.dtype == np.float32 and x.shape[0] < BLAS_ROWS:
+        y = linear_few_rows(x, weight)
     else:
         y = x @ weight.T  # NumPy hands the transposed view to BLAS as is
     if bias is not None:
@@ -74,37 +71,99 @@ def _float32_from_bits(typingctx, bits):
     return sig, codegen
 
 
-@numba.njit(parallel=True, fastmath=True, cache=True)
-def _bf16_rows_kernel(x, w_bits, out):
-    """out[t, r] = Σ_i x[t, i] · widen(w_bits[r, i]) for all t, reading each weight row once.
+def as_float32(w):
+    """One weight as a float32: bf16 bits (uint16) widened, a float32 as it is."""
+    return np.float32(w)
 
-    Input rows go two at a time: each weight is widened once and used for both (measured: two
-    rows cost 1.2× one row on a 65536 × 1024 weight, against 1.34× one row at a time).
-    fastmath lets LLVM reorder the sums into vector lanes; the result differs from the twin
-    only by float32 rounding of a reordered sum (tests bound it).
+
+@overload(as_float32, inline="always")
+def _as_float32_compiled(w):
+    if w == types.uint16:
+        return lambda w: _float32_from_bits(np.uint32(w) << np.uint32(16))
+    return lambda w: w
+
+
+@numba.njit(inline="always")
+def _row_a_quarter_on(r, k, quarter, n_out):
+    """Row r + k·quarter, or r itself where that runs past the last row (r is then computed twice)."""
+    row = r + k * quarter
+    return row if row < n_out else r
+
+
+def _rows_loops(x, weight, out):
+    """out[t, r] = Σ_i x[t, i] · weight[r, i] for every t, reading each weight row from memory once.
+
+    ``weight`` [out, in] is float32, or bf16 bits (uint16) that :func:`as_float32` widens as
+    they are read. Each step takes four weight rows a quarter of the matrix apart, and input
+    rows two at a time.
+    Why a quarter apart: each core then reads four separate streams of memory, which the
+    hardware prefetcher follows side by side, so more of memory's latency overlaps. Measured
+    on an Intel Xeon VM, 2 threads, 0.8B-shaped matrices, one input row: bf16 26-29 GB/s
+    against 21-25 walking one row at a time (where even a loop that only summed the raw bits
+    ran at 21-23); float32 31-33 GB/s, 2-10% faster than OpenBLAS's GEMV.
+    Why four rows and two inputs at once: each widened weight serves both inputs, each loaded
+    x serves four rows, and the eight sums are independent, so the FMA units never wait on one
+    sum's previous add. Two input rows cost 1.04-1.08× one (bf16; one weight row at a time
+    they cost 1.4-1.6×).
+    The rows are taken as 1-D views, which LLVM turns into vector loops (2-D indexing in the
+    inner loop defeated it: ~3× slower, measured). fastmath lets LLVM reorder each sum into
+    vector lanes, so the result differs from the twin only by float32 rounding of a reordered
+    sum (tests bound it).
     """
     n_rows, n_in = x.shape
-    for r in numba.prange(w_bits.shape[0]):
-        w = w_bits[r]  # [in]: from memory once, then from cache
+    n_out = weight.shape[0]
+    quarter = (n_out + 3) // 4
+    for r in numba.prange(quarter):
+        r0 = np.int64(r)
+        r1 = _row_a_quarter_on(r0, 1, quarter, n_out)
+        r2 = _row_a_quarter_on(r0, 2, quarter, n_out)
+        r3 = _row_a_quarter_on(r0, 3, quarter, n_out)
+        w0, w1, w2, w3 = weight[r0], weight[r1], weight[r2], weight[r3]  # [in] each
         t = 0
         while t + 1 < n_rows:
-            x0 = x[t]
-            x1 = x[t + 1]
-            a0 = np.float32(0.0)
-            a1 = np.float32(0.0)
+            x0, x1 = x[t], x[t + 1]
+            a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = np.float32(0.0)
             for i in range(n_in):
-                w_i = _float32_from_bits(np.uint32(w[i]) << np.uint32(16))
-                a0 += x0[i] * w_i
-                a1 += x1[i] * w_i
-            out[t, r] = a0
-            out[t + 1, r] = a1
+                v0, v1, v2, v3 = as_float32(w0[i]), as_float32(w1[i]), as_float32(w2[i]), as_float32(w3[i])
+                a00 += x0[i] * v0
+                a01 += x0[i] * v1
+                a02 += x0[i] * v2
+                a03 += x0[i] * v3
+                a10 += x1[i] * v0
+                a11 += x1[i] * v1
+                a12 += x1[i] * v2
+                a13 += x1[i] * v3
+            out[t, r0], out[t, r1], out[t, r2], out[t, r3] = a00, a01, a02, a03
+            out[t + 1, r0], out[t + 1, r1], out[t + 1, r2], out[t + 1, r3] = a10, a11, a12, a13
             t += 2
-        if t < n_rows:  # an odd row out
+        if t < n_rows:  # an odd input row out (a decode step's only one)
             x0 = x[t]
-            a0 = np.float32(0.0)
+            a00 = a01 = a02 = a03 = np.float32(0.0)
             for i in range(n_in):
-                a0 += x0[i] * _float32_from_bits(np.uint32(w[i]) << np.uint32(16))
-            out[t, r] = a0
+                a00 += x0[i] * as_float32(w0[i])
+                a01 += x0[i] * as_float32(w1[i])
+                a02 += x0[i] * as_float32(w2[i])
+                a03 += x0[i] * as_float32(w3[i])
+            out[t, r0], out[t, r1], out[t, r2], out[t, r3] = a00, a01, a02, a03
+
+
+# Waking the thread pool costs more than a small matrix takes: those run the serial build.
+_rows_kernel, _rows_kernel_parallel = serial_and_parallel(_rows_loops, fastmath=True)
+PARALLEL_FROM = 1 << 18  # weights (out × in) worth a parallel region
+
+
+def linear_few_rows(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """x [T, in] · weight [out, in]ᵀ → [T, out] float32 with the row kernel: T small, weight float32 or bf16.
+
+    Its twins: ``x @ weight.T`` for float32, :func:`linear_bf16_numpy` for bf16.
+    """
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    weight = np.ascontiguousarray(weight)
+    rows = weight.view(np.uint16) if weight.dtype == BF16 else weight  # Numba knows bf16 as its bits
+    out = np.empty((x.shape[0], weight.shape[0]), np.float32)
+    kernel = _rows_kernel_parallel if weight.size >= PARALLEL_FROM else _rows_kernel
+    kernel(x, rows, out)
+    return out
 
 
 def _widen_loops(w_bits, out):
@@ -131,12 +190,11 @@ def widen_bf16(weight: np.ndarray) -> np.ndarray:
 
 def linear_bf16(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
     """x [T, in] float32 · bf16 weight [out, in]ᵀ → [T, out] float32, accumulating in float32."""
+    if x.shape[0] < BLAS_ROWS:
+        return linear_few_rows(x, weight)
     x = np.ascontiguousarray(x, dtype=np.float32)
     bits = weight.view(np.uint16)
     out = np.empty((x.shape[0], weight.shape[0]), np.float32)
-    if x.shape[0] < BLAS_ROWS:
-        _bf16_rows_kernel(x, bits, out)
-        return out
     scratch = np.empty((min(WIDEN_BLOCK, weight.shape[0]), weight.shape[1]), np.float32)
     for start in range(0, weight.shape[0], WIDEN_BLOCK):
         stop = min(start + WIDEN_BLOCK, weight.shape[0])
@@ -144,58 +202,3 @@ def linear_bf16(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
         _widen_kernel_serial(bits[start:stop], block)
         out[:, start:stop] = x @ block.T
     return out
-
-
-def _f32_rows_loops(x, weight, out):
-    """out[t, r] = Σ_i x[t, i] · weight[r, i], four weight rows r and two input rows t at a time.
-
-    x has an even number of rows (zero-padded). Each weight row is read from memory once, each
-    value of x serves four weight rows, and the eight sums of a 4 × 2 block are independent, so
-    the FMA units need not wait on one sum's previous add (measured on the 0.8B shape's layer
-    weights, 2 rows, no BLAS threads awake: 23 GB/s against 20 GB/s one weight row at a time;
-    BLAS's 1-row GEMV 25).
-    The rows are taken as 1-D views, which LLVM turns into vector loops (2-D indexing in the
-    inner loop defeated it: ~3× slower, measured). The last block repeats the last weight row
-    where it runs short. fastmath lets LLVM reorder each sum into vector lanes, so the result
-    differs from ``x @ W.T`` only by float32 rounding (tests bound it).
-    """
-    n_rows, n_in = x.shape
-    last = weight.shape[0] - 1
-    for block in numba.prange((last + 4) // 4):
-        r0 = 4 * block
-        r1, r2, r3 = min(r0 + 1, last), min(r0 + 2, last), min(r0 + 3, last)
-        w0, w1, w2, w3 = weight[r0], weight[r1], weight[r2], weight[r3]  # [in] each
-        for t in range(0, n_rows, 2):
-            x0, x1 = x[t], x[t + 1]
-            a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = np.float32(0.0)
-            for i in range(n_in):
-                a00 += x0[i] * w0[i]
-                a01 += x0[i] * w1[i]
-                a02 += x0[i] * w2[i]
-                a03 += x0[i] * w3[i]
-                a10 += x1[i] * w0[i]
-                a11 += x1[i] * w1[i]
-                a12 += x1[i] * w2[i]
-                a13 += x1[i] * w3[i]
-            out[t, r0], out[t, r1], out[t, r2], out[t, r3] = a00, a01, a02, a03
-            out[t + 1, r0], out[t + 1, r1], out[t + 1, r2], out[t + 1, r3] = a10, a11, a12, a13
-
-
-# Waking the thread pool costs more than a small matrix takes: those run the serial build.
-_f32_rows_kernel, _f32_rows_kernel_parallel = serial_and_parallel(_f32_rows_loops, fastmath=True)
-F32_PARALLEL_FROM = 1 << 18  # weights (out × in) worth a parallel region
-
-
-def linear_f32_rows(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
-    """x [T, in] · float32 weight [out, in]ᵀ → [T, out] with the row kernel (T small; its twin: x @ weight.T)."""
-    n_rows = x.shape[0]
-    if n_rows % 2:
-        padded = np.zeros((n_rows + 1, x.shape[1]), np.float32)  # [T rounded up to even, in]
-        padded[:n_rows] = x
-    else:
-        padded = np.ascontiguousarray(x, dtype=np.float32)
-    out = np.empty((padded.shape[0], weight.shape[0]), np.float32)
-    kernel = _f32_rows_kernel_parallel if weight.size >= F32_PARALLEL_FROM else _f32_rows_kernel
-    kernel(padded, np.ascontiguousarray(weight), out)
-    return out[:n_rows]
-

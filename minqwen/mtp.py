@@ -535,11 +535,10 @@ def speculative_generate(
     stats.prefill_seconds = time.perf_counter() - start
     decode_start = time.perf_counter()
 
-    # With float32 weights a draft's one-row products would go to OpenBLAS, whose threads then
-    # spin for ~0.1 s and take a core from the verify's Numba kernels (measured on the 0.8B
-    # shape: c_verify(2) 1.48–1.65 after a multi-threaded draft). So the cycle keeps BLAS on
-    # one thread; the verify's few-row kernels still use every core.
-    quiet_blas = model.weights_dtype == np.float32
+    # A cycle's products all have few rows, so Numba's kernels do them on every core; BLAS is
+    # held to one thread for the whole cycle, draft included, so that no OpenBLAS thread is left
+    # spinning on a core the verify needs (measured on the 0.8B shape when float32 drafts went
+    # to a multi-threaded OpenBLAS GEMV: c_verify(2) 1.48–1.65).
     # pending: the tokens to yield next; first_at: the position of the first of them; settle:
     # how to cut the caches back once we know how many of them were yielded.
     pending, first_at, settle = [token], cache.position, None
@@ -573,7 +572,7 @@ def speculative_generate(
         k = min(draft_tokens, max_new_tokens - len(generated) - 1, max_context - fed - 1)
         q: list = []  # the distribution each draft was drawn from (None: an argmax)
         pick = _draft_picker(params, rng, seen, generated, argmax_drafts, q)
-        with one_blas_thread(quiet_blas):
+        with one_blas_thread():
             drafts = draft(model, head, mtp_cache, k, pick, draft_vocab, seen) if k > 0 else []
             hidden, logits = verify(model, cache, [generated[-1]] + drafts)
         emitted, n_accepted = accept(logits, drafts, q, params, rng, seen, generated)
@@ -584,7 +583,7 @@ def speculative_generate(
         def settle(kept, fed=fed, hidden=hidden, emitted=emitted):
             # the cache holds the verify's first `kept` tokens; the MTP head learns their pairs
             keep_first(cache, fed, kept)
-            with one_blas_thread(quiet_blas):
+            with one_blas_thread():
                 mtp_cache.commit(model, head, hidden[:kept], emitted[:kept])
 
         pending, first_at = emitted, fed + 1

@@ -166,7 +166,7 @@ def one_blas_thread(active: bool = True):
     matmuls are big enough for OpenBLAS to go parallel): 311 ms a decode step, 103 ms with BLAS
     on one thread. Switching costs ~12 µs.
     """
-    global _controller
+    global _controller, _blas_aside
     if not active:
         yield
         return
@@ -175,7 +175,19 @@ def one_blas_thread(active: bool = True):
 
         _controller = ThreadpoolController()
     with _controller.limit(limits=1, user_api="blas"):
-        yield
+        _blas_aside += 1
+        try:
+            yield
+        finally:
+            _blas_aside -= 1
+
+
+_blas_aside = 0  # how many one_blas_thread blocks are open
+
+
+def numba_does_the_products() -> bool:
+    """Whether we are inside :func:`one_blas_thread`: Numba's pool is awake and the cores are its own."""
+    return _blas_aside > 0
 
 
 def threads_in_use() -> dict:

@@ -201,6 +201,28 @@ def test_a_prompt_takes_the_parallel_build_only_when_openblas_threads_nap(monkey
         np.testing.assert_allclose(s, s_ref, rtol=0, atol=2e-6 * np.abs(s_ref).max())
 
 
+def test_a_decode_step_takes_the_parallel_build_only_while_numba_does_the_products(monkeypatch):
+    import minqwen.deltanet as deltanet
+    from minqwen.threads import numba_does_the_products, one_blas_thread
+
+    calls = []
+    for name in ("_recurrent_kernel", "_recurrent_kernel_parallel"):
+        kernel = getattr(deltanet, name)
+        monkeypatch.setattr(deltanet, name, lambda *a, kernel=kernel, name=name: (calls.append(name), kernel(*a)))
+    monkeypatch.setattr(deltanet, "PARALLEL_FROM", 1 << 60)  # never worth waking the pool
+    monkeypatch.setattr(deltanet, "PARALLEL_FROM_AWAKE", 0)  # always worth using an awake one
+    args = random_inputs(np.random.default_rng(8), 1, 3, 16, 12, np.float32)  # one token
+    o_ref, s_ref = recurrent_gated_delta_rule_numpy(*args)
+    for aside, expected in ((False, "_recurrent_kernel"), (True, "_recurrent_kernel_parallel")):
+        calls.clear()
+        with one_blas_thread(aside):
+            assert numba_does_the_products() is aside
+            o, s = recurrent_gated_delta_rule(*args)
+        assert calls == [expected] and not numba_does_the_products()
+        np.testing.assert_allclose(o, o_ref, rtol=0, atol=2e-6 * np.abs(o_ref).max())
+        np.testing.assert_allclose(s, s_ref, rtol=0, atol=2e-6 * np.abs(s_ref).max())
+
+
 @pytest.mark.parametrize("value, naps", [("18", True), ("4", True), ("19", False), ("28", False), ("", False),
                                          ("soon", False), (None, False)])
 def test_openblas_thread_timeout_is_read_as_openblas_reads_it(monkeypatch, value, naps):

@@ -38,7 +38,6 @@ from minqwen.attention import AttentionWeights
 from minqwen.deltanet import DeltaNetState
 from minqwen import golden
 from minqwen.generate import generate_ids
-from minqwen.linear import linear, linear_f32_rows
 from minqwen.mlp import MLPWeights
 from minqwen.model import DecoderLayer, Model
 from minqwen.moe import Experts, MoEWeights
@@ -332,18 +331,6 @@ def test_a_verify_keeps_each_deltanet_state_a_decode_step_would_leave(name, past
     n = keep.draw(st.integers(1, k + 1))
     keep_first(cache, past, n)
     assert_caches_equal(cache, snapshots[n - 1], atol, "rolled back")
-
-
-@settings(max_examples=30, deadline=None)
-@given(rows=st.integers(2, 15), n_in=st.integers(1, 300), n_out=st.integers(1, 200), seed=st.integers(0, 99))
-def test_the_few_row_float32_kernel_equals_its_numpy_twin(rows, n_in, n_out, seed):
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((rows, n_in)).astype(np.float32)
-    w = rng.standard_normal((n_out, n_in)).astype(np.float32)
-    twin = x @ w.T
-    bound = 1e-6 * (np.abs(x) @ np.abs(w).T) + 1e-6  # float32 rounding of a reordered sum
-    assert np.all(np.abs(linear_f32_rows(x, w) - twin) <= bound)
-    assert np.all(np.abs(linear(x, w) - twin) <= bound)  # linear() routes 2–15 rows to the kernel
 
 
 # ============================================================================ greedy equals plain greedy

@@ -86,7 +86,7 @@ def test_serial_and_parallel_builds_of_a_kernel_keep_separate_numba_caches():
     # name would load each other's code (a "parallel" kernel then runs on one thread).
     from minqwen import deltanet, linear
 
-    pairs = [(linear._f32_rows_kernel, linear._f32_rows_kernel_parallel),
+    pairs = [(linear._rows_kernel, linear._rows_kernel_parallel),
              (linear._widen_kernel_serial, linear._widen_kernel),
              (deltanet._recurrent_kernel, deltanet._recurrent_kernel_parallel)]
     names = set()

@@ -33,7 +33,7 @@ import course
 import minqwen
 from minqwen.deltanet import DeltaNetState
 from minqwen.generate import generate_ids
-from minqwen.linear import linear_f32_rows
+from minqwen.linear import linear_few_rows
 from minqwen.mtp import (
     MtpCache,
     SpeculativeStats,
@@ -72,7 +72,7 @@ c = model.config
 rng = np.random.default_rng(0)
 W = rng.standard_normal((16384, 1024)).astype(np.float32)  # 64 MB: larger than any cache
 x1, x2 = rng.standard_normal((1, 1024)).astype(np.float32), rng.standard_normal((2, 1024)).astype(np.float32)
-np.testing.assert_allclose(linear_f32_rows(x2, W), x2 @ W.T, rtol=1e-4, atol=1e-4)  # the same product
+np.testing.assert_allclose(linear_few_rows(x2, W), x2 @ W.T, rtol=1e-4, atol=1e-4)  # the same product
 
 
 def best_of(f, n=5):
@@ -86,7 +86,8 @@ def best_of(f, n=5):
 
 one = best_of(lambda: x1 @ W.T)
 print(f"1 row, BLAS: {one * 1e3:.1f} ms   2 rows, BLAS: {best_of(lambda: x2 @ W.T) * 1e3:.1f} ms   "
-      f"2 rows, few-row kernel: {best_of(lambda: linear_f32_rows(x2, W)) * 1e3:.1f} ms")
+      f"few-row kernel, 1 row: {best_of(lambda: linear_few_rows(x1, W)) * 1e3:.1f} ms, "
+      f"2 rows: {best_of(lambda: linear_few_rows(x2, W)) * 1e3:.1f} ms")
 
 # %% [markdown]
 # ## The MTP head, by hand

@@ -1,0 +1,44 @@
+"""The projection y = x · Wᵀ: the few-row kernel against its twins, for both weight formats."""
+
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from minqwen import linear as L
+
+
+def twin(x, weight):
+    return L.linear_bf16_numpy(x, weight) if weight.dtype == L.BF16 else x @ weight.T
+
+
+@pytest.mark.parametrize("build", ["_rows_kernel", "_rows_kernel_parallel"])
+@pytest.mark.parametrize("weight_dtype", [np.float32, ml_dtypes.bfloat16])
+@settings(max_examples=25, deadline=None)
+@given(rows=st.integers(0, L.BLAS_ROWS - 1), n_in=st.integers(1, 300), n_out=st.integers(1, 200), seed=st.integers(0, 99))
+def test_both_builds_of_the_few_row_kernel_equal_the_twin(build, weight_dtype, rows, n_in, n_out, seed):
+    # n_out from 1 covers matrices with fewer than four rows, where a step's four rows repeat
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((rows, n_in)).astype(np.float32)
+    weight = rng.standard_normal((n_out, n_in)).astype(weight_dtype)
+    out = np.full((rows, n_out), np.nan, np.float32)
+    getattr(L, build)(x, weight.view(np.uint16) if weight_dtype == ml_dtypes.bfloat16 else weight, out)
+    expected = twin(x, weight)
+    widened = weight.astype(np.float32)
+    bound = 2 * n_in * 2.0**-24 * (np.abs(x) @ np.abs(widened).T) + 1e-30  # float32 rounding of a reordered sum
+    assert np.all(np.abs(out - expected) <= bound)  # NaN (a row never written) fails too
+
+
+@pytest.mark.parametrize("weight_dtype", [np.float32, ml_dtypes.bfloat16])
+def test_linear_sends_a_few_rows_to_the_kernel_and_many_to_blas(monkeypatch, weight_dtype):
+    rng = np.random.default_rng(3)
+    weight = rng.standard_normal((40, 24)).astype(weight_dtype)
+    used = []
+    kernel = L.linear_few_rows
+    monkeypatch.setattr(L, "linear_few_rows", lambda x, w: (used.append(len(x)), kernel(x, w))[1])
+    for rows in (1, 2, L.BLAS_ROWS - 1, L.BLAS_ROWS, 40):
+        x = rng.standard_normal((rows, 24)).astype(np.float32)
+        np.testing.assert_allclose(L.linear(x, weight), twin(x, weight), rtol=1e-5, atol=1e-5)
+        assert L.numba_multiplies(weight.dtype, rows) is (rows < L.BLAS_ROWS)
+    assert used == [1, 2, L.BLAS_ROWS - 1]
