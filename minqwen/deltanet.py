@@ -167,14 +167,15 @@ def recurrent_gated_delta_rule_numpy(q, k, v, g, beta, state):
     return out, S
 
 
-def _recurrent_loops(q, k, v, g, beta, states, out):
-    """Numba twin of recurrent_gated_delta_rule_numpy; updates the memory in ``states`` in place.
+def _recurrent_loops(q, k, v, g, beta, initial, states, out):
+    """Numba twin of recurrent_gated_delta_rule_numpy: the memory starts as ``initial``, ends in ``states``.
 
-    ``states`` [n, Hv, Dk, Dv] holds the incoming memory in states[0]. With n = 1 it is updated
-    token after token; with n = T, states[t] ends as the memory after token t (what a
-    speculative verify keeps). The same four steps, rearranged so that each token makes one
-    pass over S instead of two. Both of a token's reads of S can be taken from the memory
-    *before* its update:
+    ``initial`` [Hv, Dk, Dv] is the incoming memory, only read. ``states`` [n, Hv, Dk, Dv]
+    receives the memory: with n = 1 it is updated token after token (``initial`` may then be
+    ``states[0]`` itself: a decode step updating the cache's memory in place); with n = T,
+    states[t] ends as the memory after token t (what a speculative verify keeps). The same
+    four steps, rearranged so that each token makes one pass over S instead of two. Both of a
+    token's reads of S can be taken from the memory *before* its update:
 
         v̂_t = (exp(g_t) S_{t−1})ᵀ k_t = exp(g_t) · (S_{t−1}ᵀ k_t)
         o_t = S_tᵀ q_t = exp(g_t) · (S_{t−1}ᵀ q_t) + (k_t · q_t) δ_t      (S_t = exp(g_t) S_{t−1} + k_t δ_tᵀ)
@@ -198,18 +199,18 @@ def _recurrent_loops(q, k, v, g, beta, states, out):
             # Rows as 1-D views, one array written per loop: LLVM then turns the loop over j
             # into vector code. (Reading S_{t−1} from one array and writing S_t to another
             # needed more run-time overlap checks than LLVM makes, and ran 6× slower.)
-            row, k_first, q_first = states[0, h, i], k[0, h, i], q[0, h, i]  # row [Dv]
+            row, k_first, q_first = initial[h, i], k[0, h, i], q[0, h, i]  # row [Dv]
             for j in range(dv):
                 read_k[j] += k_first * row[j]
                 read_q[j] += q_first * row[j]
         for t in range(t_len):
             slot = min(t, last_slot)
-            S = states[slot, h]  # [Dk, Dv]: S_{t−1} now, S_t after this token
-            if slot > 0 and slot == t:  # keeping every state: S_t starts as a copy of S_{t−1}
-                previous = states[slot - 1, h]
-                for i in range(dk):
-                    for j in range(dv):
-                        S[i, j] = previous[i, j]
+            S = states[slot, h]  # [Dk, Dv]: S_t after this token
+            # Where S_{t−1} is: in S already (updating in place), or the slot before, or the
+            # incoming memory. Not in S, each row is copied in just before its update, so the
+            # update pass finds it in the nearest cache.
+            previous = initial[h] if t == 0 else states[slot - 1, h] if slot == t else S
+            copy_in = t > 0 and slot == t or t == 0 and not _same_memory(initial, states)
             decay = np.exp(g[t, h])
             k_dot_q = 0.0  # a float64 scalar in Numba: the one sum here over Dk terms
             for i in range(dk):
@@ -219,19 +220,28 @@ def _recurrent_loops(q, k, v, g, beta, states, out):
                 out[t, h, j] = decay * read_q[j] + k_dot_q * delta[j]
                 read_k[j] = 0.0  # read: ready to sum the next token's reads
                 read_q[j] = 0.0
-            if t + 1 == t_len:  # the last token: write S, nothing more to read
-                for i in range(dk):
-                    row, k_write = S[i], k[t, h, i]
+            for i in range(dk):  # write S_t, and read it for token t + 1 on the way
+                row, k_write = S[i], k[t, h, i]
+                if copy_in:
+                    source = previous[i]
+                    for j in range(dv):
+                        row[j] = source[j]
+                if t + 1 == t_len:  # the last token: write S, nothing more to read
                     for j in range(dv):
                         row[j] = decay * row[j] + k_write * delta[j]
-                break
-            for i in range(dk):  # write S_t, and read it for token t + 1 on the way
-                row, k_write, k_next, q_next = S[i], k[t, h, i], k[t + 1, h, i], q[t + 1, h, i]
-                for j in range(dv):
-                    s = decay * row[j] + k_write * delta[j]
-                    row[j] = s
-                    read_k[j] += k_next * s
-                    read_q[j] += q_next * s
+                else:
+                    k_next, q_next = k[t + 1, h, i], q[t + 1, h, i]
+                    for j in range(dv):
+                        s = decay * row[j] + k_write * delta[j]
+                        row[j] = s
+                        read_k[j] += k_next * s
+                        read_q[j] += q_next * s
+
+
+@numba.njit(inline="always")
+def _same_memory(initial, states):
+    """Whether ``initial`` is ``states[0]`` itself (a decode step updating in place)."""
+    return initial.ctypes.data == states.ctypes.data
 
 
 # One body, compiled twice. A decode step's work per head is too small to pay for waking a
@@ -265,11 +275,11 @@ def recurrent_gated_delta_rule(q, k, v, g, beta, state, every_state: bool = Fals
     copying it would be one more pass over 1 MB per layer (0.8B shape) each token.
     """
     t_len = q.shape[0]
-    if in_place and not every_state and state.dtype == q.dtype and state.flags.c_contiguous:
-        states = state[None]  # [1, Hv, Dk, Dv]: a view of the caller's array
+    initial = np.ascontiguousarray(state, dtype=q.dtype)  # [Hv, Dk, Dv]: only read
+    if in_place and not every_state and initial is state:
+        states = state[None]  # [1, Hv, Dk, Dv]: a view of the caller's array, updated in place
     else:
         states = np.empty((max(1, t_len) if every_state else 1, *state.shape), q.dtype)  # [T or 1, Hv, Dk, Dv]
-        states[0] = state  # the kernel updates states in place: the caller's stays as it was
     out = np.empty(v.shape, q.dtype)  # [T, Hv, Dv]
     work = state.size * t_len
     parallel = (work >= PARALLEL_FROM and (t_len < BLAS_ROWS or OPENBLAS_THREADS_NAP)) or (
@@ -278,7 +288,7 @@ def recurrent_gated_delta_rule(q, k, v, g, beta, state, every_state: bool = Fals
     kernel = _recurrent_kernel_parallel if parallel else _recurrent_kernel
     kernel(
         np.ascontiguousarray(q), np.ascontiguousarray(k), np.ascontiguousarray(v),
-        np.ascontiguousarray(g), np.ascontiguousarray(beta), states, out,
+        np.ascontiguousarray(g), np.ascontiguousarray(beta), initial, states, out,
     )
     return out, (states[:t_len] if every_state else states[0])
 
