@@ -28,7 +28,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic, overload
 
-from .threads import serial_and_parallel
+from .threads import numba_does_the_products, serial_and_parallel
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 # At or above this many input rows, widen blocks of W and use BLAS instead of the row kernel.
@@ -36,16 +36,32 @@ BLAS_ROWS = 16
 WIDEN_BLOCK = 1024  # weight rows widened at a time: a few MB of float32 scratch
 
 
-def numba_multiplies(weight_dtype, n_rows: int) -> bool:
-    """Whether :func:`linear` hands ``n_rows`` input rows times weights of this dtype to a Numba kernel."""
-    return weight_dtype in (BF16, np.float32) and n_rows < BLAS_ROWS
+# Below this many bytes of weights a model's decode step is bound by per-call overhead, not by
+# reading weights: they sit in the caches.
+SMALL_MODEL_BYTES = 64 * 1024 * 1024
+
+
+def numba_multiplies(weight_dtype, n_rows: int, model_bytes: int) -> bool:
+    """Whether a forward over ``n_rows`` positions hands its products to Numba's kernels.
+
+    The caller then holds BLAS to one thread (:func:`~minqwen.threads.one_blas_thread`), and
+    :func:`linear` sees it. bf16 weights: whenever the rows are few (NumPy has no bf16
+    product). float32: when the rows are few and the model (``model_bytes`` of weights) is too
+    big for the caches, so that a decode step or a verify is bound by reading weights, which
+    the kernel does faster than BLAS (see :func:`_rows_loops`). A small model's weights sit in
+    cache, where BLAS computes faster and needs no thread pool woken (the embedded model
+    decoded 1092 tokens/s with BLAS, 757 with every product in the kernel).
+    """
+    if n_rows >= BLAS_ROWS:
+        return False
+    return weight_dtype == BF16 or (weight_dtype == np.float32 and model_bytes >= SMALL_MODEL_BYTES)
 
 
 def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
     # x: [T, in], weight: [out, in] → [T, out]
     if weight.dtype == BF16:
         y = linear_bf16(x, weight)
-    elif weight.dtype == x.dtype == np.float32 and x.shape[0] < BLAS_ROWS:
+    elif weight.dtype == x.dtype == np.float32 and x.shape[0] < BLAS_ROWS and numba_does_the_products():
         y = linear_few_rows(x, weight)
     else:
         y = x @ weight.T  # NumPy hands the transposed view to BLAS as is

@@ -18,6 +18,7 @@ once are all plain Python.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,6 +105,21 @@ class Model:
         """How the projection matrices are stored in memory: float32, bf16 or float64."""
         return self.embed_tokens.dtype
 
+    @functools.cached_property
+    def weight_bytes(self) -> int:
+        """Bytes of weights held in memory (see summary.resident_bytes)."""
+        from .summary import resident_bytes
+
+        return resident_bytes(self)
+
+    def numba_multiplies(self, n_rows: int) -> bool:
+        """Whether a forward over ``n_rows`` positions hands its products to Numba's kernels.
+
+        See :func:`minqwen.linear.numba_multiplies`: few rows of bf16 weights, or of float32
+        weights too big for the caches.
+        """
+        return numba_multiplies(self.weights_dtype, n_rows, self.weight_bytes)
+
     def astype(self, dtype) -> Model:
         """A copy computing in another float dtype — float64 checks algebra free of round-off."""
         def convert(obj):
@@ -186,7 +202,7 @@ class Model:
             tap("embed", x)
 
         # BLAS steps aside while Numba's parallel kernels do the matmuls (see one_blas_thread)
-        with one_blas_thread(numba_multiplies(self.weights_dtype, t_len)):
+        with one_blas_thread(self.numba_multiplies(t_len)):
             for i, (layer, state) in enumerate(zip(self.layers, cache.layers)):
                 layer_tap = None if tap is None else _prefixed(tap, f"layers.{i}.")
                 x = self._decoder_layer(x, layer, state, cos, sin, layer_tap)
@@ -205,7 +221,7 @@ class Model:
 
     def logits(self, hidden: np.ndarray) -> np.ndarray:
         """The LM head: hidden [T, H] → logits [T, V]."""
-        with one_blas_thread(numba_multiplies(self.lm_head.dtype, hidden.shape[0])):
+        with one_blas_thread(self.numba_multiplies(hidden.shape[0])):
             return linear(hidden, self.lm_head)
 
     # ---------------------------------------------------------------- the layers

@@ -52,7 +52,7 @@ from .checkpoint import Checkpoint
 from .deltanet import DeltaNetState
 from .errors import MinqwenError
 from .generate import GenerationStats
-from .linear import BF16, linear
+from .linear import BF16, SMALL_MODEL_BYTES, linear
 from .model import Cache, DecoderLayer, Model, _load_attention, _load_mlp, _prefixed, _TensorReader
 from .moe import Experts
 from .norms import rms_norm
@@ -173,10 +173,6 @@ def _check_mtp_config(folder: Path) -> None:
                            "shares the main model's embedding, as Qwen3.5's released checkpoints do")
 
 
-# Below this many bytes of resident weights a decode step is bound by per-call overhead, not by
-# reading weights: a verify and the MTP layer then cost per call what a step does, and
-# speculation measured no faster (see pays_by_default).
-SMALL_MODEL_BYTES = 64 * 1024 * 1024
 
 
 def pays_by_default(model: Model) -> bool:
@@ -189,9 +185,7 @@ def pays_by_default(model: Model) -> bool:
     model is bound by per-call overhead instead: the embedded model, at 84% acceptance,
     measured 0.82–1.08× across runs, so there speculation stays off unless asked for.
     """
-    from .summary import resident_bytes
-
-    return resident_bytes(model) >= SMALL_MODEL_BYTES
+    return model.weight_bytes >= SMALL_MODEL_BYTES
 
 
 def require_head(head: MtpHead | None, where: str = "this checkpoint") -> MtpHead:
@@ -535,10 +529,11 @@ def speculative_generate(
     stats.prefill_seconds = time.perf_counter() - start
     decode_start = time.perf_counter()
 
-    # A cycle's products all have few rows, so Numba's kernels do them on every core; BLAS is
-    # held to one thread for the whole cycle, draft included, so that no OpenBLAS thread is left
-    # spinning on a core the verify needs (measured on the 0.8B shape when float32 drafts went
-    # to a multi-threaded OpenBLAS GEMV: c_verify(2) 1.48–1.65).
+    # A cycle's products all have few rows. Where Numba's kernels do them (model.numba_multiplies),
+    # BLAS is held to one thread for the whole cycle, draft included, so that no OpenBLAS thread
+    # is left spinning on a core the verify needs (measured on the 0.8B shape when float32
+    # drafts went to a multi-threaded OpenBLAS GEMV: c_verify(2) 1.48–1.65).
+    quiet_blas = model.numba_multiplies(1)
     # pending: the tokens to yield next; first_at: the position of the first of them; settle:
     # how to cut the caches back once we know how many of them were yielded.
     pending, first_at, settle = [token], cache.position, None
@@ -572,7 +567,7 @@ def speculative_generate(
         k = min(draft_tokens, max_new_tokens - len(generated) - 1, max_context - fed - 1)
         q: list = []  # the distribution each draft was drawn from (None: an argmax)
         pick = _draft_picker(params, rng, seen, generated, argmax_drafts, q)
-        with one_blas_thread():
+        with one_blas_thread(quiet_blas):
             drafts = draft(model, head, mtp_cache, k, pick, draft_vocab, seen) if k > 0 else []
             hidden, logits = verify(model, cache, [generated[-1]] + drafts)
         emitted, n_accepted = accept(logits, drafts, q, params, rng, seen, generated)
@@ -583,7 +578,7 @@ def speculative_generate(
         def settle(kept, fed=fed, hidden=hidden, emitted=emitted):
             # the cache holds the verify's first `kept` tokens; the MTP head learns their pairs
             keep_first(cache, fed, kept)
-            with one_blas_thread():
+            with one_blas_thread(quiet_blas):
                 mtp_cache.commit(model, head, hidden[:kept], emitted[:kept])
 
         pending, first_at = emitted, fed + 1

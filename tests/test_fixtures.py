@@ -77,3 +77,24 @@ def test_greedy_continuation_is_token_for_token_the_reference(fixture):
         logits = model.forward([token], cache, last_only=True)
     assert len(generated) >= 32
     assert generated == expected["greedy"].tolist()
+
+
+def test_with_float32_products_in_the_numba_kernel_the_greedy_continuation_is_still_the_reference(fixture,
+                                                                                                     monkeypatch):
+    # Fixtures are small, so their float32 decode steps multiply with BLAS; a real-size model's
+    # go to Numba's few-row kernel. Pretend this one is real-size.
+    from minqwen import linear
+
+    model, expected = fixture
+    monkeypatch.setattr(linear, "SMALL_MODEL_BYTES", 0)
+    rows = []
+    kernel = linear.linear_few_rows
+    monkeypatch.setattr(linear, "linear_few_rows", lambda x, w: (rows.append(len(x)), kernel(x, w))[1])
+    cache = model.new_cache()
+    logits = model.forward(expected["token_ids"], cache, last_only=True)
+    generated = []
+    for _ in range(len(expected["greedy"])):
+        generated.append(int(np.argmax(logits[-1])))
+        logits = model.forward([generated[-1]], cache, last_only=True)
+    assert 1 in rows  # the decode steps' products went to the kernel
+    assert generated == expected["greedy"].tolist()

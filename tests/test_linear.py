@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minqwen import linear as L
+from minqwen.threads import one_blas_thread
 
 
 def twin(x, weight):
@@ -31,14 +32,28 @@ def test_both_builds_of_the_few_row_kernel_equal_the_twin(build, weight_dtype, r
 
 
 @pytest.mark.parametrize("weight_dtype", [np.float32, ml_dtypes.bfloat16])
-def test_linear_sends_a_few_rows_to_the_kernel_and_many_to_blas(monkeypatch, weight_dtype):
+def test_linear_sends_few_rows_to_the_kernel_while_numba_does_the_products(monkeypatch, weight_dtype):
     rng = np.random.default_rng(3)
     weight = rng.standard_normal((40, 24)).astype(weight_dtype)
     used = []
     kernel = L.linear_few_rows
     monkeypatch.setattr(L, "linear_few_rows", lambda x, w: (used.append(len(x)), kernel(x, w))[1])
-    for rows in (1, 2, L.BLAS_ROWS - 1, L.BLAS_ROWS, 40):
-        x = rng.standard_normal((rows, 24)).astype(np.float32)
-        np.testing.assert_allclose(L.linear(x, weight), twin(x, weight), rtol=1e-5, atol=1e-5)
-        assert L.numba_multiplies(weight.dtype, rows) is (rows < L.BLAS_ROWS)
-    assert used == [1, 2, L.BLAS_ROWS - 1]
+    for aside in (False, True):
+        used.clear()
+        with one_blas_thread(aside):
+            for rows in (1, 2, L.BLAS_ROWS - 1, L.BLAS_ROWS, 40):
+                x = rng.standard_normal((rows, 24)).astype(np.float32)
+                np.testing.assert_allclose(L.linear(x, weight), twin(x, weight), rtol=1e-5, atol=1e-5)
+        # bf16 has no other product for few rows; float32 goes to BLAS unless it stepped aside
+        assert used == ([1, 2, L.BLAS_ROWS - 1] if aside or weight_dtype != np.float32 else [])
+
+
+def test_numba_does_the_products_for_few_rows_of_bf16_or_of_float32_too_big_for_the_caches():
+    big, small = L.SMALL_MODEL_BYTES, L.SMALL_MODEL_BYTES - 1
+    for rows in (1, 2, L.BLAS_ROWS - 1):
+        assert L.numba_multiplies(L.BF16, rows, small) and L.numba_multiplies(L.BF16, rows, big)
+        assert L.numba_multiplies(np.dtype(np.float32), rows, big)
+        assert not L.numba_multiplies(np.dtype(np.float32), rows, small)
+        assert not L.numba_multiplies(np.dtype(np.float64), rows, big)
+    for dtype in (L.BF16, np.dtype(np.float32)):
+        assert not L.numba_multiplies(dtype, L.BLAS_ROWS, big)  # a prompt: BLAS

@@ -106,21 +106,14 @@ def real_shape(checkpoint: Path, dtype: str, repeats: int) -> None:
             return int(np.argmax(row))
         return run
 
-    def after_blas_idles():
-        # speculative_generate keeps BLAS on one thread through a cycle with float32 weights, so
-        # no OpenBLAS thread is left spinning (for ~0.1 s after a call) when a verify starts.
-        # Here the decode-step probe just ran BLAS on every thread: wait for those to idle.
-        time.sleep(0.2 if quiet_blas else 0.0)
-        return cache.copy()
-
     # Each probe: (prepare a fresh state, untimed; the timed run). Run round-robin, so that a
     # busy machine slows every probe alike and the ratios stay meaningful. The draft and verify
     # probes run with BLAS as speculative_generate sets it.
-    quiet_blas = model.weights_dtype == np.float32
+    quiet_blas = model.numba_multiplies(1)
     probes = {
         "step": (cache.copy, decode_step, False),
-        "verify2": (after_blas_idles, verify_and_roll_back(2), quiet_blas),
-        "verify3": (after_blas_idles, verify_and_roll_back(3), quiet_blas),
+        "verify2": (cache.copy, verify_and_roll_back(2), quiet_blas),
+        "verify3": (cache.copy, verify_and_roll_back(3), quiet_blas),
         "layer": (lambda: mtp.layers[0].copy(), layer, quiet_blas),
         "head_all": (lambda: None, pick(None), quiet_blas),
         "head_subset": (lambda: None, pick(DRAFT_VOCAB), quiet_blas),
