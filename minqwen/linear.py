@@ -42,15 +42,17 @@ SMALL_MODEL_BYTES = 64 * 1024 * 1024
 
 
 def numba_multiplies(weight_dtype, n_rows: int, model_bytes: int) -> bool:
-    """Whether a forward over ``n_rows`` positions hands its products to Numba's kernels.
+    """Whether a forward over ``n_rows`` positions hands its products to Numba's pool of threads.
 
     The caller then holds BLAS to one thread (:func:`~minqwen.threads.one_blas_thread`), and
-    :func:`linear` sees it. bf16 weights: whenever the rows are few (NumPy has no bf16
-    product). float32: when the rows are few and the model (``model_bytes`` of weights) is too
-    big for the caches, so that a decode step or a verify is bound by reading weights, which
-    the kernel does faster than BLAS (see :func:`_rows_loops`). A small model's weights sit in
-    cache, where BLAS computes faster and needs no thread pool woken (the embedded model
-    decoded 1092 tokens/s with BLAS, 757 with every product in the kernel).
+    :func:`linear` sees it: one row of float32 goes to the kernel, and big matrices to the
+    kernel's parallel build. So it is for few rows of bf16 weights (NumPy has no bf16 product),
+    and of float32 weights in a model (``model_bytes`` of weights) too big for the caches: a
+    decode step or a verify is then bound by reading weights, which the kernel does faster
+    than BLAS (see :func:`_rows_loops`). A small model's weights come from cache, where
+    BLAS's one-row GEMV computes faster, and where the pool, idle between the few big
+    products, would have to be woken for each (the embedded model decoded 1092 tokens/s with
+    BLAS, 757 with every product in the kernel).
     """
     if n_rows >= BLAS_ROWS:
         return False
@@ -59,9 +61,12 @@ def numba_multiplies(weight_dtype, n_rows: int, model_bytes: int) -> bool:
 
 def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
     # x: [T, in], weight: [out, in] → [T, out]
+    n_rows = x.shape[0]
     if weight.dtype == BF16:
         y = linear_bf16(x, weight)
-    elif weight.dtype == x.dtype == np.float32 and x.shape[0] < BLAS_ROWS and numba_does_the_products():
+    elif weight.dtype == x.dtype == np.float32 and 1 <= n_rows < BLAS_ROWS and (n_rows > 1 or numba_does_the_products()):
+        # A few rows always: OpenBLAS's GEMM, made for many rows, took 3-5× one row's time for
+        # two (the embedded model's 4096 × 256 head: 324 us for two rows, 70 for one).
         y = linear_few_rows(x, weight)
     else:
         y = x @ weight.T  # NumPy hands the transposed view to BLAS as is
@@ -177,8 +182,9 @@ def linear_few_rows(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
     weight = np.ascontiguousarray(weight)
     rows = weight.view(np.uint16) if weight.dtype == BF16 else weight  # Numba knows bf16 as its bits
     out = np.empty((x.shape[0], weight.shape[0]), np.float32)
-    kernel = _rows_kernel_parallel if weight.size >= PARALLEL_FROM else _rows_kernel
-    kernel(x, rows, out)
+    # The parallel build only where the pool is awake and the cores are its own (see numba_multiplies)
+    parallel = weight.size >= PARALLEL_FROM and numba_does_the_products()
+    (_rows_kernel_parallel if parallel else _rows_kernel)(x, rows, out)
     return out
 
 
