@@ -12,9 +12,10 @@ The products themselves:
 * :func:`_rows_loops` — Numba: for a few input rows (a decode step has 1, a speculative
   verify 2 to 15), reads each weight row once for all of them, widening bf16 on the fly and
   accumulating in float32. Decoding runs this, for both weight formats; tests hold it to
-  the twins. For float32 it beats BLAS here: OpenBLAS's GEMM for 2 rows was measured at
-  3-5× the time of one row's GEMV (its blocking is made for many rows), and even for one row
-  the kernel reads memory faster (see :func:`_rows_loops` for why).
+  the twins. For float32 it beats BLAS at what decoding does: OpenBLAS's GEMM for 2 rows was
+  measured at 3-5× the time of one row's GEMV (its blocking is made for many rows), and for
+  one row of a matrix too big for the caches the kernel reads memory faster (see
+  :func:`_rows_loops` for why, and :func:`numba_multiplies` for when).
 * for many input rows (a prefill) BLAS does the product, compute-bound there anyway; bf16
   weights are widened to float32 a block of rows at a time first.
 """

@@ -179,11 +179,12 @@ def pays_by_default(model: Model) -> bool:
     """Whether speculative decoding (one draft per pass) is expected to be faster for ``model``.
 
     Measured with tools/mtp_figures.py (see the README) on the Qwen3.5-0.8B shape: a
-    two-position verify costs 1.15–1.53 decode steps with bf16-resident weights (an AMD EPYC,
-    an Intel Xeon VM) and 1.17 in float32, a draft 0.07–0.14, so one draft pays from an
-    acceptance of 0.2–0.6; drafts from Qwen3.5's own heads are accepted around 0.8. A small
-    model is bound by per-call overhead instead: the embedded model, at 84% acceptance,
-    measured 0.82–1.08× across runs, so there speculation stays off unless asked for.
+    two-position verify costs 1.07–1.12 decode steps on an Intel Xeon VM (bf16-resident,
+    float32; 1.15–1.17 on an AMD EPYC with an earlier kernel), a draft 0.07–0.14, so one
+    draft pays from an acceptance of 0.1–0.3; drafts from Qwen3.5's own heads are accepted
+    around 0.8. A small model is bound by per-call overhead instead: the embedded model, at
+    84% acceptance, measured 1.02–1.09× (Intel VM), so there speculation stays off unless
+    asked for.
     """
     return model.weight_bytes >= SMALL_MODEL_BYTES
 

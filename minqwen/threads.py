@@ -159,9 +159,10 @@ def set_threads(n: int | None = None) -> int:
 def one_blas_thread(active: bool = True):
     """Run the block with BLAS on one thread (if ``active``), then restore it.
 
-    For the calls where Numba's parallel kernels do the heavy matmuls (bf16 weights, or a
-    few rows at once): OpenBLAS's threads keep spinning for a while after each of its calls,
-    and on a machine with as many threads as cores they take the cores from Numba's. Measured
+    For the calls where Numba's parallel kernels do the heavy matmuls (see
+    :func:`minqwen.linear.numba_multiplies`): OpenBLAS's threads keep spinning for a while
+    after each of its calls, and on a machine with as many threads as cores they take the
+    cores from Numba's. While the block runs, :func:`numba_does_the_products` is true. Measured
     on the Qwen3.5-0.8B shape with bf16 weights, 512 tokens of context (where attention's
     matmuls are big enough for OpenBLAS to go parallel): 311 ms a decode step, 103 ms with BLAS
     on one thread. Switching costs ~12 µs.
