@@ -1,4 +1,4 @@
-"""Shared test helpers: fixture folders, and the reference lane's import rule.
+"""Shared test helpers: fixture folders, greedy decoding, and the reference lane's import rule.
 
 The reference lane (tests marked ``reference``) builds transformers models in-process. It
 runs whenever torch and transformers are importable. Under CI (``CI=true``) they must be: a
@@ -9,11 +9,23 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
 FIXTURE_NAMES = sorted(p.name for p in FIXTURES.iterdir() if (p / "expected.safetensors").is_file())
+
+
+def greedy_continuation(model, prompt_ids, n: int) -> list[int]:
+    """n tokens of greedy decoding after the prompt: a prefill, then one decode step per token."""
+    cache = model.new_cache()
+    logits = model.forward(prompt_ids, cache, last_only=True)
+    generated = []
+    for _ in range(n):
+        generated.append(int(np.argmax(logits[-1])))
+        logits = model.forward([generated[-1]], cache, last_only=True)
+    return generated
 
 
 def require_reference():

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from safetensors.numpy import load_file
 
 import minqwen
-from conftest import FIXTURE_NAMES, FIXTURES
+from conftest import FIXTURE_NAMES, FIXTURES, greedy_continuation
 from minqwen.linear import BLAS_ROWS, linear, linear_bf16, linear_bf16_numpy, widen_bf16
 
 BF16_FIXTURES = [n for n in FIXTURE_NAMES
@@ -61,13 +61,7 @@ def test_bf16_resident_model_matches_the_reference_on_bf16_checkpoints(name):
     assert model.weights_dtype == ml_dtypes.bfloat16 and model.dtype == np.float32
     logits = model.forward(expected["token_ids"])
     np.testing.assert_allclose(logits, expected["logits"], rtol=0, atol=1e-4)
-    cache = model.new_cache()
-    logits = model.forward(expected["token_ids"], cache, last_only=True)
-    generated = []
-    for _ in range(len(expected["greedy"])):
-        generated.append(int(np.argmax(logits[-1])))
-        logits = model.forward([generated[-1]], cache, last_only=True)
-    assert generated == expected["greedy"].tolist()
+    assert greedy_continuation(model, expected["token_ids"], len(expected["greedy"])) == expected["greedy"].tolist()
 
 
 def test_bf16_resident_weights_take_half_the_memory():

@@ -13,7 +13,7 @@ import pytest
 from safetensors.numpy import load_file
 
 import minqwen
-from conftest import FIXTURE_NAMES, FIXTURES
+from conftest import FIXTURE_NAMES, FIXTURES, greedy_continuation
 
 ATOL = 1e-4
 
@@ -68,13 +68,7 @@ def test_decode_state_after_the_prompt_matches_the_reference(fixture):
 
 def test_greedy_continuation_is_token_for_token_the_reference(fixture):
     model, expected = fixture
-    cache = model.new_cache()
-    logits = model.forward(expected["token_ids"], cache, last_only=True)
-    generated = []
-    for _ in range(len(expected["greedy"])):
-        token = int(np.argmax(logits[-1]))
-        generated.append(token)
-        logits = model.forward([token], cache, last_only=True)
+    generated = greedy_continuation(model, expected["token_ids"], len(expected["greedy"]))
     assert len(generated) >= 32
     assert generated == expected["greedy"].tolist()
 
@@ -90,11 +84,6 @@ def test_with_float32_products_in_the_numba_kernel_the_greedy_continuation_is_st
     rows = []
     kernel = linear.linear_few_rows
     monkeypatch.setattr(linear, "linear_few_rows", lambda x, w: (rows.append(len(x)), kernel(x, w))[1])
-    cache = model.new_cache()
-    logits = model.forward(expected["token_ids"], cache, last_only=True)
-    generated = []
-    for _ in range(len(expected["greedy"])):
-        generated.append(int(np.argmax(logits[-1])))
-        logits = model.forward([generated[-1]], cache, last_only=True)
+    generated = greedy_continuation(model, expected["token_ids"], len(expected["greedy"]))
     assert 1 in rows  # the decode steps' products went to the kernel
     assert generated == expected["greedy"].tolist()
