@@ -256,11 +256,12 @@ def _same_memory(initial, states):
 # on an AMD EPYC the recurrence fell to 0.28–0.38 s but the whole 512-token prefill was no
 # faster (101–113 against 106–119 tok/s); on an Intel Xeon VM it was 184–188 against 165–171
 # tok/s (alternated runs), so it is the user's choice, not the default.
-# Where Numba's kernels do the products (bf16 weights; see threads.one_blas_thread) its pool is
-# awake between calls and the cores are free, so even a decode step's heads are worth splitting:
-# measured on the 0.8B shape, Intel Xeon VM, bf16 decode 14.4-14.6 against 14.9-15.1 tokens/s.
-# Not with float32 weights: there OpenBLAS's threads spin after each product and take a core
-# (float32 decode 9.1-9.2 serial against 8.7 parallel).
+# Where Numba's kernels do the products (bf16 weights, or float32 too big for the caches: see
+# linear.numba_multiplies) its pool is awake between calls and the cores are free, so even a
+# decode step's heads are worth splitting: measured on the 0.8B shape, Intel Xeon VM, bf16
+# decode 14.4-14.6 against 14.9-15.1 tokens/s. Not where BLAS does the products: OpenBLAS's
+# threads spin after each one and take a core (float32 decode through BLAS: 9.1-9.2 tokens/s
+# serial, 8.7 parallel).
 _recurrent_kernel, _recurrent_kernel_parallel = serial_and_parallel(_recurrent_loops)
 PARALLEL_FROM = 1 << 21  # multiply-adds per call (tokens × heads × Dk × Dv) worth waking the pool
 PARALLEL_FROM_AWAKE = 1 << 16  # the same when Numba's pool is already awake

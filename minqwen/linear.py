@@ -65,9 +65,9 @@ def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) ->
     n_rows = x.shape[0]
     if weight.dtype == BF16:
         y = linear_bf16(x, weight)
-    elif weight.dtype == x.dtype == np.float32 and 1 <= n_rows < BLAS_ROWS and (n_rows > 1 or numba_does_the_products()):
-        # A few rows always: OpenBLAS's GEMM, made for many rows, took 3-5× one row's time for
-        # two (the embedded model's 4096 × 256 head: 324 us for two rows, 70 for one).
+    elif weight.dtype == x.dtype == np.float32 and n_rows < BLAS_ROWS and (n_rows > 1 or numba_does_the_products()):
+        # Two rows or more always: OpenBLAS's GEMM, made for many rows, took 3-5× one row's time
+        # for two (the embedded model's 4096 × 256 head: 324 us for two rows, 70 for one).
         y = linear_few_rows(x, weight)
     else:
         y = x @ weight.T  # NumPy hands the transposed view to BLAS as is

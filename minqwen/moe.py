@@ -24,11 +24,12 @@ the outputs are then scattered back to their tokens with their routing weights,
 :func:`scatter_weighted`. The grouping and the scatter are plain loops, compiled by Numba; each
 has a NumPy twin (``…_numpy``) that is the definition and that tests hold it equal to. The
 experts' matmuls themselves go to :func:`~minqwen.linear.linear` on the one expert's slice:
-BLAS for many rows, and for a few rows its compiled kernel, which for bf16 widens as it reads —
-on a decode step (one row, a 512 × 2048 expert) about twice as fast as NumPy's
-widen-then-BLAS, and it never makes a float32 copy of the expert. A decode step's few rows of bf16 experts take one more
-compiled loop, :func:`grouped_rows_bf16` (twin: :func:`grouped_rows_bf16_numpy`), which runs
-one projection of all chosen experts at once: see :func:`experts_swiglu_few_rows` for why.
+BLAS for many rows, and for a few rows its compiled kernel, which for bf16 widens as it
+reads — on a decode step (one row, a 512 × 2048 expert) about twice as fast as NumPy's
+widen-then-BLAS, and it never makes a float32 copy of the expert. A decode step's few rows of
+bf16 experts take one more compiled loop, :func:`grouped_rows_bf16` (twin:
+:func:`grouped_rows_bf16_numpy`), which runs one projection of all chosen experts at once: see
+:func:`experts_swiglu_few_rows` for why.
 
 **Ties.** The reference picks the k experts with ``torch.topk``, whose documentation says the
 indices of equal values are not guaranteed. On CPU it selects with ``std::partial_sort`` (when
@@ -194,8 +195,8 @@ def _readable(weight: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """One expert's stored matrix in a form linear() multiplies: as is when it can, else widened.
 
     float32 goes to linear() straight from the memory map, bf16 too (its kernel widens on the
-    fly); other dtypes (float16, or float32 under a float64 model) are converted,
-    this one slice only. An FP8 expert (:class:`~minqwen.checkpoint.FP8Tensor`) is dequantized,
+    fly); other dtypes (float16, or float32 under a float64 model) are converted, this one
+    slice only. An FP8 expert (:class:`~minqwen.checkpoint.FP8Tensor`) is dequantized,
     this one expert only.
     """
     if isinstance(weight, FP8Tensor):

@@ -173,8 +173,6 @@ def _check_mtp_config(folder: Path) -> None:
                            "shares the main model's embedding, as Qwen3.5's released checkpoints do")
 
 
-
-
 def pays_by_default(model: Model) -> bool:
     """Whether speculative decoding (one draft per pass) is expected to be faster for ``model``.
 
