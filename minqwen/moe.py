@@ -62,7 +62,7 @@ from numba.typed import List
 from .activations import ACTIVATIONS, sigmoid
 from .checkpoint import FP8Tensor
 from .errors import MinqwenError
-from .linear import BF16, BLAS_ROWS, _float32_from_bits, linear
+from .linear import BF16, BLAS_ROWS, as_float32, linear
 from .mlp import MLPWeights, swiglu_mlp
 
 
@@ -227,11 +227,13 @@ def _grouped_rows_kernel(x, starts, matrices_bits, out):
 
     x [n, in] float32; starts [M + 1]; matrices_bits M × [out, in] (bf16 bits, uint16); out [n, out].
     One parallel loop over work items (matrix m, block of GROUPED_BLOCK rows of it): M · ⌈out/64⌉
-    items, enough to share among threads even for one expert (a 512-row projection is 8 items),
-    each streaming one contiguous slab of one matrix. Inside an item every weight row is read
-    from memory once for all of the group's input rows — a speculative verify can send several
-    rows to one expert — not once per input row. fastmath reorders each sum into vector lanes
-    (float32 round-off; tests bound it).
+    items, enough to share among threads even for one expert (a 512-row projection is 8 items).
+    Inside an item, as in linear's few-row kernel, four weight rows a quarter of the block
+    apart are read at once (four memory streams per core; measured on the 35B-A3B layer shape
+    with 256 experts top-8, Intel Xeon VM: MoE layers 1.31× the dense model's time one row at a
+    time, 1.20–1.23× this way), and every weight row is read from memory once for all of the group's input
+    rows — a speculative verify can send several rows to one expert. fastmath reorders each
+    sum into vector lanes (float32 round-off; tests bound it).
     """
     n_out = out.shape[1]
     n_blocks = (n_out + GROUPED_BLOCK - 1) // GROUPED_BLOCK
@@ -239,12 +241,22 @@ def _grouped_rows_kernel(x, starts, matrices_bits, out):
         m = item // n_blocks
         w = matrices_bits[m]  # [out, in]
         first = (item - m * n_blocks) * GROUPED_BLOCK
-        for r in range(first, min(first + GROUPED_BLOCK, n_out)):
+        stop = min(first + GROUPED_BLOCK, n_out)
+        quarter = (stop - first + 3) // 4
+        for r in range(first, first + quarter):
+            r1 = r + quarter if r + quarter < stop else r  # past the block's end: r again
+            r2 = r + 2 * quarter if r + 2 * quarter < stop else r
+            r3 = r + 3 * quarter if r + 3 * quarter < stop else r
+            w0, w1, w2, w3 = w[r], w[r1], w[r2], w[r3]  # [in] each: 1-D views vectorize
             for j in range(starts[m], starts[m + 1]):
-                acc = np.float32(0.0)
-                for i in range(x.shape[1]):
-                    acc += x[j, i] * _float32_from_bits(np.uint32(w[r, i]) << np.uint32(16))
-                out[j, r] = acc
+                xj = x[j]  # [in]
+                a0 = a1 = a2 = a3 = np.float32(0.0)
+                for i in range(xj.size):
+                    a0 += xj[i] * as_float32(w0[i])
+                    a1 += xj[i] * as_float32(w1[i])
+                    a2 += xj[i] * as_float32(w2[i])
+                    a3 += xj[i] * as_float32(w3[i])
+                out[j, r], out[j, r1], out[j, r2], out[j, r3] = a0, a1, a2, a3
 
 
 def grouped_rows_bf16(x: np.ndarray, starts: np.ndarray, matrices: list) -> np.ndarray:
