@@ -94,7 +94,12 @@ def _float32_from_bits(typingctx, bits):
 
 
 def as_float32(w):
-    """One weight as a float32: bf16 bits (uint16) widened, a float32 as it is."""
+    """One weight as a float32: bf16 bits (a uint16) widened, a float32 as it is.
+
+    This body serves plain Python; inside Numba kernels the compiled one below stands in.
+    """
+    if isinstance(w, np.uint16):
+        return (np.uint32(w) << np.uint32(16)).view(np.float32)
     return np.float32(w)
 
 

@@ -57,3 +57,14 @@ def test_numba_does_the_products_for_few_rows_of_bf16_or_of_float32_too_big_for_
         assert not L.numba_multiplies(np.dtype(np.float64), rows, big)
     for dtype in (L.BF16, np.dtype(np.float32)):
         assert not L.numba_multiplies(dtype, L.BLAS_ROWS, big)  # a prompt: BLAS
+
+
+def test_as_float32_widens_bf16_bits_the_same_in_python_and_in_numba():
+    import numba
+
+    compiled = numba.njit(lambda w: L.as_float32(w))
+    values = np.array([1.0, -2.5, 3.140625, 0.0, -0.0, np.inf, 1e-40], ml_dtypes.bfloat16)
+    for bits, value in zip(values.view(np.uint16), values.astype(np.float32)):
+        for widen in (L.as_float32, compiled):
+            assert np.float32(widen(bits)).view(np.uint32) == value.view(np.uint32)
+    assert L.as_float32(np.float32(0.1)) == compiled(np.float32(0.1)) == np.float32(0.1)
