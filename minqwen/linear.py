@@ -199,7 +199,7 @@ def _widen_loops(w_bits, out):
     for r in numba.prange(w_bits.shape[0]):
         bits, row = w_bits[r], out[r]  # 1-D views: the loop below then vectorizes (2-D indexing did not)
         for i in range(bits.size):
-            row[i] = _float32_from_bits(np.uint32(bits[i]) << np.uint32(16))
+            row[i] = as_float32(bits[i])
 
 
 # The serial build runs between BLAS calls: OpenBLAS's threads spin for a while after each
