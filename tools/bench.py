@@ -1,8 +1,9 @@
-"""Benchmark minqwen against transformers on the real Qwen3.5-0.8B shape, in one run.
+"""Benchmark minqwen against transformers (and llama.cpp) on the real Qwen3.5-0.8B shape, in one run.
 
     python tools/bench.py                 # the full protocol (../shared/docs/benchmarks.md)
     python tools/bench.py --quick         # fewer repeats, no 16k context: a smoke run
     python tools/bench.py --json out.json
+    python tools/bench.py --gguf scratch/qwen3.5-0.8b-random-bf16.gguf   # llama.cpp as a peer too
 
 Every contender runs on the same random-weight bf16 checkpoint (tools/real_shape.py makes it
 once), with the same thread count, and every figure is the median of several runs. Speed is
@@ -10,6 +11,10 @@ reported as a ratio against transformers measured in the same run, because absol
 drift on shared machines; for the same reason the contenders are all loaded at once and
 measured round-robin (each repeat runs every contender once). The memory roofline is measured
 in the same rounds: a NumPy fp32 GEMV over a matrix much larger than the last-level cache.
+
+Each contender runs in a worker process of its own, started with the environment this
+benchmark was started with, so each runs with its own library's thread-pool defaults (see
+:class:`Worker`); the process that drives them imports none of minqwen, torch or llama_cpp.
 
 Decode figure: 64 new tokens after a 16-token prompt, greedy, last-position logits, on a
 second run (Numba's cache warm); tokens/s = 63 ÷ the time after the first new token.
@@ -20,19 +25,37 @@ of each cache in turn. The 16k prefill takes a few minutes; ``--long-context 0``
 
 Cold start: import + load + first token in a new process, with Numba's on-disk cache warm;
 the first-call JIT cost is the same run with an empty cache, minus that.
+
+llama.cpp (optional, with ``--gguf``): the same checkpoint converted to GGUF, run through
+llama-cpp-python, measured alongside the others in the same rounds (prefill and decode only).
+To get it: ``pip install llama-cpp-python==0.3.36`` (it builds llama.cpp from source, a few
+minutes on 2 cores), then convert with llama.cpp's own converter, from the copy of llama.cpp in
+that package's sdist (``pip download llama-cpp-python==0.3.36 --no-deps --no-binary :all:``)::
+
+    cd llama_cpp_python-0.3.36/vendor/llama.cpp
+    PYTHONPATH=gguf-py python convert_hf_to_gguf.py CHECKPOINT --no-mtp --outtype bf16 \\
+        --outfile scratch/qwen3.5-0.8b-random-bf16.gguf
+
+The converter needs a ``tokenizer.json`` beside the checkpoint (any with Qwen3.5's vocabulary:
+``tools/qwen_vocab_tokenizer.py --out FOLDER`` makes one; CHECKPOINT can be a folder of links to
+the checkpoint's files plus that tokenizer), and ``--no-mtp`` when it has no MTP head.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import multiprocessing
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -86,9 +109,12 @@ class RooflineProbe:
 
 
 def weight_bytes_per_token(model) -> int:
-    """Bytes a decode step reads: every projection matrix once (the tied head counted once)."""
-    total = model.embed_tokens.nbytes if model.lm_head is not model.embed_tokens else 0
-    total += model.lm_head.nbytes
+    """Bytes a decode step reads: every projection matrix and the LM head once.
+
+    The embedding table is not counted: a step reads one row of it (and where the head is
+    tied, the head is that same matrix).
+    """
+    total = model.lm_head.nbytes
     for layer in model.layers:
         for part in (layer.mlp, layer.linear_attn, layer.self_attn):
             if part is not None:
@@ -100,11 +126,16 @@ def weight_bytes_per_token(model) -> int:
 
 
 class Minqwen:
-    def __init__(self, folder, dtype):
+    def __init__(self, folder, dtype, threads):
         import minqwen
 
+        minqwen.set_threads(threads)
         self.name = f"minqwen {'bf16-resident' if dtype == 'bfloat16' else 'fp32'}"
         self.model = minqwen.load(folder, dtype=dtype)
+
+    def info(self):
+        return {"name": self.name, "weight_bytes_per_token": weight_bytes_per_token(self.model),
+                "vocab_size": self.model.config.vocab_size}
 
     def prefill(self, ids):
         self.model.forward(ids, self.model.new_cache(), last_only=True)
@@ -118,19 +149,18 @@ class Minqwen:
             token = int(np.argmax(self.model.forward([token], cache, last_only=True)[-1]))
         return time.perf_counter() - start
 
-    def decode_at_contexts(self, contexts, n_new, rng, repeats):
-        """Per context: seconds for tokens 2 … n_new after a prefill of that many random tokens.
+    def decode_at_contexts(self, prompts, n_new, repeats):
+        """Per context: seconds for tokens 2 … n_new after a prefill of ``prompts[context]`` (random tokens).
 
         Each context is prefilled once; then every repeat decodes from a copy of each cache in
         turn (round-robin, so a slow minute of the machine slows every context alike).
         """
         prefilled = {}
-        for context in contexts:
-            ids = rng.integers(0, self.model.config.vocab_size, size=context)
+        for context, ids in prompts.items():
             cache = self.model.new_cache()
             first = int(np.argmax(self.model.forward(ids, cache, last_only=True)[-1]))
             prefilled[context] = cache, first
-        times = {context: [] for context in contexts}
+        times = {context: [] for context in prompts}
         for _ in range(repeats):
             for context, (cache, first) in prefilled.items():
                 branch, token = cache.copy(), first
@@ -152,6 +182,9 @@ class Transformers:
         torch_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
         self.model = Qwen3_5ForCausalLM.from_pretrained(folder, dtype=torch_dtype).eval()
 
+    def info(self):
+        return {"name": self.name}
+
     def prefill(self, ids):
         with self.torch.no_grad():
             self.model(input_ids=self.torch.tensor(ids[None]), use_cache=True, logits_to_keep=1)
@@ -167,6 +200,182 @@ class Transformers:
                                  logits_to_keep=1)
                 cache, token = out.past_key_values, int(out.logits[0, -1].argmax())
             return time.perf_counter() - start
+
+
+class LlamaCpp:
+    """llama.cpp through llama-cpp-python, on a GGUF file of the same checkpoint.
+
+    Driven through ``Llama.eval``, one call per forward as the others are. With
+    ``logits_all=False`` eval flags only the batch's last position for output, so llama.cpp
+    computes the LM head for that position alone (as ``last_only`` / ``logits_to_keep=1``);
+    eval itself does not copy those logits out, so they are read from the context here.
+    """
+
+    def __init__(self, path, threads):
+        import ctypes
+
+        import llama_cpp
+
+        self.llama_cpp = llama_cpp
+        self.llm = llama_cpp.Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads,
+                                   n_ctx=1024, logits_all=False, verbose=False)
+        desc = ctypes.create_string_buffer(256)  # "qwen35 0.8B BF16", "qwen35 0.8B all F32"
+        llama_cpp.llama_model_desc(self.llm.model, desc, len(desc))
+        file_type = desc.value.decode().split(" ", 2)[-1].removeprefix("all ").lower()
+        self.name = f"llama.cpp {file_type} (GGUF)"
+        self.details = {"gguf": str(path), "llama_cpp_python": llama_cpp.__version__}
+
+    def info(self):
+        return {"name": self.name, "details": self.details}
+
+    def last_logits(self):
+        """The logits of the last evaluated position (reading them waits for the computation)."""
+        pointer = self.llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
+        return np.ctypeslib.as_array(pointer, shape=(self.llm.n_vocab(),))
+
+    def prefill(self, ids):
+        self.llm.reset()  # empties the KV cache and the recurrent states
+        self.llm.eval(ids.tolist())
+        self.last_logits()
+
+    def decode(self, prompt, n_new):
+        self.llm.reset()
+        self.llm.eval(prompt.tolist())
+        token = int(np.argmax(self.last_logits()))
+        start = time.perf_counter()
+        for _ in range(n_new - 1):
+            self.llm.eval([token])
+            token = int(np.argmax(self.last_logits()))
+        return time.perf_counter() - start
+
+
+def make_runner(kind, what, folder, threads):
+    """A contender: ``what`` is a dtype for minqwen and transformers, a GGUF file for llama.cpp."""
+    if kind == "minqwen":
+        return Minqwen(folder, what, threads)
+    if kind == "transformers":
+        return Transformers(folder, what, threads)
+    return LlamaCpp(what, threads)
+
+
+# --------------------------------------------------------------------------- one process per contender
+
+LIBRARY = {"minqwen": "minqwen", "transformers": "transformers", "llama.cpp": "llama_cpp"}
+SETTLE_SECONDS = 0.3  # before each timed command: the last contender's idle threads stop spinning
+
+
+class ContenderFailed(RuntimeError):
+    """A worker could not build its contender or run a command; ``missing``: its library does not import."""
+
+    def __init__(self, message, missing=False):
+        super().__init__(message)
+        self.missing = missing
+
+
+def serve(pipe, kind, what, folder, threads):
+    """A worker process: build one contender, then answer the parent's commands until ("stop",).
+
+    A command is (method name, *arguments); the reply is ("ok", its result), ("error", the
+    traceback), or, at start, ("missing", why) when the contender's library does not import.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the parent, which ends the workers
+    try:
+        importlib.import_module(LIBRARY[kind])
+    except (ImportError, OSError, RuntimeError) as error:  # not installed; its library fails to load
+        pipe.send(("missing", str(error)))
+        return
+    try:
+        runner = make_runner(kind, what, folder, threads)
+    except Exception:
+        pipe.send(("error", traceback.format_exc()))
+        return
+    pipe.send(("ok", runner.info()))
+    while True:
+        try:
+            command, *arguments = pipe.recv()
+        except EOFError:  # the parent is gone
+            return
+        if command == "stop":
+            return
+        try:
+            if command == "prefill":  # timed here, as decode times itself: the pipe is not in the figure
+                start = time.perf_counter()
+                runner.prefill(*arguments)
+                result = time.perf_counter() - start
+            else:
+                result = getattr(runner, command)(*arguments)
+        except Exception:
+            pipe.send(("error", traceback.format_exc()))
+        else:
+            pipe.send(("ok", result))
+
+
+class Worker:
+    """One contender in a process of its own, started with this process's (untouched) environment.
+
+    Why not all in one process: importing minqwen tunes its thread pools through environment
+    variables read once by the libraries behind them (GOMP_SPINCOUNT, for the OpenMP runtime
+    libgomp.so.1, which torch also ships under that name), so in one process transformers ran
+    with minqwen's settings instead of its own (measured: its fp32 decode 7.0-7.35 tokens/s
+    with them, 7.4-7.6 in a clean process). So each contender gets a fresh interpreter
+    ("spawn") and the parent never imports minqwen, torch or llama_cpp.
+    """
+
+    def __init__(self, kind, what, folder, threads):
+        self.kind, self.what, self.name = kind, what, f"{kind} {what}"  # until the contender names itself
+        spawn = multiprocessing.get_context("spawn")
+        self.pipe, child = spawn.Pipe()
+        self.process = spawn.Process(target=serve, args=(child, kind, what, folder, threads),
+                                     name=f"bench {self.name}", daemon=True)
+        self.process.start()
+        child.close()  # the worker holds the only copy now: if it dies, recv() here ends with EOFError
+        try:
+            self.info = self.reply()
+        except BaseException:  # it failed, or Ctrl-C came while it loaded
+            self.terminate()
+            raise
+        self.name = self.info["name"]
+
+    def reply(self):
+        try:
+            status, value = self.pipe.recv()
+        except (EOFError, OSError):  # it died: a crash in its library, say
+            self.process.join(5)
+            raise ContenderFailed(f"{self.name}: its process ended (exit code {self.process.exitcode})") from None
+        if status == "missing":
+            raise ContenderFailed(f"{self.name}: {LIBRARY[self.kind]} does not import ({value})", missing=True)
+        if status == "error":
+            raise ContenderFailed(f"{self.name} failed, in its worker process:\n{value}")
+        return value
+
+    def call(self, command, *arguments):
+        try:
+            self.pipe.send((command, *arguments))
+        except OSError:  # the worker is gone; reply() says so
+            pass
+        return self.reply()
+
+    def measure(self, command, *arguments):
+        """``call``, after a pause: so the contender before leaves the cores idle (OpenBLAS's
+        threads, for one, spin for ~0.1 s after each product before they sleep)."""
+        time.sleep(SETTLE_SECONDS)
+        return self.call(command, *arguments)
+
+    def stop(self):
+        """Ask the worker to end and wait for it (it frees its model); end it if it does not."""
+        if self.process.is_alive():
+            try:
+                self.pipe.send(("stop",))
+            except OSError:  # it is ending anyway
+                pass
+            self.process.join(60)
+        self.terminate()
+
+    def terminate(self):
+        if self.process.is_alive():
+            self.process.terminate()
+        self.process.join()
+        self.pipe.close()
 
 
 def cold_start(folder: Path, dtype: str, threads: int, numba_cache: str | None = None) -> dict:
@@ -216,6 +425,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--long-context", type=int, default=16384, help="0 skips the long-context decode")
     parser.add_argument("--no-transformers", action="store_true")
+    parser.add_argument("--gguf", type=Path, nargs="+", default=[],
+                        help="GGUF file(s) of the same checkpoint: measure llama.cpp on each (needs llama_cpp)")
     parser.add_argument("--quick", action="store_true", help="1 repeat, no long context")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--cold-start-only", action="store_true",
@@ -224,17 +435,12 @@ def main() -> int:
     if args.quick:
         args.repeats, args.long_context = 1, 0
 
-    # minqwen first: importing it sets the OpenMP spin policy (minqwen/threads.py), which
-    # OpenMP reads once, when Numba starts its threads. Its allocator setting (keep freed
-    # blocks for reuse) holds for the whole process, so transformers, measured in this process,
-    # gains from it too: the ratios to it are if anything understated.
-    import minqwen
+    from real_shape import DEFAULT_DIR
+    from threadpoolctl import threadpool_limits
 
-    minqwen.set_threads(args.threads)
-
-    from real_shape import DEFAULT_DIR, make
-
-    folder = args.model or make(DEFAULT_DIR)
+    folder = args.model or DEFAULT_DIR
+    if args.model is None and not (folder / "config.json").is_file():  # made once, by a process with torch
+        subprocess.run([sys.executable, str(TOOLS / "real_shape.py"), "make", "--out", str(folder)], check=True)
     if args.cold_start_only:
         for dtype in ("float32", "bfloat16"):
             print(dtype, json.dumps(cold_starts(folder, dtype, args.threads, args.repeats)), flush=True)
@@ -243,54 +449,73 @@ def main() -> int:
     prompt16 = rng.integers(100, 240000, size=16)
     prompt512 = rng.integers(100, 240000, size=512)
     results = {"machine": machine(), "threads": args.threads, "checkpoint": str(folder), "rows": []}
+    threadpool_limits(limits=args.threads)  # for the roofline probe, this process's only BLAS work
     gemv = RooflineProbe()
 
     contenders = [("minqwen", "float32"), ("minqwen", "bfloat16")]
     if not args.no_transformers:
         contenders += [("transformers", "float32"), ("transformers", "bfloat16")]
-    runners = [Minqwen(folder, dtype) if kind == "minqwen" else Transformers(folder, dtype, args.threads)
-               for kind, dtype in contenders]
-    for runner in runners:  # warm-up: JIT, caches, allocator
-        runner.prefill(prompt512)
-        runner.decode(prompt16, 4)
-    # Round-robin: every repeat measures the roofline and each contender once, so a machine
-    # that slows down for a minute slows every contender alike and the ratios stay meaningful
-    # (measured one contender after another, the same code moved by ±20% between runs here).
-    bandwidth, prefill, decode = [], {r.name: [] for r in runners}, {r.name: [] for r in runners}
-    for _ in range(args.repeats):
-        bandwidth.append(gemv.sample())
-        for runner in runners:
-            start = time.perf_counter()
-            runner.prefill(prompt512)
-            prefill[runner.name].append(time.perf_counter() - start)
-        for runner in runners:
-            decode[runner.name].append(runner.decode(prompt16, 64))
-    results["roofline_GBps"] = statistics.median(bandwidth)
-    print(f"machine: {results['machine']['cpu']}, {args.threads} threads; "
-          f"fp32 GEMV roofline {results['roofline_GBps']:.1f} GB/s", flush=True)
-    del gemv
+    contenders += [("llama.cpp", path) for path in args.gguf]
+    workers = []
+    try:
+        for kind, what in contenders:
+            try:
+                worker = Worker(kind, what, folder, args.threads)
+            except ContenderFailed as error:
+                if not (error.missing and kind == "llama.cpp"):
+                    raise
+                print(f"no llama.cpp contender ({error}): pip install llama-cpp-python==0.3.36", flush=True)
+                break  # the GGUF files are last, and each would fail alike
+            if any(w.name == worker.name for w in workers):  # two GGUF files of one type
+                worker.name += f" {Path(what).name}"
+            workers.append(worker)
+        for worker in workers:  # warm-up: JIT, caches, allocator
+            worker.call("prefill", prompt512)
+            worker.call("decode", prompt16, 4)
+        # Round-robin: every repeat measures the roofline and each contender once, so a machine
+        # that slows down for a minute slows every contender alike and the ratios stay meaningful
+        # (measured one contender after another, the same code moved by ±20% between runs here).
+        bandwidth, prefill, decode = [], {w.name: [] for w in workers}, {w.name: [] for w in workers}
+        for _ in range(args.repeats):
+            bandwidth.append(gemv.sample())
+            for worker in workers:
+                prefill[worker.name].append(worker.measure("prefill", prompt512))
+            for worker in workers:
+                decode[worker.name].append(worker.measure("decode", prompt16, 64))
+        results["roofline_GBps"] = statistics.median(bandwidth)
+        print(f"machine: {results['machine']['cpu']}, {args.threads} threads; "
+              f"fp32 GEMV roofline {results['roofline_GBps']:.1f} GB/s", flush=True)
+        del gemv
 
-    for runner in runners:
-        row = {"name": runner.name,
-               "prefill512_tps": 512 / statistics.median(prefill[runner.name]),
-               "decode_tps": 63 / statistics.median(decode[runner.name])}
-        if isinstance(runner, Minqwen):
-            row["weight_bytes_per_token"] = weight_bytes_per_token(runner.model)
-            row["roofline_fraction"] = row["decode_tps"] * row["weight_bytes_per_token"] / (results["roofline_GBps"] * 1e9)
-        results["rows"].append(row)
-    del runners  # free transformers' copies before the long-context runs and the new processes
+        for worker in workers:
+            row = {"name": worker.name,
+                   "prefill512_tps": 512 / statistics.median(prefill[worker.name]),
+                   "decode_tps": 63 / statistics.median(decode[worker.name])}
+            if "weight_bytes_per_token" in worker.info:
+                row["weight_bytes_per_token"] = worker.info["weight_bytes_per_token"]
+                row["roofline_fraction"] = (row["decode_tps"] * row["weight_bytes_per_token"]
+                                            / (results["roofline_GBps"] * 1e9))
+            row.update(worker.info.get("details", {}))
+            results["rows"].append(row)
+        for worker in workers:  # free every model before the long-context runs and the new processes
+            worker.stop()
 
-    for row, (kind, dtype) in zip(results["rows"], contenders):
-        if kind != "minqwen":
-            continue
-        runner = Minqwen(folder, dtype)
-        contexts = (512, args.long_context) if args.long_context else ()
-        for context, times in runner.decode_at_contexts(contexts, 64, rng, args.repeats).items():
-            row[f"decode_at_{context}_tps"] = 63 / statistics.median(times)
-        if args.long_context:
-            row["long_over_512"] = row[f"decode_at_{args.long_context}_tps"] / row["decode_at_512_tps"]
-        del runner
-        row.update(cold_starts(folder, dtype, args.threads, args.repeats))
+        for row, measured in zip(results["rows"], list(workers)):
+            if measured.kind != "minqwen":
+                continue
+            if args.long_context:  # in a fresh worker, the only model in memory
+                worker = Worker("minqwen", measured.what, folder, args.threads)
+                workers.append(worker)
+                contexts = (512, args.long_context)
+                prompts = {context: rng.integers(0, worker.info["vocab_size"], size=context) for context in contexts}
+                for context, times in worker.call("decode_at_contexts", prompts, 64, args.repeats).items():
+                    row[f"decode_at_{context}_tps"] = 63 / statistics.median(times)
+                row["long_over_512"] = row[f"decode_at_{args.long_context}_tps"] / row["decode_at_512_tps"]
+                worker.stop()
+            row.update(cold_starts(folder, measured.what, args.threads, args.repeats))
+    finally:  # on an error or Ctrl-C too: no worker outlives the benchmark
+        for worker in workers:
+            worker.terminate()
     for row in results["rows"]:
         print(json.dumps(row), flush=True)
 
