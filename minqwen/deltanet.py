@@ -44,8 +44,8 @@ from .threads import OPENBLAS_THREADS_NAP, numba_does_the_products, serial_and_p
 
 CHUNK_SIZE = 64
 # Which form runs a multi-token call. Measured on this project's 2-core CPU at the real
-# Qwen3.5-0.8B head shape (16 heads of 128 × 128): the compiled recurrence costs ~0.05 ms per
-# token, the chunked form in NumPy ~0.7–1.6 ms per token (its many small batched matmuls do
+# Qwen3.5-0.8B head shape (16 heads of 128 × 128): the compiled recurrence costs ~0.04 ms per
+# token and layer, the chunked form in NumPy ~0.7–1.6 ms per token (its many small batched matmuls do
 # not reach BLAS speed). So on a CPU the recurrence runs everywhere; the chunked form — the
 # matmul formulation that GPU kernels use — is kept, tested equal, and selectable.
 FORMS = ("recurrent", "chunked")
@@ -280,13 +280,15 @@ def _same_memory(initial, states):
 # cores, and BLAS is kept on one thread then (see linear.numba_multiplies), so the cores are
 # free. A prompt of BLAS_ROWS tokens or more runs serial: OpenBLAS's threads are still spinning
 # from the projections just before (~0.1 s after each call) and take one core. Measured on the
-# 0.8B shape, 512 tokens: 0.56–0.67 s serial against 0.60–0.75 s parallel for 18 layers.
+# 0.8B shape, 512 tokens, one layer right after a product (Intel Xeon VM): 22-23 ms serial,
+# 24 ms parallel; 12.6 ms parallel once OpenBLAS's threads had gone to sleep.
 # With OPENBLAS_THREAD_TIMEOUT=18 set when the process starts, OpenBLAS's threads sleep
 # ~0.1 ms after a call, and prompts take the parallel build too (threads.OPENBLAS_THREADS_NAP).
 # It pays on some machines, not others, because every product must then wake its threads:
 # on an AMD EPYC the recurrence fell to 0.28–0.38 s but the whole 512-token prefill was no
 # faster (101–113 against 106–119 tok/s); on an Intel Xeon VM it was 184–188 against 165–171
-# tok/s (alternated runs), so it is the user's choice, not the default.
+# tok/s (alternated runs; 197-200 against 184-189 on a later day, when it also cost the
+# embedded model's decoding ~3-6%), so it is the user's choice, not the default.
 # Where Numba's kernels do the products (bf16 weights, or float32 too big for the caches: see
 # linear.numba_multiplies) its pool is awake between calls and the cores are free, so even a
 # decode step's heads are worth splitting: measured on the 0.8B shape, Intel Xeon VM, bf16
