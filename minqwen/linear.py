@@ -111,10 +111,13 @@ def _as_float32_compiled(w):
 
 
 @numba.njit(inline="always")
-def _row_a_quarter_on(r, k, quarter, n_out):
-    """Row r + k·quarter, or r itself where that runs past the last row (r is then computed twice)."""
+def _row_a_quarter_on(r, k, quarter, end):
+    """Row r + k·quarter, or r itself where that is not below ``end`` (r is then computed twice).
+
+    ``end``: the matrix's number of rows, or the end of the block of rows being walked.
+    """
     row = r + k * quarter
-    return row if row < n_out else r
+    return row if row < end else r
 
 
 def _rows_loops(x, weight, out):

@@ -62,7 +62,7 @@ from numba.typed import List
 from .activations import ACTIVATIONS, sigmoid
 from .checkpoint import FP8Tensor
 from .errors import MinqwenError
-from .linear import BF16, BLAS_ROWS, as_float32, linear
+from .linear import BF16, BLAS_ROWS, _row_a_quarter_on, as_float32, linear
 from .mlp import MLPWeights, swiglu_mlp
 
 
@@ -230,10 +230,10 @@ def _grouped_rows_kernel(x, starts, matrices_bits, out):
     items, enough to share among threads even for one expert (a 512-row projection is 8 items).
     Inside an item, as in linear's few-row kernel, four weight rows a quarter of the block
     apart are read at once (four memory streams per core; measured on the 35B-A3B layer shape
-    with 256 experts top-8, Intel Xeon VM: MoE layers 1.31× the dense model's time one row at a
-    time, 1.20–1.23× this way), and every weight row is read from memory once for all of the group's input
-    rows — a speculative verify can send several rows to one expert. fastmath reorders each
-    sum into vector lanes (float32 round-off; tests bound it).
+    with 256 experts top-8, Intel Xeon VM: MoE layers 1.31× the dense model's time one row at
+    a time, 1.20–1.23× this way), and every weight row is read from memory once for all of the
+    group's input rows — a speculative verify can send several rows to one expert. fastmath
+    reorders each sum into vector lanes (float32 round-off; tests bound it).
     """
     n_out = out.shape[1]
     n_blocks = (n_out + GROUPED_BLOCK - 1) // GROUPED_BLOCK
@@ -244,9 +244,9 @@ def _grouped_rows_kernel(x, starts, matrices_bits, out):
         stop = min(first + GROUPED_BLOCK, n_out)
         quarter = (stop - first + 3) // 4
         for r in range(first, first + quarter):
-            r1 = r + quarter if r + quarter < stop else r  # past the block's end: r again
-            r2 = r + 2 * quarter if r + 2 * quarter < stop else r
-            r3 = r + 3 * quarter if r + 3 * quarter < stop else r
+            r1 = _row_a_quarter_on(r, 1, quarter, stop)  # past the block's end: r again
+            r2 = _row_a_quarter_on(r, 2, quarter, stop)
+            r3 = _row_a_quarter_on(r, 3, quarter, stop)
             w0, w1, w2, w3 = w[r], w[r1], w[r2], w[r3]  # [in] each: 1-D views vectorize
             for j in range(starts[m], starts[m + 1]):
                 xj = x[j]  # [in]
