@@ -38,8 +38,8 @@ BLAS_ROWS = 16
 WIDEN_BLOCK = 1024  # weight rows widened at a time: a few MB of float32 scratch
 
 
-# Below this many bytes of weights a model's decode step is bound by per-call overhead, not by
-# reading weights: they sit in the caches.
+# Below this many bytes of weights a model's decode step is made of small products, each too
+# short to be worth waking Numba's thread pool for (see numba_multiplies).
 SMALL_MODEL_BYTES = 64 * 1024 * 1024
 
 
@@ -51,10 +51,11 @@ def numba_multiplies(weight_dtype, n_rows: int, model_bytes: int) -> bool:
     kernel's parallel build. So it is for few rows of bf16 weights (NumPy has no bf16 product),
     and of float32 weights in a model (``model_bytes`` of weights) too big for the caches: a
     decode step or a verify is then bound by reading weights, which the kernel does faster
-    than BLAS (see :func:`_rows_loops`). A small model's weights come from cache, where
-    BLAS's one-row GEMV computes faster, and where the pool, idle between the few big
-    products, would have to be woken for each (the embedded model decoded 1092 tokens/s with
-    BLAS, 757 with every product in the kernel).
+    than BLAS (see :func:`_rows_loops`). A small model's products are short — the embedded
+    model's largest takes tens of microseconds — and the pool, idle between them, would have
+    to be woken for each (the embedded model decoded 1092 tokens/s with BLAS, 757 with every
+    product in the kernel). Its weights are not all in cache even so: its 14.8 MB of float32
+    took 0.53 ms a step in a sweep over its matrices, 0.18 ms multiplied while still cached.
     """
     if n_rows >= BLAS_ROWS:
         return False
@@ -174,12 +175,15 @@ def _rows_loops(x, weight, out):
     on an Intel Xeon VM, 2 threads, 0.8B-shaped matrices, one input row: bf16 26-29 GB/s
     against 21-25 walking one row at a time (where even a loop that only summed the raw bits
     ran at 21-23); float32 31-33 GB/s, 2-10% faster than OpenBLAS's GEMV.
-    Why BLOCK weights at a time, asking for the weights PREFETCH_AHEAD_BYTES further on in
-    each stream first: the hardware prefetcher alone kept too few reads in flight. A whole
-    0.8B-shaped decode step took 68-71 ms in bf16 without it, 59-62 with it (float32 111 →
-    108 ms, already near what memory gives). Between 1 and 4 kB ahead measured alike; closer
-    than 512 bytes or blocks of 16 bf16 were slower. Only the first pass over a weight row
-    asks: the later input rows find it in the cache.
+    Why BLOCK weights at a time, first asking for the weights PREFETCH_AHEAD_BYTES further
+    on in each stream (software prefetch): with the hardware prefetcher alone, fewer reads
+    were in flight than memory can serve — or so the figures read. Same process, old kernel
+    against new, 0.8B shape: a bf16 decode step 73.5 → 63.0 ms (the products from 26-27 to
+    ~29 GB/s), a two-position bf16 verify 78.6 → 68.6, a float32 step 113.8 → 108.7 (already
+    near what memory gives). 1 to 4 kB ahead measured alike; 512 bytes, no prefetch at all or
+    only every other cache line were slower. Blocks of 32 weights were as fast here but cost
+    the embedded model's small matrices ~10% (each block ends in a reduction of the vector
+    lanes). Only the first pass over a weight row asks: later input rows find it in the cache.
     Why four rows and two inputs at once: each widened weight serves both inputs, each loaded
     x serves four rows, and the eight sums are independent, so the FMA units never wait on one
     sum's previous add. Two input rows cost 1.04-1.08× one (bf16; one weight row at a time

@@ -177,12 +177,13 @@ def pays_by_default(model: Model) -> bool:
     """Whether speculative decoding (one draft per pass) is expected to be faster for ``model``.
 
     Measured with tools/mtp_figures.py (see the README) on the Qwen3.5-0.8B shape: a
-    two-position verify costs 1.07–1.12 decode steps on an Intel Xeon VM (bf16-resident,
+    two-position verify costs 1.03–1.12 decode steps on an Intel Xeon VM (bf16-resident,
     float32; 1.15–1.17 on an AMD EPYC with an earlier kernel), a draft 0.07–0.14, so one
     draft pays from an acceptance of 0.1–0.3; drafts from Qwen3.5's own heads are accepted
-    around 0.8. A small model is bound by per-call overhead instead: the embedded model, at
-    84% acceptance, measured 1.02–1.09× (Intel VM), so there speculation stays off unless
-    asked for.
+    around 0.8. In a small model the MTP layer is a large part of the model, and per-call
+    overhead a large part of every step, the MTP layer's included: the embedded model (four
+    layers), at 84% acceptance, measured 1.02–1.09× (Intel VM), so there speculation stays
+    off unless asked for.
     """
     return model.weight_bytes >= SMALL_MODEL_BYTES
 
@@ -609,8 +610,8 @@ def draft_cost_estimate(model: Model, head: MtpHead, draft_vocab: int | None = D
     """Bytes one draft step reads (MTP layer, fc, the draft's LM head rows) ÷ bytes one decode step reads.
 
     What c_draft would be if both were bound by reading weights — true of big models (the
-    0.8B shape: 0.07 with the 32k-row draft vocabulary, 0.36 with all 248k rows); a tiny
-    model's steps are bound by per-call overheads instead (tools/mtp_figures.py measures both).
+    0.8B shape: 0.07 with the 32k-row draft vocabulary, 0.36 with all 248k rows); in a tiny
+    model, per-call overhead is a large part of both (tools/mtp_figures.py measures them).
     """
     from .summary import experts, resident_bytes
 
