@@ -626,19 +626,45 @@ def test_fuzz_arbitrary_short_files_parse_consistently_or_raise_minqwen_error(fu
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(dtype=st.sampled_from(["float32", "float16", "bfloat16"]), shape=st.lists(st.integers(1, 9), min_size=1,
-       max_size=3), block=st.integers(1, 64), seed=st.integers(0, 2**31))
+       max_size=3), block=st.integers(1, 64), threads=st.integers(1, 3), seed=st.integers(0, 2**31))
 def test_converting_reads_block_by_block_equal_converting_the_whole_tensor(tmp_path_factory, monkeypatch, dtype,
-                                                                           shape, block, seed):
-    # Loading converts a few MB at a time (so a bf16 embedding is never held twice); here the
-    # blocks are a few bytes: many blocks, a last one cut short. (monkeypatch sets the same
-    # value again in each example, so sharing it between examples is harmless.)
+                                                                           shape, block, threads, seed):
+    # Loading converts a few MB at a time (so a bf16 embedding is never held twice), and cuts a
+    # large tensor into one span per thread; here the blocks are a few bytes and every tensor
+    # counts as large: many blocks, a last one cut short, spans that end inside a block (or
+    # hold no element). (monkeypatch sets the same values again in each example, so sharing
+    # them between examples is harmless.)
     import minqwen.checkpoint as checkpoint
 
     monkeypatch.setattr(checkpoint, "READ_BLOCK_BYTES", block)
+    monkeypatch.setattr(checkpoint, "SPLIT_BYTES", 0)
+    monkeypatch.setattr(checkpoint, "_reading_threads", lambda: threads)
     stored = np.random.default_rng(seed).normal(size=shape).astype(np.dtype(getattr(ml_dtypes, dtype, dtype)))
     path = tmp_path_factory.mktemp("blocks") / "model.safetensors"
     save_file({"w": stored}, str(path))
     ckpt = Checkpoint(path.parent)
     np.testing.assert_array_equal(ckpt.float32("w", tuple(shape)), stored.astype(np.float32))
+    np.testing.assert_array_equal(ckpt.raw("w"), ckpt.where["w"].read("w"))  # as stored, no conversion
     as_bf16 = ckpt.bfloat16("w", tuple(shape))
     np.testing.assert_array_equal(as_bf16.view(np.uint16), stored.astype(ml_dtypes.bfloat16).view(np.uint16))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16], ids=["F32", "BF16"])
+def test_a_file_cut_short_after_opening_is_an_error_naming_file_tensor_and_bytes(tmp_path, monkeypatch, threads,
+                                                                                 dtype):
+    # The header is checked against the file's size when it is opened; a file that shrinks
+    # afterwards (a download still being written over) is caught by the reads themselves.
+    import minqwen.checkpoint as checkpoint
+
+    monkeypatch.setattr(checkpoint, "READ_BLOCK_BYTES", 16)
+    monkeypatch.setattr(checkpoint, "SPLIT_BYTES", 0)
+    monkeypatch.setattr(checkpoint, "_reading_threads", lambda: threads)
+    path = tmp_path / "model.safetensors"
+    save_file({"w": np.arange(64, dtype=np.float32).astype(dtype)}, str(path))
+    ckpt = Checkpoint(tmp_path)
+    nbytes = 64 * np.dtype(dtype).itemsize
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size - 10)
+    with pytest.raises(MinqwenError, match=re.escape(f"{path}: tensor 'w': file ended after {nbytes - 10} of {nbytes} bytes")):
+        ckpt.float32("w", (64,))
