@@ -26,7 +26,7 @@ import numpy as np
 
 from .activations import sigmoid
 from .errors import MinqwenError
-from .linear import linear
+from .linear import CACHE_LINE, PREFETCH_AHEAD_BYTES, _prefetch, linear
 from .norms import rms_norm
 from .rope import apply_rotary
 
@@ -158,6 +158,10 @@ def attention_few_queries(q: np.ndarray, keys: np.ndarray, values: np.ndarray, s
     once for all of a head's query rows, and returns a partial softmax: the block's max score,
     its sum of exponentials and its exp-weighted sum of values ("flash decoding"). The blocks
     are merged after. Same contract as causal_attention (measured at 16k: about 2× faster).
+    While it works on one key (or value) row it asks for the row ~2 kB further on, as
+    linear.py's kernel does for weights: the six attention layers' caches at 16k (403 MB)
+    took 28-31 ms a decode step without that, 21-24 ms with it (13-14 → 17-19 GB/s; a
+    two-position verify 43 → 32-35 ms).
     """
     t_len, num_heads, head_dim = q.shape
     num_kv, s_len, _ = keys.shape
@@ -179,6 +183,19 @@ def attention_few_queries(q: np.ndarray, keys: np.ndarray, values: np.ndarray, s
     return out.reshape(num_heads, t_len, head_dim).transpose(1, 0, 2)  # [T, Hq, D]
 
 
+@numba.njit(inline="always")
+def _prefetch_row(rows, s):
+    """Ask for every cache line of rows[s] (a hint, see linear._prefetch); past the last row, nothing.
+
+    The rows after the block a job works on are, mostly, its next block's: prange hands each
+    thread a run of consecutive blocks.
+    """
+    if s < rows.shape[0]:
+        row = rows[s]
+        for i in range(0, row.size, max(1, CACHE_LINE // row.itemsize)):
+            _prefetch(row, i)
+
+
 @numba.njit(parallel=True, fastmath={"reassoc", "contract"}, cache=True)
 def _attention_blocks_kernel(rows, keys, values, visible, scale, block, block_max, block_sum, block_out):
     """For one key head, per block b of keys: the partial softmax of every query row r.
@@ -191,11 +208,13 @@ def _attention_blocks_kernel(rows, keys, values, visible, scale, block, block_ma
     float32 rounding (tests bound it).
     """
     n_rows, head_dim = rows.shape
+    ahead = max(1, PREFETCH_AHEAD_BYTES // (head_dim * keys.itemsize))  # in rows
     for b in numba.prange(block_max.shape[0]):
         start = b * block
         stop = min(start + block, keys.shape[0])
         p = np.empty((n_rows, stop - start), np.float32)  # [R, block]: scores, then exp(score − m)
         for s in range(start, stop):
+            _prefetch_row(keys, s + ahead)
             key = keys[s]
             for r in range(n_rows):
                 query = rows[r]
@@ -221,6 +240,7 @@ def _attention_blocks_kernel(rows, keys, values, visible, scale, block, block_ma
         out = block_out[b]  # [R, D]
         out[:, :] = 0.0
         for s in range(start, stop):  # each value row once, for every query row
+            _prefetch_row(values, s + ahead)
             value = values[s]
             for r in range(n_rows):
                 weight = p[r, s - start]
