@@ -26,7 +26,7 @@ import numpy as np
 
 from .activations import sigmoid
 from .errors import MinqwenError
-from .linear import CACHE_LINE, PREFETCH_AHEAD_BYTES, _prefetch, linear
+from .linear import CACHE_LINE, PREFETCH_AHEAD_BYTES, linear, prefetch
 from .norms import rms_norm
 from .rope import apply_rotary
 
@@ -185,7 +185,7 @@ def attention_few_queries(q: np.ndarray, keys: np.ndarray, values: np.ndarray, s
 
 @numba.njit(inline="always")
 def _prefetch_row(rows, s):
-    """Ask for every cache line of rows[s] (a hint, see linear._prefetch); past the last row, nothing.
+    """Ask for every cache line of rows[s] (a hint, see linear.prefetch); past the last row, nothing.
 
     The rows after the block a job works on are, mostly, its next block's: prange hands each
     thread a run of consecutive blocks.
@@ -193,7 +193,7 @@ def _prefetch_row(rows, s):
     if s < rows.shape[0]:
         row = rows[s]
         for i in range(0, row.size, max(1, CACHE_LINE // row.itemsize)):
-            _prefetch(row, i)
+            prefetch(row, i)
 
 
 @numba.njit(parallel=True, fastmath={"reassoc", "contract"}, cache=True)

@@ -130,10 +130,11 @@ CACHE_LINE = 64  # bytes: x86 and Arm cores alike
 
 
 @intrinsic
-def _prefetch(typingctx, flat, index):
+def prefetch(typingctx, flat, index):
     """Ask the memory system to start loading the cache line that holds flat[index].
 
-    A hint (x86 PREFETCHT0, Arm PRFM): it changes no value, only when memory is read.
+    A hint (x86 PREFETCHT0, Arm PRFM): it changes no value, only when memory is read. The
+    few-row kernel here, moe.py's grouped kernel and attention.py's decode kernel use it.
     """
     sig = types.void(flat, index)
 
@@ -158,10 +159,10 @@ def _prefetch_block(flat, n_in, r0, r1, r2, r3, start, step):
     """
     last = flat.size - 1
     for at in range(start, start + BLOCK, step):
-        _prefetch(flat, min(r0 * n_in + at, last))
-        _prefetch(flat, min(r1 * n_in + at, last))
-        _prefetch(flat, min(r2 * n_in + at, last))
-        _prefetch(flat, min(r3 * n_in + at, last))
+        prefetch(flat, min(r0 * n_in + at, last))
+        prefetch(flat, min(r1 * n_in + at, last))
+        prefetch(flat, min(r2 * n_in + at, last))
+        prefetch(flat, min(r3 * n_in + at, last))
 
 
 def _rows_loops(x, weight, out):
