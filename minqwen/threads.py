@@ -29,8 +29,15 @@ from .errors import MinqwenError
 # step launches ~200 kernels, each ending in a barrier where the thread done first waits for
 # the other. 10 000 spins (50-200 us there) keep the pool awake through a decode step and
 # still let it sleep through a prefill's products: bf16 decode 11.2-11.5 -> 12.7-12.9
-# tokens/s; float32 decode and prefills unchanged (same machine, alternated runs). Set
-# before the OpenMP runtime starts (the first parallel kernel); a value the user set wins.
+# tokens/s; float32 decode and prefills unchanged (same machine, alternated runs).
+# On an AMD EPYC VM a spin is shorter: 10 000 spins lasted 200-400 us (a kernel called after
+# an idle gap took 10 us after 200 us, 53 us after 400). Counted there (voluntary context
+# switches, 0.8B shape), the pool slept 5 times a bf16 decode step and 13 times a float32 one
+# at 10 000 spins, 1-2 times at 30 000 or more, 84 and 44 times at 3 000 (bf16 step 96 ms
+# against 68). So a longer spin could save at most ~1 ms of a 65-120 ms step there, and step
+# times over 8 alternated rounds did not tell 10 000 from 30 000 apart. Spinning for ever
+# (GOMP_SPINCOUNT=infinite) made a 128-token prefill 2-3x slower on both weight formats.
+# Set before the OpenMP runtime starts (the first parallel kernel); a value the user set wins.
 if "OMP_WAIT_POLICY" not in os.environ:
     os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
