@@ -30,7 +30,7 @@ from .errors import MinqwenError
 # the other. 10 000 spins (50-200 us there) keep the pool awake through a decode step and
 # still let it sleep through a prefill's products: bf16 decode 11.2-11.5 -> 12.7-12.9
 # tokens/s; float32 decode and prefills unchanged (same machine, alternated runs).
-# On an AMD EPYC VM a spin is shorter: 10 000 spins lasted 200-400 us (a kernel called after
+# On an AMD EPYC VM a spin is longer: 10 000 spins lasted 200-400 us (a kernel called after
 # an idle gap took 10 us after 200 us, 53 us after 400). Counted there (voluntary context
 # switches, 0.8B shape), the pool slept 5 times a bf16 decode step and 13 times a float32 one
 # at 10 000 spins, 1-2 times at 30 000 or more, 84 and 44 times at 3 000 (bf16 step 96 ms
