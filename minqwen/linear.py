@@ -14,8 +14,8 @@ The products themselves:
   accumulating in float32. Decoding runs this, for both weight formats; tests hold it to
   the twins. For float32 it beats BLAS at what decoding does: OpenBLAS's GEMM for 2 rows was
   measured at 3-5× the time of one row's GEMV (its blocking is made for many rows), and for
-  one row of a matrix too big for the caches the kernel reads memory faster (see
-  :func:`_rows_loops` for why, and :func:`numba_multiplies` for when).
+  one row the kernel reads weights from memory, or from the last-level cache, faster (see
+  :func:`_rows_loops` for why, and :func:`numba_multiplies` for which build runs).
 * for many input rows (a prefill) BLAS does the product, compute-bound there anyway; bf16
   weights are widened to float32 a block of rows at a time first.
 """
@@ -47,15 +47,22 @@ def numba_multiplies(weight_dtype, n_rows: int, model_bytes: int) -> bool:
     """Whether a forward over ``n_rows`` positions hands its products to Numba's pool of threads.
 
     The caller then holds BLAS to one thread (:func:`~minqwen.threads.one_blas_thread`), and
-    :func:`linear` sees it: one row of float32 goes to the kernel, and big matrices to the
-    kernel's parallel build. So it is for few rows of bf16 weights (NumPy has no bf16 product),
-    and of float32 weights in a model (``model_bytes`` of weights) too big for the caches: a
-    decode step or a verify is then bound by reading weights, which the kernel does faster
-    than BLAS (see :func:`_rows_loops`). A small model's products are short — the embedded
-    model's largest takes tens of microseconds — and the pool, idle between them, would have
-    to be woken for each (the embedded model decoded 1092 tokens/s with BLAS, 757 with every
-    product in the kernel). Its weights are not all in cache even so: its 14.8 MB of float32
-    took 0.53 ms a step in a sweep over its matrices, 0.18 ms multiplied while still cached.
+    :func:`linear` sees it: big matrices go to the kernel's parallel build. So it is for few
+    rows of bf16 weights (NumPy has no bf16 product), and of float32 weights in a model
+    (``model_bytes`` of weights) too big for the caches: a decode step or a verify is then
+    bound by reading weights, which the kernel does faster than BLAS (see :func:`_rows_loops`).
+    A small model's few-row products go to the kernel too, but to its serial build, on the
+    calling thread. They are short — the embedded model's largest takes tens of microseconds —
+    and the pool, idle between them, would have to be woken for each (on an Intel Xeon VM the
+    embedded model decoded 1092 tokens/s with BLAS, 757 with every product in the parallel
+    build). On one core the kernel beat OpenBLAS's GEMV at decoding such a model: on an AMD
+    EPYC VM, alternated runs, the embedded model decoded 774 tokens/s against 567 with one row
+    going to BLAS (and 650 against 475, or 426 with BLAS held to one thread, in another
+    series). Its 14.8 MB of weights come from the last-level cache there, not the nearest
+    ones (0.53 ms a step in a sweep over its matrices, 0.18 ms multiplied while still
+    cached), and the kernel's four streams with their prefetches wait less for them. In a
+    loop over one matrix, found in the nearest caches each time, BLAS was as fast or faster.
+    Not measured on the Intel VM.
     """
     if n_rows >= BLAS_ROWS:
         return False
@@ -67,9 +74,10 @@ def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) ->
     n_rows = x.shape[0]
     if weight.dtype == BF16:
         y = linear_bf16(x, weight)
-    elif weight.dtype == x.dtype == np.float32 and n_rows < BLAS_ROWS and (n_rows > 1 or numba_does_the_products()):
-        # Two rows or more always: OpenBLAS's GEMM, made for many rows, took 3-5× one row's time
-        # for two (the embedded model's 4096 × 256 head: 324 us for two rows, 70 for one).
+    elif weight.dtype == x.dtype == np.float32 and n_rows < BLAS_ROWS:
+        # OpenBLAS's GEMM, made for many rows, took 3-5× one row's time for two (the embedded
+        # model's 4096 × 256 head: 324 us for two rows, 70 for one). And for one row, see
+        # numba_multiplies: the kernel, even on one core, beat OpenBLAS's GEMV at decoding.
         y = linear_few_rows(x, weight)
     else:
         y = x @ weight.T  # NumPy hands the transposed view to BLAS as is

@@ -182,10 +182,10 @@ def pays_by_default(model: Model) -> bool:
     draft pays from an acceptance of 0.1–0.3; drafts from Qwen3.5's own heads are accepted
     around 0.8. In a small model the MTP layer is a large part of the model, and per-call
     overhead a large part of every step, the MTP layer's included: the embedded model (four
-    layers), at 84% acceptance, measured 1.02–1.09× greedy on an Intel VM, and 1.24–1.44×
-    on an AMD EPYC VM, whose caches did not keep its 15 MB of weights; sampling as its
-    generation config says, 1.10× there (acceptance 0.69). So there speculation stays off
-    unless asked for.
+    layers), at 84% acceptance, measured 1.02–1.09× greedy on an Intel VM. On an AMD EPYC
+    VM it measured 1.01–1.10× greedy, and 0.89–0.93× sampling as its generation config says
+    (acceptance 0.66). Those AMD runs had one-row products in the few-row kernel, not BLAS.
+    So there speculation stays off unless asked for.
     """
     return model.weight_bytes >= SMALL_MODEL_BYTES
 
