@@ -83,7 +83,7 @@ def real_shape(checkpoint: Path, dtype: str, repeats: int) -> None:
     mtp.commit(model, head, hidden, list(prompt[1:]) + [1])
     tokens = [int(t) for t in rng.integers(0, c.vocab_size, size=3)]
     params = SamplingParams(repetition_penalty=1.05)  # a pick with penalties, as generation configs have
-    print(f"Qwen3.5-0.8B shape, random weights, {dtype}; {machine_line()}")
+    print(f"{checkpoint.name} with a random MTP head, {dtype}; {machine_line()}")
 
     h = hidden[-1]
     seen = list(prompt)
