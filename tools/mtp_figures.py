@@ -2,6 +2,7 @@
 
     python tools/mtp_figures.py real        # the real Qwen3.5-0.8B shape, random weights
     python tools/mtp_figures.py embedded    # the embedded model (trained with its MTP head)
+    python tools/mtp_figures.py split       # where a verify's time goes beyond a step's
 
 Every cost is relative to a one-token decode step measured in the same run, on the same
 cache (after a 16-token prompt), median of ≥ 5 runs:
@@ -159,6 +160,66 @@ def real_shape(checkpoint: Path, dtype: str, repeats: int) -> None:
           f"acceptance {spec.acceptance_rate:.2f}")
 
 
+# ==================================================================== where the time goes
+
+
+def split(checkpoint: Path, dtype: str, rounds: int) -> None:
+    """A decode step against a two-position verify, each split into products, recurrence and the rest.
+
+    Every call of the few-row kernel's wrapper and of the Gated DeltaNet recurrence is timed
+    (a clock read before and after: ~0.1 µs each, against calls of 0.1–2 ms); the rest is
+    the layer code between them. Step and verify alternate on one live cache, each feeding
+    one token, for ``rounds`` rounds; medians.
+    """
+    import minqwen.deltanet as deltanet
+    import minqwen.linear as linear_module
+
+    model = minqwen.load(checkpoint, dtype=dtype)
+    cache = model.new_cache()
+    model.hidden_states(np.random.default_rng(0).integers(0, model.config.vocab_size, size=16), cache)
+    tokens = [5, 7]
+    clocks = {"products": 0.0, "recurrence": 0.0}
+
+    def timed(function, clock):
+        def run(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                clocks[clock] += time.perf_counter() - start
+        return run
+
+    def step():
+        model.forward(tokens[:1], cache, last_only=True)
+
+    def verify_two():
+        start = cache.position
+        with one_blas_thread(model.numba_multiplies(2)):
+            verify(model, cache, tokens)
+            keep_first(cache, start, 1)
+
+    originals = linear_module.linear_few_rows, deltanet.recurrent_gated_delta_rule
+    linear_module.linear_few_rows = timed(originals[0], "products")
+    deltanet.recurrent_gated_delta_rule = timed(originals[1], "recurrence")
+    rows = {"decode step": [], "verify of 2": []}
+    try:
+        for repeat in range(rounds + 1):  # the first round warms every kernel and is dropped
+            for name, run in (("decode step", step), ("verify of 2", verify_two)):
+                clocks["products"] = clocks["recurrence"] = 0.0
+                start = time.perf_counter()
+                run()
+                total = time.perf_counter() - start
+                if repeat:
+                    rest = total - clocks["products"] - clocks["recurrence"]
+                    rows[name].append((total, clocks["products"], clocks["recurrence"], rest))
+    finally:
+        linear_module.linear_few_rows, deltanet.recurrent_gated_delta_rule = originals
+    print(f"{checkpoint.name}, {dtype}; {machine_line()}; medians of {rounds} alternated rounds")
+    for name, values in rows.items():  # each column's median, so the parts need not add up exactly
+        total, products, recurrence, rest = (statistics.median(column) * 1e3 for column in zip(*values))
+        print(f"  {name}: {total:6.1f} ms; products {products:6.1f}, recurrence {recurrence:4.1f}, the rest {rest:5.1f}")
+
+
 # ==================================================================== the embedded model
 
 
@@ -228,6 +289,10 @@ def main() -> None:
     real.add_argument("--checkpoint", type=Path, default=ROOT / "scratch" / "qwen3.5-0.8b-random")
     real.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
     real.add_argument("--repeats", type=int, default=7)
+    parts = sub.add_parser("split")
+    parts.add_argument("--checkpoint", type=Path, default=ROOT / "scratch" / "qwen3.5-0.8b-random")
+    parts.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
+    parts.add_argument("--rounds", type=int, default=20)
     emb = sub.add_parser("embedded")
     emb.add_argument("--model", type=Path, default=ROOT / "minqwen" / "embedded")
     emb.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
@@ -238,6 +303,8 @@ def main() -> None:
     print(f"threads: {minqwen.set_threads(args.threads)}")
     if args.which == "real":
         real_shape(args.checkpoint, args.dtype, args.repeats)
+    elif args.which == "split":
+        split(args.checkpoint, args.dtype, args.rounds)
     else:
         embedded(args.model, args.dtype, args.new_tokens, args.prompts)
 
