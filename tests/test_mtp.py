@@ -609,3 +609,24 @@ def test_speculation_is_on_by_default_for_models_big_enough_to_be_bound_by_readi
     assert not mtp.pays_by_default(small) and not mtp.pays_by_default(bf16)  # a few KB: per-call overhead
     monkeypatch.setattr(mtp, "SMALL_MODEL_BYTES", 0)  # as if they were big
     assert mtp.pays_by_default(small) and mtp.pays_by_default(bf16)
+
+
+def test_the_split_figure_times_step_and_verify_and_puts_the_timed_functions_back(capsys):
+    """tools/mtp_figures.py split, as the README cites it: each line's parts lie within its total."""
+    import re
+
+    import mtp_figures
+
+    import minqwen.deltanet as deltanet
+    import minqwen.linear as linear_module
+
+    originals = linear_module.linear_few_rows, deltanet.recurrent_gated_delta_rule
+    mtp_figures.split(embedded_or_skip(), "float32", rounds=2)
+    assert (linear_module.linear_few_rows, deltanet.recurrent_gated_delta_rule) == originals
+    lines = re.findall(r"(decode step|verify of 2): +([\d.]+) ms; products +([\d.]+), recurrence +([\d.]+), "
+                       r"the rest +(-?[\d.]+)", capsys.readouterr().out)
+    assert [name for name, *_ in lines] == ["decode step", "verify of 2"]
+    for _, total, products, recurrence, rest in lines:
+        total, products, recurrence, rest = map(float, (total, products, recurrence, rest))
+        # the embedded model's one-row products and its DeltaNet layers both pass through the clocks
+        assert 0 < products < total and 0 < recurrence < total and 0 <= rest < total

@@ -217,7 +217,7 @@ def split(checkpoint: Path, dtype: str, rounds: int) -> None:
     print(f"{checkpoint.name}, {dtype}; {machine_line()}; medians of {rounds} alternated rounds")
     for name, values in rows.items():  # each column's median, so the parts need not add up exactly
         total, products, recurrence, rest = (statistics.median(column) * 1e3 for column in zip(*values))
-        print(f"  {name}: {total:6.1f} ms; products {products:6.1f}, recurrence {recurrence:4.1f}, the rest {rest:5.1f}")
+        print(f"  {name}: {total:7.2f} ms; products {products:7.2f}, recurrence {recurrence:5.2f}, the rest {rest:6.2f}")
 
 
 # ==================================================================== the embedded model
