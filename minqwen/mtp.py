@@ -176,16 +176,16 @@ def _check_mtp_config(folder: Path) -> None:
 def pays_by_default(model: Model) -> bool:
     """Whether speculative decoding (one draft per pass) is expected to be faster for ``model``.
 
-    Measured with tools/mtp_figures.py (see the README) on the Qwen3.5-0.8B shape: a
-    two-position verify costs 1.03–1.12 decode steps on an Intel Xeon VM (bf16-resident,
-    float32; 1.15–1.17 on an AMD EPYC with an earlier kernel), a draft 0.07–0.14, so one
-    draft pays from an acceptance of 0.1–0.3; drafts from Qwen3.5's own heads are accepted
-    around 0.8. In a small model the MTP layer is a large part of the model, and per-call
-    overhead a large part of every step, the MTP layer's included: the embedded model (four
-    layers), at 84% acceptance, measured 1.02–1.09× greedy on an Intel VM. On an AMD EPYC
-    VM it measured 1.01–1.10× greedy, and 0.89–0.93× sampling as its generation config says
-    (acceptance 0.66). Those AMD runs had one-row products in the few-row kernel, not BLAS.
-    So there speculation stays off unless asked for.
+    The command line asks this when ``--speculative`` is not given; the Python API speculates
+    only when handed a speculative ``decode=``. Measured with tools/mtp_figures.py (README,
+    tools/measurements.md) on the Qwen3.5-0.8B shape: a two-position verify costs 1.03–1.09
+    decode steps on an Intel Xeon VM and 0.98–1.54 on an AMD EPYC VM, a draft 0.07–0.09, so
+    one draft pays from an acceptance of about 0.05–0.6; drafts from Qwen3.5's own heads are
+    accepted around 0.8. In a small model the MTP layer is a large part of the model, and
+    per-call overhead a large part of every step, the MTP layer's included: the embedded
+    model (four layers), at 84% acceptance, measured 1.01–1.10× greedy and 0.89–0.93× with
+    its generation config's sampling on the AMD VM. So there speculation stays off unless
+    asked for.
     """
     return model.weight_bytes >= SMALL_MODEL_BYTES
 
