@@ -85,7 +85,8 @@ def sampling_params(args, tokenizer):
     from .sampling import SamplingParams
 
     names = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty")
-    return SamplingParams.from_generation_config(tokenizer.generation_config, **{n: getattr(args, n) for n in names})
+    return SamplingParams.from_generation_config(tokenizer.generation_config, str(tokenizer.generation_config_path),
+                                                 **{n: getattr(args, n) for n in names})
 
 
 def load_model_and_tokenizer(spec, need_tokenizer=True, dtype="float32"):
@@ -304,6 +305,8 @@ def run_inspect(args) -> int:
 
     from .threads import threads_in_use
 
+    if args.context < 1:
+        raise MinqwenError(f"--context must be a number of tokens ≥ 1, got {args.context}")
     model, _ = load_model_and_tokenizer(args.model, need_tokenizer=False, dtype=args.dtype)
     print(describe(model, args.context))
     threads = threads_in_use()

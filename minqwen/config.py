@@ -221,6 +221,7 @@ OTHER_QUANTIZATION: dict[str, str] = {
 }
 SUPPORTED_ACTIVATIONS = ("silu", "swish", "gelu", "gelu_pytorch_tanh", "relu")
 LAYER_TYPES = ("linear_attention", "full_attention")
+MAX_LAYERS = 10_000  # a sanity bound: a config claiming more is a typo, not a model
 
 
 @dataclass(frozen=True)
@@ -452,6 +453,12 @@ def _text_config(raw: dict, source: str, prefix: str, moe: bool = False) -> Text
     for name, value in sizes.items():
         if value < 1:
             raise MinqwenError(f"{source}: field '{prefix}{name}' must be at least 1, got {value}")
+    if sizes["num_hidden_layers"] > MAX_LAYERS:  # before a list with one entry per layer is built
+        raise MinqwenError(f"{source}: field '{prefix}num_hidden_layers' is {sizes['num_hidden_layers']}; "
+                           f"minqwen takes at most {MAX_LAYERS} (released models have a few dozen)")
+    eps = get("rms_norm_eps", float)
+    if not math.isfinite(eps) or eps < 0:  # a negative eps makes some norms divide by zero or NaN
+        raise MinqwenError(f"{source}: field '{prefix}rms_norm_eps' must be a finite number ≥ 0, got {eps}")
     if moe:
         _check_moe(raw, sizes, source, prefix)
         sizes["intermediate_size"] = 0  # no dense MLP anywhere
@@ -508,7 +515,7 @@ def _text_config(raw: dict, source: str, prefix: str, moe: bool = False) -> Text
     return TextConfig(
         **sizes,
         hidden_act=hidden_act,
-        rms_norm_eps=get("rms_norm_eps", float),
+        rms_norm_eps=eps,
         tie_word_embeddings=get("tie_word_embeddings", bool),
         attention_bias=get("attention_bias", bool),
         layer_types=tuple(layer_types),

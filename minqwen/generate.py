@@ -17,7 +17,7 @@ from . import vision
 from .errors import MinqwenError
 from .image import read_image
 from .model import Cache, Model
-from .sampling import SamplingParams, sample_next
+from .sampling import SamplingParams, is_whole_number, sample_next
 from .tokenizer import StreamDecoder, Tokenizer
 
 
@@ -41,6 +41,28 @@ class GenerationStats:
         return (self.generated_tokens - 1) / self.decode_seconds if self.decode_seconds and self.generated_tokens > 1 else 0.0
 
 
+def checked_generation_args(prompt_ids, max_new_tokens, seed) -> list[int]:
+    """The prompt as a list of ints, once the arguments every decoding loop takes are checked.
+
+    Token ids must be whole numbers already: ``int(1.7)`` would quietly feed token 1.
+    (Whether each id is inside the vocabulary, the model checks as it embeds them.)
+    """
+    try:
+        ids = None if isinstance(prompt_ids, (str, bytes)) else np.asarray(prompt_ids)
+    except ValueError:  # a ragged nesting of lists
+        ids = None
+    if ids is None or ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
+        raise MinqwenError(f"the prompt must be a 1-D sequence of token ids (whole numbers), got {prompt_ids!r:.80}"
+                           " (to start from text, encode it with the tokenizer first)")
+    if ids.size == 0:
+        raise MinqwenError("the prompt is empty: give at least one token")
+    if not is_whole_number(max_new_tokens) or max_new_tokens < 1:
+        raise MinqwenError(f"max_new_tokens must be a whole number ≥ 1, got {max_new_tokens!r}")
+    if seed is not None and (not is_whole_number(seed) or seed < 0):
+        raise MinqwenError(f"seed must be a whole number ≥ 0, or None for a fresh one each run; got {seed!r}")
+    return [int(i) for i in ids]
+
+
 def generate_ids(
     model: Model,
     prompt_ids,
@@ -58,11 +80,7 @@ def generate_ids(
     penalty). A stop id is yielded, then generation ends. The cache ends holding the prompt
     and every yielded token except the last (which has not been fed back yet).
     """
-    prompt_ids = [int(i) for i in prompt_ids]
-    if not prompt_ids:
-        raise MinqwenError("the prompt is empty: give at least one token")
-    if max_new_tokens < 1:
-        raise MinqwenError("max_new_tokens must be at least 1")
+    prompt_ids = checked_generation_args(prompt_ids, max_new_tokens, seed)
     cache = cache if cache is not None else model.new_cache()
     stats = stats if stats is not None else GenerationStats()
     rng = np.random.default_rng(seed)
@@ -117,6 +135,8 @@ def stream_text(
     ids — :func:`generate_ids` by default, or a drop-in with its arguments, such as
     ``minqwen.mtp.speculative_decoder(head)`` (speculative decoding with the MTP head).
     """
+    if isinstance(stop_strings, str) or not all(isinstance(s, str) and s for s in stop_strings):
+        raise MinqwenError(f"stop strings must be a list of non-empty strings, got {stop_strings!r}")
     decoder = StreamDecoder(tokenizer, skip_special_tokens=skip_special_tokens)
     eos = set(tokenizer.eos_ids) | set(model.config.eos_token_id)
     held = ""
@@ -155,7 +175,8 @@ def stream(model: Model, tokenizer: Tokenizer, prompt, *, max_new_tokens: int = 
     ``decode``: see :func:`stream_text` (e.g. ``minqwen.mtp.speculative_decoder(head)``).
     """
     if params is None:
-        params = SamplingParams.from_generation_config(tokenizer.generation_config, **sampling)
+        params = SamplingParams.from_generation_config(tokenizer.generation_config,
+                                                       str(tokenizer.generation_config_path), **sampling)
     if isinstance(prompt, str):
         ids = tokenizer.encode(prompt)
     elif isinstance(prompt, list):
@@ -249,6 +270,8 @@ class ChatSession:
         ``images``: paths, Pillow images or [H, W, 3] uint8 arrays to show with this message
         (the session needs a ``tower``); they come before the text, as Qwen's examples put them.
         """
+        if not isinstance(user_text, str):
+            raise MinqwenError(f"the message must be text (a str), got {type(user_text).__name__}")
         images = list(images)
         if not user_text.strip() and not images:
             raise MinqwenError("the message is empty")

@@ -183,6 +183,8 @@ class Model:
 
     def hidden_states(self, token_ids=None, cache=None, *, inputs_embeds=None, position_ids=None, tap=None):
         """The decoder stack: embeddings → layers → final norm, [T, H] float32."""
+        if cache is not None and not isinstance(cache, Cache):
+            raise MinqwenError(f"cache must be a minqwen Cache (model.new_cache()), got {type(cache).__name__}")
         x = self._embed(token_ids, inputs_embeds)  # [T, H]
         t_len = x.shape[0]
         cache = cache if cache is not None else self.new_cache()
@@ -302,6 +304,8 @@ def load(path: str | Path, progress=None, dtype: str = "float32") -> Model:
     """
     if dtype not in ("float32", "bfloat16"):
         raise MinqwenError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+    if not isinstance(path, (str, Path)):
+        raise MinqwenError(f"load takes the path of a checkpoint folder, got {type(path).__name__}")
     path = Path(path)
     if not path.is_dir():
         raise MinqwenError(f"{path}: not a folder (a checkpoint is a folder with config.json and *.safetensors)")

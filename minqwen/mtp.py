@@ -51,13 +51,13 @@ from .attention import KVCache
 from .checkpoint import Checkpoint
 from .deltanet import DeltaNetState
 from .errors import MinqwenError
-from .generate import GenerationStats
+from .generate import GenerationStats, checked_generation_args
 from .linear import BF16, SMALL_MODEL_BYTES, linear
 from .model import Cache, DecoderLayer, Model, _load_attention, _load_mlp, _prefixed, _TensorReader
 from .moe import Experts
 from .norms import rms_norm
 from .rope import mrope_cos_sin, text_position_ids
-from .sampling import SamplingParams, apply_penalties, filter_logits, sample_next, softmax
+from .sampling import SamplingParams, apply_penalties, filter_logits, is_whole_number, sample_next, softmax
 from .threads import one_blas_thread
 
 # How many tokens to draft per verify, unless told otherwise (see tools/mtp_figures.py).
@@ -156,7 +156,13 @@ def load_mtp(folder: str | Path, model: Model) -> MtpHead | None:
 
 
 def _raw_text_config(folder: Path) -> dict:
-    raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    path = folder / "config.json"
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:  # missing, unreadable, bad UTF-8 or JSON
+        raise MinqwenError(f"{path}: cannot read it as JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise MinqwenError(f"{path}: expected a JSON object at the top level")
     return raw.get("text_config", raw) if isinstance(raw.get("text_config"), dict) else raw
 
 
@@ -504,13 +510,11 @@ def speculative_generate(
     the same draws for a seed: the random stream is used differently).
     """
     head = require_head(head)
-    prompt_ids = [int(i) for i in prompt_ids]
-    if not prompt_ids:
-        raise MinqwenError("the prompt is empty: give at least one token")
-    if max_new_tokens < 1:
-        raise MinqwenError("max_new_tokens must be at least 1")
+    prompt_ids = checked_generation_args(prompt_ids, max_new_tokens, seed)
     if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int) or draft_tokens < 1:
         raise MinqwenError(f"draft_tokens (--speculative K) must be a whole number ≥ 1, got {draft_tokens!r}")
+    if draft_vocab is not None and (not is_whole_number(draft_vocab) or draft_vocab < 1):
+        raise MinqwenError(f"draft_vocab must be a whole number ≥ 1, or None for the whole vocabulary; got {draft_vocab!r}")
     cache = cache if cache is not None else model.new_cache()
     if mtp_cache is None:
         mtp_cache = MtpCache(model, head, start=cache.position, rope_delta=cache.rope_delta)

@@ -15,6 +15,7 @@ draw. Temperature 0 means greedy: the argmax after penalties.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,9 +33,13 @@ class SamplingParams:
     presence_penalty: float = 0.0
 
     def __post_init__(self):
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty"):
+            value = getattr(self, name)
+            if not is_real_number(value) or not math.isfinite(value):
+                raise MinqwenError(f"{name} must be a finite number, got {value!r}")
         checks = [
             (self.temperature >= 0, "temperature must be ≥ 0 (0 is greedy)"),
-            (isinstance(self.top_k, int) and self.top_k >= 0, "top_k must be a whole number ≥ 0 (0 is off)"),
+            (is_whole_number(self.top_k) and self.top_k >= 0, "top_k must be a whole number ≥ 0 (0 is off)"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
             (self.repetition_penalty > 0, "repetition_penalty must be > 0 (1 is off)"),
@@ -48,9 +53,15 @@ class SamplingParams:
         return self.temperature == 0
 
     @classmethod
-    def from_generation_config(cls, config: dict, **overrides) -> SamplingParams:
-        """A checkpoint's generation_config.json defaults, with ``overrides`` (None = keep default)."""
+    def from_generation_config(cls, config: dict, source: str = "generation_config.json",
+                               **overrides) -> SamplingParams:
+        """A checkpoint's generation_config.json defaults, with ``overrides`` (None = keep default).
+
+        ``source`` names the file in errors about its values.
+        """
         do_sample = config.get("do_sample", True)
+        if not isinstance(do_sample, bool):
+            raise MinqwenError(f"{source}: do_sample must be true or false, got {do_sample!r}")
         values = {
             "temperature": config.get("temperature", 0.0) if do_sample else 0.0,
             "top_k": config.get("top_k") or 0,
@@ -59,11 +70,25 @@ class SamplingParams:
             "repetition_penalty": config.get("repetition_penalty") or 1.0,
             "presence_penalty": config.get("presence_penalty") or 0.0,
         }
+        try:
+            cls(**values)  # the file's own values, checked before any override hides one
+        except MinqwenError as e:
+            raise MinqwenError(f"{source}: {e}") from None
         unknown = set(overrides) - set(values)
         if unknown:
             raise MinqwenError(f"unknown sampling option(s): {', '.join(sorted(unknown))}")
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
+
+
+def is_real_number(value) -> bool:
+    """An int or float (NumPy's too), not a bool or a string: what a numeric option must be."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
+def is_whole_number(value) -> bool:
+    """An int (NumPy's too), not a bool: what a count, a token id or a seed must be."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 def apply_penalties(logits: np.ndarray, seen_ids, generated_ids, params: SamplingParams) -> np.ndarray:
@@ -107,6 +132,9 @@ def filter_logits(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
 def sample_next(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
                 seen_ids=(), generated_ids=()) -> int:
     """The next token id from last-position logits [V]."""
+    if not np.isfinite(logits).all():  # argmax would quietly pick id 0 over and over
+        raise MinqwenError("the model computed NaN or infinite logits: its weights or config.json hold values "
+                           "it cannot compute with (a NaN weight, say, or a negative rms_norm_eps)")
     logits = apply_penalties(logits, seen_ids, generated_ids, params)
     if params.greedy:
         return int(np.argmax(logits))

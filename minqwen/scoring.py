@@ -56,6 +56,9 @@ def score_text(model: Model, tokenizer, text: str, window: int | None = None, st
     stride = max(1, window // 2) if stride is None else stride
     if not 1 <= stride <= window or window < 2:
         raise MinqwenError(f"need 2 ≤ window and 1 ≤ stride ≤ window, got window {window}, stride {stride}")
+    if window > model.config.max_position_embeddings:
+        raise MinqwenError(f"window {window} is longer than the model's context of "
+                           f"{model.config.max_position_embeddings} tokens (config max_position_embeddings)")
     nll, scored, start = 0.0, 0, 0
     while True:
         stop = min(start + window, len(ids))

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import numbers
 from pathlib import Path
 
 from .errors import MinqwenError
@@ -60,7 +61,8 @@ class Tokenizer:
         except Exception as e:  # the tokenizers library raises its own exception type
             raise MinqwenError(f"{path}: cannot read this tokenizer ({e})") from None
         self.config = _read_json(folder / "tokenizer_config.json")
-        self.generation_config = _read_json(folder / "generation_config.json")
+        self.generation_config_path = folder / "generation_config.json"
+        self.generation_config = _read_json(self.generation_config_path)
         template = self.config.get("chat_template")
         if isinstance(template, list):  # some releases store several named templates
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
@@ -89,10 +91,16 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Text → ids. Special-token strings in the text (``<|im_start|>`` …) become their ids."""
+        if not isinstance(text, str):
+            raise MinqwenError(f"encode takes text (a str), got {type(text).__name__}")
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        ids = list(ids)
+        bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, numbers.Integral) or i < 0]
+        if bad:  # the tokenizers library would raise OverflowError or TypeError
+            raise MinqwenError(f"decode takes token ids (whole numbers ≥ 0), got {bad[0]!r}")
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, enable_thinking: bool = True) -> str:
         """The conversation as the model was trained to see it (the checkpoint's Jinja template)."""

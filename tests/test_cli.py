@@ -59,6 +59,19 @@ def test_chat_keeps_going_for_two_turns_over_stdin_and_ends_at_eof():
     assert result.stdout.count("\n") >= 2  # one answer per turn
 
 
+@pytest.mark.parametrize("context", ["0", "-1"])
+def test_inspect_with_a_context_below_one_token_is_a_clean_error(context):
+    assert_clean_error(run("inspect", "--context", context), "--context must be a number of tokens ≥ 1")
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--presence-penalty", "nan", "presence_penalty must be a finite number"),
+    ("--seed", "-1", "seed must be a whole number ≥ 0")])
+def test_sampling_options_that_numpy_would_choke_on_are_clean_errors(option, value, message):
+    result = run("generate", "def f", "--max-new-tokens", "4", "--temperature", "1", option, value)
+    assert_clean_error(result, message)
+
+
 def test_inspect_shows_layers_memory_and_threads():
     result = run("inspect", "--context", "1000")
     assert result.returncode == 0, result.stderr

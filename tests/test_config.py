@@ -497,6 +497,20 @@ def test_an_rms_norm_eps_that_is_not_a_number_is_an_error_naming_the_field(value
         parse(small_text(rms_norm_eps=value))
 
 
+@pytest.mark.parametrize("value", [-1.0, float("nan"), float("inf")], ids=repr)
+def test_an_rms_norm_eps_that_is_negative_or_not_finite_is_an_error_naming_the_field(value):
+    # a negative eps turns some norms into NaN, and greedy decoding then quietly emits token 0
+    with pytest.raises(MinqwenError, match=r"field 'rms_norm_eps' must be a finite number ≥ 0"):
+        parse(small_text(rms_norm_eps=value))
+
+
+def test_an_implausible_layer_count_is_an_error_before_anything_is_built_for_each_layer():
+    raw = small_text(num_hidden_layers=10**9)
+    raw.pop("layer_types", None)
+    with pytest.raises(MinqwenError, match=r"field 'num_hidden_layers' is 1000000000; minqwen takes at most"):
+        parse(raw)
+
+
 @pytest.mark.parametrize("eos, expected", [(5, (5,)), ([5, 6], (5, 6)), (None, ()), ([], ())], ids=str)
 def test_eos_token_id_is_an_integer_or_a_list_of_them(eos, expected):
     assert parse(small_text(eos_token_id=eos)).eos_token_id == expected

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import shutil
 import sys
 
@@ -35,6 +36,7 @@ import minqwen
 from conftest import FIXTURES, ROOT, require_reference
 from minqwen import MinqwenError
 from minqwen.attention import AttentionWeights
+from minqwen.checkpoint import EMBEDDED
 from minqwen.deltanet import DeltaNetState
 from minqwen import golden
 from minqwen.generate import generate_ids
@@ -483,6 +485,31 @@ def test_draft_tokens_must_be_a_positive_whole_number():
     model = MODELS["text_tied_fp32"]
     with pytest.raises(MinqwenError, match="draft_tokens"):
         next(speculative_generate(model, random_head(model, 0), [1, 2], draft_tokens=0))
+
+
+@pytest.mark.parametrize("options, named", [
+    (dict(draft_vocab=0), "draft_vocab must be a whole number"), (dict(draft_vocab=-5), "draft_vocab must be"),
+    (dict(prompt_ids=[1.9]), "the prompt must be a 1-D sequence of token ids"),
+    (dict(max_new_tokens=2.5), "max_new_tokens must be a whole number"), (dict(seed=-1), "seed must be")], ids=str)
+def test_speculation_checks_its_arguments_as_plain_decoding_does(options, named):
+    model = MODELS["text_tied_fp32"]
+    arguments = {"prompt_ids": [1, 2], **options}
+    with pytest.raises(MinqwenError, match=named):
+        next(speculative_generate(model, random_head(model, 0), **arguments))
+
+
+@pytest.mark.parametrize("config", [None, "{not json", "[1, 2]"], ids=repr)
+def test_load_mtp_on_a_folder_with_a_missing_or_broken_config_is_an_error_naming_it(tmp_path, config):
+    folder = tmp_path / "ckpt"
+    shutil.copytree(EMBEDDED, folder)  # a checkpoint with an MTP head
+    model = minqwen.load(folder)
+    path = folder / "config.json"
+    if config is None:
+        path.unlink()
+    else:
+        path.write_text(config)
+    with pytest.raises(MinqwenError, match=re.escape(str(path))):
+        load_mtp(folder, model)
 
 
 # ============================================================================ sampling is exact

@@ -80,10 +80,44 @@ def test_filters_never_remove_the_most_likely_id_and_draws_stay_in_the_kept_set(
 
 
 @pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(min_p=2),
-                                 dict(top_k=-1), dict(repetition_penalty=0)])
+                                 dict(top_k=-1), dict(top_k=2.5), dict(repetition_penalty=0)])
 def test_bad_sampling_parameters_are_clear_errors(bad):
     with pytest.raises(MinqwenError):
         SamplingParams(**bad)
+
+
+@pytest.mark.parametrize("name", ["temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), "0.5", None, True], ids=repr)
+def test_a_sampling_number_that_is_not_a_finite_number_is_an_error_naming_it(name, value):
+    with pytest.raises(MinqwenError, match=rf"^{name} must be a finite number"):
+        SamplingParams(**{name: value})
+
+
+def test_numpy_numbers_are_accepted_as_sampling_parameters():
+    params = SamplingParams(temperature=np.float32(0.7), top_k=np.int64(20), top_p=np.float64(0.9))
+    assert params.top_k == 20 and not params.greedy
+
+
+@pytest.mark.parametrize("config, named", [
+    (dict(top_p=1.5), "top_p must be in"), (dict(temperature="hot"), "temperature must be a finite number"),
+    (dict(do_sample="false"), "do_sample must be true or false")], ids=str)
+def test_bad_values_in_generation_config_are_errors_naming_the_file(config, named):
+    with pytest.raises(MinqwenError, match=rf"^ckpt/generation_config.json: {named}"):
+        SamplingParams.from_generation_config(config, "ckpt/generation_config.json")
+
+
+def test_an_override_is_not_blamed_on_the_generation_config():
+    with pytest.raises(MinqwenError, match=r"^top_p must be in"):
+        SamplingParams.from_generation_config({"top_p": 0.9}, "ckpt/generation_config.json", top_p=1.5)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_logits_are_an_error_not_a_quiet_token_zero(bad):
+    logits = np.zeros(8, np.float32)
+    logits[3] = bad
+    for params in (SamplingParams(), SamplingParams(temperature=1.0)):
+        with pytest.raises(MinqwenError, match="NaN or infinite logits"):
+            sample_next(logits, params, np.random.default_rng(0))
 
 
 @pytest.mark.reference

@@ -27,6 +27,13 @@ class CharTokenizer:
         return [b % 128 for b in text.encode("utf-8")]
 
 
+def test_a_window_longer_than_the_models_context_is_an_error_naming_both():
+    model = minqwen.load(FIXTURES / "text_tied_fp32")
+    context = model.config.max_position_embeddings
+    with pytest.raises(MinqwenError, match=rf"window {context + 1} is longer than the model's context of {context}"):
+        score_text(model, CharTokenizer(), "abc", window=context + 1)
+
+
 def test_windowed_scoring_scores_every_token_once_and_equals_one_window_when_it_fits():
     model = minqwen.load(FIXTURES / "text_tied_fp32")
     text = "abcdefghij" * 6  # 60 tokens

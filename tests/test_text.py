@@ -114,6 +114,50 @@ def test_empty_prompt_is_a_clear_error():
         list(generate_ids(MODEL, [], max_new_tokens=3))
 
 
+@pytest.mark.parametrize("prompt", [[1.7], ["3"], "hello", [[1, 2]], [[1, 2], [3]], [True]], ids=repr)
+def test_a_prompt_that_is_not_whole_token_ids_is_an_error_not_a_rounding(prompt):
+    # int(1.7) would quietly feed token 1
+    with pytest.raises(MinqwenError, match="the prompt must be a 1-D sequence of token ids"):
+        list(generate_ids(MODEL, prompt, max_new_tokens=3))
+
+
+@pytest.mark.parametrize("options, named", [
+    (dict(max_new_tokens=2.5), "max_new_tokens must be a whole number"),
+    (dict(max_new_tokens="5"), "max_new_tokens must be a whole number"),
+    (dict(max_new_tokens=0), "max_new_tokens must be a whole number"),
+    (dict(seed=-1), "seed must be a whole number"), (dict(seed="abc"), "seed must be a whole number"),
+    (dict(seed=1.5), "seed must be a whole number")], ids=str)
+def test_bad_generation_arguments_are_errors_naming_them(options, named):
+    with pytest.raises(MinqwenError, match=named):
+        list(generate_ids(MODEL, [1, 2, 3], **{"max_new_tokens": 3, **options}))
+
+
+def test_numpy_token_ids_and_seeds_are_accepted():
+    ids = np.array([10, 20, 30], np.int32)
+    out = list(generate_ids(MODEL, ids, SamplingParams(temperature=1.0), max_new_tokens=3, seed=np.int64(4)))
+    assert out == list(generate_ids(MODEL, [10, 20, 30], SamplingParams(temperature=1.0), max_new_tokens=3, seed=4))
+
+
+@pytest.mark.parametrize("stop", [[""], [5], "end"], ids=repr)
+def test_stop_strings_must_be_non_empty_strings(stop):
+    with pytest.raises(MinqwenError, match="stop strings must be a list of non-empty strings"):
+        list(stream_text(MODEL, TOKENIZER, [1, 2, 3], max_new_tokens=3, stop_strings=stop))
+
+
+def test_wrong_argument_types_are_errors_naming_what_was_expected():
+    with pytest.raises(MinqwenError, match="path of a checkpoint folder"):
+        minqwen.load(None)
+    with pytest.raises(MinqwenError, match="cache must be a minqwen Cache"):
+        MODEL.forward([1], "x")
+    with pytest.raises(MinqwenError, match="the message must be text"):
+        list(ChatSession(MODEL, TOKENIZER).reply(None))
+    with pytest.raises(MinqwenError, match="encode takes text"):
+        TOKENIZER.encode(None)
+    with pytest.raises(MinqwenError, match="decode takes token ids"):
+        TOKENIZER.decode([5, -1])
+    assert TOKENIZER.decode(np.array([5, 6])) == TOKENIZER.decode([5, 6])
+
+
 def test_every_chat_turn_equals_a_fresh_run_on_the_same_rendered_conversation():
     session = ChatSession(MODEL, TOKENIZER, enable_thinking=False)
     for text in ["Hello there.", "What is a list?", "Thanks."]:
