@@ -171,7 +171,7 @@ class ThinkingPrinter:
 
 
 def run_generate(args) -> int:
-    from .generate import stream_text
+    from .generate import checked_generation_args, stream_text
 
     prompt_text = args.prompt
     if prompt_text is None and args.tokens is None:
@@ -210,6 +210,7 @@ def run_generate(args) -> int:
         vision.prefill(model, tower, ids[:-1], args.image, cache)  # the images go in with the prompt…
         ids, history = ids[-1:], ids[:-1]  # …and its last token starts generation
     stats = stats_class()
+    checked_generation_args(ids, args.max_new_tokens, args.seed)  # before the prompt is echoed
     printer = ThinkingPrinter(hide=args.hide_thinking, in_think=args.chat and not args.no_think)
     if not args.chat:
         sys.stdout.write(prompt_text if args.tokens is None and args.echo else "")

@@ -72,6 +72,12 @@ def test_sampling_options_that_numpy_would_choke_on_are_clean_errors(option, val
     assert_clean_error(result, message)
 
 
+def test_a_bad_max_new_tokens_is_reported_before_the_prompt_is_echoed():
+    result = run("generate", "def f", "--max-new-tokens", "0")
+    assert_clean_error(result, "max_new_tokens must be a whole number ≥ 1")
+    assert result.stdout == ""
+
+
 def test_inspect_shows_layers_memory_and_threads():
     result = run("inspect", "--context", "1000")
     assert result.returncode == 0, result.stderr
