@@ -15,7 +15,7 @@ import numpy as np
 
 from . import vision
 from .errors import MinqwenError
-from .image import read_image
+from .image import image_list, read_image, target_size
 from .model import Cache, Model
 from .sampling import SamplingParams, is_whole_number, sample_next
 from .tokenizer import StreamDecoder, Tokenizer
@@ -272,13 +272,15 @@ class ChatSession:
         """
         if not isinstance(user_text, str):
             raise MinqwenError(f"the message must be text (a str), got {type(user_text).__name__}")
-        images = list(images)
+        images = image_list(images)
         if not user_text.strip() and not images:
             raise MinqwenError("the message is empty")
         if images and self.tower is None:
             raise MinqwenError("this chat has no vision tower: images need a multimodal checkpoint, whose tower "
                                "minqwen.vision.load_vision loads (ChatSession(…, tower=…))")
         images = [read_image(image) for image in images]  # read now: a bad file fails before anything changes
+        for rgb in images:  # and an image preprocessing would refuse, too
+            target_size(rgb.shape[0], rgb.shape[1], self.tower.preprocessor)
         content = self._image_placeholder() * len(images) + user_text if images else user_text
         messages = self.messages + [{"role": "user", "content": content}]
         body_text = self.tokenizer.render_chat(messages, add_generation_prompt=False)

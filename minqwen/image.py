@@ -197,7 +197,11 @@ def read_image(image) -> np.ndarray:
     if isinstance(image, (str, Path)):
         return _read_file(Path(image))
     if type(image).__module__.startswith("PIL."):
-        return _checked_array(_pil_to_rgb(image), what="image")
+        try:
+            rgb = _pil_to_rgb(image)
+        except (OSError, ValueError) as e:  # a truncated file behind it, or an image already closed
+            raise MinqwenError(f"cannot read this Pillow image ({e})") from None
+        return _checked_array(rgb, what="image")
     raise MinqwenError(
         f"an image must be a file path, a Pillow image or a NumPy array [H, W, 3] uint8; got {type(image).__name__}"
     )
@@ -226,12 +230,16 @@ def _pillow():
 
 def _read_file(path: Path) -> np.ndarray:
     Image = _pillow()
+    from PIL import ImageOps
+
     if not path.is_file():
         raise MinqwenError(f"{path}: no such image file")
     try:
         with Image.open(path) as img:
             img.load()  # decode now: a truncated file fails here, not later
-            rgb = _pil_to_rgb(img)
+            # A camera's EXIF orientation tag says how to turn the stored pixels upright; the
+            # reference's load_image applies it too.
+            rgb = _pil_to_rgb(ImageOps.exif_transpose(img))
     except Image.DecompressionBombError as e:
         raise MinqwenError(f"{path}: refused, too many pixels to decode safely ({e})") from None
     except (OSError, ValueError, SyntaxError) as e:  # UnidentifiedImageError is an OSError
@@ -414,21 +422,35 @@ def patchify(image: np.ndarray, config: PreprocessorConfig) -> tuple[np.ndarray,
     return x.reshape(gh * gw, c * t * p * p), (1, gh, gw)
 
 
+def target_size(height: int, width: int, config: PreprocessorConfig) -> tuple[int, int]:
+    """The (height, width) :func:`preprocess` brings an image to — or the error it would raise."""
+    if config.do_resize:
+        return smart_resize(height, width, config.factor, config.min_pixels, config.max_pixels)
+    if height % config.factor or width % config.factor:
+        raise MinqwenError(
+            f"{config.source}: do_resize is false, but the image's {height}×{width} pixels are not multiples "
+            f"of patch_size × merge_size = {config.factor}"
+        )
+    return height, width
+
+
+def image_list(images) -> list:
+    """``images`` as a list, refusing one image passed where a list of them is expected."""
+    if images is None or isinstance(images, (str, Path, np.ndarray)) or type(images).__module__.startswith("PIL."):
+        raise MinqwenError(f"images must be a list of images (paths, Pillow images or arrays), got "
+                           f"{type(images).__name__}: wrap a single image in a list")
+    return list(images)
+
+
 def preprocess(image, config: PreprocessorConfig) -> tuple[np.ndarray, np.ndarray]:
     """One image → ``pixel_values [patches, C·T·P·P] float32`` and ``grid_thw [1, 3] int64``.
 
     ``image``: a file path, a Pillow image, or a NumPy array ``[H, W, 3] uint8``.
     """
     rgb = read_image(image)
-    height, width = rgb.shape[:2]
+    height, width = target_size(rgb.shape[0], rgb.shape[1], config)
     if config.do_resize:
-        height, width = smart_resize(height, width, config.factor, config.min_pixels, config.max_pixels)
         rgb = resize(rgb, height, width, config.resample)
-    elif height % config.factor or width % config.factor:
-        raise MinqwenError(
-            f"{config.source}: do_resize is false, but the image's {height}×{width} pixels are not multiples "
-            f"of patch_size × merge_size = {config.factor}"
-        )
     pixel_values, grid = patchify(normalize(rgb, config), config)
     return pixel_values, np.array([grid], np.int64)
 

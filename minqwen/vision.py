@@ -41,8 +41,9 @@ from .activations import ACTIVATIONS, gelu
 from .checkpoint import Checkpoint
 from .config import GENERIC_FIELDS, load_config
 from .errors import MinqwenError
-from .image import PreprocessorConfig, load_preprocessor_config, preprocess_images, smart_resize
+from .image import PreprocessorConfig, image_list, load_preprocessor_config, preprocess_images, smart_resize
 from .linear import linear
+from .model import Cache
 from .rope import apply_rotary
 
 # What minqwen does with each vision_config field.
@@ -174,7 +175,7 @@ def vision_config_from_dict(raw: dict, text_hidden_size: int, vocab_size: int, s
         raise MinqwenError(f"{source}: vision_config.out_hidden_size {sizes['out_hidden_size']} must equal the text "
                            f"hidden_size {text_hidden_size} (image features replace token embeddings)")
     act = vision.get("hidden_act", defaults.hidden_act)
-    if act not in ACTIVATIONS:
+    if not isinstance(act, str) or act not in ACTIVATIONS:
         raise MinqwenError(f"{source}: field 'vision_config.hidden_act' is {act!r}; minqwen knows "
                            + ", ".join(ACTIVATIONS))
 
@@ -197,6 +198,9 @@ def vision_config_from_dict(raw: dict, text_hidden_size: int, vocab_size: int, s
         tokens[name] = integer(name, minimum=0, where="", table=raw, default=default)
         if tokens[name] >= vocab_size:
             raise MinqwenError(f"{source}: field '{name}' is {tokens[name]}, outside the vocabulary (size {vocab_size})")
+    if len(set(tokens.values())) < len(tokens):  # one id standing for two markers would misplace images
+        raise MinqwenError(f"{source}: fields {', '.join(tokens)} must be four different token ids, got "
+                           + ", ".join(str(v) for v in tokens.values()))
     return VisionConfig(**sizes, hidden_act=act, rope_theta=float(theta), **tokens, source=source)
 
 
@@ -608,7 +612,7 @@ def multimodal_inputs(model, tower: VisionTower, token_ids, images, cache=None) 
     bad = ids[(ids < 0) | (ids >= model.config.vocab_size)]
     if bad.size:
         raise MinqwenError(f"token id {int(bad[0])} is outside the vocabulary (0 … {model.config.vocab_size - 1})")
-    images = list(images)
+    images = image_list(images)
     n_pads = int((ids == c.image_token_id).sum())
     if n_pads != len(images):
         raise MinqwenError(
@@ -633,6 +637,8 @@ def prefill(model, tower: VisionTower, token_ids, images, cache, last_only: bool
 
     Afterwards plain ``model.forward(ids, cache)`` continues with the right positions.
     """
+    if not isinstance(cache, Cache):  # prefill's whole point is the cache it leaves behind
+        raise MinqwenError(f"prefill needs the cache to fill (model.new_cache()), got {type(cache).__name__}")
     inputs = multimodal_inputs(model, tower, token_ids, images, cache)
     logits = model.forward(cache=cache, inputs_embeds=inputs.inputs_embeds, position_ids=inputs.position_ids,
                            last_only=last_only)

@@ -285,6 +285,24 @@ def test_missing_corrupt_and_truncated_files_are_refused_by_name(tmp_path):
         read_image(tmp_path / "cut.png")
 
 
+def test_a_photo_is_turned_upright_by_its_exif_orientation_as_the_reference_does(tmp_path):
+    Image = require_pillow()
+    rgb = np.random.default_rng(2).integers(0, 256, (20, 40, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: the stored pixels are to be turned 90° clockwise
+    Image.fromarray(rgb).save(tmp_path / "phone.png", exif=exif)
+    np.testing.assert_array_equal(read_image(tmp_path / "phone.png"), np.rot90(rgb, k=-1))
+
+
+def test_a_pillow_image_that_cannot_be_decoded_is_a_clean_error(tmp_path):
+    Image = require_pillow()
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "a.png")
+    data = (tmp_path / "a.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(MinqwenError, match="cannot read this Pillow image"):
+        read_image(Image.open(tmp_path / "cut.png"))
+
+
 def test_a_decompression_bomb_is_refused(tmp_path, monkeypatch):
     Image = require_pillow()
     Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "big.png")
@@ -365,10 +383,17 @@ def edit_json(path, change):
     ("num_heads", 3, "not a multiple of num_heads 3"),
     ("patch_size", [4, 4], "'vision_config.patch_size' must be an integer"),
     ("rope_parameters", {"rope_type": "default"}, "only 'axial'"),
+    ("hidden_act", ["gelu"], "vision_config.hidden_act' is ['gelu']"),
 ])
 def test_unsupported_vision_config_values_are_errors_naming_the_field(folder, field, value, message):
     edit_json(folder / "config.json", lambda c: c["vision_config"].update({field: value}))
     with pytest.raises(MinqwenError, match=message.replace("[", r"\[")):
+        vision.load_vision(folder)
+
+
+def test_one_token_id_for_two_vision_markers_is_an_error_naming_the_fields(folder):
+    edit_json(folder / "config.json", lambda c: c.update(image_token_id=c["vision_start_token_id"]))
+    with pytest.raises(MinqwenError, match="must be four different token ids"):
         vision.load_vision(folder)
 
 

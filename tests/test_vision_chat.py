@@ -197,6 +197,33 @@ def test_image_tokens_written_into_the_text_or_a_bad_file_are_refused_and_change
     assert session.messages == [] and session.images == [] and session.log == []
 
 
+def test_an_image_preprocessing_would_refuse_is_refused_before_the_chat_changes(setup, expected):
+    model, tokenizer, tower = setup
+    session = ChatSession(model, tokenizer, tower=tower)
+    with pytest.raises(MinqwenError, match="aspect ratio above 200"):
+        "".join(session.reply("Describe this.", images=[np.zeros((1, 500, 3), np.uint8)]))
+    assert session.messages == [] and session.images == [] and session.log == []
+    # and the session still works: the next turn with a good image goes through
+    assert "".join(session.reply("Describe this.", images=[expected["image.0"]], max_new_tokens=2)) is not None
+    assert len(session.images) == 1
+
+
+@pytest.mark.parametrize("images", [None, "photo.png", "array"], ids=repr)
+def test_one_image_where_a_list_is_expected_is_an_error_saying_so(setup, expected, images):
+    model, tokenizer, tower = setup
+    images = expected["image.0"] if images == "array" else images
+    with pytest.raises(MinqwenError, match="images must be a list of images"):
+        "".join(ChatSession(model, tokenizer, tower=tower).reply("Describe this.", images=images))
+    with pytest.raises(MinqwenError, match="images must be a list of images"):
+        vision.prefill(model, tower, [1, 2], images, model.new_cache())
+
+
+def test_prefill_without_a_cache_is_an_error_saying_what_it_needs(setup, expected):
+    model, _, tower = setup
+    with pytest.raises(MinqwenError, match="prefill needs the cache to fill"):
+        vision.prefill(model, tower, [1, 2], [], None)
+
+
 def test_the_token_count_of_an_image_is_its_merged_patches_in_the_references_grid(setup, expected):
     _, _, tower = setup
     i = 0
