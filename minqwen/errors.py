@@ -1,4 +1,6 @@
-"""The one exception type minqwen raises for bad input."""
+"""The one exception type minqwen raises for bad input, and the type checks its messages rest on."""
+
+import numpy as np
 
 
 class MinqwenError(Exception):
@@ -7,3 +9,13 @@ class MinqwenError(Exception):
     The message always names the offending thing and, where it helps, what was expected,
     so that a newcomer can fix it without reading minqwen's source.
     """
+
+
+def is_real_number(value) -> bool:
+    """An int or float (NumPy's too), not a bool or a string: what a numeric option must be."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
+def is_whole_number(value) -> bool:
+    """An int (NumPy's too), not a bool: what a count, a token id or a seed must be."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))

@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import vision
-from .errors import MinqwenError
+from .errors import MinqwenError, is_whole_number
 from .image import image_list, read_image, target_size
 from .model import Cache, Model
-from .sampling import SamplingParams, is_whole_number, sample_next
+from .sampling import SamplingParams, sample_next
 from .tokenizer import StreamDecoder, Tokenizer
 
 

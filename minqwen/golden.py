@@ -71,7 +71,7 @@ from safetensors.numpy import save_file
 
 from . import __version__
 from .config import TextConfig
-from .errors import MinqwenError
+from .errors import MinqwenError, is_real_number
 
 FORMAT = "minqwen-golden/1"
 DEFAULT_ATOL = 1e-4
@@ -356,7 +356,12 @@ def save(recording: dict[str, np.ndarray], path, metadata: dict) -> None:
     path = Path(path)
     if not path.parent.is_dir():
         raise MinqwenError(f"{path}: the folder {path.parent} does not exist")
-    save_file(arrays, str(path), metadata={key: json.dumps(value) for key, value in full.items()})
+    if path.is_dir() or not path.name:
+        raise MinqwenError(f"{path}: is a folder; give the golden file's own name (e.g. {path / 'golden.safetensors'})")
+    try:
+        save_file(arrays, str(path), metadata={key: json.dumps(value) for key, value in full.items()})
+    except Exception as e:  # safetensors raises its own error type for a file it cannot write
+        raise MinqwenError(f"{path}: cannot write the golden file here ({e})") from None
 
 
 @dataclass
@@ -404,7 +409,19 @@ def load_recording(path) -> Recording:
         except json.JSONDecodeError:
             raise MinqwenError(f"{path}: metadata '{key}' is not JSON text ({text[:40]!r}); "
                                f"every golden metadata value is JSON") from None
+    ids = metadata.get("token_ids")
+    if ids is not None and (not isinstance(ids, list) or not all(_is_token_id(t) for t in ids)):
+        raise MinqwenError(f"{path}: metadata 'token_ids' must be a JSON list of token ids (whole numbers ≥ 0)")
+    for name in ("token_ids", "generated_ids"):
+        array = tensors.get(name)
+        if array is not None and (array.ndim != 1 or not np.issubdtype(array.dtype, np.integer)):
+            raise MinqwenError(f"{path}: tensor '{name}' must be 1-D token ids (integers), "
+                               f"got {array.dtype} of shape {list(array.shape)}")
     return Recording(path, tensors, metadata)
+
+
+def _is_token_id(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 # ==================================================================== comparing
@@ -501,8 +518,8 @@ def compare(a_path, b_path, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RT
     Runs over different prompts or model configs are not comparable: that is a MinqwenError,
     as is a missing file. Taps only one side recorded are listed, not counted as divergent.
     """
-    if not (atol >= 0 and rtol >= 0):
-        raise MinqwenError(f"tolerances must be ≥ 0, got atol {atol}, rtol {rtol}")
+    if not (is_real_number(atol) and is_real_number(rtol) and atol >= 0 and rtol >= 0):
+        raise MinqwenError(f"tolerances must be numbers ≥ 0, got atol {atol!r}, rtol {rtol!r}")
     a, b = load_recording(a_path), load_recording(b_path)
     if a.token_ids != b.token_ids:
         where = next((i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y),

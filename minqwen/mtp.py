@@ -50,14 +50,14 @@ import numpy as np
 from .attention import KVCache
 from .checkpoint import Checkpoint
 from .deltanet import DeltaNetState
-from .errors import MinqwenError
+from .errors import MinqwenError, is_whole_number
 from .generate import GenerationStats, checked_generation_args
 from .linear import BF16, SMALL_MODEL_BYTES, linear
 from .model import Cache, DecoderLayer, Model, _load_attention, _load_mlp, _prefixed, _TensorReader
 from .moe import Experts
 from .norms import rms_norm
 from .rope import mrope_cos_sin, text_position_ids
-from .sampling import SamplingParams, apply_penalties, filter_logits, is_whole_number, sample_next, softmax
+from .sampling import SamplingParams, apply_penalties, filter_logits, sample_next, softmax
 from .threads import one_blas_thread
 
 # How many tokens to draft per verify, unless told otherwise (see tools/mtp_figures.py).

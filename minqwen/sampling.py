@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import MinqwenError
+from .errors import MinqwenError, is_real_number, is_whole_number
 
 
 @dataclass(frozen=True)
@@ -79,16 +79,6 @@ class SamplingParams:
             raise MinqwenError(f"unknown sampling option(s): {', '.join(sorted(unknown))}")
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
-
-
-def is_real_number(value) -> bool:
-    """An int or float (NumPy's too), not a bool or a string: what a numeric option must be."""
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
-
-
-def is_whole_number(value) -> bool:
-    """An int (NumPy's too), not a bool: what a count, a token id or a seed must be."""
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 def apply_penalties(logits: np.ndarray, seen_ids, generated_ids, params: SamplingParams) -> np.ndarray:

@@ -23,6 +23,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -363,6 +364,41 @@ def test_save_refuses_metadata_without_a_config_hash_or_contradicting_the_record
         golden.save(rec, tmp_path / "x.safetensors", {})
     with pytest.raises(MinqwenError, match="token_ids"):
         golden.save(rec, tmp_path / "x.safetensors", {**golden.model_metadata(model), "token_ids": [9, 9]})
+
+
+def test_save_to_a_folder_or_an_unwritable_place_is_an_error_naming_it(models, tmp_path):
+    model = models["text_tied_fp32"]
+    rec = golden.record(model, [1, 2])
+    with pytest.raises(MinqwenError, match="is a folder; give the golden file's own name"):
+        golden.save(rec, tmp_path, golden.model_metadata(model))
+    if Path("/proc/self").is_dir():  # Linux: nobody, not even root, can create a file in /proc
+        with pytest.raises(MinqwenError, match="minqwen-golden.safetensors: cannot write the golden file here"):
+            golden.save(rec, Path("/proc/minqwen-golden.safetensors"), golden.model_metadata(model))
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda meta, tensors: meta.update(token_ids='"5"'), "metadata 'token_ids' must be a JSON list of token ids"),
+    (lambda meta, tensors: meta.update(token_ids="[1, -2]"), "metadata 'token_ids' must be a JSON list"),
+    (lambda meta, tensors: tensors.update(generated_ids=np.array([np.nan, 1.0])), "tensor 'generated_ids' must be 1-D"),
+    (lambda meta, tensors: tensors.update(token_ids=np.zeros((2, 2), np.int64)), "tensor 'token_ids' must be 1-D"),
+], ids=["string", "negative", "nan-generated", "2-D"])
+def test_a_golden_file_with_malformed_ids_is_an_error_naming_the_file_and_the_entry(models, tmp_path, change, message):
+    model = models["text_tied_fp32"]
+    path = save_recording(model, golden.record(model, [1, 2], decode_steps=1), tmp_path / "g.safetensors")
+    with safe_open(str(path), framework="np") as f:
+        meta, tensors = dict(f.metadata()), {name: f.get_tensor(name) for name in f.keys()}
+    change(meta, tensors)
+    save_file(tensors, str(path), metadata=meta)
+    with pytest.raises(MinqwenError, match=message):
+        golden.load_recording(path)
+
+
+@pytest.mark.parametrize("atol", ["0.1", None, -1.0, float("nan")], ids=repr)
+def test_compare_tolerances_must_be_numbers_at_least_zero(models, tmp_path, atol):
+    model = models["text_tied_fp32"]
+    path = save_recording(model, golden.record(model, [1, 2]), tmp_path / "g.safetensors")
+    with pytest.raises(MinqwenError, match="tolerances must be numbers ≥ 0"):
+        golden.compare(path, path, atol=atol)
 
 
 def test_compare_refuses_recordings_of_different_prompts(models, tmp_path):
