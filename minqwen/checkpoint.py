@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -464,6 +465,8 @@ def find_checkpoint(spec: str | Path | None) -> Path:
 
     if spec is None:
         return EMBEDDED
+    if not isinstance(spec, (str, Path)) or not str(spec):
+        raise MinqwenError(f"a model is a checkpoint folder or a hub id (owner/name), got {spec!r}")
     path = Path(spec).expanduser()
     if path.is_dir():
         return path
@@ -474,12 +477,14 @@ def find_checkpoint(spec: str | Path | None) -> Path:
         repo = Path(hub) / ("models--" + text.replace("/", "--"))
         snapshots = repo / "snapshots"
         ref = repo / "refs" / "main"
-        if ref.is_file() and (snapshots / ref.read_text().strip()).is_dir():
-            return snapshots / ref.read_text().strip()
-        if snapshots.is_dir():
-            found = sorted(snapshots.iterdir())
+        # refs/main names the snapshot (a commit hash) that the hub's "main" pointed to
+        commit = ref.read_bytes().decode("ascii", "replace").strip() if ref.is_file() else ""
+        if re.fullmatch(r"[0-9a-f]{7,64}", commit) and (snapshots / commit).is_dir():
+            return snapshots / commit
+        if snapshots.is_dir():  # no usable ref: the snapshot downloaded last
+            found = [p for p in snapshots.iterdir() if p.is_dir()]
             if found:
-                return found[-1]
+                return max(found, key=lambda p: p.stat().st_mtime)
         raise MinqwenError(
             f"{text}: not in the local Hugging Face cache ({hub}). minqwen does not download; get the files "
             f"with `huggingface-cli download {text}` (or `git clone` the model repository) and pass the folder"

@@ -380,7 +380,9 @@ def load_experts(reader, prefix: str, config) -> Experts:
     H, E, I = config.hidden_size, config.num_experts, config.moe_intermediate_size
     full = reader.prefix + prefix
     fused = full + "gate_up_proj" in reader.ckpt
-    per_expert = full + "0.gate_proj.weight" in reader.ckpt
+    # Any of the first experts' tensors says the layer is per-expert: a missing one is then named
+    # by the read below, rather than reported as "no experts".
+    per_expert = any(f"{full}{e}.{w}.weight" in reader.ckpt for e in (0, 1) for w in ("gate_proj", "up_proj", "down_proj"))
     if fused and per_expert:
         raise MinqwenError(
             f"{reader.ckpt.folder}: layer '{full}' holds its experts twice, fused ('{full}gate_up_proj') and "

@@ -135,6 +135,30 @@ def test_a_hub_id_in_the_local_cache_resolves_offline(tmp_path):
     assert "abc123" in result.stdout
 
 
+@pytest.mark.parametrize("ref", ["", "..", b"\xff\xfe", "deadbeef"], ids=repr)
+def test_a_hub_cache_with_a_broken_ref_falls_back_to_its_newest_snapshot_folder(tmp_path, monkeypatch, ref):
+    from minqwen.checkpoint import find_checkpoint
+
+    repo = tmp_path / "models--org--tiny"
+    for name, age in (("aaa111", 100), ("bbb222", 10)):  # bbb222 downloaded last
+        (repo / "snapshots" / name).mkdir(parents=True)
+        os.utime(repo / "snapshots" / name, (1e9 - age, 1e9 - age))
+    (repo / "snapshots" / "zzz.txt").write_text("a stray file, not a snapshot")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_bytes(ref if isinstance(ref, bytes) else ref.encode())
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    assert find_checkpoint("org/tiny") == repo / "snapshots" / "bbb222"
+
+
+@pytest.mark.parametrize("spec", ["", 5], ids=repr)
+def test_a_model_that_is_neither_a_folder_nor_a_hub_id_is_an_error(spec):
+    from minqwen import MinqwenError
+    from minqwen.checkpoint import find_checkpoint
+
+    with pytest.raises(MinqwenError, match="a model is a checkpoint folder or a hub id"):
+        find_checkpoint(spec)
+
+
 @pytest.mark.parametrize("flag", ["--temperature=-1", "--top-p=0"])
 def test_bad_sampling_flags_are_a_clean_error(flag):
     result = run("generate", "hi", flag)

@@ -475,7 +475,8 @@ def test_a_layer_without_experts_is_an_error_naming_both_layouts(tmp_path):
         minqwen.load(tmp_path)
 
 
-@pytest.mark.parametrize("missing", ["experts.3.up_proj.weight", "shared_expert_gate.weight", "gate.weight"])
+@pytest.mark.parametrize("missing", ["experts.3.up_proj.weight", "experts.0.gate_proj.weight", "shared_expert_gate.weight",
+                                     "gate.weight"])
 def test_a_missing_moe_tensor_is_an_error_naming_it(tmp_path, missing):
     source = FIXTURES / "moe_text_per_expert_fp32"
     shutil.copy(source / "config.json", tmp_path / "config.json")
