@@ -135,6 +135,8 @@ def test_a_prompt_is_tokenized_with_the_checkpoints_tokenizer_json(tool, capsys,
     (["--tokens", "1,999"], "outside the vocabulary"),
     (["--new-tokens", "-1"], "--new-tokens must be ≥ 0"),
     (["--reference-model", FIXTURES / "multimodal_sharded"], "hold different model configs"),
+    (["--seed", "-1"], "--seed must be ≥ 0"),
+    (["--keep", FIXTURES / "text_tied_fp32" / "config.json"], "is a file; give a folder"),
 ])
 def test_errors_exit_2_with_a_message(tool, capsys, args, message):
     code, out, err = run(tool, capsys, "--model", FIXTURES / "text_tied_fp32", *args)

@@ -522,3 +522,23 @@ def test_worked_example_port_agrees_and_its_norm_bug_is_found_at_the_norm(tmp_pa
     out = capfd.readouterr().out
     assert "first divergence: layers.0.input_layernorm" in out
     assert any(line.startswith(">> layers.0.input_layernorm ") for line in out.splitlines())
+
+
+MODEL_ARG = ["--model", str(FIXTURES / "multimodal_sharded")]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "/nonexistent/model", "--tokens", "5,17"], "no config.json here"),
+    ([*MODEL_ARG, "--tokens", "a,b"], "--tokens must be whole numbers"),
+    ([*MODEL_ARG, "--tokens", "1,99999"], "--tokens must be 1 or more ids in 0 …"),
+    ([*MODEL_ARG, "--tokens=-1,2"], "--tokens must be 1 or more ids in 0 …"),
+    ([*MODEL_ARG, "--tokens", "5,17", "--workdir", str(FIXTURES / "multimodal_sharded" / "config.json")],
+     "is a file; give a folder"),
+], ids=["no-model", "letters", "beyond-vocab", "negative", "workdir-file"])
+def test_worked_example_refuses_bad_arguments_with_one_line(capfd, argv, message):
+    spec = importlib.util.spec_from_file_location("golden_port_example", ROOT / "tools" / "golden_port_example.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    assert example.main(argv) == 2
+    err = capfd.readouterr().err
+    assert message in err and "Traceback" not in err

@@ -81,6 +81,8 @@ def prompt_ids(model_dir: Path, vocab_size: int, prompt: str | None, tokens: str
         return ids, "tokenizer.json"
     if n_random < 1:
         raise MinqwenError(f"--random-tokens must be ≥ 1, got {n_random}")
+    if seed < 0:
+        raise MinqwenError(f"--seed must be ≥ 0, got {seed}")
     rng = np.random.default_rng(seed)
     return rng.integers(0, vocab_size, size=n_random).tolist(), f"random ids, seed {seed}"
 
@@ -223,6 +225,8 @@ def main(argv=None) -> int:
         if args.reference_model is not None:
             print(f"transformers loads: {args.reference_model}")
         if args.keep is not None:
+            if args.keep.exists() and not args.keep.is_dir():
+                raise MinqwenError(f"--keep {args.keep}: is a file; give a folder to keep the golden files in")
             args.keep.mkdir(parents=True, exist_ok=True)
             result = compare(args.model, ids, args.new_tokens, args.atol, args.rtol, args.keep, args.reference_model)
         else:

@@ -104,15 +104,28 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from minqwen.config import load_config
+    from minqwen.errors import MinqwenError
     from minqwen.golden import config_hash
 
-    token_ids = [int(t) for t in args.tokens.replace(",", " ").split()]
+    try:  # check the arguments before the port runs: it is written to be short, not defensive
+        config = load_config(args.model)
+        try:
+            token_ids = [int(t) for t in args.tokens.replace(",", " ").split()]
+        except ValueError:
+            raise MinqwenError(f"--tokens must be whole numbers separated by commas, got {args.tokens!r}") from None
+        if not token_ids or not all(0 <= t < config.vocab_size for t in token_ids):
+            raise MinqwenError(f"--tokens must be 1 or more ids in 0 … {config.vocab_size - 1}, got {args.tokens!r}")
+        if args.workdir is not None and args.workdir.exists() and not args.workdir.is_dir():
+            raise MinqwenError(f"--workdir {args.workdir}: is a file; give a folder")
+    except MinqwenError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="golden-port-"))
     workdir.mkdir(parents=True, exist_ok=True)
     port_file, minqwen_file = workdir / "port.safetensors", workdir / "minqwen.safetensors"
 
     taps = port_taps(args.model, token_ids, bug=args.bug)
-    write_golden(taps, port_file, token_ids, config_hash(load_config(args.model)))
+    write_golden(taps, port_file, token_ids, config_hash(config))
     print(f"port wrote {len(taps)} taps → {port_file}")
 
     minqwen = [sys.executable, "-m", "minqwen", "golden"]
