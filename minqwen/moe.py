@@ -382,7 +382,8 @@ def load_experts(reader, prefix: str, config) -> Experts:
     fused = full + "gate_up_proj" in reader.ckpt
     # Any of the first experts' tensors says the layer is per-expert: a missing one is then named
     # by the read below, rather than reported as "no experts".
-    per_expert = any(f"{full}{e}.{w}.weight" in reader.ckpt for e in (0, 1) for w in ("gate_proj", "up_proj", "down_proj"))
+    per_expert = any(f"{full}{e}.{w}.weight" in reader.ckpt
+                     for e in (0, 1) for w in ("gate_proj", "up_proj", "down_proj"))
     if fused and per_expert:
         raise MinqwenError(
             f"{reader.ckpt.folder}: layer '{full}' holds its experts twice, fused ('{full}gate_up_proj') and "
