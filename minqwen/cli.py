@@ -243,7 +243,10 @@ def attach_image(session, path: str, spec):
         session.tower = vision.load_vision(find_checkpoint(spec))
     pixels = read_image(Path(path).expanduser())
     height, width = pixels.shape[:2]
-    tokens = session.tower.token_count(height, width)
+    try:
+        tokens = session.tower.token_count(height, width)
+    except MinqwenError as e:  # say which of the images it was
+        raise MinqwenError(f"{path}: {e}") from None
     print(f"[image {path}: {width}×{height} pixels, {tokens} image tokens, goes with the next message]",
           file=sys.stderr)
     return pixels

@@ -448,7 +448,12 @@ def preprocess(image, config: PreprocessorConfig) -> tuple[np.ndarray, np.ndarra
     ``image``: a file path, a Pillow image, or a NumPy array ``[H, W, 3] uint8``.
     """
     rgb = read_image(image)
-    height, width = target_size(rgb.shape[0], rgb.shape[1], config)
+    try:
+        height, width = target_size(rgb.shape[0], rgb.shape[1], config)
+    except MinqwenError as e:
+        if isinstance(image, (str, Path)):  # say which file it was
+            raise MinqwenError(f"{image}: {e}") from None
+        raise
     if config.do_resize:
         rgb = resize(rgb, height, width, config.resample)
     pixel_values, grid = patchify(normalize(rgb, config), config)

@@ -41,7 +41,7 @@ from .activations import ACTIVATIONS, gelu
 from .checkpoint import Checkpoint
 from .config import GENERIC_FIELDS, load_config
 from .errors import MinqwenError
-from .image import PreprocessorConfig, image_list, load_preprocessor_config, preprocess_images, smart_resize
+from .image import PreprocessorConfig, image_list, load_preprocessor_config, preprocess_images, target_size
 from .linear import linear
 from .model import Cache
 from .rope import apply_rotary
@@ -433,9 +433,8 @@ class VisionTower:
 
     def token_count(self, height: int, width: int) -> int:
         """How many ``<|image_pad|>`` tokens (merged patches) an image of height × width pixels becomes."""
+        height, width = target_size(height, width, self.preprocessor)
         p = self.preprocessor
-        if p.do_resize:
-            height, width = smart_resize(height, width, p.factor, p.min_pixels, p.max_pixels)
         return (height // p.patch_size) * (width // p.patch_size) // self.config.merge_unit
 
     def encode_images(self, images) -> tuple[np.ndarray, np.ndarray]:

@@ -314,6 +314,16 @@ def test_a_corrupt_image_is_a_clean_error_in_generate_and_in_chat(folder, tmp_pa
     assert_clean_error(run("chat", "--model", str(folder), stdin="/image\nLook.\n"), "/image needs a path")
 
 
+def test_an_image_of_an_extreme_aspect_ratio_is_an_error_naming_its_file(folder, tmp_path):
+    Image = pytest.importorskip("PIL.Image")
+    thin = tmp_path / "thin.png"
+    Image.fromarray(np.zeros((1, 500, 3), np.uint8)).save(thin)
+    assert_clean_error(run("generate", "Look.", "--model", str(folder), "--image", str(thin)),
+                       "thin.png: the image is 1×500 pixels, an aspect ratio above 200:1")
+    with pytest.raises(MinqwenError, match=r"thin\.png: the image is 1×500 pixels"):
+        vision.load_vision(folder).encode_images([thin])
+
+
 def test_images_with_a_text_only_checkpoint_or_without_pillow_are_clean_errors(folder, pngs, tmp_path):
     assert_clean_error(run("chat", "--image", str(pngs[0]), stdin="Look.\n"), "has no vision tower")
     assert_clean_error(run("chat", stdin=f"/image {pngs[0]}\nLook.\n"), "has no vision tower")
