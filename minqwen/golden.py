@@ -71,7 +71,7 @@ from safetensors.numpy import save_file
 
 from . import __version__
 from .config import TextConfig
-from .errors import MinqwenError, is_real_number
+from .errors import MinqwenError, is_real_number, is_whole_number
 
 FORMAT = "minqwen-golden/1"
 DEFAULT_ATOL = 1e-4
@@ -410,7 +410,7 @@ def load_recording(path) -> Recording:
             raise MinqwenError(f"{path}: metadata '{key}' is not JSON text ({text[:40]!r}); "
                                f"every golden metadata value is JSON") from None
     ids = metadata.get("token_ids")
-    if ids is not None and (not isinstance(ids, list) or not all(_is_token_id(t) for t in ids)):
+    if ids is not None and (not isinstance(ids, list) or not all(is_whole_number(t) and t >= 0 for t in ids)):
         raise MinqwenError(f"{path}: metadata 'token_ids' must be a JSON list of token ids (whole numbers ≥ 0)")
     for name in ("token_ids", "generated_ids"):
         array = tensors.get(name)
@@ -419,9 +419,6 @@ def load_recording(path) -> Recording:
                                f"got {array.dtype} of shape {list(array.shape)}")
     return Recording(path, tensors, metadata)
 
-
-def _is_token_id(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 # ==================================================================== comparing

@@ -511,7 +511,7 @@ def speculative_generate(
     """
     head = require_head(head)
     prompt_ids = checked_generation_args(prompt_ids, max_new_tokens, seed)
-    if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int) or draft_tokens < 1:
+    if not is_whole_number(draft_tokens) or draft_tokens < 1:
         raise MinqwenError(f"draft_tokens (--speculative K) must be a whole number ≥ 1, got {draft_tokens!r}")
     if draft_vocab is not None and (not is_whole_number(draft_vocab) or draft_vocab < 1):
         raise MinqwenError(f"draft_vocab must be a whole number ≥ 1, or None for the whole vocabulary; got {draft_vocab!r}")
