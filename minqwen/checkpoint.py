@@ -436,7 +436,7 @@ class FP8Tensor:
                 and isinstance(index[1], slice) and index[1].step is None and self.weight.ndim == 3):
             start, stop, _ = index[1].indices(self.rows[1] - self.rows[0])  # t[:, a:b]: rows of every matrix
             return FP8Tensor(self.weight, self.scale_inv, self.block, (self.rows[0] + start, self.rows[0] + stop))
-        raise TypeError(f"an FP8Tensor supports t[e] and t[:, a:b], not t[{index!r}]")
+        raise MinqwenError(f"an FP8Tensor supports t[e] and t[:, a:b], not t[{index!r}]")
 
     def dequantize(self) -> np.ndarray:
         """The wanted rows in float32, [..., stop − start, C]: whole blocks are read, then cropped."""

@@ -41,11 +41,14 @@ class GenerationStats:
         return (self.generated_tokens - 1) / self.decode_seconds if self.decode_seconds and self.generated_tokens > 1 else 0.0
 
 
-def checked_generation_args(prompt_ids, max_new_tokens, seed) -> list[int]:
+def checked_generation_args(prompt_ids, max_new_tokens, seed, params=None, history=(), vocab_size=None) -> list[int]:
     """The prompt as a list of ints, once the arguments every decoding loop takes are checked.
 
     Token ids must be whole numbers already: ``int(1.7)`` would quietly feed token 1.
-    (Whether each id is inside the vocabulary, the model checks as it embeds them.)
+    (Whether each prompt id is inside the vocabulary, the model checks as it embeds them.)
+    ``history`` ids are never embedded, only counted by the repetition penalty, which indexes
+    the logits with them: a negative id would quietly penalise a token from the end of the
+    vocabulary, so given ``vocab_size`` they are checked here.
     """
     try:
         ids = None if isinstance(prompt_ids, (str, bytes)) else np.asarray(prompt_ids)
@@ -60,6 +63,15 @@ def checked_generation_args(prompt_ids, max_new_tokens, seed) -> list[int]:
         raise MinqwenError(f"max_new_tokens must be a whole number ≥ 1, got {max_new_tokens!r}")
     if seed is not None and (not is_whole_number(seed) or seed < 0):
         raise MinqwenError(f"seed must be a whole number ≥ 0, or None for a fresh one each run; got {seed!r}")
+    if params is not None and not isinstance(params, SamplingParams):
+        raise MinqwenError(f"params must be a minqwen SamplingParams, got {type(params).__name__}"
+                           " (SamplingParams(temperature=…, top_k=…) builds one)")
+    if vocab_size is not None:
+        if not isinstance(history, (list, tuple, np.ndarray)):
+            raise MinqwenError(f"history must be a list of token ids, got {type(history).__name__}")
+        bad = [t for t in history if not is_whole_number(t) or not 0 <= t < vocab_size]
+        if bad:
+            raise MinqwenError(f"history id {bad[0]!r} is not a token id of this model (0 … {vocab_size - 1})")
     return [int(i) for i in ids]
 
 
@@ -80,7 +92,7 @@ def generate_ids(
     penalty). A stop id is yielded, then generation ends. The cache ends holding the prompt
     and every yielded token except the last (which has not been fed back yet).
     """
-    prompt_ids = checked_generation_args(prompt_ids, max_new_tokens, seed)
+    prompt_ids = checked_generation_args(prompt_ids, max_new_tokens, seed, params, history, model.config.vocab_size)
     cache = cache if cache is not None else model.new_cache()
     stats = stats if stats is not None else GenerationStats()
     rng = np.random.default_rng(seed)
@@ -135,7 +147,7 @@ def stream_text(
     ids — :func:`generate_ids` by default, or a drop-in with its arguments, such as
     ``minqwen.mtp.speculative_decoder(head)`` (speculative decoding with the MTP head).
     """
-    if isinstance(stop_strings, str) or not all(isinstance(s, str) and s for s in stop_strings):
+    if not isinstance(stop_strings, (list, tuple)) or not all(isinstance(s, str) and s for s in stop_strings):
         raise MinqwenError(f"stop strings must be a list of non-empty strings, got {stop_strings!r}")
     decoder = StreamDecoder(tokenizer, skip_special_tokens=skip_special_tokens)
     eos = set(tokenizer.eos_ids) | set(model.config.eos_token_id)
@@ -174,6 +186,9 @@ def stream(model: Model, tokenizer: Tokenizer, prompt, *, max_new_tokens: int = 
     default to the checkpoint's generation_config.json; or pass a whole ``params``.
     ``decode``: see :func:`stream_text` (e.g. ``minqwen.mtp.speculative_decoder(head)``).
     """
+    if params is not None and sampling:
+        raise MinqwenError(f"give either params or sampling options ({', '.join(sampling)}), not both: "
+                           "with a whole params, the options would be ignored")
     if params is None:
         params = SamplingParams.from_generation_config(tokenizer.generation_config,
                                                        str(tokenizer.generation_config_path), **sampling)

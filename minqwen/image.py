@@ -462,6 +462,7 @@ def preprocess(image, config: PreprocessorConfig) -> tuple[np.ndarray, np.ndarra
 
 def preprocess_images(images, config: PreprocessorConfig) -> tuple[np.ndarray, np.ndarray]:
     """Several images → their pixel_values stacked ``[Σ patches, C·T·P·P]`` and ``grid_thw [n, 3]``."""
+    images = image_list(images)
     if not images:
         raise MinqwenError("no images given")
     results = [preprocess(image, config) for image in images]

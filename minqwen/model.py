@@ -27,7 +27,7 @@ import numpy as np
 from .attention import AttentionWeights, KVCache, gated_attention
 from .checkpoint import Checkpoint
 from .config import TextConfig, load_config
-from .deltanet import DeltaNetState, DeltaNetWeights, gated_deltanet
+from .deltanet import FORMS, DeltaNetState, DeltaNetWeights, gated_deltanet
 from .errors import MinqwenError
 from .linear import BF16, linear, numba_multiplies, widen_bf16
 from .mlp import MLPWeights, swiglu_mlp
@@ -183,8 +183,10 @@ class Model:
 
     def hidden_states(self, token_ids=None, cache=None, *, inputs_embeds=None, position_ids=None, tap=None):
         """The decoder stack: embeddings → layers → final norm, [T, H] float32."""
-        if cache is not None and not isinstance(cache, Cache):
-            raise MinqwenError(f"cache must be a minqwen Cache (model.new_cache()), got {type(cache).__name__}")
+        if self.deltanet_form not in FORMS:
+            raise MinqwenError(f"model.deltanet_form must be one of {', '.join(FORMS)}, got {self.deltanet_form!r}")
+        if cache is not None:
+            self._check_cache(cache)
         x = self._embed(token_ids, inputs_embeds)  # [T, H]
         t_len = x.shape[0]
         cache = cache if cache is not None else self.new_cache()
@@ -215,6 +217,16 @@ class Model:
             tap("norm", x)
         return x
 
+    def _check_cache(self, cache) -> None:
+        """A cache made by another model would pair its states with the wrong layers, or
+        with fewer of them: the forward would run short without a word."""
+        if not isinstance(cache, Cache):
+            raise MinqwenError(f"cache must be a minqwen Cache (model.new_cache()), got {type(cache).__name__}")
+        kinds = ["linear_attention" if isinstance(state, DeltaNetState) else "full_attention" for state in cache.layers]
+        if kinds != [layer.layer_type for layer in self.layers]:
+            raise MinqwenError(f"this cache holds {len(kinds)} layer states that do not match the model's "
+                               f"{len(self.layers)} layers (config layer_types): make it with this model's new_cache()")
+
     def score(self, token_ids) -> np.ndarray:
         """log p(ids[t] | ids[:t]) for t = 1 … T−1, in nats (see scoring.py)."""
         from .scoring import log_probs
@@ -232,7 +244,10 @@ class Model:
         if (token_ids is None) == (inputs_embeds is None):
             raise MinqwenError("give exactly one of token_ids or inputs_embeds")
         if inputs_embeds is not None:
-            x = np.asarray(inputs_embeds, dtype=self.dtype)
+            try:
+                x = np.asarray(inputs_embeds, dtype=self.dtype)
+            except (TypeError, ValueError):
+                raise MinqwenError(f"inputs_embeds must be an array of numbers, got {type(inputs_embeds).__name__}") from None
             if x.ndim != 2 or x.shape[1] != self.config.hidden_size or x.shape[0] == 0:
                 raise MinqwenError(
                     f"inputs_embeds must have shape [T ≥ 1, {self.config.hidden_size}], got {list(x.shape)}"

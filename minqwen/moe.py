@@ -271,7 +271,9 @@ def _grouped_rows_kernel(x, starts, matrices_bits, out):
 
 def grouped_rows_bf16(x: np.ndarray, starts: np.ndarray, matrices: list) -> np.ndarray:
     """The same as :func:`grouped_rows_bf16_numpy`, compiled, reading the bf16 values as they are."""
-    assert starts[0] == 0 and starts[-1] == len(x) and len(starts) == len(matrices) + 1, "groups must tile x"
+    if not (starts[0] == 0 and starts[-1] == len(x) and len(starts) == len(matrices) + 1):
+        raise MinqwenError(f"grouped_rows_bf16: the groups {starts.tolist()} must tile the {len(x)} rows of x, "
+                           f"one group per matrix ({len(matrices)})")
     bits = List([_read_only(np.ascontiguousarray(m).view(np.uint16)) for m in matrices])  # a typed list, for Numba
     out = np.empty((len(x), matrices[0].shape[0]), np.float32)  # [n, out]
     _grouped_rows_kernel(np.ascontiguousarray(x, dtype=np.float32), starts.astype(np.int64), bits, out)

@@ -510,7 +510,7 @@ def speculative_generate(
     the same draws for a seed: the random stream is used differently).
     """
     head = require_head(head)
-    prompt_ids = checked_generation_args(prompt_ids, max_new_tokens, seed)
+    prompt_ids = checked_generation_args(prompt_ids, max_new_tokens, seed, params, history, model.config.vocab_size)
     if not is_whole_number(draft_tokens) or draft_tokens < 1:
         raise MinqwenError(f"draft_tokens (--speculative K) must be a whole number ≥ 1, got {draft_tokens!r}")
     if draft_vocab is not None and (not is_whole_number(draft_vocab) or draft_vocab < 1):

@@ -2,7 +2,7 @@
 
 ``log_probs(model, ids)`` gives log p(ids[t] | ids[:t]) for t ≥ 1. For a text longer than the
 context, :func:`score_text` slides a window over it: each window starts fresh, and only the
-tokens a window adds beyond the previous one are scored, each with up to ``window − stride``
+tokens a window adds beyond the previous one are scored, each with at least ``window − stride``
 tokens of left context (the usual overlapping-window perplexity).
 """
 
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import MinqwenError
+from .errors import MinqwenError, is_whole_number
 from .model import Model
 
 
@@ -52,6 +52,9 @@ def score_text(model: Model, tokenizer, text: str, window: int | None = None, st
     ids = tokenizer.encode(text)
     if len(ids) < 2:
         raise MinqwenError("the text is too short to score: it needs at least two tokens")
+    for name, value in (("window", window), ("stride", stride)):
+        if value is not None and not is_whole_number(value):
+            raise MinqwenError(f"{name} must be a whole number of tokens, got {value!r}")
     window = model.config.max_position_embeddings if window is None else window
     stride = max(1, window // 2) if stride is None else stride
     if not 1 <= stride <= window or window < 2:

@@ -462,7 +462,8 @@ def load_vision(path: str | Path) -> VisionTower:
             raise MinqwenError(f"{preprocessor.source}: {name} is {getattr(preprocessor, name)} but config.json's "
                                f"vision_config.{ours} is {getattr(config, ours)}; they must agree")
 
-    ckpt = Checkpoint(folder)
+    # Qwen's FP8 releases keep the tower unquantized, but a checkpoint that quantizes it is read the same way.
+    ckpt = Checkpoint(folder, fp8_block=text.quantization.weight_block_size if text.quantization else None)
     prefix = "model.visual."
     if not any(n.startswith(prefix) for n in ckpt.names):
         raise MinqwenError(f"{folder}: no {prefix}* tensors: this checkpoint has no vision tower weights")
@@ -470,7 +471,9 @@ def load_vision(path: str | Path) -> VisionTower:
 
     def take(name, shape):
         used.add(prefix + name)
-        return ckpt.float32(prefix + name, shape)
+        array = ckpt.float32(prefix + name, shape)
+        used.add(ckpt.fp8_scale_name(prefix + name))  # None when it is not FP8
+        return array
 
     def linear_weights(name, out_dim, in_dim):
         return Linear(take(name + ".weight", (out_dim, in_dim)), take(name + ".bias", (out_dim,)))

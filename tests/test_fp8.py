@@ -469,3 +469,20 @@ def test_loading_a_checkpoint_quantized_another_way_fails_before_reading_weights
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(MinqwenError, match=r"config\.json: field 'quantization_config\.quant_method' is 'awq'"):
         minqwen.load(folder)
+
+
+def test_an_fp8_vision_tower_is_dequantized_with_the_configs_block(tmp_path):
+    """Qwen's FP8 releases leave the tower unquantized; a checkpoint that quantizes it loads the same way."""
+    from minqwen import vision
+
+    block, name = (16, 16), "model.visual.blocks.0.attn.qkv.weight"
+    folder = tmp_path / "vision_fp8"
+    quantize_fp8.quantize_checkpoint(ROOT / "tests" / "fixtures_vision" / "vision_fp32", folder, block, "float32")
+    weight = stored(folder, name)
+    scale = quantize_fp8.block_scales(weight, block, np.dtype(np.float32), np.random.default_rng(0), 6)
+    rewrite(folder, lambda t: t.update({name: quantize_fp8.quantize(weight, scale, block), name + "_scale_inv": scale}))
+
+    tower = vision.load_vision(folder)  # the scale counts as used: no "tensors minqwen does not know"
+    expected = expected_weight(folder, name, block)
+    np.testing.assert_array_equal(tower.blocks[0].attn.qkv.weight, expected)
+    assert not np.array_equal(expected, weight)  # quantizing moved it: the comparison can fail

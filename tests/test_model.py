@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 import minqwen
 from conftest import FIXTURES
 from minqwen import MinqwenError
+from minqwen.model import Cache
 
 # One fixture with Hv = Hk, one with grouped heads, bf16 and kernel 3, one with kernel 2.
 NAMES = ["text_tied_fp32", "text_grouped_bf16_bias", "multimodal_sharded"]
@@ -180,6 +181,28 @@ def test_bad_inputs_embeds_and_positions_are_clear_errors():
         model.forward(inputs_embeds=np.zeros((2, 3)))
     with pytest.raises(MinqwenError, match=r"position_ids must have shape \[3, 2\]"):
         model.forward([1, 2], position_ids=np.zeros((3, 5), int))
+    with pytest.raises(MinqwenError, match="inputs_embeds must be an array of numbers, got str"):
+        model.forward(inputs_embeds="abc")
+
+
+def test_a_cache_of_another_model_is_refused_not_run_on_fewer_layers():
+    model = MODELS["text_tied_fp32"]
+    with pytest.raises(MinqwenError, match="this cache holds 0 layer states"):
+        model.forward([1, 2], Cache([]))  # zip() would have run no decoder layer at all
+    states = model.new_cache().layers
+    for wrong in (states[:-1], states[::-1]):  # one layer short; the attention state where a DeltaNet's goes
+        with pytest.raises(MinqwenError, match="do not match the model's"):
+            model.forward([1, 2], Cache(wrong))
+
+
+def test_an_unknown_deltanet_form_is_an_error_not_the_recurrent_form():
+    model = MODELS["text_tied_fp32"]
+    model.deltanet_form = "chunk"
+    try:
+        with pytest.raises(MinqwenError, match="deltanet_form must be one of recurrent, chunked, got 'chunk'"):
+            model.forward([1, 2])
+    finally:
+        model.deltanet_form = "recurrent"
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -56,10 +56,11 @@ def test_bits_per_byte_counts_utf8_bytes():
     assert result.bits_per_byte == pytest.approx(result.nll_nats / math.log(2) / 13)
 
 
-@pytest.mark.parametrize("bad", [dict(window=1), dict(window=10, stride=11), dict(window=10, stride=0)])
+@pytest.mark.parametrize("bad", [dict(window=1), dict(window=10, stride=11), dict(window=10, stride=0),
+                                 dict(window=2.5), dict(window=10, stride="3")], ids=str)
 def test_bad_windows_are_clear_errors(bad):
     model = minqwen.load(FIXTURES / "text_tied_fp32")
-    with pytest.raises(MinqwenError, match="window"):
+    with pytest.raises(MinqwenError, match="window|stride"):
         score_text(model, CharTokenizer(), "abcdefghijkl", **bad)
 
 

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 import minqwen
 from minqwen import MinqwenError
 from minqwen.checkpoint import EMBEDDED
-from minqwen.generate import ChatSession, generate_ids, stream_text
+from minqwen.generate import ChatSession, generate_ids, stream, stream_text
 from minqwen.sampling import SamplingParams
 from minqwen.tokenizer import StreamDecoder, Tokenizer
 
@@ -138,7 +138,29 @@ def test_numpy_token_ids_and_seeds_are_accepted():
     assert out == list(generate_ids(MODEL, [10, 20, 30], SamplingParams(temperature=1.0), max_new_tokens=3, seed=4))
 
 
-@pytest.mark.parametrize("stop", [[""], [5], "end"], ids=repr)
+@pytest.mark.parametrize("history, named", [
+    ([-1], "history id -1 is not a token id"),  # would penalise the vocabulary's last token
+    ([MODEL.config.vocab_size], f"history id {MODEL.config.vocab_size} is not a token id"),
+    ([2.0], "history id 2.0 is not a token id"), (7, "history must be a list of token ids")], ids=repr)
+def test_history_ids_outside_the_vocabulary_are_errors_not_penalties_elsewhere(history, named):
+    params = SamplingParams(temperature=0, repetition_penalty=1.3)
+    with pytest.raises(MinqwenError, match=named):
+        list(generate_ids(MODEL, [1, 2, 3], params, max_new_tokens=3, history=history))
+
+
+def test_sampling_params_that_are_not_a_sampling_params_are_an_error():
+    with pytest.raises(MinqwenError, match="params must be a minqwen SamplingParams, got dict"):
+        list(generate_ids(MODEL, [1, 2, 3], {"temperature": 0.7}, max_new_tokens=3))
+    with pytest.raises(MinqwenError, match="params must be a minqwen SamplingParams, got dict"):
+        list(ChatSession(MODEL, TOKENIZER).reply("Hi", params={"temperature": 0.7}, max_new_tokens=3))
+
+
+def test_a_whole_params_and_sampling_options_together_are_refused_not_half_ignored():
+    with pytest.raises(MinqwenError, match=r"either params or sampling options \(temperature\)"):
+        list(stream(MODEL, TOKENIZER, "def f", params=SamplingParams(), temperature=0.7, max_new_tokens=3))
+
+
+@pytest.mark.parametrize("stop", [[""], [5], "end", 5, None], ids=repr)
 def test_stop_strings_must_be_non_empty_strings(stop):
     with pytest.raises(MinqwenError, match="stop strings must be a list of non-empty strings"):
         list(stream_text(MODEL, TOKENIZER, [1, 2, 3], max_new_tokens=3, stop_strings=stop))

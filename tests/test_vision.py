@@ -265,6 +265,13 @@ def test_bad_arrays_are_refused_by_name():
         read_image(42)
 
 
+def test_one_image_where_a_list_is_expected_is_refused_by_encode_images(fixture):
+    _, tower, _, _ = fixture
+    for one in (np.zeros((8, 8, 3), np.uint8), "photo.png"):  # a path would be read letter by letter
+        with pytest.raises(MinqwenError, match="images must be a list of images"):
+            tower.encode_images(one)
+
+
 def test_an_extreme_aspect_ratio_is_refused():
     config = preprocessor_config_from_dict(dict(patch_size=4, merge_size=2))
     with pytest.raises(MinqwenError, match="aspect ratio above 200"):
