@@ -51,8 +51,8 @@ def sigmoid_numpy(x: np.ndarray) -> np.ndarray:
 #   exp(x) = 2^n · exp(r),   n = round(x / ln 2),   r = x − n · ln 2 ∈ [−ln2/2, ln2/2]
 #
 # exp(r) from its Taylor series to r⁷/7! (the next term is below 5e-9 of the result on that
-# interval), 2^n built from its bits. Over every float32 in [−87, 88], it is within 1.2 units in
-# the last place of the exact value (NumPy's own, on this machine: 2.5; tests/test_activations.py).
+# interval), 2^n built from its bits. On 4 million evenly spaced float32 values over [−87.3, 88.7]
+# it is within 1.25 units in the last place of the exact value (tests/test_activations.py).
 
 _LN2_HI = np.float32(2839 / 4096)  # ln 2 to 12 significant bits, so that n · _LN2_HI is exact
 _LN2_LO = np.float32(math.log(2) - 2839 / 4096)  # the rest of ln 2

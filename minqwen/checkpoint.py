@@ -1,9 +1,10 @@
-"""safetensors files → named NumPy arrays, memory-mapped, every header field checked.
+"""safetensors files → named NumPy arrays, every header field checked.
 
 A safetensors file is simple enough to read by hand, and reading it by hand is what lets
-minqwen memory-map tensors (nothing is copied until a layer asks for it), read bf16 and
-float8 through ``ml_dtypes``, and say exactly which file and which tensor is wrong when a
-download was truncated or a header is damaged:
+minqwen read each tensor straight into the dtype it computes in (a block at a time: see
+:meth:`SafetensorsFile.read_as`), leave MoE experts memory-mapped until a token is routed to
+them (:meth:`Checkpoint.mapped`), read bf16 and float8 through ``ml_dtypes``, and say exactly
+which file and which tensor is wrong when a download was truncated or a header is damaged:
 
     [8 bytes: N, little-endian u64] [N bytes: JSON header] [data ...]
 

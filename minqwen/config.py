@@ -109,6 +109,7 @@ MOE_FIELDS: dict[str, str] = {
     "mlp_only_layers": "honoured only when empty: every layer is MoE in the reference; naming dense layers is an error",
     "decoder_sparse_step": "honoured only as 1: every layer is MoE in the reference; another step is an error",
     "norm_topk_prob": "honoured only as true: the reference always renormalises the k weights; false is an error",
+    "model_type": "metadata: must be qwen3_5_moe_text inside text_config",
 }
 MOE_TEXT_FIELDS: dict[str, str] = {**TEXT_FIELDS, **MOE_FIELDS}
 # Values of the Qwen3-Next fields that describe the model transformers 5.23.0 builds anyway.
@@ -186,8 +187,8 @@ class FP8Quantization:
     Weights stored F8_E4M3 carry one scale per ``weight_block_size`` = [b0, b1] block (rows ×
     columns); activations are not quantized at all ("dynamic" means: quantized on the fly by
     FP8 kernels, which a CPU does not have), so dequantizing the weights on load gives the
-    model the reference computes on a CPU. ``modules_to_not_convert`` is kept for reports: what
-    is FP8 and what is not is read from each tensor's stored dtype.
+    model the reference computes on a CPU. ``modules_to_not_convert`` is only shown by
+    ``minqwen inspect``: what is FP8 and what is not is read from each tensor's stored dtype.
     """
 
     weight_block_size: tuple[int, int] = (128, 128)

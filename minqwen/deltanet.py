@@ -70,7 +70,8 @@ class DeltaNetState:
 
     ``conv``: the last K − 1 inputs of the short convolution, [K − 1, conv_dim], oldest first.
     (transformers keeps K, the oldest of which is never used; minqwen keeps only what is read.)
-    ``recurrent``: the memory S of every value head, [Hv, Dk, Dv], always float32.
+    ``recurrent``: the memory S of every value head, [Hv, Dk, Dv], in the compute dtype: float32,
+    even with bf16 weights (float64 only in a ``Model.astype(np.float64)`` copy, as tests use).
     ``history``: None, except while a speculative verify runs (see mtp.py): then a list that
     each call extends with the (conv, recurrent) state after every one of its tokens, so that
     the verify can keep any prefix of its tokens without recomputing (S cannot be rewound).

@@ -10,7 +10,8 @@ two files in forward order and names the first tap whose values differ beyond to
     minqwen golden compare port.safetensors minqwen.safetensors
 
 Every tap minqwen records is listed in :data:`TAPS` (name, shape, dtype, meaning), in the
-order a forward pass produces them; ``minqwen golden taps`` prints the table. The names are
+order a forward pass produces them, and the MTP head's in :data:`MTP_TAPS`; ``minqwen golden
+taps`` prints the tables. The names are
 a stable interface: they change only with a new ``format`` in the metadata.
 
 Where taps come from: ``Model.forward(..., tap=f)`` calls ``f(name, array)`` for every

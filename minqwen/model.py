@@ -73,6 +73,22 @@ class Cache:
         return sum(layer.nbytes for layer in self.layers)
 
 
+def converted(weights, dtype):
+    """A copy of ``weights`` — an array, a weights dataclass, or a list of either — with every
+    array cast to ``dtype``; what ``Model.astype`` and ``MtpHead.astype`` make. Routed experts
+    are read from the file into the copy; FP8 ones stay in it, dequantized to float32 when used."""
+    if isinstance(weights, np.ndarray):
+        return weights.astype(dtype)
+    if isinstance(weights, list):
+        return [converted(w, dtype) for w in weights]
+    if dataclasses.is_dataclass(weights):
+        return dataclasses.replace(weights, **{
+            f.name: converted(getattr(weights, f.name), dtype) for f in dataclasses.fields(weights)
+            if getattr(weights, f.name) is not None and not isinstance(getattr(weights, f.name), str)
+        })
+    return weights  # an FP8Tensor
+
+
 class Model:
     """A loaded Qwen3.5 text model. Build one with :func:`load`."""
 
@@ -122,19 +138,9 @@ class Model:
 
     def astype(self, dtype) -> Model:
         """A copy computing in another float dtype — float64 checks algebra free of round-off."""
-        def convert(obj):
-            if isinstance(obj, np.ndarray):
-                return obj.astype(dtype)
-            if dataclasses.is_dataclass(obj):
-                return dataclasses.replace(obj, **{
-                    f.name: convert(getattr(obj, f.name)) for f in dataclasses.fields(obj)
-                    if getattr(obj, f.name) is not None and not isinstance(getattr(obj, f.name), str)
-                })
-            return obj
-
-        embed = convert(self.embed_tokens)
-        lm_head = embed if self.lm_head is self.embed_tokens else convert(self.lm_head)
-        return Model(self.config, embed, [convert(layer) for layer in self.layers], convert(self.norm), lm_head,
+        embed = converted(self.embed_tokens, dtype)
+        lm_head = embed if self.lm_head is self.embed_tokens else converted(self.lm_head, dtype)
+        return Model(self.config, embed, converted(self.layers, dtype), converted(self.norm, dtype), lm_head,
                      self.load_report)
 
     def new_cache(self) -> Cache:

@@ -23,13 +23,11 @@ expert. Instead the k·T (token, expert) assignments are grouped by expert — a
 the outputs are then scattered back to their tokens with their routing weights,
 :func:`scatter_weighted`. The grouping and the scatter are plain loops, compiled by Numba; each
 has a NumPy twin (``…_numpy``) that is the definition and that tests hold it equal to. The
-experts' matmuls themselves go to :func:`~minqwen.linear.linear` on the one expert's slice:
-BLAS for many rows, and for a few rows its compiled kernel, which for bf16 widens as it
-reads — on a decode step (one row, a 512 × 2048 expert) about twice as fast as NumPy's
-widen-then-BLAS, and it never makes a float32 copy of the expert. A decode step's few rows of
-bf16 experts take one more compiled loop, :func:`grouped_rows_bf16` (twin:
-:func:`grouped_rows_bf16_numpy`), which runs one projection of all chosen experts at once: see
-:func:`experts_swiglu_few_rows` for why.
+experts' matmuls themselves: a prompt's many rows go expert by expert to
+:func:`~minqwen.linear.linear` (BLAS); a decode step's few rows of bf16 experts take one more
+compiled loop, :func:`grouped_rows_bf16` (twin: :func:`grouped_rows_bf16_numpy`), which runs
+one projection of all chosen experts at once and widens bf16 as it reads, never making a
+float32 copy of an expert: see :func:`experts_swiglu_few_rows` for why.
 
 **Ties.** The reference picks the k experts with ``torch.topk``, whose documentation says the
 indices of equal values are not guaranteed. On CPU it selects with ``std::partial_sort`` (when
@@ -78,7 +76,7 @@ class Experts:
     gate_proj: Sequence[np.ndarray]  # E × [I, H]
     up_proj: Sequence[np.ndarray]  # E × [I, H]
     down_proj: Sequence[np.ndarray]  # E × [H, I]
-    layout: str = "per_expert"  # or "fused": how the checkpoint stores them (for reports)
+    layout: str = "per_expert"  # or "fused": how the checkpoint stores them (minqwen inspect shows it)
 
     def __len__(self) -> int:
         return len(self.gate_proj)

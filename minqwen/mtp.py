@@ -42,7 +42,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, fields, is_dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -53,8 +53,7 @@ from .deltanet import DeltaNetState
 from .errors import MinqwenError, is_whole_number
 from .generate import GenerationStats, checked_generation_args
 from .linear import BF16, SMALL_MODEL_BYTES, linear
-from .model import Cache, DecoderLayer, Model, _load_attention, _load_mlp, _prefixed, _TensorReader
-from .moe import Experts
+from .model import Cache, DecoderLayer, Model, _load_attention, _load_mlp, _prefixed, _TensorReader, converted
 from .norms import rms_norm
 from .rope import mrope_cos_sin, text_position_ids
 from .sampling import SamplingParams, apply_penalties, filter_logits, sample_next, softmax
@@ -87,18 +86,7 @@ class MtpHead:
 
     def astype(self, dtype) -> MtpHead:
         """A copy computing in another float dtype (to pair with ``Model.astype``)."""
-        return _converted(self, dtype)
-
-
-def _converted(obj, dtype):
-    if isinstance(obj, np.ndarray):
-        return obj.astype(dtype)
-    if isinstance(obj, list) and obj and isinstance(obj[0], DecoderLayer):
-        return [_converted(layer, dtype) for layer in obj]
-    if is_dataclass(obj):
-        return replace(obj, **{f.name: _converted(getattr(obj, f.name), dtype) for f in fields(obj)
-                               if getattr(obj, f.name) is not None and not isinstance(getattr(obj, f.name), str)})
-    return obj  # e.g. memory-mapped experts: converted expert by expert when used
+        return converted(self, dtype)
 
 
 def load_mtp(folder: str | Path, model: Model) -> MtpHead | None:
@@ -619,7 +607,7 @@ def draft_cost_estimate(model: Model, head: MtpHead, draft_vocab: int | None = D
     0.8B shape: 0.07 with the 32k-row draft vocabulary, 0.36 with all 248k rows); in a tiny
     model, per-call overhead is a large part of both (tools/mtp_figures.py measures them).
     """
-    from .summary import experts, resident_bytes
+    from .summary import experts, resident_bytes, weight_bytes
 
     c = model.config
     step = resident_bytes(model)
@@ -628,20 +616,12 @@ def draft_cost_estimate(model: Model, head: MtpHead, draft_vocab: int | None = D
     total, active, expert_bytes = experts(model)
     step += expert_bytes * active // max(total, 1)  # the experts a token visits
     rows = c.vocab_size if draft_vocab is None else min(draft_vocab, c.vocab_size)
-    layer_bytes = sum(_resident(layer) for layer in head.layers) // len(head.layers)
+    layer_bytes = weight_bytes(*head.layers) // len(head.layers)
     if c.is_moe:
         per_layer_experts = expert_bytes // c.num_hidden_layers
         layer_bytes += per_layer_experts * c.num_experts_per_tok // c.num_experts
     draft = head.fc.nbytes + layer_bytes + rows * model.lm_head.nbytes // c.vocab_size
     return draft / step
-
-
-def _resident(obj) -> int:
-    if isinstance(obj, np.ndarray):
-        return obj.nbytes
-    if is_dataclass(obj) and not isinstance(obj, Experts):  # experts stay mapped; counted apart
-        return sum(_resident(getattr(obj, f.name)) for f in fields(obj))
-    return 0
 
 
 def speculative_decoder(head: MtpHead | None, draft_tokens: int = DRAFT_TOKENS, **options):

@@ -28,6 +28,12 @@ def count(obj) -> int:
 def resident_bytes(model: Model) -> int:
     """Bytes of weights held in memory — each array once (a tied head is the embedding); the
     routed experts are left out, since they stay memory-mapped in the checkpoint."""
+    return weight_bytes(model.embed_tokens, model.lm_head, model.norm, *model.layers)
+
+
+def weight_bytes(*parts) -> int:
+    """Bytes of the arrays in ``parts`` (arrays or weights dataclasses), each array counted once,
+    routed experts left out."""
     seen: dict[int, int] = {}
 
     def walk(obj):
@@ -37,7 +43,7 @@ def resident_bytes(model: Model) -> int:
             for f in dataclasses.fields(obj):
                 walk(getattr(obj, f.name))
 
-    for part in (model.embed_tokens, model.lm_head, model.norm, *model.layers):
+    for part in parts:
         walk(part)
     return sum(seen.values())
 
@@ -98,12 +104,18 @@ def describe(model: Model, context: int = 4096) -> str:
         f"decoder layers: {layers:,} parameters",
         f"total: {total:,} parameters · {human(resident_bytes(model))} resident",
     ]
+    if c.quantization is not None:
+        q = c.quantization
+        kept = ", ".join(q.modules_to_not_convert) or "none listed"
+        lines.append(f"FP8 checkpoint: {q.weight_block_size[0]} × {q.weight_block_size[1]} blocks, dequantized on "
+                     f"load; modules_to_not_convert: {kept}")
     in_experts, active_experts, expert_bytes = experts(model)
     if in_experts:
         active = total - in_experts + active_experts
+        layout = next(layer.mlp.experts.layout for layer in model.layers if isinstance(layer.mlp, MoEWeights))
         lines += [
             f"experts: {c.num_experts} per layer, {c.num_experts_per_tok} used per token: {in_experts:,} parameters, "
-            f"{human(expert_bytes)} memory-mapped as stored (read only when chosen)",
+            f"{human(expert_bytes)} memory-mapped as stored ({layout}; read only when chosen)",
             f"active per token: {active:,} parameters ({active / total:.1%} of the total)",
         ]
     kv, state = cache_bytes(model, context, model.dtype.itemsize)

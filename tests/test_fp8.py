@@ -486,3 +486,14 @@ def test_an_fp8_vision_tower_is_dequantized_with_the_configs_block(tmp_path):
     expected = expected_weight(folder, name, block)
     np.testing.assert_array_equal(tower.blocks[0].attn.qkv.weight, expected)
     assert not np.array_equal(expected, weight)  # quantizing moved it: the comparison can fail
+
+
+def test_inspect_names_the_fp8_block_and_what_was_left_unquantized(quantized):
+    from minqwen.summary import describe
+
+    folder, done = quantized(DIVIDING[0])
+    kept = json.loads((folder / "config.json").read_text())["quantization_config"]["modules_to_not_convert"]
+    text = describe(minqwen.load(folder))
+    assert f"FP8 checkpoint: 16 × 16 blocks, dequantized on load; modules_to_not_convert: {', '.join(kept)}" in text
+    assert kept  # the tool lists what it left alone (norms, the embedding), so the line above names something
+    assert "FP8" not in describe(minqwen.load(FIXTURES / DIVIDING[0][0]))

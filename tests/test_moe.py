@@ -624,3 +624,11 @@ def test_the_moe_figure_tool_runs_its_three_contenders_in_quick_mode(tmp_path):
     active = E * H + 3 * S * H + H + k * 3 * I * H  # router, shared expert and its gate, k experts
     assert result["active_mlp_parameters_per_layer"] == active
     assert result["dense_intermediate_size"] == round(active / (3 * H))
+
+
+@pytest.mark.parametrize("name, layout", [("moe_text_per_expert_fp32", "per_expert"),
+                                          ("moe_text_fused_all_experts_bf16", "fused")])
+def test_inspect_says_how_the_checkpoint_stores_its_experts(name, layout):
+    from minqwen.summary import describe
+
+    assert f"memory-mapped as stored ({layout}; read only when chosen)" in describe(minqwen.load(FIXTURES / name))
