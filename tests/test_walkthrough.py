@@ -81,3 +81,15 @@ def test_solutions_run_and_check_themselves(solution, tmp_path):
     result = run_script(solution, tmp_path)
     assert result.returncode == 0, f"solutions/{solution.name} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
     assert "Exercise" in result.stdout
+
+
+def test_a_figures_folder_that_is_a_file_is_named_instead_of_a_traceback(tmp_path):
+    not_a_folder = tmp_path / "figures"
+    not_a_folder.write_text("a file")
+    env = dict(os.environ, MPLBACKEND="Agg", MINQWEN_WALKTHROUGH_FIGURES=str(not_a_folder), PYTHONIOENCODING="utf-8")
+    code = "import course; course.save(None, 'figure.png')"  # what a chapter does at its first figure
+    result = subprocess.run([sys.executable, "-c", code], cwd=WALKTHROUGH, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert f"MINQWEN_WALKTHROUGH_FIGURES={not_a_folder} is a file" in result.stderr

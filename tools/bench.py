@@ -63,6 +63,8 @@ import numpy as np
 TOOLS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TOOLS))
 
+from argtypes import checkpoint_folder, existing_file, output_file, whole_number  # noqa: E402
+
 
 def machine() -> dict:
     cpu = platform.processor() or "?"
@@ -420,15 +422,16 @@ def cold_starts(folder: Path, dtype: str, threads: int, repeats: int) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, help="checkpoint folder (default: make/reuse the real-shape one)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--long-context", type=int, default=16384, help="0 skips the long-context decode")
+    parser.add_argument("--model", type=checkpoint_folder,
+                        help="checkpoint folder (default: make/reuse the real-shape one)")
+    parser.add_argument("--threads", type=whole_number(1), default=2)
+    parser.add_argument("--repeats", type=whole_number(1), default=3)
+    parser.add_argument("--long-context", type=whole_number(0), default=16384, help="0 skips the long-context decode")
     parser.add_argument("--no-transformers", action="store_true")
-    parser.add_argument("--gguf", type=Path, nargs="+", default=[],
+    parser.add_argument("--gguf", type=existing_file, nargs="+", default=[],
                         help="GGUF file(s) of the same checkpoint: measure llama.cpp on each (needs llama_cpp)")
     parser.add_argument("--quick", action="store_true", help="1 repeat, no long context")
-    parser.add_argument("--json", type=Path)
+    parser.add_argument("--json", type=output_file)
     parser.add_argument("--cold-start-only", action="store_true",
                         help="only the cold-start figures (new processes), for minqwen fp32 and bf16-resident")
     args = parser.parse_args()
@@ -513,6 +516,9 @@ def main() -> int:
                 row["long_over_512"] = row[f"decode_at_{args.long_context}_tps"] / row["decode_at_512_tps"]
                 worker.stop()
             row.update(cold_starts(folder, measured.what, args.threads, args.repeats))
+    except ContenderFailed as error:  # its message carries the worker's traceback, where there is one
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     finally:  # on an error or Ctrl-C too: no worker outlives the benchmark
         for worker in workers:
             worker.terminate()

@@ -42,6 +42,10 @@ import tokenize
 import zipfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from argtypes import existing_file, output_folder  # noqa: E402
+
 # Every document whose name hashes into the first VALID_PER_MILLE of 1000 buckets is held out.
 VALID_PER_MILLE = 20
 
@@ -120,6 +124,11 @@ def fetch_dialog_wheel(download_dir: Path) -> Path:
              "--no-deps", "--only-binary=:all:", "--quiet", "--dest", str(download_dir)],
             check=True,
         )
+    return check_dialog_wheel(wheel)
+
+
+def check_dialog_wheel(wheel: Path) -> Path:
+    """``wheel``, if it is the pinned one: the manifest records its hash as the corpus's source."""
     digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
     if digest != DIALOG_WHEEL_SHA256:
         raise SystemExit(f"{wheel}: SHA-256 {digest} is not the pinned {DIALOG_WHEEL_SHA256}")
@@ -190,7 +199,7 @@ def build(out: Path, with_dialogs: bool, dialog_wheel: Path | None) -> dict:
         "root": sysconfig.get_paths()["stdlib"],
     }]
     if with_dialogs:
-        wheel = dialog_wheel or fetch_dialog_wheel(out / "downloads")
+        wheel = check_dialog_wheel(dialog_wheel) if dialog_wheel else fetch_dialog_wheel(out / "downloads")
         documents += dialog_documents(wheel)
         sources.append({
             "kind": "dialog",
@@ -216,10 +225,10 @@ def build(out: Path, with_dialogs: bool, dialog_wheel: Path | None) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("/work/scratch/corpus"), help="output directory")
+    parser.add_argument("--out", type=output_folder, default=Path("/work/scratch/corpus"), help="output directory")
     parser.add_argument("--no-dialogs", dest="dialogs", action="store_false",
                         help="code only: skip the chatterbot-corpus dialog turns")
-    parser.add_argument("--dialog-wheel", type=Path, default=None,
+    parser.add_argument("--dialog-wheel", type=existing_file, default=None,
                         help="use this already-downloaded chatterbot-corpus wheel instead of pip download")
     args = parser.parse_args(argv)
     manifest = build(args.out, args.dialogs, args.dialog_wheel)

@@ -18,6 +18,7 @@ also record each layer's router logits and chosen experts.
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import sys
@@ -138,7 +139,9 @@ def build_fixture(name: str, text: dict, how: dict, seed: int) -> None:
     print(f"{name}: {size / 1024:.0f} KiB")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    # No options; parsed so that --help or a mistyped option does not rebuild the committed fixtures.
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     FIXTURES.mkdir(parents=True, exist_ok=True)
     for seed, (name, (text, how)) in enumerate(FIXTURE_SPECS.items(), start=1):
         build_fixture(name, text, how, seed)

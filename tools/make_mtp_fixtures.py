@@ -247,11 +247,17 @@ def with_random_mtp(source: Path, target: Path, seed: int = 0) -> Path:
 
 
 def main() -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from argtypes import checkpoint_folder, output_folder, whole_number
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("source", type=Path, help="a checkpoint folder without an MTP head")
-    parser.add_argument("target", type=Path, help="where to put the copy with a random MTP head (links, not copies)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("source", type=checkpoint_folder, help="a checkpoint folder without an MTP head")
+    parser.add_argument("target", type=output_folder,
+                        help="where to put the copy with a random MTP head (links, not copies)")
+    parser.add_argument("--seed", type=whole_number(0), default=0)
     args = parser.parse_args()
+    if args.target.resolve() == args.source.resolve():  # the head would be written into the source itself
+        parser.error(f"target {args.target} is the source folder; give another folder for the copy")
     print(with_random_mtp(args.source, args.target, args.seed))
 
 

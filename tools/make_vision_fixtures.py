@@ -20,6 +20,7 @@ configs and images and compares against the reference in-process.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import math
@@ -319,7 +320,9 @@ def build_fixture(name: str, spec, seed: int) -> None:
     print(f"{name}: {size / 1024:.0f} KiB")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    # No options; parsed so that --help or a mistyped option does not rebuild the committed fixtures.
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     FIXTURES.mkdir(parents=True, exist_ok=True)
     for name, spec in FIXTURE_SPECS.items():
         build_fixture(name, spec, SEEDS[name])

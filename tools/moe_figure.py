@@ -45,6 +45,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from argtypes import output_file, whole_number  # noqa: E402
+
 CONFIGS = {  # name → (experts, experts per token)
     "35B-A3B layers (256 experts, top-8)": (256, 8),
     "issue #4 (64 experts, top-4)": (64, 4),
@@ -220,11 +222,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
                         help="how minqwen keeps the non-expert matrices (experts stay bf16, mapped)")
-    parser.add_argument("--steps", type=int, default=16, help="timed decode steps per contender")
-    parser.add_argument("--all-steps", type=int, default=4, help="timed steps with all experts active")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--steps", type=whole_number(1), default=16, help="timed decode steps per contender")
+    parser.add_argument("--all-steps", type=whole_number(1), default=4, help="timed steps with all experts active")
+    parser.add_argument("--threads", type=whole_number(1), default=2)
     parser.add_argument("--only", choices=["256", "64"], default=None, help="one config only (by expert count)")
-    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--json", type=output_file, default=None)
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: toy widths in a temporary folder, 3 steps (the times mean nothing)")
     args = parser.parse_args()
@@ -232,9 +234,14 @@ def main() -> int:
         args.steps, args.all_steps = 3, 3
     print(f"{args.threads} threads; load average before: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
+    from minqwen.errors import MinqwenError
     from minqwen.threads import set_threads
 
-    set_threads(args.threads)
+    try:
+        set_threads(args.threads)
+    except MinqwenError as e:  # more threads than Numba was started with
+        print(f"error: --threads {args.threads}: {e}", file=sys.stderr)
+        return 2
     results = []
     with tempfile.TemporaryDirectory(prefix="moe_figure_") if args.quick else contextlib.nullcontext() as quick:
         for name, (num_experts, top_k) in (QUICK_CONFIGS if args.quick else CONFIGS).items():

@@ -42,6 +42,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
 import minqwen  # noqa: E402
+from argtypes import checkpoint_folder, whole_number  # noqa: E402
+from minqwen.errors import MinqwenError  # noqa: E402
 from minqwen.generate import GenerationStats, generate_ids  # noqa: E402
 from minqwen.mtp import (  # noqa: E402
     DRAFT_VOCAB,
@@ -282,32 +284,38 @@ def embedded(folder: Path, dtype: str, new_tokens: int, count: int) -> None:
         print(f"  speculative k = {k}:   {rate:7.1f} tok/s  ({rate / plain:.2f}x)  acceptance {acceptance:.3f}")
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="which", required=True)
     real = sub.add_parser("real")
-    real.add_argument("--checkpoint", type=Path, default=ROOT / "scratch" / "qwen3.5-0.8b-random")
+    real.add_argument("--checkpoint", type=checkpoint_folder, default=ROOT / "scratch" / "qwen3.5-0.8b-random")
     real.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
-    real.add_argument("--repeats", type=int, default=7)
+    real.add_argument("--repeats", type=whole_number(1), default=7)
     parts = sub.add_parser("split")
-    parts.add_argument("--checkpoint", type=Path, default=ROOT / "scratch" / "qwen3.5-0.8b-random")
+    parts.add_argument("--checkpoint", type=checkpoint_folder, default=ROOT / "scratch" / "qwen3.5-0.8b-random")
     parts.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
-    parts.add_argument("--rounds", type=int, default=20)
+    parts.add_argument("--rounds", type=whole_number(1), default=20)
     emb = sub.add_parser("embedded")
-    emb.add_argument("--model", type=Path, default=ROOT / "minqwen" / "embedded")
+    emb.add_argument("--model", type=checkpoint_folder, default=ROOT / "minqwen" / "embedded")
     emb.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    emb.add_argument("--new-tokens", type=int, default=64)
-    emb.add_argument("--prompts", type=int, default=6)
-    parser.add_argument("--threads", type=int, help="BLAS and Numba threads (default: the physical cores)")
+    # at least 2 new tokens: tokens/s is counted after the first
+    emb.add_argument("--new-tokens", type=whole_number(2), default=64)
+    emb.add_argument("--prompts", type=whole_number(1), default=6)
+    parser.add_argument("--threads", type=whole_number(1), help="BLAS and Numba threads (default: the physical cores)")
     args = parser.parse_args()
-    print(f"threads: {minqwen.set_threads(args.threads)}")
-    if args.which == "real":
-        real_shape(args.checkpoint, args.dtype, args.repeats)
-    elif args.which == "split":
-        split(args.checkpoint, args.dtype, args.rounds)
-    else:
-        embedded(args.model, args.dtype, args.new_tokens, args.prompts)
+    try:
+        print(f"threads: {minqwen.set_threads(args.threads)}")
+        if args.which == "real":
+            real_shape(args.checkpoint, args.dtype, args.repeats)
+        elif args.which == "split":
+            split(args.checkpoint, args.dtype, args.rounds)
+        else:
+            embedded(args.model, args.dtype, args.new_tokens, args.prompts)
+    except MinqwenError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -38,8 +38,12 @@ import numpy as np
 from safetensors.numpy import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from argtypes import checkpoint_folder, output_folder, whole_number  # noqa: E402
 from minqwen.checkpoint import FLOAT_DTYPES, Checkpoint, fp8_scale_grid  # noqa: E402
+from minqwen.config import load_config  # noqa: E402
+from minqwen.errors import MinqwenError  # noqa: E402
 
 FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
 FP8_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)  # 448
@@ -74,7 +78,12 @@ def block_scales(weight: np.ndarray, block: tuple[int, int], scale_dtype: np.dty
     scale = amax / FP8_MAX * 2.0 ** rng.integers(0, spread + 1, size=amax.shape)
     # An all-zero block, or a scale below what the storage dtype can hold: the smallest normal one.
     scale = np.maximum(scale, float(ml_dtypes.finfo(scale_dtype).tiny))
-    return scale.astype(scale_dtype)
+    with np.errstate(over="ignore"):  # reported below, by the option that causes it
+        stored = scale.astype(scale_dtype)
+    if not np.isfinite(stored.astype(np.float32)).all():  # an inf scale would quantize its block to zeros
+        raise SystemExit(f"--spread {spread}: a scale exceeds the largest {scale_dtype.name} value; "
+                         f"give a smaller --spread or a wider --scale-dtype")
+    return stored
 
 
 def quantize(weight: np.ndarray, scale_inv: np.ndarray, block: tuple[int, int]) -> np.ndarray:
@@ -92,6 +101,9 @@ def quantize_checkpoint(src: Path, out: Path, block=(128, 128), scale_dtype: str
     block = (int(block[0]), int(block[1]))
     if block[0] < 1 or block[1] < 1:
         raise SystemExit(f"--block must be two positive integers, got {list(block)}")
+    if out.resolve() == src.resolve():  # it would delete the source's weights before copying its other files
+        raise SystemExit(f"{out}: OUT is the source folder; give another folder for the FP8 copy")
+    load_config(src)  # a config.json minqwen refuses is named here, not met as a KeyError later
     config = json.loads((src / "config.json").read_text())
     if "quantization_config" in config:
         raise SystemExit(f"{src}: already quantized ({config['quantization_config'].get('quant_method')})")
@@ -132,16 +144,21 @@ def quantize_checkpoint(src: Path, out: Path, block=(128, 128), scale_dtype: str
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("src", type=Path, help="checkpoint folder to quantize (unquantized weights)")
-    parser.add_argument("out", type=Path, help="folder to write the FP8 checkpoint to")
-    parser.add_argument("--block", type=int, nargs=2, default=[128, 128], metavar=("ROWS", "COLS"),
+    parser.add_argument("src", type=checkpoint_folder, help="checkpoint folder to quantize (unquantized weights)")
+    parser.add_argument("out", type=output_folder, help="folder to write the FP8 checkpoint to")
+    parser.add_argument("--block", type=whole_number(1), nargs=2, default=[128, 128], metavar=("ROWS", "COLS"),
                         help="weight_block_size (default 128 128)")
     parser.add_argument("--scale-dtype", choices=sorted(SCALE_DTYPES), default="float32",
                         help="how the scales are stored (default float32)")
-    parser.add_argument("--spread", type=int, default=6, help="scales get a random factor 2^0 … 2^SPREAD (default 6)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--spread", type=whole_number(0), default=6,
+                        help="scales get a random factor 2^0 … 2^SPREAD (default 6)")
+    parser.add_argument("--seed", type=whole_number(0), default=0)
     args = parser.parse_args(argv)
-    done = quantize_checkpoint(args.src, args.out, tuple(args.block), args.scale_dtype, args.spread, args.seed)
+    try:
+        done = quantize_checkpoint(args.src, args.out, tuple(args.block), args.scale_dtype, args.spread, args.seed)
+    except MinqwenError as e:  # a source checkpoint minqwen cannot read
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"{args.out}: {len(done['quantized'])} tensors in FP8 (blocks {done['block']}, {done['scale_dtype']} "
           f"scales), {len(done['not_converted'])} matrices kept as stored")
     return 0

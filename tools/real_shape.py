@@ -31,6 +31,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from argtypes import output_folder, whole_number  # noqa: E402
+
 SCRATCH = Path(__file__).resolve().parent.parent / "scratch"
 DEFAULT_DIR = SCRATCH / "qwen3.5-0.8b-random"
 SLICE_ELEMENTS = 1 << 26  # random values are generated this many at a time (256 MB of fp32)
@@ -182,11 +184,13 @@ def _random_bf16(name: str, shape: tuple, gen):
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["make", "parity", "make-moe"])
-    parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--experts", type=int, default=256)
-    parser.add_argument("--top-k", type=int, default=8)
-    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--out", type=output_folder, default=None)
+    parser.add_argument("--experts", type=whole_number(1), default=256)
+    parser.add_argument("--top-k", type=whole_number(1), default=8)
+    parser.add_argument("--layers", type=whole_number(1), default=4)
     args = parser.parse_args()
+    if args.top_k > args.experts:
+        parser.error(f"--top-k {args.top_k} must be ≤ --experts {args.experts}")
     if args.what == "make-moe":
         make_moe(args.experts, args.top_k, args.layers, args.out)
         return 0

@@ -23,6 +23,7 @@ the machine only ever adds time). It prints; it asserts nothing.
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 import timeit
@@ -135,7 +136,9 @@ def measure(model: Model, label: str, prompt_len: int, repeats: int) -> None:
               f"{guards * 1e6:.2f} µs = {guards / base * 100:.4f}% of the forward")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    # No options; parsed so that --help or a mistyped option does not start the measurement.
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     print(f"minqwen {minqwen.__version__}, numpy {np.__version__}; fastest of interleaved runs")
     measure(random_model(QWEN3_5_0_8B_LAYERS), "Qwen3.5-0.8B layer shapes, 4 layers [L, L, L, F], vocab 32k",
             prompt_len=64, repeats=50)

@@ -63,6 +63,7 @@ TOOLS = Path(__file__).resolve().parent
 REPO = TOOLS.parent
 sys.path.insert(0, str(TOOLS))
 import build_corpus  # noqa: E402  (a sibling script, not an installed module)
+from argtypes import output_folder, real_number, whole_number  # noqa: E402
 
 # --------------------------------------------------------------------------------------------
 # Tokenizer
@@ -265,6 +266,9 @@ def windows(stream: list[int], length: int, stride: int) -> torch.Tensor:
     targets are tokens kT+1..kT+T and its MTP targets kT+2..kT+T+1: consecutive windows
     cover every target exactly once.
     """
+    if len(stream) < length:  # unfold would fail with a message about tensor sizes
+        raise SystemExit(f"--seq-len {length - 2}: a window of {length} tokens is longer than a token stream of "
+                         f"{len(stream)}; give a smaller --seq-len")
     tensor = torch.tensor(stream, dtype=torch.long)
     return tensor.unfold(0, length, stride).contiguous()
 
@@ -754,31 +758,44 @@ Apache-2.0 licence.
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--corpus", type=Path, default=Path("/work/scratch/corpus"),
+    parser.add_argument("--corpus", type=output_folder, default=Path("/work/scratch/corpus"),
                         help="output of tools/build_corpus.py (built here if missing)")
-    parser.add_argument("--out", type=Path, default=REPO / "minqwen" / "embedded", help="where the model is written")
-    parser.add_argument("--work", type=Path, default=Path("/work/scratch/train_embedded"),
+    parser.add_argument("--out", type=output_folder, default=REPO / "minqwen" / "embedded",
+                        help="where the model is written")
+    parser.add_argument("--work", type=output_folder, default=Path("/work/scratch/train_embedded"),
                         help="scratch: fp32 checkpoint, tokenizer, metrics")
-    parser.add_argument("--minutes", type=float, default=45.0, help="wall-clock training budget")
-    parser.add_argument("--steps", type=int, default=0, help="train this many steps instead of for --minutes")
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--warmup", type=float, default=0.02, help="fraction of the run")
-    parser.add_argument("--min-lr-ratio", type=float, default=0.1)
-    parser.add_argument("--weight-decay", type=float, default=0.1)
-    parser.add_argument("--clip", type=float, default=1.0)
-    parser.add_argument("--mtp-weight", type=float, default=0.4, help="λ in main loss + λ·MTP loss")
-    parser.add_argument("--dialog-copies", type=int, default=3, help="times the dialog turns appear in training")
+    parser.add_argument("--minutes", type=real_number(0), default=45.0, help="wall-clock training budget")
+    parser.add_argument("--steps", type=whole_number(0), default=0,
+                        help="train this many steps instead of for --minutes")
+    # check_causality changes token 10 and reads the MTP logits at position 9
+    parser.add_argument("--seq-len", type=whole_number(10), default=256)
+    parser.add_argument("--batch-size", type=whole_number(1), default=8)
+    parser.add_argument("--lr", type=real_number(0, above_minimum=True), default=2e-3)
+    parser.add_argument("--warmup", type=real_number(0, 1), default=0.02, help="fraction of the run")
+    parser.add_argument("--min-lr-ratio", type=real_number(0, 1), default=0.1)
+    parser.add_argument("--weight-decay", type=real_number(0), default=0.1)
+    parser.add_argument("--clip", type=real_number(0, above_minimum=True), default=1.0)
+    parser.add_argument("--mtp-weight", type=real_number(0), default=0.4, help="λ in main loss + λ·MTP loss")
+    parser.add_argument("--dialog-copies", type=whole_number(0), default=3,
+                        help="times the dialog turns appear in training")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--log-every", type=int, default=25)
-    parser.add_argument("--eval-every", type=float, default=5.0, help="minutes between quick evaluations")
-    parser.add_argument("--quick-eval-windows", type=int, default=32)
-    parser.add_argument("--eval-batch-size", type=int, default=16)
+    parser.add_argument("--threads", type=whole_number(1), default=1)
+    parser.add_argument("--log-every", type=whole_number(1), default=25)
+    parser.add_argument("--eval-every", type=real_number(0), default=5.0, help="minutes between quick evaluations")
+    parser.add_argument("--quick-eval-windows", type=whole_number(1), default=32)
+    parser.add_argument("--eval-batch-size", type=whole_number(1), default=16)
     parser.add_argument("--from-checkpoint", action="store_true",
                         help="skip training: evaluate and export the checkpoint in --work")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    # Without --steps the budget is --minutes, and the loop divides by it.
+    if not args.steps and not args.minutes:
+        parser.error("--minutes must be > 0 unless --steps gives a number of steps")
+    if args.from_checkpoint:
+        missing = [name for name in ("tokenizer.json", "checkpoint.pt") if not (args.work / name).is_file()]
+        if missing:
+            parser.error(f"--from-checkpoint: --work {args.work} holds no {' or '.join(missing)}; "
+                         f"train once without --from-checkpoint")
+    return args
 
 
 # Prompts for the card's samples and the acceptance measurement; the first is the one to

@@ -102,6 +102,8 @@ def pyplot():
 def save(fig, name: str) -> Path:
     """Write a figure to walkthrough/figures/NAME (and show it, in a notebook)."""
     plt = pyplot()
+    if FIGURES.exists() and not FIGURES.is_dir():  # mkdir would stop the chapter with a FileExistsError
+        raise SystemExit(f"MINQWEN_WALKTHROUGH_FIGURES={FIGURES} is a file; point it at a folder for the figures")
     FIGURES.mkdir(parents=True, exist_ok=True)
     path = FIGURES / name
     fig.savefig(path, dpi=110, bbox_inches="tight")

@@ -1,0 +1,293 @@
+"""The scripts in tools/ refuse bad arguments with a one-line error naming the argument.
+
+Each case runs the script as a reader would (``python tools/NAME.py …``) and checks the exit
+code, that the message names the argument or file, and that no traceback was printed. Every
+check happens before the script does any work, so these run in about a second each; where a
+regression would start real work (a benchmark, a training run, a fixture rebuild), the case
+also passes arguments that keep that work small and away from the repository's files.
+"""
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import FIXTURES, ROOT, require_reference
+
+TOOLS = ROOT / "tools"
+FIXTURE = FIXTURES / "text_tied_fp32"
+
+
+def run_tool(script, *args, cwd, env=None, timeout=120):
+    return subprocess.run([sys.executable, str(TOOLS / script), *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+def assert_refused(result, *names, code=2):
+    assert result.returncode == code, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    for name in names:
+        assert name in last, last
+
+
+@pytest.fixture
+def paths(tmp_path):
+    """A file, a folder with no config.json, and a place to write, in a scratch folder."""
+    (tmp_path / "a_file").write_text("not a folder")
+    (tmp_path / "empty").mkdir()
+    return tmp_path
+
+
+# ---------------------------------------------------------------------------- bench.py
+
+# --model FIXTURE and --quick --no-transformers on every case: were a check missing, the run
+# would be a short one on the tiny fixture, never the real-shape checkpoint.
+BENCH_SAFE = ["--model", FIXTURE, "--quick", "--no-transformers"]
+
+
+@pytest.mark.parametrize("args, names", [
+    (["--threads", "0"], ["--threads", "≥ 1"]),
+    (["--threads", "two"], ["--threads", "'two'"]),
+    (["--repeats", "0"], ["--repeats", "≥ 1"]),
+    (["--long-context", "-1"], ["--long-context", "≥ 0"]),
+    (["--gguf", "missing.gguf"], ["--gguf", "missing.gguf", "no such file"]),
+    (["--gguf", "empty"], ["--gguf", "is a folder"]),
+    (["--json", "no_folder/out.json"], ["--json", "does not exist"]),
+    (["--json", "empty"], ["--json", "is a folder"]),
+])
+def test_bench_refuses_bad_counts_and_paths_before_it_measures(paths, args, names):
+    assert_refused(run_tool("bench.py", *BENCH_SAFE, *args, cwd=paths), *names)
+
+
+@pytest.mark.parametrize("model, names", [
+    ("missing", ["--model", "no such folder"]),
+    ("a_file", ["--model", "is a file"]),
+    ("empty", ["--model", "no config.json"]),
+])
+def test_bench_refuses_a_model_that_is_not_a_checkpoint_folder(paths, model, names):
+    assert_refused(run_tool("bench.py", "--model", model, "--quick", "--no-transformers", cwd=paths), *names)
+
+
+# ---------------------------------------------------------------------------- quantize_fp8.py
+
+
+@pytest.mark.parametrize("args, names", [
+    (["missing", "out"], ["src", "missing", "no such folder"]),
+    (["a_file", "out"], ["src", "is a file"]),
+    (["empty", "out"], ["src", "no config.json"]),
+    ([FIXTURE, "a_file"], ["out", "is a file"]),
+    ([FIXTURE, "a_file/out"], ["out", "is a file, not a folder"]),
+    ([FIXTURE, "out", "--spread", "-1"], ["--spread", "≥ 0"]),
+    ([FIXTURE, "out", "--seed", "-1"], ["--seed", "≥ 0"]),
+    ([FIXTURE, "out", "--block", "0", "16"], ["--block", "≥ 1"]),
+])
+def test_quantize_fp8_refuses_bad_arguments(paths, args, names):
+    assert_refused(run_tool("quantize_fp8.py", *args, cwd=paths), *names)
+    assert not (paths / "out").exists()
+
+
+def test_quantize_fp8_refuses_to_write_over_its_source(paths):
+    source = paths / "source"
+    shutil.copytree(FIXTURE, source)
+    before = sorted(p.name for p in source.iterdir())
+    assert_refused(run_tool("quantize_fp8.py", source, source / ".", cwd=paths), "OUT is the source folder", code=1)
+    assert sorted(p.name for p in source.iterdir()) == before
+    assert (source / "config.json").read_text() == (FIXTURE / "config.json").read_text()
+
+
+def test_quantize_fp8_refuses_a_spread_whose_scales_overflow_the_scale_dtype(paths):
+    # Before: the scales became inf, every weight quantized to 0, and the tool exited 0.
+    result = run_tool("quantize_fp8.py", FIXTURE, "out", "--spread", "200", "--scale-dtype", "float16",
+                      "--block", "16", "16", cwd=paths)
+    assert_refused(result, "--spread 200", "float16", code=1)
+    assert not (paths / "out" / "model.safetensors").exists()
+
+
+def test_quantize_fp8_names_a_source_config_that_is_not_json(paths):
+    (paths / "empty" / "config.json").write_text("{not json")
+    assert_refused(run_tool("quantize_fp8.py", "empty", "out", cwd=paths), "config.json", "not valid JSON")
+
+
+# ---------------------------------------------------------------------------- real_shape.py
+
+# --out in the scratch folder: were a check missing, nothing is written into scratch/.
+@pytest.mark.parametrize("args, names", [
+    (["--experts", "0"], ["--experts", "≥ 1"]),
+    (["--top-k", "0"], ["--top-k", "≥ 1"]),
+    (["--experts", "8", "--top-k", "9"], ["--top-k 9", "--experts 8"]),
+    (["--layers", "0"], ["--layers", "≥ 1"]),
+])
+def test_real_shape_make_moe_refuses_impossible_shapes(paths, args, names):
+    assert_refused(run_tool("real_shape.py", "make-moe", "--out", paths / "moe", *args, cwd=paths, timeout=60), *names)
+
+
+def test_real_shape_refuses_an_out_that_is_a_file(paths):
+    assert_refused(run_tool("real_shape.py", "make", "--out", "a_file", cwd=paths), "--out", "is a file")
+
+
+# ---------------------------------------------------------------------------- moe_figure.py
+
+
+@pytest.mark.parametrize("args, names", [
+    (["--steps", "0"], ["--steps", "≥ 1"]),
+    (["--all-steps", "-1"], ["--all-steps", "≥ 1"]),
+    (["--threads", "0"], ["--threads", "≥ 1"]),
+    (["--json", "no_folder/figure.json"], ["--json", "does not exist"]),
+])
+def test_moe_figure_refuses_bad_arguments_before_it_builds_checkpoints(paths, args, names):
+    assert_refused(run_tool("moe_figure.py", "--quick", *args, cwd=paths), *names)
+
+
+def test_moe_figure_names_threads_beyond_what_numba_was_started_with(paths):
+    env = dict(os.environ, NUMBA_NUM_THREADS="1")
+    assert_refused(run_tool("moe_figure.py", "--quick", "--threads", "2", cwd=paths, env=env), "--threads 2",
+                   "NUMBA_NUM_THREADS")
+
+
+# ---------------------------------------------------------------------------- mtp_figures.py
+
+
+@pytest.mark.parametrize("args, names", [
+    (["--threads", "0", "embedded"], ["--threads", "≥ 1"]),
+    (["real", "--repeats", "0"], ["--repeats", "≥ 1"]),
+    (["real", "--checkpoint", "empty"], ["--checkpoint", "no config.json"]),
+    (["split", "--rounds", "0"], ["--rounds", "≥ 1"]),
+    (["embedded", "--new-tokens", "1"], ["--new-tokens", "≥ 2"]),
+    (["embedded", "--prompts", "0"], ["--prompts", "≥ 1"]),
+    (["embedded", "--model", "missing"], ["--model", "no such folder"]),
+])
+def test_mtp_figures_refuses_bad_arguments(paths, args, names):
+    assert_refused(run_tool("mtp_figures.py", *args, cwd=paths), *names)
+
+
+def test_mtp_figures_reports_a_model_it_cannot_use_in_one_line(paths):
+    # The fixture has no tokenizer.json: minqwen's error, printed without a traceback.
+    assert_refused(run_tool("mtp_figures.py", "embedded", "--model", FIXTURE, cwd=paths), "tokenizer.json")
+
+
+# ---------------------------------------------------------------------------- train_embedded.py
+
+# --out, --work and --corpus in the scratch folder: were a check missing, the run would never
+# write over minqwen/embedded.
+def train_args(paths, *args):
+    return [str(a) for a in ("--out", paths / "out", "--work", paths / "work", "--corpus", paths / "corpus", *args)]
+
+
+@pytest.fixture(scope="module")
+def train_embedded():
+    require_reference()  # it imports torch and transformers at the top
+    spec = importlib.util.spec_from_file_location("train_embedded", TOOLS / "train_embedded.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("args, names", [
+    (["--minutes", "-1"], ["--minutes", "≥ 0"]),  # before: the training loop never ended
+    (["--from-checkpoint"], ["--from-checkpoint", "checkpoint.pt"]),  # before: FileNotFoundError
+])
+def test_train_embedded_refuses_bad_arguments_before_it_trains(paths, args, names):
+    require_reference()
+    assert_refused(run_tool("train_embedded.py", *train_args(paths, *args), cwd=paths), *names)
+    assert not (paths / "out").exists() and not (paths / "corpus").exists()
+
+
+# The same checks, in this process: each script run costs seconds of importing torch.
+@pytest.mark.parametrize("args, names", [
+    (["--steps", "-1"], ["--steps", "≥ 0"]),  # before: the training loop never ended
+    (["--minutes", "0"], ["--minutes", "--steps"]),  # before: ZeroDivisionError
+    (["--minutes", "nan"], ["--minutes", "nan"]),
+    (["--threads", "0"], ["--threads", "≥ 1"]),
+    (["--seq-len", "5"], ["--seq-len", "≥ 10"]),  # before: IndexError in the causality check
+    (["--log-every", "0"], ["--log-every", "≥ 1"]),  # before: ZeroDivisionError after the first step
+    (["--lr", "-0.001"], ["--lr", "> 0"]),
+    (["--warmup", "2"], ["--warmup", "≤ 1"]),
+    (["--batch-size", "0"], ["--batch-size", "≥ 1"]),
+    (["--out", "a_file"], ["--out", "is a file"]),
+])
+def test_train_embedded_arguments_are_checked_when_parsed(train_embedded, paths, capsys, monkeypatch, args, names):
+    monkeypatch.chdir(paths)
+    with pytest.raises(SystemExit) as exit_:
+        train_embedded.parse_args(train_args(paths, *args))
+    assert exit_.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert all(name in last for name in names), last
+
+
+def test_train_embedded_refuses_a_seq_len_longer_than_the_token_stream(train_embedded):
+    with pytest.raises(SystemExit, match="--seq-len 10: .* longer than a token stream of 5"):
+        train_embedded.windows([1, 2, 3, 4, 5], 12, 10)
+
+
+# ---------------------------------------------------------------------------- build_corpus.py
+
+
+@pytest.mark.parametrize("args, names", [
+    (["--dialog-wheel", "missing.whl"], ["--dialog-wheel", "no such file"]),
+    (["--dialog-wheel", "empty"], ["--dialog-wheel", "is a folder"]),
+    (["--out", "a_file"], ["--out", "is a file"]),
+])
+def test_build_corpus_refuses_bad_paths(paths, args, names):
+    assert_refused(run_tool("build_corpus.py", "--out", paths / "corpus", *args, cwd=paths), *names)
+
+
+def test_build_corpus_refuses_a_dialog_wheel_that_is_not_the_pinned_one(paths):
+    # Before: it was read unchecked while the manifest recorded the pinned wheel's hash.
+    (paths / "other.whl").write_bytes(b"not the pinned wheel")
+    result = run_tool("build_corpus.py", "--out", paths / "corpus", "--dialog-wheel", "other.whl", cwd=paths)
+    assert_refused(result, "other.whl", "is not the pinned", code=1)
+    assert not (paths / "corpus" / "manifest.json").exists()
+
+
+# ---------------------------------------------------------------------------- qwen_vocab_tokenizer.py
+
+
+@pytest.mark.parametrize("out, names", [
+    ("a_file", ["--out", "is a file"]),
+    ("no_folder/tokenizer.json", ["--out", "does not exist"]),
+])
+def test_qwen_vocab_tokenizer_refuses_an_out_it_cannot_write(paths, out, names):
+    assert_refused(run_tool("qwen_vocab_tokenizer.py", "--out", out, cwd=paths), *names)
+
+
+# ---------------------------------------------------------------------------- make_mtp_fixtures.py
+
+
+@pytest.mark.parametrize("args, names", [
+    (["missing", "target"], ["source", "no such folder"]),
+    (["empty", "target"], ["source", "no config.json"]),
+    ([FIXTURE, "a_file"], ["target", "is a file"]),
+    ([FIXTURE, "target", "--seed", "-1"], ["--seed", "≥ 0"]),
+])
+def test_make_mtp_fixtures_refuses_bad_arguments(paths, args, names):
+    assert_refused(run_tool("make_mtp_fixtures.py", *args, cwd=paths), *names)
+    assert not (paths / "target").exists()
+
+
+def test_make_mtp_fixtures_refuses_to_write_the_head_into_its_source(paths):
+    source = paths / "source"
+    shutil.copytree(FIXTURE, source)
+    assert_refused(run_tool("make_mtp_fixtures.py", source, source, cwd=paths), "is the source folder")
+    assert not (source / "mtp.safetensors").exists()
+
+
+# ---------------------------------------------------------------------------- scripts without options
+
+
+@pytest.mark.parametrize("script", ["make_fixtures.py", "make_vision_fixtures.py", "tap_overhead.py"])
+def test_scripts_without_options_refuse_unknown_ones_instead_of_running(tmp_path, script):
+    if script != "tap_overhead.py":
+        require_reference()
+    # A copy of the script in a scratch tree: were the check missing, the fixtures it would
+    # rebuild are the scratch tree's (tmp_path/tests/…), never the repository's.
+    (tmp_path / "tools").mkdir()
+    shutil.copy(TOOLS / script, tmp_path / "tools" / script)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TOOLS), str(ROOT)]))
+    result = subprocess.run([sys.executable, str(tmp_path / "tools" / script), "--bogus"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120, env=env)
+    assert_refused(result, "--bogus")
+    assert not (tmp_path / "tests").exists()
