@@ -35,6 +35,7 @@ import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from .activations import ACTIVATIONS
 from .errors import MinqwenError
 
 # What minqwen does with each text-config field. "honoured": read and used exactly as the
@@ -220,7 +221,6 @@ OTHER_QUANTIZATION: dict[str, str] = {
     "gguf": "GGUF quantized blocks",
     "mxfp4": "MXFP4 4-bit float weights",
 }
-SUPPORTED_ACTIVATIONS = ("silu", "swish", "gelu", "gelu_pytorch_tanh", "relu")
 LAYER_TYPES = ("linear_attention", "full_attention")
 MAX_LAYERS = 10_000  # a sanity bound: a config claiming more is a typo, not a model
 
@@ -475,9 +475,9 @@ def _text_config(raw: dict, source: str, prefix: str, moe: bool = False) -> Text
         )
 
     hidden_act = raw.get("hidden_act", defaults.hidden_act)
-    if hidden_act not in SUPPORTED_ACTIVATIONS:
+    if not isinstance(hidden_act, str) or hidden_act not in ACTIVATIONS:  # (a list is unhashable)
         raise MinqwenError(
-            f"{source}: field '{prefix}hidden_act' is {hidden_act!r}; minqwen knows {', '.join(SUPPORTED_ACTIVATIONS)}"
+            f"{source}: field '{prefix}hidden_act' is {hidden_act!r}; minqwen knows {', '.join(ACTIVATIONS)}"
         )
 
     layer_types = raw.get("layer_types")

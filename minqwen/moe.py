@@ -164,10 +164,9 @@ def routed_experts(
 
 
 def expert_swiglu(x: np.ndarray, gate_proj, up_proj, down_proj, hidden_act: str) -> np.ndarray:
-    """One expert on its tokens x [n, H] → [n, H]: one matmul per matrix over all n tokens."""
-    gate = ACTIVATIONS[hidden_act](linear(x, _readable(gate_proj, x.dtype)))  # [n, H] · [I, H]ᵀ → [n, I]
-    up = linear(x, _readable(up_proj, x.dtype))  # [n, I]
-    return linear(gate * up, _readable(down_proj, x.dtype))  # [n, I] · [H, I]ᵀ → [n, H]
+    """One expert on its tokens x [n, H] → [n, H]: a SwiGLU MLP of width I, one matmul per matrix over all n tokens."""
+    weights = MLPWeights(_readable(gate_proj, x.dtype), _readable(up_proj, x.dtype), _readable(down_proj, x.dtype))
+    return swiglu_mlp(x, weights, hidden_act)
 
 
 def experts_swiglu_few_rows(xs: np.ndarray, used: list, counts: np.ndarray, hidden_act: str) -> np.ndarray:

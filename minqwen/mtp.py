@@ -56,7 +56,7 @@ from .linear import BF16, SMALL_MODEL_BYTES, linear
 from .model import Cache, DecoderLayer, Model, _load_attention, _load_mlp, _prefixed, _TensorReader, converted
 from .norms import rms_norm
 from .rope import mrope_cos_sin, text_position_ids
-from .sampling import SamplingParams, apply_penalties, filter_logits, sample_next, softmax
+from .sampling import SamplingParams, apply_penalties, sample_next, sampling_distribution
 from .threads import one_blas_thread
 
 # How many tokens to draft per verify, unless told otherwise (see tools/mtp_figures.py).
@@ -404,8 +404,7 @@ def _forget_history(cache: Cache) -> None:
 
 def target_distribution(logits: np.ndarray, params: SamplingParams, seen, generated) -> np.ndarray:
     """The distribution plain sampling draws from (as :func:`~minqwen.sampling.sample_next`), float64 [V]."""
-    probs = softmax(filter_logits(apply_penalties(logits, seen, generated, params), params)).astype(np.float64)
-    return probs / probs.sum()
+    return sampling_distribution(apply_penalties(logits, seen, generated, params), params)
 
 
 def accept(logits: np.ndarray, drafts: list[int], q: list, params: SamplingParams, rng: np.random.Generator,
@@ -590,8 +589,7 @@ def _draft_picker(params: SamplingParams, rng, seen, generated, argmax: bool, q:
             q.append(None)
             token = int(np.argmax(row))
         else:
-            probs = softmax(filter_logits(row, params)).astype(np.float64)
-            probs /= probs.sum()
+            probs = sampling_distribution(row, params)
             q.append(probs)
             token = int(rng.choice(probs.size, p=probs))
         drafted.append(token)

@@ -128,5 +128,10 @@ def sample_next(logits: np.ndarray, params: SamplingParams, rng: np.random.Gener
     logits = apply_penalties(logits, seen_ids, generated_ids, params)
     if params.greedy:
         return int(np.argmax(logits))
+    return int(rng.choice(logits.size, p=sampling_distribution(logits, params)))
+
+
+def sampling_distribution(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
+    """What a token is drawn from, given logits [V] with penalties applied: float64 [V], summing to one."""
     probs = softmax(filter_logits(logits, params)).astype(np.float64)
-    return int(rng.choice(probs.size, p=probs / probs.sum()))
+    return probs / probs.sum()
