@@ -193,7 +193,9 @@ class Model:
             raise MinqwenError(f"model.deltanet_form must be one of {', '.join(FORMS)}, got {self.deltanet_form!r}")
         if cache is not None:
             self._check_cache(cache)
-        x = self._embed(token_ids, inputs_embeds)  # [T, H]
+        if (token_ids is None) == (inputs_embeds is None):
+            raise MinqwenError("give exactly one of token_ids or inputs_embeds")
+        x = self.embed(token_ids) if inputs_embeds is None else self._checked_inputs_embeds(inputs_embeds)  # [T, H]
         t_len = x.shape[0]
         cache = cache if cache is not None else self.new_cache()
         c = self.config
@@ -215,7 +217,7 @@ class Model:
         with one_blas_thread(self.numba_multiplies(t_len)):
             for i, (layer, state) in enumerate(zip(self.layers, cache.layers)):
                 layer_tap = None if tap is None else _prefixed(tap, f"layers.{i}.")
-                x = self._decoder_layer(x, layer, state, cos, sin, layer_tap)
+                x = self.decoder_layer(x, layer, state, cos, sin, layer_tap)
 
         cache.position += t_len
         x = rms_norm(x, self.norm, c.rms_norm_eps)
@@ -246,19 +248,13 @@ class Model:
 
     # ---------------------------------------------------------------- the layers
 
-    def _embed(self, token_ids, inputs_embeds):
-        if (token_ids is None) == (inputs_embeds is None):
-            raise MinqwenError("give exactly one of token_ids or inputs_embeds")
-        if inputs_embeds is not None:
-            try:
-                x = np.asarray(inputs_embeds, dtype=self.dtype)
-            except (TypeError, ValueError):
-                raise MinqwenError(f"inputs_embeds must be an array of numbers, got {type(inputs_embeds).__name__}") from None
-            if x.ndim != 2 or x.shape[1] != self.config.hidden_size or x.shape[0] == 0:
-                raise MinqwenError(
-                    f"inputs_embeds must have shape [T ≥ 1, {self.config.hidden_size}], got {list(x.shape)}"
-                )
-            return x
+    def embed(self, token_ids) -> np.ndarray:
+        """The rows of ``embed_tokens`` for token_ids [T] → [T, H], in the compute dtype (bf16 widens exactly)."""
+        rows = self.embed_tokens[self.checked_token_ids(token_ids)]  # [T, H]
+        return widen_bf16(rows) if rows.dtype == BF16 else rows
+
+    def checked_token_ids(self, token_ids) -> np.ndarray:
+        """``token_ids`` as a 1-D integer array, every id inside the vocabulary."""
         ids = np.asarray(token_ids)
         if ids.ndim != 1 or ids.size == 0:
             raise MinqwenError(f"token_ids must be a non-empty 1-D sequence of ints, got shape {list(ids.shape)}")
@@ -269,10 +265,18 @@ class Model:
             raise MinqwenError(
                 f"token id {int(bad[0])} is outside the vocabulary (0 … {self.config.vocab_size - 1})"
             )
-        rows = self.embed_tokens[ids]  # [T, H]
-        return widen_bf16(rows) if rows.dtype == BF16 else rows
+        return ids
 
-    def _decoder_layer(self, x, layer: DecoderLayer, state, cos, sin, tap):
+    def _checked_inputs_embeds(self, inputs_embeds) -> np.ndarray:
+        try:
+            x = np.asarray(inputs_embeds, dtype=self.dtype)
+        except (TypeError, ValueError):
+            raise MinqwenError(f"inputs_embeds must be an array of numbers, got {type(inputs_embeds).__name__}") from None
+        if x.ndim != 2 or x.shape[1] != self.config.hidden_size or x.shape[0] == 0:
+            raise MinqwenError(f"inputs_embeds must have shape [T ≥ 1, {self.config.hidden_size}], got {list(x.shape)}")
+        return x
+
+    def decoder_layer(self, x, layer: DecoderLayer, state, cos, sin, tap):
         c = self.config
         h = rms_norm(x, layer.input_layernorm, c.rms_norm_eps)
         if tap is not None:

@@ -209,7 +209,7 @@ def mtp_layer(model: Model, head: MtpHead, i: int, hidden: np.ndarray, next_ids,
     c = model.config
     eps = c.rms_norm_eps
     t_len = hidden.shape[0]
-    embedded = model._embed(np.asarray(next_ids), None)  # [T, H]
+    embedded = model.embed(np.asarray(next_ids))  # [T, H]
     e = rms_norm(embedded, head.pre_fc_norm_embedding, eps)  # [T, H]
     h = rms_norm(hidden, head.pre_fc_norm_hidden, eps)  # [T, H]
     x = linear(np.concatenate([e, h], axis=-1), head.fc)  # [T, 2H] · [H, 2H]ᵀ → [T, H]: embedding first
@@ -220,7 +220,7 @@ def mtp_layer(model: Model, head: MtpHead, i: int, hidden: np.ndarray, next_ids,
     cos, sin = mrope_cos_sin(text_position_ids(position, t_len), model.inv_freq, c.mrope_section,
                              model.attention_factor)  # [T, R] each
     layer_tap = None if tap is None else _prefixed(tap, f"layers.{i}.")
-    x = model._decoder_layer(x, head.layers[i], kv, cos, sin, layer_tap)  # [T, H]
+    x = model.decoder_layer(x, head.layers[i], kv, cos, sin, layer_tap)  # [T, H]
     out = rms_norm(x, head.norm, eps)
     if tap is not None:
         tap("norm", out)

@@ -13,15 +13,19 @@ import numpy as np
 from .activations import silu
 
 
+def normalised(x: np.ndarray, eps: float) -> np.ndarray:
+    """x / rms(x) over the last axis, the part both norms share: x [..., D] → [..., D]."""
+    variance = np.square(x).sum(axis=-1, keepdims=True) / x.dtype.type(x.shape[-1])  # [..., 1]: the mean square
+    return x / np.sqrt(variance + np.float32(eps))
+
+
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     """Zero-centred RMSNorm over the last axis: x / rms(x) · (1 + weight)."""
     # x: [..., D], weight: [D]
-    variance = np.square(x).sum(axis=-1, keepdims=True) / x.dtype.type(x.shape[-1])  # [..., 1]: the mean square
-    return x / np.sqrt(variance + np.float32(eps)) * (np.float32(1.0) + weight)
+    return normalised(x, eps) * (np.float32(1.0) + weight)
 
 
 def gated_rms_norm(x: np.ndarray, gate: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     """RMSNorm with a plain scale, then multiplied by silu(gate)."""
     # x, gate: [..., Dv], weight: [Dv]
-    variance = np.square(x).sum(axis=-1, keepdims=True) / x.dtype.type(x.shape[-1])  # [..., 1]: the mean square
-    return weight * (x / np.sqrt(variance + np.float32(eps))) * silu(gate)
+    return weight * normalised(x, eps) * silu(gate)

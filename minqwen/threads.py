@@ -17,7 +17,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import MinqwenError
+from .errors import MinqwenError, is_whole_number
 
 # Numba's parallel kernels run on an OpenMP pool (GNU libgomp here) whose idle threads spin
 # for a while after each kernel, waiting for the next, then sleep. Two costs pull opposite
@@ -132,11 +132,11 @@ def serial_and_parallel(loops, **options):
     import numba
 
     def named(suffix):
-        twin = types.FunctionType(loops.__code__, loops.__globals__, loops.__name__ + suffix,
-                                  loops.__defaults__, loops.__closure__)
-        twin.__qualname__ = loops.__qualname__ + suffix
-        twin.__doc__ = loops.__doc__
-        return twin
+        renamed = types.FunctionType(loops.__code__, loops.__globals__, loops.__name__ + suffix,
+                                     loops.__defaults__, loops.__closure__)
+        renamed.__qualname__ = loops.__qualname__ + suffix
+        renamed.__doc__ = loops.__doc__
+        return renamed
 
     serial = numba.njit(cache=True, **options)(named("_serial"))
     parallel = numba.njit(parallel=True, cache=True, **options)(named("_parallel"))
@@ -150,8 +150,9 @@ def set_threads(n: int | None = None) -> int:
     from threadpoolctl import threadpool_limits
 
     n = physical_cores() if n is None else n
-    if not isinstance(n, int) or n < 1:
+    if not is_whole_number(n) or n < 1:
         raise MinqwenError(f"threads must be a positive whole number, got {n!r}")
+    n = int(n)
     if n > numba.config.NUMBA_NUM_THREADS:
         raise MinqwenError(
             f"Numba was started with {numba.config.NUMBA_NUM_THREADS} threads and cannot use {n}; "

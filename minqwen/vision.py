@@ -608,13 +608,9 @@ def multimodal_inputs(model, tower: VisionTower, token_ids, images, cache=None) 
     if c.out_hidden_size != model.config.hidden_size:
         raise MinqwenError(f"the vision tower outputs {c.out_hidden_size} features per token but the text model's "
                            f"hidden_size is {model.config.hidden_size}: are they from the same checkpoint?")
-    ids = np.asarray(token_ids)
-    if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
-        raise MinqwenError(f"token_ids must be a non-empty 1-D sequence of ints, got shape {list(ids.shape)}")
-    bad = ids[(ids < 0) | (ids >= model.config.vocab_size)]
-    if bad.size:
-        raise MinqwenError(f"token id {int(bad[0])} is outside the vocabulary (0 … {model.config.vocab_size - 1})")
+    ids = model.checked_token_ids(token_ids)
     images = image_list(images)
+    # expand_image_tokens checks this too; here it fails before the images are encoded
     n_pads = int((ids == c.image_token_id).sum())
     if n_pads != len(images):
         raise MinqwenError(
@@ -626,7 +622,7 @@ def multimodal_inputs(model, tower: VisionTower, token_ids, images, cache=None) 
     else:
         features, grid_thw = np.zeros((0, c.out_hidden_size), np.float32), np.zeros((0, 3), np.int64)
     ids = expand_image_tokens(ids, grid_thw, c.image_token_id, c.spatial_merge_size)
-    embeds = np.asarray(model.embed_tokens[ids]).astype(model.dtype)  # [T, H] (bf16 rows widen exactly)
+    embeds = model.embed(ids)  # [T, H]
     embeds = place_image_features(embeds, ids, features.astype(model.dtype), c.image_token_id)
     past, start = (cache.position, cache.position + cache.rope_delta) if cache is not None else (0, 0)
     position_ids, next_position = rope_index(ids, grid_thw, c, start)

@@ -85,8 +85,11 @@ def test_too_many_threads_is_a_clear_error():
 
     with pytest.raises(MinqwenError, match="NUMBA_NUM_THREADS"):
         minqwen.set_threads(numba.config.NUMBA_NUM_THREADS + 1)
-    with pytest.raises(MinqwenError, match="positive"):
-        minqwen.set_threads(0)
+    for bad in (0, True, 1.0, "2"):  # True would have been one thread
+        with pytest.raises(MinqwenError, match="positive whole number"):
+            minqwen.set_threads(bad)
+    assert minqwen.set_threads(np.int64(1)) == 1  # a NumPy integer is a whole number too
+    minqwen.set_threads(min(2, numba.config.NUMBA_NUM_THREADS))
 
 
 def test_serial_and_parallel_builds_of_a_kernel_keep_separate_numba_caches():
