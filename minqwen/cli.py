@@ -19,7 +19,6 @@ from . import __version__, golden
 from .errors import MinqwenError
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"  # what Qwen's template writes per image
 
 
 # --------------------------------------------------------------------------- shared options
@@ -184,16 +183,18 @@ def run_generate(args) -> int:
     from .checkpoint import find_checkpoint
 
     decode, stats_class = speculative_decode(args, model, find_checkpoint(args.model))
-    if args.image and args.tokens is not None:
-        raise MinqwenError("--image goes with a text prompt, not with --tokens")
-    # The images go before the text, unless the prompt places them itself (one <|image_pad|> each).
-    places_them = args.image and IMAGE_PLACEHOLDER in (prompt_text or "")
-    placeholders = "" if places_them else IMAGE_PLACEHOLDER * len(args.image)
+    placeholders, tower = "", None
+    if args.image:
+        from . import vision
+
+        if args.tokens is not None:
+            raise MinqwenError("--image goes with a text prompt, not with --tokens")
+        tower = vision.load_vision(find_checkpoint(args.model))
+        # The images go before the text, unless the prompt places them itself (one <|image_pad|> each).
+        placeholder = vision.image_placeholder(tower, tokenizer)
+        placeholders = "" if placeholder in prompt_text else placeholder * len(args.image)
     if args.tokens is not None:
-        try:
-            ids = [int(t) for t in args.tokens.replace(",", " ").split()]
-        except ValueError:
-            raise MinqwenError(f"--tokens must be integers separated by commas or spaces, got {args.tokens!r}") from None
+        ids = golden.parse_token_ids(args.tokens)
     elif args.chat:
         ids = tokenizer.encode(tokenizer.render_chat([{"role": "user", "content": placeholders + prompt_text}],
                                                      enable_thinking=not args.no_think))
@@ -201,11 +202,7 @@ def run_generate(args) -> int:
         ids = tokenizer.encode(placeholders + prompt_text)
     params = sampling_params(args, tokenizer)
     cache, history = None, ()
-    if args.image:
-        from . import vision
-        from .checkpoint import find_checkpoint
-
-        tower = vision.load_vision(find_checkpoint(args.model))
+    if tower is not None:
         cache = model.new_cache()
         vision.prefill(model, tower, ids[:-1], args.image, cache)  # the images go in with the prompt…
         ids, history = ids[-1:], ids[:-1]  # …and its last token starts generation

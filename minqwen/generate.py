@@ -273,10 +273,6 @@ class ChatSession:
         """How many images ``ids`` (as rendered: one ``<|image_pad|>`` each) hold."""
         return 0 if self.tower is None else sum(1 for i in ids if i == self.tower.config.image_token_id)
 
-    def _image_placeholder(self) -> str:
-        c = self.tower.config
-        return self.tokenizer.decode([c.vision_start_token_id, c.image_token_id, c.vision_end_token_id])
-
     def reply(self, user_text: str, params: SamplingParams = SamplingParams(), max_new_tokens: int = 256,
               seed: int | None = None, stats: GenerationStats | None = None, decode=None,
               images=()) -> Iterator[str]:
@@ -296,7 +292,7 @@ class ChatSession:
         images = [read_image(image) for image in images]  # read now: a bad file fails before anything changes
         for rgb in images:  # and an image preprocessing would refuse, too
             target_size(rgb.shape[0], rgb.shape[1], self.tower.preprocessor)
-        content = self._image_placeholder() * len(images) + user_text if images else user_text
+        content = vision.image_placeholder(self.tower, self.tokenizer) * len(images) + user_text if images else user_text
         messages = self.messages + [{"role": "user", "content": content}]
         body_text = self.tokenizer.render_chat(messages, add_generation_prompt=False)
         full_text = self.tokenizer.render_chat(messages, add_generation_prompt=True,

@@ -510,6 +510,14 @@ def load_vision(path: str | Path) -> VisionTower:
 # ==================================================================== images in the text sequence
 
 
+def image_placeholder(tower: VisionTower, tokenizer) -> str:
+    """What a chat template writes for one image, ``<|vision_start|><|image_pad|><|vision_end|>``,
+    spelt by this checkpoint's token ids."""
+    c = tower.config
+    return tokenizer.decode([c.vision_start_token_id, c.image_token_id, c.vision_end_token_id],
+                            skip_special_tokens=False)
+
+
 def expand_image_tokens(token_ids, grid_thw, image_token_id: int, merge: int) -> np.ndarray:
     """Give each image as many ``<|image_pad|>`` tokens as it has merged patches.
 

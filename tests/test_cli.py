@@ -99,7 +99,7 @@ def test_empty_prompt_is_a_clean_error():
 
 def test_invalid_token_ids_are_a_clean_error():
     assert_clean_error(run("generate", "--tokens", "1,2,999999999"), "outside the vocabulary")
-    assert_clean_error(run("generate", "--tokens", "1,x"), "--tokens must be integers")
+    assert_clean_error(run("generate", "--tokens", "1,x"), "not a list of token ids")
 
 
 def test_a_prompt_longer_than_the_context_is_a_clean_error():
