@@ -321,13 +321,20 @@ def load_config(path: str | Path) -> TextConfig:
         path = path / "config.json"
     if not path.is_file():
         raise MinqwenError(f"{path}: no config.json here (a Qwen3.5 checkpoint folder needs one)")
+    return config_from_dict(read_json_object(path), source=str(path))
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON file whose top level is an object (config.json and its siblings), or an error naming it."""
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:  # a folder, unreadable
+        raise MinqwenError(f"{path}: cannot be read ({e.strerror or e})") from None
     except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, a huge int literal, deep nesting
         raise MinqwenError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(raw, dict):
         raise MinqwenError(f"{path}: expected a JSON object at the top level")
-    return config_from_dict(raw, source=str(path))
+    return raw
 
 
 def config_from_dict(raw: dict, source: str = "<dict>") -> TextConfig:

@@ -21,7 +21,6 @@ The result is ``pixel_values [patches, C·T·P·P]`` and ``grid_thw = (t, h, w)`
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import read_json_object
 from .errors import MinqwenError
 
 # The reference processor class's own defaults (Qwen2-VL's), used for fields a
@@ -106,13 +106,7 @@ def load_preprocessor_config(path: str | Path) -> PreprocessorConfig:
             f"{path}: no preprocessor_config.json here; the checkpoint's image preprocessing settings "
             "(pixel budget, mean, std) come from it — copy it from the model's release"
         )
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, RecursionError) as e:
-        raise MinqwenError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise MinqwenError(f"{path}: expected a JSON object at the top level")
-    return preprocessor_config_from_dict(raw, source=str(path))
+    return preprocessor_config_from_dict(read_json_object(path), source=str(path))
 
 
 def preprocessor_config_from_dict(raw: dict, source: str = "<dict>") -> PreprocessorConfig:

@@ -39,7 +39,6 @@ The output is the model's, not the head's: a bad head only makes decoding slower
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -49,6 +48,7 @@ import numpy as np
 
 from .attention import KVCache
 from .checkpoint import Checkpoint
+from .config import read_json_object
 from .deltanet import DeltaNetState
 from .errors import MinqwenError, is_whole_number
 from .generate import GenerationStats, checked_generation_args
@@ -144,13 +144,7 @@ def load_mtp(folder: str | Path, model: Model) -> MtpHead | None:
 
 
 def _raw_text_config(folder: Path) -> dict:
-    path = folder / "config.json"
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as e:  # missing, unreadable, bad UTF-8 or JSON
-        raise MinqwenError(f"{path}: cannot read it as JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise MinqwenError(f"{path}: expected a JSON object at the top level")
+    raw = read_json_object(folder / "config.json")
     return raw.get("text_config", raw) if isinstance(raw.get("text_config"), dict) else raw
 
 

@@ -16,6 +16,7 @@ import json
 import numbers
 from pathlib import Path
 
+from .config import read_json_object
 from .errors import MinqwenError
 
 # Used when a checkpoint has no template: Qwen's ChatML with its thinking switch.
@@ -32,15 +33,8 @@ CHATML_TEMPLATE = (
 
 
 def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MinqwenError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise MinqwenError(f"{path}: expected a JSON object")
-    return data
+    """The file's JSON object, or {} when the checkpoint does not ship it (each of these is optional)."""
+    return read_json_object(path) if path.is_file() else {}
 
 
 class Tokenizer:

@@ -29,7 +29,6 @@ Everything is checked against transformers 5.23.0 (``Qwen3_5VisionModel``,
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -39,7 +38,7 @@ import numpy as np
 
 from .activations import ACTIVATIONS, gelu
 from .checkpoint import Checkpoint
-from .config import GENERIC_FIELDS, load_config
+from .config import GENERIC_FIELDS, load_config, read_json_object
 from .errors import MinqwenError
 from .image import PreprocessorConfig, image_list, load_preprocessor_config, preprocess_images, target_size
 from .linear import linear
@@ -453,7 +452,7 @@ def load_vision(path: str | Path) -> VisionTower:
         warnings.simplefilter("ignore")  # the text model's own load reports its config's unknown fields
         text = load_config(folder)
     source = str(folder / "config.json")
-    raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))  # valid: load_config read it
+    raw = read_json_object(folder / "config.json")
     config = vision_config_from_dict(raw, text.hidden_size, text.vocab_size, source)
     preprocessor = load_preprocessor_config(folder)
     for name, ours in (("patch_size", "patch_size"), ("temporal_patch_size", "temporal_patch_size"),

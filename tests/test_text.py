@@ -214,3 +214,15 @@ def test_the_python_generate_api_takes_a_prompt_or_chat_messages_and_streams_the
     assert chat == "".join(stream_text(MODEL, TOKENIZER, rendered, greedy, max_new_tokens=8))
     with pytest.raises(MinqwenError, match="unknown sampling option"):
         minqwen.generate(MODEL, TOKENIZER, "x", temprature=0)
+
+
+@pytest.mark.parametrize("text, named", [("[" * 100_000 + "]" * 100_000, "not valid JSON"),
+                                         ("{", "not valid JSON"), ("[1, 2]", "expected a JSON object")], ids=str)
+def test_a_broken_tokenizer_config_is_an_error_naming_the_file(tmp_path, text, named):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(EMBEDDED, folder)
+    (folder / "tokenizer_config.json").write_text(text)  # deep nesting was a bare RecursionError
+    with pytest.raises(MinqwenError, match=f"tokenizer_config.json: {named}"):
+        Tokenizer(folder)
