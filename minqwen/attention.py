@@ -82,7 +82,7 @@ class KVCache:
                 new = np.zeros((old.shape[0], capacity, old.shape[2]), old.dtype)
                 new[:, : self.length] = old[:, : self.length]
                 setattr(self, name, new)
-        self.keys[:, self.length : needed] = k.transpose(1, 0, 2)
+        self.keys[:, self.length : needed] = k.transpose(1, 0, 2)  # [T, Hkv, D] → [Hkv, T, D]
         self.values[:, self.length : needed] = v.transpose(1, 0, 2)
         self.length = needed
         return self.keys[:, :needed], self.values[:, :needed]
@@ -280,7 +280,8 @@ def gated_attention(
     few = t_len * (num_heads // num_kv_heads) <= FEW_QUERY_ROWS and keys.shape[1] >= KERNEL_FROM_KEYS
     attend = attention_few_queries if few and q.dtype == keys.dtype == np.float32 else causal_attention
     out = attend(q, keys, values, scale=head_dim**-0.5)  # [T, Hq, D]
-    out = out.reshape(t_len, num_heads * head_dim) * sigmoid(gate.reshape(t_len, num_heads * head_dim))
+    # each head's output scaled, element by element, by its own sigmoid gate
+    out = out.reshape(t_len, num_heads * head_dim) * sigmoid(gate.reshape(t_len, num_heads * head_dim))  # [T, Hq·D]
     if tap is not None:
         tap("self_attn.gated_output", out)
     return linear(out, w.o_proj, w.o_proj_bias)  # [T, H]

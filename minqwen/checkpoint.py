@@ -201,10 +201,10 @@ class SafetensorsFile:
                 if got != part.nbytes:
                     raise MinqwenError(f"{self.path}: tensor '{name}': file ended after "
                                        f"{start * stored.itemsize + got} of {end - begin} bytes")
-                if widen_bf16:
+                if widen_bf16:  # linear.widen_bf16_numpy's shift, written straight into the target
                     np.left_shift(part.view(np.uint16), 16, out=target.view(np.uint32), dtype=np.uint32)
                 elif not as_stored:
-                    target[...] = part  # the conversion, block by block
+                    target[...] = part
 
     def array(self, name) -> np.ndarray:
         """The tensor as stored, a read-only view into the memory map (no copy)."""

@@ -365,16 +365,17 @@ def chunked_gated_delta_rule(q, k, v, g, beta, state, chunk_size: int = CHUNK_SI
     w = inv @ (k_beta * np.exp(g_cum)[..., None])  # how much of S each write cancels [Hv, N, C, Dk]
 
     attn = (q @ k.swapaxes(-1, -2)) * decay  # within-chunk q·k with decay, diagonal included [Hv, N, C, C]
-    q_from_start = q * np.exp(g_cum)[..., None]  # q reads S as decayed since the chunk start
-    k_to_end = k * np.exp(g_cum[..., -1:] - g_cum)[..., None]  # writes decayed to the chunk end
+    q_from_start = q * np.exp(g_cum)[..., None]  # q reads S as decayed since the chunk start [Hv, N, C, Dk]
+    k_to_end = k * np.exp(g_cum[..., -1:] - g_cum)[..., None]  # writes decayed to the chunk end [Hv, N, C, Dk]
     chunk_decay = np.exp(g_cum[..., -1])  # [Hv, N]
 
     S = np.array(state, dtype=q.dtype, copy=True)  # [Hv, Dk, Dv]
     out = np.empty((num_heads, n_chunks, C, dv), q.dtype)
     for n in range(n_chunks):
         v_new = u[:, n] - w[:, n] @ S  # the correction each token writes, given S   [Hv, C, Dv]
-        out[:, n] = q_from_start[:, n] @ S + attn[:, n] @ v_new  # old memory + this chunk's writes
-        S = S * chunk_decay[:, n, None, None] + k_to_end[:, n].swapaxes(-1, -2) @ v_new
+        # old memory + this chunk's writes: [Hv, C, Dk]·[Hv, Dk, Dv] + [Hv, C, C]·[Hv, C, Dv] → [Hv, C, Dv]
+        out[:, n] = q_from_start[:, n] @ S + attn[:, n] @ v_new
+        S = S * chunk_decay[:, n, None, None] + k_to_end[:, n].swapaxes(-1, -2) @ v_new  # [Hv, Dk, C]·[Hv, C, Dv]
     out = out.reshape(num_heads, n_chunks * C, dv)[:, :t_len]  # [Hv, T, Dv]
     return np.moveaxis(out, 0, 1), S  # [T, Hv, Dv], [Hv, Dk, Dv]
 

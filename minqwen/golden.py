@@ -707,18 +707,13 @@ def parse_token_ids(text: str) -> list[int]:
 
 
 def encode_prompt(model_dir: Path, text: str) -> list[int]:
-    """Tokenize ``text`` with the checkpoint's tokenizer.json (no special tokens are added)."""
-    path = model_dir / "tokenizer.json"
-    if not path.is_file():
+    """Tokenize ``text`` with the checkpoint's tokenizer (no special tokens are added)."""
+    if not (model_dir / "tokenizer.json").is_file():
         raise MinqwenError(f"{model_dir}: no tokenizer.json, so --prompt cannot be tokenized; "
                            f"give the ids with --tokens instead (e.g. --tokens 1,2,3)")
-    from tokenizers import Tokenizer
+    from .tokenizer import Tokenizer
 
-    try:
-        tokenizer = Tokenizer.from_file(str(path))
-    except Exception as e:  # the tokenizers library raises a plain Exception for a bad file
-        raise MinqwenError(f"{path}: not a tokenizer.json the tokenizers library can read ({e})") from None
-    ids = tokenizer.encode(text, add_special_tokens=False).ids
+    ids = Tokenizer(model_dir).encode(text)
     if not ids:
         raise MinqwenError("--prompt: the text tokenizes to no tokens; give a non-empty prompt")
     return ids

@@ -86,10 +86,16 @@ def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) ->
     return y
 
 
+def widen_bf16_numpy(weight: np.ndarray) -> np.ndarray:
+    """The twin of :func:`widen_bf16`: a bf16 is the top half of a float32, so shifting its 16
+    bits up and reading the 32 as a float32 widens it exactly."""
+    bits = weight.view(np.uint16).astype(np.uint32) << 16  # [..., in]: bf16 bits in the top half
+    return bits.view(np.float32)
+
+
 def linear_bf16_numpy(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
     """The twin: widen every bf16 weight to float32 exactly, then an ordinary product."""
-    bits = weight.view(np.uint16).astype(np.uint32) << 16  # [out, in]: bf16 bits in the top half
-    return x.astype(np.float32) @ bits.view(np.float32).T
+    return x.astype(np.float32) @ widen_bf16_numpy(weight).T  # [T, in] · [out, in]ᵀ → [T, out]
 
 
 @intrinsic
@@ -302,11 +308,11 @@ def linear_bf16(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
         return linear_few_rows(x, weight)
     x = np.ascontiguousarray(x, dtype=np.float32)
     bits = weight.view(np.uint16)
-    out = np.empty((x.shape[0], weight.shape[0]), np.float32)
-    scratch = np.empty((min(WIDEN_BLOCK, weight.shape[0]), weight.shape[1]), np.float32)
+    out = np.empty((x.shape[0], weight.shape[0]), np.float32)  # [T, out]
+    scratch = np.empty((min(WIDEN_BLOCK, weight.shape[0]), weight.shape[1]), np.float32)  # [block, in]
     for start in range(0, weight.shape[0], WIDEN_BLOCK):
         stop = min(start + WIDEN_BLOCK, weight.shape[0])
         block = scratch[: stop - start]
         _widen_kernel_serial(bits[start:stop], block)
-        out[:, start:stop] = x @ block.T
+        out[:, start:stop] = x @ block.T  # [T, in] · [block, in]ᵀ → [T, block]
     return out

@@ -353,11 +353,12 @@ def draft_logits(model: Model, hidden: np.ndarray, draft_vocab: int | None, cont
     if draft_vocab is None or draft_vocab >= vocab:
         return model.logits(hidden[None])[0]
     logits = np.full(vocab, -np.inf, np.float32)
-    logits[:draft_vocab] = linear(hidden[None], model.lm_head[:draft_vocab])[0]  # a view: no copy
+    # [1, H] · [draft_vocab, H]ᵀ → [1, draft_vocab]; the slice of lm_head is a view, not a copy
+    logits[:draft_vocab] = linear(hidden[None], model.lm_head[:draft_vocab])[0]
     extra = np.asarray(context, dtype=np.int64)
-    extra = extra[extra >= draft_vocab]
+    extra = extra[extra >= draft_vocab]  # [n]: context ids beyond the draft vocabulary
     if extra.size:
-        logits[extra] = linear(hidden[None], model.lm_head[extra])[0]
+        logits[extra] = linear(hidden[None], model.lm_head[extra])[0]  # [1, H] · [n, H]ᵀ → [1, n]
     return logits
 
 

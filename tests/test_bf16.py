@@ -11,7 +11,7 @@ from safetensors.numpy import load_file
 
 import minqwen
 from conftest import FIXTURE_NAMES, FIXTURES, greedy_continuation
-from minqwen.linear import BLAS_ROWS, linear, linear_bf16, linear_bf16_numpy, widen_bf16
+from minqwen.linear import BLAS_ROWS, linear, linear_bf16, linear_bf16_numpy, widen_bf16, widen_bf16_numpy
 
 BF16_FIXTURES = [n for n in FIXTURE_NAMES
                  if json.loads((FIXTURES / n / "config.json").read_text()).get("dtype") == "bfloat16"]
@@ -30,7 +30,8 @@ def test_widening_bf16_is_exact():
     rng = np.random.default_rng(0)
     w = random_bf16(rng, (37, 19))
     w[0, :4] = np.array([0.0, -0.0, np.inf, -np.inf], dtype=ml_dtypes.bfloat16)
-    expected = w.astype(np.float32)
+    expected = w.astype(np.float32)  # ml_dtypes' widening
+    np.testing.assert_array_equal(widen_bf16_numpy(w).view(np.uint32), expected.view(np.uint32))
     np.testing.assert_array_equal(widen_bf16(w).view(np.uint32), expected.view(np.uint32))
 
 
