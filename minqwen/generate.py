@@ -112,16 +112,25 @@ def generate_ids(
         stats.generated_tokens = len(generated)
         stats.decode_seconds = time.perf_counter() - decode_start
         yield token
-        if token in stop_ids:
-            stats.stop_reason = "eos"
-            return
-        if len(generated) >= max_new_tokens:
-            stats.stop_reason = "length"
-            return
-        if cache.position >= model.config.max_position_embeddings:
-            stats.stop_reason = "context"
+        stats.stop_reason = stop_reason(token, stop_ids, len(generated), max_new_tokens, cache.position,
+                                        model.config.max_position_embeddings)
+        if stats.stop_reason:
             return
         logits = model.forward([token], cache, last_only=True)[-1]
+
+
+def stop_reason(token: int, stop_ids, n_generated: int, max_new_tokens: int, position: int, max_context: int) -> str:
+    """Why generation ends once ``token`` is yielded — "eos", "length" or "context" — or "" to go on.
+
+    ``position``: where the token would be fed back, so "context" means there is no room for it.
+    """
+    if token in stop_ids:
+        return "eos"
+    if n_generated >= max_new_tokens:
+        return "length"
+    if position >= max_context:
+        return "context"
+    return ""
 
 
 def stream_text(

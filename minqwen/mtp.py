@@ -51,7 +51,7 @@ from .checkpoint import Checkpoint
 from .config import read_json_object
 from .deltanet import DeltaNetState
 from .errors import MinqwenError, is_whole_number
-from .generate import GenerationStats, checked_generation_args
+from .generate import GenerationStats, checked_generation_args, stop_reason
 from .linear import BF16, SMALL_MODEL_BYTES, linear
 from .model import Cache, DecoderLayer, Model, _load_attention, _load_mlp, _prefixed, _TensorReader, converted
 from .norms import rms_norm
@@ -535,12 +535,7 @@ def speculative_generate(
                 stats.generated_tokens = len(generated)
                 stats.decode_seconds = time.perf_counter() - decode_start
                 yield token
-                if token in stop_ids:
-                    stop = "eos"
-                elif len(generated) >= max_new_tokens:
-                    stop = "length"
-                elif first_at + yielded - 1 >= max_context:  # no room to feed this token back
-                    stop = "context"
+                stop = stop_reason(token, stop_ids, len(generated), max_new_tokens, first_at + yielded - 1, max_context)
                 if stop:
                     break
         finally:
