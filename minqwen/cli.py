@@ -13,7 +13,9 @@ traceback: MinqwenError is caught here and printed.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
+from pathlib import Path
 
 from . import __version__, golden
 from .errors import MinqwenError
@@ -194,7 +196,7 @@ def run_generate(args) -> int:
         placeholder = vision.image_placeholder(tower, tokenizer)
         placeholders = "" if placeholder in prompt_text else placeholder * len(args.image)
     if args.tokens is not None:
-        ids = golden.parse_token_ids(args.tokens)
+        ids = parse_token_ids(args.tokens)
     elif args.chat:
         ids = tokenizer.encode(tokenizer.render_chat([{"role": "user", "content": placeholders + prompt_text}],
                                                      enable_thinking=not args.no_think))
@@ -228,8 +230,6 @@ def run_generate(args) -> int:
 
 def attach_image(session, path: str, spec):
     """Read an image for the chat's next message, loading the vision tower the first time; say so on stderr."""
-    from pathlib import Path
-
     from . import vision
     from .checkpoint import find_checkpoint
     from .image import read_image
@@ -320,8 +320,6 @@ def run_inspect(args) -> int:
 
 
 def run_score(args) -> int:
-    from pathlib import Path
-
     from .scoring import score_text
 
     path = Path(args.file)
@@ -357,6 +355,99 @@ def progress_bar_tokens():
             state["bar"].close()
 
     return update
+
+
+# --------------------------------------------------------------------------- golden
+
+
+def add_golden_parser(subparsers) -> None:
+    """``minqwen golden record | compare | taps``."""
+    parser = subparsers.add_parser(
+        "golden", help="record intermediates (taps) of a run, or compare two recordings",
+        description="Golden outputs: record every named intermediate of a run, and find where two runs part ways.",
+    )
+    sub = parser.add_subparsers(dest="golden_command", metavar="ACTION")
+    sub.required = True
+
+    rec = sub.add_parser("record", help="run a prompt (and greedy decode steps) and save every tap")
+    rec.add_argument("--model", required=True, metavar="DIR", help="checkpoint folder (config.json + safetensors)")
+    prompt = rec.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", metavar="TEXT", help="text, tokenized with DIR/tokenizer.json")
+    prompt.add_argument("--tokens", metavar="IDS", help="token ids, comma- or space-separated, e.g. 1,2,3")
+    rec.add_argument("--decode", type=int, default=0, metavar="N", help="greedy decode steps to record (default 0)")
+    rec.add_argument("--taps", default="*", metavar="PATTERN",
+                     help="comma-separated globs of tap names (default '*': all); see `minqwen golden taps`")
+    rec.add_argument("--mtp", action="store_true",
+                     help="also record the MTP head's taps (mtp.*) over the prompt; needs a checkpoint with mtp.*")
+    rec.add_argument("--out", required=True, metavar="FILE", help="the .safetensors file to write")
+    rec.set_defaults(run=run_golden_record)
+
+    cmp_ = sub.add_parser("compare", help="compare two recordings tap by tap (B is the reference)",
+                          description="Exit code 0 when every common tap is within tolerance, 1 otherwise.")
+    cmp_.add_argument("a", metavar="A", help="a recording (e.g. your port's)")
+    cmp_.add_argument("b", metavar="B", help="the reference recording: rtol scales with |B|")
+    cmp_.add_argument("--atol", type=float, default=golden.DEFAULT_ATOL, help=f"absolute tolerance (default {golden.DEFAULT_ATOL:g})")
+    cmp_.add_argument("--rtol", type=float, default=golden.DEFAULT_RTOL, help=f"relative tolerance (default {golden.DEFAULT_RTOL:g})")
+    cmp_.set_defaults(run=run_golden_compare)
+
+    taps = sub.add_parser("taps", help="print the table of tap names, shapes and meanings")
+    taps.set_defaults(run=run_golden_taps)
+
+
+def run_golden_record(args) -> int:
+    from .model import load  # here, not at the top: `minqwen golden compare` needs no model
+
+    if args.decode < 0:
+        raise MinqwenError(f"--decode must be ≥ 0, got {args.decode}")
+    model_dir = Path(args.model)
+    ids = parse_token_ids(args.tokens) if args.tokens is not None else encode_prompt(model_dir, args.prompt)
+    model = load(model_dir)
+    head = None
+    if args.mtp:
+        from .mtp import load_mtp
+
+        head = load_mtp(model_dir, model)
+        if head is None:
+            raise MinqwenError(f"--mtp: {model_dir} has no MTP head (no mtp.* tensors) to record")
+    recording = golden.record(model, ids, decode_steps=args.decode, taps=args.taps, mtp_head=head)
+    golden.save(recording, args.out, golden.model_metadata(model))
+    n_taps = len([name for name in recording if name not in golden.ID_VECTORS])
+    size = sum(a.nbytes for a in recording.values())
+    print(f"recorded {n_taps} taps ({size / 1e6:.1f} MB) for {len(ids)} prompt tokens and {args.decode} decode "
+          f"steps → {args.out}")
+    return 0
+
+
+def run_golden_compare(args) -> int:
+    report = golden.compare(args.a, args.b, atol=args.atol, rtol=args.rtol)
+    print(report.format())
+    return 0 if report.ok else 1
+
+
+def run_golden_taps(args) -> int:
+    print(golden.format_tap_table())
+    return 0
+
+
+def parse_token_ids(text: str) -> list[int]:
+    """``"1,2, 3"`` or ``"1 2 3"`` → [1, 2, 3]."""
+    parts = [p for p in re.split(r"[,\s]+", text.strip()) if p]
+    if not parts or not all(re.fullmatch(r"\d+", p) for p in parts):
+        raise MinqwenError(f"--tokens: {text!r} is not a list of token ids (e.g. --tokens 151644,872,198)")
+    return [int(p) for p in parts]
+
+
+def encode_prompt(model_dir: Path, text: str) -> list[int]:
+    """Tokenize ``text`` with the checkpoint's tokenizer (no special tokens are added)."""
+    if not (model_dir / "tokenizer.json").is_file():
+        raise MinqwenError(f"{model_dir}: no tokenizer.json, so --prompt cannot be tokenized; "
+                           f"give the ids with --tokens instead (e.g. --tokens 1,2,3)")
+    from .tokenizer import Tokenizer
+
+    ids = Tokenizer(model_dir).encode(text)
+    if not ids:
+        raise MinqwenError("--prompt: the text tokenizes to no tokens; give a non-empty prompt")
+    return ids
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -408,7 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_option(p)
     p.set_defaults(run=run_score)
 
-    golden.add_parser(sub)
+    add_golden_parser(sub)
     return parser
 
 

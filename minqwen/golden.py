@@ -464,7 +464,7 @@ class Report:
     @property
     def compared_taps(self) -> int:
         """How many taps (not counting the id vectors) both sides recorded."""
-        return sum(row.name not in _ID_VECTORS for row in self.rows)
+        return sum(row.name not in ID_VECTORS for row in self.rows)
 
     @property
     def ok(self) -> bool:
@@ -593,7 +593,7 @@ def _unknown_name_notes(a: Recording, b: Recording) -> list[str]:
     return notes
 
 
-_ID_VECTORS = ("token_ids", "generated_ids")
+ID_VECTORS = ("token_ids", "generated_ids")
 _STEP = re.compile(r"step(\d+)\.(.*)")
 _LAYER = re.compile(r"layers\.(\d+)\.(.*)")
 
@@ -624,96 +624,3 @@ def forward_order(name: str) -> tuple:
     if step == -1 and name in mtp:  # the MTP head runs after the main model's prompt pass
         return (1, -1, float("inf"), len(finals) + mtp.index(name))
     return (3, name)
-
-
-# ==================================================================== command line
-
-
-def add_parser(subparsers) -> None:
-    """``minqwen golden record | compare | taps``."""
-    golden = subparsers.add_parser(
-        "golden", help="record intermediates (taps) of a run, or compare two recordings",
-        description="Golden outputs: record every named intermediate of a run, and find where two runs part ways.",
-    )
-    sub = golden.add_subparsers(dest="golden_command", metavar="ACTION")
-    sub.required = True
-
-    rec = sub.add_parser("record", help="run a prompt (and greedy decode steps) and save every tap")
-    rec.add_argument("--model", required=True, metavar="DIR", help="checkpoint folder (config.json + safetensors)")
-    prompt = rec.add_mutually_exclusive_group(required=True)
-    prompt.add_argument("--prompt", metavar="TEXT", help="text, tokenized with DIR/tokenizer.json")
-    prompt.add_argument("--tokens", metavar="IDS", help="token ids, comma- or space-separated, e.g. 1,2,3")
-    rec.add_argument("--decode", type=int, default=0, metavar="N", help="greedy decode steps to record (default 0)")
-    rec.add_argument("--taps", default="*", metavar="PATTERN",
-                     help="comma-separated globs of tap names (default '*': all); see `minqwen golden taps`")
-    rec.add_argument("--mtp", action="store_true",
-                     help="also record the MTP head's taps (mtp.*) over the prompt; needs a checkpoint with mtp.*")
-    rec.add_argument("--out", required=True, metavar="FILE", help="the .safetensors file to write")
-    rec.set_defaults(run=_run_record)
-
-    cmp_ = sub.add_parser("compare", help="compare two recordings tap by tap (B is the reference)",
-                          description="Exit code 0 when every common tap is within tolerance, 1 otherwise.")
-    cmp_.add_argument("a", metavar="A", help="a recording (e.g. your port's)")
-    cmp_.add_argument("b", metavar="B", help="the reference recording: rtol scales with |B|")
-    cmp_.add_argument("--atol", type=float, default=DEFAULT_ATOL, help=f"absolute tolerance (default {DEFAULT_ATOL:g})")
-    cmp_.add_argument("--rtol", type=float, default=DEFAULT_RTOL, help=f"relative tolerance (default {DEFAULT_RTOL:g})")
-    cmp_.set_defaults(run=_run_compare)
-
-    taps = sub.add_parser("taps", help="print the table of tap names, shapes and meanings")
-    taps.set_defaults(run=_run_taps)
-
-
-def _run_record(args) -> int:
-    from .model import load  # here, not at the top: `minqwen golden compare` needs no model
-
-    if args.decode < 0:
-        raise MinqwenError(f"--decode must be ≥ 0, got {args.decode}")
-    model_dir = Path(args.model)
-    ids = parse_token_ids(args.tokens) if args.tokens is not None else encode_prompt(model_dir, args.prompt)
-    model = load(model_dir)
-    head = None
-    if args.mtp:
-        from .mtp import load_mtp
-
-        head = load_mtp(model_dir, model)
-        if head is None:
-            raise MinqwenError(f"--mtp: {model_dir} has no MTP head (no mtp.* tensors) to record")
-    recording = record(model, ids, decode_steps=args.decode, taps=args.taps, mtp_head=head)
-    save(recording, args.out, model_metadata(model))
-    n_taps = len([name for name in recording if name not in _ID_VECTORS])
-    size = sum(a.nbytes for a in recording.values())
-    print(f"recorded {n_taps} taps ({size / 1e6:.1f} MB) for {len(ids)} prompt tokens and {args.decode} decode "
-          f"steps → {args.out}")
-    return 0
-
-
-def _run_compare(args) -> int:
-    report = compare(args.a, args.b, atol=args.atol, rtol=args.rtol)
-    print(report.format())
-    return 0 if report.ok else 1
-
-
-def _run_taps(args) -> int:
-    print(format_tap_table())
-    return 0
-
-
-def parse_token_ids(text: str) -> list[int]:
-    """``"1,2, 3"`` or ``"1 2 3"`` → [1, 2, 3]."""
-    parts = [p for p in re.split(r"[,\s]+", text.strip()) if p]
-    if not parts or not all(re.fullmatch(r"\d+", p) for p in parts):
-        raise MinqwenError(f"--tokens: {text!r} is not a list of token ids (e.g. --tokens 151644,872,198)")
-    return [int(p) for p in parts]
-
-
-def encode_prompt(model_dir: Path, text: str) -> list[int]:
-    """Tokenize ``text`` with the checkpoint's tokenizer (no special tokens are added)."""
-    if not (model_dir / "tokenizer.json").is_file():
-        raise MinqwenError(f"{model_dir}: no tokenizer.json, so --prompt cannot be tokenized; "
-                           f"give the ids with --tokens instead (e.g. --tokens 1,2,3)")
-    from .tokenizer import Tokenizer
-
-    ids = Tokenizer(model_dir).encode(text)
-    if not ids:
-        raise MinqwenError("--prompt: the text tokenizes to no tokens; give a non-empty prompt")
-    return ids

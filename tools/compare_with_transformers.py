@@ -50,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import minqwen  # noqa: E402
 from minqwen import golden  # noqa: E402
+from minqwen.cli import parse_token_ids  # noqa: E402
 from minqwen.checkpoint import Checkpoint  # noqa: E402
 from minqwen.config import load_config  # noqa: E402
 from minqwen.errors import MinqwenError  # noqa: E402
@@ -66,7 +67,7 @@ def prompt_ids(model_dir: Path, vocab_size: int, prompt: str | None, tokens: str
                seed: int) -> tuple[list[int], str]:
     """The prompt's ids, and where they came from."""
     if tokens is not None:
-        ids = golden.parse_token_ids(tokens)
+        ids = parse_token_ids(tokens)
         bad = [t for t in ids if t >= vocab_size]
         if bad:  # checked here: transformers would fail on it with an IndexError
             raise MinqwenError(f"--tokens: token id {bad[0]} is outside the vocabulary (0 … {vocab_size - 1})")
