@@ -76,7 +76,8 @@ class Cache:
 def converted(weights, dtype):
     """A copy of ``weights`` — an array, a weights dataclass, or a list of either — with every
     array cast to ``dtype``; what ``Model.astype`` and ``MtpHead.astype`` make. Routed experts
-    are read from the file into the copy; FP8 ones stay in it, dequantized to float32 when used."""
+    are read from the file into the copy, except FP8 ones: they stay in the file, dequantized to
+    float32 when used."""
     if isinstance(weights, np.ndarray):
         return weights.astype(dtype)
     if isinstance(weights, list):
