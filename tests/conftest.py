@@ -5,6 +5,7 @@ runs whenever torch and transformers are importable. Under CI (``CI=true``) they
 skipped reference lane there is a failure, because a green CI without it proves nothing.
 """
 
+import math
 import os
 import sys
 from pathlib import Path
@@ -41,3 +42,24 @@ def require_reference():
     import reference
 
     return reference
+
+
+def require_pillow():
+    """Pillow (the optional extra), or skip — or fail under CI, where every lane must run."""
+    try:
+        import PIL.Image
+    except ImportError as e:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"CI=true but Pillow is missing ({e}); install it with pip install pillow")
+        pytest.skip(f"needs Pillow ({e})")
+    return PIL.Image
+
+
+def chi_square_critical(df: int, z: float) -> float:
+    """The upper quantile of chi-square(df) at standard-normal quantile z (Wilson–Hilferty)."""
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+# z = 3.09: a chi-square check at this quantile fails a correct implementation with probability
+# 1e-3 for a seed drawn at random; with the tests' fixed seeds the outcome is deterministic.
+FALSE_ALARM_Z = 3.0902

@@ -52,7 +52,9 @@ def test_linear_dispatches_on_the_weight_dtype_and_adds_the_bias():
     w = random_bf16(rng, (8, 5))
     x = rng.normal(size=(2, 5)).astype(np.float32)
     b = rng.normal(size=8).astype(np.float32)
-    np.testing.assert_allclose(linear(x, w, b), linear(x, w.astype(np.float32), b), rtol=1e-5, atol=1e-5)
+    expected = x.astype(np.float64) @ w.astype(np.float64).T + b  # [2, 8], independent of linear()
+    np.testing.assert_allclose(linear(x, w, b), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(linear(x, w.astype(np.float32), b), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", BF16_FIXTURES)

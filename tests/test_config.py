@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import require_reference
 from minqwen import MinqwenError
 from minqwen.config import (
     MOE_TEXT_FIELDS,
@@ -624,7 +625,8 @@ def test_the_field_tables_say_what_minqwen_does_with_every_field():
 
 @pytest.mark.reference
 def test_every_field_of_transformers_qwen3_5_text_config_is_listed_in_text_fields():
-    transformers = pytest.importorskip("transformers")
+    require_reference()
+    import transformers
     ref = transformers.Qwen3_5TextConfig
     # The dataclass fields PreTrainedConfig itself declares are generic to every model and not
     # required here: transformers_version, architectures, output_hidden_states, return_dict,
@@ -648,7 +650,8 @@ def test_every_field_of_transformers_qwen3_5_text_config_is_listed_in_text_field
 
 @pytest.mark.reference
 def test_every_field_of_transformers_qwen3_5_config_is_listed_in_wrapper_fields():
-    transformers = pytest.importorskip("transformers")
+    require_reference()
+    import transformers
     generic = set(transformers.PreTrainedConfig.__dataclass_fields__)
     own = {name for name in transformers.Qwen3_5Config.__dataclass_fields__ if name not in generic}
     assert sorted(own - set(WRAPPER_FIELDS)) == []
@@ -656,7 +659,8 @@ def test_every_field_of_transformers_qwen3_5_config_is_listed_in_wrapper_fields(
 
 @pytest.mark.reference
 def test_every_field_of_transformers_moe_configs_is_listed_in_the_moe_tables():
-    transformers = pytest.importorskip("transformers")
+    require_reference()
+    import transformers
     generic = set(transformers.PreTrainedConfig.__dataclass_fields__)
     ref = transformers.Qwen3_5MoeTextConfig
     own = {name for name in ref.__dataclass_fields__ if name not in generic}
@@ -680,7 +684,8 @@ def test_every_field_of_transformers_moe_configs_is_listed_in_the_moe_tables():
     ids=["defaults", "top-k-all", "one-expert"],
 )
 def test_an_moe_config_read_by_transformers_and_by_minqwen_agree(overrides):
-    transformers = pytest.importorskip("transformers")
+    require_reference()
+    import transformers
     ref = transformers.Qwen3_5MoeTextConfig(**copy.deepcopy(overrides))
     ours = parse({"model_type": "qwen3_5_moe_text", **copy.deepcopy(overrides)})
     moe_sizes = ["num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size"]
@@ -702,7 +707,8 @@ def test_an_moe_config_read_by_transformers_and_by_minqwen_agree(overrides):
     ids=["defaults", "interval-3", "legacy-rope", "rope-parameters", "flags"],
 )
 def test_a_config_read_by_transformers_and_by_minqwen_agree(overrides):
-    transformers = pytest.importorskip("transformers")
+    require_reference()
+    import transformers
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ref = transformers.Qwen3_5TextConfig(**copy.deepcopy(overrides))

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import re
 import shutil
 import sys
@@ -33,7 +32,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import minqwen
-from conftest import FIXTURES, ROOT, require_reference
+from conftest import FALSE_ALARM_Z, FIXTURES, ROOT, chi_square_critical, require_reference
 from minqwen import MinqwenError
 from minqwen.attention import AttentionWeights
 from minqwen.checkpoint import EMBEDDED
@@ -515,11 +514,6 @@ def test_load_mtp_on_a_folder_with_a_missing_or_broken_config_is_an_error_naming
 # ============================================================================ sampling is exact
 
 
-def chi_square_critical(df: int, z: float) -> float:
-    """The upper quantile of chi-square(df) at standard-normal quantile z (Wilson–Hilferty)."""
-    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
-
-
 def exact_joint(model, prompt, params, n_tokens):
     """P(first n_tokens emitted) by enumeration, from plain forwards: {tuple: probability}."""
     joint = {}
@@ -537,11 +531,6 @@ def exact_joint(model, prompt, params, n_tokens):
     cache = model.new_cache()
     walk(cache, model.forward(prompt, cache, last_only=True)[-1], [], 1.0)
     return joint
-
-
-# z = 3.09: each check fails a correct implementation with probability 1e-3 (for a seed drawn
-# at random); with the seeds fixed below the outcome is deterministic, and it passes.
-FALSE_ALARM_Z = 3.0902
 
 
 @pytest.mark.parametrize("argmax_drafts, params", [

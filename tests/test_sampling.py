@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from conftest import require_reference
+from conftest import FALSE_ALARM_Z, chi_square_critical, require_reference
 from minqwen import MinqwenError
 from minqwen.sampling import SamplingParams, apply_penalties, filter_logits, sample_next
 
@@ -65,6 +65,37 @@ def test_a_seed_makes_sampling_reproducible():
     params = SamplingParams(temperature=1.0)
     draws = [[sample_next(logits, params, np.random.default_rng(7)) for _ in range(5)] for _ in range(2)]
     assert draws[0] == draws[1]
+    other = [sample_next(logits, params, np.random.default_rng(8)) for _ in range(5)]
+    assert len(set(draws[0] + other)) > 1  # and it samples: not the argmax every time
+
+
+def softmax64(x):
+    z = np.exp(np.asarray(x, np.float64) - np.max(x))
+    return z / z.sum()
+
+
+LOGITS = np.array([2.0, 1.5, 0.2, -0.4, -1.0, 0.9], np.float32)
+# (params, seen ids, the distribution sample_next must draw from, written out by hand)
+SAMPLED_CASES = [
+    (SamplingParams(temperature=0.7), [], softmax64(LOGITS / 0.7)),
+    # top-k 3 keeps ids 0, 1 and 5 (logits 2.0, 1.5, 0.9)
+    (SamplingParams(temperature=1.0, top_k=3), [], softmax64(np.where(np.isin(np.arange(6), [0, 1, 5]), LOGITS, -np.inf))),
+    # repetition penalty 2 on seen ids 0 (2.0 → 1.0) and 4 (−1.0 → −2.0)
+    (SamplingParams(temperature=1.0, repetition_penalty=2.0), [0, 4],
+     softmax64(np.array([1.0, 1.5, 0.2, -0.4, -2.0, 0.9]))),
+]
+
+
+@pytest.mark.parametrize("params, seen, expected", SAMPLED_CASES, ids=["temperature", "top_k", "repetition"])
+def test_draws_follow_the_distribution_the_options_define(params, seen, expected):
+    draws = 6000
+    rng = np.random.default_rng(11)
+    counts = np.bincount([sample_next(LOGITS, params, rng, seen) for _ in range(draws)], minlength=6)
+    assert counts[expected == 0].sum() == 0  # a filtered id is never drawn
+    kept = expected > 0
+    wanted = draws * expected[kept]
+    statistic = float(((counts[kept] - wanted) ** 2 / wanted).sum())
+    assert statistic < chi_square_critical(int(kept.sum()) - 1, FALSE_ALARM_Z), (statistic, counts)
 
 
 @settings(max_examples=100, deadline=None)
@@ -82,7 +113,8 @@ def test_filters_never_remove_the_most_likely_id_and_draws_stay_in_the_kept_set(
 @pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(min_p=2),
                                  dict(top_k=-1), dict(top_k=2.5), dict(repetition_penalty=0)])
 def test_bad_sampling_parameters_are_clear_errors(bad):
-    with pytest.raises(MinqwenError):
+    (name,) = bad
+    with pytest.raises(MinqwenError, match=name):
         SamplingParams(**bad)
 
 

@@ -35,8 +35,18 @@ def test_special_token_strings_encode_to_their_ids():
     assert ids[-1] == TOKENIZER.token_to_id("<|im_end|>")
 
 
-def test_eos_ids_come_from_the_checkpoint():
-    assert TOKENIZER.token_to_id("<|im_end|>") in TOKENIZER.eos_ids
+def test_eos_ids_come_from_the_checkpoint(tmp_path):
+    import json
+    import shutil
+
+    # generation_config.json's eos_token_id list, then tokenizer_config.json's eos_token
+    generation = json.loads((EMBEDDED / "generation_config.json").read_text())["eos_token_id"]
+    eos_token = json.loads((EMBEDDED / "tokenizer_config.json").read_text())["eos_token"]
+    assert TOKENIZER.eos_ids == tuple(dict.fromkeys([*generation, TOKENIZER.token_to_id(eos_token)]))
+    folder = tmp_path / "model"
+    shutil.copytree(EMBEDDED, folder)
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": 7}))
+    assert Tokenizer(folder).eos_ids == (7, TOKENIZER.token_to_id(eos_token))
 
 
 def test_thinking_switch_in_the_generation_prompt():
@@ -90,6 +100,11 @@ def test_a_seed_makes_sampled_generation_reproducible():
     params = SamplingParams(temperature=1.0, top_p=0.95)
     runs = [list(generate_ids(MODEL, ids, params, max_new_tokens=20, seed=3)) for _ in range(2)]
     assert runs[0] == runs[1]
+    # …and the options are used: other seeds give other tokens, and sampling is not greedy decoding
+    others = [list(generate_ids(MODEL, ids, params, max_new_tokens=20, seed=seed)) for seed in (4, 5, 6)]
+    assert any(run != runs[0] for run in others)
+    greedy = list(generate_ids(MODEL, ids, SamplingParams(temperature=0), max_new_tokens=20))
+    assert any(run != greedy for run in [runs[0], *others])
 
 
 def test_max_new_tokens_and_eos_stop_generation():

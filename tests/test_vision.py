@@ -10,7 +10,6 @@ compares in-process.
 """
 
 import json
-import os
 import shutil
 import sys
 import tracemalloc
@@ -23,7 +22,7 @@ from hypothesis import strategies as st
 from safetensors.numpy import load_file
 
 import minqwen
-from conftest import FIXTURES, ROOT, require_reference
+from conftest import FIXTURES, ROOT, require_pillow, require_reference
 from minqwen import MinqwenError, vision
 from minqwen.image import (
     BICUBIC,
@@ -39,17 +38,6 @@ from minqwen.image import (
 VISION_FIXTURES = ROOT / "tests" / "fixtures_vision"
 FIXTURE_NAMES = sorted(p.name for p in VISION_FIXTURES.iterdir() if (p / "expected.safetensors").is_file())
 ATOL = 1e-4
-
-
-def require_pillow():
-    """Pillow (the optional extra), or skip — or fail under CI, where every lane must run."""
-    try:
-        import PIL.Image
-    except ImportError as e:
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(f"CI=true but Pillow is missing ({e}); install it with pip install pillow")
-        pytest.skip(f"needs Pillow ({e})")
-    return PIL.Image
 
 
 @pytest.fixture(scope="module", params=FIXTURE_NAMES)

@@ -19,7 +19,7 @@ import pytest
 from safetensors.numpy import load_file
 
 import minqwen
-from conftest import ROOT
+from conftest import ROOT, require_pillow
 from minqwen import MinqwenError, vision
 from minqwen.checkpoint import EMBEDDED
 from minqwen.generate import ChatSession, GenerationStats
@@ -82,7 +82,7 @@ def expected():
 @pytest.fixture(scope="module")
 def pngs(tmp_path_factory, expected):
     """The fixture's test images as PNG files (lossless: Pillow reads back the same pixels)."""
-    Image = pytest.importorskip("PIL.Image")
+    Image = require_pillow()
     folder = tmp_path_factory.mktemp("images")
     paths = []
     i = 0
@@ -191,7 +191,7 @@ def test_image_tokens_written_into_the_text_or_a_bad_file_are_refused_and_change
         "".join(session.reply("<|image_pad|>" * 3 + "Describe this.", images=[expected["image.0"]]))
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    pytest.importorskip("PIL.Image")
+    require_pillow()
     with pytest.raises(MinqwenError, match="bad.png: cannot read this image file"):
         "".join(session.reply("Describe this.", images=[bad]))
     assert session.messages == [] and session.images == [] and session.log == []
@@ -204,8 +204,9 @@ def test_an_image_preprocessing_would_refuse_is_refused_before_the_chat_changes(
         "".join(session.reply("Describe this.", images=[np.zeros((1, 500, 3), np.uint8)]))
     assert session.messages == [] and session.images == [] and session.log == []
     # and the session still works: the next turn with a good image goes through
-    assert "".join(session.reply("Describe this.", images=[expected["image.0"]], max_new_tokens=2)) is not None
-    assert len(session.images) == 1
+    "".join(session.reply("Describe this.", images=[expected["image.0"]], max_new_tokens=2))
+    assert len(session.images) == 1 and len(session.messages) == 2  # the user's turn and the answer
+    assert session._count_images(session.log) == 1  # the image went into the cache with its turn
 
 
 @pytest.mark.parametrize("images", [None, "photo.png", "array"], ids=repr)
@@ -304,7 +305,7 @@ def test_chat_attaches_images_with_a_slash_image_line_and_with_the_image_option(
 
 
 def test_a_corrupt_image_is_a_clean_error_in_generate_and_in_chat(folder, tmp_path):
-    pytest.importorskip("PIL.Image")
+    require_pillow()
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(64)))
     assert_clean_error(run("generate", "Look.", "--model", str(folder), "--image", str(bad)),
@@ -315,7 +316,7 @@ def test_a_corrupt_image_is_a_clean_error_in_generate_and_in_chat(folder, tmp_pa
 
 
 def test_an_image_of_an_extreme_aspect_ratio_is_an_error_naming_its_file(folder, tmp_path):
-    Image = pytest.importorskip("PIL.Image")
+    Image = require_pillow()
     thin = tmp_path / "thin.png"
     Image.fromarray(np.zeros((1, 500, 3), np.uint8)).save(thin)
     assert_clean_error(run("generate", "Look.", "--model", str(folder), "--image", str(thin)),

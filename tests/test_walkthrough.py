@@ -45,7 +45,11 @@ def test_every_chapter_has_its_solutions_file_and_no_other():
 def test_readme_lists_every_chapter_with_its_timing():
     readme = (WALKTHROUGH / "README.md").read_text(encoding="utf-8")
     for chapter in CHAPTERS:
-        assert chapter.name in readme, f"walkthrough/README.md does not mention {chapter.name}"
+        # | `NN_name.py` | topic | workshop minutes | run time | figures |
+        # (a topic may hold "|", as in `<|image_pad|>`: the timings are found from the row's end)
+        row = re.search(rf"^\| `{re.escape(chapter.name)}` \|.*\| (\d+) min \| ([^|]+) \|[^|\n]*\|$", readme, re.M)
+        assert row, f"walkthrough/README.md has no table row with the timings of {chapter.name}"
+        assert re.fullmatch(r"\d+ s|a few s|\d+ min", row.group(2).strip()), row.group(0)
 
 
 @pytest.mark.parametrize("chapter", CHAPTERS, ids=lambda p: p.stem)
@@ -55,8 +59,11 @@ def test_chapter_is_a_jupytext_percent_notebook(chapter):
     assert text.count("# %% [markdown]") >= 5, "a chapter teaches in prose cells"
     assert re.search(r"^# %%$", text, re.M), "and runs code cells"
     assert re.search(r"^# ## Exercises", text, re.M), "and ends with exercises"
+    # Every cell is prose or code: a "# %% [raw]" or "# %% [md]" cell would not render as taught.
+    markers = re.findall(r"^# %%.*$", text, re.M)
+    assert all(m in ("# %%", "# %% [markdown]") for m in markers), [m for m in markers if m not in ("# %%", "# %% [markdown]")]
     try:
-        import jupytext
+        import jupytext  # the walkthrough extra; CI has only the test extra, hence the check above
     except ImportError:
         return
     notebook = jupytext.reads(text, fmt="py:percent")

@@ -77,10 +77,41 @@ def test_yarn_models_match_transformers_below_and_above_the_original_context(tmp
     np.testing.assert_allclose(minqwen.load(folder).forward(ids), expected, rtol=0, atol=1e-4)
 
 
-def test_yarn_is_static_the_same_frequencies_at_every_position():
-    cfg = config_from_dict(dict(text_config({"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4,
-                                             "original_max_position_embeddings": 16}), model_type="qwen3_5_text"))
-    assert cfg.yarn.factor == 4.0 and cfg.yarn.beta_fast == 32.0 and cfg.yarn.truncate is True
+def test_yarn_is_static_the_same_frequencies_at_every_position(tmp_path, monkeypatch):
+    import json
+    import shutil
+
+    import minqwen.model
+    from conftest import FIXTURES
+    from minqwen.rope import inverse_frequencies
+
+    folder = tmp_path / "yarn"
+    shutil.copytree(FIXTURES / "text_tied_fp32", folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["rope_parameters"].update(rope_type="yarn", factor=4.0, original_max_position_embeddings=16)
+    (folder / "config.json").write_text(json.dumps(config))
+    model = minqwen.load(folder)
+    c = model.config
+    assert c.yarn.factor == 4.0 and c.yarn.beta_fast == 32.0 and c.yarn.truncate is True  # the defaults
+    yarn_inv_freq, yarn_factor = yarn_inverse_frequencies(c.rope_theta, c.rotary_dim, c.yarn)
+    assert not np.allclose(yarn_inv_freq, inverse_frequencies(c.rope_theta, c.rotary_dim))  # YaRN changes them
+
+    calls = []  # (last position, inv_freq, attention factor) of every rotary table the model builds
+    build = minqwen.model.mrope_cos_sin
+
+    def spy(position_ids, inv_freq, section, factor):
+        calls.append((int(position_ids.max()), inv_freq, factor))
+        return build(position_ids, inv_freq, section, factor)
+
+    monkeypatch.setattr(minqwen.model, "mrope_cos_sin", spy)
+    cache = model.new_cache()
+    model.forward(list(range(1, 9)), cache)  # positions 0 … 7, inside the original context
+    for token in range(1, 15):  # one at a time up to position 21, past it
+        model.forward([token], cache)
+    assert calls[0][0] < 16 <= calls[-1][0]
+    for _, inv_freq, factor in calls:  # a dynamic YaRN would switch tables at position 16
+        np.testing.assert_array_equal(inv_freq, yarn_inv_freq)
+        assert factor == yarn_factor
 
 
 @pytest.mark.parametrize("bad, message", [
