@@ -217,7 +217,7 @@ class Model:
         # BLAS steps aside while Numba's parallel kernels do the matmuls (see one_blas_thread)
         with one_blas_thread(self.numba_multiplies(t_len)):
             for i, (layer, state) in enumerate(zip(self.layers, cache.layers)):
-                layer_tap = None if tap is None else _prefixed(tap, f"layers.{i}.")
+                layer_tap = None if tap is None else prefixed(tap, f"layers.{i}.")
                 x = self.decoder_layer(x, layer, state, cos, sin, layer_tap)
 
         cache.position += t_len
@@ -311,7 +311,8 @@ class Model:
         return x
 
 
-def _prefixed(tap, prefix):
+def prefixed(tap, prefix):
+    """The tap a layer is handed: its names get the layer's prefix (``layers.3.`` + ``mlp``)."""
     return lambda name, value: tap(prefix + name, value)
 
 
@@ -338,7 +339,7 @@ def load(path: str | Path, progress=None, dtype: str = "float32") -> Model:
     config = load_config(path)
     # An FP8 checkpoint's weights are dequantized as they are read, with the config's block size.
     ckpt = Checkpoint(path, fp8_block=config.quantization.weight_block_size if config.quantization else None)
-    reader = _TensorReader(ckpt, progress, dtype)
+    reader = TensorReader(ckpt, progress, dtype)
     c = config
 
     H = c.hidden_size
@@ -346,7 +347,7 @@ def load(path: str | Path, progress=None, dtype: str = "float32") -> Model:
     layers = []
     for i, kind in enumerate(c.layer_types):
         p = f"layers.{i}."
-        mlp = _load_mlp(reader, p + "mlp.", c)
+        mlp = load_mlp(reader, p + "mlp.", c)
         layer = DecoderLayer(
             layer_type=kind,
             input_layernorm=reader.take(p + "input_layernorm.weight", (H,)),
@@ -356,7 +357,7 @@ def load(path: str | Path, progress=None, dtype: str = "float32") -> Model:
         if kind == "linear_attention":
             layer.linear_attn = _load_deltanet(reader, p + "linear_attn.", c)
         else:
-            layer.self_attn = _load_attention(reader, p + "self_attn.", c)
+            layer.self_attn = load_attention(reader, p + "self_attn.", c)
         layers.append(layer)
     norm = reader.take("norm.weight", (H,))
     if c.tie_word_embeddings:
@@ -384,7 +385,7 @@ def _load_deltanet(reader, p, c: TextConfig) -> DeltaNetWeights:
     )
 
 
-def _load_mlp(reader, p, c):
+def load_mlp(reader, p, c):
     """A layer's MLP under prefix ``p``: SwiGLU, or (qwen3_5_moe, every layer) the sparse MoE
     block, whose experts stay memory-mapped."""
     if c.is_moe:
@@ -397,7 +398,8 @@ def _load_mlp(reader, p, c):
     )
 
 
-def _load_attention(reader, p, c: TextConfig) -> AttentionWeights:
+def load_attention(reader, p, c: TextConfig) -> AttentionWeights:
+    """A full-attention layer's weights under prefix ``p`` (``…self_attn.``), every shape checked."""
     H, D, Hq, Hkv = c.hidden_size, c.head_dim, c.num_attention_heads, c.num_key_value_heads
     w = AttentionWeights(
         q_proj=reader.matrix(p + "q_proj.weight", (Hq * 2 * D, H)),
@@ -423,7 +425,7 @@ DEFERRED_PARTS = {
 }
 
 
-class _TensorReader:
+class TensorReader:
     """Reads the text model's tensors under the right prefix and remembers which were used."""
 
     def __init__(self, ckpt: Checkpoint, progress=None, matrix_dtype: str = "float32"):

@@ -53,7 +53,7 @@ from .deltanet import DeltaNetState
 from .errors import MinqwenError, is_whole_number
 from .generate import GenerationStats, checked_generation_args, stop_reason
 from .linear import BF16, SMALL_MODEL_BYTES, linear
-from .model import Cache, DecoderLayer, Model, _load_attention, _load_mlp, _prefixed, _TensorReader, converted
+from .model import Cache, DecoderLayer, Model, load_attention, load_mlp, prefixed, TensorReader, converted
 from .norms import rms_norm
 from .rope import mrope_cos_sin, text_position_ids
 from .sampling import SamplingParams, apply_penalties, sample_next, sampling_distribution
@@ -112,7 +112,7 @@ def load_mtp(folder: str | Path, model: Model) -> MtpHead | None:
     if n_layers == 0:
         raise MinqwenError(f"{folder}: the checkpoint has mtp.* tensors but no MTP layer (mtp.layers.0.*)")
 
-    reader = _TensorReader(ckpt, None, "bfloat16" if model.weights_dtype == BF16 else "float32")
+    reader = TensorReader(ckpt, None, "bfloat16" if model.weights_dtype == BF16 else "float32")
     reader.prefix = "mtp."
     H = c.hidden_size
     layers = []
@@ -121,13 +121,13 @@ def load_mtp(folder: str | Path, model: Model) -> MtpHead | None:
         if f"mtp.{p}input_layernorm.weight" not in ckpt:
             raise MinqwenError(f"{folder}: MTP layers must be numbered 0 … {n_layers - 1}; "
                                f"tensor 'mtp.{p}input_layernorm.weight' is missing")
-        mlp = _load_mlp(reader, p + "mlp.", c)  # the MTP layer of a qwen3_5_moe model is an MoE layer too
+        mlp = load_mlp(reader, p + "mlp.", c)  # the MTP layer of a qwen3_5_moe model is an MoE layer too
         layers.append(DecoderLayer(
             layer_type="full_attention",
             input_layernorm=reader.take(p + "input_layernorm.weight", (H,)),
             post_attention_layernorm=reader.take(p + "post_attention_layernorm.weight", (H,)),
             mlp=mlp,
-            self_attn=_load_attention(reader, p + "self_attn.", c),
+            self_attn=load_attention(reader, p + "self_attn.", c),
         ))
     head = MtpHead(
         fc=reader.matrix("fc.weight", (H, 2 * H)),
@@ -213,7 +213,7 @@ def mtp_layer(model: Model, head: MtpHead, i: int, hidden: np.ndarray, next_ids,
         tap("fc", x)
     cos, sin = mrope_cos_sin(text_position_ids(position, t_len), model.inv_freq, c.mrope_section,
                              model.attention_factor)  # [T, R] each
-    layer_tap = None if tap is None else _prefixed(tap, f"layers.{i}.")
+    layer_tap = None if tap is None else prefixed(tap, f"layers.{i}.")
     x = model.decoder_layer(x, head.layers[i], kv, cos, sin, layer_tap)  # [T, H]
     out = rms_norm(x, head.norm, eps)
     if tap is not None:
