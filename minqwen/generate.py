@@ -41,14 +41,11 @@ class GenerationStats:
         return (self.generated_tokens - 1) / self.decode_seconds if self.decode_seconds and self.generated_tokens > 1 else 0.0
 
 
-def checked_generation_args(prompt_ids, max_new_tokens, seed, params=None, history=(), vocab_size=None) -> list[int]:
+def checked_generation_args(prompt_ids, max_new_tokens, seed, params=None) -> list[int]:
     """The prompt as a list of ints, once the arguments every decoding loop takes are checked.
 
     Token ids must be whole numbers already: ``int(1.7)`` would quietly feed token 1.
     (Whether each prompt id is inside the vocabulary, the model checks as it embeds them.)
-    ``history`` ids are never embedded, only counted by the repetition penalty, which indexes
-    the logits with them: a negative id would quietly penalise a token from the end of the
-    vocabulary, so given ``vocab_size`` they are checked here.
     """
     try:
         ids = None if isinstance(prompt_ids, (str, bytes)) else np.asarray(prompt_ids)
@@ -66,13 +63,30 @@ def checked_generation_args(prompt_ids, max_new_tokens, seed, params=None, histo
     if params is not None and not isinstance(params, SamplingParams):
         raise MinqwenError(f"params must be a minqwen SamplingParams, got {type(params).__name__}"
                            " (SamplingParams(temperature=…, top_k=…) builds one)")
-    if vocab_size is not None:
-        if not isinstance(history, (list, tuple, np.ndarray)):
-            raise MinqwenError(f"history must be a list of token ids, got {type(history).__name__}")
-        bad = [t for t in history if not is_whole_number(t) or not 0 <= t < vocab_size]
-        if bad:
-            raise MinqwenError(f"history id {bad[0]!r} is not a token id of this model (0 … {vocab_size - 1})")
     return [int(i) for i in ids]
+
+
+def checked_history(history, vocab_size: int) -> list[int]:
+    """``history`` (the ids already in the cache) as a list of ints, each a token id of the model.
+
+    These ids are never embedded, only counted by the repetition penalty, which indexes the
+    logits with them: a negative id would quietly penalise a token from the end of the
+    vocabulary. Checked as one array, since a chat passes its whole log every turn.
+    """
+    try:
+        items = history if isinstance(history, np.ndarray) else list(history)
+    except TypeError:
+        items = None
+    if items is None or isinstance(history, (str, bytes)):
+        raise MinqwenError(f"history must be a sequence of token ids, got {type(history).__name__}")
+    ids = np.asarray(items) if len(items) else np.zeros(0, np.int64)
+    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+        bad = next((t for t in items if not is_whole_number(t)), items)
+        raise MinqwenError(f"history id {bad!r} is not a token id of this model (0 … {vocab_size - 1})")
+    outside = ids[(ids < 0) | (ids >= vocab_size)]
+    if outside.size:
+        raise MinqwenError(f"history id {int(outside[0])} is not a token id of this model (0 … {vocab_size - 1})")
+    return ids.tolist()
 
 
 def generate_ids(
@@ -92,11 +106,11 @@ def generate_ids(
     penalty). A stop id is yielded, then generation ends. The cache ends holding the prompt
     and every yielded token except the last (which has not been fed back yet).
     """
-    prompt_ids = checked_generation_args(prompt_ids, max_new_tokens, seed, params, history, model.config.vocab_size)
+    prompt_ids = checked_generation_args(prompt_ids, max_new_tokens, seed, params)
     cache = cache if cache is not None else model.new_cache()
     stats = stats if stats is not None else GenerationStats()
     rng = np.random.default_rng(seed)
-    seen = list(history) + prompt_ids
+    seen = checked_history(history, model.config.vocab_size) + prompt_ids
     generated: list[int] = []
     stop_ids = set(stop_ids)
 
@@ -156,7 +170,8 @@ def stream_text(
     ids — :func:`generate_ids` by default, or a drop-in with its arguments, such as
     ``minqwen.mtp.speculative_decoder(head)`` (speculative decoding with the MTP head).
     """
-    if not isinstance(stop_strings, (list, tuple)) or not all(isinstance(s, str) and s for s in stop_strings):
+    # (a generator would be used up by this check, and then stop nothing)
+    if not isinstance(stop_strings, (list, tuple, set, frozenset)) or not all(isinstance(s, str) and s for s in stop_strings):
         raise MinqwenError(f"stop strings must be a list of non-empty strings, got {stop_strings!r}")
     decoder = StreamDecoder(tokenizer, skip_special_tokens=skip_special_tokens)
     eos = set(tokenizer.eos_ids) | set(model.config.eos_token_id)
@@ -166,7 +181,9 @@ def stream_text(
     for token in decode(model, prompt_ids, params, max_new_tokens, eos, seed, cache, history, stats):
         if ids_out is not None:
             ids_out.append(token)
-        if token in eos:
+        if token in eos:  # (the loop is not resumed, so it cannot record this itself)
+            if stats is not None:
+                stats.stop_reason = "eos"
             break
         held += decoder.push(token)
         hits = [held.index(s) for s in stop_strings if s in held]

@@ -227,14 +227,18 @@ class Model:
         return x
 
     def _check_cache(self, cache) -> None:
-        """A cache made by another model would pair its states with the wrong layers, or
-        with fewer of them: the forward would run short without a word."""
+        """A cache made by another model would pair its states with the wrong layers, or with
+        fewer of them (the forward would run short without a word), or have other widths."""
         if not isinstance(cache, Cache):
             raise MinqwenError(f"cache must be a minqwen Cache (model.new_cache()), got {type(cache).__name__}")
-        kinds = ["linear_attention" if isinstance(state, DeltaNetState) else "full_attention" for state in cache.layers]
-        if kinds != [layer.layer_type for layer in self.layers]:
-            raise MinqwenError(f"this cache holds {len(kinds)} layer states that do not match the model's "
-                               f"{len(self.layers)} layers (config layer_types): make it with this model's new_cache()")
+        if [_state_shape(state) for state in cache.layers] != self._state_shapes:
+            raise MinqwenError(f"this cache holds {len(cache.layers)} layer states that do not match the model's "
+                               f"{len(self.layers)} layers (their kinds, config layer_types, or their sizes): "
+                               "make it with this model's new_cache()")
+
+    @functools.cached_property
+    def _state_shapes(self) -> list[tuple]:
+        return [_state_shape(state) for state in self.new_cache().layers]
 
     def score(self, token_ids) -> np.ndarray:
         """log p(ids[t] | ids[:t]) for t = 1 … T−1, in nats (see scoring.py)."""
@@ -309,6 +313,15 @@ class Model:
         if tap is not None:
             tap("output", x)
         return x
+
+
+def _state_shape(state) -> tuple:
+    """What a layer's decode state must match: its kind and sizes (not its length so far)."""
+    if isinstance(state, DeltaNetState):
+        return "linear_attention", state.conv.shape, state.recurrent.shape
+    if isinstance(state, KVCache):
+        return "full_attention", state.keys.shape[0], state.keys.shape[2]  # Hkv, D
+    return type(state).__name__,
 
 
 def prefixed(tap, prefix):

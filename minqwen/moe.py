@@ -193,9 +193,9 @@ def _readable(weight: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """One expert's stored matrix in a form linear() multiplies: as is when it can, else widened.
 
     float32 goes to linear() straight from the memory map, bf16 too (its kernel widens on the
-    fly); other dtypes (float16, or float32 under a float64 model) are converted, this one
-    slice only. An FP8 expert (:class:`~minqwen.checkpoint.FP8Tensor`) is dequantized,
-    this one expert only.
+    fly); float16 is converted, this one slice only. An FP8 expert
+    (:class:`~minqwen.checkpoint.FP8Tensor`) is dequantized, this one expert only. (A
+    ``Model.astype`` copy holds its experts in its own dtype already.)
     """
     if isinstance(weight, FP8Tensor):
         return weight.dequantize().astype(dtype, copy=False)

@@ -51,7 +51,7 @@ from .checkpoint import Checkpoint
 from .config import read_json_object
 from .deltanet import DeltaNetState
 from .errors import MinqwenError, is_whole_number
-from .generate import GenerationStats, checked_generation_args, stop_reason
+from .generate import GenerationStats, checked_generation_args, checked_history, stop_reason
 from .linear import BF16, SMALL_MODEL_BYTES, linear
 from .model import Cache, DecoderLayer, Model, load_attention, load_mlp, prefixed, TensorReader, converted
 from .norms import rms_norm
@@ -492,7 +492,7 @@ def speculative_generate(
     the same draws for a seed: the random stream is used differently).
     """
     head = require_head(head)
-    prompt_ids = checked_generation_args(prompt_ids, max_new_tokens, seed, params, history, model.config.vocab_size)
+    prompt_ids = checked_generation_args(prompt_ids, max_new_tokens, seed, params)
     if not is_whole_number(draft_tokens) or draft_tokens < 1:
         raise MinqwenError(f"draft_tokens (--speculative K) must be a whole number ≥ 1, got {draft_tokens!r}")
     if draft_vocab is not None and (not is_whole_number(draft_vocab) or draft_vocab < 1):
@@ -504,7 +504,7 @@ def speculative_generate(
         raise MinqwenError(f"mtp_cache ends at position {mtp_cache.end} but the cache is at {cache.position}")
     stats = stats if stats is not None else SpeculativeStats()
     rng = np.random.default_rng(seed)
-    seen = list(history) + prompt_ids
+    seen = checked_history(history, model.config.vocab_size) + prompt_ids
     generated: list[int] = []
     stop_ids = set(stop_ids)
     max_context = model.config.max_position_embeddings

@@ -27,7 +27,7 @@ def count(obj) -> int:
 
 def resident_bytes(model: Model) -> int:
     """Bytes of weights held in memory — each array once (a tied head is the embedding); the
-    routed experts are left out, since they stay memory-mapped in the checkpoint."""
+    routed experts are left out, since a loaded model leaves them memory-mapped in the checkpoint."""
     return weight_bytes(model.embed_tokens, model.lm_head, model.norm, *model.layers)
 
 

@@ -193,6 +193,11 @@ def test_a_cache_of_another_model_is_refused_not_run_on_fewer_layers():
     for wrong in (states[:-1], states[::-1]):  # one layer short; the attention state where a DeltaNet's goes
         with pytest.raises(MinqwenError, match="do not match the model's"):
             model.forward([1, 2], Cache(wrong))
+    # the same layer kinds at other widths (the embedded model): was a raw NumPy shape error
+    other = minqwen.load(minqwen.checkpoint.EMBEDDED)
+    assert [l.layer_type for l in other.layers] == [l.layer_type for l in model.layers]
+    with pytest.raises(MinqwenError, match="their sizes"):
+        model.forward([1, 2], other.new_cache())
 
 
 def test_an_unknown_deltanet_form_is_an_error_not_the_recurrent_form():

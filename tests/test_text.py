@@ -156,11 +156,30 @@ def test_numpy_token_ids_and_seeds_are_accepted():
 @pytest.mark.parametrize("history, named", [
     ([-1], "history id -1 is not a token id"),  # would penalise the vocabulary's last token
     ([MODEL.config.vocab_size], f"history id {MODEL.config.vocab_size} is not a token id"),
-    ([2.0], "history id 2.0 is not a token id"), (7, "history must be a list of token ids")], ids=repr)
+    ([2.0], "history id 2.0 is not a token id"), ([True], "history id True is not a token id"),
+    (7, "history must be a sequence of token ids"), ("abc", "history must be a sequence of token ids")], ids=repr)
 def test_history_ids_outside_the_vocabulary_are_errors_not_penalties_elsewhere(history, named):
     params = SamplingParams(temperature=0, repetition_penalty=1.3)
     with pytest.raises(MinqwenError, match=named):
         list(generate_ids(MODEL, [1, 2, 3], params, max_new_tokens=3, history=history))
+
+
+def test_history_may_be_any_sequence_of_ids():
+    params = SamplingParams(temperature=0, repetition_penalty=1.3)
+    expected = list(generate_ids(MODEL, [1, 2, 3], params, max_new_tokens=4, history=[5, 6, 7]))
+    for history in ((5, 6, 7), np.array([5, 6, 7]), range(5, 8), (t for t in [5, 6, 7]), [np.int32(5), 6, 7]):
+        assert list(generate_ids(MODEL, [1, 2, 3], params, max_new_tokens=4, history=history)) == expected
+
+
+def test_an_eos_that_ends_the_text_is_the_stop_reason():
+    from minqwen.generate import GenerationStats
+
+    stats = GenerationStats()
+    word, eos = TOKENIZER.encode("def")[0], MODEL.config.eos_token_id[0]
+    # a decoder that yields a word, an eos, and the word again: the text ends at the eos
+    text = "".join(stream_text(MODEL, TOKENIZER, [1, 2, 3], max_new_tokens=5, stats=stats,
+                               decode=lambda *args: iter([word, eos, word])))
+    assert text == TOKENIZER.decode([word]) and stats.stop_reason == "eos"
 
 
 def test_sampling_params_that_are_not_a_sampling_params_are_an_error():
@@ -175,7 +194,13 @@ def test_a_whole_params_and_sampling_options_together_are_refused_not_half_ignor
         list(stream(MODEL, TOKENIZER, "def f", params=SamplingParams(), temperature=0.7, max_new_tokens=3))
 
 
-@pytest.mark.parametrize("stop", [[""], [5], "end", 5, None], ids=repr)
+def test_stop_strings_may_be_a_set():
+    text = "".join(stream_text(MODEL, TOKENIZER, TOKENIZER.encode("def "), max_new_tokens=30,
+                               stop_strings={"(", ":"}))
+    assert "(" not in text and ":" not in text
+
+
+@pytest.mark.parametrize("stop", [[""], [5], "end", 5, None, (s for s in ["x"])], ids=repr)
 def test_stop_strings_must_be_non_empty_strings(stop):
     with pytest.raises(MinqwenError, match="stop strings must be a list of non-empty strings"):
         list(stream_text(MODEL, TOKENIZER, [1, 2, 3], max_new_tokens=3, stop_strings=stop))
