@@ -29,15 +29,21 @@ def greedy_continuation(model, prompt_ids, n: int) -> list[int]:
     return generated
 
 
+def skip_or_fail(reason: str) -> None:
+    """Skip a test whose optional dependency is missing — or fail it under CI, where every lane must run."""
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(f"CI=true, but {reason}")
+    pytest.skip(reason)
+
+
 def require_reference():
-    """Import the reference (torch, transformers, tools/reference.py) or skip — or fail under CI."""
+    """Import the reference (torch, transformers, tools/reference.py), or skip_or_fail."""
     try:
         import torch  # noqa: F401
         import transformers  # noqa: F401
     except ImportError as e:
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(f"CI=true but the reference lane cannot run: {e}. Install with pip install -e '.[test,reference]'")
-        pytest.skip(f"reference lane needs torch and transformers ({e})")
+        skip_or_fail(f"the reference lane needs torch and transformers ({e}); "
+                     "install them with pip install -e '.[test,reference]'")
     sys.path.insert(0, str(ROOT / "tools"))
     import reference
 
@@ -45,13 +51,11 @@ def require_reference():
 
 
 def require_pillow():
-    """Pillow (the optional extra), or skip — or fail under CI, where every lane must run."""
+    """Pillow (the optional extra), or skip_or_fail."""
     try:
         import PIL.Image
     except ImportError as e:
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(f"CI=true but Pillow is missing ({e}); install it with pip install pillow")
-        pytest.skip(f"needs Pillow ({e})")
+        skip_or_fail(f"this test needs Pillow ({e}); install it with pip install pillow")
     return PIL.Image
 
 
