@@ -523,11 +523,23 @@ def test_an_eos_token_id_that_is_not_integers_is_an_error_naming_the_field(eos):
         parse(small_text(eos_token_id=eos))
 
 
-def test_derived_sizes_follow_the_reference():
-    c = parse(small_text())
-    assert c.rotary_dim == 16 * 0.25
-    assert c.linear_key_dim == 2 * 12 and c.linear_value_dim == 2 * 8
-    assert c.linear_conv_dim == 2 * 24 + 16
+@pytest.mark.reference
+@pytest.mark.parametrize("overrides", [{}, dict(linear_num_value_heads=6, linear_value_head_dim=4, head_dim=32,
+                                                rope_parameters=dict(rope_theta=1e4, partial_rotary_factor=0.5))])
+def test_derived_sizes_follow_the_reference(overrides):
+    require_reference()
+    import transformers
+    from transformers.models.qwen3_5 import modeling_qwen3_5 as reference
+
+    raw = small_text(**overrides)
+    c = parse(raw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config = transformers.Qwen3_5TextConfig(**copy.deepcopy(raw))
+    deltanet = reference.Qwen3_5GatedDeltaNet(config, 0)  # its sizes, as the reference derives them
+    assert (c.linear_key_dim, c.linear_value_dim, c.linear_conv_dim) == (deltanet.key_dim, deltanet.value_dim,
+                                                                         deltanet.conv_dim)
+    assert c.rotary_dim == 2 * reference.Qwen3_5TextRotaryEmbedding(config).inv_freq.shape[0]
 
 
 # ----------------------------------------------------------------------------- unknown fields warn
