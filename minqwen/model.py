@@ -321,7 +321,7 @@ def _state_shape(state) -> tuple:
         return "linear_attention", state.conv.shape, state.recurrent.shape
     if isinstance(state, KVCache):
         return "full_attention", state.keys.shape[0], state.keys.shape[2]  # Hkv, D
-    return type(state).__name__,
+    return (type(state).__name__,)  # not a decode state at all: matches nothing
 
 
 def prefixed(tap, prefix):
