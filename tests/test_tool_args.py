@@ -159,6 +159,10 @@ def test_moe_figure_names_threads_beyond_what_numba_was_started_with(paths):
     (["embedded", "--new-tokens", "1"], ["--new-tokens", "≥ 2"]),
     (["embedded", "--prompts", "0"], ["--prompts", "≥ 1"]),
     (["embedded", "--model", "missing"], ["--model", "no such folder"]),
+    (["depth", "--layers", "8", "3"], ["--layers", "≥ 4"]),
+    (["depth", "--acceptance", "1.5"], ["--acceptance", "≤ 1"]),
+    (["depth", "--acceptance", "nan"], ["--acceptance", "nan"]),
+    (["depth", "--repeats", "0"], ["--repeats", "≥ 1"]),
 ])
 def test_mtp_figures_refuses_bad_arguments(paths, args, names):
     assert_refused(run_tool("mtp_figures.py", *args, cwd=paths), *names)

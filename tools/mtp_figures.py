@@ -3,6 +3,7 @@
     python tools/mtp_figures.py real        # the real Qwen3.5-0.8B shape, random weights
     python tools/mtp_figures.py embedded    # the embedded model (trained with its MTP head)
     python tools/mtp_figures.py split       # where a verify's time goes beyond a step's
+    python tools/mtp_figures.py depth       # the embedded model's widths at 4-16 layers
 
 Every cost is relative to a one-token decode step measured in the same run, on the same
 cache (after a 16-token prompt), median of ≥ 5 runs:
@@ -42,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
 import minqwen  # noqa: E402
-from argtypes import checkpoint_folder, whole_number  # noqa: E402
+from argtypes import checkpoint_folder, real_number, whole_number  # noqa: E402
 from minqwen.errors import MinqwenError  # noqa: E402
 from minqwen.generate import GenerationStats, generate_ids  # noqa: E402
 from minqwen.mtp import (  # noqa: E402
@@ -64,6 +65,17 @@ from minqwen.threads import one_blas_thread  # noqa: E402
 def machine_line() -> str:
     load = os.getloadavg()
     return f"{os.cpu_count()} cores, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
+
+
+def timed(function, clocks: dict, name: str):
+    """``function``, adding the seconds each call takes to ``clocks[name]`` (a clock read before and after)."""
+    def run(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            clocks[name] += time.perf_counter() - start
+    return run
 
 
 # ==================================================================== the real shape
@@ -182,15 +194,6 @@ def split(checkpoint: Path, dtype: str, rounds: int) -> None:
     tokens = [5, 7]
     clocks = {"products": 0.0, "recurrence": 0.0}
 
-    def timed(function, clock):
-        def run(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return function(*args, **kwargs)
-            finally:
-                clocks[clock] += time.perf_counter() - start
-        return run
-
     def step():
         model.forward(tokens[:1], cache, last_only=True)
 
@@ -201,8 +204,8 @@ def split(checkpoint: Path, dtype: str, rounds: int) -> None:
             keep_first(cache, start, 1)
 
     originals = linear_module.linear_few_rows, deltanet.recurrent_gated_delta_rule
-    linear_module.linear_few_rows = timed(originals[0], "products")
-    deltanet.recurrent_gated_delta_rule = timed(originals[1], "recurrence")
+    linear_module.linear_few_rows = timed(originals[0], clocks, "products")
+    deltanet.recurrent_gated_delta_rule = timed(originals[1], clocks, "recurrence")
     rows = {"decode step": [], "verify of 2": []}
     try:
         for repeat in range(rounds + 1):  # the first round warms every kernel and is dropped
@@ -284,6 +287,78 @@ def embedded(folder: Path, dtype: str, new_tokens: int, count: int) -> None:
         print(f"  speculative k = {k}:   {rate:7.1f} tok/s  ({rate / plain:.2f}x)  acceptance {acceptance:.3f}")
 
 
+# ==================================================================== depth: when the MTP layer is small enough
+
+
+def depth(layer_counts: list[int], acceptance: float, repeats: int) -> None:
+    """What one draft per verify would buy at the embedded model's widths, as the model gets deeper.
+
+    The embedded model's MTP layer is one layer beside four, and its LM head a quarter of its
+    weights: a cycle costs too many steps for 1.3x. For each N: a random checkpoint with the
+    embedded model's config but N decoder layers (every fourth one full attention) and a random
+    MTP head, in scratch/ (never committed). Random drafts are never accepted, so every cycle
+    emits one token, and plain ÷ speculative time per token is what a cycle costs in decode
+    steps — measured in the decode loops themselves (64 new tokens after a 16-token prompt,
+    alternated, medians), where the embedded model's small products find their weights in the
+    caches (the probes of ``real`` run each in a cold cache). Predicted speedup at acceptance
+    a: (1 + a) ÷ that cost; a little optimistic, since an accepted draft's cycle commits two
+    pairs to the MTP layer instead of one. The parts are timed call by call, as in ``split``.
+    """
+    import json
+
+    import minqwen.mtp as mtp
+    import real_shape as builder
+    from make_mtp_fixtures import with_random_mtp
+
+    embedded_config = json.loads((ROOT / "minqwen" / "embedded" / "config.json").read_text())
+    text = {key: value for key, value in embedded_config.items() if key not in ("architectures", "dtype", "model_type")}
+    clocks = {"verify": 0.0, "commit": 0.0, "draft": 0.0}
+
+    originals = mtp.verify, mtp.draft, mtp.MtpCache.commit
+    print(f"the embedded model's widths, random weights, float32; {machine_line()}; medians of {repeats}")
+    try:
+        mtp.verify, mtp.draft = timed(originals[0], clocks, "verify"), timed(originals[1], clocks, "draft")
+        mtp.MtpCache.commit = timed(originals[2], clocks, "commit")
+        for n in layer_counts:
+            layer_types = ["full_attention" if (i + 1) % 4 == 0 else "linear_attention" for i in range(n)]
+            folder = builder.write_random(ROOT / "scratch" / f"embedded-depth-{n}", {**text, "num_hidden_layers": n,
+                                                                                    "layer_types": layer_types})
+            folder = with_random_mtp(folder, folder.with_name(folder.name + "-mtp"))
+            model = minqwen.load(folder, dtype="float32")
+            head = load_mtp(folder, model)
+            prompt = [int(t) for t in np.random.default_rng(0).integers(0, model.config.vocab_size, size=16)]
+
+            def once(speculate):
+                stats = SpeculativeStats() if speculate else GenerationStats()
+                if speculate:
+                    list(speculative_generate(model, head, prompt, max_new_tokens=64, stats=stats, draft_tokens=1))
+                else:
+                    list(generate_ids(model, prompt, max_new_tokens=64, stats=stats))
+                return stats
+
+            once(False)  # warm every kernel
+            once(True)
+            clocks.update(verify=0.0, commit=0.0, draft=0.0)
+            rates = {False: [], True: []}
+            speculating = 0.0  # seconds: the speculative runs, prefill and decode
+            for _ in range(repeats):
+                for speculate in (False, True):
+                    stats = once(speculate)
+                    rates[speculate].append(stats.decode_tokens_per_second)
+                    speculating += stats.prefill_seconds + stats.decode_seconds if speculate else 0.0
+            plain, speculative = statistics.median(rates[False]), statistics.median(rates[True])
+            cycle = plain / speculative  # decode steps per cycle: one token per cycle, none accepted
+            # Each part's share of the speculative runs' time, in steps. (The prompt's commit
+            # counts too: one call against 63 cycles' worth.)
+            shares = {name: seconds / speculating * cycle for name, seconds in clocks.items()}
+            parts = ", ".join(f"{name} {share:.2f}" for name, share in shares.items())
+            print(f"  {n:3d} layers: plain {plain:6.0f} tok/s, speculative {speculative:6.0f}; a cycle costs "
+                  f"{cycle:.2f} steps ({parts}, the rest {cycle - sum(shares.values()):.2f}); "
+                  f"predicted at acceptance {acceptance:g}: {(1 + acceptance) / cycle:.2f}x")
+    finally:
+        mtp.verify, mtp.draft, mtp.MtpCache.commit = originals
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="which", required=True)
@@ -301,6 +376,11 @@ def main() -> int:
     # at least 2 new tokens: tokens/s is counted after the first
     emb.add_argument("--new-tokens", type=whole_number(2), default=64)
     emb.add_argument("--prompts", type=whole_number(1), default=6)
+    deep = sub.add_parser("depth")
+    deep.add_argument("--layers", type=whole_number(4), nargs="+", default=[4, 8, 12, 16])
+    deep.add_argument("--acceptance", type=real_number(0, 1), default=0.84,
+                      help="per-draft acceptance to predict at (default: the embedded model's, greedy)")
+    deep.add_argument("--repeats", type=whole_number(1), default=7)
     parser.add_argument("--threads", type=whole_number(1), help="BLAS and Numba threads (default: the physical cores)")
     args = parser.parse_args()
     try:
@@ -309,6 +389,8 @@ def main() -> int:
             real_shape(args.checkpoint, args.dtype, args.repeats)
         elif args.which == "split":
             split(args.checkpoint, args.dtype, args.rounds)
+        elif args.which == "depth":
+            depth(args.layers, args.acceptance, args.repeats)
         else:
             embedded(args.model, args.dtype, args.new_tokens, args.prompts)
     except MinqwenError as e:
