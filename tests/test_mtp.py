@@ -627,6 +627,30 @@ def test_speculation_is_on_by_default_for_models_big_enough_to_be_bound_by_readi
     assert mtp.pays_by_default(small) and mtp.pays_by_default(bf16)
 
 
+def test_the_depth_figure_prices_a_cycle_and_puts_the_timed_functions_back(tmp_path, capsys):
+    """tools/mtp_figures.py depth, as the README cites it: parts within the cycle, the prediction from it."""
+    require_reference()  # the random checkpoints are written through transformers' module shapes
+    import mtp_figures
+
+    from minqwen import mtp
+
+    originals = mtp.verify, mtp.draft, mtp.MtpCache.commit
+    mtp_figures.depth([4], 0.84, repeats=1, out=tmp_path)
+    assert (mtp.verify, mtp.draft, mtp.MtpCache.commit) == originals
+    assert (tmp_path / "embedded-depth-4-mtp" / "mtp.safetensors").is_file()
+    lines = re.findall(r"(\d+) layers: plain +([\d.]+) tok/s, speculative +([\d.]+); a cycle costs ([\d.]+) steps "
+                       r"\(verify ([\d.]+), commit ([\d.]+), draft ([\d.]+), the rest (-?[\d.]+)\); "
+                       r"predicted at acceptance 0.84: ([\d.]+)x", capsys.readouterr().out)
+    assert len(lines) == 1
+    layers, plain, speculative, cycle, verify, commit, draft, rest, predicted = lines[0]
+    plain, speculative, cycle, predicted = map(float, (plain, speculative, cycle, predicted))
+    parts = [float(verify), float(commit), float(draft)]
+    assert layers == "4" and plain > 0 and speculative > 0
+    assert abs(cycle - plain / speculative) <= 0.01 * cycle  # printed to 2 decimals
+    assert all(part > 0 for part in parts) and sum(parts) <= cycle + 0.01
+    assert abs(predicted - 1.84 / cycle) <= 0.01 * predicted
+
+
 def test_the_split_figure_times_step_and_verify_and_puts_the_timed_functions_back(capsys):
     """tools/mtp_figures.py split, as the README cites it: each line's parts lie within its total."""
     import re

@@ -290,13 +290,13 @@ def embedded(folder: Path, dtype: str, new_tokens: int, count: int) -> None:
 # ==================================================================== depth: when the MTP layer is small enough
 
 
-def depth(layer_counts: list[int], acceptance: float, repeats: int) -> None:
+def depth(layer_counts: list[int], acceptance: float, repeats: int, out: Path = ROOT / "scratch") -> None:
     """What one draft per verify would buy at the embedded model's widths, as the model gets deeper.
 
     The embedded model's MTP layer is one layer beside four, and its LM head a quarter of its
     weights: a cycle costs too many steps for 1.3x. For each N: a random checkpoint with the
     embedded model's config but N decoder layers (every fourth one full attention) and a random
-    MTP head, in scratch/ (never committed). Random drafts are never accepted, so every cycle
+    MTP head, in ``out`` (scratch/, never committed). Random drafts are never accepted, so every cycle
     emits one token, and plain ÷ speculative time per token is what a cycle costs in decode
     steps — measured in the decode loops themselves (64 new tokens after a 16-token prompt,
     alternated, medians), where the embedded model's small products find their weights in the
@@ -321,7 +321,7 @@ def depth(layer_counts: list[int], acceptance: float, repeats: int) -> None:
         mtp.MtpCache.commit = timed(originals[2], clocks, "commit")
         for n in layer_counts:
             layer_types = ["full_attention" if (i + 1) % 4 == 0 else "linear_attention" for i in range(n)]
-            folder = builder.write_random(ROOT / "scratch" / f"embedded-depth-{n}", {**text, "num_hidden_layers": n,
+            folder = builder.write_random(Path(out) / f"embedded-depth-{n}", {**text, "num_hidden_layers": n,
                                                                                     "layer_types": layer_types})
             folder = with_random_mtp(folder, folder.with_name(folder.name + "-mtp"))
             model = minqwen.load(folder, dtype="float32")
