@@ -321,8 +321,8 @@ def depth(layer_counts: list[int], acceptance: float, repeats: int, out: Path = 
         mtp.MtpCache.commit = timed(originals[2], clocks, "commit")
         for n in layer_counts:
             layer_types = ["full_attention" if (i + 1) % 4 == 0 else "linear_attention" for i in range(n)]
-            folder = builder.write_random(Path(out) / f"embedded-depth-{n}", {**text, "num_hidden_layers": n,
-                                                                                    "layer_types": layer_types})
+            config = {**text, "num_hidden_layers": n, "layer_types": layer_types}
+            folder = builder.write_random(Path(out) / f"embedded-depth-{n}", config)
             folder = with_random_mtp(folder, folder.with_name(folder.name + "-mtp"))
             model = minqwen.load(folder, dtype="float32")
             head = load_mtp(folder, model)
