@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+import time
 from pathlib import Path
 
 from . import __version__, golden
@@ -204,9 +205,12 @@ def run_generate(args) -> int:
         ids = tokenizer.encode(placeholders + prompt_text)
     params = sampling_params(args, tokenizer)
     cache, history = None, ()
+    image_prefill_tokens, image_prefill_seconds = 0, 0.0
     if tower is not None:
         cache = model.new_cache()
+        start = time.perf_counter()
         vision.prefill(model, tower, ids[:-1], args.image, cache)  # the images go in with the prompt…
+        image_prefill_tokens, image_prefill_seconds = cache.position, time.perf_counter() - start
         ids, history = ids[-1:], ids[:-1]  # …and its last token starts generation
     stats = stats_class()
     checked_generation_args(ids, args.max_new_tokens, args.seed)  # before the prompt is echoed
@@ -219,6 +223,9 @@ def run_generate(args) -> int:
         printer.write(piece)
     printer.close()
     print(file=sys.stdout)
+    # With images, all but the prompt's last token went in before the loop: count them as prefill.
+    stats.prompt_tokens += image_prefill_tokens
+    stats.prefill_seconds += image_prefill_seconds
     print(f"[prefill: {stats.prompt_tokens} tokens, {stats.prefill_tokens_per_second:.1f} tok/s · "
           f"decode: {stats.generated_tokens} tokens, {stats.decode_tokens_per_second:.1f} tok/s · "
           f"stop: {stats.stop_reason}{speculative_summary(stats)}]", file=sys.stderr)

@@ -48,7 +48,8 @@ class Tokenizer:
         if not path.is_file():
             raise MinqwenError(
                 f"{folder}: no tokenizer.json in this folder; minqwen needs the checkpoint's tokenizer to "
-                "turn text into token ids (copy it from the model's release, or pass token ids directly)"
+                "turn text into token ids and back (copy it from the model's release). Without it, only token "
+                "ids go in and out: Model.forward(ids) in Python, `minqwen golden record --tokens` on the command line"
             )
         try:
             self._tok = HFTokenizer.from_file(str(path))

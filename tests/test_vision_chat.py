@@ -263,6 +263,10 @@ def test_generate_with_images_writes_the_references_greedy_continuation(folder, 
     assert result.returncode == 0, result.stderr
     assert result.stdout == tokenizer.decode(greedy, skip_special_tokens=True) + "\n"
     assert f"decode: {len(greedy)} tokens" in result.stderr
+    # The prefill counts every position fed: each image's placeholder stands for its merged patches.
+    _, _, tower = setup
+    patches = sum(tower.token_count(*expected[f"image.{i}"].shape[:2]) for i in expected[f"{prompt}.images"])
+    assert f"prefill: {len(ids) - len(images) + patches} tokens" in result.stderr, result.stderr
 
 
 def test_generate_puts_the_images_before_a_prompt_that_does_not_place_them(folder, setup, pngs):
