@@ -488,6 +488,7 @@ def find_checkpoint(spec: str | Path | None) -> Path:
                 return max(found, key=lambda p: p.stat().st_mtime)
         raise MinqwenError(
             f"{text}: not in the local Hugging Face cache ({hub}). minqwen does not download; get the files "
-            f"with `huggingface-cli download {text}` (or `git clone` the model repository) and pass the folder"
+            f"with `hf download {text}` (`huggingface-cli download` in older huggingface_hub releases), or "
+            f"`git clone` the model repository, and pass the folder"
         )
     raise MinqwenError(f"{spec}: no such folder (a checkpoint is a folder with config.json and *.safetensors)")

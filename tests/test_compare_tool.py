@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+import minqwen
 from conftest import FIXTURES, ROOT, require_reference
 
 pytestmark = pytest.mark.reference
@@ -80,6 +81,22 @@ def test_it_passes_on_an_fp8_checkpoint(tool, capsys, tmp_path):
     code, out, _ = run(tool, capsys, "--model", folder, "--new-tokens", 4, "--atol", FIXTURE_ATOL)
     assert code == 0, out
     assert "FP8, blocks [16, 16]" in out
+
+
+@pytest.mark.parametrize("block", [(16, 32), (32, 16), (8, 24)])
+def test_fp8_blocks_that_transformers_would_misread_are_refused_before_it_loads(tool, capsys, tmp_path, block):
+    """Blocks that leave a short last block (the fixture's matrices have 48 and 64 rows or columns):
+    minqwen loads them, but transformers would take the block as shape ÷ grid and misread the
+    scales (a false FAIL) or stop with its own traceback. The tool says why, exit 2."""
+    spec = importlib.util.spec_from_file_location("quantize_fp8", ROOT / "tools" / "quantize_fp8.py")
+    quantize_fp8 = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quantize_fp8)
+    folder = tmp_path / "fp8"
+    quantize_fp8.quantize_checkpoint(FIXTURES / "text_tied_fp32", folder, block, "bfloat16")
+    minqwen.load(folder)  # minqwen reads it
+    code, _, err = run(tool, capsys, "--model", folder, "--new-tokens", 1, "--atol", FIXTURE_ATOL)
+    assert code == 2
+    assert f"FP8 blocks {list(block)} do not divide" in err and "transformers 5.23.0" in err
 
 
 # (layer, tensor, the first tap it changes): every element of the tensor gets + 0.05.

@@ -227,6 +227,15 @@ def test_train_embedded_refuses_a_seq_len_longer_than_the_token_stream(train_emb
         train_embedded.windows([1, 2, 3, 4, 5], 12, 10)
 
 
+def test_train_embedded_names_a_corpus_built_without_dialogs(paths):
+    # Before: "--seq-len 256: a window of 258 tokens is longer than a token stream of 0".
+    require_reference()
+    assert run_tool("build_corpus.py", "--out", paths / "corpus", "--no-dialogs", cwd=paths).returncode == 0
+    result = run_tool("train_embedded.py", *train_args(paths, "--steps", "1"), cwd=paths, timeout=300)
+    assert_refused(result, "no dialog documents", "--no-dialogs", code=1)
+    assert not (paths / "out").exists()
+
+
 # ---------------------------------------------------------------------------- build_corpus.py
 
 

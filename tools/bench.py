@@ -1,6 +1,6 @@
 """Benchmark minqwen against transformers (and llama.cpp) on the real Qwen3.5-0.8B shape, in one run.
 
-    python tools/bench.py                 # the full protocol (../shared/docs/benchmarks.md)
+    python tools/bench.py                 # the full protocol (described below)
     python tools/bench.py --quick         # fewer repeats, no 16k context: a smoke run
     python tools/bench.py --json out.json
     python tools/bench.py --gguf scratch/qwen3.5-0.8b-random-bf16.gguf   # llama.cpp as a peer too
@@ -28,13 +28,18 @@ the first-call JIT cost is the same run with an empty cache, minus that.
 
 llama.cpp (optional, with ``--gguf``): the same checkpoint converted to GGUF, run through
 llama-cpp-python, measured alongside the others in the same rounds (prefill and decode only).
-To get it: ``pip install llama-cpp-python==0.3.36`` (it builds llama.cpp from source, a few
+To get it: ``pip install llama-cpp-python==0.3.36`` (it builds llama.cpp from source, 5-15
 minutes on 2 cores), then convert with llama.cpp's own converter, from the copy of llama.cpp in
-that package's sdist (``pip download llama-cpp-python==0.3.36 --no-deps --no-binary :all:``)::
+that package's sdist. From the repository root::
 
-    cd llama_cpp_python-0.3.36/vendor/llama.cpp
+    pip download llama-cpp-python==0.3.36 --no-deps --no-binary :all: -d scratch/sdist
+    tar xzf scratch/sdist/llama_cpp_python-0.3.36.tar.gz -C scratch/sdist
+    cd scratch/sdist/llama_cpp_python-0.3.36/vendor/llama.cpp
     PYTHONPATH=gguf-py python convert_hf_to_gguf.py CHECKPOINT --no-mtp --outtype bf16 \\
-        --outfile scratch/qwen3.5-0.8b-random-bf16.gguf
+        --outfile ../../../../qwen3.5-0.8b-random-bf16.gguf
+
+(the converter resolves paths from its own folder: give CHECKPOINT as an absolute path;
+the GGUF lands in scratch/).
 
 The converter needs a ``tokenizer.json`` beside the checkpoint (any with Qwen3.5's vocabulary:
 ``tools/qwen_vocab_tokenizer.py --out FOLDER`` makes one; CHECKPOINT can be a folder of links to

@@ -1,4 +1,4 @@
-"""Build the training corpus of minqwen's embedded model, deterministically and offline.
+"""Build the training corpus of minqwen's embedded model, deterministically.
 
 Two sources, both of which any machine with Python and PyPI access can rebuild bit for bit:
 
@@ -24,8 +24,11 @@ Output (in ``--out``)::
 
 Usage::
 
-    python tools/build_corpus.py --out /work/scratch/corpus
-    python tools/build_corpus.py --out /tmp/corpus --no-dialogs
+    python tools/build_corpus.py                       # into scratch/corpus (git ignores scratch/)
+    python tools/build_corpus.py --out /tmp/corpus --no-dialogs   # code only: offline, no PyYAML
+
+tools/train_embedded.py needs the dialogs too; ``--no-dialogs`` is for looking at the code
+corpus on a machine without PyPI.
 """
 
 from __future__ import annotations
@@ -225,7 +228,8 @@ def build(out: Path, with_dialogs: bool, dialog_wheel: Path | None) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=output_folder, default=Path("/work/scratch/corpus"), help="output directory")
+    parser.add_argument("--out", type=output_folder, default=Path(__file__).resolve().parent.parent / "scratch" / "corpus",
+                        help="output directory (default: scratch/corpus in the repository)")
     parser.add_argument("--no-dialogs", dest="dialogs", action="store_false",
                         help="code only: skip the chatterbot-corpus dialog turns")
     parser.add_argument("--dialog-wheel", type=existing_file, default=None,

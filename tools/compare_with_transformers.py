@@ -5,9 +5,10 @@
                                               [--reference-model DIR2]
 
 Any checkpoint folder minqwen loads — dense or mixture-of-experts, text-only or multimodal,
-fp32, bf16 or FP8 — runs twice: in minqwen (float32), and in transformers 5.23.0 in fp32 with
-eager attention (the class config.json names: Qwen3_5ForCausalLM for ``qwen3_5_text``,
-Qwen3_5ForConditionalGeneration for ``qwen3_5``, their Moe twins for the MoE types). Printed:
+fp32, bf16 or FP8 (with blocks that divide its matrices, as transformers needs) — runs twice:
+in minqwen (float32), and in transformers 5.23.0 in fp32 with eager attention (the class
+config.json names: Qwen3_5ForCausalLM for ``qwen3_5_text``, Qwen3_5ForConditionalGeneration
+for ``qwen3_5``, their Moe twins for the MoE types). Printed:
 
 * max |Δlogits| over every prompt position, against the tolerance ``--atol``;
 * greedy agreement: each side decodes N tokens by argmax through its own cache, and the
@@ -95,6 +96,37 @@ def stored_dtypes(model_dir: Path) -> str:
     return ", ".join(f"{dtype} {n}" for dtype, n in counts.most_common())
 
 
+def check_fp8_blocks_for_the_reference(folder: Path) -> None:
+    """Refuse an FP8 checkpoint whose scale grids transformers 5.23.0 would misread.
+
+    minqwen reads a weight's scale grid as the config's block size, the last block of a row or
+    column cut short where the block does not divide the shape. transformers instead takes the
+    block as shape ÷ grid, which is the same only where the block divides the shape or the grid
+    has one block in that dimension; otherwise its dequantized weights are wrong (or it stops
+    with an error), and a comparison would blame minqwen. Real releases (blocks of 128 over
+    widths that are multiples of 128) pass.
+    """
+    config = load_config(folder)
+    if config.quantization is None:
+        return
+    block = tuple(config.quantization.weight_block_size)
+    ckpt = Checkpoint(folder)
+    for scale_name in ckpt.names:
+        if not scale_name.endswith("_scale_inv"):
+            continue
+        name = scale_name[: -len("_scale_inv")]
+        if name not in ckpt:
+            continue  # minqwen's loader names this mistake itself
+        shape, grid = ckpt.where[name].shape(name)[-2:], ckpt.where[scale_name].shape(scale_name)[-2:]
+        for size, cells, step, axis in zip(shape, grid, block, ("rows", "columns")):
+            if size % step and cells > 1:
+                raise MinqwenError(
+                    f"{folder}: FP8 blocks {list(block)} do not divide {name}'s shape {list(shape)} "
+                    f"({axis}: {size} in {cells} blocks of {step}); transformers 5.23.0 takes the block as "
+                    f"shape ÷ scale grid and would misread it, so it cannot be the reference for this "
+                    f"checkpoint (minqwen itself loads it). Quantize with blocks that divide every matrix.")
+
+
 def step_of(name: str) -> int:
     """−1 for a prompt tap, n for decode step n's (``step{n}.…``)."""
     match = _STEP.match(name)
@@ -122,6 +154,7 @@ def compare(model_dir: Path, ids: list[int], new_tokens: int, atol: float, rtol:
     meta = {"config_sha256": golden.config_hash(config), "config": config.to_dict()}
 
     # The reference first, then minqwen: only one model is in memory at a time.
+    check_fp8_blocks_for_the_reference(reference_dir)
     hf_model = reference.load_pretrained(reference_dir)
     reference_class = type(hf_model).__name__
     theirs = reference.reference_taps(hf_model, ids, new_tokens)

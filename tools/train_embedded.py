@@ -758,11 +758,11 @@ Apache-2.0 licence.
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--corpus", type=output_folder, default=Path("/work/scratch/corpus"),
+    parser.add_argument("--corpus", type=output_folder, default=REPO / "scratch" / "corpus",
                         help="output of tools/build_corpus.py (built here if missing)")
     parser.add_argument("--out", type=output_folder, default=REPO / "minqwen" / "embedded",
                         help="where the model is written")
-    parser.add_argument("--work", type=output_folder, default=Path("/work/scratch/train_embedded"),
+    parser.add_argument("--work", type=output_folder, default=REPO / "scratch" / "train_embedded",
                         help="scratch: fp32 checkpoint, tokenizer, metrics")
     parser.add_argument("--minutes", type=real_number(0), default=45.0, help="wall-clock training budget")
     parser.add_argument("--steps", type=whole_number(0), default=0,
@@ -836,6 +836,11 @@ def main(argv=None) -> None:
     random.Random(args.seed).shuffle(documents)  # dialogs spread through the code
     train_stream = [t for doc in documents for t in doc]
     valid_code, valid_dialog = encode_documents(tokenizer, valid_docs, render, 1)
+    for split, docs in (("train", dialog), ("valid", valid_dialog)):
+        if not docs:  # windows() would blame --seq-len for an empty stream
+            raise SystemExit(f"{args.corpus}: no dialog documents in {split}.jsonl (built with --no-dialogs?); "
+                             "the embedded model learns from code and dialog: rebuild the corpus with "
+                             "tools/build_corpus.py, without --no-dialogs")
     window, stride = args.seq_len + 2, args.seq_len
     train_windows = windows(train_stream, window, stride)
     valid_windows = windows([t for doc in valid_code for t in doc], window, stride)
