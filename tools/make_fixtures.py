@@ -1,6 +1,11 @@
 """Build the reference fixtures under tests/fixtures/ (needs the `reference` extra).
 
-    python tools/make_fixtures.py          # rebuilds every fixture, deterministically
+    python tools/make_fixtures.py          # rebuilds every fixture
+
+The weights come from fixed seeds, so a rebuild writes the same checkpoints on any machine;
+the reference's outputs agree with the committed ones to float32 round-off (torch's kernels,
+chosen by CPU and thread count, add in their own order: a rebuild on another machine differed
+by up to 6e-5), inside the tests' 1e-4.
 
 Each fixture is a folder holding a small random Qwen3.5 checkpoint exactly as transformers
 5.23.0 saves it, and ``expected.safetensors`` with what the reference computes for it in fp32
