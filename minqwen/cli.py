@@ -38,7 +38,7 @@ def add_model_option(parser):
 
 def add_sampling_options(parser):
     g = parser.add_argument_group("sampling (defaults: the checkpoint's generation_config.json, else greedy)")
-    g.add_argument("--max-new-tokens", type=int, default=128, metavar="N")
+    g.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="at most N new tokens (default 128)")
     g.add_argument("--temperature", type=float, metavar="T", help="0 = greedy")
     g.add_argument("--top-k", type=int, metavar="K")
     g.add_argument("--top-p", type=float, metavar="P")
@@ -53,8 +53,19 @@ def add_speculative_option(parser):
     parser.add_argument(
         "--speculative", type=int, nargs="?", const=1, default=None, metavar="K",
         help="draft K tokens per step with the checkpoint's MTP head and verify them in one pass "
-             "(same output; K defaults to 1; 0 turns it off). Default: on (K = 1) when the checkpoint has an MTP "
-             "head and it was measured to pay: models of 64 MB of weights and more, not tiny ones like the embedded")
+             "(greedy: the same output; sampling: the same distribution, other draws for a seed; K defaults "
+             "to 1; 0 turns it off). Default: on (K = 1) when the checkpoint has an MTP head and it was measured "
+             "to pay: models of 64 MB of weights and more, not tiny ones like the embedded")
+
+
+def check_generation_options(args):
+    """The options every generation takes, checked before the model loads, named as on the command line."""
+    if args.max_new_tokens < 1:
+        raise MinqwenError(f"--max-new-tokens must be ≥ 1, got {args.max_new_tokens}")
+    if args.seed is not None and args.seed < 0:
+        raise MinqwenError(f"--seed must be ≥ 0, got {args.seed}")
+    if not all(args.stop):
+        raise MinqwenError("--stop needs a non-empty text to stop at")
 
 
 def speculative_decode(args, model, folder):
@@ -173,8 +184,15 @@ class ThinkingPrinter:
 
 
 def run_generate(args) -> int:
-    from .generate import checked_generation_args, stream_text
+    from .generate import IMAGE_PAD, checked_generation_args, stream_text
 
+    check_generation_options(args)
+    if args.tokens is not None and args.prompt is not None:
+        raise MinqwenError("give either a prompt or --tokens, not both")
+    if args.tokens is not None and args.chat:
+        raise MinqwenError("--chat wraps a text prompt in the chat template; --tokens are fed as they are")
+    if args.no_think and not args.chat:
+        raise MinqwenError("--no-think goes with --chat (it changes the chat template's answer prompt)")
     prompt_text = args.prompt
     if prompt_text is None and args.tokens is None:
         if sys.stdin.isatty():
@@ -182,6 +200,9 @@ def run_generate(args) -> int:
         prompt_text = sys.stdin.read()
     if args.tokens is None and not prompt_text.strip():
         raise MinqwenError("the prompt is empty")
+    if args.tokens is None and not args.image and IMAGE_PAD in prompt_text:
+        raise MinqwenError(f"the prompt holds {IMAGE_PAD}, the token that marks where an image goes, but no "
+                           "--image was given")
     model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype)
     from .checkpoint import find_checkpoint
 
@@ -260,6 +281,7 @@ def run_chat(args) -> int:
     from .checkpoint import find_checkpoint
     from .generate import ChatSession
 
+    check_generation_options(args)
     model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype)
     decode, stats_class = speculative_decode(args, model, find_checkpoint(args.model))
     params = sampling_params(args, tokenizer)
@@ -292,7 +314,7 @@ def run_chat(args) -> int:
         try:
             images, pending = pending, []
             for piece in session.reply(line, params, args.max_new_tokens, args.seed, stats, decode=decode,
-                                       images=images):
+                                       images=images, stop_strings=args.stop):
                 printer.write(piece)
         except KeyboardInterrupt:
             printer.close()
@@ -390,7 +412,9 @@ def add_golden_parser(subparsers) -> None:
     rec.set_defaults(run=run_golden_record)
 
     cmp_ = sub.add_parser("compare", help="compare two recordings tap by tap (B is the reference)",
-                          description="Exit code 0 when every common tap is within tolerance, 1 otherwise.")
+                          description="Exit code 0 when every common tap is within tolerance, 1 when one is "
+                                      "not, 2 on an error (different prompts or configs, a missing file, a bad "
+                                      "tolerance).")
     cmp_.add_argument("a", metavar="A", help="a recording (e.g. your port's)")
     cmp_.add_argument("b", metavar="B", help="the reference recording: rtol scales with |B|")
     cmp_.add_argument("--atol", type=float, default=golden.DEFAULT_ATOL, help=f"absolute tolerance (default {golden.DEFAULT_ATOL:g})")
@@ -467,11 +491,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="continue a prompt, streaming tokens")
     p.add_argument("prompt", nargs="?", help="the prompt (default: read standard input)")
-    p.add_argument("--tokens", metavar="IDS", help="token ids instead of a text prompt, e.g. '1,2,3'")
+    p.add_argument("--tokens", metavar="IDS",
+                   help="token ids instead of a text prompt, e.g. '1,2,3' (the output is text: needs tokenizer.json)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
     p.add_argument("--no-think", action="store_true", help="with --chat: ask for an answer without reasoning")
     p.add_argument("--hide-thinking", action="store_true", help="do not print the reasoning")
-    p.add_argument("--echo", action=argparse.BooleanOptionalAction, default=True, help="print the prompt first")
+    p.add_argument("--echo", action=argparse.BooleanOptionalAction, default=True,
+                   help="print a plain text prompt before its continuation (default; not with --chat or --tokens)")
     p.add_argument("--image", action="append", default=[], metavar="PATH",
                    help="an image to show the model (repeatable; needs a multimodal checkpoint and Pillow). It "
                         "goes before the prompt, unless the prompt holds <|vision_start|><|image_pad|><|vision_end|> "

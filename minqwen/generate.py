@@ -20,6 +20,9 @@ from .model import Cache, Model
 from .sampling import SamplingParams, sample_next
 from .tokenizer import StreamDecoder, Tokenizer
 
+# The text a chat template writes where an image goes (Qwen's tokenizers: one special token).
+IMAGE_PAD = "<|image_pad|>"
+
 
 @dataclass
 class GenerationStats:
@@ -301,11 +304,12 @@ class ChatSession:
 
     def reply(self, user_text: str, params: SamplingParams = SamplingParams(), max_new_tokens: int = 256,
               seed: int | None = None, stats: GenerationStats | None = None, decode=None,
-              images=()) -> Iterator[str]:
+              images=(), stop_strings=()) -> Iterator[str]:
         """Add a user message and stream the assistant's answer, thinking included, as raw text.
 
         ``images``: paths, Pillow images or [H, W, 3] uint8 arrays to show with this message
         (the session needs a ``tower``); they come before the text, as Qwen's examples put them.
+        ``stop_strings``: the answer ends before the first of these (as in :func:`stream_text`).
         """
         if not isinstance(user_text, str):
             raise MinqwenError(f"the message must be text (a str), got {type(user_text).__name__}")
@@ -315,6 +319,10 @@ class ChatSession:
         if images and self.tower is None:
             raise MinqwenError("this chat has no vision tower: images need a multimodal checkpoint, whose tower "
                                "minqwen.vision.load_vision loads (ChatSession(…, tower=…))")
+        if self.tower is None and IMAGE_PAD in user_text:  # with a tower, the count below catches it
+            raise MinqwenError(f"the message holds {IMAGE_PAD}, the token that marks where an image goes, but "
+                               "this chat has no images: attach them instead (images=… with a vision tower; "
+                               "`minqwen chat`: --image or a line /image PATH)")
         images = [read_image(image) for image in images]  # read now: a bad file fails before anything changes
         for rgb in images:  # and an image preprocessing would refuse, too
             target_size(rgb.shape[0], rgb.shape[1], self.tower.preprocessor)
@@ -348,7 +356,7 @@ class ChatSession:
             if full_text.startswith(body_text) else ""
         ids: list[int] = []
         pieces = []
-        for piece in stream_text(self.model, self.tokenizer, prompt, params, max_new_tokens, (), seed,
+        for piece in stream_text(self.model, self.tokenizer, prompt, params, max_new_tokens, stop_strings, seed,
                                  self.cache, list(self.log), stats, ids_out=ids, skip_special_tokens=False,
                                  decode=decode):
             pieces.append(piece)

@@ -61,6 +61,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -516,8 +517,9 @@ def compare(a_path, b_path, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RT
     Runs over different prompts or model configs are not comparable: that is a MinqwenError,
     as is a missing file. Taps only one side recorded are listed, not counted as divergent.
     """
-    if not (is_real_number(atol) and is_real_number(rtol) and atol >= 0 and rtol >= 0):
-        raise MinqwenError(f"tolerances must be numbers ≥ 0, got atol {atol!r}, rtol {rtol!r}")
+    # (an infinite tolerance would pass anything, and NumPy only warns about it)
+    if not (is_real_number(atol) and is_real_number(rtol) and 0 <= atol < math.inf and 0 <= rtol < math.inf):
+        raise MinqwenError(f"tolerances must be finite numbers ≥ 0, got atol {atol!r}, rtol {rtol!r}")
     a, b = load_recording(a_path), load_recording(b_path)
     if a.token_ids != b.token_ids:
         where = next((i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y),

@@ -65,6 +65,43 @@ def test_chat_keeps_going_for_two_turns_over_stdin_and_ends_at_eof():
     assert result.stdout.count("\n") >= 2  # one answer per turn
 
 
+def test_chat_stops_at_a_stop_text_as_generate_does():
+    def chat(*options):
+        result = run("chat", "--no-think", "--max-new-tokens", "24", "--temperature", "0", *options,
+                     stdin="What is Python?\n")
+        assert result.returncode == 0, result.stderr
+        return result.stdout.rstrip("\n")
+
+    answer = chat()
+    stop = answer[len(answer) // 2:][:3]  # a piece from the middle of the answer
+    assert stop.strip() and len(answer) > 6, answer
+    assert chat("--stop", stop) == answer[: answer.index(stop)]  # before: --stop was ignored by chat
+
+
+@pytest.mark.parametrize("command, args, message", [
+    ("generate", ["def f", "--tokens", "1,2"], "either a prompt or --tokens"),  # before: the prompt was dropped
+    ("generate", ["--tokens", "1,2", "--chat"], "--chat wraps a text prompt"),  # before: --chat was ignored
+    ("generate", ["def f", "--no-think"], "--no-think goes with --chat"),  # before: ignored
+    ("generate", ["def f", "--stop", ""], "--stop needs a non-empty text"),  # before: after the echo
+    ("chat", ["--max-new-tokens", "0"], "--max-new-tokens must be ≥ 1"),  # before: only at the first message
+    ("chat", ["--seed", "-1"], "--seed must be ≥ 0"),
+    ("chat", ["--stop", ""], "--stop needs a non-empty text"),
+])
+def test_options_that_cannot_work_together_or_at_all_are_refused_before_anything_runs(command, args, message):
+    result = run(command, *args, stdin="")
+    assert result.returncode == 2 and result.stdout == ""
+    assert_clean_error(result, message)
+
+
+@pytest.mark.parametrize("command, prompt, stdin, message", [
+    ("generate", ["Look: <|vision_start|><|image_pad|><|vision_end|>"], "", "no --image was given"),
+    ("chat", [], "Look: <|image_pad|>\n", "this chat has no images"),
+])
+def test_an_image_placeholder_without_an_image_is_refused(command, prompt, stdin, message):
+    # Before: the placeholder was fed as an ordinary token, with no image behind it.
+    assert_clean_error(run(command, *prompt, stdin=stdin), message)
+
+
 @pytest.mark.parametrize("context", ["0", "-1"])
 def test_inspect_with_a_context_below_one_token_is_a_clean_error(context):
     assert_clean_error(run("inspect", "--context", context), "--context must be a number of tokens ≥ 1")
@@ -72,7 +109,7 @@ def test_inspect_with_a_context_below_one_token_is_a_clean_error(context):
 
 @pytest.mark.parametrize("option, value, message", [
     ("--presence-penalty", "nan", "presence_penalty must be a finite number"),
-    ("--seed", "-1", "seed must be a whole number ≥ 0")])
+    ("--seed", "-1", "--seed must be ≥ 0")])
 def test_sampling_options_that_numpy_would_choke_on_are_clean_errors(option, value, message):
     result = run("generate", "def f", "--max-new-tokens", "4", "--temperature", "1", option, value)
     assert_clean_error(result, message)
@@ -80,7 +117,7 @@ def test_sampling_options_that_numpy_would_choke_on_are_clean_errors(option, val
 
 def test_a_bad_max_new_tokens_is_reported_before_the_prompt_is_echoed():
     result = run("generate", "def f", "--max-new-tokens", "0")
-    assert_clean_error(result, "max_new_tokens must be a whole number ≥ 1")
+    assert_clean_error(result, "--max-new-tokens must be ≥ 1")
     assert result.stdout == ""
 
 

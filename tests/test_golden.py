@@ -393,12 +393,13 @@ def test_a_golden_file_with_malformed_ids_is_an_error_naming_the_file_and_the_en
         golden.load_recording(path)
 
 
-@pytest.mark.parametrize("atol", ["0.1", None, -1.0, float("nan")], ids=repr)
-def test_compare_tolerances_must_be_numbers_at_least_zero(models, tmp_path, atol):
+@pytest.mark.parametrize("atol, rtol", [("0.1", 0), (None, 0), (-1.0, 0), (float("nan"), 0), (float("inf"), 0),
+                                        (0, float("inf"))], ids=repr)
+def test_compare_tolerances_must_be_finite_numbers_at_least_zero(models, tmp_path, atol, rtol):
     model = models["text_tied_fp32"]
     path = save_recording(model, golden.record(model, [1, 2]), tmp_path / "g.safetensors")
-    with pytest.raises(MinqwenError, match="tolerances must be numbers ≥ 0"):
-        golden.compare(path, path, atol=atol)
+    with pytest.raises(MinqwenError, match="tolerances must be finite numbers ≥ 0"):
+        golden.compare(path, path, atol=atol, rtol=rtol)
 
 
 def test_compare_refuses_recordings_of_different_prompts(models, tmp_path):
