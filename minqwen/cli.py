@@ -34,6 +34,10 @@ def add_model_option(parser):
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                         help="how the weight matrices are kept: float32 (default), or bfloat16 — half the memory "
                              "and faster decoding, widened exactly to float32 inside the matmuls")
+    parser.add_argument("--bf16-prompts", action="store_true",
+                        help="with --dtype bfloat16, on a CPU with AVX512-BF16: round a prompt's activations to bf16 "
+                             "and multiply with the CPU's bf16 dot-product instruction — about twice as fast a "
+                             "prompt, no longer exact (decoding stays exact)")
 
 
 def add_sampling_options(parser):
@@ -102,14 +106,19 @@ def sampling_params(args, tokenizer):
                                                  **{n: getattr(args, n) for n in names})
 
 
-def load_model_and_tokenizer(spec, need_tokenizer=True, dtype="float32"):
+def load_model_and_tokenizer(spec, need_tokenizer=True, dtype="float32", bf16_prompts=False):
+    from .bf16_dot import check_bf16_dot_available
     from .checkpoint import find_checkpoint
     from .model import load
     from .tokenizer import Tokenizer
 
+    if bf16_prompts:
+        if dtype != "bfloat16":
+            raise MinqwenError("--bf16-prompts needs --dtype bfloat16 (the weights must be kept in bf16)")
+        check_bf16_dot_available()
     folder = find_checkpoint(spec)
     tokenizer = Tokenizer(folder) if need_tokenizer else None
-    model = load(folder, progress=progress_bar(), dtype=dtype)
+    model = load(folder, progress=progress_bar(), dtype=dtype, bf16_prompts=bf16_prompts)
     return model, tokenizer
 
 
@@ -203,7 +212,7 @@ def run_generate(args) -> int:
     if args.tokens is None and not args.image and IMAGE_PAD in prompt_text:
         raise MinqwenError(f"the prompt holds {IMAGE_PAD}, the token that marks where an image goes, but no "
                            "--image was given")
-    model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype)
+    model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, bf16_prompts=args.bf16_prompts)
     from .checkpoint import find_checkpoint
 
     decode, stats_class = speculative_decode(args, model, find_checkpoint(args.model))
@@ -282,7 +291,7 @@ def run_chat(args) -> int:
     from .generate import ChatSession
 
     check_generation_options(args)
-    model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype)
+    model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, bf16_prompts=args.bf16_prompts)
     decode, stats_class = speculative_decode(args, model, find_checkpoint(args.model))
     params = sampling_params(args, tokenizer)
     session = ChatSession(model, tokenizer, enable_thinking=not args.no_think)
@@ -337,7 +346,7 @@ def run_inspect(args) -> int:
 
     if args.context < 1:
         raise MinqwenError(f"--context must be a number of tokens ≥ 1, got {args.context}")
-    model, _ = load_model_and_tokenizer(args.model, need_tokenizer=False, dtype=args.dtype)
+    model, _ = load_model_and_tokenizer(args.model, need_tokenizer=False, dtype=args.dtype, bf16_prompts=args.bf16_prompts)
     print(describe(model, args.context))
     threads = threads_in_use()
     print(f"\nthreads: BLAS {', '.join(map(str, threads['blas'])) or '?'}, Numba {threads['numba']} "
@@ -356,7 +365,7 @@ def run_score(args) -> int:
         text = sys.stdin.read() if args.file == "-" else path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise MinqwenError(f"{args.file}: cannot read this text file ({e})") from None
-    model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype)
+    model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, bf16_prompts=args.bf16_prompts)
     bar = progress_bar_tokens()
     result = score_text(model, tokenizer, text, window=args.window, stride=args.stride, progress=bar)
     print(f"tokens scored: {result.tokens_scored}")

@@ -17,10 +17,15 @@ The products themselves:
   one row the kernel reads weights from memory, or from the last-level cache, faster (see
   :func:`_rows_loops` for why, and :func:`numba_multiplies` for which build runs).
 * for many input rows (a prefill) BLAS does the product, compute-bound there anyway; bf16
-  weights are widened to float32 a block of rows at a time first.
+  weights are widened to float32 a block of rows at a time first. Or, only when asked
+  (``bf16_prompts``, see :func:`rounding_prompts_to_bf16`), bf16_dot.py rounds the
+  activations to bf16 and multiplies with the CPU's bf16 dot-product instruction: about
+  twice as fast, no longer exact.
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import ml_dtypes
 import numba
@@ -30,6 +35,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
+from . import bf16_dot
 from .threads import numba_does_the_products, serial_and_parallel
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -43,7 +49,7 @@ WIDEN_BLOCK = 1024  # weight rows widened at a time: a few MB of float32 scratch
 SMALL_MODEL_BYTES = 64 * 1024 * 1024
 
 
-def numba_multiplies(weight_dtype, n_rows: int, model_bytes: int) -> bool:
+def numba_multiplies(weight_dtype, n_rows: int, model_bytes: int, bf16_prompts: bool = False) -> bool:
     """Whether a forward over ``n_rows`` positions hands its products to Numba's pool of threads.
 
     The caller then holds BLAS to one thread (:func:`~minqwen.threads.one_blas_thread`), and
@@ -63,7 +69,10 @@ def numba_multiplies(weight_dtype, n_rows: int, model_bytes: int) -> bool:
     cached), and the kernel's four streams with their prefetches wait less for them. In a
     loop over one matrix, found in the nearest caches each time, BLAS was as fast or faster.
     Not measured on the Intel VM.
+    With ``bf16_prompts`` (bf16 weights only), many rows go to Numba too: bf16_dot's kernel.
     """
+    if bf16_prompts and weight_dtype == BF16:
+        return True
     if n_rows >= BLAS_ROWS:
         return False
     return weight_dtype == BF16 or (weight_dtype == np.float32 and model_bytes >= SMALL_MODEL_BYTES)
@@ -302,10 +311,31 @@ def widen_bf16(weight: np.ndarray) -> np.ndarray:
     return out.reshape(weight.shape)
 
 
+_prompts_in_bf16 = 0  # how many rounding_prompts_to_bf16 blocks are open
+
+
+@contextmanager
+def rounding_prompts_to_bf16(active: bool = True):
+    """Within the block (if ``active``), products of many rows with bf16 weights round x to bf16
+    and use the CPU's bf16 dot-product instruction (bf16_dot.py): a model's forward opens it
+    when loaded with ``bf16_prompts``. Few-row products (decode steps) stay exact."""
+    global _prompts_in_bf16
+    if not active:
+        yield
+        return
+    _prompts_in_bf16 += 1
+    try:
+        yield
+    finally:
+        _prompts_in_bf16 -= 1
+
+
 def linear_bf16(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
     """x [T, in] float32 · bf16 weight [out, in]ᵀ → [T, out] float32, accumulating in float32."""
     if x.shape[0] < BLAS_ROWS:
         return linear_few_rows(x, weight)
+    if _prompts_in_bf16:
+        return bf16_dot.linear_bf16_dot(x, weight)
     x = np.ascontiguousarray(x, dtype=np.float32)
     bits = weight.view(np.uint16)
     out = np.empty((x.shape[0], weight.shape[0]), np.float32)  # [T, out]

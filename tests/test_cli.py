@@ -217,3 +217,16 @@ def test_an_image_with_a_text_only_model_is_a_clean_error(tmp_path):
     path = tmp_path / "red.png"
     Image.fromarray(np.full((32, 32, 3), 200, np.uint8)).save(path)
     assert_clean_error(run("generate", "Describe this.", "--image", str(path)), "has no vision tower")
+
+
+def test_bf16_prompts_needs_bf16_weights_and_runs_with_them():
+    assert_clean_error(run("generate", "hello", "--bf16-prompts"), "--bf16-prompts needs --dtype bfloat16")
+    from minqwen.bf16_dot import cpu_has_bf16_dot
+
+    prompt = "def fibonacci(n):\n    " * 3  # 16 tokens or more, so the prompt does go through the kernel
+    result = run("generate", prompt, "--dtype", "bfloat16", "--bf16-prompts", "--max-new-tokens", "4", "--temperature", "0")
+    if cpu_has_bf16_dot():
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith(prompt) and len(result.stdout) > len(prompt)
+    else:
+        assert_clean_error(result, "needs a CPU with the AVX512-BF16 instructions")

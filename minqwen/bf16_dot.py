@@ -1,0 +1,262 @@
+"""Prompts multiplied in bf16: the CPU's bf16 dot-product instruction, for prefills (opt-in).
+
+A prompt's products are bound by arithmetic, not by memory: the 512-token prefill of the
+0.8B shape is ~510 GFLOP, and float32 BLAS spends most of the prefill on it (see
+tools/measurements.md). CPUs with the AVX512-BF16 extension (Intel since Cooper Lake, AMD
+since Zen 4) have an instruction, VDPBF16PS, that takes 32 bf16 pairs and adds each pair's
+two products into one of 16 float32 sums: twice the multiply-adds of a float32 FMA of the
+same width. In the bf16-resident mode the weights are bf16 already. Round the activations
+to bf16 too, and that instruction can do a prompt's products.
+
+The price is precision, which is why this is opt-in (``minqwen.load(..., dtype="bfloat16",
+bf16_prompts=True)``): an activation keeps 8 bits of mantissa instead of 24, a relative
+rounding of up to 2⁻⁸ on every input to every product of a prompt. Each product of two
+bf16 numbers is exact in float32 and the sums are float32, so that rounding is the only
+error; it is the one llama.cpp makes for bf16 weights, and torch in bf16 makes more. It is
+not the bf16-resident mode's promise of float32 results (see linear.py), so that mode stays
+exact unless asked. Decode steps are not touched: a step is bound by reading the weights,
+and the few-row kernel (linear._rows_loops) reads them as fast while computing exactly.
+
+* :func:`linear_bf16_dot_numpy` — the definition, slow and clear: round x to bf16, widen
+  both, multiply in float32.
+* :func:`round_to_bf16_pairs` — x rounded to bf16 (to nearest, ties to even, like
+  ``x.astype(bfloat16)``), two neighbours packed in each 32-bit word, as the instruction
+  reads them.
+* :func:`_products_loops` — Numba: blocks of weight rows are repacked so that one 64-byte
+  load holds the pairs of 16 outputs, and :func:`_dot_tile` — the one piece written in
+  LLVM's own terms, since Numba has no vector types — keeps a tile of 8 tokens × 48 outputs
+  in registers while it walks the inputs.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import ml_dtypes
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from .errors import MinqwenError
+
+TILE_TOKENS = 8  # input rows a tile holds
+TILE_VECTORS = 3  # 16-output vectors a tile holds: 8 × 3 sums + 3 weight vectors + 1 broadcast fit the 32 registers
+LANES = 16  # float32 sums in one 512-bit register
+BLOCK_OUTPUTS = TILE_VECTORS * LANES  # 48 weight rows repacked at a time
+
+
+def linear_bf16_dot_numpy(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """The twin: x rounded to bf16, then x · Wᵀ in float32 ([T, in] · [out, in]ᵀ → [T, out]).
+
+    ``weight`` is a bf16 array. Products of two bf16 numbers are exact in float32, so only
+    the rounding of x and the order of the sums separate this from the kernel.
+    """
+    rounded = np.asarray(x, np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)  # [T, in]
+    return rounded @ weight.astype(np.float32).T  # [T, in] · [in, out] → [T, out]
+
+
+@functools.cache
+def cpu_has_bf16_dot() -> bool:
+    """Whether Numba compiles for a CPU with AVX512-BF16 here.
+
+    Numba compiles for the host CPU unless NUMBA_CPU_NAME says otherwise (e.g. "generic",
+    for a cache shared between machines); then the instruction may not exist on the target.
+    """
+    import llvmlite.binding as llvm
+
+    if numba.config.CPU_NAME not in (None, "host"):
+        return False
+    return bool(llvm.get_host_cpu_features().get("avx512bf16", False))
+
+
+def check_bf16_dot_available() -> None:
+    """Refuse, with the reason, where the kernel cannot run."""
+    if numba.config.CPU_NAME not in (None, "host"):
+        raise MinqwenError(f"bf16_prompts needs Numba to compile for this CPU, but NUMBA_CPU_NAME is "
+                           f"{numba.config.CPU_NAME!r}: unset it, or load without bf16_prompts")
+    if not cpu_has_bf16_dot():
+        import llvmlite.binding as llvm
+
+        raise MinqwenError(f"bf16_prompts needs a CPU with the AVX512-BF16 instructions (Intel Cooper Lake, "
+                           f"Sapphire Rapids or later; AMD Zen 4 or later); this one ({llvm.get_host_cpu_name()}) "
+                           "has none: load without bf16_prompts")
+
+
+# --------------------------------------------------------------------------- activations
+
+
+@numba.njit(parallel=True, cache=True)
+def _round_loops(x, pairs):
+    """pairs[t, p] = bf16(x[t, 2p]) | bf16(x[t, 2p + 1]) << 16; a missing last neighbour is 0."""
+    n_rows, n_in = x.shape
+    for t in numba.prange(n_rows):
+        bits = x[t].view(np.uint32)  # [in]
+        row = pairs[t]  # [ceil(in / 2)]
+        for p in range(pairs.shape[1]):
+            lo = _bf16_bits(bits[2 * p])
+            hi = _bf16_bits(bits[2 * p + 1]) if 2 * p + 1 < n_in else np.uint32(0)
+            row[p] = np.int32(lo | (hi << np.uint32(16)))
+
+
+@numba.njit(inline="always")
+def _bf16_bits(f):
+    """The bf16 nearest float32 bits f (ties to even), as the low 16 bits of a uint32."""
+    if (f & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):  # NaN: keep it a (quiet) NaN
+        return (f >> np.uint32(16)) | np.uint32(0x0040)
+    # Adding 0x7FFF, plus 1 when the bit that will be kept last is odd, carries into it
+    # exactly when the 16 bits dropped are more than half, or half with an odd neighbour.
+    return (f + np.uint32(0x7FFF) + ((f >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+
+
+def round_to_bf16_pairs(x: np.ndarray) -> np.ndarray:
+    """x [T, in] float32 → int32 [T, ceil(in / 2)]: each word two neighbouring inputs as bf16, the first in the low half."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    pairs = np.empty((x.shape[0], (x.shape[1] + 1) // 2), np.int32)
+    _round_loops(x, pairs)
+    return pairs
+
+
+# --------------------------------------------------------------------------- the product
+
+
+class _BFloat(ir.Type):
+    """LLVM's bf16 scalar type, which llvmlite does not name: only used to type the instruction's operands."""
+
+    def _to_string(self):
+        return "bfloat"
+
+    def __eq__(self, other):
+        return isinstance(other, _BFloat)
+
+    def __hash__(self):
+        return hash("bfloat")
+
+
+@intrinsic
+def _dot_tile(typingctx, x_pairs, t0, packed, sums):
+    """sums[i, o] = Σ_p dot(x_pairs[t0 + i, p], packed[p, o]) for a tile of TILE_TOKENS × BLOCK_OUTPUTS.
+
+    ``x_pairs`` int32 [T, P]: activations as bf16 pairs. Rows past T − 1 read row T − 1 (their
+    sums are not used). ``packed`` int32 [P, BLOCK_OUTPUTS]: row p holds input pair p of each
+    of the block's weight rows, so one 64-byte load gives 16 outputs their pair. ``sums``
+    float32 [TILE_TOKENS, BLOCK_OUTPUTS], written.
+    Each step p broadcasts token i's pair to all 16 lanes and, with VDPBF16PS, adds
+    x[2p]·w[o, 2p] + x[2p+1]·w[o, 2p+1] into lane o of each of the tile's 24 sums. The sums
+    stay in registers for the whole walk over p: that is what this must be written in LLVM IR
+    for (as loop-carried vector values), and why the tile is only as large as the registers.
+    """
+    sig = types.void(x_pairs, t0, packed, sums)
+
+    def codegen(context, builder, signature, args):
+        x_type, _, packed_type, sums_type = signature.args
+        x_array = context.make_array(x_type)(context, builder, args[0])
+        packed_array = context.make_array(packed_type)(context, builder, args[2])
+        sums_array = context.make_array(sums_type)(context, builder, args[3])
+        i32, i64 = ir.IntType(32), ir.IntType(64)
+        words = ir.VectorType(i32, LANES)  # 32 bf16 as 16 words
+        floats = ir.VectorType(ir.FloatType(), LANES)
+        bf16s = ir.VectorType(_BFloat(), 2 * LANES)
+        dot = builder.module.declare_intrinsic(
+            "llvm.x86.avx512bf16.dpbf16ps.512", (), ir.FunctionType(floats, [floats, bf16s, bf16s]))
+
+        def pointer(array_type, array, row, column):
+            return cgutils.get_item_pointer(context, builder, array_type, array, [row, column],
+                                            wraparound=False, boundscheck=False)
+
+        n_rows, n_pairs = (builder.extract_value(x_array.shape, k) for k in (0, 1))
+        last = builder.sub(n_rows, i64(1))
+        token_rows = []
+        for i in range(TILE_TOKENS):
+            row = builder.add(args[1], i64(i))
+            row = builder.select(builder.icmp_signed("<", row, n_rows), row, last)
+            token_rows.append(pointer(x_type, x_array, row, i64(0)))
+        packed_start = pointer(packed_type, packed_array, i64(0), i64(0))
+
+        entry, loop, done = builder.block, builder.append_basic_block("pairs"), builder.append_basic_block("store")
+        zero = ir.Constant(floats, [0.0] * LANES)
+        builder.cbranch(builder.icmp_signed(">", n_pairs, i64(0)), loop, done)
+
+        builder.position_at_end(loop)
+        p = builder.phi(i64)
+        sums = [builder.phi(floats) for _ in range(TILE_TOKENS * TILE_VECTORS)]
+        weight_row = builder.gep(packed_start, [builder.mul(p, i64(BLOCK_OUTPUTS))])
+        weights = [builder.bitcast(builder.load(builder.bitcast(builder.gep(weight_row, [i64(LANES * v)]), words.as_pointer()),
+                                                align=4), bf16s)
+                   for v in range(TILE_VECTORS)]  # 3 × [16 outputs × a pair]
+        new_sums = []
+        for i in range(TILE_TOKENS):
+            pair = builder.load(builder.gep(token_rows[i], [p]), align=4)
+            spread = builder.insert_element(ir.Constant(words, ir.Undefined), pair, i32(0))
+            spread = builder.shuffle_vector(spread, ir.Constant(words, ir.Undefined), ir.Constant(words, [0] * LANES))
+            spread = builder.bitcast(spread, bf16s)  # token i's pair in every lane
+            for v in range(TILE_VECTORS):
+                new_sums.append(builder.call(dot, [sums[i * TILE_VECTORS + v], spread, weights[v]]))
+        p_next = builder.add(p, i64(1))
+        p.add_incoming(i64(0), entry)
+        p.add_incoming(p_next, loop)
+        for s, new in zip(sums, new_sums):
+            s.add_incoming(zero, entry)
+            s.add_incoming(new, loop)
+        builder.cbranch(builder.icmp_signed("<", p_next, n_pairs), loop, done)
+
+        builder.position_at_end(done)
+        finals = []
+        for new in new_sums:  # every phi first, as LLVM requires
+            final = builder.phi(floats)
+            final.add_incoming(zero, entry)
+            final.add_incoming(new, loop)
+            finals.append(final)
+        for i in range(TILE_TOKENS):
+            for v in range(TILE_VECTORS):
+                at = pointer(sums_type, sums_array, i64(i), i64(LANES * v))
+                builder.store(finals[i * TILE_VECTORS + v], builder.bitcast(at, floats.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def _products_loops(x_pairs, weight_bits, out):
+    """out[t, o] = Σ_i bf16(x)[t, i] · weight[o, i], a block of BLOCK_OUTPUTS weight rows at a time.
+
+    ``x_pairs`` int32 [T, P] from :func:`round_to_bf16_pairs`; ``weight_bits`` uint16 [O, in]
+    (bf16 bits); ``out`` float32 [T, O].
+    Each block's rows are first repacked, pair-major ([P, 48], 2 bytes per weight, ~350 kB at
+    the 0.8B shape's widest input), where they stay in the core's cache while every tile of
+    tokens walks them. Blocks are independent and split across the cores.
+    """
+    n_rows, n_pairs = x_pairs.shape
+    n_out, n_in = weight_bits.shape
+    n_blocks = (n_out + BLOCK_OUTPUTS - 1) // BLOCK_OUTPUTS
+    for b in numba.prange(n_blocks):
+        packed = np.zeros((n_pairs, BLOCK_OUTPUTS), np.int32)  # [P, 48]; rows past O stay 0
+        sums = np.empty((TILE_TOKENS, BLOCK_OUTPUTS), np.float32)  # [8, 48]
+        first = b * BLOCK_OUTPUTS
+        width = min(BLOCK_OUTPUTS, n_out - first)
+        for o in range(width):
+            row = weight_bits[first + o]  # [in]
+            for p in range(n_in // 2):
+                packed[p, o] = np.int32(np.uint32(row[2 * p]) | (np.uint32(row[2 * p + 1]) << np.uint32(16)))
+            if n_in % 2:
+                packed[n_pairs - 1, o] = np.int32(row[n_in - 1])
+        for t0 in range(0, n_rows, TILE_TOKENS):
+            _dot_tile(x_pairs, t0, packed, sums)
+            for i in range(min(TILE_TOKENS, n_rows - t0)):
+                out[t0 + i, first:first + width] = sums[i, :width]
+
+
+_products_kernel = numba.njit(parallel=True, cache=True)(_products_loops)
+
+
+def linear_bf16_dot(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """x [T, in] float32 · bf16 weight [out, in]ᵀ → [T, out] float32, x rounded to bf16 first.
+
+    Its twin: :func:`linear_bf16_dot_numpy`. Only where :func:`cpu_has_bf16_dot`.
+    """
+    pairs = round_to_bf16_pairs(x)  # [T, ceil(in / 2)]
+    bits = np.ascontiguousarray(weight).view(np.uint16)  # [out, in]
+    out = np.empty((x.shape[0], weight.shape[0]), np.float32)  # [T, out]
+    _products_kernel(pairs, bits, out)
+    return out

@@ -1,0 +1,148 @@
+"""bf16_prompts: activations rounded to bf16, multiplied with the CPU's bf16 dot-product instruction."""
+
+import json
+
+import ml_dtypes
+import numba
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import minqwen
+from conftest import FIXTURE_NAMES, FIXTURES
+from minqwen import bf16_dot as D
+from minqwen.errors import MinqwenError
+from minqwen.linear import BLAS_ROWS, linear, rounding_prompts_to_bf16
+from minqwen.threads import one_blas_thread
+
+needs_the_instruction = pytest.mark.skipif(not D.cpu_has_bf16_dot(), reason="this CPU has no AVX512-BF16")
+BF16_FIXTURES = [n for n in FIXTURE_NAMES
+                 if json.loads((FIXTURES / n / "config.json").read_text()).get("dtype") == "bfloat16"]
+
+
+def reordering_bound(x, w32):
+    # A float32 sum of n terms reordered differs by at most ~n · 2⁻²⁴ · Σ|terms|.
+    return 2 * x.shape[1] * 2.0**-24 * (np.abs(x) @ np.abs(w32).T) + 1e-30
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 9), n_in=st.integers(1, 41), seed=st.integers(0, 999))
+def test_rounding_to_bf16_pairs_is_ml_dtypes_rounding_packed_in_words(rows, n_in, seed):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((rows, n_in)) * 10.0 ** rng.integers(-40, 38)).astype(np.float32)
+    pairs = D.round_to_bf16_pairs(x)
+    assert pairs.shape == (rows, (n_in + 1) // 2)
+    bits = pairs.view(np.uint16).reshape(rows, -1)  # little-endian: the first of a pair in the low half
+    assert np.array_equal(bits[:, :n_in], x.astype(ml_dtypes.bfloat16).view(np.uint16))
+    if n_in % 2:
+        assert np.all(bits[:, n_in] == 0)  # the missing neighbour of an odd width adds nothing
+
+
+def test_rounding_to_bf16_handles_ties_and_special_values_like_ml_dtypes():
+    tie_down, tie_up = np.float32(1 + 2**-8), np.float32(1 + 3 * 2**-8)  # halfway: to the even neighbour
+    just_above_tie = np.nextafter(tie_down, np.float32(2))
+    values = np.array([tie_down, tie_up, just_above_tie, -tie_up, 0.0, -0.0, np.inf, -np.inf, np.nan, -np.nan,
+                       np.finfo(np.float32).max, 1e-40, -1e-45, 3.0e38], np.float32)
+    got = D.round_to_bf16_pairs(values[None]).view(np.uint16)[0, : values.size]
+    want = values.astype(ml_dtypes.bfloat16).view(np.uint16)
+    finite = np.isfinite(values) | np.isinf(values)
+    assert np.array_equal(got[finite], want[finite])
+    assert np.all(np.isnan(got[~finite].view(ml_dtypes.bfloat16).astype(np.float32)))  # a NaN stays a NaN
+    assert got[0] == np.float32(1.0).astype(ml_dtypes.bfloat16).view(np.uint16)  # 1 + 2⁻⁸ → 1 (even)
+
+
+@settings(max_examples=25, deadline=None)
+@given(rows=st.integers(1, 20), n_in=st.integers(1, 300), seed=st.integers(0, 999))
+def test_the_twin_moves_each_activation_by_at_most_half_a_bf16_step(rows, n_in, seed):
+    # What bf16_prompts costs: each activation moves by ≤ 2⁻⁸ of itself, so each output by
+    # ≤ 2⁻⁸ · Σ|x w| (plus float32 sums).
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((rows, n_in)).astype(np.float32)
+    weight = rng.standard_normal((7, n_in)).astype(ml_dtypes.bfloat16)
+    w64 = weight.astype(np.float64)
+    exact = x.astype(np.float64) @ w64.T
+    magnitude = np.abs(x).astype(np.float64) @ np.abs(w64).T
+    assert np.all(np.abs(D.linear_bf16_dot_numpy(x, weight) - exact) <= (2.0**-8 + n_in * 2.0**-23) * magnitude + 1e-30)
+
+
+@needs_the_instruction
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 40), n_in=st.integers(1, 200), n_out=st.integers(1, 130), seed=st.integers(0, 999))
+def test_the_kernel_equals_its_twin(rows, n_in, n_out, seed):
+    # Shapes off every tile size: rows not a multiple of 8, outputs of 48, inputs odd.
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((rows, n_in)) * rng.uniform(0.1, 3)).astype(np.float32)
+    weight = (rng.standard_normal((n_out, n_in)) * rng.uniform(0.1, 3)).astype(ml_dtypes.bfloat16)
+    got = D.linear_bf16_dot(x, weight)
+    rounded = x.astype(ml_dtypes.bfloat16).astype(np.float32)
+    bound = reordering_bound(rounded, weight.astype(np.float32))
+    assert got.shape == (rows, n_out)
+    assert np.all(np.abs(got - D.linear_bf16_dot_numpy(x, weight)) <= bound)  # NaN (never written) fails too
+
+
+@needs_the_instruction
+def test_linear_uses_the_kernel_only_for_many_rows_and_only_inside_the_block(monkeypatch):
+    rng = np.random.default_rng(1)
+    weight = rng.standard_normal((40, 24)).astype(ml_dtypes.bfloat16)
+    used = []
+    kernel = D.linear_bf16_dot
+    monkeypatch.setattr(D, "linear_bf16_dot", lambda x, w: (used.append(len(x)), kernel(x, w))[1])
+    for rows in (1, BLAS_ROWS - 1, BLAS_ROWS, 40):
+        x = rng.standard_normal((rows, 24)).astype(np.float32)
+        linear(x, weight)
+        with one_blas_thread(), rounding_prompts_to_bf16():
+            linear(x, weight)
+        with rounding_prompts_to_bf16(False):
+            linear(x, weight)
+    assert used == [BLAS_ROWS, 40]
+
+
+@needs_the_instruction
+@pytest.mark.parametrize("name", BF16_FIXTURES)
+def test_a_model_with_bf16_prompts_multiplies_as_the_twin_says(monkeypatch, name):
+    exact = minqwen.load(FIXTURES / name, dtype="bfloat16")
+    rounded = minqwen.load(FIXTURES / name, dtype="bfloat16", bf16_prompts=True)
+    assert rounded.bf16_prompts and not exact.bf16_prompts
+    ids = np.random.default_rng(2).integers(0, exact.config.vocab_size, 24)
+    # Under 16 tokens nothing is rounded: bit for bit the exact model.
+    short = ids[: BLAS_ROWS - 1]
+    assert np.array_equal(rounded.forward(short), exact.forward(short))
+    # Every product of the prompt, on the model's own activations, against the twin. (Not the
+    # logits against a twin model: a sum reordered can land an activation on the other side of
+    # a bf16 rounding in the next layer, and such differences grow like the rounding itself.)
+    kernel, products = D.linear_bf16_dot, []
+
+    def checked(x, weight):
+        got = kernel(x, weight)
+        bound = reordering_bound(x.astype(ml_dtypes.bfloat16).astype(np.float32), weight.astype(np.float32))
+        products.append(bool(np.all(np.abs(got - D.linear_bf16_dot_numpy(x, weight)) <= bound)))
+        return got
+
+    monkeypatch.setattr(D, "linear_bf16_dot", checked)
+    prompt = rounded.forward(ids)
+    assert len(products) >= 4 * len(exact.layers) and all(products)
+    reference = exact.forward(ids)
+    assert not np.array_equal(prompt, reference)  # the rounding did happen
+    if not exact.config.is_moe:
+        # and cost little here. Not asked of MoE models: a router's near-tie between two
+        # experts can flip under any rounding, and that position's output then changes wholly.
+        np.testing.assert_allclose(prompt, reference, atol=0.05 * np.abs(reference).max())
+
+
+def test_bf16_prompts_is_refused_where_it_cannot_run(monkeypatch):
+    name = BF16_FIXTURES[0]
+    with pytest.raises(MinqwenError, match="bf16_prompts needs weights kept in bf16: load with dtype='bfloat16'"):
+        minqwen.load(FIXTURES / name, bf16_prompts=True)
+    with pytest.raises(MinqwenError, match="bf16_prompts must be True or False, got 'yes'"):
+        minqwen.load(FIXTURES / name, dtype="bfloat16", bf16_prompts="yes")
+    model = minqwen.load(FIXTURES / name)
+    model.bf16_prompts = True  # set by hand on a float32 model
+    with pytest.raises(MinqwenError, match="load the model with dtype='bfloat16'"):
+        model.forward([1, 2, 3])
+    monkeypatch.setattr(D, "cpu_has_bf16_dot", lambda: False)
+    with pytest.raises(MinqwenError, match=r"needs a CPU with the AVX512-BF16 instructions .* load without bf16_prompts"):
+        minqwen.load(FIXTURES / name, dtype="bfloat16", bf16_prompts=True)
+    monkeypatch.setattr(numba.config, "CPU_NAME", "generic")
+    with pytest.raises(MinqwenError, match="NUMBA_CPU_NAME is 'generic'"):
+        minqwen.load(FIXTURES / name, dtype="bfloat16", bf16_prompts=True)
