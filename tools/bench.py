@@ -19,6 +19,11 @@ benchmark was started with, so each runs with its own library's thread-pool defa
 Decode figure: 64 new tokens after a 16-token prompt, greedy, last-position logits, on a
 second run (Numba's cache warm); tokens/s = 63 ÷ the time after the first new token.
 
+minqwen bf16-resident, bf16 prompts: the same model loaded with ``bf16_prompts=True`` (prompts
+multiplied in bf16 with AVX512-BF16; see minqwen/bf16_dot.py), on CPUs that have it. Its
+prefill is the figure; its decoding is bf16-resident's, so long context and cold start are not
+measured again for it.
+
 Decode at long context (minqwen only: the target is a ratio to its own decode at 512): a real
 prefill of 512 and of 16k random tokens, once each, then per repeat the decode figure from a copy
 of each cache in turn. The 16k prefill takes a few minutes; ``--long-context 0`` skips it.
@@ -133,12 +138,16 @@ def weight_bytes_per_token(model) -> int:
 
 
 class Minqwen:
-    def __init__(self, folder, dtype, threads):
+    def __init__(self, folder, what, threads):
+        """``what``: "float32", "bfloat16", or "bfloat16+bf16-prompts" (load(..., bf16_prompts=True))."""
         import minqwen
 
         minqwen.set_threads(threads)
+        dtype, _, mode = what.partition("+")
         self.name = f"minqwen {'bf16-resident' if dtype == 'bfloat16' else 'fp32'}"
-        self.model = minqwen.load(folder, dtype=dtype)
+        if mode == "bf16-prompts":
+            self.name += ", bf16 prompts"
+        self.model = minqwen.load(folder, dtype=dtype, bf16_prompts=mode == "bf16-prompts")
 
     def info(self):
         return {"name": self.name, "weight_bytes_per_token": weight_bytes_per_token(self.model),
@@ -267,6 +276,7 @@ def make_runner(kind, what, folder, threads):
 
 # --------------------------------------------------------------------------- one process per contender
 
+BF16_PROMPTS = "bfloat16+bf16-prompts"  # bf16-resident with prompts multiplied in bf16: prefill and decode only
 LIBRARY = {"minqwen": "minqwen", "transformers": "transformers", "llama.cpp": "llama_cpp"}
 SETTLE_SECONDS = 0.3  # before each timed command: the last contender's idle threads stop spinning
 
@@ -460,7 +470,7 @@ def main() -> int:
     threadpool_limits(limits=args.threads)  # for the roofline probe, this process's only BLAS work
     gemv = RooflineProbe()
 
-    contenders = [("minqwen", "float32"), ("minqwen", "bfloat16")]
+    contenders = [("minqwen", "float32"), ("minqwen", "bfloat16"), ("minqwen", BF16_PROMPTS)]
     if not args.no_transformers:
         contenders += [("transformers", "float32"), ("transformers", "bfloat16")]
     contenders += [("llama.cpp", path) for path in args.gguf]
@@ -470,6 +480,9 @@ def main() -> int:
             try:
                 worker = Worker(kind, what, folder, args.threads)
             except ContenderFailed as error:
+                if what == BF16_PROMPTS and "AVX512-BF16" in str(error):
+                    print("no bf16-prompts row: this CPU has no AVX512-BF16", flush=True)
+                    continue
                 if not (error.missing and kind == "llama.cpp"):
                     raise
                 print(f"no llama.cpp contender ({error}): pip install llama-cpp-python==0.3.36", flush=True)
@@ -509,7 +522,7 @@ def main() -> int:
             worker.stop()
 
         for row, measured in zip(results["rows"], list(workers)):
-            if measured.kind != "minqwen":
+            if measured.kind != "minqwen" or measured.what == BF16_PROMPTS:  # its decoding is bf16-resident's
                 continue
             if args.long_context:  # in a fresh worker, the only model in memory
                 worker = Worker("minqwen", measured.what, folder, args.threads)
@@ -540,13 +553,13 @@ def print_table(results):
     rows = results["rows"]
     peer = next((r for r in rows if r["name"] == "transformers fp32"), None)
     print()
-    print(f"{'contender':<26}{'prefill 512':>14}{'decode':>12}{'× tf fp32 (prefill, decode)':>30}")
+    print(f"{'contender':<36}{'prefill 512':>14}{'decode':>12}{'× tf fp32 (prefill, decode)':>30}")
     for r in rows:
         ratio = (f"{r['prefill512_tps'] / peer['prefill512_tps']:.2f}, {r['decode_tps'] / peer['decode_tps']:.2f}"
                  if peer else "-")
-        print(f"{r['name']:<26}{r['prefill512_tps']:>10.1f} t/s{r['decode_tps']:>8.2f} t/s{ratio:>30}")
+        print(f"{r['name']:<36}{r['prefill512_tps']:>10.1f} t/s{r['decode_tps']:>8.2f} t/s{ratio:>30}")
     for r in rows:
-        if "roofline_fraction" in r:
+        if "cold_start" in r:
             cold = r["cold_start"]
             print(f"{r['name']}: {r['roofline_fraction']:.0%} of the memory roofline "
                   f"({r['weight_bytes_per_token'] / 1e9:.2f} GB/token)")

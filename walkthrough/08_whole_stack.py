@@ -231,7 +231,9 @@ for name in fixtures:
 # the numbers: the delta rule compiled with Numba (and the chunked form as a tested
 # alternative), blocked attention so long prompts never build a `T × T` score matrix, bf16 weights kept in memory,
 # an MoE gather that touches only chosen experts, validation with clear error messages, and
-# taps. We check that too, on one fixture:
+# taps. (One opt-in setting does change them: `bf16_prompts` rounds a prompt's activations to
+# bf16 for the CPU's bf16 dot-product instruction, a faster prefill that is no longer exact;
+# see `minqwen/bf16_dot.py`.) We check that too, on one fixture:
 
 # %%
 folder, expected = course.fixture("text_grouped_bf16_bias")
