@@ -12,9 +12,9 @@ The price is precision, which is why this is opt-in (``minqwen.load(..., dtype="
 bf16_prompts=True)``): an activation keeps 8 bits of mantissa instead of 24, a relative
 rounding of up to 2⁻⁸ on every input to every product of a prompt. Each product of two
 bf16 numbers is exact in float32 and the sums are float32, so that rounding is the only
-error; it is the one llama.cpp makes for bf16 weights, and torch in bf16 makes more. It is
-not the bf16-resident mode's promise of float32 results (see linear.py), so that mode stays
-exact unless asked. Decode steps are not touched: a step is bound by reading the weights,
+error (but for numbers below 2⁻¹²⁶, which the instruction takes as zero); it is the one
+llama.cpp makes for bf16 weights, and torch in bf16 makes more. It is not the bf16-resident
+mode's promise of float32 results (see linear.py), so that mode stays exact unless asked. Decode steps are not touched: a step is bound by reading the weights,
 and the few-row kernel (linear._rows_loops) reads them as fast while computing exactly.
 
 * :func:`linear_bf16_dot_numpy` — the definition, slow and clear: round x to bf16, widen
@@ -226,6 +226,11 @@ def _products_loops(x_pairs, weight_bits, out):
     Each block's rows are first repacked, pair-major ([P, 48], 2 bytes per weight, ~350 kB at
     the 0.8B shape's widest input), where they stay in the core's cache while every tile of
     tokens walks them. Blocks are independent and split across the cores.
+    Why repack rather than dot a weight row with a token row, as linear._rows_loops does: a
+    row-by-row dot ends each output in a sum across the 16 lanes, about half again the work
+    of the products for inputs of 1024. Measured on the 0.8B shape's matrices, 512 tokens,
+    2 threads, AMD EPYC VM (Zen 4): row-by-row 4 × 4 tiles 184-225 GFLOP/s; repacked 8 × 48
+    tiles 380-410, repacking included (~10% of the time); OpenBLAS's float32 sgemm 170-190.
     """
     n_rows, n_pairs = x_pairs.shape
     n_out, n_in = weight_bits.shape
