@@ -259,7 +259,7 @@ class Model:
 
     def logits(self, hidden: np.ndarray) -> np.ndarray:
         """The LM head: hidden [T, H] → logits [T, V]."""
-        with one_blas_thread(self.numba_multiplies(hidden.shape[0])):
+        with one_blas_thread(self.numba_multiplies(hidden.shape[0])), rounding_prompts_to_bf16(self.bf16_prompts):
             return linear(hidden, self.lm_head)
 
     # ---------------------------------------------------------------- the layers

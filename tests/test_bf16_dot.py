@@ -111,9 +111,10 @@ def test_a_model_with_bf16_prompts_multiplies_as_the_twin_says(monkeypatch, name
     # Every product of the prompt, on the model's own activations, against the twin. (Not the
     # logits against a twin model: a sum reordered can land an activation on the other side of
     # a bf16 rounding in the next layer, and such differences grow like the rounding itself.)
-    kernel, products = D.linear_bf16_dot, []
+    kernel, products, shapes = D.linear_bf16_dot, [], set()
 
     def checked(x, weight):
+        shapes.add(weight.shape)
         got = kernel(x, weight)
         bound = reordering_bound(x.astype(ml_dtypes.bfloat16).astype(np.float32), weight.astype(np.float32))
         products.append(bool(np.all(np.abs(got - D.linear_bf16_dot_numpy(x, weight)) <= bound)))
@@ -122,6 +123,7 @@ def test_a_model_with_bf16_prompts_multiplies_as_the_twin_says(monkeypatch, name
     monkeypatch.setattr(D, "linear_bf16_dot", checked)
     prompt = rounded.forward(ids)
     assert len(products) >= 4 * len(exact.layers) and all(products)
+    assert exact.lm_head.shape in shapes  # the LM head over the prompt's positions too
     reference = exact.forward(ids)
     assert not np.array_equal(prompt, reference)  # the rounding did happen
     if not exact.config.is_moe:
