@@ -148,3 +148,12 @@ def test_bf16_prompts_is_refused_where_it_cannot_run(monkeypatch):
     monkeypatch.setattr(numba.config, "CPU_NAME", "generic")
     with pytest.raises(MinqwenError, match="NUMBA_CPU_NAME is 'generic'"):
         minqwen.load(FIXTURES / name, dtype="bfloat16", bf16_prompts=True)
+
+
+def test_with_bf16_prompts_numba_does_every_product_of_bf16_weights_only():
+    from minqwen.linear import BF16, SMALL_MODEL_BYTES, numba_multiplies
+
+    for rows in (1, BLAS_ROWS, 512):
+        assert numba_multiplies(BF16, rows, SMALL_MODEL_BYTES, bf16_prompts=True)  # BLAS then stays on one thread
+        assert not numba_multiplies(np.dtype(np.float32), max(rows, BLAS_ROWS), SMALL_MODEL_BYTES, bf16_prompts=True)
+    assert not numba_multiplies(BF16, BLAS_ROWS, SMALL_MODEL_BYTES)
