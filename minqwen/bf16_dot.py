@@ -12,10 +12,14 @@ The price is precision, which is why this is opt-in (``minqwen.load(..., dtype="
 bf16_prompts=True)``): an activation keeps 8 bits of mantissa instead of 24, a relative
 rounding of up to 2⁻⁸ on every input to every product of a prompt. Each product of two
 bf16 numbers is exact in float32 and the sums are float32, so that rounding is the only
-error (but for numbers below 2⁻¹²⁶, which the instruction takes as zero); it is the one
-llama.cpp makes for bf16 weights, and torch in bf16 makes more. It is not the bf16-resident
-mode's promise of float32 results (see linear.py), so that mode stays exact unless asked. Decode steps are not touched: a step is bound by reading the weights,
-and the few-row kernel (linear._rows_loops) reads them as fast while computing exactly.
+error — but for inputs, products and sums below 2⁻¹²⁶, which the instruction takes as zero,
+and activations beyond bf16's largest number (~3.39e38), which round to infinity. The rounding is the
+one llama.cpp makes for bf16 weights, and torch in bf16 makes more. It is not the
+bf16-resident mode's promise of float32 results (see linear.py), so that mode stays exact
+unless asked. Decode steps (fewer than 16 rows) and speculative verifies of any length
+(mtp.verify opens an exact block) are not touched, so they multiply exactly, over the cache
+the rounded prompt left: a step is bound by reading the weights, and the few-row kernel
+(linear._rows_loops) reads them as fast while computing exactly.
 
 * :func:`linear_bf16_dot_numpy` — the definition, slow and clear: round x to bf16, widen
   both, multiply in float32.
@@ -258,8 +262,15 @@ _products_kernel = numba.njit(parallel=True, cache=True)(_products_loops)
 def linear_bf16_dot(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
     """x [T, in] float32 · bf16 weight [out, in]ᵀ → [T, out] float32, x rounded to bf16 first.
 
-    Its twin: :func:`linear_bf16_dot_numpy`. Only where :func:`cpu_has_bf16_dot`.
+    Its twin: :func:`linear_bf16_dot_numpy`. Refused where :func:`cpu_has_bf16_dot` is not
+    (compiling the instruction for a CPU without it would abort the process, not raise).
     """
+    check_bf16_dot_available()
+    x, weight = np.asarray(x), np.asarray(weight)
+    if weight.dtype != ml_dtypes.bfloat16 or weight.ndim != 2 or x.ndim != 2 or x.shape[1] != weight.shape[1]:
+        # The kernel trusts these shapes for its reads: a mismatch must not reach it.
+        raise MinqwenError(f"linear_bf16_dot multiplies x [T, in] by a bf16 weight [out, in], got x "
+                           f"{list(x.shape)} and a {weight.dtype} weight {list(weight.shape)}")
     pairs = round_to_bf16_pairs(x)  # [T, ceil(in / 2)]
     bits = np.ascontiguousarray(weight).view(np.uint16)  # [out, in]
     out = np.empty((x.shape[0], weight.shape[0]), np.float32)  # [T, out]

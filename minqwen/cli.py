@@ -37,7 +37,7 @@ def add_model_option(parser):
     parser.add_argument("--bf16-prompts", action="store_true",
                         help="with --dtype bfloat16, on a CPU with AVX512-BF16: round a prompt's activations to bf16 "
                              "and multiply with the CPU's bf16 dot-product instruction — about twice as fast a "
-                             "prompt, no longer exact (decoding stays exact)")
+                             "prompt, no longer exact (decode steps multiply exactly, over the cache the prompt left)")
 
 
 def add_sampling_options(parser):

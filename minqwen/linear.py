@@ -26,6 +26,7 @@ The products themselves:
 from __future__ import annotations
 
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 import ml_dtypes
 import numba
@@ -311,30 +312,34 @@ def widen_bf16(weight: np.ndarray) -> np.ndarray:
     return out.reshape(weight.shape)
 
 
-_prompts_in_bf16 = 0  # how many rounding_prompts_to_bf16 blocks are open
+# Whether this thread's products of many rows round x to bf16 now: None (no block open),
+# True, or False. A ContextVar, so that each thread (and asyncio task) has its own: one
+# model's bf16_prompts forward must not round another's products in a parallel thread.
+_ROUNDING: ContextVar[bool | None] = ContextVar("minqwen_rounding_prompts_to_bf16", default=None)
 
 
 @contextmanager
 def rounding_prompts_to_bf16(active: bool = True):
-    """Within the block (if ``active``), products of many rows with bf16 weights round x to bf16
-    and use the CPU's bf16 dot-product instruction (bf16_dot.py): a model's forward opens it
-    when loaded with ``bf16_prompts``. Few-row products (decode steps) stay exact."""
-    global _prompts_in_bf16
-    if not active:
-        yield
-        return
-    _prompts_in_bf16 += 1
+    """Within the block, products of many rows with bf16 weights round x to bf16 and use the
+    CPU's bf16 dot-product instruction (bf16_dot.py), if ``active``: a model's forward opens
+    it with its ``bf16_prompts``. Few-row products (decode steps) stay exact.
+
+    A block opened with ``active=False`` is exact, and so is everything opened inside it:
+    mtp.verify is part of decoding, which bf16_prompts leaves exact, even when its drafts
+    and last token reach 16 rows.
+    """
+    token = _ROUNDING.set(bool(active) and _ROUNDING.get() is not False)
     try:
         yield
     finally:
-        _prompts_in_bf16 -= 1
+        _ROUNDING.reset(token)
 
 
 def linear_bf16(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
     """x [T, in] float32 · bf16 weight [out, in]ᵀ → [T, out] float32, accumulating in float32."""
     if x.shape[0] < BLAS_ROWS:
         return linear_few_rows(x, weight)
-    if _prompts_in_bf16:
+    if _ROUNDING.get():
         return bf16_dot.linear_bf16_dot(x, weight)
     x = np.ascontiguousarray(x, dtype=np.float32)
     bits = weight.view(np.uint16)

@@ -351,11 +351,13 @@ def load(path: str | Path, progress=None, dtype: str = "float32", bf16_prompts: 
     per decode step — and widens inside the matmul kernels, accumulating in float32: exact
     for a bf16 checkpoint, a rounding of the weights for an fp32 one. Norms, decay
     parameters, biases and every activation stay float32 in both modes.
-    ``bf16_prompts`` (with "bfloat16" only, on a CPU with AVX512-BF16): prompts of 16 tokens
-    or more round their activations to bf16 and multiply them with the CPU's bf16
-    dot-product instruction — about twice as fast a prefill, no longer exact (a relative
-    rounding of up to 2⁻⁸ on each activation, as llama.cpp makes for bf16 weights). Decode
-    steps stay exact. It sets ``model.bf16_prompts``; see bf16_dot.py.
+    ``bf16_prompts`` (with "bfloat16" only, on a CPU with AVX512-BF16): products of 16 rows
+    or more — a prompt's layers, and the LM head over many positions (:meth:`Model.score`) —
+    round their activations to bf16 and multiply them with the CPU's bf16 dot-product
+    instruction: about twice as fast a prefill, no longer exact (a relative rounding of up
+    to 2⁻⁸ on each activation, as llama.cpp makes for bf16 weights). Decode steps and
+    speculative verifies multiply exactly, over the cache the rounded prompt left. It sets
+    ``model.bf16_prompts``; see bf16_dot.py.
     ``progress(done_bytes, total_bytes)``, if given, is called after each tensor is read.
     """
     if dtype not in ("float32", "bfloat16"):

@@ -52,7 +52,7 @@ from .config import read_json_object
 from .deltanet import DeltaNetState
 from .errors import MinqwenError, is_whole_number
 from .generate import GenerationStats, checked_generation_args, checked_history, stop_reason
-from .linear import BF16, SMALL_MODEL_BYTES, linear
+from .linear import BF16, SMALL_MODEL_BYTES, linear, rounding_prompts_to_bf16
 from .model import Cache, DecoderLayer, Model, load_attention, load_mlp, prefixed, TensorReader, converted
 from .norms import rms_norm
 from .rope import mrope_cos_sin, text_position_ids
@@ -371,12 +371,14 @@ def verify(model: Model, cache: Cache, tokens: list[int]) -> tuple[np.ndarray, n
     for state in cache.layers:
         if isinstance(state, DeltaNetState):
             state.history = []
-    try:
-        hidden = model.hidden_states(tokens, cache)  # [k+1, H]
-    except BaseException:
-        _forget_history(cache)
-        raise
-    return hidden, model.logits(hidden)  # [k+1, V]: every weight read once for all rows
+    # Exact even with bf16_prompts: a verify is decoding, and 15 drafts make 16 rows.
+    with rounding_prompts_to_bf16(False):
+        try:
+            hidden = model.hidden_states(tokens, cache)  # [k+1, H]
+        except BaseException:
+            _forget_history(cache)
+            raise
+        return hidden, model.logits(hidden)  # [k+1, V]: every weight read once for all rows
 
 
 def keep_first(cache: Cache, start: int, keep: int) -> None:

@@ -157,3 +157,68 @@ def test_with_bf16_prompts_numba_does_every_product_of_bf16_weights_only():
         assert numba_multiplies(BF16, rows, SMALL_MODEL_BYTES, bf16_prompts=True)  # BLAS then stays on one thread
         assert not numba_multiplies(np.dtype(np.float32), max(rows, BLAS_ROWS), SMALL_MODEL_BYTES, bf16_prompts=True)
     assert not numba_multiplies(BF16, BLAS_ROWS, SMALL_MODEL_BYTES)
+
+
+@needs_the_instruction
+def test_a_speculative_verify_stays_exact_even_at_16_rows(monkeypatch):
+    from minqwen.mtp import verify
+
+    name = BF16_FIXTURES[0]
+    exact = minqwen.load(FIXTURES / name, dtype="bfloat16")
+    rounded = minqwen.load(FIXTURES / name, dtype="bfloat16", bf16_prompts=True)
+    ids = np.random.default_rng(4).integers(0, exact.config.vocab_size, 8 + BLAS_ROWS).tolist()
+    calls = []
+    kernel = D.linear_bf16_dot
+    monkeypatch.setattr(D, "linear_bf16_dot", lambda x, w: (calls.append(len(x)), kernel(x, w))[1])
+    results = []
+    for model in (exact, rounded):
+        cache = model.new_cache()
+        model.forward(ids[:8], cache)  # under 16 tokens: the same cache in both
+        results.append(verify(model, cache, ids[8:]))  # a last token and 15 drafts
+    assert calls == []
+    for a, b in zip(*results):
+        assert np.array_equal(a, b)
+    rounded.forward(ids, rounded.new_cache())
+    assert calls  # while a prompt of as many rows does round
+
+
+@needs_the_instruction
+def test_one_thread_rounding_leaves_another_threads_products_exact():
+    import threading
+
+    rng = np.random.default_rng(5)
+    weight = rng.standard_normal((40, 24)).astype(ml_dtypes.bfloat16)
+    x = rng.standard_normal((BLAS_ROWS, 24)).astype(np.float32)
+    opened, done = threading.Event(), threading.Event()
+
+    def other_thread():
+        with rounding_prompts_to_bf16():
+            opened.set()
+            done.wait(30)
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    try:
+        assert opened.wait(30)
+        assert np.array_equal(linear(x, weight), x @ weight.astype(np.float32).T)  # this thread: exact
+    finally:
+        done.set()
+        thread.join()
+
+
+def test_a_mismatched_or_unsupported_product_is_refused_not_run(monkeypatch):
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((BLAS_ROWS, 64)).astype(np.float32)
+    if D.cpu_has_bf16_dot():  # shapes and dtypes the kernel's reads trust
+        with pytest.raises(MinqwenError, match=r"got x \[16, 64\] and a bfloat16 weight \[100, 4000\]"):
+            D.linear_bf16_dot(x, np.ones((100, 4000), ml_dtypes.bfloat16))
+        with pytest.raises(MinqwenError, match="and a float32 weight"):
+            D.linear_bf16_dot(x, np.ones((100, 64), np.float32))
+    # Where the instruction is missing, the call raises (compiling it would abort the process)
+    monkeypatch.setattr(D, "cpu_has_bf16_dot", lambda: False)
+    with pytest.raises(MinqwenError, match="AVX512-BF16"):
+        D.linear_bf16_dot(x, np.ones((100, 64), ml_dtypes.bfloat16))
+    model = minqwen.load(FIXTURES / BF16_FIXTURES[0], dtype="bfloat16")
+    model.bf16_prompts = True  # set by hand, on a CPU without the instruction
+    with pytest.raises(MinqwenError, match="AVX512-BF16"):
+        model.logits(x[:, :1].repeat(model.config.hidden_size, axis=1))
