@@ -18,6 +18,11 @@ FIXTURES = ROOT / "tests" / "fixtures"
 FIXTURE_NAMES = sorted(p.name for p in FIXTURES.iterdir() if (p / "expected.safetensors").is_file())
 
 
+def reordering_bound(x, w32):
+    """How far a float32 product x · w32ᵀ may move when its sums are reordered: ~n · 2⁻²⁴ · Σ|terms|."""
+    return 2 * x.shape[1] * 2.0**-24 * (np.abs(x) @ np.abs(w32).T) + 1e-30
+
+
 def greedy_continuation(model, prompt_ids, n: int) -> list[int]:
     """n tokens of greedy decoding after the prompt: a prefill, then one decode step per token."""
     cache = model.new_cache()

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from safetensors.numpy import load_file
 
 import minqwen
-from conftest import FIXTURE_NAMES, FIXTURES, greedy_continuation
+from conftest import FIXTURE_NAMES, FIXTURES, greedy_continuation, reordering_bound
 from minqwen.linear import BLAS_ROWS, linear, linear_bf16, linear_bf16_numpy, widen_bf16, widen_bf16_numpy
 
 BF16_FIXTURES = [n for n in FIXTURE_NAMES
@@ -19,11 +19,6 @@ BF16_FIXTURES = [n for n in FIXTURE_NAMES
 
 def random_bf16(rng, shape):
     return (rng.normal(size=shape) * rng.uniform(0.1, 3)).astype(ml_dtypes.bfloat16)
-
-
-def reordering_bound(x, w32):
-    # A float32 sum of n terms reordered differs by at most ~n · 2⁻²⁴ · Σ|terms|.
-    return 2 * x.shape[1] * 2.0**-24 * (np.abs(x) @ np.abs(w32).T) + 1e-30
 
 
 def test_widening_bf16_is_exact():
