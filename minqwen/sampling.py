@@ -124,7 +124,7 @@ def sample_next(logits: np.ndarray, params: SamplingParams, rng: np.random.Gener
     """The next token id from last-position logits [V]."""
     if not np.isfinite(logits).all():  # argmax would quietly pick id 0 over and over
         raise MinqwenError("the model computed NaN or infinite logits: its weights or config.json hold values "
-                           "it cannot compute with (a NaN weight, say, or a negative rms_norm_eps)")
+                           "it cannot compute with (a NaN weight, say)")
     logits = apply_penalties(logits, seen_ids, generated_ids, params)
     if params.greedy:
         return int(np.argmax(logits))

@@ -2,8 +2,8 @@
 
 ``log_probs(model, ids)`` gives log p(ids[t] | ids[:t]) for t ≥ 1. For a text longer than the
 context, :func:`score_text` slides a window over it: each window starts fresh, and only the
-tokens a window adds beyond the previous one are scored, each with at least ``window − stride``
-tokens of left context (the usual overlapping-window perplexity).
+tokens a window adds beyond the previous one are scored: after the first window, each with at
+least ``window − stride`` tokens of left context (the usual overlapping-window perplexity).
 """
 
 from __future__ import annotations

@@ -217,7 +217,8 @@ print("capacity after 300 appends:", capacities[-1], "tokens; re-allocations:", 
 #
 # At 16k tokens a decode step's attention is almost all memory traffic: one query token
 # reads every key and value in the cache. minqwen's `attention_few_queries`, a Numba kernel
-# used from 2k keys for one or two query tokens, splits the keys into blocks; each core reads
+# used from 2k keys for a few query tokens (tokens × query heads per KV head ≤ 8: one or two
+# at the 0.8B shape), splits the keys into blocks; each core reads
 # its blocks once and returns, per block, the largest score, the sum of exponentials and the
 # exp-weighted sum of values, and the blocks are merged at the end. That is the online
 # softmax of Exercise 4.1 below, run in parallel ("flash decoding"). It is held equal to the

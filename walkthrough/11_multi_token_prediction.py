@@ -286,8 +286,9 @@ if plt is not None:
     fig, ax = plt.subplots(figsize=(6, 3.2))
     acceptance = np.linspace(0, 1, 51)
     # c_verify(k + 1) and c_draft as tools/mtp_figures.py measured them on the Qwen3.5-0.8B
-    # shape (float32, 2 threads, an Intel Xeon VM): a k = 1 verify costs 1.12 steps.
-    for k, c_verify, c_draft in ((1, 1.12, 0.075), (2, 1.20, 0.075)):
+    # shape (float32, 2 threads, an Intel Xeon VM; the README's table): a k = 1 verify costs
+    # 1.09 steps.
+    for k, c_verify, c_draft in ((1, 1.09, 0.076), (2, 1.17, 0.076)):
         tokens = sum(acceptance ** i for i in range(k + 1))  # 1 + a + a² + … (each draft needs the one before)
         ax.plot(acceptance, tokens / (c_verify + k * c_draft), label=f"k = {k}: c_verify {c_verify}, c_draft {c_draft}")
     ax.axhline(1, color="#999999", lw=0.8)
