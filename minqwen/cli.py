@@ -206,7 +206,7 @@ def run_generate(args) -> int:
     if prompt_text is None and args.tokens is None:
         if sys.stdin.isatty():
             raise MinqwenError("give a prompt as an argument or on standard input")
-        prompt_text = sys.stdin.read()
+        prompt_text = read_stdin()
     if args.tokens is None and not prompt_text.strip():
         raise MinqwenError("the prompt is empty")
     if args.tokens is None and not args.image and IMAGE_PAD in prompt_text:
@@ -307,6 +307,8 @@ def run_chat(args) -> int:
         except (EOFError, KeyboardInterrupt):
             print(file=sys.stderr)
             return 0
+        except UnicodeDecodeError:
+            raise MinqwenError("standard input is not UTF-8 text") from None
         if not line.strip():
             continue
         command, _, path = line.strip().partition(" ")
@@ -357,12 +359,19 @@ def run_inspect(args) -> int:
 # --------------------------------------------------------------------------- score
 
 
+def read_stdin() -> str:
+    try:
+        return sys.stdin.read()
+    except UnicodeDecodeError:  # (with Python's UTF-8 mode, such bytes arrive as surrogates: encode refuses them)
+        raise MinqwenError("standard input is not UTF-8 text") from None
+
+
 def run_score(args) -> int:
     from .scoring import score_text
 
     path = Path(args.file)
     try:
-        text = sys.stdin.read() if args.file == "-" else path.read_text(encoding="utf-8")
+        text = read_stdin() if args.file == "-" else path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise MinqwenError(f"{args.file}: cannot read this text file ({e})") from None
     model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, bf16_prompts=args.bf16_prompts)

@@ -338,8 +338,23 @@ class ChatSession:
                 f"{self.tower.config.image_token_id}) for {len(self.images) + len(images)} images: attach images "
                 "with images=…, not by writing their tokens into the text"
             )
+        turn = len(self.messages), len(self.images)
         self.messages.append(messages[-1])
         self.images += images
+        try:
+            yield from self._answer(body, full, body_text, full_text, params, max_new_tokens, seed, stats, decode,
+                                    stop_strings)
+        except BaseException:
+            # The turn did not finish: a bad argument found on the way, an error, or the caller
+            # stopped reading (a break, Ctrl-C: GeneratorExit). Leave the conversation as it was
+            # before it, and the cache at a snapshot that matches the log.
+            del self.messages[turn[0]:], self.images[turn[1]:]
+            at = max(p for p in self.snapshots if p <= len(self.log))
+            self.cache, self.log = self.snapshots[at].copy(), self.log[:at]
+            raise
+
+    def _answer(self, body, full, body_text, full_text, params, max_new_tokens, seed, stats, decode, stop_strings):
+        """Feed the new turn and stream the answer (reply's second half, once the message is added)."""
         if full[: len(body)] == body:
             # Feed the conversation so far and remember this point: next turn's re-rendered
             # history (which may differ after it) can roll back to here.

@@ -416,10 +416,26 @@ def patchify(image: np.ndarray, config: PreprocessorConfig) -> tuple[np.ndarray,
     return x.reshape(gh * gw, c * t * p * p), (1, gh, gw)
 
 
+# Beyond this many pixels an image is refused before it is resized: 2²⁸ (16× the pixel budget
+# of Qwen's own preprocessor configs) is ~3 GB as float32 and ~1M vision tokens — more than
+# any context holds — so a bigger target can only be a mistake in the config or the image.
+MAX_PIXELS = 1 << 28
+
+
 def target_size(height: int, width: int, config: PreprocessorConfig) -> tuple[int, int]:
     """The (height, width) :func:`preprocess` brings an image to — or the error it would raise."""
     if config.do_resize:
-        return smart_resize(height, width, config.factor, config.min_pixels, config.max_pixels)
+        h, w = smart_resize(height, width, config.factor, config.min_pixels, config.max_pixels)
+        if h * w > MAX_PIXELS:
+            raise MinqwenError(
+                f"{config.source}: its pixel budget (min_pixels {config.min_pixels}, max_pixels "
+                f"{config.max_pixels}) would resize a {height}×{width} image to {h}×{w} pixels, more than "
+                f"minqwen allocates for one image ({MAX_PIXELS})"
+            )
+        return h, w
+    if height * width > MAX_PIXELS:
+        raise MinqwenError(f"the image is {height}×{width} pixels, more than minqwen allocates for one image "
+                           f"({MAX_PIXELS}); do_resize is false in {config.source}, so it would not be shrunk")
     if height % config.factor or width % config.factor:
         raise MinqwenError(
             f"{config.source}: do_resize is false, but the image's {height}×{width} pixels are not multiples "

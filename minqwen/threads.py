@@ -144,12 +144,14 @@ def serial_and_parallel(loops, **options):
 
 
 def set_threads(n: int | None = None) -> int:
-    """Use ``n`` threads (default: the physical cores) for BLAS and Numba; returns n."""
+    """Use ``n`` threads (default: the physical cores, at most NUMBA_NUM_THREADS) for BLAS and Numba; returns n."""
     global _limits
     import numba
     from threadpoolctl import threadpool_limits
 
-    n = physical_cores() if n is None else n
+    # The default stays within what Numba was started with: NUMBA_NUM_THREADS=1 set by the
+    # user is a choice to respect, not an error (asking for more explicitly still is one).
+    n = min(physical_cores(), numba.config.NUMBA_NUM_THREADS) if n is None else n
     if not is_whole_number(n) or n < 1:
         raise MinqwenError(f"threads must be a positive whole number, got {n!r}")
     n = int(n)

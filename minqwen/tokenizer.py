@@ -88,13 +88,20 @@ class Tokenizer:
         """Text → ids. Special-token strings in the text (``<|im_start|>`` …) become their ids."""
         if not isinstance(text, str):
             raise MinqwenError(f"encode takes text (a str), got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            # A lone surrogate: Python's stand-in for bytes that were not UTF-8 (a command-line
+            # argument or file in another encoding). The tokenizer works on UTF-8 text only.
+            raise MinqwenError("the text is not valid Unicode (it holds bytes that are not UTF-8, such as "
+                               "\\xff): save or pass it as UTF-8") from None
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         ids = list(ids)
-        bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, numbers.Integral) or i < 0]
+        bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, numbers.Integral) or not 0 <= i < 2**32]
         if bad:  # the tokenizers library would raise OverflowError or TypeError
-            raise MinqwenError(f"decode takes token ids (whole numbers ≥ 0), got {bad[0]!r}")
+            raise MinqwenError(f"decode takes token ids (whole numbers from 0 to 2³² − 1), got {bad[0]!r}")
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, enable_thinking: bool = True) -> str:
@@ -122,6 +129,10 @@ class Tokenizer:
             )
         except TemplateError as e:
             raise MinqwenError(f"the chat template failed to render: {e}") from None
+        except MinqwenError:
+            raise  # the template's own raise_exception
+        except Exception as e:  # noqa: BLE001 - whatever the checkpoint's template does wrong is the template's fault
+            raise MinqwenError(f"the chat template failed to render: {type(e).__name__}: {e}") from None
 
 
 class StreamDecoder:

@@ -241,6 +241,43 @@ def test_chat_with_thinking_rolls_back_rewritten_history_and_still_matches_a_fre
         assert answer == fresh
 
 
+@pytest.mark.parametrize("thinking", [False, True])
+@pytest.mark.parametrize("how", ["stopped reading", "bad max_new_tokens", "bad seed", "bad stop_strings"])
+def test_a_turn_that_does_not_finish_leaves_the_conversation_as_it_was(how, thinking):
+    session = ChatSession(MODEL, TOKENIZER, enable_thinking=thinking)
+    "".join(session.reply("Hello there.", max_new_tokens=8))
+    before = list(session.messages)
+    if how == "stopped reading":
+        pieces = session.reply("Write a long poem about the sea.", max_new_tokens=40)
+        next(pieces)  # the first piece, then the caller stops reading
+        pieces.close()
+    else:
+        bad = {"bad max_new_tokens": dict(max_new_tokens=0), "bad seed": dict(seed=-1),
+               "bad stop_strings": dict(stop_strings="x")}[how]
+        with pytest.raises(MinqwenError):
+            "".join(session.reply("Write a long poem about the sea.", **bad))
+    assert session.messages == before
+    # The next turn answers exactly as a fresh run over the conversation without the lost turn.
+    answer = "".join(session.reply("What is a list?", max_new_tokens=16))
+    rendered = TOKENIZER.render_chat(session.messages[:-1], enable_thinking=thinking)
+    fresh = "".join(stream_text(MODEL, TOKENIZER, TOKENIZER.encode(rendered), max_new_tokens=16,
+                                skip_special_tokens=False))
+    assert answer == fresh
+
+
+def test_text_that_is_not_utf8_and_templates_that_fail_are_errors_not_tracebacks():
+    with pytest.raises(MinqwenError, match="not valid Unicode"):
+        TOKENIZER.encode("a\udcff")  # how Python holds a byte 0xff read from a non-UTF-8 argument
+    with pytest.raises(MinqwenError, match="decode takes token ids"):
+        TOKENIZER.decode([10**30])
+    broken = Tokenizer(EMBEDDED)
+    for template, error in [("{{ 1 / 0 }}", "ZeroDivisionError"), ("{{ messages + 1 }}", "TypeError"),
+                            ("{{ raise_exception('no system role') }}", "no system role")]:
+        broken.chat_template = template
+        with pytest.raises(MinqwenError, match=error):
+            broken.render_chat([{"role": "user", "content": "hi"}])
+
+
 def test_the_python_generate_api_takes_a_prompt_or_chat_messages_and_streams_the_same_text():
     text = minqwen.generate(MODEL, TOKENIZER, "def ", max_new_tokens=12, temperature=0)
     assert text == "".join(minqwen.stream(MODEL, TOKENIZER, "def ", max_new_tokens=12, temperature=0))

@@ -34,3 +34,18 @@ def test_a_malloc_setting_of_the_user_wins():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
+
+
+def test_the_default_thread_count_stays_within_numba_num_threads():
+    # A user who starts Python with NUMBA_NUM_THREADS=1 asked for one thread: the command
+    # line's default (the physical cores) must not then refuse to run; an explicit
+    # --threads beyond it still is refused, with the variable named.
+    env = dict(os.environ, NUMBA_NUM_THREADS="1")
+    command = ["generate", "def", "--max-new-tokens", "2"]
+    ok = subprocess.run([sys.executable, "-m", "minqwen", *command], env=env, capture_output=True, text=True,
+                        timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    refused = subprocess.run([sys.executable, "-m", "minqwen", "--threads", "2", *command], env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "NUMBA_NUM_THREADS" in refused.stderr
+    assert "Traceback" not in refused.stderr

@@ -428,6 +428,18 @@ def test_missing_or_bad_preprocessor_config_is_an_error(folder):
         vision.load_vision(folder)
 
 
+def test_a_pixel_budget_that_would_blow_up_an_image_is_refused_before_resizing():
+    # A config whose minimum is 10¹¹ pixels would resize an 8 × 8 image to ~316k × 316k.
+    config = preprocessor_config_from_dict(dict(patch_size=4, merge_size=2, temporal_patch_size=2,
+                                                size=dict(shortest_edge=10**11, longest_edge=10**12)))
+    tracemalloc.start()
+    with pytest.raises(MinqwenError, match="min_pixels 100000000000"):
+        preprocess(np.zeros((8, 8, 3), np.uint8), config)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 10 * 1024 * 1024
+
+
 def test_legacy_min_max_pixels_win_over_size_as_in_the_reference():
     config = preprocessor_config_from_dict(dict(size=dict(shortest_edge=10, longest_edge=99), min_pixels=20,
                                                 max_pixels=400))
