@@ -503,7 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minqwen", description="Qwen3.5 in readable NumPy.")
     parser.add_argument("--version", action="version", version=f"minqwen {__version__}")
     parser.add_argument("--threads", type=int, metavar="N",
-                        help="threads for BLAS and Numba (default: the physical cores)")
+                        help="threads for BLAS and Numba (default: the physical cores, at most NUMBA_NUM_THREADS)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 

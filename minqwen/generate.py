@@ -310,6 +310,8 @@ class ChatSession:
         ``images``: paths, Pillow images or [H, W, 3] uint8 arrays to show with this message
         (the session needs a ``tower``); they come before the text, as Qwen's examples put them.
         ``stop_strings``: the answer ends before the first of these (as in :func:`stream_text`).
+        A turn that does not finish — an error on the way, or the caller stops reading — is
+        dropped: the conversation is then as it was before this call.
         """
         if not isinstance(user_text, str):
             raise MinqwenError(f"the message must be text (a str), got {type(user_text).__name__}")
