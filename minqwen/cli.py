@@ -13,6 +13,7 @@ traceback: MinqwenError is caught here and printed.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import time
@@ -275,7 +276,7 @@ def attach_image(session, path: str, spec):
         raise MinqwenError("/image needs a path: /image PATH")
     if session.tower is None:
         session.tower = vision.load_vision(find_checkpoint(spec))
-    pixels = read_image(Path(path).expanduser())
+    pixels = read_image(Path(os.path.expanduser(path)))  # (Path.expanduser raises for an unknown ~user)
     height, width = pixels.shape[:2]
     try:
         tokens = session.tower.token_count(height, width)
@@ -560,6 +561,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from .threads import set_threads
 
+        if sys.stdout is None:  # started with standard output closed (`>&-`)
+            raise MinqwenError("standard output is closed: minqwen has nowhere to write (redirect it to a file)")
         set_threads(args.threads)
         return int(args.run(args) or 0)
     except MinqwenError as e:
@@ -568,5 +571,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
-    except BrokenPipeError:
+    except BrokenPipeError:  # a reader that stopped early (`| head`) is no error
         return 0
+    except OSError as e:
+        # What the system refused, most often writing the output (a full disk, /dev/full): one
+        # line, and stdout pointed at nothing so that Python's own flush at exit cannot fail again.
+        print(f"minqwen: error: {e}", file=sys.stderr)
+        _discard_stdout()
+        return 2
+
+
+def _discard_stdout() -> None:
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass

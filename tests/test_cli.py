@@ -230,3 +230,20 @@ def test_bf16_prompts_needs_bf16_weights_and_runs_with_them():
         assert result.stdout.startswith(prompt) and len(result.stdout) > len(prompt)
     else:
         assert_clean_error(result, "needs a CPU with the AVX512-BF16 instructions")
+
+
+def test_output_that_cannot_be_written_and_input_that_is_not_utf8_are_one_line_errors(tmp_path):
+    command = [sys.executable, "-m", "minqwen", "generate", "def", "--max-new-tokens", "2"]
+    if os.path.exists("/dev/full"):  # every write fails there: a full disk
+        with open("/dev/full", "w") as full:
+            result = subprocess.run(command, stdout=full, stderr=subprocess.PIPE, text=True, env=ENV, timeout=300)
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert "No space left on device" in result.stderr and "Exception ignored" not in result.stderr
+    closed = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+                            timeout=300, preexec_fn=lambda: os.close(1))
+    assert_clean_error(closed, "standard output is closed")
+    for args in (["generate"], ["score", "-"]):
+        not_utf8 = subprocess.run([sys.executable, "-m", "minqwen", *args], input=b"\xff\xfe text",
+                                  capture_output=True, env=ENV, timeout=300)
+        assert not_utf8.returncode == 2 and b"Traceback" not in not_utf8.stderr
+        assert b"not UTF-8" in not_utf8.stderr
