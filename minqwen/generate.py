@@ -111,10 +111,14 @@ def generate_ids(
     """
     prompt_ids = checked_generation_args(prompt_ids, max_new_tokens, seed, params)
     cache = cache if cache is not None else model.new_cache()
+    if stats is not None and not isinstance(stats, GenerationStats):
+        raise MinqwenError(f"stats must be a GenerationStats (or None), got {type(stats).__name__}")
     stats = stats if stats is not None else GenerationStats()
     rng = np.random.default_rng(seed)
     seen = checked_history(history, model.config.vocab_size) + prompt_ids
     generated: list[int] = []
+    if isinstance(stop_ids, (str, bytes)) or not hasattr(stop_ids, "__iter__"):
+        raise MinqwenError(f"stop_ids must be a collection of token ids, got {stop_ids!r}")
     stop_ids = set(stop_ids)
 
     start = time.perf_counter()

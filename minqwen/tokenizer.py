@@ -43,6 +43,8 @@ class Tokenizer:
     def __init__(self, folder: str | Path):
         from tokenizers import Tokenizer as HFTokenizer
 
+        if not isinstance(folder, (str, Path)):
+            raise MinqwenError(f"Tokenizer takes a checkpoint folder (a path), got {type(folder).__name__}")
         folder = Path(folder)
         path = folder / "tokenizer.json"
         if not path.is_file():
@@ -109,6 +111,9 @@ class Tokenizer:
         from jinja2 import TemplateError
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+        if not isinstance(messages, (list, tuple)):
+            raise MinqwenError(f"render_chat takes a list of messages (dicts with 'role' and 'content'), got "
+                               f"{type(messages).__name__}")
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise MinqwenError(f"chat message {i} must be a dict with string 'role' and 'content'")

@@ -270,6 +270,14 @@ def test_text_that_is_not_utf8_and_templates_that_fail_are_errors_not_tracebacks
         TOKENIZER.encode("a\udcff")  # how Python holds a byte 0xff read from a non-UTF-8 argument
     with pytest.raises(MinqwenError, match="decode takes token ids"):
         TOKENIZER.decode([10**30])
+    with pytest.raises(MinqwenError, match="checkpoint folder"):
+        Tokenizer(5)
+    with pytest.raises(MinqwenError, match="list of messages"):
+        TOKENIZER.render_chat(None)
+    with pytest.raises(MinqwenError, match="stop_ids"):
+        list(generate_ids(MODEL, [1, 2], max_new_tokens=2, stop_ids=5))
+    with pytest.raises(MinqwenError, match="stats"):
+        list(generate_ids(MODEL, [1, 2], max_new_tokens=2, stats=5))
     broken = Tokenizer(EMBEDDED)
     for template, error in [("{{ 1 / 0 }}", "ZeroDivisionError"), ("{{ messages + 1 }}", "TypeError"),
                             ("{{ raise_exception('no system role') }}", "no system role")]:
