@@ -239,7 +239,8 @@ def record(model, token_ids, decode_steps: int = 0, taps: str = "*", mtp_head=No
 
     Returns ``{name: array}`` in forward order: ``token_ids``, the prompt's taps, each step's
     ``step{n}.`` taps, and ``generated_ids`` when ``decode_steps`` > 0. The arrays are copies;
-    the model computes exactly what it computes without recording, bit for bit.
+    the model computes exactly what it computes without recording, bit for bit. A recorded tap
+    holding NaN or inf is an error naming the first such tap: a reference must be numbers.
     """
     if not isinstance(decode_steps, int) or isinstance(decode_steps, bool) or decode_steps < 0:
         raise MinqwenError(f"decode_steps must be a whole number ≥ 0, got {decode_steps!r}")
@@ -266,6 +267,11 @@ def record(model, token_ids, decode_steps: int = 0, taps: str = "*", mtp_head=No
     logits = model.forward(token_ids, cache, tap=collector(""))  # [T, V]; forward validates the ids
     generated = []
     for n in range(decode_steps):
+        if not np.isfinite(logits[-1]).all():  # the argmax of NaNs would decode nonsense, quietly
+            _refuse_non_finite(taps_seen)  # names where it started, when a recorded tap shows it
+            where = f"decode step {n - 1}" if n else "the prompt"
+            raise MinqwenError(f"the logits of {where} hold NaN or infinite values, so greedy decoding cannot "
+                               f"choose the next token: {_CANNOT_COMPUTE}")
         next_id = int(np.argmax(logits[-1]))
         generated.append(next_id)
         logits = model.forward([next_id], cache, last_only=True, tap=collector(f"step{n}."))  # [1, V]
@@ -277,7 +283,20 @@ def record(model, token_ids, decode_steps: int = 0, taps: str = "*", mtp_head=No
                           if _selected(patterns, name, name)})
     if decode_steps:
         recording["generated_ids"] = np.array(generated, dtype=np.int64)
+    _refuse_non_finite(recording)
     return recording
+
+
+_CANNOT_COMPUTE = ("the model's weights or config.json hold values it cannot compute with (a NaN weight, say), "
+                   "and a golden recording of them would test nothing")
+
+
+def _refuse_non_finite(taps: dict[str, np.ndarray]) -> None:
+    """A NaN equals nothing, not even a NaN: name the first tap, in forward order, holding one (or an inf)."""
+    for name in sorted(taps, key=forward_order):
+        if not np.isfinite(taps[name]).all():
+            raise MinqwenError(f"tap '{name}' holds NaN or infinite values (the first recorded tap that does, "
+                               f"in forward order): {_CANNOT_COMPUTE}")
 
 
 def _parse_patterns(taps: str) -> list[str]:

@@ -22,6 +22,9 @@ import numpy as np
 
 from .errors import MinqwenError, is_real_number, is_whole_number
 
+NON_FINITE_LOGITS = ("the model computed NaN or infinite logits: its weights or config.json hold values "
+                     "it cannot compute with (a NaN weight, say)")
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -35,18 +38,26 @@ class SamplingParams:
     def __post_init__(self):
         for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty"):
             value = getattr(self, name)
-            if not is_real_number(value) or not math.isfinite(value):
-                raise MinqwenError(f"{name} must be a finite number, got {value!r}")
+            if not _is_finite_number(value):
+                raise MinqwenError(f"{name} must be a finite number, got {_shown(value)}")
         checks = [
-            (self.temperature >= 0, "temperature must be ≥ 0 (0 is greedy)"),
-            (is_whole_number(self.top_k) and self.top_k >= 0, "top_k must be a whole number ≥ 0 (0 is off)"),
-            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-            (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
-            (self.repetition_penalty > 0, "repetition_penalty must be > 0 (1 is off)"),
+            (self.temperature >= 0, "temperature must be ≥ 0 (0 is greedy)", self.temperature),
+            (is_whole_number(self.top_k) and self.top_k >= 0, "top_k must be a whole number ≥ 0 (0 is off)",
+             self.top_k),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1] (1 is off)", self.top_p),
+            (0 <= self.min_p <= 1, "min_p must be in [0, 1] (0 is off)", self.min_p),
+            (self.repetition_penalty > 0, "repetition_penalty must be > 0 (1 is off)", self.repetition_penalty),
         ]
-        for ok, message in checks:
+        for ok, message, value in checks:
             if not ok:
-                raise MinqwenError(message)
+                raise MinqwenError(f"{message}, got {_shown(value)}")
+        for name in ("repetition_penalty", "presence_penalty"):  # they meet float32 logits
+            value = getattr(self, name)
+            with np.errstate(over="ignore"):
+                as_float32 = np.float32(value)
+            if not np.isfinite(as_float32) or (name == "repetition_penalty" and as_float32 == 0):  # (it divides)
+                raise MinqwenError(f"{name} must fit in float32, the logits' type (magnitude up to 3e38; a "
+                                   f"repetition_penalty at least 1e-45), got {_shown(value)}")
 
     @property
     def greedy(self) -> bool:
@@ -62,13 +73,19 @@ class SamplingParams:
         do_sample = config.get("do_sample", True)
         if not isinstance(do_sample, bool):
             raise MinqwenError(f"{source}: do_sample must be true or false, got {do_sample!r}")
+
+        def setting(name, off):
+            # Only a missing or null field means "off": a 0 in the file is a value, checked like any other.
+            value = config.get(name)
+            return off if value is None else value
+
         values = {
             "temperature": config.get("temperature", 0.0) if do_sample else 0.0,
-            "top_k": config.get("top_k") or 0,
-            "top_p": config.get("top_p") or 1.0,
-            "min_p": config.get("min_p") or 0.0,
-            "repetition_penalty": config.get("repetition_penalty") or 1.0,
-            "presence_penalty": config.get("presence_penalty") or 0.0,
+            "top_k": setting("top_k", 0),
+            "top_p": setting("top_p", 1.0),
+            "min_p": setting("min_p", 0.0),
+            "repetition_penalty": setting("repetition_penalty", 1.0),
+            "presence_penalty": setting("presence_penalty", 0.0),
         }
         try:
             cls(**values)  # the file's own values, checked before any override hides one
@@ -81,26 +98,52 @@ class SamplingParams:
         return cls(**values)
 
 
+def _is_finite_number(value) -> bool:
+    try:
+        return is_real_number(value) and math.isfinite(value)
+    except OverflowError:  # an int too large for a float, 10**400 say
+        return False
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 30 else f"{text[:12]}… ({len(text)} characters)"
+
+
 def apply_penalties(logits: np.ndarray, seen_ids, generated_ids, params: SamplingParams) -> np.ndarray:
-    """logits [V] with the repetition and presence penalties applied (a new array)."""
+    """logits [V] with the repetition and presence penalties applied (a new float32 array).
+
+    An extreme penalty can push a logit past float32's range, to ±inf: sampling_distribution
+    stops there with an error naming the penalty; greedy decoding takes the argmax regardless.
+    """
+    # In float32, as the reference computes. SamplingParams keeps each penalty a finite, nonzero
+    # float32, so a finite logit can overflow to ±inf here but never become NaN.
     logits = logits.astype(np.float32, copy=True)
-    if params.repetition_penalty != 1.0 and len(seen_ids):
-        ids = np.unique(np.asarray(seen_ids))
-        values = logits[ids]
-        logits[ids] = np.where(values > 0, values / params.repetition_penalty, values * params.repetition_penalty)
-    if params.presence_penalty != 0.0 and len(generated_ids):
-        logits[np.unique(np.asarray(generated_ids))] -= params.presence_penalty
+    with np.errstate(over="ignore"):  # no NumPy warning about an overflow: the error above says more
+        if params.repetition_penalty != 1.0 and len(seen_ids):
+            ids = np.unique(np.asarray(seen_ids))
+            values = logits[ids]
+            logits[ids] = np.where(values > 0, values / params.repetition_penalty,
+                                   values * params.repetition_penalty)
+        if params.presence_penalty != 0.0 and len(generated_ids):
+            logits[np.unique(np.asarray(generated_ids))] -= params.presence_penalty
     return logits
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
-    z = np.exp(logits - logits.max())
+    with np.errstate(over="ignore"):  # a difference below float32's range is −inf: exp makes it the 0 it should be
+        z = np.exp(logits - logits.max())
     return z / z.sum()
 
 
 def filter_logits(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
     """Temperature, then top-k, top-p and min-p: removed ids get −inf."""
-    logits = logits / params.temperature
+    with np.errstate(all="ignore"):  # no NumPy warning: the overflow is reported just below
+        logits = logits / params.temperature
+    if not np.isfinite(logits.max()):  # +inf, or −inf everywhere: softmax would make every probability NaN
+        raise MinqwenError(f"temperature {params.temperature:g} is too small for these logits: dividing by it "
+                           f"goes past what float32 can hold, so no probabilities can be computed. Temperature 0 "
+                           f"(greedy) picks the most likely token, which is what so small a temperature amounts to")
     if params.top_k and params.top_k < logits.size:
         kth = np.partition(logits, -params.top_k)[-params.top_k]
         logits = np.where(logits < kth, -np.inf, logits)
@@ -123,8 +166,7 @@ def sample_next(logits: np.ndarray, params: SamplingParams, rng: np.random.Gener
                 seen_ids=(), generated_ids=()) -> int:
     """The next token id from last-position logits [V]."""
     if not np.isfinite(logits).all():  # argmax would quietly pick id 0 over and over
-        raise MinqwenError("the model computed NaN or infinite logits: its weights or config.json hold values "
-                           "it cannot compute with (a NaN weight, say)")
+        raise MinqwenError(NON_FINITE_LOGITS)
     logits = apply_penalties(logits, seen_ids, generated_ids, params)
     if params.greedy:
         return int(np.argmax(logits))
@@ -133,5 +175,23 @@ def sample_next(logits: np.ndarray, params: SamplingParams, rng: np.random.Gener
 
 def sampling_distribution(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
     """What a token is drawn from, given logits [V] with penalties applied: float64 [V], summing to one."""
+    # softmax subtracts the largest logit: were it +inf, or every logit −inf, all probabilities would be NaN
+    if not np.isfinite(logits.max()):  # (a NaN anywhere makes the max NaN)
+        raise MinqwenError(_overflow_message(logits, params))
     probs = softmax(filter_logits(logits, params)).astype(np.float64)
     return probs / probs.sum()
+
+
+def _overflow_message(logits: np.ndarray, params: SamplingParams) -> str:
+    """Why penalized logits cannot be sampled from: the penalty to blame, else the model."""
+    # A logit reaches +inf through a repetition_penalty below 1 or a negative presence_penalty
+    # (repeated tokens made likelier); every logit reaches −inf through the opposite.
+    up = logits.max() == np.inf
+    culprits = [f"{name} {value:g}" for name, value, off in (("repetition_penalty", params.repetition_penalty, 1.0),
+                                                             ("presence_penalty", params.presence_penalty, 0.0))
+                if (value < off if up else value > off)]
+    if np.isnan(logits).any() or not culprits:  # penalties make no NaN (see apply_penalties)
+        return NON_FINITE_LOGITS
+    return (f"{' and '.join(culprits)} pushed logits of repeated tokens past what float32 can hold, so no "
+            f"probabilities can be computed: choose a penalty nearer its 'off' value (repetition_penalty 1, "
+            f"presence_penalty 0; checkpoints ship values like 1.05 and 1.5)")

@@ -27,8 +27,11 @@ def log_probs(model: Model, ids) -> np.ndarray:
     ids = np.asarray(ids)
     if ids.ndim != 1 or ids.size < 2:
         raise MinqwenError("scoring needs at least two token ids (the first is only context)")
-    logp = log_softmax(model.forward(ids))  # [T, V]: row t predicts ids[t + 1]
-    return logp[np.arange(ids.size - 1), ids[1:]]
+    logp = log_softmax(model.forward(ids))[np.arange(ids.size - 1), ids[1:]]  # row t predicts ids[t + 1]
+    if not np.isfinite(logp).all():  # a perplexity of nan would look like a result
+        raise MinqwenError("the model computed NaN or infinite logits while scoring: its weights or config.json "
+                           "hold values it cannot compute with (a NaN weight, say)")
+    return logp
 
 
 @dataclass
@@ -57,8 +60,12 @@ def score_text(model: Model, tokenizer, text: str, window: int | None = None, st
             raise MinqwenError(f"{name} must be a whole number of tokens, got {value!r}")
     window = model.config.max_position_embeddings if window is None else window
     stride = max(1, window // 2) if stride is None else stride
-    if not 1 <= stride <= window or window < 2:
-        raise MinqwenError(f"need 2 ≤ window and 1 ≤ stride ≤ window, got window {window}, stride {stride}")
+    # Windows must overlap: a window's first token has nothing before it to be predicted from,
+    # so only the window before can score it (with stride = window it would count, unscored).
+    if not 1 <= stride < window:
+        raise MinqwenError(f"window must be ≥ 2 and stride from 1 to window − 1, got window {window}, "
+                           f"stride {stride}: windows must overlap, as each window's first token is only "
+                           f"context for the rest")
     if window > model.config.max_position_embeddings:
         raise MinqwenError(f"window {window} is longer than the model's context of "
                            f"{model.config.max_position_embeddings} tokens (config max_position_embeddings)")

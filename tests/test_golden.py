@@ -329,6 +329,35 @@ def test_bad_record_arguments_are_clear_errors(models, kwargs, message):
         golden.record(models["text_tied_fp32"], [1, 2], **kwargs)
 
 
+def with_nan_weight(layer, weight):
+    """A fresh copy of the fixture model whose weight ``layers.{layer}.{weight}`` has one NaN element."""
+    model = minqwen.load(FIXTURES / "text_tied_fp32")
+    owner, attr = model.layers[layer], weight
+    while "." in attr:
+        part, attr = attr.split(".", 1)
+        owner = getattr(owner, part)
+    broken = getattr(owner, attr).copy()
+    broken.flat[0] = np.nan
+    setattr(owner, attr, broken)
+    return model
+
+
+def test_recording_a_model_that_computes_nan_is_an_error_naming_the_first_nan_tap():
+    # A golden file of NaNs would test nothing: NaN equals nothing, not even NaN.
+    model = with_nan_weight(2, "linear_attn.norm")
+    with pytest.raises(MinqwenError, match=r"^tap 'layers\.2\.linear_attn\.norm' holds NaN or infinite values"):
+        golden.record(model, [3, 1, 4], decode_steps=2)
+    with pytest.raises(MinqwenError, match=r"^tap 'layers\.2\.mlp' holds NaN"):  # the first of those recorded
+        golden.record(model, [3, 1, 4], taps="layers.2.mlp,logits")
+
+
+def test_decoding_from_nan_logits_is_an_error_even_when_no_recorded_tap_shows_them():
+    model = with_nan_weight(3, "self_attn.o_proj")
+    assert golden.record(model, [3, 1, 4], taps="layers.0.*")  # the taps it records are sound numbers
+    with pytest.raises(MinqwenError, match="the logits of the prompt hold NaN or infinite values, so greedy decoding"):
+        golden.record(model, [3, 1, 4], decode_steps=1, taps="layers.0.*")
+
+
 # ============================================================================ the file
 
 

@@ -1,5 +1,9 @@
 """Sampling semantics: penalties, temperature, top-k, top-p, min-p, in transformers' order."""
 
+import json
+import re
+import warnings
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -187,3 +191,114 @@ def test_penalties_and_filters_match_transformers_logits_processors(logits, temp
     theirs = scores[0].numpy()
     assert (np.isfinite(ours) == np.isfinite(theirs)).all()
     np.testing.assert_allclose(ours[np.isfinite(ours)], theirs[np.isfinite(theirs)], rtol=1e-5)
+
+
+# ---------------------------------------------------------------- values too extreme to compute with
+
+# Each passes SamplingParams' checks but takes a logit past float32's range: the error must name it.
+# Every id was seen and generated; in the −|LOGITS| − 1 cases, every logit is negative.
+OVERFLOWING = [
+    (dict(temperature=1e-40), LOGITS, "temperature 1e-40 is too small"),
+    (dict(temperature=5e-324), LOGITS, "temperature 4.94066e-324 is too small"),  # 0 as a float32
+    (dict(temperature=1e-39), -np.abs(LOGITS) - 1, "temperature 1e-39 is too small"),  # every logit to −inf
+    (dict(temperature=1.0, repetition_penalty=2e-38), 100 * LOGITS, "repetition_penalty 2e-38 pushed"),
+    (dict(temperature=1.0, repetition_penalty=3e38), -np.abs(LOGITS) - 1, "repetition_penalty 3e[+]38 pushed"),
+]
+
+
+@pytest.mark.parametrize("options, logits, message", OVERFLOWING,
+                         ids=lambda v: str(v) if isinstance(v, dict) else "")
+def test_options_that_overflow_the_logits_are_an_error_naming_the_option_without_numpy_warnings(
+        options, logits, message):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "overflow encountered" from NumPy either: the error says it
+        with pytest.raises(MinqwenError, match=message):
+            sample_next(logits.astype(np.float32), SamplingParams(**options), np.random.default_rng(0),
+                        seen_ids=range(logits.size), generated_ids=range(logits.size))
+
+
+def test_a_number_too_large_for_a_float_is_an_error_not_an_overflow():
+    shortened = r"^temperature must be a finite number, got 100000000000… [(]401 characters"  # not 401 digits
+    with pytest.raises(MinqwenError, match=shortened):
+        SamplingParams(temperature=10**400)
+
+
+def test_greedy_still_takes_the_argmax_when_a_penalty_overflows():
+    rng = np.random.default_rng(0)
+    # id 1 (logit 1.5) was seen: ÷ 2e-38 makes it 7.5e37, above id 0's 2.0
+    assert sample_next(LOGITS, SamplingParams(repetition_penalty=2e-38), rng, seen_ids=[1]) == 1
+    assert sample_next(LOGITS, SamplingParams(presence_penalty=-3e38), rng, generated_ids=[4]) == 4
+    assert sample_next(LOGITS, SamplingParams(presence_penalty=3e38), rng, generated_ids=[0]) == 1
+
+
+@pytest.mark.parametrize("options", [dict(repetition_penalty=1e-300), dict(repetition_penalty=1e39),
+                                     dict(presence_penalty=-1e300), dict(presence_penalty=1e39)],
+                         ids=lambda v: str(v))
+def test_a_penalty_beyond_float32_is_refused_where_it_is_given(options):
+    # The logits are float32, as in the reference: a penalty float32 cannot hold would turn
+    # logits into NaN (0 × inf, inf − inf) and the model would be blamed.
+    with pytest.raises(MinqwenError, match=f"^{next(iter(options))} must fit in float32"):
+        SamplingParams(**options)
+
+
+def test_a_tiny_temperature_that_stays_in_range_samples_the_argmax():
+    draws = {sample_next(LOGITS, SamplingParams(temperature=1e-30), np.random.default_rng(s)) for s in range(20)}
+    assert draws == {0}
+
+
+@settings(max_examples=300, deadline=None)
+@given(logits=arrays(np.float32, st.integers(2, 30),
+                     elements=st.floats(width=32, allow_nan=False, allow_infinity=False)),
+       temperature=st.floats(0, 1e308), repetition_penalty=st.floats(1e-45, 3.4e38),
+       presence_penalty=st.floats(-3.4e38, 3.4e38), seen=st.lists(st.integers(0, 1), max_size=3),
+       seed=st.integers(0, 100))
+def test_any_finite_options_give_a_token_or_an_error_naming_an_option(
+        logits, temperature, repetition_penalty, presence_penalty, seen, seed):
+    params = SamplingParams(temperature=temperature, repetition_penalty=repetition_penalty,
+                            presence_penalty=presence_penalty)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        try:
+            token = sample_next(logits, params, np.random.default_rng(seed), seen, seen)
+        except MinqwenError as e:
+            assert not params.greedy  # greedy always has an argmax
+            assert str(e).startswith(("temperature", "repetition_penalty", "presence_penalty")), str(e)
+        else:
+            assert 0 <= token < logits.size
+
+
+# ---------------------------------------------------------------- generation_config.json
+
+
+@pytest.mark.parametrize("config, named", [
+    (dict(top_p=0), "top_p must be in [(]0, 1[]] [(]1 is off[)], got 0"),
+    (dict(repetition_penalty=0), "repetition_penalty must be > 0 [(]1 is off[)], got 0"),
+    (dict(repetition_penalty=0.0, top_p=0.9), "repetition_penalty must be > 0"),
+    (dict(top_k=False), "top_k must be a whole number"),
+    (dict(min_p=""), "min_p must be a finite number"),
+], ids=str)
+def test_a_zero_or_other_falsy_value_in_generation_config_is_checked_not_replaced_by_the_default(config, named):
+    with pytest.raises(MinqwenError, match=rf"^ckpt/generation_config.json: {named}"):
+        SamplingParams.from_generation_config(config, "ckpt/generation_config.json")
+
+
+def test_generation_config_zeros_that_are_allowed_are_kept_and_null_means_off():
+    params = SamplingParams.from_generation_config(
+        {"top_k": 0, "min_p": 0, "presence_penalty": 0, "top_p": None, "repetition_penalty": None}, "g.json")
+    assert params == SamplingParams()
+    assert SamplingParams.from_generation_config({"temperature": 0.5, "min_p": 0.0}, "g.json").min_p == 0.0
+
+
+def test_generate_names_the_checkpoints_generation_config_when_its_top_p_is_0(tmp_path):
+    import shutil
+
+    import minqwen
+
+    embedded = minqwen.checkpoint.EMBEDDED
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(embedded / name, tmp_path / name)
+    config = json.loads((embedded / "generation_config.json").read_text())
+    (tmp_path / "generation_config.json").write_text(json.dumps({**config, "do_sample": True, "top_p": 0}))
+    named = re.escape(f"{tmp_path / 'generation_config.json'}: top_p must be in (0, 1] (1 is off), got 0")
+    with pytest.raises(MinqwenError, match=f"^{named}$"):
+        minqwen.generate(minqwen.load(embedded), minqwen.Tokenizer(tmp_path), "def f", max_new_tokens=2)

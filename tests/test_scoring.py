@@ -65,12 +65,54 @@ def test_bits_per_byte_counts_utf8_bytes():
     assert result.bits_per_byte == pytest.approx(result.nll_nats / math.log(2) / 13)
 
 
-@pytest.mark.parametrize("bad", [dict(window=1), dict(window=10, stride=11), dict(window=10, stride=0),
-                                 dict(window=2.5), dict(window=10, stride="3")], ids=str)
+@pytest.mark.parametrize("bad", [dict(window=1), dict(window=10, stride=11), dict(window=10, stride=10),
+                                 dict(window=10, stride=0), dict(window=2.5), dict(window=10, stride="3")], ids=str)
 def test_bad_windows_are_clear_errors(bad):
     model = minqwen.load(FIXTURES / "text_tied_fp32")
     with pytest.raises(MinqwenError, match="window|stride"):
         score_text(model, CharTokenizer(), "abcdefghijkl", **bad)
+
+
+def test_stride_equal_to_window_is_refused_as_windows_must_overlap():
+    # With stride = window the windows would not overlap: each one's first token would have no
+    # context, go unscored, and still count in the perplexity's average.
+    model = minqwen.load(FIXTURES / "text_tied_fp32")
+    with pytest.raises(MinqwenError, match="stride from 1 to window − 1, got window 4, stride 4: windows must"):
+        score_text(model, CharTokenizer(), "abcdefghijklmn", window=4, stride=4)
+
+
+@pytest.mark.parametrize("length", [14, 15, 16, 60])
+def test_at_the_largest_stride_every_token_is_scored_once_with_context(length):
+    # stride = window − 1: window k spans ids[3k : 3k + 4] and scores all but its first token, which
+    # the window before scored; so the total is the sum of each window's own scores.
+    model = minqwen.load(FIXTURES / "text_tied_fp32")
+    text = ("abcdefghij" * 6)[:length]
+    ids = np.array(CharTokenizer().encode(text))
+    windows = [ids[start : start + 4] for start in range(0, length - 1, 3)]
+    assert sum(len(w) - 1 for w in windows) == length - 1
+    expected = -sum(float(model.score(w).astype(np.float64).sum()) for w in windows)
+
+    result = score_text(model, CharTokenizer(), text, window=4, stride=3)
+    assert result.tokens_scored == length - 1
+    assert result.nll_nats == pytest.approx(expected, rel=1e-6)
+    assert result.perplexity == pytest.approx(math.exp(expected / (length - 1)), rel=1e-6)
+
+
+def nan_model():
+    """The fixture model with one NaN element in layer 0's input_layernorm weight, in memory."""
+    model = minqwen.load(FIXTURES / "text_tied_fp32")
+    weight = model.layers[0].input_layernorm.copy()  # a copy: never write into arrays a loader may share
+    weight[0] = np.nan
+    model.layers[0].input_layernorm = weight
+    return model
+
+
+def test_scoring_a_model_that_computes_nan_is_an_error_not_a_perplexity_of_nan():
+    model = nan_model()
+    with pytest.raises(MinqwenError, match="the model computed NaN or infinite logits while scoring"):
+        model.score([1, 2, 3])
+    with pytest.raises(MinqwenError, match="NaN weight"):
+        score_text(model, CharTokenizer(), "abcdefghij", window=4, stride=2)
 
 
 def test_scoring_needs_two_tokens():
