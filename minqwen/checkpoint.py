@@ -393,17 +393,26 @@ def fp8_scale_grid(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int,
 def dequantize_fp8(weight: np.ndarray, scale_inv: np.ndarray, block: tuple[int, int]) -> np.ndarray:
     """FP8 weight [..., R, C] × block scales [..., ⌈R/b0⌉, ⌈C/b1⌉] → the weight in float32 [..., R, C].
 
-    Element (r, c) belongs to block (r // b0, c // b1) and is multiplied by that block's scale.
-    Each scale is repeated over a whole b0 × b1 block and the result cropped to [R, C]: that is
+    Element (r, c) belongs to block (r // b0, c // b1) and is multiplied by that block's scale:
     the ceiling grid, whose bottom row and right column of blocks are cut short when b0 ∤ R or
     b1 ∤ C. The scales may be stored bf16, fp16 or fp32; the product is taken in float32, as the
     reference takes it.
     """
-    b0, b1 = block
     rows, cols = weight.shape[-2:]
     scale = scale_inv.astype(np.float32)  # [..., ⌈R/b0⌉, ⌈C/b1⌉], widened exactly
-    per_element = np.repeat(np.repeat(scale, b0, axis=-2), b1, axis=-1)[..., :rows, :cols]  # [..., R, C]
+    # Each scale is repeated over the rows and columns its block covers *in this matrix*, so the
+    # result is [R, C] exactly: repeating it over a whole b0 × b1 block first could ask for far
+    # more memory than the matrix holds (one scale, 10⁷ × 10⁷ copies).
+    per_element = np.repeat(np.repeat(scale, _block_lengths(rows, block[0]), axis=-2),
+                            _block_lengths(cols, block[1]), axis=-1)  # [..., R, C]
     return weight.astype(np.float32) * per_element
+
+
+def _block_lengths(size: int, block: int) -> np.ndarray:
+    """How many of ``size`` rows (or columns) each block of the ceiling grid covers: ``block``, …, the rest."""
+    step = min(block, size)  # a block past the matrix covers all of it (and a size of 10⁴⁰⁰ is no int64)
+    edges = np.minimum(np.arange(-(-size // block) + 1) * step, size)  # where each block starts, then the end
+    return np.diff(edges)
 
 
 class FP8Tensor:

@@ -35,8 +35,11 @@ import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
+
 from .activations import ACTIVATIONS
 from .errors import MinqwenError
+from .rope import inverse_frequencies, yarn_inverse_frequencies, yarn_mscale
 
 # What minqwen does with each text-config field. "honoured": read and used exactly as the
 # reference uses it. "defaulted": read, with the reference's default when absent.
@@ -514,6 +517,8 @@ def _text_config(raw: dict, source: str, prefix: str, moe: bool = False) -> Text
         raise MinqwenError(
             f"{source}: head_dim × partial_rotary_factor = {rotary_dim}; rotary needs an even number of dims ≥ 2"
         )
+    yarn = _yarn(rope["raw"], sizes["max_position_embeddings"], rope["rope_theta"], source, prefix)
+    _check_rotary_numbers(rope["rope_theta"], rotary_dim, yarn, sizes["max_position_embeddings"], source, prefix)
 
     eos = raw.get("eos_token_id")
     eos = () if eos is None else (tuple(eos) if isinstance(eos, list) else (eos,))
@@ -530,7 +535,7 @@ def _text_config(raw: dict, source: str, prefix: str, moe: bool = False) -> Text
         rope_theta=rope["rope_theta"],
         partial_rotary_factor=rope["partial_rotary_factor"],
         mrope_section=rope["mrope_section"],
-        yarn=_yarn(rope["raw"], sizes["max_position_embeddings"], source, prefix),
+        yarn=yarn,
         eos_token_id=eos,
         source=source,
     )
@@ -571,9 +576,10 @@ def _rope_parameters(raw: dict, source: str, prefix: str) -> dict:
     theta = rope.get("rope_theta", raw.get("rope_theta", 10000.0))
     factor = rope.get("partial_rotary_factor", raw.get("partial_rotary_factor", 0.25))
     for name, value in (("rope_theta", theta), ("partial_rotary_factor", factor)):
-        # `not 0 < value < inf` also rejects NaN, which every ordinary comparison lets through.
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        value = _finite_float(value)
+        if value is None or value <= 0:
             raise MinqwenError(f"{source}: field '{prefix}rope_parameters.{name}' must be a positive, finite number")
+    theta, factor = float(theta), float(factor)
     if factor > 1:
         raise MinqwenError(f"{source}: field '{prefix}rope_parameters.partial_rotary_factor' must be ≤ 1")
     section = rope.get("mrope_section", [11, 11, 10])
@@ -587,11 +593,24 @@ def _rope_parameters(raw: dict, source: str, prefix: str) -> dict:
         )
     # A section that does not sum to rotary_dim / 2 is accepted, as the reference accepts it:
     # the interleaving rule below only ever writes indices that exist (see rope.py).
-    return {"rope_theta": float(theta), "partial_rotary_factor": float(factor), "mrope_section": tuple(section),
+    return {"rope_theta": theta, "partial_rotary_factor": factor, "mrope_section": tuple(section),
             "raw": rope if rope_type == "yarn" else None}
 
 
-def _yarn(rope: dict | None, max_position_embeddings: int, source: str, prefix: str) -> YarnScaling | None:
+def _finite_float(value) -> float | None:
+    """A JSON number as a float; None for anything else: a bool, a string, NaN, ±inf, or an integer
+    literal too long for a float (which would overflow later, far from the field that caused it)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        value = float(value)
+    except OverflowError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _yarn(rope: dict | None, max_position_embeddings: int, theta: float, source: str,
+          prefix: str) -> YarnScaling | None:
     """Validate the YaRN fields (None for plain rotary)."""
     if rope is None:
         return None
@@ -601,27 +620,118 @@ def _yarn(rope: dict | None, max_position_embeddings: int, source: str, prefix: 
         value = rope.get(name)
         if value is None:
             return default
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (
-                positive and value <= 0):
+        as_float = _finite_float(value)
+        if as_float is None or (positive and as_float <= 0):
             raise MinqwenError(f"{where}{name}' must be a {'positive ' if positive else ''}finite number, got {value!r}")
-        return float(value)
+        return as_float
 
+    def rotations(name, default):
+        # The reference reads 0 like absent (`or 32`), so do we. A negative count has no logarithm:
+        # the ramp's ends are found from log(original context / (2π · rotations)).
+        value = number(name, None, positive=False)
+        if value is not None and value < 0:
+            raise MinqwenError(
+                f"{where}{name}' is {value:g}; it counts rotations over the original context (where YaRN's "
+                f"ramp between kept and stretched frequencies ends), so it must be positive; 0 or absent means "
+                f"{default:g}")
+        return value or default
+
+    if theta == 1:
+        raise MinqwenError(
+            f"{where}rope_theta' is 1; YaRN finds its ramp by dividing by log(rope_theta), which is 0 there "
+            f"(every frequency would be the same). Use a rope_theta above 1, so that the frequencies fall with "
+            f"the dimension (released models use 1e4 to 1e7)")
     original = rope.get("original_max_position_embeddings", max_position_embeddings)
     if isinstance(original, bool) or not isinstance(original, int) or original < 1:
         raise MinqwenError(f"{where}original_max_position_embeddings' must be a positive integer, got {original!r}")
     # factor absent: the ratio of the two context lengths, as the reference derives it
     factor = number("factor", max_position_embeddings / original)
+    if factor < 1:  # transformers 5.23.0 warns about it, and computes it all the same
+        warnings.warn(f"{where}factor' is {factor:g}, below 1: YaRN then squeezes the context instead of "
+                      f"stretching it (factor is the new context over the original one, e.g. 4)", stacklevel=3)
     truncate = rope.get("truncate", True)
     if not isinstance(truncate, bool):
         raise MinqwenError(f"{where}truncate' must be true or false, got {truncate!r}")
-    return YarnScaling(
+    yarn = YarnScaling(
         factor=factor,
         original_max_position_embeddings=original,
         attention_factor=number("attention_factor", None),
-        # the reference treats 0 like absent here (`or 32`), so do we
-        beta_fast=number("beta_fast", None, positive=False) or 32.0,
-        beta_slow=number("beta_slow", None, positive=False) or 1.0,
+        beta_fast=rotations("beta_fast", 32.0),
+        beta_slow=rotations("beta_slow", 1.0),
         mscale=number("mscale", None, positive=False),
         mscale_all_dim=number("mscale_all_dim", None, positive=False),
         truncate=truncate,
     )
+    if yarn.beta_fast < yarn.beta_slow:  # transformers 5.23.0 warns about it, and computes it all the same
+        warnings.warn(f"{where}beta_fast' ({yarn.beta_fast:g}) is below beta_slow ({yarn.beta_slow:g}): YaRN's "
+                      f"ramp then runs backwards (beta_fast should be the larger, as in the defaults 32 and 1)",
+                      stacklevel=3)
+    # The attention factor is mscale(factor, mscale) / mscale(factor, mscale_all_dim) when both are set.
+    if yarn.attention_factor is None and yarn.mscale and yarn.mscale_all_dim and yarn_mscale(
+            factor, yarn.mscale_all_dim) == 0:
+        raise MinqwenError(
+            f"{where}mscale_all_dim' is {yarn.mscale_all_dim:g}: with factor {factor:g}, YaRN's attention factor "
+            f"divides by 0.1 · mscale_all_dim · ln(factor) + 1, which is 0. Released configs set mscale_all_dim "
+            f"to a small positive number (often equal to mscale), or give attention_factor directly")
+    return yarn
+
+
+# The largest float32: what a rotary angle, or the factor attention scores grow by, must stay below.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _check_rotary_numbers(theta: float, rotary_dim: int, yarn: YarnScaling | None, max_positions: int,
+                          source: str, prefix: str) -> None:
+    """Compute the rotary frequencies and YaRN's attention factor once, as the model will.
+
+    Fields that are each fine alone can still overflow float32 together — a tiny rope_theta, a
+    tiny YaRN factor, an attention factor of 1e300 — and then every logit is NaN, without an error.
+    """
+    where = f"{source}: field '{prefix}rope_parameters."
+    # The largest angle the model computes: a position of the context (an int64) × a frequency, in float32.
+    last_position = np.float32(min(max_positions - 1, np.iinfo(np.int64).max))
+
+    def fitting(yarn) -> tuple[np.ndarray, float] | None:
+        """(frequencies, attention factor) if every angle of the context is a float32 number, else None."""
+        with np.errstate(all="ignore"):  # overflows are what is being looked for
+            try:
+                inv_freq, attention_factor = ((inverse_frequencies(theta, rotary_dim), 1.0) if yarn is None
+                                              else yarn_inverse_frequencies(theta, rotary_dim, yarn))
+            except (OverflowError, ValueError):  # a YaRN ramp end beyond what a float holds
+                return None
+            # (an inf or NaN frequency fails too)
+            return (inv_freq, attention_factor) if np.isfinite(last_position * inv_freq).all() else None
+
+    if fitting(None) is None:
+        raise MinqwenError(
+            f"{where}rope_theta' is {theta:g}: the rotary frequencies rope_theta^(-2i/{rotary_dim}) then grow "
+            f"past what float32 holds within the context ({max_positions} positions, max_position_embeddings), "
+            f"and every logit would be NaN. Use a rope_theta above 1, so that the frequencies fall with the "
+            f"dimension (released models use 1e4 to 1e7)")
+    if yarn is None:
+        return
+    numbers = fitting(yarn)
+    if numbers is None:
+        if fitting(replace(yarn, factor=1.0)) is not None:
+            raise MinqwenError(
+                f"{where}factor' is {yarn.factor:g}: YaRN divides the slow frequencies by it, and they grow past "
+                f"what float32 holds, so every logit would be NaN. factor is how many times the original context "
+                f"is stretched: 1 or more (e.g. 4)")
+        raise MinqwenError(
+            f"{source}: fields '{prefix}rope_parameters.beta_fast' ({yarn.beta_fast:g}), 'beta_slow' "
+            f"({yarn.beta_slow:g}) and 'original_max_position_embeddings' ({yarn.original_max_position_embeddings}) "
+            f"put the ends of YaRN's ramp, log(original context / (2π · beta)) / log(rope_theta), beyond what a "
+            f"float holds. The betas count rotations over the original context: 32 and 1 by default")
+    attention_factor = numbers[1]
+    # It multiplies the rotated dims of both q and k: attention scores grow by its square.
+    if not 0 < attention_factor < math.sqrt(FLOAT32_MAX):
+        if yarn.attention_factor is not None:
+            what = f"{where}attention_factor' is {attention_factor:g}"
+        else:
+            what = (f"{source}: fields '{prefix}rope_parameters.mscale' ({yarn.mscale:g}) and 'mscale_all_dim' "
+                    f"({yarn.mscale_all_dim:g}) give YaRN an attention factor of {attention_factor:g} (0.1 · mscale "
+                    f"· ln(factor) + 1 over 0.1 · mscale_all_dim · ln(factor) + 1, factor {yarn.factor:g})")
+        raise MinqwenError(
+            f"{what}; it multiplies the rotated part of every query and key, so attention scores grow by its "
+            f"square, which float32 must hold: it must be above 0 and below {math.sqrt(FLOAT32_MAX):.3g} "
+            f"(YaRN's own formula, 0.1 · ln(factor) + 1, gives about 1 to 1.5)")

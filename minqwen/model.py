@@ -213,9 +213,8 @@ class Model:
             )
         if position_ids is None:
             position_ids = text_position_ids(cache.position + cache.rope_delta, t_len)
-        position_ids = np.asarray(position_ids)
-        if position_ids.shape != (3, t_len):
-            raise MinqwenError(f"position_ids must have shape [3, {t_len}] (t, h, w rows), got {list(position_ids.shape)}")
+        else:
+            position_ids = _checked_position_ids(position_ids, t_len)
         cos, sin = mrope_cos_sin(position_ids, self.inv_freq, c.mrope_section, self.attention_factor)  # [T, R] each
         if tap is not None:
             tap("embed", x)
@@ -324,6 +323,21 @@ class Model:
         if tap is not None:
             tap("output", x)
         return x
+
+
+def _checked_position_ids(position_ids, t_len: int) -> np.ndarray:
+    """Explicit M-RoPE positions as an integer array [3, T]. A position that is not a whole
+    number — None, NaN, a string — would give NaN angles (every logit NaN) or a numpy error."""
+    expected = f"shape [3, {t_len}] (rows t, h, w; one column per token) of whole numbers"
+    try:
+        ids = np.asarray(position_ids)
+    except (TypeError, ValueError):  # rows of different lengths
+        raise MinqwenError(f"position_ids must have {expected}; got rows of different lengths") from None
+    if ids.shape != (3, t_len):
+        raise MinqwenError(f"position_ids must have {expected}, got shape {list(ids.shape)}")
+    if not np.issubdtype(ids.dtype, np.integer):  # (bool is not an integer dtype here)
+        raise MinqwenError(f"position_ids must have {expected}: an integer array, got dtype {ids.dtype}")
+    return ids
 
 
 def _state_shape(state) -> tuple:

@@ -54,6 +54,7 @@ from .errors import MinqwenError, is_whole_number
 from .generate import GenerationStats, checked_generation_args, checked_history, stop_reason
 from .linear import BF16, SMALL_MODEL_BYTES, linear, rounding_prompts_to_bf16
 from .model import Cache, DecoderLayer, Model, load_attention, load_mlp, prefixed, TensorReader, converted
+from .moe import MoEWeights
 from .norms import rms_norm
 from .rope import mrope_cos_sin, text_position_ids
 from .sampling import SamplingParams, apply_penalties, sample_next, sampling_distribution
@@ -188,6 +189,48 @@ def require_head(head: MtpHead | None, where: str = "this checkpoint") -> MtpHea
     return head
 
 
+def check_head_fits(model: Model, head) -> None:
+    """``head`` must be an MTP head made for ``model`` (``load_mtp(folder, model)``), as a cache must be.
+
+    A head loaded for another model meets this model's hidden states and embeddings with other
+    widths (a numpy broadcast error deep inside a norm), or attends with other head counts.
+    """
+    if not isinstance(head, MtpHead):
+        raise MinqwenError(f"head must be an MTP head (minqwen.mtp.load_mtp(folder, model)), got {type(head).__name__}")
+    if _head_shapes(head) != _head_shapes_for(model, len(head.layers)):
+        H = model.config.hidden_size
+        differs = (f"its hidden size is {head.fc.shape[0]}, the model's {H}" if head.fc.shape != (H, 2 * H) else
+                   "its attention or MLP weights have other shapes than the model's layers")
+        raise MinqwenError(f"this MTP head does not fit the model ({differs}): it was loaded for another model. "
+                           f"Load it with load_mtp(folder, model), from this model's own checkpoint folder")
+
+
+def _head_shapes(head: MtpHead) -> list:
+    """What must match the model: every weight's shape (the MLP's kind and shapes too)."""
+    shapes = [head.fc.shape, head.pre_fc_norm_embedding.shape, head.pre_fc_norm_hidden.shape, head.norm.shape]
+    for layer in head.layers:
+        a = layer.self_attn
+        shapes.append(None if a is None else (a.q_proj.shape, a.k_proj.shape, a.v_proj.shape, a.o_proj.shape,
+                                              a.q_norm.shape, a.k_norm.shape))
+        shapes += [layer.input_layernorm.shape, layer.post_attention_layernorm.shape, _mlp_shapes(layer.mlp)]
+    return shapes
+
+
+def _head_shapes_for(model: Model, n_layers: int) -> list:
+    """:func:`_head_shapes` of a head of ``n_layers`` layers loaded for ``model``."""
+    c = model.config
+    H, D, Hq, Hkv = c.hidden_size, c.head_dim, c.num_attention_heads, c.num_key_value_heads
+    attention = ((Hq * 2 * D, H), (Hkv * D, H), (Hkv * D, H), (H, Hq * D), (D,), (D,))  # as load_attention reads
+    mlp = _mlp_shapes(model.layers[0].mlp)  # an MTP layer's MLP is shaped as every layer's of its model
+    return [(H, 2 * H), (H,), (H,), (H,)] + [attention, (H,), (H,), mlp] * n_layers
+
+
+def _mlp_shapes(mlp) -> tuple:
+    if isinstance(mlp, MoEWeights):
+        return "moe", mlp.gate.shape, mlp.shared_expert_gate.shape, _mlp_shapes(mlp.shared_expert)
+    return "dense", mlp.gate_proj.shape, mlp.up_proj.shape, mlp.down_proj.shape
+
+
 # ==================================================================== one MTP layer
 
 
@@ -227,6 +270,7 @@ def mtp_logits(model: Model, head: MtpHead, token_ids, tap=None) -> np.ndarray:
     token_ids [T] → [T − 1, V]. This is what the head was trained on (and what its golden
     taps record: ``tap`` receives ``pre_fc_norm_embedding`` … ``norm`` and ``logits``).
     """
+    check_head_fits(model, head)
     ids = np.asarray(token_ids)
     if ids.ndim != 1 or ids.size < 2:
         raise MinqwenError("mtp_logits needs at least two token ids: the head reads t[j] and t[j+1]")
@@ -494,6 +538,7 @@ def speculative_generate(
     the same draws for a seed: the random stream is used differently).
     """
     head = require_head(head)
+    check_head_fits(model, head)
     prompt_ids = checked_generation_args(prompt_ids, max_new_tokens, seed, params)
     if not is_whole_number(draft_tokens) or draft_tokens < 1:
         raise MinqwenError(f"draft_tokens (--speculative K) must be a whole number ≥ 1, got {draft_tokens!r}")
@@ -502,6 +547,8 @@ def speculative_generate(
     cache = cache if cache is not None else model.new_cache()
     if mtp_cache is None:
         mtp_cache = MtpCache(model, head, start=cache.position, rope_delta=cache.rope_delta)
+    elif not isinstance(mtp_cache, MtpCache):
+        raise MinqwenError(f"mtp_cache must be a minqwen.mtp.MtpCache (or None), got {type(mtp_cache).__name__}")
     elif mtp_cache.end != cache.position:
         raise MinqwenError(f"mtp_cache ends at position {mtp_cache.end} but the cache is at {cache.position}")
     stats = stats if stats is not None else SpeculativeStats()

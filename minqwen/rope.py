@@ -26,6 +26,11 @@ def inverse_frequencies(theta: float, rotary_dim: int) -> np.ndarray:
     return (1.0 / (np.float64(theta) ** exponents.astype(np.float64))).astype(np.float32)
 
 
+def yarn_mscale(scale: float, m: float = 1.0) -> float:
+    """YaRN's attention temperature for a context stretched ``scale`` times: 0.1·m·ln(scale) + 1, or 1."""
+    return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+
 def yarn_inverse_frequencies(theta: float, rotary_dim: int, yarn) -> tuple[np.ndarray, float]:
     """YaRN: (inv_freq [R/2], attention factor), as transformers 5.23.0 computes them.
 
@@ -38,17 +43,13 @@ def yarn_inverse_frequencies(theta: float, rotary_dim: int, yarn) -> tuple[np.nd
     dims (head_dim × partial factor), not on head_dim.
     """
     factor = yarn.factor
-
-    def mscale(scale, m=1.0):
-        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
-
     attention_factor = yarn.attention_factor
     if attention_factor is None:
         # mscale alone changes nothing: the reference uses it only together with mscale_all_dim
         if yarn.mscale and yarn.mscale_all_dim:
-            attention_factor = mscale(factor, yarn.mscale) / mscale(factor, yarn.mscale_all_dim)
+            attention_factor = yarn_mscale(factor, yarn.mscale) / yarn_mscale(factor, yarn.mscale_all_dim)
         else:
-            attention_factor = mscale(factor)
+            attention_factor = yarn_mscale(factor)
 
     def correction_dim(rotations):
         """The frequency index that turns ``rotations`` times over the original context."""

@@ -15,6 +15,7 @@ import re
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import require_reference
@@ -297,6 +298,43 @@ def test_an_odd_or_empty_number_of_rotary_dims_is_an_error_naming_head_dim_and_t
 def test_an_mrope_section_that_is_not_three_non_negative_integers_is_an_error_naming_it(section):
     with pytest.raises(MinqwenError, match=r"field 'rope_parameters\.mrope_section' must be three non-negative"):
         parse(small_text(rope_parameters={"rope_type": "default", "mrope_section": section}))
+
+
+def test_a_rope_number_written_as_a_huge_integer_is_an_error_naming_it_not_an_overflow():
+    with pytest.raises(MinqwenError, match=r"field 'rope_parameters\.rope_theta' must be a positive, finite number"):
+        parse(small_text(rope_parameters={"rope_type": "default", "rope_theta": 10**400}))
+
+
+def test_a_rope_theta_whose_frequencies_overflow_float32_is_an_error_naming_it():
+    # head_dim 16 × 0.25: frequencies 1 and rope_theta^(-1/2), here 1e150 — every logit would be NaN
+    with pytest.raises(MinqwenError, match=r"field 'rope_parameters\.rope_theta' is 1e-300: the rotary frequencies "
+                                           r"rope_theta\^\(-2i/4\) .* every logit would be NaN\. "
+                                           r"Use a rope_theta above 1"):
+        parse(small_text(rope_parameters={"rope_type": "default", "rope_theta": 1e-300}))
+
+
+def test_a_rope_theta_whose_angles_overflow_within_the_context_is_an_error_naming_it():
+    # The frequency 1e37 is a float32, but position 511 × 1e37 is not.
+    with pytest.raises(MinqwenError, match=r"rope_theta' is 1e-74: .* within the context \(512 positions"):
+        parse(small_text(rope_parameters={"rope_type": "default", "rope_theta": 1e-74}))
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("theta", [1.0, 0.5, 1e-20, 1e300], ids=str)
+def test_a_rope_theta_transformers_computes_finite_frequencies_for_loads_with_its_frequencies(theta):
+    # Odd, but finite in transformers 5.23.0 — so minqwen computes them too (1e300 gives a zero frequency).
+    require_reference()
+    import transformers
+    from transformers.models.qwen3_5 import modeling_qwen3_5 as reference
+    from minqwen.rope import inverse_frequencies
+
+    raw = small_text(rope_parameters={"rope_type": "default", "rope_theta": theta, "partial_rotary_factor": 0.5})
+    c = parse(raw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config = transformers.Qwen3_5TextConfig(**copy.deepcopy(raw))
+    expected, _ = reference.Qwen3_5TextRotaryEmbedding.compute_default_rope_parameters(config)
+    assert np.array_equal(inverse_frequencies(c.rope_theta, c.rotary_dim), expected.numpy())
 
 
 def test_mrope_interleaved_is_accepted_in_rope_parameters():

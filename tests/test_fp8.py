@@ -214,6 +214,22 @@ def test_fp8_tensor_rows_of_an_expert_are_those_rows_of_the_dequantized_stack(we
     assert np.array_equal(lazy[e].dequantize(), expected[e])
 
 
+@pytest.mark.parametrize("block", [(10**7, 10**7), (10**7, 5), (3, 10**12), (10**400, 10**400)],
+                         ids=["1e7x1e7", "1e7x5", "3x1e12", "1e400x1e400"])
+def test_a_block_far_larger_than_the_matrix_is_one_block_over_it_without_expanding_the_block(block):
+    # Repeating a scale over a whole 1e7 × 1e7 block first would ask for 364 TiB.
+    rng = np.random.default_rng(0)
+    q = np.clip(rng.normal(0, 100, (2, 40, 37)), -448, 448).astype(FP8)
+    grid = (2, -(-40 // block[0]), -(-37 // block[1]))
+    scale = (2.0 ** rng.uniform(-12, 4, grid)).astype(np.float32)
+    expected = explicit_dequantization(q, scale, block)
+    for r, c in [(0, 0), (39, 36), (17, 4)]:  # the definition, element by element
+        assert expected[1, r, c] == np.float32(q[1, r, c]) * scale[1, r // block[0], c // block[1]]
+    assert np.array_equal(dequantize_fp8(q, scale, block), expected)
+    lazy = FP8Tensor(q, scale, block)
+    assert np.array_equal(lazy[:, 5:30][1].dequantize(), expected[1, 5:30])
+
+
 # ============================================================================ loading quantized fixtures
 
 
@@ -294,6 +310,24 @@ def test_the_test_checkpoints_catch_a_loader_that_gets_the_scales_wrong(quantize
     right = minqwen.load(dequantized_fp32_copy(folder, done, case[1], tmp_path / "fp32")).forward(ids)
     monkeypatch.setattr(minqwen.checkpoint, "dequantize_fp8", wrong)
     assert np.abs(minqwen.load(folder).forward(ids) - right).max() > 1e-2
+
+
+def test_a_checkpoint_whose_block_is_far_larger_than_its_matrices_loads_one_scale_per_matrix(quantized, tmp_path):
+    block = (10_000_000, 10_000_000)
+    source, done = quantized(DIVIDING[0])
+    folder = copy_of(source, tmp_path)
+
+    def one_scale_each(tensors):  # a 1 × 1 grid: one scale per matrix, different between matrices
+        for i, name in enumerate(done["quantized"]):
+            tensors[name + "_scale_inv"] = np.full((1, 1), 2.0 ** (i % 5 - 2), np.float32)
+
+    rewrite(folder, one_scale_each)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"]["weight_block_size"] = list(block)
+    (folder / "config.json").write_text(json.dumps(config))
+    model = minqwen.load(folder)
+    for name in done["quantized"]:
+        assert np.array_equal(model_weight(model, name), expected_weight(folder, name, block)), name
 
 
 def test_quantized_scales_are_far_from_one_and_differ_widely_between_blocks(quantized):

@@ -185,6 +185,32 @@ def test_bad_inputs_embeds_and_positions_are_clear_errors():
         model.forward(inputs_embeds="abc")
 
 
+@pytest.mark.parametrize("positions, message", [
+    (np.array([[0.5, 1.5]] * 3), "an integer array, got dtype float64"),
+    (np.array([[np.nan, 1]] * 3), "an integer array, got dtype float64"),  # NaN angles: every logit NaN
+    ([[None, None]] * 3, "an integer array, got dtype object"),
+    (np.array([["a", "b"]] * 3), "an integer array, got dtype <U1"),
+    (np.ones((3, 2), bool), "an integer array, got dtype bool"),
+    ([[0, 1], [0], [0, 1]], "got rows of different lengths"),
+    (np.zeros((2, 2), int), r"got shape \[2, 2\]"),
+    (np.arange(2), r"got shape \[2\]"),
+], ids=["fractions", "nan", "none", "strings", "bools", "ragged", "two-rows", "one-row"])
+def test_position_ids_that_are_not_whole_numbers_of_shape_3_by_t_are_errors_naming_them(positions, message):
+    model = MODELS["text_tied_fp32"]
+    expected = r"position_ids must have shape \[3, 2\] \(rows t, h, w; one column per token\) of whole numbers"
+    cache = model.new_cache()
+    with pytest.raises(MinqwenError, match=f"{expected}.*{message}"):
+        model.forward([1, 2], cache, position_ids=positions)
+    with pytest.raises(MinqwenError, match=f"{expected}.*{message}"):
+        model.hidden_states([1, 2], position_ids=positions)
+    assert cache.position == 0  # refused before any layer ran
+
+
+def test_position_ids_may_be_nested_lists_of_ints():
+    model = MODELS["text_tied_fp32"]
+    np.testing.assert_array_equal(model.forward([1, 2], position_ids=[[0, 1]] * 3), model.forward([1, 2]))
+
+
 def test_a_cache_of_another_model_is_refused_not_run_on_fewer_layers():
     model = MODELS["text_tied_fp32"]
     with pytest.raises(MinqwenError, match="this cache holds 0 layer states"):

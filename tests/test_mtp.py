@@ -497,6 +497,34 @@ def test_speculation_checks_its_arguments_as_plain_decoding_does(options, named)
         next(speculative_generate(model, random_head(model, 0), **arguments))
 
 
+def test_the_head_of_another_model_is_refused_naming_what_differs_not_a_numpy_error():
+    """As a cache made by another model is: the embedded model's head (hidden size 256) on a fixture (48)."""
+    folder = embedded_or_skip()
+    head = load_mtp(folder, minqwen.load(folder))
+    model = MODELS["text_tied_fp32"]
+    differs = r"this MTP head does not fit the model \(its hidden size is 256, the model's 48\): it was loaded for"
+    with pytest.raises(MinqwenError, match=differs):
+        next(speculative_generate(model, head, [1, 2, 3], max_new_tokens=5))
+    with pytest.raises(MinqwenError, match=differs):
+        mtp_logits(model, head, [1, 2, 3])
+
+
+@pytest.mark.parametrize("other", ["text_grouped_bf16_bias", "moe_text_per_expert_fp32"])
+def test_a_head_with_the_same_hidden_size_but_other_attention_or_mlp_is_refused(other):
+    # Hidden size 48 in both: text_grouped_bf16_bias has other head counts and head_dim, the MoE model an MoE MLP.
+    head = random_head(MODELS[other], 0)
+    with pytest.raises(MinqwenError, match=r"does not fit the model \(its attention or MLP weights have other shapes"):
+        next(speculative_generate(MODELS["text_tied_fp32"], head, [1, 2, 3], max_new_tokens=5))
+
+
+def test_a_head_or_mtp_cache_of_the_wrong_type_is_an_error_naming_it():
+    model = MODELS["text_tied_fp32"]
+    with pytest.raises(MinqwenError, match="head must be an MTP head .*load_mtp.*got str"):
+        next(speculative_generate(model, "head", [1, 2, 3]))
+    with pytest.raises(MinqwenError, match=r"mtp_cache must be a minqwen\.mtp\.MtpCache \(or None\), got str"):
+        next(speculative_generate(model, random_head(model, 0), [1, 2, 3], mtp_cache="cache"))
+
+
 @pytest.mark.parametrize("config", [None, "{not json", "[1, 2]"], ids=repr)
 def test_load_mtp_on_a_folder_with_a_missing_or_broken_config_is_an_error_naming_it(tmp_path, config):
     folder = tmp_path / "ckpt"

@@ -125,3 +125,78 @@ def test_yarn_is_static_the_same_frequencies_at_every_position(tmp_path, monkeyp
 def test_bad_rope_scaling_fields_are_clear_errors(bad, message):
     with pytest.raises(MinqwenError, match=message):
         config_from_dict(dict(text_config(bad), model_type="qwen3_5_text"))
+
+
+def yarn(**fields):
+    return dict({"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}, **fields)
+
+
+@pytest.mark.parametrize("rope, message", [
+    (yarn(beta_fast=-1.0), r"field 'rope_parameters\.beta_fast' is -1; it counts rotations .* must be positive; "
+                           r"0 or absent means 32"),
+    (yarn(beta_slow=-1.0), r"field 'rope_parameters\.beta_slow' is -1; .* must be positive; 0 or absent means 1"),
+    (yarn(rope_theta=1), r"field 'rope_parameters\.rope_theta' is 1; YaRN .* log\(rope_theta\), which is 0 .* "
+                         r"above 1"),
+    (yarn(rope_theta=1e-300), r"field 'rope_parameters\.rope_theta' is 1e-300: the rotary frequencies .* NaN"),
+    (yarn(factor=1e-300), r"field 'rope_parameters\.factor' is 1e-300: YaRN divides the slow frequencies by it, "
+                          r".* 1 or more"),
+    (yarn(factor=10**400), r"field 'rope_parameters\.factor' must be a positive finite number"),
+    # with factor e, 0.1 · (−10) · ln(e) + 1 = 0: the attention factor's denominator
+    (yarn(factor=np.e, mscale=1.0, mscale_all_dim=-10.0), r"field 'rope_parameters\.mscale_all_dim' is -10: .* "
+                                                          r"which is 0"),
+    (yarn(mscale=-10.0, mscale_all_dim=1.0), r"fields 'rope_parameters\.mscale' \(-10\) and 'mscale_all_dim' \(1\) "
+                                             r"give YaRN an attention factor of -0\.339.* above 0"),
+    (yarn(attention_factor=1e300), r"field 'rope_parameters\.attention_factor' is 1e\+300; .* grow by its square"),
+    (yarn(beta_fast=5e-324), r"fields 'rope_parameters\.beta_fast' \(4\.94066e-324\), 'beta_slow' \(1\) and "
+                             r"'original_max_position_embeddings' \(256\) put the ends of YaRN's ramp"),
+    (yarn(original_max_position_embeddings=10**400), r"'original_max_position_embeddings' \(10{400}\) put the ends"),
+], ids=["beta_fast<0", "beta_slow<0", "theta=1", "theta tiny", "factor tiny", "factor huge int", "mscale_all_dim",
+        "attention<0", "attention huge", "beta tiny", "original huge"])
+@pytest.mark.filterwarnings("ignore::UserWarning")  # a factor below 1, betas swapped: warned about first
+def test_yarn_fields_that_would_crash_or_give_nan_logits_are_errors_naming_them(rope, message):
+    with pytest.raises(MinqwenError, match=message):
+        config_from_dict(dict(text_config(rope), model_type="qwen3_5_text"))
+
+
+@pytest.mark.parametrize("rope, warned", [
+    (yarn(factor=0.5), r"field 'rope_parameters\.factor' is 0\.5, below 1"),
+    (yarn(beta_fast=1.0, beta_slow=4.0), r"field 'rope_parameters\.beta_fast' \(1\) is below beta_slow \(4\)"),
+    (yarn(rope_theta=0.5), None),
+    (yarn(factor=1e300), None),  # slow frequencies become 0: finite
+], ids=["factor<1", "betas swapped", "theta<1", "factor huge"])
+def test_yarn_fields_transformers_warns_about_but_computes_are_computed_the_same(rope, warned):
+    require_reference()
+    import warnings
+
+    from transformers import Qwen3_5TextConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    text = text_config(dict(rope, partial_rotary_factor=1.0))
+    if warned:
+        with pytest.warns(UserWarning, match=warned):
+            ours = config_from_dict(dict(text, model_type="qwen3_5_text"))
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            ours = config_from_dict(dict(text, model_type="qwen3_5_text"))
+    inv_freq, factor = ROPE_INIT_FUNCTIONS["yarn"](Qwen3_5TextConfig(**text))
+    with np.errstate(over="ignore"):  # factor 1e300 is inf in float32, as in the reference
+        got, got_factor = yarn_inverse_frequencies(ours.rope_theta, ours.rotary_dim, ours.yarn)
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, inv_freq.numpy(), rtol=2e-7)
+    assert got_factor == pytest.approx(factor, rel=1e-12)
+
+
+def test_a_checkpoint_whose_yarn_fields_give_nan_logits_fails_to_load_naming_its_config(tmp_path):
+    import json
+    import shutil
+
+    from conftest import FIXTURES
+
+    folder = tmp_path / "yarn"
+    shutil.copytree(FIXTURES / "text_tied_fp32", folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["rope_parameters"].update(rope_type="yarn", factor=4.0, attention_factor=1e300)
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(MinqwenError, match=r"yarn/config\.json: field 'rope_parameters\.attention_factor' is 1e\+300"):
+        minqwen.load(folder)
