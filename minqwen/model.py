@@ -274,7 +274,8 @@ class Model:
         if ids.ndim != 1 or ids.size == 0:
             raise MinqwenError(f"token_ids must be a non-empty 1-D sequence of ints, got shape {list(ids.shape)}")
         if not np.issubdtype(ids.dtype, np.integer):
-            raise MinqwenError(f"token_ids must be integers, got dtype {ids.dtype}")
+            # (Python ints too large for int64 arrive here as dtype object)
+            raise MinqwenError(f"token_ids must be integers that fit in int64, got dtype {ids.dtype}")
         bad = ids[(ids < 0) | (ids >= self.config.vocab_size)]
         if bad.size:
             raise MinqwenError(
@@ -378,6 +379,9 @@ def load(path: str | Path, progress=None, dtype: str = "float32", bf16_prompts: 
         raise MinqwenError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
     if not isinstance(bf16_prompts, bool):
         raise MinqwenError(f"bf16_prompts must be True or False, got {bf16_prompts!r}")
+    if progress is not None and not callable(progress):
+        raise MinqwenError(f"progress must be a function progress(done_bytes, total_bytes) or None, "
+                           f"got {type(progress).__name__}")
     if bf16_prompts:
         if dtype != "bfloat16":
             raise MinqwenError("bf16_prompts needs weights kept in bf16: load with dtype='bfloat16' too")

@@ -156,11 +156,17 @@ def test_cache_reports_its_size():
         ([1.5, 2.0], "integers"),
         ([1, -1], "token id -1 is outside the vocabulary"),
         ([1, 10**6], "token id 1000000 is outside the vocabulary"),
+        ([1, 10**30], "integers that fit in int64"),
     ],
 )
 def test_bad_token_ids_are_clear_errors(bad, message):
     with pytest.raises(MinqwenError, match=message):
         MODELS["text_tied_fp32"].forward(bad)
+
+
+def test_a_progress_that_cannot_be_called_is_refused_before_loading():
+    with pytest.raises(MinqwenError, match="progress must be a function"):
+        minqwen.load(FIXTURES / "text_tied_fp32", progress=5)
 
 
 def test_a_sequence_beyond_the_context_is_an_error():
