@@ -80,7 +80,7 @@ class SamplingParams:
             return off if value is None else value
 
         values = {
-            "temperature": config.get("temperature", 0.0) if do_sample else 0.0,
+            "temperature": setting("temperature", 0.0) if do_sample else 0.0,
             "top_k": setting("top_k", 0),
             "top_p": setting("top_p", 1.0),
             "min_p": setting("min_p", 0.0),

@@ -287,6 +287,8 @@ def test_generation_config_zeros_that_are_allowed_are_kept_and_null_means_off():
         {"top_k": 0, "min_p": 0, "presence_penalty": 0, "top_p": None, "repetition_penalty": None}, "g.json")
     assert params == SamplingParams()
     assert SamplingParams.from_generation_config({"temperature": 0.5, "min_p": 0.0}, "g.json").min_p == 0.0
+    # a null temperature reads as an absent one: no sampling settings, greedy
+    assert SamplingParams.from_generation_config({"temperature": None, "top_k": 20}, "g.json").greedy
 
 
 def test_generate_names_the_checkpoints_generation_config_when_its_top_p_is_0(tmp_path):
