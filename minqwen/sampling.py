@@ -70,7 +70,10 @@ class SamplingParams:
 
         ``source`` names the file in errors about its values.
         """
-        do_sample = config.get("do_sample", True)
+        # Absent or null, do_sample is off, as transformers reads it: a file that sets only a
+        # temperature (or top_k …) decodes greedily there, so it does here.
+        do_sample = config.get("do_sample")
+        do_sample = False if do_sample is None else do_sample
         if not isinstance(do_sample, bool):
             raise MinqwenError(f"{source}: do_sample must be true or false, got {do_sample!r}")
 
@@ -80,7 +83,7 @@ class SamplingParams:
             return off if value is None else value
 
         values = {
-            "temperature": setting("temperature", 0.0) if do_sample else 0.0,
+            "temperature": setting("temperature", 0.0),
             "top_k": setting("top_k", 0),
             "top_p": setting("top_p", 1.0),
             "min_p": setting("min_p", 0.0),
@@ -91,6 +94,8 @@ class SamplingParams:
             cls(**values)  # the file's own values, checked before any override hides one
         except MinqwenError as e:
             raise MinqwenError(f"{source}: {e}") from None
+        if not do_sample:
+            values["temperature"] = 0.0  # greedy: the file's temperature is for sampling only
         unknown = set(overrides) - set(values)
         if unknown:
             raise MinqwenError(f"unknown sampling option(s): {', '.join(sorted(unknown))}")

@@ -288,7 +288,16 @@ def test_generation_config_zeros_that_are_allowed_are_kept_and_null_means_off():
     assert params == SamplingParams()
     assert SamplingParams.from_generation_config({"temperature": 0.5, "min_p": 0.0}, "g.json").min_p == 0.0
     # a null temperature reads as an absent one: no sampling settings, greedy
-    assert SamplingParams.from_generation_config({"temperature": None, "top_k": 20}, "g.json").greedy
+    assert SamplingParams.from_generation_config({"do_sample": True, "temperature": None, "top_k": 20}, "g.json").greedy
+
+
+@pytest.mark.parametrize("do_sample", ["absent", None, False])
+def test_without_do_sample_true_the_generation_config_decodes_greedily_as_in_transformers(do_sample):
+    config = {"temperature": 0.7, "top_k": 20, "top_p": 0.9}
+    if do_sample != "absent":
+        config["do_sample"] = do_sample
+    assert SamplingParams.from_generation_config(config, "g.json").greedy
+    assert not SamplingParams.from_generation_config({**config, "do_sample": True}, "g.json").greedy
 
 
 def test_generate_names_the_checkpoints_generation_config_when_its_top_p_is_0(tmp_path):
