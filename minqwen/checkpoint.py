@@ -410,7 +410,7 @@ def dequantize_fp8(weight: np.ndarray, scale_inv: np.ndarray, block: tuple[int, 
 
 def _block_lengths(size: int, block: int) -> np.ndarray:
     """How many of ``size`` rows (or columns) each block of the ceiling grid covers: ``block``, …, the rest."""
-    step = min(block, size)  # a block past the matrix covers all of it (and a size of 10⁴⁰⁰ is no int64)
+    step = min(block, size)  # a block larger than the matrix covers all of it
     edges = np.minimum(np.arange(-(-size // block) + 1) * step, size)  # where each block starts, then the end
     return np.diff(edges)
 

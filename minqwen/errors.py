@@ -19,3 +19,12 @@ def is_real_number(value) -> bool:
 def is_whole_number(value) -> bool:
     """An int (NumPy's too), not a bool: what a count, a token id or a seed must be."""
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def is_finite_number(value) -> bool:
+    """A real number (as above) that is neither NaN nor ±inf, and as a float too: an int literal
+    too long for a float (10**400) is refused here rather than overflowing later, far from its field."""
+    try:
+        return is_real_number(value) and np.isfinite(float(value))
+    except OverflowError:
+        return False

@@ -15,12 +15,11 @@ draw. Temperature 0 means greedy: the argmax after penalties.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import MinqwenError, is_real_number, is_whole_number
+from .errors import MinqwenError, is_finite_number, is_whole_number
 
 NON_FINITE_LOGITS = ("the model computed NaN or infinite logits: its weights or config.json hold values "
                      "it cannot compute with (a NaN weight, say)")
@@ -38,7 +37,7 @@ class SamplingParams:
     def __post_init__(self):
         for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty"):
             value = getattr(self, name)
-            if not _is_finite_number(value):
+            if not is_finite_number(value):
                 raise MinqwenError(f"{name} must be a finite number, got {_shown(value)}")
         checks = [
             (self.temperature >= 0, "temperature must be ≥ 0 (0 is greedy)", self.temperature),
@@ -101,13 +100,6 @@ class SamplingParams:
             raise MinqwenError(f"unknown sampling option(s): {', '.join(sorted(unknown))}")
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
-
-
-def _is_finite_number(value) -> bool:
-    try:
-        return is_real_number(value) and math.isfinite(value)
-    except OverflowError:  # an int too large for a float, 10**400 say
-        return False
 
 
 def _shown(value) -> str:
