@@ -67,7 +67,8 @@ TEXT_FIELDS: dict[str, str] = {
     "full_attention_interval": "honoured (default 4) when layer_types is absent",
     "rope_parameters": "honoured: rope_type ('default' or 'yarn' with all its fields), rope_theta, "
                        "partial_rotary_factor, mrope_section; mrope_interleaved ignored (always interleaved)",
-    "rope_scaling": "honoured as the legacy name of rope_parameters",
+    "rope_scaling": "honoured as the legacy name of rope_parameters; read instead of it when both are present, "
+                    "as transformers does",
     "rope_theta": "defaulted (10000) when rope_parameters has none (legacy top-level field)",
     "partial_rotary_factor": "defaulted (0.25) when rope_parameters has none (legacy top-level field)",
     "eos_token_id": "honoured by generation (stop ids)",
@@ -517,8 +518,9 @@ def _text_config(raw: dict, source: str, prefix: str, moe: bool = False) -> Text
         raise MinqwenError(
             f"{source}: head_dim × partial_rotary_factor = {rotary_dim}; rotary needs an even number of dims ≥ 2"
         )
-    yarn = _yarn(rope["raw"], sizes["max_position_embeddings"], rope["rope_theta"], source, prefix)
-    _check_rotary_numbers(rope["rope_theta"], rotary_dim, yarn, sizes["max_position_embeddings"], source, prefix)
+    yarn = _yarn(rope["raw"], sizes["max_position_embeddings"], rope["rope_theta"], source, rope["rope_field"])
+    _check_rotary_numbers(rope["rope_theta"], rotary_dim, yarn, sizes["max_position_embeddings"], source,
+                          rope["rope_field"])
 
     eos = raw.get("eos_token_id")
     eos = () if eos is None else (tuple(eos) if isinstance(eos, list) else (eos,))
@@ -558,30 +560,37 @@ def _check_moe(raw: dict, sizes: dict, source: str, prefix: str) -> None:
 
 
 def _rope_parameters(raw: dict, source: str, prefix: str) -> dict:
-    """Standardise the rope fields the way transformers does (new dict, legacy names, defaults)."""
-    rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    """Standardise the rope fields the way transformers does (new dict, legacy names, defaults).
+
+    A file with both a ``rope_scaling`` and a ``rope_parameters`` reads ``rope_scaling``, as
+    transformers 5.23.0 does (``rope_scaling or rope_parameters``). ``rope_field`` in the
+    result names the field read, for error messages.
+    """
+    field_name = "rope_scaling" if raw.get("rope_scaling") else "rope_parameters"
+    rope_field = prefix + field_name
+    rope = raw.get(field_name) or {}
     if not isinstance(rope, dict):
-        raise MinqwenError(f"{source}: field '{prefix}rope_parameters' must be an object")
+        raise MinqwenError(f"{source}: field '{rope_field}' must be an object")
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ("default", "yarn"):
         raise MinqwenError(
-            f"{source}: field '{prefix}rope_parameters.rope_type' is {rope_type!r}; "
+            f"{source}: field '{rope_field}.rope_type' is {rope_type!r}; "
             "minqwen implements 'default' and 'yarn' rotary embeddings"
         )
     unknown = sorted(set(rope) - ROPE_FIELDS - (YARN_FIELDS if rope_type == "yarn" else set()))
     if unknown:
         raise MinqwenError(
-            f"{source}: rope_parameters fields minqwen does not implement: {', '.join(unknown)}"
+            f"{source}: {rope_field} fields minqwen does not implement: {', '.join(unknown)}"
         )
     theta = rope.get("rope_theta", raw.get("rope_theta", 10000.0))
     factor = rope.get("partial_rotary_factor", raw.get("partial_rotary_factor", 0.25))
     for name, value in (("rope_theta", theta), ("partial_rotary_factor", factor)):
         value = _finite_float(value)
         if value is None or value <= 0:
-            raise MinqwenError(f"{source}: field '{prefix}rope_parameters.{name}' must be a positive, finite number")
+            raise MinqwenError(f"{source}: field '{rope_field}.{name}' must be a positive, finite number")
     theta, factor = float(theta), float(factor)
     if factor > 1:
-        raise MinqwenError(f"{source}: field '{prefix}rope_parameters.partial_rotary_factor' must be ≤ 1")
+        raise MinqwenError(f"{source}: field '{rope_field}.partial_rotary_factor' must be ≤ 1")
     section = rope.get("mrope_section", [11, 11, 10])
     if (
         not isinstance(section, list)
@@ -589,12 +598,12 @@ def _rope_parameters(raw: dict, source: str, prefix: str) -> dict:
         or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in section)
     ):
         raise MinqwenError(
-            f"{source}: field '{prefix}rope_parameters.mrope_section' must be three non-negative integers (t, h, w)"
+            f"{source}: field '{rope_field}.mrope_section' must be three non-negative integers (t, h, w)"
         )
     # A section that does not sum to rotary_dim / 2 is accepted, as the reference accepts it:
     # the interleaving rule below only ever writes indices that exist (see rope.py).
     return {"rope_theta": theta, "partial_rotary_factor": factor, "mrope_section": tuple(section),
-            "raw": rope if rope_type == "yarn" else None}
+            "raw": rope if rope_type == "yarn" else None, "rope_field": rope_field}
 
 
 def _finite_float(value) -> float | None:
@@ -603,11 +612,11 @@ def _finite_float(value) -> float | None:
 
 
 def _yarn(rope: dict | None, max_position_embeddings: int, theta: float, source: str,
-          prefix: str) -> YarnScaling | None:
+          rope_field: str) -> YarnScaling | None:
     """Validate the YaRN fields (None for plain rotary)."""
     if rope is None:
         return None
-    where = f"{source}: field '{prefix}rope_parameters."
+    where = f"{source}: field '{rope_field}."
 
     def number(name, default, positive=True):
         value = rope.get(name)
@@ -674,13 +683,13 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def _check_rotary_numbers(theta: float, rotary_dim: int, yarn: YarnScaling | None, max_positions: int,
-                          source: str, prefix: str) -> None:
+                          source: str, rope_field: str) -> None:
     """Compute the rotary frequencies and YaRN's attention factor once, as the model will.
 
     Fields that are each fine alone can still overflow float32 together — a tiny rope_theta, a
     tiny YaRN factor, an attention factor of 1e300 — and then every logit is NaN, without an error.
     """
-    where = f"{source}: field '{prefix}rope_parameters."
+    where = f"{source}: field '{rope_field}."
     # The largest angle the model computes: a position of the context (an int64) × a frequency, in float32.
     last_position = np.float32(min(max_positions - 1, np.iinfo(np.int64).max))
 
@@ -711,7 +720,7 @@ def _check_rotary_numbers(theta: float, rotary_dim: int, yarn: YarnScaling | Non
                 f"what float32 holds, so every logit would be NaN. factor is how many times the original context "
                 f"is stretched: 1 or more (e.g. 4)")
         raise MinqwenError(
-            f"{source}: fields '{prefix}rope_parameters.beta_fast' ({yarn.beta_fast:g}), 'beta_slow' "
+            f"{source}: fields '{rope_field}.beta_fast' ({yarn.beta_fast:g}), 'beta_slow' "
             f"({yarn.beta_slow:g}) and 'original_max_position_embeddings' ({yarn.original_max_position_embeddings}) "
             f"put the ends of YaRN's ramp, log(original context / (2π · beta)) / log(rope_theta), beyond what a "
             f"float holds. The betas count rotations over the original context: 32 and 1 by default")
@@ -721,7 +730,7 @@ def _check_rotary_numbers(theta: float, rotary_dim: int, yarn: YarnScaling | Non
         if yarn.attention_factor is not None:
             what = f"{where}attention_factor' is {attention_factor:g}"
         else:
-            what = (f"{source}: fields '{prefix}rope_parameters.mscale' ({yarn.mscale:g}) and 'mscale_all_dim' "
+            what = (f"{source}: fields '{rope_field}.mscale' ({yarn.mscale:g}) and 'mscale_all_dim' "
                     f"({yarn.mscale_all_dim:g}) give YaRN an attention factor of {attention_factor:g} (0.1 · mscale "
                     f"· ln(factor) + 1 over 0.1 · mscale_all_dim · ln(factor) + 1, factor {yarn.factor:g})")
         raise MinqwenError(

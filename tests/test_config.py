@@ -208,6 +208,37 @@ def test_legacy_rope_scaling_is_read_as_rope_parameters():
     assert (c.rope_theta, c.partial_rotary_factor) == (123.0, 0.5)
 
 
+def test_rope_scaling_is_read_instead_of_rope_parameters_when_both_are_present():
+    # transformers 5.23.0: rope_parameters = rope_scaling or rope_parameters
+    scaling = {"rope_type": "default", "rope_theta": 5e5, "partial_rotary_factor": 0.5}
+    raw = small_text(rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.25},
+                     rope_scaling=scaling)
+    c = parse(raw)
+    assert (c.rope_theta, c.partial_rotary_factor) == (scaling["rope_theta"], scaling["partial_rotary_factor"])
+    assert parse(small_text(rope_scaling={})).rope_theta == small_text()["rope_parameters"]["rope_theta"]
+    with pytest.raises(MinqwenError, match=r"field 'rope_scaling\.rope_theta' must be a positive"):
+        parse(small_text(rope_scaling={**scaling, "rope_theta": -1.0}))
+
+
+def yarn_text(**rope) -> dict:
+    """small_text with YaRN over a 1024-token original context stretched to 4096."""
+    return small_text(max_position_embeddings=4096, rope_parameters={
+        "rope_type": "yarn", "rope_theta": 1e4, "partial_rotary_factor": 0.5,
+        "original_max_position_embeddings": 1024, **rope})
+
+
+def test_yarn_betas_of_zero_read_as_their_defaults():
+    # transformers reads `beta_fast or 32` and `beta_slow or 1`
+    zero = parse(yarn_text(factor=4.0, beta_fast=0, beta_slow=0))
+    absent = parse(yarn_text(factor=4.0))
+    assert (zero.yarn.beta_fast, zero.yarn.beta_slow) == (absent.yarn.beta_fast, absent.yarn.beta_slow)
+
+
+def test_a_null_yarn_factor_is_the_ratio_of_the_two_context_lengths():
+    raw = yarn_text(factor=None)
+    assert parse(raw).yarn.factor == raw["max_position_embeddings"] / raw["rope_parameters"]["original_max_position_embeddings"]
+
+
 def test_legacy_top_level_rope_theta_and_partial_rotary_factor_are_honoured():
     raw = small_text(rope_theta=1e6, partial_rotary_factor=0.5)
     del raw["rope_parameters"]
@@ -259,7 +290,7 @@ def test_a_rope_type_other_than_default_or_yarn_is_an_error_naming_the_field(rop
 def test_a_legacy_rope_scaling_with_type_linear_is_an_error_naming_the_field():
     raw = small_text(rope_scaling={"type": "linear", "factor": 2.0})
     del raw["rope_parameters"]
-    with pytest.raises(MinqwenError, match=r"field 'rope_parameters\.rope_type' is 'linear'"):
+    with pytest.raises(MinqwenError, match=r"field 'rope_scaling\.rope_type' is 'linear'"):  # the field in the file
         parse(raw)
 
 
@@ -534,6 +565,10 @@ def test_a_flag_that_is_not_a_boolean_is_an_error_naming_the_field(field, value)
 def test_an_rms_norm_eps_that_is_not_a_number_is_an_error_naming_the_field(value):
     with pytest.raises(MinqwenError, match=r"field 'rms_norm_eps' must be a number"):
         parse(small_text(rms_norm_eps=value))
+
+
+def test_an_rms_norm_eps_of_zero_is_accepted_as_transformers_accepts_it():
+    assert parse(small_text(rms_norm_eps=0.0)).rms_norm_eps == 0.0
 
 
 @pytest.mark.parametrize("value", [-1.0, float("nan"), float("inf")], ids=repr)

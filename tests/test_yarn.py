@@ -50,6 +50,36 @@ def test_yarn_frequencies_and_attention_factor_match_transformers(rope, head_dim
     assert got_factor == pytest.approx(factor, rel=1e-12)
 
 
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "beta_fast": 0, "beta_slow": 0},
+    {"rope_type": "yarn", "rope_theta": 1e4, "factor": None},
+    {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0},
+], ids=["betas-zero", "factor-null", "truncate-absent"])
+def test_yarn_fields_left_to_their_defaults_give_transformers_frequencies(rope):
+    require_reference()
+    from transformers import Qwen3_5TextConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rope = dict(rope, partial_rotary_factor=0.5, original_max_position_embeddings=64)
+    reference = Qwen3_5TextConfig(**text_config(dict(rope)))
+    inv_freq, factor = ROPE_INIT_FUNCTIONS["yarn"](reference)
+    ours = config_from_dict(dict(text_config(dict(rope)), model_type="qwen3_5_text"))
+    got, got_factor = yarn_inverse_frequencies(ours.rope_theta, ours.rotary_dim, ours.yarn)
+    np.testing.assert_allclose(got, inv_freq.numpy(), rtol=2e-7)
+    assert got_factor == pytest.approx(factor, rel=1e-12)
+
+
+def test_a_config_with_both_rope_scaling_and_rope_parameters_reads_what_transformers_reads():
+    require_reference()
+    from transformers import Qwen3_5TextConfig
+
+    fields = text_config({"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.25},
+                         rope_scaling={"rope_type": "default", "rope_theta": 5e5, "partial_rotary_factor": 0.5})
+    reference = Qwen3_5TextConfig.from_dict(dict(fields)).rope_parameters
+    ours = config_from_dict(dict(fields, model_type="qwen3_5_text"))
+    assert (ours.rope_theta, ours.partial_rotary_factor) == (reference["rope_theta"], reference["partial_rotary_factor"])
+
+
 def test_mscale_alone_changes_nothing_and_with_mscale_all_dim_it_does():
     base = YarnScaling(factor=4.0, original_max_position_embeddings=64)
     _, plain = yarn_inverse_frequencies(1e4, 32, base)
