@@ -244,21 +244,34 @@ def test_compare_names_the_first_tap_of_the_layer_whose_weight_was_changed(model
     assert all(row.max_abs == 0 for row in before), "everything upstream is bit for bit the same"
 
 
-def test_beyond_tolerance_means_abs_diff_above_atol_plus_rtol_times_reference(tmp_path):
-    def write(path, value):
-        golden.save({"token_ids": np.array([1]), "logits": np.array([value], np.float32)}, path,
-                    {"config_sha256": "same"})
-        return path
+def write_logits(path, logits, generated=None):
+    """A minimal recording: two prompt ids, the given logits and, if given, greedy ids."""
+    recording = {"token_ids": np.array([1, 2], np.int64), "logits": np.asarray(logits, np.float32)}
+    if generated is not None:
+        recording["generated_ids"] = np.asarray(generated, np.int64)
+    golden.save(recording, path, {"config_sha256": "same"})
+    return path
 
-    ref = write(tmp_path / "ref.safetensors", 10.0)  # threshold: 1e-4 + 1e-3 · 10 = 0.0101
-    inside = write(tmp_path / "inside.safetensors", 10.0095)
-    outside = write(tmp_path / "outside.safetensors", 10.0110)
+
+def test_beyond_tolerance_means_abs_diff_above_atol_plus_rtol_times_reference(tmp_path):
+    ref = write_logits(tmp_path / "ref.safetensors", [10.0])  # threshold: 1e-4 + 1e-3 · 10 = 0.0101
+    inside = write_logits(tmp_path / "inside.safetensors", [10.0095])
+    outside = write_logits(tmp_path / "outside.safetensors", [10.0110])
     assert golden.compare(inside, ref).ok
     report = golden.compare(outside, ref)
     assert report.first_divergent.name == "logits"
     assert report.first_divergent.max_rel == pytest.approx(1.1e-3, rel=1e-3)
     assert golden.compare(outside, ref, rtol=2e-3).ok
     assert "atol 0.0001, rtol 0.001" in report.format()
+
+
+@pytest.mark.parametrize("a_value, b_value", [(1.105, 1.0), (1.0, 1.105), (-2.2, -2.0), (-2.0, -2.2)])
+def test_the_relative_tolerance_scales_with_b_the_reference_not_with_a(tmp_path, a_value, b_value):
+    # pairs where scaling rtol by |a| and by |b| give different answers
+    a = write_logits(tmp_path / "a.safetensors", [a_value])
+    b = write_logits(tmp_path / "b.safetensors", [b_value])
+    a32, b32 = float(np.float32(a_value)), float(np.float32(b_value))
+    assert golden.compare(a, b, atol=0.0, rtol=0.1).ok == (abs(a32 - b32) <= 0.1 * abs(b32))
 
 
 def test_compare_lists_the_taps_only_one_side_recorded(models, tmp_path):
@@ -297,6 +310,35 @@ def test_greedy_tokens_that_part_ways_are_pointed_out(models, tmp_path):
     other = save_recording(model, rec, tmp_path / "other.safetensors")
     text = golden.compare(other, good).format()
     assert "different tokens at step1" in text
+
+
+def test_the_decode_note_names_the_first_step_where_greedy_tokens_differ(tmp_path):
+    generated_a, generated_b = np.array([3, 4, 5, 6]), np.array([3, 9, 9, 6])
+    a = write_logits(tmp_path / "a.safetensors", [0.5], generated_a)
+    b = write_logits(tmp_path / "b.safetensors", [0.5], generated_b)
+    first = int(np.flatnonzero(generated_a != generated_b)[0])
+    assert f"different tokens at step{first} " in golden.compare(a, b).format()
+
+
+def test_greedy_tokens_must_be_equal_not_merely_within_tolerance(tmp_path):
+    # at rtol 1e-3 two ids near 150000 that differ by one are "close"; a different token is not
+    a = write_logits(tmp_path / "a.safetensors", [0.5], [150_000, 7])
+    b = write_logits(tmp_path / "b.safetensors", [0.5], [150_001, 7])
+    report = golden.compare(a, b)
+    assert not report.ok
+    assert report.first_divergent.name == "generated_ids" and report.first_divergent.beyond == 1
+
+
+def test_recordings_of_different_numbers_of_decode_steps_compare_the_steps_both_have(models, tmp_path):
+    model = models["text_tied_fp32"]
+    ids = [7, 8, 9]
+    long = save_recording(model, golden.record(model, ids, decode_steps=3), tmp_path / "long.safetensors")
+    short = save_recording(model, golden.record(model, ids, decode_steps=1), tmp_path / "short.safetensors")
+    for a, b in ((long, short), (short, long)):
+        report = golden.compare(a, b)
+        assert report.ok, report.format()
+        assert [row.ok for row in report.rows if row.name == "generated_ids"] == [True]
+        assert "only the common steps are compared" in report.format()
 
 
 # ============================================================================ selecting taps

@@ -68,3 +68,21 @@ def test_as_float32_widens_bf16_bits_the_same_in_python_and_in_numba():
         for widen in (L.as_float32, compiled):
             assert np.float32(widen(bits)).view(np.uint32) == value.view(np.uint32)
     assert L.as_float32(np.float32(0.1)) == compiled(np.float32(0.1)) == np.float32(0.1)
+
+
+@pytest.mark.parametrize("n_out", [L.WIDEN_BLOCK + 1, 2 * L.WIDEN_BLOCK, 2 * L.WIDEN_BLOCK + 37])
+@pytest.mark.parametrize("rows", [L.BLAS_ROWS, L.BLAS_ROWS + 3])
+def test_a_prompt_times_a_bf16_matrix_of_several_widening_blocks_is_right_in_every_block(n_out, rows):
+    # Prompts widen bf16 weights WIDEN_BLOCK rows at a time for BLAS; every real checkpoint's
+    # matrices span several blocks, the fixtures' none.
+    rng = np.random.default_rng(n_out + rows)
+    n_in = 24
+    weight = (rng.normal(size=(n_out, n_in)) * 0.5).astype(ml_dtypes.bfloat16)
+    x = rng.normal(size=(rows, n_in)).astype(np.float32)
+    with L.rounding_prompts_to_bf16(False):
+        got = L.linear(x, weight)
+    w64 = weight.astype(np.float64)  # bf16 widens exactly
+    exact = x.astype(np.float64) @ w64.T
+    bound = (n_in + 1) * 2.0**-24 * (np.abs(x).astype(np.float64) @ np.abs(w64).T)  # float32 rounding of the sums
+    assert got.shape == (rows, n_out) and got.dtype == np.float32
+    assert (np.abs(got - exact) <= bound).all(), np.flatnonzero((np.abs(got - exact) > bound).any(axis=0))[:10]
