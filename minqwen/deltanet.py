@@ -317,6 +317,8 @@ def recurrent_gated_delta_rule(q, k, v, g, beta, state, every_state: bool = Fals
     else:
         states = np.empty((max(1, t_len) if every_state else 1, *state.shape), q.dtype)  # [T or 1, Hv, Dk, Dv]
     out = np.empty(v.shape, q.dtype)  # [T, Hv, Dv]
+    if t_len == 0:  # no token: the memory is the one that came in (the kernel writes nothing)
+        states[0] = initial
     work = state.size * t_len
     parallel = (work >= PARALLEL_FROM and (t_len < BLAS_ROWS or OPENBLAS_THREADS_NAP)) or (
         work >= PARALLEL_FROM_AWAKE and numba_does_the_products()

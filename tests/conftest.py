@@ -34,6 +34,21 @@ def greedy_continuation(model, prompt_ids, n: int) -> list[int]:
     return generated
 
 
+def _erf(x):
+    return np.vectorize(math.erf, otypes=[np.float64])(x)
+
+
+# What each config.json hidden_act means (transformers' ACT2FN), written out in float64: the
+# independent side of the tests that check minqwen applies the activation a config names.
+DIRECT_ACTIVATIONS = {
+    "silu": lambda x: x / (1 + np.exp(-x)),
+    "swish": lambda x: x / (1 + np.exp(-x)),
+    "gelu": lambda x: 0.5 * x * (1 + _erf(x / math.sqrt(2))),
+    "gelu_pytorch_tanh": lambda x: 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3))),
+    "relu": lambda x: np.where(x > 0, x, 0.0),
+}
+
+
 def skip_or_fail(reason: str) -> None:
     """Skip a test whose optional dependency is missing — or fail it under CI, where every lane must run."""
     if os.environ.get("CI", "").lower() in ("1", "true", "yes"):

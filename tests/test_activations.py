@@ -1,13 +1,17 @@
-"""The compiled float32 sigmoid and SiLU against their NumPy twins, and the exp inside them."""
+"""The compiled float32 sigmoid and SiLU against their NumPy twins, the exp inside them; softplus;
+and every hidden_act a config may name, applied as its formula says."""
 
 import numba
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from conftest import DIRECT_ACTIVATIONS
 from minqwen import activations
-from minqwen.activations import sigmoid, sigmoid_numpy, silu, silu_numpy
+from minqwen.activations import ACTIVATIONS, sigmoid, sigmoid_numpy, silu, silu_numpy, softplus
+from minqwen.mlp import MLPWeights, swiglu_mlp
 
 
 @numba.njit
@@ -64,3 +68,32 @@ def test_float64_takes_the_twin_exactly():
     x = np.random.default_rng(0).normal(size=(4, 33)) * 20
     np.testing.assert_array_equal(sigmoid(x), sigmoid_numpy(x))
     np.testing.assert_array_equal(silu(x), silu_numpy(x))
+
+
+@pytest.mark.parametrize("dtype, rtol", [(np.float64, 1e-9), (np.float32, 1e-6)])
+def test_softplus_is_log1p_exp_over_the_whole_range(dtype, rtol):
+    # g = −exp(A_log)·softplus(a + dt_bias): a + dt_bias in (10, 20] is a real model's input, and
+    # a float64 model (Model.astype) keeps softplus's float64 accuracy below torch's threshold 20.
+    x = np.concatenate([np.linspace(-40, 60, 2001), np.linspace(9.5, 20.5, 1001)]).astype(dtype)
+    expected = np.logaddexp(0.0, x.astype(np.float64))  # log(1 + e^x) in float64, no threshold
+    got = softplus(x)
+    assert got.dtype == dtype
+    np.testing.assert_allclose(got, expected, rtol=rtol, atol=0)
+
+
+def test_the_direct_formulas_cover_every_activation_minqwen_accepts():
+    assert set(DIRECT_ACTIVATIONS) == set(ACTIVATIONS)
+
+
+@pytest.mark.parametrize("act", sorted(DIRECT_ACTIVATIONS))
+def test_the_mlp_applies_the_activation_its_hidden_act_names(act):
+    # Every fixture's MLP uses silu; the others are checked here.
+    rng = np.random.default_rng(1)
+    h, inter, t = 24, 40, 7
+    x = rng.normal(size=(t, h)).astype(np.float32)
+    w = MLPWeights(*(rng.normal(size=s).astype(np.float32) / np.sqrt(s[1]) * 2
+                     for s in [(inter, h), (inter, h), (h, inter)]))
+    x64, (g64, u64, d64) = x.astype(np.float64), (a.astype(np.float64) for a in (w.gate_proj, w.up_proj, w.down_proj))
+    expected = (DIRECT_ACTIVATIONS[act](x64 @ g64.T) * (x64 @ u64.T)) @ d64.T  # ([T, I] ⊙ [T, I]) · [H, I]ᵀ → [T, H]
+    got = swiglu_mlp(x, w, act)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * np.abs(expected).max())

@@ -9,10 +9,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import DIRECT_ACTIVATIONS
 from minqwen.deltanet import (
+    DeltaNetState,
+    DeltaNetWeights,
     causal_conv1d,
     causal_conv1d_numpy,
     chunked_gated_delta_rule,
+    gated_deltanet,
+    l2_normalize,
     recurrent_gated_delta_rule,
     recurrent_gated_delta_rule_numpy,
 )
@@ -246,3 +251,105 @@ def test_the_parallel_and_serial_compilations_both_equal_the_twin(monkeypatch, p
     o, s = recurrent_gated_delta_rule(*args)
     np.testing.assert_allclose(o, o_ref, rtol=0, atol=2e-6 * np.abs(o_ref).max())
     np.testing.assert_allclose(s, s_ref, rtol=0, atol=2e-6 * np.abs(s_ref).max())
+
+
+# --------------------------------------------------------------------------- the whole layer, and edges
+
+
+def _small_deltanet(rng, hk=2, hv=4, dk=12, dv=8, kernel=4, hidden=32):
+    conv_dim = 2 * hk * dk + hv * dv
+    def mat(*s):
+        return (rng.normal(size=s) / np.sqrt(s[-1])).astype(np.float32)
+    w = DeltaNetWeights(in_proj_qkv=2 * mat(conv_dim, hidden), in_proj_z=mat(hv * dv, hidden), in_proj_b=mat(hv, hidden),
+                        in_proj_a=mat(hv, hidden), conv1d=rng.normal(size=(conv_dim, kernel)).astype(np.float32),
+                        A_log=rng.normal(size=hv).astype(np.float32), dt_bias=rng.normal(size=hv).astype(np.float32),
+                        norm=(1 + 0.1 * rng.normal(size=dv)).astype(np.float32), out_proj=mat(hidden, hv * dv))
+    state = DeltaNetState(np.zeros((kernel - 1, conv_dim), np.float32), np.zeros((hv, dk, dv), np.float32))
+    return w, state
+
+
+def _direct_deltanet(x, w, hk, hv, dk, dv, act, eps):
+    """The whole Gated DeltaNet layer in float64 from a zero state, token by token, from its definition."""
+    f = {name: getattr(w, name).astype(np.float64) for name in vars(w)}
+    x = x.astype(np.float64)
+    t_len = x.shape[0]
+    pre = x @ f["in_proj_qkv"].T  # [T, C]
+    kernel = f["conv1d"].shape[1]
+    conv = np.zeros_like(pre)
+    for t in range(t_len):
+        for j in range(kernel):  # the newest input meets the last tap
+            if t - j >= 0:
+                conv[t] += f["conv1d"][:, kernel - 1 - j] * pre[t - j]
+    mixed = DIRECT_ACTIVATIONS[act](conv)
+    q = mixed[:, : hk * dk].reshape(t_len, hk, dk)
+    k = mixed[:, hk * dk : 2 * hk * dk].reshape(t_len, hk, dk)
+    v = mixed[:, 2 * hk * dk :].reshape(t_len, hv, dv)
+    q = q / np.sqrt((q * q).sum(-1, keepdims=True) + 1e-6) / np.sqrt(dk)
+    k = k / np.sqrt((k * k).sum(-1, keepdims=True) + 1e-6)
+    beta = 1 / (1 + np.exp(-(x @ f["in_proj_b"].T)))  # [T, Hv]
+    g = -np.exp(f["A_log"]) * np.logaddexp(0.0, x @ f["in_proj_a"].T + f["dt_bias"])  # [T, Hv]
+    z = (x @ f["in_proj_z"].T).reshape(t_len, hv, dv)
+    out = np.empty((t_len, hv, dv))
+    for h in range(hv):
+        kh = h // (hv // hk)  # value head h reads key head h // (Hv / Hk)
+        S = np.zeros((dk, dv))
+        for t in range(t_len):
+            S *= np.exp(g[t, h])
+            S += np.outer(k[t, kh], beta[t, h] * (v[t, h] - S.T @ k[t, kh]))
+            out[t, h] = S.T @ q[t, kh]
+    normed = out / np.sqrt((out * out).mean(-1, keepdims=True) + eps) * f["norm"] * (z / (1 + np.exp(-z)))
+    return normed.reshape(t_len, hv * dv) @ f["out_proj"].T
+
+
+@pytest.mark.parametrize("act, t_len, form", [("silu", 300, "recurrent"), ("silu", 300, "chunked"),
+                                              ("relu", 9, "recurrent"), ("gelu_pytorch_tanh", 9, "recurrent")])
+def test_gated_deltanet_layer_equals_the_direct_layer_in_float64(act, t_len, form):
+    # Long prompts (fixtures and model tests stop at 150 tokens) and a hidden_act other than silu
+    # (transformers applies config.hidden_act after the conv; minqwen says it honours it).
+    rng = np.random.default_rng(2)
+    hk, hv, dk, dv, eps = 2, 4, 12, 8, 1e-6
+    w, state = _small_deltanet(rng, hk, hv, dk, dv)
+    w = DeltaNetWeights(**{name: getattr(w, name).astype(np.float64) for name in vars(w)})
+    state = DeltaNetState(state.conv.astype(np.float64), state.recurrent.astype(np.float64))
+    x = rng.normal(size=(t_len, 32))
+    expected = _direct_deltanet(x, w, hk, hv, dk, dv, act, eps)
+    got = gated_deltanet(x, w, state, hk, hv, dk, dv, act, eps, form=form)
+    # minqwen's gelu_tanh rounds its two constants to float32 even in float64: ~2e-7 relative
+    tol = 1e-6 if act == "gelu_pytorch_tanh" else 1e-9
+    np.testing.assert_allclose(got, expected, rtol=0, atol=tol * np.abs(expected).max())
+
+
+def test_l2_normalize_puts_eps_under_the_square_root_even_for_tiny_vectors():
+    # A q or k head whose conv output is near zero (SiLU of large negatives) has |x|² ~ eps:
+    # there eps's placement decides the result. Float64 direct formula, and transformers' l2norm if present.
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(40, 16)) * np.logspace(-6, 1, 40)[:, None]  # norms from ~4e-6 to ~40
+    expected = x / np.sqrt((x * x).sum(-1, keepdims=True) + 1e-6)
+    # (rtol 1e-8 in float64: minqwen adds eps rounded to float32, 1e-9 relative at the smallest norms)
+    for dtype, rtol in ((np.float64, 1e-8), (np.float32, 2e-6)):
+        np.testing.assert_allclose(l2_normalize(x.astype(dtype)), expected, rtol=rtol, atol=0)
+    try:
+        import torch
+        from transformers.models.qwen3_5.modeling_qwen3_5 import l2norm
+    except ImportError:
+        return
+    np.testing.assert_allclose(l2_normalize(x), l2norm(torch.tensor(x), dim=-1, eps=1e-6).numpy(), rtol=1e-8, atol=0)
+
+
+def test_chunked_form_with_chunks_longer_than_64_equals_the_recurrent_definition():
+    # chunk_size is a parameter; the property tests draw 16, 32 and 64 only.
+    args = random_inputs(np.random.default_rng(4), 200, 2, 8, 6, np.float64)
+    o_ref, s_ref = recurrent_gated_delta_rule_numpy(*args)
+    for chunk in (96, 128):
+        o, s = chunked_gated_delta_rule(*args, chunk_size=chunk)
+        np.testing.assert_allclose(o, o_ref, rtol=0, atol=1e-10 * max(1.0, np.abs(o_ref).max()))
+        np.testing.assert_allclose(s, s_ref, rtol=0, atol=1e-10 * max(1.0, np.abs(s_ref).max()))
+
+
+def test_the_compiled_rule_with_no_tokens_returns_the_state_it_was_given():
+    rng = np.random.default_rng(5)
+    state = rng.normal(size=(2, 4, 3)).astype(np.float32)
+    empty = [np.zeros(s, np.float32) for s in [(0, 2, 4), (0, 2, 4), (0, 2, 3), (0, 2), (0, 2)]]
+    _, expected = recurrent_gated_delta_rule_numpy(*empty, state)
+    _, got = recurrent_gated_delta_rule(*empty, state)
+    np.testing.assert_array_equal(got, expected)

@@ -1,0 +1,119 @@
+"""Gated full attention and its rotary embedding, against direct float64 formulas.
+
+The fixtures check the layer against transformers on short prompts; these check what they do
+not reach: prompts longer than one query block, and M-RoPE sections with distinct height and
+width (the real models' (11, 11, 10)).
+"""
+
+import numpy as np
+import pytest
+
+from minqwen import attention
+from minqwen.attention import AttentionWeights, KVCache, causal_attention, gated_attention
+from minqwen.rope import inverse_frequencies, mrope_cos_sin
+
+
+def _direct_mrope(position_ids, inv_freq, section):
+    """cos, sin [T, R] in float64: frequency i listens to height if i % 3 == 1 and i < 3·section[1],
+    to width if i % 3 == 2 and i < 3·section[2], to time otherwise (the interleaved layout)."""
+    half = inv_freq.shape[0]
+    axis = [1 if i % 3 == 1 and i < 3 * section[1] else 2 if i % 3 == 2 and i < 3 * section[2] else 0
+            for i in range(half)]
+    angles = np.empty((position_ids.shape[1], half), np.float64)
+    for i, a in enumerate(axis):  # angle rounded to float32 as both minqwen and the reference form it
+        angles[:, i] = (position_ids[a].astype(np.float32) * inv_freq[i]).astype(np.float64)
+    emb = np.concatenate([angles, angles], axis=-1)
+    return np.cos(emb), np.sin(emb)
+
+
+@pytest.mark.parametrize("rotary_dim, section", [(64, (11, 11, 10)), (16, (3, 3, 2)), (16, (2, 3, 1)),
+                                                 (24, (4, 2, 4)), (16, (1, 0, 3))])
+def test_mrope_sections_send_each_frequency_to_the_right_axis(rotary_dim, section):
+    # Fixtures with images have mrope_section[1] == mrope_section[2] within R/2, so a mix-up of the
+    # height and width sections is invisible to them; the real models' (11, 11, 10) is not.
+    rng = np.random.default_rng(6)
+    positions = rng.integers(0, 200, size=(3, 25))  # distinct time, height and width
+    inv_freq = inverse_frequencies(1e4, rotary_dim)
+    cos, sin = mrope_cos_sin(positions, inv_freq, section)
+    cos_ref, sin_ref = _direct_mrope(positions, inv_freq, section)
+    np.testing.assert_allclose(cos, cos_ref, rtol=0, atol=2e-6)
+    np.testing.assert_allclose(sin, sin_ref, rtol=0, atol=2e-6)
+
+
+def _direct_causal_attention(q, keys, values, scale):
+    """float64 softmax attention, query by query: query t of T sees keys 0 … S − T + t; head h reads kv head h // G."""
+    t_len, hq, _ = q.shape
+    hkv, s_len, _ = keys.shape
+    out = np.empty(q.shape, np.float64)
+    for h in range(hq):
+        kh = h // (hq // hkv)
+        for t in range(t_len):
+            seen = s_len - t_len + t + 1
+            s = keys[kh, :seen].astype(np.float64) @ q[t, h].astype(np.float64) * scale
+            p = np.exp(s - s.max())
+            out[t, h] = p @ values[kh, :seen].astype(np.float64) / p.sum()
+    return out
+
+
+@pytest.mark.parametrize("t_len, past", [(300, 0), (300, 37), (257, 5)])
+def test_causal_attention_beyond_one_query_block_equals_the_direct_softmax(t_len, past):
+    # Prompts of more than QUERY_BLOCK (256) tokens run several blocks; no other test has one.
+    rng = np.random.default_rng(t_len + past)
+    q = rng.normal(size=(t_len, 4, 8))
+    keys, values = rng.normal(size=(2, 2, past + t_len, 8))
+    expected = _direct_causal_attention(q, keys, values, 8**-0.5)
+    np.testing.assert_allclose(causal_attention(q, keys, values, 8**-0.5), expected, rtol=0, atol=1e-12)
+
+
+def test_causal_attention_with_small_query_blocks_equals_the_direct_softmax(monkeypatch):
+    monkeypatch.setattr(attention, "QUERY_BLOCK", 5)
+    rng = np.random.default_rng(7)
+    q = rng.normal(size=(23, 6, 4))
+    keys, values = rng.normal(size=(2, 3, 30, 4))  # 7 past tokens, G = 2
+    expected = _direct_causal_attention(q, keys, values, 0.5)
+    np.testing.assert_allclose(causal_attention(q, keys, values, 0.5), expected, rtol=0, atol=1e-12)
+
+
+def _direct_gated_attention(x, w, positions, hq, hkv, d, rotary_dim, theta, eps):
+    """The whole layer in float64, step by step from its definition."""
+    x = x.astype(np.float64)
+    f = {k: (None if v is None else v.astype(np.float64)) for k, v in vars(w).items()}
+    t_len = x.shape[0]
+    qg = (x @ f["q_proj"].T + f["q_proj_bias"]).reshape(t_len, hq, 2 * d)
+    q, gate = qg[..., :d], qg[..., d:]
+    k = (x @ f["k_proj"].T + f["k_proj_bias"]).reshape(t_len, hkv, d)
+    v = (x @ f["v_proj"].T + f["v_proj_bias"]).reshape(t_len, hkv, d)
+
+    def norm(a, weight):  # zero-centred RMSNorm
+        return a / np.sqrt((a * a).mean(-1, keepdims=True) + eps) * (1 + weight)
+
+    def rope(a):  # rotate-half on the first rotary_dim dims
+        half = rotary_dim // 2
+        ang = positions[:, None] * theta ** (-np.arange(half) * 2 / rotary_dim)  # [T, R/2]
+        c, s = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
+        a1, a2, rest = a[..., :half], a[..., half:rotary_dim], a[..., rotary_dim:]
+        return np.concatenate([a1 * c - a2 * s, a2 * c + a1 * s, rest], axis=-1)
+
+    q, k = rope(norm(q, f["q_norm"])), rope(norm(k, f["k_norm"]))
+    out = _direct_causal_attention(q, k.transpose(1, 0, 2), v.transpose(1, 0, 2), d**-0.5)
+    out = out * (1 / (1 + np.exp(-gate)))
+    return out.reshape(t_len, hq * d) @ f["o_proj"].T + f["o_proj_bias"]
+
+
+def test_gated_attention_on_a_long_prompt_equals_the_direct_layer_in_float64():
+    hq, hkv, d, rotary_dim, theta, eps, hidden, t_len = 4, 2, 16, 8, 1e4, 1e-6, 32, 300
+    rng = np.random.default_rng(8)
+    def mat(*s):
+        return rng.normal(size=s) / np.sqrt(s[-1])
+    w = AttentionWeights(q_proj=mat(hq * 2 * d, hidden), k_proj=mat(hkv * d, hidden), v_proj=mat(hkv * d, hidden),
+                         o_proj=mat(hidden, hq * d), q_norm=0.3 * rng.normal(size=d), k_norm=0.3 * rng.normal(size=d),
+                         q_proj_bias=rng.normal(size=hq * 2 * d), k_proj_bias=rng.normal(size=hkv * d),
+                         v_proj_bias=rng.normal(size=hkv * d), o_proj_bias=rng.normal(size=hidden))
+    x = rng.normal(size=(t_len, hidden))
+    positions = np.arange(t_len)
+    expected = _direct_gated_attention(x, w, positions, hq, hkv, d, rotary_dim, theta, eps)
+    # minqwen's cos/sin tables, in float64 for a float64 layer (text: the three M-RoPE rows equal)
+    inv_freq = theta ** (-np.arange(0, rotary_dim, 2) / rotary_dim)
+    cos, sin = mrope_cos_sin(np.broadcast_to(positions, (3, t_len)).astype(np.float64), inv_freq, (2, 1, 1))
+    got = gated_attention(x, w, KVCache(hkv, d, np.float64), cos, sin, hq, hkv, d, eps)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-9 * np.abs(expected).max())
