@@ -49,6 +49,23 @@ DIRECT_ACTIVATIONS = {
 }
 
 
+def softmax64(x):
+    """Softmax in float64, the independent side of the sampling tests."""
+    x = np.asarray(x, np.float64)
+    z = np.exp(x - x.max())
+    return z / z.sum()
+
+
+def penalized64(logits, seen, generated, rep=1.0, presence=0.0):
+    """The documented penalties in float64: repetition over every seen id, presence over generated ids."""
+    out = np.asarray(logits, np.float64).copy()
+    for i in set(seen):
+        out[i] = out[i] / rep if out[i] > 0 else out[i] * rep
+    for i in set(generated):
+        out[i] -= presence
+    return out
+
+
 def skip_or_fail(reason: str) -> None:
     """Skip a test whose optional dependency is missing — or fail it under CI, where every lane must run."""
     if os.environ.get("CI", "").lower() in ("1", "true", "yes"):

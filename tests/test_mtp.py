@@ -32,7 +32,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import minqwen
-from conftest import FALSE_ALARM_Z, FIXTURES, ROOT, chi_square_critical, require_reference
+from conftest import FALSE_ALARM_Z, FIXTURES, ROOT, chi_square_critical, penalized64, require_reference, softmax64
 from minqwen import MinqwenError
 from minqwen.attention import AttentionWeights
 from minqwen.checkpoint import EMBEDDED
@@ -46,6 +46,7 @@ from minqwen.mtp import (
     MtpCache,
     MtpHead,
     SpeculativeStats,
+    accept,
     draft,
     keep_first,
     load_mtp,
@@ -458,6 +459,18 @@ def _with_context(model: Model, context: int) -> Model:
     return Model(config, model.embed_tokens, model.layers, model.norm, model.lm_head)
 
 
+@pytest.mark.parametrize("prompt_len", [6, 7, 8])
+def test_speculation_stops_at_the_context_where_plain_generation_does(prompt_len):
+    # A context of 8: a prompt of 7 leaves room to feed one token back, so plain decoding yields 2.
+    model = _with_context(MODELS["text_tied_fp32"], 8)
+    head = random_head(model, 1)
+    prompt = list(range(3, 3 + prompt_len))
+    plain = list(generate_ids(model, prompt, max_new_tokens=30))
+    assert len(plain) == 8 - prompt_len + 1
+    for k in (1, 3):
+        assert list(speculative_generate(model, head, prompt, max_new_tokens=30, draft_tokens=k)) == plain
+
+
 def test_a_draft_vocabulary_keeps_the_first_ids_and_the_context_and_drops_the_rest():
     from minqwen.mtp import draft_logits
 
@@ -698,3 +711,145 @@ def test_the_split_figure_times_step_and_verify_and_puts_the_timed_functions_bac
         total, products, recurrence, rest = map(float, (total, products, recurrence, rest))
         # the embedded model's one-row products and its DeltaNet layers both pass through the clocks
         assert 0 < products < total and 0 < recurrence < total and 0 <= rest < total
+
+
+# ============================================================================ the acceptance rule, row by row
+
+
+class ScriptedRng:
+    """Stands in for np.random.Generator in accept(): random() returns the scripted uniforms in turn;
+    choice(n, p=…) records the distribution it was handed and returns its most likely id."""
+
+    def __init__(self, uniforms):
+        self.uniforms = list(uniforms)
+        self.choices = []
+
+    def random(self):
+        return self.uniforms.pop(0)
+
+    def choice(self, n, p):
+        p = np.asarray(p, np.float64)
+        assert p.shape == (n,)
+        self.choices.append(p)
+        return int(np.argmax(p))
+
+
+ACCEPT_LOGITS = np.array([[1.2, 0.3, -0.5, 0.9, -2.0],
+                          [0.1, 1.5, 0.4, -0.3, 0.8],
+                          [-0.2, 0.6, 1.1, 0.0, 0.3]], np.float32)  # [k+1, V], k = 2
+
+
+@pytest.mark.parametrize("d", range(5))
+def test_a_sampled_draft_is_accepted_with_probability_min_1_p_over_q_else_the_residual_is_drawn(d):
+    params = SamplingParams(temperature=0.9)
+    p = softmax64(ACCEPT_LOGITS[0] / 0.9)
+    q = softmax64(np.array([-1.0, 0.5, 1.5, 0.2, 0.7]))  # a draft distribution unlike p
+    ratio = min(1.0, p[d] / q[d])
+    residual = np.maximum(p - q, 0)
+    residual /= residual.sum()
+    # just under the acceptance probability: accepted, then the bonus token is drawn
+    if ratio > 1e-6:
+        emitted, n = accept(ACCEPT_LOGITS[:2], [d], [q], params, ScriptedRng([ratio * (1 - 1e-5)]), [], [])
+        assert n == 1 and emitted[0] == d
+    if ratio < 1 - 1e-4:  # just over it: rejected, and the correction is drawn from max(p − q, 0), normalised
+        rng = ScriptedRng([min(ratio * (1 + 1e-5), 1 - 1e-12)])
+        emitted, n = accept(ACCEPT_LOGITS[:2], [d], [q], params, rng, [], [])
+        assert n == 0 and len(emitted) == 1
+        np.testing.assert_allclose(rng.choices[0], residual, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("d", range(5))
+def test_a_rejected_argmax_draft_is_corrected_from_p_without_the_draft(d):
+    # q one-hot at d: accept with probability p(d); the residual max(p − q, 0) is p with d removed.
+    params = SamplingParams(temperature=1.0)
+    p = softmax64(ACCEPT_LOGITS[0])
+    rng = ScriptedRng([min(p[d] * (1 + 1e-5), 1 - 1e-12)])
+    emitted, n = accept(ACCEPT_LOGITS[:2], [d], [None], params, rng, [], [])
+    assert n == 0
+    expected = p.copy()
+    expected[d] = 0
+    np.testing.assert_allclose(rng.choices[0], expected / expected.sum(), rtol=0, atol=1e-6)
+    emitted, n = accept(ACCEPT_LOGITS[:2], [d], [None], params, ScriptedRng([p[d] * (1 - 1e-5)]), [], [])
+    assert n == 1 and emitted[0] == d
+
+
+def test_penalties_at_a_verify_position_count_the_drafts_before_it():
+    # Row m's target distribution counts drafts 1 … m as generated (repetition and presence penalty).
+    rep, presence, t = 1.7, 0.9, 0.8
+    params = SamplingParams(temperature=t, repetition_penalty=rep, presence_penalty=presence)
+    seen, generated = [4, 1], [1]
+    d0, d1 = 0, 2
+    q1 = softmax64(np.array([0.3, -0.2, 2.5, 0.9, -0.4]))
+    p1 = softmax64(penalized64(ACCEPT_LOGITS[1], seen + [d0], generated + [d0], rep, presence) / t)
+    p2 = softmax64(penalized64(ACCEPT_LOGITS[2], seen + [d0, d1], generated + [d0, d1], rep, presence) / t)
+    # draft 1 accepted (u = 0), draft 2 rejected (u ≈ 1 > p/q): the correction is drawn from max(p1 − q1, 0)
+    assert p1[d1] / q1[d1] < 1 - 1e-6
+    rng = ScriptedRng([0.0, 1 - 1e-12])
+    emitted, n = accept(ACCEPT_LOGITS, [d0, d1], [None, q1], params, rng, list(seen), list(generated))
+    assert n == 1 and emitted[0] == d0
+    residual = np.maximum(p1 - q1, 0)
+    np.testing.assert_allclose(rng.choices[0], residual / residual.sum(), rtol=0, atol=1e-6)
+    # both accepted: the bonus token is drawn from p2, which counts both drafts
+    rng = ScriptedRng([0.0, 0.0])
+    emitted, n = accept(ACCEPT_LOGITS, [d0, d1], [None, None], params, rng, list(seen), list(generated))
+    assert n == 2 and emitted[:2] == [d0, d1] and len(emitted) == 3
+    np.testing.assert_allclose(rng.choices[0], p2, rtol=0, atol=1e-6)
+
+
+def test_accept_marginal_is_p():
+    # Draw d ~ q, then accept: the first emitted token must be distributed as p, whatever q is.
+    # Chi-square at FALSE_ALARM_Z: a correct implementation fails for 1 random seed in 1000
+    # (here the seed is fixed, so the outcome is deterministic).
+    params = SamplingParams(temperature=1.0)
+    p = softmax64(ACCEPT_LOGITS[0])
+    q = softmax64(np.array([-1.0, 0.5, 1.5, 0.2, 0.7]))
+    rng = np.random.default_rng(123)
+    draws = 20000
+    counts = np.zeros(5)
+    for _ in range(draws):
+        d = int(rng.choice(5, p=q))
+        counts[accept(ACCEPT_LOGITS[:2], [d], [q], params, rng, [], [])[0][0]] += 1
+    statistic = float(((counts - draws * p) ** 2 / (draws * p)).sum())
+    assert statistic < chi_square_critical(4, FALSE_ALARM_Z), (statistic, counts / draws, p)
+    counts = np.zeros(5)
+    for _ in range(draws):  # argmax drafts: q one-hot at id 2, an unlikely id under p
+        counts[accept(ACCEPT_LOGITS[:2], [2], [None], params, rng, [], [])[0][0]] += 1
+    statistic = float(((counts - draws * p) ** 2 / (draws * p)).sum())
+    assert statistic < chi_square_critical(4, FALSE_ALARM_Z), (statistic, counts / draws, p)
+
+
+def test_greedy_acceptance_follows_plain_greedy_with_penalties_counting_earlier_drafts():
+    # Greedy: accept draft m while it is the argmax of row m, penalised as if drafts 1 … m were
+    # generated; then emit that argmax (or, after k acceptances, the bonus argmax).
+    rep, presence = 1.5, 0.7
+    params = SamplingParams(repetition_penalty=rep, presence_penalty=presence)
+    rng = np.random.default_rng(9)
+    checked = 0
+    for _ in range(300):
+        k, V = int(rng.integers(1, 4)), 5
+        logits = rng.normal(size=(k + 1, V)).astype(np.float32)
+        seen = [int(i) for i in rng.integers(0, V, size=2)]
+        generated = seen[1:]
+        # drafts: the reference's own argmax chain, one of them sometimes replaced
+        drafts, expected, margin, done = [], [], np.inf, False
+        for m in range(k + 1):
+            row = penalized64(logits[m], seen + drafts, generated + drafts, rep, presence)
+            top2 = np.sort(row)[-2:]
+            margin = min(margin, top2[1] - top2[0])
+            best = int(np.argmax(row))
+            expected.append(best)
+            if m == k:
+                break
+            d = best if rng.random() < 0.8 else int(rng.integers(0, V))
+            drafts.append(d)
+            if d != best:
+                done = True
+                break
+        if margin < 1e-4:
+            continue
+        drafts += [int(i) for i in rng.integers(0, V, size=k - len(drafts))]  # drafts after a rejection never matter
+        emitted, n = accept(logits, drafts, [None] * k, params, np.random.default_rng(0), list(seen), list(generated))
+        assert emitted == expected, (logits, drafts, seen)
+        assert n == len(expected) - 1
+        checked += 1 + done
+    assert checked > 100

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from conftest import FALSE_ALARM_Z, chi_square_critical, require_reference
+from conftest import FALSE_ALARM_Z, chi_square_critical, require_reference, softmax64
 from minqwen import MinqwenError
 from minqwen.sampling import SamplingParams, apply_penalties, filter_logits, sample_next
 
@@ -71,11 +71,6 @@ def test_a_seed_makes_sampling_reproducible():
     assert draws[0] == draws[1]
     other = [sample_next(logits, params, np.random.default_rng(8)) for _ in range(5)]
     assert len(set(draws[0] + other)) > 1  # and it samples: not the argmax every time
-
-
-def softmax64(x):
-    z = np.exp(np.asarray(x, np.float64) - np.max(x))
-    return z / z.sum()
 
 
 LOGITS = np.array([2.0, 1.5, 0.2, -0.4, -1.0, 0.9], np.float32)
@@ -313,3 +308,57 @@ def test_generate_names_the_checkpoints_generation_config_when_its_top_p_is_0(tm
     named = re.escape(f"{tmp_path / 'generation_config.json'}: top_p must be in (0, 1] (1 is off), got 0")
     with pytest.raises(MinqwenError, match=f"^{named}$"):
         minqwen.generate(minqwen.load(embedded), minqwen.Tokenizer(tmp_path), "def f", max_new_tokens=2)
+
+
+@pytest.mark.parametrize("top_p", [1e-30, 1e-12, 1e-9])
+def test_a_tiny_top_p_keeps_the_most_likely_id_alone(top_p):
+    # The smallest set of most likely ids reaching p is {argmax} whenever p ≤ p(argmax).
+    for seed in range(20):
+        logits = np.random.default_rng(seed).normal(scale=3, size=50).astype(np.float32)
+        kept = np.isfinite(filter_logits(logits, SamplingParams(temperature=1.0, top_p=top_p)))
+        assert np.flatnonzero(kept).tolist() == [int(np.argmax(logits))], seed
+        assert sample_next(logits, SamplingParams(temperature=1.0, top_p=top_p),
+                           np.random.default_rng(seed)) == int(np.argmax(logits))
+
+
+@pytest.mark.parametrize("logits, min_p", [
+    ([1.0, 3.0, 3.0, 0.0], 1.0),  # min_p 1 keeps exactly the ids tied with the top
+    ([1.0, 3.0, 2.0, 0.0], 1.0),  # … which may be the argmax alone
+    ([3.0, 3.0, 3.0], 1.0),
+])
+def test_min_p_keeps_ids_at_exactly_the_threshold(logits, min_p):
+    # transformers' MinPLogitsWarper removes ids with p < min_p · p_max: an id at the threshold stays.
+    logits = np.array(logits, np.float32)
+    p = softmax64(logits)
+    expected = p >= min_p * p.max()
+    params = SamplingParams(temperature=1.0, min_p=min_p)
+    kept = np.isfinite(filter_logits(logits, params))
+    assert kept.tolist() == expected.tolist()
+    assert expected[sample_next(logits, params, np.random.default_rng(0))]
+
+
+def test_the_min_p_threshold_is_sharp():
+    # For each id i with ratio r_i = p_i / p_max (float64), min_p just below r_i keeps i, just above drops it.
+    rng = np.random.default_rng(5)
+    for _ in range(10):
+        logits = rng.normal(scale=2, size=12).astype(np.float32)
+        ratio = softmax64(logits) / softmax64(logits).max()
+        for i in np.flatnonzero(ratio < 1):
+            for factor, keep in ((1 - 1e-5, True), (1 + 1e-5, False)):
+                params = SamplingParams(temperature=1.0, min_p=float(ratio[i] * factor))
+                assert bool(np.isfinite(filter_logits(logits, params))[i]) == keep, (i, ratio[i], factor)
+
+
+@pytest.mark.parametrize("logits, top_k", [
+    ([2.0, 1.0, 1.0, 0.0], 2),  # a tie at the k-th logit: transformers keeps every tied id
+    ([0.5, 0.5, 0.5, 0.5, -1.0], 1),
+    ([0.0, 5.0, 3.0, 4.0, 1.0], 4),  # k = V − 1 drops the least likely id
+    ([0.0, 5.0, 3.0, 4.0, 1.0], 5),
+    ([0.0, 5.0, 3.0, 4.0, 1.0], 9),
+])
+def test_top_k_keeps_every_id_at_least_as_likely_as_the_kth(logits, top_k):
+    # transformers' TopKLogitsWarper: remove ids whose logit is < the k-th largest.
+    logits = np.array(logits, np.float32)
+    expected = logits >= np.sort(logits)[::-1][min(top_k, logits.size) - 1]
+    kept = np.isfinite(filter_logits(logits, SamplingParams(temperature=1.0, top_k=top_k)))
+    assert kept.tolist() == expected.tolist()

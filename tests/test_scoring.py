@@ -157,3 +157,43 @@ def test_serial_and_parallel_builds_of_a_kernel_keep_separate_numba_caches():
         assert serial.py_func.__code__ is parallel.py_func.__code__  # one body, as the twin tests assume
         names |= {serial._cache._cache_file._index_name, parallel._cache._cache_file._index_name}
     assert len(names) == 2 * len(pairs)
+
+
+TINY_TEXT = minqwen.load(FIXTURES / "text_tied_fp32")  # vocab 160, context 512
+
+
+@pytest.mark.parametrize("window, stride", [(8, 2), (8, 3), (8, 5), (6, 1), (7, 6)])
+def test_each_token_is_scored_once_by_the_first_window_that_holds_it_with_context(window, stride):
+    text = "the quick brown fox jumps over the lazy dog"  # 43 tokens
+    ids = np.array(CharTokenizer().encode(text))
+    starts = [0]
+    while starts[-1] + window < len(ids):
+        starts.append(starts[-1] + stride)
+    expected = 0.0
+    for t in range(1, len(ids)):  # token t: scored in the first window whose end is past it
+        start = next(s for s in starts if s + window > t)
+        assert start < t
+        expected -= float(TINY_TEXT.score(ids[start: t + 1])[-1])
+    result = score_text(TINY_TEXT, CharTokenizer(), text, window=window, stride=stride)
+    assert result.tokens_scored == len(ids) - 1
+    assert result.nll_nats == pytest.approx(expected, rel=1e-5)
+
+
+def test_the_default_stride_is_half_the_window_and_the_default_window_the_context():
+    text = "the quick brown fox jumps over the lazy dog"
+    for window in (8, 9):
+        assert score_text(TINY_TEXT, CharTokenizer(), text, window=window).nll_nats == \
+            score_text(TINY_TEXT, CharTokenizer(), text, window=window, stride=window // 2).nll_nats
+    long_text = ("abcdefghij" * 60)[:520]  # longer than the context of 512
+    context = TINY_TEXT.config.max_position_embeddings
+    assert score_text(TINY_TEXT, CharTokenizer(), long_text).nll_nats == \
+        score_text(TINY_TEXT, CharTokenizer(), long_text, window=context, stride=context // 2).nll_nats
+
+
+@pytest.mark.parametrize("dtype, scale", [(np.float32, 100.0), (np.float64, 800.0)])
+def test_log_softmax_of_large_logits_is_finite_and_exact(dtype, scale):
+    logits = (scale * np.random.default_rng(2).normal(size=(3, 50))).astype(dtype)
+    expected = logits.astype(np.float64) - np.logaddexp.reduce(logits.astype(np.float64), axis=-1, keepdims=True)
+    got = log_softmax(logits)
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-3)

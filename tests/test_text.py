@@ -6,6 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import minqwen
+from conftest import FIXTURES, penalized64
 from minqwen import MinqwenError
 from minqwen.checkpoint import EMBEDDED
 from minqwen.generate import ChatSession, generate_ids, stream, stream_text
@@ -311,3 +312,103 @@ def test_a_broken_tokenizer_config_is_an_error_naming_the_file(tmp_path, text, n
     (folder / "tokenizer_config.json").write_text(text)  # deep nesting was a bare RecursionError
     with pytest.raises(MinqwenError, match=f"tokenizer_config.json: {named}"):
         Tokenizer(folder)
+
+
+TINY_TEXT = minqwen.load(FIXTURES / "text_tied_fp32")  # vocab 160, context 512
+
+
+def reference_greedy(model, prompt, n, history, rep, presence):
+    """Greedy decoding with the documented penalties applied in float64; also the smallest top-2 margin."""
+    cache = model.new_cache()
+    logits = model.forward(prompt, cache, last_only=True)[-1]
+    out, margin = [], np.inf
+    for _ in range(n):
+        row = penalized64(logits, list(history) + list(prompt) + out, out, rep, presence)
+        top2 = np.sort(row)[-2:]
+        margin = min(margin, top2[1] - top2[0])
+        out.append(int(np.argmax(row)))
+        logits = model.forward([out[-1]], cache, last_only=True)[-1]
+    return out, margin
+
+
+@pytest.mark.parametrize("rep, presence", [(3.0, 0.0), (1.0, 3.0), (2.0, 1.5)])
+def test_generate_counts_history_for_repetition_and_only_generated_ids_for_presence(rep, presence):
+    params = SamplingParams(repetition_penalty=rep, presence_penalty=presence)
+    for seed in range(4):
+        prompt = [int(i) for i in np.random.default_rng(seed).integers(0, 160, size=5)]
+        plain, _ = reference_greedy(TINY_TEXT, prompt, 3, [], 1.0, 0.0)
+        # history holds what unpenalised greedy would say next, and the prompt repeats it: both must matter
+        for history, prompt_ in (([plain[0], plain[1]], prompt), ([], prompt + [plain[0]])):
+            expected, margin = reference_greedy(TINY_TEXT, prompt_, 6, history, rep, presence)
+            if margin < 1e-4:
+                continue  # a near-tie: float32 and float64 may break it differently
+            assert list(generate_ids(TINY_TEXT, prompt_, params, 6, history=history)) == expected, (seed, history)
+
+
+EOS = set(TOKENIZER.eos_ids) | set(MODEL.config.eos_token_id)
+
+
+def fixed_decode(ids):
+    """A drop-in for generate_ids that yields ``ids``, whatever it is asked."""
+    def decode(model, prompt_ids, params, max_new_tokens, stop_ids, *rest):
+        yield from ids
+    return decode
+
+
+def streamed_texts(ids, skip_special_tokens=True):
+    """The text after each id (StreamDecoder's pieces so far), then after the final flush."""
+    decoder = StreamDecoder(TOKENIZER, skip_special_tokens=skip_special_tokens)
+    text, texts = "", []
+    for token in ids:
+        text += decoder.push(token)
+        texts.append(text)
+    texts.append(text + decoder.flush())
+    return texts
+
+
+def expected_stop_cut(ids, stops):
+    """The streaming rule, by brute force: at the first point where some stop string is in the text
+    so far, the output is the text before the earliest occurrence; else the whole text."""
+    for text in streamed_texts(ids):
+        hits = [text.find(s) for s in stops if s in text]
+        if hits:
+            return text[: min(hits)]
+    return streamed_texts(ids)[-1]
+
+
+def stop_cases():
+    rng = np.random.default_rng(0)
+    words = TOKENIZER.encode("def main():\n    print('héllo wörld 🙂 漢字テスト')\n    return x + y  # ok ✓")
+    vocab = [i for i in range(MODEL.config.vocab_size) if i not in EOS]
+    cases = []
+    for _ in range(300):
+        n = int(rng.integers(1, 12))
+        ids = [int(words[j]) if rng.random() < 0.6 else int(vocab[rng.integers(len(vocab))])
+               for j in rng.integers(0, len(words), size=n)]
+        text = streamed_texts(ids)[-1]
+        if not text:
+            continue
+        stops = []
+        for _ in range(int(rng.integers(1, 3))):  # one or two stop strings, cut from the text
+            a = int(rng.integers(0, len(text)))
+            b = int(rng.integers(a + 1, min(len(text), a + 6) + 1))
+            stops.append(text[a:b])
+        if rng.random() < 0.2:
+            stops.append("zzq")  # one that never occurs
+        cases.append((ids, stops))
+    return cases
+
+
+def test_stop_strings_cut_the_stream_where_the_first_completes():
+    for ids, stops in stop_cases():
+        got = "".join(stream_text(MODEL, TOKENIZER, [1], max_new_tokens=len(ids), stop_strings=stops,
+                                  decode=fixed_decode(ids)))
+        assert got == expected_stop_cut(ids, stops), (ids, stops)
+
+
+def test_an_eos_is_not_part_of_the_text_even_when_special_tokens_are_kept():
+    ids = TOKENIZER.encode("Hello there")
+    for eos in sorted(EOS):
+        got = "".join(stream_text(MODEL, TOKENIZER, [1], max_new_tokens=10, skip_special_tokens=False,
+                                  decode=fixed_decode(ids + [eos] + ids)))
+        assert got == TOKENIZER.decode(ids, skip_special_tokens=False)
