@@ -13,7 +13,8 @@ offsets relative to the first byte after the header. An optional ``__metadata__`
 string → string pairs.
 
 A checkpoint folder holds either ``model.safetensors`` or shards listed by
-``model.safetensors.index.json`` (``{"weight_map": {tensor name: file name}}``).
+``model.safetensors.index.json`` (``{"weight_map": {tensor name: file name}}``). A folder
+with both reads ``model.safetensors``, as transformers 5.23.0 does.
 
 FP8 checkpoints (config ``quantization_config.quant_method: "fp8"``, Qwen's "-FP8" releases)
 store most projection matrices as F8_E4M3 — one byte per weight — each with a sibling tensor of
@@ -237,12 +238,12 @@ class Checkpoint:
         single = self.folder / "model.safetensors"
         self.files: dict[str, SafetensorsFile] = {}
         self.where: dict[str, SafetensorsFile] = {}
-        if index.is_file():
-            self._open_shards(index)
-        elif single.is_file():
+        if single.is_file():  # checked first, as transformers does (a stale index may lie beside it)
             f = SafetensorsFile(single)
             self.files[single.name] = f
             self.where = {name: f for name in f.entries}
+        elif index.is_file():
+            self._open_shards(index)
         else:
             found = sorted(p.name for p in self.folder.glob("*.safetensors"))
             if len(found) == 1:

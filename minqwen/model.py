@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -398,7 +399,10 @@ def load(path: str | Path, progress=None, dtype: str = "float32", bf16_prompts: 
     c = config
 
     H = c.hidden_size
-    embed = reader.matrix("embed_tokens.weight", (c.vocab_size, H))
+    embed_name = reader.prefix + "embed_tokens.weight"
+    if c.tie_word_embeddings and embed_name not in ckpt and "lm_head.weight" in ckpt:
+        embed_name = "lm_head.weight"  # tied, and only the head is stored: transformers ties to it
+    embed = reader.matrix_top(embed_name, (c.vocab_size, H))
     layers = []
     for i, kind in enumerate(c.layer_types):
         p = f"layers.{i}."
@@ -415,10 +419,17 @@ def load(path: str | Path, progress=None, dtype: str = "float32", bf16_prompts: 
             layer.self_attn = load_attention(reader, p + "self_attn.", c)
         layers.append(layer)
     norm = reader.take("norm.weight", (H,))
-    if c.tie_word_embeddings:
+    if c.tie_word_embeddings and (embed_name == "lm_head.weight" or "lm_head.weight" not in ckpt):
         lm_head = embed
     else:
         lm_head = reader.matrix_top("lm_head.weight", (c.vocab_size, H))
+        if c.tie_word_embeddings and np.array_equal(lm_head, embed):
+            lm_head = embed  # the same numbers stored twice: one array, tied
+        elif c.tie_word_embeddings:
+            # transformers 5.23.0 keeps a stored head that differs from the embedding (with a warning)
+            warnings.warn(f"{path}: the config ties the LM head to the embedding (tie_word_embeddings), but the "
+                          "checkpoint stores an lm_head.weight with other values; using it, as transformers does. "
+                          "Set tie_word_embeddings to false in config.json to silence this warning", stacklevel=2)
     if progress is not None:
         progress(reader.total_bytes, reader.total_bytes)
     model = Model(config, embed, layers, norm, lm_head, load_report=reader.report())

@@ -668,3 +668,18 @@ def test_a_file_cut_short_after_opening_is_an_error_naming_file_tensor_and_bytes
         f.truncate(path.stat().st_size - 10)
     with pytest.raises(MinqwenError, match=re.escape(f"{path}: tensor 'w': file ended after {nbytes - 10} of {nbytes} bytes")):
         ckpt.float32("w", (64,))
+
+
+def test_a_folder_with_both_a_single_file_and_a_shard_index_reads_the_single_file_like_transformers(tmp_path):
+    # transformers.modeling_utils._get_resolved_checkpoint_files (5.23.0) checks SAFE_WEIGHTS_NAME
+    # before SAFE_WEIGHTS_INDEX_NAME.
+    folder = tmp_path / "both"
+    shutil.copytree(FIXTURES / "text_tied_fp32", folder)
+    tensors = load_file(str(folder / "model.safetensors"))
+    stale = {k: (2 * v if k == "model.embed_tokens.weight" else v) for k, v in tensors.items()}
+    save_file(stale, str(folder / "stale.safetensors"), metadata={"format": "pt"})
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": {k: "stale.safetensors" for k in stale}}))
+    expected = load_file(str(folder / "expected.safetensors"))  # transformers' logits for model.safetensors
+    np.testing.assert_allclose(minqwen.load(folder).forward(expected["token_ids"]), expected["logits"],
+                               rtol=0, atol=1e-4)

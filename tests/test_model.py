@@ -1,14 +1,19 @@
 """Properties of the whole model and its cache, on the reference fixtures."""
 
+import shutil
+import warnings
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import minqwen
-from conftest import FIXTURES
+from conftest import FIXTURES, require_reference
 from minqwen import MinqwenError
-from minqwen.model import Cache
+from minqwen.linear import BF16
+from minqwen.model import Cache, Model
+from minqwen.rope import mrope_cos_sin, text_position_ids
 
 # One fixture with Hv = Hk, one with grouped heads, bf16 and kernel 3, one with kernel 2.
 NAMES = ["text_tied_fp32", "text_grouped_bf16_bias", "multimodal_sharded"]
@@ -312,3 +317,181 @@ def test_decoding_with_the_attention_kernel_equals_decoding_without_it(name, mon
         runs.append(np.concatenate(rows))
     assert len(calls) == 10 * model.config.layer_types.count("full_attention")  # each decode step, each attention layer
     np.testing.assert_allclose(runs[1], runs[0], rtol=0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- float64 copies, bf16 loads, tied heads
+
+
+UNTIED = ["text_grouped_bf16_bias", "multimodal_bf16_untied"]
+
+
+@pytest.mark.parametrize("name", UNTIED)
+def test_a_float64_copy_of_an_untied_model_keeps_its_own_lm_head(name):
+    model = minqwen.load(FIXTURES / name)
+    assert model.lm_head is not model.embed_tokens
+    model64 = model.astype(np.float64)
+    ids = prompt(model, 11)
+    logits = model64.forward(ids)
+    # independent: the copy's own final states through the ORIGINAL lm_head, widened by hand
+    direct = model64.hidden_states(ids) @ model.lm_head.astype(np.float64).T
+    np.testing.assert_allclose(logits, direct, rtol=0, atol=1e-12 * np.abs(direct).max())
+    np.testing.assert_allclose(logits, model.forward(ids), rtol=0, atol=1e-3)  # and it is the same model
+
+
+def test_a_float64_copy_of_a_bf16_resident_model_computes_in_float64():
+    # A bf16 checkpoint read as bf16 or widened to float32 holds the same numbers, so the two
+    # float64 copies must agree to float64 round-off; a layer left in bf16 would multiply in float32.
+    name = "text_grouped_bf16_bias"  # stored as bf16
+    ids = prompt(minqwen.load(FIXTURES / name), 13)
+    from_bf16 = minqwen.load(FIXTURES / name, dtype="bfloat16").astype(np.float64)
+    from_fp32 = minqwen.load(FIXTURES / name).astype(np.float64)
+    expected = from_fp32.forward(ids)
+    np.testing.assert_allclose(from_bf16.forward(ids), expected, rtol=0, atol=1e-10 * np.abs(expected).max())
+
+
+def _direct_gated_attention64(x, w, cos, sin, hq, hkv, d, eps):
+    """Gated full attention in float64, written out from its definition, with given rotary tables [T, R]."""
+    f = {k: (None if v is None else np.asarray(v, np.float64)) for k, v in vars(w).items()}
+    x = np.asarray(x, np.float64)
+    t_len = x.shape[0]
+
+    def proj(name):
+        y = x @ f[name].T
+        return y if f.get(name + "_bias") is None else y + f[name + "_bias"]
+
+    qg = proj("q_proj").reshape(t_len, hq, 2 * d)
+    q, gate = qg[..., :d], qg[..., d:]
+    k = proj("k_proj").reshape(t_len, hkv, d)
+    v = proj("v_proj").reshape(t_len, hkv, d)
+
+    def norm(a, weight):  # zero-centred RMSNorm
+        return a / np.sqrt((a * a).mean(-1, keepdims=True) + eps) * (1 + weight)
+
+    r = cos.shape[1]
+    c, s = np.asarray(cos, np.float64)[:, None, :], np.asarray(sin, np.float64)[:, None, :]
+
+    def rope(a):
+        rot = a[..., :r]
+        half = np.concatenate([-rot[..., r // 2:], rot[..., : r // 2]], axis=-1)
+        return np.concatenate([rot * c + half * s, a[..., r:]], axis=-1)
+
+    q, k = rope(norm(q, f["q_norm"])), rope(norm(k, f["k_norm"]))
+    out = np.empty((t_len, hq, d))
+    for h in range(hq):
+        kh = h // (hq // hkv)
+        for t in range(t_len):
+            scores = k[: t + 1, kh] @ q[t, h] * d**-0.5
+            p = np.exp(scores - scores.max())
+            out[t, h] = p @ v[: t + 1, kh] / p.sum()
+    out = out * (1 / (1 + np.exp(-gate)))
+    y = out.reshape(t_len, hq * d) @ f["o_proj"].T
+    return y if f.get("o_proj_bias") is None else y + f["o_proj_bias"]
+
+
+@pytest.mark.parametrize("name", ["text_tied_fp32", "text_grouped_bf16_bias"])
+def test_a_float64_copy_keeps_its_attention_keys_and_values_in_float64(name):
+    # Keys and values rounded to float32 would go unseen by the split-prefill float64 tests, whose
+    # two sides read the same rounded cache: here each layer is held to attention written out.
+    model64 = minqwen.load(FIXTURES / name).astype(np.float64)
+    c = model64.config
+    ids = prompt(model64, 14, seed=3)
+    taps = {}
+    model64.forward(ids, tap=lambda key, value: taps.__setitem__(key, np.array(value)))
+    # the rotary tables as minqwen forms them (float32 angles, like the reference), then float64 math
+    cos, sin = mrope_cos_sin(text_position_ids(0, len(ids)), model64.inv_freq, c.mrope_section,
+                             model64.attention_factor)
+    checked = 0
+    for i, layer in enumerate(model64.layers):
+        if layer.layer_type != "full_attention":
+            continue
+        h = taps[f"layers.{i}.input_layernorm"]
+        assert h.dtype == np.float64
+        expected = _direct_gated_attention64(h, layer.self_attn, cos, sin, c.num_attention_heads,
+                                             c.num_key_value_heads, c.head_dim, c.rms_norm_eps)
+        np.testing.assert_allclose(taps[f"layers.{i}.token_mixer"], expected, rtol=0,
+                                   atol=1e-11 * np.abs(expected).max(), err_msg=f"layer {i}")
+        checked += 1
+    assert checked
+
+
+@pytest.mark.parametrize("name", ["text_tied_fp32", "text_grouped_bf16_bias"])
+def test_float64_inputs_embeds_of_a_float64_model_are_not_rounded_to_float32(name):
+    # Image features spliced into a float64 model's prompt are float64: no rounding to float32.
+    model64 = minqwen.load(FIXTURES / name).astype(np.float64)
+    ids = prompt(model64, 9, seed=5)
+    rng = np.random.default_rng(6)
+    embeds = model64.embed(ids) + 1e-3 * rng.standard_normal((len(ids), model64.config.hidden_size))
+    # independent path: a twin whose embedding table holds exactly these float64 rows, fed by id
+    table = np.zeros((model64.config.vocab_size, model64.config.hidden_size))
+    table[: len(ids)] = embeds
+    twin = Model(model64.config, table, model64.layers, model64.norm, model64.lm_head)
+    expected = twin.forward(np.arange(len(ids)))
+    np.testing.assert_allclose(model64.forward(inputs_embeds=embeds), expected, rtol=0,
+                               atol=1e-12 * np.abs(expected).max())
+
+
+# ----------------------------------------------------------------------------- bf16-resident load
+
+
+@pytest.mark.parametrize("name", UNTIED)
+def test_a_bf16_resident_load_keeps_an_untied_lm_head_in_bf16(name):
+    # load()'s docstring: "bfloat16" keeps the projection matrices as bf16, half the memory.
+    model = minqwen.load(FIXTURES / name, dtype="bfloat16")
+    assert model.lm_head is not model.embed_tokens
+    assert model.lm_head.dtype == BF16 and model.embed_tokens.dtype == BF16
+
+
+def with_stored_head(tmp_path, head=None, drop_embedding=False):
+    """text_tied_fp32 (config: tied) with an lm_head.weight stored too (``head``, or the embedding's own values)."""
+    from safetensors.numpy import load_file, save_file
+
+    folder = tmp_path / "tied_with_head"
+    shutil.copytree(FIXTURES / "text_tied_fp32", folder)
+    tensors = load_file(str(folder / "model.safetensors"))
+    embedding = tensors["model.embed_tokens.weight"]
+    tensors["lm_head.weight"] = embedding.copy() if head is None else head
+    if drop_embedding:
+        del tensors["model.embed_tokens.weight"]
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder, embedding
+
+
+def test_a_tied_config_with_a_different_stored_lm_head_uses_that_head_as_transformers_does(tmp_path):
+    # transformers 5.23.0 (PreTrainedModel.tie_weights): both present with different values →
+    # "we will NOT tie them", with a warning
+    tied = minqwen.load(FIXTURES / "text_tied_fp32")
+    head = np.random.default_rng(0).standard_normal(tied.embed_tokens.shape).astype(np.float32)
+    folder, embedding = with_stored_head(tmp_path, head)
+    with pytest.warns(UserWarning, match="stores an lm_head.weight with other values; using it"):
+        model = minqwen.load(folder)
+    assert model.lm_head is not model.embed_tokens
+    np.testing.assert_array_equal(model.embed_tokens, embedding)
+    ids = prompt(model, 10)
+    direct = model.hidden_states(ids).astype(np.float64) @ head.astype(np.float64).T
+    np.testing.assert_allclose(model.forward(ids), direct, rtol=0, atol=1e-4)
+
+
+def test_a_tied_config_storing_the_same_head_twice_or_only_the_head_is_tied_to_one_array(tmp_path):
+    expected = minqwen.load(FIXTURES / "text_tied_fp32")
+    ids = prompt(expected, 10)
+    for drop_embedding in (False, True):  # both stored, equal; only lm_head.weight stored
+        folder, _ = with_stored_head(tmp_path / str(drop_embedding), drop_embedding=drop_embedding)
+        model = minqwen.load(folder)
+        assert model.lm_head is model.embed_tokens
+        np.testing.assert_array_equal(model.forward(ids), expected.forward(ids))
+
+
+@pytest.mark.parametrize("drop_embedding", [False, True], ids=["different-head", "only-the-head"])
+def test_a_tied_config_with_a_stored_head_gives_the_logits_transformers_gives(tmp_path, drop_embedding):
+    reference = require_reference()
+    import torch
+
+    head = np.random.default_rng(1).standard_normal(minqwen.load(FIXTURES / "text_tied_fp32").embed_tokens.shape).astype(np.float32)
+    folder, _ = with_stored_head(tmp_path, None if drop_embedding else head, drop_embedding)
+    ids = prompt(minqwen.load(FIXTURES / "text_tied_fp32"), 10)
+    with torch.no_grad():
+        expected = reference.load_pretrained(folder)(input_ids=torch.tensor(ids[None])).logits[0].numpy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = minqwen.load(folder).forward(ids)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
