@@ -150,14 +150,19 @@ def progress_bar():
 class ThinkingPrinter:
     """Prints streamed text, showing the reasoning inside <think>…</think> dimmed, or hiding it."""
 
-    def __init__(self, hide: bool, in_think: bool, out=sys.stdout):
-        self.hide, self.in_think, self.out = hide, in_think, out
-        self.color = out.isatty()
+    def __init__(self, hide: bool, in_think: bool, out=None):
+        self.hide, self.in_think = hide, in_think
+        self.out = sys.stdout if out is None else out  # looked up now, not when the module was imported
+        self.color = self.out.isatty()
         self.pending = ""
+        self.after_think = False  # the answer's leading newlines are still to be dropped
 
     def write(self, piece: str):
         text = self.pending + piece
         self.pending = ""
+        if self.after_think:  # they may come in the pieces after the one that closed the reasoning
+            text = text.lstrip("\n")
+            self.after_think = not text
         while text:
             tag = THINK_CLOSE if self.in_think else THINK_OPEN
             at = text.find(tag)
@@ -171,7 +176,10 @@ class ThinkingPrinter:
             self.in_think = not self.in_think
             if not self.hide and not self.color:
                 self.out.write(tag)
-            text = text[at + len(tag):].lstrip("\n") if not self.in_think else text[at + len(tag):]
+            text = text[at + len(tag):]
+            if not self.in_think:
+                text = text.lstrip("\n")
+                self.after_think = not text
         self.out.flush()
 
     def _emit(self, text: str):

@@ -2,8 +2,9 @@
 
 * ids come from the checkpoint's ``tokenizer.json`` through the ``tokenizers`` library (the
   same byte-level BPE the reference uses), special tokens included;
-* ``tokenizer_config.json`` gives the chat template and the eos token;
-  ``generation_config.json`` gives eos ids and default sampling settings;
+* ``tokenizer_config.json`` gives the chat template (``chat_template.jinja`` beside it wins, as
+  in transformers) and the eos token; ``generation_config.json`` gives eos ids and default
+  sampling settings;
 * the chat template is Jinja, rendered in a sandbox: a template ships with a checkpoint, and
   code that ships with a checkpoint is never trusted;
 * :class:`StreamDecoder` turns ids into text piece by piece without ever emitting half of a
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import json
 import numbers
+from datetime import datetime
 from pathlib import Path
 
 from .config import read_json_object
@@ -64,6 +66,12 @@ class Tokenizer:
         if isinstance(template, list):  # some releases store several named templates
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
             template = named.get("default")
+        template_file = folder / "chat_template.jinja"
+        if template_file.is_file():  # transformers 5 saves the template here; it wins over tokenizer_config's
+            try:
+                template = template_file.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise MinqwenError(f"{template_file}: cannot read this chat template ({e})") from None
         self.chat_template = template if isinstance(template, str) else CHATML_TEMPLATE
         self.has_chat_template = isinstance(template, str)
         self.eos_ids = self._eos_ids()
@@ -79,12 +87,17 @@ class Tokenizer:
         ids = []
         eos = self.generation_config.get("eos_token_id")
         ids += eos if isinstance(eos, list) else ([eos] if isinstance(eos, int) else [])
-        eos_token = self.config.get("eos_token")
-        if isinstance(eos_token, dict):
-            eos_token = eos_token.get("content")
-        if isinstance(eos_token, str) and self.token_to_id(eos_token) is not None:
+        eos_token = self._special_token_text("eos_token")
+        if eos_token and self.token_to_id(eos_token) is not None:
             ids.append(self.token_to_id(eos_token))
         return tuple(dict.fromkeys(ids))
+
+    def _special_token_text(self, field: str) -> str:
+        """tokenizer_config's bos_token / eos_token as text: a string, or an AddedToken dict's content."""
+        token = self.config.get(field)
+        if isinstance(token, dict):
+            token = token.get("content")
+        return token if isinstance(token, str) else ""
 
     def encode(self, text: str) -> list[int]:
         """Text → ids. Special-token strings in the text (``<|im_start|>`` …) become their ids."""
@@ -121,16 +134,24 @@ class Tokenizer:
         def raise_exception(message):
             raise MinqwenError(f"the chat template refused this conversation: {message}")
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+            # Jinja's own tojson escapes HTML characters; templates expect plain JSON
+            return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                              sort_keys=sort_keys)
+
+        # What transformers 5.23.0 gives a template: {% break %} / {% continue %}, this tojson,
+        # strftime_now, raise_exception, and the special tokens as text.
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
         env.globals["raise_exception"] = raise_exception
-        env.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
+        env.globals["strftime_now"] = lambda format: datetime.now().strftime(format)
+        env.filters["tojson"] = tojson
         try:
             return env.from_string(self.chat_template).render(
                 messages=messages,
                 add_generation_prompt=add_generation_prompt,
                 enable_thinking=enable_thinking,
-                bos_token="",
-                eos_token=self.config.get("eos_token", ""),
+                bos_token=self._special_token_text("bos_token"),
+                eos_token=self._special_token_text("eos_token"),
             )
         except TemplateError as e:
             raise MinqwenError(f"the chat template failed to render: {e}") from None

@@ -217,3 +217,15 @@ def test_a_mismatched_or_unsupported_product_is_refused_not_run(monkeypatch):
     model.bf16_prompts = True  # set by hand, on a CPU without the instruction
     with pytest.raises(MinqwenError, match="AVX512-BF16"):
         model.logits(x[:, :1].repeat(model.config.hidden_size, axis=1))
+
+
+def test_every_nan_stays_a_nan_of_its_sign_when_rounded_to_bf16():
+    # NaNs whose payload is only in the 16 bits rounding drops (or all ones, where adding the
+    # rounding bias would carry out of the exponent): ml_dtypes keeps each a NaN with its sign.
+    bits = np.array([0x7F800001, 0x7F80FFFF, 0x7FFFFFFF, 0xFF800001, 0xFFFFFFFF, 0x7FC00000, 0x7FBF8000], np.uint32)
+    values = bits.view(np.float32)
+    got = D.round_to_bf16_pairs(values[None]).view(np.uint16)[0, : values.size]
+    with np.errstate(invalid="ignore"):
+        want = values.astype(ml_dtypes.bfloat16).view(np.uint16)
+    assert np.all(np.isnan(got.view(ml_dtypes.bfloat16).astype(np.float32)))
+    assert np.array_equal(got >> 15, want >> 15)  # the sign

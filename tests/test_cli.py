@@ -7,7 +7,12 @@ import sys
 
 import pytest
 
+import minqwen
 from conftest import FIXTURES
+from minqwen.checkpoint import EMBEDDED
+from minqwen.generate import ChatSession
+from minqwen.sampling import SamplingParams
+from minqwen.tokenizer import Tokenizer
 
 SCRIPT = shutil.which("minqwen") or ""
 ENV = dict(os.environ, PYTHONIOENCODING="utf-8")
@@ -247,3 +252,187 @@ def test_output_that_cannot_be_written_and_input_that_is_not_utf8_are_one_line_e
                                   capture_output=True, env=ENV, timeout=300)
         assert not_utf8.returncode == 2 and b"Traceback" not in not_utf8.stderr
         assert b"not UTF-8" in not_utf8.stderr
+
+
+# ----------------------------------------------------------------------------- options reach what they drive
+# Each test runs the console script and compares its output with the Python API called directly,
+# and checks that the option changes that output (so the comparison can fail).
+
+TOKENIZER = Tokenizer(EMBEDDED)
+MODEL = minqwen.load(EMBEDDED)
+GENERATE_PROMPT = "def parse_args"
+
+
+def hf_tokenizers():
+    from tokenizers import Tokenizer as HF
+
+    return HF.from_file(str(EMBEDDED / "tokenizer.json"))
+
+
+@pytest.mark.parametrize("options, without", [
+    ({"temperature": 1.0, "top_k": 2}, {"temperature": 1.0}),
+    ({"temperature": 1.0, "top_p": 0.3}, {"temperature": 1.0}),
+    ({"temperature": 1.0, "top_p": 1.0}, {"temperature": 1.0}),  # 1 turns off the checkpoint's top-p 0.9
+    ({"temperature": 1.0, "min_p": 0.3}, {"temperature": 1.0}),
+    ({"temperature": 0, "repetition_penalty": 3.0}, {"temperature": 0}),
+    ({"temperature": 0, "presence_penalty": 3.0}, {"temperature": 0}),
+], ids=lambda o: ",".join(o))
+def test_cli_generate_passes_each_sampling_option_and_the_seed_as_the_python_api(options, without):
+    expected = minqwen.generate(MODEL, TOKENIZER, GENERATE_PROMPT, max_new_tokens=16, seed=5, **options)
+    # the option matters here (else this would check nothing)
+    assert expected != minqwen.generate(MODEL, TOKENIZER, GENERATE_PROMPT, max_new_tokens=16, seed=5, **without)
+    flags = [x for k, v in options.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+    result = run("generate", GENERATE_PROMPT, "--no-echo", "--max-new-tokens", "16", "--seed", "5", *flags)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected + "\n"
+
+
+def test_cli_generate_echoes_the_prompt_only_without_no_echo():
+    expected = minqwen.generate(MODEL, TOKENIZER, GENERATE_PROMPT, max_new_tokens=8, temperature=0)
+    echoed = run("generate", GENERATE_PROMPT, "--max-new-tokens", "8", "--temperature", "0")
+    bare = run("generate", GENERATE_PROMPT, "--no-echo", "--max-new-tokens", "8", "--temperature", "0")
+    assert echoed.stdout == GENERATE_PROMPT + expected + "\n"
+    assert bare.stdout == expected + "\n"
+
+
+def test_cli_generate_chat_no_think_uses_the_no_thinking_prompt():
+    messages = [{"role": "user", "content": "What is Python?"}]
+    expected = minqwen.generate(MODEL, TOKENIZER, messages, max_new_tokens=16, temperature=0, enable_thinking=False)
+    thinking = minqwen.generate(MODEL, TOKENIZER, messages, max_new_tokens=16, temperature=0, enable_thinking=True)
+    assert expected != thinking and "<think>" not in expected and "</think>" not in expected
+    result = run("generate", "What is Python?", "--chat", "--no-think", "--max-new-tokens", "16", "--temperature", "0")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected + "\n"
+
+
+def shown_after_hiding(raw: str) -> str:
+    """What --hide-thinking shows of an answer that starts inside <think>: the text after </think>."""
+    return raw.split("</think>", 1)[1].lstrip("\n") if "</think>" in raw else ""
+
+
+def test_cli_hide_thinking_prints_only_the_answer():
+    session = ChatSession(MODEL, TOKENIZER, enable_thinking=True)
+    greedy = SamplingParams.from_generation_config(TOKENIZER.generation_config, temperature=0)
+    raw = "".join(session.reply("What is Python?", greedy, 24))
+    assert "</think>" in raw, raw  # the reasoning is there to hide
+    chat = run("chat", "--hide-thinking", "--max-new-tokens", "24", "--temperature", "0", stdin="What is Python?\n")
+    assert chat.returncode == 0, chat.stderr
+    assert chat.stdout == shown_after_hiding(raw) + "\n"
+    messages = [{"role": "user", "content": "What is Python?"}]
+    raw = minqwen.generate(MODEL, TOKENIZER, messages, max_new_tokens=24, temperature=0, enable_thinking=True)
+    gen = run("generate", "What is Python?", "--chat", "--hide-thinking", "--max-new-tokens", "24", "--temperature", "0")
+    assert gen.stdout == shown_after_hiding(raw) + "\n"
+    # with --no-think the answer is not reasoning: nothing is hidden
+    session = ChatSession(MODEL, TOKENIZER, enable_thinking=False)
+    answer = "".join(session.reply("What is Python?", greedy, 24))
+    assert answer.strip() and "<think>" not in answer and "</think>" not in answer
+    chat = run("chat", "--no-think", "--hide-thinking", "--max-new-tokens", "24", "--temperature", "0",
+               stdin="What is Python?\n")
+    assert chat.stdout == answer + "\n"
+
+
+def test_the_thinking_printer_hides_the_reasoning_token_by_token():
+    import io
+
+    from minqwen.cli import ThinkingPrinter
+
+    raw = "Let me think about lists.\n</think>\n\nA list holds items."
+    ids = TOKENIZER.encode(raw)
+    out = io.StringIO()
+    printer = ThinkingPrinter(hide=True, in_think=True, out=out)
+    for i in ids:
+        printer.write(TOKENIZER.decode([i]))
+    printer.close()
+    assert out.getvalue() == shown_after_hiding(raw)  # the answer's leading newlines too, piece by piece
+
+
+def test_cli_chat_passes_system_seed_sampling_options_and_max_new_tokens_as_a_chat_session():
+    turns = ["Hello!", "What is Python?"]
+    system = "You are a terse assistant."
+    params = SamplingParams.from_generation_config(TOKENIZER.generation_config, temperature=1.0, top_k=5,
+                                                   repetition_penalty=1.5)
+
+    def answers(with_system=True, seed=3, max_new_tokens=10):
+        session = ChatSession(MODEL, TOKENIZER, enable_thinking=False)
+        if with_system:
+            session.messages.append({"role": "system", "content": system})
+        return [("".join(session.reply(t, params, max_new_tokens, seed))) for t in turns]
+
+    expected = answers()
+    assert all("<think>" not in a and "</think>" not in a for a in expected)
+    # each option matters here
+    assert expected != answers(with_system=False) and expected != answers(seed=4)
+    assert expected != answers(max_new_tokens=20)
+    result = run("chat", "--no-think", "--system", system, "--temperature", "1", "--top-k", "5",
+                 "--repetition-penalty", "1.5", "--seed", "3", "--max-new-tokens", "10", stdin="\n".join(turns) + "\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "".join(a + "\n" for a in expected)
+
+
+def test_cli_score_uses_the_window_and_stride_given(tmp_path):
+    from minqwen.scoring import score_text
+
+    text = "def add(a, b):\n    return a + b\n\nprint(add(1, 2))\n" * 4
+    path = tmp_path / "sample.py"
+    path.write_text(text)
+    result = score_text(MODEL, TOKENIZER, text, window=16, stride=4)
+    assert f"{result.perplexity:.4f}" != f"{score_text(MODEL, TOKENIZER, text, window=16).perplexity:.4f}"
+    cli = run("score", str(path), "--window", "16", "--stride", "4")
+    assert cli.returncode == 0, cli.stderr
+    assert f"perplexity: {result.perplexity:.4f}" in cli.stdout
+    assert f"bits per byte: {result.bits_per_byte:.4f}" in cli.stdout
+
+
+@pytest.mark.parametrize("command", ["generate", "chat", "inspect", "score"])
+def test_cli_loads_the_weights_in_the_dtype_asked_for(monkeypatch, tmp_path, command):
+    import io
+
+    import minqwen.model
+    from minqwen.cli import main
+
+    loaded, load = [], minqwen.model.load
+    monkeypatch.setattr(minqwen.model, "load", lambda *a, **k: (loaded.append(k.get("dtype")), load(*a, **k))[1])
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    path = tmp_path / "t.txt"
+    path.write_text("def f(x):\n    return x\n")
+    args = {"generate": ["hi", "--max-new-tokens", "1"], "chat": [], "inspect": [], "score": [str(path)]}[command]
+    assert main([command, *args, "--dtype", "bfloat16"]) == 0
+    assert loaded == ["bfloat16"]
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_cli_generate_keeps_special_tokens_with_chat_and_drops_them_without(monkeypatch, capsys, chat):
+    import importlib
+
+    G = importlib.import_module("minqwen.generate")  # (minqwen.generate is also a function)
+    from minqwen.cli import main
+
+    hf = hf_tokenizers()
+    ids = TOKENIZER.encode("ok <|vision_start|> done")  # no eos among them
+    assert not set(ids) & set(TOKENIZER.eos_ids)
+    real = G.stream_text
+    monkeypatch.setattr(G, "stream_text", lambda *a, **k: real(*a, **{**k, "decode": lambda *_: iter(ids)}))
+    args = ["generate", "hi", "--no-echo", "--max-new-tokens", str(len(ids))] + (["--chat", "--no-think"] if chat else [])
+    assert main(args) == 0
+    assert capsys.readouterr().out == hf.decode(ids, skip_special_tokens=not chat) + "\n"
+
+
+def test_an_interrupt_exits_130(monkeypatch, capsys):
+    import minqwen.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "run_inspect", interrupted)
+    assert cli.main(["inspect"]) == 130
+
+
+def test_cli_generate_stops_at_a_stop_text_as_the_python_api():
+    full = minqwen.generate(MODEL, TOKENIZER, GENERATE_PROMPT, max_new_tokens=16, temperature=0)
+    stop = full[len(full) // 2:][:3]
+    assert stop.strip() and stop in full
+    expected = minqwen.generate(MODEL, TOKENIZER, GENERATE_PROMPT, max_new_tokens=16, temperature=0, stop=[stop])
+    assert expected != full
+    result = run("generate", GENERATE_PROMPT, "--no-echo", "--max-new-tokens", "16", "--temperature", "0", "--stop", stop)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected + "\n"

@@ -1,12 +1,16 @@
 """Text in, text out on the embedded model: tokenizer, streaming decode, chat template, generation, chat."""
 
+import json
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import minqwen
-from conftest import FIXTURES, penalized64
+from conftest import FIXTURES, penalized64, require_reference
 from minqwen import MinqwenError
 from minqwen.checkpoint import EMBEDDED
 from minqwen.generate import ChatSession, generate_ids, stream, stream_text
@@ -412,3 +416,138 @@ def test_an_eos_is_not_part_of_the_text_even_when_special_tokens_are_kept():
         got = "".join(stream_text(MODEL, TOKENIZER, [1], max_new_tokens=10, skip_special_tokens=False,
                                   decode=fixed_decode(ids + [eos] + ids)))
         assert got == TOKENIZER.decode(ids, skip_special_tokens=False)
+
+
+def hf_tokenizers():
+    """The embedded tokenizer.json read by the tokenizers library directly: the independent side."""
+    from tokenizers import Tokenizer as HF
+
+    return HF.from_file(str(EMBEDDED / "tokenizer.json"))
+
+
+def test_flush_gives_back_the_text_held_for_an_unfinished_character():
+    # Generation that stops (max_new_tokens) in the middle of a character: the text before it,
+    # and the incomplete character as U+FFFD, as the tokenizers library decodes those ids.
+    hf = hf_tokenizers()
+    ids = TOKENIZER.encode("ab 🐍🎉 日本語")
+    cuts = [n for n in range(1, len(ids)) if hf.decode(ids[:n], skip_special_tokens=False).endswith("\ufffd")]
+    assert cuts, "no prefix ends inside a character"
+    for n in cuts:
+        want = hf.decode(ids[:n], skip_special_tokens=False)
+        decoder = StreamDecoder(TOKENIZER)
+        pieces = [decoder.push(i) for i in ids[:n]]
+        assert "".join(pieces) + decoder.flush() == want
+        got = "".join(stream_text(MODEL, TOKENIZER, [1], max_new_tokens=n, skip_special_tokens=False,
+                                  decode=lambda *args, _ids=ids[:n]: iter(_ids)))
+        assert got == want
+
+
+def test_decode_with_skip_special_tokens_drops_them_as_the_tokenizers_library():
+    hf = hf_tokenizers()
+    ids = TOKENIZER.encode("<|im_start|>user\nhi there<|im_end|>\n<|endoftext|>ok")
+    kept, dropped = hf.decode(ids, skip_special_tokens=False), hf.decode(ids, skip_special_tokens=True)
+    assert kept != dropped
+    assert TOKENIZER.decode(ids) == kept
+    assert TOKENIZER.decode(ids, skip_special_tokens=True) == dropped
+    decoder = StreamDecoder(TOKENIZER, skip_special_tokens=True)
+    assert "".join(decoder.push(i) for i in ids) + decoder.flush() == dropped
+
+
+def copy_of_embedded(tmp_path) -> Path:
+    folder = tmp_path / "model"
+    shutil.copytree(EMBEDDED, folder)
+    return folder
+
+
+def edit_tokenizer_config(folder: Path, **changes):
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.update(changes)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+def test_an_eos_token_written_as_an_added_token_dict_is_an_eos_id_as_transformers_reads_it(tmp_path):
+    require_reference()
+    from transformers import AutoTokenizer
+
+    folder = copy_of_embedded(tmp_path)
+    (folder / "generation_config.json").unlink()  # the eos then comes from tokenizer_config.json alone
+    edit_tokenizer_config(folder, eos_token={"__type": "AddedToken", "content": "<|endoftext|>", "lstrip": False,
+                                             "normalized": False, "rstrip": False, "single_word": False,
+                                             "special": True})
+    reference = AutoTokenizer.from_pretrained(str(folder))
+    assert Tokenizer(folder).eos_ids == (reference.eos_token_id,)
+
+
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "héllo 日本"},
+            {"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}]
+
+
+@pytest.mark.parametrize("template", [
+    # whitespace control: transformers renders with trim_blocks and lstrip_blocks
+    "{% for m in messages %}\n  {% if m.role != 'system' %}\n{{ m.role }}: {{ m.content }}\n  {% endif %}\n"
+    "{% endfor %}\n{% if add_generation_prompt %}\nA:{% endif %}",
+    # tojson keeps non-ASCII text as it is
+    "{% for m in messages %}{{ m.content | tojson }}\n{% endfor %}",
+], ids=["blocks", "tojson"])
+def test_a_checkpoint_template_renders_as_transformers_apply_chat_template(tmp_path, template):
+    require_reference()
+    from transformers import AutoTokenizer
+
+    folder = copy_of_embedded(tmp_path)
+    edit_tokenizer_config(folder, chat_template=template)
+    reference = AutoTokenizer.from_pretrained(str(folder))
+    for generation_prompt in (True, False):
+        want = reference.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=generation_prompt)
+        assert Tokenizer(folder).render_chat(MESSAGES, add_generation_prompt=generation_prompt) == want
+
+
+def test_of_several_named_templates_the_default_is_used_as_transformers_does(tmp_path):
+    require_reference()
+    from transformers import AutoTokenizer
+
+    folder = copy_of_embedded(tmp_path)
+    edit_tokenizer_config(folder, chat_template=[
+        {"name": "tool_use", "template": "TOOLS {{ messages[0].content }}"},
+        {"name": "default", "template": "DEFAULT {{ messages[0].content }}"}])
+    want = AutoTokenizer.from_pretrained(str(folder)).apply_chat_template(MESSAGES, tokenize=False)
+    assert Tokenizer(folder).render_chat(MESSAGES) == want
+
+
+def test_a_template_shipped_as_chat_template_jinja_is_used_as_transformers_does(tmp_path):
+    require_reference()
+    from transformers import AutoTokenizer
+
+    folder = copy_of_embedded(tmp_path)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.pop("chat_template")
+    (folder / "chat_template.jinja").write_text("{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}")
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    want = AutoTokenizer.from_pretrained(str(folder)).apply_chat_template(MESSAGES, tokenize=False,
+                                                                          add_generation_prompt=True)
+    assert Tokenizer(folder).render_chat(MESSAGES) == want
+
+
+def test_the_template_sees_the_eos_token_text_when_written_as_a_dict(tmp_path):
+    require_reference()
+    from transformers import AutoTokenizer
+
+    folder = copy_of_embedded(tmp_path)
+    edit_tokenizer_config(folder, eos_token={"__type": "AddedToken", "content": "<|im_end|>", "special": True},
+                          chat_template="{{ messages[0].content }}{{ eos_token }}")
+    want = AutoTokenizer.from_pretrained(str(folder)).apply_chat_template(MESSAGES, tokenize=False)
+    assert Tokenizer(folder).render_chat(MESSAGES) == want
+
+
+@pytest.mark.parametrize("template", [
+    "{% for m in messages %}{{ m.content }}{% if loop.index == 2 %}{% break %}{% endif %}{% endfor %}",
+    "{{ messages[1].content | tojson(ensure_ascii=True) }}",
+    "{{ strftime_now('%Y') }}",
+], ids=["break", "tojson-kwargs", "strftime_now"])
+def test_template_features_transformers_offers(tmp_path, template):
+    require_reference()
+    from transformers import AutoTokenizer
+
+    folder = copy_of_embedded(tmp_path)
+    edit_tokenizer_config(folder, chat_template=template)
+    want = AutoTokenizer.from_pretrained(str(folder)).apply_chat_template(MESSAGES, tokenize=False)
+    assert Tokenizer(folder).render_chat(MESSAGES) == want
