@@ -587,3 +587,142 @@ def test_pillow_images_of_every_mode_preprocess_as_the_reference(mode):
     got = preprocess(image, preprocessor_config_from_dict(settings_))
     np.testing.assert_array_equal(got[1], want["image_grid_thw"])
     np.testing.assert_array_equal(got[0], want["pixel_values"])
+
+
+# ==================================================================== options and sizes the fixtures leave out
+
+
+BASE = dict(patch_size=4, temporal_patch_size=2, merge_size=2, size=dict(shortest_edge=64, longest_edge=48 * 48),
+            image_mean=[0.52, 0.41, 0.33], image_std=[0.21, 0.26, 0.31])
+
+
+def random_image(seed, h, w):
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+# ==================================================================== preprocessing options (reference)
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("options", [
+    dict(resample=2),                                # bilinear: config.resample must reach the resize
+    dict(do_rescale=False),                          # pixels stay 0…255 before normalisation
+    dict(do_normalize=False),
+    dict(do_rescale=False, do_normalize=False),
+    dict(image_mean=0.5, image_std=0.25),            # one number stands for all three channels
+    dict(rescale_factor=1 / 127.5),
+], ids=repr)
+def test_every_preprocessor_option_is_the_reference_processors(options):
+    """Options the fixtures leave at their defaults, on non-square images off the grid, too small and too large."""
+    require_reference()
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    settings = dict(BASE, **options)
+    reference = Qwen2VLImageProcessorPil(**settings)
+    config = preprocessor_config_from_dict(settings)
+    for seed, (h, w) in enumerate([(37, 53), (90, 20), (5, 7), (130, 97)]):
+        image = random_image(seed, h, w)
+        want = reference(images=[image], return_tensors="np", input_data_format="channels_last")
+        pixel_values, grid = preprocess(image, config)
+        np.testing.assert_array_equal(grid, want["image_grid_thw"])
+        np.testing.assert_array_equal(pixel_values, want["pixel_values"], err_msg=f"{options} {h}×{w}")
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("mode", ["P", "L", "RGB"])
+def test_transparency_without_an_alpha_band_goes_white_as_in_the_reference(mode, tmp_path):
+    """A palette / grey / RGB PNG (or GIF) marks transparency with a tRNS entry, not an alpha band."""
+    require_reference()
+    Image = require_pillow()
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    rgb = (np.random.default_rng(7).integers(0, 4, (24, 40, 3)) * 80).astype(np.uint8)  # few colours
+    image = Image.fromarray(rgb).convert(mode)
+    stored = np.array(image)
+    image.save(tmp_path / "t.png", transparency=stored[0, 0].tolist() if mode == "RGB" else int(stored[0, 0]))
+    loaded = Image.open(tmp_path / "t.png")
+    loaded.load()
+    assert loaded.mode == mode and loaded.info.get("transparency") is not None
+    transparent = (stored == stored[0, 0]).all(axis=-1) if mode == "RGB" else stored == stored[0, 0]
+    assert transparent.any() and not transparent.all()
+    # read_image itself: transparent pixels are white, the others keep their colour.
+    got = read_image(loaded)
+    assert (got[transparent] == 255).all()
+    np.testing.assert_array_equal(got[~transparent], np.array(loaded.convert("RGB"))[~transparent])
+    # …and the pixel values are the reference processor's.
+    reference = Qwen2VLImageProcessorPil(**BASE)
+    want = reference(images=[loaded], return_tensors="np")
+    np.testing.assert_array_equal(preprocess(loaded, preprocessor_config_from_dict(BASE))[0], want["pixel_values"])
+
+
+# ==================================================================== preprocessing without the reference
+
+
+def test_do_resize_false_refuses_either_side_off_the_grid_by_name():
+    config = preprocessor_config_from_dict(dict(BASE, do_resize=False))  # factor 8
+    for h, w in ((16, 20), (20, 16)):
+        with pytest.raises(MinqwenError, match="do_resize is false.*not multiples of patch_size × merge_size = 8"):
+            preprocess(random_image(0, h, w), config)
+    pixel_values, grid = preprocess(random_image(0, 16, 24), config)
+    assert grid.tolist() == [[1, 4, 6]] and pixel_values.shape == (24, 3 * 2 * 4 * 4)
+
+
+def test_resizing_a_photo_sized_image_over_several_row_blocks_is_pillows():
+    """_resample_rows works a block of output rows at a time (≈4M sums); the Pillow tests use tiny images."""
+    Image = require_pillow()
+    image = random_image(3, 1000, 1500)
+    for height, width in ((900, 1400), (1100, 1400)):  # a pass with 1398 rows per block makes 1400 rows
+        want = np.array(Image.fromarray(image).resize((width, height), resample=3))
+        np.testing.assert_array_equal(resize(image, height, width), want, err_msg=f"{height}×{width}")
+
+
+# ==================================================================== the tower
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in VISION_FIXTURES.iterdir()
+                                        if (p / "expected.safetensors").is_file()))
+def test_attention_split_into_many_score_blocks_still_matches_the_reference(name, monkeypatch):
+    """A real image (thousands of patches × 16 heads) splits its attention into blocks of query rows;
+    the fixtures' tiny frames never do. A small SCORE_BLOCK makes them, with a partial last block."""
+    folder = VISION_FIXTURES / name
+    expected = load_file(str(folder / "expected.safetensors"))
+    tower = vision.load_vision(folder)
+    heads = tower.config.num_heads
+    for prompt in sorted({k.split(".")[0] for k in expected if k.endswith(".ids")}):
+        images = [expected[f"image.{i}"] for i in expected[f"{prompt}.images"]]
+        lengths = expected[f"{prompt}.grid_thw"][:, 1:].prod(axis=1)
+        monkeypatch.setattr(vision, "SCORE_BLOCK", heads * int(lengths.max()) * 3)  # 3 query rows per block
+        features, _ = tower.encode_images(images)
+        np.testing.assert_allclose(features, expected[f"{prompt}.features"], rtol=0, atol=ATOL, err_msg=prompt)
+
+
+def reference_tower(tmp_path, seed=3, **vision_overrides):
+    """A random transformers Qwen3.5 model with this vision config, saved and loaded by minqwen."""
+    require_reference()
+    import make_vision_fixtures as builder
+
+    vision_cfg = builder.tiny_vision(**vision_overrides)
+    model = builder.build_vision_model(builder.tiny_text(), vision_cfg, seed)
+    factor = vision_cfg["patch_size"] * vision_cfg["spatial_merge_size"]
+    settings = builder.preprocessor_settings(vision_cfg, factor * factor, factor * factor * 25, seed)
+    builder.save_vision_checkpoint(model, settings, tmp_path, "float32")
+    return model, vision.load_vision(tmp_path)
+
+
+def compare_towers(model, tower, grid):
+    import torch
+
+    grid = np.array(grid)
+    pixel_values = np.random.default_rng(0).normal(size=(int(grid.prod(1).sum()), tower.config.patch_dim))
+    pixel_values = pixel_values.astype(np.float32)
+    with torch.no_grad():
+        want = model.model.visual(torch.from_numpy(pixel_values), grid_thw=torch.from_numpy(grid)).pooler_output
+    np.testing.assert_allclose(tower.forward(pixel_values, grid), want.numpy(), rtol=0, atol=ATOL)
+
+
+@pytest.mark.reference
+def test_the_vision_rope_theta_of_the_config_is_used(tmp_path):
+    model, tower = reference_tower(tmp_path, rope_parameters=dict(rope_type="axial", rope_theta=50.0))
+    assert json.loads((tmp_path / "config.json").read_text())["vision_config"]["rope_parameters"]["rope_theta"] == 50.0
+    assert tower.config.rope_theta == 50.0
+    compare_towers(model, tower, [[1, 4, 6], [1, 8, 2]])
