@@ -13,7 +13,7 @@ import pytest
 from safetensors.numpy import load_file
 
 import minqwen
-from conftest import FIXTURE_NAMES, FIXTURES, greedy_continuation
+from conftest import FIXTURE_NAMES, FIXTURES, ROOT, greedy_continuation
 
 ATOL = 1e-4
 
@@ -26,6 +26,27 @@ def fixture(request):
 
 def test_there_are_fixtures():
     assert len(FIXTURE_NAMES) >= 4
+
+
+def test_every_tensor_of_every_reference_checkpoint_is_random():
+    # A norm weight of zeros, an A_log of ones, a bias of zeros: the defaults hide exactly the
+    # bugs these fixtures exist to catch (a missing "1 +", a sign, a forgotten bias).
+    from safetensors import safe_open
+
+    checked = 0
+    for folder in (FIXTURES, ROOT / "tests" / "fixtures_vision"):
+        for path in sorted(folder.rglob("*.safetensors")):
+            if path.name == "expected.safetensors":  # the reference's outputs, not weights
+                continue
+            with safe_open(str(path), "np") as f:
+                for name in f.keys():
+                    tensor = np.asarray(f.get_tensor(name), np.float64)
+                    values = np.unique(tensor)
+                    # one number (a scale, a one-element gate) may be anything but 0 or 1
+                    random = values.size > 1 if tensor.size > 1 else values[0] not in (0.0, 1.0)
+                    assert random, f"{path.relative_to(ROOT)}: {name} holds the single value {values[0]}"
+                    checked += 1
+    assert checked > 500
 
 
 def test_logits_and_every_layer_output_match_the_reference(fixture):
