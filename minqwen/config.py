@@ -70,7 +70,9 @@ TEXT_FIELDS: dict[str, str] = {
     "rope_scaling": "honoured as the legacy name of rope_parameters; read instead of it when both are present, "
                     "as transformers does",
     "rope_theta": "defaulted (10000) when rope_parameters has none (legacy top-level field)",
-    "partial_rotary_factor": "defaulted (0.25) when rope_parameters has none (legacy top-level field)",
+    "partial_rotary_factor": "defaulted (0.25) when rope_parameters has none (legacy top-level field); a null "
+                             "rotates the whole head, as in transformers",
+    "original_max_position_embeddings": "honoured with YaRN: wins over rope_parameters', as in transformers",
     "eos_token_id": "honoured by generation (stop ids)",
     "bos_token_id": "metadata",
     "pad_token_id": "ignored: minqwen never pads",
@@ -150,7 +152,7 @@ WRAPPER_FIELDS: dict[str, str] = {
     "transformers_version": "metadata",
     "dtype": "metadata",
     "torch_dtype": "metadata",
-    "eos_token_id": "honoured when text_config has none",
+    "eos_token_id": "honoured: wins over text_config's, as transformers' generation reads it",
     "bos_token_id": "metadata",
     "pad_token_id": "ignored",
     "use_cache": "ignored",
@@ -365,7 +367,8 @@ def _model_config(raw: dict, source: str, model_type: str) -> TextConfig:
         text = dict(text)
         # The wrapper decides tying; absent at the top level means untied (reference behaviour).
         text["tie_word_embeddings"] = raw.get("tie_word_embeddings", False)
-        if "eos_token_id" not in text and "eos_token_id" in raw:
+        # transformers' generation takes the wrapper's eos first (GenerationConfig.from_model_config)
+        if raw.get("eos_token_id") is not None:
             text["eos_token_id"] = raw["eos_token_id"]
         expected = model_type + "_text"  # qwen3_5 holds a qwen3_5_text, qwen3_5_moe a qwen3_5_moe_text
         inner = text.get("model_type", expected)
@@ -577,13 +580,25 @@ def _rope_parameters(raw: dict, source: str, prefix: str) -> dict:
             f"{source}: field '{rope_field}.rope_type' is {rope_type!r}; "
             "minqwen implements 'default' and 'yarn' rotary embeddings"
         )
-    unknown = sorted(set(rope) - ROPE_FIELDS - (YARN_FIELDS if rope_type == "yarn" else set()))
+    unknown = sorted(set(rope) - ROPE_FIELDS - YARN_FIELDS)
     if unknown:
         raise MinqwenError(
             f"{source}: {rope_field} fields minqwen does not implement: {', '.join(unknown)}"
         )
+    if rope_type == "default" and set(rope) & YARN_FIELDS:
+        # transformers computes plain rotary then, and only warns
+        warnings.warn(f"{source}: {rope_field} has YaRN fields ({', '.join(sorted(set(rope) & YARN_FIELDS))}) but "
+                      "rope_type 'default': they are not used, as in transformers", stacklevel=4)
+    if rope_type == "yarn" and raw.get("original_max_position_embeddings") is not None:
+        # a top-level original_max_position_embeddings wins over the YaRN one in transformers
+        rope = dict(rope, original_max_position_embeddings=raw["original_max_position_embeddings"])
     theta = rope.get("rope_theta", raw.get("rope_theta", 10000.0))
-    factor = rope.get("partial_rotary_factor", raw.get("partial_rotary_factor", 0.25))
+    # A top-level null: transformers leaves the factor out, and its rotary then turns the whole head
+    if "partial_rotary_factor" in raw and raw["partial_rotary_factor"] is None:
+        legacy_factor = 1.0
+    else:
+        legacy_factor = raw.get("partial_rotary_factor", 0.25)
+    factor = rope.get("partial_rotary_factor", legacy_factor)
     for name, value in (("rope_theta", theta), ("partial_rotary_factor", factor)):
         value = _finite_float(value)
         if value is None or value <= 0:

@@ -58,11 +58,13 @@ VISION_FIELDS: dict[str, str] = {
     "spatial_merge_size": "honoured (default 2): merge × merge patches become one text token",
     "out_hidden_size": "honoured (default 3584): must equal the text hidden_size",
     "num_position_embeddings": "honoured (default 2304): a learned square grid of side ⌊√n⌋ (rows past side² unused, as in the reference)",
-    "rope_parameters": "honoured: rope_type 'axial' only, rope_theta (default 10000)",
+    "rope_parameters": "honoured: rope_type 'axial' only ('default', in old saves, reads as axial, as in "
+                       "transformers), rope_theta (default 10000)",
+    "rope_theta": "honoured when rope_parameters has none (the legacy place, as in transformers)",
     "num_attention_heads": "honoured as the alias of num_heads",
     "num_hidden_layers": "honoured as the alias of depth",
     "initializer_range": "ignored: training only",
-    "model_type": "metadata: qwen3_5_vision or qwen3_5_moe_vision",
+    "model_type": "metadata: qwen3_5_vision or qwen3_5_moe_vision (or, in old saves, the wrapper's name)",
     "dtype": "metadata",
     "torch_dtype": "metadata",
     "architectures": "metadata",
@@ -144,7 +146,8 @@ def vision_config_from_dict(raw: dict, text_hidden_size: int, vocab_size: int, s
                 raise MinqwenError(f"{source}: vision_config.{alias} and vision_config.{name} disagree")
             vision[name] = vision.pop(alias)
     inner_type = vision.get("model_type", "qwen3_5_vision")
-    if inner_type not in ("qwen3_5_vision", "qwen3_5_moe_vision", "qwen3_5"):  # "qwen3_5": old saves, as the reference accepts
+    # "qwen3_5" / "qwen3_5_moe": the wrappers' names, in old saves; transformers reads them as the vision config
+    if inner_type not in ("qwen3_5_vision", "qwen3_5_moe_vision", "qwen3_5", "qwen3_5_moe"):
         raise MinqwenError(f"{source}: vision_config.model_type is {inner_type!r}; expected 'qwen3_5_vision'")
 
     defaults = VisionConfig()
@@ -181,7 +184,11 @@ def vision_config_from_dict(raw: dict, text_hidden_size: int, vocab_size: int, s
     rope = vision.get("rope_parameters") or {}
     if not isinstance(rope, dict):
         raise MinqwenError(f"{source}: field 'vision_config.rope_parameters' must be an object")
+    if "rope_theta" not in rope and "rope_theta" in vision:  # the legacy place, which transformers still reads
+        rope = dict(rope, rope_theta=vision["rope_theta"])
     rope_type = rope.get("rope_type", rope.get("type", "axial"))
+    if rope_type == "default":  # old saves: transformers reads it as the tower's own, axial
+        rope_type = "axial"
     if rope_type != "axial":
         raise MinqwenError(f"{source}: field 'vision_config.rope_parameters.rope_type' is {rope_type!r}; the "
                            "Qwen3.5 vision tower has only 'axial' (2-D) rotary embeddings")

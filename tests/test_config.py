@@ -84,11 +84,12 @@ def test_the_multimodal_wrapper_reads_the_text_model_from_text_config():
     assert parse(wrapped(text)) == parse(text)
 
 
-def test_the_multimodal_wrapper_takes_eos_from_the_top_level_when_text_config_has_none():
+def test_the_multimodal_wrapper_takes_eos_from_the_top_level_first_as_transformers_generation_does():
     text = small_text()
     del text["eos_token_id"]
     assert parse(wrapped(text, eos_token_id=[7, 9])).eos_token_id == (7, 9)
-    assert parse(wrapped(small_text(eos_token_id=3), eos_token_id=[7, 9])).eos_token_id == (3,)
+    assert parse(wrapped(small_text(eos_token_id=3), eos_token_id=[7, 9])).eos_token_id == (7, 9)
+    assert parse(wrapped(small_text(eos_token_id=3), eos_token_id=None)).eos_token_id == (3,)
 
 
 def test_the_multimodal_wrapper_needs_a_text_model_type_inside_text_config():
@@ -295,9 +296,29 @@ def test_a_legacy_rope_scaling_with_type_linear_is_an_error_naming_the_field():
 
 
 def test_an_unknown_rope_parameters_field_is_an_error_naming_it():
-    rope = {"rope_type": "default", "rope_theta": 1e4, "factor": 8.0, "original_max_position_embeddings": 4096}
-    with pytest.raises(MinqwenError, match=r"rope_parameters fields minqwen does not implement: factor, original_max"):
+    rope = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 8.0, "low_freq_factor": 1.0}
+    with pytest.raises(MinqwenError, match=r"rope_parameters fields minqwen does not implement: low_freq_factor"):
         parse(small_text(rope_parameters=rope))
+
+
+def test_yarn_fields_beside_rope_type_default_are_ignored_with_a_warning_as_transformers_does():
+    rope = {"rope_type": "default", "rope_theta": 1e4, "factor": 8.0, "original_max_position_embeddings": 4096}
+    with pytest.warns(UserWarning, match=r"YaRN fields \(factor, original_max_position_embeddings\) but rope_type "
+                                         r"'default': they are not used"):
+        c = config_from_dict(small_text(rope_parameters=rope), source="config.json")
+    assert c.yarn is None and c.rope_theta == 1e4
+
+
+def test_a_top_level_original_max_position_embeddings_wins_over_the_yarn_one_as_in_transformers():
+    raw = small_text(max_position_embeddings=4096, original_max_position_embeddings=16, rope_parameters={
+        "rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "original_max_position_embeddings": 2048})
+    assert parse(raw).yarn.original_max_position_embeddings == raw["original_max_position_embeddings"]
+
+
+def test_a_null_top_level_partial_rotary_factor_rotates_the_whole_head_as_in_transformers():
+    raw = small_text(partial_rotary_factor=None, rope_theta=1e4)
+    del raw["rope_parameters"]
+    assert parse(raw).partial_rotary_factor == 1.0
 
 
 def test_rope_parameters_that_are_not_an_object_is_an_error_naming_the_field():

@@ -377,7 +377,7 @@ def edit_json(path, change):
     ("out_hidden_size", 40, "out_hidden_size 40 must equal the text hidden_size 32"),
     ("num_heads", 3, "not a multiple of num_heads 3"),
     ("patch_size", [4, 4], "'vision_config.patch_size' must be an integer"),
-    ("rope_parameters", {"rope_type": "default"}, "only 'axial'"),
+    ("rope_parameters", {"rope_type": "mrope"}, "only 'axial'"),
     ("hidden_act", ["gelu"], "vision_config.hidden_act' is ['gelu']"),
 ])
 def test_unsupported_vision_config_values_are_errors_naming_the_field(folder, field, value, message):

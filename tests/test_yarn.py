@@ -150,7 +150,6 @@ def test_yarn_is_static_the_same_frequencies_at_every_position(tmp_path, monkeyp
     ({"rope_type": "yarn", "factor": 2.0, "truncate": "yes"}, "truncate"),
     ({"rope_type": "yarn", "factor": 2.0, "bogus": 1}, "bogus"),
     ({"rope_type": "linear", "factor": 2.0}, "'linear'"),
-    ({"rope_type": "default", "factor": 2.0}, "factor"),
 ])
 def test_bad_rope_scaling_fields_are_clear_errors(bad, message):
     with pytest.raises(MinqwenError, match=message):
