@@ -76,14 +76,15 @@ class SamplingParams:
         if not isinstance(do_sample, bool):
             raise MinqwenError(f"{source}: do_sample must be true or false, got {do_sample!r}")
 
-        def setting(name, off):
-            # Only a missing or null field means "off": a 0 in the file is a value, checked like any other.
+        def setting(name, default):
+            # A missing or null field takes transformers' generate() default (temperature 1, top-k 50):
+            # a 0 in the file is a value, checked like any other.
             value = config.get(name)
-            return off if value is None else value
+            return default if value is None else value
 
         values = {
-            "temperature": setting("temperature", 0.0),
-            "top_k": setting("top_k", 0),
+            "temperature": setting("temperature", 1.0),
+            "top_k": setting("top_k", 50),
             "top_p": setting("top_p", 1.0),
             "min_p": setting("min_p", 0.0),
             "repetition_penalty": setting("repetition_penalty", 1.0),

@@ -12,6 +12,7 @@ from hypothesis.extra.numpy import arrays
 
 from conftest import FALSE_ALARM_Z, chi_square_critical, require_reference, softmax64
 from minqwen import MinqwenError
+from minqwen.checkpoint import EMBEDDED
 from minqwen.sampling import SamplingParams, apply_penalties, filter_logits, sample_next
 
 
@@ -282,8 +283,9 @@ def test_generation_config_zeros_that_are_allowed_are_kept_and_null_means_off():
         {"top_k": 0, "min_p": 0, "presence_penalty": 0, "top_p": None, "repetition_penalty": None}, "g.json")
     assert params == SamplingParams()
     assert SamplingParams.from_generation_config({"temperature": 0.5, "min_p": 0.0}, "g.json").min_p == 0.0
-    # a null temperature reads as an absent one: no sampling settings, greedy
-    assert SamplingParams.from_generation_config({"do_sample": True, "temperature": None, "top_k": 20}, "g.json").greedy
+    # a null temperature reads as an absent one: transformers' generate() default, 1
+    sampled = SamplingParams.from_generation_config({"do_sample": True, "temperature": None, "top_k": 20}, "g.json")
+    assert sampled.temperature == 1.0 and sampled.top_k == 20
 
 
 @pytest.mark.parametrize("do_sample", ["absent", None, False])
@@ -362,3 +364,49 @@ def test_top_k_keeps_every_id_at_least_as_likely_as_the_kth(logits, top_k):
     expected = logits >= np.sort(logits)[::-1][min(top_k, logits.size) - 1]
     kept = np.isfinite(filter_logits(logits, SamplingParams(temperature=1.0, top_k=top_k)))
     assert kept.tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize("config", [
+    {"do_sample": True, "temperature": 0.7, "top_k": 20, "top_p": 0.9, "repetition_penalty": 1.05},
+    {"do_sample": True, "temperature": 0.6, "top_p": 0.95, "min_p": 0.1},
+    {"do_sample": True, "top_k": 20},  # no temperature: transformers samples at 1.0
+    {"do_sample": True, "temperature": 0.7},  # no top_k: transformers uses 50
+    {"temperature": 0.7, "top_k": 20, "repetition_penalty": 1.3},  # no do_sample: greedy, penalty kept
+], ids=str)
+def test_generation_config_reads_as_transformers_generate_does(config):
+    """The sampling settings transformers 5.23.0's generate() would use for a checkpoint's
+    generation_config.json (its own global defaults fill what the file leaves unset)."""
+    require_reference()
+    from transformers import GenerationConfig
+
+    g = GenerationConfig.from_dict(dict(config))
+    g.update(**GenerationConfig._get_default_generation_params(), defaults_only=True)
+    ours = SamplingParams.from_generation_config(config, "g.json")
+    assert ours.greedy == (not g.do_sample)
+    if g.do_sample:
+        assert ours.temperature == pytest.approx(g.temperature)
+        assert ours.top_k == g.top_k
+        assert ours.top_p == pytest.approx(g.top_p)
+        assert ours.min_p == pytest.approx(g.min_p or 0.0)
+    assert ours.repetition_penalty == pytest.approx(g.repetition_penalty)
+
+
+def test_overrides_win_over_the_file_and_none_keeps_the_file():
+    config = json.loads((EMBEDDED / "generation_config.json").read_text())
+    fields = ["temperature", "top_k", "top_p", "repetition_penalty"]
+    base = SamplingParams.from_generation_config(config, "g.json")
+    for name in fields:
+        assert getattr(base, name) == pytest.approx(config[name])
+    changed = {"temperature": 0.3, "top_k": 3, "top_p": 0.5, "min_p": 0.2, "repetition_penalty": 1.5,
+               "presence_penalty": 0.7}
+    params = SamplingParams.from_generation_config(config, "g.json", **changed)
+    for name, value in changed.items():
+        assert getattr(params, name) == pytest.approx(value)
+    assert SamplingParams.from_generation_config(config, "g.json", **{k: None for k in changed}) == base
+    # each field is read from its own key, and only from it
+    defaults = SamplingParams.from_generation_config({"do_sample": True}, "g.json")
+    for name, value in changed.items():
+        alone = SamplingParams.from_generation_config({"do_sample": True, name: value}, "g.json")
+        for other in changed:
+            expected = value if other == name else getattr(defaults, other)
+            assert getattr(alone, other) == pytest.approx(expected), (name, other)

@@ -13,7 +13,7 @@ import minqwen
 from conftest import FIXTURES, penalized64, require_reference
 from minqwen import MinqwenError
 from minqwen.checkpoint import EMBEDDED
-from minqwen.generate import ChatSession, generate_ids, stream, stream_text
+from minqwen.generate import ChatSession, GenerationStats, generate_ids, stream, stream_text
 from minqwen.sampling import SamplingParams
 from minqwen.tokenizer import StreamDecoder, Tokenizer
 
@@ -551,3 +551,84 @@ def test_template_features_transformers_offers(tmp_path, template):
     edit_tokenizer_config(folder, chat_template=template)
     want = AutoTokenizer.from_pretrained(str(folder)).apply_chat_template(MESSAGES, tokenize=False)
     assert Tokenizer(folder).render_chat(MESSAGES) == want
+
+
+# ----------------------------------------------------------------------------- the chat session's cache
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+class Recorder:
+    """The model, with the last logits row of every forward call kept."""
+
+    def __init__(self, model):
+        self.model, self.rows = model, []
+
+    def forward(self, *args, **kwargs):
+        logits = self.model.forward(*args, **kwargs)
+        self.rows.append(logits[-1].copy())
+        return logits
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+
+def forced(tokens):
+    """A drop-in for generate_ids that yields exactly ``tokens``, keeping the cache's invariant."""
+
+    def decode(model, prompt_ids, params, max_new_tokens, stop_ids, seed, cache, history, stats):
+        model.forward(list(prompt_ids), cache, last_only=True)
+        for i, token in enumerate(tokens):
+            yield token
+            if i + 1 < len(tokens):
+                model.forward([token], cache, last_only=True)
+
+    return decode
+
+
+def test_a_history_that_differs_only_at_the_last_cached_token_is_rolled_back():
+    """With a template that keeps history verbatim, an answer cut off by max_new_tokens whose
+    last fed token re-tokenizes differently (" P" + "ython" → " Python") makes the re-rendered
+    conversation diverge exactly at the last id of the log. The next turn must still equal one
+    fresh prefill of the conversation."""
+    model = minqwen.load(EMBEDDED)
+    tokenizer = Tokenizer(EMBEDDED)
+    tokenizer.chat_template = CHATML
+    hi, p, ython = tokenizer.encode("Hi"), tokenizer.encode(" P"), tokenizer.encode("ython")
+    assert len(p) == len(ython) == 1 and tokenizer.encode("Hi Python") != hi + p + ython  # the merge happens
+    recorder = Recorder(model)
+    session = ChatSession(recorder, tokenizer)
+    "".join(session.reply("Hello", decode=forced(hi + p + ython)))
+    assert session.log[-1] == p[0]  # the last fed id is the one the re-rendering changes
+    full = tokenizer.encode(tokenizer.render_chat(session.messages + [{"role": "user", "content": "Again"}],
+                                                  add_generation_prompt=True))
+    assert full[: len(session.log) - 1] == session.log[:-1] and full[len(session.log) - 1] != session.log[-1]
+    stats = GenerationStats()
+    "".join(session.reply("Again", SamplingParams(), max_new_tokens=4, stats=stats))
+    n = stats.generated_tokens
+    assert session.log[: len(full)] == full and len(session.log) == len(full) + n - 1
+    assert session.cache.position == len(session.log)
+    fresh = model.forward(session.log, model.new_cache(), last_only=False)
+    np.testing.assert_allclose(np.stack(recorder.rows[-n:]), fresh[-n:], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("thinking", [False, True])
+def test_resending_the_same_message_after_a_turn_that_did_not_finish_equals_a_fresh_run(thinking):
+    """Ctrl-C in the middle of an answer, then the same message again: the re-rendered body then
+    equals the log exactly (no roll-back to hide a stale cache), so the dropped turn must have
+    restored the cache itself."""
+    model, tokenizer = minqwen.load(EMBEDDED), Tokenizer(EMBEDDED)
+    session = ChatSession(model, tokenizer, enable_thinking=thinking)
+    "".join(session.reply("Hello there.", max_new_tokens=8))
+    pieces = session.reply("Write a long poem about the sea.", max_new_tokens=40)
+    next(pieces)
+    next(pieces)
+    pieces.close()
+    answer = "".join(session.reply("Write a long poem about the sea.", max_new_tokens=16))
+    rendered = tokenizer.render_chat(session.messages[:-1], enable_thinking=thinking)
+    fresh = "".join(stream_text(model, tokenizer, tokenizer.encode(rendered), max_new_tokens=16,
+                                skip_special_tokens=False))
+    assert answer == fresh
+    assert session.cache.position == len(session.log)
