@@ -42,7 +42,8 @@ def add_model_option(parser):
 
 
 def add_sampling_options(parser):
-    g = parser.add_argument_group("sampling (defaults: the checkpoint's generation_config.json, else greedy)")
+    g = parser.add_argument_group("sampling (defaults: the checkpoint's generation_config.json as transformers "
+                                  "reads it, else greedy; top-k 50 unless set)")
     g.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="at most N new tokens (default 128)")
     g.add_argument("--temperature", type=float, metavar="T", help="0 = greedy")
     g.add_argument("--top-k", type=int, metavar="K")
