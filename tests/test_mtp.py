@@ -48,10 +48,12 @@ from minqwen.mtp import (
     SpeculativeStats,
     accept,
     draft,
+    draft_logits,
     keep_first,
     load_mtp,
     mtp_logits,
     record_mtp,
+    speculative_decoder,
     speculative_generate,
     target_distribution,
     verify,
@@ -853,3 +855,225 @@ def test_greedy_acceptance_follows_plain_greedy_with_penalties_counting_earlier_
         assert n == len(expected) - 1
         checked += 1 + done
     assert checked > 100
+
+
+# ---------------------------------------------------------------- drafts beyond the last layer, vs transformers
+
+
+def _reference_draft_rows(main, mtp, ids, next_token, drafts, n_layers):
+    """What transformers' MtpModel layers compute for draft steps 0 … len(drafts) − 1, each from fresh caches.
+
+    Step s < n_layers: layer s over the window (g_{s−1}[j], t[j+1+s]), j = 0 … T−1 (g_{−1} = h), the
+    row at j = T−1. Step s ≥ n_layers: the last layer L one index further on, its own previous output
+    standing in for the hidden state, the token t[j+1+L] (t[T] = next_token, t[T+m] = draft m).
+    """
+    import torch
+    from transformers.cache_utils import MtpCache as HfMtpCache
+
+    T = len(ids)
+    t = [int(x) for x in ids] + [int(next_token)] + [int(d) for d in drafts]
+    config = main.config.get_mtp_config()
+
+    def layer(i, hidden, tokens):  # hidden [1, n, H], tokens [n] → [1, n, H]
+        n = hidden.shape[1]
+        return mtp.forward_layer(i, hidden, torch.arange(1, n + 1)[None], HfMtpCache(config=config),
+                                 input_ids=torch.tensor([tokens]))
+
+    rows = []
+    with torch.no_grad():
+        g = main.get_decoder()(input_ids=torch.tensor([[int(x) for x in ids]]), use_cache=False).last_hidden_state
+        for i in range(n_layers):
+            g = layer(i, g, t[1 + i: T + 1 + i])  # [1, T, H]
+            rows.append(mtp._project_to_logits(g[:, -1])[0].float().numpy())
+        L = n_layers - 1
+        hidden = g  # layer L's outputs so far
+        chain_in = None  # layer L's inputs: g_{L−1}[0 … T−1], then its own outputs
+        for s in range(n_layers, len(drafts)):
+            if chain_in is None:
+                # inputs of layer L over indices 0 … T−1 are g_{L−1}; recompute them
+                chain_in = _layer_inputs(layer, main, ids, t, L, T)
+            chain_in = torch.cat([chain_in, hidden[:, -1:]], dim=1)  # own previous output at index T−1+(s−L)
+            j_last = chain_in.shape[1] - 1
+            hidden = layer(L, chain_in, t[1 + L: j_last + 2 + L])
+            rows.append(mtp._project_to_logits(hidden[:, -1])[0].float().numpy())
+    return np.array(rows)
+
+
+def _layer_inputs(layer, main, ids, t, L, T):
+    """g_{L−1} over indices 0 … T−1 (h for L = 0)."""
+    import torch
+
+    g = main.get_decoder()(input_ids=torch.tensor([[int(x) for x in ids]]), use_cache=False).last_hidden_state
+    for i in range(L):
+        g = layer(i, g, t[1 + i: T + 1 + i])
+    return g
+
+
+def _text_config(moe: bool) -> dict:
+    text = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, layer_types=["linear_attention", "full_attention"],
+                num_attention_heads=4, num_key_value_heads=2, head_dim=8, hidden_act="silu", rms_norm_eps=1e-6,
+                attention_bias=False, tie_word_embeddings=False, linear_conv_kernel_dim=4, linear_num_key_heads=2,
+                linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8,
+                max_position_embeddings=1024,
+                rope_parameters=dict(rope_type="default", rope_theta=1e4, partial_rotary_factor=0.5))
+    if moe:
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8, shared_expert_intermediate_size=8)
+    else:
+        text["intermediate_size"] = 40
+    return text
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("moe, mtp_layers", [(False, 1), (False, 2), (False, 3), (False, 4), (True, 2)],
+                         ids=["dense-1", "dense-2", "dense-3", "dense-4", "moe-2"])
+def test_drafts_past_the_last_mtp_layer_match_transformers_layers_chained_as_documented(tmp_path, moe, mtp_layers):
+    """k = layers + 2 drafts: step s < layers runs layer s, later steps the last layer one index further on."""
+    reference = require_reference()
+    seed = 5 + mtp_layers
+    main = reference.build_model(_text_config(moe), seed)
+    reference.save_checkpoint(main, tmp_path)
+    mtp = make_mtp_fixtures.build_mtp_model(main, mtp_layers, seed)
+    make_mtp_fixtures.write_mtp_tensors(tmp_path, make_mtp_fixtures.mtp_checkpoint_tensors(mtp), mtp_layers)
+    model = minqwen.load(tmp_path)
+    head = load_mtp(tmp_path, model)
+    assert len(head.layers) == mtp_layers
+
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, 97, size=9)
+    next_token = int(rng.integers(0, 97))
+    cache = MtpCache(model, head)
+    cache.commit(model, head, model.hidden_states(ids), list(ids[1:]) + [next_token])
+    rows = []
+
+    def pick(logits, step):
+        rows.append(np.array(logits))
+        return int(np.argmax(logits))
+
+    drafts = draft(model, head, cache, mtp_layers + 2, pick, draft_vocab=None)
+    expected = _reference_draft_rows(main, mtp, ids, next_token, drafts, mtp_layers)
+    np.testing.assert_allclose(np.array(rows), expected, rtol=0, atol=1e-4)
+
+
+# ---------------------------------------------------------------- the MTP cache of several layers
+
+
+@pytest.mark.parametrize("n_layers", [1, 2, 3])
+def test_the_next_draft_starts_from_layer_0s_output_at_the_last_committed_pair(n_layers):
+    """model.logits(MtpCache.last) after committing a prompt is the last row of teacher-forced mtp_logits."""
+    model = MODELS["text_tied_fp32"]
+    head = random_head(model, 4, n_layers)
+    ids = [5, 9, 2, 7, 7, 1, 30]
+    token = 11
+    cache = MtpCache(model, head)
+    cache.commit(model, head, model.hidden_states(ids), ids[1:] + [token])
+    np.testing.assert_allclose(model.logits(cache.last[None])[0], mtp_logits(model, head, ids + [token])[-1],
+                               rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------- the draft vocabulary
+
+
+def test_a_context_id_equal_to_draft_vocab_is_kept():
+    model = MODELS["text_grouped_bf16_bias"]
+    hidden = model.hidden_states([5, 6, 7])[-1]
+    full = draft_logits(model, hidden, None)
+    cut = draft_logits(model, hidden, 10, context=[10, 11])
+    assert np.flatnonzero(np.isfinite(cut)).tolist() == list(range(12))
+    np.testing.assert_allclose(cut[:12], full[:12], rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def test_an_fp8_mtp_head_loads_dequantized(tmp_path):
+    """tools/quantize_fp8.py quantizes mtp.layers.*.{q,k,v,o,gate,up,down}_proj: the head holds them dequantized."""
+    from test_fp8 import expected_weight, quantize_fp8
+
+    folder, _ = with_random_mtp_tensors(tmp_path)
+    out = tmp_path / "fp8"
+    done = quantize_fp8.quantize_checkpoint(folder, out, (16, 16), "bfloat16")
+    assert {"mtp.layers.0.self_attn.q_proj.weight", "mtp.layers.0.mlp.down_proj.weight"} <= set(done["quantized"])
+    model = minqwen.load(out)
+    head = load_mtp(out, model)
+    np.testing.assert_array_equal(head.layers[0].self_attn.q_proj,
+                                  expected_weight(out, "mtp.layers.0.self_attn.q_proj.weight", (16, 16)))
+    np.testing.assert_array_equal(head.layers[0].mlp.down_proj,
+                                  expected_weight(out, "mtp.layers.0.mlp.down_proj.weight", (16, 16)))
+
+
+def test_a_float64_model_gets_a_float64_head_with_the_same_values(tmp_path):
+    folder, _ = with_random_mtp_tensors(tmp_path)
+    model = minqwen.load(folder)
+    head = load_mtp(folder, model)
+    model64 = model.astype(np.float64)
+    for got in (head.astype(np.float64), load_mtp(folder, model64)):
+        assert got.fc.dtype == np.float64 and got.norm.dtype == np.float64
+        assert got.layers[0].self_attn.q_proj.dtype == np.float64 and got.layers[0].mlp.down_proj.dtype == np.float64
+        np.testing.assert_array_equal(got.fc, head.fc.astype(np.float64))
+        np.testing.assert_array_equal(got.layers[0].mlp.up_proj, head.layers[0].mlp.up_proj.astype(np.float64))
+
+
+def test_mtp_num_hidden_layers_is_read_from_text_config_in_the_multimodal_wrapper(tmp_path):
+    folder, _ = with_random_mtp_tensors(tmp_path, n_layers=2, name="multimodal_sharded")
+    config = json.loads((folder / "config.json").read_text())
+    assert config["text_config"]["mtp_num_hidden_layers"] == 2
+    config["text_config"]["mtp_num_hidden_layers"] = 1
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(MinqwenError, match="mtp_num_hidden_layers"):
+        load_mtp(folder, minqwen.load(folder))
+
+
+@pytest.mark.parametrize("name", ["text_tied_fp32", "multimodal_sharded"])
+def test_dedicated_mtp_embeddings_are_refused_naming_the_field(tmp_path, name):
+    folder, _ = with_random_mtp_tensors(tmp_path, name=name)
+    config = json.loads((folder / "config.json").read_text())
+    config.get("text_config", config)["mtp_use_dedicated_embeddings"] = True
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(MinqwenError, match="mtp_use_dedicated_embeddings"):
+        load_mtp(folder, minqwen.load(folder))
+
+
+# ---------------------------------------------------------------- defaults, the decoder, golden taps
+
+
+def test_speculation_pays_from_exactly_small_model_bytes(monkeypatch):
+    from minqwen import mtp
+
+    model = MODELS["text_tied_fp32"]
+    monkeypatch.setattr(mtp, "SMALL_MODEL_BYTES", model.weight_bytes)
+    assert mtp.pays_by_default(model)
+    monkeypatch.setattr(mtp, "SMALL_MODEL_BYTES", model.weight_bytes + 1)
+    assert not mtp.pays_by_default(model)
+
+
+def test_speculative_decoder_drafts_the_number_of_tokens_it_was_given():
+    model = tiny_vocab(MODELS["text_tied_fp32"], 6)
+    head = random_head(model, 3)
+    prompt = [1, 2, 3]
+    direct, through = SpeculativeStats(), SpeculativeStats()
+    expected = list(speculative_generate(model, head, prompt, SamplingParams(), 16, draft_tokens=3, stats=direct))
+    got = list(speculative_decoder(head, 3)(model, prompt, SamplingParams(), 16, stats=through))
+    assert got == expected
+    assert (through.drafted, through.accepted, through.verifies) == (direct.drafted, direct.accepted, direct.verifies)
+    assert through.drafted > through.verifies  # more than one draft per verify
+
+
+@pytest.mark.parametrize("name", ["text_tied_fp32", "moe_text_per_expert_fp32"])
+def test_the_mtp_norm_tap_is_what_the_mtp_logits_are_computed_from(name):
+    model = MODELS[name]
+    head = random_head(model, 5)
+    taps = record_mtp(model, head, [3, 1, 4, 1, 5, 9])
+    np.testing.assert_allclose(model.logits(taps["mtp.norm"]), taps["mtp.logits"], rtol=0, atol=1e-6)
+    y = taps["mtp.norm"].astype(np.float64) / (1 + head.norm.astype(np.float64))  # after mtp.norm: unit RMS
+    np.testing.assert_allclose(np.sqrt(np.mean(y ** 2, axis=-1)), 1.0, rtol=0, atol=1e-3)
+
+
+def test_a_draft_vocabulary_beyond_the_vocabulary_costs_what_the_whole_vocabulary_costs():
+    from minqwen.mtp import draft_cost_estimate
+
+    for name in ("text_tied_fp32", "moe_text_per_expert_fp32"):
+        model = MODELS[name]
+        head = random_head(model, 0)
+        whole = draft_cost_estimate(model, head, None)
+        assert draft_cost_estimate(model, head, model.config.vocab_size) == whole
+        assert draft_cost_estimate(model, head, 10 * model.config.vocab_size) == whole
