@@ -66,6 +66,37 @@ def penalized64(logits, seen, generated, rep=1.0, presence=0.0):
     return out
 
 
+# Chat sessions under test: a model that keeps what it computed, and answers forced token by token.
+
+
+class Recorder:
+    """The model, with the logits of every forward call kept (last row only)."""
+
+    def __init__(self, model):
+        self.model, self.rows = model, []
+
+    def forward(self, *args, **kwargs):
+        logits = self.model.forward(*args, **kwargs)
+        self.rows.append(logits[-1].copy())
+        return logits
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+
+def forced(tokens):
+    """A drop-in for generate_ids that yields exactly ``tokens``, keeping the cache's invariant."""
+
+    def decode(model, prompt_ids, params, max_new_tokens, stop_ids, seed, cache, history, stats):
+        model.forward(list(prompt_ids), cache, last_only=True)
+        for i, token in enumerate(tokens):
+            yield token
+            if i + 1 < len(tokens):
+                model.forward([token], cache, last_only=True)
+
+    return decode
+
+
 def skip_or_fail(reason: str) -> None:
     """Skip a test whose optional dependency is missing — or fail it under CI, where every lane must run."""
     if os.environ.get("CI", "").lower() in ("1", "true", "yes"):

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import minqwen
-from conftest import FIXTURES, penalized64, require_reference
+from conftest import FIXTURES, Recorder, forced, penalized64, require_reference
 from minqwen import MinqwenError
 from minqwen.checkpoint import EMBEDDED
 from minqwen.generate import ChatSession, GenerationStats, generate_ids, stream, stream_text
@@ -558,34 +558,6 @@ def test_template_features_transformers_offers(tmp_path, template):
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-
-
-class Recorder:
-    """The model, with the last logits row of every forward call kept."""
-
-    def __init__(self, model):
-        self.model, self.rows = model, []
-
-    def forward(self, *args, **kwargs):
-        logits = self.model.forward(*args, **kwargs)
-        self.rows.append(logits[-1].copy())
-        return logits
-
-    def __getattr__(self, name):
-        return getattr(self.model, name)
-
-
-def forced(tokens):
-    """A drop-in for generate_ids that yields exactly ``tokens``, keeping the cache's invariant."""
-
-    def decode(model, prompt_ids, params, max_new_tokens, stop_ids, seed, cache, history, stats):
-        model.forward(list(prompt_ids), cache, last_only=True)
-        for i, token in enumerate(tokens):
-            yield token
-            if i + 1 < len(tokens):
-                model.forward([token], cache, last_only=True)
-
-    return decode
 
 
 def test_a_history_that_differs_only_at_the_last_cached_token_is_rolled_back():

@@ -19,7 +19,7 @@ import pytest
 from safetensors.numpy import load_file
 
 import minqwen
-from conftest import ROOT, require_pillow
+from conftest import ROOT, Recorder, forced, require_pillow
 from minqwen import MinqwenError, vision
 from minqwen.checkpoint import EMBEDDED
 from minqwen.generate import ChatSession, GenerationStats
@@ -91,34 +91,6 @@ def pngs(tmp_path_factory, expected):
         Image.fromarray(expected[f"image.{i}"]).save(paths[-1])
         i += 1
     return paths
-
-
-class Recorder:
-    """The model, with the logits of every forward call kept (last row only)."""
-
-    def __init__(self, model):
-        self.model, self.rows = model, []
-
-    def forward(self, *args, **kwargs):
-        logits = self.model.forward(*args, **kwargs)
-        self.rows.append(logits[-1].copy())
-        return logits
-
-    def __getattr__(self, name):
-        return getattr(self.model, name)
-
-
-def forced(tokens):
-    """A drop-in for generate_ids that 'generates' exactly ``tokens`` (keeping the cache's invariant)."""
-
-    def decode(model, prompt_ids, params, max_new_tokens, stop_ids, seed, cache, history, stats):
-        model.forward(list(prompt_ids), cache, last_only=True)
-        for i, token in enumerate(tokens):
-            yield token
-            if i + 1 < len(tokens):
-                model.forward([token], cache, last_only=True)
-
-    return decode
 
 
 def assert_turn_equals_one_fresh_prefill(model, tower, tokenizer, session, n_generated, recorded_rows):
