@@ -593,11 +593,9 @@ def _rope_parameters(raw: dict, source: str, prefix: str) -> dict:
         # a top-level original_max_position_embeddings wins over the YaRN one in transformers
         rope = dict(rope, original_max_position_embeddings=raw["original_max_position_embeddings"])
     theta = rope.get("rope_theta", raw.get("rope_theta", 10000.0))
-    # A top-level null: transformers leaves the factor out, and its rotary then turns the whole head
-    if "partial_rotary_factor" in raw and raw["partial_rotary_factor"] is None:
+    legacy_factor = raw.get("partial_rotary_factor", 0.25)
+    if legacy_factor is None:  # transformers leaves a null out, and its rotary then turns the whole head
         legacy_factor = 1.0
-    else:
-        legacy_factor = raw.get("partial_rotary_factor", 0.25)
     factor = rope.get("partial_rotary_factor", legacy_factor)
     for name, value in (("rope_theta", theta), ("partial_rotary_factor", factor)):
         value = _finite_float(value)

@@ -419,14 +419,15 @@ def load(path: str | Path, progress=None, dtype: str = "float32", bf16_prompts: 
             layer.self_attn = load_attention(reader, p + "self_attn.", c)
         layers.append(layer)
     norm = reader.take("norm.weight", (H,))
-    if c.tie_word_embeddings and (embed_name == "lm_head.weight" or "lm_head.weight" not in ckpt):
+    head_stored = "lm_head.weight" in ckpt and embed_name != "lm_head.weight"
+    if c.tie_word_embeddings and not head_stored:
         lm_head = embed
     else:
         lm_head = reader.matrix_top("lm_head.weight", (c.vocab_size, H))
+        # Tied in the config, yet both stored: transformers 5.23.0 ties them only if they are equal
         if c.tie_word_embeddings and np.array_equal(lm_head, embed):
-            lm_head = embed  # the same numbers stored twice: one array, tied
+            lm_head = embed
         elif c.tie_word_embeddings:
-            # transformers 5.23.0 keeps a stored head that differs from the embedding (with a warning)
             warnings.warn(f"{path}: the config ties the LM head to the embedding (tie_word_embeddings), but the "
                           "checkpoint stores an lm_head.weight with other values; using it, as transformers does. "
                           "Set tie_word_embeddings to false in config.json to silence this warning", stacklevel=2)
