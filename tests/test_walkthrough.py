@@ -100,3 +100,167 @@ def test_a_figures_folder_that_is_a_file_is_named_instead_of_a_traceback(tmp_pat
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert f"MINQWEN_WALKTHROUGH_FIGURES={not_a_folder} is a file" in result.stderr
+
+
+# ------------------------------------------------------------------ the exercise checks
+# A chapter's exercise cell checks the reader's answer. Each check must accept the solution in
+# walkthrough/solutions/ and reject a plausible wrong answer. Both are tried the way a reader
+# would: the chapter's own text, with a definition of the exercise function inserted just
+# before the line that calls it, run as a script from the repository root.
+
+def chapter_with(chapter: str, marker: str, definition: str) -> str:
+    text = (WALKTHROUGH / chapter).read_text(encoding="utf-8")
+    assert text.count(marker) == 1, f"{chapter}: the line {marker!r} is not where the test expects it"
+    return text.replace(marker, definition.strip("\n") + "\n" + marker)
+
+
+def run_text(text: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    script = tmp_path / "chapter_variant.py"
+    script.write_text(text, encoding="utf-8")
+    env = dict(os.environ, MPLBACKEND="Agg", MINQWEN_WALKTHROUGH_FIGURES=str(tmp_path / "figures"),
+               PYTHONIOENCODING="utf-8",
+               PYTHONPATH=os.pathsep.join([str(WALKTHROUGH), str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    return subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def from_solutions(chapter: str, function: str) -> str:
+    """A definition that takes the exercise function from the chapter's solutions file."""
+    return f"""
+import contextlib as _contextlib, importlib.util as _util, io as _io
+_spec = _util.spec_from_file_location("solution", "walkthrough/solutions/{chapter}")
+_solution = _util.module_from_spec(_spec)
+with _contextlib.redirect_stdout(_io.StringIO()):
+    _spec.loader.exec_module(_solution)
+{function} = _solution.{function}
+"""
+
+
+STRICT_CHECKS = [  # (chapter, the line calling the exercise, its function, its number)
+    ("00_map.py", "answer = exercise_0_1(real)", "exercise_0_1", "0.1"),
+    ("01_tokens.py", "answer = exercise_1_1(ids)", "exercise_1_1", "1.1"),
+    ("02_embeddings_and_norm.py", 'answer = exercise_2_1(expected["hidden.0"])', "exercise_2_1", "2.1"),
+    ("07_mlp_and_moe.py", "answer = exercise_7_1()", "exercise_7_1", "7.1"),
+    ("08_whole_stack.py", "answer = exercise_8_1()", "exercise_8_1", "8.1"),
+    ("10_golden.py", "answer = exercise_10_1()", "exercise_10_1", "10.1"),
+]
+
+
+@pytest.mark.parametrize("chapter, marker, function, number", STRICT_CHECKS, ids=[c[3] for c in STRICT_CHECKS])
+def test_exercise_check_accepts_the_solution(chapter, marker, function, number, tmp_path):
+    result = run_text(chapter_with(chapter, marker, from_solutions(chapter, function)), tmp_path)
+    assert result.returncode == 0, f"{chapter} refused its own solution:\n{result.stderr[-3000:]}"
+    assert f"Exercise {number}:" in result.stdout and f"Exercise {number}: not attempted" not in result.stdout
+
+
+WRONG_ANSWERS = [  # (chapter, the line calling the exercise, what is wrong, a definition giving that answer)
+    ("00_map.py", "answer = exercise_0_1(real)", "the shares in the wrong order", """
+def exercise_0_1(c):
+    n = sum(layer_params(c, k) for k in c.layer_types) + c.hidden_size
+    return (18 * deltanet_params(c) / n, 24 * mlp_params(c) / n, 6 * attention_params(c) / n)
+"""),
+    ("00_map.py", "answer = exercise_0_1(real)", "every mixer counted as DeltaNet", """
+def exercise_0_1(c):
+    n = sum(layer_params(c, k) for k in c.layer_types) + c.hidden_size
+    return (24 * mlp_params(c) / n, 24 * deltanet_params(c) / n, 0.0)
+"""),
+    ("01_tokens.py", "answer = exercise_1_1(ids)", "nothing streamed before the flush", """
+def exercise_1_1(ids):
+    return [""] * len(ids) + [tok.decode(ids)]
+"""),
+    ("02_embeddings_and_norm.py", 'answer = exercise_2_1(expected["hidden.0"])', "one power of ten too small", """
+def exercise_2_1(x):
+    return 0.01
+"""),
+    ("02_embeddings_and_norm.py", 'answer = exercise_2_1(expected["hidden.0"])', "one power of ten too large", """
+def exercise_2_1(x):
+    return 1.0
+"""),
+    ("03_rotary.py", "answer = exercise_3_2()", "the real model's axes for a 4-dim rotary", """
+def exercise_3_2():
+    return "THW"
+"""),
+    ("04_attention.py", "answer = exercise_4_1(q, k, v)", "key and value heads tiled, not repeated", """
+def exercise_4_1(q, k, v, block=4):
+    T, S = len(q), len(k)
+    g = q.shape[1] // k.shape[1]
+    k, v = np.tile(k, (1, g, 1)), np.tile(v, (1, g, 1))
+    s = np.einsum("thd,shd->hts", q, k) / np.sqrt(q.shape[-1])
+    s = np.where(np.arange(S)[None] <= (S - T + np.arange(T))[:, None], s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return np.einsum("hts,shd->thd", p / p.sum(-1, keepdims=True), v)
+"""),
+    ("06_conv_and_state.py", "answer = exercise_6_1(x[:, 2], w[2])", "the causal window one token late", """
+def exercise_6_1(xc, wc):
+    T, K = len(xc), len(wc)
+    M = np.zeros((T, T))
+    for t in range(T):
+        for j in range(K):
+            if 0 <= t - K + j < T:
+                M[t, t - K + j] = wc[j]
+    return M
+"""),
+    ("07_mlp_and_moe.py", "answer = exercise_7_1()", "the shared expert forgotten", """
+def exercise_7_1():
+    return 40 * 256 * 3 * 2048 * 512, 40 * 8 * 3 * 2048 * 512
+"""),
+    ("08_whole_stack.py", "answer = exercise_8_1()", "(0, 0), which keeps the 4:1 ratio", """
+def exercise_8_1():
+    return 0, 0
+"""),
+    ("08_whole_stack.py", "answer = exercise_8_1()", "the cache counted in float32", """
+def exercise_8_1():
+    return int(np.ceil(752e6 * 2 / (6 * 2 * 2 * 256 * 4))), int(np.ceil(752e6 * 2 / (24 * 2 * 2 * 256 * 4)))
+"""),
+    ("10_golden.py", "answer = exercise_10_1()", "the gate named instead of the query", """
+def exercise_10_1():
+    return "layers.3.self_attn.gate"
+"""),
+    ("11_multi_token_prediction.py", "answers = [exercise_11_2(p, q)", "the residual draw not weighted", """
+def exercise_11_2(p, q):
+    r = np.maximum(p - q, 0)
+    return np.minimum(p, q) + r / r.sum()
+"""),
+]
+
+
+@pytest.mark.parametrize("chapter, marker, what, definition", WRONG_ANSWERS,
+                         ids=[f"{c[0][:2]}-{c[2]}" for c in WRONG_ANSWERS])
+def test_exercise_check_rejects_a_wrong_answer(chapter, marker, what, definition, tmp_path):
+    result = run_text(chapter_with(chapter, marker, definition), tmp_path)
+    assert result.returncode != 0, f"{chapter}'s check accepted a wrong answer ({what}):\n{result.stdout[-1500:]}"
+    assert "AssertionError" in result.stderr, result.stderr[-3000:]
+
+
+# ------------------------------------------------------------------ numbers the prose states
+# Recomputed here from the public Qwen3.5-0.8B config (docs: hidden 1024, 24 layers of which 6
+# attention with 2 KV heads of 256; 18 DeltaNet with 16 key and value heads of 128, conv 4).
+
+def prose(chapter: str) -> str:
+    """A chapter's prose cells (its '# ' comment lines), joined into one line of text."""
+    lines = (WALKTHROUGH / chapter).read_text(encoding="utf-8").splitlines()
+    return " ".join(line[2:] for line in lines if line.startswith("# "))
+
+
+def test_cache_sizes_in_chapters_4_and_8_are_the_real_configs_arithmetic():
+    kv_per_token = 6 * 2 * 2 * 256 * 2  # attention layers × (keys, values) × KV heads × head_dim × bf16 bytes
+    conv_dim = 2 * 16 * 128 + 16 * 128
+    state = 18 * ((4 - 1) * conv_dim + 16 * 128 * 128) * 2  # per DeltaNet layer: conv window + memory, bf16
+    ch4, ch8 = prose("04_attention.py"), prose("08_whole_stack.py")
+    assert kv_per_token == 12 * 1024 and "= 12 KiB per token" in ch4
+    assert kv_per_token * 32768 == 384 * 2**20 and "384 MiB at 32k tokens" in ch4
+    assert f"a fixed {state / 2**20:.1f} MiB in bf16" in ch8
+    said = re.search(r"Below about ([\d,]+) tokens the DeltaNet state dominates", ch8)
+    assert said and abs(int(said.group(1).replace(",", "")) - state / kv_per_token) < 0.05 * state / kv_per_token
+    assert kv_per_token * 262144 == 3 * 2**30 and "the hybrid needs 3 GiB of cache" in ch8
+    assert 4 * kv_per_token * 262144 == 12 * 2**30 and "would need 12" in ch8
+
+
+def test_bf16_spacing_near_one_is_what_chapter_2_says():
+    import ml_dtypes
+    import numpy as np
+
+    one = np.array(1.0, ml_dtypes.bfloat16)
+    assert float(np.nextafter(one, np.array(2.0, ml_dtypes.bfloat16))) - 1.0 == 2.0**-7
+    assert "consecutive bf16 numbers are 2⁻⁷ ≈ 0.0078 apart" in prose("02_embeddings_and_norm.py")
+    folded = np.array(1 + float(np.array(0.0123, ml_dtypes.bfloat16)), ml_dtypes.bfloat16)
+    assert round(float(folded), 4) == 1.0156 and "it becomes 1.0156" in prose("02_embeddings_and_norm.py")

@@ -79,6 +79,9 @@ MAP = {
     "sampling": "9 · choosing the next token",
     "generate": "9 · the generation loop, chat",
     "golden": "10 · golden outputs for your own port",
+    "mtp": "11 · the MTP head, speculative decoding",
+    "image": "12 · pictures into patches",
+    "vision": "12 · the vision tower",
 }
 for name, chapter in MAP.items():
     module = importlib.import_module(f"minqwen.{name}")
@@ -280,5 +283,10 @@ answer = exercise_0_1(real)
 if answer is None:
     print("Exercise 0.1: not attempted yet.")
 else:
-    assert abs(sum(answer) - 1) < 0.01, "the three shares should add up to almost 1"
-    print("Exercise 0.1: shares add up — compare with the solution file.")
+    # A share times the non-embedding total, divided by one layer's count of that kind, is the
+    # number of layers of that kind.
+    body = total_params(real) - real.vocab_size * real.hidden_size
+    layers = [share * body / per_layer for share, per_layer in
+              zip(answer, (mlp_params(real), deltanet_params(real), attention_params(real)))]
+    assert np.allclose(layers, (24, 18, 6), rtol=1e-6), f"these shares make {layers} layers of MLP, DeltaNet, attention"
+    print("Exercise 0.1: correct —", ", ".join(f"{s:.1%}" for s in answer))

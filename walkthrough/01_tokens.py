@@ -320,4 +320,6 @@ if answer is None:
     print("Exercise 1.1: not attempted yet.")
 else:
     assert "".join(answer) == text and not any("\ufffd" in p for p in answer)
+    # Streaming means each character appears with the id that completes it, not at the flush.
+    assert answer == their_pieces, f"expected one piece per id, then the flush: {their_pieces}"
     print("Exercise 1.1: correct —", answer)

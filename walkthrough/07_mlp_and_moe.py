@@ -228,5 +228,8 @@ if answer is None:
     print("Exercise 7.1: not attempted yet.")
 else:
     total, active = answer
-    assert 30e9 < total < 35e9 and 1e9 < active < 2e9, "count gate, up and down for each expert"
+    expert = 3 * 2048 * 512  # gate_proj, up_proj and down_proj of one expert
+    assert total % expert == 0 and active % expert == 0, "count gate, up and down for each expert"
+    assert (total // expert, active // expert) == (40 * 257, 40 * 9), \
+        f"{total // expert} and {active // expert} experts' worth: did you count the shared expert in every layer?"
     print(f"Exercise 7.1: {total / 1e9:.1f} B expert parameters, {active / 1e9:.2f} B used per token")

@@ -203,4 +203,5 @@ if answer is None:
     print("Exercise 10.1: not attempted yet.")
 else:
     assert answer.startswith("layers.3.self_attn."), "the first divergent tap is inside layer 3's attention"
+    assert answer == "layers.3.self_attn.q", "layer 3 taps q, k, v, then the gate: which of them is wrong first?"
     print("Exercise 10.1: first divergence at", answer)

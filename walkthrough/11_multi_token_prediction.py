@@ -304,7 +304,8 @@ if plt is not None:
 # layer is one layer beside the model's four, and its LM head (4,096 rows) is a quarter of its
 # weights, so a draft costs about half a decode step: `c_draft` ≈ 0.46–0.51, measured by
 # `tools/mtp_figures.py depth`. Even a verify that cost exactly one step would then give
-# (1 + 0.84) / (1 + 0.5) ≈ 1.2× at its 84% acceptance, and measured it is 0.9–1.1×. Give the
+# (1 + 0.84) / (1 + 0.5) ≈ 1.2× at the 84% acceptance the README reports for one draft per
+# verify, and measured it is 0.9–1.1×. Give the
 # same widths 12 layers and `c_draft` falls to about 0.2; in Qwen3.5-0.8B, with 24 layers and
 # a draft head cut to 32k rows, it is 0.07–0.09. Drafting pays where the draft is small next to
 # the model it drafts for.
