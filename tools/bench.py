@@ -29,7 +29,13 @@ prefill of 512 and of 16k random tokens, once each, then per repeat the decode f
 of each cache in turn. The 16k prefill takes a few minutes; ``--long-context 0`` skips it.
 
 Cold start: import + load + first token in a new process, with Numba's on-disk cache warm;
-the first-call JIT cost is the same run with an empty cache, minus that.
+the first-call JIT cost is the same run with an empty cache, minus that. Peak RSS is that new
+process's own high-water mark (VmHWM) over the same steps: import, load, a 16-token prompt
+and its first token, not the 512-token prefill or the long context.
+
+Bytes per token (the roofline's numerator): every layer's weights, the final norm and the LM
+head, as held (fp32 or bf16); of an MoE layer's routed experts, as stored, the top-k's share.
+The embedding table (one row a step) and an MTP head are not counted.
 
 llama.cpp (optional, with ``--gguf``): the same checkpoint converted to GGUF, run through
 llama-cpp-python, measured alongside the others in the same rounds (prefill and decode only).
@@ -121,17 +127,18 @@ class RooflineProbe:
 
 
 def weight_bytes_per_token(model) -> int:
-    """Bytes a decode step reads: every projection matrix and the LM head once.
+    """Bytes a decode step reads: every layer's weights, the final norm and the LM head once,
+    and of each MoE layer's routed experts the top-k's share (k of E, on average).
 
     The embedding table is not counted: a step reads one row of it (and where the head is
-    tied, the head is that same matrix).
+    tied, the head is that same matrix). Nor is the MTP head: plain decoding never runs it.
     """
-    total = model.lm_head.nbytes
-    for layer in model.layers:
-        for part in (layer.mlp, layer.linear_attn, layer.self_attn):
-            if part is not None:
-                total += sum(v.nbytes for k, v in vars(part).items() if isinstance(v, np.ndarray) and v.ndim == 2)
-    return total
+    from minqwen.summary import experts, weight_bytes
+
+    c = model.config
+    _, _, expert_bytes = experts(model)  # as stored: bf16 or FP8, in either compute mode
+    active = expert_bytes * c.num_experts_per_tok // c.num_experts if expert_bytes else 0
+    return weight_bytes(model.lm_head, model.norm, *model.layers) + active
 
 
 # --------------------------------------------------------------------------- contenders
@@ -440,8 +447,9 @@ def main() -> int:
     parser.add_argument("--model", type=checkpoint_folder,
                         help="checkpoint folder (default: make/reuse the real-shape one)")
     parser.add_argument("--threads", type=whole_number(1), default=2)
-    parser.add_argument("--repeats", type=whole_number(1), default=3)
-    parser.add_argument("--long-context", type=whole_number(0), default=16384, help="0 skips the long-context decode")
+    parser.add_argument("--repeats", type=whole_number(1), help="rounds of every measurement (default 3)")
+    parser.add_argument("--long-context", type=whole_number(0),
+                        help="context of the long decode (default 16384); 0 skips it")
     parser.add_argument("--no-transformers", action="store_true")
     parser.add_argument("--gguf", type=existing_file, nargs="+", default=[],
                         help="GGUF file(s) of the same checkpoint: measure llama.cpp on each (needs llama_cpp)")
@@ -450,8 +458,17 @@ def main() -> int:
     parser.add_argument("--cold-start-only", action="store_true",
                         help="only the cold-start figures (new processes), for minqwen fp32 and bf16-resident")
     args = parser.parse_args()
-    if args.quick:
-        args.repeats, args.long_context = 1, 0
+    if args.quick and (args.repeats is not None or args.long_context is not None):
+        parser.error("--quick sets --repeats 1 and --long-context 0: give either --quick or those")
+    quick = dict(repeats=1, long_context=0) if args.quick else dict(repeats=3, long_context=16384)
+    for name, default in quick.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    import numba  # its config only: this process starts no Numba threads (nor imports minqwen)
+
+    if args.threads > numba.config.NUMBA_NUM_THREADS:  # found now, not in a worker after the others loaded
+        parser.error(f"--threads {args.threads}: Numba starts with {numba.config.NUMBA_NUM_THREADS} threads here "
+                     f"(set NUMBA_NUM_THREADS={args.threads} in the environment to allow more)")
 
     from real_shape import DEFAULT_DIR
     from threadpoolctl import threadpool_limits
@@ -463,10 +480,17 @@ def main() -> int:
         for dtype in ("float32", "bfloat16"):
             print(dtype, json.dumps(cold_starts(folder, dtype, args.threads, args.repeats)), flush=True)
         return 0
+    config = json.loads((folder / "config.json").read_text())
+    text_config = config.get("text_config", config)
+    vocab, context = text_config["vocab_size"], text_config.get("max_position_embeddings")
+    if args.long_context and context is not None and args.long_context + 64 > context:
+        raise SystemExit(f"--long-context {args.long_context}: {folder}/config.json allows "
+                         f"{context} positions, and the run adds 64 tokens")
     rng = np.random.default_rng(0)
-    prompt16 = rng.integers(100, 240000, size=16)
-    prompt512 = rng.integers(100, 240000, size=512)
-    results = {"machine": machine(), "threads": args.threads, "checkpoint": str(folder), "rows": []}
+    prompt16 = rng.integers(min(100, vocab - 1), min(240000, vocab), size=16)
+    prompt512 = rng.integers(min(100, vocab - 1), min(240000, vocab), size=512)
+    results = {"machine": machine(), "threads": args.threads, "repeats": args.repeats,
+               "long_context": args.long_context, "checkpoint": str(folder), "rows": []}
     threadpool_limits(limits=args.threads)  # for the roofline probe, this process's only BLAS work
     gemv = RooflineProbe()
 
@@ -553,6 +577,7 @@ def print_table(results):
     rows = results["rows"]
     peer = next((r for r in rows if r["name"] == "transformers fp32"), None)
     print()
+    print(f"medians of {results['repeats']} round-robin rounds, {results['threads']} threads")
     print(f"{'contender':<36}{'prefill 512':>14}{'decode':>12}{'× tf fp32 (prefill, decode)':>30}")
     for r in rows:
         ratio = (f"{r['prefill512_tps'] / peer['prefill512_tps']:.2f}, {r['decode_tps'] / peer['decode_tps']:.2f}"

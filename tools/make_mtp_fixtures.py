@@ -127,10 +127,10 @@ def mtp_checkpoint_tensors(mtp, fused_experts: bool = False, dtype: str = "float
     return {name: np.ascontiguousarray(convert(value)) for name, value in out.items()}
 
 
-def write_mtp_tensors(folder: Path, tensors: dict[str, np.ndarray], n_layers: int, as_shard: bool = False) -> None:
+def write_mtp_tensors(folder: Path, tensors: dict[str, np.ndarray], n_layers: int) -> None:
     """Add ``tensors`` to the checkpoint in ``folder``; set ``mtp_num_hidden_layers`` in config.json.
 
-    A sharded checkpoint (or ``as_shard``) gets a new shard ``mtp.safetensors`` listed in
+    A sharded checkpoint gets a new shard ``mtp.safetensors`` listed in
     ``model.safetensors.index.json``; a single-file one gets them written into
     ``model.safetensors`` itself (transformers reads only that file when it exists, index or
     not). ``mtp_num_hidden_layers`` goes in ``text_config`` for the multimodal wrapper.
@@ -138,12 +138,8 @@ def write_mtp_tensors(folder: Path, tensors: dict[str, np.ndarray], n_layers: in
     folder = Path(folder)
     index_path = folder / "model.safetensors.index.json"
     single = folder / "model.safetensors"
-    if index_path.is_file() or as_shard:
-        if index_path.is_file():
-            index = json.loads(index_path.read_text())
-        else:
-            with safe_open(str(single), "np") as f:
-                index = {"metadata": {}, "weight_map": {name: single.name for name in f.keys()}}
+    if index_path.is_file() and not single.exists():
+        index = json.loads(index_path.read_text())
         save_file(tensors, str(folder / "mtp.safetensors"), metadata={"format": "pt"})
         index["weight_map"].update({name: "mtp.safetensors" for name in tensors})
         index_path.write_text(json.dumps(index, indent=2, sort_keys=True))
@@ -226,23 +222,37 @@ def random_mtp_tensors(config, seed: int = 0, dtype: str = "bfloat16") -> dict[s
     return tensors
 
 
+MAIN_SHARD = "model-main.safetensors"  # what with_random_mtp calls a single-file source's link
+
+
 def with_random_mtp(source: Path, target: Path, seed: int = 0) -> Path:
-    """``target``: every file of checkpoint ``source`` (symlinked, nothing copied) plus a random MTP head."""
+    """``target``: every file of checkpoint ``source`` (symlinked, nothing copied) plus a random MTP head.
+
+    The head goes into a new shard, ``mtp.safetensors``, listed in the index. A single-file
+    source is linked under a shard name (``MAIN_SHARD``) and indexed too: loaders (minqwen's
+    and transformers') read a ``model.safetensors`` alone whenever it exists, so a link under
+    that name would hide the head.
+    """
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from minqwen.config import load_config
 
     source, target = Path(source).resolve(), Path(target)
+    index_path, single = source / "model.safetensors.index.json", source / "model.safetensors"
     target.mkdir(parents=True, exist_ok=True)
     for path in source.iterdir():
         if path.name in ("config.json", "model.safetensors.index.json", "mtp.safetensors"):
             continue
-        link = target / path.name
+        link = target / (MAIN_SHARD if path == single else path.name)
         if not link.exists():
             link.symlink_to(path)
     (target / "config.json").write_text((source / "config.json").read_text())
-    if (source / "model.safetensors.index.json").is_file():
-        (target / "model.safetensors.index.json").write_text((source / "model.safetensors.index.json").read_text())
-    write_mtp_tensors(target, random_mtp_tensors(load_config(source), seed), n_layers=1, as_shard=True)
+    if single.is_file():
+        with safe_open(str(single), "np") as f:
+            index = {"metadata": {}, "weight_map": {name: MAIN_SHARD for name in f.keys()}}
+    else:
+        index = json.loads(index_path.read_text())
+    (target / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
+    write_mtp_tensors(target, random_mtp_tensors(load_config(source), seed), n_layers=1)
     return target
 
 

@@ -10,7 +10,10 @@ For each MoE config, three contenders decode the same tokens after the same 8-to
   experts, memory-mapped in bf16 from the checkpoint;
 * **dense, same active parameters** — the same model with each MoE block replaced by one
   SwiGLU MLP whose width makes its parameters equal to the MoE block's active ones (router,
-  shared expert and its gate, k experts); this is the cost the MoE should approach;
+  shared expert and its gate, k experts); this is the cost the MoE should approach. Same
+  parameters are the same bytes only with ``--dtype bfloat16``: in float32 the dense MLP is
+  held in float32 (4 bytes a parameter) while the experts stay bf16 in the checkpoint (2), so
+  there the dense twin reads up to twice the MoE's expert bytes;
 * **MoE, all experts active** — the MoE checkpoint with top-k raised to E: what the step
   would cost if the gather touched every expert (a dense loop masked by the routing).
 
@@ -177,7 +180,7 @@ def measure(name: str, num_experts: int, top_k: int, dtype: str, steps: int, all
     for n, token in enumerate(tokens[2:2 + steps]):  # take turns, so shared-machine load hits all alike
         moe.step(int(token))
         dense.step(int(token))
-        if n % every == 0:
+        if n % every == 0 and len(everything.layers_ms) < all_steps:
             everything.step(int(token))
 
     rows = [moe.summary(), dense.summary(), everything.summary()]

@@ -6,13 +6,14 @@
     python tools/mtp_figures.py depth       # the embedded model's widths at 4-16 layers
 
 Every cost is relative to a one-token decode step measured in the same run, on the same
-cache (after a 16-token prompt), median of ≥ 5 runs:
+cache (after a 16-token prompt), median of ``--repeats`` runs (7 unless told):
 
 * c_verify(n): one forward of the main model over n positions — what a verify of n − 1
   drafts costs — including its LM head over all n rows and the rollback;
 * c_draft: one draft step — the MTP layer over one position (the commit of an accepted
   pair; its fc, attention and MLP) plus the LM head for the draft and the pick (penalties,
-  argmax). Measured with the whole 248k-row LM head and with the 32k-row draft vocabulary
+  argmax). A cycle whose draft is accepted commits two pairs, not one, so the predictions
+  below are a little optimistic. Measured with the whole 248k-row LM head and with the 32k-row draft vocabulary
   (minqwen.mtp.DRAFT_VOCAB);
 * predicted speedup = (1 + accepted per verify) ÷ (c_verify + c_draft): with k = 1 draft
   per verify and per-draft acceptance a, (1 + a) ÷ (c_verify(2) + c_draft); with k = 2,
@@ -23,8 +24,11 @@ linked, plus a random MTP head — never committed. Random weights accept nothin
 measured speculative tokens/s there is the worst case, a check on the cost model.
 
 "embedded" measures decode tokens/s (63 new tokens after the first ÷ their time, greedy,
-median of 3, Numba warm) without and with speculation, and the acceptance rate, on prompts
-from standard-library files that the embedded model's corpus held out (tools/build_corpus.py).
+Numba warm; the median over every prompt's 3 runs) without and with speculation, the share
+of drafts accepted and the tokens each verify emits, on prompts from standard-library files
+that the embedded model's corpus held out (tools/build_corpus.py). With k ≥ 2 drafts the
+share accepted is not the cost model's per-draft a (drafts after a rejection count as not
+accepted); tokens per verify is what the speedup formula's numerator means.
 """
 
 from __future__ import annotations
@@ -85,10 +89,15 @@ def real_shape(checkpoint: Path, dtype: str, repeats: int) -> None:
     from make_mtp_fixtures import with_random_mtp
 
     folder = ROOT / "scratch" / (checkpoint.name + "-mtp")
-    if not (folder / "mtp.safetensors").is_file():
+    hiding = folder / "model.safetensors"  # a link an earlier version made: read alone, it hides mtp.safetensors
+    if hiding.is_symlink():
+        hiding.unlink()
+    if not (folder / "mtp.safetensors").is_file() or not (folder / "model.safetensors.index.json").is_file():
         with_random_mtp(checkpoint, folder)
     model = minqwen.load(folder, dtype=dtype)
     head = load_mtp(folder, model)
+    if head is None:
+        raise SystemExit(f"{folder} has no mtp.* tensors that minqwen can see: delete the folder and run again")
     c = model.config
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, c.vocab_size, size=16)
@@ -269,6 +278,8 @@ def embedded(folder: Path, dtype: str, new_tokens: int, count: int) -> None:
     rates = {k: [] for k in variants}
     accepted = {k: 0 for k in variants}
     drafted = {k: 0 for k in variants}
+    emitted = {k: 0 for k in variants}  # tokens after each prompt's first, which every verify emits
+    verifies = {k: 0 for k in variants}
     for _, ids in prompts:
         outputs = {}
         for repeat in range(3):  # round-robin, median of 3 per prompt and variant
@@ -278,13 +289,18 @@ def embedded(folder: Path, dtype: str, new_tokens: int, count: int) -> None:
                 if k and repeat == 0:
                     accepted[k] += stats.accepted
                     drafted[k] += stats.drafted
+                    emitted[k] += stats.generated_tokens - 1
+                    verifies[k] += stats.verifies
         assert all(outputs[k] == outputs[0] for k in variants), "greedy speculation must equal plain greedy"
     plain = statistics.median(rates[0])
-    print(f"  plain decode:        {plain:7.1f} tok/s   ({new_tokens} new tokens per prompt, greedy)")
+    print(f"  plain decode:        {plain:7.1f} tok/s   ({new_tokens} new tokens per prompt, greedy, "
+          f"median over {len(prompts)} prompts x 3 runs)")
     for k in variants[1:]:
         rate = statistics.median(rates[k])
         acceptance = accepted[k] / drafted[k] if drafted[k] else 0.0
-        print(f"  speculative k = {k}:   {rate:7.1f} tok/s  ({rate / plain:.2f}x)  acceptance {acceptance:.3f}")
+        per_verify = emitted[k] / verifies[k] if verifies[k] else 0.0
+        print(f"  speculative k = {k}:   {rate:7.1f} tok/s  ({rate / plain:.2f}x)  drafts accepted {acceptance:.3f}, "
+              f"{per_verify:.2f} tokens per verify")
 
 
 # ==================================================================== depth: when the MTP layer is small enough
@@ -340,14 +356,17 @@ def depth(layer_counts: list[int], acceptance: float, repeats: int, out: Path = 
             once(True)
             clocks.update(verify=0.0, commit=0.0, draft=0.0)
             rates = {False: [], True: []}
+            per_verify = []  # tokens a cycle emits: 1 while random drafts are all rejected
             speculating = 0.0  # seconds: the speculative runs, prefill and decode
             for _ in range(repeats):
                 for speculate in (False, True):
                     stats = once(speculate)
                     rates[speculate].append(stats.decode_tokens_per_second)
-                    speculating += stats.prefill_seconds + stats.decode_seconds if speculate else 0.0
+                    if speculate:
+                        speculating += stats.prefill_seconds + stats.decode_seconds
+                        per_verify.append(stats.tokens_per_verify)
             plain, speculative = statistics.median(rates[False]), statistics.median(rates[True])
-            cycle = plain / speculative  # decode steps per cycle: one token per cycle, none accepted
+            cycle = plain / speculative * statistics.median(per_verify)  # decode steps per cycle
             # Each part's share of the speculative runs' time, in steps. (The prompt's commit
             # counts too: one call against 63 cycles' worth.)
             shares = {name: seconds / speculating * cycle for name, seconds in clocks.items()}

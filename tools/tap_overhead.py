@@ -16,9 +16,11 @@ built in memory) and on the tiny test fixture, where Python overhead weighs the 
   evaluated) × (time of one ``is not None`` test), estimated with timeit, since a forward
   without the guards does not exist to time against.
 
-Each figure is the fastest of interleaved repetitions (the three variants take turns, so drift
-in the machine's speed hits them alike; the minimum, as timeit advises, because other load on
-the machine only ever adds time). It prints; it asserts nothing.
+The three variants take turns, one run each per round, so drift in the machine's speed hits
+them alike; each cost is the median over rounds of that round's ratio to ``tap=None``, with
+the quartiles of those ratios beside it (a minimum per variant would compare lucky moments:
+on a shared machine one variant's fastest run can fall in a quiet second the others missed).
+It prints; it asserts nothing.
 """
 
 from __future__ import annotations
@@ -126,12 +128,14 @@ def measure(model: Model, label: str, prompt_len: int, repeats: int) -> None:
         for _ in range(n):
             for kind in times:
                 times[kind].append(run(kind))
-        best = {kind: min(ts) for kind, ts in times.items()}
-        base = best["none"]
+        base = float(np.median(times["none"]))
         guards = len(n_sites) * guard
-        print(f"  {what:<20} tap=None {base * 1e3:8.3f} ms | discard {best['discard'] * 1e3:8.3f} ms "
-              f"({(best['discard'] / base - 1) * 100:+5.1f}%) | record {best['record'] * 1e3:8.3f} ms "
-              f"({(best['record'] / base - 1) * 100:+5.1f}%)")
+        costs = []
+        for kind in ("discard", "record"):  # per round: this variant's time over tap=None's
+            ratios = np.array(times[kind]) / np.array(times["none"])
+            low, mid, high = (np.percentile(ratios, [25, 50, 75]) - 1) * 100
+            costs.append(f"{kind} {mid:+5.1f}% ({low:+.1f} … {high:+.1f})")
+        print(f"  {what:<20} tap=None {base * 1e3:8.3f} ms | " + " | ".join(costs))
         print(f"  {'':<20} guards when tap=None: at most {len(n_sites)} × {guard * 1e9:.0f} ns = "
               f"{guards * 1e6:.2f} µs = {guards / base * 100:.4f}% of the forward")
 
@@ -139,7 +143,8 @@ def measure(model: Model, label: str, prompt_len: int, repeats: int) -> None:
 def main(argv: list[str] | None = None) -> None:
     # No options; parsed so that --help or a mistyped option does not start the measurement.
     argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
-    print(f"minqwen {minqwen.__version__}, numpy {np.__version__}; fastest of interleaved runs")
+    print(f"minqwen {minqwen.__version__}, numpy {np.__version__}; medians of per-round ratios to tap=None "
+          "(quartiles in brackets)")
     measure(random_model(QWEN3_5_0_8B_LAYERS), "Qwen3.5-0.8B layer shapes, 4 layers [L, L, L, F], vocab 32k",
             prompt_len=64, repeats=50)
     measure(minqwen.load(ROOT / "tests" / "fixtures" / "text_tied_fp32"), "tiny fixture text_tied_fp32 (hidden 48)",
