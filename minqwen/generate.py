@@ -277,18 +277,31 @@ class ChatSession:
 
     def _sync(self, ids: list[int]) -> list[int]:
         """Bring the cache to a prefix of ``ids``; return the ids still to feed."""
+        common = self._common_prefix(ids)
+        if common < len(self.log):  # history was rewritten: roll back
+            common = self._roll_back(common)
+        return ids[common:]
+
+    def _common_prefix(self, ids: list[int]) -> int:
+        """How many ids the log and ``ids`` share from the start."""
         common = 0
         for a, b in zip(self.log, ids):
             if a != b:
                 break
             common += 1
-        if common < len(self.log):  # history was rewritten: roll back
-            at = max(p for p in self.snapshots if p <= common)
-            self.cache = self.snapshots[at].copy()
-            self.log = self.log[:at]
-            self.snapshots = {p: c for p, c in self.snapshots.items() if p <= at}
-            common = at
-        return ids[common:]
+        return common
+
+    def _roll_back(self, length: int) -> int:
+        """Restore the latest snapshot at or before ``length`` logged ids; forget the later ones.
+
+        Returns where the log now ends. A later snapshot must go too: it holds what came after
+        the roll-back point (a dropped turn's message, its image's features).
+        """
+        at = max(p for p in self.snapshots if p <= length)
+        self.cache = self.snapshots[at].copy()
+        self.log = self.log[:at]
+        self.snapshots = {p: c for p, c in self.snapshots.items() if p <= at}
+        return at
 
     def _feed(self, ids: list[int]) -> None:
         if not ids:
@@ -353,10 +366,17 @@ class ChatSession:
         except BaseException:
             # The turn did not finish: a bad argument found on the way, an error, or the caller
             # stopped reading (a break, Ctrl-C: GeneratorExit). Leave the conversation as it was
-            # before it, and the cache at a snapshot that matches the log.
+            # before it, and the cache at a snapshot within what the remaining conversation
+            # renders to: the log may already hold this turn's message (and the cache its
+            # image), which the same text with another image would otherwise reuse.
             del self.messages[turn[0]:], self.images[turn[1]:]
-            at = max(p for p in self.snapshots if p <= len(self.log))
-            self.cache, self.log = self.snapshots[at].copy(), self.log[:at]
+            history = []  # ids of what remains; none when nothing remains or the template fails on it
+            if self.messages:
+                try:
+                    history = self.tokenizer.encode(self.tokenizer.render_chat(self.messages, add_generation_prompt=False))
+                except MinqwenError:
+                    pass
+            self._roll_back(self._common_prefix(history))
             raise
 
     def _answer(self, body, full, body_text, full_text, params, max_new_tokens, seed, stats, decode, stop_strings):
@@ -372,9 +392,11 @@ class ChatSession:
             # the images through the tower now, and start generation from the last token.
             self._feed(prompt[:-1])
             prompt = prompt[-1:]
-        # What the generation prompt already wrote of the answer (e.g. "<think>\n").
-        answer_start = full_text[len(body_text):].split("<|im_start|>assistant\n", 1)[-1] \
-            if full_text.startswith(body_text) else ""
+        # What the generation prompt already wrote of the answer (e.g. "<think>\n"), after
+        # ChatML's assistant header; a template of another format is taken to write none.
+        generation_prompt = full_text[len(body_text):] if full_text.startswith(body_text) else ""
+        header = "<|im_start|>assistant\n"
+        answer_start = generation_prompt.split(header, 1)[1] if header in generation_prompt else ""
         ids: list[int] = []
         pieces = []
         for piece in stream_text(self.model, self.tokenizer, prompt, params, max_new_tokens, stop_strings, seed,

@@ -49,9 +49,14 @@ def weight_bytes(*parts) -> int:
 
 
 def experts(model: Model) -> tuple[int, int, int]:
-    """(parameters in routed experts, of them read per token, their stored bytes); zeros for a dense model."""
+    """(parameters in routed experts, of them read per token, their stored bytes); zeros for a dense model.
+
+    FP8 experts' bytes are a byte a weight plus their block scales, each scale array once (a
+    fused gate_up stack's gate and up rows share one per expert).
+    """
     c = model.config
     total = active = nbytes = 0
+    scales: dict[int, int] = {}  # address → bytes
     for layer in model.layers:
         if isinstance(layer.mlp, MoEWeights):
             ex = layer.mlp.experts
@@ -61,8 +66,12 @@ def experts(model: Model) -> tuple[int, int, int]:
             for matrices in (ex.gate_proj, ex.up_proj, ex.down_proj):
                 for e in range(len(ex)):
                     m = matrices[e]
-                    nbytes += math.prod(m.shape) if isinstance(m, FP8Tensor) else m.nbytes  # FP8: a byte each
-    return total, active, nbytes
+                    if isinstance(m, FP8Tensor):
+                        nbytes += math.prod(m.shape)  # a byte a weight
+                        scales[m.scale_inv.ctypes.data] = m.scale_inv.nbytes
+                    else:
+                        nbytes += m.nbytes
+    return total, active, nbytes + sum(scales.values())
 
 
 def cache_bytes(model: Model, context: int, itemsize: int = 4) -> tuple[int, int]:
