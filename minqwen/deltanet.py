@@ -400,7 +400,7 @@ def unit_lower_inverse(A: np.ndarray) -> np.ndarray:
 
 def l2_normalize(x: np.ndarray, eps: float = 1e-6) -> np.ndarray:
     """x / sqrt(|x|² + eps) over the last axis (the reference's eps placement)."""
-    return x / np.sqrt(np.sum(x * x, axis=-1, keepdims=True) + np.float32(eps))
+    return x / np.sqrt(np.sum(x * x, axis=-1, keepdims=True) + x.dtype.type(eps))
 
 
 def gated_deltanet(
@@ -443,7 +443,7 @@ def gated_deltanet(
     k = mixed_qkv[:, key_dim : 2 * key_dim].reshape(t_len, num_key_heads, key_head_dim)  # [T, Hk, Dk]
     v = mixed_qkv[:, 2 * key_dim :].reshape(t_len, num_value_heads, value_head_dim)  # [T, Hv, Dv]
 
-    q = l2_normalize(q) * np.float32(key_head_dim**-0.5)
+    q = l2_normalize(q) * q.dtype.type(key_head_dim**-0.5)  # in q's dtype: float32, or float64 for checks
     k = l2_normalize(k)
     beta = sigmoid(b)  # [T, Hv]: how strongly this token overwrites the memory
     g = -np.exp(w.A_log) * softplus(a + w.dt_bias)  # [T, Hv]: log of the memory's decay, ≤ 0

@@ -16,7 +16,7 @@ from .activations import silu
 def normalised(x: np.ndarray, eps: float) -> np.ndarray:
     """x / rms(x) over the last axis, the part both norms share: x [..., D] → [..., D]."""
     variance = np.square(x).sum(axis=-1, keepdims=True) / x.dtype.type(x.shape[-1])  # [..., 1]: the mean square
-    return x / np.sqrt(variance + np.float32(eps))
+    return x / np.sqrt(variance + x.dtype.type(eps))  # eps in x's dtype: float64 checks stay free of fp32 rounding
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:

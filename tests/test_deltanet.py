@@ -9,7 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import minqwen
 from conftest import DIRECT_ACTIVATIONS
+from minqwen.checkpoint import EMBEDDED
 from minqwen.deltanet import (
     DeltaNetState,
     DeltaNetWeights,
@@ -353,3 +355,22 @@ def test_the_compiled_rule_with_no_tokens_returns_the_state_it_was_given():
     _, expected = recurrent_gated_delta_rule_numpy(*empty, state)
     _, got = recurrent_gated_delta_rule(*empty, state)
     np.testing.assert_array_equal(got, expected)
+
+
+def test_float64_mode_scales_and_normalises_q_and_k_in_float64():
+    # Model.astype(np.float64) is the round-off-free yardstick: no constant of the layer may be
+    # rounded to float32 on the way (1/sqrt(Dk) and the l2 eps were, capping it near 1e-8).
+    model = minqwen.load(EMBEDDED).astype(np.float64)
+    c = model.config
+    taps = {}
+    model.forward([5, 17, 300], tap=lambda name, x: taps.__setitem__(name, np.array(x)))
+    mixed = taps["layers.0.linear_attn.conv1d"]  # [T, C] float64, after the conv's activation
+    key_dim = c.linear_num_key_heads * c.linear_key_head_dim
+    for name, part in (("q", mixed[:, :key_dim]), ("k", mixed[:, key_dim:2 * key_dim])):
+        heads = part.reshape(len(part), c.linear_num_key_heads, c.linear_key_head_dim)
+        expected = heads / np.sqrt(np.sum(heads * heads, axis=-1, keepdims=True) + 1e-6)
+        if name == "q":
+            expected = expected / np.sqrt(c.linear_key_head_dim)
+        got = taps[f"layers.0.linear_attn.{name}"]
+        assert got.dtype == np.float64
+        np.testing.assert_allclose(got, expected, rtol=1e-13, atol=0)
