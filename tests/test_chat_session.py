@@ -305,6 +305,21 @@ def test_an_unfinished_turn_with_an_image_leaves_the_conversation_and_its_images
     vision_turn_matches_fresh(model, tower, session, recorder, stats.generated_tokens)
 
 
+def test_a_messages_images_come_before_its_text_each_as_the_checkpoints_vision_tokens(vision_setup):
+    """As Qwen's examples put them (and the docstring of reply says): each image as
+    <|vision_start|><|image_pad|><|vision_end|>, spelt by the tower config's token ids, in the
+    order given, then the text. Catches: images placed after the text."""
+    model, tok, tower, expected = vision_setup
+    c = tower.config
+    session = ChatSession(model, tok, enable_thinking=False, tower=tower)
+    "".join(session.reply("Compare them.", GREEDY, 2, images=[expected["image.0"], expected["image.1"]]))
+    one = tok.decode([c.vision_start_token_id, c.image_token_id, c.vision_end_token_id], skip_special_tokens=False)
+    assert session.messages[0] == {"role": "user", "content": one * 2 + "Compare them."}
+    assert session.images[0] is not session.images[1]
+    np.testing.assert_array_equal(session.images[0], expected["image.0"])
+    np.testing.assert_array_equal(session.images[1], expected["image.1"])
+
+
 def test_a_video_token_the_model_writes_stays_out_of_the_history(vision_setup):
     """As for <|image_pad|>: a <|video_pad|> the model writes is no video, and the stored answer is
     the rest of what it wrote (decoded by the tokenizer). Catches: stripping only image tokens."""
@@ -567,3 +582,17 @@ def test_decode_speed_counts_the_decode_steps_the_model_ran():
     steps = sum(1 for n in calls[1:] if n == 1)
     assert stats.generated_tokens == 6 and steps == 5
     assert stats.decode_tokens_per_second == pytest.approx(steps / stats.decode_seconds)
+
+
+def test_an_image_path_typed_in_a_chat_may_start_with_the_home_folder(vision_setup, tmp_path, monkeypatch):
+    from PIL import Image
+
+    from minqwen.cli import attach_image
+    from minqwen.image import read_image
+
+    model, tok, tower, expected = vision_setup
+    monkeypatch.setenv("HOME", str(tmp_path))
+    Image.fromarray(expected["image.0"]).save(tmp_path / "photo.png")
+    session = ChatSession(model, tok, tower=tower)
+    pixels = attach_image(session, "~/photo.png", None)
+    np.testing.assert_array_equal(pixels, read_image(tmp_path / "photo.png"))
