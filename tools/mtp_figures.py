@@ -90,9 +90,10 @@ def real_shape(checkpoint: Path, dtype: str, repeats: int) -> None:
 
     folder = ROOT / "scratch" / (checkpoint.name + "-mtp")
     hiding = folder / "model.safetensors"  # a link an earlier version made: read alone, it hides mtp.safetensors
-    if hiding.is_symlink():
+    stale = hiding.is_symlink()
+    if stale:
         hiding.unlink()
-    if not (folder / "mtp.safetensors").is_file() or not (folder / "model.safetensors.index.json").is_file():
+    if stale or not (folder / "mtp.safetensors").is_file() or not (folder / "model.safetensors.index.json").is_file():
         with_random_mtp(checkpoint, folder)
     model = minqwen.load(folder, dtype=dtype)
     head = load_mtp(folder, model)
