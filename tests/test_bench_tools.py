@@ -542,3 +542,29 @@ def test_bench_refuses_more_threads_than_numba_starts_with():
 def test_bench_quick_with_its_own_settings_is_refused_not_overridden(extra):
     result = run_bench_args("--model", str(FIXTURES / "text_tied_fp32"), "--quick", *extra)
     assert result.returncode == 2 and "--quick" in result.stderr
+
+
+def test_mtp_figures_real_repairs_a_folder_whose_model_link_hid_the_head(monkeypatch, tmp_path, capsys):
+    # The layout an earlier version made: model.safetensors linked, the head in mtp.safetensors,
+    # an index naming both. A loader reads model.safetensors alone, so the head was invisible.
+    import mtp_figures
+    from make_mtp_fixtures import random_mtp_tensors
+    from safetensors.numpy import save_file
+
+    from minqwen.config import load_config
+
+    source = FIXTURES / "text_tied_fp32"
+    folder = tmp_path / "scratch" / "text_tied_fp32-mtp"
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").symlink_to(source / "model.safetensors")
+    config = json.loads((source / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "mtp_num_hidden_layers": 1}))
+    head = random_mtp_tensors(load_config(source), 0)
+    save_file(head, str(folder / "mtp.safetensors"))
+    weight_map = {name: "model.safetensors" for name in safetensors_headers(source)}
+    weight_map.update({name: "mtp.safetensors" for name in head})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    monkeypatch.setattr(mtp_figures, "ROOT", tmp_path)
+    mtp_figures.real_shape(source, "float32", repeats=1)
+    assert "c_verify(2)" in capsys.readouterr().out
+    assert not (folder / "model.safetensors").exists()
