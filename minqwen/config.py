@@ -345,6 +345,8 @@ def read_json_object(path: Path) -> dict:
 
 def config_from_dict(raw: dict, source: str = "<dict>") -> TextConfig:
     """Turn a config.json dictionary (either wrapper) into a validated :class:`TextConfig`."""
+    if not isinstance(raw, dict):
+        raise MinqwenError(f"{source}: a config must be a JSON object (a dict), got {type(raw).__name__}")
     model_type = raw.get("model_type")
     if model_type in ("qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text"):
         # Read from the top level of config.json in every wrapper, as transformers reads it.
@@ -450,6 +452,9 @@ def _text_config(raw: dict, source: str, prefix: str, moe: bool = False) -> Text
         elif kind is float:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise MinqwenError(f"{source}: field '{prefix}{name}' must be a number, got {value!r}")
+            if isinstance(value, int) and not is_finite_number(value):  # float() would overflow
+                raise MinqwenError(f"{source}: field '{prefix}{name}' is an integer too large for a floating-point "
+                                   f"number ({len(str(value))} digits)")
             value = float(value)
         elif kind is bool:
             if not isinstance(value, bool):
@@ -474,6 +479,9 @@ def _text_config(raw: dict, source: str, prefix: str, moe: bool = False) -> Text
     eps = get("rms_norm_eps", float)
     if not math.isfinite(eps) or eps < 0:  # a negative eps makes some norms divide by zero or NaN
         raise MinqwenError(f"{source}: field '{prefix}rms_norm_eps' must be a finite number ≥ 0, got {eps}")
+    if eps > float(np.finfo(np.float32).max):  # in float32 it is inf: every norm, and every logit, would be 0
+        raise MinqwenError(f"{source}: field '{prefix}rms_norm_eps' is {eps:g}, beyond float32's largest number; "
+                           "released models use 1e-6")
     if moe:
         _check_moe(raw, sizes, source, prefix)
         sizes["intermediate_size"] = 0  # no dense MLP anywhere
@@ -660,7 +668,12 @@ def _yarn(rope: dict | None, max_position_embeddings: int, theta: float, source:
     if isinstance(original, bool) or not isinstance(original, int) or original < 1:
         raise MinqwenError(f"{where}original_max_position_embeddings' must be a positive integer, got {original!r}")
     # factor absent: the ratio of the two context lengths, as the reference derives it
-    factor = number("factor", max_position_embeddings / original)
+    try:
+        ratio = max_position_embeddings / original
+    except OverflowError:  # integers too large for a float
+        raise MinqwenError(f"{where}factor' is absent, and max_position_embeddings / original_max_position_embeddings "
+                           f"({max_position_embeddings} / {original}) is too large a number to stand in for it") from None
+    factor = number("factor", ratio)
     if factor < 1:  # transformers 5.23.0 warns about it, and computes it all the same
         warnings.warn(f"{where}factor' is {factor:g}, below 1: YaRN then squeezes the context instead of "
                       f"stretching it (factor is the new context over the original one, e.g. 4)", stacklevel=3)

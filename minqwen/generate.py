@@ -92,6 +92,34 @@ def checked_history(history, vocab_size: int) -> list[int]:
     return ids.tolist()
 
 
+def check_model_and_tokenizer(model, tokenizer=None, needs_tokenizer: bool = True) -> None:
+    """A MinqwenError, not an AttributeError deep inside, for a model or tokenizer of the wrong kind."""
+    if not (hasattr(model, "forward") and hasattr(model, "config")):
+        raise MinqwenError(f"model must be a minqwen model (minqwen.load(folder)), got {type(model).__name__}")
+    if needs_tokenizer and not (hasattr(tokenizer, "encode") and hasattr(tokenizer, "eos_ids")):
+        raise MinqwenError(f"tokenizer must be a minqwen Tokenizer (minqwen.Tokenizer(folder)), "
+                           f"got {type(tokenizer).__name__}")
+
+
+def checked_stop_ids(stop_ids) -> set[int]:
+    """``stop_ids`` as a set of token ids, or a MinqwenError naming it."""
+    if isinstance(stop_ids, (str, bytes)) or not hasattr(stop_ids, "__iter__"):
+        raise MinqwenError(f"stop_ids must be a collection of token ids, got {stop_ids!r}")
+    stop_ids = list(stop_ids)
+    if not all(is_whole_number(i) for i in stop_ids):
+        raise MinqwenError(f"stop_ids must hold token ids (whole numbers), got {stop_ids!r}")
+    return {int(i) for i in stop_ids}
+
+
+def checked_stats(stats, kind: type):
+    """``stats`` if it is a ``kind`` (a fresh one for None), or a MinqwenError naming it."""
+    if stats is None:
+        return kind()
+    if not isinstance(stats, kind):
+        raise MinqwenError(f"stats must be a {kind.__name__} (or None), got {type(stats).__name__}")
+    return stats
+
+
 def generate_ids(
     model: Model,
     prompt_ids,
@@ -111,15 +139,11 @@ def generate_ids(
     """
     prompt_ids = checked_generation_args(prompt_ids, max_new_tokens, seed, params)
     cache = cache if cache is not None else model.new_cache()
-    if stats is not None and not isinstance(stats, GenerationStats):
-        raise MinqwenError(f"stats must be a GenerationStats (or None), got {type(stats).__name__}")
-    stats = stats if stats is not None else GenerationStats()
+    stats = checked_stats(stats, GenerationStats)
     rng = np.random.default_rng(seed)
     seen = checked_history(history, model.config.vocab_size) + prompt_ids
     generated: list[int] = []
-    if isinstance(stop_ids, (str, bytes)) or not hasattr(stop_ids, "__iter__"):
-        raise MinqwenError(f"stop_ids must be a collection of token ids, got {stop_ids!r}")
-    stop_ids = set(stop_ids)
+    stop_ids = checked_stop_ids(stop_ids)
 
     start = time.perf_counter()
     logits = model.forward(prompt_ids, cache, last_only=True)[-1]
@@ -177,6 +201,7 @@ def stream_text(
     ids — :func:`generate_ids` by default, or a drop-in with its arguments, such as
     ``minqwen.mtp.speculative_decoder(head)`` (speculative decoding with the MTP head).
     """
+    check_model_and_tokenizer(model, tokenizer)
     # (a generator would be used up by this check, and then stop nothing)
     if not isinstance(stop_strings, (list, tuple, set, frozenset)) or not all(isinstance(s, str) and s for s in stop_strings):
         raise MinqwenError(f"stop strings must be a list of non-empty strings, got {stop_strings!r}")
@@ -219,6 +244,7 @@ def stream(model: Model, tokenizer: Tokenizer, prompt, *, max_new_tokens: int = 
     default to the checkpoint's generation_config.json; or pass a whole ``params``.
     ``decode``: see :func:`stream_text` (e.g. ``minqwen.mtp.speculative_decoder(head)``).
     """
+    check_model_and_tokenizer(model, tokenizer)
     if params is not None and sampling:
         raise MinqwenError(f"give either params or sampling options ({', '.join(sampling)}), not both: "
                            "with a whole params, the options would be ignored")
@@ -272,6 +298,7 @@ class ChatSession:
     images: list = field(default_factory=list)  # every image shown so far, [H, W, 3] uint8, in order
 
     def __post_init__(self):
+        check_model_and_tokenizer(self.model, self.tokenizer)
         self.cache = self.model.new_cache()
         self.snapshots = {0: self.cache.copy()}
 
@@ -338,10 +365,6 @@ class ChatSession:
         if images and self.tower is None:
             raise MinqwenError("this chat has no vision tower: images need a multimodal checkpoint, whose tower "
                                "minqwen.vision.load_vision loads (ChatSession(…, tower=…))")
-        if self.tower is None and IMAGE_PAD in user_text:  # with a tower, the count below catches it
-            raise MinqwenError(f"the message holds {IMAGE_PAD}, the token that marks where an image goes, but "
-                               "this chat has no images: attach them instead (images=… with a vision tower; "
-                               "`minqwen chat`: --image or a line /image PATH)")
         images = [read_image(image) for image in images]  # read now: a bad file fails before anything changes
         for rgb in images:  # and an image preprocessing would refuse, too
             target_size(rgb.shape[0], rgb.shape[1], self.tower.preprocessor)
@@ -350,6 +373,11 @@ class ChatSession:
         body_text = self.tokenizer.render_chat(messages, add_generation_prompt=False)
         full_text = self.tokenizer.render_chat(messages, add_generation_prompt=True,
                                                enable_thinking=self.enable_thinking)
+        if self.tower is None and IMAGE_PAD in full_text:  # with a tower, the count below catches it
+            raise MinqwenError(f"the conversation holds {IMAGE_PAD} (in this message or an earlier one, the system "
+                               "message included), the token that marks where an image goes, but this chat has no "
+                               "images: attach them instead (images=… with a vision tower; `minqwen chat`: --image "
+                               "or a line /image PATH)")
         body, full = self.tokenizer.encode(body_text), self.tokenizer.encode(full_text)
         if self._count_images(full) != len(self.images) + len(images):
             raise MinqwenError(

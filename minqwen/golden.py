@@ -244,6 +244,11 @@ def record(model, token_ids, decode_steps: int = 0, taps: str = "*", mtp_head=No
     """
     if not isinstance(decode_steps, int) or isinstance(decode_steps, bool) or decode_steps < 0:
         raise MinqwenError(f"decode_steps must be a whole number ≥ 0, got {decode_steps!r}")
+    context = model.config.max_position_embeddings
+    prompt_length = len(token_ids) if hasattr(token_ids, "__len__") else 0  # forward checks the ids themselves
+    if decode_steps and prompt_length + decode_steps > context:
+        raise MinqwenError(f"decode_steps is {decode_steps}: after the prompt's {prompt_length} tokens that passes "
+                           f"the model's context of {context:,} positions (max_position_embeddings)")
     patterns = _parse_patterns(taps)
     per_call = tap_names(model.config)
     mtp_names = mtp_tap_names(model.config) if mtp_head is not None else []
@@ -314,8 +319,11 @@ def _selected(patterns, name, full_name) -> bool:
 
 def _check_patterns(patterns, per_call, decode_steps) -> None:
     """Every pattern must match some tap of this recording; name the ones that do not."""
-    prefixes = [""] + [f"step{n}." for n in range(decode_steps)]
     for p in patterns:
+        # The steps a pattern can name: the first thousands, and any number written in it
+        # (trying every step of a long recording would take minutes for a mistyped pattern).
+        steps = set(range(min(decode_steps, 10_000))) | {int(d) for d in re.findall(r"\d+", p) if int(d) < decode_steps}
+        prefixes = [""] + [f"step{n}." for n in sorted(steps)]
         if not any(_selected([p], name, prefix + name) for prefix in prefixes for name in per_call):
             examples = ", ".join(per_call[:3] + [per_call[-1]])
             steps = f"; decode taps step0 … step{decode_steps - 1}." if decode_steps else " (no decode steps)"
@@ -379,6 +387,8 @@ def save(recording: dict[str, np.ndarray], path, metadata: dict) -> None:
         raise MinqwenError(f"{path}: the folder {path.parent} does not exist")
     if path.is_dir() or not path.name:
         raise MinqwenError(f"{path}: is a folder; give the golden file's own name (e.g. {path / 'golden.safetensors'})")
+    if path.exists() and not path.is_file():  # safetensors would replace a device or a pipe with a plain file
+        raise MinqwenError(f"{path}: exists and is not a regular file (a device or a pipe); give a file's name")
     try:
         save_file(arrays, str(path), metadata={key: json.dumps(value) for key, value in full.items()})
     except Exception as e:  # safetensors raises its own error type for a file it cannot write

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import read_json_object
-from .errors import MinqwenError
+from .errors import MinqwenError, is_finite_number
 
 # The reference processor class's own defaults (Qwen2-VL's), used for fields a
 # preprocessor_config.json leaves out, exactly as transformers does.
@@ -133,7 +133,7 @@ def preprocessor_config_from_dict(raw: dict, source: str = "<dict>") -> Preproce
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             value = [value] * 3  # one number stands for every channel, as in the reference
         if (not isinstance(value, (list, tuple)) or len(value) != 3
-                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)):
+                or not all(isinstance(v, (int, float)) and is_finite_number(v) for v in value)):
             raise MinqwenError(f"{source}: field '{name}' must be three finite numbers (R, G, B), got {value!r}")
         return tuple(float(v) for v in value)
 
@@ -154,7 +154,7 @@ def preprocessor_config_from_dict(raw: dict, source: str = "<dict>") -> Preproce
             f"{source}: field 'resample' is {resample!r}; minqwen implements Pillow's bicubic (3) and bilinear (2)"
         )
     rescale_factor = raw.get("rescale_factor", defaults.rescale_factor)
-    if isinstance(rescale_factor, bool) or not isinstance(rescale_factor, (int, float)) or not math.isfinite(rescale_factor):
+    if not isinstance(rescale_factor, (int, float)) or not is_finite_number(rescale_factor):
         raise MinqwenError(f"{source}: field 'rescale_factor' must be a finite number, got {rescale_factor!r}")
     std = per_channel("image_std")
     if 0.0 in std:

@@ -195,6 +195,8 @@ class Model:
 
     def hidden_states(self, token_ids=None, cache=None, *, inputs_embeds=None, position_ids=None, tap=None):
         """The decoder stack: embeddings → layers → final norm, [T, H] float32."""
+        if tap is not None and not callable(tap):
+            raise MinqwenError(f"tap must be a function tap(name, array) or None, got {type(tap).__name__}")
         if self.deltanet_form not in FORMS:
             raise MinqwenError(f"model.deltanet_form must be one of {', '.join(FORMS)}, got {self.deltanet_form!r}")
         if self.bf16_prompts:
@@ -286,7 +288,10 @@ class Model:
 
     def _checked_inputs_embeds(self, inputs_embeds) -> np.ndarray:
         try:
-            x = np.asarray(inputs_embeds, dtype=self.dtype)
+            given = np.asarray(inputs_embeds)
+            if given.dtype.kind in "OcUSmM":  # None would become NaN, a complex number lose its imaginary part
+                raise MinqwenError(f"inputs_embeds must be an array of real numbers, got dtype {given.dtype}")
+            x = given.astype(self.dtype, copy=False)
         except (TypeError, ValueError):
             raise MinqwenError(f"inputs_embeds must be an array of numbers, got {type(inputs_embeds).__name__}") from None
         if x.ndim != 2 or x.shape[1] != self.config.hidden_size or x.shape[0] == 0:

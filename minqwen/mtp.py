@@ -51,7 +51,15 @@ from .checkpoint import Checkpoint
 from .config import read_json_object
 from .deltanet import DeltaNetState
 from .errors import MinqwenError, is_whole_number
-from .generate import GenerationStats, checked_generation_args, checked_history, stop_reason
+from .generate import (
+    GenerationStats,
+    checked_generation_args,
+    checked_history,
+    check_model_and_tokenizer,
+    checked_stats,
+    checked_stop_ids,
+    stop_reason,
+)
 from .linear import BF16, SMALL_MODEL_BYTES, linear, rounding_prompts_to_bf16
 from .model import Cache, DecoderLayer, Model, load_attention, load_mlp, prefixed, TensorReader, converted
 from .moe import MoEWeights
@@ -97,6 +105,7 @@ def load_mtp(folder: str | Path, model: Model) -> MtpHead | None:
     model's (float32 or bf16 matrices, experts memory-mapped).
     """
     folder = Path(folder)
+    check_model_and_tokenizer(model, needs_tokenizer=False)
     c = model.config
     quantization = getattr(c, "quantization", None)
     ckpt = Checkpoint(folder, fp8_block=quantization.weight_block_size if quantization else None)
@@ -157,7 +166,11 @@ def _declared_mtp_layers(folder: Path) -> int | None:
 
 
 def _check_mtp_config(folder: Path) -> None:
-    if _raw_text_config(folder).get("mtp_use_dedicated_embeddings"):
+    dedicated = _raw_text_config(folder).get("mtp_use_dedicated_embeddings", False)
+    if not isinstance(dedicated, bool) and dedicated is not None:
+        raise MinqwenError(f"{folder}: config field 'mtp_use_dedicated_embeddings' must be true or false, "
+                           f"got {dedicated!r}")
+    if dedicated:
         raise MinqwenError(f"{folder}: config field 'mtp_use_dedicated_embeddings' is true; minqwen's MTP head "
                            "shares the main model's embedding, as Qwen3.5's released checkpoints do")
 
@@ -551,11 +564,11 @@ def speculative_generate(
         raise MinqwenError(f"mtp_cache must be a minqwen.mtp.MtpCache (or None), got {type(mtp_cache).__name__}")
     elif mtp_cache.end != cache.position:
         raise MinqwenError(f"mtp_cache ends at position {mtp_cache.end} but the cache is at {cache.position}")
-    stats = stats if stats is not None else SpeculativeStats()
+    stats = checked_stats(stats, SpeculativeStats)
     rng = np.random.default_rng(seed)
     seen = checked_history(history, model.config.vocab_size) + prompt_ids
     generated: list[int] = []
-    stop_ids = set(stop_ids)
+    stop_ids = checked_stop_ids(stop_ids)
     max_context = model.config.max_position_embeddings
 
     start = time.perf_counter()

@@ -25,7 +25,9 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 def log_probs(model: Model, ids) -> np.ndarray:
     """log p(ids[t] | ids[:t]) for t = 1 … T−1, in nats, [T−1] float32."""
     ids = np.asarray(ids)
-    if ids.ndim != 1 or ids.size < 2:
+    if ids.ndim != 1:
+        raise MinqwenError(f"scoring takes one sequence of token ids (1-D), got an array of shape {ids.shape}")
+    if ids.size < 2:
         raise MinqwenError("scoring needs at least two token ids (the first is only context)")
     logp = log_softmax(model.forward(ids))[np.arange(ids.size - 1), ids[1:]]  # row t predicts ids[t + 1]
     if not np.isfinite(logp).all():  # a perplexity of nan would look like a result
@@ -52,6 +54,9 @@ class TextScore:
 def score_text(model: Model, tokenizer, text: str, window: int | None = None, stride: int | None = None,
                progress=None) -> TextScore:
     """Perplexity and bits per byte of ``text``, with overlapping windows when it exceeds ``window``."""
+    if progress is not None and not callable(progress):  # found now, not after the first window
+        raise MinqwenError(f"progress must be a function progress(done_tokens, total_tokens) or None, "
+                           f"got {type(progress).__name__}")
     ids = tokenizer.encode(text)
     if len(ids) < 2:
         raise MinqwenError("the text is too short to score: it needs at least two tokens")

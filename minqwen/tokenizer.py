@@ -19,9 +19,13 @@ from datetime import datetime
 from pathlib import Path
 
 from .config import read_json_object
-from .errors import MinqwenError
+from .errors import MinqwenError, is_whole_number
 
 # Used when a checkpoint has no template: Qwen's ChatML with its thinking switch.
+# A rendered conversation longer than this is a template looping: Qwen3.5's native 262,144
+# tokens are about a million characters.
+MAX_RENDERED_CHARACTERS = 8_000_000
+
 CHATML_TEMPLATE = (
     "{%- for message in messages -%}"
     "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' -}}"
@@ -63,17 +67,28 @@ class Tokenizer:
         self.generation_config_path = folder / "generation_config.json"
         self.generation_config = _read_json(self.generation_config_path)
         template = self.config.get("chat_template")
+        problem = None  # why the stored template cannot be used: said when a chat is rendered
         if isinstance(template, list):  # some releases store several named templates
-            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            named = {t.get("name"): t.get("template") for t in template
+                     if isinstance(t, dict) and isinstance(t.get("name"), str)}
             template = named.get("default")
+            if template is None:  # as transformers refuses it: no template is the chat template
+                problem = (f"{folder / 'tokenizer_config.json'}: field 'chat_template' lists named templates "
+                           f"({', '.join(map(repr, named)) or 'none with a name'}) but none named 'default'")
+        if template is not None and not isinstance(template, str) and problem is None:
+            problem = (f"{folder / 'tokenizer_config.json'}: field 'chat_template' must be a template (a string) "
+                       f"or a list of named ones, got {template!r}")
         template_file = folder / "chat_template.jinja"
         if template_file.is_file():  # transformers 5 saves the template here; it wins over tokenizer_config's
             try:
                 template = template_file.read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError) as e:
                 raise MinqwenError(f"{template_file}: cannot read this chat template ({e})") from None
+            problem = None
         self.chat_template = template if isinstance(template, str) else CHATML_TEMPLATE
         self.has_chat_template = isinstance(template, str)
+        # Kept with the fallback it stands for: a template set by hand (tok.chat_template = …) clears it.
+        self._unusable_template = (self.chat_template, problem) if problem else None
         self.eos_ids = self._eos_ids()
 
     @property
@@ -84,9 +99,11 @@ class Tokenizer:
         return self._tok.token_to_id(token)
 
     def _eos_ids(self) -> tuple[int, ...]:
-        ids = []
         eos = self.generation_config.get("eos_token_id")
-        ids += eos if isinstance(eos, list) else ([eos] if isinstance(eos, int) else [])
+        ids = [] if eos is None else eos if isinstance(eos, list) else [eos]
+        if not all(is_whole_number(i) and i >= 0 for i in ids):
+            raise MinqwenError(f"{self.generation_config_path}: field 'eos_token_id' must be a token id or a list "
+                               f"of token ids (whole numbers ≥ 0), got {eos!r}")
         eos_token = self._special_token_text("eos_token")
         if eos_token and self.token_to_id(eos_token) is not None:
             ids.append(self.token_to_id(eos_token))
@@ -124,6 +141,8 @@ class Tokenizer:
         from jinja2 import TemplateError
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+        if self._unusable_template is not None and self._unusable_template[0] is self.chat_template:
+            raise MinqwenError(self._unusable_template[1])
         if not isinstance(messages, (list, tuple)):
             raise MinqwenError(f"render_chat takes a list of messages (dicts with 'role' and 'content'), got "
                                f"{type(messages).__name__}")
@@ -146,13 +165,21 @@ class Tokenizer:
         env.globals["strftime_now"] = lambda format: datetime.now().strftime(format)
         env.filters["tojson"] = tojson
         try:
-            return env.from_string(self.chat_template).render(
+            pieces = env.from_string(self.chat_template).generate(
                 messages=messages,
                 add_generation_prompt=add_generation_prompt,
                 enable_thinking=enable_thinking,
                 bos_token=self._special_token_text("bos_token"),
                 eos_token=self._special_token_text("eos_token"),
             )
+            rendered, length = [], 0
+            for piece in pieces:  # streamed, so that a runaway template stops here, not when memory runs out
+                rendered.append(piece)
+                length += len(piece)
+                if length > MAX_RENDERED_CHARACTERS:
+                    raise MinqwenError(f"the chat template wrote more than {MAX_RENDERED_CHARACTERS:,} characters "
+                                       "for this conversation, more than any context holds: it is looping")
+            return "".join(rendered)
         except TemplateError as e:
             raise MinqwenError(f"the chat template failed to render: {e}") from None
         except MinqwenError:

@@ -39,7 +39,7 @@ import numpy as np
 from .activations import ACTIVATIONS, gelu
 from .checkpoint import Checkpoint
 from .config import GENERIC_FIELDS, load_config, read_json_object
-from .errors import MinqwenError
+from .errors import MinqwenError, is_finite_number
 from .image import PreprocessorConfig, image_list, load_preprocessor_config, preprocess_images, target_size
 from .linear import linear
 from .model import Cache
@@ -196,7 +196,7 @@ def vision_config_from_dict(raw: dict, text_hidden_size: int, vocab_size: int, s
     if extra:
         raise MinqwenError(f"{source}: vision_config.rope_parameters fields minqwen does not implement: {', '.join(extra)}")
     theta = rope.get("rope_theta", defaults.rope_theta)
-    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not 0 < theta < math.inf:
+    if not is_finite_number(theta) or theta <= 0:
         raise MinqwenError(f"{source}: field 'vision_config.rope_parameters.rope_theta' must be a positive, finite number")
 
     tokens = {}

@@ -1,0 +1,211 @@
+"""Bad input found by a second probe: each case gets a MinqwenError whose message names the file,
+field or argument — never a bare Python exception, a hang, or silently wrong numbers.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import minqwen
+from minqwen import ChatSession, SamplingParams, Tokenizer, golden, mtp, vision
+from minqwen.config import config_from_dict
+from minqwen.errors import MinqwenError
+from minqwen.generate import generate_ids
+from minqwen.image import preprocessor_config_from_dict
+from minqwen.scoring import log_probs, score_text
+
+from conftest import ROOT
+
+EMBEDDED = ROOT / "minqwen" / "embedded"
+VISION_FIXTURE = ROOT / "tests" / "fixtures_vision" / "vision_fp32"
+BASE = json.loads((EMBEDDED / "config.json").read_text(encoding="utf-8"))
+GREEDY = SamplingParams()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return minqwen.load(EMBEDDED)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer(EMBEDDED)
+
+
+def embedded_copy(tmp_path, edit_config=None, files=None):
+    """The embedded checkpoint in tmp_path (weights linked, not copied), config.json edited."""
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    for f in EMBEDDED.iterdir():
+        if f.name == "model.safetensors":
+            os.symlink(f.resolve(), d / f.name)
+        else:
+            shutil.copy(f, d / f.name)
+    if edit_config:
+        c = json.loads((d / "config.json").read_text(encoding="utf-8"))
+        edit_config(c)
+        (d / "config.json").write_text(json.dumps(c), encoding="utf-8")
+    for name, text in (files or {}).items():
+        (d / name).write_text(text, encoding="utf-8")
+    return d
+
+
+# ------------------------------------------------------------------------------------------
+def test_rms_norm_eps_int_literal_too_long_for_a_float_is_named():
+    with pytest.raises(MinqwenError, match="rms_norm_eps"):
+        config_from_dict(dict(BASE, rms_norm_eps=10**400), "cfg")
+
+
+# ------------------------------------------------------------------------------------------
+def test_yarn_default_factor_from_a_huge_max_position_embeddings_is_named():
+    raw = dict(BASE, max_position_embeddings=10**400,
+               rope_parameters=dict(BASE["rope_parameters"], rope_type="yarn", original_max_position_embeddings=2048))
+    with pytest.raises(MinqwenError, match="max_position_embeddings|factor"):
+        config_from_dict(raw, "cfg")
+
+
+# ------------------------------------------------------------------------------------------
+def test_vision_rope_theta_too_long_for_a_float_is_named():
+    raw = json.loads((VISION_FIXTURE / "config.json").read_text(encoding="utf-8"))
+    raw["vision_config"]["rope_parameters"] = {"rope_type": "axial", "rope_theta": 10**400}
+    text = raw["text_config"]
+    with pytest.raises(MinqwenError, match="rope_theta"):
+        vision.vision_config_from_dict(raw, text["hidden_size"], text["vocab_size"], "cfg")
+
+
+# ------------------------------------------------------------------------------------------
+def test_preprocessor_numbers_too_long_for_a_float_are_named():
+    raw = json.loads((VISION_FIXTURE / "preprocessor_config.json").read_text(encoding="utf-8"))
+    with pytest.raises(MinqwenError, match="image_mean"):
+        preprocessor_config_from_dict(dict(raw, image_mean=[10**400, 0, 0]), "pp")
+    with pytest.raises(MinqwenError, match="rescale_factor"):
+        preprocessor_config_from_dict(dict(raw, rescale_factor=10**400), "pp")
+
+
+# ------------------------------------------------------------------------------------------
+def test_rms_norm_eps_that_overflows_float32_is_refused(tmp_path):
+    folder = embedded_copy(tmp_path, lambda c: c.__setitem__("rms_norm_eps", 1e39))
+    with pytest.raises(MinqwenError, match="rms_norm_eps"):
+        logits = minqwen.load(folder).forward([1, 2, 3])
+        assert np.ptp(logits) > 0  # (today: all zeros)
+
+
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("eos", [[[4089]], [{"a": 1}], "4089", 4089.5, True])
+def test_generation_config_eos_token_id_of_the_wrong_type_is_named(tmp_path, eos):
+    folder = embedded_copy(tmp_path, files={"generation_config.json": json.dumps({"eos_token_id": eos})})
+    with pytest.raises(MinqwenError, match="generation_config.json.*eos_token_id"):
+        Tokenizer(folder)
+
+
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("template", [[{"name": ["x"], "template": "a"}],
+                                      [{"name": "tool_use", "template": "{{ messages[0].content }}"}],
+                                      5])
+def test_an_unusable_tokenizer_config_chat_template_is_named(tmp_path, template):
+    config = json.loads((EMBEDDED / "tokenizer_config.json").read_text(encoding="utf-8"))
+    config["chat_template"] = template
+    folder = embedded_copy(tmp_path, files={"tokenizer_config.json": json.dumps(config)})
+    with pytest.raises(MinqwenError, match="chat_template|chat template"):
+        Tokenizer(folder).render_chat([{"role": "user", "content": "hi"}])
+
+
+# ------------------------------------------------------------------------------------------
+def test_a_chat_template_with_runaway_output_is_refused(tok):
+    t = copy.copy(tok)
+    t.chat_template = "{% for i in range(100000) %}{% for j in range(100) %}x{% endfor %}{% endfor %}"  # 10**7 chars
+    with pytest.raises(MinqwenError, match="chat template"):
+        t.render_chat([{"role": "user", "content": "hi"}])
+
+
+# ------------------------------------------------------------------------------------------
+def _limit_memory():
+    resource.setrlimit(resource.RLIMIT_DATA, (1_500_000_000, 1_500_000_000))
+
+
+def test_golden_record_with_a_huge_decode_count_does_not_hang(tmp_path):
+    out = tmp_path / "g.safetensors"
+    proc = subprocess.run(
+        [sys.executable, "-m", "minqwen", "golden", "record", "--model", str(EMBEDDED), "--tokens", "1,2",
+         "--decode", str(10**21), "--taps", "logits", "--out", str(out)],
+        capture_output=True, text=True, timeout=90, preexec_fn=_limit_memory,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert "Traceback" not in proc.stderr
+    assert proc.returncode in (0, 2), proc.stderr[-300:]
+    if proc.returncode == 2:
+        assert "decode" in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------
+def test_stop_ids_and_stats_of_the_wrong_kind_are_named(model):
+    head = mtp.load_mtp(EMBEDDED, model)
+    with pytest.raises(MinqwenError, match="stop_ids"):
+        list(generate_ids(model, [1], GREEDY, 2, stop_ids=[[1]]))
+    for bad in (5, "ab", [[1]]):
+        with pytest.raises(MinqwenError, match="stop_ids"):
+            list(mtp.speculative_generate(model, head, [1, 2], GREEDY, 3, stop_ids=bad))
+    with pytest.raises(MinqwenError, match="stats"):
+        list(mtp.speculative_generate(model, head, [1, 2], GREEDY, 3, stats=5))
+
+
+# ------------------------------------------------------------------------------------------
+def test_api_arguments_of_the_wrong_kind_are_named(model, tok):
+    with pytest.raises(MinqwenError, match="tap"):
+        model.forward([1], tap=5)
+    with pytest.raises(MinqwenError, match="progress"):
+        score_text(model, tok, "hello world foo bar", progress=5)
+    with pytest.raises(MinqwenError, match="model"):
+        minqwen.generate(None, tok, "hi", max_new_tokens=2)
+    with pytest.raises(MinqwenError, match="tokenizer"):
+        list(minqwen.stream(model, None, "hi", max_new_tokens=2))
+    with pytest.raises(MinqwenError, match="model"):
+        "".join(ChatSession(None, tok).reply("hi", max_new_tokens=2))
+    with pytest.raises(MinqwenError, match="model"):
+        mtp.load_mtp(EMBEDDED, None)
+    with pytest.raises(MinqwenError, match="object|dict"):
+        config_from_dict([1], "cfg")
+    with pytest.raises(MinqwenError, match="1-D"):
+        log_probs(model, [[1, 2], [3, 4]])
+
+
+# ------------------------------------------------------------------------------------------
+def test_inputs_embeds_that_are_not_real_numbers_are_refused(model):
+    for bad in (np.array([[None] * 256]), np.ones((1, 256), np.complex64)):
+        with pytest.raises(MinqwenError, match="inputs_embeds"):
+            model.forward(inputs_embeds=bad)
+
+
+# ------------------------------------------------------------------------------------------
+def test_mtp_use_dedicated_embeddings_of_the_wrong_type_is_named_as_it_is(tmp_path, model):
+    folder = embedded_copy(tmp_path, lambda c: c.__setitem__("mtp_use_dedicated_embeddings", "false"))
+    with pytest.raises(MinqwenError, match="mtp_use_dedicated_embeddings") as e:
+        mtp.load_mtp(folder, model)
+    assert "is true" not in str(e.value) and "'false'" in str(e.value)
+
+
+# ------------------------------------------------------------------------------------------
+def test_an_image_pad_in_a_system_message_without_images_is_refused(model, tok):
+    session = ChatSession(model, tok, messages=[{"role": "system", "content": "<|image_pad|>"}])
+    with pytest.raises(MinqwenError, match="image_pad"):
+        "".join(session.reply("hi", max_new_tokens=1))
+
+
+# ------------------------------------------------------------------------------------------
+def test_a_golden_file_is_never_written_over_a_device_or_a_pipe(model, tmp_path):
+    # safetensors replaces what is at the path with a plain file: over /dev/full, as root, it
+    # replaced the device itself.
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    recording = golden.record(model, [1, 2], taps="logits")
+    with pytest.raises(MinqwenError, match="not a regular file"):
+        golden.save(recording, pipe, golden.model_metadata(model))
+    assert pipe.is_fifo()
