@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import math
 import re
 import sys
 import tempfile
@@ -153,22 +154,30 @@ def compare(model_dir: Path, ids: list[int], new_tokens: int, atol: float, rtol:
                            f"must be the same model")
     meta = {"config_sha256": golden.config_hash(config), "config": config.to_dict()}
 
-    # The reference first, then minqwen: only one model is in memory at a time.
     check_fp8_blocks_for_the_reference(reference_dir)
-    hf_model = reference.load_pretrained(reference_dir)
-    reference_class = type(hf_model).__name__
-    theirs = reference.reference_taps(hf_model, ids, new_tokens)
-    del hf_model
-    gc.collect()
-    theirs_path = workdir / "transformers.safetensors"
-    golden.save(theirs, theirs_path, {**meta, "producer": f"transformers {reference.transformers.__version__} "
-                                                          f"{reference_class}, fp32 eager (forward hooks)"})
-
+    # minqwen first (it names a tensor that does not fit config.json, where transformers only
+    # points at a report), then the reference: only one model is in memory at a time.
     model = minqwen.load(model_dir)
     ours = golden.record(model, ids, decode_steps=new_tokens)
     ours_path = workdir / "minqwen.safetensors"
     golden.save(ours, ours_path, golden.model_metadata(model))
     del model
+    gc.collect()
+
+    try:
+        hf_model = reference.load_pretrained(reference_dir)
+        reference_class = type(hf_model).__name__
+        theirs = reference.reference_taps(hf_model, ids, new_tokens)
+    except MinqwenError:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever transformers cannot do with this checkpoint is no verdict on minqwen
+        raise MinqwenError(f"transformers could not run {reference_dir}, so there is nothing to compare with: "
+                           f"{type(e).__name__}: {e}") from None
+    del hf_model
+    gc.collect()
+    theirs_path = workdir / "transformers.safetensors"
+    golden.save(theirs, theirs_path, {**meta, "producer": f"transformers {reference.transformers.__version__} "
+                                                          f"{reference_class}, fp32 eager (forward hooks)"})
 
     # Greedy: how many leading tokens agree; decode step n ran on the same input on both sides iff n < agree.
     ours_gen = ours.get("generated_ids", np.zeros(0, np.int64)).tolist()
@@ -241,8 +250,8 @@ def main(argv=None) -> int:
     try:
         if args.new_tokens < 0:
             raise MinqwenError(f"--new-tokens must be ≥ 0, got {args.new_tokens}")
-        if not (args.atol >= 0 and args.rtol >= 0):
-            raise MinqwenError(f"--atol and --rtol must be ≥ 0, got {args.atol} and {args.rtol}")
+        if not (0 <= args.atol < math.inf and 0 <= args.rtol < math.inf):  # an infinite tolerance passes anything
+            raise MinqwenError(f"--atol and --rtol must be finite numbers ≥ 0, got {args.atol} and {args.rtol}")
         config = load_config(args.model)
         ids, origin = prompt_ids(args.model, config.vocab_size, args.prompt, args.tokens, args.random_tokens,
                                  args.seed)
@@ -261,7 +270,10 @@ def main(argv=None) -> int:
         if args.keep is not None:
             if args.keep.exists() and not args.keep.is_dir():
                 raise MinqwenError(f"--keep {args.keep}: is a file; give a folder to keep the golden files in")
-            args.keep.mkdir(parents=True, exist_ok=True)
+            try:
+                args.keep.mkdir(parents=True, exist_ok=True)
+            except OSError as e:  # a file on the way, no permission
+                raise MinqwenError(f"--keep {args.keep}: cannot make this folder ({e.strerror or e})") from None
             result = compare(args.model, ids, args.new_tokens, args.atol, args.rtol, args.keep, args.reference_model)
         else:
             with tempfile.TemporaryDirectory(prefix="minqwen-compare-") as tmp:
@@ -288,9 +300,13 @@ def main(argv=None) -> int:
                   f"{r['parting_margin']:.2e})")
     if not r["ok"]:
         first = r["first_divergent"]
-        if first is None:
+        if first is None and r["greedy_identical"] < args.new_tokens:
             print(f"no tap beyond tolerance (atol {args.atol:g}, rtol {args.rtol:g}) before the continuations "
                   f"parted: a near tie in the logits, not a wrong intermediate")
+        elif first is None:
+            print(f"the logits differ by more than --atol {args.atol:g}, but every tap, the logits included, is "
+                  f"within atol + rtol·|reference| (rtol {args.rtol:g}): the difference is relative to large "
+                  f"values. --rtol 0 names the first tap beyond --atol alone")
         else:
             print(f"first diverging tap (|Δ| > atol {args.atol:g} + rtol {args.rtol:g}·|reference|), in forward "
                   f"order, with the taps before it:")

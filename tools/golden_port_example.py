@@ -129,8 +129,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"port wrote {len(taps)} taps → {port_file}")
 
     minqwen = [sys.executable, "-m", "minqwen", "golden"]
-    subprocess.run(minqwen + ["record", "--model", str(args.model), "--tokens", args.tokens,
-                              "--taps", ",".join(taps), "--out", str(minqwen_file)], check=True)
+    recorded = subprocess.run(minqwen + ["record", "--model", str(args.model), "--tokens", args.tokens,
+                                         "--taps", ",".join(taps), "--out", str(minqwen_file)])
+    if recorded.returncode != 0:  # an error (exit 2 here), not a divergence (exit 1)
+        print(f"error: minqwen golden record refused this checkpoint (exit {recorded.returncode}; its message is "
+              "above), so there is nothing to compare with", file=sys.stderr)
+        return 2
     result = subprocess.run(minqwen + ["compare", str(port_file), str(minqwen_file)])
     print(f"minqwen golden compare exited with {result.returncode}"
           f" ({'within tolerance' if result.returncode == 0 else 'diverged'})")

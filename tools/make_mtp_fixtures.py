@@ -183,10 +183,12 @@ def run_mtp_reference(main_model, mtp, token_ids, next_token: int) -> dict[str, 
 
 
 def random_mtp_tensors(config, seed: int = 0, dtype: str = "bfloat16") -> dict[str, np.ndarray]:
-    """Random dense MTP weights (one layer) for a minqwen ``TextConfig``, under checkpoint names.
+    """Random MTP weights (one layer) for a minqwen ``TextConfig``, under checkpoint names.
 
-    Scaled like reference.random_value (matrices by 1/√fan-in, zero-centred norms near 0):
-    for timing on big shapes, where building a torch model would be a waste.
+    The layer is the model's own kind: attention biases where the config has them, and for an
+    MoE model a router, per-expert weights and the shared expert. Scaled like
+    reference.random_value (matrices by 1/√fan-in, zero-centred norms and biases near 0): for
+    timing on big shapes, where building a torch model would be a waste.
     """
     rng = np.random.default_rng(seed)
     c = config
@@ -213,10 +215,25 @@ def random_mtp_tensors(config, seed: int = 0, dtype: str = "bfloat16") -> dict[s
         p + "self_attn.o_proj.weight": matrix(H, Hq * D),
         p + "self_attn.q_norm.weight": norm(D),
         p + "self_attn.k_norm.weight": norm(D),
-        p + "mlp.gate_proj.weight": matrix(I, H),
-        p + "mlp.up_proj.weight": matrix(I, H),
-        p + "mlp.down_proj.weight": matrix(H, I),
     }
+    if c.attention_bias:
+        sizes = {"q_proj": Hq * 2 * D, "k_proj": Hkv * D, "v_proj": Hkv * D, "o_proj": H}
+        tensors.update({f"{p}self_attn.{name}.bias": norm(size) for name, size in sizes.items()})
+    if c.num_experts:  # the MoE block, experts stored one by one (as the MTP layers of the releases are)
+        E, I_e, I_s = c.num_experts, c.moe_intermediate_size, c.shared_expert_intermediate_size
+        tensors[p + "mlp.gate.weight"] = matrix(E, H)
+        for e in range(E):
+            tensors.update({f"{p}mlp.experts.{e}.gate_proj.weight": matrix(I_e, H),
+                            f"{p}mlp.experts.{e}.up_proj.weight": matrix(I_e, H),
+                            f"{p}mlp.experts.{e}.down_proj.weight": matrix(H, I_e)})
+        tensors.update({p + "mlp.shared_expert.gate_proj.weight": matrix(I_s, H),
+                        p + "mlp.shared_expert.up_proj.weight": matrix(I_s, H),
+                        p + "mlp.shared_expert.down_proj.weight": matrix(H, I_s),
+                        p + "mlp.shared_expert_gate.weight": matrix(1, H)})
+    else:
+        tensors.update({p + "mlp.gate_proj.weight": matrix(I, H),
+                        p + "mlp.up_proj.weight": matrix(I, H),
+                        p + "mlp.down_proj.weight": matrix(H, I)})
     if dtype == "bfloat16":
         tensors = {name: value.astype(ml_dtypes.bfloat16) for name, value in tensors.items()}
     return tensors

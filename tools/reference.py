@@ -311,7 +311,16 @@ def load_pretrained(folder: Path):
     checkpoint.
     """
     cls = pretrained_class(folder)
-    model = cls.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
+    model, info = cls.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager",
+                                      output_loading_info=True)
+    model.eval()
+    # transformers loads what it can and leaves the rest at its initial values: a reference built
+    # that way would blame minqwen for transformers' gap (FP8 experts stored fused, for one).
+    # The MTP head is not part of transformers' Qwen3.5 classes: its tensors are expected to stay unused.
+    unused = [n for n in info["unexpected_keys"] if not n.startswith(("mtp.", "model.mtp."))]
+    if info["missing_keys"] or unused:
+        raise RuntimeError(f"transformers {transformers.__version__} could not load all of {folder}: missing "
+                           f"{sorted(info['missing_keys'])[:5]}, not understood {sorted(unused)[:5]}")
     if cls in (Qwen3_5MoeForCausalLM, Qwen3_5MoeForConditionalGeneration):
         model.set_experts_implementation("eager")  # the plain loop; grouped_mm is another kernel
     for p in model.parameters():
