@@ -8,7 +8,6 @@ generate on the rendered conversation, or the safetensors headers of the checkpo
 
 import json
 import re
-import shutil
 import sys
 from pathlib import Path
 
@@ -254,13 +253,9 @@ def test_penalties_in_a_chat_count_the_whole_conversation_as_transformers_genera
 
 @pytest.fixture(scope="module")
 def vision_folder(tmp_path_factory):
-    from test_vision_chat import FIXTURE, write_tokenizer
+    from test_vision_chat import chat_checkpoint
 
-    folder = tmp_path_factory.mktemp("vision_chat_proposed")
-    for name in ("config.json", "model.safetensors", "preprocessor_config.json"):
-        shutil.copy(FIXTURE / name, folder / name)
-    write_tokenizer(folder)
-    return folder
+    return chat_checkpoint(tmp_path_factory.mktemp("vision_chat_session"))
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import io
 import json
 import os
 import shutil
+from pathlib import Path
 import subprocess
 import sys
 
@@ -54,12 +55,17 @@ def write_tokenizer(folder):
     (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": template, "eos_token": "<|im_end|>"}))
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("vision_chat")
+def chat_checkpoint(folder: Path) -> Path:
+    """The vision fixture's files in ``folder``, with a tokenizer that knows the vision tokens."""
     for name in ("config.json", "model.safetensors", "preprocessor_config.json"):
         shutil.copy(FIXTURE / name, folder / name)
     write_tokenizer(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    folder = chat_checkpoint(tmp_path_factory.mktemp("vision_chat"))
     config = json.loads((folder / "config.json").read_text())
     tokenizer = Tokenizer(folder)
     for token, field in zip(VISION, ("vision_start_token_id", "vision_end_token_id", "image_token_id",
