@@ -92,11 +92,18 @@ def checked_history(history, vocab_size: int) -> list[int]:
     return ids.tolist()
 
 
-def check_model_and_tokenizer(model, tokenizer=None, needs_tokenizer: bool = True) -> None:
-    """A MinqwenError, not an AttributeError deep inside, for a model or tokenizer of the wrong kind."""
+def check_model(model) -> None:
+    """A MinqwenError, not an AttributeError deep inside, for a model of the wrong kind.
+
+    (What it has, not what it is: a wrapper around a Model, as tests use, is fine.)
+    """
     if not (hasattr(model, "forward") and hasattr(model, "config")):
         raise MinqwenError(f"model must be a minqwen model (minqwen.load(folder)), got {type(model).__name__}")
-    if needs_tokenizer and not (hasattr(tokenizer, "encode") and hasattr(tokenizer, "eos_ids")):
+
+
+def check_tokenizer(tokenizer) -> None:
+    """A MinqwenError, not an AttributeError deep inside, for a tokenizer of the wrong kind."""
+    if not (hasattr(tokenizer, "encode") and hasattr(tokenizer, "eos_ids")):
         raise MinqwenError(f"tokenizer must be a minqwen Tokenizer (minqwen.Tokenizer(folder)), "
                            f"got {type(tokenizer).__name__}")
 
@@ -201,7 +208,8 @@ def stream_text(
     ids — :func:`generate_ids` by default, or a drop-in with its arguments, such as
     ``minqwen.mtp.speculative_decoder(head)`` (speculative decoding with the MTP head).
     """
-    check_model_and_tokenizer(model, tokenizer)
+    check_model(model)
+    check_tokenizer(tokenizer)
     # (a generator would be used up by this check, and then stop nothing)
     if not isinstance(stop_strings, (list, tuple, set, frozenset)) or not all(isinstance(s, str) and s for s in stop_strings):
         raise MinqwenError(f"stop strings must be a list of non-empty strings, got {stop_strings!r}")
@@ -244,7 +252,8 @@ def stream(model: Model, tokenizer: Tokenizer, prompt, *, max_new_tokens: int = 
     default to the checkpoint's generation_config.json; or pass a whole ``params``.
     ``decode``: see :func:`stream_text` (e.g. ``minqwen.mtp.speculative_decoder(head)``).
     """
-    check_model_and_tokenizer(model, tokenizer)
+    check_model(model)
+    check_tokenizer(tokenizer)
     if params is not None and sampling:
         raise MinqwenError(f"give either params or sampling options ({', '.join(sampling)}), not both: "
                            "with a whole params, the options would be ignored")
@@ -298,7 +307,8 @@ class ChatSession:
     images: list = field(default_factory=list)  # every image shown so far, [H, W, 3] uint8, in order
 
     def __post_init__(self):
-        check_model_and_tokenizer(self.model, self.tokenizer)
+        check_model(self.model)
+        check_tokenizer(self.tokenizer)
         self.cache = self.model.new_cache()
         self.snapshots = {0: self.cache.copy()}
 
@@ -373,7 +383,9 @@ class ChatSession:
         body_text = self.tokenizer.render_chat(messages, add_generation_prompt=False)
         full_text = self.tokenizer.render_chat(messages, add_generation_prompt=True,
                                                enable_thinking=self.enable_thinking)
-        if self.tower is None and IMAGE_PAD in full_text:  # with a tower, the count below catches it
+        # With a tower, the count below catches it. (Answers are left out: the model may write the
+        # token, and the user could not take it back.)
+        if self.tower is None and any(IMAGE_PAD in m["content"] for m in messages if m["role"] != "assistant"):
             raise MinqwenError(f"the conversation holds {IMAGE_PAD} (in this message or an earlier one, the system "
                                "message included), the token that marks where an image goes, but this chat has no "
                                "images: attach them instead (images=… with a vision tower; `minqwen chat`: --image "

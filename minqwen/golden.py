@@ -235,7 +235,8 @@ def record(model, token_ids, decode_steps: int = 0, taps: str = "*", mtp_head=No
     ``taps``: comma-separated fnmatch-style globs, matched against each tap's name within its
     forward call (``layers.*.mlp``) and against its recorded name (``step2.logits``). Note that
     ``*`` crosses dots: ``layers.1*`` also matches layer 10; write ``layers.1.*``. A pattern
-    that matches no tap of this model is an error (a typo would otherwise record nothing).
+    that matches no tap of this model is an error (a typo would otherwise record nothing); past
+    step 10,000 a pattern must name its step's number (``step12345.logits``), not a glob of it.
 
     Returns ``{name: array}`` in forward order: ``token_ids``, the prompt's taps, each step's
     ``step{n}.`` taps, and ``generated_ids`` when ``decode_steps`` > 0. The arrays are copies;
@@ -326,9 +327,9 @@ def _check_patterns(patterns, per_call, decode_steps) -> None:
         prefixes = [""] + [f"step{n}." for n in sorted(steps)]
         if not any(_selected([p], name, prefix + name) for prefix in prefixes for name in per_call):
             examples = ", ".join(per_call[:3] + [per_call[-1]])
-            steps = f"; decode taps step0 … step{decode_steps - 1}." if decode_steps else " (no decode steps)"
+            step_hint = f"; decode taps step0 … step{decode_steps - 1}." if decode_steps else " (no decode steps)"
             raise MinqwenError(
-                f"tap pattern '{p}' matches no tap of this model (names look like {examples}{steps}; "
+                f"tap pattern '{p}' matches no tap of this model (names look like {examples}{step_hint}; "
                 f"`minqwen golden taps` lists them all)"
             )
 

@@ -55,7 +55,7 @@ from .generate import (
     GenerationStats,
     checked_generation_args,
     checked_history,
-    check_model_and_tokenizer,
+    check_model,
     checked_stats,
     checked_stop_ids,
     stop_reason,
@@ -105,7 +105,7 @@ def load_mtp(folder: str | Path, model: Model) -> MtpHead | None:
     model's (float32 or bf16 matrices, experts memory-mapped).
     """
     folder = Path(folder)
-    check_model_and_tokenizer(model, needs_tokenizer=False)
+    check_model(model)
     c = model.config
     quantization = getattr(c, "quantization", None)
     ckpt = Checkpoint(folder, fp8_block=quantization.weight_block_size if quantization else None)

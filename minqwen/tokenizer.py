@@ -15,17 +15,18 @@ from __future__ import annotations
 
 import json
 import numbers
+import warnings
 from datetime import datetime
 from pathlib import Path
 
 from .config import read_json_object
 from .errors import MinqwenError, is_whole_number
 
-# Used when a checkpoint has no template: Qwen's ChatML with its thinking switch.
-# A rendered conversation longer than this is a template looping: Qwen3.5's native 262,144
+# A rendered conversation longer than this cannot fit any context: Qwen3.5's native 262,144
 # tokens are about a million characters.
 MAX_RENDERED_CHARACTERS = 8_000_000
 
+# Used when a checkpoint has no template: Qwen's ChatML with its thinking switch.
 CHATML_TEMPLATE = (
     "{%- for message in messages -%}"
     "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' -}}"
@@ -68,16 +69,17 @@ class Tokenizer:
         self.generation_config = _read_json(self.generation_config_path)
         template = self.config.get("chat_template")
         problem = None  # why the stored template cannot be used: said when a chat is rendered
-        if isinstance(template, list):  # some releases store several named templates
-            named = {t.get("name"): t.get("template") for t in template
-                     if isinstance(t, dict) and isinstance(t.get("name"), str)}
+        if isinstance(template, (list, dict)):  # some releases store several named templates
+            pairs = (template.items() if isinstance(template, dict)
+                     else [(t.get("name"), t.get("template")) for t in template if isinstance(t, dict)])
+            named = {name: text for name, text in pairs if isinstance(name, str)}
             template = named.get("default")
             if template is None:  # as transformers refuses it: no template is the chat template
                 problem = (f"{folder / 'tokenizer_config.json'}: field 'chat_template' lists named templates "
                            f"({', '.join(map(repr, named)) or 'none with a name'}) but none named 'default'")
         if template is not None and not isinstance(template, str) and problem is None:
             problem = (f"{folder / 'tokenizer_config.json'}: field 'chat_template' must be a template (a string) "
-                       f"or a list of named ones, got {template!r}")
+                       f"or named ones (a list or an object), got {template!r}")
         template_file = folder / "chat_template.jinja"
         if template_file.is_file():  # transformers 5 saves the template here; it wins over tokenizer_config's
             try:
@@ -87,9 +89,18 @@ class Tokenizer:
             problem = None
         self.chat_template = template if isinstance(template, str) else CHATML_TEMPLATE
         self.has_chat_template = isinstance(template, str)
-        # Kept with the fallback it stands for: a template set by hand (tok.chat_template = …) clears it.
-        self._unusable_template = (self.chat_template, problem) if problem else None
+        self._template_problem = problem  # after the setter above, which clears it
         self.eos_ids = self._eos_ids()
+
+    @property
+    def chat_template(self) -> str:
+        return self._chat_template
+
+    @chat_template.setter
+    def chat_template(self, template: str) -> None:
+        """A template set by hand replaces whatever was wrong with the checkpoint's."""
+        self._chat_template = template
+        self._template_problem = None
 
     @property
     def vocab_size(self) -> int:
@@ -100,10 +111,14 @@ class Tokenizer:
 
     def _eos_ids(self) -> tuple[int, ...]:
         eos = self.generation_config.get("eos_token_id")
-        ids = [] if eos is None else eos if isinstance(eos, list) else [eos]
-        if not all(is_whole_number(i) and i >= 0 for i in ids):
+        ids = [] if eos is None else list(eos) if isinstance(eos, list) else [eos]
+        if not all(is_whole_number(i) for i in ids):
             raise MinqwenError(f"{self.generation_config_path}: field 'eos_token_id' must be a token id or a list "
-                               f"of token ids (whole numbers ≥ 0), got {eos!r}")
+                               f"of token ids (whole numbers), got {eos!r}")
+        if any(i < 0 for i in ids):  # transformers warns and keeps them; no token has a negative id
+            warnings.warn(f"{self.generation_config_path}: eos_token_id {eos!r} holds negative ids, which no "
+                          "token can have: they are ignored", stacklevel=3)
+            ids = [i for i in ids if i >= 0]
         eos_token = self._special_token_text("eos_token")
         if eos_token and self.token_to_id(eos_token) is not None:
             ids.append(self.token_to_id(eos_token))
@@ -141,8 +156,8 @@ class Tokenizer:
         from jinja2 import TemplateError
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        if self._unusable_template is not None and self._unusable_template[0] is self.chat_template:
-            raise MinqwenError(self._unusable_template[1])
+        if self._template_problem is not None:
+            raise MinqwenError(self._template_problem)
         if not isinstance(messages, (list, tuple)):
             raise MinqwenError(f"render_chat takes a list of messages (dicts with 'role' and 'content'), got "
                                f"{type(messages).__name__}")
@@ -178,7 +193,8 @@ class Tokenizer:
                 length += len(piece)
                 if length > MAX_RENDERED_CHARACTERS:
                     raise MinqwenError(f"the chat template wrote more than {MAX_RENDERED_CHARACTERS:,} characters "
-                                       "for this conversation, more than any context holds: it is looping")
+                                       "for this conversation, beyond any Qwen3.5 context: the template loops, or "
+                                       "the conversation is far too long")
             return "".join(rendered)
         except TemplateError as e:
             raise MinqwenError(f"the chat template failed to render: {e}") from None

@@ -374,3 +374,13 @@ def test_float64_mode_scales_and_normalises_q_and_k_in_float64():
         got = taps[f"layers.0.linear_attn.{name}"]
         assert got.dtype == np.float64
         np.testing.assert_allclose(got, expected, rtol=1e-13, atol=0)
+
+
+def test_the_norms_eps_is_taken_in_the_inputs_dtype():
+    # With |x|² near eps, eps rounded to float32 (1e-6 → 9.99999997e-07) moves a float64 result
+    # by about 1e-9 of itself: far beyond float64's own rounding.
+    from minqwen.norms import normalised
+
+    x = np.full((1, 32), 1e-4)  # float64; sum of squares 3.2e-7, mean square 1e-8
+    np.testing.assert_allclose(l2_normalize(x), x / np.sqrt(np.sum(x * x) + 1e-6), rtol=1e-15, atol=0)
+    np.testing.assert_allclose(normalised(x, 1e-6), x / np.sqrt(np.mean(x * x) + 1e-6), rtol=1e-15, atol=0)

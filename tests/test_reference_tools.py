@@ -325,11 +325,19 @@ def test_the_first_diverging_tap_is_judged_with_the_given_atol_and_rtol(compare_
     assert beyond[0] == "embed"
 
 
-def test_a_failure_with_identical_greedy_tokens_is_not_blamed_on_a_near_tie(compare_tool, capsys):
+def test_a_failure_with_identical_greedy_tokens_is_not_blamed_on_a_near_tie(compare_tool, capsys, monkeypatch):
+    # minqwen's logits scaled by 1 + 1e-4 (logits up to ~10: |Δ| up to ~1e-3): beyond --atol
+    # 1e-4 in absolute terms, within atol + rtol·|reference| at every entry, the same argmax.
+    def scale_logits(rec):
+        for key in [k for k in rec if k == "logits" or k.endswith(".logits")]:
+            rec[key] = rec[key] * np.float32(1 + 1e-4)
+
+    wrap_record(monkeypatch, compare_tool, scale_logits)
     code, out, _ = run_compare(compare_tool, capsys, "--model", FIXTURES / "text_tied_fp32",
-                               "--tokens", "1,2", "--new-tokens", 2, "--atol", "1e-5")
+                               "--tokens", fixture_ids("text_tied_fp32"), "--new-tokens", 2, "--atol", "1e-4")
     assert code == 1 and "greedy: 2 of 2 tokens identical" in out
     assert "near tie" not in out, out
+    assert "every tap, the logits included, is within" in out, out
 
 
 def run_compare_shell(*args):
@@ -372,16 +380,12 @@ def test_the_worked_example_reports_a_checkpoint_minqwen_refuses_with_exit_2(tmp
 
 
 @pytest.mark.parametrize("source", ["moe_text_per_expert_fp32", "text_grouped_bf16_bias"])
-def test_a_random_mtp_head_added_to_a_fixture_is_one_minqwen_loads_or_the_tool_refuses(tmp_path, source):
+def test_a_random_mtp_head_added_to_a_fixture_is_one_minqwen_loads(tmp_path, source):
     import minqwen
-    from minqwen.errors import MinqwenError
     from minqwen.mtp import load_mtp
 
     mtp_tools = load_tool("make_mtp_fixtures")
-    try:
-        target = mtp_tools.with_random_mtp(FIXTURES / source, tmp_path / "with_mtp", seed=1)
-    except (MinqwenError, SystemExit):
-        return  # refusing such a source is fine
+    target = mtp_tools.with_random_mtp(FIXTURES / source, tmp_path / "with_mtp", seed=1)
     assert load_mtp(target, minqwen.load(target)) is not None
 
 
@@ -391,4 +395,6 @@ def test_an_fp8_checkpoint_with_fused_experts_is_not_reported_as_a_minqwen_disag
     quantize_fp8.quantize_checkpoint(FIXTURES / "moe_multimodal_fused_top1", folder, (8, 8), "float32")
     code, out, err = run_compare(compare_tool, capsys, "--model", folder, "--tokens",
                                  fixture_ids("moe_multimodal_fused_top1"), "--new-tokens", 1, "--atol", "1e-4")
-    assert code in (0, 2), out + err  # agreement, or a refusal naming the layout; never a false FAIL
+    # transformers 5.23.0 cannot load FP8 experts stored fused: a refusal, never a FAIL blamed on minqwen
+    assert code == 2, out + err
+    assert "could not load all" in err and "experts" in err, err

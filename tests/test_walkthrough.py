@@ -135,13 +135,22 @@ with _contextlib.redirect_stdout(_io.StringIO()):
 """
 
 
-STRICT_CHECKS = [  # (chapter, the line calling the exercise, its function, its number)
+STRICT_CHECKS = [  # every exercise with a check cell: (chapter, the line calling it, its function, its number)
     ("00_map.py", "answer = exercise_0_1(real)", "exercise_0_1", "0.1"),
     ("01_tokens.py", "answer = exercise_1_1(ids)", "exercise_1_1", "1.1"),
     ("02_embeddings_and_norm.py", 'answer = exercise_2_1(expected["hidden.0"])', "exercise_2_1", "2.1"),
+    ("03_rotary.py", "answer = exercise_3_2()", "exercise_3_2", "3.2"),
+    ("04_attention.py", "answer = exercise_4_1(q, k, v)", "exercise_4_1", "4.1"),
+    ("05_deltanet.py", "answer = exercise_5_1(A_test)", "exercise_5_1", "5.1"),
+    ("06_conv_and_state.py", "answer = exercise_6_1(x[:, 2], w[2])", "exercise_6_1", "6.1"),
     ("07_mlp_and_moe.py", "answer = exercise_7_1()", "exercise_7_1", "7.1"),
     ("08_whole_stack.py", "answer = exercise_8_1()", "exercise_8_1", "8.1"),
+    ("09_sampling.py", "answer = exercise_9_1(logits, [7, 7, 7, 9], 0.5)", "exercise_9_1", "9.1"),
     ("10_golden.py", "answer = exercise_10_1()", "exercise_10_1", "10.1"),
+    ("11_multi_token_prediction.py", "answer = exercise_11_1(0.7, 3)", "exercise_11_1", "11.1"),
+    ("11_multi_token_prediction.py", "answers = [exercise_11_2(p, q)", "exercise_11_2", "11.2"),
+    ("12_vision.py", "answer = exercise_12_1(4032, 3024)", "exercise_12_1", "12.1"),
+    ("12_vision.py", "answer = exercise_12_2()", "exercise_12_2", "12.2"),
 ]
 
 

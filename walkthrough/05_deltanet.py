@@ -407,6 +407,7 @@ print(f"gates below 0.05: {(decays < 0.05).mean():.0%};  spread of exp(g) betwee
       f"{decays.mean(1).std():.2f}, between tokens within a head {decays.std(1).mean():.2f}")
 print(f"spread of β between heads {betas.mean(1).std():.2f}, between tokens within a head {betas.std(1).mean():.2f}")
 assert (decays < 0.05).mean() > 0.5 and decays.mean(1).std() > decays.std(1).mean()
+assert 0.4 <= decays.mean(1).max() <= 0.7  # the brightest rows keep 40–70% a token
 assert betas.std(1).mean() > betas.mean(1).std()
 
 # %% [markdown]

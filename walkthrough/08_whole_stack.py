@@ -345,7 +345,10 @@ if answer is None:
 else:
     hybrid, all_attention = answer
     assert abs(hybrid - 4 * all_attention) <= 4, "the all-attention model has 4 times as many attention layers"
-    kv_at = lambda tokens: cache_bytes(REAL_0_8B, tokens)[0]  # noqa: E731  (bf16, the 6 attention layers)
+
+    def kv_at(tokens):
+        return cache_bytes(REAL_0_8B, tokens)[0]  # bf16, the 6 attention layers
+
     assert kv_at(hybrid - 1) <= weights_bytes < kv_at(hybrid), "the first length at which the KV cache is larger"
     assert 4 * kv_at(all_attention - 1) <= weights_bytes < 4 * kv_at(all_attention)
     print(f"Exercise 8.1: hybrid {hybrid:,} tokens, all-attention {all_attention:,} tokens")
