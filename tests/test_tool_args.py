@@ -304,3 +304,29 @@ def test_scripts_without_options_refuse_unknown_ones_instead_of_running(tmp_path
                             capture_output=True, text=True, timeout=120, env=env)
     assert_refused(result, "--bogus")
     assert not (tmp_path / "tests").exists()
+
+
+# ---------------------------------------------------------------------------- family_shapes.py
+
+@pytest.mark.parametrize("args, names", [
+    (["5B"], ["MEMBER", "'5B'", "0.8B"]),
+    (["--vocab", "1"], ["--vocab", "≥ 2"]),
+    (["--out", "a_file"], ["--out", "is a file"]),
+])
+def test_family_shapes_refuses_bad_arguments(paths, args, names):
+    assert_refused(run_tool("family_shapes.py", *args, cwd=paths), *names)
+
+
+def test_family_shapes_configs_are_ones_minqwen_reads_with_the_widths_asked_for():
+    sys.path.insert(0, str(TOOLS))
+    import family_shapes
+
+    from minqwen.config import config_from_dict
+
+    for name, widths in family_shapes.MEMBERS.items():
+        raw = family_shapes.text_config(name, 4096)
+        moe = "num_experts" in raw
+        c = config_from_dict({**raw, "model_type": "qwen3_5_moe_text" if moe else "qwen3_5_text"}, name)
+        assert (c.hidden_size, c.num_hidden_layers, c.vocab_size) == (widths["hidden_size"], widths["layers"], 4096)
+        assert c.layer_types[-1] == "full_attention" and c.is_moe == moe
+        assert c.linear_num_value_heads == widths["linear_num_value_heads"] and c.head_dim == 256
