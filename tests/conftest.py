@@ -104,6 +104,26 @@ def skip_or_fail(reason: str) -> None:
     pytest.skip(reason)
 
 
+STORED_ITEMSIZE = {"F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1}  # bytes per element, by safetensors dtype
+
+
+def tensor_headers(folder) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """name → (safetensors dtype, shape) of every tensor stored in a checkpoint folder, read from
+    the file headers alone (a fixture's expected.safetensors holds outputs, not weights: skipped)."""
+    import json
+    import struct
+
+    out = {}
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        if path.name == "expected.safetensors":
+            continue
+        with open(path, "rb") as f:
+            header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))  # 8-byte length, then JSON
+        header.pop("__metadata__", None)
+        out.update({name: (info["dtype"], tuple(info["shape"])) for name, info in header.items()})
+    return out
+
+
 def require_reference():
     """Import the reference (torch, transformers, tools/reference.py), or skip_or_fail."""
     try:

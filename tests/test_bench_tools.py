@@ -12,7 +12,6 @@ import math
 import re
 import resource
 import statistics
-import struct
 import sys
 import types
 from contextlib import redirect_stdout
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FIXTURES, ROOT, require_reference
+from conftest import FIXTURES, ROOT, STORED_ITEMSIZE, require_reference, tensor_headers
 
 sys.path.insert(0, str(ROOT / "tools"))
 
@@ -30,23 +29,6 @@ import bench  # noqa: E402
 import minqwen  # noqa: E402
 
 # --------------------------------------------------------------------------- the independent side
-
-STORED_ITEMSIZE = {"F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1}
-
-
-def safetensors_headers(folder: Path) -> dict:
-    """name → {dtype, shape} from every *.safetensors file's header (8-byte length + JSON)."""
-    out = {}
-    for f in sorted(Path(folder).glob("*.safetensors")):
-        if f.name == "expected.safetensors":  # the fixtures' reference outputs, not weights
-            continue
-        with open(f, "rb") as fh:
-            n = struct.unpack("<Q", fh.read(8))[0]
-            header = json.loads(fh.read(n))
-        header.pop("__metadata__", None)
-        out.update(header)
-    return out
-
 
 def text_config(folder: Path) -> dict:
     raw = json.loads((Path(folder) / "config.json").read_text())
@@ -65,16 +47,16 @@ def decode_bytes_from_headers(folder: Path, resident_itemsize: int) -> Fraction:
     cfg = text_config(folder)
     E, k = cfg.get("num_experts"), cfg.get("num_experts_per_tok")
     total = Fraction(0)
-    for name, info in safetensors_headers(folder).items():
+    for name, (stored, shape) in tensor_headers(folder).items():
         if name.startswith("mtp.") or ".visual." in name or name.startswith("visual."):
             continue
         m = re.search(r"layers\.\d+\.(.*)$", name)
         if not m:
             continue
-        rest, n = m.group(1), math.prod(info["shape"])
+        rest, n = m.group(1), math.prod(shape)
         if ".experts." in rest:
-            total += Fraction(n * STORED_ITEMSIZE[info["dtype"]] * k, E)
-        elif (len(info["shape"]) == 1 or "conv1d" in rest or rest.endswith("mlp.gate.weight")
+            total += Fraction(n * STORED_ITEMSIZE[stored] * k, E)
+        elif (len(shape) == 1 or "conv1d" in rest or rest.endswith("mlp.gate.weight")
               or rest.endswith("shared_expert_gate.weight")):
             total += n * 4
         else:
@@ -94,7 +76,7 @@ DTYPES = [("float32", 4), ("bfloat16", 2)]
 
 @pytest.mark.parametrize("dtype, itemsize", DTYPES)
 @pytest.mark.parametrize("name", DENSE)
-def test_weight_bytes_per_token_of_a_dense_model_matches_its_safetensors_headers(name, dtype, itemsize):
+def test_weight_bytes_per_token_of_a_dense_model_matches_its_tensor_headers(name, dtype, itemsize):
     # Fails if the LM head is left out, if a tied head is counted twice (embedding + head), if an
     # untied embedding is counted whole, or if bf16-resident matrices are counted at 4 bytes.
     model = minqwen.load(FIXTURES / name, dtype=dtype)
@@ -365,7 +347,7 @@ def test_cold_start_peak_rss_is_the_new_process_own_and_its_weights_match_the_he
     folder = FIXTURES / "text_tied_fp32"
     result = bench.cold_start(folder, "float32", 1)
     del ballast
-    header_bytes = sum(math.prod(v["shape"]) * STORED_ITEMSIZE[v["dtype"]] for v in safetensors_headers(folder).values())
+    header_bytes = sum(math.prod(shape) * STORED_ITEMSIZE[d] for d, shape in tensor_headers(folder).values())
     assert result["resident_weight_bytes"] == header_bytes
     assert 0 < result["peak_rss_bytes"] < ours - 250_000_000
     assert result["seconds"] > 0
@@ -432,7 +414,7 @@ def test_a_random_mtp_head_added_to_a_single_file_checkpoint_is_loaded(tmp_path)
     from minqwen.mtp import load_mtp
 
     folder = with_random_mtp(FIXTURES / "text_tied_fp32", tmp_path / "with-mtp")
-    assert any(n.startswith("mtp.") for n in safetensors_headers(folder))  # written to disk …
+    assert any(n.startswith("mtp.") for n in tensor_headers(folder))  # written to disk …
     assert load_mtp(folder, minqwen.load(folder)) is not None  # … and found by the loader
 
 
@@ -490,14 +472,14 @@ def test_moe_figure_sizes_match_the_checkpoints_it_builds(tmp_path):
 
     (num_experts, top_k), = moe_figure.QUICK_CONFIGS.values()
     moe_folder, dense_folder, text, dense_text = moe_figure.build(num_experts, top_k, quick_folder=tmp_path)
-    moe_h, dense_h = safetensors_headers(moe_folder), safetensors_headers(dense_folder)
+    moe_h, dense_h = tensor_headers(moe_folder), tensor_headers(dense_folder)
 
     def params(header, layer, pattern):
-        return sum(math.prod(v["shape"]) for n, v in header.items()
+        return sum(math.prod(shape) for n, (_, shape) in header.items()
                    if re.search(rf"layers\.{layer}\.mlp\.{pattern}", n))
 
     E, k = num_experts, top_k
-    experts_bytes = sum(math.prod(v["shape"]) * STORED_ITEMSIZE[v["dtype"]] for n, v in moe_h.items()
+    experts_bytes = sum(math.prod(shape) * STORED_ITEMSIZE[d] for n, (d, shape) in moe_h.items()
                         if ".mlp.experts." in n)
     for layer in range(moe_figure.LAYERS):
         active = (params(moe_h, layer, r"gate\.weight") + params(moe_h, layer, r"shared_expert\.")
@@ -561,7 +543,7 @@ def test_mtp_figures_real_repairs_a_folder_whose_model_link_hid_the_head(monkeyp
     (folder / "config.json").write_text(json.dumps({**config, "mtp_num_hidden_layers": 1}))
     head = random_mtp_tensors(load_config(source), 0)
     save_file(head, str(folder / "mtp.safetensors"))
-    weight_map = {name: "model.safetensors" for name in safetensors_headers(source)}
+    weight_map = {name: "model.safetensors" for name in tensor_headers(source)}
     weight_map.update({name: "mtp.safetensors" for name in head})
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     monkeypatch.setattr(mtp_figures, "ROOT", tmp_path)

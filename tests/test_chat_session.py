@@ -9,15 +9,13 @@ generate on the rendered conversation, or the safetensors headers of the checkpo
 import json
 import re
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
-from safetensors import safe_open
 from safetensors.numpy import load_file
 
 import minqwen
-from conftest import FIXTURES, ROOT, Recorder, forced, require_reference
+from conftest import FIXTURES, ROOT, STORED_ITEMSIZE, Recorder, forced, require_reference, tensor_headers
 from minqwen import vision
 from minqwen.checkpoint import EMBEDDED
 from minqwen.generate import ChatSession, GenerationStats
@@ -363,17 +361,6 @@ def test_images_go_through_the_tower_when_the_generation_prompt_changes_the_whol
 # ==================================================================== `minqwen inspect` on FP8 checkpoints
 
 
-def headers(folder):
-    out = {}
-    for path in sorted(Path(folder).glob("*.safetensors")):
-        with safe_open(str(path), "np") as f:
-            for key in f.keys():
-                s = f.get_slice(key)
-                out[key] = (s.get_dtype(), tuple(s.get_shape()))
-    return out
-
-
-ITEMSIZE = {"F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1}
 
 
 @pytest.fixture(scope="module")
@@ -405,7 +392,7 @@ def test_inspect_on_fp8_moe_checkpoints_counts_parameters_as_the_headers_and_nam
     for folder, block in fp8_moe:
         model = minqwen.load(folder)
         c = model.config
-        h = {k: v for k, v in headers(folder).items() if not k.startswith(("mtp.", "model.mtp.", "model.visual."))}
+        h = {k: v for k, v in tensor_headers(folder).items() if not k.startswith(("mtp.", "model.mtp.", "model.visual."))}
         weights = {k: v for k, v in h.items() if not k.endswith("_scale_inv")}
         assert any(d == "F8_E4M3" for d, _ in weights.values())
         text = describe(model, context=16)
@@ -432,8 +419,8 @@ def test_inspect_gives_the_bytes_fp8_experts_take_in_the_file_scales_included(fp
     from minqwen.summary import describe, experts, human
 
     for folder, _ in fp8_moe:
-        h = {k: v for k, v in headers(folder).items() if not k.startswith(("mtp.", "model.mtp."))}
-        stored = sum(int(np.prod(s)) * ITEMSIZE[d] for k, (d, s) in h.items() if ".mlp.experts." in k)
+        h = {k: v for k, v in tensor_headers(folder).items() if not k.startswith(("mtp.", "model.mtp."))}
+        stored = sum(int(np.prod(s)) * STORED_ITEMSIZE[d] for k, (d, s) in h.items() if ".mlp.experts." in k)
         model = minqwen.load(folder)
         assert experts(model)[2] == stored
         assert f"{human(stored)} memory-mapped as stored" in describe(model)

@@ -12,7 +12,7 @@ import pytest
 from safetensors import safe_open
 
 import minqwen
-from conftest import FIXTURES
+from conftest import FIXTURES, tensor_headers
 from minqwen.attention import KVCache
 from minqwen.deltanet import DeltaNetState
 from minqwen.summary import describe, human
@@ -24,16 +24,8 @@ SUMMARY_FIXTURES = ["text_tied_fp32", "text_grouped_bf16_bias", "moe_text_per_ex
 
 def text_tensor_shapes(folder: Path) -> dict:
     """name → shape of every tensor of the text model in the checkpoint (no vision tower, no MTP head)."""
-    shapes = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        if path.name == "expected.safetensors":
-            continue
-        with safe_open(str(path), "np") as f:
-            for key in f.keys():
-                if key.startswith(("model.visual.", "mtp.", "model.mtp.")) or key.endswith("_scale_inv"):
-                    continue
-                shapes[key] = tuple(f.get_slice(key).get_shape())
-    return shapes
+    return {name: shape for name, (_, shape) in tensor_headers(folder).items()
+            if not name.startswith(("model.visual.", "mtp.", "model.mtp.")) and not name.endswith("_scale_inv")}
 
 
 def numel(shapes, keep=lambda k: True) -> int:
