@@ -20,8 +20,9 @@ from .model import Cache, Model
 from .sampling import SamplingParams, sample_next
 from .tokenizer import StreamDecoder, Tokenizer
 
-# The text a chat template writes where an image goes (Qwen's tokenizers: one special token).
+# The text a chat template writes where an image or a video goes (Qwen's tokenizers: one special token each).
 IMAGE_PAD = "<|image_pad|>"
+VIDEO_PAD = "<|video_pad|>"
 
 
 @dataclass
@@ -261,11 +262,18 @@ def stream(model: Model, tokenizer: Tokenizer, prompt, *, max_new_tokens: int = 
         params = SamplingParams.from_generation_config(tokenizer.generation_config,
                                                        str(tokenizer.generation_config_path), **sampling)
     if isinstance(prompt, str):
-        ids = tokenizer.encode(prompt)
+        text = prompt
     elif isinstance(prompt, list):
-        ids = tokenizer.encode(tokenizer.render_chat(prompt, enable_thinking=enable_thinking))
+        text = tokenizer.render_chat(prompt, enable_thinking=enable_thinking)
     else:
         raise MinqwenError("prompt must be a string or a list of chat messages")
+    for marker in (IMAGE_PAD, VIDEO_PAD):
+        if marker in text:  # the token would go in with its plain embedding, not a picture's features
+            raise MinqwenError(f"the prompt holds {marker} (an image or video in a message's content, or the "
+                               "token written out), but stream() and generate() read text alone: show images "
+                               "with ChatSession(…, tower=minqwen.vision.load_vision(path)) and reply(…, "
+                               "images=…), or `minqwen generate --image`")
+    ids = tokenizer.encode(text)
     yield from stream_text(model, tokenizer, ids, params, max_new_tokens, stop, seed, decode=decode)
 
 
@@ -380,6 +388,10 @@ class ChatSession:
             target_size(rgb.shape[0], rgb.shape[1], self.tower.preprocessor)
         content = vision.image_placeholder(self.tower, self.tokenizer) * len(images) + user_text if images else user_text
         messages = self.messages + [{"role": "user", "content": content}]
+        for i, m in enumerate(messages):  # a history given to the constructor may hold anything
+            if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+                raise MinqwenError(f"chat message {i}: a ChatSession's messages are dicts whose 'content' is text "
+                                   f"(images go in with reply(…, images=…)), got {m!r:.200}")
         body_text = self.tokenizer.render_chat(messages, add_generation_prompt=False)
         full_text = self.tokenizer.render_chat(messages, add_generation_prompt=True,
                                                enable_thinking=self.enable_thinking)

@@ -5,39 +5,21 @@
 * ``tokenizer_config.json`` gives the chat template (``chat_template.jinja`` beside it wins, as
   in transformers) and the eos token; ``generation_config.json`` gives eos ids and default
   sampling settings;
-* the chat template is Jinja, rendered in a sandbox: a template ships with a checkpoint, and
-  code that ships with a checkpoint is never trusted;
+* the chat template is Jinja, rendered in a sandbox (:mod:`minqwen.chat_template`): a
+  template ships with a checkpoint, and code that ships with a checkpoint is never trusted;
 * :class:`StreamDecoder` turns ids into text piece by piece without ever emitting half of a
   character that spans several tokens.
 """
 
 from __future__ import annotations
 
-import json
 import numbers
 import warnings
-from datetime import datetime
 from pathlib import Path
 
+from .chat_template import CHATML_TEMPLATE, render
 from .config import read_json_object
 from .errors import MinqwenError, is_whole_number
-
-# A rendered conversation longer than this cannot fit any context: Qwen3.5's native 262,144
-# tokens are about a million characters.
-MAX_RENDERED_CHARACTERS = 8_000_000
-
-# Used when a checkpoint has no template: Qwen's ChatML with its thinking switch.
-CHATML_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}"
-    "{{- '<|im_start|>assistant\\n' -}}"
-    "{%- if enable_thinking is defined and enable_thinking is false -%}{{- '<think>\\n\\n</think>\\n\\n' -}}"
-    "{%- else -%}{{- '<think>\\n' -}}{%- endif -%}"
-    "{%- endif -%}"
-)
-
 
 def _read_json(path: Path) -> dict:
     """The file's JSON object, or {} when the checkpoint does not ship it (each of these is optional)."""
@@ -124,9 +106,9 @@ class Tokenizer:
             ids.append(self.token_to_id(eos_token))
         return tuple(dict.fromkeys(ids))
 
-    def _special_token_text(self, field: str) -> str:
+    def _special_token_text(self, field: str, token=None) -> str:
         """tokenizer_config's bos_token / eos_token as text: a string, or an AddedToken dict's content."""
-        token = self.config.get(field)
+        token = self.config.get(field) if token is None else token
         if isinstance(token, dict):
             token = token.get("content")
         return token if isinstance(token, str) else ""
@@ -151,57 +133,30 @@ class Tokenizer:
             raise MinqwenError(f"decode takes token ids (whole numbers from 0 to 2³² − 1), got {bad[0]!r}")
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, enable_thinking: bool = True) -> str:
-        """The conversation as the model was trained to see it (the checkpoint's Jinja template)."""
-        from jinja2 import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, enable_thinking: bool = True,
+                    *, tools: list[dict] | None = None, documents: list[dict] | None = None, **variables) -> str:
+        """The conversation as the model was trained to see it (the checkpoint's Jinja template).
 
+        As transformers' ``apply_chat_template(messages, tokenize=False, …)``: a message's
+        ``content`` is text or a list of parts (``{"type": "text", "text": …}``,
+        ``{"type": "image"}`` …); ``tools`` are JSON schemas; ``variables`` are whatever else the
+        template reads (``add_vision_id=True`` …). See :mod:`minqwen.chat_template`.
+        """
         if self._template_problem is not None:
             raise MinqwenError(self._template_problem)
-        if not isinstance(messages, (list, tuple)):
-            raise MinqwenError(f"render_chat takes a list of messages (dicts with 'role' and 'content'), got "
-                               f"{type(messages).__name__}")
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise MinqwenError(f"chat message {i} must be a dict with string 'role' and 'content'")
+        return render(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
+                      tools=tools, documents=documents, special_tokens=self.special_tokens,
+                      enable_thinking=enable_thinking, **variables)
 
-        def raise_exception(message):
-            raise MinqwenError(f"the chat template refused this conversation: {message}")
-
-        def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-            # Jinja's own tojson escapes HTML characters; templates expect plain JSON
-            return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                              sort_keys=sort_keys)
-
-        # What transformers 5.23.0 gives a template: {% break %} / {% continue %}, this tojson,
-        # strftime_now, raise_exception, and the special tokens as text.
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-        env.globals["raise_exception"] = raise_exception
-        env.globals["strftime_now"] = lambda format: datetime.now().strftime(format)
-        env.filters["tojson"] = tojson
-        try:
-            pieces = env.from_string(self.chat_template).generate(
-                messages=messages,
-                add_generation_prompt=add_generation_prompt,
-                enable_thinking=enable_thinking,
-                bos_token=self._special_token_text("bos_token"),
-                eos_token=self._special_token_text("eos_token"),
-            )
-            rendered, length = [], 0
-            for piece in pieces:  # streamed, so that a runaway template stops here, not when memory runs out
-                rendered.append(piece)
-                length += len(piece)
-                if length > MAX_RENDERED_CHARACTERS:
-                    raise MinqwenError(f"the chat template wrote more than {MAX_RENDERED_CHARACTERS:,} characters "
-                                       "for this conversation, beyond any Qwen3.5 context: the template loops, or "
-                                       "the conversation is far too long")
-            return "".join(rendered)
-        except TemplateError as e:
-            raise MinqwenError(f"the chat template failed to render: {e}") from None
-        except MinqwenError:
-            raise  # the template's own raise_exception
-        except Exception as e:  # noqa: BLE001 - whatever the checkpoint's template does wrong is the template's fault
-            raise MinqwenError(f"the chat template failed to render: {type(e).__name__}: {e}") from None
+    @property
+    def special_tokens(self) -> dict[str, str]:
+        """The named special tokens a chat template sees (``eos_token`` …), as transformers names them:
+        tokenizer_config's fields ending in ``_token``, and ``extra_special_tokens`` given by name."""
+        fields = {k: v for k, v in self.config.items() if k.endswith("_token")}
+        if isinstance(self.config.get("extra_special_tokens"), dict):
+            fields.update(self.config["extra_special_tokens"])
+        texts = {name: self._special_token_text(name, token) for name, token in fields.items()}
+        return {name: text for name, text in texts.items() if text}
 
 
 class StreamDecoder:

@@ -1,0 +1,185 @@
+"""A conversation rendered as the text the model was trained on: the checkpoint's chat template.
+
+A Qwen3.5 checkpoint ships its chat template as Jinja (in ``tokenizer_config.json`` or
+``chat_template.jinja``). It turns a list of messages — text, or content parts naming images
+and videos, tool calls, reasoning — plus the tool schemas on offer into one string with the
+``<|im_start|>role … <|im_end|>`` markers. minqwen renders it as transformers 5.23.0's
+``apply_chat_template(…, tokenize=False)`` does, so that both give a model the same prompt:
+
+* the template sees the same variables: ``messages``, ``tools``, ``documents``,
+  ``add_generation_prompt``, the tokenizer's named special tokens (``eos_token`` …) and
+  whatever else the caller passes (``enable_thinking``, ``add_vision_id`` …);
+* the same helpers: ``raise_exception``, ``strftime_now``, a ``tojson`` that keeps non-ASCII
+  text as it is, ``{% break %}`` / ``{% continue %}``, and a ``{% generation %}`` block;
+* a message's reasoning, under whichever of ``reasoning_content``, ``thinking`` or
+  ``reasoning`` the caller used, is readable under the first two;
+* whitespace control: ``trim_blocks`` and ``lstrip_blocks`` on.
+
+A template comes with a checkpoint, and code that comes with a checkpoint is never trusted:
+it runs in Jinja's immutable sandbox, and sees only plain data (strings, numbers, lists,
+dicts). Anything else a message carries — a decoded image, an array — is shown to it as a
+placeholder naming its type: templates test whether an image is there, never what it holds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from datetime import datetime
+
+import numpy as np
+
+from .errors import MinqwenError
+
+# A rendered conversation longer than this cannot fit any context: Qwen3.5's native 262,144
+# tokens are about a million characters.
+MAX_RENDERED_CHARACTERS = 8_000_000
+
+# Used when a checkpoint has no template: Qwen's ChatML with its thinking switch. Content given
+# as parts renders as Qwen's templates render it: text as it is, each image or video as its
+# vision markers.
+CHATML_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message.role + '\\n' -}}"
+    "{%- if message.content is string -%}{{- message.content -}}"
+    "{%- elif message.content is iterable and message.content is not mapping -%}"
+    "{%- for part in message.content -%}"
+    "{%- if part.type == 'image' or 'image' in part or 'image_url' in part -%}"
+    "{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
+    "{%- elif part.type == 'video' or 'video' in part -%}"
+    "{{- '<|vision_start|><|video_pad|><|vision_end|>' -}}"
+    "{%- elif 'text' in part -%}{{- part.text -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- endif -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{{- '<|im_start|>assistant\\n' -}}"
+    "{%- if enable_thinking is defined and enable_thinking is false -%}{{- '<think>\\n\\n</think>\\n\\n' -}}"
+    "{%- else -%}{{- '<think>\\n' -}}{%- endif -%}"
+    "{%- endif -%}"
+)
+
+# The names a message's reasoning may come under; templates read the first (Qwen's) or the
+# second (some others').
+REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
+def plain_data(value):
+    """``value`` rebuilt from JSON types alone, so that the sandboxed template can call no method
+    of the caller's objects; anything else becomes a placeholder such as ``"<ndarray>"``."""
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    if isinstance(value, (str, int, float)):  # a subclass (an enum, NumPy's float64) as its base type
+        return str(value) if isinstance(value, str) else float(value) if isinstance(value, float) else int(value)
+    if isinstance(value, np.generic):  # np.bool_(False) would otherwise be a truthy placeholder
+        return plain_data(value.item())
+    if isinstance(value, Mapping):
+        return {plain_data(key): plain_data(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [plain_data(item) for item in value]
+    if isinstance(value, tuple):
+        return tuple(plain_data(item) for item in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain_data(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if callable(getattr(value, "model_dump", None)):  # a pydantic model, as the OpenAI client's messages are
+        return plain_data(value.model_dump())
+    return f"<{type(value).__name__}>"
+
+
+def conversation(messages) -> list[dict]:
+    """The messages as the template sees them: checked, plain data, reasoning under every name."""
+    if not isinstance(messages, (list, tuple)):
+        raise MinqwenError(f"a chat is a list of messages (dicts with 'role' and 'content'), got "
+                           f"{type(messages).__name__}")
+    seen = []
+    for i, message in enumerate(plain_data(list(messages))):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise MinqwenError(f"chat message {i} must be a dict with a string 'role' (and its 'content': text, "
+                               f"or a list of parts such as {{'type': 'text', 'text': …}}), got {message!r:.200}")
+        content = message.get("content")
+        if not (content is None or isinstance(content, str)
+                or isinstance(content, (list, tuple)) and all(isinstance(part, dict) for part in content)):
+            raise MinqwenError(f"chat message {i}: 'content' must be text or a list of parts (dicts such as "
+                               f"{{'type': 'text', 'text': …}} or {{'type': 'image'}}), got {content!r:.200}")
+        reasoning = next((message[k] for k in REASONING_FIELDS if message.get(k) is not None), None)
+        if reasoning is not None:
+            message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
+        seen.append(message)
+    return seen
+
+
+def _generation_block():
+    """The ``{% generation %}…{% endgeneration %}`` tag, as a Jinja extension.
+
+    Templates written for fine-tuning wrap each assistant answer in it so that a trainer can
+    find which tokens the loss counts. Rendering a prompt keeps the text inside as it is (in
+    a scope of its own, as transformers' block has).
+    """
+    from jinja2 import nodes
+    from jinja2.ext import Extension
+
+    class GenerationBlock(Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.CallBlock(self.call_method("_unchanged"), [], [], body).set_lineno(lineno)
+
+        def _unchanged(self, caller):
+            return caller()
+
+    return GenerationBlock
+
+
+def render(template: str, messages, *, add_generation_prompt: bool, tools=None, documents=None,
+           special_tokens: dict | None = None, **variables) -> str:
+    """``template`` applied to ``messages`` (see the module's docstring for what it sees)."""
+    from jinja2 import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    messages = conversation(messages)
+    if tools is not None and not (isinstance(tools, (list, tuple)) and all(isinstance(t, Mapping) for t in tools)):
+        raise MinqwenError("tools must be a list of tool schemas (dicts such as {'type': 'function', 'function': "
+                           f"{{'name': …, 'parameters': …}}}}), got {tools!r:.200}")
+    if documents is not None and not (isinstance(documents, (list, tuple))
+                                      and all(isinstance(d, Mapping) for d in documents)):
+        raise MinqwenError(f"documents must be a list of dicts (with 'title' and 'text'), got {documents!r:.200}")
+
+    def raise_exception(message):
+        raise MinqwenError(f"the chat template refused this conversation: {message}")
+
+    def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        # Jinja's own tojson escapes HTML characters; templates expect plain JSON
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                          sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=["jinja2.ext.loopcontrols", _generation_block()])
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda format: datetime.now().strftime(format)
+    env.filters["tojson"] = tojson
+    try:
+        pieces = env.from_string(template).generate(
+            **plain_data({**(special_tokens or {}), **variables}),  # the caller's variables win, as in transformers
+            messages=messages, tools=plain_data(tools), documents=plain_data(documents),
+            add_generation_prompt=add_generation_prompt,
+        )
+        rendered, length = [], 0
+        for piece in pieces:  # streamed, so that a runaway template stops here, not when memory runs out
+            rendered.append(piece)
+            length += len(piece)
+            if length > MAX_RENDERED_CHARACTERS:
+                raise MinqwenError(f"the chat template wrote more than {MAX_RENDERED_CHARACTERS:,} characters "
+                                   "for this conversation, beyond any Qwen3.5 context: the template loops, or "
+                                   "the conversation is far too long")
+        return "".join(rendered)
+    except TemplateError as e:
+        raise MinqwenError(f"the chat template failed to render: {e}") from None
+    except MinqwenError:
+        raise  # the template's own raise_exception
+    except Exception as e:  # noqa: BLE001 - whatever the checkpoint's template does wrong is the template's fault
+        raise MinqwenError(f"the chat template failed to render: {type(e).__name__}: {e}") from None

@@ -1,0 +1,240 @@
+"""Chat templates rendered as transformers' apply_chat_template renders them: content parts,
+tools, tool calls, reasoning under its several names, extra variables, special tokens, the
+{% generation %} block, and plain data only inside the sandbox."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+import minqwen
+from conftest import require_reference
+from minqwen import MinqwenError
+from minqwen.chat_template import CHATML_TEMPLATE, plain_data
+from minqwen.checkpoint import EMBEDDED
+from minqwen.generate import ChatSession
+from minqwen.tokenizer import Tokenizer
+
+# A template in the manner of Qwen3.5's, written for this test to reach every Jinja feature
+# those templates use: a macro over content parts, namespaces, a reversed scan of the
+# messages, loop.previtem / nextitem, tool schemas through tojson, tool-call arguments as a
+# mapping (|items), raise_exception, the tokenizer's special tokens and extra variables.
+QWEN_LIKE_TEMPLATE = """
+{%- set counts = namespace(image=0, video=0) %}
+{%- macro parts(content, count) %}
+    {%- if content is string %}{{- content }}
+    {%- elif content is iterable and content is not mapping %}
+        {%- for part in content %}
+            {%- if 'image' in part or part.type == 'image' %}
+                {%- if count %}{%- set counts.image = counts.image + 1 %}{%- endif %}
+                {%- if add_vision_id %}{{- 'Picture ' ~ counts.image ~ ': ' }}{%- endif %}
+                {{- '<|vision_start|><|image_pad|><|vision_end|>' }}
+            {%- elif 'video' in part or part.type == 'video' %}
+                {%- if count %}{%- set counts.video = counts.video + 1 %}{%- endif %}
+                {{- '<|vision_start|><|video_pad|><|vision_end|>' }}
+            {%- elif 'text' in part %}{{- part.text }}
+            {%- else %}{{- raise_exception('a content part with no text, image or video') }}
+            {%- endif %}
+        {%- endfor %}
+    {%- elif content is none or content is undefined %}{{- '' }}
+    {%- else %}{{- raise_exception('content of an unexpected type') }}
+    {%- endif %}
+{%- endmacro %}
+{%- if tools %}
+    {{- '<|im_start|>system\\n# Tools\\n<tools>' }}
+    {%- for tool in tools %}{{- '\\n' + tool | tojson }}{%- endfor %}
+    {{- '\\n</tools><|im_end|>\\n' }}
+{%- endif %}
+{%- set ns = namespace(last_user=messages|length - 1, done=false) %}
+{%- for message in messages[::-1] %}
+    {%- if not ns.done and message.role == 'user' %}
+        {%- set ns.last_user = messages|length - 1 - loop.index0 %}{%- set ns.done = true %}
+    {%- endif %}
+{%- endfor %}
+{%- for message in messages %}
+    {%- set content = parts(message.content, true)|trim %}
+    {%- if message.role == 'assistant' %}
+        {%- set reasoning = message.reasoning_content if message.reasoning_content is string else '' %}
+        {%- if preserve_thinking or loop.index0 > ns.last_user %}
+            {{- '<|im_start|>assistant\\n<think>\\n' + reasoning|trim + '\\n</think>\\n\\n' + content }}
+        {%- else %}
+            {{- '<|im_start|>assistant\\n' + content }}
+        {%- endif %}
+        {%- for call in message.tool_calls or [] %}
+            {%- set call = call.function if call.function is defined else call %}
+            {{- '\\n<tool_call>\\n<function=' + call.name + '>\\n' }}
+            {%- for name, value in call.arguments|items %}
+                {{- '<parameter=' + name + '>\\n' }}
+                {{- value if value is string else value | tojson | safe }}
+                {{- '\\n</parameter>\\n' }}
+            {%- endfor %}
+            {{- '</function>\\n</tool_call>' }}
+        {%- endfor %}
+        {{- '<|im_end|>\\n' }}
+    {%- elif message.role == 'tool' %}
+        {%- if loop.previtem and loop.previtem.role != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}
+        {{- '\\n<tool_response>\\n' + content + '\\n</tool_response>' }}
+        {%- if loop.last or loop.nextitem.role != 'tool' %}{{- '<|im_end|>\\n' }}{%- endif %}
+    {%- else %}
+        {{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>\\n' }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\\n' }}
+    {%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}
+    {%- else %}{{- '<think>\\n' }}{%- endif %}
+{%- endif %}
+{{- '' if pad_token is undefined else '' }}{{- unk_token | default('') }}
+"""
+
+TOOLS = [{"type": "function", "function": {
+    "name": "weather", "description": "Today's weather — in °C",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+
+CONVERSATIONS = {
+    "pictures": [
+        {"role": "system", "content": "You see pictures."},
+        {"role": "user", "content": [{"type": "image", "image": np.zeros((4, 4, 3), np.uint8)},
+                                     {"type": "text", "text": "And this?"},
+                                     {"type": "video", "video": "clip.mp4"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "A square."}]},
+        {"role": "user", "content": [{"image": "cat.png"}, {"type": "text", "text": "Now?"}]},
+    ],
+    "tools": [
+        {"role": "user", "content": "Weather in Zürich and 東京?"},
+        {"role": "assistant", "content": None, "reasoning": "Two cities: two calls.",
+         "tool_calls": [{"type": "function", "function": {"name": "weather", "arguments": {"city": "Zürich"}}},
+                        {"name": "weather", "arguments": {"city": "東京", "days": [1, 2], "opts": {"unit": "C"}}}]},
+        {"role": "tool", "content": "12 °C"},
+        {"role": "tool", "content": "18 °C"},
+        {"role": "assistant", "content": "Zürich 12 °C, 東京 18 °C.", "thinking": "Both answered."},
+    ],
+    "history": [
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4", "reasoning_content": "Easy."},
+        {"role": "user", "content": "3+3?"},
+        {"role": "assistant", "content": "6", "reasoning_content": "Also easy.", "extra": np.float32(0.5)},
+    ],
+}
+
+
+@pytest.fixture
+def folder(tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(EMBEDDED, folder)
+    return folder
+
+
+def with_template(folder, template, **fields):
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.update(chat_template=template, **fields)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize("name", sorted(CONVERSATIONS))
+@pytest.mark.parametrize("options", [
+    {},
+    {"tools": TOOLS, "add_generation_prompt": True, "enable_thinking": False},
+    {"add_vision_id": True, "preserve_thinking": True, "add_generation_prompt": True},
+], ids=["plain", "tools", "variables"])
+def test_a_qwen_like_template_renders_as_transformers_renders_it(folder, name, options):
+    require_reference()
+    from transformers import AutoTokenizer
+
+    with_template(folder, QWEN_LIKE_TEMPLATE, unk_token="<|endoftext|>")
+    options = {"add_generation_prompt": False, **options}
+    want = AutoTokenizer.from_pretrained(str(folder)).apply_chat_template(
+        CONVERSATIONS[name], tokenize=False, **options)
+    got = Tokenizer(folder).render_chat(CONVERSATIONS[name], **options)
+    assert got == want
+    if options.get("tools"):
+        assert "°C" in got  # tojson keeps non-ASCII text as it is
+
+
+def test_a_generation_block_and_the_special_tokens_render_as_in_transformers(folder):
+    require_reference()
+    from transformers import AutoTokenizer
+
+    template = ("{%- for m in messages %}{%- if m.role == 'assistant' %}{% generation %}{%- set inner = 'scoped' %}"
+                "{{ m.content }}{{ eos_token }}{% endgeneration %}{%- else %}{{ m.content }}{%- endif %}"
+                "{{ inner | default('-') }}|{%- endfor %}{{ pad_token }}{{ image_token | default('') }}")
+    with_template(folder, template, extra_special_tokens={"image_token": "<|image_pad|>"})
+    messages = CONVERSATIONS["history"]
+    want = AutoTokenizer.from_pretrained(str(folder)).apply_chat_template(messages, tokenize=False)
+    got = Tokenizer(folder).render_chat(messages)
+    assert got == want and "<|im_end|>" in got and got.endswith("<|endoftext|><|image_pad|>")
+
+
+def test_a_template_refusal_reads_as_the_template_wrote_it(folder):
+    require_reference()
+    from jinja2 import TemplateError
+    from transformers import AutoTokenizer
+
+    with_template(folder, QWEN_LIKE_TEMPLATE)
+    messages = [{"role": "user", "content": [{"type": "audio", "audio": "a.wav"}]}]
+    with pytest.raises(TemplateError, match="no text, image or video"):
+        AutoTokenizer.from_pretrained(str(folder)).apply_chat_template(messages, tokenize=False)
+    with pytest.raises(MinqwenError, match="refused this conversation: a content part with no text, image or video"):
+        Tokenizer(folder).render_chat(messages)
+
+
+def test_the_template_sees_plain_data_only():
+    class Image:  # an object with a method a template must not reach
+        def save(self, path):
+            raise AssertionError("called from the template")
+
+    seen = plain_data({"content": [{"type": "image", "image": Image()}, {"x": np.bool_(False), "y": (np.int64(3),)}]})
+    assert seen == {"content": [{"type": "image", "image": "<Image>"}, {"x": False, "y": (3,)}]}
+    assert type(seen["content"][1]["y"][0]) is int
+    tok = Tokenizer(EMBEDDED)
+    tok.chat_template = "{{ messages[0].content[0].image.save('x') }}"
+    with pytest.raises(MinqwenError, match="failed to render"):
+        tok.render_chat([{"role": "user", "content": [{"type": "image", "image": Image()}]}])
+
+
+def test_content_parts_render_in_the_chatml_fallback_as_qwen_templates_render_them():
+    tok = Tokenizer(EMBEDDED)
+    tok.chat_template = CHATML_TEMPLATE
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"},
+                                             {"video": "v.mp4"}]},
+                {"role": "assistant", "content": None}]
+    assert tok.render_chat(messages, add_generation_prompt=False) == (
+        "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>What is it?"
+        "<|vision_start|><|video_pad|><|vision_end|><|im_end|>\n<|im_start|>assistant\n<|im_end|>\n")
+
+
+@pytest.mark.parametrize("messages, options, error", [
+    ([{"role": "user", "content": 5}], {}, "message 0: 'content' must be text or a list of parts"),
+    ([{"role": "user", "content": ["hi"]}], {}, "message 0: 'content' must be text or a list of parts"),
+    ([{"content": "hi"}], {}, "message 0 must be a dict with a string 'role'"),
+    ([{"role": "user", "content": "hi"}, "hi"], {}, "message 1 must be a dict"),
+    ([{"role": "user", "content": "hi"}], {"tools": {"name": "f"}}, "tools must be a list of tool schemas"),
+    ([{"role": "user", "content": "hi"}], {"tools": [print]}, "tools must be a list of tool schemas"),
+    ([{"role": "user", "content": "hi"}], {"documents": ["text"]}, "documents must be a list of dicts"),
+])
+def test_malformed_chats_are_named(messages, options, error):
+    with pytest.raises(MinqwenError, match=error):
+        Tokenizer(EMBEDDED).render_chat(messages, **options)
+
+
+def test_generate_refuses_images_it_has_no_features_for():
+    model, tok = minqwen.load(EMBEDDED), Tokenizer(EMBEDDED)
+    tok.chat_template = CHATML_TEMPLATE
+    for prompt in ([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What?"}]}],
+                   [{"role": "user", "content": [{"type": "video"}]}],
+                   "Look: <|image_pad|>"):
+        with pytest.raises(MinqwenError, match="read text alone"):
+            minqwen.generate(model, tok, prompt, max_new_tokens=2)
+    text = [{"role": "user", "content": [{"type": "text", "text": "Hello"}]}]
+    assert minqwen.generate(model, tok, text, max_new_tokens=3, temperature=0) == \
+        minqwen.generate(model, tok, [{"role": "user", "content": "Hello"}], max_new_tokens=3, temperature=0)
+
+
+def test_a_chat_session_history_must_hold_text():
+    model, tok = minqwen.load(EMBEDDED), Tokenizer(EMBEDDED)
+    for message in ({"role": "assistant", "content": None}, {"role": "user", "content": [{"type": "image"}]}, "hi"):
+        session = ChatSession(model, tok, messages=[message])
+        with pytest.raises(MinqwenError, match="message 0: a ChatSession's messages are dicts whose 'content' is text"):
+            "".join(session.reply("hi", max_new_tokens=1))
