@@ -68,7 +68,8 @@ np.set_printoptions(precision=4, suppress=True, linewidth=110)
 MAP = {
     "config": "0 · what the numbers in config.json mean",
     "checkpoint": "0 · reading safetensors files",
-    "tokenizer": "1 · text ↔ ids, the chat template",
+    "tokenizer": "1 · text ↔ ids",
+    "chat_template": "1 · a conversation as one string",
     "norms": "2 · zero-centred RMSNorm",
     "rope": "3 · rotary, partial rotary, M-RoPE",
     "attention": "4 · gated attention, the KV cache",
@@ -86,7 +87,7 @@ MAP = {
 for name, chapter in MAP.items():
     module = importlib.import_module(f"minqwen.{name}")
     first_line = module.__doc__.strip().splitlines()[0]
-    print(f"minqwen/{name + '.py':<14} ch. {chapter:<38} {first_line[:70]}")
+    print(f"minqwen/{name + '.py':<17} ch. {chapter:<38} {first_line[:70]}")
 
 # %% [markdown]
 # ## What a checkpoint is

@@ -172,7 +172,9 @@ for text in samples:
 #
 # The exact layout is a Jinja template shipped with the checkpoint
 # (`tokenizer_config.json`, key `chat_template`). minqwen renders it in a sandbox: it is code
-# that comes with a download, so it is not trusted with Python's full power.
+# that comes with a download, so it is not trusted with Python's full power
+# (`minqwen/chat_template.py`, which gives it exactly what transformers gives it, so that both
+# build the same prompt from the same messages, tools and images).
 
 # %%
 messages = [
