@@ -141,7 +141,10 @@ def render(template: str, messages, *, add_generation_prompt: bool, tools=None, 
     from jinja2 import TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    messages = conversation(messages)
+    try:
+        messages = conversation(messages)
+    except RecursionError:
+        raise MinqwenError("the chat's messages are nested too deeply, or a message contains itself") from None
     if tools is not None and not (isinstance(tools, (list, tuple)) and all(isinstance(t, Mapping) for t in tools)):
         raise MinqwenError("tools must be a list of tool schemas (dicts such as {'type': 'function', 'function': "
                            f"{{'name': …, 'parameters': …}}}}), got {tools!r:.200}")

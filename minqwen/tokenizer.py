@@ -144,6 +144,12 @@ class Tokenizer:
         """
         if self._template_problem is not None:
             raise MinqwenError(self._template_problem)
+        for option, instead in (("chat_template", "set tokenizer.chat_template = … before rendering"),
+                                ("continue_final_message", "render without it and cut the text after the final "
+                                                           "message's content")):
+            if option in variables:  # the template would see it as a variable and render as if it were not given
+                raise MinqwenError(f"render_chat has no option {option!r} (transformers' apply_chat_template "
+                                   f"does): {instead}")
         return render(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
                       tools=tools, documents=documents, special_tokens=self.special_tokens,
                       enable_thinking=enable_thinking, **variables)

@@ -213,10 +213,19 @@ def test_content_parts_render_in_the_chatml_fallback_as_qwen_templates_render_th
     ([{"role": "user", "content": "hi"}], {"tools": {"name": "f"}}, "tools must be a list of tool schemas"),
     ([{"role": "user", "content": "hi"}], {"tools": [print]}, "tools must be a list of tool schemas"),
     ([{"role": "user", "content": "hi"}], {"documents": ["text"]}, "documents must be a list of dicts"),
+    ([{"role": "user", "content": "hi"}], {"chat_template": "{{ 1 }}"}, "no option 'chat_template'"),
+    ([{"role": "assistant", "content": "Sure"}], {"continue_final_message": True}, "no option 'continue_final"),
 ])
 def test_malformed_chats_are_named(messages, options, error):
     with pytest.raises(MinqwenError, match=error):
         Tokenizer(EMBEDDED).render_chat(messages, **options)
+
+
+def test_a_message_that_contains_itself_is_named():
+    message = {"role": "user", "content": [{"type": "text", "text": "hi"}]}
+    message["content"][0]["self"] = message
+    with pytest.raises(MinqwenError, match="contains itself"):
+        Tokenizer(EMBEDDED).render_chat([message])
 
 
 def test_generate_refuses_images_it_has_no_features_for():
