@@ -97,11 +97,12 @@ def forced(tokens):
     return decode
 
 
-def skip_or_fail(reason: str) -> None:
-    """Skip a test whose optional dependency is missing — or fail it under CI, where every lane must run."""
+def skip_or_fail(reason: str, whole_module: bool = False) -> None:
+    """Skip a test (or, from a module's top level, all of its tests) whose optional dependency is
+    missing — or fail it under CI, where every lane must run."""
     if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
         pytest.fail(f"CI=true, but {reason}")
-    pytest.skip(reason)
+    pytest.skip(reason, allow_module_level=whole_module)
 
 
 STORED_ITEMSIZE = {"F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1}  # bytes per element, by safetensors dtype

