@@ -72,8 +72,12 @@ def plain_data(value):
     of the caller's objects; anything else becomes a placeholder such as ``"<ndarray>"``."""
     if value is None or type(value) in (str, int, float, bool):
         return value
-    if isinstance(value, (str, int, float)):  # a subclass (an enum, NumPy's float64) as its base type
-        return str(value) if isinstance(value, str) else float(value) if isinstance(value, float) else int(value)
+    if isinstance(value, str):  # a subclass (an enum of roles) as its bare text, whatever its __str__ says
+        return str.__str__(value)
+    if isinstance(value, float):  # NumPy's float64 is one
+        return float.__float__(value)
+    if isinstance(value, int):
+        return int.__int__(value)
     if isinstance(value, np.generic):  # np.bool_(False) would otherwise be a truthy placeholder
         return plain_data(value.item())
     if isinstance(value, Mapping):

@@ -2,6 +2,7 @@
 tools, tool calls, reasoning under its several names, extra variables, special tokens, the
 {% generation %} block, and plain data only inside the sandbox."""
 
+import enum
 import json
 import shutil
 
@@ -185,9 +186,14 @@ def test_the_template_sees_plain_data_only():
         def save(self, path):
             raise AssertionError("called from the template")
 
-    seen = plain_data({"content": [{"type": "image", "image": Image()}, {"x": np.bool_(False), "y": (np.int64(3),)}]})
-    assert seen == {"content": [{"type": "image", "image": "<Image>"}, {"x": False, "y": (3,)}]}
-    assert type(seen["content"][1]["y"][0]) is int
+    class Role(str, enum.Enum):  # str() of it is "Role.USER"; a template must see "user"
+        USER = "user"
+
+    seen = plain_data({"content": [{"type": "image", "image": Image()}, {"x": np.bool_(False), "y": (np.int64(3),)}],
+                       "role": Role.USER})
+    assert seen == {"content": [{"type": "image", "image": "<Image>"}, {"x": False, "y": (3,)}], "role": "user"}
+    assert type(seen["content"][1]["y"][0]) is int and type(seen["role"]) is str
+    assert Tokenizer(EMBEDDED).render_chat([{"role": Role.USER, "content": "hi"}]).startswith("<|im_start|>user\n")
     tok = Tokenizer(EMBEDDED)
     tok.chat_template = "{{ messages[0].content[0].image.save('x') }}"
     with pytest.raises(MinqwenError, match="failed to render"):
