@@ -6,7 +6,8 @@ threadpoolctl) and Numba's parallel kernels. Numba cannot use more threads than
 before importing minqwen.
 
 Importing minqwen also asks the C allocator to keep freed memory for reuse
-(:func:`keep_freed_memory`).
+(:func:`keep_freed_memory`), and keeps Numba's compiled kernels out of an installed package
+(:func:`numba_cache_outside_the_package`).
 """
 
 from __future__ import annotations
@@ -90,6 +91,32 @@ def keep_freed_memory() -> bool:
 
 
 keep_freed_memory()
+
+
+def numba_cache_outside_the_package() -> str | None:
+    """Where an installed minqwen's Numba kernels are cached: numba's own per-user cache folder.
+
+    Numba caches a compiled kernel (``cache=True``) beside its source, in ``__pycache__``. For
+    minqwen installed into site-packages (``pip install .``) that is a folder pip did not
+    install, so ``pip uninstall`` leaves it behind, and with it an empty ``minqwen/`` that
+    Python then imports, instead of minqwen itself, after a later ``pip install -e .``. So
+    when minqwen runs from site-packages and the user has not chosen a cache folder
+    (``NUMBA_CACHE_DIR``), kernels go where Numba puts those of a read-only install. A source
+    checkout keeps Numba's default. Returns the folder chosen, or None.
+    """
+    package = Path(__file__).resolve().parent
+    if os.environ.get("NUMBA_CACHE_DIR") or package.parent.name not in ("site-packages", "dist-packages"):
+        return None
+    import numba
+    from numba.misc.appdirs import AppDirs
+
+    folder = AppDirs(appname="numba", appauthor=False).user_cache_dir
+    # Both: numba has read the environment already, and re-reads it if a NUMBA_ variable changes.
+    os.environ["NUMBA_CACHE_DIR"] = numba.config.CACHE_DIR = folder
+    return folder
+
+
+numba_cache_outside_the_package()
 
 _limits = None  # the threadpoolctl limiter in force, kept alive so the limit holds
 _controller = None  # a threadpoolctl controller, made once: making one scans the loaded libraries (~1 ms)

@@ -2,8 +2,10 @@
 
 import os
 import resource
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -49,3 +51,26 @@ def test_the_default_thread_count_stays_within_numba_num_threads():
                              capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and "NUMBA_NUM_THREADS" in refused.stderr
     assert "Traceback" not in refused.stderr
+
+
+def test_an_installed_minqwen_caches_its_numba_kernels_outside_the_package(tmp_path):
+    # pip uninstall would leave a cache inside site-packages/minqwen behind, and the empty
+    # minqwen/ it leaves would then shadow a later editable install
+    site = tmp_path / "lib" / "site-packages"
+    shutil.copytree(Path(__file__).resolve().parent.parent / "minqwen", site / "minqwen",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_CACHE_DIR", "XDG_CACHE_HOME")}
+    env.update(HOME=str(home), PYTHONPATH=str(site))
+    code = ("import minqwen, os; print(minqwen.__file__); print(os.environ['NUMBA_CACHE_DIR']); "
+            "minqwen.load(minqwen.checkpoint.EMBEDDED).forward([1, 2, 3])")
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr
+    package, folder = run.stdout.splitlines()[:2]
+    assert Path(package).parent == site / "minqwen" and Path(folder).is_relative_to(home)
+    assert not list((site / "minqwen").rglob("*.nbi")) and list(Path(folder).rglob("*.nbi"))
+    env["NUMBA_CACHE_DIR"] = str(tmp_path / "mine")  # the user's choice wins
+    run = subprocess.run([sys.executable, "-c", "import minqwen, os; print(os.environ['NUMBA_CACHE_DIR'])"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert run.stdout.strip() == str(tmp_path / "mine"), run.stderr
