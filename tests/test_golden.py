@@ -23,6 +23,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -594,6 +595,15 @@ def test_worked_example_port_agrees_and_its_norm_bug_is_found_at_the_norm(tmp_pa
     out = capfd.readouterr().out
     assert "first divergence: layers.0.input_layernorm" in out
     assert any(line.startswith(">> layers.0.input_layernorm ") for line in out.splitlines())
+
+
+def test_worked_example_without_a_workdir_leaves_no_files_behind(tmp_path, capfd, monkeypatch):
+    spec = importlib.util.spec_from_file_location("golden_port_example", ROOT / "tools" / "golden_port_example.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    assert example.main(["--model", str(FIXTURES / "multimodal_sharded"), "--tokens", "5,17,42,99"]) == 0
+    assert "within tolerance" in capfd.readouterr().out and list(tmp_path.iterdir()) == []
 
 
 MODEL_ARG = ["--model", str(FIXTURES / "multimodal_sharded")]

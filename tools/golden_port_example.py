@@ -100,12 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True, type=Path, help="checkpoint folder")
     parser.add_argument("--tokens", required=True, help="prompt token ids, e.g. 5,17,42,99")
     parser.add_argument("--bug", action="store_true", help="forget the 1 + w of the zero-centred RMSNorm")
-    parser.add_argument("--workdir", type=Path, help="where to write the two recordings (default: a temporary folder)")
+    parser.add_argument("--workdir", type=Path,
+                        help="where to write the two recordings (default: a temporary folder, deleted at the end)")
     args = parser.parse_args(argv)
 
     from minqwen.config import load_config
     from minqwen.errors import MinqwenError
-    from minqwen.golden import config_hash
 
     try:  # check the arguments before the port runs: it is written to be short, not defensive
         config = load_config(args.model)
@@ -120,8 +120,17 @@ def main(argv: list[str] | None = None) -> int:
     except MinqwenError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="golden-port-"))
-    workdir.mkdir(parents=True, exist_ok=True)
+    if args.workdir is None:  # the recordings go when the comparison is done
+        with tempfile.TemporaryDirectory(prefix="golden-port-") as workdir:
+            return record_and_compare(args, Path(workdir), token_ids, config)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    return record_and_compare(args, args.workdir, token_ids, config)
+
+
+def record_and_compare(args, workdir: Path, token_ids: list[int], config) -> int:
+    """The port's recording against minqwen's, both written to ``workdir``: golden compare's exit code."""
+    from minqwen.golden import config_hash
+
     port_file, minqwen_file = workdir / "port.safetensors", workdir / "minqwen.safetensors"
 
     taps = port_taps(args.model, token_ids, bug=args.bug)

@@ -648,7 +648,7 @@ def write_model_card(out: Path, report: dict) -> None:
     samples = "\n\n".join(
         f"**{s['mode']}**, prompt `{s['prompt']!r}`:\n\n{fence}\n{s['prompt']}{s['output']}\n{fence}" for s in r["samples"])
     chats = "\n\n".join(
-        f"**chat, thinking {'on' if s['thinking'] else 'off'}**, user: {s['user']!r}\n\n{fence}\n{s['output']}\n{fence}"
+        f"**chat, thinking {'on' if s['thinking'] else 'off'}, greedy, no repetition penalty**, user: {s['user']!r}\n\n{fence}\n{s['output']}\n{fence}"
         for s in r["chat_samples"])
     corpus = r["corpus"]
     threads = "one CPU thread" if r["args"]["threads"] == 1 else f"{r['args']['threads']} CPU threads"
@@ -943,7 +943,7 @@ def main(argv=None) -> None:
 
     samples = []
     for prompt in PROMPTS:
-        for mode, sample in (("greedy", False), ("sampled (temperature 0.7, top-k 20, top-p 0.9, repetition penalty 1.05, seed 0)", True)):
+        for mode, sample in (("greedy, no repetition penalty (`--temperature 0 --repetition-penalty 1`)", False), ("sampled (temperature 0.7, top-k 20, top-p 0.9, repetition penalty 1.05, seed 0)", True)):
             samples.append({"prompt": prompt, "mode": mode,
                             "output": continue_text(loaded, tokenizer, prompt, 80, sample)})
     chat_samples = []
