@@ -21,9 +21,16 @@ import numpy as np
 
 
 def inverse_frequencies(theta: float, rotary_dim: int) -> np.ndarray:
-    """inv_freq[i] = theta^(-2i / R) for i < R/2, in float32 like the reference."""
+    """inv_freq[i] = theta^(-2i / R) for i < R/2, rounded as the reference rounds it.
+
+    transformers computes 1 / theta^(2i/R) in float32: the power rounded to float32, then
+    the reciprocal rounded again. Rounding theta^(-2i/R) once puts a third of the
+    frequencies one float32 step off; the angle position × inv_freq then drifts with the
+    position (on a small model with Qwen3.5's rotary, logits 1e-3 apart at position 100,000).
+    """
     exponents = np.arange(0, rotary_dim, 2, dtype=np.float32) / np.float32(rotary_dim)  # [R/2]
-    return (1.0 / (np.float64(theta) ** exponents.astype(np.float64))).astype(np.float32)
+    power = (np.float64(theta) ** exponents.astype(np.float64)).astype(np.float32)  # theta^(2i/R), float32
+    return np.float32(1.0) / power
 
 
 def yarn_mscale(scale: float, m: float = 1.0) -> float:

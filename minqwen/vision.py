@@ -43,7 +43,7 @@ from .errors import MinqwenError, is_finite_number
 from .image import PreprocessorConfig, image_list, load_preprocessor_config, preprocess_images, target_size
 from .linear import linear
 from .model import Cache
-from .rope import apply_rotary
+from .rope import apply_rotary, inverse_frequencies
 
 # What minqwen does with each vision_config field.
 VISION_FIELDS: dict[str, str] = {
@@ -322,7 +322,7 @@ def rotary_cos_sin(grid_thw: np.ndarray, merge: int, head_dim: int, theta: float
     """
     coords = patch_coordinates(grid_thw, merge).astype(np.float32)  # [N, 2]
     spatial = head_dim // 2
-    inv_freq = np.float32(1) / (np.float32(theta) ** (np.arange(0, spatial, 2, dtype=np.float32) / np.float32(spatial)))  # [D/4]
+    inv_freq = inverse_frequencies(theta, spatial)  # [D/4]
     angles = coords[:, :, None] * inv_freq  # [N, 2, D/4]
     half = angles.reshape(len(coords), -1)  # [N, D/2]: row angles, then column angles
     emb = np.concatenate([half, half], axis=-1)  # [N, D]

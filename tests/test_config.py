@@ -389,6 +389,20 @@ def test_a_rope_theta_transformers_computes_finite_frequencies_for_loads_with_it
     assert np.array_equal(inverse_frequencies(c.rope_theta, c.rotary_dim), expected.numpy())
 
 
+@pytest.mark.reference
+@pytest.mark.parametrize("theta, rotary_dim", [(1e7, 64), (1e7, 128), (1e4, 16), (1e4, 64), (1e6, 32), (1e6, 64)])
+def test_rotary_inverse_frequencies_are_rounded_as_transformers_rounds_them(theta, rotary_dim):
+    # Rounded once from float64 instead, a third of them were a float32 step off, and the
+    # angles position × inv_freq drifted apart at long positions (see test_reference_live).
+    require_reference()
+    import torch
+
+    from minqwen.rope import inverse_frequencies
+
+    expected = (1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float) / rotary_dim))).numpy()
+    np.testing.assert_array_equal(inverse_frequencies(theta, rotary_dim), expected)
+
+
 def test_mrope_interleaved_is_accepted_in_rope_parameters():
     rope = {"rope_type": "default", "mrope_section": [1, 1, 0], "mrope_interleaved": True}
     assert parse(small_text(rope_parameters=rope)).mrope_section == (1, 1, 0)

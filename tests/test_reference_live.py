@@ -95,3 +95,55 @@ def test_random_configs_match_transformers(tmp_path_factory, text, multimodal, d
     got += [ours.forward([token], our_cache) for token in ids[prompt_len:]]
     for step, (g, e) in enumerate(zip(got, expected)):
         np.testing.assert_allclose(g, e, rtol=0, atol=ATOL, err_msg=f"step {step} of {text}")
+
+
+@pytest.mark.parametrize("start", [30_000, 100_000])
+def test_logits_at_long_positions_match_transformers_with_qwen35_rotary(tmp_path, start):
+    # The drawn configs never pass position ~80. Here: Qwen3.5's rotary (theta 1e7, head_dim
+    # 256, partial 0.25), attention layers only, 8 tokens at positions start … start + 7 of its
+    # 262,144-token context, given to both explicitly.
+    reference = require_reference()
+    import torch
+
+    text = dict(vocab_size=120, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+                layer_types=["full_attention"] * 2, num_attention_heads=2, num_key_value_heads=1, head_dim=256,
+                hidden_act="silu", rms_norm_eps=1e-6, attention_bias=True, tie_word_embeddings=False,
+                linear_conv_kernel_dim=4, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
+                linear_value_head_dim=8, max_position_embeddings=262144,
+                rope_parameters=dict(rope_type="default", rope_theta=1e7, partial_rotary_factor=0.25))
+    model = reference.build_model(text, 0)
+    reference.save_checkpoint(model, tmp_path, dtype="float32")
+    ids = np.random.default_rng(0).integers(0, text["vocab_size"], size=8)
+    positions = np.arange(start, start + 8)
+    with torch.no_grad():
+        expected = model(input_ids=torch.tensor(ids[None]), position_ids=torch.tensor(positions[None])).logits[0]
+    got = minqwen.load(tmp_path).forward(ids, position_ids=np.broadcast_to(positions, (3, 8)))
+    np.testing.assert_allclose(got, expected.numpy(), rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("pieces", [[5, 7], [1, 1, 10], [3, 70], [64, 64, 5], [10, 3, 1, 4]])
+def test_a_prompt_fed_in_pieces_to_a_cache_matches_transformers(tmp_path, pieces):
+    # The drawn cases feed a prompt to an empty cache, then one token at a time; here several
+    # tokens at once go to a cache that already holds some (the conv window, the state and the
+    # KV cache all carry over).
+    reference = require_reference()
+    import torch
+
+    text = dict(vocab_size=120, hidden_size=32, intermediate_size=40, num_hidden_layers=3,
+                layer_types=["linear_attention", "full_attention", "linear_attention"], num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, hidden_act="silu", rms_norm_eps=1e-6, attention_bias=True,
+                tie_word_embeddings=False, linear_conv_kernel_dim=4, linear_num_key_heads=2,
+                linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8,
+                max_position_embeddings=1024,
+                rope_parameters=dict(rope_type="default", rope_theta=1e4, partial_rotary_factor=0.5))
+    model = reference.build_model(text, 4)
+    reference.save_checkpoint(model, tmp_path, dtype="float32")
+    ours = minqwen.load(tmp_path)
+    ids = np.random.default_rng(4).integers(0, text["vocab_size"], size=sum(pieces))
+    cache, reference_cache, start = ours.new_cache(), None, 0
+    for n in pieces:
+        chunk, start = ids[start:start + n], start + n
+        with torch.no_grad():
+            out = model(input_ids=torch.tensor(chunk[None]), past_key_values=reference_cache, use_cache=True)
+        reference_cache = out.past_key_values
+        np.testing.assert_allclose(ours.forward(chunk, cache), out.logits[0].numpy(), rtol=0, atol=ATOL)
