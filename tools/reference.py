@@ -188,6 +188,8 @@ def save_checkpoint(model, folder: Path, dtype: str = "float32", max_shard_size=
     unless ``fused_experts`` (``experts.gate_up_proj``, ``experts.down_proj``: transformers'
     in-memory layout, written with ``save_original_format=False``).
     """
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"save_checkpoint writes float32 or bfloat16, not {dtype!r}")
     folder = Path(folder)
     kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     if fused_experts:
