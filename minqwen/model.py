@@ -370,7 +370,7 @@ def load(path: str | Path, progress=None, dtype: str = "float32", bf16_prompts: 
     ``dtype``: how the projection matrices are kept in memory. "float32" (default) widens
     everything on load. "bfloat16" keeps them as bf16 — half the memory and half the bytes
     per decode step — and widens inside the matmul kernels, accumulating in float32: exact
-    for a bf16 checkpoint, a rounding of the weights for an fp32 one. Norms, decay
+    for a bf16 checkpoint, a rounding of the weights for an fp32 or fp16 one. Norms, decay
     parameters, biases and every activation stay float32 in both modes.
     ``bf16_prompts`` (with "bfloat16" only, on a CPU with AVX512-BF16): products of 16 rows
     or more — a prompt's layers, and the LM head over many positions (:meth:`Model.score`) —

@@ -147,3 +147,28 @@ def test_a_prompt_fed_in_pieces_to_a_cache_matches_transformers(tmp_path, pieces
             out = model(input_ids=torch.tensor(chunk[None]), past_key_values=reference_cache, use_cache=True)
         reference_cache = out.past_key_values
         np.testing.assert_allclose(ours.forward(chunk, cache), out.logits[0].numpy(), rtol=0, atol=ATOL)
+
+
+def test_a_float16_checkpoint_matches_transformers_on_the_stored_values(tmp_path):
+    # The drawn cases store float32 or bfloat16; Hugging Face checkpoints may also be float16.
+    reference = require_reference()
+    import copy
+
+    import torch
+
+    text = dict(vocab_size=120, hidden_size=32, intermediate_size=40, num_hidden_layers=3,
+                layer_types=["linear_attention", "full_attention", "linear_attention"], num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, hidden_act="silu", rms_norm_eps=1e-6, attention_bias=True,
+                tie_word_embeddings=False, linear_conv_kernel_dim=4, linear_num_key_heads=2,
+                linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8,
+                max_position_embeddings=1024,
+                rope_parameters=dict(rope_type="default", rope_theta=1e4, partial_rotary_factor=0.5))
+    model = reference.build_model(text, 7)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.half().float())  # the float32 reference computes with the stored values
+    copy.deepcopy(model).half().save_pretrained(tmp_path)
+    ids = np.random.default_rng(7).integers(0, text["vocab_size"], size=20)
+    with torch.no_grad():
+        expected = model(input_ids=torch.tensor(ids[None])).logits[0].numpy()
+    np.testing.assert_allclose(minqwen.load(tmp_path).forward(ids), expected, rtol=0, atol=ATOL)
