@@ -97,6 +97,16 @@ def test_random_configs_match_transformers(tmp_path_factory, text, multimodal, d
         np.testing.assert_allclose(g, e, rtol=0, atol=ATOL, err_msg=f"step {step} of {text}")
 
 
+# A fixed small config for the cases below, which the drawn ones do not reach.
+SMALL_HYBRID = dict(vocab_size=120, hidden_size=32, intermediate_size=40, num_hidden_layers=3,
+                    layer_types=["linear_attention", "full_attention", "linear_attention"], num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=16, hidden_act="silu", rms_norm_eps=1e-6, attention_bias=True,
+                    tie_word_embeddings=False, linear_conv_kernel_dim=4, linear_num_key_heads=2,
+                    linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8,
+                    max_position_embeddings=1024,
+                    rope_parameters=dict(rope_type="default", rope_theta=1e4, partial_rotary_factor=0.5))
+
+
 @pytest.mark.parametrize("start", [30_000, 100_000])
 def test_logits_at_long_positions_match_transformers_with_qwen35_rotary(tmp_path, start):
     # The drawn configs never pass position ~80. Here: Qwen3.5's rotary (theta 1e7, head_dim
@@ -105,11 +115,8 @@ def test_logits_at_long_positions_match_transformers_with_qwen35_rotary(tmp_path
     reference = require_reference()
     import torch
 
-    text = dict(vocab_size=120, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
-                layer_types=["full_attention"] * 2, num_attention_heads=2, num_key_value_heads=1, head_dim=256,
-                hidden_act="silu", rms_norm_eps=1e-6, attention_bias=True, tie_word_embeddings=False,
-                linear_conv_kernel_dim=4, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
-                linear_value_head_dim=8, max_position_embeddings=262144,
+    text = dict(SMALL_HYBRID, num_hidden_layers=2, layer_types=["full_attention"] * 2, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=256, max_position_embeddings=262144,
                 rope_parameters=dict(rope_type="default", rope_theta=1e7, partial_rotary_factor=0.25))
     model = reference.build_model(text, 0)
     reference.save_checkpoint(model, tmp_path, dtype="float32")
@@ -129,13 +136,7 @@ def test_a_prompt_fed_in_pieces_to_a_cache_matches_transformers(tmp_path, pieces
     reference = require_reference()
     import torch
 
-    text = dict(vocab_size=120, hidden_size=32, intermediate_size=40, num_hidden_layers=3,
-                layer_types=["linear_attention", "full_attention", "linear_attention"], num_attention_heads=4,
-                num_key_value_heads=2, head_dim=16, hidden_act="silu", rms_norm_eps=1e-6, attention_bias=True,
-                tie_word_embeddings=False, linear_conv_kernel_dim=4, linear_num_key_heads=2,
-                linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8,
-                max_position_embeddings=1024,
-                rope_parameters=dict(rope_type="default", rope_theta=1e4, partial_rotary_factor=0.5))
+    text = SMALL_HYBRID
     model = reference.build_model(text, 4)
     reference.save_checkpoint(model, tmp_path, dtype="float32")
     ours = minqwen.load(tmp_path)
@@ -156,13 +157,7 @@ def test_a_float16_checkpoint_matches_transformers_on_the_stored_values(tmp_path
 
     import torch
 
-    text = dict(vocab_size=120, hidden_size=32, intermediate_size=40, num_hidden_layers=3,
-                layer_types=["linear_attention", "full_attention", "linear_attention"], num_attention_heads=4,
-                num_key_value_heads=2, head_dim=16, hidden_act="silu", rms_norm_eps=1e-6, attention_bias=True,
-                tie_word_embeddings=False, linear_conv_kernel_dim=4, linear_num_key_heads=2,
-                linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8,
-                max_position_embeddings=1024,
-                rope_parameters=dict(rope_type="default", rope_theta=1e4, partial_rotary_factor=0.5))
+    text = SMALL_HYBRID
     model = reference.build_model(text, 7)
     with torch.no_grad():
         for p in model.parameters():
