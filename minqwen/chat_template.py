@@ -29,6 +29,8 @@ from collections.abc import Mapping
 from datetime import datetime
 
 import numpy as np
+from jinja2.exceptions import SecurityError
+from jinja2.utils import Namespace
 
 from .errors import MinqwenError
 
@@ -95,11 +97,15 @@ def plain_data(value):
 
 def conversation(messages) -> list[dict]:
     """The messages as the template sees them: checked, plain data, reasoning under every name."""
-    if not isinstance(messages, (list, tuple)):
-        raise MinqwenError(f"a chat is a list of messages (dicts with 'role' and 'content'), got "
-                           f"{type(messages).__name__}")
-    seen = []
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise MinqwenError(f"a chat is a list of one or more messages (dicts with 'role' and 'content'), got "
+                           f"{messages!r:.200}")
+    shown = []  # the messages as the template will see them
     for i, message in enumerate(plain_data(list(messages))):
+        if isinstance(message, dict):
+            # A field set to None is left out, as transformers leaves it out: the OpenAI client
+            # writes content=None, tool_calls=None, and templates test whether a field is there.
+            message = {key: value for key, value in message.items() if value is not None}
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise MinqwenError(f"chat message {i} must be a dict with a string 'role' (and its 'content': text, "
                                f"or a list of parts such as {{'type': 'text', 'text': …}}), got {message!r:.200}")
@@ -111,8 +117,8 @@ def conversation(messages) -> list[dict]:
         reasoning = next((message[k] for k in REASONING_FIELDS if message.get(k) is not None), None)
         if reasoning is not None:
             message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
-        seen.append(message)
-    return seen
+        shown.append(message)
+    return shown
 
 
 def _generation_block():
@@ -139,9 +145,42 @@ def _generation_block():
     return GenerationBlock
 
 
+class _Namespace(Namespace):
+    """Jinja's ``namespace()``, refusing names that start with an underscore, as transformers'
+    does (the sandbox guards such names on objects; a namespace's own would be left open)."""
+
+    def __init__(*args, **kwargs):  # no named self: namespace(self=…) must still work
+        self, names = args[0], dict(*args[1:], **kwargs)
+        for name in names:
+            _check_namespace_name(name)
+        Namespace.__init__(self, names)
+
+    def __setitem__(self, name, value):
+        _check_namespace_name(name)
+        Namespace.__setitem__(self, name, value)
+
+
+def _check_namespace_name(name) -> None:
+    # (a function, not a method: a Namespace answers every attribute lookup from its own names)
+    if isinstance(name, str) and name.startswith("_"):
+        raise SecurityError(f"a chat template cannot give a namespace a name that starts with '_' ({name!r})")
+
+
+class _Dict:
+    """``dict(…)`` and ``dict.fromkeys(…)`` for templates, without the dict type itself, whose
+    unbound methods (``dict.pop(d, key)``) would change data the template was given."""
+
+    def __call__(self, *args, **kwargs):
+        return dict(*args, **kwargs)
+
+    def fromkeys(self, *args, **kwargs):
+        return dict.fromkeys(*args, **kwargs)
+
+
 def render(template: str, messages, *, add_generation_prompt: bool, tools=None, documents=None,
-           special_tokens: dict | None = None, **variables) -> str:
-    """``template`` applied to ``messages`` (see the module's docstring for what it sees)."""
+           special_tokens: dict | None = None, variables: dict | None = None) -> str:
+    """``template`` applied to ``messages`` (see the module's docstring for what it sees);
+    ``variables``: whatever else the template reads, by name."""
     from jinja2 import TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -168,15 +207,20 @@ def render(template: str, messages, *, add_generation_prompt: bool, tools=None, 
                                         extensions=["jinja2.ext.loopcontrols", _generation_block()])
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda format: datetime.now().strftime(format)
+    env.globals["namespace"] = _Namespace
+    env.globals["dict"] = _Dict()
     env.filters["tojson"] = tojson
     try:
         pieces = env.from_string(template).generate(
-            **plain_data({**(special_tokens or {}), **variables}),  # the caller's variables win, as in transformers
+            # the caller's variables win over the special tokens, as in transformers
+            **plain_data({**(special_tokens or {}), **(variables or {})}),
             messages=messages, tools=plain_data(tools), documents=plain_data(documents),
             add_generation_prompt=add_generation_prompt,
         )
         rendered, length = [], 0
-        for piece in pieces:  # streamed, so that a runaway template stops here, not when memory runs out
+        # Streamed, so that a template looping over its output stops here. (One expression
+        # that builds a huge string, 'x' * 10**9, is built whole first, as in transformers.)
+        for piece in pieces:
             rendered.append(piece)
             length += len(piece)
             if length > MAX_RENDERED_CHARACTERS:

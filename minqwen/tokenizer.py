@@ -1,4 +1,4 @@
-"""Text ↔ token ids, the chat template, and streaming decode.
+"""Text ↔ token ids, the checkpoint's tokenizer files, and streaming decode.
 
 * ids come from the checkpoint's ``tokenizer.json`` through the ``tokenizers`` library (the
   same byte-level BPE the reference uses), special tokens included;
@@ -20,6 +20,17 @@ from pathlib import Path
 from .chat_template import CHATML_TEMPLATE, render
 from .config import read_json_object
 from .errors import MinqwenError, is_whole_number
+
+# Tokenizer classes whose unset unk, eos and pad tokens transformers fills with <|endoftext|>
+QWEN_TOKENIZER_CLASSES = ("Qwen2Tokenizer", "Qwen2TokenizerFast")
+
+
+def _token_text(token) -> str | None:
+    """A special token as tokenizer_config.json gives it — a string, or an AddedToken dict — as text."""
+    if isinstance(token, dict):
+        token = token.get("content")
+    return token if isinstance(token, str) else None
+
 
 def _read_json(path: Path) -> dict:
     """The file's JSON object, or {} when the checkpoint does not ship it (each of these is optional)."""
@@ -59,6 +70,8 @@ class Tokenizer:
             if template is None:  # as transformers refuses it: no template is the chat template
                 problem = (f"{folder / 'tokenizer_config.json'}: field 'chat_template' lists named templates "
                            f"({', '.join(map(repr, named)) or 'none with a name'}) but none named 'default'")
+        else:
+            named = {}
         if template is not None and not isinstance(template, str) and problem is None:
             problem = (f"{folder / 'tokenizer_config.json'}: field 'chat_template' must be a template (a string) "
                        f"or named ones (a list or an object), got {template!r}")
@@ -72,6 +85,8 @@ class Tokenizer:
         self.chat_template = template if isinstance(template, str) else CHATML_TEMPLATE
         self.has_chat_template = isinstance(template, str)
         self._template_problem = problem  # after the setter above, which clears it
+        # With tools, a checkpoint's template named 'tool_use' is used instead, as in transformers
+        self._tool_use_template = named.get("tool_use") if not template_file.is_file() else None
         self.eos_ids = self._eos_ids()
 
     @property
@@ -80,9 +95,10 @@ class Tokenizer:
 
     @chat_template.setter
     def chat_template(self, template: str) -> None:
-        """A template set by hand replaces whatever was wrong with the checkpoint's."""
+        """A template set by hand replaces the checkpoint's, and whatever was wrong with them."""
         self._chat_template = template
         self._template_problem = None
+        self._tool_use_template = None
 
     @property
     def vocab_size(self) -> int:
@@ -101,17 +117,10 @@ class Tokenizer:
             warnings.warn(f"{self.generation_config_path}: eos_token_id {eos!r} holds negative ids, which no "
                           "token can have: they are ignored", stacklevel=3)
             ids = [i for i in ids if i >= 0]
-        eos_token = self._special_token_text("eos_token")
+        eos_token = _token_text(self.config.get("eos_token")) or ""
         if eos_token and self.token_to_id(eos_token) is not None:
             ids.append(self.token_to_id(eos_token))
         return tuple(dict.fromkeys(ids))
-
-    def _special_token_text(self, field: str, token=None) -> str:
-        """tokenizer_config's bos_token / eos_token as text: a string, or an AddedToken dict's content."""
-        token = self.config.get(field) if token is None else token
-        if isinstance(token, dict):
-            token = token.get("content")
-        return token if isinstance(token, str) else ""
 
     def encode(self, text: str) -> list[int]:
         """Text → ids. Special-token strings in the text (``<|im_start|>`` …) become their ids."""
@@ -140,29 +149,45 @@ class Tokenizer:
         As transformers' ``apply_chat_template(messages, tokenize=False, …)``: a message's
         ``content`` is text or a list of parts (``{"type": "text", "text": …}``,
         ``{"type": "image"}`` …); ``tools`` are JSON schemas; ``variables`` are whatever else the
-        template reads (``add_vision_id=True`` …). See :mod:`minqwen.chat_template`.
+        template reads (``add_vision_id=True`` …). See :mod:`minqwen.chat_template`. Two
+        defaults differ from transformers': ``add_generation_prompt`` is True (a prompt to answer
+        is what minqwen renders for), and ``enable_thinking`` is always given to the template.
         """
-        if self._template_problem is not None:
-            raise MinqwenError(self._template_problem)
-        for option, instead in (("chat_template", "set tokenizer.chat_template = … before rendering"),
-                                ("continue_final_message", "render without it and cut the text after the final "
-                                                           "message's content")):
+        for option, instead in (
+                ("chat_template", "set tokenizer.chat_template = … before rendering"),
+                ("continue_final_message", "render without it and cut the text after the final message's content"),
+                ("sanitize_control_tokens", "it applies when transformers tokenizes, which render_chat does not"),
+                ("return_assistant_tokens_mask", "it applies when transformers tokenizes, which render_chat does not")):
             if option in variables:  # the template would see it as a variable and render as if it were not given
                 raise MinqwenError(f"render_chat has no option {option!r} (transformers' apply_chat_template "
                                    f"does): {instead}")
-        return render(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
-                      tools=tools, documents=documents, special_tokens=self.special_tokens,
-                      enable_thinking=enable_thinking, **variables)
+        if tools is not None and self._tool_use_template is not None:
+            template = self._tool_use_template
+        elif self._template_problem is not None:
+            raise MinqwenError(self._template_problem)
+        else:
+            template = self.chat_template
+        return render(template, messages, add_generation_prompt=add_generation_prompt, tools=tools,
+                      documents=documents, special_tokens=self.special_tokens,
+                      variables={"enable_thinking": enable_thinking, **variables})
 
     @property
     def special_tokens(self) -> dict[str, str]:
         """The named special tokens a chat template sees (``eos_token`` …), as transformers names them:
-        tokenizer_config's fields ending in ``_token``, and ``extra_special_tokens`` given by name."""
+        tokenizer_config's fields ending in ``_token``, and ``extra_special_tokens`` given by name.
+        Qwen's tokenizer class gives unk, eos and pad tokens ``<|endoftext|>`` where the file names none."""
+        tokens = {}
+        if self.config.get("tokenizer_class") in QWEN_TOKENIZER_CLASSES:
+            tokens = {name: "<|endoftext|>" for name in ("unk_token", "eos_token", "pad_token")
+                      if name not in self.config}
         fields = {k: v for k, v in self.config.items() if k.endswith("_token")}
         if isinstance(self.config.get("extra_special_tokens"), dict):
             fields.update(self.config["extra_special_tokens"])
-        texts = {name: self._special_token_text(name, token) for name, token in fields.items()}
-        return {name: text for name, text in texts.items() if text}
+        for name, token in fields.items():
+            text = _token_text(token)
+            if text is not None:
+                tokens[name] = text
+        return tokens
 
 
 class StreamDecoder:

@@ -86,7 +86,7 @@ QWEN_LIKE_TEMPLATE = """
     {%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}
     {%- else %}{{- '<think>\\n' }}{%- endif %}
 {%- endif %}
-{{- '' if pad_token is undefined else '' }}{{- unk_token | default('') }}
+{{- '[' + pad_token + ']' if pad_token is defined else '[no pad]' }}{{- unk_token | default('') }}
 """
 
 TOOLS = [{"type": "function", "function": {
@@ -168,6 +168,54 @@ def test_a_generation_block_and_the_special_tokens_render_as_in_transformers(fol
     assert got == want and "<|im_end|>" in got and got.endswith("<|endoftext|><|image_pad|>")
 
 
+@pytest.mark.parametrize("template, config, options", [
+    # a field set to None is left out (the OpenAI client writes content=None, tool_calls=None)
+    ("{% for m in messages %}{{ m | tojson }}|{{ 'content' in m }}|{% endfor %}", {}, {}),
+    # reasoning under the name gpt-oss-style templates read
+    ("{% for m in messages %}{{ m.thinking }}/{{ m.reasoning_content }}|{% endfor %}", {}, {}),
+    # Qwen's tokenizer class fills unset unk, eos and pad tokens; an empty one is still given
+    ("{{ unk_token }}|{{ eos_token }}|{{ pad_token }}|{{ bos_token is defined }}|{{ sep_token is defined }}",
+     {"drop": ["unk_token", "eos_token", "pad_token"], "sep_token": ""}, {}),
+    # variables named like minqwen's own arguments reach the template
+    ("{{ template }}|{{ special_tokens }}|{{ variables }}", {}, {"template": 1, "special_tokens": 2, "variables": 3}),
+    # with tools, a template named 'tool_use' wins over the default
+    ({"default": "default", "tool_use": "tools: {{ tools | length }}"}, {}, {"tools": TOOLS}),
+    ({"default": "default", "tool_use": "tools: {{ tools | length }}"}, {}, {}),
+    ({"tool_use": "tools: {{ tools | length }}"}, {}, {"tools": TOOLS}),
+], ids=["none-fields", "thinking", "class-tokens", "own-names", "tool-use", "default-without-tools",
+        "tool-use-only"])
+def test_template_inputs_are_what_transformers_gives(folder, template, config, options):
+    require_reference()
+    from transformers import AutoTokenizer
+
+    config = dict(config)
+    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
+    for name in config.pop("drop", []):
+        tokenizer_config.pop(name)
+    tokenizer_config.update(config, chat_template=template)
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    messages = [{"role": "user", "content": "hi", "name": None},
+                {"role": "assistant", "content": None, "tool_calls": None, "reasoning": "because"}]
+    want = AutoTokenizer.from_pretrained(str(folder)).apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=False, **options)
+    assert Tokenizer(folder).render_chat(messages, add_generation_prompt=False, **options) == want
+
+
+@pytest.mark.parametrize("template", ["{% set d = {'a': 1} %}{{ dict.pop(d, 'a') }}{{ d }}",
+                                      "{% set ns = namespace(_hidden=1) %}",
+                                      "{% set ns = namespace(x=1) %}{% set ns._hidden = 2 %}"],
+                         ids=["dict-method", "namespace-name", "namespace-set"])
+def test_the_sandbox_refuses_what_transformers_refuses(folder, template):
+    require_reference()
+    from transformers import AutoTokenizer
+
+    with_template(folder, template)
+    with pytest.raises(Exception):  # noqa: B017 - transformers raises jinja's own errors
+        AutoTokenizer.from_pretrained(str(folder)).apply_chat_template(CONVERSATIONS["history"], tokenize=False)
+    with pytest.raises(MinqwenError, match="failed to render"):
+        Tokenizer(folder).render_chat(CONVERSATIONS["history"])
+
+
 def test_a_template_refusal_reads_as_the_template_wrote_it(folder):
     require_reference()
     from jinja2 import TemplateError
@@ -219,7 +267,10 @@ def test_content_parts_render_in_the_chatml_fallback_as_qwen_templates_render_th
     ([{"role": "user", "content": "hi"}], {"tools": {"name": "f"}}, "tools must be a list of tool schemas"),
     ([{"role": "user", "content": "hi"}], {"tools": [print]}, "tools must be a list of tool schemas"),
     ([{"role": "user", "content": "hi"}], {"documents": ["text"]}, "documents must be a list of dicts"),
+    ([], {}, "a chat is a list of one or more messages"),
     ([{"role": "user", "content": "hi"}], {"chat_template": "{{ 1 }}"}, "no option 'chat_template'"),
+    ([{"role": "user", "content": "hi"}], {"sanitize_control_tokens": True}, "no option 'sanitize_control"),
+    ([{"role": "user", "content": "hi"}], {"return_assistant_tokens_mask": True}, "no option 'return_assistant"),
     ([{"role": "assistant", "content": "Sure"}], {"continue_final_message": True}, "no option 'continue_final"),
 ])
 def test_malformed_chats_are_named(messages, options, error):

@@ -277,7 +277,7 @@ def test_text_that_is_not_utf8_and_templates_that_fail_are_errors_not_tracebacks
         TOKENIZER.decode([10**30])
     with pytest.raises(MinqwenError, match="checkpoint folder"):
         Tokenizer(5)
-    with pytest.raises(MinqwenError, match="list of messages"):
+    with pytest.raises(MinqwenError, match="list of one or more messages"):
         TOKENIZER.render_chat(None)
     with pytest.raises(MinqwenError, match="stop_ids"):
         list(generate_ids(MODEL, [1, 2], max_new_tokens=2, stop_ids=5))
