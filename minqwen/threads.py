@@ -103,6 +103,11 @@ def numba_cache_outside_the_package() -> str | None:
     when minqwen runs from site-packages and the user has not chosen a cache folder
     (``NUMBA_CACHE_DIR``), kernels go where Numba puts those of a read-only install. A source
     checkout keeps Numba's default. Returns the folder chosen, or None.
+
+    The setting is the process's (and, through the environment, its children's): other
+    cached Numba kernels run there go to the same per-user folder, each under a name made
+    from its own source path. A kernel minqwen compiles later (``minqwen.vision`` is
+    imported on demand) must find the setting still there, so it is not undone.
     """
     package = Path(__file__).resolve().parent
     if os.environ.get("NUMBA_CACHE_DIR") or package.parent.name not in ("site-packages", "dist-packages"):
