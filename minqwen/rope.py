@@ -27,6 +27,9 @@ def inverse_frequencies(theta: float, rotary_dim: int) -> np.ndarray:
     the reciprocal rounded again. Rounding theta^(-2i/R) once puts a third of the
     frequencies one float32 step off; the angle position × inv_freq then drifts with the
     position (on a small model with Qwen3.5's rotary, logits 1e-3 apart at position 100,000).
+    This equals torch's portable float32 power everywhere, and Qwen3.5's real sizes on every
+    CPU; for some other (theta, R), torch's AVX2/AVX-512 power rounds a few frequencies one
+    step the other way, so there transformers itself differs from CPU to CPU.
     """
     exponents = np.arange(0, rotary_dim, 2, dtype=np.float32) / np.float32(rotary_dim)  # [R/2]
     power = (np.float64(theta) ** exponents.astype(np.float64)).astype(np.float32)  # theta^(2i/R), float32
