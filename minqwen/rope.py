@@ -32,7 +32,8 @@ def inverse_frequencies(theta: float, rotary_dim: int) -> np.ndarray:
     step the other way, so there transformers itself differs from CPU to CPU.
     """
     exponents = np.arange(0, rotary_dim, 2, dtype=np.float32) / np.float32(rotary_dim)  # [R/2]
-    power = (np.float64(theta) ** exponents.astype(np.float64)).astype(np.float32)  # theta^(2i/R), float32
+    with np.errstate(over="ignore"):  # a huge theta overflows float32 to inf: a frequency of 0, as in torch
+        power = (np.float64(theta) ** exponents.astype(np.float64)).astype(np.float32)  # theta^(2i/R), float32
     return np.float32(1.0) / power
 
 
