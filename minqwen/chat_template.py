@@ -29,7 +29,10 @@ from collections.abc import Mapping
 from datetime import datetime
 
 import numpy as np
+from jinja2 import TemplateError, nodes
 from jinja2.exceptions import SecurityError
+from jinja2.ext import Extension
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.utils import Namespace
 
 from .errors import MinqwenError
@@ -121,28 +124,23 @@ def conversation(messages) -> list[dict]:
     return shown
 
 
-def _generation_block():
-    """The ``{% generation %}…{% endgeneration %}`` tag, as a Jinja extension.
+class _GenerationBlock(Extension):
+    """The ``{% generation %}…{% endgeneration %}`` tag.
 
     Templates written for fine-tuning wrap each assistant answer in it so that a trainer can
     find which tokens the loss counts. Rendering a prompt keeps the text inside as it is (in
     a scope of its own, as transformers' block has).
     """
-    from jinja2 import nodes
-    from jinja2.ext import Extension
 
-    class GenerationBlock(Extension):
-        tags = {"generation"}
+    tags = {"generation"}
 
-        def parse(self, parser):
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            return nodes.CallBlock(self.call_method("_unchanged"), [], [], body).set_lineno(lineno)
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return nodes.CallBlock(self.call_method("_unchanged"), [], [], body).set_lineno(lineno)
 
-        def _unchanged(self, caller):
-            return caller()
-
-    return GenerationBlock
+    def _unchanged(self, caller):
+        return caller()
 
 
 class _Namespace(Namespace):
@@ -181,9 +179,6 @@ def render(template: str, messages, *, add_generation_prompt: bool, tools=None, 
            special_tokens: dict | None = None, variables: dict | None = None) -> str:
     """``template`` applied to ``messages`` (see the module's docstring for what it sees);
     ``variables``: whatever else the template reads, by name."""
-    from jinja2 import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
     try:
         messages = conversation(messages)
     except RecursionError:
@@ -204,7 +199,7 @@ def render(template: str, messages, *, add_generation_prompt: bool, tools=None, 
                           sort_keys=sort_keys)
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=["jinja2.ext.loopcontrols", _generation_block()])
+                                        extensions=["jinja2.ext.loopcontrols", _GenerationBlock])
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda format: datetime.now().strftime(format)
     env.globals["namespace"] = _Namespace
