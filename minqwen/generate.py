@@ -397,11 +397,13 @@ class ChatSession:
                                                enable_thinking=self.enable_thinking)
         # With a tower, the count below catches it. (Answers are left out: the model may write the
         # token, and the user could not take it back.)
-        if self.tower is None and any(IMAGE_PAD in m["content"] for m in messages if m["role"] != "assistant"):
-            raise MinqwenError(f"the conversation holds {IMAGE_PAD} (in this message or an earlier one, the system "
-                               "message included), the token that marks where an image goes, but this chat has no "
-                               "images: attach them instead (images=… with a vision tower; `minqwen chat`: --image "
-                               "or a line /image PATH)")
+        written = [marker for marker in (IMAGE_PAD, VIDEO_PAD) for m in messages
+                   if m["role"] != "assistant" and marker in m["content"]]
+        if self.tower is None and written:
+            raise MinqwenError(f"the conversation holds {written[0]} (in this message or an earlier one, the system "
+                               "message included), the token that marks where an image or a video goes, but this "
+                               "chat has no images: attach them instead (images=… with a vision tower; `minqwen "
+                               "chat`: --image or a line /image PATH)")
         body, full = self.tokenizer.encode(body_text), self.tokenizer.encode(full_text)
         if self._count_images(full) != len(self.images) + len(images):
             raise MinqwenError(

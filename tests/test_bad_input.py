@@ -190,9 +190,10 @@ def test_mtp_use_dedicated_embeddings_of_the_wrong_type_is_named_as_it_is(tmp_pa
 
 
 # ------------------------------------------------------------------------------------------
-def test_an_image_pad_in_a_system_message_without_images_is_refused(model, tok):
-    session = ChatSession(model, tok, messages=[{"role": "system", "content": "<|image_pad|>"}])
-    with pytest.raises(MinqwenError, match="image_pad"):
+@pytest.mark.parametrize("pad", ["<|image_pad|>", "<|video_pad|>"])
+def test_an_image_pad_in_a_system_message_without_images_is_refused(model, tok, pad):
+    session = ChatSession(model, tok, messages=[{"role": "system", "content": pad}])
+    with pytest.raises(MinqwenError, match=pad.strip("<|>")):
         "".join(session.reply("hi", max_new_tokens=1))
 
 
