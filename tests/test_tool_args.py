@@ -330,3 +330,27 @@ def test_family_shapes_configs_are_ones_minqwen_reads_with_the_widths_asked_for(
         assert (c.hidden_size, c.num_hidden_layers, c.vocab_size) == (widths["hidden_size"], widths["layers"], 4096)
         assert c.layer_types[-1] == "full_attention" and c.is_moe == moe
         assert c.linear_num_value_heads == widths["linear_num_value_heads"] and c.head_dim == 256
+
+
+# ---------------------------------------------------------------------------- compare_with_llama_cpp.py
+
+@pytest.mark.parametrize("args, names", [
+    (["--tokens", "0"], ["--tokens", "1 … 8192"]),
+    (["--tokens", "10", "--prompt-tokens", "11"], ["--prompt-tokens", "11", "--tokens 10"]),
+    (["--atol", "0"], ["--atol", "> 0"]),
+    (["--gguf", "missing.gguf"], ["--gguf", "missing.gguf", "no such file"]),
+])
+def test_compare_with_llama_cpp_refuses_bad_arguments(paths, args, names):
+    base = {"--model": FIXTURE, "--gguf": paths / "a_file"}
+    base.update(dict(zip(args[::2], args[1::2])))
+    assert_refused(run_tool("compare_with_llama_cpp.py", *[x for kv in base.items() for x in kv], cwd=paths), *names)
+
+
+def test_compare_with_llama_cpp_says_how_to_get_llama_cpp_when_it_is_missing(paths):
+    # A llama_cpp package that fails to import stands in for one not installed (CI has none;
+    # a developer's machine may).
+    (paths / "stub" / "llama_cpp").mkdir(parents=True)
+    (paths / "stub" / "llama_cpp" / "__init__.py").write_text("raise ImportError('stub')\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(paths / "stub"), str(ROOT)]))
+    result = run_tool("compare_with_llama_cpp.py", "--model", FIXTURE, "--gguf", paths / "a_file", cwd=paths, env=env)
+    assert_refused(result, "llama-cpp-python is not installed", "pip install llama-cpp-python==0.3.36")
