@@ -56,7 +56,8 @@ def linear_bf16_dot_numpy(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
     """The twin: x rounded to bf16, then x · Wᵀ in float32 ([T, in] · [out, in]ᵀ → [T, out]).
 
     ``weight`` is a bf16 array. Products of two bf16 numbers are exact in float32, so only
-    the rounding of x and the order of the sums separate this from the kernel.
+    the rounding of x, the order of the sums, and the instruction's flushing of subnormal
+    inputs, products and sums (below 2⁻¹²⁶) to zero separate this from the kernel.
     """
     rounded = np.asarray(x, np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)  # [T, in]
     return rounded @ weight.astype(np.float32).T  # [T, in] · [in, out] → [T, out]

@@ -300,7 +300,9 @@ def _widen_loops(w_bits, out):
 
 # The serial build runs between BLAS calls: OpenBLAS's threads spin for a while after each
 # product, and a parallel widening would fight them for the cores (measured: a 16-token bf16
-# prefill of the 0.8B shape took 4 s that way). The parallel one widens whole tensors at load.
+# prefill of the 0.8B shape took 4 s that way). The parallel one, widen_bf16, widens the
+# embedding rows of a forward's tokens (Model.embed, bf16-resident mode); loading widens bf16
+# with a NumPy shift of its own (checkpoint.Checkpoint._read_span).
 _widen_kernel_serial, _widen_kernel = serial_and_parallel(_widen_loops)
 
 

@@ -138,7 +138,7 @@ class Model:
         """Whether a forward over ``n_rows`` positions hands its products to Numba's kernels.
 
         See :func:`minqwen.linear.numba_multiplies`: few rows of bf16 weights, or of float32
-        weights too big for the caches.
+        weights too big for the caches; and any number of rows with ``bf16_prompts``.
         """
         return numba_multiplies(self.weights_dtype, n_rows, self.weight_bytes, self.bf16_prompts)
 
@@ -177,7 +177,8 @@ class Model:
         last_only: bool = False,
         tap=None,
     ) -> np.ndarray:
-        """Logits for a run of tokens: [T, vocab] float32, or [1, vocab] with ``last_only``.
+        """Logits for a run of tokens: [T, vocab] in the compute dtype (float32; float64 in an
+        :meth:`astype` copy), or [1, vocab] with ``last_only``.
 
         ``token_ids``: 1-D ints. Or give ``inputs_embeds`` [T, H] instead (e.g. with image
         features spliced in). Without a cache the run starts fresh; with one it continues from
@@ -194,7 +195,7 @@ class Model:
         return logits
 
     def hidden_states(self, token_ids=None, cache=None, *, inputs_embeds=None, position_ids=None, tap=None):
-        """The decoder stack: embeddings → layers → final norm, [T, H] float32."""
+        """The decoder stack: embeddings → layers → final norm, [T, H] in the compute dtype."""
         if tap is not None and not callable(tap):
             raise MinqwenError(f"tap must be a function tap(name, array) or None, got {type(tap).__name__}")
         if self.deltanet_form not in FORMS:

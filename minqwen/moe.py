@@ -324,7 +324,10 @@ def scatter_weighted_numpy(ys, order, weights, top_k, n_tokens):
 
     ys [T·k, H] expert outputs in grouped order; order [T·k] their assignments; weights [T·k]
     routing weights by assignment. Adding expert by expert, ascending, is also the order in
-    which the reference accumulates, so the sums round alike.
+    which transformers' eager experts loop accumulates (``index_add_`` per expert), so the sums
+    round alike with the eager implementation, which tools/reference.py selects. (transformers
+    5.23.0's default, ``grouped_mm``, sums each token's k outputs in slot order instead, and
+    rounds differently.)
     """
     out = np.zeros((n_tokens, ys.shape[1]), ys.dtype)  # [T, H]
     np.add.at(out, order // top_k, weights[order][:, None] * ys)  # unbuffered: in index order

@@ -24,9 +24,10 @@ def inverse_frequencies(theta: float, rotary_dim: int) -> np.ndarray:
     """inv_freq[i] = theta^(-2i / R) for i < R/2, rounded as the reference rounds it.
 
     transformers computes 1 / theta^(2i/R) in float32: the power rounded to float32, then
-    the reciprocal rounded again. Rounding theta^(-2i/R) once puts a third of the
-    frequencies one float32 step off; the angle position × inv_freq then drifts with the
-    position (on a small model with Qwen3.5's rotary, logits 1e-3 apart at position 100,000).
+    the reciprocal rounded again. Rounding theta^(-2i/R) once puts a third to a half of the
+    frequencies one float32 step off (15 of Qwen3.5's 32); the angle position × inv_freq then
+    drifts with the position (on a small model with Qwen3.5's rotary, logits 1e-3 apart at
+    position 100,000).
     This equals torch's portable float32 power everywhere, and Qwen3.5's real sizes on every
     CPU; for some other (theta, R), torch's AVX2/AVX-512 power rounds a few frequencies one
     step the other way, so there transformers itself differs from CPU to CPU.

@@ -169,8 +169,10 @@ np.testing.assert_allclose(ours, sparse_moe_block(h, moe_model.layers[0].mlp, mc
 # %% [markdown]
 # **Ties.** If two experts have exactly the same probability at the `k`-th place, which one
 # is chosen? `torch.topk` does not say. minqwen (and `my_moe`, through the stable sort) pick
-# the lower expert index. Exact ties essentially never happen with real activations, which is
-# why the tests keep them out of comparisons with the reference.
+# the lower expert index. Exact ties essentially never happen with real activations, so the
+# model-level parity tests use continuous random weights; one reference test feeds the router
+# ties on purpose and checks that the weights always agree, and the experts too unless a tie
+# straddles the k-th place (tests/test_moe.py).
 #
 # ## Picture: how evenly the router spreads the load
 #
