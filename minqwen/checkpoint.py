@@ -478,13 +478,13 @@ def find_checkpoint(spec: str | Path | None) -> Path:
         return EMBEDDED
     if not isinstance(spec, (str, Path)) or not str(spec):
         raise MinqwenError(f"a model is a checkpoint folder or a hub id (owner/name), got {spec!r}")
-    path = Path(spec).expanduser()
+    path = Path(os.path.expanduser(spec))  # (Path.expanduser raises for an unknown ~user)
     if path.is_dir():
         return path
     text = str(spec)
     if text.count("/") == 1 and not path.exists() and not text.startswith((".", "/", "~")):
         hub = os.environ.get("HF_HUB_CACHE") or os.path.join(
-            os.environ.get("HF_HOME", os.path.join(Path.home(), ".cache", "huggingface")), "hub")
+            os.environ.get("HF_HOME", os.path.join(os.path.expanduser("~"), ".cache", "huggingface")), "hub")
         repo = Path(hub) / ("models--" + text.replace("/", "--"))
         snapshots = repo / "snapshots"
         ref = repo / "refs" / "main"

@@ -440,9 +440,9 @@ def add_golden_parser(subparsers) -> None:
     rec.set_defaults(run=run_golden_record)
 
     cmp_ = sub.add_parser("compare", help="compare two recordings tap by tap (B is the reference)",
-                          description="Exit code 0 when every common tap is within tolerance, 1 when one is "
-                                      "not, 2 on an error (different prompts or configs, a missing file, a bad "
-                                      "tolerance).")
+                          description="Exit code 0 when the recordings have a tap in common and every common "
+                                      "tap is within tolerance, 1 when one is not (or none is in common), 2 on "
+                                      "an error (different prompts or configs, a missing file, a bad tolerance).")
     cmp_.add_argument("a", metavar="A", help="a recording (e.g. your port's)")
     cmp_.add_argument("b", metavar="B", help="the reference recording: rtol scales with |B|")
     cmp_.add_argument("--atol", type=float, default=golden.DEFAULT_ATOL, help=f"absolute tolerance (default {golden.DEFAULT_ATOL:g})")

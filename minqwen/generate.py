@@ -45,7 +45,7 @@ class GenerationStats:
         return (self.generated_tokens - 1) / self.decode_seconds if self.decode_seconds and self.generated_tokens > 1 else 0.0
 
 
-def checked_generation_args(prompt_ids, max_new_tokens, seed, params=None) -> list[int]:
+def checked_generation_args(prompt_ids, max_new_tokens, seed, params=SamplingParams()) -> list[int]:
     """The prompt as a list of ints, once the arguments every decoding loop takes are checked.
 
     Token ids must be whole numbers already: ``int(1.7)`` would quietly feed token 1.
@@ -64,9 +64,10 @@ def checked_generation_args(prompt_ids, max_new_tokens, seed, params=None) -> li
         raise MinqwenError(f"max_new_tokens must be a whole number ≥ 1, got {max_new_tokens!r}")
     if seed is not None and (not is_whole_number(seed) or seed < 0):
         raise MinqwenError(f"seed must be a whole number ≥ 0, or None for a fresh one each run; got {seed!r}")
-    if params is not None and not isinstance(params, SamplingParams):
+    if not isinstance(params, SamplingParams):
         raise MinqwenError(f"params must be a minqwen SamplingParams, got {type(params).__name__}"
-                           " (SamplingParams(temperature=…, top_k=…) builds one)")
+                           " (SamplingParams() is greedy; SamplingParams(temperature=…, top_k=…) builds others; "
+                           "SamplingParams.from_generation_config(tokenizer.generation_config) the checkpoint's)")
     return [int(i) for i in ids]
 
 
@@ -214,6 +215,9 @@ def stream_text(
     # (a generator would be used up by this check, and then stop nothing)
     if not isinstance(stop_strings, (list, tuple, set, frozenset)) or not all(isinstance(s, str) and s for s in stop_strings):
         raise MinqwenError(f"stop strings must be a list of non-empty strings, got {stop_strings!r}")
+    if ids_out is not None and not isinstance(ids_out, list):
+        raise MinqwenError(f"ids_out must be a list (it receives every generated id) or None, got "
+                           f"{type(ids_out).__name__}")
     decoder = StreamDecoder(tokenizer, skip_special_tokens=skip_special_tokens)
     eos = set(tokenizer.eos_ids) | set(model.config.eos_token_id)
     held = ""
@@ -317,6 +321,12 @@ class ChatSession:
     def __post_init__(self):
         check_model(self.model)
         check_tokenizer(self.tokenizer)
+        if not isinstance(self.messages, list):
+            raise MinqwenError(f"ChatSession: messages must be a list of message dicts (the history so far), "
+                               f"got {type(self.messages).__name__}")
+        if self.tower is not None and not isinstance(self.tower, vision.VisionTower):
+            raise MinqwenError(f"ChatSession: tower must be a VisionTower (minqwen.vision.load_vision(folder)) or "
+                               f"None, got {type(self.tower).__name__}")
         self.cache = self.model.new_cache()
         self.snapshots = {0: self.cache.copy()}
 

@@ -238,13 +238,15 @@ def record(model, token_ids, decode_steps: int = 0, taps: str = "*", mtp_head=No
     that matches no tap of this model is an error (a typo would otherwise record nothing); past
     step 10,000 a pattern must name its step's number (``step12345.logits``), not a glob of it.
 
-    Returns ``{name: array}`` in forward order: ``token_ids``, the prompt's taps, each step's
-    ``step{n}.`` taps, and ``generated_ids`` when ``decode_steps`` > 0. The arrays are copies;
+    Returns ``{name: array}`` in forward order (:func:`forward_order`): ``token_ids``, the
+    prompt's taps, the MTP taps (with ``mtp_head``), each step's ``step{n}.`` taps, and
+    ``generated_ids`` when ``decode_steps`` > 0. The arrays are copies;
     the model computes exactly what it computes without recording, bit for bit. A recorded tap
     holding NaN or inf is an error naming the first such tap: a reference must be numbers.
     """
-    if not isinstance(decode_steps, int) or isinstance(decode_steps, bool) or decode_steps < 0:
+    if not is_whole_number(decode_steps) or decode_steps < 0:
         raise MinqwenError(f"decode_steps must be a whole number ≥ 0, got {decode_steps!r}")
+    decode_steps = int(decode_steps)
     context = model.config.max_position_embeddings
     prompt_length = len(token_ids) if hasattr(token_ids, "__len__") else 0  # forward checks the ids themselves
     if decode_steps and prompt_length + decode_steps > context:
@@ -253,7 +255,7 @@ def record(model, token_ids, decode_steps: int = 0, taps: str = "*", mtp_head=No
     patterns = _parse_patterns(taps)
     per_call = tap_names(model.config)
     mtp_names = mtp_tap_names(model.config) if mtp_head is not None else []
-    _check_patterns(patterns, per_call + mtp_names, decode_steps)
+    _check_patterns(patterns, per_call, mtp_names, decode_steps)
 
     taps_seen: dict[str, np.ndarray] = {}
 
@@ -290,7 +292,7 @@ def record(model, token_ids, decode_steps: int = 0, taps: str = "*", mtp_head=No
     if decode_steps:
         recording["generated_ids"] = np.array(generated, dtype=np.int64)
     _refuse_non_finite(recording)
-    return recording
+    return {name: recording[name] for name in sorted(recording, key=forward_order)}
 
 
 _CANNOT_COMPUTE = ("the model's weights or config.json hold values it cannot compute with (a NaN weight, say), "
@@ -318,14 +320,19 @@ def _selected(patterns, name, full_name) -> bool:
     return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(full_name, p) for p in patterns)
 
 
-def _check_patterns(patterns, per_call, decode_steps) -> None:
-    """Every pattern must match some tap of this recording; name the ones that do not."""
+def _check_patterns(patterns, per_call, mtp_names, decode_steps) -> None:
+    """Every pattern must match some tap of this recording; name the ones that do not.
+
+    ``per_call`` taps are recorded for the prompt and again for each step (``step{n}.``);
+    ``mtp_names`` once, over the prompt, so never under a step's prefix.
+    """
     for p in patterns:
         # The steps a pattern can name: the first thousands, and any number written in it
         # (trying every step of a long recording would take minutes for a mistyped pattern).
         steps = set(range(min(decode_steps, 10_000))) | {int(d) for d in re.findall(r"\d+", p) if int(d) < decode_steps}
         prefixes = [""] + [f"step{n}." for n in sorted(steps)]
-        if not any(_selected([p], name, prefix + name) for prefix in prefixes for name in per_call):
+        if not any(_selected([p], name, prefix + name) for prefix in prefixes for name in per_call) \
+                and not any(_selected([p], name, name) for name in mtp_names):
             examples = ", ".join(per_call[:3] + [per_call[-1]])
             step_hint = f"; decode taps step0 … step{decode_steps - 1}." if decode_steps else " (no decode steps)"
             raise MinqwenError(
@@ -366,9 +373,10 @@ def save(recording: dict[str, np.ndarray], path, metadata: dict) -> None:
     manifest are derived from the recording; ``minqwen_version`` is this minqwen's and
     ``tolerances`` defaults to atol 1e-4, rtol 1e-3. Every value is stored as JSON text.
     """
-    if "token_ids" not in recording:
-        raise MinqwenError("a recording needs its 'token_ids' (the prompt): record() puts them there")
-    if "config_sha256" not in metadata:
+    if not isinstance(recording, dict) or "token_ids" not in recording:
+        raise MinqwenError("a recording is a dict {name: array} holding its 'token_ids' (the prompt): record() "
+                           "makes one")
+    if not isinstance(metadata, dict) or "config_sha256" not in metadata:
         raise MinqwenError("save: metadata needs 'config_sha256' (golden.model_metadata(model) gives it)")
     arrays = {name: np.ascontiguousarray(value) for name, value in recording.items()}
     generated = arrays.get("generated_ids", np.zeros(0, np.int64))

@@ -449,6 +449,9 @@ def image_list(images) -> list:
     if images is None or isinstance(images, (str, Path, np.ndarray)) or type(images).__module__.startswith("PIL."):
         raise MinqwenError(f"images must be a list of images (paths, Pillow images or arrays), got "
                            f"{type(images).__name__}: wrap a single image in a list")
+    if not isinstance(images, (list, tuple)):
+        raise MinqwenError(f"images must be a list of images (paths, Pillow images or arrays), got "
+                           f"{type(images).__name__}")
     return list(images)
 
 

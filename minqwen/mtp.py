@@ -104,6 +104,8 @@ def load_mtp(folder: str | Path, model: Model) -> MtpHead | None:
     None when the checkpoint has no ``mtp.*`` tensor at all. The weights are kept like the
     model's (float32 or bf16 matrices, experts memory-mapped).
     """
+    if not isinstance(folder, (str, Path)):
+        raise MinqwenError(f"load_mtp takes the path of a checkpoint folder, got {type(folder).__name__}")
     folder = Path(folder)
     check_model(model)
     c = model.config
@@ -192,11 +194,17 @@ def pays_by_default(model: Model) -> bool:
     return model.weight_bytes >= SMALL_MODEL_BYTES
 
 
-def require_head(head: MtpHead | None, where: str = "this checkpoint") -> MtpHead:
-    """``head``, or the error that explains why speculative decoding cannot run without one."""
+def require_head(head: MtpHead | None, where: str | None = None) -> MtpHead:
+    """``head``, or the error that explains why speculative decoding cannot run without one.
+
+    ``where``: the checkpoint folder, when the caller knows that it holds no ``mtp.*`` tensors.
+    """
     if head is None:
+        missing = (f"{where} has none (no mtp.* tensors)" if where is not None else
+                   "head is None (minqwen.mtp.load_mtp(folder, model) loads it; None when the checkpoint has "
+                   "no mtp.* tensors)")
         raise MinqwenError(
-            f"speculative decoding needs an MTP head, and {where} has none (no mtp.* tensors): "
+            f"speculative decoding needs an MTP head, and {missing}: "
             "the head is what drafts the tokens the model then verifies. Run without --speculative, "
             "or use a checkpoint that ships its MTP head (Qwen3.5's releases do)")
     return head
@@ -286,7 +294,8 @@ def mtp_logits(model: Model, head: MtpHead, token_ids, tap=None) -> np.ndarray:
     check_head_fits(model, head)
     ids = np.asarray(token_ids)
     if ids.ndim != 1 or ids.size < 2:
-        raise MinqwenError("mtp_logits needs at least two token ids: the head reads t[j] and t[j+1]")
+        raise MinqwenError(f"mtp_logits: token_ids must be one sequence (1-D) of at least two token ids, as the "
+                           f"head reads t[j] and t[j+1]; got shape {list(ids.shape)}")
     hidden = model.hidden_states(ids)  # [T, H]
     kv = new_mtp_kv(model)
     out = mtp_layer(model, head, 0, hidden[:-1], ids[1:], kv, 0, tap)  # [T − 1, H]

@@ -69,6 +69,9 @@ class SamplingParams:
 
         ``source`` names the file in errors about its values.
         """
+        if not isinstance(config, dict):
+            raise MinqwenError(f"{source}: the generation config must be a JSON object (a dict), got "
+                               f"{type(config).__name__}")
         # Absent or null, do_sample is off, as transformers reads it: a file that sets only a
         # temperature (or top_k …) decodes greedily there, so it does here.
         do_sample = config.get("do_sample")

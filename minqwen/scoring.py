@@ -54,6 +54,13 @@ class TextScore:
 def score_text(model: Model, tokenizer, text: str, window: int | None = None, stride: int | None = None,
                progress=None) -> TextScore:
     """Perplexity and bits per byte of ``text``, with overlapping windows when it exceeds ``window``."""
+    from .generate import check_model  # here: generate.py imports what scoring.py does
+
+    check_model(model)
+    # Only encode is used: any object with one will do, but not a str (whose encode is another thing)
+    if isinstance(tokenizer, (str, bytes)) or not callable(getattr(tokenizer, "encode", None)):
+        raise MinqwenError(f"tokenizer must be a minqwen Tokenizer (minqwen.Tokenizer(folder)), "
+                           f"got {type(tokenizer).__name__}")
     if progress is not None and not callable(progress):  # found now, not after the first window
         raise MinqwenError(f"progress must be a function progress(done_tokens, total_tokens) or None, "
                            f"got {type(progress).__name__}")

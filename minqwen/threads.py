@@ -65,11 +65,13 @@ def keep_freed_memory() -> bool:
 
     A forward pass makes and drops large temporaries: in a 512-token prefill of the 0.8B
     shape, [512, 3584] MLP activations of 7 MB, [512, 6144] DeltaNet projections of 13 MB.
-    By default glibc maps each block of more than 128 kB fresh from the kernel and unmaps it
-    when freed, so every such array starts with a page fault per 4 kB page, and the kernel
-    zeroes every page. Measured here: 75 000 faults in one such prefill, and 89 against 107
-    tokens/s with this setting (the same process, runs alternated). A speculative verify's
-    per-token DeltaNet states (2 MB a layer) cost 1 ms a layer in faults.
+    By default glibc maps blocks of more than 128 kB fresh from the kernel and unmaps them
+    when freed; it raises that threshold to the largest block freed so far (and trims the heap
+    past twice it), so a block larger than any freed before, or one mapped while the threshold
+    was lower, still starts with page faults, and the kernel zeroes every page. Measured here:
+    75 000 faults in one such prefill, and 89 against 107 tokens/s with this setting (the same
+    process, runs alternated). A speculative verify's per-token DeltaNet states (2 MB a
+    layer) cost 1 ms a layer in faults.
     Freed blocks then stay in the process for the next pass: peak memory is unchanged (the
     blocks are reused, not added to), but it is given back only at exit.
 

@@ -21,8 +21,13 @@ from .chat_template import CHATML_TEMPLATE, render
 from .config import read_json_object
 from .errors import MinqwenError, is_whole_number
 
-# Tokenizer classes whose unset unk, eos and pad tokens transformers fills with <|endoftext|>
-QWEN_TOKENIZER_CLASSES = ("Qwen2Tokenizer", "Qwen2TokenizerFast")
+# Qwen's tokenizer classes give unset unk, eos and pad tokens <|endoftext|>. transformers 5.23.0
+# picks Qwen3_5Tokenizer for these model types whatever class tokenizer_config.json names (it
+# lists the names on the Hub as unreliable)…
+QWEN_TOKENIZER_MODEL_TYPES = ("qwen3_5", "qwen3_5_moe", "qwen3_5_moe_text")
+# …and for qwen3_5_text the class named (a generic backend then fills nothing), or
+# Qwen3_5Tokenizer when none is named.
+QWEN_TOKENIZER_CLASSES = ("Qwen2Tokenizer", "Qwen3_5Tokenizer")
 
 
 def _token_text(token) -> str | None:
@@ -58,6 +63,7 @@ class Tokenizer:
         except Exception as e:  # the tokenizers library raises its own exception type
             raise MinqwenError(f"{path}: cannot read this tokenizer ({e})") from None
         self.config = _read_json(folder / "tokenizer_config.json")
+        self._model_type = _read_json(folder / "config.json").get("model_type")
         self.generation_config_path = folder / "generation_config.json"
         self.generation_config = _read_json(self.generation_config_path)
         template = self.config.get("chat_template")
@@ -136,6 +142,8 @@ class Tokenizer:
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
+            raise MinqwenError(f"decode takes a sequence of token ids, got {type(ids).__name__} (one id: decode([i]))")
         ids = list(ids)
         bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, numbers.Integral) or not 0 <= i < 2**32]
         if bad:  # the tokenizers library would raise OverflowError or TypeError
@@ -171,13 +179,22 @@ class Tokenizer:
                       documents=documents, special_tokens=self.special_tokens,
                       variables={"enable_thinking": enable_thinking, **variables})
 
+    def _qwen_tokenizer_class(self) -> bool:
+        """Whether transformers would load this folder's tokenizer as one of Qwen's classes."""
+        if self._model_type in QWEN_TOKENIZER_MODEL_TYPES:
+            return True
+        named = self.config.get("tokenizer_class")
+        if named is None:
+            return self._model_type == "qwen3_5_text"
+        return isinstance(named, str) and named.removesuffix("Fast") in QWEN_TOKENIZER_CLASSES
+
     @property
     def special_tokens(self) -> dict[str, str]:
         """The named special tokens a chat template sees (``eos_token`` …), as transformers names them:
         tokenizer_config's fields ending in ``_token``, and ``extra_special_tokens`` given by name.
         Qwen's tokenizer class gives unk, eos and pad tokens ``<|endoftext|>`` where the file names none."""
         tokens = {}
-        if self.config.get("tokenizer_class") in QWEN_TOKENIZER_CLASSES:
+        if self._qwen_tokenizer_class():
             tokens = {name: "<|endoftext|>" for name in ("unk_token", "eos_token", "pad_token")
                       if name not in self.config}
         fields = {k: v for k, v in self.config.items() if k.endswith("_token")}

@@ -422,6 +422,13 @@ class VisionTower:
 
     def check_inputs(self, pixel_values, grid_thw) -> np.ndarray:
         c = self.config
+        for name, value in (("grid_thw", grid_thw), ("pixel_values", pixel_values)):
+            try:
+                kind = np.asarray(value).dtype.kind
+            except ValueError:  # a ragged nesting of lists
+                kind = None
+            if kind not in ("i", "u", "f"):
+                raise MinqwenError(f"{name} must be an array of numbers (rows of equal length), got {value!r:.80}")
         grid = np.asarray(grid_thw)
         if grid.ndim != 2 or grid.shape[1] != 3 or not np.issubdtype(grid.dtype, np.integer) or len(grid) == 0:
             raise MinqwenError(f"grid_thw must be integers of shape [images, 3] (t, h, w), got {list(grid.shape)}")
@@ -452,6 +459,8 @@ class VisionTower:
 def load_vision(path: str | Path) -> VisionTower:
     """The vision tower of a multimodal Qwen3.5 checkpoint folder: config.json's ``vision_config``,
     ``preprocessor_config.json`` and the ``model.visual.*`` tensors, every shape checked."""
+    if not isinstance(path, (str, Path)):
+        raise MinqwenError(f"load_vision takes the path of a checkpoint folder, got {type(path).__name__}")
     folder = Path(path)
     if not folder.is_dir():
         raise MinqwenError(f"{folder}: not a folder (a checkpoint is a folder with config.json and *.safetensors)")

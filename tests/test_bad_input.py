@@ -19,7 +19,7 @@ import minqwen
 from minqwen import ChatSession, SamplingParams, Tokenizer, golden, mtp, vision
 from minqwen.config import config_from_dict
 from minqwen.errors import MinqwenError
-from minqwen.generate import generate_ids
+from minqwen.generate import generate_ids, stream_text
 from minqwen.image import preprocessor_config_from_dict
 from minqwen.scoring import log_probs, score_text
 
@@ -263,3 +263,57 @@ def test_a_text_only_chat_goes_on_after_the_model_writes_an_image_token(model, t
     "".join(session.reply("hi", decode=forced([tok.token_to_id("<|image_pad|>"), end])))
     answer = "".join(session.reply("and then?", max_new_tokens=2))  # no error: that token was the model's
     assert isinstance(answer, str) and [m["role"] for m in session.messages] == ["user", "assistant"] * 2
+
+
+# ------------------------------------------------------------------------------------------
+# Found by a third review (December 5): each of these ended in a bare Python exception.
+@pytest.mark.parametrize("call, names", [
+    (lambda m, t, h: list(generate_ids(m, [1, 2], None, 2)), ["params", "NoneType", "SamplingParams()"]),
+    (lambda m, t, h: list(stream_text(m, t, [1, 2], None, 2)), ["params"]),
+    (lambda m, t, h: list(mtp.speculative_generate(m, h, [1, 2], None, 2)), ["params"]),
+    (lambda m, t, h: list(ChatSession(m, t).reply("hi", None, 2)), ["params"]),
+    (lambda m, t, h: ChatSession(m, t, messages="hi"), ["messages", "str"]),
+    (lambda m, t, h: ChatSession(m, t, messages=None), ["messages", "NoneType"]),
+    (lambda m, t, h: ChatSession(m, t, tower="x"), ["tower", "load_vision"]),
+    (lambda m, t, h: list(ChatSession(m, t).reply("hi", images=5)), ["images", "int"]),
+    (lambda m, t, h: list(ChatSession(m, t).reply("hi", images=True)), ["images", "bool"]),
+    (lambda m, t, h: t.decode(5), ["decode", "int"]),
+    (lambda m, t, h: mtp.load_mtp(123, m), ["load_mtp", "int"]),
+    (lambda m, t, h: vision.load_vision(123), ["load_vision", "int"]),
+    (lambda m, t, h: score_text(m, "x", "hello world"), ["tokenizer", "str"]),
+    (lambda m, t, h: list(stream_text(m, t, [1, 2], GREEDY, 2, ids_out="x")), ["ids_out", "str"]),
+    (lambda m, t, h: golden.save({"token_ids": np.array([1])}, "unused.safetensors", None), ["metadata"]),
+    (lambda m, t, h: golden.save([1], "unused.safetensors", {"config_sha256": "0"}), ["recording", "dict"]),
+    (lambda m, t, h: SamplingParams.from_generation_config("x"), ["generation config", "dict", "str"]),
+], ids=["generate-params", "stream-params", "speculative-params", "reply-params", "messages-str",
+        "messages-none", "tower", "images-int", "images-bool", "decode-int", "load-mtp", "load-vision",
+        "score-tokenizer", "ids-out", "save-metadata", "save-recording", "generation-config"])
+def test_api_arguments_of_the_wrong_kind_are_named_too(model, tok, call, names):
+    head = mtp.load_mtp(EMBEDDED, model)
+    with pytest.raises(MinqwenError) as raised:
+        call(model, tok, head)
+    for name in names:
+        assert name in str(raised.value)
+
+
+@pytest.mark.parametrize("pixel_values, grid_thw, name", [
+    ([[1.0, 2.0], [3.0]], [[1, 2, 2]], "pixel_values"),
+    (np.zeros((4, 4), np.float32), [[1, 2], [2]], "grid_thw"),
+    (np.array([["a"]]), [[1, 2, 2]], "pixel_values"),
+])
+def test_a_vision_forward_with_ragged_or_non_numeric_inputs_names_them(pixel_values, grid_thw, name):
+    tower = vision.load_vision(VISION_FIXTURE)
+    with pytest.raises(MinqwenError, match=f"{name} must be an array of numbers"):
+        tower.forward(pixel_values, grid_thw)
+
+
+def test_golden_record_takes_numpy_integers_for_decode_steps(model):
+    recording = golden.record(model, [1, 2, 3], decode_steps=np.int64(2), taps="logits")
+    assert recording["generated_ids"].shape == (2,) and "step1.logits" in recording
+
+
+def test_a_model_folder_under_an_unknown_home_is_no_such_folder(capsys):
+    from minqwen.cli import main
+
+    assert main(["inspect", "--model", "~nosuchuser_minqwen_test/model"]) == 2
+    assert "~nosuchuser_minqwen_test/model: no such folder" in capsys.readouterr().err

@@ -201,6 +201,36 @@ def test_template_inputs_are_what_transformers_gives(folder, template, config, o
     assert Tokenizer(folder).render_chat(messages, add_generation_prompt=False, **options) == want
 
 
+@pytest.mark.parametrize("model_type, tokenizer_class", [
+    ("qwen3_5_text", "Qwen2Tokenizer"), ("qwen3_5_text", "Qwen2TokenizerFast"), ("qwen3_5_text", "Qwen3_5Tokenizer"),
+    ("qwen3_5_text", "TokenizersBackend"), ("qwen3_5_text", None), ("qwen3_5", "TokenizersBackend"),
+    ("qwen3_5_moe_text", "PreTrainedTokenizerFast"), ("qwen3_5_moe", None),
+])
+def test_unset_special_tokens_are_filled_as_transformers_chooses_the_tokenizer_class(folder, model_type,
+                                                                                        tokenizer_class):
+    # transformers fills unk, eos and pad with <|endoftext|> when it loads one of Qwen's classes:
+    # for three of the four model types whatever class the file names, for qwen3_5_text the one
+    # it names, or Qwen's when it names none.
+    require_reference()
+    from transformers import AutoTokenizer
+
+    config = json.loads((folder / "config.json").read_text())
+    config["model_type"] = model_type
+    if "moe" in model_type:
+        config.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8, shared_expert_intermediate_size=8)
+    (folder / "config.json").write_text(json.dumps(config))
+    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
+    for name in ("unk_token", "eos_token", "pad_token", "tokenizer_class"):
+        tokenizer_config.pop(name)
+    if tokenizer_class is not None:
+        tokenizer_config["tokenizer_class"] = tokenizer_class
+    tokenizer_config["chat_template"] = "[{{ unk_token }}|{{ eos_token }}|{{ pad_token }}]"
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    messages = [{"role": "user", "content": "hi"}]
+    want = AutoTokenizer.from_pretrained(str(folder)).apply_chat_template(messages, tokenize=False)
+    assert Tokenizer(folder).render_chat(messages) == want
+
+
 @pytest.mark.parametrize("template", ["{% set d = {'a': 1} %}{{ dict.pop(d, 'a') }}{{ d }}",
                                       "{% set ns = namespace(_hidden=1) %}",
                                       "{% set ns = namespace(x=1) %}{% set ns._hidden = 2 %}"],

@@ -652,6 +652,27 @@ def test_golden_record_with_mtp_adds_the_heads_taps_in_forward_order(tmp_path):
     assert set(golden.load_recording(only).tensors) == {"token_ids", "mtp.fc", "logits"}
 
 
+def test_a_recording_with_mtp_and_decode_steps_is_in_forward_order_and_refuses_a_step_prefixed_mtp_pattern(
+        tmp_path):
+    from minqwen.cli import main
+
+    folder, _ = with_random_mtp_tensors(tmp_path)
+    model = minqwen.load(folder)
+    head = load_mtp(folder, model)
+    names = list(golden.record(model, [3, 1, 4], decode_steps=np.int64(2), mtp_head=head))
+    assert names == sorted(names, key=golden.forward_order)
+    assert names.index("mtp.logits") < names.index("step0.embed") and names[-1] == "generated_ids"
+    out = tmp_path / "steps.safetensors"
+    assert main(["golden", "record", "--model", str(folder), "--tokens", "3,1,4", "--decode", "2", "--mtp",
+                 "--out", str(out)]) == 0
+    manifest = [row["name"] for row in golden.load_recording(out).metadata["taps"]]
+    assert manifest == sorted(manifest, key=golden.forward_order)
+    # the MTP head is recorded once, over the prompt: a step's prefix on its taps matches nothing
+    for pattern in ("step0.mtp.*", "step*.mtp.logits"):
+        with pytest.raises(MinqwenError, match=re.escape(f"tap pattern '{pattern}' matches no tap")):
+            golden.record(model, [3, 1, 4], decode_steps=2, taps=pattern, mtp_head=head)
+
+
 def test_golden_record_with_mtp_on_a_checkpoint_without_a_head_says_so(capsys):
     from minqwen.cli import main
 
