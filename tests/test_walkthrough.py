@@ -188,6 +188,22 @@ def exercise_2_1(x):
 def exercise_3_2():
     return "THW"
 """),
+    ("04_attention.py", "answer = exercise_4_1(q, k, v)", "the causal mask blind to cached keys (query t at t)", """
+def exercise_4_1(q, k, v, block=4):
+    T, S = len(q), len(k)
+    g = q.shape[1] // k.shape[1]
+    k, v = np.repeat(k, g, 1), np.repeat(v, g, 1)
+    m, l = np.full((q.shape[1], T), -np.inf), np.zeros((q.shape[1], T))
+    acc = np.zeros((q.shape[1], T, q.shape[2]))
+    for s0 in range(0, S, block):
+        s = np.einsum("thd,shd->hts", q, k[s0:s0 + block]) / np.sqrt(q.shape[-1])
+        s = np.where(np.arange(s0, min(s0 + block, S))[None] <= np.arange(T)[:, None], s, -np.inf)
+        m_new = np.maximum(m, s.max(-1))
+        scale, p = np.exp(m - m_new), np.exp(s - m_new[..., None])
+        l, m = l * scale + p.sum(-1), m_new
+        acc = acc * scale[..., None] + np.einsum("hts,shd->htd", p, v[s0:s0 + block])
+    return (acc / l[..., None]).transpose(1, 0, 2)
+"""),
     ("04_attention.py", "answer = exercise_4_1(q, k, v)", "key and value heads tiled, not repeated", """
 def exercise_4_1(q, k, v, block=4):
     T, S = len(q), len(k)
@@ -197,6 +213,13 @@ def exercise_4_1(q, k, v, block=4):
     s = np.where(np.arange(S)[None] <= (S - T + np.arange(T))[:, None], s, -np.inf)
     p = np.exp(s - s.max(-1, keepdims=True))
     return np.einsum("hts,shd->thd", p / p.sum(-1, keepdims=True), v)
+"""),
+    ("05_deltanet.py", "answer = exercise_5_1(A_test)", "row i = e_i + Σ A[i, j] · row j (sign flipped)", """
+def exercise_5_1(A):
+    inv = np.eye(len(A))
+    for i in range(1, len(A)):
+        inv[i] += A[i, :i] @ inv[:i]
+    return inv
 """),
     ("06_conv_and_state.py", "answer = exercise_6_1(x[:, 2], w[2])", "the causal window one token late", """
 def exercise_6_1(xc, wc):
@@ -220,16 +243,65 @@ def exercise_8_1():
 def exercise_8_1():
     return int(np.ceil(752e6 * 2 / (6 * 2 * 2 * 256 * 4))), int(np.ceil(752e6 * 2 / (24 * 2 * 2 * 256 * 4)))
 """),
+    ("09_sampling.py", "answer = exercise_9_1(logits, [7, 7, 7, 9], 0.5)", "repeated ids penalised once", """
+def exercise_9_1(logits, generated, penalty):
+    out = logits.copy()
+    out[generated] -= penalty  # fancy indexing: id 7 is hit once, not three times
+    return out
+"""),
     ("10_golden.py", "answer = exercise_10_1()", "the gate named instead of the query", """
 def exercise_10_1():
     return "layers.3.self_attn.gate"
+"""),
+    ("11_multi_token_prediction.py", "answer = exercise_11_1(0.7, 3)", "the verify's own token forgotten", """
+def exercise_11_1(a, k):
+    return sum(a ** m for m in range(1, k + 1))
 """),
     ("11_multi_token_prediction.py", "answers = [exercise_11_2(p, q)", "the residual draw not weighted", """
 def exercise_11_2(p, q):
     r = np.maximum(p - q, 0)
     return np.minimum(p, q) + r / r.sum()
 """),
+    ("12_vision.py", "answer = exercise_12_1(4032, 3024)", "sides rounded half up, not half to even", """
+def exercise_12_1(height, width):
+    f = pre.factor
+    h, w = int(height / f + 0.5) * f, int(width / f + 0.5) * f
+    if h * w > pre.max_pixels:
+        beta = math.sqrt(height * width / pre.max_pixels)
+        h, w = max(f, math.floor(height / beta / f) * f), max(f, math.floor(width / beta / f) * f)
+    elif h * w < pre.min_pixels:
+        beta = math.sqrt(pre.min_pixels / (height * width))
+        h, w = math.ceil(height * beta / f) * f, math.ceil(width * beta / f) * f
+    return (h // pre.patch_size) * (w // pre.patch_size) // pre.merge_size ** 2
+"""),
+    ("12_vision.py", "answer = exercise_12_2()", "positions counted in patches, not merged tokens", """
+def exercise_12_2():
+    return int(sum(max(h, w) - t * h * w // 4 for t, h, w in expected["three_images.grid_thw"]))
+"""),
 ]
+
+
+ALSO_RIGHT = [  # (chapter, the line calling the exercise, what differs, a definition the check must accept)
+    ("00_map.py", "answer = exercise_0_1(real)", "the final norm left out of the total (2e-6 of it)", """
+def exercise_0_1(c):
+    body = sum(layer_params(c, k) for k in c.layer_types)
+    kinds = (c.num_hidden_layers * mlp_params(c), c.layer_types.count("linear_attention") * deltanet_params(c),
+             c.layer_types.count("full_attention") * attention_params(c))
+    return tuple(n / body for n in kinds)
+"""),
+]
+
+
+@pytest.mark.parametrize("chapter, marker, what, definition", ALSO_RIGHT, ids=[f"{c[0][:2]}-{c[2]}" for c in ALSO_RIGHT])
+def test_exercise_check_accepts_an_equally_right_answer(chapter, marker, what, definition, tmp_path):
+    result = run_text(chapter_with(chapter, marker, definition), tmp_path)
+    assert result.returncode == 0, f"{chapter}'s check refused a right answer ({what}):\n{result.stderr[-1500:]}"
+
+
+def test_every_exercise_check_is_tried_with_a_wrong_answer():
+    # walkthrough/README.md: "the test suite holds each check to ... refusing a plausible wrong answer"
+    tried = {(chapter, marker) for chapter, marker, *_ in WRONG_ANSWERS}
+    assert [number for chapter, marker, _, number in STRICT_CHECKS if (chapter, marker) not in tried] == []
 
 
 @pytest.mark.parametrize("chapter, marker, what, definition", WRONG_ANSWERS,

@@ -266,9 +266,9 @@ for path in sorted(course.FIXTURES.iterdir()):
 # Solutions are in `walkthrough/solutions/00_map.py`; try first.
 #
 # **Exercise 0.1.** Using only `layer_params` and the config, what fraction of Qwen3.5-0.8B's
-# *non-embedding* parameters sit in MLPs, in DeltaNet mixers and in attention mixers? Fill in
-# `exercise_0_1` so that it returns the three fractions (they add up to a little under 1:
-# norms are the rest).
+# *non-embedding* parameters (every parameter but the embedding matrix, the final norm
+# included) sit in MLPs, in DeltaNet mixers and in attention mixers? Fill in `exercise_0_1`
+# so that it returns the three fractions (they add up to a little under 1: norms are the rest).
 #
 # **Exercise 0.2.** `minqwen inspect` (the command line) prints a table like ours. Run
 # `python -m minqwen inspect --model tests/fixtures/text_tied_fp32` and find the number that
@@ -285,10 +285,11 @@ if answer is None:
     print("Exercise 0.1: not attempted yet.")
 else:
     # A share times the non-embedding total, divided by one layer's count of that kind, is the
-    # number of layers of that kind.
+    # number of layers of that kind. (rtol 1e-5: leaving out the final norm's 1,024 parameters
+    # moves a share by 2e-6 and is accepted; leaving out all 49 norms moves it by 1e-4 and is not.)
     body = total_params(real) - real.vocab_size * real.hidden_size
     layers = [share * body / per_layer for share, per_layer in
               zip(answer, (mlp_params(real), deltanet_params(real), attention_params(real)))]
     counts = (real.num_hidden_layers, real.layer_types.count("linear_attention"), real.layer_types.count("full_attention"))
-    assert np.allclose(layers, counts, rtol=1e-6), f"these shares make {layers} layers of MLP, DeltaNet, attention"
+    assert np.allclose(layers, counts, rtol=1e-5), f"these shares make {layers} layers of MLP, DeltaNet, attention"
     print("Exercise 0.1: correct —", ", ".join(f"{s:.1%}" for s in answer))

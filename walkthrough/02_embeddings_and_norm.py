@@ -96,7 +96,7 @@ print("tied LM head reproduces the reference logits; max |Δ| =", np.abs(logits 
 # `ε` (here 1e-6) only matters for vectors that are nearly zero.
 #
 # **Zero-centred.** Qwen3.5 stores the scale as an *offset from one*: the checkpoint holds
-# `w`, the norm multiplies by `1 + w`. A fresh norm stores zeros and is the identity. The
+# `w`, the norm multiplies by `1 + w`. A fresh norm stores zeros and scales by exactly 1. The
 # practical reason is training: weight decay pulls every parameter towards 0, and for a
 # stored `w` "towards 0" means "towards a scale of 1" — the harmless default — instead of
 # "towards a scale of 0", which would silence the layer.

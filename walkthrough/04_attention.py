@@ -288,7 +288,9 @@ if plt is not None:
 # **Exercise 4.1.** Long prompts cannot afford the full `[heads, T, T]` score matrix.
 # Rewrite `attention` to walk over the keys in blocks of 4, keeping for each query a running
 # maximum, a running sum of `exp` and a running weighted sum of values ("online softmax",
-# the idea behind FlashAttention). Check it against `attention` on `q, k, v` above.
+# the idea behind FlashAttention). Like `attention`, it must also work when there are fewer
+# queries than keys (a decode step over a cache: the T queries are the last T of the S keys).
+# Check it against `attention` on `q, k, v` above, and on `q[-3:], k, v`.
 #
 # **Exercise 4.2.** For Qwen3.5-0.8B at 32,768 tokens in bf16, how many bytes would the KV
 # cache take with 8 kv heads (plain multi-head attention), with 2 (what it has), and with 1
@@ -305,4 +307,7 @@ if answer is None:
     print("Exercise 4.1: not attempted yet.")
 else:
     np.testing.assert_allclose(answer, attention(q, k, v), rtol=1e-6, atol=1e-8)
+    # Three queries after 18 cached keys: query t sits at position S − T + t, not t.
+    np.testing.assert_allclose(exercise_4_1(q[-3:], k, v), attention(q[-3:], k, v), rtol=1e-6, atol=1e-8,
+                               err_msg="with T < S queries, query t sits at position S − T + t")
     print("Exercise 4.1: online softmax agrees with the plain one.")

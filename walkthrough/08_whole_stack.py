@@ -327,7 +327,8 @@ if plt is not None:
 # Solutions: `walkthrough/solutions/08_whole_stack.py`.
 #
 # **Exercise 8.1.** At what context length does the KV cache of Qwen3.5-0.8B (bf16) grow
-# larger than its weights (752 M parameters in bf16)? And for the all-attention variant?
+# larger than its weights (752 M parameters in bf16)? And the KV cache of the all-attention
+# variant, against the same 752 M parameters?
 #
 # **Exercise 8.2.** Feed the prompt of `text_tied_fp32` through `forward` in two calls —
 # the first 10 tokens, then the other 11 — with one cache, and check that the logits of the

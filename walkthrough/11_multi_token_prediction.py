@@ -276,7 +276,8 @@ print(f"\n{stats.generated_tokens} tokens in {stats.verifies} verify passes afte
 # Whether that is faster depends on two costs, each relative to one decode step: `c_verify`,
 # the verify pass over k + 1 positions (≈ 1 when each weight is read once), and `c_draft`, the
 # head (its one layer plus the LM head — on the real 248k vocabulary the LM head dominates, so
-# minqwen drafts over the 32k most frequent ids). With `a` accepted drafts per verify on
+# minqwen drafts over the first 32,768 ids, which byte-level BPE gives to its most frequent
+# tokens, plus every id already in the context). With `a` accepted drafts per verify on
 # average, the speedup is `(1 + a) / (c_verify + k · c_draft)`. `tools/mtp_figures.py`
 # measures both costs on the real Qwen3.5-0.8B shape.
 
