@@ -168,6 +168,18 @@ def test_mtp_figures_refuses_bad_arguments(paths, args, names):
     assert_refused(run_tool("mtp_figures.py", *args, cwd=paths), *names)
 
 
+@pytest.mark.parametrize("mode", ["real", "split"])
+def test_mtp_figures_says_how_to_make_a_missing_default_checkpoint(tmp_path, mode):
+    # A copy of the script in a scratch tree, whose scratch/ holds no checkpoint (the
+    # repository's may): the default --checkpoint must go through the same check as a given one.
+    (tmp_path / "tools").mkdir()
+    shutil.copy(TOOLS / "mtp_figures.py", tmp_path / "tools" / "mtp_figures.py")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TOOLS), str(ROOT)]))
+    result = subprocess.run([sys.executable, str(tmp_path / "tools" / "mtp_figures.py"), mode], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120, env=env)
+    assert_refused(result, "--checkpoint", "no such folder", "python tools/real_shape.py make")
+
+
 def test_mtp_figures_reports_a_model_it_cannot_use_in_one_line(paths):
     # The fixture has no tokenizer.json: minqwen's error, printed without a traceback.
     assert_refused(run_tool("mtp_figures.py", "embedded", "--model", FIXTURE, cwd=paths), "tokenizer.json")

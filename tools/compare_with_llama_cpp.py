@@ -5,8 +5,9 @@
 
 A second engine, written independently of transformers and of minqwen, is a check on both:
 where all three agree, a port has three witnesses instead of one. N random token ids go
-through each engine the same way: the first P as one prompt (a batched forward: minqwen's
-chunked Gated DeltaNet, llama.cpp's batched graph), the rest one token per forward (the
+through each engine the same way: the first P as one prompt (a batched forward: one
+multi-token call in minqwen, its Gated DeltaNet in the default recurrent form; llama.cpp's
+batched graph), the rest one token per forward (the
 decode step of each, through its own KV cache and recurrent state). Printed: max |Δlogits|
 over the prompt positions and over the decode steps, the largest |logit|, and how often the
 two argmaxes agree. Exit code 0 when every |Δlogits| ≤ ``--atol``, 1 when not, 2 on an error.

@@ -11,7 +11,7 @@ Each fixture is a folder holding a small random Qwen3.5 checkpoint exactly as tr
 5.23.0 saves it, and ``expected.safetensors`` with what the reference computes for it in fp32
 eager mode: the prompt's token ids, logits, every decoder layer's output, the final norm, the
 decode state after the prompt, and a 32-token greedy continuation decoded through the
-reference's own cache. The configs between them cover: value heads = key heads, 2× and 3×;
+reference's own cache. The configs between them cover: value heads = key heads, 2×, 3× and 4×;
 tied and untied heads; conv kernels 2, 3 and 4; head dims 16 and 32; partial rotary 0.25, 0.5
 and 1.0; an M-RoPE section that does not fit the rotary dims (the default one, as tiny test
 models do) and ones that do; attention biases; fp32 and bf16 storage; both key layouts; a

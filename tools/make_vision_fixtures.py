@@ -10,7 +10,8 @@ the special tokens moved inside the tiny vocabulary), its ``preprocessor_config.
 * for each test image (stored as uint8 ``image.{i}``): ``Qwen2VLImageProcessorPil``'s
   ``pixel_values.{i}`` and ``grid_thw.{i}``;
 * for each prompt ``{p}`` (``{p}.ids``: one ``<|image_pad|>`` per image, ``{p}.images``: which
-  images): the tower's features and intermediate outputs, the expanded input ids, the 3-D
+  images): the tower's features (its intermediate outputs, ``{p}.tap.*``, for each fixture's
+  first prompt only), the expanded input ids, the 3-D
   position ids and rope delta of ``get_rope_index``, the logits, and a greedy continuation
   decoded through the reference's own cache (its tokens, logits and top-2 margins).
 

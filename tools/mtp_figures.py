@@ -19,9 +19,12 @@ cache (after a 16-token prompt), median of ``--repeats`` runs (7 unless told):
   per verify and per-draft acceptance a, (1 + a) ÷ (c_verify(2) + c_draft); with k = 2,
   (1 + a + a²) ÷ (c_verify(3) + 2·c_draft).
 
-"real" builds (once) ``scratch/qwen3.5-0.8b-random-mtp``: the real-shape checkpoint's files
-linked, plus a random MTP head — never committed. Random weights accept nothing, so the
-measured speculative tokens/s there is the worst case, a check on the cost model.
+"real" and "split" read the real-shape checkpoint (``--checkpoint``, default
+``scratch/qwen3.5-0.8b-random``), which they do not build: make it first with
+``python tools/real_shape.py make`` (tools/bench.py also makes it). "real" builds (once)
+``scratch/qwen3.5-0.8b-random-mtp``: that checkpoint's files linked, plus a random MTP head —
+never committed. Random weights accept nothing, so the measured speculative tokens/s there is
+the worst case, a check on the cost model.
 
 "embedded" measures decode tokens/s (63 new tokens after the first ÷ their time, greedy,
 Numba warm; the median over every prompt's 3 runs) without and with speculation, the share
@@ -379,15 +382,24 @@ def depth(layer_counts: list[int], acceptance: float, repeats: int, out: Path = 
         mtp.verify, mtp.draft, mtp.MtpCache.commit = originals
 
 
+def real_shape_checkpoint(text: str) -> Path:
+    """checkpoint_folder, saying how to make the real-shape checkpoint when it is missing."""
+    try:
+        return checkpoint_folder(text)
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"{e} (the real-shape checkpoint: make it with "
+                                         f"`python tools/real_shape.py make`)") from None
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="which", required=True)
     real = sub.add_parser("real")
-    real.add_argument("--checkpoint", type=checkpoint_folder, default=ROOT / "scratch" / "qwen3.5-0.8b-random")
+    real.add_argument("--checkpoint", type=real_shape_checkpoint, default=str(ROOT / "scratch" / "qwen3.5-0.8b-random"))
     real.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
     real.add_argument("--repeats", type=whole_number(1), default=7)
     parts = sub.add_parser("split")
-    parts.add_argument("--checkpoint", type=checkpoint_folder, default=ROOT / "scratch" / "qwen3.5-0.8b-random")
+    parts.add_argument("--checkpoint", type=real_shape_checkpoint, default=str(ROOT / "scratch" / "qwen3.5-0.8b-random"))
     parts.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
     parts.add_argument("--rounds", type=whole_number(1), default=20)
     emb = sub.add_parser("embedded")

@@ -13,8 +13,10 @@ expert (``experts.{e}.gate_proj.weight``) or fused (``experts.gate_up_proj``) �
 
 (``<name>_scale_inv`` for fused experts), so that ``weight × its block's scale`` ≈ the source
 weight. Everything else keeps its stored dtype: embeddings, the LM head, norms, the conv, the
-router (``mlp.gate``), ``shared_expert_gate``, decay parameters, biases, the vision tower;
-their modules are listed in ``modules_to_not_convert``.
+router (``mlp.gate``), ``shared_expert_gate``, decay parameters, biases, the vision tower.
+The 2-D matrices among them (embeddings, an untied LM head, the router, ``shared_expert_gate``,
+the vision tower's linear layers) are listed, by module, in ``modules_to_not_convert``; the
+1-D and 3-D tensors (norms, the conv, decay parameters, biases) are not.
 
 The scales are made to be *test* material: a block's natural scale is max|block| / 448 (448 is
 the largest E4M3 value), and each is further multiplied by a random power of two from 1 to
