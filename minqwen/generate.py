@@ -215,9 +215,9 @@ def stream_text(
     # (a generator would be used up by this check, and then stop nothing)
     if not isinstance(stop_strings, (list, tuple, set, frozenset)) or not all(isinstance(s, str) and s for s in stop_strings):
         raise MinqwenError(f"stop strings must be a list of non-empty strings, got {stop_strings!r}")
-    if ids_out is not None and not isinstance(ids_out, list):
-        raise MinqwenError(f"ids_out must be a list (it receives every generated id) or None, got "
-                           f"{type(ids_out).__name__}")
+    if ids_out is not None and not callable(getattr(ids_out, "append", None)):
+        raise MinqwenError(f"ids_out must be a list, or anything with an append method (it receives every "
+                           f"generated id), or None; got {type(ids_out).__name__}")
     decoder = StreamDecoder(tokenizer, skip_special_tokens=skip_special_tokens)
     eos = set(tokenizer.eos_ids) | set(model.config.eos_token_id)
     held = ""

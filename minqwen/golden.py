@@ -334,10 +334,13 @@ def _check_patterns(patterns, per_call, mtp_names, decode_steps) -> None:
         if not any(_selected([p], name, prefix + name) for prefix in prefixes for name in per_call) \
                 and not any(_selected([p], name, name) for name in mtp_names):
             examples = ", ".join(per_call[:3] + [per_call[-1]])
-            step_hint = f"; decode taps step0 … step{decode_steps - 1}." if decode_steps else " (no decode steps)"
+            step_hint = f"; decode taps step0 … step{decode_steps - 1}" if decode_steps else " (no decode steps)"
+            unstepped = re.sub(r"^step[^.]*\.", "", p)
+            mtp_hint = (f" The MTP head is recorded once, over the prompt: write '{unstepped}', without a step."
+                        if unstepped != p and any(_selected([unstepped], name, name) for name in mtp_names) else "")
             raise MinqwenError(
                 f"tap pattern '{p}' matches no tap of this model (names look like {examples}{step_hint}; "
-                f"`minqwen golden taps` lists them all)"
+                f"`minqwen golden taps` lists them all).{mtp_hint}"
             )
 
 
@@ -378,7 +381,7 @@ def save(recording: dict[str, np.ndarray], path, metadata: dict) -> None:
                            "makes one")
     if not isinstance(metadata, dict) or "config_sha256" not in metadata:
         raise MinqwenError("save: metadata needs 'config_sha256' (golden.model_metadata(model) gives it)")
-    arrays = {name: np.ascontiguousarray(value) for name, value in recording.items()}
+    arrays = {name: np.ascontiguousarray(recording[name]) for name in sorted(recording, key=forward_order)}
     generated = arrays.get("generated_ids", np.zeros(0, np.int64))
     derived = {
         "format": FORMAT,

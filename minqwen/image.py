@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -449,7 +450,7 @@ def image_list(images) -> list:
     if images is None or isinstance(images, (str, Path, np.ndarray)) or type(images).__module__.startswith("PIL."):
         raise MinqwenError(f"images must be a list of images (paths, Pillow images or arrays), got "
                            f"{type(images).__name__}: wrap a single image in a list")
-    if not isinstance(images, (list, tuple)):
+    if not isinstance(images, Iterable) or isinstance(images, (bytes, dict)):
         raise MinqwenError(f"images must be a list of images (paths, Pillow images or arrays), got "
                            f"{type(images).__name__}")
     return list(images)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -393,7 +394,7 @@ def load(path: str | Path, progress=None, dtype: str = "float32", bf16_prompts: 
         if dtype != "bfloat16":
             raise MinqwenError("bf16_prompts needs weights kept in bf16: load with dtype='bfloat16' too")
         check_bf16_dot_available()
-    if not isinstance(path, (str, Path)):
+    if not isinstance(path, (str, os.PathLike)):
         raise MinqwenError(f"load takes the path of a checkpoint folder, got {type(path).__name__}")
     path = Path(path)
     if not path.is_dir():

@@ -39,6 +39,7 @@ The output is the model's, not the head's: a bad head only makes decoding slower
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -104,7 +105,7 @@ def load_mtp(folder: str | Path, model: Model) -> MtpHead | None:
     None when the checkpoint has no ``mtp.*`` tensor at all. The weights are kept like the
     model's (float32 or bf16 matrices, experts memory-mapped).
     """
-    if not isinstance(folder, (str, Path)):
+    if not isinstance(folder, (str, os.PathLike)):
         raise MinqwenError(f"load_mtp takes the path of a checkpoint folder, got {type(folder).__name__}")
     folder = Path(folder)
     check_model(model)

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import numbers
+import os
 import warnings
 from pathlib import Path
 
@@ -25,8 +26,10 @@ from .errors import MinqwenError, is_whole_number
 # picks Qwen3_5Tokenizer for these model types whatever class tokenizer_config.json names (it
 # lists the names on the Hub as unreliable)…
 QWEN_TOKENIZER_MODEL_TYPES = ("qwen3_5", "qwen3_5_moe", "qwen3_5_moe_text")
-# …and for qwen3_5_text the class named (a generic backend then fills nothing), or
-# Qwen3_5Tokenizer when none is named.
+# …and for qwen3_5_text the class named (in tokenizer_config.json, else in config.json), or
+# Qwen3_5Tokenizer when none is. Only Qwen's classes' defaults are mimicked: with a generic
+# backend named, transformers fills nothing either; another model's class (GPT2Tokenizer …)
+# would fill its own, which minqwen does not.
 QWEN_TOKENIZER_CLASSES = ("Qwen2Tokenizer", "Qwen3_5Tokenizer")
 
 
@@ -48,7 +51,7 @@ class Tokenizer:
     def __init__(self, folder: str | Path):
         from tokenizers import Tokenizer as HFTokenizer
 
-        if not isinstance(folder, (str, Path)):
+        if not isinstance(folder, (str, os.PathLike)):
             raise MinqwenError(f"Tokenizer takes a checkpoint folder (a path), got {type(folder).__name__}")
         folder = Path(folder)
         path = folder / "tokenizer.json"
@@ -63,7 +66,9 @@ class Tokenizer:
         except Exception as e:  # the tokenizers library raises its own exception type
             raise MinqwenError(f"{path}: cannot read this tokenizer ({e})") from None
         self.config = _read_json(folder / "tokenizer_config.json")
-        self._model_type = _read_json(folder / "config.json").get("model_type")
+        model_config = _read_json(folder / "config.json")
+        self._model_type = model_config.get("model_type")
+        self._config_tokenizer_class = model_config.get("tokenizer_class")
         self.generation_config_path = folder / "generation_config.json"
         self.generation_config = _read_json(self.generation_config_path)
         template = self.config.get("chat_template")
@@ -144,7 +149,10 @@ class Tokenizer:
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
             raise MinqwenError(f"decode takes a sequence of token ids, got {type(ids).__name__} (one id: decode([i]))")
-        ids = list(ids)
+        try:
+            ids = list(ids)
+        except TypeError:
+            raise MinqwenError(f"decode takes a sequence of token ids, got {ids!r:.80}") from None
         bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, numbers.Integral) or not 0 <= i < 2**32]
         if bad:  # the tokenizers library would raise OverflowError or TypeError
             raise MinqwenError(f"decode takes token ids (whole numbers from 0 to 2³² − 1), got {bad[0]!r}")
@@ -183,7 +191,7 @@ class Tokenizer:
         """Whether transformers would load this folder's tokenizer as one of Qwen's classes."""
         if self._model_type in QWEN_TOKENIZER_MODEL_TYPES:
             return True
-        named = self.config.get("tokenizer_class")
+        named = self.config.get("tokenizer_class") or self._config_tokenizer_class
         if named is None:
             return self._model_type == "qwen3_5_text"
         return isinstance(named, str) and named.removesuffix("Fast") in QWEN_TOKENIZER_CLASSES

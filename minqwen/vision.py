@@ -30,6 +30,7 @@ Everything is checked against transformers 5.23.0 (``Qwen3_5VisionModel``,
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -459,7 +460,7 @@ class VisionTower:
 def load_vision(path: str | Path) -> VisionTower:
     """The vision tower of a multimodal Qwen3.5 checkpoint folder: config.json's ``vision_config``,
     ``preprocessor_config.json`` and the ``model.visual.*`` tensors, every shape checked."""
-    if not isinstance(path, (str, Path)):
+    if not isinstance(path, (str, os.PathLike)):
         raise MinqwenError(f"load_vision takes the path of a checkpoint folder, got {type(path).__name__}")
     folder = Path(path)
     if not folder.is_dir():

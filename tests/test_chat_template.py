@@ -231,6 +231,23 @@ def test_unset_special_tokens_are_filled_as_transformers_chooses_the_tokenizer_c
     assert Tokenizer(folder).render_chat(messages) == want
 
 
+def test_a_tokenizer_class_named_in_config_json_counts_as_transformers_counts_it(folder):
+    require_reference()
+    from transformers import AutoTokenizer
+
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="qwen3_5_text", tokenizer_class="TokenizersBackend")
+    (folder / "config.json").write_text(json.dumps(config))
+    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
+    for name in ("unk_token", "eos_token", "pad_token", "tokenizer_class"):
+        tokenizer_config.pop(name)
+    tokenizer_config["chat_template"] = "[{{ unk_token }}|{{ eos_token }}|{{ pad_token }}]"
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    messages = [{"role": "user", "content": "hi"}]
+    want = AutoTokenizer.from_pretrained(str(folder)).apply_chat_template(messages, tokenize=False)
+    assert Tokenizer(folder).render_chat(messages) == want == "[||]"
+
+
 @pytest.mark.parametrize("template", ["{% set d = {'a': 1} %}{{ dict.pop(d, 'a') }}{{ d }}",
                                       "{% set ns = namespace(_hidden=1) %}",
                                       "{% set ns = namespace(x=1) %}{% set ns._hidden = 2 %}"],

@@ -669,8 +669,9 @@ def test_a_recording_with_mtp_and_decode_steps_is_in_forward_order_and_refuses_a
     assert manifest == sorted(manifest, key=golden.forward_order)
     # the MTP head is recorded once, over the prompt: a step's prefix on its taps matches nothing
     for pattern in ("step0.mtp.*", "step*.mtp.logits"):
-        with pytest.raises(MinqwenError, match=re.escape(f"tap pattern '{pattern}' matches no tap")):
+        with pytest.raises(MinqwenError, match=re.escape(f"tap pattern '{pattern}' matches no tap")) as raised:
             golden.record(model, [3, 1, 4], decode_steps=2, taps=pattern, mtp_head=head)
+        assert "recorded once, over the prompt: write 'mtp." in str(raised.value)
 
 
 def test_golden_record_with_mtp_on_a_checkpoint_without_a_head_says_so(capsys):

@@ -298,6 +298,14 @@ def test_exercise_check_accepts_an_equally_right_answer(chapter, marker, what, d
     assert result.returncode == 0, f"{chapter}'s check refused a right answer ({what}):\n{result.stderr[-1500:]}"
 
 
+def test_strict_checks_list_every_checked_exercise_in_the_chapters():
+    # The two tests around this one walk STRICT_CHECKS: a check cell added to a chapter but not
+    # to the list would go untested.
+    call = r"^answers? = \[?exercise_\w+\("
+    found = {(c.name, m.group(0)) for c in CHAPTERS for m in re.finditer(call, c.read_text(encoding="utf-8"), re.M)}
+    assert found == {(chapter, re.match(call, marker).group(0)) for chapter, marker, *_ in STRICT_CHECKS}
+
+
 def test_every_exercise_check_is_tried_with_a_wrong_answer():
     # walkthrough/README.md: "the test suite holds each check to ... refusing a plausible wrong answer"
     tried = {(chapter, marker) for chapter, marker, *_ in WRONG_ANSWERS}
