@@ -261,7 +261,11 @@ def gated_attention(
     eps: float,
     tap=None,
 ) -> np.ndarray:
-    """One gated attention layer over x [T, H]; appends this step's keys/values to the cache."""
+    """One gated attention layer over x [T, H]; appends this step's keys/values to the cache.
+
+    ``cos``, ``sin``: [T, R] from :func:`minqwen.rope.mrope_cos_sin` (R rotated dims of D, made
+    once per forward in ``Model.hidden_states``).
+    """
     t_len = x.shape[0]
     q_and_gate = linear(x, w.q_proj, w.q_proj_bias).reshape(t_len, num_heads, 2 * head_dim)  # [T, Hq, 2D]
     q, gate = q_and_gate[..., :head_dim], q_and_gate[..., head_dim:]  # [T, Hq, D] each

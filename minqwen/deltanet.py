@@ -51,6 +51,9 @@ CHUNK_SIZE = 64
 FORMS = ("recurrent", "chunked")
 
 
+# Letters in the shapes below: H = hidden_size; Hk, Dk = linear_num_key_heads, linear_key_head_dim;
+# Hv, Dv = linear_num_value_heads, linear_value_head_dim; K = linear_conv_kernel_dim (conv taps);
+# conv_dim = 2·Hk·Dk + Hv·Dv (config.linear_conv_dim: the q | k | v channels, convolved together).
 @dataclass
 class DeltaNetWeights:
     in_proj_qkv: np.ndarray  # [2·Hk·Dk + Hv·Dv, H]
@@ -434,7 +437,7 @@ def gated_deltanet(
         tap("linear_attn.in_proj_b", b)
         tap("linear_attn.in_proj_a", a)
 
-    conv_inputs, conv_before = mixed_qkv, state.conv
+    conv_inputs, conv_before = mixed_qkv, state.conv  # read only by the speculative-verify branch below
     mixed_qkv, state.conv = causal_conv1d(mixed_qkv, w.conv1d, state.conv)
     mixed_qkv = ACTIVATIONS[hidden_act](mixed_qkv)
     if tap is not None:
@@ -446,6 +449,8 @@ def gated_deltanet(
     q = l2_normalize(q) * q.dtype.type(key_head_dim**-0.5)  # in q's dtype: float32, or float64 for checks
     k = l2_normalize(k)
     beta = sigmoid(b)  # [T, Hv]: how strongly this token overwrites the memory
+    # Mamba2's parametrisation: a per-head rate exp(A_log) > 0 times a per-token step
+    # softplus(a + dt_bias) > 0 (dt_bias: the head's default step), so exp(g) ∈ (0, 1].
     g = -np.exp(w.A_log) * softplus(a + w.dt_bias)  # [T, Hv]: log of the memory's decay, ≤ 0
     if tap is not None:
         tap("linear_attn.q", q)
@@ -459,6 +464,8 @@ def gated_deltanet(
     if group > 1:  # (np.repeat copies even when group is 1)
         q = np.repeat(q, group, axis=1)  # [T, Hv, Dk]
         k = np.repeat(k, group, axis=1)  # [T, Hv, Dk]
+    # All three branches compute recurrent_gated_delta_rule_numpy (the definition); the plain
+    # path is the last one. history is set only during a speculative verify (mtp.py).
     if state.history is not None:
         core = _recurrence_keeping_every_state(q, k, v, g, beta, state, conv_inputs, conv_before)
     elif form == "chunked" and t_len > 1:

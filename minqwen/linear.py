@@ -80,6 +80,12 @@ def numba_multiplies(weight_dtype, n_rows: int, model_bytes: int, bf16_prompts: 
 
 
 def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+    """x @ weight.T (+ bias): every branch computes that, up to float32 rounding of the sums.
+
+    The branches only choose how: bf16 weights (widened exactly, :func:`linear_bf16`), a few
+    float32 rows (a decode step: the Numba kernel :func:`linear_few_rows`, even for the
+    default float32 model), or BLAS. Twins: ``x @ weight.T``, :func:`linear_bf16_numpy`.
+    """
     # x: [T, in], weight: [out, in] → [T, out]
     n_rows = x.shape[0]
     if weight.dtype == BF16:

@@ -216,15 +216,18 @@ class Model:
                 f"the sequence would reach {cache.position + t_len} tokens, beyond the model's context of "
                 f"{c.max_position_embeddings} (config max_position_embeddings)"
             )
-        if position_ids is None:
+        if position_ids is None:  # [3, T]: rows t, h, w, all equal for text
             position_ids = text_position_ids(cache.position + cache.rope_delta, t_len)
         else:
             position_ids = _checked_position_ids(position_ids, t_len)
+        # R = config.rotary_dim, the rotated leading dims of each attention head; computed once, shared by every layer
         cos, sin = mrope_cos_sin(position_ids, self.inv_freq, c.mrope_section, self.attention_factor)  # [T, R] each
         if tap is not None:
             tap("embed", x)
 
-        # BLAS steps aside while Numba's parallel kernels do the matmuls (see one_blas_thread)
+        # BLAS steps aside while Numba's parallel kernels do the matmuls (see one_blas_thread).
+        # Neither block changes the math on the default path (bf16_prompts off), only which threads
+        # do it: read the loop below as plain Python.
         with one_blas_thread(self.numba_multiplies(t_len)), rounding_prompts_to_bf16(self.bf16_prompts):
             for i, (layer, state) in enumerate(zip(self.layers, cache.layers)):
                 layer_tap = None if tap is None else prefixed(tap, f"layers.{i}.")

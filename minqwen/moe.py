@@ -17,8 +17,9 @@ memory as well as in arithmetic: the experts stay memory-mapped in the checkpoin
 so a decode step pages in the active parameters, not the total.
 
 **The gather.** Looping over tokens would run one tiny matmul per (token, expert) pair;
-looping over all E experts with a mask (what the tests use as the definition) would read every
-expert. Instead the k·T (token, expert) assignments are grouped by expert — a counting sort,
+looping over all E experts with a mask (what the tests use as the definition,
+``dense_masked_moe`` in tests/test_moe.py: NumPy, eight lines) would read every expert.
+Instead the k·T (token, expert) assignments are grouped by expert — a counting sort,
 :func:`group_by_expert` — so that each chosen expert runs one matmul over all of its tokens, and
 the outputs are then scattered back to their tokens with their routing weights,
 :func:`scatter_weighted`. The grouping and the scatter are plain loops, compiled by Numba; each
@@ -73,7 +74,7 @@ class Experts:
     arrays, or a view of a fused [E, …] array. Nothing is read until an expert is used.
     """
 
-    gate_proj: Sequence[np.ndarray]  # E × [I, H]
+    gate_proj: Sequence[np.ndarray]  # E × [I, H], I = config.moe_intermediate_size
     up_proj: Sequence[np.ndarray]  # E × [I, H]
     down_proj: Sequence[np.ndarray]  # E × [H, I]
     layout: str = "per_expert"  # or "fused": how the checkpoint stores them (minqwen inspect shows it)
@@ -88,7 +89,7 @@ class MoEWeights:
 
     gate: np.ndarray  # [E, H]: the router (``mlp.gate.weight``)
     experts: Experts
-    shared_expert: MLPWeights  # [S, H], [S, H], [H, S]
+    shared_expert: MLPWeights  # [S, H], [S, H], [H, S]; S = config.shared_expert_intermediate_size
     shared_expert_gate: np.ndarray  # [1, H]
 
 

@@ -12,7 +12,7 @@ Three ideas stack up here.
    *interleaved*: frequency ``i`` uses height if ``i % 3 == 1`` (for the first
    ``3·mrope_section[1]`` frequencies), width if ``i % 3 == 2`` (for the first
    ``3·mrope_section[2]``), and time otherwise. For text the three positions are equal and
-   M-RoPE is plain RoPE.
+   M-RoPE is plain RoPE. Qwen3.5's (11, 11, 10) over R/2 = 32 frequencies: t h w t h w … t h.
 """
 
 import math
