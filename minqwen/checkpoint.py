@@ -501,4 +501,5 @@ def find_checkpoint(spec: str | Path | None) -> Path:
             f"with `hf download {text}` (`huggingface-cli download` in older huggingface_hub releases), or "
             f"`git clone` the model repository, and pass the folder"
         )
-    raise MinqwenError(f"{spec}: no such folder (a checkpoint is a folder with config.json and *.safetensors)")
+    what = "a file, not a folder" if path.is_file() else "no such folder"
+    raise MinqwenError(f"{spec}: {what} (a checkpoint is a folder with config.json and *.safetensors)")

@@ -2,7 +2,7 @@
 
     minqwen generate "def parse_args"         complete a prompt (the embedded model by default)
     minqwen chat                               talk, several turns, one cache
-    minqwen inspect --context 32768            layers, parameters, weight and cache bytes
+    minqwen inspect --context 2048             layers, parameters, weight and cache bytes
     minqwen score FILE --window 1024           perplexity and bits per byte of a text
     minqwen golden record|compare …            golden outputs for other implementations
 
@@ -72,6 +72,11 @@ def check_generation_options(args):
         raise MinqwenError(f"--seed must be ≥ 0, got {args.seed}")
     if not all(args.stop):
         raise MinqwenError("--stop needs a non-empty text to stop at")
+    for text in args.stop:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # bytes that were not UTF-8: no generated text can hold them
+            raise MinqwenError(f"--stop {text!r}: not UTF-8 text, so generated text can never match it") from None
 
 
 def speculative_decode(args, model, folder):
@@ -104,8 +109,16 @@ def sampling_params(args, tokenizer):
     from .sampling import SamplingParams
 
     names = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty")
-    return SamplingParams.from_generation_config(tokenizer.generation_config, str(tokenizer.generation_config_path),
-                                                 **{n: getattr(args, n) for n in names})
+    params = SamplingParams.from_generation_config(tokenizer.generation_config, str(tokenizer.generation_config_path),
+                                                   **{n: getattr(args, n) for n in names})
+    # As transformers warns: these only shape a distribution to sample from, and greedy takes its argmax
+    ignored = [f"--{n.replace('_', '-')}" for n in ("top_k", "top_p", "min_p") if getattr(args, n) is not None]
+    if params.greedy and ignored:
+        why = "--temperature 0" if args.temperature is not None else (
+            "the checkpoint's generation_config.json does not set do_sample: true")
+        print(f"minqwen: warning: {', '.join(ignored)} change nothing while decoding is greedy ({why}); "
+              f"give --temperature T > 0 to sample", file=sys.stderr)
+    return params
 
 
 def load_model_and_tokenizer(spec, need_tokenizer=True, dtype="float32", bf16_prompts=False):
@@ -157,8 +170,14 @@ class ThinkingPrinter:
         self.color = self.out.isatty()
         self.pending = ""
         self.after_think = False  # the answer's leading newlines are still to be dropped
+        # Without colour the tags mark the reasoning. When the prompt opened it (the chat template
+        # ends with "<think>\n"), the model never writes the opening tag: print it for the model.
+        self.open_tag_due = in_think and not hide and not self.color
 
     def write(self, piece: str):
+        if self.open_tag_due:
+            self.out.write(THINK_OPEN + "\n")
+            self.open_tag_due = False
         text = self.pending + piece
         self.pending = ""
         if self.after_think:  # they may come in the pieces after the one that closed the reasoning
@@ -176,7 +195,7 @@ class ThinkingPrinter:
             self._emit(text[:at])
             self.in_think = not self.in_think
             if not self.hide and not self.color:
-                self.out.write(tag)
+                self.out.write(tag if self.in_think else tag + "\n")  # the answer starts on a line of its own
             text = text[at + len(tag):]
             if not self.in_think:
                 text = text.lstrip("\n")
@@ -213,8 +232,8 @@ def run_generate(args) -> int:
     if args.no_think and not args.chat:
         raise MinqwenError("--no-think goes with --chat (it changes the chat template's answer prompt)")
     prompt_text = args.prompt
-    if prompt_text is None and args.tokens is None:
-        if sys.stdin.isatty():
+    if args.tokens is None and prompt_text in (None, "-"):
+        if prompt_text is None and sys.stdin is not None and sys.stdin.isatty():
             raise MinqwenError("give a prompt as an argument or on standard input")
         prompt_text = read_stdin()
     if args.tokens is None and not prompt_text.strip():
@@ -253,7 +272,16 @@ def run_generate(args) -> int:
         image_prefill_tokens, image_prefill_seconds = cache.position, time.perf_counter() - start
         ids, history = ids[-1:], ids[:-1]  # …and its last token starts generation
     stats = stats_class()
-    checked_generation_args(ids, args.max_new_tokens, args.seed)  # before the prompt is echoed
+    # Checked before the prompt is echoed: a run that fails should not print half its output first.
+    checked_generation_args(ids, args.max_new_tokens, args.seed)
+    c = model.config
+    outside = [i for i in ids if i >= c.vocab_size] if args.tokens is None else []
+    if outside:
+        raise MinqwenError(f"the tokenizer gives token id {outside[0]}, outside the model's vocabulary (vocab_size "
+                           f"{c.vocab_size} in config.json): tokenizer.json and the weights are not of one model")
+    if tower is None and len(ids) > c.max_position_embeddings:
+        raise MinqwenError(f"the prompt is {len(ids)} tokens, beyond the model's context of "
+                           f"{c.max_position_embeddings} (config max_position_embeddings)")
     printer = ThinkingPrinter(hide=args.hide_thinking, in_think=args.chat and not args.no_think)
     if not args.chat:
         sys.stdout.write(prompt_text if args.tokens is None and args.echo else "")
@@ -304,8 +332,11 @@ def run_chat(args) -> int:
     model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, bf16_prompts=args.bf16_prompts)
     decode, stats_class = speculative_decode(args, model, find_checkpoint(args.model))
     params = sampling_params(args, tokenizer)
+    if sys.stdin is None:  # started with standard input closed (`<&-`)
+        raise MinqwenError("standard input is closed: chat reads its messages from it (a terminal, a pipe or a file)")
     session = ChatSession(model, tokenizer, enable_thinking=not args.no_think)
-    if args.system:
+    if args.system is not None:
+        tokenizer.encode(args.system)  # refused now (text that is not UTF-8), not at the first message
         session.messages.append({"role": "system", "content": args.system})
     pending = [attach_image(session, path, args.model) for path in args.image]  # images for the next message
     interactive = sys.stdin.isatty()
@@ -318,7 +349,10 @@ def run_chat(args) -> int:
             print(file=sys.stderr)
             return 0
         except UnicodeDecodeError:
-            raise MinqwenError("standard input is not UTF-8 text") from None
+            if not interactive:
+                raise MinqwenError("standard input is not UTF-8 text") from None
+            print("minqwen: error: that line is not UTF-8 text; type it again", file=sys.stderr)
+            continue
         if not line.strip():
             continue
         command, _, path = line.strip().partition(" ")
@@ -341,6 +375,15 @@ def run_chat(args) -> int:
             printer.close()
             print(file=sys.stderr)
             return 0
+        except MinqwenError as e:
+            # A turn that fails leaves the conversation as it was: a person may say it otherwise.
+            if not interactive:
+                raise
+            printer.close()
+            dropped = f" (its {len(images)} image(s) too: attach them again with /image)" if images else ""
+            print(f"\nminqwen: error: {e}\n[that message was not added to the conversation{dropped}]",
+                  file=sys.stderr)
+            continue
         printer.close()
         print()
         if args.verbose:
@@ -356,10 +399,14 @@ def run_inspect(args) -> int:
 
     from .threads import threads_in_use
 
-    if args.context < 1:
+    if args.context is not None and args.context < 1:
         raise MinqwenError(f"--context must be a number of tokens ≥ 1, got {args.context}")
     model, _ = load_model_and_tokenizer(args.model, need_tokenizer=False, dtype=args.dtype, bf16_prompts=args.bf16_prompts)
-    print(describe(model, args.context))
+    limit = model.config.max_position_embeddings
+    if args.context is not None and args.context > limit:
+        raise MinqwenError(f"--context {args.context} is beyond the model's context of {limit} tokens "
+                           f"(config max_position_embeddings): no cache grows that large")
+    print(describe(model, min(4096, limit) if args.context is None else args.context))
     threads = threads_in_use()
     print(f"\nthreads: BLAS {', '.join(map(str, threads['blas'])) or '?'}, Numba {threads['numba']} "
           f"(physical cores: {threads['physical_cores']})")
@@ -370,6 +417,9 @@ def run_inspect(args) -> int:
 
 
 def read_stdin() -> str:
+    if sys.stdin is None:  # started with standard input closed (`<&-`)
+        raise MinqwenError("standard input is closed: give the text as an argument or a file, or redirect "
+                           "standard input from one")
     try:
         return sys.stdin.read()
     except UnicodeDecodeError:  # (with Python's UTF-8 mode, such bytes arrive as surrogates: encode refuses them)
@@ -518,14 +568,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     p = sub.add_parser("generate", help="continue a prompt, streaming tokens")
-    p.add_argument("prompt", nargs="?", help="the prompt (default: read standard input)")
+    p.add_argument("prompt", nargs="?", help="the prompt (default, or -: read standard input)")
     p.add_argument("--tokens", metavar="IDS",
                    help="token ids instead of a text prompt, e.g. '1,2,3' (the output is text: needs tokenizer.json)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
     p.add_argument("--no-think", action="store_true", help="with --chat: ask for an answer without reasoning")
     p.add_argument("--hide-thinking", action="store_true", help="do not print the reasoning")
     p.add_argument("--echo", action=argparse.BooleanOptionalAction, default=True,
-                   help="print a plain text prompt before its continuation (default; not with --chat or --tokens)")
+                   help="print a plain text prompt before its continuation (default; a --chat or --tokens "
+                        "prompt is never printed)")
     p.add_argument("--image", action="append", default=[], metavar="PATH",
                    help="an image to show the model (repeatable; needs a multimodal checkpoint and Pillow). It "
                         "goes before the prompt, unless the prompt holds <|vision_start|><|image_pad|><|vision_end|> "
@@ -549,7 +600,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=run_chat)
 
     p = sub.add_parser("inspect", help="the model at a glance: layers, parameters, memory")
-    p.add_argument("--context", type=int, default=4096, metavar="N", help="context length for the cache sizes")
+    p.add_argument("--context", type=int, metavar="N",
+                   help="context length for the cache sizes (default: 4096, or the model's context if shorter)")
     add_model_option(p)
     p.set_defaults(run=run_inspect)
 
@@ -565,6 +617,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if sys.stderr is None:  # started with standard error closed (`2>&-`): print(file=None) would write to stdout
+        sys.stderr = open(os.devnull, "w")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -572,6 +626,8 @@ def main(argv: list[str] | None = None) -> int:
 
         if sys.stdout is None:  # started with standard output closed (`>&-`)
             raise MinqwenError("standard output is closed: minqwen has nowhere to write (redirect it to a file)")
+        if args.threads is not None and args.threads < 1:
+            raise MinqwenError(f"--threads must be ≥ 1, got {args.threads}")
         set_threads(args.threads)
         return int(args.run(args) or 0)
     except MinqwenError as e:

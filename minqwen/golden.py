@@ -433,12 +433,16 @@ class Recording:
         return str(self.metadata["config_sha256"])
 
 
+# The metadata a comparison reads, which must be JSON text; other entries are kept as they are.
+_READ_AS_JSON = ("config", "config_sha256", "token_ids", "decode_steps", "taps", "tolerances")
+
+
 def load_recording(path) -> Recording:
     """Read a golden file. A missing or malformed file is a MinqwenError that names it."""
     path = Path(path)
     if not path.is_file():
-        raise MinqwenError(f"{path}: no such file (a golden recording is a .safetensors file, "
-                           f"e.g. from `minqwen golden record`)")
+        raise MinqwenError(f"{path}: {'a folder, not a file' if path.is_dir() else 'no such file'} (a golden "
+                           f"recording is a .safetensors file, e.g. from `minqwen golden record`)")
     try:
         with safe_open(str(path), framework="np") as f:
             raw_meta = f.metadata() or {}
@@ -450,8 +454,11 @@ def load_recording(path) -> Recording:
         try:
             metadata[key] = json.loads(text)
         except json.JSONDecodeError:
+            if key not in _READ_AS_JSON:  # another writer's own entry, such as torch's {"format": "pt"}
+                metadata[key] = text
+                continue
             raise MinqwenError(f"{path}: metadata '{key}' is not JSON text ({text[:40]!r}); "
-                               f"every golden metadata value is JSON") from None
+                               f"golden metadata values are JSON") from None
     ids = metadata.get("token_ids")
     if ids is not None and (not isinstance(ids, list) or not all(is_whole_number(t) and t >= 0 for t in ids)):
         raise MinqwenError(f"{path}: metadata 'token_ids' must be a JSON list of token ids (whole numbers ≥ 0)")

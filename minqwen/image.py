@@ -208,7 +208,7 @@ def _checked_array(array: np.ndarray, what: str = "image array") -> np.ndarray:
     if array.dtype != np.uint8:
         raise MinqwenError(f"{what} must be uint8 (0…255 per channel), got dtype {array.dtype}")
     if array.shape[0] == 0 or array.shape[1] == 0:
-        raise MinqwenError(f"{what} is empty: {array.shape[0]}×{array.shape[1]} pixels")
+        raise MinqwenError(f"{what} is empty: {array.shape[1]}×{array.shape[0]} pixels")
     return array
 
 
@@ -262,10 +262,10 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
     Rounding is Python's ``round`` (half to even), as in the reference.
     """
     if height < 1 or width < 1:
-        raise MinqwenError(f"the image is empty: {height}×{width} pixels")
+        raise MinqwenError(f"the image is empty: {width}×{height} pixels")
     if max(height, width) / min(height, width) > 200:
         raise MinqwenError(
-            f"the image is {height}×{width} pixels, an aspect ratio above 200:1, which the "
+            f"the image is {width}×{height} pixels, an aspect ratio above 200:1, which the "
             "preprocessing refuses (as the reference does); crop it first"
         )
     h_bar = round(height / factor) * factor
@@ -430,16 +430,16 @@ def target_size(height: int, width: int, config: PreprocessorConfig) -> tuple[in
         if h * w > MAX_PIXELS:
             raise MinqwenError(
                 f"{config.source}: its pixel budget (min_pixels {config.min_pixels}, max_pixels "
-                f"{config.max_pixels}) would resize a {height}×{width} image to {h}×{w} pixels, more than "
+                f"{config.max_pixels}) would resize a {width}×{height} image to {w}×{h} pixels, more than "
                 f"minqwen allocates for one image ({MAX_PIXELS})"
             )
         return h, w
     if height * width > MAX_PIXELS:
-        raise MinqwenError(f"the image is {height}×{width} pixels, more than minqwen allocates for one image "
+        raise MinqwenError(f"the image is {width}×{height} pixels, more than minqwen allocates for one image "
                            f"({MAX_PIXELS}); do_resize is false in {config.source}, so it would not be shrunk")
     if height % config.factor or width % config.factor:
         raise MinqwenError(
-            f"{config.source}: do_resize is false, but the image's {height}×{width} pixels are not multiples "
+            f"{config.source}: do_resize is false, but the image's {width}×{height} pixels are not multiples "
             f"of patch_size × merge_size = {config.factor}"
         )
     return height, width

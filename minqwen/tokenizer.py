@@ -41,6 +41,14 @@ def _token_text(token) -> str | None:
     return token if isinstance(token, str) else None
 
 
+def _not_utf8(text: str, at: int) -> str:
+    """Where ``text`` stops being UTF-8, for an error message: the byte and the text before it."""
+    char = text[at]
+    # Python keeps an undecodable byte b as the lone surrogate U+DC00 + b
+    what = f"the byte \\x{ord(char) - 0xDC00:02x}" if 0xDC80 <= ord(char) <= 0xDCFF else f"U+{ord(char):04X}"
+    return f"{what} at character {at}, after {text[max(0, at - 20):at]!r}"
+
+
 def _read_json(path: Path) -> dict:
     """The file's JSON object, or {} when the checkpoint does not ship it (each of these is optional)."""
     return read_json_object(path) if path.is_file() else {}
@@ -140,11 +148,11 @@ class Tokenizer:
             raise MinqwenError(f"encode takes text (a str), got {type(text).__name__}")
         try:
             text.encode("utf-8")
-        except UnicodeEncodeError:
+        except UnicodeEncodeError as e:
             # A lone surrogate: Python's stand-in for bytes that were not UTF-8 (a command-line
             # argument or file in another encoding). The tokenizer works on UTF-8 text only.
-            raise MinqwenError("the text is not valid Unicode (it holds bytes that are not UTF-8, such as "
-                               "\\xff): save or pass it as UTF-8") from None
+            raise MinqwenError(f"the text is not valid Unicode: {_not_utf8(text, e.start)}; save or pass it as "
+                               f"UTF-8") from None
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:

@@ -472,8 +472,9 @@ def chunkings(text):
 @pytest.mark.parametrize("how", ["whole", "chars", "ragged"])
 @pytest.mark.parametrize("mode", ["plain", "hidden", "terminal"])
 def test_the_thinking_printer_shows_the_same_text_however_the_answer_is_cut_into_pieces(mode, how):
-    """Streamed in any pieces, the printer shows what the whole answer defines: the reasoning then
-    </think> (plain), nothing of it (hidden), or the reasoning dimmed without tags (terminal); then
+    """Streamed in any pieces, the printer shows what the whole answer defines: the reasoning
+    between <think> (which the prompt opened) and </think> on a line of its own (plain), nothing of
+    it (hidden), or the reasoning dimmed without tags (terminal); then
     the answer without its leading newlines, a trailing partial tag included. Catches: not holding
     back a partial tag, not dropping the newlines after </think> in the piece that closes it,
     tags printed on a terminal, the held-back text lost at close."""
@@ -487,7 +488,7 @@ def test_the_thinking_printer_shows_the_same_text_however_the_answer_is_cut_into
     shown = screen.buffer.getvalue()
     answer = ANSWER.lstrip("\n")
     if mode == "plain":
-        assert shown == REASONING + "</think>" + answer
+        assert shown == "<think>\n" + REASONING + "</think>\n" + answer
     elif mode == "hidden":
         assert shown == answer
     else:

@@ -436,3 +436,95 @@ def test_cli_generate_stops_at_a_stop_text_as_the_python_api():
     result = run("generate", GENERATE_PROMPT, "--no-echo", "--max-new-tokens", "16", "--temperature", "0", "--stop", stop)
     assert result.returncode == 0, result.stderr
     assert result.stdout == expected + "\n"
+
+
+# ==================================================================== found by a newcomer's walk (December 5)
+
+@pytest.mark.parametrize("args", [["chat"], ["generate"], ["score", "-"]])
+def test_a_closed_standard_input_is_named_not_a_traceback(args):
+    # `<&-`: Python then has sys.stdin = None (before: AttributeError on .isatty / .read)
+    result = subprocess.run([sys.executable, "-m", "minqwen", *args],
+                            capture_output=True, text=True, env=ENV, timeout=300, preexec_fn=lambda: os.close(0))
+    assert result.returncode == 2, result.stderr
+    assert_clean_error(result, "standard input is closed")
+
+
+def test_a_closed_standard_error_does_not_send_messages_into_standard_output():
+    result = subprocess.run([sys.executable, "-m", "minqwen", "generate", "hi", "--max-new-tokens", "2"],
+                            capture_output=False, stdout=subprocess.PIPE, text=True, env=ENV, timeout=300,
+                            preexec_fn=lambda: os.close(2))
+    assert result.returncode == 0 and result.stdout.startswith("hi")
+    assert "prefill" not in result.stdout and "minqwen:" not in result.stdout
+
+
+def test_generate_dash_reads_the_prompt_from_standard_input():
+    result = run("generate", "-", "--max-new-tokens", "4", "--temperature", "0", stdin="import os\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("import os\n")  # before: the prompt was the text "-"
+
+
+def test_a_prompt_longer_than_the_context_is_refused_before_it_is_echoed():
+    result = run("generate", "--max-new-tokens", "4", stdin="import os\n" * 1200)
+    assert_clean_error(result, "beyond the model's context of 2048")
+    assert result.stdout == ""  # before: the whole prompt went to stdout first
+
+
+def test_sampling_options_that_greedy_decoding_ignores_are_warned_about():
+    result = run("generate", "hi", "--max-new-tokens", "2", "--temperature", "0", "--top-k", "5", "--min-p", "0.1")
+    assert result.returncode == 0, result.stderr
+    assert "warning: --top-k, --min-p change nothing while decoding is greedy" in result.stderr
+    quiet = run("generate", "hi", "--max-new-tokens", "2", "--temperature", "0.7", "--top-k", "5")
+    assert "warning" not in quiet.stderr
+
+
+def test_plain_chat_output_marks_the_reasoning_with_both_tags():
+    result = run("chat", "--max-new-tokens", "40", "--temperature", "0", stdin="Hello!\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("<think>\n")  # the prompt opened it: before, only </think> showed
+    if "</think>" in result.stdout:
+        assert "</think>\n" in result.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["inspect", "--context", "99999"], "--context 99999 is beyond the model's context of 2048"),
+    (["generate", "hi", "--model", str(EMBEDDED / "config.json")], "config.json: a file, not a folder"),
+    (["--threads", "0", "inspect"], "--threads must be ≥ 1, got 0"),
+    (["generate", "hi", "--stop", "\udcff"], "not UTF-8 text, so generated text can never match it"),
+    (["generate", "caf\udce9"], "the byte \\xe9 at character 3, after 'caf'"),
+    (["golden", "compare", str(EMBEDDED), str(EMBEDDED)], "a folder, not a file"),
+])
+def test_newcomer_mistakes_are_named_precisely(args, message):
+    result = subprocess.run([sys.executable, "-m", "minqwen", *args], capture_output=True, env=ENV, timeout=300,
+                            stdin=subprocess.DEVNULL)
+    stderr = result.stderr.decode("utf-8", "backslashreplace")
+    assert result.returncode == 2 and "Traceback" not in stderr
+    assert message in stderr, stderr
+
+
+def test_inspect_shows_the_cache_at_the_models_own_context_when_it_is_shorter_than_4096():
+    result = run("inspect")
+    assert result.returncode == 0, result.stderr
+    assert "at a context of 2,048 tokens" in result.stdout
+
+
+def test_golden_compare_takes_a_port_file_with_torchs_format_metadata(tmp_path):
+    from safetensors.numpy import save_file
+
+    from minqwen import golden
+
+    reference = tmp_path / "reference.safetensors"
+    assert run("golden", "record", "--model", str(EMBEDDED), "--tokens", "1,2,3", "--taps", "logits",
+               "--out", str(reference)).returncode == 0
+    recorded = golden.load_recording(reference)
+    port = tmp_path / "port.safetensors"
+    save_file({"logits": recorded.tensors["logits"], "token_ids": recorded.tensors["token_ids"]}, str(port),
+              metadata={"format": "pt", "config_sha256": json_text(recorded.config_sha256),
+                        "token_ids": json_text(recorded.token_ids)})
+    result = run("golden", "compare", str(port), str(reference))
+    assert result.returncode == 0, result.stderr  # before: "metadata 'format' is not JSON text"
+
+
+def json_text(value):
+    import json
+
+    return json.dumps(value)

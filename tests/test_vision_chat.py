@@ -302,8 +302,8 @@ def test_an_image_of_an_extreme_aspect_ratio_is_an_error_naming_its_file(folder,
     thin = tmp_path / "thin.png"
     Image.fromarray(np.zeros((1, 500, 3), np.uint8)).save(thin)
     assert_clean_error(run("generate", "Look.", "--model", str(folder), "--image", str(thin)),
-                       "thin.png: the image is 1×500 pixels, an aspect ratio above 200:1")
-    with pytest.raises(MinqwenError, match=r"thin\.png: the image is 1×500 pixels"):
+                       "thin.png: the image is 500×1 pixels, an aspect ratio above 200:1")
+    with pytest.raises(MinqwenError, match=r"thin\.png: the image is 500×1 pixels"):
         vision.load_vision(folder).encode_images([thin])
 
 
