@@ -528,3 +528,27 @@ def json_text(value):
     import json
 
     return json.dumps(value)
+
+
+class TypedLines:
+    """Standard input as a person at a terminal: isatty, a line at a time, then end of input."""
+
+    def __init__(self, lines):
+        self.lines = list(lines)
+
+    def isatty(self):
+        return True
+
+    def readline(self):
+        return self.lines.pop(0) if self.lines else ""
+
+
+def test_an_interactive_chat_turn_that_fails_is_reported_and_the_chat_goes_on(monkeypatch, capsys):
+    import minqwen.cli as cli
+
+    # A line holding bytes that are not UTF-8 (Python's surrogate stand-in), then a good one.
+    monkeypatch.setattr(sys, "stdin", TypedLines(["caf\udce9\n", "Hello!\n"]))
+    assert cli.main(["chat", "--no-think", "--max-new-tokens", "6", "--temperature", "0"]) == 0
+    out, err = capsys.readouterr()
+    assert "the byte \\xe9" in err and "that message was not added to the conversation" in err
+    assert out.strip()  # the second message was answered (before: the first ended the chat, exit 2)
