@@ -476,7 +476,7 @@ def find_checkpoint(spec: str | Path | None) -> Path:
 
     if spec is None:
         return EMBEDDED
-    if not isinstance(spec, (str, Path)) or not str(spec):
+    if not isinstance(spec, (str, os.PathLike)) or not str(spec):
         raise MinqwenError(f"a model is a checkpoint folder or a hub id (owner/name), got {spec!r}")
     path = Path(os.path.expanduser(spec))  # (Path.expanduser raises for an unknown ~user)
     if path.is_dir():
