@@ -97,6 +97,11 @@ def speculative_decode(args, model, folder):
     return speculative_decoder(head, k or 1), SpeculativeStats
 
 
+def decode_rate(stats) -> str:
+    """'812.4 tok/s', timed from the first new token on; with one token there is nothing to time."""
+    return f"{stats.decode_tokens_per_second:.1f} tok/s" if stats.generated_tokens > 1 else "no rate (one token)"
+
+
 def speculative_summary(stats) -> str:
     """' · speculative: 82% of 40 drafts accepted, 1.8 tokens per pass', or ''."""
     if not hasattr(stats, "acceptance_rate"):
@@ -295,7 +300,7 @@ def run_generate(args) -> int:
     stats.prompt_tokens += image_prefill_tokens
     stats.prefill_seconds += image_prefill_seconds
     print(f"[prefill: {stats.prompt_tokens} tokens, {stats.prefill_tokens_per_second:.1f} tok/s · "
-          f"decode: {stats.generated_tokens} tokens, {stats.decode_tokens_per_second:.1f} tok/s · "
+          f"decode: {stats.generated_tokens} tokens, {decode_rate(stats)} · "
           f"stop: {stats.stop_reason}{speculative_summary(stats)}]", file=sys.stderr)
     return 0
 
@@ -387,7 +392,7 @@ def run_chat(args) -> int:
         printer.close()
         print()
         if args.verbose:
-            print(f"[decode: {stats.generated_tokens} tokens, {stats.decode_tokens_per_second:.1f} tok/s"
+            print(f"[decode: {stats.generated_tokens} tokens, {decode_rate(stats)}"
                   f"{speculative_summary(stats)}]", file=sys.stderr)
 
 
@@ -519,6 +524,9 @@ def run_golden_record(args) -> int:
         if head is None:
             raise MinqwenError(f"--mtp: {model_dir} has no MTP head (no mtp.* tensors) to record")
     recording = golden.record(model, ids, decode_steps=args.decode, taps=args.taps, mtp_head=head)
+    if head is not None and not any(name.startswith("mtp.") for name in recording):
+        raise MinqwenError(f"--mtp: --taps '{args.taps}' selects none of the MTP head's taps (mtp.…), so --mtp "
+                           f"would record nothing more; add 'mtp.*' to --taps, or leave out --mtp")
     golden.save(recording, args.out, golden.model_metadata(model))
     n_taps = len([name for name in recording if name not in golden.ID_VECTORS])
     size = sum(a.nbytes for a in recording.values())

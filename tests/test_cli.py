@@ -552,3 +552,16 @@ def test_an_interactive_chat_turn_that_fails_is_reported_and_the_chat_goes_on(mo
     out, err = capsys.readouterr()
     assert "the byte \\xe9" in err and "that message was not added to the conversation" in err
     assert out.strip()  # the second message was answered (before: the first ended the chat, exit 2)
+
+
+def test_one_new_token_reports_no_decode_rate_rather_than_zero():
+    result = run("generate", "hi", "--max-new-tokens", "1")
+    assert result.returncode == 0, result.stderr
+    assert "decode: 1 tokens, no rate (one token)" in result.stderr  # before: "0.0 tok/s"
+
+
+def test_golden_record_with_mtp_refuses_taps_that_select_none_of_the_heads(tmp_path):
+    result = run("golden", "record", "--model", str(EMBEDDED), "--tokens", "1,2,3", "--mtp", "--taps", "embed",
+                 "--out", str(tmp_path / "x.safetensors"))
+    assert_clean_error(result, "--mtp: --taps 'embed' selects none of the MTP head's taps")
+    assert not (tmp_path / "x.safetensors").exists()
