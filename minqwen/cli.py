@@ -482,7 +482,9 @@ def add_golden_parser(subparsers) -> None:
     sub.required = True
 
     rec = sub.add_parser("record", help="run a prompt (and greedy decode steps) and save every tap")
-    rec.add_argument("--model", required=True, metavar="DIR", help="checkpoint folder (config.json + safetensors)")
+    rec.add_argument("--model", metavar="DIR|HUB_ID",
+                     help="checkpoint folder (config.json + safetensors), or a hub id already in the local Hugging "
+                          "Face cache (default: the small model embedded in minqwen)")
     prompt = rec.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", metavar="TEXT", help="text, tokenized with DIR/tokenizer.json")
     prompt.add_argument("--tokens", metavar="IDS", help="token ids, comma- or space-separated, e.g. 1,2,3")
@@ -513,7 +515,9 @@ def run_golden_record(args) -> int:
 
     if args.decode < 0:
         raise MinqwenError(f"--decode must be ≥ 0, got {args.decode}")
-    model_dir = Path(args.model)
+    from .checkpoint import find_checkpoint
+
+    model_dir = find_checkpoint(args.model)
     ids = parse_token_ids(args.tokens) if args.tokens is not None else encode_prompt(model_dir, args.prompt)
     model = load(model_dir)
     head = None

@@ -565,3 +565,12 @@ def test_golden_record_with_mtp_refuses_taps_that_select_none_of_the_heads(tmp_p
                  "--out", str(tmp_path / "x.safetensors"))
     assert_clean_error(result, "--mtp: --taps 'embed' selects none of the MTP head's taps")
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_golden_record_finds_its_model_as_the_other_commands_do(tmp_path):
+    # the embedded model by default (before: --model was required), a hub id through the cache
+    result = run("golden", "record", "--tokens", "1,2,3", "--taps", "logits", "--out", str(tmp_path / "e.safetensors"))
+    assert result.returncode == 0, result.stderr
+    assert "recorded 1 taps" in result.stdout
+    assert_clean_error(run("golden", "record", "--model", "org/nothing", "--tokens", "1,2", "--out",
+                           str(tmp_path / "x.safetensors")), "org/nothing: not in the local Hugging Face cache")
