@@ -119,9 +119,14 @@ def sampling_params(args, tokenizer):
     # As transformers warns: these only shape a distribution to sample from, and greedy takes its argmax
     ignored = [f"--{n.replace('_', '-')}" for n in ("top_k", "top_p", "min_p") if getattr(args, n) is not None]
     if params.greedy and ignored:
-        why = "--temperature 0" if args.temperature is not None else (
-            "the checkpoint's generation_config.json does not set do_sample: true")
-        print(f"minqwen: warning: {', '.join(ignored)} change nothing while decoding is greedy ({why}); "
+        if args.temperature is not None:
+            why = "--temperature 0"
+        elif tokenizer.generation_config.get("do_sample") is True:
+            why = "the checkpoint's generation_config.json sets temperature 0"
+        else:
+            why = "the checkpoint's generation_config.json does not set do_sample: true"
+        verb = "changes" if len(ignored) == 1 else "change"
+        print(f"minqwen: warning: {', '.join(ignored)} {verb} nothing while decoding is greedy ({why}); "
               f"give --temperature T > 0 to sample", file=sys.stderr)
     return params
 
@@ -175,12 +180,13 @@ class ThinkingPrinter:
         self.color = self.out.isatty()
         self.pending = ""
         self.after_think = False  # the answer's leading newlines are still to be dropped
-        # Without colour the tags mark the reasoning. When the prompt opened it (the chat template
-        # ends with "<think>\n"), the model never writes the opening tag: print it for the model.
+        # Without colour the tags mark the reasoning. ``in_think``: the prompt opened it (a Qwen
+        # chat template's answer prompt ends with "<think>\n"), so the model never writes the
+        # opening tag: print it for the model, once there is something to show.
         self.open_tag_due = in_think and not hide and not self.color
 
     def write(self, piece: str):
-        if self.open_tag_due:
+        if self.open_tag_due and (self.pending or piece):
             self.out.write(THINK_OPEN + "\n")
             self.open_tag_due = False
         text = self.pending + piece
@@ -226,8 +232,14 @@ class ThinkingPrinter:
 # --------------------------------------------------------------------------- generate
 
 
+def opens_reasoning(prompt_text: str) -> bool:
+    """Whether a rendered prompt leaves a <think> open: the answer then starts inside the reasoning."""
+    return prompt_text.rfind(THINK_OPEN) > prompt_text.rfind(THINK_CLOSE)
+
+
 def run_generate(args) -> int:
     from .generate import IMAGE_PAD, checked_generation_args, stream_text
+    from .tokenizer import check_utf8
 
     check_generation_options(args)
     if args.tokens is not None and args.prompt is not None:
@@ -243,6 +255,8 @@ def run_generate(args) -> int:
         prompt_text = read_stdin()
     if args.tokens is None and not prompt_text.strip():
         raise MinqwenError("the prompt is empty")
+    if args.tokens is None:
+        check_utf8(prompt_text, "the prompt")  # here, not in the chat template's rendering of it
     if args.tokens is None and not args.image and IMAGE_PAD in prompt_text:
         raise MinqwenError(f"the prompt holds {IMAGE_PAD}, the token that marks where an image goes, but no "
                            "--image was given")
@@ -263,8 +277,9 @@ def run_generate(args) -> int:
     if args.tokens is not None:
         ids = parse_token_ids(args.tokens)
     elif args.chat:
-        ids = tokenizer.encode(tokenizer.render_chat([{"role": "user", "content": placeholders + prompt_text}],
-                                                     enable_thinking=not args.no_think))
+        rendered = tokenizer.render_chat([{"role": "user", "content": placeholders + prompt_text}],
+                                         enable_thinking=not args.no_think)
+        ids = tokenizer.encode(rendered)
     else:
         ids = tokenizer.encode(placeholders + prompt_text)
     params = sampling_params(args, tokenizer)
@@ -287,7 +302,7 @@ def run_generate(args) -> int:
     if tower is None and len(ids) > c.max_position_embeddings:
         raise MinqwenError(f"the prompt is {len(ids)} tokens, beyond the model's context of "
                            f"{c.max_position_embeddings} (config max_position_embeddings)")
-    printer = ThinkingPrinter(hide=args.hide_thinking, in_think=args.chat and not args.no_think)
+    printer = ThinkingPrinter(hide=args.hide_thinking, in_think=args.chat and opens_reasoning(rendered))
     if not args.chat:
         sys.stdout.write(prompt_text if args.tokens is None and args.echo else "")
     for piece in stream_text(model, tokenizer, ids, params, args.max_new_tokens, args.stop, args.seed,
@@ -332,6 +347,7 @@ def attach_image(session, path: str, spec):
 def run_chat(args) -> int:
     from .checkpoint import find_checkpoint
     from .generate import ChatSession
+    from .tokenizer import check_utf8
 
     check_generation_options(args)
     model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, bf16_prompts=args.bf16_prompts)
@@ -341,8 +357,12 @@ def run_chat(args) -> int:
         raise MinqwenError("standard input is closed: chat reads its messages from it (a terminal, a pipe or a file)")
     session = ChatSession(model, tokenizer, enable_thinking=not args.no_think)
     if args.system is not None:
-        tokenizer.encode(args.system)  # refused now (text that is not UTF-8), not at the first message
+        check_utf8(args.system, "--system")  # refused now, not at the first message
+    if args.system:
         session.messages.append({"role": "system", "content": args.system})
+    # Whether the answer prompt opens the reasoning depends on the template and enable_thinking only
+    in_think = opens_reasoning(tokenizer.render_chat([{"role": "user", "content": "?"}],
+                                                     enable_thinking=not args.no_think))
     pending = [attach_image(session, path, args.model) for path in args.image]  # images for the next message
     interactive = sys.stdin.isatty()
     if interactive:
@@ -360,6 +380,13 @@ def run_chat(args) -> int:
             continue
         if not line.strip():
             continue
+        try:
+            check_utf8(line, "that message")
+        except MinqwenError as e:
+            if not interactive:
+                raise
+            print(f"minqwen: error: {e}; type it again", file=sys.stderr)
+            continue
         command, _, path = line.strip().partition(" ")
         if command == "/image":
             try:
@@ -370,7 +397,7 @@ def run_chat(args) -> int:
                 print(f"minqwen: error: {e}", file=sys.stderr)
             continue
         stats = stats_class()
-        printer = ThinkingPrinter(hide=args.hide_thinking, in_think=not args.no_think)
+        printer = ThinkingPrinter(hide=args.hide_thinking, in_think=in_think)
         try:
             images, pending = pending, []
             for piece in session.reply(line, params, args.max_new_tokens, args.seed, stats, decode=decode,
@@ -486,7 +513,7 @@ def add_golden_parser(subparsers) -> None:
                      help="checkpoint folder (config.json + safetensors), or a hub id already in the local Hugging "
                           "Face cache (default: the small model embedded in minqwen)")
     prompt = rec.add_mutually_exclusive_group(required=True)
-    prompt.add_argument("--prompt", metavar="TEXT", help="text, tokenized with DIR/tokenizer.json")
+    prompt.add_argument("--prompt", metavar="TEXT", help="text, tokenized with the model's tokenizer.json")
     prompt.add_argument("--tokens", metavar="IDS", help="token ids, comma- or space-separated, e.g. 1,2,3")
     rec.add_argument("--decode", type=int, default=0, metavar="N", help="greedy decode steps to record (default 0)")
     rec.add_argument("--taps", default="*", metavar="PATTERN",

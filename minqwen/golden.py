@@ -433,8 +433,9 @@ class Recording:
         return str(self.metadata["config_sha256"])
 
 
-# The metadata a comparison reads, which must be JSON text; other entries are kept as they are.
-_READ_AS_JSON = ("config", "config_sha256", "token_ids", "decode_steps", "taps", "tolerances")
+# The metadata a comparison reads, which must be JSON text; other entries that are not JSON
+# (another writer's, such as the {"format": "pt"} transformers writes) are kept as text.
+_READ_AS_JSON = ("config_sha256", "token_ids")
 
 
 def load_recording(path) -> Recording:
@@ -454,7 +455,7 @@ def load_recording(path) -> Recording:
         try:
             metadata[key] = json.loads(text)
         except json.JSONDecodeError:
-            if key not in _READ_AS_JSON:  # another writer's own entry, such as torch's {"format": "pt"}
+            if key not in _READ_AS_JSON:
                 metadata[key] = text
                 continue
             raise MinqwenError(f"{path}: metadata '{key}' is not JSON text ({text[:40]!r}); "

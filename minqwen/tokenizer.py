@@ -41,12 +41,20 @@ def _token_text(token) -> str | None:
     return token if isinstance(token, str) else None
 
 
-def _not_utf8(text: str, at: int) -> str:
-    """Where ``text`` stops being UTF-8, for an error message: the byte and the text before it."""
-    char = text[at]
-    # Python keeps an undecodable byte b as the lone surrogate U+DC00 + b
-    what = f"the byte \\x{ord(char) - 0xDC00:02x}" if 0xDC80 <= ord(char) <= 0xDCFF else f"U+{ord(char):04X}"
-    return f"{what} at character {at}, after {text[max(0, at - 20):at]!r}"
+def check_utf8(text: str, what: str = "the text") -> None:
+    """A MinqwenError naming ``what``, the byte and where, when ``text`` cannot be UTF-8.
+
+    A lone surrogate is Python's stand-in for bytes that were not UTF-8 (a command-line argument
+    or file in another encoding: the undecodable byte b becomes U+DC00 + b). The tokenizer works
+    on UTF-8 text only.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        char = text[e.start]
+        byte = f"the byte \\x{ord(char) - 0xDC00:02x}" if 0xDC80 <= ord(char) <= 0xDCFF else f"U+{ord(char):04X}"
+        raise MinqwenError(f"{what} is not valid Unicode: {byte} at character {e.start}, after "
+                           f"{text[max(0, e.start - 20):e.start]!r}; save or pass it as UTF-8") from None
 
 
 def _read_json(path: Path) -> dict:
@@ -146,13 +154,7 @@ class Tokenizer:
         """Text → ids. Special-token strings in the text (``<|im_start|>`` …) become their ids."""
         if not isinstance(text, str):
             raise MinqwenError(f"encode takes text (a str), got {type(text).__name__}")
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as e:
-            # A lone surrogate: Python's stand-in for bytes that were not UTF-8 (a command-line
-            # argument or file in another encoding). The tokenizer works on UTF-8 text only.
-            raise MinqwenError(f"the text is not valid Unicode: {_not_utf8(text, e.start)}; save or pass it as "
-                               f"UTF-8") from None
+        check_utf8(text)
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:

@@ -507,7 +507,7 @@ def test_inspect_shows_the_cache_at_the_models_own_context_when_it_is_shorter_th
     assert "at a context of 2,048 tokens" in result.stdout
 
 
-def test_golden_compare_takes_a_port_file_with_torchs_format_metadata(tmp_path):
+def test_golden_compare_takes_a_port_file_with_other_writers_metadata(tmp_path):
     from safetensors.numpy import save_file
 
     from minqwen import golden
@@ -546,12 +546,14 @@ class TypedLines:
 def test_an_interactive_chat_turn_that_fails_is_reported_and_the_chat_goes_on(monkeypatch, capsys):
     import minqwen.cli as cli
 
-    # A line holding bytes that are not UTF-8 (Python's surrogate stand-in), then a good one.
-    monkeypatch.setattr(sys, "stdin", TypedLines(["caf\udce9\n", "Hello!\n"]))
+    # A line holding bytes that are not UTF-8 (Python's surrogate stand-in), a message the
+    # session refuses (an image token in a chat without images), then a good one.
+    monkeypatch.setattr(sys, "stdin", TypedLines(["caf\udce9\n", "Look: <|image_pad|>\n", "Hello!\n"]))
     assert cli.main(["chat", "--no-think", "--max-new-tokens", "6", "--temperature", "0"]) == 0
     out, err = capsys.readouterr()
-    assert "the byte \\xe9" in err and "that message was not added to the conversation" in err
-    assert out.strip()  # the second message was answered (before: the first ended the chat, exit 2)
+    assert "that message is not valid Unicode: the byte \\xe9 at character 3, after 'caf'" in err
+    assert "this chat has no images" in err and "that message was not added to the conversation" in err
+    assert out.strip()  # the last message was answered (before: the first ended the chat, exit 2)
 
 
 def test_one_new_token_reports_no_decode_rate_rather_than_zero():
@@ -574,3 +576,74 @@ def test_golden_record_finds_its_model_as_the_other_commands_do(tmp_path):
     assert "recorded 1 taps" in result.stdout
     assert_clean_error(run("golden", "record", "--model", "org/nothing", "--tokens", "1,2", "--out",
                            str(tmp_path / "x.safetensors")), "org/nothing: not in the local Hugging Face cache")
+
+
+# ==================================================================== a review of the changes above
+
+def test_an_empty_system_message_changes_nothing():
+    args = ("chat", "--no-think", "--max-new-tokens", "12", "--temperature", "0")
+    plain, empty = run(*args, stdin="Hello!\n"), run(*args, "--system", "", stdin="Hello!\n")
+    assert plain.returncode == empty.returncode == 0, empty.stderr
+    assert empty.stdout == plain.stdout
+
+
+NO_OPEN_TEMPLATE = ("{%- for message in messages %}{{- '<|im_start|>' + message.role + '\\n' + message.content + "
+                    "'<|im_end|>\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+                    "{%- endif %}")
+
+
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_the_opening_tag_is_printed_only_when_the_prompt_opened_the_reasoning(tmp_path, command):
+    folder = tmp_path / "ckpt"
+    shutil.copytree(EMBEDDED, folder)
+    (folder / "chat_template.jinja").write_text(NO_OPEN_TEMPLATE)
+    options = ["--model", str(folder), "--temperature", "0", "--max-new-tokens", "12"]
+    result = (run("generate", "--chat", "Hello, how are you?", *options) if command == "generate"
+              else run("chat", *options, stdin="Hello, how are you?\n"))
+    assert result.returncode == 0, result.stderr
+    # The prompt opened nothing, so the model writes <think> itself: printed once, not twice
+    assert result.stdout.count("<think>") <= 1, result.stdout
+
+
+def test_an_answer_without_text_prints_no_opening_tag():
+    import io
+
+    from minqwen.cli import ThinkingPrinter
+
+    screen = io.StringIO()
+    printer = ThinkingPrinter(hide=False, in_think=True, out=screen)
+    printer.write("")  # stream_text's last piece, when an eos or a stop text comes first
+    printer.close()
+    assert screen.getvalue() == ""
+
+
+def test_a_chat_prompt_that_is_not_utf8_is_placed_in_the_prompt_not_in_the_template():
+    for args, what in ((["generate", "--chat", "caf\udce9"], "the prompt"), (["chat", "--system", "ab\udcffc"], "--system")):
+        result = subprocess.run([sys.executable, "-m", "minqwen", *args], capture_output=True, env=ENV, timeout=300,
+                                stdin=subprocess.DEVNULL)
+        stderr = result.stderr.decode("utf-8", "backslashreplace")
+        assert result.returncode == 2 and "Traceback" not in stderr
+        assert f"{what} is not valid Unicode" in stderr and "im_start" not in stderr, stderr
+
+
+def test_the_greedy_warning_names_the_real_reason(tmp_path):
+    import json
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(EMBEDDED, folder)
+    config = json.loads((folder / "generation_config.json").read_text())
+    (folder / "generation_config.json").write_text(json.dumps({**config, "do_sample": True, "temperature": 0}))
+    result = run("generate", "hi", "--model", str(folder), "--top-k", "5", "--max-new-tokens", "2")
+    assert result.returncode == 0, result.stderr
+    assert "warning: --top-k changes nothing while decoding is greedy (the checkpoint's generation_config.json " \
+           "sets temperature 0)" in result.stderr, result.stderr
+
+
+def test_token_ids_the_model_lacks_are_refused_before_the_prompt_is_echoed(monkeypatch, capsys):
+    import minqwen.cli as cli
+
+    encode = Tokenizer.encode
+    monkeypatch.setattr(Tokenizer, "encode", lambda self, text: encode(self, text) + [4096])
+    assert cli.main(["generate", "hi", "--max-new-tokens", "2"]) == 2
+    out, err = capsys.readouterr()
+    assert "token id 4096, outside the model's vocabulary (vocab_size 4096" in err and out == ""
