@@ -380,13 +380,6 @@ def run_chat(args) -> int:
             continue
         if not line.strip():
             continue
-        try:
-            check_utf8(line, "that message")
-        except MinqwenError as e:
-            if not interactive:
-                raise
-            print(f"minqwen: error: {e}; type it again", file=sys.stderr)
-            continue
         command, _, path = line.strip().partition(" ")
         if command == "/image":
             try:

@@ -18,7 +18,7 @@ from .errors import MinqwenError, is_whole_number
 from .image import image_list, read_image, target_size
 from .model import Cache, Model
 from .sampling import SamplingParams, sample_next
-from .tokenizer import StreamDecoder, Tokenizer
+from .tokenizer import StreamDecoder, Tokenizer, check_utf8
 
 # The text a chat template writes where an image or a video goes (Qwen's tokenizers: one special token each).
 IMAGE_PAD = "<|image_pad|>"
@@ -387,6 +387,7 @@ class ChatSession:
         """
         if not isinstance(user_text, str):
             raise MinqwenError(f"the message must be text (a str), got {type(user_text).__name__}")
+        check_utf8(user_text, "that message")  # here: rendered, the template's text would surround it
         images = image_list(images)
         if not user_text.strip() and not images:
             raise MinqwenError("the message is empty")

@@ -447,12 +447,10 @@ def target_size(height: int, width: int, config: PreprocessorConfig) -> tuple[in
 
 def image_list(images) -> list:
     """``images`` as a list, refusing one image passed where a list of them is expected."""
-    if images is None or isinstance(images, (str, Path, np.ndarray)) or type(images).__module__.startswith("PIL."):
+    one_image = isinstance(images, (str, Path, np.ndarray)) or type(images).__module__.startswith("PIL.")
+    if one_image or not isinstance(images, Iterable) or isinstance(images, (bytes, dict)):  # None is not Iterable
         raise MinqwenError(f"images must be a list of images (paths, Pillow images or arrays), got "
-                           f"{type(images).__name__}: wrap a single image in a list")
-    if not isinstance(images, Iterable) or isinstance(images, (bytes, dict)):
-        raise MinqwenError(f"images must be a list of images (paths, Pillow images or arrays), got "
-                           f"{type(images).__name__}")
+                           f"{type(images).__name__}" + (": wrap a single image in a list" if one_image else ""))
     return list(images)
 
 

@@ -158,12 +158,14 @@ class Tokenizer:
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
-        if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
-            raise MinqwenError(f"decode takes a sequence of token ids, got {type(ids).__name__} (one id: decode([i]))")
         try:
-            ids = list(ids)
-        except TypeError:
-            raise MinqwenError(f"decode takes a sequence of token ids, got {ids!r:.80}") from None
+            sequence = None if isinstance(ids, (str, bytes)) else list(ids)
+        except TypeError:  # an int, a 0-d array: nothing to iterate over
+            sequence = None
+        if sequence is None:
+            raise MinqwenError(f"decode takes a sequence of token ids, got {type(ids).__name__} {ids!r:.40} "
+                               f"(one id: decode([i]))")
+        ids = sequence
         bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, numbers.Integral) or not 0 <= i < 2**32]
         if bad:  # the tokenizers library would raise OverflowError or TypeError
             raise MinqwenError(f"decode takes token ids (whole numbers from 0 to 2³² − 1), got {bad[0]!r}")
