@@ -3,10 +3,10 @@
 A prompt's products are bound by arithmetic, not by memory: the 512-token prefill of the
 0.8B shape is ~510 GFLOP, and float32 BLAS spends most of the prefill on it (see
 tools/measurements.md). CPUs with the AVX512-BF16 extension (Intel since Cooper Lake, AMD
-since Zen 4) have an instruction, VDPBF16PS, that takes 32 bf16 pairs and adds each pair's
-two products into one of 16 float32 sums: twice the multiply-adds of a float32 FMA of the
-same width. In the bf16-resident mode the weights are bf16 already. Round the activations
-to bf16 too, and that instruction can do a prompt's products.
+since Zen 4) have an instruction, VDPBF16PS, that multiplies 32 bf16 numbers by 32 others and
+adds the products, two neighbours at a time, into 16 float32 sums: twice the multiply-adds of
+a float32 FMA of the same width. In the bf16-resident mode the weights are bf16 already.
+Round the activations to bf16 too, and that instruction can do a prompt's products.
 
 The price is precision, which is why this is opt-in (``minqwen.load(..., dtype="bfloat16",
 bf16_prompts=True)``): an activation keeps 8 bits of mantissa instead of 24, a relative

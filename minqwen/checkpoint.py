@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import struct
 from concurrent.futures import ThreadPoolExecutor
@@ -81,10 +82,15 @@ class SafetensorsFile:
                     f"{self.path}: file is {size} bytes, too short to be a safetensors file (truncated?)"
                 )
             (header_len,) = struct.unpack("<Q", f.read(8))
-            if header_len > min(size - 8, MAX_HEADER_BYTES):
+            if header_len > size - 8:
                 raise MinqwenError(
                     f"{self.path}: bad header: its length field says {header_len} bytes but the file has "
                     f"{size - 8} after it (truncated or not a safetensors file)"
+                )
+            if header_len > MAX_HEADER_BYTES:
+                raise MinqwenError(
+                    f"{self.path}: bad header: its length field says {header_len} bytes, more than the "
+                    f"{MAX_HEADER_BYTES} minqwen reads as a header (a damaged length field, or not a safetensors file)"
                 )
             header_bytes = f.read(header_len)
         try:
@@ -257,6 +263,13 @@ class Checkpoint:
                 )
 
     def _open_shards(self, index: Path):
+        """Every tensor of every shard the index names, as transformers 5.23.0 reads a sharded folder.
+
+        transformers takes from ``weight_map`` only which files to open, then reads *all* of each
+        file: a tensor a shard holds but the index leaves out is still part of the model. A
+        tensor stored in two shards is an error here: transformers would take the copy in the
+        file whose name sorts last, whatever the index says, and the two copies may differ.
+        """
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
         except (OSError, ValueError, RecursionError, KeyError, TypeError) as e:
@@ -268,10 +281,18 @@ class Checkpoint:
                 raise MinqwenError(f"{index}: tensor '{name}' maps to {file_name!r}, not a file name in this folder")
             if file_name not in self.files:
                 self.files[file_name] = SafetensorsFile(self.folder / file_name)
-            shard = self.files[file_name]
-            if name not in shard:
-                raise MinqwenError(f"{shard.path}: tensor '{name}' is listed in {index.name} but not in this file")
-            self.where[name] = shard
+            if name not in self.files[file_name]:
+                raise MinqwenError(f"{self.files[file_name].path}: tensor '{name}' is listed in {index.name} but not "
+                                   f"in this file")
+        for shard in self.files.values():
+            for name in shard.entries:
+                if name in self.where:
+                    raise MinqwenError(
+                        f"{self.folder}: tensor '{name}' is stored twice, in {self.where[name].path.name} and "
+                        f"{shard.path.name}; a checkpoint holds each tensor once (a shard left over from another "
+                        f"download?)"
+                    )
+                self.where[name] = shard
 
     @property
     def names(self) -> list[str]:
@@ -396,11 +417,11 @@ def dequantize_fp8(weight: np.ndarray, scale_inv: np.ndarray, block: tuple[int, 
 
     Element (r, c) belongs to block (r // b0, c // b1) and is multiplied by that block's scale:
     the ceiling grid, whose bottom row and right column of blocks are cut short when b0 ∤ R or
-    b1 ∤ C. The scales may be stored bf16, fp16 or fp32; the product is taken in float32, as the
-    reference takes it.
+    b1 ∤ C. The scales may be stored bf16, fp16, fp32 (widened exactly) or fp64 (rounded); the
+    product is taken in float32, as the reference takes it.
     """
     rows, cols = weight.shape[-2:]
-    scale = scale_inv.astype(np.float32)  # [..., ⌈R/b0⌉, ⌈C/b1⌉], widened exactly
+    scale = scale_inv.astype(np.float32)  # [..., ⌈R/b0⌉, ⌈C/b1⌉]
     # Each scale is repeated over the rows and columns its block covers *in this matrix*, so the
     # result is [R, C] exactly: repeating it over a whole b0 × b1 block first could ask for far
     # more memory than the matrix holds (one scale, 10⁷ × 10⁷ copies).
@@ -462,6 +483,16 @@ class FP8Tensor:
 
 # --------------------------------------------------------------------------- finding a checkpoint
 
+
+def _hub_cache() -> str:
+    """The Hugging Face cache folder, found as huggingface_hub finds it (its constants.py)."""
+    env = os.environ.get
+    home = env("HF_HOME") or os.path.join(env("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+                                          "huggingface")
+    hub = env("HF_HUB_CACHE") or env("HUGGINGFACE_HUB_CACHE") or os.path.join(home, "hub")
+    return os.path.expandvars(os.path.expanduser(hub))  # "~/models" in the variable, as huggingface_hub reads it
+
+
 EMBEDDED = Path(__file__).resolve().parent / "embedded"
 
 
@@ -469,11 +500,10 @@ def find_checkpoint(spec: str | Path | None) -> Path:
     """A checkpoint folder from what a user typed: nothing (the embedded model), a folder, or a hub id.
 
     A hub id (``Qwen/Qwen3.5-0.8B``) is looked up in the local Hugging Face cache only —
-    minqwen never downloads anything. The cache is ``$HF_HUB_CACHE``, else ``$HF_HOME/hub``,
-    else ``~/.cache/huggingface/hub``.
+    minqwen never downloads anything. The cache is where ``huggingface_hub`` puts it:
+    ``$HF_HUB_CACHE``, else ``$HUGGINGFACE_HUB_CACHE`` (its older name), else ``$HF_HOME/hub``,
+    else ``$XDG_CACHE_HOME/huggingface/hub``, else ``~/.cache/huggingface/hub``.
     """
-    import os
-
     if spec is None:
         return EMBEDDED
     if not isinstance(spec, (str, os.PathLike)) or not str(spec):
@@ -483,8 +513,7 @@ def find_checkpoint(spec: str | Path | None) -> Path:
         return path
     text = str(spec)
     if text.count("/") == 1 and not path.exists() and not text.startswith((".", "/", "~")):
-        hub = os.environ.get("HF_HUB_CACHE") or os.path.join(
-            os.environ.get("HF_HOME", os.path.join(os.path.expanduser("~"), ".cache", "huggingface")), "hub")
+        hub = _hub_cache()
         repo = Path(hub) / ("models--" + text.replace("/", "--"))
         snapshots = repo / "snapshots"
         ref = repo / "refs" / "main"

@@ -202,7 +202,8 @@ class FP8Quantization:
     modules_to_not_convert: tuple[str, ...] = ()
 
 
-# Every quantization_config field transformers 5.23.0's FP8 config reads, and what minqwen does with it.
+# Every quantization_config field transformers 5.23.0's FP8 config reads (FineGrainedFP8Config), and Qwen's
+# own ``fmt``, which transformers does not read: what minqwen does with each.
 FP8_FIELDS: dict[str, str] = {
     "quant_method": "must be 'fp8' (other methods are errors, see OTHER_QUANTIZATION)",
     "fmt": "must be 'e4m3' (default): the F8_E4M3 storage format",
@@ -368,10 +369,14 @@ def _model_config(raw: dict, source: str, model_type: str) -> TextConfig:
             raise MinqwenError(f"{source}: field 'text_config' must be an object")
         text = dict(text)
         # The wrapper decides tying; absent at the top level means untied (reference behaviour).
-        text["tie_word_embeddings"] = raw.get("tie_word_embeddings", False)
+        # Both top-level values are checked here, so that an error names the field where it is.
+        tie = raw.get("tie_word_embeddings", False)
+        if not isinstance(tie, bool):
+            raise MinqwenError(f"{source}: field 'tie_word_embeddings' must be true or false, got {tie!r}")
+        text["tie_word_embeddings"] = tie
         # transformers' generation takes the wrapper's eos first (GenerationConfig.from_model_config)
         if raw.get("eos_token_id") is not None:
-            text["eos_token_id"] = raw["eos_token_id"]
+            text["eos_token_id"] = list(_eos_token_ids(raw["eos_token_id"], source, "eos_token_id"))
         expected = model_type + "_text"  # qwen3_5 holds a qwen3_5_text, qwen3_5_moe a qwen3_5_moe_text
         inner = text.get("model_type", expected)
         if inner != expected:
@@ -533,10 +538,7 @@ def _text_config(raw: dict, source: str, prefix: str, moe: bool = False) -> Text
     _check_rotary_numbers(rope["rope_theta"], rotary_dim, yarn, sizes["max_position_embeddings"], source,
                           rope["rope_field"])
 
-    eos = raw.get("eos_token_id")
-    eos = () if eos is None else (tuple(eos) if isinstance(eos, list) else (eos,))
-    if not all(isinstance(e, int) and not isinstance(e, bool) for e in eos):
-        raise MinqwenError(f"{source}: field '{prefix}eos_token_id' must be an integer or a list of integers")
+    eos = _eos_token_ids(raw.get("eos_token_id"), source, prefix + "eos_token_id")
 
     return TextConfig(
         **sizes,
@@ -552,6 +554,14 @@ def _text_config(raw: dict, source: str, prefix: str, moe: bool = False) -> Text
         eos_token_id=eos,
         source=source,
     )
+
+
+def _eos_token_ids(eos, source: str, field_name: str) -> tuple[int, ...]:
+    """An ``eos_token_id`` field (an integer, a list of them, or null) as a tuple of ids."""
+    eos = () if eos is None else (tuple(eos) if isinstance(eos, list) else (eos,))
+    if not all(isinstance(e, int) and not isinstance(e, bool) for e in eos):
+        raise MinqwenError(f"{source}: field '{field_name}' must be an integer or a list of integers")
+    return eos
 
 
 def _check_moe(raw: dict, sizes: dict, source: str, prefix: str) -> None:

@@ -1,9 +1,10 @@
 """The projection every layer is made of: y = x · Wᵀ (+ b), with W stored [out, in] as in the checkpoint.
 
 Weights are either float32 arrays, or — in the bf16-resident mode
-(``minqwen.load(path, dtype="bfloat16")``) — the checkpoint's bf16 values kept as they are,
-half the memory and half the bytes a decode step must read. bf16 is the top half of a
-float32, so widening is exact: shift the 16 bits left by 16 and read the result as a float32.
+(``minqwen.load(path, dtype="bfloat16")``) — bf16 arrays: a bf16 checkpoint's values kept as
+they are (other dtypes rounded to bf16 on load), half the memory and half the bytes a decode
+step must read. bf16 is the top half of a float32, so widening is exact: shift the 16 bits
+left by 16 and read the result as a float32.
 
 The products themselves:
 
@@ -308,7 +309,7 @@ def _widen_loops(w_bits, out):
 # product, and a parallel widening would fight them for the cores (measured: a 16-token bf16
 # prefill of the 0.8B shape took 4 s that way). The parallel one, widen_bf16, widens the
 # embedding rows of a forward's tokens (Model.embed, bf16-resident mode); loading widens bf16
-# with a NumPy shift of its own (checkpoint.Checkpoint._read_span).
+# with a NumPy shift of its own (checkpoint.SafetensorsFile._read_span).
 _widen_kernel_serial, _widen_kernel = serial_and_parallel(_widen_loops)
 
 

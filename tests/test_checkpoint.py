@@ -137,6 +137,16 @@ def test_a_header_length_larger_than_the_file_is_a_bad_header(tmp_path):
         SafetensorsFile(path)
 
 
+def test_a_header_length_past_the_limit_in_a_file_long_enough_is_not_called_truncated(tmp_path, monkeypatch):
+    from minqwen import checkpoint
+
+    monkeypatch.setattr(checkpoint, "MAX_HEADER_BYTES", 16)  # a 100 MB header, without writing 100 MB
+    path = write_raw(tmp_path / "x.safetensors", {}, data=b" " * 64, header_len=32)
+    with pytest.raises(MinqwenError, match=names(path) + r": bad header: its length field says 32 bytes, more than "
+                                                         r"the 16 minqwen reads as a header"):
+        SafetensorsFile(path)
+
+
 def test_a_header_that_is_not_json_is_a_bad_header(tmp_path):
     path = write_raw(tmp_path / "x.safetensors", b"{this is not json")
     with pytest.raises(MinqwenError, match=names(path) + r": bad header: not valid UTF-8 JSON"):
@@ -304,6 +314,33 @@ def test_a_shard_index_naming_a_file_outside_the_folder_is_an_error(tmp_path):
     index_path.write_text(json.dumps(index))
     with pytest.raises(MinqwenError, match=names(index_path, "model.language_model.norm.weight") + r" maps to"):
         minqwen.load(folder)
+
+
+def test_a_tensor_stored_in_two_shards_is_an_error_naming_it_and_both_files(tmp_path):
+    # transformers 5.23.0 reads every shard whole and keeps the copy in the file that sorts
+    # last, whatever the index says: measured, a norm stored twice moved its logits by 7.8.
+    folder = copy_fixture(tmp_path, SHARDED)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    name = "model.language_model.norm.weight"
+    other = next(f for f in sorted(set(index["weight_map"].values())) if f != index["weight_map"][name])
+    tensors = load_file(str(folder / other))
+    tensors[name] = 3 * load_file(str(folder / index["weight_map"][name]))[name]
+    save_file(tensors, str(folder / other))
+    with pytest.raises(MinqwenError, match=re.escape(f"{folder}: tensor '{name}' is stored twice, in ")
+                       + r".*(" + re.escape(other) + r").*"):
+        minqwen.load(folder)
+
+
+def test_a_tensor_a_shard_holds_but_the_index_leaves_out_is_read_as_transformers_reads_it(tmp_path):
+    # transformers takes from weight_map only which files to open, and reads each file whole.
+    folder = copy_fixture(tmp_path, SHARDED)
+    index_path = folder / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    del index["weight_map"]["model.language_model.norm.weight"]
+    index_path.write_text(json.dumps(index))
+    expected = load_file(str(folder / "expected.safetensors"))  # transformers' logits for the fixture
+    np.testing.assert_allclose(minqwen.load(folder).forward(expected["token_ids"]), expected["logits"],
+                               rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize(
@@ -683,3 +720,33 @@ def test_a_folder_with_both_a_single_file_and_a_shard_index_reads_the_single_fil
     expected = load_file(str(folder / "expected.safetensors"))  # transformers' logits for model.safetensors
     np.testing.assert_allclose(minqwen.load(folder).forward(expected["token_ids"]), expected["logits"],
                                rtol=0, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- finding a checkpoint
+
+
+@pytest.mark.parametrize("variable", ["XDG_CACHE_HOME", "HUGGINGFACE_HUB_CACHE", "HF_HOME"])
+def test_a_hub_id_is_found_in_the_cache_huggingface_hub_downloads_to(tmp_path, monkeypatch, variable):
+    # huggingface_hub's constants.py: HF_HUB_CACHE, else HUGGINGFACE_HUB_CACHE, else
+    # $HF_HOME/hub, else $XDG_CACHE_HOME/huggingface/hub, else ~/.cache/huggingface/hub
+    from minqwen.checkpoint import find_checkpoint
+
+    for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # nothing in the default cache
+    hub = {"XDG_CACHE_HOME": tmp_path / "huggingface" / "hub", "HUGGINGFACE_HUB_CACHE": tmp_path,
+           "HF_HOME": tmp_path / "hub"}[variable]
+    snapshot = hub / "models--org--tiny" / "snapshots" / "abc1234"
+    snapshot.mkdir(parents=True)
+    monkeypatch.setenv(variable, str(tmp_path))
+    assert find_checkpoint("org/tiny") == snapshot
+
+
+def test_a_hub_cache_variable_starting_with_a_tilde_is_under_home(tmp_path, monkeypatch):
+    from minqwen.checkpoint import find_checkpoint
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    snapshot = tmp_path / "hf" / "models--org--tiny" / "snapshots" / "abc1234"
+    snapshot.mkdir(parents=True)
+    monkeypatch.setenv("HF_HUB_CACHE", "~/hf")
+    assert find_checkpoint("org/tiny") == snapshot

@@ -92,6 +92,16 @@ def test_the_multimodal_wrapper_takes_eos_from_the_top_level_first_as_transforme
     assert parse(wrapped(small_text(eos_token_id=3), eos_token_id=None)).eos_token_id == (3,)
 
 
+@pytest.mark.parametrize("field, value", [("tie_word_embeddings", "yes"), ("tie_word_embeddings", None),
+                                          ("eos_token_id", "2"), ("eos_token_id", [2, "3"])], ids=repr)
+def test_a_bad_top_level_value_in_the_wrapper_is_named_where_it_is_not_as_a_text_config_field(field, value):
+    # The wrapper's tie_word_embeddings and eos_token_id replace text_config's: an error about
+    # them must send the reader to the top level, where the value is.
+    with pytest.raises(MinqwenError, match=f"field '{field}' must be") as error:
+        parse(wrapped(small_text(), **{field: value}))
+    assert "text_config." not in str(error.value)
+
+
 def test_the_multimodal_wrapper_needs_a_text_model_type_inside_text_config():
     raw = wrapped(small_text(model_type="qwen3_5_moe_text"))
     with pytest.raises(MinqwenError, match=r"text_config\.model_type is 'qwen3_5_moe_text'; expected 'qwen3_5_text'"):
