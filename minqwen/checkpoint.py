@@ -422,12 +422,17 @@ def dequantize_fp8(weight: np.ndarray, scale_inv: np.ndarray, block: tuple[int, 
     """
     rows, cols = weight.shape[-2:]
     scale = scale_inv.astype(np.float32)  # [..., ⌈R/b0⌉, ⌈C/b1⌉]
-    # Each scale is repeated over the rows and columns its block covers *in this matrix*, so the
-    # result is [R, C] exactly: repeating it over a whole b0 × b1 block first could ask for far
-    # more memory than the matrix holds (one scale, 10⁷ × 10⁷ copies).
-    per_element = np.repeat(np.repeat(scale, _block_lengths(rows, block[0]), axis=-2),
-                            _block_lengths(cols, block[1]), axis=-1)  # [..., R, C]
-    return weight.astype(np.float32) * per_element
+    # Each scale is repeated over the columns its block covers *in this matrix* (repeating it
+    # over a whole b1 first could ask for far more memory than the matrix holds), then applied
+    # one row of blocks at a time in place: a scale per element would cost a second float32
+    # copy of the matrix while loading, 4 bytes a weight on top of the result's 4.
+    column_scales = np.repeat(scale, _block_lengths(cols, block[1]), axis=-1)  # [..., ⌈R/b0⌉, C]
+    out = weight.astype(np.float32)  # [..., R, C]
+    start = 0
+    for i, length in enumerate(_block_lengths(rows, block[0])):
+        out[..., start:start + length, :] *= column_scales[..., i:i + 1, :]  # [..., b0, C] × [..., 1, C]
+        start += length
+    return out
 
 
 def _block_lengths(size: int, block: int) -> np.ndarray:
