@@ -398,3 +398,37 @@ def test_an_fp8_checkpoint_with_fused_experts_is_not_reported_as_a_minqwen_disag
     # transformers 5.23.0 cannot load FP8 experts stored fused: a refusal, never a FAIL blamed on minqwen
     assert code == 2, out + err
     assert "could not load all" in err and "experts" in err, err
+
+
+# ============================================================================ real_shape.py mtp-parity, small
+
+
+@pytest.mark.parametrize("text", [SMALL_DENSE, SMALL_MOE], ids=["dense", "moe"])
+def test_mtp_parity_passes_on_a_small_shape_and_fails_when_a_norm_weight_is_dropped(tmp_path, monkeypatch, text):
+    # The real-shape run takes minutes and GBs; this is the same code on a model small enough for CI.
+    import minqwen.mtp
+
+    real_shape = load_tool("real_shape")
+    main = real_shape.write_random(tmp_path / "main", text)
+    folder = real_shape.add_random_mtp(main, tmp_path / "mtp", text)
+    assert not (main / "mtp.safetensors").exists()  # the source is linked, never written into
+    report = real_shape.compare_mtp(folder, "small")
+    assert report["pass"], report
+    assert report["teacher"]["rows"] == real_shape.PROMPT_TOKENS
+    assert report["draft"]["rows"] == real_shape.MTP_DRAFT_STEPS
+    assert report["cached"]["rows"] == real_shape.MTP_CACHED_STEPS
+
+    # A port that forgets the 1 + w of an MTP norm (here: every norm of the head) must fail.
+    norm = minqwen.mtp.rms_norm
+    monkeypatch.setattr(minqwen.mtp, "rms_norm", lambda x, weight, eps: norm(x, np.zeros_like(weight), eps))
+    broken = real_shape.compare_mtp(folder, "small, norm weights dropped")
+    assert not broken["pass"] and broken["teacher"]["max_abs_diff"] > broken["tolerance"], broken
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["per-expert", "fused"])
+def test_the_mtp_checkpoint_shapes_are_those_of_the_tensors_written(fused):
+    reference = require_reference()
+    mtp_tools = load_tool("make_mtp_fixtures")
+    mtp = mtp_tools.build_mtp_model(reference.build_model(dict(SMALL_MOE), seed=3), 2, seed=3)
+    tensors = mtp_tools.mtp_checkpoint_tensors(mtp, fused_experts=fused)
+    assert mtp_tools.mtp_checkpoint_shapes(mtp, fused_experts=fused) == {n: t.shape for n, t in tensors.items()}

@@ -129,6 +129,34 @@ def test_real_shape_refuses_an_out_that_is_a_file(paths):
     assert_refused(run_tool("real_shape.py", "make", "--out", "a_file", cwd=paths), "--out", "is a file")
 
 
+# mtp-parity: refused before anything is built; were a check missing, --out and --only dense would keep
+# the work out of scratch/ (a later --only replaces the first).
+@pytest.mark.parametrize("args, names", [
+    (["--layers", "3"], ["--layers 3", "multiple of 4"]),  # the last main layer must be full attention
+    (["--layers", "0"], ["--layers", "≥ 1"]),
+    (["--top-k", "33"], ["--top-k 33", "--experts 32"]),  # mtp-parity's own default expert count
+    (["--experts", "8", "--top-k", "9"], ["--top-k 9", "--experts 8"]),
+    (["--experts", "0"], ["--experts", "≥ 1"]),
+    (["--only", "both"], ["--only", "invalid choice"]),
+])
+def test_real_shape_mtp_parity_refuses_impossible_shapes(paths, args, names):
+    result = run_tool("real_shape.py", "mtp-parity", "--out", paths / "dense", "--only", "dense", *args, cwd=paths,
+                      timeout=60)
+    assert_refused(result, *names)
+
+
+def test_real_shape_only_belongs_to_mtp_parity(paths):
+    assert_refused(run_tool("real_shape.py", "make", "--out", paths / "dense", "--only", "dense", cwd=paths),
+                   "--only", "mtp-parity")
+
+
+def test_real_shape_make_moe_keeps_256_experts_by_default(paths):
+    # --top-k 200 passes make-moe's expert check (256 by default; mtp-parity's 32 would refuse it),
+    # so the refusal comes from the check after it
+    assert_refused(run_tool("real_shape.py", "make-moe", "--out", paths / "moe", "--top-k", "200", "--only", "moe",
+                            cwd=paths), "--only", "mtp-parity")
+
+
 # ---------------------------------------------------------------------------- moe_figure.py
 
 

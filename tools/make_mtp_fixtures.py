@@ -18,13 +18,15 @@ A Qwen3.5 checkpoint holds one fc and one set of norms however many MTP layers i
 MtpModel gives every layer its own: with several layers, every layer's copies are set to
 layer 0's before anything runs, and only layer 0's are written.
 
-Functions (imported by tests/test_mtp.py and tools/mtp_figures.py):
+Functions (imported by tests/test_mtp.py, tools/mtp_figures.py and tools/real_shape.py):
 
 * :func:`build_mtp_model` — a randomized MtpModel for a main model built by reference.py;
 * :func:`mtp_checkpoint_tensors` — its weights under checkpoint names (experts per expert or fused);
+  :func:`mtp_checkpoint_shapes` — their names and shapes only (for a model on the meta device);
 * :func:`write_mtp_tensors` — add them to a saved checkpoint folder;
 * :func:`run_mtp_reference` — the reference's MTP logits at every position, and its chained drafts;
-* :func:`random_mtp_tensors` — NumPy-only random MTP weights for a config (no torch; for big shapes).
+* :func:`random_mtp_tensors` — NumPy-only random MTP weights for a config (no torch; for big shapes);
+* :func:`linked_copy` — a checkpoint's files linked into another folder, to add a head there.
 
     python tools/make_mtp_fixtures.py SRC DST     # DST: SRC's files (linked) + a random MTP head
 """
@@ -93,38 +95,61 @@ def round_mtp_to_bf16(mtp) -> None:
                 p.copy_(p.to(torch.bfloat16).to(torch.float32))
 
 
+def checkpoint_pieces(name: str, shape: tuple, fused_experts: bool = False) -> list[tuple[str, tuple]]:
+    """Where the MtpModel parameter ``name`` (of ``shape``) goes in a Qwen3.5 checkpoint.
+
+    A list of (checkpoint name, index into the parameter): one pair for most parameters; one
+    per expert and projection for MoE experts stored per expert (``gate_up_proj`` [E, 2I, H],
+    gate rows first, and ``down_proj`` [E, H, I] in memory); none for what a checkpoint does
+    not hold (the shared embedding / LM head; layers 1 … 's copies of fc and the norms).
+    The one mapping both the values (:func:`mtp_checkpoint_tensors`) and the shapes
+    (:func:`mtp_checkpoint_shapes`) follow.
+    """
+    if not name.startswith("layers."):
+        return []  # embed_tokens / shared_head: the main model's
+    _, index, rest = name.split(".", 2)
+    module = rest.split(".")[0]
+    if module in SHARED:
+        return [(f"mtp.{SHARED[module]}." + rest.split(".", 1)[1], ())] if index == "0" else []
+    assert rest.startswith("mtp_block."), name
+    rest = rest.removeprefix("mtp_block.")
+    prefix = f"mtp.layers.{index}.mlp.experts."
+    if ".experts.gate_up_proj" in name and not fused_experts:
+        width = shape[1] // 2
+        return [piece for e in range(shape[0]) for piece in (
+            (f"{prefix}{e}.gate_proj.weight", (e, slice(0, width))),
+            (f"{prefix}{e}.up_proj.weight", (e, slice(width, 2 * width))))]
+    if ".experts.down_proj" in name and not fused_experts:
+        return [(f"{prefix}{e}.down_proj.weight", (e,)) for e in range(shape[0])]
+    return [(f"mtp.layers.{index}.{rest}", ())]
+
+
 def mtp_checkpoint_tensors(mtp, fused_experts: bool = False, dtype: str = "float32") -> dict[str, np.ndarray]:
     """The MtpModel's own weights under Qwen3.5 checkpoint names (``mtp.…``), as NumPy arrays.
 
-    MoE experts (``mlp.experts.gate_up_proj`` [E, 2I, H], gate rows first, and ``down_proj``
-    [E, H, I] in memory) are written per expert (``mlp.experts.{e}.gate_proj.weight`` …, as
-    Qwen3.5-MoE's MTP layer stores them) unless ``fused_experts``.
+    MoE experts are written per expert (``mlp.experts.{e}.gate_proj.weight`` …, as
+    Qwen3.5-MoE's MTP layer stores them) unless ``fused_experts`` (see :func:`checkpoint_pieces`).
     """
     out: dict[str, np.ndarray] = {}
     for name, tensor in mtp.state_dict().items():
-        if not name.startswith("layers."):
-            continue  # embed_tokens / shared_head: the main model's
-        _, index, rest = name.split(".", 2)
-        value = tensor.float().numpy()
-        if rest.split(".")[0] in SHARED:
-            if index == "0":
-                out[f"mtp.{SHARED[rest.split('.')[0]]}." + rest.split(".", 1)[1]] = value
-            continue
-        assert rest.startswith("mtp_block."), name
-        rest = rest.removeprefix("mtp_block.")
-        if ".experts.gate_up_proj" in name and not fused_experts:
-            width = value.shape[1] // 2
-            for e in range(value.shape[0]):
-                out[f"mtp.layers.{index}.mlp.experts.{e}.gate_proj.weight"] = value[e, :width]
-                out[f"mtp.layers.{index}.mlp.experts.{e}.up_proj.weight"] = value[e, width:]
-            continue
-        if ".experts.down_proj" in name and not fused_experts:
-            for e in range(value.shape[0]):
-                out[f"mtp.layers.{index}.mlp.experts.{e}.down_proj.weight"] = value[e]
-            continue
-        out[f"mtp.layers.{index}.{rest}"] = value
+        pieces = checkpoint_pieces(name, tuple(tensor.shape), fused_experts)
+        value = tensor.float().numpy() if pieces else None
+        for checkpoint_name, index in pieces:
+            out[checkpoint_name] = value[index]
     convert = (lambda a: a.astype(ml_dtypes.bfloat16)) if dtype == "bfloat16" else (lambda a: a.astype(np.float32))
     return {name: np.ascontiguousarray(convert(value)) for name, value in out.items()}
+
+
+def mtp_checkpoint_shapes(mtp, fused_experts: bool = False) -> dict[str, tuple]:
+    """The shapes :func:`mtp_checkpoint_tensors` would write, without reading a value: works on
+    an MtpModel built on the meta device, at any size."""
+    shapes = {}
+    for name, p in mtp.named_parameters():
+        # A zero-strided view of one byte, shaped like the parameter: indexing it costs nothing.
+        shaped = np.broadcast_to(np.zeros((), np.int8), tuple(p.shape))
+        shapes.update({checkpoint_name: shaped[index].shape
+                       for checkpoint_name, index in checkpoint_pieces(name, tuple(p.shape), fused_experts)})
+    return shapes
 
 
 def write_mtp_tensors(folder: Path, tensors: dict[str, np.ndarray], n_layers: int) -> None:
@@ -243,16 +268,23 @@ MAIN_SHARD = "model-main.safetensors"  # what with_random_mtp calls a single-fil
 
 
 def with_random_mtp(source: Path, target: Path, seed: int = 0) -> Path:
-    """``target``: every file of checkpoint ``source`` (symlinked, nothing copied) plus a random MTP head.
-
-    The head goes into a new shard, ``mtp.safetensors``, listed in the index. A single-file
-    source is linked under a shard name (``MAIN_SHARD``) and indexed too: loaders (minqwen's
-    and transformers') read a ``model.safetensors`` alone whenever it exists, so a link under
-    that name would hide the head.
-    """
+    """``target``: every file of checkpoint ``source`` (symlinked, nothing copied) plus a random MTP head."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from minqwen.config import load_config
 
+    target = linked_copy(source, target)
+    write_mtp_tensors(target, random_mtp_tensors(load_config(source), seed), n_layers=1)
+    return target
+
+
+def linked_copy(source: Path, target: Path) -> Path:
+    """``target``: every file of checkpoint ``source`` symlinked, its config copied, and an index
+    of the links — ready for :func:`write_mtp_tensors` to add ``mtp.safetensors``.
+
+    A single-file source is linked under a shard name (``MAIN_SHARD``) and indexed too: loaders
+    (minqwen's and transformers') read a ``model.safetensors`` alone whenever it exists, so a
+    link under that name would hide the head.
+    """
     source, target = Path(source).resolve(), Path(target)
     index_path, single = source / "model.safetensors.index.json", source / "model.safetensors"
     target.mkdir(parents=True, exist_ok=True)
@@ -269,7 +301,6 @@ def with_random_mtp(source: Path, target: Path, seed: int = 0) -> Path:
     else:
         index = json.loads(index_path.read_text())
     (target / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
-    write_mtp_tensors(target, random_mtp_tensors(load_config(source), seed), n_layers=1)
     return target
 
 

@@ -4,6 +4,8 @@
     python tools/real_shape.py parity [--out DIR]       # minqwen vs transformers fp32 on a 64-token prompt
     python tools/real_shape.py make-moe [--experts 256 --top-k 8 --layers 4 --out DIR]
                                                         # Qwen3.5-35B-A3B layers (bf16, ~8.5 GB at 256 experts)
+    python tools/real_shape.py mtp-parity [--out DIR --experts 32 --top-k 8 --layers 4 --only dense|moe]
+                                                        # the MTP head vs transformers' MtpModel, fp32, both shapes
 
 The one builder of real-shape checkpoints: the parity check here, the benchmark and the MoE
 figure (tools/moe_figure.py) all reuse the folders it makes. Weights are random (every tensor,
@@ -15,6 +17,15 @@ too big for that (4 layers of 256 experts are 3.2 B parameters, 13 GB as the fp3
 save_pretrained starts from), so :func:`write_random` streams them instead: names and shapes
 from the transformers model built on the meta device, values generated a slice at a time,
 one shard per decoder layer — never more than one shard in memory.
+
+``mtp-parity`` checks the MTP head (minqwen.mtp) against transformers' generic MtpModel at
+two real shapes: the 0.8B checkpoint above, and the MoE layers (``make-moe``; 32 experts
+unless ``--experts``: the fp32 reference of 256 would need ~20 GB), each with one random MTP
+layer added in a linked copy (``…-mtp-parity``; experts stored per expert, as the releases
+store their MTP layer's). Over a 64-token prompt it compares the MTP logits of every pair
+(h[j], t[j+1]), then 3 chained draft steps and 4 pairs committed one at a time through both
+sides' caches; PASS when every |Δlogit| is within the text parity's bound scaled to the
+run's largest |logit| and every argmax agrees (but at a near-tie).
 """
 
 from __future__ import annotations
@@ -181,16 +192,276 @@ def _random_bf16(name: str, shape: tuple, gen):
     return result
 
 
+# ==================================================================== the MTP head at the real shape
+
+MTP_DRAFT_STEPS = 3  # chained draft steps: the first from layer 0's last output, then the one MTP layer fed its own
+MTP_CACHED_STEPS = 4  # pairs committed one at a time after the prompt, through each side's main and MTP caches
+# mtp-parity's MoE expert count unless told: the reference holds every expert in fp32, 256 of them in five
+# layers would be 16 GB on top of the 4 GB embedding and LM head.
+MTP_MOE_EXPERTS = 32
+# The text parity's bound (2e-3 on logits up to ~57) as a share of the largest |logit|: fp32 round-off in the
+# logits grows with their size. Never below the fixture tests' 1e-4.
+MTP_RELATIVE_TOLERANCE = 2e-3 / 57
+MTP_TOLERANCE_FLOOR = 1e-4
+
+
+def mtp_parity(main: Path, experts: int, top_k: int, layers: int, parts=("dense", "moe")) -> list[dict]:
+    """minqwen's MTP head against transformers' MtpModel, fp32 eager: the 0.8B shape, then the 35B-A3B MoE layer.
+
+    Each part runs in a process of its own, so that its peak memory is its own: in one process
+    the 0.8B model's freed matrices (2.5 GB, kept by the C library's heap for reuse) stayed
+    through the MoE part and raised its peak from 9.5 to 12 GB.
+    """
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    reports = []
+    for part in parts:
+        with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+            reports.append(pool.submit(mtp_parity_part, part, main, experts, top_k, layers).result())
+    return reports
+
+
+def mtp_parity_part(part: str, main: Path, experts: int, top_k: int, layers: int) -> dict:
+    """One part of :func:`mtp_parity`: build (or reuse) its checkpoint with an MTP head, and compare."""
+    from reference import real_shape_moe_text_config, real_shape_text_config
+
+    if part == "dense":
+        make(main)
+        folder = add_random_mtp(main, main.with_name(main.name + "-mtp-parity"), real_shape_text_config())
+        return compare_mtp(folder, "Qwen3.5-0.8B shape, dense MTP layer")
+    text = real_shape_moe_text_config(experts, top_k, layers)
+    moe = make_moe(experts, top_k, layers)
+    folder = add_random_mtp(moe, moe.with_name(moe.name + "-mtp-parity"), text)
+    return compare_mtp(folder, f"Qwen3.5-35B-A3B layer shape, {layers} main layers, MoE MTP layer of "
+                               f"{experts} experts (per expert), top-{top_k}")
+
+
+def add_random_mtp(source: Path, target: Path, text: dict, seed: int = 0) -> Path:
+    """``target``: checkpoint ``source`` linked (never modified) plus one random MTP layer in ``mtp.safetensors``.
+
+    Names and shapes come from transformers' MtpModel built on the meta device for the text
+    config ``text``, under checkpoint names with experts stored one by one (as Qwen3.5-MoE's
+    MTP layer is); every value from reference.random_value by that name (norms zero-centred,
+    matrices by fan-in), generated a slice at a time, stored bf16. Reused once complete.
+    """
+    import torch
+    from make_mtp_fixtures import linked_copy, write_mtp_tensors
+
+    target = Path(target)
+    config = target / "config.json"
+    if config.is_file() and "mtp_num_hidden_layers" in json.loads(config.read_text()):  # written last
+        print(f"reusing {target}")
+        return target
+    start = time.time()
+    linked_copy(source, target)
+    gen = torch.Generator().manual_seed(seed + 1)  # another stream than the main weights'
+    tensors = {name: _bf16_numpy(_random_bf16(name, shape, gen)) for name, shape in mtp_shapes(text).items()}
+    write_mtp_tensors(target, tensors, n_layers=1)
+    print(f"wrote {target}/mtp.safetensors ({sum(t.nbytes for t in tensors.values()) / 1e9:.2f} GB) "
+          f"in {time.time() - start:.0f} s")
+    return target
+
+
+def _bf16_numpy(tensor):
+    """A torch bf16 tensor as a NumPy ml_dtypes.bfloat16 array (the same bits; safetensors.numpy writes it)."""
+    import ml_dtypes
+    import torch
+
+    return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+
+
+def mtp_shapes(text: dict) -> dict[str, tuple]:
+    """Checkpoint name → shape of every tensor of one MTP layer for the text config ``text``, per-expert experts."""
+    import torch
+    from make_mtp_fixtures import mtp_checkpoint_shapes
+    from transformers.modeling_layers import MtpModel
+
+    from reference import Qwen3_5ForCausalLM, Qwen3_5MoeForCausalLM, Qwen3_5MoeTextConfig, Qwen3_5TextConfig
+
+    moe = "num_experts" in text
+    config = (Qwen3_5MoeTextConfig if moe else Qwen3_5TextConfig)(**text)
+    _declare_one_mtp_layer(config)
+    with torch.device("meta"):  # names and shapes, no memory
+        mtp = MtpModel((Qwen3_5MoeForCausalLM if moe else Qwen3_5ForCausalLM)(config), 1)
+    return mtp_checkpoint_shapes(mtp)
+
+
+def _declare_one_mtp_layer(text_config) -> None:
+    """What MtpModel reads from the text config (Qwen3.5's configs call it mtp_num_hidden_layers; it needs these).
+
+    Its layer is built from the main model's last layer's class, so that must be full attention."""
+    assert text_config.layer_types[-1] == "full_attention", "MtpModel copies the main model's last layer"
+    text_config.num_mtp_layers = 1
+    text_config.mtp_layer_types = ["full_attention"]
+
+
+def compare_mtp(folder: Path, what: str) -> dict:
+    """Both sides' MTP logits on one random prompt, and how far apart they are."""
+    import resource
+
+    start = time.time()
+    vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
+    # A 64-token prompt, then t[T] (the prompt's last pair's token) and one token per cached step; ids below
+    # 248044, the ones Qwen3.5's tokenizer has (the other rows of its 248320 are padding), as parity draws them.
+    n_ids = PROMPT_TOKENS + 1 + MTP_CACHED_STEPS
+    ids = [int(t) for t in np.random.default_rng(1).integers(0, min(vocab, 248044), size=n_ids)]
+    ref = reference_mtp_logits(folder, ids)
+    ours = minqwen_mtp_logits(folder, ids, ref["draft_ids"])
+    scale = max(float(np.abs(ref[part]).max()) for part in ("teacher", "draft", "cached"))
+    tolerance = max(MTP_RELATIVE_TOLERANCE * scale, MTP_TOLERANCE_FLOOR)
+    report = {"checkpoint": str(folder), "what": what, "prompt_tokens": PROMPT_TOKENS, "logit_scale": scale,
+              "tolerance": tolerance}
+    for part in ("teacher", "draft", "cached"):
+        report[part] = logit_agreement(ours[part], ref[part], tolerance)
+    report["seconds"] = round(time.time() - start, 1)
+    # the process's peak (Linux counts KiB), building included, and the mapped checkpoint's pages
+    report["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, 2)
+    report["pass"] = all(report[p]["max_abs_diff"] <= tolerance and report[p]["unexplained_argmax_flips"] == 0
+                         for p in ("teacher", "draft", "cached"))
+    print(json.dumps(report, indent=2))
+    return report
+
+
+def logit_agreement(ours: np.ndarray, ref: np.ndarray, tolerance: float) -> dict:
+    """max |Δ| over rows [n, V], the reference's largest |logit|, and where the argmaxes agree.
+
+    A different argmax counts against minqwen only where the reference's top-2 gap is wider
+    than 2 × tolerance: a nearer tie may fall either way by round-off alone.
+    """
+    top2 = np.partition(ref, -2, axis=-1)[:, -2:]  # [n, 2]: the two largest of each row
+    margin = np.abs(top2[:, 1] - top2[:, 0])
+    agree = np.argmax(ours, axis=-1) == np.argmax(ref, axis=-1)
+    return {"rows": int(ref.shape[0]), "max_abs_diff": float(np.abs(ours - ref).max()),
+            "largest_abs_logit": float(np.abs(ref).max()), "argmax_agree": int(agree.sum()),
+            "min_top2_margin": float(margin.min()),
+            "unexplained_argmax_flips": int((~agree & (margin > 2 * tolerance)).sum())}
+
+
+def reference_mtp_logits(folder: Path, ids: list[int]) -> dict:
+    """transformers 5.23.0, fp32 eager: the main model loaded by reference.load_pretrained, the head by
+    MtpModel.from_pretrained (which reads the checkpoint's mtp.* names itself: they are pinned too).
+
+    ``teacher`` [T, V]: layer 0 over the prompt's pairs (h[j], t[j+1]), j < T, from a fresh MTP
+    cache, at the positions of t[j+1] (as transformers' candidate generator places them);
+    ``draft`` [k, V] and ``draft_ids``: k chained steps on a copy of that cache, step s ≥ 1 the
+    layer one index further on, fed its own last output and draft s − 1; ``cached`` [n, V]:
+    n more pairs, each after a one-token step of the main model on its own cache, through the
+    MTP cache.
+    """
+    import copy
+
+    import torch
+    from transformers.cache_utils import MtpCache
+    from transformers.modeling_layers import MtpModel
+
+    from reference import load_pretrained
+
+    torch.set_num_threads(2)
+    main = load_pretrained(folder)
+    _declare_one_mtp_layer(main.config.get_text_config(decoder=True))
+    mtp = MtpModel.from_pretrained(main).eval()
+    mtp.set_attn_implementation("eager")
+    if hasattr(main.config, "num_experts"):
+        mtp.set_experts_implementation("eager")  # the plain loop, as reference.load_pretrained sets the main model's
+    for p in mtp.parameters():
+        p.data = p.data.float()  # the bf16 values, widened exactly
+    decoder, T = main.get_decoder(), PROMPT_TOKENS
+
+    def tokens(values):  # [1, n]
+        return torch.tensor([[int(v) for v in values]])
+
+    def logits(hidden):  # [1, n, H] → [n, V]
+        return mtp._project_to_logits(hidden)[0].numpy()
+
+    out = {}
+    with torch.no_grad():
+        prompt = decoder(input_ids=tokens(ids[:T]), use_cache=True)  # last_hidden_state: after the final norm
+        main_cache, mtp_cache = prompt.past_key_values, MtpCache(config=main.config.get_mtp_config())
+        g = mtp.forward_layer(0, prompt.last_hidden_state, torch.arange(1, T + 1)[None], mtp_cache,
+                              input_ids=tokens(ids[1:T + 1]))  # [1, T, H]
+        out["teacher"] = logits(g)
+
+        draft_cache, last, rows, drafted = copy.deepcopy(mtp_cache), g[:, -1:], [], []
+        for s in range(MTP_DRAFT_STEPS):
+            rows.append(logits(last)[-1])
+            drafted.append(int(np.argmax(rows[-1])))
+            if s + 1 < MTP_DRAFT_STEPS:  # index T − 1 + s + 1, at the position of its token, draft s
+                last = mtp.forward_layer(0, last, torch.tensor([[T + 1 + s]]), draft_cache,
+                                         input_ids=tokens([drafted[-1]]))  # [1, 1, H]
+        out["draft"], out["draft_ids"] = np.array(rows), drafted
+
+        cached = []
+        for m in range(MTP_CACHED_STEPS):  # pair index T + m: h after token t[T+m], with t[T+m+1]
+            step = decoder(input_ids=tokens([ids[T + m]]), past_key_values=main_cache, use_cache=True)
+            main_cache = step.past_key_values
+            g = mtp.forward_layer(0, step.last_hidden_state, torch.tensor([[T + m + 1]]), mtp_cache,
+                                  input_ids=tokens([ids[T + m + 1]]))  # [1, 1, H]
+            cached.append(logits(g)[-1])
+        out["cached"] = np.array(cached)
+    return out
+
+
+def minqwen_mtp_logits(folder: Path, ids: list[int], reference_drafts: list[int]) -> dict:
+    """The same three as :func:`reference_mtp_logits`, through minqwen's own API.
+
+    ``teacher``: mtp_logits; ``draft``: minqwen.mtp.draft over an MtpCache that committed the
+    prompt's pairs, drafting what the reference drafted (so that a near-tie cannot send the
+    two chains apart); ``cached``: one-token steps of the main model, each pair committed to
+    the MTP cache, the logits of its newest output.
+    """
+    import minqwen
+    from minqwen.mtp import MtpCache, draft, load_mtp, mtp_logits
+
+    model = minqwen.load(folder)
+    head = load_mtp(folder, model)
+    T = PROMPT_TOKENS
+    out = {"teacher": mtp_logits(model, head, ids[:T + 1])}  # [T, V]
+    cache, mtp_cache = model.new_cache(), MtpCache(model, head)
+    mtp_cache.commit(model, head, model.hidden_states(ids[:T], cache), ids[1:T + 1])
+    rows = []
+
+    def follow_reference(logits, step):
+        rows.append(np.array(logits))
+        return reference_drafts[step]
+
+    draft(model, head, mtp_cache, MTP_DRAFT_STEPS, follow_reference, draft_vocab=None)
+    out["draft"] = np.array(rows)  # [k, V]
+    cached = []
+    for m in range(MTP_CACHED_STEPS):
+        hidden = model.hidden_states(ids[T + m:T + m + 1], cache)  # [1, H]
+        mtp_cache.commit(model, head, hidden, ids[T + m + 1:T + m + 2])
+        cached.append(model.logits(mtp_cache.last[None])[0])
+    out["cached"] = np.array(cached)  # [n, V]
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["make", "parity", "make-moe"])
+    parser.add_argument("what", choices=["make", "parity", "make-moe", "mtp-parity"])
     parser.add_argument("--out", type=output_folder, default=None)
-    parser.add_argument("--experts", type=whole_number(1), default=256)
+    parser.add_argument("--experts", type=whole_number(1), default=None,
+                        help=f"default: 256 (make-moe), {MTP_MOE_EXPERTS} (mtp-parity)")
     parser.add_argument("--top-k", type=whole_number(1), default=8)
     parser.add_argument("--layers", type=whole_number(1), default=4)
+    parser.add_argument("--only", choices=["dense", "moe"], help="mtp-parity: run only one of its two checks")
     args = parser.parse_args()
+    if args.experts is None:
+        args.experts = MTP_MOE_EXPERTS if args.what == "mtp-parity" else 256
     if args.top_k > args.experts:
         parser.error(f"--top-k {args.top_k} must be ≤ --experts {args.experts}")
+    if args.only and args.what != "mtp-parity":
+        parser.error(f"--only is an option of mtp-parity, not of {args.what}")
+    if args.what == "mtp-parity" and args.layers % 4:
+        # MtpModel builds its layer from the main model's last one, which must be full attention (every fourth).
+        parser.error(f"--layers {args.layers} must be a multiple of 4 for mtp-parity, so that the last "
+                     f"main layer is a full-attention one")
+    if args.what == "mtp-parity":
+        reports = mtp_parity(args.out or DEFAULT_DIR, args.experts, args.top_k, args.layers,
+                             (args.only,) if args.only else ("dense", "moe"))
+        ok = all(report["pass"] for report in reports)
+        print("PASS" if ok else "FAIL")
+        return 0 if ok else 1
     if args.what == "make-moe":
         make_moe(args.experts, args.top_k, args.layers, args.out)
         return 0
