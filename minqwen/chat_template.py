@@ -189,6 +189,14 @@ def render(template: str, messages, *, add_generation_prompt: bool, tools=None, 
     if documents is not None and not (isinstance(documents, (list, tuple))
                                       and all(isinstance(d, Mapping) for d in documents)):
         raise MinqwenError(f"documents must be a list of dicts (with 'title' and 'text'), got {documents!r:.200}")
+    shown = {}  # everything else the template sees, as plain data
+    for name, value in (("tools", tools), ("documents", documents),
+                        # the caller's variables win over the special tokens, as in transformers
+                        ("variables", {**(special_tokens or {}), **(variables or {})})):
+        try:
+            shown[name] = plain_data(value)
+        except RecursionError:
+            raise MinqwenError(f"the chat's {name} are nested too deeply, or one contains itself") from None
 
     def raise_exception(message):
         raise MinqwenError(f"the chat template refused this conversation: {message}")
@@ -207,9 +215,7 @@ def render(template: str, messages, *, add_generation_prompt: bool, tools=None, 
     env.filters["tojson"] = tojson
     try:
         pieces = env.from_string(template).generate(
-            # the caller's variables win over the special tokens, as in transformers
-            **plain_data({**(special_tokens or {}), **(variables or {})}),
-            messages=messages, tools=plain_data(tools), documents=plain_data(documents),
+            **shown["variables"], messages=messages, tools=shown["tools"], documents=shown["documents"],
             add_generation_prompt=add_generation_prompt,
         )
         rendered, length = [], 0

@@ -5,7 +5,8 @@ Qwen3.5 checkpoints ship a ``preprocessor_config.json`` for transformers'
 An image takes five steps to become the rows the tower reads:
 
 1. **read**: a file (through Pillow, an optional extra), a Pillow image, or a NumPy array
-   ``[H, W, 3] uint8`` — always RGB, transparency composited onto white;
+   ``[H, W, 3] uint8`` — always RGB; a Pillow image's transparency is composited onto white,
+   a file's alpha band is dropped (the reference's two paths differ: see :func:`read_image`);
 2. **smart_resize**: pick the size nearest the original whose sides are multiples of
    ``patch_size × merge_size`` and whose area lies within ``[min_pixels, max_pixels]``;
 3. **resize** to it with Pillow's bicubic filter — re-implemented here in NumPy, bit for bit
@@ -43,9 +44,9 @@ BILINEAR, BICUBIC = 2, 3
 # What minqwen does with each preprocessor_config.json field.
 PREPROCESSOR_FIELDS: dict[str, str] = {
     "do_resize": "honoured (default true): false keeps the size, which must then fit the patch grid",
-    "size": "honoured: shortest_edge is the minimum pixel count, longest_edge the maximum",
-    "min_pixels": "honoured: the legacy name of size.shortest_edge (wins over it, as in the reference)",
-    "max_pixels": "honoured: the legacy name of size.longest_edge (wins over it, as in the reference)",
+    "size": "honoured: shortest_edge is the minimum pixel count, longest_edge the maximum (both, and nothing else)",
+    "min_pixels": "honoured: the legacy name of size.shortest_edge (wins over it unless null, as in the reference)",
+    "max_pixels": "honoured: the legacy name of size.longest_edge (wins over it unless null, as in the reference)",
     "resample": "honoured: 3 (bicubic, default) or 2 (bilinear), Pillow's filters bit for bit",
     "do_rescale": "honoured (default true)",
     "rescale_factor": "honoured (default 1/255)",
@@ -138,14 +139,24 @@ def preprocessor_config_from_dict(raw: dict, source: str = "<dict>") -> Preproce
             raise MinqwenError(f"{source}: field '{name}' must be three finite numbers (R, G, B), got {value!r}")
         return tuple(float(v) for v in value)
 
-    size = raw.get("size") or {}
+    # As the reference's constructor: size (the class default when absent) replaced whole, not
+    # merged with the default; the legacy min_pixels / max_pixels, when not null, written over
+    # it; and then it must hold exactly shortest_edge and longest_edge.
+    size = raw.get("size")
+    if size is None:
+        size = {"shortest_edge": defaults.min_pixels, "longest_edge": defaults.max_pixels}
     if not isinstance(size, dict):
         raise MinqwenError(f"{source}: field 'size' must be an object with shortest_edge and longest_edge")
-    # The legacy min_pixels / max_pixels override size, as the reference's constructor does.
-    min_pixels = raw.get("min_pixels", size.get("shortest_edge", defaults.min_pixels))
-    max_pixels = raw.get("max_pixels", size.get("longest_edge", defaults.max_pixels))
-    min_pixels = integer("size.shortest_edge (min_pixels)", min_pixels)
-    max_pixels = integer("size.longest_edge (max_pixels)", max_pixels)
+    size = dict(size)
+    for legacy, key in (("min_pixels", "shortest_edge"), ("max_pixels", "longest_edge")):
+        if raw.get(legacy) is not None:
+            size[key] = raw[legacy]
+            size.pop(legacy, None)  # an old save's size {min_pixels, max_pixels}, superseded
+    if set(size) != {"shortest_edge", "longest_edge"}:
+        raise MinqwenError(f"{source}: field 'size' must hold exactly shortest_edge and longest_edge (the pixel "
+                           f"budget; or give min_pixels / max_pixels), got {sorted(size)}")
+    min_pixels = integer("size.shortest_edge (min_pixels)", size["shortest_edge"])
+    max_pixels = integer("size.longest_edge (max_pixels)", size["longest_edge"])
     if min_pixels > max_pixels:
         raise MinqwenError(f"{source}: the pixel budget is empty: min_pixels {min_pixels} > max_pixels {max_pixels}")
 
@@ -185,7 +196,10 @@ def read_image(image) -> np.ndarray:
     """An image as RGB ``[H, W, 3] uint8``: from a NumPy array, a Pillow image, or a file path.
 
     Arrays need nothing else; images and files need Pillow (``pip install pillow``).
-    Transparency is composited onto white, as the reference's ``convert_to_rgb`` does.
+    Transparency follows the reference, whose two paths differ: a Pillow image's is composited
+    onto white (its ``convert_to_rgb``), but a file is opened by its ``load_image``, which
+    converts to RGB first and so drops an alpha band (a transparent pixel keeps its stored
+    colour); only a transparent colour (PNG/GIF tRNS) survives that to be composited.
     """
     if isinstance(image, np.ndarray):
         return _checked_array(image)
@@ -232,9 +246,12 @@ def _read_file(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as img:
             img.load()  # decode now: a truncated file fails here, not later
-            # A camera's EXIF orientation tag says how to turn the stored pixels upright; the
-            # reference's load_image applies it too.
-            rgb = _pil_to_rgb(ImageOps.exif_transpose(img))
+            # The reference's path for a file: its load_image turns the stored pixels upright by
+            # the camera's EXIF orientation tag and converts to RGB — an alpha band is dropped
+            # there — then its convert_to_rgb, as for any Pillow image, composites onto white
+            # what is still marked transparent: a palette's or grey's transparent colour (tRNS),
+            # which Pillow's conversion keeps as an RGB colour.
+            rgb = _pil_to_rgb(ImageOps.exif_transpose(img).convert("RGB"))
     except Image.DecompressionBombError as e:
         raise MinqwenError(f"{path}: refused, too many pixels to decode safely ({e})") from None
     except (OSError, ValueError, SyntaxError) as e:  # UnidentifiedImageError is an OSError
@@ -243,6 +260,7 @@ def _read_file(path: Path) -> np.ndarray:
 
 
 def _pil_to_rgb(img) -> np.ndarray:
+    """A Pillow image as RGB, transparency composited onto white (the reference's ``convert_to_rgb``)."""
     Image = _pillow()
     has_alpha = "A" in img.getbands() or img.info.get("transparency") is not None
     if has_alpha:
@@ -259,7 +277,10 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
     """The size (h, w) nearest to (height, width) with both sides multiples of ``factor`` and
     ``min_pixels ≤ h·w ≤ max_pixels``, the aspect ratio kept as closely as the grid allows.
 
-    Rounding is Python's ``round`` (half to even), as in the reference.
+    The budget is met as the reference meets it, not always exactly: a side never drops below
+    ``factor`` (a very long, thin image can stay above max_pixels), and rounding both sides up
+    to reach min_pixels can overshoot max_pixels (when the two are close, or the image is long
+    and thin). Rounding is Python's ``round`` (half to even), as in the reference.
     """
     if height < 1 or width < 1:
         raise MinqwenError(f"the image is empty: {width}×{height} pixels")
@@ -418,8 +439,9 @@ def patchify(image: np.ndarray, config: PreprocessorConfig) -> tuple[np.ndarray,
 
 
 # Beyond this many pixels an image is refused before it is resized: 2²⁸ (16× the pixel budget
-# of Qwen's own preprocessor configs) is ~3 GB as float32 and ~1M vision tokens — more than
-# any context holds — so a bigger target can only be a mistake in the config or the image.
+# of Qwen3.5's own preprocessor config) is 3 GB as float32 RGB (twice that as pixel_values,
+# each patch repeated over 2 frames) and 1M patches — 256k tokens at patch 16, merge 2, a whole
+# native context — so a bigger target can only be a mistake in the config or the image.
 MAX_PIXELS = 1 << 28
 
 

@@ -65,6 +65,8 @@ VISION_FIELDS: dict[str, str] = {
     "num_attention_heads": "honoured as the alias of num_heads",
     "num_hidden_layers": "honoured as the alias of depth",
     "initializer_range": "ignored: training only",
+    "deepstack_visual_indexes": "ignored when empty, as Qwen3.5's own configs carry it (its tower has no deepstack "
+                                "mergers; transformers ignores it whatever it holds); a non-empty list is warned about",
     "model_type": "metadata: qwen3_5_vision or qwen3_5_moe_vision (or, in old saves, the wrapper's name)",
     "dtype": "metadata",
     "torch_dtype": "metadata",
@@ -136,7 +138,8 @@ def vision_config_from_dict(raw: dict, text_hidden_size: int, vocab_size: int, s
         raise MinqwenError(f"{source}: no 'vision_config': this checkpoint has no vision tower")
     if not isinstance(vision, dict):
         raise MinqwenError(f"{source}: field 'vision_config' must be an object")
-    unknown = sorted(k for k in vision if k not in VISION_FIELDS)
+    # deepstack_visual_indexes: [] on every real Qwen3.5 config; a list of blocks is another tower's (Qwen3-VL's)
+    unknown = sorted(k for k in vision if k not in VISION_FIELDS or k == "deepstack_visual_indexes" and vision[k])
     if unknown:
         warnings.warn(f"{source}: vision_config fields minqwen does not know were not used: "
                       + ", ".join(unknown), stacklevel=2)
@@ -330,8 +333,8 @@ def rotary_cos_sin(grid_thw: np.ndarray, merge: int, head_dim: int, theta: float
     return np.cos(emb), np.sin(emb)
 
 
-# Score-matrix budget (floats) per block of query rows: keeps a big image's attention in a
-# few tens of MB instead of heads × patches² at once.
+# Score-matrix budget (floats) per block of query rows: 2²⁴ float32 scores, 64 MB (up to three
+# times that while the softmax's temporaries live), instead of heads × patches² at once.
 SCORE_BLOCK = 1 << 24
 
 
@@ -558,8 +561,10 @@ def rope_index(token_ids, grid_thw, config: VisionConfig, start: int = 0) -> tup
     and the position the next token takes.
 
     As transformers' ``get_rope_index``: text runs count up in all three rows; a run of
-    ``<|image_pad|>`` is one image, whose tokens sit at (start + frame, start + row,
-    start + column) on its merged grid; the text after it starts at start + max(rows, columns).
+    ``<|image_pad|>`` is one image: with p the position it starts at, its tokens sit at
+    (p + frame, p + row, p + column) on its merged grid, and the text after it starts at
+    p + max(rows, columns), whatever its frames. The next token after the ids takes the largest
+    position + 1 (for a one-frame image, where the text after it would start).
     ``start`` is where the sequence begins (``cache.position + cache.rope_delta``).
     """
     ids = np.asarray(token_ids, dtype=np.int64)
@@ -593,7 +598,9 @@ def rope_index(token_ids, grid_thw, config: VisionConfig, start: int = 0) -> tup
         image += 1
     if image != len(grid):
         raise MinqwenError(f"{len(grid)} images were given but the prompt has {image} runs of <|image_pad|> tokens")
-    return positions, current
+    # The reference's rope delta is (largest position + 1) − T: past `current` only when an image
+    # has more frames than merged rows and columns, and no text after it reaches them.
+    return positions, int(positions.max()) + 1 if len(ids) else current
 
 
 def place_image_features(inputs_embeds: np.ndarray, token_ids, features: np.ndarray, image_token_id: int) -> np.ndarray:

@@ -332,6 +332,16 @@ def test_a_message_that_contains_itself_is_named():
         Tokenizer(EMBEDDED).render_chat([message])
 
 
+@pytest.mark.parametrize("option", ["tools", "documents", "enable_thinking"])
+def test_tools_documents_or_a_variable_that_contain_themselves_are_named_not_blamed_on_the_template(option):
+    looped = {"type": "function"}
+    looped["self"] = looped
+    with pytest.raises(MinqwenError, match=f"chat's {'variables' if option == 'enable_thinking' else option} "
+                                           "are nested too deeply, or one contains itself"):
+        Tokenizer(EMBEDDED).render_chat([{"role": "user", "content": "hi"}],
+                                        **{option: looped if option == "enable_thinking" else [looped]})
+
+
 def test_generate_refuses_images_it_has_no_features_for():
     model, tok = minqwen.load(EMBEDDED), Tokenizer(EMBEDDED)
     tok.chat_template = CHATML_TEMPLATE

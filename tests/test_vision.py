@@ -188,6 +188,15 @@ def test_rope_index_follows_the_reference_rule():
     assert positions[:, 8].tolist() == [15, 15, 15] and next_position == 16
 
 
+def test_after_an_image_of_more_frames_than_rows_the_next_position_is_the_largest_plus_one():
+    """get_rope_index's rope delta is max(positions) + 1 − T; its text after the image starts at p + max(h, w)/m."""
+    config = vision.VisionConfig(image_token_id=9, video_token_id=8, spatial_merge_size=2)
+    ids = [1, 2] + [9] * 5 + [3]  # 5 frames of 1 × 1 merged patch
+    positions, next_position = vision.rope_index(ids, [[5, 2, 2]], config)
+    assert positions.tolist() == [[0, 1, 2, 3, 4, 5, 6, 3], [0, 1, 2, 2, 2, 2, 2, 3], [0, 1, 2, 2, 2, 2, 2, 3]]
+    assert next_position - len(ids) == -1  # the reference's rope delta for these ids
+
+
 # ==================================================================== resizing
 
 
@@ -306,16 +315,43 @@ def test_a_decompression_bomb_is_refused(tmp_path, monkeypatch):
         read_image(tmp_path / "big.png")
 
 
-def test_a_file_reads_as_its_pixels_and_transparency_goes_white(tmp_path):
+def test_a_file_drops_its_alpha_and_a_pillow_image_composites_it_onto_white_as_the_reference_does(tmp_path):
+    """The reference's load_image converts a file straight to RGB; its convert_to_rgb composites an image."""
     Image = require_pillow()
     rgb = np.random.default_rng(1).integers(0, 256, (7, 9, 3), dtype=np.uint8)
     Image.fromarray(rgb).save(tmp_path / "rgb.png")
     np.testing.assert_array_equal(read_image(tmp_path / "rgb.png"), rgb)
     rgba = np.zeros((2, 2, 4), np.uint8)
     rgba[0, 0] = (10, 20, 30, 255)
+    rgba[1, 1] = (40, 50, 60, 0)  # transparent, with a colour stored under it
     Image.fromarray(rgba).save(tmp_path / "rgba.png")
     got = read_image(tmp_path / "rgba.png")
+    assert got[0, 0].tolist() == [10, 20, 30] and got[1, 1].tolist() == [40, 50, 60]
+    got = read_image(Image.open(tmp_path / "rgba.png"))
     assert got[0, 0].tolist() == [10, 20, 30] and got[1, 1].tolist() == [255, 255, 255]
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P", "L", "RGB"])
+def test_a_transparent_file_preprocesses_as_the_reference_processor_given_its_path(mode, tmp_path):
+    """An alpha band (RGBA, LA) is dropped; a transparent colour (P, L, RGB with tRNS) goes white."""
+    require_reference()
+    Image = require_pillow()
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    rng = np.random.default_rng(11)
+    rgb = (rng.integers(0, 4, (24, 40, 3)) * 80).astype(np.uint8)
+    alpha = rng.integers(0, 2, (24, 40), dtype=np.uint8) * 255
+    if "A" in mode:
+        Image.fromarray(np.dstack([rgb, alpha])).convert(mode).save(tmp_path / "t.png")
+    else:
+        image = Image.fromarray(rgb).convert(mode)
+        stored = np.array(image)
+        image.save(tmp_path / "t.png", transparency=stored[0, 0].tolist() if mode == "RGB" else int(stored[0, 0]))
+    want = Qwen2VLImageProcessorPil(**BASE)(images=[str(tmp_path / "t.png")], return_tensors="np")
+    got = preprocess(tmp_path / "t.png", preprocessor_config_from_dict(BASE))
+    np.testing.assert_array_equal(got[1], want["image_grid_thw"])
+    np.testing.assert_array_equal(got[0], want["pixel_values"])
 
 
 def test_without_pillow_files_need_it_and_arrays_do_not(monkeypatch, tmp_path):
@@ -404,6 +440,13 @@ def test_an_unknown_vision_field_is_reported_not_dropped(folder):
         vision.load_vision(folder)
 
 
+def test_the_empty_deepstack_list_of_real_qwen3_5_configs_loads_without_a_warning(folder):
+    edit_json(folder / "config.json", lambda c: c["vision_config"].update(deepstack_visual_indexes=[]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        vision.load_vision(folder)
+
+
 def test_a_special_token_outside_the_vocabulary_is_an_error(folder):
     edit_json(folder / "config.json", lambda c: c.update(image_token_id=248056))
     with pytest.raises(MinqwenError, match="'image_token_id' is 248056, outside the vocabulary"):
@@ -444,6 +487,24 @@ def test_legacy_min_max_pixels_win_over_size_as_in_the_reference():
     config = preprocessor_config_from_dict(dict(size=dict(shortest_edge=10, longest_edge=99), min_pixels=20,
                                                 max_pixels=400))
     assert (config.min_pixels, config.max_pixels) == (20, 400)
+    # A null legacy field is absent, as in the reference; an old save's size {min_pixels, max_pixels} is superseded.
+    config = preprocessor_config_from_dict(dict(size=dict(shortest_edge=10, longest_edge=99), min_pixels=None))
+    assert (config.min_pixels, config.max_pixels) == (10, 99)
+    config = preprocessor_config_from_dict(dict(size=dict(min_pixels=1, max_pixels=2), min_pixels=20, max_pixels=400))
+    assert (config.min_pixels, config.max_pixels) == (20, 400)
+
+
+@pytest.mark.parametrize("raw", [
+    dict(size=dict(shortest_edge=64)),                         # the reference does not fill longest_edge in
+    dict(size=dict(min_pixels=64, max_pixels=4096)),           # an old save's names, without the legacy fields
+    dict(size={}),
+    dict(size=dict(height=32, width=32)),
+    dict(size=dict(shortest_edge=64, longest_edge=4096, max_pixels=400)),
+    dict(min_pixels=64, size=dict(longest_edge=4096, max_pixels=400)),
+], ids=repr)
+def test_a_size_without_both_edges_is_an_error_as_in_the_reference_not_the_default_budget(raw):
+    with pytest.raises(MinqwenError, match="field 'size' must hold exactly shortest_edge and longest_edge"):
+        preprocessor_config_from_dict(raw)
 
 
 def test_a_missing_or_wrongly_shaped_tensor_is_an_error(folder):
