@@ -432,3 +432,35 @@ def test_the_mtp_checkpoint_shapes_are_those_of_the_tensors_written(fused):
     mtp = mtp_tools.build_mtp_model(reference.build_model(dict(SMALL_MOE), seed=3), 2, seed=3)
     tensors = mtp_tools.mtp_checkpoint_tensors(mtp, fused_experts=fused)
     assert mtp_tools.mtp_checkpoint_shapes(mtp, fused_experts=fused) == {n: t.shape for n, t in tensors.items()}
+
+
+# ============================================================================ real_shape.py vision-parity, small
+
+SMALL_VISION = dict(depth=2, hidden_size=32, num_heads=2, intermediate_size=48, patch_size=4, temporal_patch_size=2,
+                    spatial_merge_size=2, num_position_embeddings=16, hidden_act="gelu_pytorch_tanh", in_channels=3,
+                    deepstack_visual_indexes=[])
+
+
+def test_vision_parity_passes_on_a_small_shape_and_fails_when_the_merger_gelu_is_tanh(tmp_path, monkeypatch):
+    # The real-shape run takes minutes and GBs; this is the same code on a tower small enough for CI.
+    require_reference()
+    import minqwen.vision
+
+    real_shape = load_tool("real_shape")
+    text = dict(SMALL_DENSE, vocab_size=256, layer_types=["linear_attention"] * 3 + ["full_attention"])
+    monkeypatch.setattr(real_shape, "VISION_VOCAB", 256)
+    monkeypatch.setattr(real_shape, "VISION_PREPROCESSOR", dict(real_shape.VISION_PREPROCESSOR, patch_size=4,
+                        size=dict(shortest_edge=64, longest_edge=4096)))
+    monkeypatch.setattr(real_shape, "TOWER_IMAGES", {"30x50": (30, 50), "9x15": (9, 15), "40x24": (40, 24)})
+    monkeypatch.setattr(real_shape, "BIG_IMAGE", ("300x200 (shrunk)", (300, 200)))
+    monkeypatch.setattr(real_shape, "vision_configs",
+                        lambda member, blocks: (dict(text, eos_token_id=251), dict(SMALL_VISION)))
+    report = real_shape.vision_parity(tmp_path / "vision", "0.8b")
+    assert real_shape.vision_passed(report) == [], report
+    assert len(report["preprocessing"]) == 4 and len(report["tower"]["per_image"]) == 3
+    assert len(report["tower"]["together_blocks"]) == SMALL_VISION["depth"]
+
+    # A port whose merger uses the blocks' tanh GELU instead of the exact one must fail.
+    monkeypatch.setattr(minqwen.vision, "gelu", minqwen.vision.ACTIVATIONS["gelu_pytorch_tanh"])
+    failures = real_shape.vision_passed(real_shape.vision_parity(tmp_path / "vision", "0.8b"))
+    assert any(f.startswith("tower features") for f in failures), failures

@@ -8,6 +8,7 @@ also passes arguments that keep that work small and away from the repository's f
 """
 
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -155,6 +156,62 @@ def test_real_shape_make_moe_keeps_256_experts_by_default(paths):
     # so the refusal comes from the check after it
     assert_refused(run_tool("real_shape.py", "make-moe", "--out", paths / "moe", "--top-k", "200", "--only", "moe",
                             cwd=paths), "--only", "mtp-parity")
+# --out in the scratch folder here too: were a check missing, the checkpoint would not land in scratch/.
+@pytest.mark.parametrize("args, names", [
+    (["--vision-config", "1b"], ["--vision-config", "'1b'", "0.8b"]),
+    (["--blocks", "0"], ["--blocks", "≥ 1"]),
+    (["--blocks", "two"], ["--blocks", "'two'"]),
+    (["--blocks", "13"], ["--blocks 13", "≤ 12", "0.8b"]),
+    (["--vision-config", "4b", "--blocks", "25"], ["--blocks 25", "≤ 24", "4b"]),
+])
+def test_real_shape_vision_parity_refuses_towers_that_do_not_exist(paths, args, names):
+    assert_refused(run_tool("real_shape.py", "vision-parity", "--out", paths / "vision", *args, cwd=paths, timeout=60),
+                   *names)
+
+
+def test_real_shape_vision_parity_refuses_an_out_that_is_a_file(paths):
+    assert_refused(run_tool("real_shape.py", "vision-parity", "--out", "a_file", cwd=paths), "--out", "is a file")
+
+
+@pytest.mark.parametrize("what, option", [("make", ["--blocks", "2"]), ("parity", ["--vision-config", "27b"]),
+                                          ("make-moe", ["--blocks", "2"])])
+def test_real_shape_vision_options_are_refused_outside_vision_parity(paths, what, option):
+    # `make --blocks 2` must not quietly build the 1.5 GB text checkpoint, ignoring what was asked.
+    result = run_tool("real_shape.py", what, "--out", paths / "out", *option, cwd=paths, timeout=60)
+    assert_refused(result, option[0], "vision-parity")
+    assert not (paths / "out").exists()
+
+
+def test_real_shape_vision_parity_refuses_a_folder_holding_another_tower(paths):
+    require_reference()  # the check runs where the checkpoint would be built, after torch is imported
+    (paths / "empty" / "config.json").write_text(json.dumps({"vision_config": dict(
+        depth=3, hidden_size=768, num_heads=12, intermediate_size=3072)}))
+    result = run_tool("real_shape.py", "vision-parity", "--out", "empty", cwd=paths)
+    assert_refused(result, "another vision tower", "0.8b", "12 blocks", code=1)
+
+
+def test_real_shape_vision_parity_fails_a_report_beyond_its_tolerances():
+    """The PASS/FAIL judge on made-up reports: no checkpoint is built."""
+    sys.path.insert(0, str(TOOLS))
+    import real_shape
+
+    def figures(diff, scale=1.0):
+        return {"max_abs_diff": diff, "scale": scale, "relative": diff / scale}
+
+    good = {"preprocessing": {"a": {"grid_thw_equal": True, "pixel_values_max_abs_diff": 0.0}},
+            "tower": {"per_image": [figures(1e-6)] * len(real_shape.TOWER_IMAGES), "together": figures(1e-6)},
+            "prompt": {"position_ids_equal": True, "rope_delta_equal": True, "logits": figures(5e-4, 70.0),
+                       "decode_steps": figures(1e-4, 70.0), "greedy_tokens_identical": 8, "greedy_tokens": 8}}
+    assert real_shape.vision_passed(good) == []
+    bad = {"preprocessing": {"a": {"grid_thw_equal": True, "pixel_values_max_abs_diff": 1 / 255}},
+           "tower": {"per_image": good["tower"]["per_image"], "together": figures(3e-2, 0.8)},
+           "prompt": dict(good["prompt"], logits=figures(0.1, 70.0), greedy_tokens_identical=5)}
+    failures = real_shape.vision_passed(bad)
+    assert len(failures) == 4, failures
+    assert any("preprocessing of a" in f for f in failures)
+    assert any("all images in one call" in f for f in failures)
+    assert any(f.startswith("logits") for f in failures)
+    assert any("5 of 8" in f for f in failures)
 
 
 # ---------------------------------------------------------------------------- moe_figure.py

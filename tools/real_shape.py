@@ -1,4 +1,4 @@
-"""A random-weight checkpoint with the real Qwen3.5-0.8B text shape, and minqwen's parity on it.
+"""Random-weight checkpoints at Qwen3.5's real shapes, and minqwen's parity with transformers on them.
 
     python tools/real_shape.py make  [--out DIR]        # build it (bf16, ~1.5 GB; never commit it)
     python tools/real_shape.py parity [--out DIR]       # minqwen vs transformers fp32 on a 64-token prompt
@@ -6,6 +6,8 @@
                                                         # Qwen3.5-35B-A3B layers (bf16, ~8.5 GB at 256 experts)
     python tools/real_shape.py mtp-parity [--out DIR --experts 32 --top-k 8 --layers 4 --only dense|moe]
                                                         # the MTP head vs transformers' MtpModel, fp32, both shapes
+    python tools/real_shape.py vision-parity [--vision-config 0.8b|4b|27b] [--blocks N] [--out DIR]
+                                                        # a real vision tower, minqwen vs transformers fp32
 
 The one builder of real-shape checkpoints: the parity check here, the benchmark and the MoE
 figure (tools/moe_figure.py) all reuse the folders it makes. Weights are random (every tensor,
@@ -26,6 +28,15 @@ store their MTP layer's). Over a 64-token prompt it compares the MTP logits of e
 (h[j], t[j+1]), then 3 chained draft steps and 4 pairs committed one at a time through both
 sides' caches; PASS when every |Δlogit| is within the text parity's bound scaled to the
 run's largest |logit| and every argmax agrees (but at a near-tie).
+
+``vision-parity`` builds a multimodal checkpoint whose vision tower and preprocessor are a
+real member's (:data:`VISION_MEMBERS`) in front of a 4-layer text model of that member's
+hidden size (the width the tower's features feed; the rest of the text model is the 0.8B's,
+with a small vocabulary), and compares preprocessing, the tower's features (block by block)
+and a multimodal prompt's logits and greedy continuation with transformers (see
+:func:`vision_parity`). Peak memory: 4.2 GB for the 0.8B tower; a bigger tower at full depth
+needs more (an estimated ~10 GB for the 27B's 27 blocks, mostly a float64 copy of the tower):
+``--blocks`` keeps the member's widths with fewer blocks.
 """
 
 from __future__ import annotations
@@ -43,6 +54,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from argtypes import output_folder, whole_number  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # minqwen, when run as python tools/real_shape.py
 
 SCRATCH = Path(__file__).resolve().parent.parent / "scratch"
 DEFAULT_DIR = SCRATCH / "qwen3.5-0.8b-random"
@@ -434,17 +447,342 @@ def minqwen_mtp_logits(folder: Path, ids: list[int], reference_drafts: list[int]
         cached.append(model.logits(mtp_cache.last[None])[0])
     out["cached"] = np.array(cached)  # [n, V]
     return out
+# ==================================================================== the vision tower at real shapes
+
+# Qwen3.5's vision towers. Public config.json copies of the releases (and of models derived from
+# them) give the 0.8B's (12 blocks of 768, 12 heads, MLP 3072) and the 27B's (27 × 1152, 16 heads,
+# MLP 4304: also transformers 5.23.0's Qwen3_5VisionConfig defaults, documented against
+# Qwen/Qwen3.5-27B). The 4B's (24 × 1024, 16 heads, MLP 4096) comes from two third-party copies
+# only, not the release's own file: unconfirmed. out_hidden_size is the member's text hidden size
+# (1024, 2560, 5120), taken with its head tying from tools/family_shapes.py's table.
+VISION_MEMBERS = {
+    "0.8b": dict(depth=12, hidden_size=768, num_heads=12, intermediate_size=3072),
+    "4b": dict(depth=24, hidden_size=1024, num_heads=16, intermediate_size=4096),
+    "27b": dict(depth=27, hidden_size=1152, num_heads=16, intermediate_size=4304),
+}
+# Common to every member's vision_config: 16-pixel patches of 2 frames, 2 × 2 merged into one
+# token, a learned 48 × 48 position grid, tanh-GELU blocks, and no deepstack (the releases carry
+# an empty deepstack_visual_indexes; transformers 5.23.0's Qwen3.5 tower has no deepstack mergers).
+VISION_COMMON = dict(patch_size=16, temporal_patch_size=2, spatial_merge_size=2, num_position_embeddings=2304,
+                     hidden_act="gelu_pytorch_tanh", in_channels=3, deepstack_visual_indexes=[])
+# The releases' preprocessor_config.json (the same for every member): 256² … 4096² pixels, mean
+# and std 0.5 — not the processor class's own defaults (OpenAI CLIP's), so reading them counts.
+VISION_PREPROCESSOR = dict(size=dict(shortest_edge=65536, longest_edge=16777216), patch_size=16,
+                           temporal_patch_size=2, merge_size=2, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+VISION_VOCAB = 8192  # the text side's vocabulary: logits over a 1000-token prompt stay ~30 MB, not ~1 GB
+VISION_TEXT_LAYERS = ["linear_attention"] * 3 + ["full_attention"]
+# Test images (height, width): the tower sees the first three, with 640 + 308 + 2728 patches.
+TOWER_IMAGES = {
+    "333x500 (off the 32-px grid)": (333, 500),
+    "90x150 (grown to min_pixels)": (90, 150),
+    "720x1000 (photo-sized)": (720, 1000),
+}
+# Preprocessing only: shrunk by max_pixels to 4224 × 3936, 64 944 patches. Through the tower its
+# attention alone would need 12 heads × 64 944² floats (200 GB) in the reference's eager mode.
+BIG_IMAGE = ("4300x4000 (shrunk by max_pixels)", (4300, 4000))
+VISION_GREEDY_TOKENS = 8
+# Pass marks, relative to the largest |value| compared. Features: each float32 side's distance to
+# a float64 run of the reference tower is measured and printed beside it (float32 round-off,
+# ~1e-6), while a real error (a missing bias, a position off by one, a wrong rotary half) moves
+# features by percents. Logits: the text parity's 2e-3 on logits up to ~57, as a ratio (the scale
+# of the logits depends on the member's hidden size and head tying).
+FEATURE_RTOL = 1e-4
+LOGIT_RTOL = 2e-3 / 57
+
+
+def vision_dir(member: str, blocks: int | None) -> Path:
+    depth = VISION_MEMBERS[member]["depth"] if blocks is None else blocks
+    return SCRATCH / f"qwen3.5-{member}-vision-{depth}-blocks-random"
+
+
+def vision_configs(member: str, blocks: int | None) -> tuple[dict, dict]:
+    """(text config, vision config): the member's tower (its first ``blocks`` blocks) and a 4-layer
+    text model of the member's hidden size and head tying, with the 0.8B's other widths (the
+    tower's output width is the text hidden size: build_vision_model sets it from there)."""
+    from family_shapes import MEMBERS
+    from reference import real_shape_text_config
+
+    vision = dict(VISION_COMMON, **VISION_MEMBERS[member])
+    if blocks is not None:
+        vision["depth"] = blocks
+    widths = MEMBERS[member.upper()]
+    text = dict(real_shape_text_config(), vocab_size=VISION_VOCAB, hidden_size=widths["hidden_size"],
+                tie_word_embeddings=widths["tie_word_embeddings"], num_hidden_layers=len(VISION_TEXT_LAYERS),
+                layer_types=VISION_TEXT_LAYERS,
+                eos_token_id=VISION_VOCAB - 5)  # below the four vision markers at the top of the vocabulary
+    return text, vision
+
+
+def make_vision(out: Path, member: str, blocks: int | None, seed: int = 0) -> Path:
+    """The multimodal checkpoint, bf16 as the releases are; later calls reuse it.
+
+    Weights: make_vision_fixtures' builder — reference.random_value for the text model, and
+    randomize_vision for the tower (its LayerNorms are plain scales, so centred on one; biases and
+    position embeddings random; the merger's output at the embeddings' scale).
+    """
+    import torch
+    from make_vision_fixtures import build_vision_model, save_vision_checkpoint
+
+    text, vision = vision_configs(member, blocks)
+    if (out / "config.json").is_file():
+        stored = json.loads((out / "config.json").read_text()).get("vision_config", {})
+        if any(stored.get(k) != vision[k] for k in ("depth", "hidden_size", "num_heads", "intermediate_size")):
+            # a folder made for another member or depth would be measured under this one's name
+            raise SystemExit(f"{out} holds another vision tower than the {member} one with {vision['depth']} blocks; "
+                             "give another --out")
+        print(f"reusing {out}")
+        return out
+    start = time.time()
+    torch.set_num_threads(2)
+    tie = text.pop("tie_word_embeddings")
+    model = build_vision_model(text, vision, seed, tie=tie)
+    save_vision_checkpoint(model, VISION_PREPROCESSOR, out, dtype="bfloat16")
+    print(f"wrote {out} in {time.time() - start:.0f} s")
+    return out
+
+
+def vision_test_images(seed: int = 2) -> dict[str, np.ndarray]:
+    """Gradients, a disc and noise (make_vision_fixtures.test_image) at each size, the big one last."""
+    from make_vision_fixtures import test_image
+
+    rng = np.random.default_rng(seed)
+    sizes = dict(TOWER_IMAGES, **dict([BIG_IMAGE]))
+    return {name: test_image(rng, h, w) for name, (h, w) in sizes.items()}
+
+
+def compare_preprocessing(out: Path, images: dict[str, np.ndarray]) -> dict:
+    """minqwen's preprocess vs Qwen2VLImageProcessorPil read from the checkpoint's preprocessor_config.json."""
+    from make_vision_fixtures import reference_preprocess
+    from transformers import Qwen2VLImageProcessorPil
+
+    from minqwen.image import load_preprocessor_config, preprocess
+
+    processor = Qwen2VLImageProcessorPil.from_pretrained(out)
+    config = load_preprocessor_config(out)
+    report = {}
+    for name, image in images.items():
+        ours, ours_grid = preprocess(image, config)
+        ref, ref_grid = reference_preprocess(processor, image)
+        report[name] = {"grid_thw": ours_grid[0].tolist(), "grid_thw_equal": bool(np.array_equal(ours_grid, ref_grid)),
+                        "pixel_values_max_abs_diff": float(np.abs(ours - ref).max()) if ours.shape == ref.shape
+                        else float("inf")}
+        del ours, ref
+    return report
+
+
+def reference_tower(visual, pixel_values: np.ndarray, grid_thw: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+    """transformers' features [Σ patches / 4, out] and every block's output [Σ patches, D]."""
+    import torch
+
+    blocks = {}
+    hooks = [block.register_forward_hook(lambda mod, args, out, i=i: blocks.__setitem__(i, out.numpy().copy()))
+             for i, block in enumerate(visual.blocks)]
+    try:
+        with torch.no_grad():
+            features = visual(torch.from_numpy(pixel_values), grid_thw=torch.from_numpy(grid_thw)).pooler_output
+    finally:
+        for h in hooks:
+            h.remove()
+    return features.numpy(), [blocks[i] for i in range(len(blocks))]
+
+
+def minqwen_tower(tower, pixel_values: np.ndarray, grid_thw: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+    """minqwen's features and every block's output, as :func:`reference_tower`."""
+    blocks = {}
+
+    def tap(name, x):
+        if name.startswith("blocks."):
+            blocks[int(name.split(".")[1])] = x.copy()
+
+    features = tower.forward(pixel_values, grid_thw, tap=tap)
+    return features, [blocks[i] for i in range(len(blocks))]
+
+
+def difference(ours: np.ndarray, ref: np.ndarray) -> dict:
+    """max |Δ|, the largest |reference value|, and their ratio."""
+    diff, scale = float(np.abs(ours - ref).max()), float(np.abs(ref).max())
+    return {"max_abs_diff": diff, "scale": scale, "relative": diff / scale}
+
+
+def float64_tower_features(visual, inputs: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
+    """Each image's features from a float64 copy of transformers' tower: how far from exact each
+    float32 side is. The modeling module's own casts to float32 (rotary, softmax) are redirected to
+    float64 for the run (family_shapes' trick), or they would round back inside; the resampling
+    weights of the position grid stay float32, as both float32 sides compute them."""
+    import copy
+
+    import torch
+    import transformers.models.qwen3_5.modeling_qwen3_5 as modeling
+    from family_shapes import _Float64Torch
+
+    wide = copy.deepcopy(visual).double()
+    saved_torch, saved_float = modeling.torch, torch.Tensor.float
+    modeling.torch = _Float64Torch(torch)
+    torch.Tensor.float = lambda self, *args, **kwargs: self.to(torch.float64)
+    try:
+        return [reference_tower(wide, pixel_values.astype(np.float64), grid)[0] for pixel_values, grid in inputs]
+    finally:
+        modeling.torch, torch.Tensor.float = saved_torch, saved_float
+
+
+def tower_inputs(tower_preprocessor, images: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(pixel_values, grid_thw) of each image, by minqwen's preprocessing (equal to the reference's, checked first)."""
+    from minqwen.image import preprocess
+
+    return [preprocess(image, tower_preprocessor) for image in images]
+
+
+def compare_towers(visual, tower, inputs: list[tuple[np.ndarray, np.ndarray]], exact: list[np.ndarray]) -> dict:
+    """Features per image, against the float32 reference and against the float64 one (``exact``);
+    then all images in one call (each attends only to itself), compared block by block."""
+    report = {"per_image": []}
+    for (pixel_values, grid), wide in zip(inputs, exact):
+        ref, _ = reference_tower(visual, pixel_values, grid)
+        ours = tower.forward(pixel_values, grid)
+        report["per_image"].append(dict(difference(ours, ref), grid_thw=grid[0].tolist(),
+                                        ours_vs_float64=difference(ours, wide)["relative"],
+                                        reference_vs_float64=difference(ref, wide)["relative"]))
+    pixel_values = np.concatenate([p for p, _ in inputs])
+    grid = np.concatenate([g for _, g in inputs])
+    ref, ref_blocks = reference_tower(visual, pixel_values, grid)
+    ours, our_blocks = minqwen_tower(tower, pixel_values, grid)
+    report["together"] = difference(ours, ref)
+    report["together_blocks"] = [difference(a, b) for a, b in zip(our_blocks, ref_blocks)]
+    return report
+
+
+def vision_prompt(images: list[np.ndarray]) -> np.ndarray:
+    """Text, then each image between its markers (one <|image_pad|> each) and more text."""
+    from make_vision_fixtures import prompt
+
+    return prompt(np.random.default_rng(3), VISION_VOCAB, len(images), text_len=12)
+
+
+def reference_prompt(out: Path, images: list[np.ndarray], ids: np.ndarray) -> dict:
+    """transformers end to end on the prompt (make_vision_fixtures.run_vision_reference): expanded
+    ids, 3-D positions, rope delta, logits, and greedy steps through its own cache."""
+    import torch
+    from make_vision_fixtures import run_vision_reference
+    from reference import load_pretrained
+    from transformers import Qwen2VLImageProcessorPil
+
+    ref_model = load_pretrained(out)
+    processor = Qwen2VLImageProcessorPil.from_pretrained(out)
+    with torch.no_grad():
+        return run_vision_reference(ref_model, processor, images, ids, n_greedy=VISION_GREEDY_TOKENS)
+
+
+def compare_prompt(out: Path, tower, images: list[np.ndarray], ids: np.ndarray, ref: dict) -> dict:
+    """minqwen on the same prompt: its logits, positions and rope delta; then the decode steps,
+    minqwen fed the reference's greedy tokens so that every step is compared."""
+    import minqwen
+    from minqwen import vision
+
+    model = minqwen.load(out)
+    cache = model.new_cache()
+    logits = vision.prefill(model, tower, ids, images, cache, last_only=False)  # [T, V]
+    positions, _ = vision.rope_index(ref["input_ids"], ref["grid_thw"], tower.config)
+    report = {"prompt_tokens": int(len(ref["input_ids"])),
+              "position_ids_equal": bool(np.array_equal(positions, ref["position_ids"])),
+              "rope_delta_equal": bool(cache.rope_delta == int(ref["rope_delta"][0])),
+              "logits": difference(logits, ref["logits"])}
+    agree, steps, next_logits = None, [], logits[-1]
+    for step, token in enumerate(ref["greedy"].tolist()):
+        if agree is None and int(np.argmax(next_logits)) != token:
+            agree = step
+        next_logits = model.forward([token], cache, last_only=True)[-1]
+        steps.append(next_logits)
+    report["decode_steps"] = difference(np.stack(steps), ref["greedy_logits"])
+    report["greedy_tokens_identical"] = VISION_GREEDY_TOKENS if agree is None else agree
+    report["greedy_tokens"] = VISION_GREEDY_TOKENS
+    report["min_greedy_margin"] = float(ref["greedy_margin"].min())
+    return report
+
+
+def reference_visual(out: Path):
+    """transformers' tower alone, loaded as the reference runs it (fp32, eager): the text model
+    it came with is dropped, so that a big member's text stand-in is not in memory meanwhile."""
+    from reference import load_pretrained
+
+    visual = load_pretrained(out).model.visual
+    assert visual.config._attn_implementation == "eager"
+    return visual
+
+
+def vision_parity(out: Path, member: str = "0.8b", blocks: int | None = None) -> dict:
+    """Everything :func:`vision_passed` judges, printed as JSON.
+
+    One large thing at a time: preprocessing before any model (the big image's pixel values are
+    ~400 MB a side); then the towers alone (the float64 one with ~2 GB of attention scores);
+    then transformers' whole model, then minqwen's.
+    """
+    import resource
+
+    import torch
+
+    from minqwen import vision
+
+    start = time.time()
+    make_vision(out, member, blocks)
+    torch.set_num_threads(2)
+    images = vision_test_images()
+    depth = json.loads((out / "config.json").read_text())["vision_config"]["depth"]  # a reused folder's own
+    report = {"vision_config": member, "blocks": depth, "checkpoint": str(out),
+              "preprocessing": compare_preprocessing(out, images)}
+    tower_images = [images[name] for name in TOWER_IMAGES]
+    del images
+
+    visual, tower = reference_visual(out), vision.load_vision(out)
+    inputs = tower_inputs(tower.preprocessor, tower_images)
+    exact = float64_tower_features(visual, inputs)
+    report["tower"] = compare_towers(visual, tower, inputs, exact)
+    del visual, inputs, exact
+
+    ids = vision_prompt(tower_images)
+    ref = reference_prompt(out, tower_images, ids)
+    report["prompt"] = compare_prompt(out, tower, tower_images, ids, ref)
+    report["seconds"] = round(time.time() - start)
+    report["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+    print(json.dumps(report, indent=2))
+    return report
+
+
+def vision_passed(report: dict) -> list[str]:
+    """What failed, in words; empty when everything passed."""
+    failures = []
+    for name, pre in report["preprocessing"].items():
+        if not pre["grid_thw_equal"] or pre["pixel_values_max_abs_diff"] != 0.0:
+            failures.append(f"preprocessing of {name}: pixel values differ by {pre['pixel_values_max_abs_diff']}")
+    tower = report["tower"]
+    for call, d in [*zip(TOWER_IMAGES, tower["per_image"]), ("all images in one call", tower["together"])]:
+        if d["relative"] > FEATURE_RTOL:
+            failures.append(f"tower features, {call}: {d['max_abs_diff']:.2e} of {d['scale']:.2f}, "
+                            f"relative {d['relative']:.1e} > {FEATURE_RTOL:g}")
+    p = report["prompt"]
+    if not (p["position_ids_equal"] and p["rope_delta_equal"]):
+        failures.append("the prompt's 3-D positions or rope delta differ")
+    for what in ("logits", "decode_steps"):
+        if p[what]["relative"] > LOGIT_RTOL:
+            failures.append(f"{what}: max |Δ| {p[what]['max_abs_diff']:.2e} of {p[what]['scale']:.1f}, "
+                            f"relative {p[what]['relative']:.1e} > {LOGIT_RTOL:.1e}")
+    if p["greedy_tokens_identical"] != p["greedy_tokens"]:
+        failures.append(f"greedy tokens: {p['greedy_tokens_identical']} of {p['greedy_tokens']} identical")
+    return failures
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["make", "parity", "make-moe", "mtp-parity"])
+    parser.add_argument("what", choices=["make", "parity", "make-moe", "mtp-parity", "vision-parity"])
     parser.add_argument("--out", type=output_folder, default=None)
     parser.add_argument("--experts", type=whole_number(1), default=None,
                         help=f"default: 256 (make-moe), {MTP_MOE_EXPERTS} (mtp-parity)")
     parser.add_argument("--top-k", type=whole_number(1), default=8)
     parser.add_argument("--layers", type=whole_number(1), default=4)
     parser.add_argument("--only", choices=["dense", "moe"], help="mtp-parity: run only one of its two checks")
+    parser.add_argument("--vision-config", choices=list(VISION_MEMBERS), default=None,
+                        help="vision-parity: whose vision tower (default 0.8b)")
+    parser.add_argument("--blocks", type=whole_number(1), default=None,
+                        help="vision-parity: build only the tower's first N blocks (default: all of them)")
     args = parser.parse_args()
     if args.experts is None:
         args.experts = MTP_MOE_EXPERTS if args.what == "mtp-parity" else 256
@@ -462,6 +800,11 @@ def main() -> int:
         ok = all(report["pass"] for report in reports)
         print("PASS" if ok else "FAIL")
         return 0 if ok else 1
+    if args.what != "vision-parity" and (args.vision_config or args.blocks):
+        # else `make --blocks 4` would quietly build the 1.5 GB text checkpoint instead
+        parser.error("--vision-config and --blocks are options of vision-parity")
+    if args.what == "vision-parity":
+        return run_vision_parity(parser, args)
     if args.what == "make-moe":
         make_moe(args.experts, args.top_k, args.layers, args.out)
         return 0
@@ -473,6 +816,19 @@ def main() -> int:
     ok = report["max_abs_logit_diff"] <= 2e-3 and report["greedy_tokens_identical"] == GREEDY_TOKENS
     print("PASS" if ok else "FAIL")
     return 0 if ok else 1
+
+
+def run_vision_parity(parser, args) -> int:
+    member = args.vision_config or "0.8b"
+    depth = VISION_MEMBERS[member]["depth"]
+    if args.blocks is not None and args.blocks > depth:
+        parser.error(f"--blocks {args.blocks} must be ≤ {depth}, the depth of the {member} tower")
+    report = vision_parity(args.out or vision_dir(member, args.blocks), member, args.blocks)
+    failures = vision_passed(report)
+    for failure in failures:
+        print(f"  {failure}")
+    print("FAIL" if failures else "PASS")
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":
