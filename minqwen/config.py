@@ -80,6 +80,10 @@ TEXT_FIELDS: dict[str, str] = {
     "initializer_range": "ignored: training only",
     "use_cache": "ignored: minqwen always offers a cache",
     "attn_output_gate": "ignored as the reference ignores it: the output gate is always on",
+    "mamba_ssm_dtype": "ignored as the reference ignores it: the Gated DeltaNet state is float32 whatever it says "
+                       "(Qwen3.5's released configs set it to float32)",
+    "mlp_only_layers": "ignored as the reference ignores it (released configs have []): every layer of a dense "
+                       "model has the SwiGLU MLP already; in an MoE model see MOE_FIELDS",
     "mtp_num_hidden_layers": "honoured by minqwen.mtp.load_mtp: checked against the mtp.layers.{i}.* tensors",
     "mtp_use_dedicated_embeddings": "honoured by minqwen.mtp.load_mtp: must be false (the head shares embed_tokens)",
     "dtype": "metadata: weights are read in their stored dtype and computed in fp32",

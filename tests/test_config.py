@@ -535,6 +535,27 @@ def test_in_an_moe_config_intermediate_size_and_training_fields_are_ignored_sile
     assert c == parse(small_moe())
 
 
+# Two text_config fields of Qwen3.5's released configs that transformers 5.23.0 never reads: the
+# values are those of Qwen/Qwen3.5-0.8B's and -2B's config.json (public copies: a logged download of
+# the 0.8B's, and the 2B's as quoted verbatim from mlx-community/Qwen3.5-2B-mxfp4; mlp_only_layers: []
+# is in Qwen3.5-397B-A17B's too); only these two fields are kept here.
+RELEASE_TEXT_FIELDS = {"mamba_ssm_dtype": "float32", "mlp_only_layers": []}
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_the_text_fields_of_the_released_configs_load_without_a_warning(moe):
+    text = small_moe() if moe else small_text()
+    plain = parse(text)
+    assert parse(dict(text, **RELEASE_TEXT_FIELDS)) == plain
+    wrap = moe_wrapped if moe else wrapped
+    assert parse(wrap(dict(text, **RELEASE_TEXT_FIELDS))) == parse(wrap(text))
+
+
+def test_a_dense_config_naming_mlp_only_layers_is_the_same_dense_model_as_in_transformers():
+    # transformers' dense Qwen3.5 gives every layer the SwiGLU MLP whatever the field holds.
+    assert parse(small_text(mlp_only_layers=[0, 2])) == parse(small_text())
+
+
 def test_expert_fields_in_a_dense_config_are_a_warning_naming_them():
     with pytest.warns(UserWarning, match=r"not used: moe_intermediate_size, num_experts$"):
         config_from_dict(small_text(num_experts=4, moe_intermediate_size=8), source="config.json")
