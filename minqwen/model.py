@@ -221,7 +221,8 @@ class Model:
         else:
             position_ids = _checked_position_ids(position_ids, t_len)
         # R = config.rotary_dim, the rotated leading dims of each attention head; computed once, shared by every layer
-        cos, sin = mrope_cos_sin(position_ids, self.inv_freq, c.mrope_section, self.attention_factor)  # [T, R] each
+        cos, sin = mrope_cos_sin(position_ids, self.inv_freq, c.mrope_section, self.attention_factor,
+                                 self.dtype)  # [T, R] each
         if tap is not None:
             tap("embed", x)
 

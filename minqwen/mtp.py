@@ -277,7 +277,7 @@ def mtp_layer(model: Model, head: MtpHead, i: int, hidden: np.ndarray, next_ids,
         tap("pre_fc_norm_hidden", h)
         tap("fc", x)
     cos, sin = mrope_cos_sin(text_position_ids(position, t_len), model.inv_freq, c.mrope_section,
-                             model.attention_factor)  # [T, R] each
+                             model.attention_factor, model.dtype)  # [T, R] each
     layer_tap = None if tap is None else prefixed(tap, f"layers.{i}.")
     x = model.decoder_layer(x, head.layers[i], kv, cos, sin, layer_tap)  # [T, H]
     out = rms_norm(x, head.norm, eps)

@@ -92,10 +92,14 @@ def text_position_ids(start: int, length: int) -> np.ndarray:
 
 
 def mrope_cos_sin(position_ids: np.ndarray, inv_freq: np.ndarray, mrope_section,
-                  attention_factor: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin tables [T, R] for 3-row position ids [3, T] (both scaled by YaRN's attention factor)."""
+                  attention_factor: float = 1.0, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin tables [T, R] for 3-row position ids [3, T] (both scaled by YaRN's attention factor).
+
+    ``dtype`` is the model's compute dtype: float32 rounds each angle as the reference does, and a
+    float64 model's angles are exact (the frequencies themselves stay the float32 values they are).
+    """
     # angles[axis, t, i] = position_ids[axis, t] · inv_freq[i]
-    angles = position_ids[..., None].astype(np.float32) * inv_freq  # [3, T, R/2]
+    angles = position_ids[..., None].astype(dtype) * inv_freq.astype(dtype)  # [3, T, R/2]
     chosen = angles[0].copy()  # start from time, overwrite the height and width frequencies
     for axis in (1, 2):
         # The reference's slice: start at `axis`, step 3, stop at 3·section. A section that
@@ -104,7 +108,8 @@ def mrope_cos_sin(position_ids: np.ndarray, inv_freq: np.ndarray, mrope_section,
         chosen[:, picked] = angles[axis][:, picked]
     emb = np.concatenate([chosen, chosen], axis=-1)  # [T, R]: dim i and i + R/2 share an angle
     if attention_factor != 1.0:
-        return np.cos(emb) * np.float32(attention_factor), np.sin(emb) * np.float32(attention_factor)
+        factor = np.asarray(attention_factor, dtype=dtype)
+        return np.cos(emb) * factor, np.sin(emb) * factor
     return np.cos(emb), np.sin(emb)
 
 

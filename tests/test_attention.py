@@ -114,6 +114,6 @@ def test_gated_attention_on_a_long_prompt_equals_the_direct_layer_in_float64():
     expected = _direct_gated_attention(x, w, positions, hq, hkv, d, rotary_dim, theta, eps)
     # minqwen's cos/sin tables, in float64 for a float64 layer (text: the three M-RoPE rows equal)
     inv_freq = theta ** (-np.arange(0, rotary_dim, 2) / rotary_dim)
-    cos, sin = mrope_cos_sin(np.broadcast_to(positions, (3, t_len)).astype(np.float64), inv_freq, (2, 1, 1))
+    cos, sin = mrope_cos_sin(np.broadcast_to(positions, (3, t_len)), inv_freq, (2, 1, 1), dtype=np.float64)
     got = gated_attention(x, w, KVCache(hkv, d, np.float64), cos, sin, hq, hkv, d, eps)
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-9 * np.abs(expected).max())

@@ -397,9 +397,9 @@ def test_a_float64_copy_keeps_its_attention_keys_and_values_in_float64(name):
     ids = prompt(model64, 14, seed=3)
     taps = {}
     model64.forward(ids, tap=lambda key, value: taps.__setitem__(key, np.array(value)))
-    # the rotary tables as minqwen forms them (float32 angles, like the reference), then float64 math
+    # the rotary tables in float64 (the float32 frequencies, exact angles), then float64 math
     cos, sin = mrope_cos_sin(text_position_ids(0, len(ids)), model64.inv_freq, c.mrope_section,
-                             model64.attention_factor)
+                             model64.attention_factor, np.float64)
     checked = 0
     for i, layer in enumerate(model64.layers):
         if layer.layer_type != "full_attention":

@@ -129,9 +129,9 @@ def test_yarn_is_static_the_same_frequencies_at_every_position(tmp_path, monkeyp
     calls = []  # (last position, inv_freq, attention factor) of every rotary table the model builds
     build = minqwen.model.mrope_cos_sin
 
-    def spy(position_ids, inv_freq, section, factor):
+    def spy(position_ids, inv_freq, section, factor, dtype):
         calls.append((int(position_ids.max()), inv_freq, factor))
-        return build(position_ids, inv_freq, section, factor)
+        return build(position_ids, inv_freq, section, factor, dtype)
 
     monkeypatch.setattr(minqwen.model, "mrope_cos_sin", spy)
     cache = model.new_cache()

@@ -90,28 +90,15 @@ def prompt_ids(vocab: int) -> np.ndarray:
 # ==================================================================== the runs, one per process
 
 
-class _Float64Torch:
-    """``torch`` as transformers' modeling modules see it in ``ref64``: float32 means float64."""
-
-    def __init__(self, torch):
-        self._torch = torch
-
-    def __getattr__(self, name):
-        return self._torch.float64 if name in ("float32", "float") else getattr(self._torch, name)
-
-
 def reference_logits(folder: Path, float64: bool, tokens: dict | None) -> dict:
     """{p{L}: prompt logits [L, V], d{L}: decode-step logits [6, V], tok{L}: greedy ids (ref32 only)}."""
     import reference  # tools/reference.py: torch and transformers
     import torch
 
     if float64:
-        import transformers.models.qwen3_5.modeling_qwen3_5 as dense
-        import transformers.models.qwen3_5_moe.modeling_qwen3_5_moe as moe
-
-        for module in (dense, moe):  # their explicit casts (the delta rule, norms, rotary, softmax)
-            module.torch = _Float64Torch(torch)
-        torch.Tensor.float = lambda self, *args, **kwargs: self.to(torch.float64)
+        # The modeling modules' own float32 casts (the delta rule, norms, rotary, softmax) lifted for
+        # the rest of this process, which runs nothing else.
+        reference.computing_in_float64().__enter__()
         model = reference.pretrained_class(folder).from_pretrained(folder, dtype=torch.float64,
                                                                    attn_implementation="eager").eval()
         if hasattr(model, "set_experts_implementation"):

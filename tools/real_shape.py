@@ -607,23 +607,15 @@ def difference(ours: np.ndarray, ref: np.ndarray) -> dict:
 def float64_tower_features(visual, inputs: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
     """Each image's features from a float64 copy of transformers' tower: how far from exact each
     float32 side is. The modeling module's own casts to float32 (rotary, softmax) are redirected to
-    float64 for the run (family_shapes' trick), or they would round back inside; the resampling
-    weights of the position grid stay float32, as both float32 sides compute them."""
+    float64 for the run (reference.computing_in_float64), or they would round back inside; the
+    resampling weights of the position grid stay float32, as both float32 sides compute them."""
     import copy
 
-    import torch
-    import transformers.models.qwen3_5.modeling_qwen3_5 as modeling
-    from family_shapes import _Float64Torch
+    from reference import computing_in_float64
 
     wide = copy.deepcopy(visual).double()
-    saved_torch, saved_float = modeling.torch, torch.Tensor.float
-    modeling.torch = _Float64Torch(torch)
-    torch.Tensor.float = lambda self, *args, **kwargs: self.to(torch.float64)
-    try:
+    with computing_in_float64():
         return [reference_tower(wide, pixel_values.astype(np.float64), grid)[0] for pixel_values, grid in inputs]
-    finally:
-        modeling.torch, torch.Tensor.float = saved_torch, saved_float
-
 
 def tower_inputs(tower_preprocessor, images: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
     """(pixel_values, grid_thw) of each image, by minqwen's preprocessing (equal to the reference's, checked first)."""

@@ -14,7 +14,9 @@ One place that builds every checkpoint minqwen is tested or measured against:
 * :func:`load_pretrained` — any local Qwen3.5 checkpoint folder (dense or MoE, either wrapper,
   unquantized or FP8) loaded by transformers as the reference runs it: fp32, eager;
 * :func:`reference_taps` — the golden taps (minqwen.golden) as transformers computes them,
-  caught with forward hooks, for a prompt and greedy decode steps.
+  caught with forward hooks, for a prompt and greedy decode steps;
+* :func:`computing_in_float64` — the modeling modules' own float32 casts lifted, so that a
+  model's ``.double()`` copy computes the exact value both float32 implementations round.
 
 Used by tools/make_fixtures.py, tools/real_shape.py, tools/compare_with_transformers.py, the
 live reference lane in tests/test_reference_live.py, and the golden, FP8 and compare-tool
@@ -27,7 +29,7 @@ import copy
 import json
 import math
 import sys
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from unittest import mock
 
@@ -329,6 +331,42 @@ def load_pretrained(folder: Path):
         if p.dtype.is_floating_point and p.dtype != torch.float32:
             p.data = p.data.float()
     return model
+
+
+# ==================================================================== float64: the exact value
+
+
+class _Float64Torch:
+    """``torch`` as the modeling modules see it under :func:`computing_in_float64`: float32 means float64."""
+
+    def __init__(self, torch_module):
+        self._torch = torch_module
+
+    def __getattr__(self, name):
+        return self._torch.float64 if name in ("float32", "float") else getattr(self._torch, name)
+
+
+@contextmanager
+def computing_in_float64():
+    """transformers' Qwen3.5 modules compute in float64 inside this block.
+
+    A model cast with ``.double()`` still rounds to float32 wherever the modeling code casts
+    explicitly (the delta rule, the norms, rotary, the softmax): those casts are redirected to
+    float64 here, and undone on leaving, so that the float64 model is exact to ~1e-15 instead of
+    float32 round-off in disguise.
+    """
+    import transformers.models.qwen3_5.modeling_qwen3_5 as dense
+    import transformers.models.qwen3_5_moe.modeling_qwen3_5_moe as moe
+
+    saved_float = torch.Tensor.float
+    try:
+        for module in (dense, moe):
+            module.torch = _Float64Torch(torch)
+        torch.Tensor.float = lambda self, *args, **kwargs: self.to(torch.float64)
+        yield
+    finally:
+        dense.torch = moe.torch = torch
+        torch.Tensor.float = saved_float
 
 
 # ==================================================================== golden taps, from transformers
