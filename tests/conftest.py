@@ -156,3 +156,56 @@ def chi_square_critical(df: int, z: float) -> float:
 # z = 3.09: a chi-square check at this quantile fails a correct implementation with probability
 # 1e-3 for a seed drawn at random; with the tests' fixed seeds the outcome is deterministic.
 FALSE_ALARM_Z = 3.0902
+
+
+# ----------------------------------------------------------------------------- the live reference lanes
+
+# Logits of a drawn config agree with transformers' float32 within LIVE_ATOL. A few draws in a
+# hundred miss it with no bug on either side: a Gated DeltaNet readout that nearly cancels is
+# then scaled up by the gated norm, and both float32 implementations land 1e-4 or more from the
+# exact value, each by its own rounding (transformers' own logits moved 2.4e-4 between one and
+# two torch threads on one such draw). There the algebra decides: both sides computing in
+# float64 must agree to FLOAT64_ATOL, and float32 stay within FLOAT32_SANITY. A real bug moves
+# float64 logits by far more than 1e-9.
+LIVE_ATOL = 1e-4
+FLOAT64_ATOL = 1e-9  # float64 round-off, however much a near-cancelling draw amplifies it (~1e-13), stays below
+FLOAT32_SANITY = 2e-3  # the largest float32 gap met on such draws (3.8e-4), with room
+
+
+def reference_steps(model, ids, prompt_len: int) -> list:
+    """transformers' logits: the prompt's [T, V], then one [1, V] per cached decode step over ids[prompt_len:]."""
+    import torch
+
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor(ids[None, :prompt_len]), use_cache=True)
+        steps = [out.logits[0].numpy()]
+        for token in ids[prompt_len:]:
+            out = model(input_ids=torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True)
+            steps.append(out.logits[0].numpy())
+    return steps
+
+
+def minqwen_steps(model, ids, prompt_len: int) -> list:
+    """minqwen's logits, step for step as :func:`reference_steps`."""
+    cache = model.new_cache()
+    return [model.forward(ids[:prompt_len], cache)] + [model.forward([token], cache) for token in ids[prompt_len:]]
+
+
+def assert_logits_match_reference(reference, model, ours, ids, prompt_len: int, what: str) -> None:
+    """minqwen (``ours``) against the transformers ``model`` it was saved from, over a prompt and cached steps."""
+    expected, got = reference_steps(model, ids, prompt_len), minqwen_steps(ours, ids, prompt_len)
+    if any(np.abs(g - e).max() > LIVE_ATOL for g, e in zip(got, expected)):
+        judge_in_float64(reference, model, ours, ids, prompt_len, got, expected, what)
+
+
+def judge_in_float64(reference, model, ours, ids, prompt_len: int, got, expected, what: str) -> None:
+    """Past LIVE_ATOL in float32: the same computation in float64 on both sides must agree to
+    FLOAT64_ATOL (the algebra is the same), and float32 stay within FLOAT32_SANITY."""
+    import copy
+
+    with reference.computing_in_float64():
+        exact = reference_steps(copy.deepcopy(model).double(), ids, prompt_len)
+    ours64 = minqwen_steps(ours.astype(np.float64), ids, prompt_len)
+    for step, (g, e, g64, x) in enumerate(zip(got, expected, ours64, exact)):
+        np.testing.assert_allclose(g64, x, rtol=0, atol=FLOAT64_ATOL, err_msg=f"float64, step {step} of {what}")
+        np.testing.assert_allclose(g, e, rtol=0, atol=FLOAT32_SANITY, err_msg=f"float32, step {step} of {what}")

@@ -36,7 +36,7 @@ from hypothesis import strategies as st
 from safetensors.numpy import load_file, save_file
 
 import minqwen
-from conftest import FIXTURE_NAMES, FIXTURES, ROOT, require_reference
+from conftest import FIXTURE_NAMES, FIXTURES, ROOT, assert_logits_match_reference, require_reference
 from minqwen import MinqwenError
 from minqwen.activations import ACTIVATIONS
 from minqwen.mlp import MLPWeights
@@ -570,8 +570,6 @@ def moe_configs(draw):
 def test_random_moe_configs_match_transformers(tmp_path_factory, text, multimodal, fused, dtype, prompt_len, seed,
                                                data):
     reference = require_reference()
-    import torch
-
     tie = data.draw(st.sampled_from([None, True, False])) if multimodal else None
     model = reference.build_model(text, seed, multimodal=multimodal, tie=tie)
     folder = tmp_path_factory.mktemp("moe")
@@ -581,20 +579,7 @@ def test_random_moe_configs_match_transformers(tmp_path_factory, text, multimoda
 
     rng = np.random.default_rng(seed)
     ids = rng.integers(0, text["vocab_size"], size=prompt_len + 3)
-    with torch.no_grad():
-        out = model(input_ids=torch.tensor(ids[None, :prompt_len]), use_cache=True)
-        expected = [out.logits[0].numpy()]
-        cache = out.past_key_values
-        for token in ids[prompt_len:]:
-            out = model(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
-            expected.append(out.logits[0].numpy())
-
-    our_cache = ours.new_cache()
-    got = [ours.forward(ids[:prompt_len], our_cache)]
-    got += [ours.forward([token], our_cache) for token in ids[prompt_len:]]
-    for step, (g, e) in enumerate(zip(got, expected)):
-        np.testing.assert_allclose(g, e, rtol=0, atol=ATOL, err_msg=f"step {step} of {text}")
+    assert_logits_match_reference(reference, model, ours, ids, prompt_len, f"{text}, {dtype}, fused {fused}")
 
 
 # ============================================================================ the figure's tool
