@@ -120,9 +120,13 @@ def gelu(x: np.ndarray) -> np.ndarray:
 
 
 def gelu_tanh(x: np.ndarray) -> np.ndarray:
-    """GELU's tanh approximation (transformers' ``gelu_pytorch_tanh``)."""
-    c = np.float32(math.sqrt(2 / math.pi))
-    return 0.5 * x * (1 + np.tanh(c * (x + np.float32(0.044715) * x * x * x)))
+    """GELU's tanh approximation (transformers' ``gelu_pytorch_tanh``).
+
+    The constants in x's own dtype, as torch takes them: float32 ones would round a float64
+    model's activations to ~1e-8 (and its logits to ~1e-7) off torch's float64 GELU.
+    """
+    c = x.dtype.type(math.sqrt(2 / math.pi))
+    return 0.5 * x * (1 + np.tanh(c * (x + x.dtype.type(0.044715) * x * x * x)))
 
 
 def relu(x: np.ndarray) -> np.ndarray:

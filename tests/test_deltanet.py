@@ -316,9 +316,7 @@ def test_gated_deltanet_layer_equals_the_direct_layer_in_float64(act, t_len, for
     x = rng.normal(size=(t_len, 32))
     expected = _direct_deltanet(x, w, hk, hv, dk, dv, act, eps)
     got = gated_deltanet(x, w, state, hk, hv, dk, dv, act, eps, form=form)
-    # minqwen's gelu_tanh rounds its two constants to float32 even in float64: ~2e-7 relative
-    tol = 1e-6 if act == "gelu_pytorch_tanh" else 1e-9
-    np.testing.assert_allclose(got, expected, rtol=0, atol=tol * np.abs(expected).max())
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-9 * np.abs(expected).max())
 
 
 def test_l2_normalize_puts_eps_under_the_square_root_even_for_tiny_vectors():

@@ -464,3 +464,25 @@ def test_vision_parity_passes_on_a_small_shape_and_fails_when_the_merger_gelu_is
     monkeypatch.setattr(minqwen.vision, "gelu", minqwen.vision.ACTIVATIONS["gelu_pytorch_tanh"])
     failures = real_shape.vision_passed(real_shape.vision_parity(tmp_path / "vision", "0.8b"))
     assert any(f.startswith("tower features") for f in failures), failures
+
+
+# ============================================================================ family_shapes.py's float64 reference
+
+
+def test_family_shapes_float64_reference_computes_in_float64_while_it_runs(tmp_path):
+    # ref64 is the exact value ref32's round-off is measured against: were its modeling casts
+    # back to float32 while it runs, it would be float32 in disguise, ~1e-7 from exact.
+    reference = require_reference()
+    import minqwen
+
+    family_shapes = load_tool("family_shapes")
+    # theta 2¹⁶: every rotary frequency a power of two, the same in float32 and float64
+    text = dict(SMALL_DENSE, max_position_embeddings=1024,
+                rope_parameters=dict(rope_type="default", rope_theta=65536.0, partial_rotary_factor=0.5))
+    reference.save_checkpoint(reference.build_model(text, seed=5), tmp_path)
+    ref64 = family_shapes.reference_logits(tmp_path, True, None)
+    ours = minqwen.load(tmp_path).astype(np.float64)
+    ids = family_shapes.prompt_ids(text["vocab_size"])
+    for length in family_shapes.LENGTHS:
+        np.testing.assert_allclose(ours.forward(ids[:length]), ref64[f"p{length}"], rtol=0, atol=1e-9,
+                                   err_msg=f"{length}-token prompt")

@@ -156,6 +156,8 @@ def test_real_shape_make_moe_keeps_256_experts_by_default(paths):
     # so the refusal comes from the check after it
     assert_refused(run_tool("real_shape.py", "make-moe", "--out", paths / "moe", "--top-k", "200", "--only", "moe",
                             cwd=paths), "--only", "mtp-parity")
+
+
 # --out in the scratch folder here too: were a check missing, the checkpoint would not land in scratch/.
 @pytest.mark.parametrize("args, names", [
     (["--vision-config", "1b"], ["--vision-config", "'1b'", "0.8b"]),
@@ -174,9 +176,11 @@ def test_real_shape_vision_parity_refuses_an_out_that_is_a_file(paths):
 
 
 @pytest.mark.parametrize("what, option", [("make", ["--blocks", "2"]), ("parity", ["--vision-config", "27b"]),
-                                          ("make-moe", ["--blocks", "2"])])
+                                          ("make-moe", ["--blocks", "2"]),
+                                          ("mtp-parity", ["--blocks", "2", "--only", "dense", "--layers", "3"])])
 def test_real_shape_vision_options_are_refused_outside_vision_parity(paths, what, option):
     # `make --blocks 2` must not quietly build the 1.5 GB text checkpoint, ignoring what was asked.
+    # (mtp-parity's --layers 3: were the check missing, its own refusal instead of a build.)
     result = run_tool("real_shape.py", what, "--out", paths / "out", *option, cwd=paths, timeout=60)
     assert_refused(result, option[0], "vision-parity")
     assert not (paths / "out").exists()

@@ -95,17 +95,22 @@ def reference_logits(folder: Path, float64: bool, tokens: dict | None) -> dict:
     import reference  # tools/reference.py: torch and transformers
     import torch
 
-    if float64:
-        # The modeling modules' own float32 casts (the delta rule, norms, rotary, softmax) lifted for
-        # the rest of this process, which runs nothing else.
-        reference.computing_in_float64().__enter__()
+    if not float64:
+        return _run_reference(reference.load_pretrained(folder), tokens)
+    # The modeling modules' own float32 casts (the delta rule, norms, rotary, softmax) lifted
+    # while the model is built and run.
+    with reference.computing_in_float64():
         model = reference.pretrained_class(folder).from_pretrained(folder, dtype=torch.float64,
                                                                    attn_implementation="eager").eval()
         if hasattr(model, "set_experts_implementation"):
             model.set_experts_implementation("eager")
-        model.double()
-    else:
-        model = reference.load_pretrained(folder)
+        return _run_reference(model.double(), tokens)
+
+
+def _run_reference(model, tokens: dict | None) -> dict:
+    """:func:`reference_logits` for a loaded transformers model."""
+    import torch
+
     ids = prompt_ids(model.config.get_text_config().vocab_size)
     out = {}
     with torch.no_grad():

@@ -447,6 +447,8 @@ def minqwen_mtp_logits(folder: Path, ids: list[int], reference_drafts: list[int]
         cached.append(model.logits(mtp_cache.last[None])[0])
     out["cached"] = np.array(cached)  # [n, V]
     return out
+
+
 # ==================================================================== the vision tower at real shapes
 
 # Qwen3.5's vision towers. Public config.json copies of the releases (and of models derived from
@@ -617,6 +619,7 @@ def float64_tower_features(visual, inputs: list[tuple[np.ndarray, np.ndarray]]) 
     with computing_in_float64():
         return [reference_tower(wide, pixel_values.astype(np.float64), grid)[0] for pixel_values, grid in inputs]
 
+
 def tower_inputs(tower_preprocessor, images: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
     """(pixel_values, grid_thw) of each image, by minqwen's preprocessing (equal to the reference's, checked first)."""
     from minqwen.image import preprocess
@@ -734,7 +737,7 @@ def vision_parity(out: Path, member: str = "0.8b", blocks: int | None = None) ->
     ref = reference_prompt(out, tower_images, ids)
     report["prompt"] = compare_prompt(out, tower, tower_images, ids, ref)
     report["seconds"] = round(time.time() - start)
-    report["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+    report["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, 2)
     print(json.dumps(report, indent=2))
     return report
 
@@ -782,6 +785,9 @@ def main() -> int:
         parser.error(f"--top-k {args.top_k} must be ≤ --experts {args.experts}")
     if args.only and args.what != "mtp-parity":
         parser.error(f"--only is an option of mtp-parity, not of {args.what}")
+    if args.what != "vision-parity" and (args.vision_config or args.blocks):
+        # else `make --blocks 4` would quietly build the 1.5 GB text checkpoint instead
+        parser.error("--vision-config and --blocks are options of vision-parity")
     if args.what == "mtp-parity" and args.layers % 4:
         # MtpModel builds its layer from the main model's last one, which must be full attention (every fourth).
         parser.error(f"--layers {args.layers} must be a multiple of 4 for mtp-parity, so that the last "
@@ -792,9 +798,6 @@ def main() -> int:
         ok = all(report["pass"] for report in reports)
         print("PASS" if ok else "FAIL")
         return 0 if ok else 1
-    if args.what != "vision-parity" and (args.vision_config or args.blocks):
-        # else `make --blocks 4` would quietly build the 1.5 GB text checkpoint instead
-        parser.error("--vision-config and --blocks are options of vision-parity")
     if args.what == "vision-parity":
         return run_vision_parity(parser, args)
     if args.what == "make-moe":
