@@ -333,26 +333,35 @@ def rotary_cos_sin(grid_thw: np.ndarray, merge: int, head_dim: int, theta: float
     return np.cos(emb), np.sin(emb)
 
 
-# Score-matrix budget (floats) per block of query rows: 2²⁴ float32 scores, 64 MB (up to three
-# times that while the softmax's temporaries live), instead of heads × patches² at once.
-SCORE_BLOCK = 1 << 24
+# Score-matrix budget (floats) per block of one head's query rows: 2²² float32 scores, 16 MB,
+# instead of heads × patches² at once (357 MB for a 720 × 1000 photo: 2728 patches, 12 heads).
+# Why this size: a block under glibc's mmap threshold (32 MB, threads.keep_freed_memory) is
+# taken from memory the block before it freed, where a larger one is mapped fresh from the
+# kernel and page-faulted in each time; within half the 32 MB last-level cache, the softmax's
+# passes over it stay off main memory; and a photo's head needs only a few blocks, so few BLAS
+# calls, each of which waits for both threads (a wait that grows long when another process
+# holds a core). Measured at the 0.8B tower's real shape: tools/measurements.md.
+SCORE_BLOCK = 1 << 22
 
 
 def frame_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
     """Full (non-causal) attention within one frame: q, k, v [L, heads, hd] → [L, heads, hd]."""
     length, heads, hd = q.shape
-    # [heads, L, hd], contiguous: NumPy hands stacked matmuls to BLAS only for plain strides.
-    q, k, v = (np.ascontiguousarray(a.transpose(1, 0, 2)) for a in (q, k, v))
-    k_t = np.ascontiguousarray(k.transpose(0, 2, 1))  # [heads, hd, L]
     scale = np.float32(hd**-0.5)
     out = np.empty_like(q)
-    rows = max(1, SCORE_BLOCK // (heads * length))
-    for start in range(0, length, rows):
-        scores = q[:, start:start + rows] @ k_t * scale  # [heads, r, L]
-        scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
-        scores /= scores.sum(axis=-1, keepdims=True)  # softmax over the frame's keys
-        out[:, start:start + rows] = scores @ v  # [heads, r, hd]
-    return out.transpose(1, 0, 2)
+    rows = max(1, SCORE_BLOCK // length)
+    for h in range(heads):
+        # One head's [L, hd], contiguous: each product below is then one plain BLAS call.
+        q_h, k_h, v_h = (np.ascontiguousarray(a[:, h]) for a in (q, k, v))
+        for start in range(0, length, rows):
+            scores = q_h[start:start + rows] @ k_h.T  # [r, hd] · [hd, L] → [r, L]
+            # The softmax over the frame's keys, in place: one block-sized array, whatever the steps.
+            scores *= scale
+            scores -= scores.max(axis=-1, keepdims=True)
+            np.exp(scores, out=scores)
+            scores /= scores.sum(axis=-1, keepdims=True)
+            out[start:start + rows, h] = scores @ v_h  # [r, L] · [L, hd] → [r, hd]
+    return out
 
 
 def vision_attention(x, attn: VisionAttention, cos, sin, cu_seqlens, num_heads: int) -> np.ndarray:

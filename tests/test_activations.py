@@ -1,5 +1,7 @@
-"""The compiled float32 sigmoid and SiLU against their NumPy twins, the exp inside them; softplus;
-and every hidden_act a config may name, applied as its formula says."""
+"""The compiled float32 sigmoid, SiLU and exact GELU against their NumPy twins, the exp and erf
+inside them; softplus; and every hidden_act a config may name, applied as its formula says."""
+
+import math
 
 import numba
 import numpy as np
@@ -10,7 +12,8 @@ from hypothesis.extra import numpy as hnp
 
 from conftest import DIRECT_ACTIVATIONS
 from minqwen import activations
-from minqwen.activations import ACTIVATIONS, sigmoid, sigmoid_numpy, silu, silu_numpy, softplus
+from minqwen.activations import (ACTIVATIONS, gelu, gelu_numpy, gelu_tanh, sigmoid, sigmoid_numpy, silu,
+                                 silu_numpy, softplus)
 from minqwen.mlp import MLPWeights, swiglu_mlp
 
 
@@ -64,10 +67,58 @@ def test_compiled_sigmoid_and_silu_equal_their_numpy_twins(x, strided):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-30)
 
 
+@numba.njit
+def _numba_erf_all(x, out):
+    for i in range(x.size):
+        out[i] = math.erf(x[i])
+
+
+def test_the_compiled_erf_is_within_an_ulp_of_pythons():
+    # The exact GELU's kernel calls Numba's math.erf, in float64; its twin, Python's.
+    x = np.concatenate([np.linspace(-7, 7, 1_000_001), [0.0, -0.0, 1e-300, -1e-300, 30.0, -30.0, np.inf, -np.inf]])
+    got = np.empty_like(x)
+    _numba_erf_all(x, got)
+    want = np.array([math.erf(v) for v in x])
+    np.testing.assert_array_max_ulp(got, want, maxulp=1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(arrays, st.booleans())
+def test_compiled_gelu_equals_its_numpy_twin(x, strided):
+    if strided and x.shape[-1] > 1:
+        x = x[..., ::2]
+    with np.errstate(invalid="ignore"):  # gelu(−inf) = −inf · 0: NaN in both, as in torch
+        got, want = gelu(x), gelu_numpy(x)
+    assert got.shape == x.shape and got.dtype == np.float32
+    # The same float32 and float64 steps: equal but for a 1-ulp difference between the two erfs
+    np.testing.assert_allclose(got, want, rtol=1.2e-7, atol=1e-45)
+
+
+def test_compiled_gelu_is_exact_to_float32_round_off():
+    # Against x · Φ(x) in float64 (erfc: no cancellation in the negative tail). The formula's
+    # own 1 + erf cancels there in both minqwen and torch; what is left is below 2.4e-7 absolute.
+    x = np.linspace(-10, 10, 2_000_001).astype(np.float32)
+    x64 = x.astype(np.float64)
+    exact = x64 * 0.5 * np.array([math.erfc(-v / math.sqrt(2)) for v in x64])
+    np.testing.assert_allclose(gelu(x), exact, rtol=2.5e-7, atol=2.5e-7)
+
+
+def test_gelu_tanh_in_place_is_its_formula_bit_for_bit():
+    # Computed step by step on one temporary: the same float32 roundings as the one-line formula.
+    rng = np.random.default_rng(2)
+    x = np.concatenate([rng.normal(size=10_000) * 4, [0.0, -0.0, 30.0, -30.0, 1e-40]]).astype(np.float32)
+    c = np.float32(math.sqrt(2 / math.pi))
+    formula = 0.5 * x * (1 + np.tanh(c * (x + np.float32(0.044715) * x * x * x)))
+    before = x.copy()
+    np.testing.assert_array_equal(gelu_tanh(x), formula)
+    np.testing.assert_array_equal(x, before)  # the input is left alone
+
+
 def test_float64_takes_the_twin_exactly():
     x = np.random.default_rng(0).normal(size=(4, 33)) * 20
     np.testing.assert_array_equal(sigmoid(x), sigmoid_numpy(x))
     np.testing.assert_array_equal(silu(x), silu_numpy(x))
+    np.testing.assert_array_equal(gelu(x), gelu_numpy(x))
 
 
 @pytest.mark.parametrize("dtype, rtol", [(np.float64, 1e-9), (np.float32, 1e-6)])
