@@ -139,7 +139,7 @@ def vision_config_from_dict(raw: dict, text_hidden_size: int, vocab_size: int, s
     if not isinstance(vision, dict):
         raise MinqwenError(f"{source}: field 'vision_config' must be an object")
     # deepstack_visual_indexes: [] on every real Qwen3.5 config; a list of blocks is another tower's (Qwen3-VL's)
-    unknown = sorted(k for k in vision if k not in VISION_FIELDS or k == "deepstack_visual_indexes" and vision[k])
+    unknown = sorted(k for k in vision if k not in VISION_FIELDS or (k == "deepstack_visual_indexes" and vision[k]))
     if unknown:
         warnings.warn(f"{source}: vision_config fields minqwen does not know were not used: "
                       + ", ".join(unknown), stacklevel=2)
