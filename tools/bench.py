@@ -82,16 +82,19 @@ sys.path.insert(0, str(TOOLS))
 from argtypes import checkpoint_folder, existing_file, output_file, whole_number  # noqa: E402
 
 
-def machine() -> dict:
-    cpu = platform.processor() or "?"
+def cpu_name() -> str:
+    """The CPU's model name as Linux reports it (platform.processor() is often empty there)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__}
+    return platform.processor() or "unknown CPU"
+
+
+def machine() -> dict:
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__}
 
 
 def last_level_cache_bytes() -> int:

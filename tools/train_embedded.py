@@ -65,6 +65,7 @@ REPO = TOOLS.parent
 sys.path.insert(0, str(TOOLS))
 import build_corpus  # noqa: E402  (a sibling script, not an installed module)
 from argtypes import output_folder, real_number, whole_number  # noqa: E402
+from bench import cpu_name  # noqa: E402
 
 # --------------------------------------------------------------------------------------------
 # Tokenizer
@@ -629,15 +630,7 @@ def continue_text(lm, tokenizer: Tokenizer, text: str, new_tokens: int, sample: 
 
 
 def machine_description() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores ({torch.get_num_threads()} torch thread used), {platform.system()}"
+    return f"{cpu_name()}, {os.cpu_count()} cores ({torch.get_num_threads()} torch thread used), {platform.system()}"
 
 
 def write_model_card(out: Path, report: dict) -> None:
