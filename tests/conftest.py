@@ -125,6 +125,22 @@ def tensor_headers(folder) -> dict[str, tuple[str, tuple[int, ...]]]:
     return out
 
 
+def fixture_with_word_tokenizer(tmp_path) -> Path:
+    """The text_tied_fp32 fixture (linked) with a three-word tokenizer.json: "hello" → 11,
+    "world" → 22, anything else → 0. For tools that tokenize a --prompt with the checkpoint's own file."""
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers.models import WordLevel
+
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    for file in (FIXTURES / "text_tied_fp32").iterdir():
+        (folder / file.name).symlink_to(file)
+    tokenizer = Tokenizer(WordLevel({"[UNK]": 0, "hello": 11, "world": 22}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(folder / "tokenizer.json"))
+    return folder
+
+
 def require_reference():
     """Import the reference (torch, transformers, tools/reference.py), or skip_or_fail."""
     try:

@@ -24,7 +24,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import minqwen
-from conftest import FIXTURES, ROOT, require_reference
+from conftest import FIXTURES, ROOT, fixture_with_word_tokenizer, require_reference
 
 pytestmark = pytest.mark.reference
 TOOL = ROOT / "tools" / "compare_with_transformers.py"
@@ -129,16 +129,7 @@ def test_a_corrupted_copy_fails_naming_the_first_tap_of_the_changed_layer(tool, 
 
 
 def test_a_prompt_is_tokenized_with_the_checkpoints_tokenizer_json(tool, capsys, tmp_path):
-    from tokenizers import Tokenizer, pre_tokenizers
-    from tokenizers.models import WordLevel
-
-    folder = tmp_path / "ckpt"
-    folder.mkdir()
-    for file in (FIXTURES / "text_tied_fp32").iterdir():
-        (folder / file.name).symlink_to(file)
-    tokenizer = Tokenizer(WordLevel({"[UNK]": 0, "hello": 11, "world": 22}, unk_token="[UNK]"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.save(str(folder / "tokenizer.json"))
+    folder = fixture_with_word_tokenizer(tmp_path)
 
     code, out, _ = run(tool, capsys, "--model", folder, "--prompt", "hello world hello", "--new-tokens", 2,
                        "--atol", FIXTURE_ATOL)

@@ -32,7 +32,7 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 import minqwen
-from conftest import FIXTURE_NAMES, FIXTURES, ROOT, require_reference
+from conftest import FIXTURE_NAMES, FIXTURES, ROOT, fixture_with_word_tokenizer, require_reference
 from minqwen import golden
 from minqwen.cli import main as cli_main
 from minqwen.errors import MinqwenError
@@ -557,16 +557,7 @@ def test_cli_record_rejects_bad_arguments(argv, message, tmp_path, capsys):
 
 
 def test_cli_record_tokenizes_a_prompt_with_the_checkpoints_tokenizer_json(tmp_path):
-    from tokenizers import Tokenizer, pre_tokenizers
-    from tokenizers.models import WordLevel
-
-    folder = tmp_path / "ckpt"
-    folder.mkdir()
-    for file in (FIXTURES / "text_tied_fp32").iterdir():
-        (folder / file.name).symlink_to(file)
-    tokenizer = Tokenizer(WordLevel({"[UNK]": 0, "hello": 11, "world": 22}, unk_token="[UNK]"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.save(str(folder / "tokenizer.json"))
+    folder = fixture_with_word_tokenizer(tmp_path)
 
     out = tmp_path / "rec.safetensors"
     code = cli_main(["golden", "record", "--model", str(folder), "--prompt", "hello world hello", "--out", str(out)])
