@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reference import randomize  # noqa: E402
+from reference import greedy_steps, randomize  # noqa: E402
 from transformers import Qwen2VLImageProcessorPil, Qwen3_5Config, Qwen3_5ForConditionalGeneration  # noqa: E402
 from transformers.modeling_outputs import BaseModelOutputWithPooling  # noqa: E402
 
@@ -206,21 +206,12 @@ def run_vision_reference(model, processor, images: list[np.ndarray], ids: np.nda
             pooler_output=torch.split(torch.from_numpy(np.asarray(features, np.float32)), split))}}
     out = model(input_ids=input_ids, image_grid_thw=grid, mm_token_type_ids=mm_types, use_cache=True, **encoded)
     result["logits"] = out.logits[0].float().numpy()
-    cache, logits = out.past_key_values, out.logits[0, -1]
-    greedy, margins, steps = [], [], []
-    for _ in range(n_greedy):
-        top2 = torch.topk(logits, 2).values
-        margins.append(float(top2[0] - top2[1]))
-        token = int(torch.argmax(logits))
-        greedy.append(token)
-        # The reference's own decode path: positions = cache length + its stored rope_deltas.
-        out = model(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True)
-        cache, logits = out.past_key_values, out.logits[0, -1]
-        steps.append(out.logits[0, -1].float().numpy())
     if n_greedy:
+        # The reference's own decode path: positions = cache length + its stored rope_deltas.
+        greedy, margins, steps = greedy_steps(model, out, n_greedy)
         result["greedy"] = np.array(greedy, np.int64)
         result["greedy_margin"] = np.array(margins, np.float32)
-        result["greedy_logits"] = np.stack(steps)
+        result["greedy_logits"] = steps
     return result
 
 

@@ -85,6 +85,7 @@ def parity(out: Path) -> dict:
     from transformers import Qwen3_5ForCausalLM
 
     import minqwen
+    from reference import greedy_steps
 
     make(out)
     rng = np.random.default_rng(1)
@@ -96,17 +97,8 @@ def parity(out: Path) -> dict:
     with torch.no_grad():
         result = ref(input_ids=torch.tensor(ids[None]), use_cache=True)
         ref_logits = result.logits[0].numpy()
-        cache = result.past_key_values
-        ref_greedy, margins = [], []
-        logits = result.logits[0, -1]
-        for _ in range(GREEDY_TOKENS):
-            top2 = torch.topk(logits, 2).values
-            margins.append(float(top2[0] - top2[1]))
-            token = int(torch.argmax(logits))
-            ref_greedy.append(token)
-            result = ref(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True)
-            cache, logits = result.past_key_values, result.logits[0, -1]
-    del ref, result, cache
+        ref_greedy, margins, _ = greedy_steps(ref, result, GREEDY_TOKENS)
+    del ref, result
 
     model = minqwen.load(out)
     cache = model.new_cache()

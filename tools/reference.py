@@ -268,20 +268,31 @@ def run_reference(model, token_ids: np.ndarray, n_greedy: int = 0) -> dict[str, 
             result[f"state.{i}.keys"] = layer_cache.keys[0].float().numpy().copy()
             result[f"state.{i}.values"] = layer_cache.values[0].float().numpy().copy()
 
-    greedy, margins = [], []
-    logits = out.logits[0, -1]
-    for _ in range(n_greedy):
-        top2 = torch.topk(logits, 2).values
-        margins.append(float(top2[0] - top2[1]))
-        nxt = int(torch.argmax(logits))
-        greedy.append(nxt)
-        out = model(input_ids=torch.tensor([[nxt]]), past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
-        logits = out.logits[0, -1]
     if n_greedy:
+        greedy, margins, _ = greedy_steps(model, out, n_greedy)
         result["greedy"] = np.array(greedy, dtype=np.int64)
         result["greedy_margin"] = np.array(margins, dtype=np.float32)
     return result
+
+
+def greedy_steps(model, out, n: int) -> tuple[list[int], list[float], np.ndarray]:
+    """n ≥ 1 greedy decode steps of a transformers model through its own cache.
+
+    ``out``: the output of a forward with ``use_cache=True`` (its last logits pick the first
+    token). Returns the tokens, each pick's top-1 − top-2 logit margin (how close a tie was),
+    and the logits [n, V] each step computed.
+    """
+    greedy, margins, steps = [], [], []
+    cache, logits = out.past_key_values, out.logits[0, -1]
+    for _ in range(n):
+        top2 = torch.topk(logits, 2).values
+        margins.append(float(top2[0] - top2[1]))
+        token = int(torch.argmax(logits))
+        greedy.append(token)
+        out = model(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True)
+        cache, logits = out.past_key_values, out.logits[0, -1]
+        steps.append(logits.float().numpy())
+    return greedy, margins, np.stack(steps)
 
 
 # ==================================================================== a checkpoint folder, as the reference loads it
