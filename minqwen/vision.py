@@ -43,7 +43,7 @@ from .config import GENERIC_FIELDS, load_config, read_json_object
 from .errors import MinqwenError, is_finite_number
 from .image import PreprocessorConfig, image_list, load_preprocessor_config, preprocess_images, target_size
 from .linear import linear
-from .model import Cache
+from .model import Cache, converted
 from .rope import apply_rotary, inverse_frequencies
 
 # What minqwen does with each vision_config field.
@@ -265,7 +265,7 @@ def layer_norm(x: np.ndarray, norm: LayerNorm) -> np.ndarray:
     """LayerNorm over the last axis: (x − mean) / √(var + ε) · w + b (an ordinary one, not zero-centred)."""
     mean = x.mean(axis=-1, keepdims=True)  # [..., 1]
     var = np.square(x - mean).mean(axis=-1, keepdims=True)  # [..., 1]: the biased variance, as torch
-    return (x - mean) / np.sqrt(var + np.float32(LAYER_NORM_EPS)) * norm.weight + norm.bias
+    return (x - mean) / np.sqrt(var + x.dtype.type(LAYER_NORM_EPS)) * norm.weight + norm.bias
 
 
 def patch_coordinates(grid_thw: np.ndarray, merge: int) -> np.ndarray:
@@ -295,38 +295,43 @@ def interpolated_position_embeddings(pos_embed: np.ndarray, grid_thw: np.ndarray
     """The learned side × side grid of embeddings, resampled to each image's h × w patches: [N, D].
 
     Bilinear with corners aligned (the grid's corners land on the image's corner patches), as
-    ``F.interpolate(mode="bilinear", align_corners=True)``; computed in float32 like the reference.
+    ``F.interpolate(mode="bilinear", align_corners=True)``; computed in the embeddings' dtype,
+    float32 like the reference (or float64 for a tower made with ``astype``).
     """
     coords = patch_coordinates(grid_thw, merge)  # [N, 2]
     sizes = np.repeat(grid_thw[:, 1:], grid_thw.prod(axis=1), axis=0)  # [N, 2]: (h, w) of each patch's image
+    f = pos_embed.dtype.type  # float32 or float64
 
     def taps(index, size):
         # Where patch `index` of `size` falls on the grid: 0 … side−1, ends included.
-        src = index.astype(np.float32) * np.float32(side - 1) / np.maximum(size - 1, 1).astype(np.float32)  # [N]
+        src = index.astype(f) * f(side - 1) / np.maximum(size - 1, 1).astype(f)  # [N]
         floor = np.floor(src)
         lower = np.minimum(floor.astype(np.int64), side - 1)  # [N]
         upper = np.minimum(floor.astype(np.int64) + 1, side - 1)  # the next grid line (clamped at the edge)
         frac = src - floor  # [N]: weight of the upper line
-        return (lower, upper), (np.float32(1) - frac, np.maximum(np.float32(1) - np.abs(frac - np.float32(1)), 0))
+        return (lower, upper), (f(1) - frac, np.maximum(f(1) - np.abs(frac - f(1)), 0))
 
     (r0, r1), (wr0, wr1) = taps(coords[:, 0], sizes[:, 0])
     (c0, c1), (wc0, wc1) = taps(coords[:, 1], sizes[:, 1])
-    out = np.zeros((len(coords), pos_embed.shape[1]), np.float32)  # [N, D]
+    out = np.zeros((len(coords), pos_embed.shape[1]), pos_embed.dtype)  # [N, D]
     for r, wr in ((r0, wr0), (r1, wr1)):
         for c, wc in ((c0, wc0), (c1, wc1)):
             out += pos_embed[r * side + c] * (wr * wc)[:, None]  # one of the four corners around each patch
     return out
 
 
-def rotary_cos_sin(grid_thw: np.ndarray, merge: int, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
+def rotary_cos_sin(grid_thw: np.ndarray, merge: int, head_dim: int, theta: float,
+                   dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
     """2-D rotary tables [N, head_dim]: the first half of the angles follows the row, the second the column.
 
     Each of row and column gets head_dim / 4 frequencies; as in the text model, dim i and
     i + head_dim/2 share an angle (rotate-half layout), and the whole head is rotated.
+    ``dtype`` is the tower's compute dtype, as in ``rope.mrope_cos_sin``: float32 rounds each
+    angle as the reference does, float64 keeps it exact (the frequencies stay float32 values).
     """
-    coords = patch_coordinates(grid_thw, merge).astype(np.float32)  # [N, 2]
+    coords = patch_coordinates(grid_thw, merge).astype(dtype)  # [N, 2]
     spatial = head_dim // 2
-    inv_freq = inverse_frequencies(theta, spatial)  # [D/4]
+    inv_freq = inverse_frequencies(theta, spatial).astype(dtype)  # [D/4]
     angles = coords[:, :, None] * inv_freq  # [N, 2, D/4]
     half = angles.reshape(len(coords), -1)  # [N, D/2]: row angles, then column angles
     emb = np.concatenate([half, half], axis=-1)  # [N, D]
@@ -347,7 +352,7 @@ SCORE_BLOCK = 1 << 22
 def frame_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
     """Full (non-causal) attention within one frame: q, k, v [L, heads, hd] → [L, heads, hd]."""
     length, heads, hd = q.shape
-    scale = np.float32(hd**-0.5)
+    scale = q.dtype.type(hd**-0.5)
     out = np.empty_like(q)
     rows = max(1, SCORE_BLOCK // length)
     for h in range(heads):
@@ -407,6 +412,18 @@ class VisionTower:
         self.blocks = blocks
         self.merger = merger
 
+    @property
+    def dtype(self) -> np.dtype:
+        """The compute dtype: float32, or float64 for a copy made with :meth:`astype`."""
+        return self.pos_embed.dtype
+
+    def astype(self, dtype) -> VisionTower:
+        """A copy computing in another float dtype (to pair with ``Model.astype``): float64 checks
+        the tower's algebra free of round-off."""
+        return VisionTower(self.config, self.preprocessor, converted(self.patch_embed, dtype),
+                           converted(self.pos_embed, dtype), converted(self.blocks, dtype),
+                           converted(self.merger, dtype))
+
     def forward(self, pixel_values: np.ndarray, grid_thw, tap=None) -> np.ndarray:
         """pixel_values [Σ t·h·w, C·T·P·P] and grid_thw [images, 3] → features [Σ t·h·w / m², out_hidden].
 
@@ -416,13 +433,13 @@ class VisionTower:
         """
         c = self.config
         grid_thw = self.check_inputs(pixel_values, grid_thw)
-        x = linear(np.asarray(pixel_values, np.float32), self.patch_embed.weight, self.patch_embed.bias)  # [N, D]
+        x = linear(np.asarray(pixel_values, self.dtype), self.patch_embed.weight, self.patch_embed.bias)  # [N, D]
         if tap is not None:
             tap("patch_embed", x)
         x = x + interpolated_position_embeddings(self.pos_embed, grid_thw, c.spatial_merge_size, c.num_grid_per_side)
         if tap is not None:
             tap("embeddings", x)
-        cos, sin = rotary_cos_sin(grid_thw, c.spatial_merge_size, c.head_dim, c.rope_theta)  # [N, hd] each
+        cos, sin = rotary_cos_sin(grid_thw, c.spatial_merge_size, c.head_dim, c.rope_theta, self.dtype)  # [N, hd] each
         cu_seqlens = frame_boundaries(grid_thw)
         for i, block in enumerate(self.blocks):
             x = vision_block(x, block, cos, sin, cu_seqlens, c)

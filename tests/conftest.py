@@ -182,10 +182,31 @@ FALSE_ALARM_Z = 3.0902
 # exact value, each by its own rounding (transformers' own logits moved 2.4e-4 between one and
 # two torch threads on one such draw). There the algebra decides: both sides computing in
 # float64 must agree to FLOAT64_ATOL, and float32 stay within FLOAT32_SANITY. A real bug moves
-# float64 logits by far more than 1e-9.
+# float64 logits by far more than 1e-9. Every live lane judges so — text and MoE here, the MTP
+# head (test_mtp), the vision tower (test_vision) and YaRN (test_yarn) — through
+# misses_live_atol and assert_agree_in_float64.
 LIVE_ATOL = 1e-4
 FLOAT64_ATOL = 1e-9  # float64 round-off, however much a near-cancelling draw amplifies it (~1e-13), stays below
 FLOAT32_SANITY = 2e-3  # the largest float32 gap met on such draws (3.8e-4), with room
+
+
+def misses_live_atol(got, expected) -> bool:
+    """Whether any of minqwen's float32 outputs (a list of arrays) is more than LIVE_ATOL from the reference's."""
+    return any(np.abs(g - e).max() > LIVE_ATOL for g, e in zip(got, expected, strict=True))
+
+
+def assert_agree_in_float64(got, expected, got64, exact, what: str, labels=None) -> None:
+    """The float64 judge's verdict on a draw that missed LIVE_ATOL in float32.
+
+    Four lists of arrays, output for output: minqwen's float64 outputs ``got64`` must be within
+    FLOAT64_ATOL of the float64 reference's ``exact`` (the algebra is the same), and its
+    float32 ``got`` within FLOAT32_SANITY of ``expected``. ``labels`` name the outputs in a
+    failure (by default "step 0", "step 1", …).
+    """
+    labels = labels or [f"step {i}" for i in range(len(got))]
+    for label, g, e, g64, x in zip(labels, got, expected, got64, exact, strict=True):
+        np.testing.assert_allclose(g64, x, rtol=0, atol=FLOAT64_ATOL, err_msg=f"float64, {label} of {what}")
+        np.testing.assert_allclose(g, e, rtol=0, atol=FLOAT32_SANITY, err_msg=f"float32, {label} of {what}")
 
 
 def reference_steps(model, ids, prompt_len: int) -> list:
@@ -210,18 +231,16 @@ def minqwen_steps(model, ids, prompt_len: int) -> list:
 def assert_logits_match_reference(reference, model, ours, ids, prompt_len: int, what: str) -> None:
     """minqwen (``ours``) against the transformers ``model`` it was saved from, over a prompt and cached steps."""
     expected, got = reference_steps(model, ids, prompt_len), minqwen_steps(ours, ids, prompt_len)
-    if any(np.abs(g - e).max() > LIVE_ATOL for g, e in zip(got, expected)):
+    if misses_live_atol(got, expected):
         judge_in_float64(reference, model, ours, ids, prompt_len, got, expected, what)
 
 
 def judge_in_float64(reference, model, ours, ids, prompt_len: int, got, expected, what: str) -> None:
-    """Past LIVE_ATOL in float32: the same computation in float64 on both sides must agree to
-    FLOAT64_ATOL (the algebra is the same), and float32 stay within FLOAT32_SANITY."""
+    """Past LIVE_ATOL in float32: the same steps computed in float64 on both sides, judged by
+    :func:`assert_agree_in_float64`."""
     import copy
 
     with reference.computing_in_float64():
         exact = reference_steps(copy.deepcopy(model).double(), ids, prompt_len)
     ours64 = minqwen_steps(ours.astype(np.float64), ids, prompt_len)
-    for step, (g, e, g64, x) in enumerate(zip(got, expected, ours64, exact)):
-        np.testing.assert_allclose(g64, x, rtol=0, atol=FLOAT64_ATOL, err_msg=f"float64, step {step} of {what}")
-        np.testing.assert_allclose(g, e, rtol=0, atol=FLOAT32_SANITY, err_msg=f"float32, step {step} of {what}")
+    assert_agree_in_float64(got, expected, ours64, exact, what)

@@ -6,7 +6,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import minqwen
-from conftest import require_reference
+from conftest import (FLOAT32_SANITY, assert_logits_match_reference, judge_in_float64, minqwen_steps,
+                      reference_steps, require_reference)
 from minqwen import MinqwenError
 from minqwen.config import YarnScaling, config_from_dict
 from minqwen.rope import yarn_inverse_frequencies
@@ -94,7 +95,6 @@ def test_mscale_alone_changes_nothing_and_with_mscale_all_dim_it_does():
 @given(rope=yarn_parameters, length=st.sampled_from([10, 40]), seed=st.integers(0, 1000))
 def test_yarn_models_match_transformers_below_and_above_the_original_context(tmp_path_factory, rope, length, seed):
     reference = require_reference()
-    import torch
 
     rope = dict(rope, original_max_position_embeddings=16)  # 10 tokens below it, 40 above
     text = text_config(rope)
@@ -102,9 +102,36 @@ def test_yarn_models_match_transformers_below_and_above_the_original_context(tmp
     folder = tmp_path_factory.mktemp("yarn")
     reference.save_checkpoint(model, folder)
     ids = np.random.default_rng(seed).integers(0, 97, size=length)
-    with torch.no_grad():
-        expected = model(input_ids=torch.tensor(ids[None])).logits[0].numpy()
-    np.testing.assert_allclose(minqwen.load(folder).forward(ids), expected, rtol=0, atol=1e-4)
+    # The prompt's logits within 1e-4, or past it judged in float64 (as the live lane's).
+    assert_logits_match_reference(reference, model, minqwen.load(folder), ids, length, f"{rope}, {length} tokens")
+
+
+def test_a_yarn_miss_is_judged_in_float64_and_a_slightly_wrong_attention_factor_still_fails(tmp_path, monkeypatch):
+    # The judge itself, on a fixed model 40 tokens long, past its original context of 16.
+    reference = require_reference()
+    import minqwen.model
+
+    rope = dict(rope_type="yarn", factor=4.0, rope_theta=1e4, partial_rotary_factor=0.5,
+                original_max_position_embeddings=16)
+    model = reference.build_model(text_config(rope), 3)
+    reference.save_checkpoint(model, tmp_path)
+    ids = np.random.default_rng(3).integers(0, 97, size=40)
+    expected = reference_steps(model, ids, 40)
+    ours = minqwen.load(tmp_path)
+    judge_in_float64(reference, model, ours, ids, 40, minqwen_steps(ours, ids, 40), expected, "YaRN")
+
+    # An attention factor 1e-4 too large, in every Model built from here on (the judge's float64
+    # copy too): float32's sanity bound lets it through, the float64 judge does not.
+    def attention_factor_off(theta, rotary_dim, yarn):
+        inv_freq, factor = yarn_inverse_frequencies(theta, rotary_dim, yarn)
+        return inv_freq, factor * 1.0001
+
+    monkeypatch.setattr(minqwen.model, "yarn_inverse_frequencies", attention_factor_off)
+    ours = minqwen.load(tmp_path)
+    off = minqwen_steps(ours, ids, 40)
+    assert np.abs(off[0] - expected[0]).max() < FLOAT32_SANITY
+    with pytest.raises(AssertionError, match="float64, step 0 of YaRN"):
+        judge_in_float64(reference, model, ours, ids, 40, off, expected, "YaRN")
 
 
 def test_yarn_is_static_the_same_frequencies_at_every_position(tmp_path, monkeypatch):

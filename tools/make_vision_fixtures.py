@@ -203,7 +203,7 @@ def run_vision_reference(model, processor, images: list[np.ndarray], ids: np.nda
     else:
         split = (grid.prod(-1) // merge**2).tolist()
         encoded = {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(
-            pooler_output=torch.split(torch.from_numpy(np.asarray(features, np.float32)), split))}}
+            pooler_output=torch.split(torch.from_numpy(np.asarray(features)).to(model.dtype), split))}}
     out = model(input_ids=input_ids, image_grid_thw=grid, mm_token_type_ids=mm_types, use_cache=True, **encoded)
     result["logits"] = out.logits[0].float().numpy()
     if n_greedy:

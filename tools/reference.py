@@ -362,21 +362,27 @@ def computing_in_float64():
     """transformers' Qwen3.5 modules compute in float64 inside this block.
 
     A model cast with ``.double()`` still rounds to float32 wherever the modeling code casts
-    explicitly (the delta rule, the norms, rotary, the softmax): those casts are redirected to
-    float64 here, and undone on leaving, so that the float64 model is exact to ~1e-15 instead of
-    float32 round-off in disguise.
+    explicitly (the delta rule, the norms, rotary, the softmax; in ``vision_utils``, the weights
+    that resample the vision tower's position embeddings): those casts are redirected to
+    float64 here, and undone on leaving, so that the float64 model is exact to ~1e-15 instead
+    of float32 round-off in disguise. The MTP head (``modeling_layers.MtpModel``) runs the
+    Qwen3.5 decoder layer and norm classes, so it is covered too: its own float32 casts are on
+    the sampling and logits-processor path alone, which the reference runs never take.
     """
     import transformers.models.qwen3_5.modeling_qwen3_5 as dense
     import transformers.models.qwen3_5_moe.modeling_qwen3_5_moe as moe
+    import transformers.vision_utils as vision_utils
 
+    modules = (dense, moe, vision_utils)
     saved_float = torch.Tensor.float
     try:
-        for module in (dense, moe):
+        for module in modules:
             module.torch = _Float64Torch(torch)
         torch.Tensor.float = lambda self, *args, **kwargs: self.to(torch.float64)
         yield
     finally:
-        dense.torch = moe.torch = torch
+        for module in modules:
+            module.torch = torch
         torch.Tensor.float = saved_float
 
 
