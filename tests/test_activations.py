@@ -114,6 +114,18 @@ def test_gelu_tanh_in_place_is_its_formula_bit_for_bit():
     np.testing.assert_array_equal(x, before)  # the input is left alone
 
 
+def test_float32_gelu_takes_the_compiled_kernel(monkeypatch):
+    # test_compiled_gelu_equals_its_numpy_twin compares gelu with its twin: were float32 sent to
+    # the twin as well, it would compare the twin with itself and could never fail.
+    def twin_called(x):
+        raise AssertionError("float32 gelu went to the NumPy twin")
+
+    monkeypatch.setattr(activations, "gelu_numpy", twin_called)
+    x = np.linspace(-5, 5, 101, dtype=np.float32)
+    exact = x.astype(np.float64) * 0.5 * np.array([math.erfc(-v / math.sqrt(2)) for v in x.astype(np.float64)])
+    np.testing.assert_allclose(gelu(x), exact, rtol=2.5e-7, atol=2.5e-7)
+
+
 def test_float64_takes_the_twin_exactly():
     x = np.random.default_rng(0).normal(size=(4, 33)) * 20
     np.testing.assert_array_equal(sigmoid(x), sigmoid_numpy(x))

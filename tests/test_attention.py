@@ -1,9 +1,12 @@
 """Gated full attention and its rotary embedding, against direct float64 formulas.
 
 The fixtures check the layer against transformers on short prompts; these check what they do
-not reach: prompts longer than one query block, and M-RoPE sections with distinct height and
-width (the real models' (11, 11, 10)).
+not reach: prompts longer than one query block, M-RoPE sections with distinct height and
+width (the real models' (11, 11, 10)), and a float64 model's tables.
 """
+
+import math
+import warnings
 
 import numpy as np
 import pytest
@@ -38,6 +41,32 @@ def test_mrope_sections_send_each_frequency_to_the_right_axis(rotary_dim, sectio
     cos_ref, sin_ref = _direct_mrope(positions, inv_freq, section)
     np.testing.assert_allclose(cos, cos_ref, rtol=0, atol=2e-6)
     np.testing.assert_allclose(sin, sin_ref, rtol=0, atol=2e-6)
+
+
+def test_a_float64_table_takes_the_attention_factor_in_float64():
+    # A float64 model (Model.astype) is the judge of float32 round-off: YaRN's attention factor
+    # rounded to float32 would put its cos and sin up to 3e-8 off, its logits ~1e-7 (the float32
+    # gap the judge must be free of). Angles in float64 too.
+    t = np.arange(0, 5000, 7)
+    positions = np.broadcast_to(t, (3, len(t)))
+    inv_freq = inverse_frequencies(1e6, 32)
+    factor = 0.1 * math.log(4.0) + 1.0  # YaRN's mscale for factor 4; not a float32 value
+    assert float(np.float32(factor)) != factor
+    cos, sin = mrope_cos_sin(positions, inv_freq, (6, 5, 5), attention_factor=factor, dtype=np.float64)
+    angles = t[:, None].astype(np.float64) * inv_freq.astype(np.float64)[None, :]  # text: the three rows equal
+    emb = np.concatenate([angles, angles], axis=-1)
+    assert cos.dtype == sin.dtype == np.float64
+    np.testing.assert_allclose(cos, np.cos(emb) * factor, rtol=0, atol=1e-15)
+    np.testing.assert_allclose(sin, np.sin(emb) * factor, rtol=0, atol=1e-15)
+
+
+def test_a_theta_whose_powers_overflow_float32_gives_zero_frequencies_without_a_warning():
+    # theta^(2i/R) = 1e75, 1e150, 1e225 for i = 1, 2, 3: beyond float32, so their frequencies are
+    # 0 (as torch's 1 / inf); a NumPy overflow warning there would only alarm (rope.py ignores it).
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = inverse_frequencies(1e300, 8)
+    np.testing.assert_array_equal(got, np.array([1, 0, 0, 0], np.float32))
 
 
 def _direct_causal_attention(q, keys, values, scale):

@@ -280,6 +280,8 @@ def test_a_text_only_chat_goes_on_after_the_model_writes_an_image_token(model, t
     (lambda m, t, h: list(ChatSession(m, t).reply("hi", images=5)), ["images", "int"]),
     (lambda m, t, h: list(ChatSession(m, t).reply("hi", images=True)), ["images", "bool"]),
     (lambda m, t, h: t.decode(5), ["decode", "int"]),
+    # iterable, but not ids: bytes would decode their byte values as token ids, silently
+    (lambda m, t, h: t.decode(b"\x05\x06"), ["decode takes a sequence of token ids", "bytes"]),
     (lambda m, t, h: mtp.load_mtp(123, m), ["load_mtp", "int"]),
     (lambda m, t, h: vision.load_vision(123), ["load_vision", "int"]),
     (lambda m, t, h: score_text(m, "x", "hello world"), ["tokenizer", "str"]),
@@ -288,7 +290,7 @@ def test_a_text_only_chat_goes_on_after_the_model_writes_an_image_token(model, t
     (lambda m, t, h: golden.save([1], "unused.safetensors", {"config_sha256": "0"}), ["recording", "dict"]),
     (lambda m, t, h: SamplingParams.from_generation_config("x"), ["generation config", "dict", "str"]),
 ], ids=["generate-params", "stream-params", "speculative-params", "reply-params", "messages-str",
-        "messages-none", "tower", "images-int", "images-bool", "decode-int", "load-mtp", "load-vision",
+        "messages-none", "tower", "images-int", "images-bool", "decode-int", "decode-bytes", "load-mtp", "load-vision",
         "score-tokenizer", "ids-out", "save-metadata", "save-recording", "generation-config"])
 def test_api_arguments_of_the_wrong_kind_are_named_too(model, tok, call, names):
     head = mtp.load_mtp(EMBEDDED, model)
@@ -330,6 +332,10 @@ def test_images_may_come_from_any_iterable():
         np.testing.assert_array_equal(tower.encode_images(images)[0], want)
     for wrong in (5, True, None):
         with pytest.raises(MinqwenError, match="images must be a list"):
+            tower.encode_images(wrong)
+    # Iterable, but not a list of images: a dict would give its keys (a path each, say), bytes their values
+    for wrong in ({"photo.png": image}, b"\x89PNG"):
+        with pytest.raises(MinqwenError, match=f"images must be a list .* got {type(wrong).__name__}$"):
             tower.encode_images(wrong)
 
 

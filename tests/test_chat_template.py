@@ -182,8 +182,14 @@ def test_a_generation_block_and_the_special_tokens_render_as_in_transformers(fol
     ({"default": "default", "tool_use": "tools: {{ tools | length }}"}, {}, {"tools": TOOLS}),
     ({"default": "default", "tool_use": "tools: {{ tools | length }}"}, {}, {}),
     ({"tool_use": "tools: {{ tools | length }}"}, {}, {"tools": TOOLS}),
+    # an empty list of tools is still tools given: transformers tests `tools is not None`
+    ({"default": "default", "tool_use": "tools: {{ tools | length }}"}, {}, {"tools": []}),
+    # a token the file sets to null is not filled by Qwen's class: the template sees none
+    ("[{{ pad_token }}|{{ pad_token is defined }}]", {"pad_token": None}, {}),
+    # a variable named like a special token wins over the tokenizer's
+    ("{{ eos_token }}|{{ pad_token }}", {}, {"eos_token": "<mine>"}),
 ], ids=["none-fields", "thinking", "class-tokens", "own-names", "tool-use", "default-without-tools",
-        "tool-use-only"])
+        "tool-use-only", "tool-use-empty-tools", "null-token", "variable-over-token"])
 def test_template_inputs_are_what_transformers_gives(folder, template, config, options):
     require_reference()
     from transformers import AutoTokenizer
@@ -199,6 +205,24 @@ def test_template_inputs_are_what_transformers_gives(folder, template, config, o
     want = AutoTokenizer.from_pretrained(str(folder)).apply_chat_template(
         messages, tokenize=False, add_generation_prompt=False, **options)
     assert Tokenizer(folder).render_chat(messages, add_generation_prompt=False, **options) == want
+
+
+def test_the_tool_use_template_gives_way_to_chat_template_jinja_and_to_one_set_by_hand(folder):
+    # transformers reads chat_template.jinja instead of tokenizer_config's templates, named ones
+    # included; and a template set on the tokenizer replaces them all.
+    require_reference()
+    from transformers import AutoTokenizer
+
+    with_template(folder, {"default": "default", "tool_use": "tool_use: {{ tools | length }}"})
+    messages = [{"role": "user", "content": "hi"}]
+    for step in ("set by hand", "chat_template.jinja"):
+        if step == "chat_template.jinja":
+            (folder / "chat_template.jinja").write_text("jinja: {{ tools | length }}")
+        want_tokenizer, ours = AutoTokenizer.from_pretrained(str(folder)), Tokenizer(folder)
+        if step == "set by hand":
+            want_tokenizer.chat_template = ours.chat_template = "by hand: {{ tools | length }}"
+        want = want_tokenizer.apply_chat_template(messages, tokenize=False, tools=TOOLS)
+        assert ours.render_chat(messages, tools=TOOLS) == want and not want.startswith("tool_use"), step
 
 
 @pytest.mark.parametrize("model_type, tokenizer_class", [
@@ -288,6 +312,18 @@ def test_the_template_sees_plain_data_only():
                        "role": Role.USER})
     assert seen == {"content": [{"type": "image", "image": "<Image>"}, {"x": False, "y": (3,)}], "role": "user"}
     assert type(seen["content"][1]["y"][0]) is int and type(seen["role"]) is str
+
+    # A number of a subclass is its bare value too, whatever its conversions say (as str of it renders)
+    class Weight(float):
+        def __float__(self):
+            raise AssertionError("called")
+
+    class Count(int):
+        def __int__(self):
+            raise AssertionError("called")
+
+    numbers = plain_data([Weight(0.25), Count(3)])
+    assert numbers == [0.25, 3] and [type(n) for n in numbers] == [float, int]
     assert Tokenizer(EMBEDDED).render_chat([{"role": Role.USER, "content": "hi"}]).startswith("<|im_start|>user\n")
     tok = Tokenizer(EMBEDDED)
     tok.chat_template = "{{ messages[0].content[0].image.save('x') }}"

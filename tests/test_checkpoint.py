@@ -137,6 +137,17 @@ def test_a_header_length_larger_than_the_file_is_a_bad_header(tmp_path):
         SafetensorsFile(path)
 
 
+def test_a_header_length_one_byte_past_the_end_of_the_file_is_a_bad_header(tmp_path):
+    # The boundary: the 8 bytes of the length field are not part of what follows it. (A file
+    # with no tensors would otherwise load, its data starting past its end.)
+    header = json.dumps({}).encode("utf-8")
+    path = write_raw(tmp_path / "x.safetensors", header, header_len=len(header) + 1)
+    with pytest.raises(MinqwenError, match=names(path) + rf": bad header: its length field says {len(header) + 1} "
+                                                         rf"bytes but the file has {len(header)} after it"):
+        SafetensorsFile(path)
+    SafetensorsFile(write_raw(tmp_path / "y.safetensors", header))  # the exact length reads
+
+
 def test_a_header_length_past_the_limit_in_a_file_long_enough_is_not_called_truncated(tmp_path, monkeypatch):
     from minqwen import checkpoint
 

@@ -639,6 +639,16 @@ def test_the_greedy_warning_names_the_real_reason(tmp_path):
            "sets temperature 0)" in result.stderr, result.stderr
 
 
+def test_a_prompt_one_token_past_the_context_is_refused_before_it_is_echoed(monkeypatch, capsys):
+    # The boundary of the check above: 2,049 tokens for the embedded model's 2,048 positions
+    import minqwen.cli as cli
+
+    monkeypatch.setattr(Tokenizer, "encode", lambda self, text: [1] * 2049)
+    assert cli.main(["generate", "hi", "--max-new-tokens", "2"]) == 2
+    out, err = capsys.readouterr()
+    assert "the prompt is 2049 tokens, beyond the model's context of 2048" in err and out == ""
+
+
 def test_token_ids_the_model_lacks_are_refused_before_the_prompt_is_echoed(monkeypatch, capsys):
     import minqwen.cli as cli
 

@@ -364,6 +364,17 @@ def test_a_tap_pattern_that_matches_nothing_is_an_error_naming_it(models, taps, 
         golden.record(models["text_tied_fp32"], [1, 2], decode_steps=decode_steps, taps=taps)
 
 
+def test_a_pattern_past_the_first_ten_thousand_steps_is_checked_against_the_step_it_names():
+    # A recording of more than 10,000 decode steps checks a pattern against the first 10,000 and
+    # the steps written in it; step 12345 of 20,000 is a tap (recording that many steps would
+    # take minutes: the check alone).
+    per_call = ["embed", "layers.0.mlp", "logits"]
+    golden._check_patterns(["step12345.logits", "step19999.layers.0.*"], per_call, [], 20_000)
+    for bad in ("step20000.logits", "step12345.nosuch"):
+        with pytest.raises(MinqwenError, match=f"tap pattern '{bad}' matches no tap"):
+            golden._check_patterns([bad], per_call, [], 20_000)
+
+
 @pytest.mark.parametrize("kwargs, message", [(dict(taps=" , "), "at least one pattern"),
                                              (dict(decode_steps=-1), "decode_steps"),
                                              (dict(decode_steps=1.5), "decode_steps")])
@@ -463,6 +474,25 @@ def test_a_golden_file_with_malformed_ids_is_an_error_naming_the_file_and_the_en
     save_file(tensors, str(path), metadata=meta)
     with pytest.raises(MinqwenError, match=message):
         golden.load_recording(path)
+
+
+def test_metadata_a_comparison_does_not_read_may_be_any_text(models, tmp_path):
+    """Only config_sha256 and token_ids must be JSON. A port's own entries are kept as text,
+    under minqwen's names too (a 'config' described in words), and the files still compare."""
+    model = models["text_tied_fp32"]
+    ours = save_recording(model, golden.record(model, [1, 2], decode_steps=1), tmp_path / "ours.safetensors")
+    port = tmp_path / "port.safetensors"
+    with safe_open(str(ours), framework="np") as f:
+        meta, tensors = dict(f.metadata()), {name: f.get_tensor(name) for name in f.keys()}
+    words = {"config": "Qwen3.5-like, fp32", "taps": "logits and more", "decode_steps": "one",
+             "tolerances": "the defaults", "format": "pt"}
+    save_file(tensors, str(port), metadata={**meta, **words})
+    loaded = golden.load_recording(port)
+    assert {key: loaded.metadata[key] for key in words} == words
+    assert golden.compare(port, ours).ok
+    save_file(tensors, str(port), metadata={**meta, "token_ids": "one, two"})  # read: it must be JSON
+    with pytest.raises(MinqwenError, match="metadata 'token_ids' is not JSON text"):
+        golden.load_recording(port)
 
 
 @pytest.mark.parametrize("atol, rtol", [("0.1", 0), (None, 0), (-1.0, 0), (float("nan"), 0), (float("inf"), 0),

@@ -74,3 +74,20 @@ def test_an_installed_minqwen_caches_its_numba_kernels_outside_the_package(tmp_p
     run = subprocess.run([sys.executable, "-c", "import minqwen, os; print(os.environ['NUMBA_CACHE_DIR'])"],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert run.stdout.strip() == str(tmp_path / "mine"), run.stderr
+
+
+def test_a_system_pythons_dist_packages_counts_as_an_install_too(tmp_path):
+    # Debian's and Ubuntu's Python install packages into dist-packages: the same uninstall
+    # problem as site-packages. (Importing is enough to see the choice: no kernel is compiled.)
+    site = tmp_path / "lib" / "python3" / "dist-packages"
+    shutil.copytree(Path(__file__).resolve().parent.parent / "minqwen", site / "minqwen",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_CACHE_DIR", "XDG_CACHE_HOME")}
+    env.update(HOME=str(home), PYTHONPATH=str(site))
+    code = "import minqwen, os; print(minqwen.__file__); print(os.environ.get('NUMBA_CACHE_DIR'))"
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    package, folder = run.stdout.splitlines()[:2]
+    assert Path(package).parent == site / "minqwen" and Path(folder).is_relative_to(home)

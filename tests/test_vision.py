@@ -416,6 +416,9 @@ def edit_json(path, change):
     ("patch_size", [4, 4], "'vision_config.patch_size' must be an integer"),
     ("rope_parameters", {"rope_type": "mrope"}, "only 'axial'"),
     ("hidden_act", ["gelu"], "vision_config.hidden_act' is ['gelu']"),
+    # a theta of 0 gives infinite frequencies, NaN angles and NaN features; a negative one NaN powers
+    ("rope_parameters", {"rope_type": "axial", "rope_theta": 0}, "rope_theta' must be a positive, finite number"),
+    ("rope_parameters", {"rope_type": "axial", "rope_theta": -1e4}, "rope_theta' must be a positive, finite number"),
 ])
 def test_unsupported_vision_config_values_are_errors_naming_the_field(folder, field, value, message):
     edit_json(folder / "config.json", lambda c: c["vision_config"].update({field: value}))
@@ -493,6 +496,14 @@ def test_legacy_min_max_pixels_win_over_size_as_in_the_reference():
     assert (config.min_pixels, config.max_pixels) == (10, 99)
     config = preprocessor_config_from_dict(dict(size=dict(min_pixels=1, max_pixels=2), min_pixels=20, max_pixels=400))
     assert (config.min_pixels, config.max_pixels) == (20, 400)
+
+
+def test_a_pixel_budget_whose_minimum_is_above_its_maximum_is_refused_and_a_single_size_is_not():
+    # min > max: smart_resize could meet neither bound; min == max: one pixel count, a budget.
+    with pytest.raises(MinqwenError, match="the pixel budget is empty: min_pixels 4097 > max_pixels 4096"):
+        preprocessor_config_from_dict(dict(size=dict(shortest_edge=4097, longest_edge=4096)))
+    config = preprocessor_config_from_dict(dict(size=dict(shortest_edge=4096, longest_edge=4096)))
+    assert (config.min_pixels, config.max_pixels) == (4096, 4096)
 
 
 @pytest.mark.parametrize("raw", [
@@ -819,6 +830,45 @@ def test_attention_split_into_many_score_blocks_still_matches_the_reference(name
         monkeypatch.setattr(vision, "SCORE_BLOCK", int(lengths.max()) * 3)  # 3 query rows per block
         features, _ = tower.encode_images(images)
         np.testing.assert_allclose(features, expected[f"{prompt}.features"], rtol=0, atol=ATOL, err_msg=prompt)
+
+
+def test_attention_scores_beyond_float32s_exp_still_give_the_softmax(monkeypatch):
+    """exp overflows float32 past a score of ~88.7; the softmax is taken after subtracting each
+    row's largest score, so large scores (which trained towers can produce) give the softmax, not
+    NaN. Against float64 attention from its definition; several blocks of query rows."""
+    rng = np.random.default_rng(5)
+    length, heads, hd = 21, 2, 16
+    q, k, v = (rng.standard_normal((length, heads, hd)).astype(np.float32) for _ in range(3))
+    q *= 40  # scores q·k / √hd with a standard deviation of ~40: many beyond 88.7
+    monkeypatch.setattr(vision, "SCORE_BLOCK", length * 4)  # 4 query rows a block, a partial last one
+    got = vision.frame_attention(q, k, v)
+    q64, k64, v64 = (a.astype(np.float64) for a in (q, k, v))
+    scores = np.einsum("lhd,mhd->hlm", q64, k64) / np.sqrt(hd)  # [heads, L, L]
+    assert scores.max() > 100
+    weights = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    weights /= weights.sum(axis=-1, keepdims=True)
+    expected = np.einsum("hlm,mhd->lhd", weights, v64)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=ATOL)
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("head_dim", [64, 72])  # Qwen3.5's towers: 768 / 12 heads, 1152 / 16
+def test_the_towers_rotary_frequencies_are_rounded_as_transformers_rounds_them(head_dim):
+    """The tower's frequencies, as the text model's: a float32 power, then a float32 reciprocal
+    (compute_axial_rope_parameters). Rounded once from float64, 4 and 11 of them are a float32
+    step off at these head dims, a drift too small for the fixtures' tolerance to see."""
+    require_reference()
+    import torch
+
+    spatial = head_dim // 2
+    inv_freq = (1.0 / (10000.0 ** (torch.arange(0, spatial, 2, dtype=torch.float) / spatial))).numpy()
+    grid = np.array([[1, 32, 48]])
+    coords = vision.patch_coordinates(grid, 2).astype(np.float32)  # [N, 2]: row, column
+    half = (coords[:, :, None] * inv_freq).reshape(len(coords), -1)  # row angles, then column angles
+    emb = np.concatenate([half, half], axis=-1)
+    cos, sin = vision.rotary_cos_sin(grid, 2, head_dim, 10000.0)
+    np.testing.assert_array_equal(cos, np.cos(emb))
+    np.testing.assert_array_equal(sin, np.sin(emb))
 
 
 def reference_tower(tmp_path, seed=3, **vision_overrides):
