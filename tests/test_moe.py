@@ -168,6 +168,36 @@ def test_the_router_is_softmax_top_k_renormalised(t_len, n_experts, data, seed):
     np.testing.assert_allclose(weights.sum(-1), 1, rtol=1e-6)
 
 
+def test_router_logits_beyond_what_exp_holds_in_float32_still_route_by_the_softmax():
+    # The router's softmax is taken in float32, where exp overflows from 89 on: unless the largest
+    # logit is subtracted first, a token with large router logits gets inf / inf = NaN weights,
+    # and nothing at the fixtures' scale (logits of order 1) would show it. Expected: the
+    # softmax in float64, where exp(±200) is finite.
+    scores = np.array([[200.0, 199.0, -50.0, 197.5], [-150.0, -151.5, -149.0, -300.0]], np.float32)  # [T, E]
+    x = np.eye(2, dtype=np.float32)
+    _, chosen, weights = route(x, np.ascontiguousarray(scores.T), 2)  # token t's logits are scores[t]
+    s = scores.astype(np.float64)
+    probs = np.exp(s) / np.exp(s).sum(-1, keepdims=True)
+    assert chosen.tolist() == [[0, 1], [2, 0]]
+    top = np.take_along_axis(probs, chosen, -1)
+    np.testing.assert_allclose(weights, top / top.sum(-1, keepdims=True), rtol=1e-6)
+
+
+def test_a_float64_router_takes_its_softmax_in_float64():
+    # A float64 model exists to check the algebra to round-off (1e-12, not float32's 1e-7): a
+    # router that took its softmax in float32 there, as the reference does for lower dtypes,
+    # would cap every float64 comparison at float32 precision.
+    rng = np.random.default_rng(11)
+    x, gate = rng.normal(size=(3, 8)), rng.normal(size=(6, 8))  # float64
+    logits, chosen, weights = route(x, gate, 4)
+    assert weights.dtype == np.float64
+    s = x @ gate.T
+    probs = np.exp(s - s.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    top = np.take_along_axis(probs, chosen, -1)
+    np.testing.assert_allclose(weights, top / top.sum(-1, keepdims=True), rtol=1e-13, atol=0)
+
+
 def test_exact_ties_go_to_the_lowest_expert_index():
     x = np.ones((1, 4), np.float32)
     # Equal rows give equal scores: every expert ties with every other.

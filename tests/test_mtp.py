@@ -40,6 +40,7 @@ from minqwen.attention import AttentionWeights
 from minqwen.checkpoint import EMBEDDED
 from minqwen.deltanet import DeltaNetState
 from minqwen import golden
+from minqwen import mtp as mtp_module
 from minqwen.generate import generate_ids
 from minqwen.mlp import MLPWeights
 from minqwen.model import DecoderLayer, Model
@@ -543,6 +544,31 @@ def test_speculation_stops_at_eos_and_at_the_context_like_plain_generation():
     assert got == list(generate_ids(short, prompt, max_new_tokens=30)) and stats.stop_reason == "context"
 
 
+def test_an_eos_among_accepted_drafts_ends_generation_there_and_the_cache_holds_what_was_yielded(monkeypatch):
+    # A cycle emits its accepted drafts and one more token at once; an eos may be any of them.
+    # With a random head drafts are rarely accepted, so an eos lands on a cycle's last token and
+    # a loop that only checked that one would pass. Here an oracle draws every draft from plain
+    # greedy decoding (all accepted: each cycle of k = 3 emits 4 tokens), and the eos is an id
+    # first generated as a draft that is not the cycle's last token.
+    model = tiny_vocab(MODELS["text_tied_fp32"], 6)
+    head = random_head(model, 3)
+    prompt = [1, 2, 3]
+    plain = list(generate_ids(model, prompt, max_new_tokens=30))
+    at = next(i for i, t in enumerate(plain) if t not in plain[:i] and i % 4 in (1, 2, 3))  # cycle c emits 4c-3 … 4c
+
+    def oracle(model, head, mtp_cache, k, pick, draft_vocab, seen):
+        done = len(seen) - len(prompt)
+        return plain[done:done + k]
+
+    monkeypatch.setattr(mtp_module, "draft", oracle)
+    cache, stats = model.new_cache(), SpeculativeStats()
+    got = list(speculative_generate(model, head, prompt, max_new_tokens=30, stop_ids=[plain[at]], draft_tokens=3,
+                                    cache=cache, stats=stats))
+    assert got == plain[:at + 1] and stats.stop_reason == "eos"
+    assert stats.accepted == stats.drafted  # the oracle's drafts were all accepted
+    assert cache.position == len(prompt) + at  # the prompt and every yielded token but the last
+
+
 def _with_context(model: Model, context: int) -> Model:
     config = dataclasses.replace(model.config, max_position_embeddings=context)
     return Model(config, model.embed_tokens, model.layers, model.norm, model.lm_head)
@@ -964,6 +990,31 @@ def test_greedy_acceptance_follows_plain_greedy_with_penalties_counting_earlier_
         assert n == len(expected) - 1
         checked += 1 + done
     assert checked > 100
+
+
+def test_each_draft_is_picked_with_penalties_counting_the_drafts_before_it():
+    # The draft step treats earlier drafts as generated, as the verify will: drafting the same
+    # id twice under a repetition penalty would be rejected at once. The output is the verify's,
+    # so no decoding test sees a draft that ignores this, only a lower acceptance. Expected
+    # picks and q rows: the float64 penalties over (context + drafts so far).
+    from minqwen.mtp import _draft_picker
+
+    rep, presence, t = 2.0, 0.5, 0.9
+    logits = np.array([1.0, 0.8, -0.3, 0.2, -1.0], np.float32)
+    seen, generated = [3], [3]
+    for params in (SamplingParams(repetition_penalty=rep, presence_penalty=presence),
+                   SamplingParams(temperature=t, repetition_penalty=rep, presence_penalty=presence)):
+        q: list = []
+        pick = _draft_picker(params, np.random.default_rng(5), list(seen), list(generated), False, q)
+        drafts = [pick(logits, s) for s in range(3)]
+        for s, d in enumerate(drafts):
+            row = penalized64(logits, seen + drafts[:s], generated + drafts[:s], rep, presence)
+            if params.greedy:
+                assert q[s] is None and d == int(np.argmax(row)), (s, drafts)
+            else:
+                np.testing.assert_allclose(q[s], softmax64(row / t), rtol=0, atol=1e-6)
+        if params.greedy:
+            assert drafts == [0, 1, 0]  # once drafted, 0's 1.0 is 1.0 / 2 − 0.5 = 0: id 1 (0.8) next, then 1's is −0.1
 
 
 # ---------------------------------------------------------------- drafts beyond the last layer, vs transformers

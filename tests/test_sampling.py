@@ -297,6 +297,15 @@ def test_without_do_sample_true_the_generation_config_decodes_greedily_as_in_tra
     assert not SamplingParams.from_generation_config({**config, "do_sample": True}, "g.json").greedy
 
 
+def test_a_temperature_override_of_none_leaves_a_greedy_generation_config_greedy():
+    # The CLI and stream() pass every option the user left unset as None. A file without
+    # do_sample decodes greedily; a None override must keep that, not bring back the file's
+    # sampling temperature (which transformers ignores there too). A real temperature still wins.
+    config = {"do_sample": False, "temperature": 0.7, "top_k": 20}
+    assert SamplingParams.from_generation_config(config, "g.json", temperature=None, top_k=None).greedy
+    assert SamplingParams.from_generation_config(config, "g.json", temperature=0.5).temperature == 0.5
+
+
 def test_generate_names_the_checkpoints_generation_config_when_its_top_p_is_0(tmp_path):
     import shutil
 
