@@ -471,12 +471,12 @@ def gated_deltanet(
     elif form == "chunked" and t_len > 1:
         core, state.recurrent = chunked_gated_delta_rule(q, k, v, g, beta, state.recurrent)  # [T, Hv, Dv]
     else:
-        # In place, unless a tap is watching: a tap may keep the array it was handed.
-        core, state.recurrent = recurrent_gated_delta_rule(q, k, v, g, beta, state.recurrent, in_place=tap is None)
+        core, state.recurrent = recurrent_gated_delta_rule(q, k, v, g, beta, state.recurrent, in_place=True)
     if tap is not None:
         tap("linear_attn.core", core)
         tap("linear_attn.conv_state", state.conv)
-        tap("linear_attn.recurrent_state", state.recurrent)
+        # A copy: the next step updates the memory in place, and a tap may keep the array it was handed.
+        tap("linear_attn.recurrent_state", state.recurrent.copy())
 
     normed = gated_rms_norm(core, z, w.norm, eps)  # [T, Hv, Dv]
     if tap is not None:

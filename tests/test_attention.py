@@ -146,3 +146,44 @@ def test_gated_attention_on_a_long_prompt_equals_the_direct_layer_in_float64():
     cos, sin = mrope_cos_sin(np.broadcast_to(positions, (3, t_len)), inv_freq, (2, 1, 1), dtype=np.float64)
     got = gated_attention(x, w, KVCache(hkv, d, np.float64), cos, sin, hq, hkv, d, eps)
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-9 * np.abs(expected).max())
+
+
+def test_the_few_query_kernel_takes_over_exactly_where_documented(monkeypatch):
+    # The kernel and the NumPy definition agree to float32 rounding, so outputs alone cannot show
+    # which one ran: an off-by-one in KERNEL_FROM_KEYS or FEW_QUERY_ROWS, or counting tokens
+    # instead of query rows per key head (G · T), moves real decode steps to the other path. And a
+    # float64 layer must never take the float32 kernel: its float64 answer is the judge of float32
+    # round-off. Recorded per call; the float64 case is also held to the direct softmax.
+    monkeypatch.setattr(attention, "KERNEL_FROM_KEYS", 12)
+    chosen = []
+    for name in ("attention_few_queries", "causal_attention"):
+        real = getattr(attention, name)
+        monkeypatch.setattr(attention, name, lambda *a, real=real, name=name, **k: (chosen.append(name), real(*a, **k))[1])
+    hq, hkv, d, hidden = 4, 2, 8, 16  # G = 2 query heads per key head
+    rng = np.random.default_rng(9)
+
+    def mat(*s):
+        return rng.normal(size=s) / np.sqrt(s[-1])
+    w = AttentionWeights(q_proj=mat(hq * 2 * d, hidden), k_proj=mat(hkv * d, hidden), v_proj=mat(hkv * d, hidden),
+                         o_proj=mat(hidden, hq * d), q_norm=0.3 * rng.normal(size=d), k_norm=0.3 * rng.normal(size=d),
+                         q_proj_bias=rng.normal(size=hq * 2 * d), k_proj_bias=rng.normal(size=hkv * d),
+                         v_proj_bias=rng.normal(size=hkv * d), o_proj_bias=rng.normal(size=hidden))
+    cases = [  # (tokens held before, new tokens, dtype, path expected)
+        (8, 4, np.float32, "attention_few_queries"),  # 12 keys, 2 · 4 = 8 = FEW_QUERY_ROWS rows
+        (7, 4, np.float32, "causal_attention"),  # 11 keys: one short of KERNEL_FROM_KEYS
+        (7, 5, np.float32, "causal_attention"),  # 2 · 5 = 10 rows: too many, although 5 tokens are few
+        (11, 1, np.float64, "causal_attention"),  # a decode step of a float64 layer
+    ]
+    for past, t_len, dtype, expected in cases:
+        weights = AttentionWeights(**{k: v.astype(dtype) for k, v in vars(w).items()})
+        cache = KVCache(hkv, d, dtype)
+        x = rng.normal(size=(past + t_len, hidden)).astype(dtype)
+        positions = np.broadcast_to(np.arange(past + t_len), (3, past + t_len))
+        cos, sin = mrope_cos_sin(positions, 1e4 ** (-np.arange(0, d, 2) / d), (2, 1, 1), dtype=dtype)
+        gated_attention(x[:past], weights, cache, cos[:past], sin[:past], hq, hkv, d, 1e-6)
+        chosen.clear()
+        got = gated_attention(x[past:], weights, cache, cos[past:], sin[past:], hq, hkv, d, 1e-6)
+        assert chosen == [expected], (past, t_len, dtype)
+        if dtype == np.float64:
+            whole = _direct_gated_attention(x, weights, np.arange(past + t_len), hq, hkv, d, d, 1e4, 1e-6)
+            np.testing.assert_allclose(got, whole[past:], rtol=0, atol=1e-12 * np.abs(whole).max())

@@ -382,3 +382,67 @@ def test_the_norms_eps_is_taken_in_the_inputs_dtype():
     x = np.full((1, 32), 1e-4)  # float64; sum of squares 3.2e-7, mean square 1e-8
     np.testing.assert_allclose(l2_normalize(x), x / np.sqrt(np.sum(x * x) + 1e-6), rtol=1e-15, atol=0)
     np.testing.assert_allclose(normalised(x, 1e-6), x / np.sqrt(np.mean(x * x) + 1e-6), rtol=1e-15, atol=0)
+
+
+def test_the_parallel_build_starts_exactly_at_its_documented_thresholds(monkeypatch):
+    # Both builds compute the same numbers, so only the build chosen shows an off-by-one in the
+    # dispatch: a call of PARALLEL_FROM multiply-adds or more (PARALLEL_FROM_AWAKE while Numba
+    # does the products) takes the parallel build, and a prompt of BLAS_ROWS tokens or more stays
+    # serial while OpenBLAS's threads spin. The tests above set a threshold to 0 or 2⁶⁰ and so
+    # never stand on a boundary.
+    import minqwen.deltanet as deltanet
+    from minqwen.threads import one_blas_thread
+
+    calls = []
+    for name in ("_recurrent_kernel", "_recurrent_kernel_parallel"):
+        kernel = getattr(deltanet, name)
+        monkeypatch.setattr(deltanet, name, lambda *a, kernel=kernel, name=name: (calls.append(name), kernel(*a)))
+    monkeypatch.setattr(deltanet, "OPENBLAS_THREADS_NAP", False)
+    heads, dk, dv = 3, 4, 5
+    per_token = heads * dk * dv  # multiply-adds of one token: state.size
+    cases = [  # (tokens, PARALLEL_FROM, PARALLEL_FROM_AWAKE, Numba does the products, build expected)
+        (BLAS_ROWS - 1, per_token * (BLAS_ROWS - 1), 1 << 60, False, "_recurrent_kernel_parallel"),  # work == threshold
+        (BLAS_ROWS - 1, per_token * (BLAS_ROWS - 1) + 1, 1 << 60, False, "_recurrent_kernel"),  # one short of it
+        (BLAS_ROWS, 0, 1 << 60, False, "_recurrent_kernel"),  # a prompt of BLAS_ROWS tokens: serial
+        (1, 1 << 60, per_token, True, "_recurrent_kernel_parallel"),  # a decode step at the awake threshold
+        (1, 1 << 60, per_token + 1, True, "_recurrent_kernel"),
+    ]
+    for t_len, parallel_from, awake_from, aside, expected in cases:
+        monkeypatch.setattr(deltanet, "PARALLEL_FROM", parallel_from)
+        monkeypatch.setattr(deltanet, "PARALLEL_FROM_AWAKE", awake_from)
+        args = random_inputs(np.random.default_rng(t_len), t_len, heads, dk, dv, np.float32)
+        o_ref, s_ref = recurrent_gated_delta_rule_numpy(*args)
+        calls.clear()
+        with one_blas_thread(aside):
+            o, s = recurrent_gated_delta_rule(*args)
+        assert calls == [expected], (t_len, parallel_from, awake_from, aside)
+        np.testing.assert_allclose(o, o_ref, rtol=0, atol=2e-6 * np.abs(o_ref).max())
+        np.testing.assert_allclose(s, s_ref, rtol=0, atol=2e-6 * np.abs(s_ref).max())
+
+
+@pytest.mark.parametrize("t_len", [1, 5])
+def test_a_layer_keeping_every_state_leaves_the_final_state_in_place_too(t_len):
+    # A speculative verify sets state.history; the layer must then still leave the state after
+    # its last token in state.recurrent and state.conv, as the plain path does (keep_first
+    # happens to overwrite them, but a cache used after a verify without it would otherwise hold
+    # a conv window of the new tokens beside the memory of before them). And each kept state is
+    # the plain path's state after that many tokens.
+    rng = np.random.default_rng(11)
+    hk, hv, dk, dv = 2, 4, 12, 8
+    w, state = _small_deltanet(rng, hk, hv, dk, dv)
+    layer = lambda x, s: gated_deltanet(x, w, s, hk, hv, dk, dv, "silu", 1e-6)  # noqa: E731
+    layer(rng.normal(size=(6, 32)).astype(np.float32), state)  # a non-empty state to start from
+    x = rng.normal(size=(t_len, 32)).astype(np.float32)
+    plain, keeping = state.copy(), state.copy()
+    keeping.history = []
+    expected = layer(x, plain)
+    # (to float32 rounding: one row or several through BLAS round differently)
+    close = lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * max(1.0, np.abs(b).max()))  # noqa: E731
+    close(layer(x, keeping), expected)
+    np.testing.assert_array_equal(keeping.conv, plain.conv)
+    close(keeping.recurrent, plain.recurrent)
+    step = state.copy()
+    for t in range(t_len):  # the plain path, one token at a time
+        layer(x[t : t + 1], step)
+        close(keeping.history[t].conv, step.conv)
+        close(keeping.history[t].recurrent, step.recurrent)

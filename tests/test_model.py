@@ -495,3 +495,112 @@ def test_a_tied_config_with_a_stored_head_gives_the_logits_transformers_gives(tm
         warnings.simplefilter("ignore")
         got = minqwen.load(folder).forward(ids)
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
+
+
+def test_the_chunked_form_is_what_runs_when_it_is_chosen(monkeypatch):
+    # The two forms give the same numbers (the tests above hold them equal), so no comparison of
+    # logits can tell whether model.deltanet_form reaches the layers at all: a model that ignored
+    # it would pass them. Count the calls instead: with "chunked", a prompt takes the chunked
+    # rule in every Gated DeltaNet layer and a single token the recurrent step; by default, never.
+    import minqwen.deltanet as deltanet
+
+    model = MODELS["text_grouped_bf16_bias"]
+    chunked, calls = deltanet.chunked_gated_delta_rule, []
+    monkeypatch.setattr(deltanet, "chunked_gated_delta_rule",
+                        lambda *a, **k: (calls.append(len(a[0])), chunked(*a, **k))[1])
+    layers = model.config.layer_types.count("linear_attention")
+    model.forward(prompt(model, 9))
+    assert calls == []  # the default form is the recurrent one
+    cache = model.new_cache()
+    model.deltanet_form = "chunked"
+    try:
+        model.forward(prompt(model, 9), cache)
+        assert calls == [9] * layers
+        model.forward([3], cache)
+        assert calls == [9] * layers  # one token: the recurrent step
+    finally:
+        model.deltanet_form = "recurrent"
+
+
+def test_a_tap_may_keep_the_arrays_it_is_handed_across_later_calls():
+    # The tap contract: a tap may keep what it is handed. A Gated DeltaNet memory is updated in
+    # place by every step, so the tap gets a copy of it; were it handed the cache's own array, the
+    # prompt's kept recurrent_state would silently become a later step's, tapped or not. Judged
+    # against an untapped prefill of the same prompt.
+    model = MODELS["text_tied_fp32"]
+    ids = prompt(model, 8)
+    fresh = model.new_cache()
+    model.forward(ids, fresh)
+    for later_tap in (None, lambda name, x: None):
+        kept = {}
+        cache = model.new_cache()
+        model.forward(ids, cache, tap=lambda name, x: kept.setdefault(name, x))  # kept without a copy
+        model.forward([5], cache, tap=later_tap)
+        model.forward([6, 7], cache, tap=later_tap)
+        checked = 0
+        for i, layer in enumerate(model.layers):
+            if layer.layer_type == "linear_attention":
+                np.testing.assert_array_equal(kept[f"layers.{i}.linear_attn.recurrent_state"], fresh.layers[i].recurrent)
+                np.testing.assert_array_equal(kept[f"layers.{i}.linear_attn.conv_state"], fresh.layers[i].conv)
+                checked += 1
+        assert checked
+
+
+def test_a_kv_cache_copy_and_its_original_each_keep_their_own_new_rows():
+    # Rolling back (a chat turn, a rejected draft) means one of the two goes on with other tokens
+    # while the other waits. Both write their next rows at the same place in their spare room, so a
+    # copy sharing the original's buffer would hand each the other's keys. (The rollback test above
+    # re-runs the same tokens into those rows, and cannot see it.)
+    from minqwen.attention import KVCache
+
+    rng = np.random.default_rng(4)
+    cache = KVCache(num_kv_heads=2, head_dim=4)
+    prompt_k, prompt_v = rng.standard_normal((2, 10, 2, 4), dtype=np.float32)  # [T, Hkv, D] each
+    cache.append(prompt_k, prompt_v)
+    copy = cache.copy()
+    a_k, a_v, b_k, b_v = rng.standard_normal((4, 3, 2, 4), dtype=np.float32)
+    cache.append(a_k, a_v)
+    copy.append(b_k, b_v)
+    for kv, (k, v) in ((cache, (a_k, a_v)), (copy, (b_k, b_v))):
+        np.testing.assert_array_equal(kv.keys[:, :13], np.concatenate([prompt_k, k]).transpose(1, 0, 2))
+        np.testing.assert_array_equal(kv.values[:, :13], np.concatenate([prompt_v, v]).transpose(1, 0, 2))
+
+
+def test_a_kv_cache_refuses_to_truncate_to_more_tokens_than_it_holds():
+    # truncate(length + 1) would quietly make the next step attend to a row no token wrote (zeros,
+    # or a rejected draft's stale keys): wrong numbers, no error.
+    from minqwen.attention import KVCache
+
+    rng = np.random.default_rng(5)
+    cache = KVCache(num_kv_heads=1, head_dim=2)
+    k, v = rng.standard_normal((2, 5, 1, 2), dtype=np.float32)
+    cache.append(k, v)
+    for bad in (6, -1):
+        with pytest.raises(MinqwenError, match=r"truncate: length must be 0 … 5 \(the tokens held\)"):
+            cache.truncate(bad)
+        assert cache.length == 5
+    cache.truncate(5)
+    cache.truncate(2)
+    assert cache.length == 2
+    keys, _ = cache.append(k[:1], v[:1])
+    np.testing.assert_array_equal(keys, np.concatenate([k[:2], k[:1]]).transpose(1, 0, 2))
+
+
+def test_the_first_id_past_the_vocabulary_and_an_empty_inputs_embeds_are_clear_errors():
+    # The boundaries of two input checks: id == vocab_size (one past the last row of the
+    # embedding) must be refused by name, not by NumPy's IndexError; an inputs_embeds of no rows
+    # must not run the layers on nothing.
+    model = MODELS["text_tied_fp32"]
+    vocab = model.config.vocab_size
+    with pytest.raises(MinqwenError, match=f"token id {vocab} is outside the vocabulary"):
+        model.forward([1, vocab])
+    with pytest.raises(MinqwenError, match="inputs_embeds must have shape"):
+        model.forward(inputs_embeds=np.zeros((0, model.config.hidden_size), np.float32))
+
+
+def test_a_float64_copy_of_a_tied_model_keeps_one_array_for_embedding_and_head():
+    # Tied means one array: a copy holding two would double the largest matrix's memory.
+    model = MODELS["text_tied_fp32"]
+    assert model.lm_head is model.embed_tokens
+    model64 = model.astype(np.float64)
+    assert model64.lm_head is model64.embed_tokens and model64.lm_head.dtype == np.float64
