@@ -148,6 +148,22 @@ def test_gated_attention_on_a_long_prompt_equals_the_direct_layer_in_float64():
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-9 * np.abs(expected).max())
 
 
+@pytest.mark.parametrize("kernel", [causal_attention, attention.attention_few_queries])
+def test_each_query_row_of_the_softmax_subtracts_its_own_largest_score(kernel):
+    # Trained models have heads with scores in the hundreds (attention sinks) next to heads near
+    # zero. Subtracting one largest score for all heads and rows would leave exp(−300) for every
+    # key of the quiet heads: 0 in float32, and 0/0 = NaN outputs. Integer q and keys make the
+    # scores exact in float32; the float64 direct softmax is the reference.
+    rng = np.random.default_rng(11)
+    q = rng.integers(-3, 4, size=(3, 4, 4)).astype(np.float32)  # [T, Hq, D]: 3 new tokens
+    q[:, 0] *= 25  # head 0 (of kv head 0): scores up to 300
+    keys, values = rng.integers(-3, 4, size=(2, 2, 5, 4)).astype(np.float32)  # [Hkv, S, D]: 2 held before
+    expected = _direct_causal_attention(q, keys, values, 0.5)
+    got = kernel(q, keys, values, 0.5)
+    assert np.abs(expected[:, 0]).max() > 0 and np.abs(expected[:, 1:]).max() > 0
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+
+
 def test_the_few_query_kernel_takes_over_exactly_where_documented(monkeypatch):
     # The kernel and the NumPy definition agree to float32 rounding, so outputs alone cannot show
     # which one ran: an off-by-one in KERNEL_FROM_KEYS or FEW_QUERY_ROWS, or counting tokens

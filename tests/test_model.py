@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 import minqwen
 from conftest import FIXTURES, require_reference
 from minqwen import MinqwenError
+from minqwen.attention import KVCache
 from minqwen.linear import BF16
 from minqwen.model import Cache, Model
 from minqwen.rope import mrope_cos_sin, text_position_ids
@@ -235,6 +236,21 @@ def test_a_cache_of_another_model_is_refused_not_run_on_fewer_layers():
     assert [l.layer_type for l in other.layers] == [l.layer_type for l in model.layers]
     with pytest.raises(MinqwenError, match="their sizes"):
         model.forward([1, 2], other.new_cache())
+
+
+def test_a_cache_whose_attention_keys_have_another_head_dim_is_refused():
+    # The same layers and the same number of key/value heads, but keys and values of another
+    # width, as a model with another head_dim makes them: refused by name, not left to a raw
+    # NumPy broadcast error inside the first attention layer.
+    model = MODELS["text_tied_fp32"]
+    c = model.config
+    cache = model.new_cache()
+    for i, state in enumerate(cache.layers):
+        if isinstance(state, KVCache):
+            cache.layers[i] = KVCache(c.num_key_value_heads, 2 * c.head_dim)
+    with pytest.raises(MinqwenError, match="their sizes"):
+        model.forward([1, 2], cache)
+    assert cache.position == 0
 
 
 def test_an_unknown_deltanet_form_is_an_error_not_the_recurrent_form():

@@ -17,8 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import minqwen
-from conftest import (FLOAT32_SANITY, assert_logits_match_reference, judge_in_float64, minqwen_steps,
-                      reference_steps, require_reference)
+from conftest import (FLOAT32_SANITY, FLOAT64_ATOL, assert_logits_match_reference, judge_in_float64,
+                      minqwen_steps, reference_steps, require_reference)
 
 pytestmark = pytest.mark.reference
 ATOL = 1e-4
@@ -164,6 +164,22 @@ def test_logits_at_long_positions_match_transformers_with_qwen35_rotary(tmp_path
         expected = model(input_ids=torch.tensor(ids[None]), position_ids=torch.tensor(positions[None])).logits[0]
     got = minqwen.load(tmp_path).forward(ids, position_ids=np.broadcast_to(positions, (3, 8)))
     np.testing.assert_allclose(got, expected.numpy(), rtol=0, atol=ATOL)
+
+
+def test_every_norm_takes_the_configs_eps_seen_in_float64(tmp_path):
+    # The fixtures all have eps 1e-6, and a drawn eps of 1e-5 is judged in float64 only when
+    # float32 misses 1e-4: a norm left at 1e-6 (the final one) moves these logits by ~2e-5,
+    # which float32 parity cannot tell from round-off. Both sides in float64 can (~1e-13 apart).
+    reference = require_reference()
+    text = dict(SMALL_HYBRID, rms_norm_eps=1e-5)
+    model = reference.build_model(text, 3)
+    reference.save_checkpoint(model, tmp_path, dtype="float32")
+    ids = np.random.default_rng(3).integers(0, text["vocab_size"], size=8)
+    with reference.computing_in_float64():
+        exact = reference_steps(model.double(), ids, 6)
+    got = minqwen_steps(minqwen.load(tmp_path).astype(np.float64), ids, 6)
+    for step, (g, e) in enumerate(zip(got, exact, strict=True)):
+        np.testing.assert_allclose(g, e, rtol=0, atol=FLOAT64_ATOL, err_msg=f"step {step}")
 
 
 @pytest.mark.parametrize("pieces", [[5, 7], [1, 1, 10], [3, 70], [64, 64, 5], [10, 3, 1, 4]])

@@ -52,6 +52,34 @@ def test_yarn_frequencies_and_attention_factor_match_transformers(rope, head_dim
 
 
 @pytest.mark.parametrize("rope", [
+    {"original_max_position_embeddings": 262144},
+    {"original_max_position_embeddings": 4096, "beta_slow": 0.01},
+], ids=["long-original", "tiny-beta_slow"])
+def test_a_yarn_ramp_ending_past_the_middle_frequency_matches_transformers(rope):
+    # The ramp's far end, correction_dim(beta_slow) = R·ln(orig / (2π·beta_slow)) / (2·ln theta),
+    # is clamped to R − 1 (in transformers as here). The drawn configs keep it below R/2, where
+    # a clamp at R/2 − 1 (the last frequency index) would agree; these put it past R/2.
+    require_reference()
+    import math
+
+    from transformers import Qwen3_5TextConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rope = dict({"rope_type": "yarn", "rope_theta": 1e4, "factor": 8.0, "partial_rotary_factor": 1.0}, **rope)
+    rotary = 16
+    original, beta_slow = rope["original_max_position_embeddings"], rope.get("beta_slow", 1.0)
+    far_end = rotary * math.log(original / (2 * math.pi * beta_slow)) / (2 * math.log(rope["rope_theta"]))
+    assert far_end > rotary / 2  # the case this test is for
+    text = text_config(rope, max_position_embeddings=original * 8)
+    inv_freq, factor = ROPE_INIT_FUNCTIONS["yarn"](Qwen3_5TextConfig(**text))
+    ours = config_from_dict(dict(text, model_type="qwen3_5_text"))
+    assert ours.rotary_dim == rotary
+    got, got_factor = yarn_inverse_frequencies(ours.rope_theta, ours.rotary_dim, ours.yarn)
+    np.testing.assert_allclose(got, inv_freq.numpy(), rtol=2e-7)
+    assert got_factor == pytest.approx(factor, rel=1e-12)
+
+
+@pytest.mark.parametrize("rope", [
     {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "beta_fast": 0, "beta_slow": 0},
     {"rope_type": "yarn", "rope_theta": 1e4, "factor": None},
     {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0},
