@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import re
 import shutil
 import struct
@@ -91,6 +92,28 @@ def test_a_tensor_of_the_wrong_shape_is_an_error_naming_it_with_both_shapes(tmp_
     expected = f"{folder / 'model.safetensors'}: tensor '{NORM}' has shape [47] but the config needs [48]"
     with pytest.raises(MinqwenError, match=re.escape(expected)):
         minqwen.load(folder)
+
+
+def test_a_matrix_stored_transposed_is_an_error_though_it_has_as_many_elements(tmp_path):
+    # A converter that forgets a transpose writes [48, 96] where [96, 48] belongs: the same bytes,
+    # so a check of the element count alone would load it and give silently wrong numbers.
+    folder = copy_fixture(tmp_path)
+    name = "model.layers.0.mlp.gate_proj.weight"  # [intermediate 96, hidden 48]
+    rewrite_tensors(folder, lambda t: t.update({name: np.ascontiguousarray(t[name].T)}))
+    expected = f"{folder / 'model.safetensors'}: tensor '{name}' has shape [48, 96] but the config needs [96, 48]"
+    with pytest.raises(MinqwenError, match=re.escape(expected)):
+        minqwen.load(folder)
+
+
+def test_a_tied_checkpoint_that_stores_only_lm_head_loads_it_as_the_embedding_too(tmp_path):
+    # Tied, with the shared matrix saved under the head's name only: transformers 5.23.0 ties the
+    # embedding to it. The fixture's expected logits are transformers' for the same matrix.
+    folder = copy_fixture(tmp_path)
+    rewrite_tensors(folder, lambda t: t.update({"lm_head.weight": t.pop("model.embed_tokens.weight")}))
+    model = minqwen.load(folder)
+    assert model.lm_head is model.embed_tokens and model.load_report == ""
+    expected = load_file(str(folder / "expected.safetensors"))
+    np.testing.assert_allclose(model.forward(expected["token_ids"]), expected["logits"], rtol=0, atol=1e-4)
 
 
 def test_an_integer_tensor_where_a_float_is_needed_is_an_error_naming_its_dtype(tmp_path):
@@ -207,6 +230,26 @@ def test_data_offsets_outside_the_file_are_an_error_naming_the_tensor(tmp_path):
         SafetensorsFile(path)
 
 
+def test_data_offsets_ending_one_byte_past_the_data_are_an_error_when_the_file_is_opened(tmp_path):
+    # The boundary: ending exactly at the end of the data is fine, one byte further is outside
+    # (a memory-mapped expert would otherwise fail with a bare reshape error, or read short).
+    ok = write_raw(tmp_path / "ok.safetensors", {"w": entry("U8", [4], 1, 5)}, data=bytes(5))
+    assert SafetensorsFile(ok).array("w").shape == (4,)
+    path = write_raw(tmp_path / "x.safetensors", {"w": entry("U8", [4], 1, 5)}, data=bytes(4))
+    with pytest.raises(MinqwenError, match=names(path, "w") + r": data_offsets \[1, 5\] point outside the file, "
+                                           r"whose data section has 4 bytes"):
+        SafetensorsFile(path)
+
+
+def test_data_offsets_spanning_more_bytes_than_dtype_and_shape_need_is_an_error(tmp_path):
+    # float32 data under a header that says F16: the span is twice what F16 [2] needs, and reading
+    # its first 4 bytes as two halves would give silently wrong numbers.
+    path = write_raw(tmp_path / "x.safetensors", {"w": entry("F16", [2], 0, 8)},
+                     data=np.array([1.5, -2.0], np.float32).tobytes())
+    with pytest.raises(MinqwenError, match=names(path, "w") + r": data_offsets span 8 bytes but F16 \[2\] needs 4"):
+        SafetensorsFile(path)
+
+
 def test_data_offsets_that_end_before_they_begin_are_an_error_naming_the_tensor(tmp_path):
     path = write_raw(tmp_path / "x.safetensors", {"w": entry("F32", [1], 8, 4)}, data=bytes(16))
     with pytest.raises(MinqwenError, match=names(path, "w") + r": bad data_offsets \[8, 4\]"):
@@ -261,6 +304,14 @@ def test_a_tensor_nested_inside_another_is_an_overlap_even_with_a_third_in_betwe
     header = {"outer": entry("U8", [12], 0, 12), "x": entry("U8", [2], 2, 4), "y": entry("U8", [2], 6, 8)}
     path = write_raw(tmp_path / "x.safetensors", header, data=bytes(12))
     with pytest.raises(MinqwenError, match=names(path) + r": bad header: tensors '.*' and '.*' overlap"):
+        SafetensorsFile(path)
+
+
+def test_an_overlap_of_one_byte_between_the_last_two_of_three_tensors_is_an_error_naming_both(tmp_path):
+    # The smallest overlap, and not between the first two spans: every neighbouring pair is checked.
+    header = {"a": entry("U8", [4], 0, 4), "b": entry("U8", [4], 4, 8), "c": entry("U8", [4], 7, 11)}
+    path = write_raw(tmp_path / "x.safetensors", header, data=bytes(11))
+    with pytest.raises(MinqwenError, match=names(path) + r": bad header: tensors 'b' and 'c' overlap"):
         SafetensorsFile(path)
 
 
@@ -751,6 +802,32 @@ def test_a_hub_id_is_found_in_the_cache_huggingface_hub_downloads_to(tmp_path, m
     snapshot.mkdir(parents=True)
     monkeypatch.setenv(variable, str(tmp_path))
     assert find_checkpoint("org/tiny") == snapshot
+
+
+def test_hf_hub_cache_wins_over_its_older_name_huggingface_hub_cache(tmp_path, monkeypatch):
+    # huggingface_hub's constants.py: HF_HUB_CACHE = getenv("HF_HUB_CACHE", HUGGINGFACE_HUB_CACHE).
+    # With both set (an old shell profile beside a new one), the newer name says where downloads go.
+    from minqwen.checkpoint import find_checkpoint
+
+    for name, folder in (("HF_HUB_CACHE", "new"), ("HUGGINGFACE_HUB_CACHE", "old")):
+        (tmp_path / folder / "models--org--tiny" / "snapshots" / "abc1234").mkdir(parents=True)
+        monkeypatch.setenv(name, str(tmp_path / folder))
+    assert find_checkpoint("org/tiny") == tmp_path / "new" / "models--org--tiny" / "snapshots" / "abc1234"
+
+
+def test_a_hub_id_resolves_to_the_snapshot_refs_main_names_not_the_newest_one(tmp_path, monkeypatch):
+    # huggingface_hub reads refs/main for the commit of "main"; a snapshot of another revision
+    # (a branch, a pinned commit) downloaded later must not be taken instead.
+    from minqwen.checkpoint import find_checkpoint
+
+    repo = tmp_path / "models--org--tiny"
+    for name, age in (("aaa1111", 100), ("bbb2222", 10)):  # bbb2222 downloaded last
+        (repo / "snapshots" / name).mkdir(parents=True)
+        os.utime(repo / "snapshots" / name, (1e9 - age, 1e9 - age))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("aaa1111")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    assert find_checkpoint("org/tiny") == repo / "snapshots" / "aaa1111"
 
 
 def test_a_hub_cache_variable_starting_with_a_tilde_is_under_home(tmp_path, monkeypatch):

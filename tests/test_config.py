@@ -381,6 +381,17 @@ def test_a_rope_theta_whose_angles_overflow_within_the_context_is_an_error_namin
         parse(small_text(rope_parameters={"rope_type": "default", "rope_theta": 1e-74}))
 
 
+def test_the_angle_overflow_check_reaches_the_last_position_of_the_context():
+    # head_dim 4, whole head rotated: frequencies 1 and 1e20. Position 2⁶¹ × 1e20 is a float32,
+    # the last position 2⁶² − 1 (≈ 2⁶² in float32) × 1e20 = 4.6e38 is not — the check must go all the way.
+    raw = small_text(head_dim=4, max_position_embeddings=2**62,
+                     rope_parameters={"rope_type": "default", "rope_theta": 1e-40, "partial_rotary_factor": 1.0})
+    assert np.isfinite(np.float32(2**61) * np.float32(1e20))
+    with pytest.raises(MinqwenError, match=r"rope_theta' is 1e-40: .* within the context \(4611686018427387904 "
+                                           r"positions"):
+        parse(raw)
+
+
 @pytest.mark.reference
 @pytest.mark.parametrize("theta", [1.0, 0.5, 1e-20, 1e300], ids=str)
 def test_a_rope_theta_transformers_computes_finite_frequencies_for_loads_with_its_frequencies(theta):

@@ -146,6 +146,18 @@ def test_a_default_rope_with_a_leftover_factor_is_plain_rotary_as_in_transformer
     np.testing.assert_allclose(freqs, ref_freqs, rtol=1e-6)
 
 
+def test_a_partial_rotary_factor_not_dividing_head_dim_rotates_the_floor_as_in_transformers(tmp_path):
+    # 16 × 0.55 = 8.8: transformers rotates int(8.8) = 8 dims (4 frequencies). Rounding instead
+    # would ask for 9, an odd count, and refuse a config transformers runs.
+    raw = dict(TINY, model_type="qwen3_5_text",
+               rope_parameters=dict(rope_type="default", rope_theta=1e4, partial_rotary_factor=0.55))
+    text = hf_config(write_config(tmp_path, raw))
+    ref_freqs, _ = hf_text_rotary(text)
+    c = quiet(load_config, tmp_path)
+    assert c.rotary_dim == 2 * len(ref_freqs)
+    np.testing.assert_allclose(ours_rotary(c)[0], ref_freqs, rtol=1e-6)
+
+
 # ------------------------------------------------------------------------------------- vision
 
 

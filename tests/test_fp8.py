@@ -22,6 +22,7 @@ What is checked, top to bottom:
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import shutil
@@ -212,6 +213,20 @@ def test_fp8_tensor_rows_of_an_expert_are_those_rows_of_the_dequantized_stack(we
     assert lazy[:, start:stop].shape == (q.shape[0], stop - start, q.shape[2])
     assert np.array_equal(lazy[:, start:stop][e].dequantize(), expected[e, start:stop])
     assert np.array_equal(lazy[e].dequantize(), expected[e])
+
+
+def test_rows_of_rows_of_an_fp8_tensor_are_counted_from_the_first_slice():
+    # t[:, a:b][:, c:d] is rows a+c … a+d−1 of the stack. The slice keeps an offset into the stored
+    # matrix; a second slice must add to it, not replace it (the up_proj half of a fused
+    # gate_up_proj is itself such a slice).
+    rng = np.random.default_rng(0)
+    q = np.clip(rng.normal(0, 100, (2, 23, 9)), -448, 448).astype(FP8)
+    block = (4, 5)
+    scale = (2.0 ** rng.uniform(-8, 4, (2, 6, 2))).astype(np.float32)
+    expected = explicit_dequantization(q, scale, block)
+    twice = FP8Tensor(q, scale, block)[:, 6:20][:, 3:9]
+    assert twice.shape == (2, 6, 9)
+    assert np.array_equal(twice[1].dequantize(), expected[1, 9:15])
 
 
 def test_dequantizing_holds_little_more_than_the_float32_result():
@@ -455,12 +470,56 @@ def test_an_f8_e5m2_tensor_is_an_error_naming_the_dtype(quantized, tmp_path):
         minqwen.load(folder)
 
 
+def test_an_fp8_tensor_that_is_not_a_matrix_is_an_error_naming_it(quantized, tmp_path):
+    # A norm weight written as F8_E4M3 (with a scale beside it) has no rows × columns grid to
+    # scale: a clear error, not an unpacking error from deep inside the block arithmetic.
+    folder = copy_of(quantized(DIVIDING[0])[0], tmp_path)
+    norm = "model.norm.weight"
+
+    def to_fp8(t):
+        t[norm] = t[norm].astype(np.float32).astype(FP8)
+        t[norm + "_scale_inv"] = np.ones(1, np.float32)
+
+    rewrite(folder, to_fp8)
+    with pytest.raises(MinqwenError, match=rf"'{norm}' is stored as F8_E4M3 \(FP8\) but has shape \[48\]; FP8 "
+                                           r"weights are matrices"):
+        minqwen.load(folder)
+
+
+@pytest.mark.parametrize("case", [DIVIDING[2], EDGE_OR_FUSED[2]], ids=case_id)
+def test_inspect_counts_fp8_expert_bytes_as_the_file_stores_them(quantized, case):
+    # A fused gate_up_proj has one scale array per expert for its gate and its up rows: it is
+    # stored once, and minqwen inspect must count it once. Expected: the file header's byte counts.
+    from conftest import tensor_headers
+    from minqwen.summary import experts
+
+    folder, _ = quantized(case)
+    itemsize = {"F8_E4M3": 1, "BF16": 2, "F16": 2, "F32": 4}
+    experts_stored = {name: header for name, header in tensor_headers(folder).items() if ".mlp.experts." in name}
+    stored_bytes = sum(int(np.prod(shape)) * itemsize[dtype] for dtype, shape in experts_stored.values())
+    assert any(name.endswith("_scale_inv") for name in experts_stored)
+    assert experts(minqwen.load(folder))[2] == stored_bytes
+
+
 FP8_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128],
               "modules_to_not_convert": ["lm_head", "model.visual"]}
 
 
 def text_config(**top):
     return {"model_type": "qwen3_5_text", "num_hidden_layers": 4, **top}
+
+
+@pytest.mark.reference
+def test_ignored_layers_is_read_as_modules_to_not_convert_as_in_transformers():
+    # Some FP8 releases name the skip list ignored_layers; transformers 5.23.0's FineGrainedFP8Config
+    # takes it as modules_to_not_convert, and minqwen inspect shows it under that name.
+    require_reference()
+    from transformers import FineGrainedFP8Config
+
+    q = {k: v for k, v in FP8_CONFIG.items() if k != "modules_to_not_convert"}
+    q["ignored_layers"] = ["lm_head", "model.visual", "mtp"]
+    expected = FineGrainedFP8Config(**copy.deepcopy(q)).modules_to_not_convert
+    assert config_from_dict(text_config(quantization_config=q)).quantization.modules_to_not_convert == tuple(expected)
 
 
 @pytest.mark.parametrize("quantization, message", [

@@ -505,6 +505,19 @@ def test_a_layer_without_experts_is_an_error_naming_both_layouts(tmp_path):
         minqwen.load(tmp_path)
 
 
+def test_a_layer_missing_all_of_expert_0_names_expert_0s_tensor_not_no_experts(tmp_path):
+    # A shard lost in transfer can take every tensor of one expert: the other experts still say
+    # "per expert", so the error names the missing tensor rather than claiming there are no experts.
+    source = FIXTURES / "moe_text_per_expert_fp32"
+    shutil.copy(source / "config.json", tmp_path / "config.json")
+    tensors = {k: v for k, v in load_file(str(source / "model.safetensors")).items()
+               if not k.startswith("model.layers.1.mlp.experts.0.")}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with pytest.raises(MinqwenError, match=r"tensor 'model\.layers\.1\.mlp\.experts\.0\.gate_proj\.weight' is "
+                                           r"missing"):
+        minqwen.load(tmp_path)
+
+
 @pytest.mark.parametrize("missing", ["experts.3.up_proj.weight", "experts.0.gate_proj.weight", "shared_expert_gate.weight",
                                      "gate.weight"])
 def test_a_missing_moe_tensor_is_an_error_naming_it(tmp_path, missing):

@@ -202,6 +202,11 @@ def test_yarn_is_static_the_same_frequencies_at_every_position(tmp_path, monkeyp
 @pytest.mark.parametrize("bad, message", [
     ({"rope_type": "yarn", "factor": -1.0}, "factor"),
     ({"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 0}, "original_max_position_embeddings"),
+    # 0 is not "absent": a factor of 0 divides the slow frequencies by 0, an attention factor of 0 zeroes
+    # every rotated dim (transformers computes NaN or silently wrong scores); neither may fall back to a default.
+    ({"rope_type": "yarn", "factor": 0}, r"'rope_parameters\.factor' must be a positive finite number, got 0"),
+    ({"rope_type": "yarn", "factor": 2.0, "attention_factor": 0.0},
+     r"'rope_parameters\.attention_factor' must be a positive finite number, got 0\.0"),
     ({"rope_type": "yarn", "factor": 2.0, "truncate": "yes"}, "truncate"),
     ({"rope_type": "yarn", "factor": 2.0, "bogus": 1}, "bogus"),
     ({"rope_type": "linear", "factor": 2.0}, "'linear'"),
