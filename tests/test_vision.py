@@ -9,6 +9,7 @@ Pillow. The live lane (marked ``reference``) draws random vision configs and ima
 compares in-process; a draw that misses 1e-4 is judged in float64, as the text lane's (conftest).
 """
 
+import copy
 import json
 import shutil
 import sys
@@ -177,6 +178,10 @@ def test_a_clip_of_frames_is_its_frames_encoded_one_by_one(fixture):
 def test_image_pads_are_expanded_one_per_merged_patch():
     ids = vision.expand_image_tokens([5, 9, 6, 9, 7], [[1, 4, 6], [1, 2, 2]], image_token_id=9, merge=2)
     assert ids.tolist() == [5] + [9] * 6 + [6] + [9] + [7]
+    # Every frame counts: the reference processor gives an image grid_thw.prod() // merge² tokens, t included
+    # (preprocessing always makes t = 1, so only a grid passed in shows it).
+    ids = vision.expand_image_tokens([5, 9, 7], [[2, 4, 6]], image_token_id=9, merge=2)
+    assert ids.tolist() == [5] + [9] * 12 + [7]
 
 
 def test_rope_index_follows_the_reference_rule():
@@ -187,6 +192,9 @@ def test_rope_index_follows_the_reference_rule():
     assert positions[:, :2].tolist() == [[10, 11]] * 3
     assert positions[:, 2:8].tolist() == [[12] * 6, [12, 12, 12, 13, 13, 13], [12, 13, 14, 12, 13, 14]]
     assert positions[:, 8].tolist() == [15, 15, 15] and next_position == 16
+    # An image with no run of <|image_pad|> for it is an error, not silently left out.
+    with pytest.raises(MinqwenError, match="1 images were given but the prompt has 0 runs"):
+        vision.rope_index([1, 2, 3], [[1, 4, 6]], config)
 
 
 def test_after_an_image_of_more_frames_than_rows_the_next_position_is_the_largest_plus_one():
@@ -255,6 +263,8 @@ def test_a_huge_image_is_resized_into_the_budget_without_a_memory_blow_up():
 def test_bad_arrays_are_refused_by_name():
     with pytest.raises(MinqwenError, match=r"empty: 5×0 pixels"):
         read_image(np.zeros((0, 5, 3), np.uint8))
+    with pytest.raises(MinqwenError, match=r"empty: 0×5 pixels"):  # no columns: read_image is public, not only preprocess
+        read_image(np.zeros((5, 0, 3), np.uint8))
     with pytest.raises(MinqwenError, match=r"must have shape \[H, W, 3\]"):
         read_image(np.zeros((5, 5), np.uint8))
     with pytest.raises(MinqwenError, match="must be uint8"):
@@ -274,6 +284,10 @@ def test_an_extreme_aspect_ratio_is_refused():
     config = preprocessor_config_from_dict(dict(patch_size=4, merge_size=2))
     with pytest.raises(MinqwenError, match="aspect ratio above 200"):
         preprocess(np.zeros((1, 201, 3), np.uint8), config)
+    # Exactly 200:1 is still allowed, as in the reference (its check is `> MAX_RATIO`): grown to the
+    # default minimum of 3136 pixels, 8 × 792 (transformers' smart_resize(1, 200, 8, 3136, 1003520)).
+    _, grid = preprocess(np.zeros((1, 200, 3), np.uint8), config)
+    assert grid.tolist() == [[1, 2, 198]]
 
 
 def test_missing_corrupt_and_truncated_files_are_refused_by_name(tmp_path):
@@ -366,6 +380,15 @@ def test_without_pillow_files_need_it_and_arrays_do_not(monkeypatch, tmp_path):
     assert grid.tolist() == [[1, 8, 4]] and pixel_values.shape == (32, 3 * 2 * 4 * 4)
 
 
+def test_the_token_count_of_each_image_is_the_number_of_image_tokens_the_reference_gave_it(fixture):
+    # Against the reference processor's expanded ids, on both fixtures: merge 2 and merge 3 (where
+    # patches / m² and patches / m / 2, say, part).
+    _, tower, expected, prompts = fixture
+    for prompt in prompts:
+        count = sum(tower.token_count(*image.shape[:2]) for image in images_of(expected, prompt))
+        assert count == int((expected[f"{prompt}.input_ids"] == tower.config.image_token_id).sum())
+
+
 def test_image_token_count_not_matching_the_images_is_refused(fixture):
     model, tower, expected, prompts = fixture
     prompt = max(prompts, key=lambda p: len(expected[f"{p}.images"]))
@@ -390,6 +413,12 @@ def test_pixel_values_not_matching_the_grid_are_refused(fixture):
         tower.forward(pixel_values[:-1], grid)
     with pytest.raises(MinqwenError, match="multiples of spatial_merge_size"):
         tower.forward(pixel_values, [[1, grid[0, 1] + 1, grid[0, 2]]])
+    # A zero in the grid: no frames would give no features silently, no rows a division by zero
+    # in the attention; 0 is a multiple of every merge size, so only the positivity check sees it.
+    empty = np.zeros((0, tower.config.patch_dim), np.float32)
+    for zero in ([0, grid[0, 1], grid[0, 2]], [1, 0, grid[0, 2]], [1, grid[0, 1], 0]):
+        with pytest.raises(MinqwenError, match="grid_thw must be positive"):
+            tower.forward(empty, [zero])
 
 
 # ==================================================================== configs and checkpoints
@@ -457,9 +486,15 @@ def test_a_special_token_outside_the_vocabulary_is_an_error(folder):
         vision.load_vision(folder)
 
 
-def test_preprocessor_must_agree_with_the_tower(folder):
-    edit_json(folder / "preprocessor_config.json", lambda c: c.update(merge_size=3))
-    with pytest.raises(MinqwenError, match="merge_size is 3 but config.json's vision_config.spatial_merge_size is 2"):
+@pytest.mark.parametrize("field, value, message", [
+    ("merge_size", 3, "merge_size is 3 but config.json's vision_config.spatial_merge_size is 2"),
+    ("patch_size", 3, "patch_size is 3 but config.json's vision_config.patch_size is 4"),
+    # one frame per patch would make pixel_values half as wide as the tower's patch_embed reads
+    ("temporal_patch_size", 1, "temporal_patch_size is 1 but config.json's vision_config.temporal_patch_size is 2"),
+])
+def test_preprocessor_must_agree_with_the_tower(folder, field, value, message):
+    edit_json(folder / "preprocessor_config.json", lambda c: c.update({field: value}))
+    with pytest.raises(MinqwenError, match=message):
         vision.load_vision(folder)
 
 
@@ -621,8 +656,6 @@ def judge_vision_in_float64(reference, model, processor, ours, tower, images, id
     """Past LIVE_ATOL in float32: both towers and text models again in float64, judged by
     conftest.assert_agree_in_float64. The reference's text model reads minqwen's float64
     features, and minqwen's greedy steps follow the float64 reference's tokens."""
-    import copy
-
     import make_vision_fixtures as builder
 
     ours64, tower64 = ours.astype(np.float64), tower.astype(np.float64)
@@ -703,6 +736,87 @@ def test_smart_resize_is_the_references(h, w, factor, budget):
     if max(h, w) / min(h, w) > 200:
         return
     assert smart_resize(h, w, factor, *budget) == reference_smart_resize(h, w, factor, *budget)
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("h, w, budget, want", [
+    (60, 68, (64, 64 * 64), (64, 64)),  # rounds (half to even) to 64 × 64, exactly max_pixels: kept, not shrunk to 56 × 64
+    (60, 68, (64 * 64, 2**20), (64, 64)),  # exactly min_pixels: kept, not grown to 64 × 72
+    (1, 200, (56 * 56, 28 * 28 * 1280), (8, 792)),  # an aspect ratio of exactly 200 is still allowed
+])
+def test_smart_resize_on_the_edges_of_its_budget_is_the_references(h, w, budget, want):
+    """The bounds are strict in the reference (> max_pixels shrinks, < min_pixels grows); the random
+    draws above rarely land exactly on them."""
+    require_reference()
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as reference_smart_resize
+
+    assert reference_smart_resize(h, w, 8, *budget) == want
+    assert smart_resize(h, w, 8, *budget) == want
+
+
+@pytest.mark.reference
+def test_a_preprocessor_config_leaving_fields_out_gets_the_reference_processors_defaults():
+    """Fields a preprocessor_config.json leaves out take the reference class's defaults (Qwen2-VL's);
+    the fixtures write every field, so none of the defaults is used there."""
+    require_reference()
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    reference = Qwen2VLImageProcessorPil()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # and an empty config is no unknown field
+        ours = preprocessor_config_from_dict({})
+    assert (ours.min_pixels, ours.max_pixels) == (reference.size.shortest_edge, reference.size.longest_edge)
+    assert ours.image_mean == tuple(reference.image_mean) and ours.image_std == tuple(reference.image_std)
+    assert (ours.patch_size, ours.temporal_patch_size, ours.merge_size) == (
+        reference.patch_size, reference.temporal_patch_size, reference.merge_size)
+    assert (ours.resample, ours.rescale_factor) == (int(reference.resample), reference.rescale_factor)
+    assert (ours.do_resize, ours.do_rescale, ours.do_normalize) == (
+        reference.do_resize, reference.do_rescale, reference.do_normalize)
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("change", [
+    dict(rope_parameters=None, rope_theta=50.0),  # rope_theta in its legacy place, beside the other fields
+    dict(rope_parameters=dict(rope_type="default", rope_theta=7.0)),  # an old save's rope_type, read as axial
+    dict(depth=None, num_hidden_layers=1, num_heads=None, num_attention_heads=4),  # the attribute_map aliases
+], ids=repr)
+def test_legacy_and_aliased_vision_fields_are_read_as_transformers_reads_them(change):
+    require_reference()
+    from transformers.models.qwen3_5.configuration_qwen3_5 import Qwen3_5VisionConfig
+
+    raw = json.loads((VISION_FIXTURES / "vision_fp32" / "config.json").read_text())
+    fields = {k: v for k, v in dict(raw["vision_config"], **change).items() if v is not None}
+    raw["vision_config"] = fields
+    reference = Qwen3_5VisionConfig(**copy.deepcopy(fields))  # it rewrites a rope_parameters dict in place
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an alias must not be reported as an unknown field
+        ours = vision.vision_config_from_dict(raw, raw["text_config"]["hidden_size"], raw["text_config"]["vocab_size"])
+    assert (ours.depth, ours.num_heads) == (reference.depth, reference.num_heads)
+    assert ours.rope_theta == reference.rope_parameters["rope_theta"]
+
+
+@pytest.mark.reference
+def test_rope_index_of_multi_frame_grids_is_the_references():
+    """Frames of a grid with t > 1 on the first row, each frame's merged grid on the other two — the
+    reference's (t, row, column) meshgrid. The fixtures' images all have t = 1, and the t > 1 case
+    above is one merged patch a frame, where any order of the three axes gives the same positions."""
+    require_reference()
+    import torch
+
+    import make_vision_fixtures as builder
+
+    model = builder.build_vision_model(builder.tiny_text(), builder.tiny_vision(), seed=0)
+    config = vision.VisionConfig(image_token_id=model.config.image_token_id,
+                                 video_token_id=model.config.video_token_id, spatial_merge_size=2)
+    grid = np.array([[2, 4, 6], [3, 6, 2]])
+    ids = np.array([1, 2, config.image_token_id, 3, config.image_token_id, 4])
+    full = vision.expand_image_tokens(ids, grid, config.image_token_id, 2)
+    input_ids = torch.from_numpy(full)[None]
+    want, delta = model.model.get_rope_index(input_ids, (input_ids == config.image_token_id).int(),
+                                             image_grid_thw=torch.from_numpy(grid))
+    positions, next_position = vision.rope_index(full, grid, config)
+    np.testing.assert_array_equal(positions, want[:, 0].numpy())
+    assert next_position - len(full) == int(delta.reshape(-1)[0])
 
 
 @pytest.mark.reference
@@ -793,6 +907,15 @@ def test_transparency_without_an_alpha_band_goes_white_as_in_the_reference(mode,
 
 
 # ==================================================================== preprocessing without the reference
+
+
+def test_do_resize_false_refuses_an_image_past_the_allocation_limit_before_touching_its_pixels():
+    # 16385 × 16384 pixels (2²⁸ + 2¹⁴), a broadcast view of one pixel: only its size is read. Not shrunk
+    # (do_resize false), it would be 3 GB of float32; the limit is checked before the grid is.
+    config = preprocessor_config_from_dict(dict(BASE, do_resize=False))
+    huge = np.broadcast_to(np.zeros((1, 1, 3), np.uint8), (16385, 16384, 3))
+    with pytest.raises(MinqwenError, match=r"16384×16385 pixels, more than minqwen allocates .*do_resize is false"):
+        preprocess(huge, config)
 
 
 def test_do_resize_false_refuses_either_side_off_the_grid_by_name():
