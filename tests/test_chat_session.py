@@ -16,7 +16,7 @@ from safetensors.numpy import load_file
 
 import minqwen
 from conftest import FIXTURES, ROOT, STORED_ITEMSIZE, Recorder, forced, require_reference, tensor_headers
-from minqwen import vision
+from minqwen import MinqwenError, vision
 from minqwen.checkpoint import EMBEDDED
 from minqwen.generate import ChatSession, GenerationStats
 from minqwen.sampling import SamplingParams
@@ -117,6 +117,60 @@ def test_a_rewritten_history_is_fed_again_only_from_the_end_of_the_previous_mess
     full = tok.encode(tok.render_chat(session.messages[:-1], add_generation_prompt=True, enable_thinking=True))
     assert full[: len(first_body)] == first_body
     assert counting.fed == len(full) - len(first_body) + stats.generated_tokens - 1
+
+
+def test_a_history_edited_in_place_is_fed_again_from_the_first_token_that_changed():
+    """A caller may edit session.messages (here the system message) between turns. "Alice" and
+    "Carol" take as many tokens, so every position after the edit still matches the log: only a
+    prefix that ends at the first differing token tells the session to roll back before it.
+    Catches: counting every matching position, which keeps the cache that read "Alice"."""
+    model, tok = minqwen.load(EMBEDDED), Tokenizer(EMBEDDED)
+    alice, carol = tok.encode("You are Alice."), tok.encode("You are Carol.")
+    assert len(alice) == len(carol) and alice != carol  # the premise: an edit of the same length
+    recorder = Recorder(model)
+    session = ChatSession(recorder, tok, enable_thinking=False,
+                          messages=[{"role": "system", "content": "You are Alice."}])
+    "".join(session.reply("Hello there.", max_new_tokens=6))
+    session.messages[0] = {"role": "system", "content": "You are Carol."}
+    stats = GenerationStats()
+    "".join(session.reply("Again.", max_new_tokens=6, stats=stats))
+    fresh_logits_match(model, session, recorder, stats.generated_tokens)
+
+
+# Plain ChatML, which re-renders an answer exactly as it was generated (Qwen's templates rewrite
+# it, dropping the think block even with thinking off).
+PLAIN_CHATML = ("{%- for m in messages %}{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}"
+                "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+
+
+def test_a_history_the_new_rendering_extends_is_not_fed_again():
+    """When the next turn's rendering extends the log, only what is new is fed: the end of the
+    answer (its last id was sampled, never fed), the new message and the prompt. The count comes
+    from the tokenizer: the new rendering's length, less the first turn's prompt and the answer's
+    ids but the last, plus one id per new token but the last. Catches: rolling back to the
+    snapshot before the answer when nothing was rewritten."""
+    model, tok = minqwen.load(EMBEDDED), Tokenizer(EMBEDDED)
+    tok.chat_template = PLAIN_CHATML
+    answer = tok.encode("Hi there.") + [tok.token_to_id("<|im_end|>")]
+    counting = Counting(model)
+    session = ChatSession(counting, tok)
+    "".join(session.reply("Hello.", decode=forced(answer)))
+    first = tok.encode(tok.render_chat(session.messages[:1], add_generation_prompt=True))
+    counting.fed = 0
+    stats = GenerationStats()
+    "".join(session.reply("Again.", max_new_tokens=4, stats=stats))
+    full = tok.encode(tok.render_chat(session.messages[:-1], add_generation_prompt=True))
+    assert full[: len(first) + len(answer) - 1] == first + answer[:-1]  # the premise: the log is a prefix
+    assert counting.fed == len(full) - (len(first) + len(answer) - 1) + stats.generated_tokens - 1
+
+
+@pytest.mark.parametrize("text", ["", " ", "\n\t  \n"])
+def test_an_empty_or_blank_message_is_refused_and_changes_nothing(text):
+    # A blank line would otherwise become a turn of its own: the model answers nothing in particular.
+    session = ChatSession(minqwen.load(EMBEDDED), Tokenizer(EMBEDDED))
+    with pytest.raises(MinqwenError, match="the message is empty"):
+        "".join(session.reply(text))
+    assert session.messages == [] and session.log == []
 
 
 def test_the_stored_answer_is_what_the_generation_prompt_opened_then_the_streamed_text():

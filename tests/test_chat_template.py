@@ -331,6 +331,42 @@ def test_the_template_sees_plain_data_only():
         tok.render_chat([{"role": "user", "content": [{"type": "image", "image": Image()}]}])
 
 
+def test_dataclass_and_pydantic_style_messages_render_as_the_dicts_they_hold():
+    # plain_data turns a dataclass, or an object with model_dump() (the OpenAI client's pydantic
+    # messages), into the dict of its fields; without that the template would see a placeholder
+    # string "<Message>" and render no role and no content. The expected text is the rendering
+    # of the same messages written as dicts by hand.
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Message:
+        role: str
+        content: str
+
+    class Dumped:  # the pydantic interface: model_dump() gives the fields as a dict
+        def __init__(self, **fields):
+            self.fields = fields
+
+        def model_dump(self):
+            return dict(self.fields)
+
+    tok = Tokenizer(EMBEDDED)
+    as_dicts = tok.render_chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}])
+    assert tok.render_chat([Message("system", "Be brief."), Message("user", "hi")]) == as_dicts
+    assert tok.render_chat([Dumped(role="system", content="Be brief."), Dumped(role="user", content="hi")]) == as_dicts
+
+
+def test_a_refusal_by_raise_exception_is_not_reported_as_a_template_failure():
+    # The template's own raise_exception says what the conversation lacks; passing it through the
+    # catch-all for broken templates would prefix "failed to render: MinqwenError:" and blame the
+    # template for the caller's conversation.
+    tok = Tokenizer(EMBEDDED)
+    tok.chat_template = "{{ raise_exception('a system message comes first') }}"
+    with pytest.raises(MinqwenError) as refused:
+        tok.render_chat([{"role": "user", "content": "hi"}])
+    assert str(refused.value) == "the chat template refused this conversation: a system message comes first"
+
+
 def test_content_parts_render_in_the_chatml_fallback_as_qwen_templates_render_them():
     tok = Tokenizer(EMBEDDED)
     tok.chat_template = CHATML_TEMPLATE

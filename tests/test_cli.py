@@ -657,3 +657,21 @@ def test_token_ids_the_model_lacks_are_refused_before_the_prompt_is_echoed(monke
     assert cli.main(["generate", "hi", "--max-new-tokens", "2"]) == 2
     out, err = capsys.readouterr()
     assert "token id 4096, outside the model's vocabulary (vocab_size 4096" in err and out == ""
+
+
+# ==================================================================== --tokens and --context at their edges
+
+
+@pytest.mark.parametrize("text", ["151644,872,198", "151644 872 198", " 151644, 872,\t198 ", "151644\n872 ,198"])
+def test_token_ids_may_be_separated_by_commas_spaces_or_both(text):
+    # --help promises "comma- or space-separated" ids
+    from minqwen.cli import parse_token_ids
+
+    assert parse_token_ids(text) == [151644, 872, 198]
+
+
+def test_inspect_takes_a_context_of_exactly_the_models_own():
+    # The embedded model's context is 2,048 positions: a cache of all of them is the largest allowed.
+    result = run("inspect", "--context", "2048")
+    assert result.returncode == 0, result.stderr
+    assert "at a context of 2,048 tokens" in result.stdout

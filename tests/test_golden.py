@@ -512,6 +512,77 @@ def test_compare_refuses_recordings_of_different_prompts(models, tmp_path):
         golden.compare(a, b)
 
 
+def test_a_tap_of_another_shape_is_the_first_divergence_and_no_pass(tmp_path):
+    # Shapes that differ have no elements to compare, so none is "beyond tolerance": a port
+    # writing a [T, H] tap as [H, T] must still fail, and there, not at a later tap.
+    def write(path, norm):
+        golden.save({"token_ids": np.array([1, 2], np.int64), "norm": np.asarray(norm, np.float32),
+                     "logits": np.zeros((2, 3), np.float32)}, path, {"config_sha256": "same"})
+        return path
+
+    ref = write(tmp_path / "ref.safetensors", np.arange(6).reshape(2, 3))
+    port = write(tmp_path / "port.safetensors", np.arange(6).reshape(3, 2))
+    report = golden.compare(port, ref)
+    assert not report.ok
+    assert report.first_divergent.name == "norm"
+    assert "first divergence: norm (shapes differ)" in report.format()
+
+
+def test_prompts_where_one_extends_the_other_first_differ_where_the_shorter_ends(tmp_path):
+    # [1, 2] and [1, 2, 3] agree on every position both have: they first differ at position 2.
+    def write(path, ids):
+        golden.save({"token_ids": np.array(ids, np.int64), "logits": np.zeros((len(ids), 3), np.float32)},
+                    path, {"config_sha256": "same"})
+        return path
+
+    with pytest.raises(MinqwenError, match=r"\(2 vs 3 tokens, first difference at position 2\)"):
+        golden.compare(write(tmp_path / "a.safetensors", [1, 2]), write(tmp_path / "b.safetensors", [1, 2, 3]))
+
+
+def test_layers_from_ten_on_come_after_layer_nine_and_the_first_divergence_is_the_earliest_layer(tmp_path):
+    # Real checkpoints have 24 to 64 layers; the fixtures have fewer than ten. Forward order is
+    # by the layer's number, not its digits: a divergence at layer 2 comes before one at layer 12.
+    names = ["logits", "layers.12.output", "layers.2.output", "layers.10.mlp", "layers.9.output", "embed",
+             "layers.10.input_layernorm"]
+    assert sorted(names, key=golden.forward_order) == [
+        "embed", "layers.2.output", "layers.9.output", "layers.10.input_layernorm", "layers.10.mlp",
+        "layers.12.output", "logits"]
+
+    def write(path, shift):
+        tensors = {name: np.zeros(3, np.float32) for name in names}
+        for name, delta in shift.items():
+            tensors[name] = tensors[name] + delta
+        golden.save({"token_ids": np.array([1, 2], np.int64), **tensors}, path, {"config_sha256": "same"})
+        return path
+
+    ref = write(tmp_path / "ref.safetensors", {})
+    port = write(tmp_path / "port.safetensors", {"layers.12.output": 1.0, "layers.2.output": 1.0})
+    assert golden.compare(port, ref).first_divergent.name == "layers.2.output"
+
+
+def test_tolerances_given_in_the_metadata_are_kept_not_replaced_by_the_defaults(tmp_path):
+    # A port whose reference is bf16 records the tolerances it was judged at; save() fills in the
+    # fp32 defaults only where the metadata says nothing.
+    recording = {"token_ids": np.array([1, 2], np.int64), "logits": np.zeros(3, np.float32)}
+    golden.save(recording, tmp_path / "given.safetensors",
+                {"config_sha256": "same", "tolerances": {"atol": 0.02, "rtol": 0.01}})
+    golden.save(recording, tmp_path / "default.safetensors", {"config_sha256": "same"})
+    with safe_open(str(tmp_path / "given.safetensors"), framework="np") as f:
+        assert json.loads(f.metadata()["tolerances"]) == {"atol": 0.02, "rtol": 0.01}
+    with safe_open(str(tmp_path / "default.safetensors"), framework="np") as f:
+        assert json.loads(f.metadata()["tolerances"]) == {"atol": 1e-4, "rtol": 1e-3}
+
+
+def test_a_config_hash_that_is_not_json_text_is_refused_naming_it(tmp_path):
+    # A comparison reads config_sha256, so it must be JSON text like every golden value (a port
+    # writing the bare hex, without quotes, is told so), as token_ids must.
+    path = tmp_path / "port.safetensors"
+    save_file({"token_ids": np.array([1, 2], np.int64), "logits": np.zeros(3, np.float32)}, str(path),
+              metadata={"config_sha256": "ab12cd", "token_ids": "[1, 2]"})
+    with pytest.raises(MinqwenError, match="metadata 'config_sha256' is not JSON text"):
+        golden.load_recording(path)
+
+
 def test_compare_refuses_recordings_of_different_configs(models, tmp_path):
     one, two = models["text_tied_fp32"], models["multimodal_bf16_untied"]
     a = save_recording(one, golden.record(one, [1, 2, 3]), tmp_path / "a.safetensors")
@@ -561,6 +632,17 @@ def test_cli_record_then_compare_exits_0_when_within_tolerance_and_1_on_divergen
     assert any(line.startswith(">> layers.2.mlp ") for line in diverged.stdout.splitlines()), diverged.stdout
     assert "first divergence: layers.2.mlp" in diverged.stdout
     assert run_cli("compare", bad, good, "--atol", "0.1").returncode == 0
+
+
+def test_cli_record_records_as_many_decode_steps_as_asked(tmp_path, capsys):
+    out = tmp_path / "three.safetensors"
+    code = cli_main(["golden", "record", "--model", str(FIXTURES / "text_tied_fp32"), "--tokens", "3,1,4",
+                     "--decode", "3", "--taps", "logits", "--out", str(out)])
+    assert code == 0
+    recording = golden.load_recording(out)
+    assert recording.metadata["decode_steps"] == 3 and recording.tensors["generated_ids"].shape == (3,)
+    assert {"logits", "step0.logits", "step1.logits", "step2.logits"} <= set(recording.tensors)
+    assert "and 3 decode steps" in capsys.readouterr().out
 
 
 def test_cli_errors_exit_2_with_a_one_line_message(tmp_path):

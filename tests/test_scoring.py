@@ -185,6 +185,15 @@ def test_each_token_is_scored_once_by_the_first_window_that_holds_it_with_contex
     assert result.nll_nats == pytest.approx(expected, rel=1e-5)
 
 
+def test_progress_is_told_how_many_tokens_each_window_has_reached_out_of_all():
+    # The CLI's bar shows done/total: after each window, the tokens it reaches; the last call says
+    # all of them. Windows of 8 every 3 over 43 tokens end at 8, 11, …, 41, then 43 (by hand).
+    text = "the quick brown fox jumps over the lazy dog"  # 43 tokens
+    calls = []
+    score_text(TINY_TEXT, CharTokenizer(), text, window=8, stride=3, progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(end, 43) for end in range(8, 43, 3)] + [(43, 43)]
+
+
 def test_the_default_stride_is_half_the_window_and_the_default_window_the_context():
     text = "the quick brown fox jumps over the lazy dog"
     for window in (8, 9):

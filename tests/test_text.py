@@ -453,6 +453,14 @@ def test_decode_with_skip_special_tokens_drops_them_as_the_tokenizers_library():
     assert "".join(decoder.push(i) for i in ids) + decoder.flush() == dropped
 
 
+def test_decode_refuses_true_and_false_as_token_ids():
+    # bool is an int subclass: decode([True]) would quietly be token 1's text. (A mask or a
+    # comparison result passed by mistake is no list of ids.)
+    for ids in ([True], [5, False], np.array([True, False])):
+        with pytest.raises(MinqwenError, match="decode takes token ids"):
+            TOKENIZER.decode(ids)
+
+
 def copy_of_embedded(tmp_path) -> Path:
     folder = tmp_path / "model"
     shutil.copytree(EMBEDDED, folder)
