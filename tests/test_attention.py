@@ -129,15 +129,21 @@ def _direct_gated_attention(x, w, positions, hq, hkv, d, rotary_dim, theta, eps)
     return out.reshape(t_len, hq * d) @ f["o_proj"].T + f["o_proj_bias"]
 
 
+def random_attention_weights(rng, hq: int, hkv: int, d: int, hidden: int) -> AttentionWeights:
+    """float64 weights of a gated attention layer, every tensor random (norms and biases too)."""
+    def mat(*shape):
+        return rng.normal(size=shape) / np.sqrt(shape[-1])
+
+    return AttentionWeights(q_proj=mat(hq * 2 * d, hidden), k_proj=mat(hkv * d, hidden), v_proj=mat(hkv * d, hidden),
+                            o_proj=mat(hidden, hq * d), q_norm=0.3 * rng.normal(size=d), k_norm=0.3 * rng.normal(size=d),
+                            q_proj_bias=rng.normal(size=hq * 2 * d), k_proj_bias=rng.normal(size=hkv * d),
+                            v_proj_bias=rng.normal(size=hkv * d), o_proj_bias=rng.normal(size=hidden))
+
+
 def test_gated_attention_on_a_long_prompt_equals_the_direct_layer_in_float64():
     hq, hkv, d, rotary_dim, theta, eps, hidden, t_len = 4, 2, 16, 8, 1e4, 1e-6, 32, 300
     rng = np.random.default_rng(8)
-    def mat(*s):
-        return rng.normal(size=s) / np.sqrt(s[-1])
-    w = AttentionWeights(q_proj=mat(hq * 2 * d, hidden), k_proj=mat(hkv * d, hidden), v_proj=mat(hkv * d, hidden),
-                         o_proj=mat(hidden, hq * d), q_norm=0.3 * rng.normal(size=d), k_norm=0.3 * rng.normal(size=d),
-                         q_proj_bias=rng.normal(size=hq * 2 * d), k_proj_bias=rng.normal(size=hkv * d),
-                         v_proj_bias=rng.normal(size=hkv * d), o_proj_bias=rng.normal(size=hidden))
+    w = random_attention_weights(rng, hq, hkv, d, hidden)
     x = rng.normal(size=(t_len, hidden))
     positions = np.arange(t_len)
     expected = _direct_gated_attention(x, w, positions, hq, hkv, d, rotary_dim, theta, eps)
@@ -177,13 +183,7 @@ def test_the_few_query_kernel_takes_over_exactly_where_documented(monkeypatch):
         monkeypatch.setattr(attention, name, lambda *a, real=real, name=name, **k: (chosen.append(name), real(*a, **k))[1])
     hq, hkv, d, hidden = 4, 2, 8, 16  # G = 2 query heads per key head
     rng = np.random.default_rng(9)
-
-    def mat(*s):
-        return rng.normal(size=s) / np.sqrt(s[-1])
-    w = AttentionWeights(q_proj=mat(hq * 2 * d, hidden), k_proj=mat(hkv * d, hidden), v_proj=mat(hkv * d, hidden),
-                         o_proj=mat(hidden, hq * d), q_norm=0.3 * rng.normal(size=d), k_norm=0.3 * rng.normal(size=d),
-                         q_proj_bias=rng.normal(size=hq * 2 * d), k_proj_bias=rng.normal(size=hkv * d),
-                         v_proj_bias=rng.normal(size=hkv * d), o_proj_bias=rng.normal(size=hidden))
+    w = random_attention_weights(rng, hq, hkv, d, hidden)
     cases = [  # (tokens held before, new tokens, dtype, path expected)
         (8, 4, np.float32, "attention_few_queries"),  # 12 keys, 2 · 4 = 8 = FEW_QUERY_ROWS rows
         (7, 4, np.float32, "causal_attention"),  # 11 keys: one short of KERNEL_FROM_KEYS

@@ -494,12 +494,16 @@ def test_a_layer_with_both_expert_layouts_is_an_error_naming_it(tmp_path):
         minqwen.load(tmp_path)
 
 
-def test_a_layer_without_experts_is_an_error_naming_both_layouts(tmp_path):
+def per_expert_fixture_without(tmp_path, prefix: str) -> None:
+    """The per-expert MoE fixture, copied into tmp_path without the tensors whose names start with prefix."""
     source = FIXTURES / "moe_text_per_expert_fp32"
     shutil.copy(source / "config.json", tmp_path / "config.json")
-    tensors = {k: v for k, v in load_file(str(source / "model.safetensors")).items()
-               if not k.startswith("model.layers.0.mlp.experts.")}
+    tensors = {k: v for k, v in load_file(str(source / "model.safetensors")).items() if not k.startswith(prefix)}
     save_file(tensors, str(tmp_path / "model.safetensors"))
+
+
+def test_a_layer_without_experts_is_an_error_naming_both_layouts(tmp_path):
+    per_expert_fixture_without(tmp_path, "model.layers.0.mlp.experts.")
     with pytest.raises(MinqwenError, match=r"no experts for layer 'model\.layers\.0\.mlp\.experts\.': expected "
                                            r"'model\.layers\.0\.mlp\.experts\.gate_up_proj'.*per expert"):
         minqwen.load(tmp_path)
@@ -508,11 +512,7 @@ def test_a_layer_without_experts_is_an_error_naming_both_layouts(tmp_path):
 def test_a_layer_missing_all_of_expert_0_names_expert_0s_tensor_not_no_experts(tmp_path):
     # A shard lost in transfer can take every tensor of one expert: the other experts still say
     # "per expert", so the error names the missing tensor rather than claiming there are no experts.
-    source = FIXTURES / "moe_text_per_expert_fp32"
-    shutil.copy(source / "config.json", tmp_path / "config.json")
-    tensors = {k: v for k, v in load_file(str(source / "model.safetensors")).items()
-               if not k.startswith("model.layers.1.mlp.experts.0.")}
-    save_file(tensors, str(tmp_path / "model.safetensors"))
+    per_expert_fixture_without(tmp_path, "model.layers.1.mlp.experts.0.")
     with pytest.raises(MinqwenError, match=r"tensor 'model\.layers\.1\.mlp\.experts\.0\.gate_proj\.weight' is "
                                            r"missing"):
         minqwen.load(tmp_path)
