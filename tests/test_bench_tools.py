@@ -124,7 +124,10 @@ def test_roofline_sample_is_the_median_of_five_gemvs(monkeypatch):
     probe = object.__new__(bench.RooflineProbe)
     probe.W = np.ones((64, 256), np.float32)
     probe.x = np.ones(256, np.float32)
-    durations = [0.004, 0.001, 0.100, 0.002, 0.003]  # median 0.003; mean, min and first all differ
+    # Median of the 5: 0.0035. Mean (0.0221), min (0.001), the first (0.004) and the median of
+    # the first 4 (0.002 and 0.004 → 0.003) all differ: with a last duration equal to the middle
+    # of the first 4, range(4) would pass unseen.
+    durations = [0.004, 0.001, 0.100, 0.002, 0.0035]
     instants = []
     t = 10.0
     for d in durations:
@@ -363,6 +366,21 @@ def test_cold_starts_reports_the_median_run_and_jit_as_the_difference(monkeypatc
     assert result["jit_seconds"] == pytest.approx(8.0 - 2.0)
 
 
+def test_cold_starts_runs_at_least_three_of_each_even_with_one_repeat(monkeypatch):
+    # --quick gives --repeats 1, but a single cold start may be the one that pulls the
+    # checkpoint back into the page cache: the docstring promises the median of several (3 at
+    # least). Fails if either floor of 3 is lowered or the empty-cache runs are dropped.
+    calls = []
+
+    def fake(folder, dtype, threads, numba_cache=None):
+        calls.append("empty" if numba_cache else "warm")
+        return {"seconds": 1.0, "peak_rss_bytes": 1, "resident_weight_bytes": 1}
+
+    monkeypatch.setattr(bench, "cold_start", fake)
+    bench.cold_starts(Path("."), "float32", 1, 1)
+    assert calls == ["warm"] * 3 + ["empty"] * 3
+
+
 # --------------------------------------------------------------------------- bench on another checkpoint
 
 
@@ -459,6 +477,36 @@ def test_mtp_figures_speedups_follow_the_cost_model_from_the_printed_costs(monke
     assert re.search(r"acceptance 0\.00$", out.strip())  # random drafts: the worst case it claims to measure
 
 
+def test_mtp_figures_costs_are_medians_of_the_timed_rounds_after_the_warm_up(monkeypatch, tmp_path, capsys):
+    # The test above checks the speedups against the printed costs; this one checks the costs
+    # against scripted timings. Per probe: a warm-up round of 9 s (dropped), then 3 rounds whose
+    # median is not their mean. Worked by hand: step median 12 ms; c_verify(2) = 15.6 / 12 =
+    # 1.300, c_verify(3) = 21.6 / 12 = 1.800; c_draft = (2.4 + 1.2) / 12 = 0.300, with the whole
+    # head (2.4 + 3.6) / 12 = 0.500. Fails on a mean, on a kept warm-up round, on a repeat too
+    # few or too many, on c_verify(2) from the 3-position verify, or on costs not divided by the step.
+    import mtp_figures
+
+    rounds = {"step": [0.010, 0.012, 0.030], "verify2": [0.015, 0.0156, 0.030], "verify3": [0.018, 0.0216, 0.040],
+              "layer": [0.0012, 0.0024, 0.006], "head_all": [0.003, 0.0036, 0.009],
+              "head_subset": [0.0006, 0.0012, 0.005]}
+    instants, t = [], 100.0
+    for r in range(4):  # probes in the tool's order, round-robin; round 0 is the warm-up
+        for name in ("step", "verify2", "verify3", "layer", "head_all", "head_subset"):
+            d = 9.0 if r == 0 else rounds[name][r - 1]
+            instants += [t, t + d]
+            t += 10.0
+    clock = _FakeClock(instants)
+    monkeypatch.setattr(mtp_figures, "time", clock)
+    monkeypatch.setattr(mtp_figures, "ROOT", tmp_path)
+    (tmp_path / "scratch").mkdir()
+    mtp_figures.real_shape(FIXTURES / "text_tied_fp32", "float32", repeats=3)
+    out = capsys.readouterr().out
+    assert clock.instants == []  # exactly 1 + 3 rounds of the 6 probes were timed
+    assert re.search(r"decode step: +12\.0 ms", out)
+    assert "c_verify(2) = 1.300" in out and "c_verify(3) = 1.800" in out
+    assert "c_draft = 0.300 (with the whole LM head: 0.500)" in out
+
+
 # --------------------------------------------------------------------------- moe_figure: sizes from the headers
 
 
@@ -524,6 +572,22 @@ def test_bench_refuses_more_threads_than_numba_starts_with():
 def test_bench_quick_with_its_own_settings_is_refused_not_overridden(extra):
     result = run_bench_args("--model", str(FIXTURES / "text_tied_fp32"), "--quick", *extra)
     assert result.returncode == 2 and "--quick" in result.stderr
+
+
+@pytest.mark.parametrize("name", ["text_grouped_bf16_bias", "moe_text_per_expert_fp32"])
+def test_random_mtp_tensors_leave_no_tensor_at_a_constant(name):
+    # The NumPy-only head times real shapes and stands in for a trained one in test_mtp: a norm
+    # left at zeros (the zero-centred norm's identity) or a bias at zero would hide exactly the
+    # bugs a random head is there to show. Every tensor takes many values; no two norms are alike.
+    from make_mtp_fixtures import random_mtp_tensors
+
+    from minqwen.config import load_config
+
+    head = random_mtp_tensors(load_config(FIXTURES / name), 0, dtype="float32")
+    for tensor_name, value in head.items():
+        assert np.unique(value).size > 1, tensor_name
+    norms = [value for tensor_name, value in head.items() if "norm" in tensor_name]
+    assert len(norms) >= 5 and len({value.tobytes() for value in norms}) == len(norms)
 
 
 def test_mtp_figures_real_repairs_a_folder_whose_model_link_hid_the_head(monkeypatch, tmp_path, capsys):
