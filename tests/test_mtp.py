@@ -386,6 +386,31 @@ def test_a_layer_count_that_contradicts_the_config_is_an_error(tmp_path):
         load_mtp(folder, minqwen.load(folder))
 
 
+def test_a_config_declaring_more_mtp_layers_than_the_checkpoint_holds_is_an_error(tmp_path):
+    # The other direction of the check above: a checkpoint that lost a layer's tensors (a shard
+    # not copied) must not load as a shallower head, silently drafting with fewer layers.
+    folder, _ = with_random_mtp_tensors(tmp_path, n_layers=1)
+    config = json.loads((folder / "config.json").read_text())
+    config["mtp_num_hidden_layers"] = 2
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(MinqwenError, match="'mtp_num_hidden_layers' is 2 but the checkpoint holds 1 MTP layers"):
+        load_mtp(folder, minqwen.load(folder))
+
+
+def test_mtp_tensors_without_any_mtp_layer_are_an_error_not_a_head_of_no_layers(tmp_path):
+    # Only fc and the norms (every mtp.layers.* dropped, and no mtp_num_hidden_layers to say
+    # otherwise): a head of no layers would fail later, deep in a draft (MtpCache.end reads
+    # layer 0); the loader must say what is missing.
+    layers = [k for k in make_mtp_fixtures.random_mtp_tensors(MODELS["text_tied_fp32"].config, seed=1,
+                                                               dtype="float32") if k.startswith("mtp.layers.")]
+    folder, _ = with_random_mtp_tensors(tmp_path, n_layers=0, drop=layers)
+    config = json.loads((folder / "config.json").read_text())
+    del config["mtp_num_hidden_layers"]
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(MinqwenError, match=r"no MTP layer \(mtp\.layers\.0\.\*\)"):
+        load_mtp(folder, minqwen.load(folder))
+
+
 def test_unknown_or_missing_mtp_tensors_are_named(tmp_path):
     model = MODELS["text_tied_fp32"]
     folder, _ = with_random_mtp_tensors(tmp_path, extra={"mtp.embed_tokens.weight": np.zeros((4, 4), np.float32)})
@@ -1128,6 +1153,30 @@ def test_the_next_draft_starts_from_layer_0s_output_at_the_last_committed_pair(n
     cache.commit(model, head, model.hidden_states(ids), ids[1:] + [token])
     np.testing.assert_allclose(model.logits(cache.last[None])[0], mtp_logits(model, head, ids + [token])[-1],
                                rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_layers", [1, 2, 3])
+def test_a_copied_mtp_cache_continues_as_one_commit_would_and_leaves_the_original_as_it_was(n_layers):
+    # MtpCache.copy is how a caller branches a speculative session (as Cache.copy does a plain
+    # one): a copy that shared next_ids or dropped the rows waiting for layers past the first
+    # would draft from other pairs than the tokens say. ``end`` counts layer 0's pairs
+    # (h[j], t[j+1]): after n prompt tokens it is n, whatever the deeper layers still wait for.
+    model = MODELS["text_tied_fp32"]
+    head = random_head(model, 6, n_layers)
+    ids, token = [5, 9, 2, 7, 7, 1, 30, 4], 11
+    hidden = model.hidden_states(ids)
+    whole = MtpCache(model, head)
+    whole.commit(model, head, hidden, ids[1:] + [token])
+    assert whole.end == len(ids)
+    part = MtpCache(model, head)
+    part.commit(model, head, hidden[:5], ids[1:6])
+    assert part.end == 5
+    branch = part.copy()
+    branch.commit(model, head, hidden[5:], ids[6:] + [token])
+    assert branch.end == len(ids) and part.end == 5 and part.next_ids == ids[1:6]
+    assert_mtp_caches_equal(branch, whole, 1e-5)
+    part.commit(model, head, hidden[5:], ids[6:] + [token])  # the original, continued after its copy was
+    assert_mtp_caches_equal(part, whole, 1e-5)
 
 
 # ---------------------------------------------------------------- the draft vocabulary

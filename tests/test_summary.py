@@ -114,3 +114,18 @@ def test_inspect_counts_match_the_checkpoint_and_the_loaded_arrays(name):
     state = sum(s.nbytes for s in cache.layers if isinstance(s, DeltaNetState))
     assert f"attention layers): {human(kv)}  (grows" in text
     assert f"layers): {human(state)}  (constant)" in text
+
+
+def test_inspect_sizes_the_caches_in_the_models_compute_dtype():
+    # A float64 model (the float64 judge's) fills float64 caches: the figures must be twice
+    # float32's, measured here on a cache the model filled, not assumed 4 bytes a number.
+    model = minqwen.load(FIXTURES / "text_tied_fp32").astype(np.float64)
+    text = describe(model, context=37)
+    cache = model.new_cache()
+    model.forward(list(range(1, 38)), cache, last_only=True)
+    kv = sum(s.keys[:, : s.length].nbytes + s.values[:, : s.length].nbytes
+             for s in cache.layers if isinstance(s, KVCache))
+    state = sum(s.nbytes for s in cache.layers if isinstance(s, DeltaNetState))
+    assert kv and state and all(s.keys.dtype == np.float64 for s in cache.layers if isinstance(s, KVCache))
+    assert f"attention layers): {human(kv)}  (grows" in text
+    assert f"layers): {human(state)}  (constant)" in text

@@ -91,3 +91,14 @@ def test_a_system_pythons_dist_packages_counts_as_an_install_too(tmp_path):
     assert run.returncode == 0, run.stderr
     package, folder = run.stdout.splitlines()[:2]
     assert Path(package).parent == site / "minqwen" and Path(folder).is_relative_to(home)
+
+
+@pytest.mark.parametrize("value, naps", [("18", True), ("0", True), ("19", False), ("", False), ("x", False)])
+def test_openblas_threads_nap_from_a_timeout_of_18_or_less(monkeypatch, value, naps):
+    # OpenBLAS sleeps its threads after 2^OPENBLAS_THREAD_TIMEOUT cycles: 18 (~0.1 ms) is the
+    # largest value with which a prompt's DeltaNet recurrence may take both cores (deltanet.py);
+    # unset or unreadable leaves OpenBLAS's default spin (2^28), so no.
+    from minqwen.threads import _openblas_threads_nap
+
+    monkeypatch.setenv("OPENBLAS_THREAD_TIMEOUT", value)
+    assert _openblas_threads_nap() is naps
