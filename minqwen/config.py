@@ -593,8 +593,10 @@ def _rope_parameters(raw: dict, source: str, prefix: str) -> dict:
     """
     field_name = "rope_scaling" if raw.get("rope_scaling") else "rope_parameters"
     rope_field = prefix + field_name
-    rope = raw.get(field_name) or {}
-    if not isinstance(rope, dict):
+    rope = raw.get(field_name)
+    if rope is None:  # absent or null: every rope field takes its default
+        rope = {}
+    if not isinstance(rope, dict):  # an empty list or string too: transformers refuses those
         raise MinqwenError(f"{source}: field '{rope_field}' must be an object")
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ("default", "yarn"):
@@ -681,11 +683,16 @@ def _yarn(rope: dict | None, max_position_embeddings: int, theta: float, source:
     original = rope.get("original_max_position_embeddings", max_position_embeddings)
     if isinstance(original, bool) or not isinstance(original, int) or original < 1:
         raise MinqwenError(f"{where}original_max_position_embeddings' must be a positive integer, got {original!r}")
-    # factor absent: the ratio of the two context lengths, as the reference derives it
+    # transformers 5.23.0 requires the key (a KeyError naming it) but accepts null, and derives
+    # null as the ratio of the two context lengths; so do we.
+    if "factor" not in rope:
+        raise MinqwenError(
+            f"{where}factor' is missing; YaRN needs it: the new context over the original one (e.g. 4), or null "
+            f"for max_position_embeddings / original_max_position_embeddings")
     try:
         ratio = max_position_embeddings / original
     except OverflowError:  # integers too large for a float
-        raise MinqwenError(f"{where}factor' is absent, and max_position_embeddings / original_max_position_embeddings "
+        raise MinqwenError(f"{where}factor' is null, and max_position_embeddings / original_max_position_embeddings "
                            f"({max_position_embeddings} / {original}) is too large a number to stand in for it") from None
     factor = number("factor", ratio)
     if factor < 1:  # transformers 5.23.0 warns about it, and computes it all the same

@@ -70,8 +70,9 @@ def test_rms_norm_eps_int_literal_too_long_for_a_float_is_named():
 # ------------------------------------------------------------------------------------------
 def test_yarn_default_factor_from_a_huge_max_position_embeddings_is_named():
     raw = dict(BASE, max_position_embeddings=10**400,
-               rope_parameters=dict(BASE["rope_parameters"], rope_type="yarn", original_max_position_embeddings=2048))
-    with pytest.raises(MinqwenError, match="max_position_embeddings|factor"):
+               rope_parameters=dict(BASE["rope_parameters"], rope_type="yarn", original_max_position_embeddings=2048,
+                                   factor=None))
+    with pytest.raises(MinqwenError, match="factor' is null, and max_position_embeddings"):
         config_from_dict(raw, "cfg")
 
 

@@ -331,9 +331,17 @@ def test_a_null_top_level_partial_rotary_factor_rotates_the_whole_head_as_in_tra
     assert parse(raw).partial_rotary_factor == 1.0
 
 
-def test_rope_parameters_that_are_not_an_object_is_an_error_naming_the_field():
+@pytest.mark.parametrize("value", [[10000.0], [], "", 0, False], ids=repr)
+def test_rope_parameters_that_are_not_an_object_is_an_error_naming_the_field(value):
+    # Empty ones too: transformers refuses them; reading them as absent would run the defaults.
     with pytest.raises(MinqwenError, match=r"field 'rope_parameters' must be an object"):
-        parse(small_text(rope_parameters=[10000.0]))
+        parse(small_text(rope_parameters=value))
+
+
+def test_a_yarn_config_without_a_factor_is_an_error_naming_it():
+    # transformers 5.23.0 raises a KeyError for it; a null factor it derives (the test above)
+    with pytest.raises(MinqwenError, match=r"field 'rope_parameters\.factor' is missing"):
+        parse(yarn_text())
 
 
 @pytest.mark.parametrize("field", ["rope_theta", "partial_rotary_factor"])

@@ -319,3 +319,23 @@ def test_the_wrapper_eos_is_used_when_text_config_has_none_as_in_transformers_ge
     raw = {"model_type": "qwen3_5", "eos_token_id": [7, 9], "text_config": dict(TINY, model_type="qwen3_5_text")}
     write_config(tmp_path, raw)
     assert quiet(load_config, tmp_path).eos_token_id == _hf_generation_eos(tmp_path) == (7, 9)
+
+
+@pytest.mark.parametrize("factor", ["missing", None], ids=["missing", "null"])
+def test_a_yarn_factor_missing_is_refused_and_a_null_one_derived_as_in_transformers(tmp_path, factor):
+    rope = dict(rope_type="yarn", rope_theta=1e4, partial_rotary_factor=0.5, original_max_position_embeddings=1024)
+    if factor != "missing":
+        rope["factor"] = factor
+    write_config(tmp_path, dict(TINY, model_type="qwen3_5_text", rope_parameters=rope))
+    if factor == "missing":
+        with pytest.raises(KeyError, match="factor"):
+            hf_config(tmp_path)
+        with pytest.raises(minqwen.MinqwenError, match=r"rope_parameters\.factor' is missing"):
+            quiet(load_config, tmp_path)
+        return
+    ref_freqs, ref_scale = hf_text_rotary(hf_config(tmp_path))
+    c = quiet(load_config, tmp_path)
+    assert c.yarn.factor == 4096 / 1024
+    freqs, scale = ours_rotary(c)
+    np.testing.assert_allclose(freqs, ref_freqs, rtol=1e-6)
+    assert scale == pytest.approx(ref_scale, rel=1e-6)
