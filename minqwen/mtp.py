@@ -371,6 +371,18 @@ class MtpCache:
                 self.last = inputs[-1]
 
 
+def _check_mtp_cache(model: Model, head: MtpHead, mtp_cache: MtpCache) -> None:
+    """A cache made for a head of another depth would index past its layers or leave one unused;
+    made for another model, its keys would have other widths."""
+    c = model.config
+    shapes = sorted({(kv.keys.shape[0], kv.keys.shape[2]) for kv in mtp_cache.layers})  # (Hkv, D) per layer
+    if len(mtp_cache.layers) != len(head.layers) or shapes != [(c.num_key_value_heads, c.head_dim)]:
+        raise MinqwenError(
+            f"mtp_cache was made for another head or model: it holds {len(mtp_cache.layers)} layer(s) with keys of "
+            f"(heads, head_dim) {shapes}; this head has {len(head.layers)} layer(s) and the model's keys are "
+            f"{(c.num_key_value_heads, c.head_dim)}. Make it with MtpCache(model, head)")
+
+
 # ==================================================================== draft, verify, accept, roll back
 
 
@@ -572,8 +584,10 @@ def speculative_generate(
         mtp_cache = MtpCache(model, head, start=cache.position, rope_delta=cache.rope_delta)
     elif not isinstance(mtp_cache, MtpCache):
         raise MinqwenError(f"mtp_cache must be a minqwen.mtp.MtpCache (or None), got {type(mtp_cache).__name__}")
-    elif mtp_cache.end != cache.position:
-        raise MinqwenError(f"mtp_cache ends at position {mtp_cache.end} but the cache is at {cache.position}")
+    else:
+        _check_mtp_cache(model, head, mtp_cache)
+        if mtp_cache.end != cache.position:
+            raise MinqwenError(f"mtp_cache ends at position {mtp_cache.end} but the cache is at {cache.position}")
     stats = checked_stats(stats, SpeculativeStats)
     rng = np.random.default_rng(seed)
     seen = checked_history(history, model.config.vocab_size) + prompt_ids

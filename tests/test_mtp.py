@@ -1301,3 +1301,23 @@ def test_a_draft_vocabulary_beyond_the_vocabulary_costs_what_the_whole_vocabular
         whole = draft_cost_estimate(model, head, None)
         assert draft_cost_estimate(model, head, model.config.vocab_size) == whole
         assert draft_cost_estimate(model, head, 10 * model.config.vocab_size) == whole
+
+
+@pytest.mark.parametrize("cache_layers, head_layers", [(2, 1), (1, 2)])
+def test_an_mtp_cache_made_for_a_head_of_another_depth_is_an_error_naming_it(cache_layers, head_layers):
+    # With more cache layers than the head, the commit indexed past the head's layers (IndexError);
+    # with fewer, the head's last layer was silently never run.
+    model = MODELS["text_tied_fp32"]
+    head = random_head(model, 0, n_layers=head_layers)
+    mtp = MtpCache(model, random_head(model, 1, n_layers=cache_layers))
+    with pytest.raises(MinqwenError, match=rf"mtp_cache was made for another head or model: it holds {cache_layers} "
+                                           rf"layer\(s\).*this head has {head_layers} layer\(s\)"):
+        next(speculative_generate(model, head, [1, 2, 3], mtp_cache=mtp, draft_tokens=2))
+
+
+def test_an_mtp_cache_made_for_another_model_is_an_error_naming_it():
+    # Hidden size 48 in both, other key/value head shapes: the keys would not fit the cache's arrays.
+    model, other = MODELS["text_tied_fp32"], MODELS["text_grouped_bf16_bias"]
+    mtp = MtpCache(other, random_head(other, 1))
+    with pytest.raises(MinqwenError, match=r"mtp_cache was made for another head or model.*the model's keys are"):
+        next(speculative_generate(model, random_head(model, 0), [1, 2, 3], mtp_cache=mtp))
