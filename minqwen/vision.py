@@ -577,6 +577,13 @@ def expand_image_tokens(token_ids, grid_thw, image_token_id: int, merge: int) ->
             f"the prompt has {len(at)} <|image_pad|> tokens (id {image_token_id}) but {len(grid)} images were given: "
             "write one <|vision_start|><|image_pad|><|vision_end|> per image, in the order of the images"
         )
+    touching = np.flatnonzero(np.diff(at) == 1)
+    if len(touching):  # expanded, they would be one run of pads, which positions read as one image
+        i = int(touching[0])
+        raise MinqwenError(
+            f"<|image_pad|> tokens {i} and {i + 1} (of images {i} and {i + 1}) are next to each other, at positions "
+            f"{at[i]} and {at[i + 1]} of the prompt: write one <|vision_start|><|image_pad|><|vision_end|> per image"
+        )
     repeats = np.ones(len(ids), np.int64)
     repeats[at] = grid.prod(axis=1) // merge**2
     return np.repeat(ids, repeats)

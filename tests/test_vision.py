@@ -184,6 +184,13 @@ def test_image_pads_are_expanded_one_per_merged_patch():
     assert ids.tolist() == [5] + [9] * 12 + [7]
 
 
+def test_two_image_pads_next_to_each_other_are_an_error_naming_them():
+    # Expanded, 6 + 1 pads would make one run, and rope_index would blame a run of 7 the user never wrote.
+    with pytest.raises(MinqwenError, match=r"<\|image_pad\|> tokens 0 and 1 \(of images 0 and 1\) are next to each "
+                                           r"other, at positions 1 and 2"):
+        vision.expand_image_tokens([5, 9, 9, 7], [[1, 4, 6], [1, 2, 2]], image_token_id=9, merge=2)
+
+
 def test_rope_index_follows_the_reference_rule():
     """Text counts up in all rows; an image sits on its grid; the text after it starts at start + max(h, w)."""
     config = vision.VisionConfig(image_token_id=9, video_token_id=8, spatial_merge_size=2)
