@@ -9,6 +9,8 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
+import platform
 import re
 import resource
 import statistics
@@ -283,9 +285,10 @@ def _fake_worker_class(stops):
     return FakeWorker
 
 
-def _run_bench_main(monkeypatch, tmp_path, *argv):
+def _run_bench_main(monkeypatch, tmp_path, *argv, model=FIXTURES / "text_tied_fp32", threads=("--threads", "1"),
+                    worker_class=None):
     stops = []
-    monkeypatch.setattr(bench, "Worker", _fake_worker_class(stops))
+    monkeypatch.setattr(bench, "Worker", worker_class or _fake_worker_class(stops))
     samples = iter(ROOFLINE)
     monkeypatch.setattr(bench, "RooflineProbe", lambda: types.SimpleNamespace(sample=lambda: next(samples)))
     monkeypatch.setattr(bench, "cold_starts", lambda folder, dtype, threads, repeats: {
@@ -294,8 +297,7 @@ def _run_bench_main(monkeypatch, tmp_path, *argv):
         "cold_start_empty_numba_cache": {"seconds": 5.0, "peak_rss_bytes": 1, "resident_weight_bytes": 1},
         "jit_seconds": 3.5})
     out = tmp_path / "bench.json"
-    monkeypatch.setattr(sys, "argv", ["bench.py", "--model", str(FIXTURES / "text_tied_fp32"), "--threads", "1",
-                                      "--json", str(out), *argv])
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--model", str(model), *threads, "--json", str(out), *argv])
     printed = io.StringIO()
     with redirect_stdout(printed):
         assert bench.main() == 0
@@ -335,6 +337,134 @@ def test_bench_figures_are_the_protocols_medians_and_the_json_equals_the_table(m
         m = re.search(rf"^{re.escape(row['name'])}: (\d+)% of the memory roofline \(([\d.]+) GB/token\)", text, re.M)
         assert int(m.group(1)) == round(100 * row["roofline_fraction"])
         assert float(m.group(2)) == round(WEIGHT_BYTES[dtype] / 1e9, 2)
+
+
+def _checkpoint_with_positions(tmp_path, positions):
+    """A folder --model accepts (the fake workers load nothing): text_tied_fp32's config, ``positions`` long."""
+    folder = tmp_path / f"positions_{positions}"
+    folder.mkdir()
+    config = json.loads((FIXTURES / "text_tied_fp32" / "config.json").read_text())
+    config["max_position_embeddings"] = positions  # a text-only config: the field is at the top
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_bench_defaults_are_two_threads_three_rounds_and_a_16k_context_that_fits_exactly(monkeypatch, tmp_path):
+    # The protocol without options (the module docstring, the --repeats and --long-context help):
+    # 2 threads, medians of 3 rounds, a 16384-token context, which a checkpoint of exactly
+    # 16384 + 64 positions holds. Numba's count is raised so that 2 threads are allowed anywhere.
+    import numba
+
+    monkeypatch.setattr(numba.config, "NUMBA_NUM_THREADS", 4)
+    folder = _checkpoint_with_positions(tmp_path, 16384 + 64)
+    results, text = _run_bench_main(monkeypatch, tmp_path, model=folder, threads=())
+    assert (results["threads"], results["repeats"], results["long_context"]) == (2, 3, 16384)
+    assert "medians of 3 round-robin rounds, 2 threads" in text
+    assert all("decode_at_16384_tps" in results["rows"][i] for i in (0, 1))
+
+
+def test_bench_long_context_leaves_room_for_the_64_tokens_it_decodes(monkeypatch, tmp_path):
+    # One past the boundary the test above accepts: 16385 + 64 > 16448 positions.
+    folder = _checkpoint_with_positions(tmp_path, 16384 + 64)
+    with pytest.raises(SystemExit, match="--long-context 16385: .* allows 16448 positions"):
+        _run_bench_main(monkeypatch, tmp_path, "--long-context", "16385", model=folder)
+
+
+def test_bench_quick_is_one_round_and_no_long_context(monkeypatch, tmp_path):
+    # --quick's help: "1 repeat, no long context".
+    results, text = _run_bench_main(monkeypatch, tmp_path, "--quick")
+    assert (results["repeats"], results["long_context"]) == (1, 0)
+    assert "medians of 1 round-robin rounds" in text
+    assert not [key for row in results["rows"] for key in row if key.startswith("decode_at_")]
+
+
+def test_bench_accepts_as_many_threads_as_numba_starts_with(monkeypatch, tmp_path):
+    # Only more threads than Numba's pool is refused (test_bench_refuses_more_threads_than_numba_starts_with).
+    import numba
+
+    monkeypatch.setattr(numba.config, "NUMBA_NUM_THREADS", 3)
+    results, _ = _run_bench_main(monkeypatch, tmp_path, "--quick", threads=("--threads", "3"))
+    assert results["threads"] == 3
+
+
+def test_bench_measures_every_gguf_and_tells_two_of_one_type_apart(monkeypatch, tmp_path):
+    # llama.cpp names its contender by the GGUF's stored type, so two bf16 files share a name:
+    # the second must get its file name added, or its timings join the first's medians.
+    class WithLlamaCpp(_fake_worker_class([])):
+        def __init__(self, kind, what, folder, threads):
+            if kind != "llama.cpp":
+                super().__init__(kind, what, folder, threads)
+                return
+            self.kind, self.what, self.name = kind, what, "llama.cpp bf16 (GGUF)"
+            self.info = {"name": self.name}
+            self.seconds = {"a.gguf": 2.0, "b.gguf": 4.0}[Path(what).name]
+
+        def measure(self, command, *args):
+            return self.seconds if self.kind == "llama.cpp" else super().measure(command, *args)
+
+    ggufs = [tmp_path / "a.gguf", tmp_path / "b.gguf"]
+    for path in ggufs:
+        path.write_bytes(b"")
+    results, _ = _run_bench_main(monkeypatch, tmp_path, "--quick", "--no-transformers", "--gguf", *map(str, ggufs),
+                                 worker_class=WithLlamaCpp)
+    rows = {row["name"]: row for row in results["rows"]}
+    assert rows["llama.cpp bf16 (GGUF)"]["prefill512_tps"] == 512 / 2.0
+    assert rows["llama.cpp bf16 (GGUF) b.gguf"]["prefill512_tps"] == 512 / 4.0
+
+
+def test_bench_cold_start_only_measures_both_minqwen_dtypes_and_nothing_else(monkeypatch, tmp_path):
+    # Its help: only the cold-start figures, for minqwen fp32 and bf16-resident; no contender
+    # is loaded and no roofline measured. The rounds are the default 3.
+    calls = []
+
+    def cold_starts(folder, dtype, threads, repeats):
+        calls.append((dtype, threads, repeats))
+        return {"jit_seconds": 1.0}
+
+    def refused(*args):
+        raise AssertionError("--cold-start-only went on to the other measurements")
+
+    monkeypatch.setattr(bench, "cold_starts", cold_starts)
+    monkeypatch.setattr(bench, "Worker", refused)
+    monkeypatch.setattr(bench, "RooflineProbe", refused)
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--model", str(FIXTURES / "text_tied_fp32"), "--threads", "1",
+                                      "--cold-start-only"])
+    printed = io.StringIO()
+    with redirect_stdout(printed):
+        assert bench.main() == 0
+    assert calls == [("float32", 1, 3), ("bfloat16", 1, 3)]
+    assert [line.split()[0] for line in printed.getvalue().splitlines()] == ["float32", "bfloat16"]
+
+
+# --------------------------------------------------------------------------- the machine
+
+
+def _read_instead(monkeypatch, replacements):
+    """bench's Path, with the system paths in ``replacements`` read from test files instead."""
+    monkeypatch.setattr(bench, "Path", lambda path: Path(replacements.get(str(path), path)))
+
+
+def test_cpu_name_is_the_model_name_field_of_proc_cpuinfo(monkeypatch, tmp_path):
+    # x86 Linux lists "model" (a number) just before "model name"; a name may itself hold a colon.
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\nmodel\t\t: 85\n"
+                       "model name\t: Example(R) CPU 8000: rev B @ 2.00GHz\nstepping\t: 7\n")
+    _read_instead(monkeypatch, {"/proc/cpuinfo": cpuinfo})
+    name = "Example(R) CPU 8000: rev B @ 2.00GHz"
+    assert bench.cpu_name() == name
+    assert bench.machine() == {"cpu": name, "cores": os.cpu_count(), "python": platform.python_version(),
+                               "numpy": np.__version__}
+
+
+def test_last_level_cache_reads_sizes_in_kib_from_any_sysfs(monkeypatch, tmp_path):
+    # The test on this machine's sysfs skips where there is none; sysfs writes sizes as "30720K".
+    caches = tmp_path / "cache"
+    for index, size in (("index0", "48K"), ("index2", "2048K"), ("index3", "30720K")):
+        (caches / index).mkdir(parents=True)
+        (caches / index / "size").write_text(size + "\n")
+    (caches / "index1").mkdir()  # no size file: skipped
+    _read_instead(monkeypatch, {"/sys/devices/system/cpu/cpu0/cache": caches})
+    assert bench.last_level_cache_bytes() == 30720 * 1024
 
 
 # --------------------------------------------------------------------------- cold start and peak RSS

@@ -23,7 +23,7 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from conftest import FIXTURES, ROOT, require_reference
+from conftest import FIXTURE_NAMES, FIXTURES, ROOT, require_reference, tensor_headers
 
 pytestmark = pytest.mark.reference
 TOOLS = ROOT / "tools"
@@ -145,6 +145,21 @@ def test_the_mtp_builder_gives_its_two_input_norms_and_its_q_k_norms_different_r
     assert not np.allclose(tensors["mtp.norm.weight"], emb) and not np.allclose(tensors["mtp.norm.weight"], hid)
 
 
+def test_save_checkpoint_edits_the_text_config_inside_the_wrapper_and_the_wrapper_itself_apart(tmp_path):
+    # multimodal_sharded and multimodal_bf16_untied are made this way, and neither is rebuilt
+    # below: per save_checkpoint's docstring, extra_config / drop_config edit text_config and
+    # drop_top_config the wrapper, never the other way round.
+    reference = require_reference()
+    model = reference.build_model(dict(SMALL_DENSE), seed=3, multimodal=True, tie=False)
+    reference.save_checkpoint(model, tmp_path, extra_config={"full_attention_interval": 2},
+                              drop_config=("layer_types",), drop_top_config=("tie_word_embeddings",))
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    text = cfg["text_config"]
+    assert "tie_word_embeddings" not in cfg and "tie_word_embeddings" in text
+    assert text["full_attention_interval"] == 2 and "full_attention_interval" not in cfg
+    assert "layer_types" not in text
+
+
 # ============================================================================ a fixture rebuilt
 
 
@@ -193,6 +208,68 @@ def test_a_rebuilt_fixture_has_the_committed_weights_bit_for_bit_and_its_outputs
             assert np.array_equal(fresh[key], committed[key]), key
         else:
             np.testing.assert_allclose(fresh[key], committed[key], rtol=0, atol=ATOL, err_msg=key)
+
+
+def header(path: Path) -> dict[str, str]:
+    with safe_open(str(path), "np") as f:
+        return f.metadata()
+
+
+@pytest.mark.parametrize("name", REBUILT)
+def test_a_rebuilt_fixture_records_the_committed_seed_and_config_in_its_header(rebuilt, name):
+    # The header is what tells a reader (and the test below) how a fixture was made: it must
+    # name the seed and config the weights really came from, as the committed one does.
+    assert header(rebuilt / name / "expected.safetensors") == header(FIXTURES / name / "expected.safetensors")
+
+
+def test_make_fixtures_main_builds_every_committed_fixture_from_the_seed_and_config_in_its_header(
+        monkeypatch, tmp_path):
+    # The rebuild above numbers the seeds itself, so a main() that numbered them otherwise (or
+    # changed the config of a fixture not rebuilt here) would pass it, and a rebuild would
+    # silently replace every fixture's weights. Independent side: the committed headers.
+    mf = load_tool("make_fixtures")
+    asked = {}
+    monkeypatch.setattr(mf, "FIXTURES", tmp_path)
+    monkeypatch.setattr(mf, "build_fixture", lambda name, text, how, seed: asked.__setitem__(name, (text, seed)))
+    mf.main([])
+    assert sorted(asked) == FIXTURE_NAMES
+    for name, (text, seed) in asked.items():
+        recorded = header(FIXTURES / name / "expected.safetensors")
+        assert int(recorded["seed"]) == seed, name
+        assert json.loads(recorded["text_config"]) == json.loads(json.dumps(text)), name
+
+
+def test_make_fixtures_specs_say_how_each_committed_fixture_is_stored():
+    # The storage half of each spec (dtype, shards, fused experts, key layout) for the fixtures
+    # not rebuilt here, read back from the committed files' headers: a spec edited away from
+    # what was committed would change those fixtures at the next rebuild.
+    mf = load_tool("make_fixtures")
+    for name, (_, how) in mf.FIXTURE_SPECS.items():
+        folder = FIXTURES / name
+        headers = tensor_headers(folder)
+        assert {stored for stored, _ in headers.values()} == {"F32" if how["dtype"] == "float32" else "BF16"}, name
+        assert (folder / "model.safetensors.index.json").is_file() == (how.get("max_shard_size") is not None), name
+        assert any(n.endswith("experts.gate_up_proj") for n in headers) == how.get("fused_experts", False), name
+        assert any(".language_model." in n for n in headers) == how["multimodal"], name
+
+
+def test_make_vision_fixtures_main_builds_every_committed_fixture_from_the_seed_and_configs_in_its_header(
+        monkeypatch, tmp_path):
+    # As for make_fixtures; its seeds were picked by hand (SEEDS), so a typo there is the risk.
+    # The tie is recorded at the wrapper's top level, not in the header's text_config.
+    mv = load_tool("make_vision_fixtures")
+    asked = {}
+    monkeypatch.setattr(mv, "FIXTURES", tmp_path)
+    monkeypatch.setattr(mv, "build_fixture", lambda name, spec, seed: asked.__setitem__(name, (spec, seed)))
+    mv.main([])
+    committed = ROOT / "tests" / "fixtures_vision"
+    assert sorted(asked) == sorted(p.name for p in committed.iterdir() if (p / "expected.safetensors").is_file())
+    for name, ((text, vision, *_), seed) in asked.items():
+        recorded = header(committed / name / "expected.safetensors")
+        assert int(recorded["seed"]) == seed, name
+        text = {k: v for k, v in text.items() if k != "tie_word_embeddings"}
+        assert json.loads(recorded["text_config"]) == json.loads(json.dumps(text)), name
+        assert json.loads(recorded["vision_config"]) == json.loads(json.dumps(vision)), name
 
 
 @pytest.mark.parametrize("name", REBUILT)
@@ -379,6 +456,20 @@ def test_the_worked_example_reports_a_checkpoint_minqwen_refuses_with_exit_2(tmp
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-800:]
 
 
+def test_a_random_mtp_head_follows_its_seed_and_is_stored_in_bf16(tmp_path):
+    # make_mtp_fixtures --seed reaches the head only through with_random_mtp: one seed gives the
+    # same head every time, another seed another head. bf16: random_mtp_tensors' default dtype.
+    mtp_tools = load_tool("make_mtp_fixtures")
+    heads = {}
+    for run, seed in (("a", 1), ("b", 1), ("c", 2)):
+        target = mtp_tools.with_random_mtp(FIXTURES / "text_tied_fp32", tmp_path / run, seed=seed)
+        heads[run] = load_file(str(target / "mtp.safetensors"))
+        assert {stored for name, (stored, _) in tensor_headers(target).items() if name.startswith("mtp.")} == {"BF16"}
+    assert heads["a"].keys() == heads["c"].keys() and len(heads["a"]) >= 10
+    assert all(np.array_equal(heads["a"][name], heads["b"][name]) for name in heads["a"])
+    assert not any(np.array_equal(heads["a"][name], heads["c"][name]) for name in heads["a"])
+
+
 @pytest.mark.parametrize("source", ["moe_text_per_expert_fp32", "text_grouped_bf16_bias"])
 def test_a_random_mtp_head_added_to_a_fixture_is_one_minqwen_loads(tmp_path, source):
     import minqwen
@@ -467,6 +558,26 @@ def test_vision_parity_passes_on_a_small_shape_and_fails_when_the_merger_gelu_is
 
 
 # ============================================================================ family_shapes.py's float64 reference
+
+
+def test_computing_in_float64_redirects_both_spellings_of_float32_in_every_module_and_undoes_it():
+    # The test below runs a dense model with theta 2¹⁶, where rotary is exact in float32 too: it
+    # cannot see a missed ``torch.float`` (rotary's inv_freq at theta 1e7, the MoE router's
+    # softmax), a missed vision_utils (the tower's position-embedding resampling), or casts
+    # left redirected after the block, which would turn every later float32 run into float64.
+    reference = require_reference()
+    import torch
+    import transformers.models.qwen3_5.modeling_qwen3_5 as dense
+    import transformers.models.qwen3_5_moe.modeling_qwen3_5_moe as moe
+    import transformers.vision_utils as vision_utils
+
+    with reference.computing_in_float64():
+        for module in (dense, moe, vision_utils):
+            assert module.torch.float32 is torch.float64 and module.torch.float is torch.float64, module.__name__
+        assert torch.ones(2).float().dtype == torch.float64
+    for module in (dense, moe, vision_utils):
+        assert module.torch is torch, module.__name__
+    assert torch.ones(2, dtype=torch.float64).float().dtype == torch.float32
 
 
 def test_family_shapes_float64_reference_computes_in_float64_while_it_runs(tmp_path):

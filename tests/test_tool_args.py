@@ -7,6 +7,7 @@ regression would start real work (a benchmark, a training run, a fixture rebuild
 also passes arguments that keep that work small and away from the repository's files.
 """
 
+import argparse
 import importlib.util
 import json
 import os
@@ -41,6 +42,28 @@ def paths(tmp_path):
     (tmp_path / "a_file").write_text("not a folder")
     (tmp_path / "empty").mkdir()
     return tmp_path
+
+
+# ---------------------------------------------------------------------------- argtypes.py
+
+
+def _argtypes():
+    spec = importlib.util.spec_from_file_location("argtypes", TOOLS / "argtypes.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_argtypes_bounds_are_inclusive_at_both_ends():
+    # "in 1 … 8192", "≥ 0 and ≤ 1": the bounds themselves are valid values (compare_with_llama_cpp's
+    # --tokens 8192, mtp_figures' --acceptance 1), the next value past either is refused.
+    argtypes = _argtypes()
+    tokens, acceptance = argtypes.whole_number(1, 8192), argtypes.real_number(0, 1)
+    assert (tokens("1"), tokens("8192")) == (1, 8192)
+    assert (acceptance("0"), acceptance("1")) == (0.0, 1.0)
+    for parse, text in ((tokens, "0"), (tokens, "8193"), (acceptance, "-1e-9"), (acceptance, "1.000001")):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse(text)
 
 
 # ---------------------------------------------------------------------------- bench.py
