@@ -23,15 +23,24 @@ from .chat_template import CHATML_TEMPLATE, render
 from .config import read_json_object
 from .errors import MinqwenError, is_whole_number
 
-# Qwen's tokenizer classes give unset unk, eos and pad tokens <|endoftext|>. transformers 5.23.0
-# picks Qwen3_5Tokenizer for these model types whatever class tokenizer_config.json names (it
-# lists the names on the Hub as unreliable)…
+# transformers 5.23.0 picks Qwen3_5Tokenizer for these model types whatever class
+# tokenizer_config.json names (it lists the names on the Hub as unreliable)…
 QWEN_TOKENIZER_MODEL_TYPES = ("qwen3_5", "qwen3_5_moe", "qwen3_5_moe_text")
 # …and for qwen3_5_text the class named (in tokenizer_config.json, else in config.json), or
-# Qwen3_5Tokenizer when none is. Only Qwen's classes' defaults are mimicked: with a generic
-# backend named, transformers fills nothing either; another model's class (GPT2Tokenizer …)
-# would fill its own, which minqwen does not.
+# Qwen3_5Tokenizer when none is. Only Qwen's classes are mimicked: a generic backend reads the
+# file as it is; another model's class (GPT2Tokenizer …) would bring its own rules, which
+# minqwen does not.
 QWEN_TOKENIZER_CLASSES = ("Qwen2Tokenizer", "Qwen3_5Tokenizer")
+# What a Qwen class puts in place of the file's own: an NFC normalizer, a byte-level decoder, and
+# this split before byte-level BPE. Qwen3.5's split keeps combining marks (\p{M}) inside words;
+# Qwen2's does not, so the two cut a mark that NFC leaves standing differently ("a\ufe0f's":
+# a variation selector; "\u0301's": an accent with no letter before it).
+QWEN_SPLIT_PATTERNS = {
+    "Qwen2Tokenizer": r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+                      r"""|\s*[\r\n]+|\s+(?!\S)|\s+""",
+    "Qwen3_5Tokenizer": r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}"""
+                        r"""| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""",
+}
 
 
 def _token_text(token) -> str | None:
@@ -86,6 +95,9 @@ class Tokenizer:
         model_config = _read_json(folder / "config.json")
         self._model_type = model_config.get("model_type")
         self._config_tokenizer_class = model_config.get("tokenizer_class")
+        byte_level_bpe = type(self._tok.model).__name__ == "BPE" and type(self._tok.decoder).__name__ == "ByteLevel"
+        if byte_level_bpe and self._qwen_tokenizer_class() is not None:
+            self._use_qwen_class_rules(self._qwen_tokenizer_class())
         self.generation_config_path = folder / "generation_config.json"
         self.generation_config = _read_json(self.generation_config_path)
         template = self.config.get("chat_template")
@@ -200,14 +212,31 @@ class Tokenizer:
                       documents=documents, special_tokens=self.special_tokens,
                       variables={"enable_thinking": enable_thinking, **variables})
 
-    def _qwen_tokenizer_class(self) -> bool:
-        """Whether transformers would load this folder's tokenizer as one of Qwen's classes."""
+    def _qwen_tokenizer_class(self) -> str | None:
+        """Which of Qwen's classes transformers would load this folder's tokenizer as, if one."""
         if self._model_type in QWEN_TOKENIZER_MODEL_TYPES:
-            return True
+            return "Qwen3_5Tokenizer"
         named = self.config.get("tokenizer_class") or self._config_tokenizer_class
         if named is None:
-            return self._model_type == "qwen3_5_text"
-        return isinstance(named, str) and named.removesuffix("Fast") in QWEN_TOKENIZER_CLASSES
+            return "Qwen3_5Tokenizer" if self._model_type == "qwen3_5_text" else None
+        named = named.removesuffix("Fast") if isinstance(named, str) else None
+        return named if named in QWEN_TOKENIZER_CLASSES else None
+
+    def _use_qwen_class_rules(self, qwen_class: str) -> None:
+        """Tokenize as transformers' Qwen class does: it keeps the file's vocabulary, merges and
+        special tokens, but puts its own normalizer, split and decoder in place of the file's.
+        Qwen's released files already say the same (Qwen3.5's split, NFC); a file that says
+        otherwise is tokenized as the reference tokenizes it. Only for byte-level BPE files, which
+        these classes are made for: other kinds are read as they are (transformers' class would
+        encode a word-level file's text as nothing, a character-level one's as byte spellings)."""
+        from tokenizers import Regex, decoders, normalizers, pre_tokenizers
+
+        self._tok.normalizer = normalizers.NFC()
+        self._tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(QWEN_SPLIT_PATTERNS[qwen_class]), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=self.config.get("add_prefix_space") is True, use_regex=False),
+        ])
+        self._tok.decoder = decoders.ByteLevel()
 
     @property
     def special_tokens(self) -> dict[str, str]:
@@ -215,7 +244,7 @@ class Tokenizer:
         tokenizer_config's fields ending in ``_token``, and ``extra_special_tokens`` given by name.
         Qwen's tokenizer class gives unk, eos and pad tokens ``<|endoftext|>`` where the file names none."""
         tokens = {}
-        if self._qwen_tokenizer_class():
+        if self._qwen_tokenizer_class() is not None:
             tokens = {name: "<|endoftext|>" for name in ("unk_token", "eos_token", "pad_token")
                       if name not in self.config}
         fields = {k: v for k, v in self.config.items() if k.endswith("_token")}

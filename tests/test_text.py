@@ -15,7 +15,7 @@ from minqwen import MinqwenError
 from minqwen.checkpoint import EMBEDDED
 from minqwen.generate import ChatSession, GenerationStats, generate_ids, stream, stream_text
 from minqwen.sampling import SamplingParams
-from minqwen.tokenizer import StreamDecoder, Tokenizer
+from minqwen.tokenizer import QWEN_SPLIT_PATTERNS, StreamDecoder, Tokenizer
 
 TOKENIZER = Tokenizer(EMBEDDED)
 MODEL = minqwen.load(EMBEDDED)
@@ -484,6 +484,61 @@ def test_an_eos_token_written_as_an_added_token_dict_is_an_eos_id_as_transformer
                                              "special": True})
     reference = AutoTokenizer.from_pretrained(str(folder))
     assert Tokenizer(folder).eos_ids == (reference.eos_token_id,)
+
+
+# Combining marks that NFC leaves standing: Qwen3.5's split keeps them in the word, Qwen2's cuts there.
+MARKS = ["\u0301's", "a\ufe0f's it", "ok\u20dd'll go", "x\u0301\u0302 y", "e\u0301 t\u0308"]
+
+
+@pytest.mark.parametrize("model_type, tokenizer_class", [
+    ("qwen3_5_text", "Qwen2Tokenizer"), ("qwen3_5_text", "Qwen3_5Tokenizer"), ("qwen3_5_text", None),
+    ("qwen3_5_text", "TokenizersBackend"), ("qwen3_5", "Qwen2Tokenizer"), ("qwen3_5_moe_text", "Qwen2TokenizerFast"),
+])
+@pytest.mark.parametrize("file_change", ["as shipped", "no normalizer", "Qwen2 split", "prefix space"])
+def test_ids_and_text_are_transformers_whichever_class_it_loads_the_tokenizer_as(tmp_path, model_type,
+                                                                                  tokenizer_class, file_change):
+    # transformers' Qwen classes keep tokenizer.json's vocabulary and merges but bring their own
+    # normalizer (NFC), split and decoder; a generic backend reads the file as it is.
+    require_reference()
+    from transformers import AutoTokenizer
+
+    folder = copy_of_embedded(tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    config["model_type"] = model_type
+    if "moe" in model_type:
+        config.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8, shared_expert_intermediate_size=8)
+    (folder / "config.json").write_text(json.dumps(config))
+    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
+    tokenizer_config.pop("tokenizer_class")
+    if tokenizer_class is not None:
+        tokenizer_config["tokenizer_class"] = tokenizer_class
+    if file_change == "prefix space":
+        tokenizer_config["add_prefix_space"] = True
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    file = json.loads((folder / "tokenizer.json").read_text())
+    if file_change == "no normalizer":
+        file["normalizer"] = None
+    elif file_change == "Qwen2 split":
+        file["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = QWEN_SPLIT_PATTERNS["Qwen2Tokenizer"]
+    elif file_change == "prefix space":
+        file["pre_tokenizer"]["pretokenizers"][1]["add_prefix_space"] = True
+    (folder / "tokenizer.json").write_text(json.dumps(file))
+    reference, ours = AutoTokenizer.from_pretrained(str(folder)), Tokenizer(folder)
+    for text in MARKS + ["cafe\u0301 ok", "x"]:
+        ids = reference.encode(text, add_special_tokens=False)
+        assert ours.encode(text) == ids, text
+        assert ours.decode(ids) == reference.decode(ids), text
+
+
+def test_the_embedded_tokenizer_is_loaded_as_the_class_it_was_trained_with():
+    # Its tokenizer.json holds Qwen3.5's split (tools/train_embedded.py trains with it), and its
+    # tokenizer_config.json names the class that keeps it: transformers and minqwen alike then
+    # keep marks in the word. (Naming Qwen2Tokenizer, as the release files do, would make
+    # transformers split a qwen3_5_text checkpoint with Qwen2's pattern instead.)
+    file = json.loads((EMBEDDED / "tokenizer.json").read_text())
+    assert file["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] == QWEN_SPLIT_PATTERNS["Qwen3_5Tokenizer"]
+    assert json.loads((EMBEDDED / "tokenizer_config.json").read_text())["tokenizer_class"] == "Qwen3_5Tokenizer"
+    assert TOKENIZER.encode("\u0301's")[-1] == TOKENIZER.token_to_id("'s")  # Qwen2's split: "\u0301'" + "s"
 
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "héllo 日本"},

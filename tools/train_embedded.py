@@ -555,7 +555,9 @@ def export(model: ModelWithMtp, tokenizer: Tokenizer, template: str, out: Path) 
         "content": content, "lstrip": False, "normalized": False, "rstrip": False,
         "single_word": False, "special": special} for content, special in ADDED_TOKENS}
     tokenizer_config = {
-        "tokenizer_class": "Qwen2Tokenizer",
+        # Not the release files' Qwen2Tokenizer: for a qwen3_5_text checkpoint naming that class,
+        # transformers splits with Qwen2's pattern instead of the one this tokenizer was trained with.
+        "tokenizer_class": "Qwen3_5Tokenizer",
         "added_tokens_decoder": added,
         "bos_token": None,
         "eos_token": IM_END,
