@@ -104,7 +104,9 @@ def conversation(messages) -> list[dict]:
         raise MinqwenError(f"a chat is a list of one or more messages (dicts with 'role' and 'content'), got "
                            f"{messages!r:.200}")
     shown = []  # the messages as the template will see them
-    for i, message in enumerate(plain_data(list(messages))):
+    for i, (raw, message) in enumerate(zip(messages, plain_data(list(messages)))):
+        if isinstance(raw, Mapping) and not isinstance(raw.get("content"), (str, list, tuple, type(None))):
+            message = dict(message, content=raw["content"])  # not its "<bytes>" placeholder: refused below
         if isinstance(message, dict):
             # A field set to None is left out, as transformers leaves it out: the OpenAI client
             # writes content=None, tool_calls=None, and templates test whether a field is there.

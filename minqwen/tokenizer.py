@@ -95,6 +95,13 @@ class Tokenizer:
         model_config = _read_json(folder / "config.json")
         self._model_type = model_config.get("model_type")
         self._config_tokenizer_class = model_config.get("tokenizer_class")
+        split_special_tokens = self.config.get("split_special_tokens", False)
+        if not isinstance(split_special_tokens, bool):
+            raise MinqwenError(f"{folder / 'tokenizer_config.json'}: field 'split_special_tokens' must be true or "
+                               f"false, got {split_special_tokens!r}")
+        # True: "<|im_start|>" in text is plain text, as in transformers (a rendered chat's own
+        # control tokens too: such a checkpoint cannot chat, there or here).
+        self._tok.encode_special_tokens = split_special_tokens
         byte_level_bpe = type(self._tok.model).__name__ == "BPE" and type(self._tok.decoder).__name__ == "ByteLevel"
         if byte_level_bpe and self._qwen_tokenizer_class() is not None:
             self._use_qwen_class_rules(self._qwen_tokenizer_class())
@@ -163,7 +170,8 @@ class Tokenizer:
         return tuple(dict.fromkeys(ids))
 
     def encode(self, text: str) -> list[int]:
-        """Text → ids. Special-token strings in the text (``<|im_start|>`` …) become their ids."""
+        """Text → ids. Special-token strings in the text (``<|im_start|>`` …) become their ids,
+        unless tokenizer_config.json sets ``split_special_tokens``."""
         if not isinstance(text, str):
             raise MinqwenError(f"encode takes text (a str), got {type(text).__name__}")
         check_utf8(text)

@@ -381,6 +381,10 @@ def test_content_parts_render_in_the_chatml_fallback_as_qwen_templates_render_th
 @pytest.mark.parametrize("messages, options, error", [
     ([{"role": "user", "content": 5}], {}, "message 0: 'content' must be text or a list of parts"),
     ([{"role": "user", "content": ["hi"]}], {}, "message 0: 'content' must be text or a list of parts"),
+    # not rendered as their "<bytes>" / "<ndarray>" placeholders, as other unknown values are
+    ([{"role": "user", "content": b"hi"}], {}, "message 0: 'content' must be text or a list of parts"),
+    ([{"role": "user", "content": "a"}, {"role": "user", "content": np.zeros(2)}], {},
+     "message 1: 'content' must be text or a list of parts"),
     ([{"content": "hi"}], {}, "message 0 must be a dict with a string 'role'"),
     ([{"role": "user", "content": "hi"}, "hi"], {}, "message 1 must be a dict"),
     ([{"role": "user", "content": "hi"}], {"tools": {"name": "f"}}, "tools must be a list of tool schemas"),

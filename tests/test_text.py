@@ -530,6 +530,26 @@ def test_ids_and_text_are_transformers_whichever_class_it_loads_the_tokenizer_as
         assert ours.decode(ids) == reference.decode(ids), text
 
 
+@pytest.mark.parametrize("split", [True, False])
+def test_special_token_text_is_split_or_kept_as_split_special_tokens_says_as_in_transformers(tmp_path, split):
+    require_reference()
+    from transformers import AutoTokenizer
+
+    folder = copy_of_embedded(tmp_path)
+    edit_tokenizer_config(folder, split_special_tokens=split)
+    text = "a<|im_start|>b<|im_end|>"
+    ids = AutoTokenizer.from_pretrained(str(folder)).encode(text, add_special_tokens=False)
+    assert Tokenizer(folder).encode(text) == ids
+    assert (TOKENIZER.token_to_id("<|im_start|>") in ids) is not split
+
+
+def test_split_special_tokens_that_is_not_true_or_false_is_an_error_naming_it(tmp_path):
+    folder = copy_of_embedded(tmp_path)
+    edit_tokenizer_config(folder, split_special_tokens="yes")
+    with pytest.raises(MinqwenError, match=r"tokenizer_config\.json: field 'split_special_tokens' must be true or false"):
+        Tokenizer(folder)
+
+
 def test_the_embedded_tokenizer_is_loaded_as_the_class_it_was_trained_with():
     # Its tokenizer.json holds Qwen3.5's split (tools/train_embedded.py trains with it), and its
     # tokenizer_config.json names the class that keeps it: transformers and minqwen alike then
