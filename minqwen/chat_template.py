@@ -232,8 +232,22 @@ def render(template: str, messages, *, add_generation_prompt: bool, tools=None, 
                                    "the conversation is far too long")
         return "".join(rendered)
     except TemplateError as e:
-        raise MinqwenError(f"the chat template failed to render: {e}") from None
+        raise MinqwenError(f"the chat template failed to render: {e}{_arguments_as_text(messages)}") from None
     except MinqwenError:
         raise  # the template's own raise_exception
     except Exception as e:  # noqa: BLE001 - whatever the checkpoint's template does wrong is the template's fault
-        raise MinqwenError(f"the chat template failed to render: {type(e).__name__}: {e}") from None
+        raise MinqwenError(f"the chat template failed to render: {type(e).__name__}: {e}"
+                           f"{_arguments_as_text(messages)}") from None
+
+
+def _arguments_as_text(messages: list[dict]) -> str:
+    """A hint for the mistake that most often breaks Qwen3.5's template: tool-call arguments given
+    as JSON text (as the OpenAI API returns them), where it loops over them as a mapping."""
+    for i, message in enumerate(messages):
+        calls = message.get("tool_calls")
+        for j, call in enumerate(calls if isinstance(calls, (list, tuple)) else []):
+            function = call.get("function", call) if isinstance(call, dict) else None
+            if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+                return (f". Message {i}'s tool_calls[{j}] gives its arguments as JSON text; this template reads "
+                        "them as a mapping: pass json.loads(arguments) instead")
+    return ""

@@ -2,6 +2,7 @@
 tools, tool calls, reasoning under its several names, extra variables, special tokens, the
 {% generation %} block, and plain data only inside the sandbox."""
 
+import copy
 import enum
 import json
 import shutil
@@ -152,6 +153,21 @@ def test_a_qwen_like_template_renders_as_transformers_renders_it(folder, name, o
     assert got == want
     if options.get("tools"):
         assert "°C" in got  # tojson keeps non-ASCII text as it is
+
+
+def test_tool_call_arguments_given_as_json_text_fail_as_in_transformers_with_the_cause_named(folder):
+    # The OpenAI API returns arguments as JSON text; Qwen3.5's template loops over them as a mapping.
+    require_reference()
+    from transformers import AutoTokenizer
+
+    with_template(folder, QWEN_LIKE_TEMPLATE)
+    messages = copy.deepcopy(CONVERSATIONS["tools"])
+    messages[1]["tool_calls"][1]["arguments"] = json.dumps(messages[1]["tool_calls"][1]["arguments"])
+    with pytest.raises(Exception, match="mapping"):
+        AutoTokenizer.from_pretrained(str(folder)).apply_chat_template(messages, tokenize=False)
+    with pytest.raises(MinqwenError, match=r"Message 1's tool_calls\[1\] gives its arguments as JSON text.*"
+                                           r"json\.loads\(arguments\)"):
+        Tokenizer(folder).render_chat(messages)
 
 
 def test_a_generation_block_and_the_special_tokens_render_as_in_transformers(folder):
