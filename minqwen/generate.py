@@ -374,10 +374,13 @@ class ChatSession:
         """How many images ``ids`` (as rendered: one ``<|image_pad|>`` each) hold."""
         return 0 if self.tower is None else sum(1 for i in ids if i == self.tower.config.image_token_id)
 
-    def reply(self, user_text: str, params: SamplingParams = SamplingParams(), max_new_tokens: int = 256,
+    def reply(self, user_text: str, params: SamplingParams | None = None, max_new_tokens: int = 256,
               seed: int | None = None, stats: GenerationStats | None = None, decode=None,
               images=(), stop_strings=()) -> Iterator[str]:
         """Add a user message and stream the assistant's answer, thinking included, as raw text.
+
+        ``params``: the sampling options; None, the checkpoint's generation_config.json (as in
+        :func:`stream`; ``SamplingParams()`` is greedy).
 
         ``images``: paths, Pillow images or [H, W, 3] uint8 arrays to show with this message
         (the session needs a ``tower``); they come before the text, as Qwen's examples put them.
@@ -387,6 +390,9 @@ class ChatSession:
         """
         if not isinstance(user_text, str):
             raise MinqwenError(f"the message must be text (a str), got {type(user_text).__name__}")
+        if params is None:
+            params = SamplingParams.from_generation_config(self.tokenizer.generation_config,
+                                                           str(self.tokenizer.generation_config_path))
         check_utf8(user_text, "that message")  # here: rendered, the template's text would surround it
         images = image_list(images)
         if not user_text.strip() and not images:

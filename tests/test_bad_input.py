@@ -274,7 +274,7 @@ def test_a_text_only_chat_goes_on_after_the_model_writes_an_image_token(model, t
     (lambda m, t, h: list(generate_ids(m, [1, 2], None, 2)), ["params", "NoneType", "SamplingParams()"]),
     (lambda m, t, h: list(stream_text(m, t, [1, 2], None, 2)), ["params"]),
     (lambda m, t, h: list(mtp.speculative_generate(m, h, [1, 2], None, 2)), ["params"]),
-    (lambda m, t, h: list(ChatSession(m, t).reply("hi", None, 2)), ["params"]),
+    (lambda m, t, h: list(ChatSession(m, t).reply("hi", "greedy", 2)), ["params", "str"]),
     (lambda m, t, h: ChatSession(m, t, messages="hi"), ["messages", "str"]),
     (lambda m, t, h: ChatSession(m, t, messages=None), ["messages", "NoneType"]),
     (lambda m, t, h: ChatSession(m, t, tower="x"), ["tower", "load_vision"]),

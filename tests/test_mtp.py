@@ -500,8 +500,8 @@ def test_a_speculative_chat_says_what_a_plain_chat_says():
     decode = speculative_decoder(load_mtp(folder, model), draft_tokens=2)
     plain, fast = ChatSession(model, tokenizer), ChatSession(model, tokenizer)
     for text in ["Hi.", "What is a list?", "Thanks."]:
-        assert "".join(fast.reply(text, max_new_tokens=24, decode=decode)) == \
-            "".join(plain.reply(text, max_new_tokens=24))
+        assert "".join(fast.reply(text, SamplingParams(), max_new_tokens=24, decode=decode)) == \
+            "".join(plain.reply(text, SamplingParams(), max_new_tokens=24))
         assert fast.log == plain.log and fast.cache.position == plain.cache.position
 
 

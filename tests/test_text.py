@@ -18,6 +18,7 @@ from minqwen.sampling import SamplingParams
 from minqwen.tokenizer import QWEN_SPLIT_PATTERNS, StreamDecoder, Tokenizer
 
 TOKENIZER = Tokenizer(EMBEDDED)
+GREEDY = SamplingParams()  # the embedded model's generation_config.json samples
 MODEL = minqwen.load(EMBEDDED)
 
 
@@ -228,7 +229,7 @@ def test_wrong_argument_types_are_errors_naming_what_was_expected():
 def test_every_chat_turn_equals_a_fresh_run_on_the_same_rendered_conversation():
     session = ChatSession(MODEL, TOKENIZER, enable_thinking=False)
     for text in ["Hello there.", "What is a list?", "Thanks."]:
-        answer = "".join(session.reply(text, max_new_tokens=24))
+        answer = "".join(session.reply(text, GREEDY, max_new_tokens=24))
         # the same conversation, rendered and run from scratch
         rendered = TOKENIZER.render_chat(session.messages[:-1], enable_thinking=False)
         fresh = "".join(stream_text(MODEL, TOKENIZER, TOKENIZER.encode(rendered), max_new_tokens=24,
@@ -239,21 +240,44 @@ def test_every_chat_turn_equals_a_fresh_run_on_the_same_rendered_conversation():
 def test_chat_with_thinking_rolls_back_rewritten_history_and_still_matches_a_fresh_run():
     session = ChatSession(MODEL, TOKENIZER, enable_thinking=True)
     for text in ["Hi.", "Again."]:
-        answer = "".join(session.reply(text, max_new_tokens=16))
+        answer = "".join(session.reply(text, GREEDY, max_new_tokens=16))
         rendered = TOKENIZER.render_chat(session.messages[:-1], enable_thinking=True)
         fresh = "".join(stream_text(MODEL, TOKENIZER, TOKENIZER.encode(rendered), max_new_tokens=16,
                                     skip_special_tokens=False))
         assert answer == fresh
 
 
+@pytest.mark.parametrize("do_sample", [True, False])
+def test_a_chat_reply_without_params_samples_as_the_checkpoints_generation_config_says(tmp_path, do_sample):
+    # As stream() and `minqwen chat`: the file's settings (the embedded model's samples at
+    # temperature 0.7); greedy where the file does not set do_sample.
+    folder = copy_of_embedded(tmp_path)
+    config = json.loads((folder / "generation_config.json").read_text())
+    config["do_sample"] = do_sample
+    (folder / "generation_config.json").write_text(json.dumps(config))
+    tokenizer = Tokenizer(folder)
+    params = SamplingParams.from_generation_config(tokenizer.generation_config)
+    assert params.greedy is not do_sample
+    session = ChatSession(MODEL, tokenizer, enable_thinking=False)
+    answer = "".join(session.reply("Tell me a story.", max_new_tokens=24, seed=5))
+    rendered = tokenizer.render_chat(session.messages[:-1], enable_thinking=False)
+    fresh = "".join(stream_text(MODEL, tokenizer, tokenizer.encode(rendered), params, max_new_tokens=24, seed=5,
+                                skip_special_tokens=False))
+    assert answer == fresh
+    # Not SamplingParams()'s plain argmax: greedy or not, the file's repetition penalty (1.05) applies.
+    plain = "".join(stream_text(MODEL, tokenizer, tokenizer.encode(rendered), GREEDY, max_new_tokens=24,
+                                skip_special_tokens=False))
+    assert answer != plain
+
+
 @pytest.mark.parametrize("thinking", [False, True])
 @pytest.mark.parametrize("how", ["stopped reading", "bad max_new_tokens", "bad seed", "bad stop_strings"])
 def test_a_turn_that_does_not_finish_leaves_the_conversation_as_it_was(how, thinking):
     session = ChatSession(MODEL, TOKENIZER, enable_thinking=thinking)
-    "".join(session.reply("Hello there.", max_new_tokens=8))
+    "".join(session.reply("Hello there.", GREEDY, max_new_tokens=8))
     before = list(session.messages)
     if how == "stopped reading":
-        pieces = session.reply("Write a long poem about the sea.", max_new_tokens=40)
+        pieces = session.reply("Write a long poem about the sea.", GREEDY, max_new_tokens=40)
         next(pieces)  # the first piece, then the caller stops reading
         pieces.close()
     else:
@@ -263,7 +287,7 @@ def test_a_turn_that_does_not_finish_leaves_the_conversation_as_it_was(how, thin
             "".join(session.reply("Write a long poem about the sea.", **bad))
     assert session.messages == before
     # The next turn answers exactly as a fresh run over the conversation without the lost turn.
-    answer = "".join(session.reply("What is a list?", max_new_tokens=16))
+    answer = "".join(session.reply("What is a list?", GREEDY, max_new_tokens=16))
     rendered = TOKENIZER.render_chat(session.messages[:-1], enable_thinking=thinking)
     fresh = "".join(stream_text(MODEL, TOKENIZER, TOKENIZER.encode(rendered), max_new_tokens=16,
                                 skip_special_tokens=False))
@@ -676,12 +700,12 @@ def test_resending_the_same_message_after_a_turn_that_did_not_finish_equals_a_fr
     restored the cache itself."""
     model, tokenizer = minqwen.load(EMBEDDED), Tokenizer(EMBEDDED)
     session = ChatSession(model, tokenizer, enable_thinking=thinking)
-    "".join(session.reply("Hello there.", max_new_tokens=8))
-    pieces = session.reply("Write a long poem about the sea.", max_new_tokens=40)
+    "".join(session.reply("Hello there.", GREEDY, max_new_tokens=8))
+    pieces = session.reply("Write a long poem about the sea.", GREEDY, max_new_tokens=40)
     next(pieces)
     next(pieces)
     pieces.close()
-    answer = "".join(session.reply("Write a long poem about the sea.", max_new_tokens=16))
+    answer = "".join(session.reply("Write a long poem about the sea.", GREEDY, max_new_tokens=16))
     rendered = tokenizer.render_chat(session.messages[:-1], enable_thinking=thinking)
     fresh = "".join(stream_text(model, tokenizer, tokenizer.encode(rendered), max_new_tokens=16,
                                 skip_special_tokens=False))
