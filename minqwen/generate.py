@@ -115,8 +115,8 @@ def checked_stop_ids(stop_ids) -> set[int]:
     if isinstance(stop_ids, (str, bytes)) or not hasattr(stop_ids, "__iter__"):
         raise MinqwenError(f"stop_ids must be a collection of token ids, got {stop_ids!r}")
     stop_ids = list(stop_ids)
-    if not all(is_whole_number(i) for i in stop_ids):
-        raise MinqwenError(f"stop_ids must hold token ids (whole numbers), got {stop_ids!r}")
+    if not all(is_whole_number(i) and i >= 0 for i in stop_ids):  # a negative id could never stop anything
+        raise MinqwenError(f"stop_ids must hold token ids (whole numbers ≥ 0), got {stop_ids!r}")
     return {int(i) for i in stop_ids}
 
 

@@ -21,6 +21,16 @@ import numpy as np
 
 from .errors import MinqwenError, is_finite_number, is_whole_number
 
+# generation_config.json fields transformers' generate() applies and minqwen does not, each with
+# the value that leaves decoding as it is (what transformers assumes when the field is absent).
+UNIMPLEMENTED_GENERATION_FIELDS = {
+    "no_repeat_ngram_size": 0, "bad_words_ids": None, "suppress_tokens": None, "begin_suppress_tokens": None,
+    "min_new_tokens": None, "min_length": 0, "forced_bos_token_id": None, "forced_eos_token_id": None,
+    "num_beams": 1, "num_beam_groups": 1, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
+    "sequence_bias": None, "stop_strings": None, "top_h": None, "penalty_alpha": None, "guidance_scale": None,
+    "exponential_decay_length_penalty": None,
+}
+
 NON_FINITE_LOGITS = ("the model computed NaN or infinite logits: its weights or config.json hold values "
                      "it cannot compute with (a NaN weight, say)")
 

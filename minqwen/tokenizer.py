@@ -22,6 +22,7 @@ from pathlib import Path
 from .chat_template import CHATML_TEMPLATE, render
 from .config import read_json_object
 from .errors import MinqwenError, is_whole_number
+from .sampling import UNIMPLEMENTED_GENERATION_FIELDS
 
 # transformers 5.23.0 picks Qwen3_5Tokenizer for these model types whatever class
 # tokenizer_config.json names (it lists the names on the Hub as unreliable)…
@@ -107,6 +108,11 @@ class Tokenizer:
             self._use_qwen_class_rules(self._qwen_tokenizer_class())
         self.generation_config_path = folder / "generation_config.json"
         self.generation_config = _read_json(self.generation_config_path)
+        ignored = [name for name, no_op in UNIMPLEMENTED_GENERATION_FIELDS.items()
+                   if self.generation_config.get(name) not in (None, no_op, [], {})]
+        if ignored:
+            warnings.warn(f"{self.generation_config_path}: minqwen does not implement {', '.join(ignored)}, which "
+                          "transformers' generate() would apply: ignored", stacklevel=2)
         template = self.config.get("chat_template")
         problem = None  # why the stored template cannot be used: said when a chat is rendered
         if isinstance(template, (list, dict)):  # some releases store several named templates

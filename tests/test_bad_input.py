@@ -150,6 +150,8 @@ def test_stop_ids_and_stats_of_the_wrong_kind_are_named(model):
     head = mtp.load_mtp(EMBEDDED, model)
     with pytest.raises(MinqwenError, match="stop_ids"):
         list(generate_ids(model, [1], GREEDY, 2, stop_ids=[[1]]))
+    with pytest.raises(MinqwenError, match=r"stop_ids must hold token ids \(whole numbers ≥ 0\), got \[5, -1\]"):
+        list(generate_ids(model, [1], GREEDY, 2, stop_ids=[5, -1]))  # a typo that could never stop anything
     for bad in (5, "ab", [[1]]):
         with pytest.raises(MinqwenError, match="stop_ids"):
             list(mtp.speculative_generate(model, head, [1, 2], GREEDY, 3, stop_ids=bad))

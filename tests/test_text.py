@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -572,6 +573,20 @@ def test_split_special_tokens_that_is_not_true_or_false_is_an_error_naming_it(tm
     edit_tokenizer_config(folder, split_special_tokens="yes")
     with pytest.raises(MinqwenError, match=r"tokenizer_config\.json: field 'split_special_tokens' must be true or false"):
         Tokenizer(folder)
+
+
+def test_generation_config_fields_minqwen_does_not_implement_are_named_in_a_warning(tmp_path):
+    # transformers' generate() would apply them; silently dropping them would change the output unseen.
+    folder = copy_of_embedded(tmp_path)
+    config = json.loads((folder / "generation_config.json").read_text())
+    config.update(no_repeat_ngram_size=2, num_beams=1, bad_words_ids=[[11]], typical_p=1.0, suppress_tokens=[])
+    (folder / "generation_config.json").write_text(json.dumps(config))
+    with pytest.warns(UserWarning, match=r"generation_config\.json: minqwen does not implement "
+                                         r"no_repeat_ngram_size, bad_words_ids, which transformers"):
+        Tokenizer(folder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the embedded model's file sets only what minqwen implements
+        Tokenizer(EMBEDDED)
 
 
 def test_the_embedded_tokenizer_is_loaded_as_the_class_it_was_trained_with():
