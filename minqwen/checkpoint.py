@@ -33,6 +33,7 @@ import json
 import math
 import os
 import re
+import stat
 import struct
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -66,16 +67,31 @@ READ_BLOCK_BYTES = 8 * 1024 * 1024  # loads read (and convert) this much at a ti
 SPLIT_BYTES = 4 * 1024 * 1024  # a stored tensor this large is read by several threads at once
 
 
+def _refusing_repeated_names(pairs: list) -> dict:
+    """A JSON object's pairs as a dict, refusing a name given twice: json.loads would keep the last
+    copy silently, and a header naming one tensor twice leaves it unclear which data is the tensor."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        repeated = next(name for i, (name, _) in enumerate(pairs) if any(name == n for n, _ in pairs[:i]))
+        raise ValueError(f"the name {repeated!r} appears twice in one object")
+    return out
+
+
 class SafetensorsFile:
     """One safetensors file: its validated header and a read-only memory map of its data."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         try:
-            size = self.path.stat().st_size
-            f = open(self.path, "rb")  # a folder or an unreadable file fails here, not below
+            status = self.path.stat()
+            if not stat.S_ISREG(status.st_mode):  # a pipe would block the read forever; a device never ends
+                raise MinqwenError(f"{self.path}: cannot open safetensors file (not a regular file)")
+            size = status.st_size
+            f = open(self.path, "rb")  # an unreadable file fails here, not below
         except OSError as e:
             raise MinqwenError(f"{self.path}: cannot open safetensors file ({e.strerror})") from None
+        except ValueError as e:  # a NUL byte in the name (an index can spell anything)
+            raise MinqwenError(f"{self.path!r}: cannot open safetensors file ({e})") from None
         with f:
             if size < 8:
                 raise MinqwenError(
@@ -94,7 +110,7 @@ class SafetensorsFile:
                 )
             header_bytes = f.read(header_len)
         try:
-            header = json.loads(header_bytes.decode("utf-8"))
+            header = json.loads(header_bytes.decode("utf-8"), object_pairs_hook=_refusing_repeated_names)
         except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, a huge int literal, deep nesting
             raise MinqwenError(f"{self.path}: bad header: not valid UTF-8 JSON ({e})") from None
         if not isinstance(header, dict):
@@ -103,12 +119,12 @@ class SafetensorsFile:
         self.data_start = 8 + header_len
         self.data_len = size - self.data_start
         self.metadata = header.pop("__metadata__", None) or {}
-        if not isinstance(self.metadata, dict):
-            raise MinqwenError(f"{self.path}: bad header: __metadata__ must be an object")
+        if not isinstance(self.metadata, dict) or not all(isinstance(v, str) for v in self.metadata.values()):
+            raise MinqwenError(f"{self.path}: bad header: __metadata__ must be an object of strings")
         self.entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
         for name, entry in header.items():
             self.entries[name] = self._validate_entry(name, entry)
-        self._check_no_overlap()
+        self._check_data_layout()
         self._map = None
 
     def _validate_entry(self, name, entry):
@@ -141,11 +157,20 @@ class SafetensorsFile:
             )
         return dtype, tuple(shape), begin, end
 
-    def _check_no_overlap(self):
+    def _check_data_layout(self):
+        """The tensors tile the data section, end to end, as the format (and the safetensors
+        library, which transformers reads with) requires: no overlap, no gap, nothing after."""
         spans = sorted((b, e, n) for n, (_, _, b, e) in self.entries.items() if e > b)
         for (_, end_a, name_a), (begin_b, _, name_b) in zip(spans, spans[1:]):
             if begin_b < end_a:
                 raise MinqwenError(f"{self.path}: bad header: tensors '{name_a}' and '{name_b}' overlap")
+            if begin_b > end_a:
+                raise MinqwenError(f"{self.path}: bad header: {begin_b - end_a} bytes between tensors '{name_a}' "
+                                   f"and '{name_b}' belong to no tensor (a damaged offset?)")
+        first, last = (spans[0][0], spans[-1][1]) if spans else (0, 0)
+        if first != 0 or last != self.data_len:
+            raise MinqwenError(f"{self.path}: bad header: the tensors cover bytes {first} to {last} of a "
+                               f"{self.data_len}-byte data section; the rest belongs to no tensor (a damaged offset?)")
 
     def __contains__(self, name):
         return name in self.entries
@@ -277,7 +302,8 @@ class Checkpoint:
         if not isinstance(weight_map, dict):
             raise MinqwenError(f"{index}: 'weight_map' must map tensor names to file names")
         for name, file_name in weight_map.items():
-            if not isinstance(file_name, str) or Path(file_name).name != file_name:
+            if (not isinstance(file_name, str) or Path(file_name).name != file_name or file_name in ("", ".", "..")
+                    or "\0" in file_name):
                 raise MinqwenError(f"{index}: tensor '{name}' maps to {file_name!r}, not a file name in this folder")
             if file_name not in self.files:
                 self.files[file_name] = SafetensorsFile(self.folder / file_name)
@@ -380,6 +406,10 @@ class Checkpoint:
                 f"{list(self.fp8_block)} (weight_block_size) needs {list(grid)}: one scale per block, "
                 f"⌈rows / {self.fp8_block[0]}⌉ × ⌈columns / {self.fp8_block[1]}⌉"
             )
+        bad = int(np.size(g.read(scale)) - np.count_nonzero(np.isfinite(g.read(scale))))  # scales: ~1/16384 of the weight
+        if bad:
+            raise MinqwenError(f"{g.path}: tensor '{scale}' (the block scales of '{name}') holds {bad} NaN or "
+                               f"infinite value(s): every weight of those blocks would be NaN or infinite")
         return scale
 
     def _dequantized(self, name: str, scale: str) -> np.ndarray:

@@ -233,7 +233,7 @@ def test_data_offsets_outside_the_file_are_an_error_naming_the_tensor(tmp_path):
 def test_data_offsets_ending_one_byte_past_the_data_are_an_error_when_the_file_is_opened(tmp_path):
     # The boundary: ending exactly at the end of the data is fine, one byte further is outside
     # (a memory-mapped expert would otherwise fail with a bare reshape error, or read short).
-    ok = write_raw(tmp_path / "ok.safetensors", {"w": entry("U8", [4], 1, 5)}, data=bytes(5))
+    ok = write_raw(tmp_path / "ok.safetensors", {"w": entry("U8", [4], 0, 4)}, data=bytes(4))
     assert SafetensorsFile(ok).array("w").shape == (4,)
     path = write_raw(tmp_path / "x.safetensors", {"w": entry("U8", [4], 1, 5)}, data=bytes(4))
     with pytest.raises(MinqwenError, match=names(path, "w") + r": data_offsets \[1, 5\] point outside the file, "
@@ -315,6 +315,55 @@ def test_an_overlap_of_one_byte_between_the_last_two_of_three_tensors_is_an_erro
         SafetensorsFile(path)
 
 
+@pytest.mark.parametrize("header, data, message", [
+    ({"a": entry("U8", [4], 0, 4), "b": entry("U8", [4], 6, 10)}, 10, r"2 bytes between tensors 'a' and 'b'"),
+    ({"a": entry("U8", [4], 2, 6)}, 6, r"the tensors cover bytes 2 to 6 of a 6-byte data section"),
+    ({"a": entry("U8", [4], 0, 4)}, 7, r"the tensors cover bytes 0 to 4 of a 7-byte data section"),
+], ids=["gap", "before", "after"])
+def test_bytes_that_belong_to_no_tensor_are_an_error_as_the_safetensors_library_says(tmp_path, header, data, message):
+    # The format tiles the data section with the tensors; a hole means a damaged offset somewhere.
+    from safetensors import safe_open
+
+    path = write_raw(tmp_path / "x.safetensors", header, data=bytes(data))
+    with pytest.raises(Exception, match="offset|not fully covered"):
+        safe_open(str(path), "np")
+    with pytest.raises(MinqwenError, match=names(path) + r": bad header: " + message):
+        SafetensorsFile(path)
+
+
+def test_a_tensor_named_twice_in_one_header_is_an_error_naming_it(tmp_path):
+    # json.loads keeps the last copy: a second entry could silently replace the tensor's data.
+    header = b'{"w": {"dtype": "U8", "shape": [2], "data_offsets": [0, 2]}, ' \
+             b'"w": {"dtype": "U8", "shape": [2], "data_offsets": [2, 4]}}'
+    path = write_raw(tmp_path / "x.safetensors", header, data=bytes(4))
+    with pytest.raises(MinqwenError, match=names(path) + r": bad header: not valid UTF-8 JSON \(the name 'w' "
+                                                          r"appears twice in one object\)"):
+        SafetensorsFile(path)
+
+
+def test_metadata_that_is_not_text_is_an_error_as_the_safetensors_library_says(tmp_path):
+    path = write_raw(tmp_path / "x.safetensors", {"__metadata__": {"format": 1}, "w": entry("U8", [2], 0, 2)},
+                     data=bytes(2))
+    with pytest.raises(MinqwenError, match=names(path) + r": bad header: __metadata__ must be an object of strings"):
+        SafetensorsFile(path)
+
+
+def test_a_named_pipe_in_place_of_the_weights_is_an_error_not_a_hang(tmp_path):
+    # open() on a FIFO waits for a writer forever; the check runs in a child so that a
+    # regression fails here instead of hanging the suite.
+    import subprocess
+    import sys
+
+    folder = tmp_path / "pipe"
+    folder.mkdir()
+    shutil.copy(TEXT / "config.json", folder / "config.json")
+    os.mkfifo(folder / "model.safetensors")  # not a file: the one-.safetensors-file fallback found it
+    done = subprocess.run([sys.executable, "-c", f"import minqwen; minqwen.load({str(folder)!r})"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "MinqwenError" in done.stderr, done.stderr[-500:]
+    assert f"{folder / 'model.safetensors'}: cannot open safetensors file (not a regular file)" in done.stderr
+
+
 def test_empty_tensors_at_the_same_offset_do_not_overlap(tmp_path):
     header = {"a": entry("F32", [0], 4, 4), "b": entry("F32", [0, 3], 4, 4), "c": entry("F32", [2], 0, 8)}
     f = SafetensorsFile(write_raw(tmp_path / "x.safetensors", header, data=bytes(8)))
@@ -368,11 +417,13 @@ def test_a_shard_index_listing_a_tensor_its_shard_lacks_is_an_error_naming_tenso
         minqwen.load(folder)
 
 
-def test_a_shard_index_naming_a_file_outside_the_folder_is_an_error(tmp_path):
+@pytest.mark.parametrize("file_name", ["../elsewhere.safetensors", "..", "", "a\0.safetensors"], ids=repr)
+def test_a_shard_index_naming_a_file_outside_the_folder_is_an_error(tmp_path, file_name):
+    # ".." and "" are their own Path(...).name; a NUL byte made open() raise a bare ValueError.
     folder = copy_fixture(tmp_path, SHARDED)
     index_path = folder / "model.safetensors.index.json"
     index = json.loads(index_path.read_text())
-    index["weight_map"]["model.language_model.norm.weight"] = "../elsewhere.safetensors"
+    index["weight_map"]["model.language_model.norm.weight"] = file_name
     index_path.write_text(json.dumps(index))
     with pytest.raises(MinqwenError, match=names(index_path, "model.language_model.norm.weight") + r" maps to"):
         minqwen.load(folder)

@@ -608,3 +608,18 @@ def test_inspect_names_the_fp8_block_and_what_was_left_unquantized(quantized):
     assert f"FP8 checkpoint: 16 × 16 blocks, dequantized on load; modules_to_not_convert: {', '.join(kept)}" in text
     assert kept  # the tool lists what it left alone (norms, the embedding), so the line above names something
     assert "FP8" not in describe(minqwen.load(FIXTURES / DIVIDING[0][0]))
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf], ids=["nan", "inf"])
+def test_block_scales_that_are_not_finite_are_an_error_naming_them(quantized, tmp_path, value):
+    # Every weight of the block would come out NaN or infinite: a damaged file, said at load time.
+    folder = copy_of(quantized(DIVIDING[0])[0], tmp_path)
+
+    def damage(tensors):
+        scales = tensors[SCALE].astype(np.float32)
+        scales[1, 2] = value
+        tensors[SCALE] = scales
+
+    rewrite(folder, damage)
+    with pytest.raises(MinqwenError, match=rf"'{SCALE}' \(the block scales of '{WEIGHT}'\) holds 1 NaN or infinite"):
+        minqwen.load(folder)
