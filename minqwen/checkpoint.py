@@ -406,7 +406,8 @@ class Checkpoint:
                 f"{list(self.fp8_block)} (weight_block_size) needs {list(grid)}: one scale per block, "
                 f"⌈rows / {self.fp8_block[0]}⌉ × ⌈columns / {self.fp8_block[1]}⌉"
             )
-        bad = int(np.size(g.read(scale)) - np.count_nonzero(np.isfinite(g.read(scale))))  # scales: ~1/16384 of the weight
+        values = g.read(scale)  # one per block: small beside the weight
+        bad = values.size - np.count_nonzero(np.isfinite(values))
         if bad:
             raise MinqwenError(f"{g.path}: tensor '{scale}' (the block scales of '{name}') holds {bad} NaN or "
                                f"infinite value(s): every weight of those blocks would be NaN or infinite")

@@ -1,8 +1,9 @@
 """Text ↔ token ids, the checkpoint's tokenizer files, and streaming decode.
 
 * ids come from the checkpoint's ``tokenizer.json`` through the ``tokenizers`` library (the
-  same byte-level BPE the reference uses), special tokens included; walkthrough/01_tokens.py
-  rebuilds its encoder in plain Python;
+  same byte-level BPE the reference uses), special tokens included, with the normaliser and
+  split transformers' Qwen tokenizer classes impose; walkthrough/01_tokens.py rebuilds its
+  encoder in plain Python;
 * ``tokenizer_config.json`` gives the chat template (``chat_template.jinja`` beside it wins, as
   in transformers) and the eos token; ``generation_config.json`` gives eos ids and default
   sampling settings;
