@@ -67,6 +67,28 @@ def test_compiled_sigmoid_and_silu_equal_their_numpy_twins(x, strided):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-30)
 
 
+def test_a_prompts_sigmoid_and_silu_take_both_cores_when_numba_owns_them_and_agree_bit_for_bit(monkeypatch):
+    from minqwen.threads import one_blas_thread
+
+    x = np.random.default_rng(3).normal(scale=8, size=(activations.PARALLEL_FROM // 64 + 5, 64)).astype(np.float32)
+    small = x[:3]
+    for compiled, name in ((sigmoid, "_sigmoid_kernel"), (silu, "_silu_kernel")):
+        serial_result = compiled(x)  # outside one_blas_thread: BLAS's threads may be spinning
+        used = []
+        for suffix in ("", "_parallel"):
+            kernel = getattr(activations, name + suffix)
+            monkeypatch.setattr(activations, name + suffix,
+                                lambda flat, out, kernel=kernel, suffix=suffix: (used.append(suffix), kernel(flat, out)))
+        # the module functions look the kernels up when called
+        with one_blas_thread():
+            parallel_result = compiled(x)
+            compiled(small)
+        compiled(x)
+        assert used == ["_parallel", "", ""]
+        assert np.array_equal(parallel_result, serial_result)
+        monkeypatch.undo()
+
+
 @numba.njit
 def _numba_erf_all(x, out):
     for i in range(x.size):

@@ -1,6 +1,7 @@
 """bf16_prompts: activations rounded to bf16, multiplied with the CPU's bf16 dot-product instruction."""
 
 import json
+from unittest import mock
 
 import ml_dtypes
 import numba
@@ -61,19 +62,72 @@ def test_the_twin_moves_each_activation_by_at_most_half_a_bf16_step(rows, n_in, 
     assert np.all(np.abs(D.linear_bf16_dot_numpy(x, weight) - exact) <= (2.0**-8 + n_in * 2.0**-23) * magnitude + 1e-30)
 
 
+needs_amx = pytest.mark.skipif(not D.cpu_has_amx_bf16(), reason="this CPU (or its OS) lends no AMX tiles")
+KERNELS = [pytest.param(False, id="vdpbf16ps"), pytest.param(True, id="amx", marks=needs_amx)]
+
+
 @needs_the_instruction
+@pytest.mark.parametrize("amx", KERNELS)
 @settings(max_examples=40, deadline=None)
-@given(rows=st.integers(1, 40), n_in=st.integers(1, 200), n_out=st.integers(1, 130), seed=st.integers(0, 999))
-def test_the_kernel_equals_its_twin(rows, n_in, n_out, seed):
-    # Shapes off every tile size: rows not a multiple of 8, outputs of 48, inputs odd.
+@given(rows=st.integers(1, 70), n_in=st.integers(1, 200), n_out=st.integers(1, 130), seed=st.integers(0, 999))
+def test_the_kernel_equals_its_twin(amx, rows, n_in, n_out, seed):
+    # Shapes off every tile size: rows not a multiple of 8 or 32, outputs of 48 or 32, inputs
+    # odd or not a multiple of 32.
     rng = np.random.default_rng(seed)
     x = (rng.standard_normal((rows, n_in)) * rng.uniform(0.1, 3)).astype(np.float32)
     weight = (rng.standard_normal((n_out, n_in)) * rng.uniform(0.1, 3)).astype(ml_dtypes.bfloat16)
-    got = D.linear_bf16_dot(x, weight)
+    with mock.patch.object(D, "cpu_has_amx_bf16", lambda: amx):
+        got = D.linear_bf16_dot(x, weight)
     rounded = x.astype(ml_dtypes.bfloat16).astype(np.float32)
     bound = reordering_bound(rounded, weight.astype(np.float32))
     assert got.shape == (rows, n_out)
     assert np.all(np.abs(got - D.linear_bf16_dot_numpy(x, weight)) <= bound)  # NaN (never written) fails too
+
+
+@needs_amx
+def test_the_amx_kernel_runs_on_every_thread_and_for_a_whole_prompt():
+    # Each of Numba's threads must shape its own tiles: a block on a thread that had not would
+    # fault. 4 blocks of outputs per thread at least, and the 0.8B shape's widths.
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((100, 1024)).astype(np.float32)
+    weight = rng.standard_normal((8 * 32 * numba.get_num_threads(), 1024)).astype(ml_dtypes.bfloat16)
+    rounded = x.astype(ml_dtypes.bfloat16).astype(np.float32)
+    got = D.linear_bf16_dot(x, weight)
+    assert np.all(np.abs(got - D.linear_bf16_dot_numpy(x, weight)) <= reordering_bound(rounded, weight.astype(np.float32)))
+
+
+def test_amx_is_used_only_where_the_cpu_has_it_and_linux_lends_it(monkeypatch):
+    import ctypes
+
+    import llvmlite.binding as llvm
+
+    asked = []
+
+    class Libc:
+        def __init__(self, answer):
+            self.answer = answer
+
+        def syscall(self, *arguments):
+            asked.append(arguments)
+            return self.answer
+
+    def answer(features, libc_answer, bf16_dot=True):
+        monkeypatch.setattr(D, "cpu_has_bf16_dot", lambda: bf16_dot)
+        monkeypatch.setattr(llvm, "get_host_cpu_features", lambda: features)
+        monkeypatch.setattr(ctypes, "CDLL", lambda *a, **k: Libc(libc_answer))
+        monkeypatch.setattr("sys.platform", "linux")
+        monkeypatch.setattr("platform.machine", lambda: "x86_64")
+        return D.cpu_has_amx_bf16.__wrapped__()
+
+    amx = {"amx-tile": True, "amx-bf16": True}
+    assert answer(amx, 0)
+    assert asked == [(158, 0x1023, 18)]  # arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)
+    assert not answer(amx, -1)  # the kernel refused: a tile instruction would kill the process
+    asked.clear()
+    assert not answer({"amx-tile": True, "amx-bf16": False}, 0)
+    assert not answer({"amx-tile": False, "amx-bf16": True}, 0)
+    assert not answer(amx, 0, bf16_dot=False)  # e.g. NUMBA_CPU_NAME=generic: not compiled for this CPU
+    assert asked == []
 
 
 @needs_the_instruction

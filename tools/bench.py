@@ -20,9 +20,9 @@ Decode figure: 64 new tokens after a 16-token prompt, greedy, last-position logi
 second run (Numba's cache warm); tokens/s = 63 ÷ the time after the first new token.
 
 minqwen bf16-resident, bf16 prompts: the same model loaded with ``bf16_prompts=True`` (prompts
-multiplied in bf16 with AVX512-BF16; see minqwen/bf16_dot.py), on CPUs that have it. Its
-prefill is the figure; its decoding is bf16-resident's, so long context and cold start are not
-measured again for it.
+multiplied in bf16 with AVX512-BF16, or on AMX tiles where the CPU has them; see
+minqwen/bf16_dot.py), on CPUs that have it. Its prefill is the figure; its decoding is
+bf16-resident's, so long context and cold start are not measured again for it.
 
 Decode at long context (minqwen only: the target is a ratio to its own decode at 512): a real
 prefill of 512 and of 16k random tokens, once each, then per repeat the decode figure from a copy
