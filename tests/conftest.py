@@ -141,6 +141,17 @@ def fixture_with_word_tokenizer(tmp_path) -> Path:
     return folder
 
 
+def set_model_type(folder, model_type: str) -> None:
+    """Rewrite folder/config.json as a checkpoint of ``model_type`` (an MoE type gets 4 tiny experts)."""
+    import json
+
+    config = json.loads((Path(folder) / "config.json").read_text())
+    config["model_type"] = model_type
+    if "moe" in model_type:
+        config.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8, shared_expert_intermediate_size=8)
+    (Path(folder) / "config.json").write_text(json.dumps(config))
+
+
 def require_reference():
     """Import the reference (torch, transformers, tools/reference.py), or skip_or_fail."""
     try:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import minqwen
-from conftest import require_reference
+from conftest import require_reference, set_model_type
 from minqwen import MinqwenError
 from minqwen.chat_template import CHATML_TEMPLATE, plain_data
 from minqwen.checkpoint import EMBEDDED
@@ -254,11 +254,7 @@ def test_unset_special_tokens_are_filled_as_transformers_chooses_the_tokenizer_c
     require_reference()
     from transformers import AutoTokenizer
 
-    config = json.loads((folder / "config.json").read_text())
-    config["model_type"] = model_type
-    if "moe" in model_type:
-        config.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8, shared_expert_intermediate_size=8)
-    (folder / "config.json").write_text(json.dumps(config))
+    set_model_type(folder, model_type)
     tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
     for name in ("unk_token", "eos_token", "pad_token", "tokenizer_class"):
         tokenizer_config.pop(name)

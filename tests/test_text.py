@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import minqwen
-from conftest import FIXTURES, Recorder, forced, penalized64, require_reference
+from conftest import FIXTURES, Recorder, forced, penalized64, require_reference, set_model_type
 from minqwen import MinqwenError
 from minqwen.checkpoint import EMBEDDED
 from minqwen.generate import ChatSession, GenerationStats, generate_ids, stream, stream_text
@@ -528,11 +528,7 @@ def test_ids_and_text_are_transformers_whichever_class_it_loads_the_tokenizer_as
     from transformers import AutoTokenizer
 
     folder = copy_of_embedded(tmp_path)
-    config = json.loads((folder / "config.json").read_text())
-    config["model_type"] = model_type
-    if "moe" in model_type:
-        config.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8, shared_expert_intermediate_size=8)
-    (folder / "config.json").write_text(json.dumps(config))
+    set_model_type(folder, model_type)
     tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
     tokenizer_config.pop("tokenizer_class")
     if tokenizer_class is not None:
