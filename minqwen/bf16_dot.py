@@ -399,9 +399,11 @@ def _amx_block(typingctx, x_pairs, t0, packed, sums):
 def _amx_products_loops(x_pairs, weight_words, out, table):
     """:func:`_products_loops` on AMX tiles: blocks of AMX_OUTPUTS weight rows, 32 tokens at a time.
 
-    ``x_pairs`` int32 [T', P'] zero-padded (see :func:`_amx_block`); ``weight_bits`` uint16
-    [O, in]; ``out`` float32 [T, O]; ``table`` :data:`TILE_CONFIG`. Each thread shapes its own
-    tiles before its first block and gives them back after its last.
+    ``x_pairs`` int32 [T', P'] zero-padded (see :func:`_amx_block`); ``weight_words`` int32
+    [O, P], P = ⌈in / 2⌉ ≤ P': the bf16 weights read two neighbours to a word, the first in
+    the low half (so repacking is a transpose of words); ``out`` float32 [T, O]; ``table``
+    :data:`TILE_CONFIG`. Tile registers belong to a thread, and a block may run on any of
+    Numba's: each block shapes them before it starts and gives them back when it is done.
     """
     n_pairs = x_pairs.shape[1]
     n_rows = out.shape[0]
