@@ -101,9 +101,12 @@ def _silu_loops(x, out):
 # exception (whose check alone stops LLVM from vectorizing the loop).
 _sigmoid_kernel, _sigmoid_kernel_parallel = serial_and_parallel(_sigmoid_loops, error_model="numpy")
 _silu_kernel, _silu_kernel_parallel = serial_and_parallel(_silu_loops, error_model="numpy")
-# Values worth both cores (a prompt's: 1.8-3.1 M per call at the 0.8B shape), when Numba owns
-# them: after a BLAS product OpenBLAS's spinning threads hold the other core (threads.py).
-PARALLEL_FROM = 1 << 18
+# Values worth both cores, when Numba owns them (after a BLAS product OpenBLAS's spinning
+# threads hold the other core: threads.py). SiLU inside one_blas_thread, Intel Xeon VM, 2
+# threads: 2^12 values 2.9 µs either way, 2^14 10.3 µs serial against 6.6 parallel, 2^18 164
+# against 88. A decode step's calls (3,584 values at the 0.8B shape) stay serial; a prompt's
+# (1.8-3.1 M) and most of a speculative verify's (from 3 tokens on, 5 in the MLP) take both cores.
+PARALLEL_FROM = 1 << 14
 
 
 def _elementwise(kernel, x: np.ndarray, parallel=None) -> np.ndarray:

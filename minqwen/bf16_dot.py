@@ -68,7 +68,10 @@ def linear_bf16_dot_numpy(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
 
     ``weight`` is a bf16 array. Products of two bf16 numbers are exact in float32, so only
     the rounding of x, the order of the sums, and the instruction's flushing of subnormal
-    inputs, products and sums (below 2⁻¹²⁶) to zero separate this from the kernel.
+    inputs, products and sums (below 2⁻¹²⁶) to zero separate this from the kernels. (The order
+    of the sums also decides where sums near float32's largest number overflow: for inputs
+    3e38, 3e38, −3e38, −3e38, repeated, and weights of 1, the AMX kernel gave 0 here, the
+    VDPBF16PS kernel inf and this twin NaN.)
     """
     rounded = np.asarray(x, np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)  # [T, in]
     return rounded @ weight.astype(np.float32).T  # [T, in] · [in, out] → [T, out]
@@ -81,11 +84,19 @@ def cpu_has_bf16_dot() -> bool:
     Numba compiles for the host CPU unless NUMBA_CPU_NAME says otherwise (e.g. "generic",
     for a cache shared between machines); then the instruction may not exist on the target.
     """
-    import llvmlite.binding as llvm
-
     if numba.config.CPU_NAME not in (None, "host"):
         return False
-    return bool(llvm.get_host_cpu_features().get("avx512bf16", False))
+    return _compiled_for("avx512bf16")
+
+
+def _compiled_for(feature: str) -> bool:
+    """Whether Numba's code may use the CPU ``feature`` (LLVM's name): the host's features, or
+    NUMBA_CPU_FEATURES where the user set them (LLVM aborts on an instruction outside them)."""
+    import llvmlite.binding as llvm
+
+    if numba.config.CPU_FEATURES:
+        return f"+{feature}" in numba.config.CPU_FEATURES.split(",")
+    return bool(llvm.get_host_cpu_features().get(feature, False))
 
 
 def check_bf16_dot_available() -> None:
@@ -93,6 +104,9 @@ def check_bf16_dot_available() -> None:
     if numba.config.CPU_NAME not in (None, "host"):
         raise MinqwenError(f"bf16_prompts needs Numba to compile for this CPU, but NUMBA_CPU_NAME is "
                            f"{numba.config.CPU_NAME!r}: unset it, or load without bf16_prompts")
+    if numba.config.CPU_FEATURES and not cpu_has_bf16_dot():
+        raise MinqwenError("bf16_prompts needs Numba to compile with AVX512-BF16, but NUMBA_CPU_FEATURES leaves "
+                           "it out (no '+avx512bf16'): unset it, or load without bf16_prompts")
     if not cpu_has_bf16_dot():
         import llvmlite.binding as llvm
 
@@ -273,9 +287,10 @@ _products_kernel = numba.njit(parallel=True, cache=True)(_products_loops)
 
 # --------------------------------------------------------------------------- the product on AMX tiles
 
-TILE_ROWS = 16  # an AMX tile register: 16 rows of 64 bytes (16 int32 words: 16 floats, or 16 bf16 pairs)
-AMX_TOKENS = 2 * TILE_ROWS  # tokens a block of sums covers: two tiles of activations
-AMX_OUTPUTS = 2 * TILE_ROWS  # weight rows repacked at a time: two tiles of weights
+TILE_ROWS = 16  # an AMX tile register holds 16 rows ...
+TILE_WORDS = 16  # ... of 64 bytes: 16 int32 words (16 float32 sums, or 16 bf16 pairs)
+AMX_TOKENS = 2 * TILE_ROWS  # tokens a block of sums covers: two tiles of activations, a token a row
+AMX_OUTPUTS = 2 * TILE_WORDS  # weight rows repacked at a time: two tiles of weights, an output a word
 ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA, SYS_ARCH_PRCTL = 0x1023, 18, 158  # Linux x86-64
 
 
@@ -285,16 +300,16 @@ def cpu_has_amx_bf16() -> bool:
 
     Linux lends a process the tile registers' 8 kB of state only when it asks, once, with
     arch_prctl(ARCH_REQ_XCOMP_PERM): without asking, the first tile instruction kills the
-    process. So this asks, and says no where the CPU, the compile target or the kernel refuses.
+    process. So this asks, and says no where the CPU, Numba's compile target or the kernel
+    refuses. The permission is the whole process's: the kernel refuses it if a thread has
+    already set up an alternate signal stack too small for the larger state (sigaltstack), and
+    once granted, later calls to sigaltstack with such a small stack fail.
     """
     import platform
 
-    import llvmlite.binding as llvm
-
     if not cpu_has_bf16_dot() or sys.platform != "linux" or platform.machine() != "x86_64":
         return False
-    features = llvm.get_host_cpu_features()
-    if not (features.get("amx-tile", False) and features.get("amx-bf16", False)):
+    if not (_compiled_for("amx-tile") and _compiled_for("amx-bf16")):
         return False
     libc = ctypes.CDLL(None, use_errno=True)
     return libc.syscall(SYS_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0
@@ -304,7 +319,7 @@ def _tile_config() -> np.ndarray:
     """The 64-byte table LDTILECFG reads: palette 1, and all 8 tiles 16 rows × 64 bytes."""
     table = np.zeros(64, np.uint8)
     table[0] = 1  # palette 1: 8 tiles of up to 16 × 64 bytes
-    table[16:32].view(np.uint16)[:8] = 64  # bytes per row, tiles 0-7
+    table[16:32].view(np.uint16)[:8] = 4 * TILE_WORDS  # bytes per row, tiles 0-7
     table[48:56] = TILE_ROWS  # rows, tiles 0-7
     return table
 
@@ -380,16 +395,16 @@ def _amx_block(typingctx, x_pairs, t0, packed, sums):
         builder.call(load, [i8(4), address(x_type, x_array, args[1], p), stride(x_array)])
         builder.call(load, [i8(5), address(x_type, x_array, second_tokens, p), stride(x_array)])
         builder.call(load, [i8(6), address(packed_type, packed_array, p, i64(0)), stride(packed_array)])
-        builder.call(load, [i8(7), address(packed_type, packed_array, p, i64(TILE_ROWS)), stride(packed_array)])
+        builder.call(load, [i8(7), address(packed_type, packed_array, p, i64(TILE_WORDS)), stride(packed_array)])
         for tile, (tokens, outputs) in enumerate(((4, 6), (4, 7), (5, 6), (5, 7))):
             builder.call(dot, [i8(tile), i8(tokens), i8(outputs)])
-        p_next = builder.add(p, i64(TILE_ROWS))
+        p_next = builder.add(p, i64(TILE_WORDS))  # an activation tile's row holds 16 pairs
         p.add_incoming(i64(0), entry)
         p.add_incoming(p_next, loop)
         builder.cbranch(builder.icmp_signed("<", p_next, n_pairs), loop, done)
 
         builder.position_at_end(done)
-        for tile, (row, column) in enumerate(((0, 0), (0, TILE_ROWS), (TILE_ROWS, 0), (TILE_ROWS, TILE_ROWS))):
+        for tile, (row, column) in enumerate(((0, 0), (0, TILE_WORDS), (TILE_ROWS, 0), (TILE_ROWS, TILE_WORDS))):
             builder.call(store, [i8(tile), address(sums_type, sums_array, i64(row), i64(column)), stride(sums_array)])
         return context.get_dummy_value()
 
@@ -411,7 +426,9 @@ def _amx_products_loops(x_pairs, weight_words, out, table):
     n_blocks = (n_out + AMX_OUTPUTS - 1) // AMX_OUTPUTS
     for b in numba.prange(n_blocks):
         _tiles_configure(table)
-        packed = np.zeros((n_pairs, AMX_OUTPUTS), np.int32)  # [P', 32]; pairs past in / 2 and rows past O stay 0
+        # [P', 32]. Zeros, not np.empty: the padding pairs and the columns past O are multiplied
+        # too, and leftover bytes could read as NaN, which would spread into real sums.
+        packed = np.zeros((n_pairs, AMX_OUTPUTS), np.int32)
         sums = np.empty((AMX_TOKENS, AMX_OUTPUTS), np.float32)  # [32, 32]
         first = b * AMX_OUTPUTS
         width = min(AMX_OUTPUTS, n_out - first)
@@ -431,7 +448,7 @@ _amx_products_kernel = numba.njit(parallel=True, cache=True)(_amx_products_loops
 def _padded(pairs: np.ndarray) -> np.ndarray:
     """pairs [T, P] → [T', P'] with zeros, T' and P' the next multiples of 32 and 16 (whole tiles)."""
     rows = -(-pairs.shape[0] // AMX_TOKENS) * AMX_TOKENS
-    columns = -(-pairs.shape[1] // TILE_ROWS) * TILE_ROWS
+    columns = -(-pairs.shape[1] // TILE_WORDS) * TILE_WORDS
     padded = np.zeros((rows, columns), np.int32)
     padded[: pairs.shape[0], : pairs.shape[1]] = pairs
     return padded
@@ -454,8 +471,10 @@ def linear_bf16_dot(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
     bits = np.ascontiguousarray(weight).view(np.uint16)  # [out, in]
     out = np.empty((x.shape[0], weight.shape[0]), np.float32)  # [T, out]
     if cpu_has_amx_bf16():
+        # [out, P]: two neighbouring weights to a word (an odd width, which no Qwen3.5 matrix
+        # has, is padded by a copy)
         words = bits.view(np.int32) if bits.shape[1] % 2 == 0 else np.pad(bits, ((0, 0), (0, 1))).view(np.int32)
-        _amx_products_kernel(_padded(pairs), words, out, TILE_CONFIG)  # [T', P'] · [P', out] → [T, out]
+        _amx_products_kernel(_padded(pairs), words, out, TILE_CONFIG)  # [T', P'] and [out, P] → [T, out]
     else:
         _products_kernel(pairs, bits, out)
     return out

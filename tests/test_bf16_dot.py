@@ -76,8 +76,14 @@ def test_the_kernel_equals_its_twin(amx, rows, n_in, n_out, seed):
     rng = np.random.default_rng(seed)
     x = (rng.standard_normal((rows, n_in)) * rng.uniform(0.1, 3)).astype(np.float32)
     weight = (rng.standard_normal((n_out, n_in)) * rng.uniform(0.1, 3)).astype(ml_dtypes.bfloat16)
-    with mock.patch.object(D, "cpu_has_amx_bf16", lambda: amx):
+    # (The amx case runs only where needs_amx's call of the real cpu_has_amx_bf16 has asked
+    # Linux for the tiles: forcing it True without that would kill the process.)
+    name = "_amx_products_kernel" if amx else "_products_kernel"
+    kernel, calls = getattr(D, name), []
+    with mock.patch.object(D, "cpu_has_amx_bf16", lambda: amx), \
+            mock.patch.object(D, name, lambda *arguments: (calls.append(1), kernel(*arguments))[1]):
         got = D.linear_bf16_dot(x, weight)
+    assert calls == [1]  # the kernel this case is about did the product
     rounded = x.astype(ml_dtypes.bfloat16).astype(np.float32)
     bound = reordering_bound(rounded, weight.astype(np.float32))
     assert got.shape == (rows, n_out)
@@ -87,7 +93,7 @@ def test_the_kernel_equals_its_twin(amx, rows, n_in, n_out, seed):
 @needs_amx
 def test_the_amx_kernel_runs_on_every_thread_and_for_a_whole_prompt():
     # Each of Numba's threads must shape its own tiles: a block on a thread that had not would
-    # fault. 4 blocks of outputs per thread at least, and the 0.8B shape's widths.
+    # fault. 8 blocks of 32 outputs per thread, over the 0.8B shape's hidden width (1024).
     rng = np.random.default_rng(7)
     x = rng.standard_normal((100, 1024)).astype(np.float32)
     weight = rng.standard_normal((8 * 32 * numba.get_num_threads(), 1024)).astype(ml_dtypes.bfloat16)
@@ -127,7 +133,20 @@ def test_amx_is_used_only_where_the_cpu_has_it_and_linux_lends_it(monkeypatch):
     assert not answer({"amx-tile": True, "amx-bf16": False}, 0)
     assert not answer({"amx-tile": False, "amx-bf16": True}, 0)
     assert not answer(amx, 0, bf16_dot=False)  # e.g. NUMBA_CPU_NAME=generic: not compiled for this CPU
+    # NUMBA_CPU_FEATURES, where set, is what Numba compiles for (LLVM aborts on an instruction outside it)
+    monkeypatch.setattr(numba.config, "CPU_FEATURES", "+avx512f,+avx512bf16,-amx-tile,+amx-bf16")
+    assert not answer(amx, 0)
     assert asked == []
+    monkeypatch.setattr(numba.config, "CPU_FEATURES", "+avx512f,+avx512bf16,+amx-tile,+amx-bf16")
+    assert answer({}, 0)
+
+
+def test_numba_cpu_features_without_avx512bf16_refuse_bf16_prompts(monkeypatch):
+    monkeypatch.setattr(numba.config, "CPU_FEATURES", "+avx512f,-avx512bf16")
+    assert not D.cpu_has_bf16_dot.__wrapped__()  # (the cached answer was for the host's features)
+    monkeypatch.setattr(D, "cpu_has_bf16_dot", D.cpu_has_bf16_dot.__wrapped__)
+    with pytest.raises(MinqwenError, match="NUMBA_CPU_FEATURES leaves it out"):
+        D.check_bf16_dot_available()
 
 
 @needs_the_instruction
