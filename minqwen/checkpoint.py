@@ -70,10 +70,11 @@ SPLIT_BYTES = 4 * 1024 * 1024  # a stored tensor this large is read by several t
 def _refusing_repeated_names(pairs: list) -> dict:
     """A JSON object's pairs as a dict, refusing a name given twice: json.loads would keep the last
     copy silently, and a header naming one tensor twice leaves it unclear which data is the tensor."""
-    out = dict(pairs)
-    if len(out) != len(pairs):
-        repeated = next(name for i, (name, _) in enumerate(pairs) if any(name == n for n, _ in pairs[:i]))
-        raise ValueError(f"the name {repeated!r} appears twice in one object")
+    out = {}
+    for name, value in pairs:
+        if name in out:
+            raise ValueError(f"the name {name!r} appears twice in one object")
+        out[name] = value
     return out
 
 

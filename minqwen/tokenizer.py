@@ -105,8 +105,9 @@ class Tokenizer:
         # control tokens too: such a checkpoint cannot chat, there or here).
         self._tok.encode_special_tokens = split_special_tokens
         byte_level_bpe = type(self._tok.model).__name__ == "BPE" and type(self._tok.decoder).__name__ == "ByteLevel"
-        if byte_level_bpe and self._qwen_tokenizer_class() is not None:
-            self._use_qwen_class_rules(self._qwen_tokenizer_class())
+        qwen_class = self._qwen_tokenizer_class()
+        if byte_level_bpe and qwen_class is not None:
+            self._use_qwen_class_rules(qwen_class)
         self.generation_config_path = folder / "generation_config.json"
         self.generation_config = _read_json(self.generation_config_path)
         ignored = [name for name, no_op in UNIMPLEMENTED_GENERATION_FIELDS.items()
