@@ -278,12 +278,13 @@ def _rows_loops(x, weight, out):
 
 
 # Waking the thread pool costs more than a small matrix takes: those run the serial build.
-# _nrt=False: compiled without Numba's reference counting. Every block's slices are array
-# views, and each view counts a reference to the matrix it views, an atomic add and subtract
-# apiece. In the serial build Numba did not prune those pairs, and they took ~40% of a product
-# from cache: 256 × 256 bf16, one input row, 7.5 → 4.4 µs; 512 × 256, 15.0 → 8.0 µs (Intel Xeon
-# VM); the embedded model decoded 3-4% faster. The parallel build ran as fast either way. The
-# kernel allocates nothing, which is all that reference counting is needed for here.
+# _nrt=False: compiled without Numba's reference counting (an underscored option of njit).
+# Every block's slices are array views, and each view counts a reference to the matrix it
+# views, an atomic add and subtract apiece. Numba prunes such pairs only within simple control
+# flow (a known limit: numba/numba#2350); here it did not, and they took ~40% of a product from
+# cache in the serial build: 256 × 256 bf16, one input row, 7.5 → 4.4 µs; 512 × 256, 15.0 →
+# 8.0 µs (Intel Xeon VM); the embedded model decoded 3-4% faster. The parallel build ran as
+# fast either way. The kernel allocates nothing, which is all reference counting is for here.
 _rows_kernel, _rows_kernel_parallel = serial_and_parallel(_rows_loops, fastmath=True, _nrt=False)
 PARALLEL_FROM = 1 << 18  # weights (out × in) worth a parallel region
 
