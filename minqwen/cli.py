@@ -110,6 +110,27 @@ def speculative_summary(stats) -> str:
             f"{stats.tokens_per_verify:.2f} tokens per pass")
 
 
+def compile_timer():
+    """A Numba event listener that adds up the seconds its kernels spend compiling while it is
+    installed (``numba.core.event.install_listener("numba:compile", timer)``).
+
+    A first run (or the first after an upgrade) compiles every kernel it meets: seconds, on
+    the embedded model. Later runs load them from Numba's on-disk cache, which is not a compile
+    and is not counted. Without saying so, a first run's prefill rate would read as the model's.
+    """
+    from numba.core.event import TimingListener
+
+    return TimingListener()
+
+
+def compile_note(timer) -> str:
+    """' · of the above, 2.6 s compiling Numba kernels (…)', or '' below a tenth of a second."""
+    seconds = timer.duration if timer.done else 0.0
+    if seconds < 0.1:
+        return ""
+    return f" · of the above, {seconds:.1f} s compiling Numba kernels (once: Numba caches them on disk)"
+
+
 def sampling_params(args, tokenizer):
     from .sampling import SamplingParams
 
@@ -238,6 +259,8 @@ def opens_reasoning(prompt_text: str) -> bool:
 
 
 def run_generate(args) -> int:
+    from numba.core.event import install_listener
+
     from .generate import IMAGE_PAD, checked_generation_args, stream_text
     from .tokenizer import check_utf8
 
@@ -285,10 +308,12 @@ def run_generate(args) -> int:
     params = sampling_params(args, tokenizer)
     cache, history = None, ()
     image_prefill_tokens, image_prefill_seconds = 0, 0.0
+    compiling = compile_timer()
     if tower is not None:
         cache = model.new_cache()
         start = time.perf_counter()
-        vision.prefill(model, tower, ids[:-1], args.image, cache)  # the images go in with the prompt…
+        with install_listener("numba:compile", compiling):
+            vision.prefill(model, tower, ids[:-1], args.image, cache)  # the images go in with the prompt…
         image_prefill_tokens, image_prefill_seconds = cache.position, time.perf_counter() - start
         ids, history = ids[-1:], ids[:-1]  # …and its last token starts generation
     stats = stats_class()
@@ -305,10 +330,11 @@ def run_generate(args) -> int:
     printer = ThinkingPrinter(hide=args.hide_thinking, in_think=args.chat and opens_reasoning(rendered))
     if not args.chat:
         sys.stdout.write(prompt_text if args.tokens is None and args.echo else "")
-    for piece in stream_text(model, tokenizer, ids, params, args.max_new_tokens, args.stop, args.seed,
-                             cache=cache, history=history, stats=stats, skip_special_tokens=not args.chat,
-                             decode=decode):
-        printer.write(piece)
+    with install_listener("numba:compile", compiling):
+        for piece in stream_text(model, tokenizer, ids, params, args.max_new_tokens, args.stop, args.seed,
+                                 cache=cache, history=history, stats=stats, skip_special_tokens=not args.chat,
+                                 decode=decode):
+            printer.write(piece)
     printer.close()
     print(file=sys.stdout)
     # With images, all but the prompt's last token went in before the loop: count them as prefill.
@@ -316,7 +342,7 @@ def run_generate(args) -> int:
     stats.prefill_seconds += image_prefill_seconds
     print(f"[prefill: {stats.prompt_tokens} tokens, {stats.prefill_tokens_per_second:.1f} tok/s · "
           f"decode: {stats.generated_tokens} tokens, {decode_rate(stats)} · "
-          f"stop: {stats.stop_reason}{speculative_summary(stats)}]", file=sys.stderr)
+          f"stop: {stats.stop_reason}{speculative_summary(stats)}{compile_note(compiling)}]", file=sys.stderr)
     return 0
 
 
@@ -345,6 +371,8 @@ def attach_image(session, path: str, spec):
 
 
 def run_chat(args) -> int:
+    from numba.core.event import install_listener
+
     from .checkpoint import find_checkpoint
     from .generate import ChatSession
     from .tokenizer import check_utf8
@@ -391,11 +419,13 @@ def run_chat(args) -> int:
             continue
         stats = stats_class()
         printer = ThinkingPrinter(hide=args.hide_thinking, in_think=in_think)
+        compiling = compile_timer()
         try:
             images, pending = pending, []
-            for piece in session.reply(line, params, args.max_new_tokens, args.seed, stats, decode=decode,
-                                       images=images, stop_strings=args.stop):
-                printer.write(piece)
+            with install_listener("numba:compile", compiling):
+                for piece in session.reply(line, params, args.max_new_tokens, args.seed, stats, decode=decode,
+                                           images=images, stop_strings=args.stop):
+                    printer.write(piece)
         except KeyboardInterrupt:
             printer.close()
             print(file=sys.stderr)
@@ -413,7 +443,7 @@ def run_chat(args) -> int:
         print()
         if args.verbose:
             print(f"[decode: {stats.generated_tokens} tokens, {decode_rate(stats)}"
-                  f"{speculative_summary(stats)}]", file=sys.stderr)
+                  f"{speculative_summary(stats)}{compile_note(compiling)}]", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------- inspect

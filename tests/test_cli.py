@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -415,6 +416,58 @@ def test_cli_generate_keeps_special_tokens_with_chat_and_drops_them_without(monk
     args = ["generate", "hi", "--no-echo", "--max-new-tokens", str(len(ids))] + (["--chat", "--no-think"] if chat else [])
     assert main(args) == 0
     assert capsys.readouterr().out == hf.decode(ids, skip_special_tokens=not chat) + "\n"
+
+
+def test_compile_note_reports_a_tenth_of_a_second_or_more():
+    from types import SimpleNamespace
+
+    from minqwen.cli import compile_note, compile_timer
+
+    assert compile_note(compile_timer()) == ""  # no compile seen
+    assert compile_note(SimpleNamespace(done=True, duration=0.04)) == ""
+    assert compile_note(SimpleNamespace(done=True, duration=2.43)) == (
+        " · of the above, 2.4 s compiling Numba kernels (once: Numba caches them on disk)")
+
+
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_the_speed_line_says_what_compiling_kernels_took(monkeypatch, capsys, command):
+    """A kernel compiled during generation is counted and named; with every kernel already
+    compiled (in this process, by a first run), the line says nothing of it."""
+    import importlib
+    import io
+
+    import numba
+    from numba.core import event
+
+    G = importlib.import_module("minqwen.generate")
+    from minqwen.cli import main
+
+    class SlowPasses(event.Listener):  # each of the compiler's passes 10 ms longer: a compile of ≥ 0.1 s
+        def on_start(self, _):
+            time.sleep(0.01)
+
+        def on_end(self, _):
+            pass
+
+    def compiling_first(real):
+        def wrapped(*args, **kwargs):
+            with event.install_listener("numba:run_pass", SlowPasses()):
+                assert numba.njit(lambda x: x * 2 + 1)(3) == 7  # a new function: compiled now, no cache
+            yield from real(*args, **kwargs)
+        return wrapped
+
+    args = {"generate": ["generate", "hi", "--max-new-tokens", "2"],
+            "chat": ["chat", "--verbose", "--max-new-tokens", "2", "--no-think"]}[command]
+    for compiles in (None, False, True):  # None: a first run, which may compile kernels not yet met
+        if command == "chat":
+            monkeypatch.setattr("sys.stdin", io.StringIO("hi\n"))
+        if compiles:
+            where, name = (G, "stream_text") if command == "generate" else (G.ChatSession, "reply")
+            monkeypatch.setattr(where, name, compiling_first(getattr(where, name)))
+        assert main(args) == 0
+        err = capsys.readouterr().err
+        if compiles is not None:
+            assert ("s compiling Numba kernels (once: Numba caches them on disk)]" in err) == compiles, err
 
 
 def test_an_interrupt_exits_130(monkeypatch, capsys):
