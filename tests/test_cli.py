@@ -429,6 +429,23 @@ def test_compile_note_reports_a_tenth_of_a_second_or_more():
         " · of the above, 2.4 s compiling Numba kernels (once: Numba caches them on disk)")
 
 
+def compile_a_new_kernel_slowly():
+    """Make Numba compile a function it has never seen, each of its compiler passes 10 ms longer
+    (≥ 0.1 s in all, whatever the machine): a compile the speed line must report."""
+    import numba
+    from numba.core import event
+
+    class SlowPasses(event.Listener):
+        def on_start(self, _):
+            time.sleep(0.01)
+
+        def on_end(self, _):
+            pass
+
+    with event.install_listener("numba:run_pass", SlowPasses()):
+        assert numba.njit(lambda x: x * 2 + 1)(3) == 7  # a new function: compiled now, no cache
+
+
 @pytest.mark.parametrize("command", ["generate", "chat"])
 def test_the_speed_line_says_what_compiling_kernels_took(monkeypatch, capsys, command):
     """A kernel compiled during generation is counted and named; with every kernel already
@@ -436,23 +453,12 @@ def test_the_speed_line_says_what_compiling_kernels_took(monkeypatch, capsys, co
     import importlib
     import io
 
-    import numba
-    from numba.core import event
-
     G = importlib.import_module("minqwen.generate")
     from minqwen.cli import main
 
-    class SlowPasses(event.Listener):  # each of the compiler's passes 10 ms longer: a compile of ≥ 0.1 s
-        def on_start(self, _):
-            time.sleep(0.01)
-
-        def on_end(self, _):
-            pass
-
     def compiling_first(real):
         def wrapped(*args, **kwargs):
-            with event.install_listener("numba:run_pass", SlowPasses()):
-                assert numba.njit(lambda x: x * 2 + 1)(3) == 7  # a new function: compiled now, no cache
+            compile_a_new_kernel_slowly()
             yield from real(*args, **kwargs)
         return wrapped
 
@@ -468,6 +474,47 @@ def test_the_speed_line_says_what_compiling_kernels_took(monkeypatch, capsys, co
         err = capsys.readouterr().err
         if compiles is not None:
             assert ("s compiling Numba kernels (once: Numba caches them on disk)]" in err) == compiles, err
+
+
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_kernels_are_loaded_before_the_prompt_is_timed(monkeypatch, capsys, command):
+    """The throwaway one-token forward runs after loading and before generation; generate's
+    line counts it in "load" (a compile there is named too), so "prefill" times the prompt alone."""
+    import importlib
+    import io
+
+    import minqwen.cli as cli
+
+    G = importlib.import_module("minqwen.generate")
+    calls = []
+    real_warm = cli.warm_kernels
+
+    def warm(model):
+        calls.append("warm")
+        compile_a_new_kernel_slowly()
+        time.sleep(0.3)
+        real_warm(model)
+
+    def first_generating(real):
+        def wrapped(*args, **kwargs):
+            calls.append("generate")
+            yield from real(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(cli, "warm_kernels", warm)
+    if command == "generate":
+        monkeypatch.setattr(G, "stream_text", first_generating(G.stream_text))
+        assert cli.main(["generate", "hi", "--max-new-tokens", "2"]) == 0
+    else:
+        monkeypatch.setattr(G.ChatSession, "reply", first_generating(G.ChatSession.reply))
+        monkeypatch.setattr("sys.stdin", io.StringIO("hi\n"))
+        assert cli.main(["chat", "--verbose", "--max-new-tokens", "2", "--no-think"]) == 0
+    assert calls == ["warm", "generate"]
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    if command == "generate":
+        load = float(line.split("[load: ")[1].split(" s")[0])
+        assert load >= 0.3, line  # the warm-up's time is loading's, not the prompt's
+        assert "s compiling Numba kernels" in line, line
 
 
 def test_an_interrupt_exits_130(monkeypatch, capsys):
