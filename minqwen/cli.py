@@ -295,12 +295,12 @@ def run_generate(args) -> int:
     if args.tokens is None and not args.image and IMAGE_PAD in prompt_text:
         raise MinqwenError(f"the prompt holds {IMAGE_PAD}, the token that marks where an image goes, but no "
                            "--image was given")
-    started = time.perf_counter()
-    model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, bf16_prompts=args.bf16_prompts)
-    loading = time.perf_counter() - started
     from .checkpoint import find_checkpoint
 
-    decode, stats_class = speculative_decode(args, model, find_checkpoint(args.model))
+    started = time.perf_counter()
+    model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, bf16_prompts=args.bf16_prompts)
+    decode, stats_class = speculative_decode(args, model, find_checkpoint(args.model))  # (loads an MTP head)
+    loading = time.perf_counter() - started
     placeholders, tower = "", None
     if args.image:
         from . import vision
