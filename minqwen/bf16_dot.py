@@ -1,44 +1,61 @@
-"""Prompts multiplied in bf16: the CPU's bf16 dot-product instruction, for prefills (opt-in).
+"""Prompts multiplied with the CPU's bf16 instructions: rounded (opt-in), or exact on AMX tiles.
 
 A prompt's products are bound by arithmetic, not by memory: the 512-token prefill of the
 0.8B shape is ~510 GFLOP, and float32 BLAS spends most of the prefill on it (see
 tools/measurements.md). CPUs with the AVX512-BF16 extension (Intel since Cooper Lake, AMD
 since Zen 4) have an instruction, VDPBF16PS, that multiplies 32 bf16 numbers by 32 others and
 adds the products, two neighbours at a time, into 16 float32 sums: twice the multiply-adds of
-a float32 FMA of the same width. In the bf16-resident mode the weights are bf16 already.
-Round the activations to bf16 too, and that instruction can do a prompt's products.
+a float32 FMA of the same width. Intel's Xeons since Sapphire Rapids also have an AMX tile
+unit: eight tile registers of 16 rows × 64 bytes, and an instruction, TDPBF16PS, that
+multiplies a 16 × 32 tile of bf16 numbers by a 32 × 16 one into a tile of 16 × 16 float32
+sums: 8,192 multiply-adds. In the bf16-resident mode the weights are bf16 already; the
+activations are float32. Two ways to hand them to these instructions:
 
-The price is precision, which is why this is opt-in (``minqwen.load(..., dtype="bfloat16",
-bf16_prompts=True)``): an activation keeps 8 bits of mantissa instead of 24, a relative
-rounding of up to 2⁻⁸ on every input to every product of a prompt. Each product of two
-bf16 numbers is exact in float32 and the sums are float32, so that rounding is the only
-error — but for inputs, products and sums below 2⁻¹²⁶, which the instruction takes as zero,
-and activations beyond bf16's largest number (~3.39e38), which round to infinity. The rounding is the
-one llama.cpp makes for bf16 weights, and torch in bf16 makes more. It is not the
-bf16-resident mode's promise of float32 results (see linear.py), so that mode stays exact
-unless asked. Decode steps (fewer than 16 rows) and speculative verifies of any length
-(mtp.verify opens an exact block) are not touched, so they multiply exactly, over the cache
-the rounded prompt left: a step is bound by reading the weights, and the few-row kernel
-(linear._rows_loops) reads them as fast while computing exactly.
+* **Rounded** (``bf16_prompts``, opt-in: ``minqwen.load(..., dtype="bfloat16",
+  bf16_prompts=True)``): each activation rounded to bf16, 8 bits of mantissa instead of 24,
+  a relative rounding of up to 2⁻⁸ on every input to every product of a prompt. The
+  rounding llama.cpp makes for bf16 weights; torch in bf16 makes more. Decode steps (fewer
+  than 16 rows) and speculative verifies of any length (mtp.verify opens an exact block) are
+  not touched, so they multiply exactly, over the cache the rounded prompt left.
+* **Exact, in three parts** (the bf16-resident mode's prompts, on AMX tiles, by default):
+  an activation is the sum of three bf16 numbers, to within 2⁻²⁷ of it (see
+  :func:`split_into_bf16_parts_numpy`), and each product of two bf16 numbers is exact in
+  float32. So x · Wᵀ = Σ over the parts of part · Wᵀ, three times the multiply-adds, every
+  one exact, summed in float32: as exact as a float32 BLAS product, which differs from it
+  only in the order of its sums (the test multiplies one-hot weights by activations with
+  bits in all three parts' reach and gets them back bit for bit). The same scheme as
+  "bf16x3" in Henry, Tang and Heinecke (2019), who split both operands into three; here
+  the weights are bf16 already, so only the activations are. On AMX this is faster than
+  float32 BLAS: three parts cost about twice one part, not three times, because each weight
+  tile is loaded once for all three. On VDPBF16PS it would not be (see below), and BLAS
+  stays.
 
-* :func:`linear_bf16_dot_numpy` — the definition, slow and clear: round x to bf16, widen
-  both, multiply in float32.
+Each product of two bf16 numbers is exact in float32 and the sums are float32, so the parts
+are the only difference from a float32 product — but for inputs, products and sums below
+2⁻¹²⁶, which the instructions take as zero, and activations beyond bf16's largest number
+(~3.39e38), which round to infinity.
+
+* :func:`linear_bf16_dot_numpy` — the definition, slow and clear: split x into parts
+  (:func:`split_into_bf16_parts_numpy`; one part is x rounded), widen them and the weights,
+  multiply in float32, add.
 * :func:`round_to_bf16_pairs` — x rounded to bf16 (to nearest, ties to even, like
-  ``x.astype(bfloat16)``), two neighbours packed in each 32-bit word, as the instruction
-  reads them.
-* :func:`_products_loops` — Numba: blocks of weight rows are repacked so that one 64-byte
-  load holds the pairs of 16 outputs, and :func:`_dot_tile` — written in LLVM's own terms,
-  since Numba has no vector types — keeps a tile of 8 tokens × 48 outputs in registers while
-  it walks the inputs.
-* :func:`_amx_products_loops` — the same product on Intel's AMX tile unit (Xeon since
-  Sapphire Rapids), where there is one: eight tile registers of 16 rows × 64 bytes, and an
-  instruction, TDPBF16PS, that multiplies a 16 × 32 tile of bf16 activations by a 32 × 16
-  tile of bf16 weights (stored as 16 rows of pairs: the repacked layout above) into a tile of
-  16 × 16 float32 sums: 8,192 multiply-adds. :func:`_amx_block` keeps 32 tokens × 32 outputs
-  of sums in four tiles while it walks the inputs. On Intel, VDPBF16PS does no more
-  multiply-adds a cycle than a float32 FMA: measured on the Intel Xeon VM (tools/measurements.md,
-  December 5), 2 threads, the 0.8B shape's matrices, 512 tokens: VDPBF16PS 190-210 GFLOP/s,
-  OpenBLAS's float32 sgemm 290-330, AMX tiles 880-930 (repacking included).
+  ``x.astype(bfloat16)``), two neighbours packed in each 32-bit word, as the instructions
+  read them.
+* :func:`_products_loops` — Numba, VDPBF16PS, one part: blocks of weight rows are repacked
+  so that one 64-byte load holds the pairs of 16 outputs, and :func:`_dot_tile` — written in
+  LLVM's own terms, since Numba has no vector types — keeps a tile of 8 tokens × 48 outputs
+  in registers while it walks the inputs.
+* :func:`_split_loops` — Numba: x's parts, laid out as TDPBF16PS reads its second operand.
+* :func:`_amx_products_loops` — Numba, AMX tiles, one part or three: the weights are the
+  first operand as they lie in memory (16 rows of the matrix, 32 inputs of each), the parts
+  of 32 tokens the second, and :func:`_amx_block` keeps 32 outputs × 32 tokens of sums in
+  four tiles while it walks the inputs.
+
+Measured on the Intel Xeon VM (tools/measurements.md, December 5), 2 threads, the 0.8B
+shape's matrices, 512 tokens: VDPBF16PS 190-210 GFLOP/s (on Intel it does no more
+multiply-adds a cycle than a float32 FMA), OpenBLAS's float32 sgemm 270-330, AMX tiles
+with one part 880-930 (an earlier kernel, which repacked the weights) and with three parts
+~600 (of the product's own multiply-adds; the tiles do three times as many).
 """
 
 from __future__ import annotations
@@ -63,18 +80,47 @@ LANES = 16  # float32 sums in one 512-bit register
 BLOCK_OUTPUTS = TILE_VECTORS * LANES  # 48 weight rows repacked at a time
 
 
-def linear_bf16_dot_numpy(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
-    """The twin: x rounded to bf16, then x · Wᵀ in float32 ([T, in] · [out, in]ᵀ → [T, out]).
+EXACT_PARTS = 3  # bf16 parts that carry every bit of a float32 activation
 
-    ``weight`` is a bf16 array. Products of two bf16 numbers are exact in float32, so only
-    the rounding of x, the order of the sums, and the instruction's flushing of subnormal
-    inputs, products and sums (below 2⁻¹²⁶) to zero separate this from the kernels. (The order
-    of the sums also decides where sums near float32's largest number overflow: for inputs
-    3e38, 3e38, −3e38, −3e38, repeated, and weights of 1, the AMX kernel gave 0 here, the
-    VDPBF16PS kernel inf and this twin NaN.)
+
+def split_into_bf16_parts_numpy(x: np.ndarray, n_parts: int) -> list[np.ndarray]:
+    """x [T, in] float32 as ``n_parts`` bf16 arrays: the first the bf16 nearest x, each next
+    one the bf16 nearest what the ones before left over (ties to even, like ``astype``).
+
+    A bf16 keeps 8 significant bits of a float32's 24. What a part leaves over is exactly a
+    float32 (x minus a rounding of itself), smaller than x by 2⁻⁸ or more. So three parts
+    carry all 24 bits: their sum is x to within 2⁻²⁷ of it, closer than a float32 product's
+    own rounding (or to within 2⁻¹³³, bf16's smallest step, for the x below ~10⁻³⁰ whose
+    last parts are subnormal). Where a part is ±inf or NaN, it stands for the whole value;
+    the next parts are 0. A finite x beyond bf16's largest number (~3.39e38) rounds to inf.
     """
-    rounded = np.asarray(x, np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)  # [T, in]
-    return rounded @ weight.astype(np.float32).T  # [T, in] · [in, out] → [T, out]
+    rest = np.array(x, dtype=np.float32)  # [T, in]
+    parts = []
+    for _ in range(n_parts):
+        part = rest.astype(ml_dtypes.bfloat16)  # [T, in]
+        widened = part.astype(np.float32)
+        with np.errstate(invalid="ignore"):
+            rest = np.where(np.isfinite(widened), rest - widened, np.float32(0)).astype(np.float32)
+        parts.append(part)
+    return parts
+
+
+def linear_bf16_dot_numpy(x: np.ndarray, weight: np.ndarray, n_parts: int = 1) -> np.ndarray:
+    """The twin: x split into ``n_parts`` bf16 parts, then Σ over the parts of part · Wᵀ in float32.
+
+    ``weight`` is a bf16 array. One part is x rounded to bf16 (``bf16_prompts``, inexact);
+    :data:`EXACT_PARTS` parts are x itself, to float32's own rounding. Products of two bf16
+    numbers are exact in float32, so only the parts, the order of the sums, and the
+    instruction's flushing of subnormal inputs, products and sums (below 2⁻¹²⁶) to zero
+    separate this from the kernels. (The order of the sums also decides where sums near
+    float32's largest number overflow: for inputs 3e38, 3e38, −3e38, −3e38, repeated, and
+    weights of 1, the AMX kernel gave 0 here, the VDPBF16PS kernel inf and this twin NaN.)
+    """
+    widened = weight.astype(np.float32)  # [out, in]
+    out = np.zeros((np.shape(x)[0], weight.shape[0]), np.float32)  # [T, out]
+    for part in split_into_bf16_parts_numpy(x, n_parts):
+        out += part.astype(np.float32) @ widened.T  # [T, in] · [in, out] → [T, out]
+    return out
 
 
 @functools.cache
@@ -289,8 +335,14 @@ _products_kernel = numba.njit(parallel=True, cache=True)(_products_loops)
 
 TILE_ROWS = 16  # an AMX tile register holds 16 rows ...
 TILE_WORDS = 16  # ... of 64 bytes: 16 int32 words (16 float32 sums, or 16 bf16 pairs)
-AMX_TOKENS = 2 * TILE_ROWS  # tokens a block of sums covers: two tiles of activations, a token a row
-AMX_OUTPUTS = 2 * TILE_WORDS  # weight rows repacked at a time: two tiles of weights, an output a word
+AMX_TOKENS = 2 * TILE_WORDS  # tokens a block of sums covers: two tiles of activations, a token a word
+AMX_OUTPUTS = 2 * TILE_ROWS  # outputs a block of sums covers: two tiles of weights, an output a row
+# Weight bytes a group of output blocks may take, so that they stay in a core's L2 cache while
+# every block of tokens walks them (measured on the Intel Xeon VM, 3 parts, 512 tokens: groups
+# of 256 kB, 512 kB and 1 MB ran the 0.8B shape's products in 0.94, 0.89 and 0.82 of the time
+# of one block at a time; its L2 is 2 MB).
+GROUP_BYTES = 1 << 20
+SLAB_ROWS = 2048  # tokens split at a time: the split copy of x stays ~1.5 × these rows of x
 ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA, SYS_ARCH_PRCTL = 0x1023, 18, 158  # Linux x86-64
 
 
@@ -353,112 +405,199 @@ def _tiles_release(typingctx):
     return types.void(), codegen
 
 
-@intrinsic
-def _amx_block(typingctx, x_pairs, t0, packed, sums):
-    """sums[i, o] = Σ_p dot(x_pairs[t0 + i, p], packed[p, o]) for 32 tokens × 32 outputs, on tiles.
+@numba.njit(parallel=True, cache=True)
+def _split_loops(x, x_tiles):
+    """x float32 [T, in] → x_tiles int32 [T'/32, P'/16, S, 2, 16, 16]: x as S bf16 parts, in tiles.
 
-    ``x_pairs`` int32 [T', P']: activations as bf16 pairs, T' and P' padded to multiples of 32
-    and 16 with zeros. ``packed`` int32 [P', AMX_OUTPUTS]: row p holds input pair p of each of
-    the block's weight rows, the layout TDPBF16PS wants for its second operand. ``sums``
-    float32 [AMX_TOKENS, AMX_OUTPUTS], written. Tiles 0-3 hold the four 16 × 16 blocks of
-    sums, tiles 4-5 two 16-token slices of 16 pairs, tiles 6-7 two 16-output slices; each
-    TDPBF16PS does 16 × 16 × 32 multiply-adds.
+    The parts of :func:`split_into_bf16_parts_numpy`, bit for bit. ``x_tiles[b, k, s, h, r, j]``
+    holds, for token t = 32 b + 16 h + j, input pair p = 16 k + r of part s, first input in the
+    low half: each [16, 16] is one tile of TDPBF16PS's second operand (16 rows of pairs, a
+    token a word), stored where one 1 kB load finds it. Every word is written: tokens past T
+    and pairs past ⌈in / 2⌉ with zeros.
+    A row of a tile is one pair of 16 tokens: they are gathered first, so that the parts are
+    then worked out for all 16 at once, in vector registers (3x faster than a token at a time).
+    """
+    n_rows, n_in = x.shape
+    n_parts = x_tiles.shape[2]
+    for b in numba.prange(x_tiles.shape[0]):
+        first = np.empty(TILE_WORDS, np.float32)  # [16 tokens]: the first input of a pair, then what is left of it
+        second = np.empty(TILE_WORDS, np.float32)  # [16 tokens]: the second one
+        first_bits, second_bits = first.view(np.uint32), second.view(np.uint32)
+        for k in range(x_tiles.shape[1]):
+            for h in range(2):
+                t0 = b * AMX_TOKENS + h * TILE_WORDS
+                for r in range(TILE_ROWS):
+                    i = 2 * (k * TILE_ROWS + r)  # the pair's first input
+                    if t0 + TILE_WORDS <= n_rows and i + 1 < n_in:
+                        for j in range(TILE_WORDS):
+                            first[j], second[j] = x[t0 + j, i], x[t0 + j, i + 1]
+                    else:  # past the last token or input: zeros
+                        for j in range(TILE_WORDS):
+                            first[j] = x[t0 + j, i] if t0 + j < n_rows and i < n_in else np.float32(0)
+                            second[j] = x[t0 + j, i + 1] if t0 + j < n_rows and i + 1 < n_in else np.float32(0)
+                    for s in range(n_parts):
+                        row = x_tiles[b, k, s, h, r]  # [16 tokens]
+                        for j in range(TILE_WORDS):
+                            first_part, second_part = _bf16_bits(first_bits[j]), _bf16_bits(second_bits[j])
+                            row[j] = np.int32(first_part | (second_part << np.uint32(16)))
+                            first[j] = _rest(first[j], first_part)
+                            second[j] = _rest(second[j], second_part)
+
+
+@numba.njit(inline="always")
+def _rest(value, part_bits):
+    """value − the bf16 part_bits, exactly; 0 once the part is ±inf or NaN (they carry the value)."""
+    widened = np.uint32(part_bits << np.uint32(16)).view(np.float32)
+    special = (part_bits & np.uint32(0x7F80)) == np.uint32(0x7F80)
+    return np.float32(0) if special else np.float32(value - widened)
+
+
+def split_into_bf16_parts(x: np.ndarray, n_parts: int) -> np.ndarray:
+    """x [T, in] float32 → int32 [T'/32, P'/16, n_parts, 2, 16, 16], the layout :func:`_amx_block` reads."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n_blocks = -(-x.shape[0] // AMX_TOKENS)
+    n_steps = -(-x.shape[1] // (2 * TILE_ROWS))  # an activation tile covers 16 pairs: 32 inputs
+    x_tiles = np.empty((n_blocks, n_steps, n_parts, 2, TILE_ROWS, TILE_WORDS), np.int32)
+    _split_loops(x, x_tiles)
+    return x_tiles
+
+
+@intrinsic
+def _amx_block(typingctx, x_tiles, b, weight_words, o0, sums):
+    """sums[o, i] = Σ_s Σ_p dot(weight_words[o0 + o, p], part s of token 32 b + i's pair p), on tiles.
+
+    32 outputs × 32 tokens. ``x_tiles`` from :func:`split_into_bf16_parts`; ``weight_words``
+    int32 [O', P']: the bf16 weights as they are stored, read two neighbours to a word, with
+    O' − o0 ≥ 32 and P' = 16 × x_tiles.shape[1]; ``sums`` float32 [32, 32], written.
+    The weights are TDPBF16PS's first operand as they lie in memory: a tile is 16 rows of
+    the matrix, 32 inputs of each. Tiles 4-5 hold the block's 32 weight rows, tiles 6-7 two
+    16-token tiles of one part, tiles 0-3 the four 16 × 16 blocks of sums. Each pair step
+    loads the weights once and multiplies them by every part; each TDPBF16PS does
+    16 × 16 × 32 multiply-adds.
     """
     def codegen(context, builder, signature, args):
-        x_type, _, packed_type, sums_type = signature.args
+        x_type, _, w_type, _, sums_type = signature.args
         x_array = context.make_array(x_type)(context, builder, args[0])
-        packed_array = context.make_array(packed_type)(context, builder, args[2])
-        sums_array = context.make_array(sums_type)(context, builder, args[3])
+        w_array = context.make_array(w_type)(context, builder, args[2])
+        sums_array = context.make_array(sums_type)(context, builder, args[4])
         i8, i64, byte_pointer = ir.IntType(8), ir.IntType(64), ir.IntType(8).as_pointer()
         load = _declare_void(builder, "llvm.x86.tileloadd64", [i8, byte_pointer, i64])
         store = _declare_void(builder, "llvm.x86.tilestored64", [i8, byte_pointer, i64])
         zero = _declare_void(builder, "llvm.x86.tilezero", [i8])
         dot = _declare_void(builder, "llvm.x86.tdpbf16ps", [i8, i8, i8])
 
-        def address(array_type, array, row, column):
-            at = cgutils.get_item_pointer(context, builder, array_type, array, [row, column],
+        def address(array_type, array, indices):
+            at = cgutils.get_item_pointer(context, builder, array_type, array, [i64(i) if isinstance(i, int) else i
+                                                                                for i in indices],
                                           wraparound=False, boundscheck=False)
             return builder.bitcast(at, byte_pointer)
 
-        def stride(array):  # bytes from one row to the next
-            return builder.extract_value(array.strides, 0)
-
-        n_pairs = builder.extract_value(x_array.shape, 1)
+        weight_stride = builder.extract_value(w_array.strides, 0)  # bytes from one weight row to the next
+        sums_stride = builder.extract_value(sums_array.strides, 0)
+        tile_stride = i64(4 * TILE_WORDS)  # an activation tile is 1 kB in one piece
+        n_steps = builder.extract_value(x_array.shape, 1)
+        n_parts = builder.extract_value(x_array.shape, 2)
+        second_rows = builder.add(args[3], i64(TILE_ROWS))
         for tile in range(4):
             builder.call(zero, [i8(tile)])
-        entry, loop, done = builder.block, builder.append_basic_block("pairs"), builder.append_basic_block("store")
-        builder.cbranch(builder.icmp_signed(">", n_pairs, i64(0)), loop, done)
+        entry = builder.block
+        step_loop, part_loop = builder.append_basic_block("pair_steps"), builder.append_basic_block("parts")
+        step_end, done = builder.append_basic_block("next_step"), builder.append_basic_block("store")
+        go = builder.and_(builder.icmp_signed(">", n_steps, i64(0)), builder.icmp_signed(">", n_parts, i64(0)))
+        builder.cbranch(go, step_loop, done)
 
-        builder.position_at_end(loop)
-        p = builder.phi(i64)
-        second_tokens = builder.add(args[1], i64(TILE_ROWS))
-        builder.call(load, [i8(4), address(x_type, x_array, args[1], p), stride(x_array)])
-        builder.call(load, [i8(5), address(x_type, x_array, second_tokens, p), stride(x_array)])
-        builder.call(load, [i8(6), address(packed_type, packed_array, p, i64(0)), stride(packed_array)])
-        builder.call(load, [i8(7), address(packed_type, packed_array, p, i64(TILE_WORDS)), stride(packed_array)])
-        for tile, (tokens, outputs) in enumerate(((4, 6), (4, 7), (5, 6), (5, 7))):
-            builder.call(dot, [i8(tile), i8(tokens), i8(outputs)])
-        p_next = builder.add(p, i64(TILE_WORDS))  # an activation tile's row holds 16 pairs
-        p.add_incoming(i64(0), entry)
-        p.add_incoming(p_next, loop)
-        builder.cbranch(builder.icmp_signed("<", p_next, n_pairs), loop, done)
+        builder.position_at_end(step_loop)  # pair step k: inputs 32 k … 32 k + 31
+        k = builder.phi(i64)
+        p = builder.mul(k, i64(TILE_ROWS))
+        builder.call(load, [i8(4), address(w_type, w_array, [args[3], p]), weight_stride])
+        builder.call(load, [i8(5), address(w_type, w_array, [second_rows, p]), weight_stride])
+        builder.branch(part_loop)
+
+        builder.position_at_end(part_loop)
+        s = builder.phi(i64)
+        builder.call(load, [i8(6), address(x_type, x_array, [args[1], k, s, 0, 0, 0]), tile_stride])
+        builder.call(load, [i8(7), address(x_type, x_array, [args[1], k, s, 1, 0, 0]), tile_stride])
+        for tile, (weights, tokens) in enumerate(((4, 6), (4, 7), (5, 6), (5, 7))):
+            builder.call(dot, [i8(tile), i8(weights), i8(tokens)])
+        s_next = builder.add(s, i64(1))
+        s.add_incoming(i64(0), step_loop)
+        s.add_incoming(s_next, part_loop)
+        builder.cbranch(builder.icmp_signed("<", s_next, n_parts), part_loop, step_end)
+
+        builder.position_at_end(step_end)
+        k_next = builder.add(k, i64(1))
+        k.add_incoming(i64(0), entry)
+        k.add_incoming(k_next, step_end)
+        builder.cbranch(builder.icmp_signed("<", k_next, n_steps), step_loop, done)
 
         builder.position_at_end(done)
         for tile, (row, column) in enumerate(((0, 0), (0, TILE_WORDS), (TILE_ROWS, 0), (TILE_ROWS, TILE_WORDS))):
-            builder.call(store, [i8(tile), address(sums_type, sums_array, i64(row), i64(column)), stride(sums_array)])
+            builder.call(store, [i8(tile), address(sums_type, sums_array, [row, column]), sums_stride])
         return context.get_dummy_value()
 
-    return types.void(x_pairs, t0, packed, sums), codegen
+    return types.void(x_tiles, b, weight_words, o0, sums), codegen
 
 
-def _amx_products_loops(x_pairs, weight_words, out, table):
-    """:func:`_products_loops` on AMX tiles: blocks of AMX_OUTPUTS weight rows, 32 tokens at a time.
+def _amx_products_loops(x_tiles, weight_words, out, table, group):
+    """out[t, o] = Σ over the parts and inputs of x_tiles · weight_words, on AMX tiles.
 
-    ``x_pairs`` int32 [T', P'] zero-padded (see :func:`_amx_block`); ``weight_words`` int32
-    [O, P], P = ⌈in / 2⌉ ≤ P': the bf16 weights read two neighbours to a word, the first in
-    the low half (so repacking is a transpose of words); ``out`` float32 [T, O]; ``table``
-    :data:`TILE_CONFIG`. Tile registers belong to a thread, and a block may run on any of
-    Numba's: each block shapes them before it starts and gives them back when it is done.
+    ``x_tiles`` from :func:`split_into_bf16_parts`; ``weight_words`` int32 [O', P'] (see
+    :func:`_amx_block`: rows and pairs padded to whole tiles); ``out`` float32 [T, O], O ≤ O';
+    ``table`` :data:`TILE_CONFIG`. The output blocks are taken ``group`` at a time (see
+    :func:`_blocks_a_group`): for each block of 32 tokens, fetched once, a group's blocks all
+    use it. Groups are independent and split across the cores. Tile
+    registers belong to a thread, and a group may run on any of Numba's: each group shapes
+    them before it starts and gives them back when it is done.
     """
-    n_pairs = x_pairs.shape[1]
-    n_rows = out.shape[0]
-    n_out = weight_words.shape[0]
+    n_rows, n_out = out.shape
     n_blocks = (n_out + AMX_OUTPUTS - 1) // AMX_OUTPUTS
-    for b in numba.prange(n_blocks):
+    n_groups = (n_blocks + group - 1) // group
+    for g in numba.prange(n_groups):
         _tiles_configure(table)
-        # [P', 32]. Zeros, not np.empty: the padding pairs and the columns past O are multiplied
-        # too, and leftover bytes could read as NaN, which would spread into real sums.
-        packed = np.zeros((n_pairs, AMX_OUTPUTS), np.int32)
-        sums = np.empty((AMX_TOKENS, AMX_OUTPUTS), np.float32)  # [32, 32]
-        first = b * AMX_OUTPUTS
-        width = min(AMX_OUTPUTS, n_out - first)
-        for p in range(weight_words.shape[1]):
-            for o in range(width):
-                packed[p, o] = weight_words[first + o, p]
-        for t0 in range(0, n_rows, AMX_TOKENS):
-            _amx_block(x_pairs, t0, packed, sums)
-            for i in range(min(AMX_TOKENS, n_rows - t0)):
-                out[t0 + i, first:first + width] = sums[i, :width]
+        sums = np.empty((AMX_OUTPUTS, AMX_TOKENS), np.float32)  # [32 outputs, 32 tokens]
+        for b in range(x_tiles.shape[0]):
+            t0 = b * AMX_TOKENS
+            for block in range(g * group, min(n_blocks, (g + 1) * group)):
+                o0 = block * AMX_OUTPUTS
+                width = min(AMX_OUTPUTS, n_out - o0)
+                _amx_block(x_tiles, b, weight_words, o0, sums)
+                for i in range(min(AMX_TOKENS, n_rows - t0)):
+                    row = out[t0 + i]  # [O]
+                    for o in range(width):
+                        row[o0 + o] = sums[o, i]
         _tiles_release()
 
 
 _amx_products_kernel = numba.njit(parallel=True, cache=True)(_amx_products_loops)
 
 
-def _padded(pairs: np.ndarray) -> np.ndarray:
-    """pairs [T, P] → [T', P'] with zeros, T' and P' the next multiples of 32 and 16 (whole tiles)."""
-    rows = -(-pairs.shape[0] // AMX_TOKENS) * AMX_TOKENS
-    columns = -(-pairs.shape[1] // TILE_WORDS) * TILE_WORDS
-    padded = np.zeros((rows, columns), np.int32)
-    padded[: pairs.shape[0], : pairs.shape[1]] = pairs
-    return padded
+def _blocks_a_group(n_out: int, n_steps: int) -> int:
+    """Output blocks a group takes: as many as keep their weights within :data:`GROUP_BYTES`,
+    and no more than leave each of Numba's threads a group."""
+    n_blocks = -(-n_out // AMX_OUTPUTS)
+    block_bytes = AMX_OUTPUTS * TILE_ROWS * n_steps * 4  # 32 rows of 16 n_steps words
+    return max(1, min(GROUP_BYTES // block_bytes, -(-n_blocks // numba.get_num_threads())))
 
 
-def linear_bf16_dot(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
-    """x [T, in] float32 · bf16 weight [out, in]ᵀ → [T, out] float32, x rounded to bf16 first.
+def _weight_words(weight: np.ndarray, n_steps: int) -> np.ndarray:
+    """bf16 [O, in] → int32 [O', 16 · n_steps], two neighbours to a word, padded with zeros to
+    whole tiles (O' a multiple of 32). A view where no padding is needed (every Qwen3.5 matrix),
+    else a copy: a tile read past the matrix's end would read other memory."""
+    bits = np.ascontiguousarray(weight).view(np.uint16)  # [O, in]
+    n_out, n_in = bits.shape
+    rows, columns = -(-n_out // AMX_OUTPUTS) * AMX_OUTPUTS, 2 * TILE_ROWS * n_steps
+    if (rows, columns) != (n_out, n_in):
+        bits = np.pad(bits, ((0, rows - n_out), (0, columns - n_in)))
+    return bits.view(np.int32)
 
-    Its twin: :func:`linear_bf16_dot_numpy`. On AMX tiles where :func:`cpu_has_amx_bf16`,
-    else with VDPBF16PS. Refused where :func:`cpu_has_bf16_dot` is not (compiling the
+
+def linear_bf16_dot(x: np.ndarray, weight: np.ndarray, n_parts: int = 1) -> np.ndarray:
+    """x [T, in] float32 · bf16 weight [out, in]ᵀ → [T, out] float32, x taken as ``n_parts`` bf16 parts.
+
+    One part: x rounded to bf16 (``bf16_prompts``). :data:`EXACT_PARTS`: every bit of x, on
+    AMX tiles only (see :func:`split_into_bf16_parts_numpy`). Twin:
+    :func:`linear_bf16_dot_numpy`. On AMX tiles where :func:`cpu_has_amx_bf16`, else (one
+    part only) with VDPBF16PS. Refused where :func:`cpu_has_bf16_dot` is not (compiling the
     instruction for a CPU without it would abort the process, not raise).
     """
     check_bf16_dot_available()
@@ -467,14 +606,19 @@ def linear_bf16_dot(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
         # The kernel trusts these shapes for its reads: a mismatch must not reach it.
         raise MinqwenError(f"linear_bf16_dot multiplies x [T, in] by a bf16 weight [out, in], got x "
                            f"{list(x.shape)} and a {weight.dtype} weight {list(weight.shape)}")
-    pairs = round_to_bf16_pairs(x)  # [T, ceil(in / 2)]
-    bits = np.ascontiguousarray(weight).view(np.uint16)  # [out, in]
+    amx = cpu_has_amx_bf16()
+    if n_parts not in (1, EXACT_PARTS) or n_parts > 1 and not amx:
+        raise MinqwenError(f"linear_bf16_dot takes x as 1 bf16 part, or as {EXACT_PARTS} on AMX tiles; "
+                           f"asked for {n_parts} part(s) on a CPU {'with' if amx else 'without'} AMX")
     out = np.empty((x.shape[0], weight.shape[0]), np.float32)  # [T, out]
-    if cpu_has_amx_bf16():
-        # [out, P]: two neighbouring weights to a word (an odd width, which no Qwen3.5 matrix
-        # has, is padded by a copy)
-        words = bits.view(np.int32) if bits.shape[1] % 2 == 0 else np.pad(bits, ((0, 0), (0, 1))).view(np.int32)
-        _amx_products_kernel(_padded(pairs), words, out, TILE_CONFIG)  # [T', P'] and [out, P] → [T, out]
-    else:
-        _products_kernel(pairs, bits, out)
+    if not amx:
+        _products_kernel(round_to_bf16_pairs(x), np.ascontiguousarray(weight).view(np.uint16), out)
+        return out
+    n_steps = -(-x.shape[1] // (2 * TILE_ROWS))
+    words = _weight_words(weight, n_steps)  # [O', P']
+    group = _blocks_a_group(weight.shape[0], n_steps)
+    for start in range(0, x.shape[0], SLAB_ROWS):
+        stop = min(start + SLAB_ROWS, x.shape[0])
+        x_tiles = split_into_bf16_parts(x[start:stop], n_parts)  # [T'/32, P'/16, parts, 2, 16, 16]
+        _amx_products_kernel(x_tiles, words, out[start:stop], TILE_CONFIG, group)  # → [stop − start, out]
     return out

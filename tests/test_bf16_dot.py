@@ -66,40 +66,119 @@ needs_amx = pytest.mark.skipif(not D.cpu_has_amx_bf16(), reason="this CPU (or it
 KERNELS = [pytest.param(False, id="vdpbf16ps"), pytest.param(True, id="amx", marks=needs_amx)]
 
 
+def parts_bound(x, weight, n_parts):
+    """reordering_bound for x taken as n_parts bf16 parts: a product over n_parts × in terms."""
+    parts = [part.astype(np.float32) for part in D.split_into_bf16_parts_numpy(x, n_parts)]
+    return reordering_bound(np.hstack(parts), np.hstack([weight.astype(np.float32)] * n_parts))
+
+
 @needs_the_instruction
-@pytest.mark.parametrize("amx", KERNELS)
+@pytest.mark.parametrize("amx, n_parts", [pytest.param(False, 1, id="vdpbf16ps"),
+                                          pytest.param(True, 1, id="amx", marks=needs_amx),
+                                          pytest.param(True, D.EXACT_PARTS, id="amx-exact", marks=needs_amx)])
 @settings(max_examples=40, deadline=None)
 @given(rows=st.integers(1, 70), n_in=st.integers(1, 200), n_out=st.integers(1, 130), seed=st.integers(0, 999))
-def test_the_kernel_equals_its_twin(amx, rows, n_in, n_out, seed):
+def test_the_kernel_equals_its_twin(amx, n_parts, rows, n_in, n_out, seed):
     # Shapes off every tile size: rows not a multiple of 8 or 32, outputs of 48 or 32, inputs
     # odd or not a multiple of 32.
     rng = np.random.default_rng(seed)
     x = (rng.standard_normal((rows, n_in)) * rng.uniform(0.1, 3)).astype(np.float32)
     weight = (rng.standard_normal((n_out, n_in)) * rng.uniform(0.1, 3)).astype(ml_dtypes.bfloat16)
-    # (The amx case runs only where needs_amx's call of the real cpu_has_amx_bf16 has asked
+    # (The amx cases run only where needs_amx's call of the real cpu_has_amx_bf16 has asked
     # Linux for the tiles: forcing it True without that would kill the process.)
     name = "_amx_products_kernel" if amx else "_products_kernel"
     kernel, calls = getattr(D, name), []
     with mock.patch.object(D, "cpu_has_amx_bf16", lambda: amx), \
             mock.patch.object(D, name, lambda *arguments: (calls.append(1), kernel(*arguments))[1]):
-        got = D.linear_bf16_dot(x, weight)
+        got = D.linear_bf16_dot(x, weight, n_parts)
     assert calls == [1]  # the kernel this case is about did the product
-    rounded = x.astype(ml_dtypes.bfloat16).astype(np.float32)
-    bound = reordering_bound(rounded, weight.astype(np.float32))
     assert got.shape == (rows, n_out)
-    assert np.all(np.abs(got - D.linear_bf16_dot_numpy(x, weight)) <= bound)  # NaN (never written) fails too
+    twin = D.linear_bf16_dot_numpy(x, weight, n_parts)
+    assert np.all(np.abs(got - twin) <= parts_bound(x, weight, n_parts))  # NaN (never written) fails too
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 40), n_in=st.integers(1, 70), seed=st.integers(0, 999),
+       scale=st.sampled_from([1.0, 2.0**-100, 2.0**100]))
+def test_three_bf16_parts_carry_every_bit_of_a_float32(rows, n_in, seed, scale):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((rows, n_in)) * scale).astype(np.float32)
+    x[0, 0] = (1 + 2.0**-10 + 2.0**-20) * scale  # its parts: 1, 2⁻¹⁰ and 2⁻²⁰ (times scale)
+    parts = D.split_into_bf16_parts_numpy(x, D.EXACT_PARTS)
+    total = sum(part.astype(np.float64) for part in parts)  # exact: no rounding in float64 here
+    assert np.all(np.abs(total - x) <= 2.0**-27 * np.abs(x) + 2.0**-133)  # (bf16's smallest step, for tiny x)
+    two = parts[0].astype(np.float64) + parts[1].astype(np.float64)
+    assert np.any(two != x)  # two parts are not enough (a float32 has 24 significant bits)
+    for bigger, smaller in zip(parts, parts[1:]):  # each part at most 2⁻⁸ of the one before
+        assert np.all(np.abs(smaller.astype(np.float64)) <= 2.0**-8 * np.abs(bigger.astype(np.float64)))
+
+
+def test_the_parts_of_infinities_and_nans_are_the_value_then_zeros():
+    x = np.array([[np.inf, -np.inf, np.nan, 3.4e38, -1.5, 0.0]], np.float32)
+    first, *rest = D.split_into_bf16_parts_numpy(x, D.EXACT_PARTS)
+    widened = first.astype(np.float32)[0]
+    assert widened[0] == np.inf and widened[1] == -np.inf and np.isnan(widened[2])
+    assert widened[3] == np.inf  # beyond bf16's largest number: inf, as rounding x to bf16 does
+    assert widened[4] == -1.5 and widened[5] == 0
+    for part in rest:
+        assert np.all(part.astype(np.float32) == 0)
 
 
 @needs_amx
-def test_the_amx_kernel_runs_on_every_thread_and_for_a_whole_prompt():
-    # Each of Numba's threads must shape its own tiles: a block on a thread that had not would
-    # fault. 8 blocks of 32 outputs per thread, over the 0.8B shape's hidden width (1024).
+def test_the_split_kernel_lays_out_the_twins_parts_bit_for_bit():
+    rng = np.random.default_rng(8)
+    for rows, n_in in ((77, 1000), (32, 64), (3, 7)):
+        x = (rng.standard_normal((rows, n_in)) * np.exp(rng.uniform(-40, 40, (rows, n_in)))).astype(np.float32)
+        x.flat[:6] = [np.inf, -np.inf, np.nan, 3.4e38, -3.4e38, 1e-40]
+        tiles = D.split_into_bf16_parts(x, D.EXACT_PARTS)  # [T'/32, P'/16, S, 2, 16, 16]
+        n_blocks, n_steps = tiles.shape[:2]
+        assert (n_blocks, n_steps) == (-(-rows // 32), -(-n_in // 32))
+        # back to [S, T', P'] pairs, then to bf16 bits [S, T', 2 P']
+        bits = tiles.transpose(2, 0, 3, 5, 1, 4).reshape(D.EXACT_PARTS, 32 * n_blocks, 16 * n_steps).view(np.uint16)
+        for s, part in enumerate(D.split_into_bf16_parts_numpy(x, D.EXACT_PARTS)):
+            want = part.view(np.uint16)
+            nan = np.isnan(part.astype(np.float32))
+            assert np.array_equal(bits[s, :rows, :n_in][~nan], want[~nan])
+            assert np.all(np.isnan(bits[s, :rows, :n_in][nan].view(ml_dtypes.bfloat16).astype(np.float32)))
+        padding = np.ones(bits.shape[1:], bool)
+        padding[:rows, :n_in] = False
+        assert np.all(bits[:, padding] == 0)  # tokens and inputs past the end: zeros
+
+
+@needs_amx
+def test_with_three_parts_the_tiles_multiply_float32_activations_exactly():
+    # Weights of 0 and 1, one 1 a row: each output is one input, so a float32 product returns
+    # it exactly. Activations with bits in all three parts' reach: one or two parts would drop them.
+    rng = np.random.default_rng(9)
+    n_in = 96
+    x = (1 + rng.integers(0, 2**23, (40, n_in)) * 2.0**-23).astype(np.float32) * rng.choice([-1, 1], (40, n_in))
+    picked = rng.integers(0, n_in, 50)
+    weight = np.zeros((50, n_in), ml_dtypes.bfloat16)
+    weight[np.arange(50), picked] = 1
+    want = x[:, picked]
+    assert np.array_equal(D.linear_bf16_dot(x, weight, D.EXACT_PARTS), want)
+    assert np.array_equal(linear(x, weight), want)  # what a bf16-resident prefill runs here
+    assert not np.array_equal(D.linear_bf16_dot_numpy(x, weight, 2), want)
+    # Sums too: within float32's own reordering of the exact product, as BLAS is
+    weight = rng.standard_normal((70, n_in)).astype(ml_dtypes.bfloat16)
+    x = rng.standard_normal((40, n_in)).astype(np.float32)
+    exact = x.astype(np.float64) @ weight.astype(np.float64).T
+    assert np.all(np.abs(linear(x, weight) - exact) <= reordering_bound(x, weight.astype(np.float32)))
+
+
+@needs_amx
+def test_the_amx_kernel_runs_on_every_thread_and_for_a_whole_prompt(monkeypatch):
+    # Each of Numba's threads must shape its own tiles: a group of blocks on a thread that had
+    # not would fault. 8 blocks of 32 outputs per thread, over the 0.8B shape's hidden width
+    # (1024); then a prompt longer than a slab, in slabs of 64 tokens.
     rng = np.random.default_rng(7)
     x = rng.standard_normal((100, 1024)).astype(np.float32)
     weight = rng.standard_normal((8 * 32 * numba.get_num_threads(), 1024)).astype(ml_dtypes.bfloat16)
-    rounded = x.astype(ml_dtypes.bfloat16).astype(np.float32)
-    got = D.linear_bf16_dot(x, weight)
-    assert np.all(np.abs(got - D.linear_bf16_dot_numpy(x, weight)) <= reordering_bound(rounded, weight.astype(np.float32)))
+    for slab in (D.SLAB_ROWS, 64):
+        monkeypatch.setattr(D, "SLAB_ROWS", slab)
+        for n_parts in (1, D.EXACT_PARTS):
+            got = D.linear_bf16_dot(x, weight, n_parts)
+            assert np.all(np.abs(got - D.linear_bf16_dot_numpy(x, weight, n_parts)) <= parts_bound(x, weight, n_parts))
 
 
 def test_amx_is_used_only_where_the_cpu_has_it_and_linux_lends_it(monkeypatch):
@@ -155,7 +234,7 @@ def test_linear_uses_the_kernel_only_for_many_rows_and_only_inside_the_block(mon
     weight = rng.standard_normal((40, 24)).astype(ml_dtypes.bfloat16)
     used = []
     kernel = D.linear_bf16_dot
-    monkeypatch.setattr(D, "linear_bf16_dot", lambda x, w: (used.append(len(x)), kernel(x, w))[1])
+    monkeypatch.setattr(D, "linear_bf16_dot", lambda x, w, n_parts=1: (used.append((len(x), n_parts)), kernel(x, w, n_parts))[1])
     for rows in (1, BLAS_ROWS - 1, BLAS_ROWS, 40):
         x = rng.standard_normal((rows, 24)).astype(np.float32)
         linear(x, weight)
@@ -163,7 +242,11 @@ def test_linear_uses_the_kernel_only_for_many_rows_and_only_inside_the_block(mon
             linear(x, weight)
         with rounding_prompts_to_bf16(False):
             linear(x, weight)
-    assert used == [BLAS_ROWS, 40]
+    # Rounded (one part) only inside the block; outside it, exact: three parts on AMX tiles, or BLAS
+    if D.cpu_has_amx_bf16():
+        assert used == [(rows, parts) for rows in (BLAS_ROWS, 40) for parts in (D.EXACT_PARTS, 1, D.EXACT_PARTS)]
+    else:
+        assert used == [(BLAS_ROWS, 1), (40, 1)]
 
 
 @needs_the_instruction
@@ -181,11 +264,11 @@ def test_a_model_with_bf16_prompts_multiplies_as_the_twin_says(monkeypatch, name
     # a bf16 rounding in the next layer, and such differences grow like the rounding itself.)
     kernel, products, shapes = D.linear_bf16_dot, [], set()
 
-    def checked(x, weight):
-        shapes.add(weight.shape)
-        got = kernel(x, weight)
-        bound = reordering_bound(x.astype(ml_dtypes.bfloat16).astype(np.float32), weight.astype(np.float32))
-        products.append(bool(np.all(np.abs(got - D.linear_bf16_dot_numpy(x, weight)) <= bound)))
+    def checked(x, weight, n_parts=1):
+        got = kernel(x, weight, n_parts)
+        if n_parts == 1:  # (the exact model's prompt below takes three parts, on AMX tiles)
+            shapes.add(weight.shape)
+            products.append(bool(np.all(np.abs(got - D.linear_bf16_dot_numpy(x, weight)) <= parts_bound(x, weight, 1))))
         return got
 
     monkeypatch.setattr(D, "linear_bf16_dot", checked)
@@ -224,7 +307,10 @@ def test_with_bf16_prompts_numba_does_every_product_of_bf16_weights_only():
     for rows in (1, BLAS_ROWS, 512):
         assert numba_multiplies(BF16, rows, SMALL_MODEL_BYTES, bf16_prompts=True)  # BLAS then stays on one thread
         assert not numba_multiplies(np.dtype(np.float32), max(rows, BLAS_ROWS), SMALL_MODEL_BYTES, bf16_prompts=True)
-    assert not numba_multiplies(BF16, BLAS_ROWS, SMALL_MODEL_BYTES)
+    # An exact prompt: on AMX tiles Numba does it too (three parts); elsewhere BLAS does
+    assert numba_multiplies(BF16, BLAS_ROWS, SMALL_MODEL_BYTES) == D.cpu_has_amx_bf16()
+    with mock.patch.object(D, "cpu_has_amx_bf16", lambda: False):
+        assert not numba_multiplies(BF16, BLAS_ROWS, SMALL_MODEL_BYTES)
 
 
 @needs_the_instruction
@@ -237,7 +323,9 @@ def test_a_speculative_verify_stays_exact_even_at_16_rows(monkeypatch):
     ids = np.random.default_rng(4).integers(0, exact.config.vocab_size, 8 + BLAS_ROWS).tolist()
     calls = []
     kernel = D.linear_bf16_dot
-    monkeypatch.setattr(D, "linear_bf16_dot", lambda x, w: (calls.append(len(x)), kernel(x, w))[1])
+    # (an exact product of as many rows takes three parts on AMX tiles: not a rounding)
+    monkeypatch.setattr(D, "linear_bf16_dot",
+                        lambda x, w, n_parts=1: (n_parts == 1 and calls.append(len(x)), kernel(x, w, n_parts))[1])
     results = []
     for model in (exact, rounded):
         cache = model.new_cache()
@@ -268,7 +356,11 @@ def test_one_thread_rounding_leaves_another_threads_products_exact():
     thread.start()
     try:
         assert opened.wait(30)
-        assert np.array_equal(linear(x, weight), x @ weight.astype(np.float32).T)  # this thread: exact
+        # this thread: exact (BLAS, or three parts on AMX tiles), where a rounding of x moves it further
+        got, exact = linear(x, weight), x @ weight.astype(np.float32).T
+        bound = reordering_bound(x, weight.astype(np.float32))
+        assert np.all(np.abs(got - exact) <= bound)
+        assert np.any(np.abs(D.linear_bf16_dot_numpy(x, weight) - exact) > bound)
     finally:
         done.set()
         thread.join()
@@ -282,6 +374,11 @@ def test_a_mismatched_or_unsupported_product_is_refused_not_run(monkeypatch):
             D.linear_bf16_dot(x, np.ones((100, 4000), ml_dtypes.bfloat16))
         with pytest.raises(MinqwenError, match="and a float32 weight"):
             D.linear_bf16_dot(x, np.ones((100, 64), np.float32))
+        with pytest.raises(MinqwenError, match=r"as 1 bf16 part, or as 3 on AMX tiles; asked for 2 part\(s\)"):
+            D.linear_bf16_dot(x, np.ones((100, 64), ml_dtypes.bfloat16), 2)
+        with mock.patch.object(D, "cpu_has_amx_bf16", lambda: False):
+            with pytest.raises(MinqwenError, match=r"asked for 3 part\(s\) on a CPU without AMX"):
+                D.linear_bf16_dot(x, np.ones((100, 64), ml_dtypes.bfloat16), 3)
     # Where the instruction is missing, the call raises (compiling it would abort the process)
     monkeypatch.setattr(D, "cpu_has_bf16_dot", lambda: False)
     with pytest.raises(MinqwenError, match="AVX512-BF16"):

@@ -1,11 +1,14 @@
 """The projection y = x · Wᵀ: the few-row kernel against its twins, for both weight formats."""
 
+from unittest import mock
+
 import ml_dtypes
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from minqwen import bf16_dot
 from minqwen import linear as L
 from minqwen.threads import one_blas_thread
 
@@ -55,8 +58,11 @@ def test_numba_does_the_products_for_few_rows_of_bf16_or_of_float32_too_big_for_
         assert L.numba_multiplies(np.dtype(np.float32), rows, big)
         assert not L.numba_multiplies(np.dtype(np.float32), rows, small)
         assert not L.numba_multiplies(np.dtype(np.float64), rows, big)
-    for dtype in (L.BF16, np.dtype(np.float32)):
-        assert not L.numba_multiplies(dtype, L.BLAS_ROWS, big)  # a prompt: BLAS
+    assert not L.numba_multiplies(np.dtype(np.float32), L.BLAS_ROWS, big)  # a float32 prompt: BLAS
+    # a bf16 prompt: Numba's kernel in three parts on AMX tiles, else BLAS
+    assert L.numba_multiplies(L.BF16, L.BLAS_ROWS, big) == bf16_dot.cpu_has_amx_bf16()
+    with mock.patch.object(bf16_dot, "cpu_has_amx_bf16", lambda: False):
+        assert not L.numba_multiplies(L.BF16, L.BLAS_ROWS, big)
 
 
 def test_as_float32_widens_bf16_bits_the_same_in_python_and_in_numba():
@@ -70,17 +76,27 @@ def test_as_float32_widens_bf16_bits_the_same_in_python_and_in_numba():
     assert L.as_float32(np.float32(0.1)) == compiled(np.float32(0.1)) == np.float32(0.1)
 
 
+AMX_TILES = [pytest.param(False, id="blas"),
+             pytest.param(True, id="amx", marks=pytest.mark.skipif(not bf16_dot.cpu_has_amx_bf16(), reason="no AMX tiles"))]
+
+
+@pytest.mark.parametrize("amx", AMX_TILES)
 @pytest.mark.parametrize("n_out", [L.WIDEN_BLOCK + 1, 2 * L.WIDEN_BLOCK, 2 * L.WIDEN_BLOCK + 37])
 @pytest.mark.parametrize("rows", [L.BLAS_ROWS, L.BLAS_ROWS + 3])
-def test_a_prompt_times_a_bf16_matrix_of_several_widening_blocks_is_right_in_every_block(n_out, rows):
+def test_a_prompt_times_a_bf16_matrix_of_several_widening_blocks_is_right_in_every_block(n_out, rows, amx):
     # Prompts widen bf16 weights WIDEN_BLOCK rows at a time for BLAS; every real checkpoint's
-    # matrices span several blocks, the fixtures' none.
+    # matrices span several blocks, the fixtures' none. Or, on AMX tiles, they multiply them in
+    # three parts of x (bf16_dot.py): exact too.
     rng = np.random.default_rng(n_out + rows)
     n_in = 24
     weight = (rng.normal(size=(n_out, n_in)) * 0.5).astype(ml_dtypes.bfloat16)
     x = rng.normal(size=(rows, n_in)).astype(np.float32)
-    with L.rounding_prompts_to_bf16(False):
+    widened = []
+    kernel = L._widen_kernel_serial
+    with L.rounding_prompts_to_bf16(False), mock.patch.object(bf16_dot, "cpu_has_amx_bf16", lambda: amx), \
+            mock.patch.object(L, "_widen_kernel_serial", lambda *arguments: (widened.append(1), kernel(*arguments))[1]):
         got = L.linear(x, weight)
+    assert len(widened) == (0 if amx else -(-n_out // L.WIDEN_BLOCK))  # the path this case is about
     w64 = weight.astype(np.float64)  # bf16 widens exactly
     exact = x.astype(np.float64) @ w64.T
     bound = (n_in + 1) * 2.0**-24 * (np.abs(x).astype(np.float64) @ np.abs(w64).T)  # float32 rounding of the sums
