@@ -64,6 +64,17 @@ def test_it_passes_on_fixtures_with_logits_within_tolerance_and_identical_greedy
     assert out.rstrip().endswith("PASS")
 
 
+def test_the_bf16_resident_mode_passes_on_a_bf16_fixture_with_a_prompt_of_many_rows(tool, capsys):
+    # 32 random ids: the prompt's products take the many-row path (three bf16 parts on AMX
+    # tiles where the CPU has them, else widened weights and BLAS), held to the fp32 tolerance.
+    name = "text_grouped_bf16_bias"
+    code, out, _ = run(tool, capsys, "--model", FIXTURES / name, "--dtype", "bfloat16", "--new-tokens", 3,
+                       "--atol", FIXTURE_ATOL)
+    assert code == 0, out
+    assert "minqwen: weights kept bfloat16" in out and "prompt: 32 tokens" in out
+    assert prompt_logit_diff(out) <= 1e-4
+
+
 def test_from_the_shell_it_exits_0_on_random_ids_by_default(tool):
     done = subprocess.run([sys.executable, str(TOOL), "--model", str(FIXTURES / "text_grouped_bf16_bias"),
                            "--new-tokens", "3", "--atol", FIXTURE_ATOL], capture_output=True, text=True, cwd=ROOT)

@@ -2,11 +2,12 @@
 
     python tools/compare_with_transformers.py --model DIR [--prompt TEXT | --tokens IDS]
                                               [--new-tokens N] [--atol A] [--rtol R] [--keep DIR]
-                                              [--reference-model DIR2]
+                                              [--reference-model DIR2] [--dtype bfloat16]
 
 Any checkpoint folder minqwen loads — dense or mixture-of-experts, text-only or multimodal,
 fp32, bf16 or FP8 (with blocks that divide its matrices, as transformers needs) — runs twice:
-in minqwen (float32), and in transformers 5.23.0 in fp32 with eager attention (the class
+in minqwen (float32; ``--dtype bfloat16``: the bf16-resident mode, exact too on a bf16
+checkpoint), and in transformers 5.23.0 in fp32 with eager attention (the class
 config.json names: Qwen3_5ForCausalLM for ``qwen3_5_text``, Qwen3_5ForConditionalGeneration
 for ``qwen3_5``, their Moe twins for the MoE types). Printed:
 
@@ -140,10 +141,11 @@ def top2_margin(logits_row: np.ndarray) -> float:
 
 
 def compare(model_dir: Path, ids: list[int], new_tokens: int, atol: float, rtol: float, workdir: Path,
-            reference_dir: Path | None = None) -> dict:
+            reference_dir: Path | None = None, dtype: str = "float32") -> dict:
     """Both runs, their recordings in ``workdir``, and the figures. Returns them as a dict.
 
-    minqwen runs ``model_dir``; transformers runs ``reference_dir`` (default: the same folder).
+    minqwen runs ``model_dir``, loaded with ``dtype``; transformers runs ``reference_dir``
+    (default: the same folder).
     """
     import reference  # tools/reference.py: torch and transformers, imported only when comparing
 
@@ -157,7 +159,7 @@ def compare(model_dir: Path, ids: list[int], new_tokens: int, atol: float, rtol:
     check_fp8_blocks_for_the_reference(reference_dir)
     # minqwen first (it names a tensor that does not fit config.json, where transformers only
     # points at a report), then the reference: only one model is in memory at a time.
-    model = minqwen.load(model_dir)
+    model = minqwen.load(model_dir, dtype=dtype)
     ours = golden.record(model, ids, decode_steps=new_tokens)
     ours_path = workdir / "minqwen.safetensors"
     golden.save(ours, ours_path, golden.model_metadata(model))
@@ -245,6 +247,8 @@ def main(argv=None) -> int:
     parser.add_argument("--reference-model", type=Path, default=None, metavar="DIR2",
                         help="load transformers from this folder instead (the same model, e.g. the original "
                              "release of a copy you converted)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="minqwen's weights in memory: float32 (default) or bfloat16 (the bf16-resident mode)")
     args = parser.parse_args(argv)
 
     try:
@@ -265,6 +269,8 @@ def main(argv=None) -> int:
         print(f"model:  {args.model} ({kind}, {config.num_hidden_layers} layers; stored {stored_dtypes(args.model)}"
               f"{quant})")
         print(f"prompt: {len(ids)} tokens ({origin}); {args.new_tokens} greedy tokens each side")
+        if args.dtype != "float32":
+            print(f"minqwen: weights kept {args.dtype} (minqwen.load(..., dtype={args.dtype!r}))")
         if args.reference_model is not None:
             print(f"transformers loads: {args.reference_model}")
         if args.keep is not None:
@@ -274,11 +280,12 @@ def main(argv=None) -> int:
                 args.keep.mkdir(parents=True, exist_ok=True)
             except OSError as e:  # a file on the way, no permission
                 raise MinqwenError(f"--keep {args.keep}: cannot make this folder ({e.strerror or e})") from None
-            result = compare(args.model, ids, args.new_tokens, args.atol, args.rtol, args.keep, args.reference_model)
+            result = compare(args.model, ids, args.new_tokens, args.atol, args.rtol, args.keep, args.reference_model,
+                             args.dtype)
         else:
             with tempfile.TemporaryDirectory(prefix="minqwen-compare-") as tmp:
                 result = compare(args.model, ids, args.new_tokens, args.atol, args.rtol, Path(tmp),
-                                 args.reference_model)
+                                 args.reference_model, args.dtype)
     except MinqwenError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
