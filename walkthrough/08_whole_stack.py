@@ -229,11 +229,12 @@ for name in fixtures:
 # %% [markdown]
 # That is the whole model. minqwen differs from this sketch only in ways that do not change
 # the numbers: the delta rule compiled with Numba (and the chunked form as a tested
-# alternative), blocked attention so long prompts never build a `T × T` score matrix, bf16 weights kept in memory,
-# an MoE gather that touches only chosen experts, validation with clear error messages, and
-# taps. (One opt-in setting does change them: `bf16_prompts` rounds a prompt's activations to
-# bf16 for the CPU's bf16 dot-product instruction, a faster prefill that is no longer exact;
-# see `minqwen/bf16_dot.py`.) We check that too, on one fixture:
+# alternative), blocked attention so long prompts never build a `T × T` score matrix, bf16 weights kept in memory
+# (on Intel's AMX tiles a prompt multiplies them exactly, each float32 activation taken as the
+# sum of three bf16 numbers), an MoE gather that touches only chosen experts, validation with
+# clear error messages, and taps. (One opt-in setting does change them: `bf16_prompts` rounds a
+# prompt's activations to bf16 for the CPU's bf16 instructions, a faster prefill that is no
+# longer exact; see `minqwen/bf16_dot.py`.) We check that too, on one fixture:
 
 # %%
 folder, expected = course.fixture("text_grouped_bf16_bias")
