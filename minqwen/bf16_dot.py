@@ -545,9 +545,9 @@ def _amx_products_loops(x_tiles, weight_words, out, table, group):
     :func:`_amx_block`: rows and pairs padded to whole tiles); ``out`` float32 [T, O], O ≤ O';
     ``table`` :data:`TILE_CONFIG`. The output blocks are taken ``group`` at a time (see
     :func:`_blocks_a_group`): for each block of 32 tokens, fetched once, a group's blocks all
-    use it. Groups are independent and split across the cores. Tile
-    registers belong to a thread, and a group may run on any of Numba's: each group shapes
-    them before it starts and gives them back when it is done.
+    use it. Groups are independent and split across the cores. Tile registers belong to a
+    thread, and a group may run on any of Numba's: each group shapes them before it starts
+    and gives them back when it is done.
     """
     n_rows, n_out = out.shape
     n_blocks = (n_out + AMX_OUTPUTS - 1) // AMX_OUTPUTS
