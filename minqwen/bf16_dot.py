@@ -18,12 +18,13 @@ activations are float32. Two ways to hand them to these instructions:
   than 16 rows) and speculative verifies of any length (mtp.verify opens an exact block) are
   not touched, so they multiply exactly, over the cache the rounded prompt left.
 * **Exact, in three parts** (the bf16-resident mode's prompts, on AMX tiles, by default):
-  an activation is the sum of three bf16 numbers, to within 2⁻²⁷ of it (see
+  an activation is exactly the sum of three bf16 numbers (see
   :func:`split_into_bf16_parts_numpy`), and each product of two bf16 numbers is exact in
   float32. So x · Wᵀ = Σ over the parts of part · Wᵀ, three times the multiply-adds, every
-  one exact, summed in float32: as exact as a float32 BLAS product, which differs from it
-  only in the order of its sums (the test multiplies one-hot weights by activations with
-  bits in all three parts' reach and gets them back bit for bit). The same scheme as
+  one exact, summed in float32: as exact as a float32 BLAS product up to the rounding of the
+  sums, of which there are three times as many (most of them of terms 2⁸ and 2¹⁶ times
+  smaller); measured, its error is no larger than BLAS's (tools/measurements.md). One-hot
+  weights times any float32 activations give them back bit for bit (a test). The same scheme as
   "bf16x3" in Henry, Tang and Heinecke (2019), who split both operands into three; here
   the weights are bf16 already, so only the activations are. On AMX this is faster than
   float32 BLAS: three parts cost about twice one part, not three times, because each weight
@@ -88,11 +89,12 @@ def split_into_bf16_parts_numpy(x: np.ndarray, n_parts: int) -> list[np.ndarray]
     one the bf16 nearest what the ones before left over (ties to even, like ``astype``).
 
     A bf16 keeps 8 significant bits of a float32's 24. What a part leaves over is exactly a
-    float32 (x minus a rounding of itself), smaller than x by 2⁻⁸ or more. So three parts
-    carry all 24 bits: their sum is x to within 2⁻²⁷ of it, closer than a float32 product's
-    own rounding (or to within 2⁻¹³³, bf16's smallest step, for the x below ~10⁻³⁰ whose
-    last parts are subnormal). Where a part is ±inf or NaN, it stands for the whole value;
-    the next parts are 0. A finite x beyond bf16's largest number (~3.39e38) rounds to inf.
+    float32 (x minus a rounding of itself): the first part leaves at most x's last 16 bits,
+    the second at most its last 8, which the third holds exactly. So three parts carry all
+    24 bits: their sum is x itself, for every |x| ≥ 2⁻¹¹⁰ (below, the last part would be a
+    subnormal too small for x's last bits: the sum is then within 2⁻¹³³, bf16's smallest
+    step). Where a part is ±inf or NaN, it stands for the whole value; the next parts are 0.
+    A finite x beyond bf16's largest number (~3.39e38) rounds to inf.
     """
     rest = np.array(x, dtype=np.float32)  # [T, in]
     parts = []
@@ -109,7 +111,7 @@ def linear_bf16_dot_numpy(x: np.ndarray, weight: np.ndarray, n_parts: int = 1) -
     """The twin: x split into ``n_parts`` bf16 parts, then Σ over the parts of part · Wᵀ in float32.
 
     ``weight`` is a bf16 array. One part is x rounded to bf16 (``bf16_prompts``, inexact);
-    :data:`EXACT_PARTS` parts are x itself, to float32's own rounding. Products of two bf16
+    :data:`EXACT_PARTS` parts are x itself. Products of two bf16
     numbers are exact in float32, so only the parts, the order of the sums, and the
     instruction's flushing of subnormal inputs, products and sums (below 2⁻¹²⁶) to zero
     separate this from the kernels. (The order of the sums also decides where sums near
@@ -575,14 +577,15 @@ def _blocks_a_group(n_out: int, n_steps: int) -> int:
     """Output blocks a group takes: as many as keep their weights within :data:`GROUP_BYTES`,
     and no more than leave each of Numba's threads a group."""
     n_blocks = -(-n_out // AMX_OUTPUTS)
-    block_bytes = AMX_OUTPUTS * TILE_ROWS * n_steps * 4  # 32 rows of 16 n_steps words
+    block_bytes = AMX_OUTPUTS * TILE_ROWS * max(1, n_steps) * 4  # 32 rows of 16 n_steps words
     return max(1, min(GROUP_BYTES // block_bytes, -(-n_blocks // numba.get_num_threads())))
 
 
 def _weight_words(weight: np.ndarray, n_steps: int) -> np.ndarray:
     """bf16 [O, in] → int32 [O', 16 · n_steps], two neighbours to a word, padded with zeros to
-    whole tiles (O' a multiple of 32). A view where no padding is needed (every Qwen3.5 matrix),
-    else a copy: a tile read past the matrix's end would read other memory."""
+    whole tiles (O' a multiple of 32). A view where no padding is needed (most Qwen3.5
+    matrices; not Gated DeltaNet's in_proj_b and in_proj_a, a row per value head), else a
+    copy: a tile read past the matrix's end would read other memory."""
     bits = np.ascontiguousarray(weight).view(np.uint16)  # [O, in]
     n_out, n_in = bits.shape
     rows, columns = -(-n_out // AMX_OUTPUTS) * AMX_OUTPUTS, 2 * TILE_ROWS * n_steps

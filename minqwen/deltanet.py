@@ -405,7 +405,7 @@ def unit_lower_inverse(A: np.ndarray) -> np.ndarray:
 def l2_normalize(x: np.ndarray, eps: float = 1e-6) -> np.ndarray:
     """x / sqrt(|x|² + eps) over the last axis (the reference's eps placement). Float32 takes
     the kernel below, one pass a row (see norms.py)."""
-    if x.dtype == np.float32:
+    if x.dtype == np.float32 and norms._rows_fit(x):
         return norms._by_rows(_l2_normalize_kernel, _l2_normalize_kernel_parallel, x, np.float32(eps))
     return l2_normalize_numpy(x, eps)
 

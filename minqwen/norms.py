@@ -27,14 +27,14 @@ def normalised(x: np.ndarray, eps: float) -> np.ndarray:
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     """Zero-centred RMSNorm over the last axis: x / rms(x) · (1 + weight). Float32 takes the kernel."""
-    if x.dtype == weight.dtype == np.float32:
+    if x.dtype == weight.dtype == np.float32 and _rows_fit(x, weight):
         return _by_rows(_rms_norm_kernel, _rms_norm_kernel_parallel, x, weight, np.float32(eps))
     return rms_norm_numpy(x, weight, eps)
 
 
 def gated_rms_norm(x: np.ndarray, gate: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     """RMSNorm with a plain scale, then multiplied by silu(gate). Float32 takes the kernel."""
-    if x.dtype == gate.dtype == weight.dtype == np.float32 and x.shape == gate.shape:
+    if x.dtype == gate.dtype == weight.dtype == np.float32 and x.shape == gate.shape and _rows_fit(x, weight):
         gate = np.ascontiguousarray(gate).reshape(-1, x.shape[-1])  # [rows, Dv], like x below
         return _by_rows(_gated_rms_norm_kernel, _gated_rms_norm_kernel_parallel, x, gate, weight, np.float32(eps))
     return gated_rms_norm_numpy(x, gate, weight, eps)
@@ -90,6 +90,13 @@ _gated_rms_norm_kernel, _gated_rms_norm_kernel_parallel = serial_and_parallel(_g
 # Values worth both cores when Numba owns them (as for the activations: a decode step's norms
 # of 1,024 values stay on one, a prompt's take both).
 PARALLEL_FROM = 1 << 14
+
+
+def _rows_fit(x: np.ndarray, weight: np.ndarray | None = None) -> bool:
+    """Whether the kernels may take x (and weight): non-empty rows, a weight of one row's length.
+    Anything else goes to the twin, which broadcasts or raises as NumPy does (the kernels do
+    not check their reads)."""
+    return x.ndim >= 1 and x.shape[-1] > 0 and (weight is None or weight.shape == x.shape[-1:])
 
 
 def _by_rows(kernel, parallel, x: np.ndarray, *arguments) -> np.ndarray:

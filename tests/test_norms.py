@@ -87,3 +87,20 @@ def test_a_prompts_norm_takes_both_cores_when_numba_owns_them_and_agrees_bit_for
     call(x)
     assert used == ["_parallel", "", ""]
     assert np.array_equal(parallel, serial)
+
+
+def test_shapes_the_kernels_do_not_take_go_to_the_twin():
+    # The kernels trust their shapes (no bounds checks): a weight of another length, or rows of
+    # no values, must reach NumPy, which broadcasts or raises as it always has.
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((4, 8)).astype(np.float32)
+    with pytest.raises(ValueError):
+        norms.rms_norm(x, np.ones(5, np.float32), 1e-6)
+    with pytest.raises(ValueError):
+        norms.gated_rms_norm(x, x, np.ones(5, np.float32), 1e-6)
+    one = np.ones(1, np.float32)  # broadcasts in NumPy: the twin's answer
+    assert np.array_equal(norms.rms_norm(x, one, 1e-6), norms.rms_norm_numpy(x, one, 1e-6))
+    empty = np.zeros((3, 0), np.float32)
+    with np.errstate(invalid="ignore", divide="ignore"):  # the twin's mean of no values
+        assert norms.rms_norm(empty, np.zeros(0, np.float32), 1e-6).shape == (3, 0)
+    assert deltanet.l2_normalize(empty).shape == (3, 0)
