@@ -39,8 +39,7 @@ import numpy as np
 
 from .activations import ACTIVATIONS, sigmoid, softplus
 from .linear import BLAS_ROWS, linear
-from . import norms
-from .norms import gated_rms_norm
+from .norms import gated_rms_norm, l2_normalize
 from .threads import OPENBLAS_THREADS_NAP, numba_does_the_products, serial_and_parallel
 
 CHUNK_SIZE = 64
@@ -400,34 +399,6 @@ def unit_lower_inverse(A: np.ndarray) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- the layer
-
-
-def l2_normalize(x: np.ndarray, eps: float = 1e-6) -> np.ndarray:
-    """x / sqrt(|x|² + eps) over the last axis (the reference's eps placement). Float32 takes
-    the kernel below, one pass a row (see norms.py)."""
-    if x.dtype == np.float32 and norms._rows_fit(x):
-        return norms._by_rows(_l2_normalize_kernel, _l2_normalize_kernel_parallel, x, np.float32(eps))
-    return l2_normalize_numpy(x, eps)
-
-
-def l2_normalize_numpy(x: np.ndarray, eps: float = 1e-6) -> np.ndarray:
-    """The twin of l2_normalize."""
-    return x / np.sqrt(np.sum(x * x, axis=-1, keepdims=True) + x.dtype.type(eps))
-
-
-def _l2_normalize_loops(x, eps, out):
-    """out[r] = x[r] / √(|x[r]|² + eps), over the rows of x [R, D], the squares summed in float64."""
-    for r in numba.prange(x.shape[0]):
-        row, result = x[r], out[r]  # [D]
-        total = 0.0
-        for i in range(row.size):
-            total += np.float64(row[i]) * np.float64(row[i])
-        root = np.sqrt(np.float32(total) + eps)
-        for i in range(row.size):
-            result[i] = row[i] / root
-
-
-_l2_normalize_kernel, _l2_normalize_kernel_parallel = serial_and_parallel(_l2_normalize_loops, error_model="numpy")
 
 
 def gated_deltanet(

@@ -1,4 +1,4 @@
-"""The two RMSNorms of Qwen3.5.
+"""The norms of Qwen3.5: two RMSNorms, and the L2 norm of the Gated DeltaNet's q and k.
 
 * :func:`rms_norm` — the decoder's norms (input, post-attention, final, ``q_norm``, ``k_norm``)
   are *zero-centred*: the stored weight ``w`` is an offset from one, and the scale applied is
@@ -6,6 +6,8 @@
   time: folding it into a bf16 weight rounds it and drifts from the reference.
 * :func:`gated_rms_norm` — the Gated DeltaNet output norm is an ordinary RMSNorm (scale ``w``)
   followed by a SiLU gate from the ``in_proj_z`` projection.
+* :func:`l2_normalize` — the Gated DeltaNet scales each head's q and k to unit length (no
+  weight), with the reference's eps under the square root.
 
 Each has a NumPy twin (``*_numpy``), which says it plainly; float32 inputs take a compiled
 kernel that makes one pass over each row instead of NumPy's five over the whole array, each
@@ -40,6 +42,13 @@ def gated_rms_norm(x: np.ndarray, gate: np.ndarray, weight: np.ndarray, eps: flo
     return gated_rms_norm_numpy(x, gate, weight, eps)
 
 
+def l2_normalize(x: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+    """x / sqrt(|x|² + eps) over the last axis (the reference's eps placement). Float32 takes the kernel."""
+    if x.dtype == np.float32 and _rows_fit(x):
+        return _by_rows(_l2_normalize_kernel, _l2_normalize_kernel_parallel, x, np.float32(eps))
+    return l2_normalize_numpy(x, eps)
+
+
 def rms_norm_numpy(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     """The twin of rms_norm: x / rms(x) · (1 + weight)."""
     # x: [..., D], weight: [D]
@@ -52,17 +61,27 @@ def gated_rms_norm_numpy(x: np.ndarray, gate: np.ndarray, weight: np.ndarray, ep
     return weight * normalised(x, eps) * silu(gate)
 
 
+def l2_normalize_numpy(x: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+    """The twin of l2_normalize."""
+    return x / np.sqrt(np.sum(x * x, axis=-1, keepdims=True) + x.dtype.type(eps))
+
+
 # --------------------------------------------------------------------------- compiled, a row at a time
 
 
 @numba.njit(inline="always")
-def _root_mean_square(row, eps):
-    """√(mean(row²) + eps) in float32, the squares summed in float64 (NumPy's pairwise float32
-    sum and this differ by float32 rounding)."""
+def _sum_of_squares(row):
+    """Σ row², summed in float64 (NumPy's pairwise float32 sum and this differ by float32 rounding)."""
     total = 0.0
     for i in range(row.size):
         total += np.float64(row[i]) * np.float64(row[i])
-    return np.sqrt(np.float32(total / row.size) + eps)
+    return total
+
+
+@numba.njit(inline="always")
+def _root_mean_square(row, eps):
+    """√(mean(row²) + eps) in float32."""
+    return np.sqrt(np.float32(_sum_of_squares(row) / row.size) + eps)
 
 
 def _rms_norm_loops(x, weight, eps, out):
@@ -84,7 +103,17 @@ def _gated_rms_norm_loops(x, gate, weight, eps, out):
             result[i] = weight[i] * (row[i] / root) * silu_g
 
 
+def _l2_normalize_loops(x, eps, out):
+    """out[r] = x[r] / √(|x[r]|² + eps), over the rows of x [R, D]."""
+    for r in numba.prange(x.shape[0]):
+        row, result = x[r], out[r]  # [D]
+        root = np.sqrt(np.float32(_sum_of_squares(row)) + eps)
+        for i in range(row.size):
+            result[i] = row[i] / root
+
+
 _rms_norm_kernel, _rms_norm_kernel_parallel = serial_and_parallel(_rms_norm_loops, error_model="numpy")
+_l2_normalize_kernel, _l2_normalize_kernel_parallel = serial_and_parallel(_l2_normalize_loops, error_model="numpy")
 _gated_rms_norm_kernel, _gated_rms_norm_kernel_parallel = serial_and_parallel(_gated_rms_norm_loops,
                                                                               error_model="numpy")
 # Values worth both cores when Numba owns them (as for the activations: a decode step's norms

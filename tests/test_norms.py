@@ -31,7 +31,7 @@ def test_compiled_norms_equal_their_numpy_twins(shape, seed, scale, eps, strided
     weight = rng.standard_normal(x.shape[-1]).astype(np.float32)
     pairs = [(norms.rms_norm(x, weight, eps), norms.rms_norm_numpy(x, weight, eps)),
              (norms.gated_rms_norm(x, gate, weight, eps), norms.gated_rms_norm_numpy(x, gate, weight, eps)),
-             (deltanet.l2_normalize(x, eps), deltanet.l2_normalize_numpy(x, eps))]
+             (norms.l2_normalize(x, eps), norms.l2_normalize_numpy(x, eps))]
     for got, want in pairs:
         assert got.shape == x.shape and got.dtype == np.float32
         within_float32_rounding(got, want)
@@ -44,7 +44,7 @@ def test_the_gate_is_silu_and_the_scales_are_one_plus_w_and_w():
     normalised = x / np.sqrt(np.float32(12.5))
     within_float32_rounding(norms.rms_norm(x, weight, 0.0), normalised * (1 + weight))
     within_float32_rounding(norms.gated_rms_norm(x, gate, weight, 0.0), weight * normalised * silu_numpy(gate))
-    within_float32_rounding(deltanet.l2_normalize(x, 0.0), x / np.float32(5.0))
+    within_float32_rounding(norms.l2_normalize(x, 0.0), x / np.float32(5.0))
 
 
 def test_rows_of_zeros_take_eps_and_eps_zero_gives_nan_as_the_twin_does():
@@ -61,7 +61,7 @@ def test_float64_and_mixed_dtypes_take_the_twin_exactly():
     weight = rng.standard_normal(16)
     assert np.array_equal(norms.rms_norm(x, weight, 1e-6), norms.rms_norm_numpy(x, weight, 1e-6))
     assert np.array_equal(norms.gated_rms_norm(x, x, weight, 1e-6), norms.gated_rms_norm_numpy(x, x, weight, 1e-6))
-    assert np.array_equal(deltanet.l2_normalize(x), deltanet.l2_normalize_numpy(x))
+    assert np.array_equal(norms.l2_normalize(x), norms.l2_normalize_numpy(x))
     x32 = x.astype(np.float32)
     assert np.array_equal(norms.rms_norm(x32, weight, 1e-6), norms.rms_norm_numpy(x32, weight, 1e-6))
 
@@ -71,16 +71,15 @@ def test_a_prompts_norm_takes_both_cores_when_numba_owns_them_and_agrees_bit_for
     rng = np.random.default_rng(2)
     x = rng.standard_normal((norms.PARALLEL_FROM // 64 + 3, 64)).astype(np.float32)
     weight = rng.standard_normal(64).astype(np.float32)
-    module = deltanet if norm == "l2_normalize" else norms
     call = {"rms_norm": lambda a: norms.rms_norm(a, weight, 1e-6),
             "gated_rms_norm": lambda a: norms.gated_rms_norm(a, a * 2, weight, 1e-6),
-            "l2_normalize": lambda a: deltanet.l2_normalize(a)}[norm]
+            "l2_normalize": lambda a: norms.l2_normalize(a)}[norm]
     serial = call(x)  # outside one_blas_thread: BLAS's threads may be spinning
     used = []
     for suffix in ("", "_parallel"):
         name = f"_{norm}_kernel{suffix}"
-        kernel = getattr(module, name)
-        monkeypatch.setattr(module, name, lambda *a, kernel=kernel, suffix=suffix: (used.append(suffix), kernel(*a)))
+        kernel = getattr(norms, name)
+        monkeypatch.setattr(norms, name, lambda *a, kernel=kernel, suffix=suffix: (used.append(suffix), kernel(*a)))
     with one_blas_thread():
         parallel = call(x)
         call(x[:3])
@@ -103,4 +102,8 @@ def test_shapes_the_kernels_do_not_take_go_to_the_twin():
     empty = np.zeros((3, 0), np.float32)
     with np.errstate(invalid="ignore", divide="ignore"):  # the twin's mean of no values
         assert norms.rms_norm(empty, np.zeros(0, np.float32), 1e-6).shape == (3, 0)
-    assert deltanet.l2_normalize(empty).shape == (3, 0)
+    assert norms.l2_normalize(empty).shape == (3, 0)
+
+
+def test_the_gated_deltanet_normalizes_q_and_k_with_this_l2_norm():
+    assert deltanet.l2_normalize is norms.l2_normalize
