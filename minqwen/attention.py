@@ -26,7 +26,7 @@ import numpy as np
 
 from .activations import sigmoid
 from .errors import MinqwenError
-from .linear import CACHE_LINE, PREFETCH_AHEAD_BYTES, linear, prefetch
+from .linear import CACHE_LINE, PREFETCH_AHEAD_BYTES, linear, linears, prefetch
 from .norms import rms_norm
 from .rope import apply_rotary
 
@@ -267,10 +267,11 @@ def gated_attention(
     once per forward in ``Model.hidden_states``).
     """
     t_len = x.shape[0]
-    q_and_gate = linear(x, w.q_proj, w.q_proj_bias).reshape(t_len, num_heads, 2 * head_dim)  # [T, Hq, 2D]
+    q_and_gate, k, v = linears(x, (w.q_proj, w.k_proj, w.v_proj), (w.q_proj_bias, w.k_proj_bias, w.v_proj_bias))
+    q_and_gate = q_and_gate.reshape(t_len, num_heads, 2 * head_dim)  # [T, Hq, 2D]
     q, gate = q_and_gate[..., :head_dim], q_and_gate[..., head_dim:]  # [T, Hq, D] each
-    k = linear(x, w.k_proj, w.k_proj_bias).reshape(t_len, num_kv_heads, head_dim)  # [T, Hkv, D]
-    v = linear(x, w.v_proj, w.v_proj_bias).reshape(t_len, num_kv_heads, head_dim)  # [T, Hkv, D]
+    k = k.reshape(t_len, num_kv_heads, head_dim)  # [T, Hkv, D]
+    v = v.reshape(t_len, num_kv_heads, head_dim)  # [T, Hkv, D]
 
     q = apply_rotary(rms_norm(q, w.q_norm, eps), cos, sin)
     k = apply_rotary(rms_norm(k, w.k_norm, eps), cos, sin)

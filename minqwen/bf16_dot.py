@@ -603,25 +603,40 @@ def linear_bf16_dot(x: np.ndarray, weight: np.ndarray, n_parts: int = 1) -> np.n
     part only) with VDPBF16PS. Refused where :func:`cpu_has_bf16_dot` is not (compiling the
     instruction for a CPU without it would abort the process, not raise).
     """
+    return linears_bf16_dot(x, [weight], n_parts)[0]
+
+
+def linears_bf16_dot(x: np.ndarray, weights, n_parts: int = 1) -> list[np.ndarray]:
+    """[:func:`linear_bf16_dot` (x, w, n_parts) for w in weights], with x split or rounded once.
+
+    A layer projects one input several ways (a Gated DeltaNet's in_proj_qkv, in_proj_z,
+    in_proj_b and in_proj_a; attention's q, k and v; the MLP's gate and up): putting x in the
+    kernels' form is the same work for each, so it is done once for all of them.
+    """
     check_bf16_dot_available()
-    x, weight = np.asarray(x), np.asarray(weight)
-    if weight.dtype != ml_dtypes.bfloat16 or weight.ndim != 2 or x.ndim != 2 or x.shape[1] != weight.shape[1]:
-        # The kernel trusts these shapes for its reads: a mismatch must not reach it.
-        raise MinqwenError(f"linear_bf16_dot multiplies x [T, in] by a bf16 weight [out, in], got x "
-                           f"{list(x.shape)} and a {weight.dtype} weight {list(weight.shape)}")
+    x = np.asarray(x)
+    weights = [np.asarray(weight) for weight in weights]
+    for weight in weights:
+        if weight.dtype != ml_dtypes.bfloat16 or weight.ndim != 2 or x.ndim != 2 or x.shape[1] != weight.shape[1]:
+            # The kernel trusts these shapes for its reads: a mismatch must not reach it.
+            raise MinqwenError(f"linear_bf16_dot multiplies x [T, in] by a bf16 weight [out, in], got x "
+                               f"{list(x.shape)} and a {weight.dtype} weight {list(weight.shape)}")
     amx = cpu_has_amx_bf16()
     if n_parts not in (1, EXACT_PARTS) or n_parts > 1 and not amx:
         raise MinqwenError(f"linear_bf16_dot takes x as 1 bf16 part, or as {EXACT_PARTS} on AMX tiles; "
                            f"asked for {n_parts} part(s) on a CPU {'with' if amx else 'without'} AMX")
-    out = np.empty((x.shape[0], weight.shape[0]), np.float32)  # [T, out]
+    outs = [np.empty((x.shape[0], weight.shape[0]), np.float32) for weight in weights]  # [T, out] each
     if not amx:
-        _products_kernel(round_to_bf16_pairs(x), np.ascontiguousarray(weight).view(np.uint16), out)
-        return out
+        pairs = round_to_bf16_pairs(x)  # [T, ⌈in / 2⌉]
+        for weight, out in zip(weights, outs):
+            _products_kernel(pairs, np.ascontiguousarray(weight).view(np.uint16), out)
+        return outs
     n_steps = -(-x.shape[1] // (2 * TILE_ROWS))
-    words = _weight_words(weight, n_steps)  # [O', P']
-    group = _blocks_a_group(weight.shape[0], n_steps)
+    words = [_weight_words(weight, n_steps) for weight in weights]  # [O', P'] each
+    groups = [_blocks_a_group(weight.shape[0], n_steps) for weight in weights]
     for start in range(0, x.shape[0], SLAB_ROWS):
         stop = min(start + SLAB_ROWS, x.shape[0])
         x_tiles = split_into_bf16_parts(x[start:stop], n_parts)  # [T'/32, P'/16, parts, 2, 16, 16]
-        _amx_products_kernel(x_tiles, words, out[start:stop], TILE_CONFIG, group)  # → [stop − start, out]
-    return out
+        for weight_words, group, out in zip(words, groups, outs):
+            _amx_products_kernel(x_tiles, weight_words, out[start:stop], TILE_CONFIG, group)  # → [stop − start, out]
+    return outs

@@ -38,7 +38,7 @@ import numba
 import numpy as np
 
 from .activations import ACTIVATIONS, sigmoid, softplus
-from .linear import BLAS_ROWS, linear
+from .linear import BLAS_ROWS, linear, linears
 from .norms import gated_rms_norm, l2_normalize
 from .threads import OPENBLAS_THREADS_NAP, numba_does_the_products, serial_and_parallel
 
@@ -422,10 +422,9 @@ def gated_deltanet(
     t_len = x.shape[0]
     key_dim = num_key_heads * key_head_dim
 
-    mixed_qkv = linear(x, w.in_proj_qkv)  # [T, 2·Hk·Dk + Hv·Dv]
-    z = linear(x, w.in_proj_z).reshape(t_len, num_value_heads, value_head_dim)  # [T, Hv, Dv]
-    b = linear(x, w.in_proj_b)  # [T, Hv]
-    a = linear(x, w.in_proj_a)  # [T, Hv]
+    # [T, 2·Hk·Dk + Hv·Dv], [T, Hv·Dv], [T, Hv], [T, Hv]: four projections of one x
+    mixed_qkv, z, b, a = linears(x, (w.in_proj_qkv, w.in_proj_z, w.in_proj_b, w.in_proj_a))
+    z = z.reshape(t_len, num_value_heads, value_head_dim)  # [T, Hv, Dv]
     if tap is not None:
         tap("linear_attn.in_proj_qkv", mixed_qkv)
         tap("linear_attn.in_proj_z", z)

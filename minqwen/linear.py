@@ -39,6 +39,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from . import bf16_dot
+from .errors import MinqwenError
 from .threads import numba_does_the_products, serial_and_parallel
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -353,6 +354,15 @@ def rounding_prompts_to_bf16(active: bool = True):
         _ROUNDING.reset(token)
 
 
+def _bf16_dot_parts() -> int | None:
+    """How many bf16 parts x is taken as when bf16_dot's kernels multiply many rows by bf16
+    weights: 1 inside a :func:`rounding_prompts_to_bf16` block, three (exact) on AMX tiles, or
+    None when BLAS does the product (widened weights)."""
+    if _ROUNDING.get():
+        return 1
+    return bf16_dot.EXACT_PARTS if bf16_dot.cpu_has_amx_bf16() else None
+
+
 def linear_bf16(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
     """x [T, in] float32 · bf16 weight [out, in]ᵀ → [T, out] float32, accumulating in float32.
 
@@ -363,10 +373,9 @@ def linear_bf16(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
     """
     if x.shape[0] < BLAS_ROWS:
         return linear_few_rows(x, weight)
-    if _ROUNDING.get():
-        return bf16_dot.linear_bf16_dot(x, weight)
-    if bf16_dot.cpu_has_amx_bf16():
-        return bf16_dot.linear_bf16_dot(x, weight, n_parts=bf16_dot.EXACT_PARTS)
+    n_parts = _bf16_dot_parts()
+    if n_parts is not None:
+        return bf16_dot.linear_bf16_dot(x, weight, n_parts)
     x = np.ascontiguousarray(x, dtype=np.float32)
     bits = weight.view(np.uint16)
     out = np.empty((x.shape[0], weight.shape[0]), np.float32)  # [T, out]
@@ -377,3 +386,25 @@ def linear_bf16(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
         _widen_kernel_serial(bits[start:stop], block)
         out[:, start:stop] = x @ block.T  # [T, in] · [block, in]ᵀ → [T, block]
     return out
+
+
+def linears(x: np.ndarray, weights, biases=None) -> list[np.ndarray]:
+    """Several projections of one input: [linear(x, w, b) for w, b in zip(weights, biases)].
+
+    The same products, up to float32 rounding of the sums, as one call each. Where bf16_dot's
+    kernels multiply (many rows, bf16 weights), x is first put in their form, split into bf16
+    parts laid out as tiles: that is done once here for all the weights. On the Intel Xeon
+    VM, the 0.8B shape's 512-token prefill split x 186 times, in ~0.2 s; 96 times with the
+    layers' projections of one input taken together.
+    """
+    biases = [None] * len(weights) if biases is None else list(biases)
+    if len(biases) != len(weights):
+        raise MinqwenError(f"linears: {len(weights)} weights but {len(biases)} biases")
+    n_parts = _bf16_dot_parts() if x.shape[0] >= BLAS_ROWS else None
+    if n_parts is None or any(np.asarray(weight).dtype != BF16 for weight in weights):
+        return [linear(x, weight, bias) for weight, bias in zip(weights, biases)]
+    ys = bf16_dot.linears_bf16_dot(x, weights, n_parts)
+    for y, bias in zip(ys, biases):
+        if bias is not None:
+            y += bias
+    return ys

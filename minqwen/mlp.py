@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .activations import ACTIVATIONS
-from .linear import linear
+from .linear import linear, linears
 
 
 @dataclass
@@ -17,6 +17,6 @@ class MLPWeights:
 
 def swiglu_mlp(x: np.ndarray, w: MLPWeights, hidden_act: str) -> np.ndarray:
     # x: [T, H]
-    gate = ACTIVATIONS[hidden_act](linear(x, w.gate_proj))  # [T, I]
-    up = linear(x, w.up_proj)  # [T, I]
+    gate, up = linears(x, (w.gate_proj, w.up_proj))  # [T, I] each
+    gate = ACTIVATIONS[hidden_act](gate)  # [T, I]
     return linear(gate * up, w.down_proj)  # [T, H]

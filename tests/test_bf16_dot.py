@@ -284,16 +284,18 @@ def test_a_model_with_bf16_prompts_multiplies_as_the_twin_says(monkeypatch, name
     # Every product of the prompt, on the model's own activations, against the twin. (Not the
     # logits against a twin model: a sum reordered can land an activation on the other side of
     # a bf16 rounding in the next layer, and such differences grow like the rounding itself.)
-    kernel, products, shapes = D.linear_bf16_dot, [], set()
+    # (linear_bf16_dot, one weight, calls linears_bf16_dot too: this sees every product.)
+    kernel, products, shapes = D.linears_bf16_dot, [], set()
 
-    def checked(x, weight, n_parts=1):
-        got = kernel(x, weight, n_parts)
+    def checked(x, weights, n_parts=1):
+        got = kernel(x, weights, n_parts)
         if n_parts == 1:  # (the exact model's prompt below takes three parts, on AMX tiles)
-            shapes.add(weight.shape)
-            products.append(bool(np.all(np.abs(got - D.linear_bf16_dot_numpy(x, weight)) <= parts_bound(x, weight, 1))))
+            for weight, y in zip(weights, got):
+                shapes.add(weight.shape)
+                products.append(bool(np.all(np.abs(y - D.linear_bf16_dot_numpy(x, weight)) <= parts_bound(x, weight, 1))))
         return got
 
-    monkeypatch.setattr(D, "linear_bf16_dot", checked)
+    monkeypatch.setattr(D, "linears_bf16_dot", checked)
     prompt = rounded.forward(ids)
     assert len(products) >= 4 * len(exact.layers) and all(products)
     assert exact.lm_head.shape in shapes  # the LM head over the prompt's positions too

@@ -102,3 +102,31 @@ def test_a_prompt_times_a_bf16_matrix_of_several_widening_blocks_is_right_in_eve
     bound = (n_in + 1) * 2.0**-24 * (np.abs(x).astype(np.float64) @ np.abs(w64).T)  # float32 rounding of the sums
     assert got.shape == (rows, n_out) and got.dtype == np.float32
     assert (np.abs(got - exact) <= bound).all(), np.flatnonzero((np.abs(got - exact) > bound).any(axis=0))[:10]
+
+
+@pytest.mark.parametrize("weight_dtype", [np.float32, ml_dtypes.bfloat16])
+@pytest.mark.parametrize("rounded", [False, True])
+@pytest.mark.parametrize("rows", [1, L.BLAS_ROWS - 1, L.BLAS_ROWS, 70])
+def test_linears_are_the_products_one_at_a_time_with_x_split_once(monkeypatch, weight_dtype, rounded, rows):
+    if rounded and not bf16_dot.cpu_has_bf16_dot():
+        pytest.skip("this CPU has no AVX512-BF16: nothing is rounded")
+    rng = np.random.default_rng(rows)
+    x = rng.standard_normal((rows, 40)).astype(np.float32)
+    weights = [rng.standard_normal((n_out, 40)).astype(weight_dtype) for n_out in (48, 7, 33)]
+    biases = [None, rng.standard_normal(7).astype(np.float32), None]
+    with L.rounding_prompts_to_bf16(rounded), one_blas_thread(rounded):
+        alone = [L.linear(x, w, b) for w, b in zip(weights, biases)]
+        splits, split = [], bf16_dot.split_into_bf16_parts
+        monkeypatch.setattr(bf16_dot, "split_into_bf16_parts", lambda *a: (splits.append(1), split(*a))[1])
+        together = L.linears(x, weights, biases)
+    # The same kernels on the same inputs: bit for bit, biases included.
+    assert len(together) == 3 and all(np.array_equal(a, t) for a, t in zip(alone, together))
+    np.testing.assert_allclose(together[1], twin(x, weights[1]) + biases[1], rtol=0.02 if rounded else 1e-5, atol=0.1 if rounded else 1e-5)
+    on_tiles = weight_dtype == ml_dtypes.bfloat16 and rows >= L.BLAS_ROWS and bf16_dot.cpu_has_amx_bf16()
+    assert len(splits) == (1 if on_tiles else 0)  # one split for the three weights, not three
+
+
+def test_linears_refuse_a_bias_list_of_another_length():
+    x, w = np.ones((2, 3), np.float32), np.ones((4, 3), np.float32)
+    with pytest.raises(L.MinqwenError, match="2 weights but 1 biases"):
+        L.linears(x, [w, w], [None])
