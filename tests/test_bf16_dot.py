@@ -111,8 +111,9 @@ def test_three_bf16_parts_carry_every_bit_of_a_float32(rows, n_in, seed, scale):
     assert np.all(np.abs(total - x)[~normal] <= 2.0**-133)  # bf16's smallest step
     two = parts[0].astype(np.float64) + parts[1].astype(np.float64)
     assert np.any(two != x)  # two parts are not enough (a float32 has 24 significant bits)
-    for bigger, smaller in zip(parts, parts[1:]):  # each part at most 2⁻⁸ of the one before
-        assert np.all(np.abs(smaller.astype(np.float64)) <= 2.0**-8 * np.abs(bigger.astype(np.float64)))
+    first, second, third = (np.abs(part.astype(np.float64)) for part in parts)
+    assert np.all(second <= 2.0**-8 * first)  # x less its nearest bf16: at most half a bf16 step
+    assert np.all(third < 2.0**-7 * second + 2.0**-133)  # what is left less its top half: under a step
 
 
 def test_the_parts_of_infinities_and_nans_are_the_value_then_zeros():
