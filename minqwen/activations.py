@@ -23,6 +23,22 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
     return sigmoid_numpy(x)
 
 
+def silu_times(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """silu(gate) · up, the gating of a SwiGLU MLP, in one pass over float32 arrays of one shape.
+
+    The same values as ``silu(gate) * up`` bit for bit (the same float32 steps), without the
+    second pass: NumPy's product of a prompt's [T, I] arrays runs on one core and, at the
+    0.8B shape's 512 tokens, took ~1.4 ms a layer of a ~75 ms layer.
+    """
+    if not (gate.dtype == up.dtype == np.float32 and gate.shape == up.shape):
+        return silu(gate) * up
+    flat_gate, flat_up = np.ascontiguousarray(gate).reshape(-1), np.ascontiguousarray(up).reshape(-1)
+    out = np.empty_like(flat_gate)
+    big = flat_gate.size >= PARALLEL_FROM and numba_does_the_products()
+    (_silu_times_kernel_parallel if big else _silu_times_kernel)(flat_gate, flat_up, out)
+    return out.reshape(gate.shape)
+
+
 def silu_numpy(x: np.ndarray) -> np.ndarray:
     """The twin of the compiled silu: x · sigmoid(x)."""
     return x * sigmoid_numpy(x)
@@ -97,10 +113,17 @@ def _silu_loops(x, out):
         out[i] = x[i] * (_F(1.0) / (_F(1.0) + _exp32(-x[i])))
 
 
+def _silu_times_loops(gate, up, out):
+    """out = silu(gate) · up over flat float32 arrays: the steps of _silu_loops, then the product."""
+    for i in numba.prange(gate.size):
+        out[i] = (gate[i] * (_F(1.0) / (_F(1.0) + _exp32(-gate[i])))) * up[i]
+
+
 # error_model="numpy": a float division by zero gives inf, as in NumPy, instead of a Python
 # exception (whose check alone stops LLVM from vectorizing the loop).
 _sigmoid_kernel, _sigmoid_kernel_parallel = serial_and_parallel(_sigmoid_loops, error_model="numpy")
 _silu_kernel, _silu_kernel_parallel = serial_and_parallel(_silu_loops, error_model="numpy")
+_silu_times_kernel, _silu_times_kernel_parallel = serial_and_parallel(_silu_times_loops, error_model="numpy")
 # Values worth both cores, when Numba owns them (after a BLAS product OpenBLAS's spinning
 # threads hold the other core: threads.py). SiLU inside one_blas_thread, Intel Xeon VM, 2
 # threads: 2^12 values 2.9 µs either way, 2^14 10.3 µs serial against 6.6 parallel, 2^18 164

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .activations import ACTIVATIONS
+from .activations import ACTIVATIONS, silu_times
 from .linear import linear, linears
 
 
@@ -18,5 +18,8 @@ class MLPWeights:
 def swiglu_mlp(x: np.ndarray, w: MLPWeights, hidden_act: str) -> np.ndarray:
     # x: [T, H]
     gate, up = linears(x, (w.gate_proj, w.up_proj))  # [T, I] each
-    gate = ACTIVATIONS[hidden_act](gate)  # [T, I]
-    return linear(gate * up, w.down_proj)  # [T, H]
+    if hidden_act in ("silu", "swish"):  # every Qwen3.5 text model
+        hidden = silu_times(gate, up)  # [T, I]: silu(gate) · up, one pass
+    else:
+        hidden = ACTIVATIONS[hidden_act](gate) * up  # [T, I]
+    return linear(hidden, w.down_proj)  # [T, H]

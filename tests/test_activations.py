@@ -13,7 +13,7 @@ from hypothesis.extra import numpy as hnp
 from conftest import DIRECT_ACTIVATIONS
 from minqwen import activations
 from minqwen.activations import (ACTIVATIONS, gelu, gelu_numpy, gelu_tanh, sigmoid, sigmoid_numpy, silu,
-                                 silu_numpy, softplus)
+                                 silu_numpy, silu_times, softplus)
 from minqwen.mlp import MLPWeights, swiglu_mlp
 
 
@@ -65,6 +65,33 @@ def test_compiled_sigmoid_and_silu_equal_their_numpy_twins(x, strided):
         assert got.shape == x.shape and got.dtype == np.float32
         # A few float32 roundings apart (exp within 1.2 ulp of NumPy's, both near exact)
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-30)
+
+
+@settings(max_examples=40, deadline=None)
+@given(arrays, st.booleans(), st.integers(0, 99))
+def test_silu_times_is_silu_then_the_product_bit_for_bit(gate, strided, seed):
+    if strided and gate.shape[-1] > 1:
+        gate = gate[..., ::2]
+    up = np.random.default_rng(seed).normal(scale=3, size=gate.shape).astype(np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        got, want = silu_times(gate, up), silu(gate) * up
+    assert got.shape == gate.shape and got.dtype == np.float32
+    np.testing.assert_array_equal(got, want)  # NaN where both are NaN
+
+
+def test_silu_times_takes_both_cores_for_a_prompt_and_other_dtypes_the_plain_steps(monkeypatch):
+    from minqwen.threads import one_blas_thread
+
+    rng = np.random.default_rng(4)
+    gate, up = (rng.normal(scale=4, size=(activations.PARALLEL_FROM // 64 + 5, 64)).astype(np.float32) for _ in range(2))
+    used, kernel = [], activations._silu_times_kernel_parallel
+    monkeypatch.setattr(activations, "_silu_times_kernel_parallel", lambda *a: (used.append(1), kernel(*a)))
+    with one_blas_thread():
+        parallel_result = silu_times(gate, up)
+    assert used == [1] and np.array_equal(parallel_result, silu(gate) * up)
+    g64, u64 = gate.astype(np.float64), up.astype(np.float64)
+    np.testing.assert_array_equal(silu_times(g64, u64), silu_numpy(g64) * u64)
+    assert silu_times(g64, u64).dtype == np.float64
 
 
 def test_a_prompts_sigmoid_and_silu_take_both_cores_when_numba_owns_them_and_agree_bit_for_bit(monkeypatch):
