@@ -19,6 +19,8 @@ queries over a long cache), where the work is reading the cache once. Tests hold
 
 from __future__ import annotations
 
+import functools
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numba
@@ -29,6 +31,7 @@ from .errors import MinqwenError
 from .linear import CACHE_LINE, PREFETCH_AHEAD_BYTES, linear, linears, prefetch
 from .norms import rms_norm
 from .rope import apply_rotary
+from .threads import numba_does_the_products
 
 # Queries are processed in blocks of this many rows so that the score matrix never holds more
 # than heads × block × context floats, even for very long prompts.
@@ -120,7 +123,34 @@ def causal_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, scale:
 
     Query t sits at position S - T + t and sees keys 0 … S - T + t. Query heads are grouped:
     head h reads key/value head h // (Hq / Hkv).
+
+    While Numba's kernels hold BLAS to one thread (threads.one_blas_thread: the bf16-resident
+    mode's prompts), the key heads are shared out between threads of our own, each with its
+    key heads and their query heads: NumPy lets go of the GIL in its products and ufuncs, so
+    they run side by side, each on one BLAS thread. The same steps per head, so the same
+    values, bit for bit. (0.8B shape, 512 tokens, 2 threads: 18.5 → 13 ms a layer.)
     """
+    num_kv = keys.shape[0]
+    n_threads = min(num_kv, numba.get_num_threads())
+    if n_threads < 2 or q.shape[0] < 2 or not numba_does_the_products():
+        return _causal_attention_heads(q, keys, values, scale)
+    groups = q.shape[1] // num_kv
+    shares = np.array_split(np.arange(num_kv), n_threads)  # key heads per thread
+
+    def attend(share):
+        first, stop = share[0], share[-1] + 1
+        return _causal_attention_heads(q[:, first * groups:stop * groups], keys[first:stop], values[first:stop], scale)
+
+    return np.concatenate(list(_thread_pool(n_threads).map(attend, shares)), axis=1)  # [T, Hq, D]
+
+
+@functools.cache
+def _thread_pool(n_threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(n_threads, thread_name_prefix="minqwen-attention")
+
+
+def _causal_attention_heads(q: np.ndarray, keys: np.ndarray, values: np.ndarray, scale: float) -> np.ndarray:
+    """:func:`causal_attention` itself, on the calling thread."""
     t_len, num_heads, head_dim = q.shape
     num_kv, s_len, _ = keys.shape
     groups = num_heads // num_kv

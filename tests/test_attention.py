@@ -203,3 +203,28 @@ def test_the_few_query_kernel_takes_over_exactly_where_documented(monkeypatch):
         if dtype == np.float64:
             whole = _direct_gated_attention(x, weights, np.arange(past + t_len), hq, hkv, d, d, 1e4, 1e-6)
             np.testing.assert_allclose(got, whole[past:], rtol=0, atol=1e-12 * np.abs(whole).max())
+
+
+def test_a_prompts_key_heads_are_shared_out_between_threads_bit_for_bit(monkeypatch):
+    # Inside one_blas_thread (the bf16-resident mode's prompts) the key heads go to threads of
+    # our own; elsewhere, and for one query, everything runs on the calling thread.
+    import threading
+
+    from minqwen.threads import one_blas_thread
+
+    rng = np.random.default_rng(5)
+    q = rng.normal(size=(40, 6, 16)).astype(np.float32)  # 6 query heads over 3 key heads
+    keys, values = (rng.normal(size=(3, 45, 16)).astype(np.float32) for _ in range(2))
+    seen, heads = [], attention._causal_attention_heads
+    monkeypatch.setattr(attention, "_causal_attention_heads",
+                        lambda q, *a: (seen.append((threading.current_thread().name, q.shape[1])), heads(q, *a))[1])
+    alone = causal_attention(q, keys, values, 0.25)
+    assert seen == [(threading.current_thread().name, 6)]
+    seen.clear()
+    with one_blas_thread():
+        shared = causal_attention(q, keys, values, 0.25)
+    if attention.numba.get_num_threads() < 2:
+        pytest.skip("one thread: nothing to share")
+    assert sorted(n for _, n in seen) == [2, 4] and all(name.startswith("minqwen-attention") for name, _ in seen)
+    np.testing.assert_array_equal(shared, alone)
+    np.testing.assert_allclose(alone, _direct_causal_attention(q, keys, values, 0.25), rtol=0, atol=1e-5)
