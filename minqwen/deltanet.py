@@ -122,31 +122,35 @@ def _conv_loops(x, weight_t, conv_state, out):
     """
     t_len, channels = x.shape
     kernel = weight_t.shape[0]
-    for t in range(t_len):
+    for t in numba.prange(t_len):  # rows are independent: a prompt's may go to several threads
+        row = out[t]  # [C]; rows as 1-D views, which LLVM turns into vector loops
         for c in range(channels):
-            out[t, c] = 0.0
+            row[c] = 0.0
         for tap in range(kernel):
             source = t + tap - (kernel - 1)  # the input row this tap reads; < 0: from before this call
-            if source >= 0:
-                for c in range(channels):
-                    out[t, c] += weight_t[tap, c] * x[source, c]
-            else:
-                for c in range(channels):
-                    out[t, c] += weight_t[tap, c] * conv_state[kernel - 1 + source, c]
+            inputs = x[source] if source >= 0 else conv_state[kernel - 1 + source]  # [C]
+            taps = weight_t[tap]  # [C]
+            for c in range(channels):
+                row[c] += taps[c] * inputs[c]
 
 
-# Serial only: in a prefill, OpenBLAS's threads are still spinning from the projection just
-# before (for ~0.1 s after each call), and a parallel build fights them for the cores; measured
-# on the 0.8B shape, 512 tokens, it was no faster. One core does 18 layers' convs in ~0.09 s.
-_conv_kernel = numba.njit(cache=True)(_conv_loops)
+# Serial where BLAS does the products: in a float32 prefill, OpenBLAS's threads are still
+# spinning from the projection just before (for ~0.1 s after each call), and a parallel build
+# fights them for the cores; measured on the 0.8B shape, 512 tokens, it was no faster. One core
+# does 18 layers' convs in ~0.06-0.09 s. Where Numba does the products the cores are its own,
+# and a prompt's rows take both (Intel Xeon VM, 512 × 6144: 1.9-2.0 ms serial, 1.3-1.6 parallel,
+# bound by memory; at 16 rows or fewer, no faster).
+_conv_kernel, _conv_kernel_parallel = serial_and_parallel(_conv_loops)
+CONV_PARALLEL_FROM = 1 << 17  # values (T × C) worth both cores
 
 
 def causal_conv1d(x: np.ndarray, weight: np.ndarray, conv_state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The causal convolution, compiled: same contract as :func:`causal_conv1d_numpy`."""
     kernel = weight.shape[1]
     out = np.empty_like(x)
-    _conv_kernel(np.ascontiguousarray(x), np.ascontiguousarray(weight.T, dtype=x.dtype),
-                 np.ascontiguousarray(conv_state, dtype=x.dtype), out)
+    conv = _conv_kernel_parallel if x.size >= CONV_PARALLEL_FROM and numba_does_the_products() else _conv_kernel
+    conv(np.ascontiguousarray(x), np.ascontiguousarray(weight.T, dtype=x.dtype),
+         np.ascontiguousarray(conv_state, dtype=x.dtype), out)
     kept = np.concatenate([conv_state, x[max(0, x.shape[0] - (kernel - 1)) :]], axis=0)  # [≤ 2(K−1), C]
     return out, kept[kept.shape[0] - (kernel - 1) :]
 

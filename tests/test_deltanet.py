@@ -189,6 +189,24 @@ def test_compiled_conv1d_equals_numpy_twin(shape):
     np.testing.assert_array_equal(new_state, state_ref)
 
 
+def test_a_prompts_conv_takes_both_cores_where_numba_owns_them_bit_for_bit(monkeypatch):
+    import minqwen.deltanet as deltanet
+    from minqwen.threads import one_blas_thread
+
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=(deltanet.CONV_PARALLEL_FROM // 64 + 3, 64)).astype(np.float32)
+    w, state = rng.normal(size=(64, 4)).astype(np.float32), rng.normal(size=(3, 64)).astype(np.float32)
+    used, kernel = [], deltanet._conv_kernel_parallel
+    monkeypatch.setattr(deltanet, "_conv_kernel_parallel", lambda *a: (used.append(len(a[0])), kernel(*a)))
+    serial, _ = causal_conv1d(x, w, state)  # BLAS's threads may be spinning: one core
+    with one_blas_thread():
+        parallel, _ = causal_conv1d(x, w, state)
+        causal_conv1d(x[:5], w, state)  # a few rows: one core
+    assert used == [len(x)]
+    np.testing.assert_array_equal(parallel, serial)
+    np.testing.assert_array_equal(parallel, causal_conv1d_numpy(x, w, state)[0])
+
+
 def test_a_prompt_takes_the_parallel_build_only_when_openblas_threads_nap(monkeypatch):
     import minqwen.deltanet as deltanet
 
