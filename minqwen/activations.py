@@ -101,6 +101,12 @@ def _exp32(x):
     return p * _pow2(half) * _pow2(n - half)
 
 
+@numba.njit(inline="always")
+def silu32(x):
+    """x · sigmoid(x) for one float32 value: the compiled SiLU's arithmetic, for other kernels to share."""
+    return x * (_F(1.0) / (_F(1.0) + _exp32(-x)))
+
+
 def _sigmoid_loops(x, out):
     """out = 1 / (1 + exp(−x)) over flat float32 arrays."""
     for i in numba.prange(x.size):
@@ -110,13 +116,13 @@ def _sigmoid_loops(x, out):
 def _silu_loops(x, out):
     """out = x · sigmoid(x) over flat float32 arrays."""
     for i in numba.prange(x.size):
-        out[i] = x[i] * (_F(1.0) / (_F(1.0) + _exp32(-x[i])))
+        out[i] = silu32(x[i])
 
 
 def _silu_times_loops(gate, up, out):
     """out = silu(gate) · up over flat float32 arrays: the steps of _silu_loops, then the product."""
     for i in numba.prange(gate.size):
-        out[i] = (gate[i] * (_F(1.0) / (_F(1.0) + _exp32(-gate[i])))) * up[i]
+        out[i] = silu32(gate[i]) * up[i]
 
 
 # error_model="numpy": a float division by zero gives inf, as in NumPy, instead of a Python

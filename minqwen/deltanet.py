@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import numba
 import numpy as np
 
-from .activations import ACTIVATIONS, sigmoid, softplus
+from .activations import ACTIVATIONS, sigmoid, silu32, softplus
 from .linear import BLAS_ROWS, linear, linears
 from .norms import gated_rms_norm, l2_normalize
 from .threads import OPENBLAS_THREADS_NAP, numba_does_the_products, serial_and_parallel
@@ -113,12 +113,13 @@ def causal_conv1d_numpy(x: np.ndarray, weight: np.ndarray, conv_state: np.ndarra
     return out, window[window.shape[0] - (kernel - 1) :].copy()
 
 
-def _conv_loops(x, weight_t, conv_state, out):
+def _conv_loops(x, weight_t, conv_state, then_silu, out):
     """Numba twin of causal_conv1d_numpy's sum: out [T, C] from x [T, C], weight_t [K, C], conv_state [K−1, C].
 
     The NumPy form builds the window (a copy of x) and a temporary per tap: at T = 512 tokens
     and C = 6144 channels, ~12 passes over a 12.6 MB array. Here each output row is summed
     in place from the rows it reads, the taps in the same order, so the same roundings.
+    ``then_silu`` (float32 only): SiLU applied to each row while it is in the nearest cache.
     """
     t_len, channels = x.shape
     kernel = weight_t.shape[0]
@@ -132,6 +133,9 @@ def _conv_loops(x, weight_t, conv_state, out):
             taps = weight_t[tap]  # [C]
             for c in range(channels):
                 row[c] += taps[c] * inputs[c]
+        if then_silu:
+            for c in range(channels):
+                row[c] = silu32(row[c])
 
 
 # Serial where BLAS does the products: in a float32 prefill, OpenBLAS's threads are still
@@ -144,13 +148,23 @@ _conv_kernel, _conv_kernel_parallel = serial_and_parallel(_conv_loops)
 CONV_PARALLEL_FROM = 1 << 17  # values (T × C) worth both cores
 
 
-def causal_conv1d(x: np.ndarray, weight: np.ndarray, conv_state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The causal convolution, compiled: same contract as :func:`causal_conv1d_numpy`."""
+def causal_conv1d(x: np.ndarray, weight: np.ndarray, conv_state: np.ndarray,
+                  silu: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The causal convolution, compiled: same contract as :func:`causal_conv1d_numpy`.
+
+    ``silu``: the output goes through SiLU, as in the layer (the reference's causal_conv1d_fn
+    takes the activation too). For float32 in the same pass, bit for bit
+    ``activations.silu(output)``: a prompt's output, 12.6 MB at the 0.8B shape's 512 tokens,
+    is then not read and written again.
+    """
     kernel = weight.shape[1]
     out = np.empty_like(x)
+    in_the_pass = silu and x.dtype == np.float32  # (the kernel's SiLU is float32 arithmetic)
     conv = _conv_kernel_parallel if x.size >= CONV_PARALLEL_FROM and numba_does_the_products() else _conv_kernel
     conv(np.ascontiguousarray(x), np.ascontiguousarray(weight.T, dtype=x.dtype),
-         np.ascontiguousarray(conv_state, dtype=x.dtype), out)
+         np.ascontiguousarray(conv_state, dtype=x.dtype), in_the_pass, out)
+    if silu and not in_the_pass:
+        out = ACTIVATIONS["silu"](out)
     kept = np.concatenate([conv_state, x[max(0, x.shape[0] - (kernel - 1)) :]], axis=0)  # [≤ 2(K−1), C]
     return out, kept[kept.shape[0] - (kernel - 1) :]
 
@@ -436,8 +450,10 @@ def gated_deltanet(
         tap("linear_attn.in_proj_a", a)
 
     conv_inputs, conv_before = mixed_qkv, state.conv  # read only by the speculative-verify branch below
-    mixed_qkv, state.conv = causal_conv1d(mixed_qkv, w.conv1d, state.conv)
-    mixed_qkv = ACTIVATIONS[hidden_act](mixed_qkv)
+    silu = hidden_act in ("silu", "swish")  # every Qwen3.5 model's: applied in the conv's pass
+    mixed_qkv, state.conv = causal_conv1d(mixed_qkv, w.conv1d, state.conv, silu=silu)
+    if not silu:
+        mixed_qkv = ACTIVATIONS[hidden_act](mixed_qkv)
     if tap is not None:
         tap("linear_attn.conv1d", mixed_qkv)
     q = mixed_qkv[:, :key_dim].reshape(t_len, num_key_heads, key_head_dim)  # [T, Hk, Dk]

@@ -189,6 +189,22 @@ def test_compiled_conv1d_equals_numpy_twin(shape):
     np.testing.assert_array_equal(new_state, state_ref)
 
 
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 50), st.integers(1, 5), st.sampled_from([np.float32, np.float64]),
+       st.integers(0, 2**31))
+def test_conv1d_with_silu_in_its_pass_is_silu_of_the_conv_bit_for_bit(t_len, channels, kernel, dtype, seed):
+    from minqwen.activations import silu
+
+    rng = np.random.default_rng(seed)
+    x = rng.normal(scale=4, size=(t_len, channels)).astype(dtype)
+    w, state = rng.normal(size=(channels, kernel)).astype(dtype), rng.normal(size=(kernel - 1, channels)).astype(dtype)
+    plain, plain_state = causal_conv1d(x, w, state)
+    fused, fused_state = causal_conv1d(x, w, state, silu=True)
+    assert fused.dtype == dtype
+    np.testing.assert_array_equal(fused, silu(plain))  # float64: the twin's steps, after the pass
+    np.testing.assert_array_equal(fused_state, plain_state)  # the window keeps inputs, not outputs
+
+
 def test_a_prompts_conv_takes_both_cores_where_numba_owns_them_bit_for_bit(monkeypatch):
     import minqwen.deltanet as deltanet
     from minqwen.threads import one_blas_thread
