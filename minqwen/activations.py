@@ -212,3 +212,4 @@ def relu(x: np.ndarray) -> np.ndarray:
 
 
 ACTIVATIONS = {"silu": silu, "swish": silu, "gelu": gelu, "gelu_pytorch_tanh": gelu_tanh, "relu": relu}
+SILU_NAMES = ("silu", "swish")  # hidden_act values that mean SiLU: kernels may fuse it into a pass

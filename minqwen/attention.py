@@ -20,6 +20,7 @@ queries over a long cache), where the work is reading the cache once. Tests hold
 from __future__ import annotations
 
 import functools
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -28,7 +29,7 @@ import numpy as np
 
 from .activations import sigmoid
 from .errors import MinqwenError
-from .linear import CACHE_LINE, PREFETCH_AHEAD_BYTES, linear, linears, prefetch
+from .linear import BLAS_ROWS, CACHE_LINE, PREFETCH_AHEAD_BYTES, linear, linears, prefetch
 from .norms import rms_norm
 from .rope import apply_rotary
 from .threads import numba_does_the_products
@@ -124,15 +125,15 @@ def causal_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, scale:
     Query t sits at position S - T + t and sees keys 0 … S - T + t. Query heads are grouped:
     head h reads key/value head h // (Hq / Hkv).
 
-    While Numba's kernels hold BLAS to one thread (threads.one_blas_thread: the bf16-resident
-    mode's prompts), the key heads are shared out between threads of our own, each with its
-    key heads and their query heads: NumPy lets go of the GIL in its products and ufuncs, so
-    they run side by side, each on one BLAS thread. The same steps per head, so the same
-    values, bit for bit. (0.8B shape, 512 tokens, 2 threads: 18.5 → 13 ms a layer.)
+    For a prompt while Numba's kernels hold BLAS to one thread (threads.one_blas_thread: the
+    bf16-resident mode's prompts), the key heads are shared out between threads of our own,
+    each with its key heads and their query heads: NumPy lets go of the GIL in its products and
+    ufuncs, so they run side by side, each on one BLAS thread. The same steps per head, so the
+    same values, bit for bit. (0.8B shape, 512 tokens, 2 threads: 18.5 → 13 ms a layer.)
     """
     num_kv = keys.shape[0]
     n_threads = min(num_kv, numba.get_num_threads())
-    if n_threads < 2 or q.shape[0] < 2 or not numba_does_the_products():
+    if n_threads < 2 or q.shape[0] < BLAS_ROWS or not numba_does_the_products():
         return _causal_attention_heads(q, keys, values, scale)
     groups = q.shape[1] // num_kv
     shares = np.array_split(np.arange(num_kv), n_threads)  # key heads per thread
@@ -146,7 +147,14 @@ def causal_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, scale:
 
 @functools.cache
 def _thread_pool(n_threads: int) -> ThreadPoolExecutor:
+    """The threads causal_attention shares key heads between, made once per thread count."""
     return ThreadPoolExecutor(n_threads, thread_name_prefix="minqwen-attention")
+
+
+# A child made by fork() inherits the pool's bookkeeping but none of its threads (a map would
+# wait for ever): it starts with no pool, and makes its own when it needs one.
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_thread_pool.cache_clear)
 
 
 def _causal_attention_heads(q: np.ndarray, keys: np.ndarray, values: np.ndarray, scale: float) -> np.ndarray:

@@ -94,10 +94,11 @@ def split_into_bf16_parts_numpy(x: np.ndarray, n_parts: int) -> list[np.ndarray]
     significant bits (x's last ones, give or take a sign). The second part is its top 8 bits,
     the top half of its float32 (cut, not rounded: nothing is lost either way, and cutting is
     a mask); that leaves at most 8, which the third part, the top half again, holds whole. So
-    three parts carry all 24 bits: their sum is x itself, for every |x| ≥ 2⁻¹¹⁰ (below, the
-    last part would be a subnormal too small for x's last bits: the sum is then within 2⁻¹³³,
-    bf16's smallest step). Where the first part is ±inf or NaN, it stands for the whole value;
-    the next parts are 0. A finite x beyond bf16's largest number (~3.39e38) rounds to inf.
+    three parts carry all 24 bits: their sum is x itself, for every 2⁻¹¹⁰ ≤ |x| < (2 − 2⁻⁸) ·
+    2¹²⁷ ≈ 3.396e38 (below, the last part would be a subnormal too small for x's last bits: the
+    sum is then within 2⁻¹³³, bf16's smallest step; from that bound on, halfway past bf16's
+    largest number, the first part rounds to ±inf). Where the first part is ±inf or NaN, it
+    stands for the whole value; the next parts are 0.
     """
     rest = np.array(x, dtype=np.float32)  # [T, in]
     parts = []
@@ -190,11 +191,13 @@ def _bf16_bits(f):
     """The bf16 nearest float32 bits f (ties to even), as the low 16 bits of a uint32."""
     # Each step cast back to uint32: Numba widens integer arithmetic to 64 bits, and LLVM then
     # fills vector registers with half as many values (the split below ran 1.5x slower).
+    top = U32(f >> U32(16))  # the 16 bits a cut would keep
     if U32(f & U32(0x7FFFFFFF)) > U32(0x7F800000):  # NaN: keep it a (quiet) NaN
-        return U32(U32(f >> U32(16)) | U32(0x0040))
+        return U32(top | U32(0x0040))
     # Adding 0x7FFF, plus 1 when the bit that will be kept last is odd, carries into it
     # exactly when the 16 bits dropped are more than half, or half with an odd neighbour.
-    return U32(U32(U32(f + U32(0x7FFF)) + U32(U32(f >> U32(16)) & U32(1))) >> U32(16))
+    odd = U32(top & U32(1))
+    return U32(U32(U32(f + U32(0x7FFF)) + odd) >> U32(16))
 
 
 def round_to_bf16_pairs(x: np.ndarray) -> np.ndarray:
@@ -635,7 +638,7 @@ def linears_bf16_dot(x: np.ndarray, weights, n_parts: int = 1) -> list[np.ndarra
     for weight in weights:
         if weight.dtype != ml_dtypes.bfloat16 or weight.ndim != 2 or x.ndim != 2 or x.shape[1] != weight.shape[1]:
             # The kernel trusts these shapes for its reads: a mismatch must not reach it.
-            raise MinqwenError(f"linear_bf16_dot multiplies x [T, in] by a bf16 weight [out, in], got x "
+            raise MinqwenError(f"a bf16 product multiplies x [T, in] by a bf16 weight [out, in], got x "
                                f"{list(x.shape)} and a {weight.dtype} weight {list(weight.shape)}")
     amx = cpu_has_amx_bf16()
     if n_parts not in (1, EXACT_PARTS) or n_parts > 1 and not amx:

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import numba
 import numpy as np
 
-from .activations import ACTIVATIONS, sigmoid, silu32, softplus
+from .activations import ACTIVATIONS, SILU_NAMES, sigmoid, silu32, softplus
 from .linear import BLAS_ROWS, linear, linears
 from .norms import gated_rms_norm, l2_normalize
 from .threads import OPENBLAS_THREADS_NAP, numba_does_the_products, serial_and_parallel
@@ -450,9 +450,9 @@ def gated_deltanet(
         tap("linear_attn.in_proj_a", a)
 
     conv_inputs, conv_before = mixed_qkv, state.conv  # read only by the speculative-verify branch below
-    silu = hidden_act in ("silu", "swish")  # every Qwen3.5 model's: applied in the conv's pass
-    mixed_qkv, state.conv = causal_conv1d(mixed_qkv, w.conv1d, state.conv, silu=silu)
-    if not silu:
+    silu_in_conv = hidden_act in SILU_NAMES  # every Qwen3.5 model's: applied in the conv's pass
+    mixed_qkv, state.conv = causal_conv1d(mixed_qkv, w.conv1d, state.conv, silu=silu_in_conv)
+    if not silu_in_conv:
         mixed_qkv = ACTIVATIONS[hidden_act](mixed_qkv)
     if tap is not None:
         tap("linear_attn.conv1d", mixed_qkv)

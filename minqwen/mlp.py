@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .activations import ACTIVATIONS, silu_times
+from .activations import ACTIVATIONS, SILU_NAMES, silu_times
 from .linear import linear, linears
 
 
@@ -18,7 +18,7 @@ class MLPWeights:
 def swiglu_mlp(x: np.ndarray, w: MLPWeights, hidden_act: str) -> np.ndarray:
     # x: [T, H]
     gate, up = linears(x, (w.gate_proj, w.up_proj))  # [T, I] each
-    if hidden_act in ("silu", "swish"):  # every Qwen3.5 text model
+    if hidden_act in SILU_NAMES:  # every Qwen3.5 text model
         hidden = silu_times(gate, up)  # [T, I]: silu(gate) · up, one pass
     else:
         hidden = ACTIVATIONS[hidden_act](gate) * up  # [T, I]

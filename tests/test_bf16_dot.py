@@ -116,6 +116,24 @@ def test_three_bf16_parts_carry_every_bit_of_a_float32(rows, n_in, seed, scale):
     assert np.all(third < 2.0**-7 * second + 2.0**-133)  # what is left less its top half: under a step
 
 
+# Float32 bit patterns at the edges of the split: the largest finite values that stay finite in
+# bf16 and the first that round to inf, values that round up into the next power of two, the
+# smallest normal, both sides of 2⁻¹¹⁰, subnormals; each with both signs.
+EDGE_BITS = np.array([0x7F7F7FFF, 0x7F7F7F00, 0x7F7F8000, 0x7F7FFFFF, 0x3FFFFFFF, 0x3F7FFFFF, 0x3F7F8000,
+                      0x3F808001, 0x00800000, 0x00800001, 0x08800000, 0x08800001, 0x087FFFFF, 0x00000001,
+                      0x007FFFFF, 0x00012345, 0x00000000], np.uint32)
+EDGES = np.concatenate([EDGE_BITS, EDGE_BITS | np.uint32(0x80000000)]).view(np.float32)
+
+
+def test_three_parts_are_exact_at_the_edges_of_float32_and_bf16():
+    parts = D.split_into_bf16_parts_numpy(EDGES[None], D.EXACT_PARTS)
+    total = sum(part.astype(np.float64) for part in parts)[0]
+    in_range = (np.abs(EDGES) >= 2.0**-110) & (np.abs(EDGES) < (2 - 2.0**-8) * 2.0**127)
+    assert np.array_equal(total[in_range], EDGES[in_range])  # up to the midpoint above bf16's largest
+    assert np.all(np.isinf(total[np.abs(EDGES) >= (2 - 2.0**-8) * 2.0**127]))  # from it on: inf
+    assert np.all(np.abs(total - EDGES)[np.abs(EDGES) < 2.0**-110] <= 2.0**-133)
+
+
 def test_the_parts_of_infinities_and_nans_are_the_value_then_zeros():
     x = np.array([[np.inf, -np.inf, np.nan, 3.4e38, -1.5, 0.0]], np.float32)
     first, *rest = D.split_into_bf16_parts_numpy(x, D.EXACT_PARTS)
@@ -133,6 +151,7 @@ def test_the_split_kernel_lays_out_the_twins_parts_bit_for_bit():
     for rows, n_in in ((77, 1000), (32, 64), (3, 7)):
         x = (rng.standard_normal((rows, n_in)) * np.exp(rng.uniform(-40, 40, (rows, n_in)))).astype(np.float32)
         x.flat[:6] = [np.inf, -np.inf, np.nan, 3.4e38, -3.4e38, 1e-40]
+        x.flat[6:6 + min(len(EDGES), x.size - 6)] = EDGES[: x.size - 6]
         tiles = D.split_into_bf16_parts(x, D.EXACT_PARTS)  # [T'/32, P'/16, S, 2, 16, 16]
         n_blocks, n_steps = tiles.shape[:2]
         assert (n_blocks, n_steps) == (-(-rows // 32), -(-n_in // 32))
@@ -404,6 +423,12 @@ def test_a_mismatched_or_unsupported_product_is_refused_not_run(monkeypatch):
         with mock.patch.object(D, "cpu_has_amx_bf16", lambda: False):
             with pytest.raises(MinqwenError, match=r"asked for 3 part\(s\) on a CPU without AMX"):
                 D.linear_bf16_dot(x, np.ones((100, 64), ml_dtypes.bfloat16), 3)
+        # one bad weight among good ones: refused before any product runs
+        good, bad = np.ones((100, 64), ml_dtypes.bfloat16), np.ones((100, 63), ml_dtypes.bfloat16)
+        with pytest.raises(MinqwenError, match=r"bfloat16 weight \[100, 63\]"):
+            D.linears_bf16_dot(x, [good, bad, good])
+    with pytest.raises(MinqwenError, match="makes 1 or 3 parts, not 2"):
+        D.split_into_bf16_parts(x, 2)  # the split kernel writes exactly one part or three
     # Where the instruction is missing, the call raises (compiling it would abort the process)
     monkeypatch.setattr(D, "cpu_has_bf16_dot", lambda: False)
     with pytest.raises(MinqwenError, match="AVX512-BF16"):

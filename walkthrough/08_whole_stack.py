@@ -232,7 +232,7 @@ for name in fixtures:
 # alternative), blocked attention so long prompts never build a `T × T` score matrix, bf16 weights kept in memory
 # (on Intel's AMX tiles a prompt multiplies them exactly, each float32 activation taken as the
 # sum of three bf16 numbers, split once for all of a layer's projections of one input), SiLU
-# applied inside the passes that make its input (the conv's, and the MLP's product with `up`:
+# fused into the pass before it (the conv) and the one after it (the MLP's product with `up`:
 # the same float32 steps), an MoE gather that touches only chosen experts, validation with
 # clear error messages, and taps. (One opt-in setting does change them: `bf16_prompts` rounds a
 # prompt's activations to bf16 for the CPU's bf16 instructions, a faster prefill that is no
