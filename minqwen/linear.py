@@ -23,6 +23,8 @@ The products themselves:
   (bf16_dot.py): as exact, and faster than BLAS. Or, only when asked (``bf16_prompts``, see
   :func:`rounding_prompts_to_bf16`), bf16_dot.py rounds the activations to bf16 and
   multiplies with the CPU's bf16 instructions: faster still, no longer exact.
+* :func:`linears` — a layer's several projections of one input (q, k and v; gate and up),
+  the same products, with x put in those kernels' form once for all of them.
 """
 
 from __future__ import annotations
@@ -393,11 +395,11 @@ def linears(x: np.ndarray, weights: Sequence[np.ndarray],
             biases: Sequence[np.ndarray | None] | None = None) -> list[np.ndarray]:
     """Several projections of one input: [linear(x, w, b) for w, b in zip(weights, biases)].
 
-    The same products as one call each, bit for bit (the same kernels on the same x). Where bf16_dot's
-    kernels multiply (many rows, bf16 weights), x is first put in their form, split into bf16
-    parts laid out as tiles: that is done once here for all the weights. On the Intel Xeon
-    VM, the 0.8B shape's 512-token prefill split x 186 times, in ~0.2 s; 96 times with the
-    layers' projections of one input taken together.
+    The same products as one call each, bit for bit (the same kernels on the same x). Where
+    bf16_dot's kernels multiply (many rows, bf16 weights), x is first put in their form, split
+    into bf16 parts laid out as tiles: that is done once here for all the weights. On the Intel
+    Xeon VM, the 0.8B shape's 512-token prefill split x 186 times, in ~0.2 s; 96 times with
+    the layers' projections of one input taken together.
     """
     biases = [None] * len(weights) if biases is None else list(biases)
     if len(biases) != len(weights):
