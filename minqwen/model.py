@@ -457,7 +457,9 @@ def _load_deltanet(reader, p, c: TextConfig) -> DeltaNetWeights:
         in_proj_z=reader.matrix(p + "in_proj_z.weight", (c.linear_value_dim, H)),
         in_proj_b=reader.matrix(p + "in_proj_b.weight", (Hv, H)),
         in_proj_a=reader.matrix(p + "in_proj_a.weight", (Hv, H)),
-        conv1d=np.ascontiguousarray(conv[:, 0, :]),  # [conv_dim, K]
+        # [conv_dim, K], laid out tap after tap (a [K, conv_dim] array in memory, transposed): the
+        # order the conv kernel reads, so that a decode step need not copy it each time.
+        conv1d=np.ascontiguousarray(conv[:, 0, :].T).T,
         A_log=reader.take(p + "A_log", (Hv,)),
         dt_bias=reader.take(p + "dt_bias", (Hv,)),
         norm=reader.take(p + "norm.weight", (c.linear_value_head_dim,)),
