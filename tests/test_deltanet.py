@@ -207,6 +207,23 @@ def test_conv1d_with_silu_in_its_pass_is_silu_of_the_conv_bit_for_bit(t_len, cha
     np.testing.assert_array_equal(fused_state, plain_state)  # the window keeps inputs, not outputs
 
 
+def test_loaded_conv_weights_reach_the_kernel_without_a_copy_and_either_layout_gives_the_same(monkeypatch):
+    import minqwen.deltanet as deltanet
+
+    model = minqwen.load(EMBEDDED)
+    weight = next(layer.linear_attn for layer in model.layers if layer.layer_type == "linear_attention").conv1d
+    assert weight.shape == (model.config.linear_conv_dim, model.config.linear_conv_kernel_dim)  # [C, K], as named
+    handed = []
+    kernel = deltanet._conv_kernel
+    monkeypatch.setattr(deltanet, "_conv_kernel", lambda *a: (handed.append(a[1]), kernel(*a)))
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(1, weight.shape[0])).astype(np.float32)
+    state = rng.normal(size=(weight.shape[1] - 1, weight.shape[0])).astype(np.float32)
+    out, _ = causal_conv1d(x, weight, state, silu=True)
+    assert np.shares_memory(handed[0], weight)  # the kernel's [K, C] is the loaded array itself
+    np.testing.assert_array_equal(out, causal_conv1d(x, np.ascontiguousarray(weight), state, silu=True)[0])
+
+
 def test_a_prompts_conv_takes_both_cores_where_numba_owns_them_bit_for_bit(monkeypatch):
     import minqwen.deltanet as deltanet
     from minqwen.threads import one_blas_thread
