@@ -63,7 +63,8 @@ TEXT_FIELDS: dict[str, str] = {
     "linear_value_head_dim": "honoured (default 128)",
     "linear_num_key_heads": "honoured (default 16)",
     "linear_num_value_heads": "honoured (default 32): must be a multiple of linear_num_key_heads",
-    "layer_types": "honoured; derived from full_attention_interval when absent",
+    "layer_types": "honoured; derived from full_attention_interval when absent; the legacy names 'mamba' and "
+                   "'attention' read as linear_attention and full_attention, as in transformers",
     "full_attention_interval": "honoured (default 4) when layer_types is absent",
     "rope_parameters": "honoured: rope_type ('default' or 'yarn' with all its fields), rope_theta, "
                        "partial_rotary_factor, mrope_section; mrope_interleaved ignored (always interleaved)",
@@ -233,6 +234,8 @@ OTHER_QUANTIZATION: dict[str, str] = {
     "mxfp4": "MXFP4 4-bit float weights",
 }
 LAYER_TYPES = ("linear_attention", "full_attention")
+# Older names transformers 5.23.0 still reads (remap_legacy_layer_types), for configs written before them.
+LEGACY_LAYER_TYPES = {"mamba": "linear_attention", "attention": "full_attention"}
 MAX_LAYERS = 10_000  # a sanity bound: a config claiming more is a typo, not a model
 
 
@@ -282,7 +285,10 @@ class TextConfig:
     # Derived sizes, named as the reference names them.
     @property
     def rotary_dim(self) -> int:
-        """How many leading dims of each attention head are rotated (the rest pass through)."""
+        """R: how many leading dims of each attention head are rotated (the rest pass through).
+
+        Rotation turns dims in pairs: for an odd R (which the reference allows), 2·⌈R/2⌉ dims
+        turn, R being then only the denominator of the frequencies' exponents (rope.py)."""
         return int(self.head_dim * self.partial_rotary_factor)
 
     @property
@@ -526,6 +532,7 @@ def _text_config(raw: dict, source: str, prefix: str, moe: bool = False) -> Text
             f"{source}: field '{prefix}layer_types' must list one type per layer "
             f"({sizes['num_hidden_layers']} layers)"
         )
+    layer_types = [LEGACY_LAYER_TYPES.get(kind, kind) if isinstance(kind, str) else kind for kind in layer_types]
     for i, kind in enumerate(layer_types):
         if kind not in LAYER_TYPES:
             raise MinqwenError(
@@ -534,11 +541,22 @@ def _text_config(raw: dict, source: str, prefix: str, moe: bool = False) -> Text
 
     rope = _rope_parameters(raw, source, prefix)
     rotary_dim = int(sizes["head_dim"] * rope["partial_rotary_factor"])
-    if rotary_dim % 2 or rotary_dim < 2:
+    # An odd R still has a frequency for each even i < R, so 2·⌈R/2⌉ dims turn (as in transformers)
+    rotated = 2 * ((rotary_dim + 1) // 2)
+    if rotary_dim < 1 or rotated > sizes["head_dim"]:
         raise MinqwenError(
-            f"{source}: head_dim × partial_rotary_factor = {rotary_dim}; rotary needs an even number of dims ≥ 2"
+            f"{source}: head_dim × partial_rotary_factor = {sizes['head_dim']} × {rope['partial_rotary_factor']:g} "
+            f"= {rotary_dim} rotary dims, which turn in pairs: {rotated} would be rotated, and a head has "
+            f"{sizes['head_dim']} dims. Use a partial_rotary_factor that gives between 1 and head_dim rotary dims "
+            f"(an odd head_dim cannot be rotated whole)"
         )
     yarn = _yarn(rope["raw"], sizes["max_position_embeddings"], rope["rope_theta"], source, rope["rope_field"])
+    if yarn is not None and rotary_dim % 2:
+        raise MinqwenError(
+            f"{source}: field '{rope['rope_field']}.rope_type' is 'yarn' with an odd number of rotary dims "
+            f"(head_dim × partial_rotary_factor = {rotary_dim}): YaRN's ramp has R/2 entries for ⌈R/2⌉ "
+            f"frequencies, and transformers cannot build that model either. Use an even rotary size"
+        )
     _check_rotary_numbers(rope["rope_theta"], rotary_dim, yarn, sizes["max_position_embeddings"], source,
                           rope["rope_field"])
 

@@ -2,6 +2,8 @@
 
 Qwen3.5 checkpoints ship a ``preprocessor_config.json`` for transformers'
 ``Qwen2VLImageProcessor``; its PIL flavour (``Qwen2VLImageProcessorPil``) is the reference.
+(Where torchvision is installed, transformers' AutoImageProcessor picks the torchvision flavour,
+whose resize of tensors rounds differently: pixel values up to ~0.04 apart on the images tried.)
 An image takes five steps to become the rows the tower reads:
 
 1. **read**: a file (through Pillow, an optional extra), a Pillow image, or a NumPy array

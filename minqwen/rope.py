@@ -23,6 +23,9 @@ import numpy as np
 def inverse_frequencies(theta: float, rotary_dim: int) -> np.ndarray:
     """inv_freq[i] = theta^(-2i / R) for i < R/2, rounded as the reference rounds it.
 
+    (For an odd R, which no released model has but the reference allows, there are ⌈R/2⌉
+    frequencies, one for each even 2i < R, and R + 1 dims turn.)
+
     transformers computes 1 / theta^(2i/R) in float32: the power rounded to float32, then
     the reciprocal rounded again. Rounding theta^(-2i/R) once puts a third to a half of the
     frequencies one float32 step off (15 of Qwen3.5's 32); the angle position × inv_freq then

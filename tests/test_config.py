@@ -28,6 +28,7 @@ from minqwen.config import (
     config_from_dict,
     load_config,
 )
+from minqwen.rope import inverse_frequencies
 
 FIXTURES = Path(__file__).parent / "fixtures"
 L, F = "linear_attention", "full_attention"
@@ -357,11 +358,30 @@ def test_a_partial_rotary_factor_above_one_is_an_error_naming_it():
         parse(small_text(rope_parameters={"rope_type": "default", "partial_rotary_factor": 1.5}))
 
 
-@pytest.mark.parametrize("factor", [0.1875, 0.0625, 0.01], ids=["3-dims", "1-dim", "0-dims"])
-def test_an_odd_or_empty_number_of_rotary_dims_is_an_error_naming_head_dim_and_the_factor(factor):
-    # head_dim is 16: 0.1875 → 3 rotary dims, 0.0625 → 1, 0.01 → 0.
-    with pytest.raises(MinqwenError, match=r"head_dim × partial_rotary_factor = \d+; rotary needs an even number"):
-        parse(small_text(rope_parameters={"rope_type": "default", "partial_rotary_factor": factor}))
+@pytest.mark.parametrize("factor, rotated", [(0.1875, 4), (0.0625, 2), (0.25, 4), (1.0, 16)])
+def test_rotary_dims_turn_in_pairs_so_an_odd_count_turns_one_more_as_in_the_reference(factor, rotated):
+    # head_dim is 16: 0.1875 → R = 3, whose frequencies theta^(-0/3), theta^(-2/3) turn 4 dims.
+    config = parse(small_text(rope_parameters={"rope_type": "default", "partial_rotary_factor": factor}))
+    assert config.rotary_dim == int(16 * factor)
+    assert 2 * len(inverse_frequencies(config.rope_theta, config.rotary_dim)) == rotated
+
+
+@pytest.mark.parametrize("head_dim, factor", [(16, 0.01), (15, 1.0)], ids=["no-dims", "odd-head-whole"])
+def test_rotary_dims_that_round_to_none_or_past_the_head_are_an_error_naming_head_dim_and_the_factor(head_dim, factor):
+    # 16 × 0.01 → 0 rotary dims; 15 × 1.0 → 15, which would turn 16 dims of a 15-dim head.
+    with pytest.raises(MinqwenError, match=rf"head_dim × partial_rotary_factor = {head_dim} × {factor:g} = \d+ rotary"):
+        parse(small_text(head_dim=head_dim, rope_parameters={"rope_type": "default", "partial_rotary_factor": factor}))
+
+
+def test_yarn_with_an_odd_number_of_rotary_dims_is_an_error_the_reference_shares():
+    rope = {"rope_type": "yarn", "factor": 4.0, "partial_rotary_factor": 0.1875, "original_max_position_embeddings": 64}
+    with pytest.raises(MinqwenError, match=r"'yarn' with an odd number of rotary dims"):
+        parse(small_text(rope_parameters=rope))
+
+
+def test_the_legacy_layer_type_names_read_as_transformers_reads_them():
+    config = parse(small_text(num_hidden_layers=4, layer_types=["mamba", "attention", L, "attention"]))
+    assert config.layer_types == (L, F, L, F)
 
 
 @pytest.mark.parametrize("section", [[11, 11], [1, 1, 1, 1], [1, -1, 2], [1.0, 1, 2], "11,11,10", [True, 1, 2]], ids=str)

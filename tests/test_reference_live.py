@@ -182,6 +182,35 @@ def test_every_norm_takes_the_configs_eps_seen_in_float64(tmp_path):
         np.testing.assert_allclose(g, e, rtol=0, atol=FLOAT64_ATOL, err_msg=f"step {step}")
 
 
+@pytest.mark.parametrize("head_dim, factor, section", [(12, 0.25, None), (16, 0.1875, [1, 1, 0]),
+                                                       (16, 0.0625, None), (20, 0.25, [1, 1, 1])])
+def test_an_odd_number_of_rotary_dims_turns_one_dim_more_as_in_transformers(tmp_path, head_dim, factor, section):
+    # No released model has one and the drawn sizes are all even: for an odd R = head_dim ×
+    # factor the reference takes ⌈R/2⌉ frequencies theta^(-2i/R) and rotates 2·⌈R/2⌉ dims.
+    reference = require_reference()
+    rope = dict(rope_type="default", rope_theta=1e4, partial_rotary_factor=factor)
+    if section is not None:
+        rope.update(mrope_section=section, mrope_interleaved=True)
+    text = dict(SMALL_HYBRID, head_dim=head_dim, rope_parameters=rope)
+    model = reference.build_model(text, 11)
+    reference.save_checkpoint(model, tmp_path, dtype="float32")
+    ids = np.random.default_rng(11).integers(0, text["vocab_size"], size=12)
+    assert_logits_match_reference(reference, model, minqwen.load(tmp_path), ids, 9, f"{text}")
+
+
+def test_a_config_with_the_legacy_layer_type_names_runs_as_transformers_runs_it(tmp_path):
+    # transformers 5.23.0 still reads 'mamba' and 'attention' (configs written before the
+    # present names) and saves the new ones: the legacy names are patched back into the file.
+    reference = require_reference()
+    model = reference.build_model(SMALL_HYBRID, 12)
+    reference.save_checkpoint(model, tmp_path, dtype="float32",
+                              extra_config={"layer_types": ["mamba", "attention", "mamba"]})
+    ids = np.random.default_rng(12).integers(0, SMALL_HYBRID["vocab_size"], size=12)
+    ours = minqwen.load(tmp_path)
+    assert ours.config.layer_types == tuple(SMALL_HYBRID["layer_types"])
+    assert_logits_match_reference(reference, model, ours, ids, 9, "legacy layer type names")
+
+
 @pytest.mark.parametrize("pieces", [[5, 7], [1, 1, 10], [3, 70], [64, 64, 5], [10, 3, 1, 4]])
 def test_a_prompt_fed_in_pieces_to_a_cache_matches_transformers(tmp_path, pieces):
     # The drawn cases feed a prompt to an empty cache, then one token at a time; here several
