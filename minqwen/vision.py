@@ -681,17 +681,38 @@ def multimodal_inputs(model, tower: VisionTower, token_ids, images, cache=None) 
             f"the prompt has {n_pads} <|image_pad|> tokens (id {c.image_token_id}) but {len(images)} images were "
             "given: write one <|vision_start|><|image_pad|><|vision_end|> per image, in the order of the images"
         )
+    past, start = (cache.position, cache.position + cache.rope_delta) if cache is not None else (0, 0)
     if images:
-        features, grid_thw = tower.encode_images(images)
+        pixel_values, grid_thw = preprocess_images(images, tower.preprocessor)
+        _check_images_fit_the_context(model, ids, grid_thw, c, past)  # before the tower's long work
+        features = tower.forward(pixel_values, grid_thw)
     else:
         features, grid_thw = np.zeros((0, c.out_hidden_size), np.float32), np.zeros((0, 3), np.int64)
     ids = expand_image_tokens(ids, grid_thw, c.image_token_id, c.spatial_merge_size)
     embeds = model.embed(ids)  # [T, H]
     embeds = place_image_features(embeds, ids, features.astype(model.dtype), c.image_token_id)
-    past, start = (cache.position, cache.position + cache.rope_delta) if cache is not None else (0, 0)
     position_ids, next_position = rope_index(ids, grid_thw, c, start)
     # After the prompt the cache has consumed past + T tokens, and the next position is next_position.
     return MultimodalInputs(ids, embeds, position_ids, next_position - (past + len(ids)), grid_thw)
+
+
+def _check_images_fit_the_context(model, ids: np.ndarray, grid_thw: np.ndarray, c, past: int) -> None:
+    """Refuse a prompt whose images, once expanded to their tokens, pass the model's context.
+
+    Checked between preprocessing and the tower: the tower's attention grows with the square
+    of an image's patches, so a huge image would otherwise take minutes before the text
+    model refused the length.
+    """
+    per_image = [int(t * h * w) // c.spatial_merge_size ** 2 for t, h, w in grid_thw]
+    total = past + len(ids) - len(per_image) + sum(per_image)  # each <|image_pad|> becomes its image's tokens
+    limit = model.config.max_position_embeddings
+    if total > limit:
+        sizes = ", ".join(f"{n} tokens ({int(h)} × {int(w)} patches)" for n, (_, h, w) in zip(per_image, grid_thw))
+        raise MinqwenError(
+            f"the sequence would reach {total} tokens, beyond the model's context of {limit} (config "
+            f"max_position_embeddings): its images take {sizes}. Give smaller images, or lower the "
+            f"preprocessor's max_pixels (size.longest_edge in preprocessor_config.json)"
+        )
 
 
 def prefill(model, tower: VisionTower, token_ids, images, cache, last_only: bool = True) -> np.ndarray:

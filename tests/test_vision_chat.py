@@ -187,6 +187,26 @@ def test_an_image_preprocessing_would_refuse_is_refused_before_the_chat_changes(
     assert session._count_images(session.log) == 1  # the image went into the cache with its turn
 
 
+def test_images_beyond_the_context_are_refused_before_the_tower_runs_and_the_chat_changes(folder, expected,
+                                                                                          monkeypatch):
+    # The tower's attention grows with the square of an image's patches: a huge image must be
+    # refused by its token count, not after minutes of encoding.
+    from dataclasses import replace
+    model, tokenizer, tower = minqwen.load(folder), Tokenizer(folder), vision.load_vision(folder)
+    image = expected["image.0"]
+    tokens = tower.token_count(*image.shape[:2])
+    model.config = replace(model.config, max_position_embeddings=tokens + 2)
+    pad = tower.config.image_token_id
+    monkeypatch.setattr(tower, "forward", lambda *a: pytest.fail("the tower ran on images that cannot fit"))
+    with pytest.raises(MinqwenError, match=rf"would reach {tokens + 3} tokens, beyond the model's context of "
+                                           rf"{tokens + 2} .*its images take {tokens} tokens \("):
+        vision.prefill(model, tower, [1, 2, pad, 3], [image], model.new_cache())
+    session = ChatSession(model, tokenizer, tower=tower)
+    with pytest.raises(MinqwenError, match=r"beyond the model's context"):
+        "".join(session.reply("Describe this.", images=[image]))
+    assert session.messages == [] and session.images == [] and session.log == []
+
+
 @pytest.mark.parametrize("images", [None, "photo.png", "array"], ids=repr)
 def test_one_image_where_a_list_is_expected_is_an_error_saying_so(setup, expected, images):
     model, tokenizer, tower = setup
