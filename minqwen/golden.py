@@ -442,8 +442,9 @@ def load_recording(path) -> Recording:
     """Read a golden file. A missing or malformed file is a MinqwenError that names it."""
     path = Path(path)
     if not path.is_file():
-        raise MinqwenError(f"{path}: {'a folder, not a file' if path.is_dir() else 'no such file'} (a golden "
-                           f"recording is a .safetensors file, e.g. from `minqwen golden record`)")
+        what = "a folder, not a file" if path.is_dir() else "not a regular file" if path.exists() else "no such file"
+        raise MinqwenError(f"{path}: {what} (a golden recording is a .safetensors file, e.g. from "
+                           f"`minqwen golden record`)")
     try:
         with safe_open(str(path), framework="np") as f:
             raw_meta = f.metadata() or {}
@@ -461,8 +462,12 @@ def load_recording(path) -> Recording:
             raise MinqwenError(f"{path}: metadata '{key}' is not JSON text ({text[:40]!r}); "
                                f"golden metadata values are JSON") from None
     ids = metadata.get("token_ids")
-    if ids is not None and (not isinstance(ids, list) or not all(is_whole_number(t) and t >= 0 for t in ids)):
-        raise MinqwenError(f"{path}: metadata 'token_ids' must be a JSON list of token ids (whole numbers ≥ 0)")
+    if "token_ids" in metadata and (not isinstance(ids, list) or not all(is_whole_number(t) and t >= 0 for t in ids)):
+        raise MinqwenError(f"{path}: metadata 'token_ids' must be a JSON list of token ids (whole numbers ≥ 0), "
+                           f"got {raw_meta['token_ids'][:40]!r}")
+    for name, array in tensors.items():
+        if np.issubdtype(array.dtype, np.complexfloating):  # compared, it would lose its imaginary part
+            raise MinqwenError(f"{path}: tensor '{name}' is {array.dtype}; golden taps are real numbers")
     for name in ("token_ids", "generated_ids"):
         array = tensors.get(name)
         if array is not None and (array.ndim != 1 or not np.issubdtype(array.dtype, np.integer)):

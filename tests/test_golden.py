@@ -464,7 +464,10 @@ def test_save_to_a_folder_or_an_unwritable_place_is_an_error_naming_it(models, t
     (lambda meta, tensors: meta.update(token_ids="[1, -2]"), "metadata 'token_ids' must be a JSON list"),
     (lambda meta, tensors: tensors.update(generated_ids=np.array([np.nan, 1.0])), "tensor 'generated_ids' must be 1-D"),
     (lambda meta, tensors: tensors.update(token_ids=np.zeros((2, 2), np.int64)), "tensor 'token_ids' must be 1-D"),
-], ids=["string", "negative", "nan-generated", "2-D"])
+    (lambda meta, tensors: meta.update(token_ids="null"), "metadata 'token_ids' must be a JSON list.*got 'null'"),
+    (lambda meta, tensors: tensors.update(logits=tensors["logits"] + 1j), "tensor 'logits' is complex64; golden taps "
+                                                                         "are real numbers"),
+], ids=["string", "negative", "nan-generated", "2-D", "null", "complex"])
 def test_a_golden_file_with_malformed_ids_is_an_error_naming_the_file_and_the_entry(models, tmp_path, change, message):
     model = models["text_tied_fp32"]
     path = save_recording(model, golden.record(model, [1, 2], decode_steps=1), tmp_path / "g.safetensors")
@@ -597,6 +600,9 @@ def test_compare_names_a_missing_or_unreadable_file(models, tmp_path):
     missing = tmp_path / "nowhere.safetensors"
     with pytest.raises(MinqwenError, match="nowhere.safetensors: no such file"):
         golden.compare(a, missing)
+    if Path("/dev/null").exists():
+        with pytest.raises(MinqwenError, match="/dev/null: not a regular file"):
+            golden.compare(a, "/dev/null")
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"not a safetensors file")
     with pytest.raises(MinqwenError, match="junk.safetensors: not a readable safetensors file"):
