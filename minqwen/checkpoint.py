@@ -60,6 +60,7 @@ DTYPES: dict[str, np.dtype] = {
 }
 FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 FP8_DTYPE = "F8_E4M3"  # the FP8 format Qwen's FP8 releases use (config fmt "e4m3"); read only with its scales
+FP8_E4M3_MAX = 448.0  # the largest finite E4M3 value
 
 # A header larger than this is not a safetensors header but a damaged length field.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -412,6 +413,12 @@ class Checkpoint:
         if bad:
             raise MinqwenError(f"{g.path}: tensor '{scale}' (the block scales of '{name}') holds {bad} NaN or "
                                f"infinite value(s): every weight of those blocks would be NaN or infinite")
+        # Finite as stored, but the float32 product with an FP8 weight (up to ±448) must stay finite too
+        largest = float(np.max(np.abs(values.astype(np.float64)))) if values.size else 0.0
+        if largest * FP8_E4M3_MAX > float(np.finfo(np.float32).max):
+            raise MinqwenError(f"{g.path}: tensor '{scale}' (the block scales of '{name}') holds {largest:.3g}: "
+                               f"times an FP8 weight (up to ±{FP8_E4M3_MAX:g}) that passes what float32 holds "
+                               f"(3.4e38), and those weights would load as infinite")
         return scale
 
     def _dequantized(self, name: str, scale: str) -> np.ndarray:

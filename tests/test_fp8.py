@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import re
 import shutil
 
 import ml_dtypes
@@ -622,4 +623,21 @@ def test_block_scales_that_are_not_finite_are_an_error_naming_them(quantized, tm
 
     rewrite(folder, damage)
     with pytest.raises(MinqwenError, match=rf"'{SCALE}' \(the block scales of '{WEIGHT}'\) holds 1 NaN or infinite"):
+        minqwen.load(folder)
+
+
+@pytest.mark.parametrize("value, dtype", [(1e38, np.float32), (1e300, np.float64)], ids=["f32-times-448", "f64"])
+def test_block_scales_finite_as_stored_but_not_in_a_float32_weight_are_an_error_naming_them(quantized, tmp_path,
+                                                                                            value, dtype):
+    # 1e38 × 448 and a float64 1e300 are both past float32's 3.4e38: the weights would load infinite.
+    folder = copy_of(quantized(DIVIDING[0])[0], tmp_path)
+
+    def damage(tensors):
+        scales = tensors[SCALE].astype(dtype)
+        scales[0, 1] = value
+        tensors[SCALE] = scales
+
+    rewrite(folder, damage)
+    with pytest.raises(MinqwenError, match=rf"'{SCALE}' \(the block scales of '{WEIGHT}'\) holds {re.escape(f'{value:.3g}')}: "
+                                           rf"times an FP8 weight"):
         minqwen.load(folder)
