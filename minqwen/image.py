@@ -174,7 +174,7 @@ def preprocessor_config_from_dict(raw: dict, source: str = "<dict>") -> Preproce
     if 0.0 in std:
         raise MinqwenError(f"{source}: field 'image_std' must not contain 0 (it divides)")
 
-    return PreprocessorConfig(
+    config = PreprocessorConfig(
         patch_size=integer("patch_size", raw.get("patch_size", defaults.patch_size)),
         temporal_patch_size=integer("temporal_patch_size", raw.get("temporal_patch_size", defaults.temporal_patch_size)),
         merge_size=integer("merge_size", raw.get("merge_size", defaults.merge_size)),
@@ -189,6 +189,15 @@ def preprocessor_config_from_dict(raw: dict, source: str = "<dict>") -> Preproce
         image_std=std,
         source=source,
     )
+    # Numbers finite in JSON can still leave float32, in which pixels are normalised (a std of
+    # 1e-320 is 0 there, a mean of 1e300 infinite): the darkest and brightest pixels must come out finite.
+    with np.errstate(all="ignore"):
+        extremes = normalize(np.array([[[0, 0, 0], [255, 255, 255]]], np.uint8), config)  # [3, 1, 2]
+    if not np.isfinite(extremes).all():
+        raise MinqwenError(f"{source}: fields 'rescale_factor' ({config.rescale_factor:g}), 'image_mean' "
+                           f"{list(config.image_mean)} and 'image_std' {list(config.image_std)} give pixel values "
+                           f"that float32 cannot hold (infinite or NaN); released checkpoints have 1/255 and values near 0.5")
+    return config
 
 
 # ==================================================================== 1. reading

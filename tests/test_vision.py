@@ -517,6 +517,17 @@ def test_missing_or_bad_preprocessor_config_is_an_error(folder):
         vision.load_vision(folder)
 
 
+@pytest.mark.parametrize("field, value", [("image_std", [1e-320, 0.5, 0.5]), ("image_mean", [1e300, 0.5, 0.5]),
+                                          ("rescale_factor", 1e300), ("image_std", [1e-44, 0.5, 0.5])],
+                         ids=["std-0-in-float32", "mean-inf-in-float32", "rescale-past-float32", "std-subnormal"])
+def test_normalising_numbers_that_leave_float32_are_an_error_naming_the_fields(field, value):
+    # Each is a finite, non-zero JSON number; in float32, where the pixels are normalised, it
+    # is 0 or infinite, or makes a pixel so: every feature would be NaN without an error.
+    with pytest.raises(MinqwenError, match=r"fields 'rescale_factor' .*'image_mean' .*'image_std' .* give pixel "
+                                           r"values that float32 cannot hold"):
+        preprocessor_config_from_dict({field: value})
+
+
 def test_a_pixel_budget_that_would_blow_up_an_image_is_refused_before_resizing():
     # A config whose minimum is 10¹¹ pixels would resize an 8 × 8 image to ~316k × 316k.
     config = preprocessor_config_from_dict(dict(patch_size=4, merge_size=2, temporal_patch_size=2,
