@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from . import __version__, golden
+from .config import is_present
 from .errors import MinqwenError
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -630,7 +631,7 @@ def parse_token_ids(text: str) -> list[int]:
 
 def encode_prompt(model_dir: Path, text: str) -> list[int]:
     """Tokenize ``text`` with the checkpoint's tokenizer (no special tokens are added)."""
-    if not (model_dir / "tokenizer.json").is_file():
+    if not is_present(model_dir / "tokenizer.json"):
         raise MinqwenError(f"{model_dir}: no tokenizer.json, so --prompt cannot be tokenized; "
                            f"give the ids with --tokens instead (e.g. --tokens 1,2,3)")
     from .tokenizer import Tokenizer

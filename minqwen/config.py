@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -336,9 +337,26 @@ def load_config(path: str | Path) -> TextConfig:
     path = Path(path)
     if path.is_dir():
         path = path / "config.json"
-    if not path.is_file():
+    if not is_present(path):
         raise MinqwenError(f"{path}: no config.json here (a Qwen3.5 checkpoint folder needs one)")
     return config_from_dict(read_json_object(path), source=str(path))
+
+
+def is_present(path: Path) -> bool:
+    """Whether a checkpoint file is there: False only when nothing at all is at ``path``.
+
+    Something that is there but is not a readable file — a broken link (what an interrupted
+    download leaves), a folder, a pipe — is an error naming it: taken for absent, an optional
+    file would quietly drop what it holds (sampling defaults, the chat template).
+    """
+    if path.is_file():
+        return True
+    if not os.path.lexists(path):
+        return False
+    what = ("a symbolic link to nothing" if path.is_symlink() and not path.exists()
+            else "a folder" if path.is_dir() else "not a regular file")
+    raise MinqwenError(f"{path}: is here but cannot be read as a file ({what}); an unfinished download? "
+                       f"Replace it with the file from the model's release, or remove it")
 
 
 def read_json_object(path: Path) -> dict:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import read_json_object
+from .config import is_present, read_json_object
 from .errors import MinqwenError, is_finite_number
 
 # The reference processor class's own defaults (Qwen2-VL's), used for fields a
@@ -105,7 +105,7 @@ def load_preprocessor_config(path: str | Path) -> PreprocessorConfig:
     path = Path(path)
     if path.is_dir():
         path = path / "preprocessor_config.json"
-    if not path.is_file():
+    if not is_present(path):
         raise MinqwenError(
             f"{path}: no preprocessor_config.json here; the checkpoint's image preprocessing settings "
             "(pixel budget, mean, std) come from it — copy it from the model's release"

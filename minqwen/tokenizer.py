@@ -21,7 +21,7 @@ import warnings
 from pathlib import Path
 
 from .chat_template import CHATML_TEMPLATE, render
-from .config import read_json_object
+from .config import is_present, read_json_object
 from .errors import MinqwenError, is_whole_number
 from .sampling import UNIMPLEMENTED_GENERATION_FIELDS
 
@@ -70,7 +70,7 @@ def check_utf8(text: str, what: str = "the text") -> None:
 
 def _read_json(path: Path) -> dict:
     """The file's JSON object, or {} when the checkpoint does not ship it (each of these is optional)."""
-    return read_json_object(path) if path.is_file() else {}
+    return read_json_object(path) if is_present(path) else {}
 
 
 class Tokenizer:
@@ -83,7 +83,7 @@ class Tokenizer:
             raise MinqwenError(f"Tokenizer takes a checkpoint folder (a path), got {type(folder).__name__}")
         folder = Path(folder)
         path = folder / "tokenizer.json"
-        if not path.is_file():
+        if not is_present(path):
             raise MinqwenError(
                 f"{folder}: no tokenizer.json in this folder; minqwen needs the checkpoint's tokenizer to "
                 "turn text into token ids and back (copy it from the model's release). Without it, only token "
@@ -131,7 +131,8 @@ class Tokenizer:
             problem = (f"{folder / 'tokenizer_config.json'}: field 'chat_template' must be a template (a string) "
                        f"or named ones (a list or an object), got {template!r}")
         template_file = folder / "chat_template.jinja"
-        if template_file.is_file():  # transformers 5 saves the template here; it wins over tokenizer_config's
+        has_template_file = is_present(template_file)
+        if has_template_file:  # transformers 5 saves the template here; it wins over tokenizer_config's
             try:
                 template = template_file.read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError) as e:
@@ -141,7 +142,7 @@ class Tokenizer:
         self.has_chat_template = isinstance(template, str)
         self._template_problem = problem  # after the setter above, which clears it
         # With tools, a checkpoint's template named 'tool_use' is used instead, as in transformers
-        self._tool_use_template = named.get("tool_use") if not template_file.is_file() else None
+        self._tool_use_template = named.get("tool_use") if not has_template_file else None
         self.eos_ids = self._eos_ids()
 
     @property

@@ -369,3 +369,32 @@ def test_a_loaded_recording_saves_again_with_its_own_metadata(model, tmp_path):
     golden.save(loaded.tensors, tmp_path / "b.safetensors", loaded.metadata)
     names = [row["name"] for row in golden.load_recording(tmp_path / "b.safetensors").metadata["taps"]]
     assert names == sorted(names, key=golden.forward_order)
+
+
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["broken-link", "folder"])
+@pytest.mark.parametrize("name", ["generation_config.json", "tokenizer_config.json", "chat_template.jinja",
+                                  "tokenizer.json", "config.json"])
+def test_a_checkpoint_file_that_is_there_but_unreadable_is_named_not_taken_for_absent(tmp_path, name, kind):
+    # An interrupted download leaves broken links: read as absent, generation_config.json would
+    # quietly turn the release's sampling into greedy decoding, and a lost template into ChatML.
+    folder = embedded_copy(tmp_path)
+    path = folder / name
+    path.unlink(missing_ok=True)
+    if kind == "broken-link":
+        os.symlink(tmp_path / "nowhere", path)
+    else:
+        path.mkdir()
+    what = "a symbolic link to nothing" if kind == "broken-link" else "a folder"
+    message = rf"{name}: is here but cannot be read as a file \({what}\)"
+    with pytest.raises(MinqwenError, match=message):
+        minqwen.load(folder) if name == "config.json" else Tokenizer(folder)
+
+
+def test_a_preprocessor_config_that_is_a_broken_link_is_named(tmp_path):
+    folder = tmp_path / "vision"
+    shutil.copytree(VISION_FIXTURE, folder)
+    (folder / "preprocessor_config.json").unlink()
+    os.symlink(tmp_path / "nowhere", folder / "preprocessor_config.json")
+    with pytest.raises(MinqwenError, match=r"preprocessor_config.json: is here but cannot be read as a file"):
+        vision.load_vision(folder)
