@@ -16,8 +16,8 @@ and videos, tool calls, reasoning — plus the tool schemas on offer into one st
 * whitespace control: ``trim_blocks`` and ``lstrip_blocks`` on.
 
 A template comes with a checkpoint, and code that comes with a checkpoint is never trusted:
-it runs in Jinja's immutable sandbox, and sees only plain data (strings, numbers, lists,
-dicts). Anything else a message carries — a decoded image, an array — is shown to it as a
+it runs in Jinja's immutable sandbox, with its output and its loops' steps bounded, and sees
+only plain data (strings, numbers, lists, dicts). Anything else a message carries — a decoded image, an array — is shown to it as a
 placeholder naming its type: templates test whether an image is there, never what it holds.
 """
 
@@ -40,6 +40,13 @@ from .errors import MinqwenError
 # A rendered conversation longer than this cannot fit any context: Qwen3.5's native 262,144
 # tokens are about a million characters.
 MAX_RENDERED_CHARACTERS = 8_000_000
+# Steps of a template's {% for %} loops, all loops of one rendering together. A template that
+# loops without writing never reaches the limit above; Qwen3.5's takes a few steps per message
+# and tool, so this is room for conversations far past any context (~1 s of Jinja here).
+MAX_LOOP_STEPS = 5_000_000
+# What the template is given by render itself: a special token or variable of the same name
+# would take its place (in transformers, a TypeError).
+RENDER_ARGUMENTS = ("messages", "tools", "documents", "add_generation_prompt")
 
 # Used when a checkpoint has no template: Qwen's ChatML with its thinking switch. Content given
 # as parts renders as Qwen's templates render it: text as it is, each image or video as its
@@ -177,6 +184,17 @@ class _Dict:
         return dict.fromkeys(*args, **kwargs)
 
 
+def _counting_loops(env, source: str, count) -> nodes.Template:
+    """The template's syntax tree with each loop's iterable passed through ``count`` (by a global
+    of that name), which can stop a template that loops without end or output."""
+    tree = env.parse(source)
+    for loop in tree.find_all(nodes.For):
+        loop.iter = nodes.Call(nodes.Name("minqwen_count_loop_steps", "load"), [loop.iter], [], None, None)
+        loop.iter.set_lineno(loop.lineno).set_environment(env)
+    env.globals["minqwen_count_loop_steps"] = count
+    return tree
+
+
 def render(template: str, messages, *, add_generation_prompt: bool, tools=None, documents=None,
            special_tokens: dict | None = None, variables: dict | None = None) -> str:
     """``template`` applied to ``messages`` (see the module's docstring for what it sees);
@@ -200,8 +218,27 @@ def render(template: str, messages, *, add_generation_prompt: bool, tools=None, 
         except RecursionError:
             raise MinqwenError(f"the chat's {name} are nested too deeply, or one contains itself") from None
 
+    clashing = [name for name in RENDER_ARGUMENTS if name in shown["variables"]]
+    if clashing:
+        name = clashing[0]
+        where = ("the tokenizer's special tokens (tokenizer_config.json's extra_special_tokens)"
+                 if name in (special_tokens or {}) else "the variables passed to render")
+        raise MinqwenError(f"{where} include one named {name!r}, which the chat template is given by the "
+                           f"renderer itself ({', '.join(RENDER_ARGUMENTS)}): rename it")
+
     def raise_exception(message):
         raise MinqwenError(f"the chat template refused this conversation: {message}")
+
+    steps = 0
+
+    def count_loop_steps(iterable):
+        nonlocal steps
+        for item in iterable:
+            steps += 1
+            if steps > MAX_LOOP_STEPS:
+                raise MinqwenError(f"the chat template's loops took more than {MAX_LOOP_STEPS:,} steps for this "
+                                   "conversation: the template loops without end, or the conversation is far too long")
+            yield item
 
     def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
         # Jinja's own tojson escapes HTML characters; templates expect plain JSON
@@ -216,7 +253,7 @@ def render(template: str, messages, *, add_generation_prompt: bool, tools=None, 
     env.globals["dict"] = _Dict()
     env.filters["tojson"] = tojson
     try:
-        pieces = env.from_string(template).generate(
+        pieces = env.from_string(_counting_loops(env, template, count_loop_steps)).generate(
             **shown["variables"], messages=messages, tools=shown["tools"], documents=shown["documents"],
             add_generation_prompt=add_generation_prompt,
         )

@@ -225,9 +225,13 @@ class Tokenizer:
             raise MinqwenError(self._template_problem)
         else:
             template = self.chat_template
-        return render(template, messages, add_generation_prompt=add_generation_prompt, tools=tools,
+        text = render(template, messages, add_generation_prompt=add_generation_prompt, tools=tools,
                       documents=documents, special_tokens=self.special_tokens,
                       variables={"enable_thinking": enable_thinking, **variables})
+        if not text:  # else "the prompt is empty" would blame the conversation
+            raise MinqwenError("the chat template rendered this conversation as empty text: is the template "
+                               "(chat_template.jinja, or tokenizer_config.json's 'chat_template') empty?")
+        return text
 
     def _qwen_tokenizer_class(self) -> str | None:
         """Which of Qwen's classes transformers would load this folder's tokenizer as, if one."""

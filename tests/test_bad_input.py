@@ -129,6 +129,39 @@ def test_a_chat_template_with_runaway_output_is_refused(tok):
         t.render_chat([{"role": "user", "content": "hi"}])
 
 
+def test_a_chat_template_that_loops_without_writing_is_refused(tok):
+    # 10**10 steps of nothing: the output guard above never fires, the loop guard does, within ~1 s.
+    t = copy.copy(tok)
+    t.chat_template = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}x"
+    with pytest.raises(MinqwenError, match="the chat template's loops took more than 5,000,000 steps"):
+        t.render_chat([{"role": "user", "content": "hi"}])
+
+
+def test_counting_a_templates_loop_steps_leaves_what_loop_tells_it_as_it_was(tok):
+    t = copy.copy(tok)
+    t.chat_template = ("{% for m in messages %}{{ loop.index }}/{{ loop.length }}{{ '!' if loop.last }} {% endfor %}"
+                       "{% for k, v in {'a': 1}.items() %}{{ k }}{{ v }}{% else %}none{% endfor %}"
+                       "{% for x in [] %}{{ x }}{% else %} none{% endfor %}")
+    assert t.render_chat([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]) == "1/2 2/2! a1 none"
+
+
+def test_a_special_token_named_as_a_template_argument_is_named_with_its_file(tmp_path):
+    # transformers fails here too, with a TypeError about 'messages' given twice
+    folder = embedded_copy(tmp_path)
+    config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    config["extra_special_tokens"] = {"messages": "<|im_end|>"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    with pytest.raises(MinqwenError, match=r"tokenizer_config.json's extra_special_tokens\) include one named "
+                                           r"'messages'"):
+        Tokenizer(folder).render_chat([{"role": "user", "content": "hi"}])
+
+
+def test_an_empty_chat_template_is_named_not_blamed_on_the_prompt(tmp_path, model):
+    folder = embedded_copy(tmp_path, files={"chat_template.jinja": ""})
+    with pytest.raises(MinqwenError, match="the chat template rendered this conversation as empty text"):
+        minqwen.generate(model, Tokenizer(folder), [{"role": "user", "content": "hello"}], max_new_tokens=2)
+
+
 # ------------------------------------------------------------------------------------------
 def _limit_memory():
     resource.setrlimit(resource.RLIMIT_DATA, (1_500_000_000, 1_500_000_000))
