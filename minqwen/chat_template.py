@@ -17,8 +17,9 @@ and videos, tool calls, reasoning — plus the tool schemas on offer into one st
 
 A template comes with a checkpoint, and code that comes with a checkpoint is never trusted:
 it runs in Jinja's immutable sandbox, with its output and its loops' steps bounded, and sees
-only plain data (strings, numbers, lists, dicts). Anything else a message carries — a decoded image, an array — is shown to it as a
-placeholder naming its type: templates test whether an image is there, never what it holds.
+only plain data (strings, numbers, lists, dicts). Anything else a message carries — a decoded
+image, an array — is shown to it as a placeholder naming its type: templates test whether an
+image is there, never what it holds.
 """
 
 from __future__ import annotations

@@ -196,7 +196,8 @@ def preprocessor_config_from_dict(raw: dict, source: str = "<dict>") -> Preproce
     if not np.isfinite(extremes).all():
         raise MinqwenError(f"{source}: fields 'rescale_factor' ({config.rescale_factor:g}), 'image_mean' "
                            f"{list(config.image_mean)} and 'image_std' {list(config.image_std)} give pixel values "
-                           f"that float32 cannot hold (infinite or NaN); released checkpoints have 1/255 and values near 0.5")
+                           f"that float32 cannot hold (infinite or NaN); released checkpoints have 1/255 and "
+                           f"values near 0.5")
     return config
 
 

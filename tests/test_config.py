@@ -369,7 +369,8 @@ def test_rotary_dims_turn_in_pairs_so_an_odd_count_turns_one_more_as_in_the_refe
 @pytest.mark.parametrize("head_dim, factor", [(16, 0.01), (15, 1.0)], ids=["no-dims", "odd-head-whole"])
 def test_rotary_dims_that_round_to_none_or_past_the_head_are_an_error_naming_head_dim_and_the_factor(head_dim, factor):
     # 16 × 0.01 → 0 rotary dims; 15 × 1.0 → 15, which would turn 16 dims of a 15-dim head.
-    with pytest.raises(MinqwenError, match=rf"head_dim × partial_rotary_factor = {head_dim} × {factor:g} = \d+ rotary"):
+    message = rf"head_dim × partial_rotary_factor = {head_dim} × {factor:g} = \d+ rotary"
+    with pytest.raises(MinqwenError, match=message):
         parse(small_text(head_dim=head_dim, rope_parameters={"rope_type": "default", "partial_rotary_factor": factor}))
 
 

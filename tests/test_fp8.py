@@ -638,6 +638,6 @@ def test_block_scales_finite_as_stored_but_not_in_a_float32_weight_are_an_error_
         tensors[SCALE] = scales
 
     rewrite(folder, damage)
-    with pytest.raises(MinqwenError, match=rf"'{SCALE}' \(the block scales of '{WEIGHT}'\) holds {re.escape(f'{value:.3g}')}: "
-                                           rf"times an FP8 weight"):
+    shown = re.escape(f"{value:.3g}")  # 1e+38: the + is no quantifier
+    with pytest.raises(MinqwenError, match=rf"'{SCALE}' \(the block scales of '{WEIGHT}'\) holds {shown}: times"):
         minqwen.load(folder)
