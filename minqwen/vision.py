@@ -703,7 +703,7 @@ def _check_images_fit_the_context(model, ids: np.ndarray, grid_thw: np.ndarray, 
     of an image's patches, so a huge image would otherwise take minutes before the text
     model refused the length.
     """
-    per_image = [int(t * h * w) // c.spatial_merge_size ** 2 for t, h, w in grid_thw]
+    per_image = [int(t * h * w) // c.merge_unit for t, h, w in grid_thw]  # merged patches: its tokens
     total = past + len(ids) - len(per_image) + sum(per_image)  # each <|image_pad|> becomes its image's tokens
     limit = model.config.max_position_embeddings
     if total > limit:
