@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import vision
-from .errors import MinqwenError, is_whole_number
+from .errors import MinqwenError, is_whole_number, whole_number_array
 from .image import image_list, read_image, target_size
 from .model import Cache, Model
 from .sampling import SamplingParams, sample_next
@@ -51,11 +51,8 @@ def checked_generation_args(prompt_ids, max_new_tokens, seed, params=SamplingPar
     Token ids must be whole numbers already: ``int(1.7)`` would quietly feed token 1.
     (Whether each prompt id is inside the vocabulary, the model checks as it embeds them.)
     """
-    try:
-        ids = None if isinstance(prompt_ids, (str, bytes)) else np.asarray(prompt_ids)
-    except ValueError:  # a ragged nesting of lists
-        ids = None
-    if ids is None or ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
+    ids = whole_number_array(prompt_ids)
+    if ids is None or ids.ndim != 1:
         raise MinqwenError(f"the prompt must be a 1-D sequence of token ids (whole numbers), got {prompt_ids!r:.80}"
                            " (to start from text, encode it with the tokenizer first)")
     if ids.size == 0:
@@ -79,13 +76,13 @@ def checked_history(history, vocab_size: int) -> list[int]:
     vocabulary. Checked as one array, since a chat passes its whole log every turn.
     """
     try:
-        items = history if isinstance(history, np.ndarray) else list(history)
-    except TypeError:
+        items = history if isinstance(history, np.ndarray) and history.ndim == 1 else list(history)
+    except TypeError:  # not iterable, or a 0-d array
         items = None
     if items is None or isinstance(history, (str, bytes)):
         raise MinqwenError(f"history must be a sequence of token ids, got {type(history).__name__}")
-    ids = np.asarray(items) if len(items) else np.zeros(0, np.int64)
-    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+    ids = whole_number_array(items)
+    if ids is None or ids.ndim != 1:
         bad = next((t for t in items if not is_whole_number(t)), items)
         raise MinqwenError(f"history id {bad!r} is not a token id of this model (0 … {vocab_size - 1})")
     outside = ids[(ids < 0) | (ids >= vocab_size)]
@@ -112,9 +109,13 @@ def check_tokenizer(tokenizer) -> None:
 
 def checked_stop_ids(stop_ids) -> set[int]:
     """``stop_ids`` as a set of token ids, or a MinqwenError naming it."""
-    if isinstance(stop_ids, (str, bytes)) or not hasattr(stop_ids, "__iter__"):
-        raise MinqwenError(f"stop_ids must be a collection of token ids, got {stop_ids!r}")
-    stop_ids = list(stop_ids)
+    try:
+        listed = None if isinstance(stop_ids, (str, bytes)) else list(stop_ids)
+    except TypeError:  # not iterable, or a 0-d array
+        listed = None
+    if listed is None:
+        raise MinqwenError(f"stop_ids must be a collection of token ids, got {stop_ids!r:.80}")
+    stop_ids = listed
     if not all(is_whole_number(i) and i >= 0 for i in stop_ids):  # a negative id could never stop anything
         raise MinqwenError(f"stop_ids must hold token ids (whole numbers ≥ 0), got {stop_ids!r}")
     return {int(i) for i in stop_ids}
@@ -222,6 +223,9 @@ def stream_text(
     eos = set(tokenizer.eos_ids) | set(model.config.eos_token_id)
     held = ""
     longest = max((len(s) for s in stop_strings), default=0)
+    if decode is not None and not callable(decode):
+        raise MinqwenError(f"decode must be a decoding loop with generate_ids' arguments (minqwen.mtp's "
+                           f"speculative_decoder(head) makes one), or None; got {type(decode).__name__}")
     decode = decode or generate_ids
     for token in decode(model, prompt_ids, params, max_new_tokens, eos, seed, cache, history, stats):
         if ids_out is not None:

@@ -30,7 +30,7 @@ from .attention import AttentionWeights, KVCache, gated_attention
 from .checkpoint import Checkpoint
 from .config import TextConfig, load_config
 from .deltanet import FORMS, DeltaNetState, DeltaNetWeights, gated_deltanet
-from .errors import MinqwenError
+from .errors import MinqwenError, whole_number_array
 from .bf16_dot import check_bf16_dot_available
 from .linear import BF16, linear, numba_multiplies, rounding_prompts_to_bf16, widen_bf16
 from .mlp import MLPWeights, swiglu_mlp
@@ -74,6 +74,19 @@ class Cache:
     @property
     def nbytes(self) -> int:
         return sum(layer.nbytes for layer in self.layers)
+
+
+def compute_dtype(dtype) -> np.dtype:
+    """``dtype`` if it is one a model computes in — float32, or float64 to check algebra free of
+    round-off — else an error naming it (NumPy would read None as float64, and an integer
+    model computes nothing but NaN)."""
+    try:
+        chosen = None if dtype is None else np.dtype(dtype)
+    except TypeError:
+        chosen = None
+    if chosen not in (np.float32, np.float64):
+        raise MinqwenError(f"astype takes np.float32 or np.float64 (the dtypes a model computes in), got {dtype!r}")
+    return chosen
 
 
 def converted(weights, dtype):
@@ -145,6 +158,7 @@ class Model:
 
     def astype(self, dtype) -> Model:
         """A copy computing in another float dtype — float64 checks algebra free of round-off."""
+        dtype = compute_dtype(dtype)
         embed = converted(self.embed_tokens, dtype)
         lm_head = embed if self.lm_head is self.embed_tokens else converted(self.lm_head, dtype)
         return Model(self.config, embed, converted(self.layers, dtype), converted(self.norm, dtype), lm_head,
@@ -279,12 +293,12 @@ class Model:
 
     def checked_token_ids(self, token_ids) -> np.ndarray:
         """``token_ids`` as a 1-D integer array, every id inside the vocabulary."""
-        ids = np.asarray(token_ids)
+        ids = whole_number_array(token_ids)
+        if ids is None:
+            raise MinqwenError(f"token_ids must be integers that fit in int64 (a 1-D sequence of them), "
+                               f"got {token_ids!r:.80}")
         if ids.ndim != 1 or ids.size == 0:
             raise MinqwenError(f"token_ids must be a non-empty 1-D sequence of ints, got shape {list(ids.shape)}")
-        if not np.issubdtype(ids.dtype, np.integer):
-            # (Python ints too large for int64 arrive here as dtype object)
-            raise MinqwenError(f"token_ids must be integers that fit in int64, got dtype {ids.dtype}")
         bad = ids[(ids < 0) | (ids >= self.config.vocab_size)]
         if bad.size:
             raise MinqwenError(
@@ -297,11 +311,15 @@ class Model:
             given = np.asarray(inputs_embeds)
             if given.dtype.kind in "OcUSmM":  # None would become NaN, a complex number lose its imaginary part
                 raise MinqwenError(f"inputs_embeds must be an array of real numbers, got dtype {given.dtype}")
-            x = given.astype(self.dtype, copy=False)
+            with np.errstate(over="ignore"):  # a value past float32 becomes inf: refused below
+                x = given.astype(self.dtype, copy=False)
         except (TypeError, ValueError):
             raise MinqwenError(f"inputs_embeds must be an array of numbers, got {type(inputs_embeds).__name__}") from None
         if x.ndim != 2 or x.shape[1] != self.config.hidden_size or x.shape[0] == 0:
             raise MinqwenError(f"inputs_embeds must have shape [T ≥ 1, {self.config.hidden_size}], got {list(x.shape)}")
+        if not np.isfinite(x).all():  # every logit would be NaN
+            raise MinqwenError(f"inputs_embeds holds NaN or infinite values (in {np.dtype(self.dtype).name}, "
+                               f"the model's compute dtype)")
         return x
 
     def decoder_layer(self, x, layer: DecoderLayer, state, cos, sin, tap):
@@ -348,7 +366,7 @@ def _checked_position_ids(position_ids, t_len: int) -> np.ndarray:
         raise MinqwenError(f"position_ids must have {expected}; got rows of different lengths") from None
     if ids.shape != (3, t_len):
         raise MinqwenError(f"position_ids must have {expected}, got shape {list(ids.shape)}")
-    if not np.issubdtype(ids.dtype, np.integer):  # (bool is not an integer dtype here)
+    if ids.dtype.kind not in "iu":  # (not bool, nor timedelta64, which NumPy counts as integers)
         raise MinqwenError(f"position_ids must have {expected}: an integer array, got dtype {ids.dtype}")
     return ids
 

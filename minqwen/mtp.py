@@ -51,7 +51,7 @@ from .attention import KVCache
 from .checkpoint import Checkpoint
 from .config import read_json_object
 from .deltanet import DeltaNetState
-from .errors import MinqwenError, is_whole_number
+from .errors import MinqwenError, is_whole_number, whole_number_array
 from .generate import (
     GenerationStats,
     checked_generation_args,
@@ -62,7 +62,7 @@ from .generate import (
     stop_reason,
 )
 from .linear import BF16, SMALL_MODEL_BYTES, linear, rounding_prompts_to_bf16
-from .model import Cache, DecoderLayer, Model, load_attention, load_mlp, prefixed, TensorReader, converted
+from .model import Cache, DecoderLayer, Model, load_attention, load_mlp, prefixed, TensorReader, compute_dtype, converted
 from .moe import MoEWeights
 from .norms import rms_norm
 from .rope import mrope_cos_sin, text_position_ids
@@ -96,7 +96,7 @@ class MtpHead:
 
     def astype(self, dtype) -> MtpHead:
         """A copy computing in another float dtype (to pair with ``Model.astype``)."""
-        return converted(self, dtype)
+        return converted(self, compute_dtype(dtype))
 
 
 def load_mtp(folder: str | Path, model: Model) -> MtpHead | None:
@@ -217,6 +217,8 @@ def check_head_fits(model: Model, head) -> None:
     A head loaded for another model meets this model's hidden states and embeddings with other
     widths (a numpy broadcast error deep inside a norm), or attends with other head counts.
     """
+    if not (hasattr(model, "config") and hasattr(model, "embed")):
+        raise MinqwenError(f"model must be a minqwen model (minqwen.load(folder)), got {type(model).__name__}")
     if not isinstance(head, MtpHead):
         raise MinqwenError(f"head must be an MTP head (minqwen.mtp.load_mtp(folder, model)), got {type(head).__name__}")
     if _head_shapes(head) != _head_shapes_for(model, len(head.layers)):
@@ -293,10 +295,10 @@ def mtp_logits(model: Model, head: MtpHead, token_ids, tap=None) -> np.ndarray:
     taps record: ``tap`` receives ``pre_fc_norm_embedding`` … ``norm`` and ``logits``).
     """
     check_head_fits(model, head)
-    ids = np.asarray(token_ids)
-    if ids.ndim != 1 or ids.size < 2:
+    ids = whole_number_array(token_ids)
+    if ids is None or ids.ndim != 1 or ids.size < 2:
         raise MinqwenError(f"mtp_logits: token_ids must be one sequence (1-D) of at least two token ids, as the "
-                           f"head reads t[j] and t[j+1]; got shape {list(ids.shape)}")
+                           f"head reads t[j] and t[j+1]; got {token_ids!r:.80}")
     hidden = model.hidden_states(ids)  # [T, H]
     kv = new_mtp_kv(model)
     out = mtp_layer(model, head, 0, hidden[:-1], ids[1:], kv, 0, tap)  # [T − 1, H]
@@ -329,6 +331,11 @@ class MtpCache:
     """
 
     def __init__(self, model: Model, head: MtpHead, start: int = 0, rope_delta: int = 0):
+        check_head_fits(model, head)
+        for name, value in (("start", start), ("rope_delta", rope_delta)):
+            if not is_whole_number(value) or (name == "start" and value < 0):
+                raise MinqwenError(f"MtpCache: {name} must be a whole number{' ≥ 0' if name == 'start' else ''}, "
+                                   f"got {value!r}")
         self.layers = [new_mtp_kv(model) for _ in head.layers]
         self.start = start
         self.rope_delta = rope_delta

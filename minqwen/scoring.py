@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import MinqwenError, is_whole_number
+from .errors import MinqwenError, is_whole_number, whole_number_array
 from .model import Model
 
 
@@ -24,7 +24,9 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 def log_probs(model: Model, ids) -> np.ndarray:
     """log p(ids[t] | ids[:t]) for t = 1 … T−1, in nats, [T−1] float32."""
-    ids = np.asarray(ids)
+    given, ids = ids, whole_number_array(ids)
+    if ids is None:
+        raise MinqwenError(f"scoring takes one sequence of token ids (ints), got {given!r:.80}")
     if ids.ndim != 1:
         raise MinqwenError(f"scoring takes one sequence of token ids (1-D), got an array of shape {ids.shape}")
     if ids.size < 2:

@@ -433,7 +433,11 @@ class VisionTower:
         """
         c = self.config
         grid_thw = self.check_inputs(pixel_values, grid_thw)
-        x = linear(np.asarray(pixel_values, self.dtype), self.patch_embed.weight, self.patch_embed.bias)  # [N, D]
+        with np.errstate(over="ignore"):  # a value past float32 becomes inf: refused below
+            pixels = np.asarray(pixel_values, self.dtype)  # [N, C·T·P·P]
+        if not np.isfinite(pixels).all():  # every feature would be NaN
+            raise MinqwenError(f"pixel_values holds NaN or infinite values (in {np.dtype(self.dtype).name})")
+        x = linear(pixels, self.patch_embed.weight, self.patch_embed.bias)  # [N, D]
         if tap is not None:
             tap("patch_embed", x)
         x = x + interpolated_position_embeddings(self.pos_embed, grid_thw, c.spatial_merge_size, c.num_grid_per_side)
@@ -468,7 +472,7 @@ class VisionTower:
             raise MinqwenError(f"grid_thw heights and widths must be multiples of spatial_merge_size "
                                f"{c.spatial_merge_size}, got {grid.tolist()}")
         shape = np.shape(pixel_values)
-        patches = int(grid.prod(axis=1).sum())
+        patches = sum(t * h * w for t, h, w in grid.tolist())  # Python ints: a huge grid cannot wrap around
         if len(shape) != 2 or shape[1] != c.patch_dim or shape[0] != patches:
             raise MinqwenError(f"pixel_values must have shape [{patches}, {c.patch_dim}] for grid_thw "
                                f"{grid.tolist()} (patches × C·T·P·P), got {list(shape)}")
@@ -668,6 +672,13 @@ def multimodal_inputs(model, tower: VisionTower, token_ids, images, cache=None) 
     order. With a ``cache`` the ids continue it: positions start at
     ``cache.position + cache.rope_delta`` (so images may arrive in any turn of a chat).
     """
+    if not (hasattr(model, "config") and hasattr(model, "embed")):
+        raise MinqwenError(f"model must be a minqwen model (minqwen.load(folder)), got {type(model).__name__}")
+    if not isinstance(tower, VisionTower):
+        raise MinqwenError(f"tower must be a vision tower (minqwen.vision.load_vision(folder)), got "
+                           f"{type(tower).__name__}")
+    if cache is not None and not isinstance(cache, Cache):
+        raise MinqwenError(f"cache must be the model's cache (model.new_cache()) or None, got {type(cache).__name__}")
     c = tower.config
     if c.out_hidden_size != model.config.hidden_size:
         raise MinqwenError(f"the vision tower outputs {c.out_hidden_size} features per token but the text model's "

@@ -431,3 +431,65 @@ def test_a_preprocessor_config_that_is_a_broken_link_is_named(tmp_path):
     os.symlink(tmp_path / "nowhere", folder / "preprocessor_config.json")
     with pytest.raises(MinqwenError, match=r"preprocessor_config.json: is here but cannot be read as a file"):
         vision.load_vision(folder)
+
+
+# ------------------------------------------------------------------------------------------ a third probe
+@pytest.mark.parametrize("ids", [[[1], [2, 3]], np.array([1, 2], "timedelta64[s]")], ids=["ragged", "timedelta"])
+def test_token_ids_that_are_no_integer_sequence_are_named_on_every_path(model, ids):
+    # NumPy counts timedelta64 among its integers; a ragged nesting is a ValueError inside it
+    head = mtp.load_mtp(EMBEDDED, model)
+    for call, name in ((lambda: model.forward(ids), "token_ids"), (lambda: log_probs(model, ids), "scoring"),
+                       (lambda: mtp.mtp_logits(model, head, ids), "mtp_logits"),
+                       (lambda: list(generate_ids(model, ids, max_new_tokens=1)), "the prompt"),
+                       (lambda: list(generate_ids(model, [1], max_new_tokens=1, history=ids)), "history"),
+                       (lambda: list(generate_ids(model, [1], max_new_tokens=1, stop_ids=ids)), "stop_ids")):
+        if name == "history" and isinstance(ids, np.ndarray):
+            name = "history id"
+        with pytest.raises(MinqwenError, match=name):
+            call()
+
+
+@pytest.mark.parametrize("argument", ["history", "stop_ids"])
+def test_a_zero_dimensional_array_of_ids_is_named(model, argument):
+    with pytest.raises(MinqwenError, match=rf"{argument} must be a (sequence|collection) of token ids"):
+        list(generate_ids(model, [1], max_new_tokens=1, **{argument: np.array(5)}))
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, 1e39], ids=["nan", "inf", "past-float32"])
+def test_inputs_embeds_and_pixel_values_that_are_not_finite_are_refused(model, value):
+    x = np.zeros((2, model.config.hidden_size), np.float64)
+    x[1, 3] = value  # 1e39 is finite in float64 and infinite once cast to the model's float32
+    with pytest.raises(MinqwenError, match="inputs_embeds holds NaN or infinite values"):
+        model.forward(inputs_embeds=x)
+    tower = vision.load_vision(VISION_FIXTURE)
+    grid = np.array([[1, 2, 2]])
+    pixels = np.zeros((4, tower.config.patch_dim), np.float64)
+    pixels[0, 0] = value
+    with pytest.raises(MinqwenError, match="pixel_values holds NaN or infinite values"):
+        tower.forward(pixels, grid)
+
+
+def test_a_grid_whose_patch_count_wraps_around_int64_is_refused_by_its_true_count():
+    # 2**32 × 2**32 patches is 0 in int64: the grid would pass as one of 4 patches
+    tower = vision.load_vision(VISION_FIXTURE)
+    grid = np.array([[1, 2, 2], [1, 2**32, 2**32]])
+    with pytest.raises(MinqwenError, match=rf"pixel_values must have shape \[{4 + 2**64}, "):
+        tower.forward(np.zeros((4, tower.config.patch_dim), np.float32), grid)
+
+
+def test_objects_of_the_wrong_kind_are_named_before_use(model, tok):
+    tower = vision.load_vision(VISION_FIXTURE)
+    vision_model = minqwen.load(VISION_FIXTURE)
+    cases = [
+        (lambda: minqwen.generate(model, tok, "hi", max_new_tokens=1, decode=1), "decode must be a decoding loop"),
+        (lambda: vision.prefill(vision_model, None, [1], [], vision_model.new_cache()), "tower must be a vision tower"),
+        (lambda: vision.prefill(None, tower, [1], [], vision_model.new_cache()), "model must be a minqwen model"),
+        (lambda: vision.multimodal_inputs(vision_model, tower, [1], [], cache=5), "cache must be the model's cache"),
+        (lambda: mtp.MtpCache(model, None), "head must be an MTP head"),
+        (lambda: mtp.MtpCache(model, mtp.load_mtp(EMBEDDED, model), start=-1), "start must be a whole number ≥ 0"),
+        (lambda: model.astype(np.int32), "astype takes np.float32 or np.float64"),
+        (lambda: model.astype(None), "astype takes np.float32 or np.float64"),
+    ]
+    for call, message in cases:
+        with pytest.raises(MinqwenError, match=message):
+            call()
