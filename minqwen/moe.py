@@ -382,16 +382,17 @@ def load_experts(reader, prefix: str, config) -> Experts:
     as :class:`~minqwen.checkpoint.FP8Tensor`: an expert is dequantized when a token uses it."""
     H, E, I = config.hidden_size, config.num_experts, config.moe_intermediate_size
     full = reader.prefix + prefix
-    fused = full + "gate_up_proj" in reader.ckpt
-    # Any of the first experts' tensors says the layer is per-expert: a missing one is then named
-    # by the read below, rather than reported as "no experts".
-    per_expert = any(f"{full}{e}.{w}.weight" in reader.ckpt
-                     for e in (0, 1) for w in ("gate_proj", "up_proj", "down_proj"))
-    if fused and per_expert:
+    fused_names = [full + name for name in ("gate_up_proj", "down_proj") if full + name in reader.ckpt]
+    # Any expert's tensor says the layer is per-expert: a missing one is then named by the read
+    # below, rather than reported as "no experts".
+    per_expert_names = [name for e in range(E) for w in ("gate_proj", "up_proj", "down_proj")
+                        if (name := f"{full}{e}.{w}.weight") in reader.ckpt]
+    if fused_names and per_expert_names:  # which copy is the model? Neither reader could say
         raise MinqwenError(
-            f"{reader.ckpt.folder}: layer '{full}' holds its experts twice, fused ('{full}gate_up_proj') and "
-            f"per expert ('{full}0.gate_proj.weight'); a layer must use one layout"
+            f"{reader.ckpt.folder}: layer '{full}' holds its experts twice, fused ('{fused_names[0]}') and "
+            f"per expert ('{per_expert_names[0]}'); a layer must use one layout"
         )
+    fused, per_expert = bool(fused_names), bool(per_expert_names)
     if fused:
         gate_up = _mapped(reader, prefix + "gate_up_proj", (E, 2 * I, H))  # [E, 2·I, H]
         return Experts(

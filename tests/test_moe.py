@@ -484,11 +484,24 @@ def test_the_expert_layout_is_detected_per_layer(tmp_path):
     np.testing.assert_allclose(model.forward(expected["token_ids"]), expected["logits"], rtol=0, atol=ATOL)
 
 
-def test_a_layer_with_both_expert_layouts_is_an_error_naming_it(tmp_path):
+@pytest.mark.parametrize("case", ["whole-per-expert-and-fused-gate-up", "whole-per-expert-and-fused-down",
+                                  "fused-and-experts-2-3-per-expert"])
+def test_a_layer_with_both_expert_layouts_is_an_error_naming_it(tmp_path, case):
+    # Whichever copy were read, the other might be the model: any per-expert tensor of any
+    # expert beside either fused name is refused.
     source = FIXTURES / "moe_text_per_expert_fp32"
     shutil.copy(source / "config.json", tmp_path / "config.json")
     tensors = load_file(str(source / "model.safetensors"))
-    tensors["model.layers.2.mlp.experts.gate_up_proj"] = np.zeros((4, 32, 48), np.float32)
+    prefix = "model.layers.2.mlp."
+    if case == "whole-per-expert-and-fused-gate-up":
+        tensors[prefix + "experts.gate_up_proj"] = np.zeros((4, 32, 48), np.float32)
+    elif case == "whole-per-expert-and-fused-down":
+        tensors[prefix + "experts.down_proj"] = np.zeros((4, 48, 16), np.float32)
+    else:
+        kept = {name: tensors[name] for name in tensors if name.startswith(prefix + "experts.2.")
+                or name.startswith(prefix + "experts.3.")}
+        _fuse_layer_experts(tensors, prefix, 4)
+        tensors.update(kept)
     save_file(tensors, str(tmp_path / "model.safetensors"))
     with pytest.raises(MinqwenError, match=r"'model\.layers\.2\.mlp\.experts\.' holds its experts twice"):
         minqwen.load(tmp_path)
