@@ -462,6 +462,11 @@ def load(path: str | Path, progress=None, dtype: str = "float32", bf16_prompts: 
                           "Set tie_word_embeddings to false in config.json to silence this warning", stacklevel=2)
     if progress is not None:
         progress(reader.total_bytes, reader.total_bytes)
+    stray = reader.not_part_of_the_model()
+    if stray:  # as transformers warns of a checkpoint's unexpected keys: the weights may not be this config's
+        warnings.warn(f"{path}: {len(stray)} tensors of the checkpoint are not part of the model its config.json "
+                      f"describes and were not used: {_first_names(stray)}. Do config.json and the weights "
+                      f"belong together? (`minqwen inspect` shows the load report)", stacklevel=2)
     model = Model(config, embed, layers, norm, lm_head, load_report=reader.report())
     model.bf16_prompts = bf16_prompts
     return model
@@ -567,6 +572,11 @@ class TensorReader:
         if scale is not None:
             self.used.add(scale)
 
+    def not_part_of_the_model(self) -> list[str]:
+        """The checkpoint's tensors that no part of the model reads, vision tower and MTP head aside."""
+        return sorted(n for n in self.ckpt.names
+                      if n not in self.used and not any(n.startswith(p) for p in DEFERRED_PARTS))
+
     def report(self) -> str:
         """One line per group of unused tensors: deferred parts by name, anything else listed."""
         unused = [n for n in self.ckpt.names if n not in self.used]
@@ -575,8 +585,11 @@ class TensorReader:
             group = [n for n in unused if n.startswith(prefix)]
             if group:
                 lines.append(f"{part}: {len(group)} tensors ({fate})")
-        other = sorted(n for n in unused if not any(n.startswith(p) for p in DEFERRED_PARTS))
+        other = self.not_part_of_the_model()
         if other:
-            shown = ", ".join(other[:10]) + (f", … ({len(other) - 10} more)" if len(other) > 10 else "")
-            lines.append(f"unused: {len(other)} tensors not part of the model: {shown}")
+            lines.append(f"unused: {len(other)} tensors not part of the model: {_first_names(other)}")
         return "\n".join(lines)
+
+
+def _first_names(names: list[str]) -> str:
+    return ", ".join(names[:10]) + (f", … ({len(names) - 10} more)" if len(names) > 10 else "")

@@ -640,7 +640,9 @@ def test_extra_mtp_tensors_are_reported_as_the_mtp_head_and_unrelated_ones_as_un
         "something.else": np.zeros(3, np.float32),
     }
     rewrite_tensors(folder, lambda t: t.update(extra))
-    lines = minqwen.load(folder).load_report.splitlines()
+    # (the MTP head's tensors are expected beside the text model's; only the stray one is warned of)
+    with pytest.warns(UserWarning, match=r"1 tensors of the checkpoint .* not used: something\.else\. "):
+        lines = minqwen.load(folder).load_report.splitlines()
     assert "MTP head: 3 tensors (not in the text model: minqwen.mtp.load_mtp loads them)" in lines
     assert "unused: 1 tensors not part of the model: something.else" in lines
 
@@ -648,7 +650,8 @@ def test_extra_mtp_tensors_are_reported_as_the_mtp_head_and_unrelated_ones_as_un
 def test_a_long_list_of_unused_tensors_is_shortened_with_a_count(tmp_path):
     folder = copy_fixture(tmp_path)
     rewrite_tensors(folder, lambda t: t.update({f"junk.{i:02d}": np.zeros(1, np.float32) for i in range(13)}))
-    report = minqwen.load(folder).load_report
+    with pytest.warns(UserWarning, match=r"13 tensors .* not used: junk\.00, .* junk\.09, … \(3 more\)"):
+        report = minqwen.load(folder).load_report
     assert report.startswith("unused: 13 tensors not part of the model: junk.00, junk.01")
     assert report.endswith("junk.09, … (3 more)")
 
@@ -889,3 +892,15 @@ def test_a_hub_cache_variable_starting_with_a_tilde_is_under_home(tmp_path, monk
     snapshot.mkdir(parents=True)
     monkeypatch.setenv("HF_HUB_CACHE", "~/hf")
     assert find_checkpoint("org/tiny") == snapshot
+
+
+@pytest.mark.parametrize("extra", ["model.layers.3.self_attn.o_proj.bias", "model.layers.0.linear_attn.norm.bias"])
+def test_a_tensor_the_config_has_no_place_for_is_warned_of_at_load(tmp_path, extra):
+    # transformers warns of a checkpoint's unexpected keys too: an o_proj bias while attention_bias
+    # is false says that config.json and the weights may not belong together.
+    folder = copy_fixture(tmp_path)
+    rewrite_tensors(folder, lambda t: t.update({extra: np.ones(48, np.float32)}))
+    with pytest.warns(UserWarning, match=rf"1 tensors of the checkpoint are not part of the model its config.json "
+                                         rf"describes and were not used: {re.escape(extra)}\."):
+        model = minqwen.load(folder)
+    assert extra in model.load_report
