@@ -705,7 +705,8 @@ def draft_cost_estimate(model: Model, head: MtpHead, draft_vocab: int | None = D
     return draft / step
 
 
-def speculative_decoder(head: MtpHead | None, draft_tokens: int = DRAFT_TOKENS, **options):
+def speculative_decoder(head: MtpHead | None, draft_tokens: int = DRAFT_TOKENS, *,
+                        draft_vocab: int | None = DRAFT_VOCAB, argmax_drafts: bool = False):
     """A drop-in for ``generate_ids`` (same positional arguments) that decodes speculatively.
 
     For ``stream_text(…, decode=speculative_decoder(head, 2))`` and the chat session: each
@@ -714,7 +715,8 @@ def speculative_decoder(head: MtpHead | None, draft_tokens: int = DRAFT_TOKENS, 
     head = require_head(head)
 
     def decode(model, prompt_ids, *args, **kwargs):
-        return speculative_generate(model, head, prompt_ids, *args, draft_tokens=draft_tokens, **options, **kwargs)
+        return speculative_generate(model, head, prompt_ids, *args, draft_tokens=draft_tokens,
+                                    draft_vocab=draft_vocab, argmax_drafts=argmax_drafts, **kwargs)
 
     return decode
 
