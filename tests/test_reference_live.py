@@ -1,7 +1,7 @@
 """The live reference lane: random configs, built in transformers 5.23.0 and in minqwen, must agree.
 
 Hypothesis draws a small Qwen3.5 text config from everything the config allows — head
-counts and dims, value:key head ratios 1 to 4, conv kernels, rotary fractions, fitting and
+counts and dims, value:key head ratios 1 to 4, conv kernels, rotary fractions (odd rotary counts too), fitting and
 non-fitting M-RoPE sections, attention biases, tying, activations, layer patterns, both key
 layouts, fp32 and bf16 storage — builds the reference model with every tensor randomized,
 saves it, loads it into minqwen and compares logits over a prompt and a few cached decode
@@ -26,9 +26,9 @@ ATOL = 1e-4
 
 @st.composite
 def text_configs(draw):
-    head_dim = draw(st.sampled_from([8, 16, 32]))
-    factor = draw(st.sampled_from([f for f in (0.25, 0.5, 1.0) if int(head_dim * f) % 2 == 0 and head_dim * f >= 2]))
-    half_rotary = int(head_dim * factor) // 2
+    head_dim = draw(st.sampled_from([8, 12, 16, 20, 32]))
+    factor = draw(st.sampled_from([0.25, 0.5, 1.0]))  # 12 × 0.25 and 20 × 0.25: an odd count, one more dim turns
+    half_rotary = (int(head_dim * factor) + 1) // 2  # the rotary frequencies
     if draw(st.booleans()):
         section = None  # the default [11, 11, 10], whatever the rotary size (as tiny test models do)
     else:
