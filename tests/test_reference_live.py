@@ -1,11 +1,11 @@
 """The live reference lane: random configs, built in transformers 5.23.0 and in minqwen, must agree.
 
 Hypothesis draws a small Qwen3.5 text config from everything the config allows — head
-counts and dims, value:key head ratios 1 to 4, conv kernels, rotary fractions (odd rotary counts too), fitting and
-non-fitting M-RoPE sections, attention biases, tying, activations, layer patterns, both key
-layouts, fp32 and bf16 storage — builds the reference model with every tensor randomized,
-saves it, loads it into minqwen and compares logits over a prompt and a few cached decode
-steps. Under CI=true this lane must run (see conftest.require_reference).
+counts and dims, value:key head ratios 1 to 4, conv kernels, rotary fractions (odd rotary
+counts too), fitting and non-fitting M-RoPE sections, attention biases, tying, activations,
+layer patterns, both key layouts, fp32 and bf16 storage — builds the reference model with
+every tensor randomized, saves it, loads it into minqwen and compares logits over a prompt
+and a few cached decode steps. Under CI=true this lane must run (see conftest.require_reference).
 
 The bound is 1e-4 on the logits; a draw that misses it by float32 round-off alone is judged
 in float64 (conftest.assert_logits_match_reference).
