@@ -589,6 +589,10 @@ def run_golden_record(args) -> int:
     from .checkpoint import find_checkpoint
 
     model_dir = find_checkpoint(args.model)
+    out = Path(args.out)
+    if os.path.lexists(out) and out.parent.is_dir() and os.path.samefile(out.parent, model_dir):
+        raise MinqwenError(f"--out {args.out}: is a file of the checkpoint being recorded ({model_dir}); writing "
+                           f"the recording there would destroy it. Give another file name")
     ids = parse_token_ids(args.tokens) if args.tokens is not None else encode_prompt(model_dir, args.prompt)
     model = load(model_dir)
     head = None

@@ -678,6 +678,16 @@ def test_golden_record_finds_its_model_as_the_other_commands_do(tmp_path):
                            str(tmp_path / "x.safetensors")), "org/nothing: not in the local Hugging Face cache")
 
 
+@pytest.mark.parametrize("name", ["model.safetensors", "config.json"])
+def test_golden_record_refuses_to_write_over_a_file_of_the_checkpoint_it_records(tmp_path, name):
+    folder = tmp_path / "embedded"
+    shutil.copytree(EMBEDDED, folder)
+    before = (folder / name).read_bytes()
+    result = run("golden", "record", "--model", str(folder), "--tokens", "1,2", "--out", str(folder / name))
+    assert_clean_error(result, f"--out {folder / name}: is a file of the checkpoint being recorded")
+    assert (folder / name).read_bytes() == before
+
+
 # ==================================================================== a review of the changes above
 
 def test_an_empty_system_message_changes_nothing():
