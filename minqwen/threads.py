@@ -59,6 +59,33 @@ def _openblas_threads_nap() -> bool:
 
 OPENBLAS_THREADS_NAP = _openblas_threads_nap()
 
+# Numba's threading layers (NUMBA_THREADING_LAYER): pools by name, or by the safety asked of them.
+NUMBA_THREADING_LAYERS = ("default", "omp", "tbb", "workqueue", "safe", "threadsafe", "forksafe")
+
+
+def check_numba_environment() -> None:
+    """The environment variables Numba reads, checked before it reads them.
+
+    Numba's own checks fail with a ValueError deep inside ``import numba`` (a thread count
+    below 1) or at the first parallel kernel (an unknown threading layer); and with its
+    compiler switched off, minqwen's kernels do not run at all (their NumPy twins are the
+    readable path, not a drop-in).
+    """
+    threads = os.environ.get("NUMBA_NUM_THREADS", "").strip()
+    if threads and not (threads.isdigit() and int(threads) >= 1):
+        raise MinqwenError(f"the environment variable NUMBA_NUM_THREADS is {threads!r}: it must be a whole number "
+                           f"≥ 1 (the most threads Numba may use), or unset")
+    layer = os.environ.get("NUMBA_THREADING_LAYER", "").strip()
+    if layer and layer.lower() not in NUMBA_THREADING_LAYERS:
+        raise MinqwenError(f"the environment variable NUMBA_THREADING_LAYER is {layer!r}: Numba knows "
+                           f"{', '.join(NUMBA_THREADING_LAYERS)}, or unset")
+    if os.environ.get("NUMBA_DISABLE_JIT", "0").strip() not in ("", "0"):
+        raise MinqwenError("the environment variable NUMBA_DISABLE_JIT is set: minqwen's kernels need Numba's "
+                           "compiler; unset it (the kernels' NumPy twins are for reading and tests, not a mode)")
+
+
+check_numba_environment()  # at import: before any module of minqwen imports numba
+
 
 def keep_freed_memory() -> bool:
     """Have glibc's malloc keep freed blocks of up to 32 MB for reuse, not hand them back to the OS.
@@ -195,7 +222,11 @@ def set_threads(n: int | None = None) -> int:
             f"set NUMBA_NUM_THREADS={n} in the environment before starting Python"
         )
     _limits = threadpool_limits(limits=n)
-    numba.set_num_threads(n)
+    try:
+        numba.set_num_threads(n)  # (starts Numba's thread pool, in the threading layer asked for)
+    except ValueError as e:  # a layer this machine lacks, as tbb without the tbb package
+        raise MinqwenError(f"Numba cannot start its threads: {e} (NUMBA_THREADING_LAYER is "
+                           f"{os.environ.get('NUMBA_THREADING_LAYER', 'unset')!r})") from None
     return n
 
 

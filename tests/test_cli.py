@@ -785,3 +785,18 @@ def test_inspect_takes_a_context_of_exactly_the_models_own():
     result = run("inspect", "--context", "2048")
     assert result.returncode == 0, result.stderr
     assert "at a context of 2,048 tokens" in result.stdout
+
+
+@pytest.mark.parametrize("variable, value, message", [
+    ("NUMBA_NUM_THREADS", "0", "NUMBA_NUM_THREADS is '0': it must be a whole number ≥ 1"),
+    ("NUMBA_THREADING_LAYER", "garbage", "NUMBA_THREADING_LAYER is 'garbage': Numba knows default"),
+    ("NUMBA_DISABLE_JIT", "1", "NUMBA_DISABLE_JIT is set: minqwen's kernels need Numba's compiler"),
+])
+def test_numba_environment_variables_of_no_use_are_named_at_import(variable, value, message):
+    # Checked as `import minqwen` runs, before Numba reads them (its own errors are ValueErrors
+    # deep inside its import or first kernel). The command line's handler does not exist yet
+    # then, so this one error still comes with Python's traceback, ending in the message.
+    result = subprocess.run([sys.executable, "-m", "minqwen", "--version"], capture_output=True, text=True,
+                            env=dict(ENV, **{variable: value}), timeout=300)
+    assert result.returncode != 0
+    assert f"MinqwenError: the environment variable {message}" in result.stderr.splitlines()[-1]
