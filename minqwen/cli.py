@@ -13,6 +13,8 @@ traceback: MinqwenError is caught here and printed.
 from __future__ import annotations
 
 import argparse
+import codecs
+import io
 import os
 import re
 import sys
@@ -706,6 +708,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     if sys.stderr is None:  # started with standard error closed (`2>&-`): print(file=None) would write to stdout
         sys.stderr = open(os.devnull, "w")
+    _text_streams_in_utf8()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -731,6 +734,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"minqwen: error: {e}", file=sys.stderr)
         _discard_stdout()
         return 2
+
+
+def _text_streams_in_utf8() -> None:
+    """Read standard input as UTF-8, as prompts are, whatever the locale says; and where the
+    output's encoding cannot show a character the model writes (PYTHONIOENCODING=ascii, say),
+    show "?" for it rather than stop with an encoding error."""
+    if isinstance(sys.stdin, io.TextIOWrapper):
+        sys.stdin.reconfigure(encoding="utf-8")
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper) and codecs.lookup(stream.encoding).name != "utf-8":
+            stream.reconfigure(errors="replace")
 
 
 def _discard_stdout() -> None:

@@ -800,3 +800,15 @@ def test_numba_environment_variables_of_no_use_are_named_at_import(variable, val
                             env=dict(ENV, **{variable: value}), timeout=300)
     assert result.returncode != 0
     assert f"MinqwenError: the environment variable {message}" in result.stderr.splitlines()[-1]
+
+
+def test_an_ascii_only_output_shows_question_marks_and_input_is_still_read_as_utf8():
+    # (before: a UnicodeEncodeError traceback, and UTF-8 input called "not UTF-8 text")
+    env = dict(ENV, PYTHONIOENCODING="ascii")
+    result = subprocess.run([sys.executable, "-m", "minqwen", "generate", "café", "--max-new-tokens", "2"],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("caf?")
+    chat = subprocess.run([sys.executable, "-m", "minqwen", "chat", "--max-new-tokens", "2"], input="café\n",
+                          capture_output=True, text=True, encoding="utf-8", env=env, timeout=300)
+    assert chat.returncode == 0 and "not UTF-8" not in chat.stderr, chat.stderr
