@@ -411,6 +411,12 @@ def run_chat(args) -> int:
         check_utf8(args.system, "--system")  # refused now, not at the first message
     if args.system:
         session.messages.append({"role": "system", "content": args.system})
+        with_a_message = tokenizer.encode(tokenizer.render_chat(session.messages + [{"role": "user", "content": "?"}],
+                                                                enable_thinking=not args.no_think))
+        if len(with_a_message) >= model.config.max_position_embeddings:  # refused now, not at the first message
+            raise MinqwenError(f"--system: the system message leaves no room in the model's context "
+                               f"({len(with_a_message)} tokens with a one-word message and the answer's opening, "
+                               f"of {model.config.max_position_embeddings}: config max_position_embeddings)")
     # Whether the answer prompt opens the reasoning depends on the template and enable_thinking only
     in_think = opens_reasoning(tokenizer.render_chat([{"role": "user", "content": "?"}],
                                                      enable_thinking=not args.no_think))
@@ -464,6 +470,10 @@ def run_chat(args) -> int:
             continue
         printer.close()
         print()
+        if stats.stop_reason == "context":
+            print(f"[the answer was cut short: the conversation has filled the model's context of "
+                  f"{model.config.max_position_embeddings} tokens, and the next message will not fit; start a new "
+                  f"chat to go on]", file=sys.stderr)
         if args.verbose:
             print(f"[decode: {stats.generated_tokens} tokens, {decode_rate(stats)}"
                   f"{speculative_summary(stats)}{compile_note(compiling)}]", file=sys.stderr)

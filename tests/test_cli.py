@@ -812,3 +812,20 @@ def test_an_ascii_only_output_shows_question_marks_and_input_is_still_read_as_ut
     chat = subprocess.run([sys.executable, "-m", "minqwen", "chat", "--max-new-tokens", "2"], input="café\n",
                           capture_output=True, text=True, encoding="utf-8", env=env, timeout=300)
     assert chat.returncode == 0 and "not UTF-8" not in chat.stderr, chat.stderr
+
+
+def test_chat_says_when_an_answer_fills_the_context_and_refuses_a_system_message_that_leaves_no_room():
+    tokenizer = Tokenizer(EMBEDDED)
+    context = minqwen.load(EMBEDDED).config.max_position_embeddings
+
+    def prompt_tokens(words: int) -> int:
+        text = tokenizer.render_chat([{"role": "user", "content": "word " * words}], enable_thinking=False)
+        return len(tokenizer.encode(text))
+
+    words = next(n for n in range(context, 0, -1) if prompt_tokens(n) <= context - 3)  # room for 3 tokens
+    result = run("chat", "--no-think", "--temperature", "0", "--max-new-tokens", "50", stdin="word " * words + "\n")
+    assert result.returncode == 0, result.stderr
+    assert f"[the answer was cut short: the conversation has filled the model's context of {context} tokens" \
+        in result.stderr
+    result = run("chat", "--system", "word " * context, stdin="hi\n")
+    assert_clean_error(result, "--system: the system message leaves no room in the model's context")
