@@ -445,6 +445,19 @@ def cold_starts(folder: Path, dtype: str, threads: int, repeats: int) -> dict:
     return result
 
 
+def check_config(folder: Path) -> None:
+    """Exit with minqwen's own one-line message if ``folder``'s config.json is no Qwen3.5 config.
+
+    Read by minqwen in a child process: this driver imports no minqwen, so that none of its
+    kernels or memory is in the processes that measure."""
+    check = subprocess.run([sys.executable, "-c", "import sys, minqwen.config as c\n"
+                            "try:\n    c.load_config(sys.argv[1])\n"
+                            "except c.MinqwenError as e:\n    sys.exit(str(e))", str(folder)],
+                           capture_output=True, text=True, cwd=TOOLS.parent)
+    if check.returncode != 0:
+        raise SystemExit(f"--model: {check.stderr.strip().splitlines()[-1] if check.stderr.strip() else folder}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=checkpoint_folder,
@@ -479,6 +492,7 @@ def main() -> int:
     folder = args.model or DEFAULT_DIR
     if args.model is None and not (folder / "config.json").is_file():  # made once, by a process with torch
         subprocess.run([sys.executable, str(TOOLS / "real_shape.py"), "make", "--out", str(folder)], check=True)
+    check_config(folder)
     if args.cold_start_only:
         for dtype in ("float32", "bfloat16"):
             print(dtype, json.dumps(cold_starts(folder, dtype, args.threads, args.repeats)), flush=True)

@@ -37,6 +37,9 @@ import ml_dtypes  # noqa: F401  (lets safetensors read bf16 tensors as NumPy arr
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from argtypes import output_folder  # noqa: E402
+
 # ---------------------------------------------------------------------------- the "port"
 
 
@@ -100,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True, type=Path, help="checkpoint folder")
     parser.add_argument("--tokens", required=True, help="prompt token ids, e.g. 5,17,42,99")
     parser.add_argument("--bug", action="store_true", help="forget the 1 + w of the zero-centred RMSNorm")
-    parser.add_argument("--workdir", type=Path,
+    parser.add_argument("--workdir", type=output_folder,
                         help="where to write the two recordings (default: a temporary folder, deleted at the end)")
     args = parser.parse_args(argv)
 
@@ -115,8 +118,6 @@ def main(argv: list[str] | None = None) -> int:
             raise MinqwenError(f"--tokens must be whole numbers separated by commas, got {args.tokens!r}") from None
         if not token_ids or not all(0 <= t < config.vocab_size for t in token_ids):
             raise MinqwenError(f"--tokens must be 1 or more ids in 0 … {config.vocab_size - 1}, got {args.tokens!r}")
-        if args.workdir is not None and args.workdir.exists() and not args.workdir.is_dir():
-            raise MinqwenError(f"--workdir {args.workdir}: is a file; give a folder")
     except MinqwenError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
