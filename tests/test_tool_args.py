@@ -17,6 +17,8 @@ import sys
 
 import pytest
 
+import minqwen
+
 from conftest import FIXTURES, ROOT, require_reference
 
 TOOLS = ROOT / "tools"
@@ -96,6 +98,16 @@ def test_bench_refuses_a_model_that_is_not_a_checkpoint_folder(paths, model, nam
     assert_refused(run_tool("bench.py", "--model", model, "--quick", "--no-transformers", cwd=paths), *names)
 
 
+@pytest.mark.parametrize("config, names", [("{}", ["--model", "field 'model_type' is None"]),
+                                           ("not json", ["--model", "not valid JSON"])])
+def test_bench_names_a_config_that_is_no_qwen35_config_before_it_measures(paths, config, names):
+    # (before: KeyError 'vocab_size', JSONDecodeError, and with --cold-start-only a CalledProcessError)
+    (paths / "empty" / "config.json").write_text(config)
+    for extra in ([], ["--cold-start-only"]):
+        assert_refused(run_tool("bench.py", "--model", "empty", "--quick", "--no-transformers", *extra, cwd=paths),
+                       *names, code=1)
+
+
 # ---------------------------------------------------------------------------- quantize_fp8.py
 
 
@@ -129,6 +141,13 @@ def test_quantize_fp8_refuses_a_spread_whose_scales_overflow_the_scale_dtype(pat
                       "--block", "16", "16", cwd=paths)
     assert_refused(result, "--spread 200", "float16", code=1)
     assert not (paths / "out" / "model.safetensors").exists()
+
+
+def test_quantize_fp8_takes_a_block_larger_than_every_matrix_as_one_block_over_each(paths):
+    # as the loader reads it; before: the padding to whole blocks asked for terabytes
+    result = run_tool("quantize_fp8.py", FIXTURE, "out", "--block", "999999999999", "999999999999", cwd=paths)
+    assert result.returncode == 0, result.stderr
+    assert minqwen.load(paths / "out").config.quantization.weight_block_size == (999999999999, 999999999999)
 
 
 def test_quantize_fp8_names_a_source_config_that_is_not_json(paths):
@@ -249,6 +268,8 @@ def test_real_shape_vision_parity_fails_a_report_beyond_its_tolerances():
     (["--all-steps", "-1"], ["--all-steps", "≥ 1"]),
     (["--threads", "0"], ["--threads", "≥ 1"]),
     (["--json", "no_folder/figure.json"], ["--json", "does not exist"]),
+    (["--only", "64"], ["--quick", "--only"]),  # before: nothing measured, exit 0
+    (["--steps", "5"], ["--quick", "--steps"]),  # before: silently 3 steps
 ])
 def test_moe_figure_refuses_bad_arguments_before_it_builds_checkpoints(paths, args, names):
     assert_refused(run_tool("moe_figure.py", "--quick", *args, cwd=paths), *names)
@@ -336,6 +357,7 @@ def test_train_embedded_refuses_bad_arguments_before_it_trains(paths, args, name
     (["--warmup", "2"], ["--warmup", "≤ 1"]),
     (["--batch-size", "0"], ["--batch-size", "≥ 1"]),
     (["--out", "a_file"], ["--out", "is a file"]),
+    (["--seed", "99999999999999999999999"], ["--seed", "in 0 …"]),  # before: torch's overflow ValueError
 ])
 def test_train_embedded_arguments_are_checked_when_parsed(train_embedded, paths, capsys, monkeypatch, args, names):
     monkeypatch.chdir(paths)
@@ -434,7 +456,8 @@ def test_scripts_without_options_refuse_unknown_ones_instead_of_running(tmp_path
 
 @pytest.mark.parametrize("args, names", [
     (["5B"], ["MEMBER", "'5B'", "0.8B"]),
-    (["--vocab", "1"], ["--vocab", "≥ 2"]),
+    (["--vocab", "1"], ["--vocab", "in 2 … 1048576"]),
+    (["--vocab", "999999999999"], ["--vocab", "in 2 … 1048576"]),
     (["--out", "a_file"], ["--out", "is a file"]),
 ])
 def test_family_shapes_refuses_bad_arguments(paths, args, names):

@@ -452,7 +452,7 @@ def check_config(folder: Path) -> None:
     kernels or memory is in the processes that measure."""
     check = subprocess.run([sys.executable, "-c", "import sys, minqwen.config as c\n"
                             "try:\n    c.load_config(sys.argv[1])\n"
-                            "except c.MinqwenError as e:\n    sys.exit(str(e))", str(folder)],
+                            "except c.MinqwenError as e:\n    sys.exit(str(e))", str(folder.absolute())],
                            capture_output=True, text=True, cwd=TOOLS.parent)
     if check.returncode != 0:
         raise SystemExit(f"--model: {check.stderr.strip().splitlines()[-1] if check.stderr.strip() else folder}")

@@ -191,7 +191,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("members", nargs="*", type=member_name, metavar="MEMBER",
                         help=f"which members (default: all): {', '.join(MEMBERS)}")
-    parser.add_argument("--vocab", type=whole_number(2), default=4096, help="vocabulary size (default 4096)")
+    parser.add_argument("--vocab", type=whole_number(2, 1 << 20), default=4096,
+                        help="vocabulary size (default 4096; the releases' is 248,320)")
     parser.add_argument("--out", type=output_folder, default=ROOT / "scratch" / "family-shapes",
                         help="where the checkpoints and logits go (default scratch/family-shapes; never commit)")
     parser.add_argument("--run", choices=RUNS, help=argparse.SUPPRESS)  # internal: one run in this process

@@ -234,6 +234,11 @@ def main() -> int:
                         help="smoke test: toy widths in a temporary folder, 3 steps (the times mean nothing)")
     args = parser.parse_args()
     if args.quick:
+        # its one toy config is neither of --only's, and it sets its own step counts
+        given = [option for option, value, default in (("--only", args.only, None), ("--steps", args.steps, 16),
+                                                       ("--all-steps", args.all_steps, 4)) if value != default]
+        if given:
+            parser.error(f"--quick runs its own toy config for 3 steps; it does not take {', '.join(given)}")
         args.steps, args.all_steps = 3, 3
     print(f"{args.threads} threads; load average before: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
 

@@ -70,17 +70,17 @@ def block_scales(weight: np.ndarray, block: tuple[int, int], scale_dtype: np.dty
     max|block| / 448 makes the block's largest value the largest FP8 value; the random factor
     2^k, k in 0 … spread, only ever makes a scale larger, so no quantized value overflows.
     """
-    b0, b1 = block
     *lead, rows, cols = weight.shape
+    b0, b1 = min(block[0], rows), min(block[1], cols)  # a block past the matrix is one block over it
     grid = fp8_scale_grid(weight.shape, block)
     # Pad to whole blocks with zeros (they do not change a block's max), then take each block's max.
     padded = np.zeros((*lead, grid[-2] * b0, grid[-1] * b1), np.float32)
     padded[..., :rows, :cols] = np.abs(weight)
     amax = padded.reshape(*lead, grid[-2], b0, grid[-1], b1).max(axis=(-3, -1))  # [..., ⌈R/b0⌉, ⌈C/b1⌉]
-    scale = amax / FP8_MAX * 2.0 ** rng.integers(0, spread + 1, size=amax.shape)
-    # An all-zero block, or a scale below what the storage dtype can hold: the smallest normal one.
-    scale = np.maximum(scale, float(ml_dtypes.finfo(scale_dtype).tiny))
-    with np.errstate(over="ignore"):  # reported below, by the option that causes it
+    with np.errstate(over="ignore"):  # an overflow is reported below, by the option that causes it
+        scale = amax / FP8_MAX * 2.0 ** rng.integers(0, spread + 1, size=amax.shape)
+        # An all-zero block, or a scale below what the storage dtype can hold: the smallest normal one.
+        scale = np.maximum(scale, float(ml_dtypes.finfo(scale_dtype).tiny))
         stored = scale.astype(scale_dtype)
     if not np.isfinite(stored.astype(np.float32)).all():  # an inf scale would quantize its block to zeros
         raise SystemExit(f"--spread {spread}: a scale exceeds the largest {scale_dtype.name} value; "
@@ -90,8 +90,8 @@ def block_scales(weight: np.ndarray, block: tuple[int, int], scale_dtype: np.dty
 
 def quantize(weight: np.ndarray, scale_inv: np.ndarray, block: tuple[int, int]) -> np.ndarray:
     """weight [..., R, C] ÷ its block's stored scale, rounded to E4M3 → F8 [..., R, C]."""
-    b0, b1 = block
     rows, cols = weight.shape[-2:]
+    b0, b1 = min(block[0], rows), min(block[1], cols)  # a block past the matrix is one block over it
     per_element = np.repeat(np.repeat(scale_inv.astype(np.float32), b0, axis=-2), b1, axis=-1)[..., :rows, :cols]
     return np.clip(weight / per_element, -FP8_MAX, FP8_MAX).astype(FP8)
 
