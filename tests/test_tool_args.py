@@ -193,6 +193,23 @@ def test_real_shape_only_belongs_to_mtp_parity(paths):
                    "--only", "mtp-parity")
 
 
+@pytest.mark.parametrize("what", ["make", "parity", "vision-parity"])
+@pytest.mark.parametrize("option", [["--layers", "2"], ["--experts", "3"], ["--top-k", "2"]])
+def test_real_shape_refuses_the_moe_options_where_they_would_change_nothing(paths, what, option):
+    # (before: `make --layers 2` built the whole 1.5 GB checkpoint)
+    assert_refused(run_tool("real_shape.py", what, "--out", paths / "none", *option, cwd=paths),
+                   option[0], "options of make-moe and mtp-parity")
+    assert not (paths / "none").exists()
+
+
+def test_real_shape_refuses_to_reuse_a_folder_holding_another_checkpoint(paths):
+    # (before: "reusing", then an IndexError from token ids past the other model's vocabulary)
+    require_reference()
+    shutil.copytree(FIXTURE, paths / "other")
+    assert_refused(run_tool("real_shape.py", "parity", "--out", paths / "other", cwd=paths),
+                   "holds another checkpoint", "vocab_size", code=1)
+
+
 def test_real_shape_make_moe_keeps_256_experts_by_default(paths):
     # --top-k 200 passes make-moe's expert check (256 by default; mtp-parity's 32 would refuse it),
     # so the refusal comes from the check after it

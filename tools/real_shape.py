@@ -70,6 +70,14 @@ def make(out: Path, seed: int = 0) -> Path:
     from reference import build_model, real_shape_text_config, save_checkpoint
 
     if (out / "config.json").is_file():
+        stored = json.loads((out / "config.json").read_text())
+        stored = stored.get("text_config", stored)
+        wanted = real_shape_text_config()
+        differ = [key for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "layer_types")
+                  if stored.get(key) != wanted[key]]
+        if differ:  # parity would draw ids past its vocabulary, and measure another model
+            raise SystemExit(f"--out {out}: holds another checkpoint ({', '.join(differ)} not the Qwen3.5-0.8B "
+                             f"shape's); give an empty folder, or the real-shape checkpoint's")
         print(f"reusing {out}")
         return out
     start = time.time()
@@ -763,14 +771,21 @@ def main() -> int:
     parser.add_argument("--out", type=output_folder, default=None)
     parser.add_argument("--experts", type=whole_number(1), default=None,
                         help=f"default: 256 (make-moe), {MTP_MOE_EXPERTS} (mtp-parity)")
-    parser.add_argument("--top-k", type=whole_number(1), default=8)
-    parser.add_argument("--layers", type=whole_number(1), default=4)
+    parser.add_argument("--top-k", type=whole_number(1), default=None, help="default 8")
+    parser.add_argument("--layers", type=whole_number(1), default=None, help="default 4")
     parser.add_argument("--only", choices=["dense", "moe"], help="mtp-parity: run only one of its two checks")
     parser.add_argument("--vision-config", choices=list(VISION_MEMBERS), default=None,
                         help="vision-parity: whose vision tower (default 0.8b)")
     parser.add_argument("--blocks", type=whole_number(1), default=None,
                         help="vision-parity: build only the tower's first N blocks (default: all of them)")
     args = parser.parse_args()
+    given = [flag for flag, value in (("--experts", args.experts), ("--top-k", args.top_k), ("--layers", args.layers))
+             if value is not None]
+    if args.what in ("make", "parity", "vision-parity") and given:
+        # else `make --layers 2` would quietly build the whole 1.5 GB text checkpoint
+        parser.error(f"{', '.join(given)}: options of make-moe and mtp-parity, not of {args.what}")
+    args.top_k = 8 if args.top_k is None else args.top_k
+    args.layers = 4 if args.layers is None else args.layers
     if args.experts is None:
         args.experts = MTP_MOE_EXPERTS if args.what == "mtp-parity" else 256
     if args.top_k > args.experts:
