@@ -371,14 +371,16 @@ def run_generate(args) -> int:
 # --------------------------------------------------------------------------- chat
 
 
-def attach_image(session, path: str, spec):
-    """Read an image for the chat's next message, loading the vision tower the first time; say so on stderr."""
+def attach_image(session, path: str, spec, given_as: str = "/image"):
+    """Read an image for the chat's next message, loading the vision tower the first time; say so on stderr.
+
+    ``given_as``: "/image" (a line of the chat) or "--image" (the option), for the errors."""
     from . import vision
     from .checkpoint import find_checkpoint
     from .image import read_image
 
     if not path:
-        raise MinqwenError("/image needs a path: /image PATH")
+        raise MinqwenError(f"{given_as} needs a path: {given_as} PATH")
     if session.tower is None:
         session.tower = vision.load_vision(find_checkpoint(spec))
     pixels = read_image(Path(os.path.expanduser(path)))  # (Path.expanduser raises for an unknown ~user)
@@ -420,7 +422,7 @@ def run_chat(args) -> int:
     # Whether the answer prompt opens the reasoning depends on the template and enable_thinking only
     in_think = opens_reasoning(tokenizer.render_chat([{"role": "user", "content": "?"}],
                                                      enable_thinking=not args.no_think))
-    pending = [attach_image(session, path, args.model) for path in args.image]  # images for the next message
+    pending = [attach_image(session, path, args.model, "--image") for path in args.image]  # for the next message
     interactive = sys.stdin.isatty()
     if interactive:
         print("minqwen chat — /image PATH shows the model an image; Ctrl-D or Ctrl-C to leave.", file=sys.stderr)
@@ -518,6 +520,8 @@ def run_score(args) -> int:
     from .scoring import score_text
 
     path = Path(args.file)
+    if args.file != "-" and path.exists() and (path.is_char_device() or path.is_block_device()):
+        raise MinqwenError(f"{args.file}: a device, not a text file (it might never end)")
     try:
         text = read_stdin() if args.file == "-" else path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:

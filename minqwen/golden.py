@@ -62,6 +62,7 @@ import fnmatch
 import hashlib
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -405,6 +406,11 @@ def save(recording: dict[str, np.ndarray], path, metadata: dict) -> None:
         save_file(arrays, str(path), metadata={key: json.dumps(value) for key, value in full.items()})
     except Exception as e:  # safetensors raises its own error type for a file it cannot write
         raise MinqwenError(f"{path}: cannot write the golden file here ({e})") from None
+    # safetensors writes a private temporary file (mode 600) and renames it: give the file the
+    # mode any new file gets here, as a golden file is made to be shared
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)
 
 
 @dataclass

@@ -65,8 +65,9 @@ class SamplingParams:
             with np.errstate(over="ignore"):
                 as_float32 = np.float32(value)
             if not np.isfinite(as_float32) or (name == "repetition_penalty" and as_float32 == 0):  # (it divides)
-                raise MinqwenError(f"{name} must fit in float32, the logits' type (magnitude up to 3e38; a "
-                                   f"repetition_penalty at least 1e-45), got {_shown(value)}")
+                smallest = "; at least 1e-45, since it divides" if name == "repetition_penalty" else ""
+                raise MinqwenError(f"{name} must fit in float32, the logits' type (magnitude up to 3e38{smallest}), "
+                                   f"got {_shown(value)}")
 
     @property
     def greedy(self) -> bool:

@@ -829,3 +829,18 @@ def test_chat_says_when_an_answer_fills_the_context_and_refuses_a_system_message
         in result.stderr
     result = run("chat", "--system", "word " * context, stdin="hi\n")
     assert_clean_error(result, "--system: the system message leaves no room in the model's context")
+
+
+def test_score_refuses_a_device_and_chat_names_an_empty_image_option(tmp_path):
+    if os.path.exists("/dev/zero"):  # it never ends: before, score read until memory ran out
+        assert_clean_error(run("score", "/dev/zero"), "/dev/zero: a device, not a text file")
+    assert_clean_error(run("chat", "--image", "", stdin=""), "--image needs a path")
+
+
+def test_a_golden_file_gets_the_mode_any_new_file_gets(tmp_path):
+    # safetensors writes a private temporary file (600) and renames it; a golden file is for sharing
+    umask = os.umask(0)
+    os.umask(umask)
+    out = tmp_path / "g.safetensors"
+    assert run("golden", "record", "--tokens", "1,2", "--taps", "logits", "--out", str(out)).returncode == 0
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask

@@ -156,6 +156,7 @@ def test_a_prompt_is_tokenized_with_the_checkpoints_tokenizer_json(tool, capsys,
     (["--reference-model", FIXTURES / "multimodal_sharded"], "hold different model configs"),
     (["--seed", "-1"], "--seed must be ≥ 0"),
     (["--keep", FIXTURES / "text_tied_fp32" / "config.json"], "is a file; give a folder"),
+    (["--random-tokens", "600"], "600 tokens (random ids, seed 0) and --new-tokens 16 pass the model's context of 512"),
 ])
 def test_errors_exit_2_with_a_message(tool, capsys, args, message):
     code, out, err = run(tool, capsys, "--model", FIXTURES / "text_tied_fp32", *args)

@@ -233,8 +233,10 @@ def test_greedy_still_takes_the_argmax_when_a_penalty_overflows():
 def test_a_penalty_beyond_float32_is_refused_where_it_is_given(options):
     # The logits are float32, as in the reference: a penalty float32 cannot hold would turn
     # logits into NaN (0 × inf, inf − inf) and the model would be blamed.
-    with pytest.raises(MinqwenError, match=f"^{next(iter(options))} must fit in float32"):
+    with pytest.raises(MinqwenError, match=f"^{next(iter(options))} must fit in float32") as refused:
         SamplingParams(**options)
+    # only the penalty that divides has a smallest value to tell
+    assert ("at least 1e-45" in str(refused.value)) == ("repetition_penalty" in options)
 
 
 def test_a_tiny_temperature_that_stays_in_range_samples_the_argmax():
