@@ -260,8 +260,9 @@ def main(argv=None) -> int:
         ids, origin = prompt_ids(args.model, config.vocab_size, args.prompt, args.tokens, args.random_tokens,
                                  args.seed)
         if len(ids) + args.new_tokens > config.max_position_embeddings:
-            raise MinqwenError(f"the prompt's {len(ids)} tokens ({origin}) and --new-tokens {args.new_tokens} pass the "
-                               f"model's context of {config.max_position_embeddings} positions (max_position_embeddings)")
+            raise MinqwenError(f"the prompt's {len(ids)} tokens ({origin}) and --new-tokens {args.new_tokens} pass "
+                               f"the model's context of {config.max_position_embeddings} positions "
+                               f"(max_position_embeddings)")
         if args.threads is not None:
             import torch
 
