@@ -217,8 +217,7 @@ def check_head_fits(model: Model, head) -> None:
     A head loaded for another model meets this model's hidden states and embeddings with other
     widths (a numpy broadcast error deep inside a norm), or attends with other head counts.
     """
-    if not (hasattr(model, "config") and hasattr(model, "embed")):
-        raise MinqwenError(f"model must be a minqwen model (minqwen.load(folder)), got {type(model).__name__}")
+    check_model(model)
     if not isinstance(head, MtpHead):
         raise MinqwenError(f"head must be an MTP head (minqwen.mtp.load_mtp(folder, model)), got {type(head).__name__}")
     if _head_shapes(head) != _head_shapes_for(model, len(head.layers)):

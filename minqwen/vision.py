@@ -672,8 +672,9 @@ def multimodal_inputs(model, tower: VisionTower, token_ids, images, cache=None) 
     order. With a ``cache`` the ids continue it: positions start at
     ``cache.position + cache.rope_delta`` (so images may arrive in any turn of a chat).
     """
-    if not (hasattr(model, "config") and hasattr(model, "embed")):
-        raise MinqwenError(f"model must be a minqwen model (minqwen.load(folder)), got {type(model).__name__}")
+    from .generate import check_model  # here: generate.py imports this module
+
+    check_model(model)
     if not isinstance(tower, VisionTower):
         raise MinqwenError(f"tower must be a vision tower (minqwen.vision.load_vision(folder)), got "
                            f"{type(tower).__name__}")
