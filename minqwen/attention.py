@@ -32,7 +32,7 @@ from .errors import MinqwenError
 from .linear import BLAS_ROWS, CACHE_LINE, PREFETCH_AHEAD_BYTES, linear, linears, prefetch
 from .norms import rms_norm
 from .rope import apply_rotary
-from .threads import numba_does_the_products
+from .threads import numba_does_the_products, serial_and_parallel
 
 # Queries are processed in blocks of this many rows so that the score matrix never holds more
 # than heads × block × context floats, even for very long prompts.
@@ -234,8 +234,7 @@ def _prefetch_row(rows, s):
             prefetch(row, i)
 
 
-@numba.njit(parallel=True, fastmath={"reassoc", "contract"}, cache=True)
-def _attention_blocks_kernel(rows, keys, values, visible, scale, block, block_max, block_sum, block_out):
+def _attention_blocks_loops(rows, keys, values, visible, scale, block, block_max, block_sum, block_out):
     """For one key head, per block b of keys: the partial softmax of every query row r.
 
     rows [R, D], keys and values [S, D]. block_max[b, r] = max score m, block_sum[b, r] =
@@ -285,6 +284,10 @@ def _attention_blocks_kernel(rows, keys, values, visible, scale, block, block_ma
                 out_r = out[r]
                 for i in range(head_dim):
                     out_r[i] += weight * value[i]
+
+
+_attention_blocks_kernel_serial, _attention_blocks_kernel = serial_and_parallel(
+    _attention_blocks_loops, fastmath={"reassoc", "contract"})
 
 
 def gated_attention(

@@ -74,6 +74,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .errors import MinqwenError
+from .threads import serial_and_parallel
 
 TILE_TOKENS = 8  # input rows a tile holds
 TILE_VECTORS = 3  # 16-output vectors a tile holds: 8 × 3 sums + 3 weight vectors + 1 broadcast fit the 32 registers
@@ -173,7 +174,6 @@ def check_bf16_dot_available() -> None:
 # --------------------------------------------------------------------------- activations
 
 
-@numba.njit(parallel=True, cache=True)
 def _round_loops(x, pairs):
     """pairs[t, p] = bf16(x[t, 2p]) | bf16(x[t, 2p + 1]) << 16; a missing last neighbour is 0."""
     n_rows, n_in = x.shape
@@ -184,6 +184,9 @@ def _round_loops(x, pairs):
             lo = _bf16_bits(bits[2 * p])
             hi = _bf16_bits(bits[2 * p + 1]) if 2 * p + 1 < n_in else np.uint32(0)
             row[p] = np.int32(lo | (hi << np.uint32(16)))
+
+
+_round_kernel_serial, _round_kernel = serial_and_parallel(_round_loops)
 
 
 @numba.njit(inline="always")
@@ -204,7 +207,7 @@ def round_to_bf16_pairs(x: np.ndarray) -> np.ndarray:
     """x [T, in] float32 → int32 [T, ceil(in / 2)]: each word two neighbouring inputs as bf16, the first in the low half."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     pairs = np.empty((x.shape[0], (x.shape[1] + 1) // 2), np.int32)
-    _round_loops(x, pairs)
+    _round_kernel(x, pairs)
     return pairs
 
 
@@ -341,7 +344,7 @@ def _products_loops(x_pairs, weight_bits, out):
                 out[t0 + i, first:first + width] = sums[i, :width]
 
 
-_products_kernel = numba.njit(parallel=True, cache=True)(_products_loops)
+_products_kernel_serial, _products_kernel = serial_and_parallel(_products_loops)
 
 
 # --------------------------------------------------------------------------- the product on AMX tiles
@@ -418,7 +421,6 @@ def _tiles_release(typingctx):
     return types.void(), codegen
 
 
-@numba.njit(parallel=True, cache=True)
 def _split_loops(x, x_tiles):
     """x float32 [T, in] → x_tiles int32 [T'/32, P'/16, S, 2, 16, 16]: x as S bf16 parts, in tiles.
 
@@ -471,6 +473,9 @@ def _split_loops(x, x_tiles):
                             row[j] = words[s, h * TILE_WORDS + j, r]
 
 
+_split_kernel_serial, _split_kernel = serial_and_parallel(_split_loops)
+
+
 def split_into_bf16_parts(x: np.ndarray, n_parts: int) -> np.ndarray:
     """x [T, in] float32 → int32 [T'/32, P'/16, n_parts, 2, 16, 16], the layout :func:`_amx_block` reads."""
     if n_parts not in (1, EXACT_PARTS):  # the kernel writes exactly these
@@ -479,7 +484,7 @@ def split_into_bf16_parts(x: np.ndarray, n_parts: int) -> np.ndarray:
     n_blocks = -(-x.shape[0] // AMX_TOKENS)
     n_steps = -(-x.shape[1] // (2 * TILE_ROWS))  # an activation tile covers 16 pairs: 32 inputs
     x_tiles = np.empty((n_blocks, n_steps, n_parts, 2, TILE_ROWS, TILE_WORDS), np.int32)
-    _split_loops(x, x_tiles)
+    _split_kernel(x, x_tiles)
     return x_tiles
 
 
@@ -589,7 +594,7 @@ def _amx_products_loops(x_tiles, weight_words, out, table, group):
         _tiles_release()
 
 
-_amx_products_kernel = numba.njit(parallel=True, cache=True)(_amx_products_loops)
+_amx_products_kernel_serial, _amx_products_kernel = serial_and_parallel(_amx_products_loops)
 
 
 def _blocks_a_group(n_out: int, n_steps: int) -> int:

@@ -64,6 +64,7 @@ from .errors import MinqwenError
 from .linear import (BF16, BLAS_ROWS, BLOCK, CACHE_LINE, PREFETCH_AHEAD_BYTES, _prefetch_block, _row_a_quarter_on,
                      as_float32, linear)
 from .mlp import MLPWeights, swiglu_mlp
+from .threads import serial_and_parallel
 
 
 @dataclass
@@ -220,8 +221,7 @@ def grouped_rows_bf16_numpy(x: np.ndarray, starts: np.ndarray, matrices: list) -
 GROUPED_BLOCK = 64  # weight rows per work item of _grouped_rows_kernel
 
 
-@numba.njit(parallel=True, fastmath=True, cache=True)
-def _grouped_rows_kernel(x, starts, matrices_bits, out):
+def _grouped_rows_loops(x, starts, matrices_bits, out):
     """out[j, r] = Σ_i x[j, i] · widen(w[r, i]), w the matrix of row j's group.
 
     x [n, in] float32; starts [M + 1]; matrices_bits M × [out, in] (bf16 bits, uint16); out [n, out].
@@ -265,6 +265,9 @@ def _grouped_rows_kernel(x, starts, matrices_bits, out):
                         a2 += xs[i] * as_float32(v2[i])
                         a3 += xs[i] * as_float32(v3[i])
                 out[j, r], out[j, r1], out[j, r2], out[j, r3] = a0, a1, a2, a3
+
+
+_grouped_rows_kernel_serial, _grouped_rows_kernel = serial_and_parallel(_grouped_rows_loops, fastmath=True)
 
 
 def grouped_rows_bf16(x: np.ndarray, starts: np.ndarray, matrices: list) -> np.ndarray:

@@ -5,6 +5,9 @@ threadpoolctl) and Numba's parallel kernels. Numba cannot use more threads than
 ``NUMBA_NUM_THREADS`` said when numba was first imported; to go higher, set that variable
 before importing minqwen.
 
+Every parallel kernel is launched through :func:`launched_safely`, so that a model may be
+used from several Python threads, and in a child process forked after it ran.
+
 Importing minqwen also asks the C allocator to keep freed memory for reuse
 (:func:`keep_freed_memory`), and keeps Numba's compiled kernels out of an installed package
 (:func:`numba_cache_outside_the_package`).
@@ -15,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -187,6 +191,7 @@ def serial_and_parallel(loops, **options):
     cache entry, and whichever was compiled first would be loaded for both (seen here: the
     "parallel" few-row kernel, cached by a process that had only needed the serial one, ran on
     one thread). So each build gets a function of its own name over the same code.
+    The parallel build is returned wrapped by :func:`launched_safely`.
     """
     import types
 
@@ -201,7 +206,54 @@ def serial_and_parallel(loops, **options):
 
     serial = numba.njit(cache=True, **options)(named("_serial"))
     parallel = numba.njit(parallel=True, cache=True, **options)(named("_parallel"))
-    return serial, parallel
+    return serial, launched_safely(parallel, serial)
+
+
+# Numba runs parallel kernels on one of three thread pools ("threading layers"), whichever it
+# finds first: TBB, OpenMP, or its own workqueue. Two of them break uses of minqwen that a
+# user may well try, so every parallel kernel is launched through launched_safely():
+# * workqueue, where neither TBB nor OpenMP is installed (macOS without libomp, for one),
+#   aborts the whole process when two Python threads launch parallel kernels at the same time
+#   (seen here: four threads generating with one model). One launch at a time avoids it, on
+#   any layer: each kernel takes every core anyway.
+# * GNU OpenMP (the omp layer on Linux) cannot run in a child forked from a process that used
+#   it; Numba kills such a child at its first parallel kernel (multiprocessing forks by
+#   default on Linux before Python 3.14). A forked child of such a process runs the serial
+#   builds instead.
+_launching = threading.Lock()
+_forked_from_openmp = False
+
+
+def launched_safely(parallel, serial):
+    """``parallel`` (a parallel Numba build) as a function that is safe to call from threads and forked children.
+
+    Launches go one at a time; in a child forked from a process whose kernels ran on GNU
+    OpenMP, ``serial`` (the same loops built without ``parallel=True``) runs instead.
+    """
+    def launch(*args):
+        if _forked_from_openmp:
+            return serial(*args)
+        with _launching:
+            return parallel(*args)
+
+    launch.__name__ = launch.__qualname__ = getattr(parallel, "__name__", "parallel")
+    launch.parallel, launch.serial = parallel, serial
+    return launch
+
+
+def _after_fork_in_child() -> None:
+    global _launching, _forked_from_openmp, _blas_switch
+    # a lock another thread held at the fork would stay held for ever
+    _launching, _blas_switch = threading.Lock(), threading.Lock()
+    if "numba" in sys.modules and not _forked_from_openmp:
+        try:
+            _forked_from_openmp = sys.modules["numba"].threading_layer() == "omp"
+        except ValueError:  # no parallel kernel ran yet: the child starts a pool of its own
+            pass
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def set_threads(n: int | None = None) -> int:
@@ -241,24 +293,35 @@ def one_blas_thread(active: bool = True):
     on the Qwen3.5-0.8B shape with bf16 weights, 512 tokens of context (where attention's
     matmuls are big enough for OpenBLAS to go parallel): 311 ms a decode step, 103 ms with BLAS
     on one thread. Switching costs ~12 µs.
+    Blocks may nest, and may be open in several threads at once: the first to open sets BLAS
+    to one thread, the last to close gives it back its threads. (Each block restoring what it
+    found would leave BLAS on one thread for good once two threads' blocks overlapped.)
     """
-    global _controller, _blas_aside
+    global _controller, _blas_aside, _blas_limit
     if not active:
         yield
         return
-    if _controller is None:
-        from threadpoolctl import ThreadpoolController
+    with _blas_switch:
+        if _blas_aside == 0:
+            if _controller is None:
+                from threadpoolctl import ThreadpoolController
 
-        _controller = ThreadpoolController()
-    with _controller.limit(limits=1, user_api="blas"):
+                _controller = ThreadpoolController()
+            _blas_limit = _controller.limit(limits=1, user_api="blas")
         _blas_aside += 1
-        try:
-            yield
-        finally:
+    try:
+        yield
+    finally:
+        with _blas_switch:
             _blas_aside -= 1
+            if _blas_aside == 0:
+                _blas_limit.restore_original_limits()
+                _blas_limit = None
 
 
-_blas_aside = 0  # how many one_blas_thread blocks are open
+_blas_aside = 0  # how many one_blas_thread blocks are open, in every thread
+_blas_limit = None  # threadpoolctl's limiter while any is open
+_blas_switch = threading.Lock()
 
 
 def numba_does_the_products() -> bool:

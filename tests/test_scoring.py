@@ -158,7 +158,9 @@ def test_serial_and_parallel_builds_of_a_kernel_keep_separate_numba_caches():
              (linear._widen_kernel_serial, linear._widen_kernel),
              (deltanet._recurrent_kernel, deltanet._recurrent_kernel_parallel)]
     names = set()
-    for serial, parallel in pairs:
+    for serial, launch in pairs:
+        parallel = launch.parallel  # the build behind threads.launched_safely's function
+        assert launch.serial is serial
         assert not serial.targetoptions.get("parallel") and parallel.targetoptions.get("parallel")
         assert serial.py_func.__code__ is parallel.py_func.__code__  # one body, as the twin tests assume
         names |= {serial._cache._cache_file._index_name, parallel._cache._cache_file._index_name}

@@ -1,5 +1,6 @@
 """The process settings minqwen makes on import (minqwen/threads.py)."""
 
+import json
 import os
 import resource
 import shutil
@@ -102,3 +103,101 @@ def test_openblas_threads_nap_from_a_timeout_of_18_or_less(monkeypatch, value, n
 
     monkeypatch.setenv("OPENBLAS_THREAD_TIMEOUT", value)
     assert _openblas_threads_nap() is naps
+
+
+# Generation from several Python threads at once, and in a child forked after the parent
+# generated: each runs in a fresh process, whose output the test compares with one thread's.
+CONCURRENT = """
+import json, sys, threading
+import minqwen
+from minqwen.checkpoint import EMBEDDED
+from minqwen.generate import generate_ids
+model = minqwen.load(EMBEDDED, dtype="bfloat16")  # bf16: its LM head runs a parallel kernel
+prompts = [list(range(5 + i, 40 + i)) for i in range(4)]
+alone = [list(generate_ids(model, p, max_new_tokens=32)) for p in prompts]
+differ = []
+def work(i):
+    for _ in range(3):
+        if list(generate_ids(model, prompts[i], max_new_tokens=32)) != alone[i]:
+            differ.append(i)
+threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+for t in threads: t.start()
+for t in threads: t.join()
+print(json.dumps({"differ": differ}))
+"""
+
+FORKED = """
+import json, multiprocessing, numba
+import minqwen
+from minqwen.checkpoint import EMBEDDED
+from minqwen.generate import generate_ids
+model = minqwen.load(EMBEDDED, dtype="bfloat16")
+prompt = list(range(5, 40))
+alone = list(generate_ids(model, prompt, max_new_tokens=32))  # the parent's kernels start its thread pool
+def child(queue):
+    queue.put(list(generate_ids(model, prompt, max_new_tokens=32)))
+context = multiprocessing.get_context("fork")
+queue = context.Queue()
+process = context.Process(target=child, args=(queue,))
+process.start()
+process.join(120)
+print(json.dumps({"layer": numba.threading_layer(), "exitcode": process.exitcode,
+                  "same": process.exitcode == 0 and queue.get() == alone}))
+"""
+
+
+@pytest.mark.parametrize("layer", ["default", "workqueue"])
+def test_threads_generating_at_once_get_what_one_thread_gets(layer):
+    # Numba's workqueue pool (its fallback where neither TBB nor OpenMP is installed) aborted
+    # the process when two threads launched parallel kernels at once; minqwen launches them
+    # one at a time.
+    env = dict(os.environ, NUMBA_THREADING_LAYER=layer)
+    out = subprocess.run([sys.executable, "-c", CONCURRENT], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.splitlines()[-1]) == {"differ": []}
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_a_child_forked_after_generating_generates_the_same():
+    # On Numba's omp layer (GNU OpenMP) a forked child was killed at its first parallel kernel;
+    # it now runs the serial builds.
+    out = subprocess.run([sys.executable, "-c", FORKED], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.splitlines()[-1])
+    assert result["exitcode"] == 0 and result["same"], (result, out.stderr[-2000:])
+
+
+def test_a_forked_child_of_an_openmp_process_runs_the_serial_build(monkeypatch):
+    from minqwen import threads
+
+    calls = []
+    launch = threads.launched_safely(lambda *a: calls.append(("parallel", a)), lambda *a: calls.append(("serial", a)))
+    launch(1, 2)
+    monkeypatch.setattr(threads, "_forked_from_openmp", True)
+    launch(3)
+    assert calls == [("parallel", (1, 2)), ("serial", (3,))]
+
+
+def test_one_blas_thread_blocks_that_overlap_give_blas_its_threads_back():
+    # As two threads' blocks overlap: the first opens, the second opens, the first closes
+    # while the second is still open, then the second closes. Each restoring what it found
+    # left BLAS on one thread for good.
+    import numba
+
+    from minqwen.threads import one_blas_thread, set_threads, threads_in_use
+
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs two threads to tell one thread from the setting before")
+    set_threads(2)
+    try:
+        before = threads_in_use()["blas"]
+        assert before == [2]
+        first, second = one_blas_thread(), one_blas_thread()
+        first.__enter__()
+        second.__enter__()
+        first.__exit__(None, None, None)
+        assert threads_in_use()["blas"] == [1]  # the second block is still open
+        second.__exit__(None, None, None)
+        assert threads_in_use()["blas"] == before
+    finally:
+        set_threads()
