@@ -57,18 +57,21 @@ class Cache:
 
     ``position`` counts the tokens consumed so far. ``rope_delta`` is added to it to get the
     next rotary position (non-zero once images have been placed in the sequence, since an
-    image spans fewer positions than tokens).
+    image spans fewer positions than tokens). ``stopped_midway`` says why a forward pass
+    stopped part-way through the layers (an error, Ctrl-C), or is None: such a cache is
+    refused from then on, since its first layers hold that pass's tokens and the others do not.
     """
 
     def __init__(self, layers: list):
         self.layers = layers  # per layer: DeltaNetState or KVCache
         self.position = 0
         self.rope_delta = 0
+        self.stopped_midway: str | None = None
 
     def copy(self) -> Cache:
         """An independent snapshot: restore it to roll back (a DeltaNet memory cannot be rewound)."""
         new = Cache([layer.copy() for layer in self.layers])
-        new.position, new.rope_delta = self.position, self.rope_delta
+        new.position, new.rope_delta, new.stopped_midway = self.position, self.rope_delta, self.stopped_midway
         return new
 
     @property
@@ -246,7 +249,11 @@ class Model:
         with one_blas_thread(self.numba_multiplies(t_len)), rounding_prompts_to_bf16(self.bf16_prompts):
             for i, (layer, state) in enumerate(zip(self.layers, cache.layers)):
                 layer_tap = None if tap is None else prefixed(tap, f"layers.{i}.")
-                x = self.decoder_layer(x, layer, state, cos, sin, layer_tap)
+                try:
+                    x = self.decoder_layer(x, layer, state, cos, sin, layer_tap)
+                except BaseException as e:  # the layers before i took these tokens in: mark the cache
+                    cache.stopped_midway = f"{type(e).__name__} in layer {i} of {len(self.layers)}"
+                    raise
 
         cache.position += t_len
         x = rms_norm(x, self.norm, c.rms_norm_eps)
@@ -264,6 +271,11 @@ class Model:
         fewer of them (the forward would run short without a word), or have other widths."""
         if not isinstance(cache, Cache):
             raise MinqwenError(f"cache must be a minqwen Cache (model.new_cache()), got {type(cache).__name__}")
+        if cache.stopped_midway:
+            raise MinqwenError(f"this cache was left part-way through a forward pass ({cache.stopped_midway}): its "
+                               "first layers hold that call's tokens and the others do not, so it would give wrong "
+                               "results. Start a new one (model.new_cache()), or go back to a copy taken before "
+                               "(cache.copy())")
         if [_state_shape(state) for state in cache.layers] != self._state_shapes:
             raise MinqwenError(f"this cache holds {len(cache.layers)} layer states that do not match the model's "
                                f"{len(self.layers)} layers (their kinds, config layer_types, or their sizes): "

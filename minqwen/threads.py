@@ -15,10 +15,14 @@ Importing minqwen also asks the C allocator to keep freed memory for reuse
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import os
+import shutil
 import sys
+import tempfile
 import threading
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -155,6 +159,53 @@ def numba_cache_outside_the_package() -> str | None:
 
 
 numba_cache_outside_the_package()
+
+
+def _can_write(folder) -> bool:
+    """Whether files can be made in ``folder`` (made if missing): Numba's own test of a cache folder."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+        return True
+    except OSError:
+        return False
+
+
+def numba_cache_that_can_be_written() -> str | None:
+    """A folder for Numba's cached kernels where none that Numba tries can be written; returns it, or None.
+
+    Numba files a compiled kernel (``cache=True``) in the first folder it can write of:
+    ``NUMBA_CACHE_DIR``, the ``__pycache__`` beside the source, its per-user cache folder
+    (~/.cache/numba). Where none can be written (an install the user cannot write to, run
+    with a home folder that cannot be written either, as in some containers), it fails while
+    the kernels are defined: ``import minqwen`` itself ended in "RuntimeError: cannot cache
+    function ...". Then the kernels go to a new private folder in the temporary directory,
+    removed at exit, and compile again in every process: a warning says so, and how to keep
+    them.
+    """
+    import numba
+    from numba.misc.appdirs import AppDirs
+
+    package = Path(__file__).resolve().parent
+    tried = [numba.config.CACHE_DIR, str(package / "__pycache__"), AppDirs(appname="numba", appauthor=False).user_cache_dir]
+    if any(folder and _can_write(folder) for folder in tried):
+        return None
+    try:
+        folder = tempfile.mkdtemp(prefix="minqwen-numba-")
+    except OSError as e:
+        raise MinqwenError(f"Numba needs a folder it can write to keep compiled kernels in, and none of "
+                           f"{', '.join(f for f in tried if f)} or the temporary directory can be written ({e}): "
+                           f"set the environment variable NUMBA_CACHE_DIR to one that can") from None
+    creator = os.getpid()
+    atexit.register(lambda: os.getpid() == creator and shutil.rmtree(folder, ignore_errors=True))
+    os.environ["NUMBA_CACHE_DIR"] = numba.config.CACHE_DIR = folder
+    warnings.warn(f"Numba cannot write its cache of compiled kernels to any of {', '.join(f for f in tried if f)}: "
+                  f"they go to {folder} for this process only, and compile again next time. Set the environment "
+                  "variable NUMBA_CACHE_DIR to a folder you can write to keep them.", stacklevel=2)
+    return folder
+
+
+numba_cache_that_can_be_written()
 
 _limits = None  # the threadpoolctl limiter in force, kept alive so the limit holds
 _controller = None  # a threadpoolctl controller, made once: making one scans the loaded libraries (~1 ms)

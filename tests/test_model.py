@@ -12,6 +12,7 @@ import minqwen
 from conftest import FIXTURES, require_reference
 from minqwen import MinqwenError
 from minqwen.attention import KVCache
+from minqwen.generate import generate_ids
 from minqwen.linear import BF16
 from minqwen.model import Cache, Model
 from minqwen.rope import mrope_cos_sin, text_position_ids
@@ -124,6 +125,39 @@ def test_a_cache_copy_rolls_back_exactly():
     again = model.forward(ids[20:], snapshot)
     np.testing.assert_array_equal(again, first)
     assert snapshot.position == 30 and cache.position == 37
+
+
+@pytest.mark.parametrize("stop_in_layer", [0, 1, 3])
+def test_a_cache_a_forward_pass_stopped_midway_is_refused_and_a_copy_from_before_still_works(stop_in_layer,
+                                                                                            monkeypatch):
+    """Ctrl-C (or an error) between layers leaves the first layers holding the call's tokens and
+    the rest not; reusing that cache gave logits 0.6 off without a word."""
+    model = MODELS["text_grouped_bf16_bias"]
+    ids = prompt(model, 30)
+    cache = model.new_cache()
+    model.forward(ids[:20], cache)
+    before = cache.copy()
+    layer_of_model = model.decoder_layer
+    calls = []
+
+    def stopping(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == stop_in_layer + 1:
+            raise KeyboardInterrupt
+        return layer_of_model(*args, **kwargs)
+
+    monkeypatch.setattr(model, "decoder_layer", stopping)
+    with pytest.raises(KeyboardInterrupt):
+        model.forward(ids[20:], cache)
+    monkeypatch.undo()
+    for use in (lambda c: model.forward(ids[20:], c), lambda c: list(generate_ids(model, [3], max_new_tokens=2, cache=c)),
+                lambda c: model.forward(ids[20:], c.copy())):
+        with pytest.raises(MinqwenError, match=rf"part-way through a forward pass \(KeyboardInterrupt in layer "
+                                               rf"{stop_in_layer} of"):
+            use(cache)
+    fresh = model.new_cache()
+    model.forward(ids[:20], fresh)
+    np.testing.assert_array_equal(model.forward(ids[20:], before), model.forward(ids[20:], fresh))
 
 
 def test_a_kv_cache_keeps_spare_room_and_its_copy_keeps_the_same():

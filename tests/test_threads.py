@@ -201,3 +201,30 @@ def test_one_blas_thread_blocks_that_overlap_give_blas_its_threads_back():
         assert threads_in_use()["blas"] == before
     finally:
         set_threads()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the per-user cache folder is read from XDG_CACHE_HOME on Linux")
+def test_without_a_folder_numba_can_write_kernels_compile_in_a_temporary_one(tmp_path):
+    # Neither the package's __pycache__ (here a file, so that even root cannot write into it)
+    # nor the per-user cache folder can be written: `import minqwen` ended in Numba's
+    # "RuntimeError: cannot cache function ...: no locator available".
+    package = tmp_path / "site" / "minqwen"
+    shutil.copytree(Path(minqwen_folder()), package, ignore=shutil.ignore_patterns("__pycache__"))
+    (package / "__pycache__").write_text("not a folder")
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
+    env.update(PYTHONPATH=str(package.parent), XDG_CACHE_HOME="/dev/null/cache", PYTHONDONTWRITEBYTECODE="1")
+    code = ("import minqwen, numba; from minqwen.checkpoint import EMBEDDED; "
+            "print(minqwen.load(EMBEDDED, dtype='float32').forward([1, 2, 3]).shape, numba.config.CACHE_DIR)")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
+                         cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    shape, folder = out.stdout.split(")")[0] + ")", out.stdout.split(")")[1].strip()
+    assert shape == "(3, 4096)" and "minqwen-numba-" in folder
+    assert "compile again next time" in out.stderr and "NUMBA_CACHE_DIR" in out.stderr
+    assert not Path(folder).exists()  # removed at exit
+
+
+def minqwen_folder() -> str:
+    import minqwen
+
+    return os.path.dirname(minqwen.__file__)
