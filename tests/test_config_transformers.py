@@ -113,6 +113,7 @@ def test_top_level_original_max_position_embeddings_logits_match_transformers(tm
 
 def _hf_generation_eos(folder: Path):
     """The eos ids transformers' generate() stops on for a checkpoint without generation_config.json."""
+    require_reference()
     from transformers import GenerationConfig
     eos = GenerationConfig.from_model_config(hf_config(folder)).eos_token_id
     return () if eos is None else tuple(eos) if isinstance(eos, list) else (eos,)

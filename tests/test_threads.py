@@ -157,7 +157,8 @@ def test_threads_generating_at_once_get_what_one_thread_gets(layer):
     assert json.loads(out.stdout.splitlines()[-1]) == {"differ": []}
 
 
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+@pytest.mark.skipif(not sys.platform.startswith("linux"),
+                    reason="forking a process that has run threads is Linux's to promise, not macOS's")
 def test_a_child_forked_after_generating_generates_the_same():
     # On Numba's omp layer (GNU OpenMP) a forked child was killed at its first parallel kernel;
     # it now runs the serial builds.
