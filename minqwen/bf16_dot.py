@@ -69,6 +69,7 @@ import ml_dtypes
 import numba
 import numpy as np
 from llvmlite import ir
+from llvmlite.binding import llvm_version_info
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
@@ -227,6 +228,16 @@ class _BFloat(ir.Type):
         return hash("bfloat")
 
 
+def _bf16_pairs_type(lanes: int) -> ir.VectorType:
+    """The type LLVM gives the instruction's bf16 operands, ``lanes`` words of two bf16 each.
+
+    From LLVM 17 on, bfloat values; before, the words themselves as 32-bit integers (LLVM 14
+    and 15, which Numba 0.59-0.61 build on, refuse bfloat: "Intrinsic has incorrect argument
+    type!"). The bits are the same either way.
+    """
+    return ir.VectorType(_BFloat(), 2 * lanes) if llvm_version_info[0] >= 17 else ir.VectorType(ir.IntType(32), lanes)
+
+
 @intrinsic
 def _dot_tile(typingctx, x_pairs, t0, packed, sums):
     """sums[i, o] = Σ_p dot(x_pairs[t0 + i, p], packed[p, o]) for a tile of TILE_TOKENS × BLOCK_OUTPUTS.
@@ -250,7 +261,7 @@ def _dot_tile(typingctx, x_pairs, t0, packed, sums):
         i32, i64 = ir.IntType(32), ir.IntType(64)
         words = ir.VectorType(i32, LANES)  # 32 bf16 as 16 words
         floats = ir.VectorType(ir.FloatType(), LANES)
-        bf16s = ir.VectorType(_BFloat(), 2 * LANES)
+        bf16s = _bf16_pairs_type(LANES)
         dot = builder.module.declare_intrinsic(
             "llvm.x86.avx512bf16.dpbf16ps.512", (), ir.FunctionType(floats, [floats, bf16s, bf16s]))
 

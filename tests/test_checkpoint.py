@@ -325,7 +325,7 @@ def test_bytes_that_belong_to_no_tensor_are_an_error_as_the_safetensors_library_
     from safetensors import safe_open
 
     path = write_raw(tmp_path / "x.safetensors", header, data=bytes(data))
-    with pytest.raises(Exception, match="offset|not fully covered"):
+    with pytest.raises(Exception, match="(?i)offset|not fully covered|MetadataIncompleteBuffer"):  # (0.4.3: the last two)
         safe_open(str(path), "np")
     with pytest.raises(MinqwenError, match=names(path) + r": bad header: " + message):
         SafetensorsFile(path)

@@ -474,7 +474,12 @@ def test_a_golden_file_with_malformed_ids_is_an_error_naming_the_file_and_the_en
     with safe_open(str(path), framework="np") as f:
         meta, tensors = dict(f.metadata()), {name: f.get_tensor(name) for name in f.keys()}
     change(meta, tensors)
-    save_file(tensors, str(path), metadata=meta)
+    try:
+        save_file(tensors, str(path), metadata=meta)
+    except Exception as e:  # safetensors before 0.7 cannot write complex64, so no such file can arise
+        if "complex" not in str(e):
+            raise
+        pytest.skip(f"this safetensors cannot write the malformed file ({e})")
     with pytest.raises(MinqwenError, match=message):
         golden.load_recording(path)
 

@@ -518,3 +518,14 @@ def test_compare_with_llama_cpp_says_how_to_get_llama_cpp_when_it_is_missing(pat
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(paths / "stub"), str(ROOT)]))
     result = run_tool("compare_with_llama_cpp.py", "--model", FIXTURE, "--gguf", paths / "a_file", cwd=paths, env=env)
     assert_refused(result, "llama-cpp-python is not installed", "pip install llama-cpp-python==0.3.36")
+
+
+def test_oldest_requirements_turns_each_lower_bound_into_a_pin():
+    sys.path.insert(0, str(ROOT / "tools"))
+    from oldest_requirements import oldest
+
+    assert oldest("numba>=0.59") == "numba==0.59"
+    assert oldest("ml_dtypes>=0.3,!=0.7.0") == "ml_dtypes==0.3"
+    assert oldest("safetensors >= 0.4.3") == "safetensors==0.4.3"
+    with pytest.raises(SystemExit, match="no single '>=' lower bound"):
+        oldest("numpy")
