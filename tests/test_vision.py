@@ -226,6 +226,22 @@ def test_resize_is_pillows_bit_for_bit(h, w, height, width, resample, seed):
     np.testing.assert_array_equal(resize(image, height, width, resample), want)
 
 
+@pytest.mark.parametrize("pillow, vertical_first", [(13, True), (12, False)])
+def test_the_pass_order_is_the_installed_pillows(monkeypatch, pillow, vertical_first):
+    # 40 × 40 → 2 × 22: Pillow 13 shrinks the height first, Pillow 12 goes horizontal first
+    # (measured; the two orders differ by 1 in 20 of these 132 values).
+    from minqwen import image as image_module
+
+    monkeypatch.setattr(image_module, "pillow_major_version", lambda: pillow)
+    assert image_module.vertical_pass_first(40, 40, 2, 22) is vertical_first
+    rgb = np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    rows = image_module._resample_rows
+    across = rows(rgb.transpose(1, 0, 2), 22, BICUBIC).transpose(1, 0, 2)  # [40, 22, 3]
+    expected = rows(np.ascontiguousarray(across), 2, BICUBIC) if not vertical_first else \
+        rows(rows(rgb, 2, BICUBIC).transpose(1, 0, 2), 22, BICUBIC).transpose(1, 0, 2)
+    np.testing.assert_array_equal(resize(rgb, 2, 22), expected)
+
+
 def test_resize_is_pillows_on_both_sides_of_its_pass_order_switch():
     Image = require_pillow()
     rng = np.random.default_rng(0)
