@@ -285,7 +285,12 @@ def launched_safely(parallel, serial):
         if _forked_from_openmp:
             return serial(*args)
         with _launching:
-            return parallel(*args)
+            try:
+                return parallel(*args)
+            except ValueError as e:  # the first launch starts the pool: a layer this machine lacks
+                if "threading layer" not in str(e):
+                    raise
+                raise threads_cannot_start(e) from None
 
     launch.__name__ = launch.__qualname__ = getattr(parallel, "__name__", "parallel")
     launch.parallel, launch.serial = parallel, serial
@@ -328,9 +333,14 @@ def set_threads(n: int | None = None) -> int:
     try:
         numba.set_num_threads(n)  # (starts Numba's thread pool, in the threading layer asked for)
     except ValueError as e:  # a layer this machine lacks, as tbb without the tbb package
-        raise MinqwenError(f"Numba cannot start its threads: {e} (NUMBA_THREADING_LAYER is "
-                           f"{os.environ.get('NUMBA_THREADING_LAYER', 'unset')!r})") from None
+        raise threads_cannot_start(e) from None
     return n
+
+
+def threads_cannot_start(e: ValueError) -> MinqwenError:
+    """Numba's error when the threading layer asked for is not installed, said as minqwen's."""
+    return MinqwenError(f"Numba cannot start its threads: {e} (NUMBA_THREADING_LAYER is "
+                        f"{os.environ.get('NUMBA_THREADING_LAYER', 'unset')!r})")
 
 
 @contextmanager

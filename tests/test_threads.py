@@ -229,3 +229,19 @@ def minqwen_folder() -> str:
     import minqwen
 
     return os.path.dirname(minqwen.__file__)
+
+
+def test_a_threading_layer_this_machine_lacks_is_named_at_the_first_kernel_too():
+    # set_threads (the command line) already named it; the Python API met Numba's ValueError
+    # at the first parallel kernel, deep inside a forward pass.
+    import importlib.util
+
+    if importlib.util.find_spec("tbb") is not None:
+        pytest.skip("TBB is installed here, so Numba can start that layer")
+    code = ("import minqwen; from minqwen.checkpoint import EMBEDDED; "
+            "minqwen.load(EMBEDDED, dtype='bfloat16').forward(list(range(40)))")
+    out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, NUMBA_THREADING_LAYER="tbb"),
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 1
+    assert "MinqwenError: Numba cannot start its threads" in out.stderr, out.stderr[-1500:]
+    assert "NUMBA_THREADING_LAYER is 'tbb'" in out.stderr
