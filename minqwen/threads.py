@@ -10,7 +10,8 @@ used from several Python threads, and in a child process forked after it ran.
 
 Importing minqwen also asks the C allocator to keep freed memory for reuse
 (:func:`keep_freed_memory`), and keeps Numba's compiled kernels out of an installed package
-(:func:`numba_cache_outside_the_package`).
+(:func:`numba_cache_outside_the_package`), or in a temporary folder where Numba can write none
+of its own (:func:`numba_cache_that_can_be_written`).
 """
 
 from __future__ import annotations
@@ -190,16 +191,17 @@ def numba_cache_that_can_be_written() -> str | None:
     tried = [numba.config.CACHE_DIR, str(package / "__pycache__"), AppDirs(appname="numba", appauthor=False).user_cache_dir]
     if any(folder and _can_write(folder) for folder in tried):
         return None
+    named = ", ".join(folder for folder in tried if folder)
     try:
         folder = tempfile.mkdtemp(prefix="minqwen-numba-")
     except OSError as e:
-        raise MinqwenError(f"Numba needs a folder it can write to keep compiled kernels in, and none of "
-                           f"{', '.join(f for f in tried if f)} or the temporary directory can be written ({e}): "
-                           f"set the environment variable NUMBA_CACHE_DIR to one that can") from None
+        raise MinqwenError(f"Numba needs a folder it can write to keep compiled kernels in, and none of {named} or "
+                           f"the temporary directory can be written ({e}): set the environment variable "
+                           f"NUMBA_CACHE_DIR to one that can") from None
     creator = os.getpid()
     atexit.register(lambda: os.getpid() == creator and shutil.rmtree(folder, ignore_errors=True))
     os.environ["NUMBA_CACHE_DIR"] = numba.config.CACHE_DIR = folder
-    warnings.warn(f"Numba cannot write its cache of compiled kernels to any of {', '.join(f for f in tried if f)}: "
+    warnings.warn(f"Numba cannot write its cache of compiled kernels to any of {named}: "
                   f"they go to {folder} for this process only, and compile again next time. Set the environment "
                   "variable NUMBA_CACHE_DIR to a folder you can write to keep them.", stacklevel=2)
     return folder
@@ -297,21 +299,6 @@ def launched_safely(parallel, serial):
     return launch
 
 
-def _after_fork_in_child() -> None:
-    global _launching, _forked_from_openmp, _blas_switch
-    # a lock another thread held at the fork would stay held for ever
-    _launching, _blas_switch = threading.Lock(), threading.Lock()
-    if "numba" in sys.modules and not _forked_from_openmp:
-        try:
-            _forked_from_openmp = sys.modules["numba"].threading_layer() == "omp"
-        except ValueError:  # no parallel kernel ran yet: the child starts a pool of its own
-            pass
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
 def set_threads(n: int | None = None) -> int:
     """Use ``n`` threads (default: the physical cores, at most NUMBA_NUM_THREADS) for BLAS and Numba; returns n."""
     global _limits
@@ -383,6 +370,21 @@ def one_blas_thread(active: bool = True):
 _blas_aside = 0  # how many one_blas_thread blocks are open, in every thread
 _blas_limit = None  # threadpoolctl's limiter while any is open
 _blas_switch = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    global _launching, _forked_from_openmp, _blas_switch
+    # a lock another thread held at the fork would stay held for ever
+    _launching, _blas_switch = threading.Lock(), threading.Lock()
+    if "numba" in sys.modules and not _forked_from_openmp:
+        try:
+            _forked_from_openmp = sys.modules["numba"].threading_layer() == "omp"
+        except ValueError:  # no parallel kernel ran yet: the child starts a pool of its own
+            pass
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def numba_does_the_products() -> bool:
