@@ -71,10 +71,14 @@ from .threads import one_blas_thread
 
 # How many tokens to draft per verify, unless told otherwise (see tools/mtp_figures.py).
 DRAFT_TOKENS = 1
-# Draft over the first DRAFT_VOCAB token ids (plus every id already in the context) when the
-# vocabulary is larger: a byte-level BPE numbers its tokens in merge order, so low ids are
-# the frequent ones. This cuts the draft's LM head (248k rows on Qwen3.5) to a 32k-row view.
+# The draft's LM head reads only the first token ids (plus every id already in the context):
+# a byte-level BPE numbers its tokens in merge order, so low ids are the frequent ones. By
+# default ("auto") the first quarter of the vocabulary, at most DRAFT_VOCAB ids: Qwen3.5's
+# 248k-row head becomes a 32k-row view, the embedded model's 4,096 rows 1,024 (its whole head
+# is over a quarter of a decode step's bytes; tools/measurements.md has what each cut measured).
 DRAFT_VOCAB = 32768
+DRAFT_VOCAB_SHARE = 4
+AUTO = "auto"
 
 
 # ==================================================================== the head
@@ -188,9 +192,8 @@ def pays_by_default(model: Model) -> bool:
     one draft pays from an acceptance of about 0.05–0.6; drafts from Qwen3.5's own heads are
     accepted around 0.8. In a small model the MTP layer is a large part of the model, and
     per-call overhead a large part of every step, the MTP layer's included: the embedded
-    model (four layers), at 84% acceptance, measured 1.01–1.10× greedy and 0.89–0.93× with
-    its generation config's sampling on the AMD VM. So there speculation stays off unless
-    asked for.
+    model (four layers), at 82–84% acceptance, measured 1.01–1.19× greedy and 0.89–0.93×
+    with its generation config's sampling. So there speculation stays off unless asked for.
     """
     return model.weight_bytes >= SMALL_MODEL_BYTES
 
@@ -392,7 +395,7 @@ def _check_mtp_cache(model: Model, head: MtpHead, mtp_cache: MtpCache) -> None:
 # ==================================================================== draft, verify, accept, roll back
 
 
-def draft(model: Model, head: MtpHead, mtp: MtpCache, k: int, pick, draft_vocab: int | None = DRAFT_VOCAB,
+def draft(model: Model, head: MtpHead, mtp: MtpCache, k: int, pick, draft_vocab: int | str | None = AUTO,
           context_ids=()) -> list[int]:
     """k draft tokens. ``pick(logits [V], step)`` turns each step's logits into its token.
 
@@ -428,14 +431,32 @@ def draft(model: Model, head: MtpHead, mtp: MtpCache, k: int, pick, draft_vocab:
     return drafts
 
 
-def draft_logits(model: Model, hidden: np.ndarray, draft_vocab: int | None, context=()) -> np.ndarray:
-    """LM head logits [V] for one hidden state [H]; over ids below ``draft_vocab`` and the context only.
+def draft_rows(vocab_size: int, draft_vocab: int | str | None = AUTO) -> int:
+    """How many leading token ids the draft head reads: ``draft_vocab`` ("auto": see DRAFT_VOCAB; None: all)."""
+    if isinstance(draft_vocab, str) and draft_vocab == AUTO:
+        return min(DRAFT_VOCAB, max(1, vocab_size // DRAFT_VOCAB_SHARE))
+    return vocab_size if draft_vocab is None else min(draft_vocab, vocab_size)
+
+
+def checked_draft_vocab(draft_vocab):
+    """``draft_vocab`` as :func:`draft_rows` takes it, or an error naming it."""
+    if draft_vocab is None or (isinstance(draft_vocab, str) and draft_vocab == AUTO):
+        return draft_vocab
+    if not is_whole_number(draft_vocab) or draft_vocab < 1:
+        raise MinqwenError(f"draft_vocab must be a whole number ≥ 1, 'auto' (the first quarter of the vocabulary, "
+                           f"at most {DRAFT_VOCAB} ids) or None (the whole vocabulary); got {draft_vocab!r}")
+    return int(draft_vocab)
+
+
+def draft_logits(model: Model, hidden: np.ndarray, draft_vocab: int | str | None, context=()) -> np.ndarray:
+    """LM head logits [V] for one hidden state [H]; over the first ``draft_rows`` ids and the context only.
 
     Ids outside get −inf: the draft never proposes them. Since the verify decides, this only
     changes how often drafts are accepted, never the output.
     """
     vocab = model.config.vocab_size
-    if draft_vocab is None or draft_vocab >= vocab:
+    draft_vocab = draft_rows(vocab, draft_vocab)
+    if draft_vocab == vocab:
         return model.logits(hidden[None])[0]
     logits = np.full(vocab, -np.inf, np.float32)
     # [1, H] · [draft_vocab, H]ᵀ → [1, draft_vocab]; the slice of lm_head is a view, not a copy
@@ -561,7 +582,7 @@ def speculative_generate(
     stats: GenerationStats | None = None,
     *,
     draft_tokens: int = DRAFT_TOKENS,
-    draft_vocab: int | None = DRAFT_VOCAB,
+    draft_vocab: int | str | None = AUTO,
     argmax_drafts: bool = False,
     mtp_cache: MtpCache | None = None,
 ) -> Iterator[int]:
@@ -569,8 +590,8 @@ def speculative_generate(
 
     Same arguments, stop rules and cache contract as ``generate_ids`` (the cache ends holding
     the prompt and every yielded token but the last, even when the caller stops early),
-    plus: ``draft_tokens`` k drafted per verify; ``draft_vocab`` (see :data:`DRAFT_VOCAB`;
-    None: the whole vocabulary); ``argmax_drafts``: draft the head's argmax even when
+    plus: ``draft_tokens`` k drafted per verify; ``draft_vocab`` the leading token ids the draft
+    head reads ("auto": see :data:`DRAFT_VOCAB`; None: the whole vocabulary); ``argmax_drafts``: draft the head's argmax even when
     sampling (a one-hot q; by default a sampled draft is drawn from the head's distribution
     under the same sampling options); ``mtp_cache``: continue one (its ``end`` must be the
     cache's position), else a fresh one covers this call from the prompt on.
@@ -583,8 +604,7 @@ def speculative_generate(
     prompt_ids = checked_generation_args(prompt_ids, max_new_tokens, seed, params)
     if not is_whole_number(draft_tokens) or draft_tokens < 1:
         raise MinqwenError(f"draft_tokens (--speculative K) must be a whole number ≥ 1, got {draft_tokens!r}")
-    if draft_vocab is not None and (not is_whole_number(draft_vocab) or draft_vocab < 1):
-        raise MinqwenError(f"draft_vocab must be a whole number ≥ 1, or None for the whole vocabulary; got {draft_vocab!r}")
+    draft_vocab = checked_draft_vocab(draft_vocab)
     cache = cache if cache is not None else model.new_cache()
     if mtp_cache is None:
         mtp_cache = MtpCache(model, head, start=cache.position, rope_delta=cache.rope_delta)
@@ -680,7 +700,7 @@ def _draft_picker(params: SamplingParams, rng, seen, generated, argmax: bool, q:
     return pick
 
 
-def draft_cost_estimate(model: Model, head: MtpHead, draft_vocab: int | None = DRAFT_VOCAB) -> float:
+def draft_cost_estimate(model: Model, head: MtpHead, draft_vocab: int | str | None = AUTO) -> float:
     """Bytes one draft step reads (MTP layer, fc, the draft's LM head rows) ÷ bytes one decode step reads.
 
     What c_draft would be if both were bound by reading weights — true of big models (the
@@ -695,7 +715,7 @@ def draft_cost_estimate(model: Model, head: MtpHead, draft_vocab: int | None = D
         step -= model.embed_tokens.nbytes  # an untied embedding is looked up, not read whole
     total, active, expert_bytes = experts(model)
     step += expert_bytes * active // max(total, 1)  # the experts a token visits
-    rows = c.vocab_size if draft_vocab is None else min(draft_vocab, c.vocab_size)
+    rows = draft_rows(c.vocab_size, checked_draft_vocab(draft_vocab))
     layer_bytes = weight_bytes(*head.layers) // len(head.layers)
     if c.is_moe:
         per_layer_experts = expert_bytes // c.num_hidden_layers
@@ -705,7 +725,7 @@ def draft_cost_estimate(model: Model, head: MtpHead, draft_vocab: int | None = D
 
 
 def speculative_decoder(head: MtpHead | None, draft_tokens: int = DRAFT_TOKENS, *,
-                        draft_vocab: int | None = DRAFT_VOCAB, argmax_drafts: bool = False):
+                        draft_vocab: int | str | None = AUTO, argmax_drafts: bool = False):
     """A drop-in for ``generate_ids`` (same positional arguments) that decodes speculatively.
 
     For ``stream_text(…, decode=speculative_decoder(head, 2))`` and the chat session: each

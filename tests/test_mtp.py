@@ -633,6 +633,7 @@ def test_draft_tokens_must_be_a_positive_whole_number():
 
 @pytest.mark.parametrize("options, named", [
     (dict(draft_vocab=0), "draft_vocab must be a whole number"), (dict(draft_vocab=-5), "draft_vocab must be"),
+    (dict(draft_vocab="all"), "draft_vocab must be .*'auto'"),
     (dict(prompt_ids=[1.9]), "the prompt must be a 1-D sequence of token ids"),
     (dict(max_new_tokens=2.5), "max_new_tokens must be a whole number"), (dict(seed=-1), "seed must be")], ids=str)
 def test_speculation_checks_its_arguments_as_plain_decoding_does(options, named):
@@ -1181,6 +1182,39 @@ def test_a_context_id_equal_to_draft_vocab_is_kept():
     cut = draft_logits(model, hidden, 10, context=[10, 11])
     assert np.flatnonzero(np.isfinite(cut)).tolist() == list(range(12))
     np.testing.assert_allclose(cut[:12], full[:12], rtol=0, atol=1e-5)
+
+
+def test_by_default_the_draft_reads_the_first_quarter_of_the_vocabulary_at_most_32k_ids():
+    from minqwen.mtp import DRAFT_VOCAB, draft_rows
+
+    assert DRAFT_VOCAB == 32768
+    assert draft_rows(248320) == 32768  # Qwen3.5: a 32k-row view of the 248k-row head
+    assert draft_rows(4096) == 1024  # the embedded model
+    assert draft_rows(3) == 1  # never no row at all
+    assert draft_rows(4096, None) == 4096 and draft_rows(4096, 100) == 100 and draft_rows(4096, 10**6) == 4096
+    model = MODELS["text_grouped_bf16_bias"]
+    quarter = model.config.vocab_size // 4
+    hidden = model.hidden_states([5, 6, 7])[-1]
+    full = draft_logits(model, hidden, None)
+    cut = draft_logits(model, hidden, "auto", context=[quarter + 3])
+    assert np.flatnonzero(np.isfinite(cut)).tolist() == list(range(quarter)) + [quarter + 3]
+    np.testing.assert_allclose(cut[np.isfinite(cut)], full[np.isfinite(cut)], rtol=0, atol=1e-5)
+
+
+def test_speculation_drafts_over_the_automatic_draft_vocabulary_unless_told_otherwise(monkeypatch):
+    import minqwen.mtp as mtp
+
+    model = MODELS["text_tied_fp32"]
+    head = random_head(model, 0)
+    asked = []
+    original = mtp.draft_logits
+    monkeypatch.setattr(mtp, "draft_logits", lambda *args: asked.append(args[2]) or original(*args))
+    plain = list(generate_ids(model, [1, 2, 3], max_new_tokens=6))
+    assert list(speculative_generate(model, head, [1, 2, 3], max_new_tokens=6)) == plain
+    assert asked and set(asked) == {"auto"}
+    asked.clear()
+    assert list(speculative_generate(model, head, [1, 2, 3], max_new_tokens=6, draft_vocab=None)) == plain
+    assert asked and set(asked) == {None}
 
 
 # ---------------------------------------------------------------- loading

@@ -13,8 +13,8 @@ cache (after a 16-token prompt), median of ``--repeats`` runs (7 unless told):
 * c_draft: one draft step — the MTP layer over one position (the commit of an accepted
   pair; its fc, attention and MLP) plus the LM head for the draft and the pick (penalties,
   argmax). A cycle whose draft is accepted commits two pairs, not one, so the predictions
-  below are a little optimistic. Measured with the whole 248k-row LM head and with the 32k-row draft vocabulary
-  (minqwen.mtp.DRAFT_VOCAB);
+  below are a little optimistic. Measured with the whole 248k-row LM head and with the draft
+  vocabulary speculation uses by default (minqwen.mtp.draft_rows: 32k rows there);
 * predicted speedup = (1 + accepted per verify) ÷ (c_verify + c_draft): with k = 1 draft
   per verify and per-draft acceptance a, (1 + a) ÷ (c_verify(2) + c_draft); with k = 2,
   (1 + a + a²) ÷ (c_verify(3) + 2·c_draft).
@@ -54,11 +54,11 @@ from argtypes import checkpoint_folder, real_number, whole_number  # noqa: E402
 from minqwen.errors import MinqwenError  # noqa: E402
 from minqwen.generate import GenerationStats, generate_ids  # noqa: E402
 from minqwen.mtp import (  # noqa: E402
-    DRAFT_VOCAB,
     MtpCache,
     SpeculativeStats,
     draft_cost_estimate,
     draft_logits,
+    draft_rows,
     keep_first,
     load_mtp,
     mtp_layer,
@@ -144,7 +144,7 @@ def real_shape(checkpoint: Path, dtype: str, repeats: int) -> None:
         "verify3": (cache.copy, verify_and_roll_back(3), quiet_blas),
         "layer": (lambda: mtp.layers[0].copy(), layer, quiet_blas),
         "head_all": (lambda: None, pick(None), quiet_blas),
-        "head_subset": (lambda: None, pick(DRAFT_VOCAB), quiet_blas),
+        "head_subset": (lambda: None, pick(draft_rows(c.vocab_size)), quiet_blas),
     }
     times = {name: [] for name in probes}
     for repeat in range(repeats + 1):  # the first round warms every kernel and is dropped
@@ -164,7 +164,7 @@ def real_shape(checkpoint: Path, dtype: str, repeats: int) -> None:
         print(f"  verify of {n} positions:  {t[f'verify{n}'] * 1e3:7.1f} ms  c_verify({n}) = {c_verify[n]:.3f}")
     print(f"  MTP layer, 1 position:  {t['layer'] * 1e3:7.1f} ms  ({t['layer'] / step:.3f})")
     print(f"  draft head + pick, all {c.vocab_size} ids: {t['head_all'] * 1e3:7.1f} ms  ({t['head_all'] / step:.3f})")
-    print(f"  draft head + pick, {DRAFT_VOCAB} ids:  {t['head_subset'] * 1e3:7.1f} ms  ({t['head_subset'] / step:.3f})")
+    print(f"  draft head + pick, {draft_rows(c.vocab_size)} ids:  {t['head_subset'] * 1e3:7.1f} ms  ({t['head_subset'] / step:.3f})")
     c_draft_full = (t["layer"] + t["head_all"]) / step
     c_draft = (t["layer"] + t["head_subset"]) / step
     print(f"  c_draft = {c_draft:.3f} (with the whole LM head: {c_draft_full:.3f}); by weight bytes: "

@@ -276,8 +276,8 @@ print(f"\n{stats.generated_tokens} tokens in {stats.verifies} verify passes afte
 # Whether that is faster depends on two costs, each relative to one decode step: `c_verify`,
 # the verify pass over k + 1 positions (≈ 1 when each weight is read once), and `c_draft`, the
 # head (its one layer plus the LM head — on the real 248k vocabulary the LM head dominates, so
-# minqwen drafts over the first 32,768 ids, which byte-level BPE gives to its most frequent
-# tokens, plus every id already in the context). With `a` accepted drafts per verify on
+# minqwen drafts over the first quarter of the ids, at most 32,768, which byte-level BPE gives
+# to its most frequent tokens, plus every id already in the context). With `a` accepted drafts per verify on
 # average, the speedup is `(1 + a) / (c_verify + k · c_draft)`. `tools/mtp_figures.py`
 # measures both costs on the real Qwen3.5-0.8B shape.
 
@@ -303,10 +303,11 @@ if plt is not None:
 # %% [markdown]
 # The same formula says why the model in this chapter gains little from its own head. Its MTP
 # layer is one layer beside the model's four, and its LM head (4,096 rows) is a quarter of its
-# weights, so a draft costs about half a decode step: `c_draft` ≈ 0.46–0.51, measured by
-# `tools/mtp_figures.py depth`. Even a verify that cost exactly one step would then give
-# (1 + 0.84) / (1 + 0.5) ≈ 1.2× at the 84% acceptance the README reports for one draft per
-# verify, and measured it is 0.9–1.1×. Give the
+# weights, so a draft over the whole vocabulary costs about half a decode step: `c_draft` ≈
+# 0.46–0.51, measured by `tools/mtp_figures.py depth`. Even a verify that cost exactly one step
+# would then give (1 + 0.84) / (1 + 0.5) ≈ 1.2× at the 84% acceptance the README reports for
+# one draft per verify; measured it was 0.9–1.1×, and 1.18–1.19× once the draft head read
+# only the first 1,024 ids (`c_draft` ≈ 0.45 then, of which the MTP layer 0.33). Give the
 # same widths 12 layers and `c_draft` falls to about 0.2; in Qwen3.5-0.8B, with 24 layers and
 # a draft head cut to 32k rows, it is 0.07–0.09. Drafting pays where the draft is small next to
 # the model it drafts for.
