@@ -320,9 +320,10 @@ def _widen_loops(w_bits, out):
 
 # The serial build runs between BLAS calls: OpenBLAS's threads spin for a while after each
 # product, and a parallel widening would fight them for the cores (measured: a 16-token bf16
-# prefill of the 0.8B shape took 4 s that way). The parallel one, widen_bf16, widens the
-# embedding rows of a forward's tokens (Model.embed, bf16-resident mode); loading widens bf16
-# with a NumPy shift of its own (checkpoint.SafetensorsFile._read_span).
+# prefill of the 0.8B shape took 4 s that way). The parallel one, through widen_bf16, widens
+# the embedding rows of a long prompt's tokens (Model.embed, bf16-resident mode; a decode
+# step's row takes the serial build); loading widens bf16 with a NumPy shift of its own
+# (checkpoint.SafetensorsFile._read_span).
 _widen_kernel_serial, _widen_kernel = serial_and_parallel(_widen_loops)
 
 
@@ -330,7 +331,9 @@ def widen_bf16(weight: np.ndarray) -> np.ndarray:
     """bf16 array → float32 array, exactly (compiled; the same values as the NumPy twin's widening)."""
     bits = np.ascontiguousarray(weight.view(np.uint16)).reshape(-1, weight.shape[-1])  # [rows, in]
     out = np.empty(bits.shape, np.float32)
-    _widen_kernel(bits, out)
+    # A decode step's one embedding row is not worth waking the pool for: on the embedded model
+    # (bf16-resident) the parallel launch for 256 values cost 1-3% of each step and speculative cycle.
+    (_widen_kernel if bits.size >= PARALLEL_FROM else _widen_kernel_serial)(bits, out)
     return out.reshape(weight.shape)
 
 

@@ -30,6 +30,24 @@ def test_widening_bf16_is_exact():
     np.testing.assert_array_equal(widen_bf16(w).view(np.uint32), expected.view(np.uint32))
 
 
+def test_widening_wakes_the_thread_pool_only_for_a_big_array(monkeypatch):
+    # A decode step's embedding row (bf16-resident mode) goes to the serial build; a prompt's
+    # rows to the parallel one. Both widen exactly.
+    from minqwen import linear as linear_module
+
+    rng = np.random.default_rng(1)
+    launched = []
+    for name in ("_widen_kernel", "_widen_kernel_serial"):
+        kernel = getattr(linear_module, name)
+        monkeypatch.setattr(linear_module, name, lambda bits, out, kernel=kernel, name=name: (
+            launched.append((name, bits.size)), kernel(bits, out)))
+    small = random_bf16(rng, (2, 256))
+    big = random_bf16(rng, (linear_module.PARALLEL_FROM // 512, 512))
+    for w in (small, big):
+        np.testing.assert_array_equal(widen_bf16(w).view(np.uint32), w.astype(np.float32).view(np.uint32))
+    assert launched == [("_widen_kernel_serial", small.size), ("_widen_kernel", big.size)]
+
+
 @settings(max_examples=40, deadline=None)
 @given(rows=st.integers(1, 2 * BLAS_ROWS), n_in=st.integers(1, 300), n_out=st.integers(1, 300), seed=st.integers(0, 2**16))
 def test_bf16_kernels_equal_the_numpy_twin_within_float32_reordering(rows, n_in, n_out, seed):
