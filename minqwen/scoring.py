@@ -52,7 +52,7 @@ class TextScore:
     def bits_per_byte(self) -> float:
         """The scored tokens' bits over all of the text's bytes. The first token is only context
         (nothing precedes it to predict it from) but its bytes count: on a text of a few tokens
-        this reads low ("import os" scores two of three tokens over ten bytes); over a file it
+        this reads low ("import os\n" scores two of three tokens over ten bytes); over a file it
         is the usual figure."""
         return self.nll_nats / math.log(2) / self.n_bytes
 

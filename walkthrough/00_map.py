@@ -272,7 +272,8 @@ for path in sorted(course.FIXTURES.iterdir()):
 #
 # **Exercise 0.2.** `minqwen inspect` (the command line) prints a table like ours. Run
 # `python -m minqwen inspect --model tests/fixtures/text_tied_fp32` and find the number that
-# says how much memory the KV cache needs at 4,096 tokens. Which layers contribute to it?
+# says how much memory the KV cache needs at the model's whole context (512 tokens for this
+# fixture). Which layers contribute to it?
 
 # %%
 def exercise_0_1(c):

@@ -170,7 +170,8 @@ print(small_report.format())
 assert small_report.ok and small_report.compared_taps == 3
 
 # %% [markdown]
-# The same from a shell, for ports that are not in Python:
+# The same from a shell, for ports that are not in Python (the port must run the same token
+# ids as the reference, here 75, 81, 120: recordings of different prompts exit with code 2):
 #
 # ```
 # minqwen golden record --model tests/fixtures/text_tied_fp32 --tokens 75,81,120 --decode 2 --out ref.safetensors
