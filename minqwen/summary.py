@@ -128,11 +128,12 @@ def describe(model: Model, context: int = 4096) -> str:
             f"active per token: {active:,} parameters ({active / total:.1%} of the total)",
         ]
     kv, state = cache_bytes(model, context, model.dtype.itemsize)
+    n_attention, n_deltanet = c.layer_types.count("full_attention"), c.layer_types.count("linear_attention")
     lines += [
         "",
         f"at a context of {context:,} tokens:",
-        f"  KV cache ({c.layer_types.count('full_attention')} attention layers): {human(kv)}  (grows with context)",
-        f"  DeltaNet state ({c.layer_types.count('linear_attention')} layers): {human(state)}  (constant)",
+        f"  KV cache ({n_attention} attention layer{'s' * (n_attention != 1)}): {human(kv)}  (grows with context)",
+        f"  DeltaNet state ({n_deltanet} layer{'s' * (n_deltanet != 1)}): {human(state)}  (constant)",
     ]
     if model.load_report:
         lines += ["", "outside the text model:", *("  " + line for line in model.load_report.splitlines())]

@@ -112,7 +112,8 @@ def test_inspect_counts_match_the_checkpoint_and_the_loaded_arrays(name):
     kv = sum(s.keys[:, : s.length].nbytes + s.values[:, : s.length].nbytes
              for s in cache.layers if isinstance(s, KVCache))
     state = sum(s.nbytes for s in cache.layers if isinstance(s, DeltaNetState))
-    assert f"attention layers): {human(kv)}  (grows" in text
+    n_attention = model.config.layer_types.count("full_attention")
+    assert f"({n_attention} attention layer{'s' * (n_attention != 1)}): {human(kv)}  (grows" in text
     assert f"layers): {human(state)}  (constant)" in text
 
 
@@ -127,5 +128,6 @@ def test_inspect_sizes_the_caches_in_the_models_compute_dtype():
              for s in cache.layers if isinstance(s, KVCache))
     state = sum(s.nbytes for s in cache.layers if isinstance(s, DeltaNetState))
     assert kv and state and all(s.keys.dtype == np.float64 for s in cache.layers if isinstance(s, KVCache))
-    assert f"attention layers): {human(kv)}  (grows" in text
+    n_attention = model.config.layer_types.count("full_attention")
+    assert f"({n_attention} attention layer{'s' * (n_attention != 1)}): {human(kv)}  (grows" in text
     assert f"layers): {human(state)}  (constant)" in text

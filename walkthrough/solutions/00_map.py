@@ -51,4 +51,4 @@ out = subprocess.run([sys.executable, "-m", "minqwen", "inspect", "--model", str
 kv_line = next(line for line in out.splitlines() if "KV cache" in line)
 print("Exercise 0.2:", kv_line.strip())
 print("  Only the attention layers (here layer 3) keep a KV cache; the DeltaNet layers' state is constant.")
-assert "1 attention layers" in kv_line
+assert "(1 attention layer)" in kv_line
