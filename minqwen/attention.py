@@ -12,9 +12,11 @@ Rotary is partial and M-RoPE-laid-out (see rope.py). Keys and values of every pa
 kept in a :class:`KVCache`.
 
 Attention itself has two implementations of one definition: :func:`causal_attention` in NumPy
-(the definition, and what a prefill runs: its matrix products go to BLAS), and
+(the definition, and what a prefill runs: its matrix products go to BLAS; the math is in
+:func:`_causal_attention_heads`, which it may share out over threads by key head), and
 :func:`attention_few_queries`, a Numba kernel for a decode step or a speculative verify (a few
-queries over a long cache), where the work is reading the cache once. Tests hold them equal.
+queries over a long cache), where the work is reading the cache once. Tests hold them equal
+to float32 rounding.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from .errors import MinqwenError
 from .linear import BLAS_ROWS, CACHE_LINE, PREFETCH_AHEAD_BYTES, linear, linears, prefetch
 from .norms import rms_norm
 from .rope import apply_rotary
-from .threads import numba_does_the_products, serial_and_parallel
+from .threads import numba_does_the_products, numba_threads, serial_and_parallel
 
 # Queries are processed in blocks of this many rows so that the score matrix never holds more
 # than heads × block × context floats, even for very long prompts.
@@ -132,7 +134,7 @@ def causal_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, scale:
     same values, bit for bit. (0.8B shape, 512 tokens, 2 threads: 18.5 → 13 ms a layer.)
     """
     num_kv = keys.shape[0]
-    n_threads = min(num_kv, numba.get_num_threads())
+    n_threads = min(num_kv, numba_threads())
     if n_threads < 2 or q.shape[0] < BLAS_ROWS or not numba_does_the_products():
         return _causal_attention_heads(q, keys, values, scale)
     groups = q.shape[1] // num_kv
@@ -158,7 +160,7 @@ if hasattr(os, "register_at_fork"):
 
 
 def _causal_attention_heads(q: np.ndarray, keys: np.ndarray, values: np.ndarray, scale: float) -> np.ndarray:
-    """:func:`causal_attention` itself, on the calling thread."""
+    """The definition, on the calling thread: grouped causal softmax attention, a block of queries at a time."""
     t_len, num_heads, head_dim = q.shape
     num_kv, s_len, _ = keys.shape
     groups = num_heads // num_kv
@@ -174,7 +176,7 @@ def _causal_attention_heads(q: np.ndarray, keys: np.ndarray, values: np.ndarray,
         q_rows = q[:, :, start:stop].reshape(num_kv, groups * rows, head_dim)  # [Hkv, G·B, D]
         scores = q_rows @ keys[:, :visible].swapaxes(-1, -2) * scale  # [Hkv, G·B, visible]
         scores = scores.reshape(num_kv, groups, rows, visible)  # [Hkv, G, B, visible]
-        if rows > 1:  # a single query (decode) is the newest token: it sees every key
+        if rows > 1:  # one row sits at visible − 1: every key in keys[:visible] is at or before it
             query_pos = past + np.arange(start, stop)[:, None]  # [B, 1]
             key_pos = np.arange(visible)[None, :]  # [1, visible]
             scores = np.where(key_pos <= query_pos, scores, -np.inf)

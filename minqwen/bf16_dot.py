@@ -75,7 +75,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .errors import MinqwenError
-from .threads import serial_and_parallel
+from .threads import numba_threads, serial_and_parallel
 
 TILE_TOKENS = 8  # input rows a tile holds
 TILE_VECTORS = 3  # 16-output vectors a tile holds: 8 × 3 sums + 3 weight vectors + 1 broadcast fit the 32 registers
@@ -613,7 +613,7 @@ def _blocks_a_group(n_out: int, n_steps: int) -> int:
     and no more than leave each of Numba's threads a group."""
     n_blocks = -(-n_out // AMX_OUTPUTS)
     block_bytes = AMX_OUTPUTS * TILE_ROWS * max(1, n_steps) * 4  # 32 rows of 16 n_steps words
-    return max(1, min(GROUP_BYTES // block_bytes, -(-n_blocks // numba.get_num_threads())))
+    return max(1, min(GROUP_BYTES // block_bytes, -(-n_blocks // numba_threads())))
 
 
 def _weight_words(weight: np.ndarray, n_steps: int) -> np.ndarray:

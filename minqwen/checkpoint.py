@@ -251,9 +251,9 @@ class SafetensorsFile:
 
 def _reading_threads() -> int:
     """How many threads read a large tensor: as many as minqwen computes with (set_threads)."""
-    import numba
+    from .threads import numba_threads
 
-    return numba.get_num_threads()
+    return numba_threads()
 
 
 class Checkpoint:

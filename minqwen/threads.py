@@ -324,6 +324,19 @@ def set_threads(n: int | None = None) -> int:
     return n
 
 
+def numba_threads() -> int:
+    """numba.get_num_threads(), which starts Numba's pool the first time: a layer this machine
+    lacks is then said as for a kernel launch (:func:`threads_cannot_start`)."""
+    import numba
+
+    try:
+        return numba.get_num_threads()
+    except ValueError as e:
+        if "threading layer" not in str(e):
+            raise
+        raise threads_cannot_start(e) from None
+
+
 def threads_cannot_start(e: ValueError) -> MinqwenError:
     """Numba's error when the threading layer asked for is not installed, said as minqwen's."""
     return MinqwenError(f"Numba cannot start its threads: {e} (NUMBA_THREADING_LAYER is "

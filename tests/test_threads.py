@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from minqwen import MinqwenError
 from minqwen.threads import keep_freed_memory
 
 GLIBC_LINUX = sys.platform.startswith("linux") and "CS_GNU_LIBC_VERSION" in getattr(os, "confstr_names", {})
@@ -245,3 +246,28 @@ def test_a_threading_layer_this_machine_lacks_is_named_at_the_first_kernel_too()
     assert out.returncode == 1
     assert "MinqwenError: Numba cannot start its threads" in out.stderr, out.stderr[-1500:]
     assert "NUMBA_THREADING_LAYER is 'tbb'" in out.stderr
+
+
+def test_asking_numba_for_its_thread_count_names_a_missing_threading_layer(monkeypatch):
+    # numba.get_num_threads() starts the pool on first use: with NUMBA_THREADING_LAYER=tbb and no
+    # TBB, a bf16 prompt's first question (how many threads share the AMX blocks) met Numba's
+    # ValueError once the embedding row no longer went through a parallel kernel first.
+    import numba
+
+    from minqwen import threads
+
+    def no_layer():
+        raise ValueError("No threading layer could be loaded.\nHINT:\nIntel TBB is required")
+
+    monkeypatch.setattr(numba, "get_num_threads", no_layer)
+    monkeypatch.setenv("NUMBA_THREADING_LAYER", "tbb")
+    with pytest.raises(MinqwenError, match="(?s)Numba cannot start its threads.*NUMBA_THREADING_LAYER is 'tbb'"):
+        threads.numba_threads()
+
+
+def test_only_the_threads_module_asks_numba_for_its_threads_directly():
+    # Every other module asks through threads.numba_threads(), which names a missing layer.
+    package = Path(minqwen_folder())
+    direct = [f"{path.name}:{n}" for path in sorted(package.glob("*.py")) if path.name != "threads.py"
+              for n, line in enumerate(path.read_text().splitlines(), 1) if "numba.get_num_threads(" in line]
+    assert not direct
