@@ -335,7 +335,9 @@ def recurrent_gated_delta_rule(q, k, v, g, beta, state, every_state: bool = Fals
     copying it would be one more pass over 1 MB per layer (0.8B shape) each token.
     """
     t_len = q.shape[0]
-    initial = np.ascontiguousarray(state, dtype=q.dtype)  # [Hv, Dk, Dv]: only read
+    # [Hv, Dk, Dv]: the incoming memory. With in_place it is also states[0] below, and the
+    # kernel reads each of its rows before overwriting it.
+    initial = np.ascontiguousarray(state, dtype=q.dtype)
     if in_place and not every_state and initial is state:
         states = state[None]  # [1, Hv, Dk, Dv]: a view of the caller's array, updated in place
     else:
@@ -359,9 +361,15 @@ def chunked_gated_delta_rule(q, k, v, g, beta, state, chunk_size: int = CHUNK_SI
     """The gated delta rule over whole chunks of tokens with matrix products.
 
     Same contract as :func:`recurrent_gated_delta_rule_numpy`. Within a chunk of C tokens,
-    all the writes of the delta rule are solved at once: the values actually written, u, obey
-    the lower-triangular system (I + A) u = β v with A[i, j] = β_i (k_i · k_j) · decay(j → i)
-    for j < i (the UT transform). Between chunks the state is carried as in the recurrent form.
+    all the writes of the delta rule are solved at once. Token i writes δ_i = β_i (v_i − k_iᵀ
+    S_{i−1}), S decayed to step i; unrolled from the state S₀ at the chunk start, the writes
+    δ [C, Dv] obey the lower-triangular system
+
+        (I + A) δ = β v − β exp(g_cum) K S₀,   A[i, j] = β_i (k_i · k_j) · decay(j → i) for j < i
+
+    (the UT transform), so δ = u − w S₀ with u = (I + A)⁻¹ β v (the writes if S₀ were zero)
+    and w = (I + A)⁻¹ β exp(g_cum) K (how much of S₀ each write cancels). Between chunks the
+    state is carried as in the recurrent form.
     """
     t_len, num_heads, dk = q.shape
     dv = v.shape[-1]
@@ -452,7 +460,9 @@ def gated_deltanet(
         tap("linear_attn.in_proj_b", b)
         tap("linear_attn.in_proj_a", a)
 
-    conv_inputs, conv_before = mixed_qkv, state.conv  # read only by the speculative-verify branch below
+    # Kept for a speculative verify (mtp.py), which must rebuild the conv window after each of
+    # its tokens for the roll-back; the conv below replaces state.conv.
+    conv_inputs, conv_before = mixed_qkv, state.conv
     silu_in_conv = hidden_act in SILU_NAMES  # every Qwen3.5 model's: applied in the conv's pass
     mixed_qkv, state.conv = causal_conv1d(mixed_qkv, w.conv1d, state.conv, silu=silu_in_conv)
     if not silu_in_conv:
@@ -463,7 +473,9 @@ def gated_deltanet(
     k = mixed_qkv[:, key_dim : 2 * key_dim].reshape(t_len, num_key_heads, key_head_dim)  # [T, Hk, Dk]
     v = mixed_qkv[:, 2 * key_dim :].reshape(t_len, num_value_heads, value_head_dim)  # [T, Hv, Dv]
 
-    q = l2_normalize(q) * q.dtype.type(key_head_dim**-0.5)  # in q's dtype: float32, or float64 for checks
+    # The reference scales q by 1/√Dk before the recurrence (the paper's rule has no scale);
+    # the factor in q's dtype keeps float32 float32 (and a float64 check float64).
+    q = l2_normalize(q) * q.dtype.type(key_head_dim**-0.5)
     k = l2_normalize(k)
     beta = sigmoid(b)  # [T, Hv]: how strongly this token overwrites the memory
     # Mamba2's parametrisation: a per-head rate exp(A_log) > 0 times a per-token step

@@ -87,7 +87,9 @@ def numba_multiplies(weight_dtype, n_rows: int, model_bytes: int, bf16_prompts: 
 
 
 def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
-    """x @ weight.T (+ bias): every branch computes that, up to float32 rounding of the sums.
+    """x @ weight.T (+ bias): every branch computes that, up to float32 rounding of the sums
+    (except inside a ``rounding_prompts_to_bf16(True)`` block, where products of many rows with
+    bf16 weights round x to bf16 first: see bf16_dot.py).
 
     The branches only choose how: bf16 weights (widened exactly, :func:`linear_bf16`), a few
     float32 rows (a decode step: the Numba kernel :func:`linear_few_rows`, even for the

@@ -335,8 +335,14 @@ class Model:
         return x
 
     def decoder_layer(self, x, layer: DecoderLayer, state, cos, sin, tap):
+        """One pre-norm residual block, x [T, H] → [T, H]: x += token_mixer(norm(x)); x += mlp(norm(x)).
+
+        The token mixer is ``linear_attn`` (Gated DeltaNet, state: its DeltaNetState) or
+        ``self_attn`` (gated attention, state: its KVCache), as config.layer_types says; the
+        MLP is SwiGLU or the sparse MoE block. ``cos``, ``sin`` [T, R] serve attention only.
+        """
         c = self.config
-        h = rms_norm(x, layer.input_layernorm, c.rms_norm_eps)
+        h = rms_norm(x, layer.input_layernorm, c.rms_norm_eps)  # [T, H]
         if tap is not None:
             tap("input_layernorm", h)
         if layer.layer_type == "linear_attention":
@@ -351,9 +357,9 @@ class Model:
                 c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.rms_norm_eps, tap,
             )
         if tap is not None:
-            tap("token_mixer", mixed)
+            tap("token_mixer", mixed)  # [T, H]
         x = x + mixed
-        h = rms_norm(x, layer.post_attention_layernorm, c.rms_norm_eps)
+        h = rms_norm(x, layer.post_attention_layernorm, c.rms_norm_eps)  # [T, H]
         if tap is not None:
             tap("post_attention_layernorm", h)
         if isinstance(layer.mlp, MoEWeights):
@@ -361,7 +367,7 @@ class Model:
         else:
             out = swiglu_mlp(h, layer.mlp, c.hidden_act)
         if tap is not None:
-            tap("mlp", out)
+            tap("mlp", out)  # [T, H]
         x = x + out
         if tap is not None:
             tap("output", x)
@@ -560,6 +566,7 @@ class TensorReader:
         self.used: set[str] = set()
 
     def take(self, name, shape):
+        """A float32 tensor by its name under the text model's prefix (``model.`` or ``model.language_model.``)."""
         return self.take_top(self.prefix + name, shape)
 
     def matrix(self, name, shape):
@@ -567,9 +574,11 @@ class TensorReader:
         return self.matrix_top(self.prefix + name, shape)
 
     def matrix_top(self, full_name, shape):
+        """:meth:`matrix` by the tensor's full checkpoint name (no prefix added)."""
         return self.take_top(full_name, shape, bf16=self.matrix_dtype == "bfloat16")
 
     def take_top(self, full_name, shape, bf16=False):
+        """A tensor by its full checkpoint name (no prefix added), counted as used and as progress."""
         array = self.ckpt.bfloat16(full_name, shape) if bf16 else self.ckpt.float32(full_name, shape)
         self.mark_used(full_name)
         if self.progress is not None:

@@ -418,6 +418,8 @@ def draft(model: Model, head: MtpHead, mtp: MtpCache, k: int, pick, draft_vocab:
                 i = min(s, n_layers - 1)
                 kv = mtp.layers[i]
                 if s < n_layers:  # layer s over its uncommitted indices, the last of which reads draft s
+                    # Step 1's `out` is mtp.last, which commit already left at the end of waiting[1];
+                    # a later step's `out` is a draft's output, never committed, so it is appended.
                     inputs = np.concatenate([mtp.waiting[i], out]) if i > 1 else mtp.waiting[i]
                 else:  # past the last layer: one index further, fed its own output
                     inputs = out[-1:]
@@ -636,6 +638,10 @@ def speculative_generate(
     quiet_blas = model.numba_multiplies(1)
     # pending: the tokens to yield next; first_at: the position of the first of them; settle:
     # how to cut the caches back once we know how many of them were yielded.
+    # Each pass of the loop: (1) yield what the last cycle emitted, then settle — cut the caches
+    # back to what the caller took (it may stop early, so this waits for the yields); (2) run the
+    # next cycle: draft, verify, accept. settle takes its cycle's values as default arguments,
+    # since the loop's variables move on.
     pending, first_at, settle = [token], cache.position, None
     while True:
         yielded, stop = 0, ""
