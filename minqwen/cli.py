@@ -82,8 +82,10 @@ def check_generation_options(args):
             raise MinqwenError(f"--stop {text!r}: not UTF-8 text, so generated text can never match it") from None
 
 
-def speculative_decode(args, model, folder):
-    """(decode, the class of its stats) for the generation loop: speculative with the MTP head, or plain."""
+def choose_decoder(args, model, folder):
+    """(decode, the class of its stats) for the generation loop: the MTP head's speculative decoder
+    when --speculative asks for it or when it pays (mtp.pays_by_default; this loads the head),
+    else None for plain decoding."""
     from .generate import GenerationStats
     from .mtp import SpeculativeStats, load_mtp, pays_by_default, require_head, speculative_decoder
 
@@ -302,7 +304,7 @@ def run_generate(args) -> int:
 
     started = time.perf_counter()
     model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, bf16_prompts=args.bf16_prompts)
-    decode, stats_class = speculative_decode(args, model, find_checkpoint(args.model))  # (loads an MTP head)
+    decode, stats_class = choose_decoder(args, model, find_checkpoint(args.model))  # (loads an MTP head)
     loading = time.perf_counter() - started
     placeholders, tower = "", None
     if args.image:
@@ -403,7 +405,7 @@ def run_chat(args) -> int:
 
     check_generation_options(args)
     model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, bf16_prompts=args.bf16_prompts)
-    decode, stats_class = speculative_decode(args, model, find_checkpoint(args.model))
+    decode, stats_class = choose_decoder(args, model, find_checkpoint(args.model))
     params = sampling_params(args, tokenizer)
     if sys.stdin is None:  # started with standard input closed (`<&-`)
         raise MinqwenError("standard input is closed: chat reads its messages from it (a terminal, a pipe or a file)")
