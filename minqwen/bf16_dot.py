@@ -33,8 +33,8 @@ activations are float32. Two ways to hand them to these instructions:
 
 Each product of two bf16 numbers is exact in float32 and the sums are float32, so the parts
 are the only difference from a float32 product — but for inputs, products and sums below
-2⁻¹²⁶, which the instructions take as zero, and activations beyond bf16's largest number
-(~3.39e38), which round to infinity.
+2⁻¹²⁶, which the instructions take as zero, and activations from halfway past bf16's largest
+number on, (2 − 2⁻⁸)·2¹²⁷ ≈ 3.396e38, which round to infinity.
 
 * :func:`linear_bf16_dot_numpy` — the definition, slow and clear: split x into parts
   (:func:`split_into_bf16_parts_numpy`; one part is x rounded), widen them and the weights,

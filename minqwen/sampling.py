@@ -5,7 +5,8 @@ draw. Temperature 0 means greedy: the argmax after penalties.
 
 * **repetition_penalty** (transformers' definition, multiplicative): every id seen so far in
   the prompt or the output has its logit divided by the penalty if positive, multiplied by
-  it if negative — either way made less likely. 1.0 turns it off.
+  it if negative — either way made less likely when the penalty is above 1 (below 1, more
+  likely). 1.0 turns it off.
 * **presence_penalty** (the OpenAI API / vLLM definition, additive; transformers has none):
   the penalty is subtracted once from the logit of every id already *generated*. 0 turns it off.
 * **top_k** keeps the k most likely ids (0: off); **top_p** keeps the smallest set of most

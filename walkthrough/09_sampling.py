@@ -145,8 +145,8 @@ for settings in ({"temperature": 1.0, "top_k": 20}, {"temperature": 0.8, "top_p"
 #
 # * **repetition penalty** (as in transformers, multiplicative): every id seen so far — in
 #   the prompt or the output — has its logit divided by the penalty if positive, multiplied by
-#   it if negative. Either way it becomes less likely. (Dividing a negative logit would make
-#   it *more* likely: a classic bug.)
+#   it if negative. Either way, with a penalty above 1, it becomes less likely (below 1, more
+#   likely). (Dividing a negative logit would make it *more* likely: a classic bug.)
 # * **presence penalty** (as in the OpenAI API and vLLM, additive): subtract a constant once
 #   from every id already *generated*.
 

@@ -328,8 +328,8 @@ print("expanded:", full_ids.tolist())
 # three rows (time, height, width) — M-RoPE on text is plain RoPE (chapter 3). An image's
 # tokens all start from the next free position `s` and sit at `(s + frame, s + row, s + column)`
 # on the merged grid. The text after the image continues at `s + max(rows, columns)`: an image
-# of 8 tokens on a 2 × 4 grid uses only 4 positions. From then on every position is smaller
-# than the token's index by a fixed amount, `rope_delta` — which is why minqwen's cache keeps
+# of 8 tokens on a 2 × 4 grid uses only 4 positions. From then on every position equals the
+# token's index plus a fixed amount, `rope_delta`, which is negative (here −4) — which is why minqwen's cache keeps
 # a `rope_delta` beside its `position`, and adds it to every token fed later.
 
 # %%
