@@ -61,14 +61,15 @@ def numba_multiplies(weight_dtype, n_rows: int, model_bytes: int, bf16_prompts: 
 
     The caller then holds BLAS to one thread (:func:`~minqwen.threads.one_blas_thread`), and
     :func:`linear` sees it: big matrices go to the kernel's parallel build. So it is for few
-    rows of bf16 weights (NumPy has no bf16 product), and of float32 weights in a model
-    (``model_bytes`` of weights) too big for the caches: a decode step or a verify is then
-    bound by reading weights, which the kernel does faster than BLAS (see :func:`_rows_loops`).
-    A small model's few-row products go to the kernel too, but to its serial build, on the
-    calling thread. They are short — the embedded model's largest takes tens of microseconds —
-    and the pool, idle between them, would have to be woken for each (on an Intel Xeon VM the
-    embedded model decoded 1092 tokens/s with BLAS, 757 with every product in the parallel
-    build). On one core the kernel beat OpenBLAS's GEMV at decoding such a model: on an AMD
+    rows of weights, bf16 or float32, in a model (``model_bytes`` of weights) too big for the
+    caches: a decode step or a verify is then bound by reading weights, which the kernel does
+    faster than BLAS (see :func:`_rows_loops`).
+    A small model's few-row products go to the kernel too (NumPy has no bf16 product, and for
+    float32 see below), but to its serial build, on the calling thread. They are short — the
+    embedded model's largest takes tens of microseconds — and the pool, idle between them,
+    would have to be woken for each (on an Intel Xeon VM the embedded model decoded 1092
+    tokens/s with BLAS, 757 with every product in the parallel build; in bf16, alternated
+    runs, 1259 tokens/s with its LM head in the parallel build, 1421 with all serial). On one core the kernel beat OpenBLAS's GEMV at decoding such a model: on an AMD
     EPYC VM, alternated runs, the embedded model decoded 774 tokens/s against 567 with one row
     going to BLAS (and 650 against 475, or 426 with BLAS held to one thread, in another
     series). Its 14.8 MB of weights come from the last-level cache there, not the nearest
@@ -79,11 +80,9 @@ def numba_multiplies(weight_dtype, n_rows: int, model_bytes: int, bf16_prompts: 
     Many rows of bf16 weights go to Numba too where bf16_dot's kernels do them: with
     ``bf16_prompts``, and on AMX tiles (three parts, exact) without.
     """
-    if weight_dtype == BF16 and (bf16_prompts or bf16_dot.cpu_has_amx_bf16()):
-        return True
-    if n_rows >= BLAS_ROWS:
-        return False
-    return weight_dtype == BF16 or (weight_dtype == np.float32 and model_bytes >= SMALL_MODEL_BYTES)
+    if n_rows < BLAS_ROWS:  # a decode step or a verify: the few-row kernel, parallel if it pays
+        return weight_dtype in (BF16, np.float32) and model_bytes >= SMALL_MODEL_BYTES
+    return weight_dtype == BF16 and (bf16_prompts or bf16_dot.cpu_has_amx_bf16())
 
 
 def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:

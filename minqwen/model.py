@@ -154,8 +154,8 @@ class Model:
     def numba_multiplies(self, n_rows: int) -> bool:
         """Whether a forward over ``n_rows`` positions hands its products to Numba's kernels.
 
-        See :func:`minqwen.linear.numba_multiplies`: few rows of bf16 weights, or of float32
-        weights too big for the caches; and any number of rows with ``bf16_prompts``.
+        See :func:`minqwen.linear.numba_multiplies`: few rows of a model too big for the caches
+        (bf16 or float32 weights); many rows of bf16 weights with ``bf16_prompts`` or on AMX tiles.
         """
         return numba_multiplies(self.weights_dtype, n_rows, self.weight_bytes, self.bf16_prompts)
 

@@ -51,11 +51,13 @@ def test_linear_sends_few_rows_to_the_kernel_and_many_to_blas(monkeypatch, weigh
         assert used == [1, 2, L.BLAS_ROWS - 1]
 
 
-def test_numba_does_the_products_for_few_rows_of_bf16_or_of_float32_too_big_for_the_caches():
+def test_numba_does_the_products_for_few_rows_of_a_model_too_big_for_the_caches():
     big, small = L.SMALL_MODEL_BYTES, L.SMALL_MODEL_BYTES - 1
     for rows in (1, 2, L.BLAS_ROWS - 1):
-        assert L.numba_multiplies(L.BF16, rows, small) and L.numba_multiplies(L.BF16, rows, big)
-        assert L.numba_multiplies(np.dtype(np.float32), rows, big)
+        assert L.numba_multiplies(L.BF16, rows, big) and L.numba_multiplies(np.dtype(np.float32), rows, big)
+        # a small model's few rows: the kernel's serial build (bf16 too), no pool to wake
+        assert not L.numba_multiplies(L.BF16, rows, small)
+        assert not L.numba_multiplies(L.BF16, rows, small, bf16_prompts=True)
         assert not L.numba_multiplies(np.dtype(np.float32), rows, small)
         assert not L.numba_multiplies(np.dtype(np.float64), rows, big)
     assert not L.numba_multiplies(np.dtype(np.float32), L.BLAS_ROWS, big)  # a float32 prompt: BLAS
