@@ -195,7 +195,8 @@ def recurrent_gated_delta_rule_numpy(q, k, v, g, beta, state):
 def _recurrent_loops(q, k, v, g, beta, initial, states, out):
     """Numba twin of recurrent_gated_delta_rule_numpy: the memory starts as ``initial``, ends in ``states``.
 
-    ``initial`` [Hv, Dk, Dv] is the incoming memory, only read. ``states`` [n, Hv, Dk, Dv]
+    ``initial`` [Hv, Dk, Dv] is the incoming memory, read through this name only (it may be
+    ``states[0]`` itself, each row read before it is overwritten). ``states`` [n, Hv, Dk, Dv]
     receives the memory: with n = 1 it is updated token after token (``initial`` may then be
     ``states[0]`` itself: a decode step updating the cache's memory in place); with n = T,
     states[t] ends as the memory after token t (what a speculative verify keeps). The same
@@ -303,8 +304,8 @@ def _same_memory(initial, states):
 
 # One body, compiled twice. A decode step's work per head is too small to pay for waking a
 # thread pool. A speculative verify of a few tokens is large enough to split the heads across
-# cores, and BLAS is kept on one thread then (see linear.numba_multiplies), so the cores are
-# free. A prompt of BLAS_ROWS tokens or more runs serial: OpenBLAS's threads are still spinning
+# cores, and in a model too big for the caches BLAS is kept on one thread then (see
+# linear.numba_multiplies), so the cores are free. A prompt of BLAS_ROWS tokens or more runs serial: OpenBLAS's threads are still spinning
 # from the projections just before (~0.1 s after each call) and take one core. Measured on the
 # 0.8B shape, 512 tokens, one layer right after a product (Intel Xeon VM): 22-23 ms serial,
 # 24 ms parallel; 12.6 ms parallel once OpenBLAS's threads had gone to sleep.
@@ -315,8 +316,8 @@ def _same_memory(initial, states):
 # faster (101–113 against 106–119 tok/s); on an Intel Xeon VM it was 184–188 against 165–171
 # tok/s (alternated runs; 197-200 against 184-189 on a later day, when it also cost the
 # embedded model's decoding ~3-6%), so it is the user's choice, not the default.
-# Where Numba's kernels do the products (bf16 weights, or float32 too big for the caches: see
-# linear.numba_multiplies) its pool is awake between calls and the cores are free, so even a
+# Where Numba's kernels do the products in their parallel builds (a few rows of a model too big
+# for the caches, bf16 or float32: see linear.numba_multiplies) its pool is awake between calls and the cores are free, so even a
 # decode step's heads are worth splitting: measured on the 0.8B shape, Intel Xeon VM, bf16
 # decode 14.4-14.6 against 14.9-15.1 tokens/s. Not where BLAS does the products: OpenBLAS's
 # threads spin after each one and take a core (float32 decode through BLAS: 9.1-9.2 tokens/s

@@ -435,6 +435,7 @@ def draft(model: Model, head: MtpHead, mtp: MtpCache, k: int, pick, draft_vocab:
 
 def draft_rows(vocab_size: int, draft_vocab: int | str | None = AUTO) -> int:
     """How many leading token ids the draft head reads: ``draft_vocab`` ("auto": see DRAFT_VOCAB; None: all)."""
+    draft_vocab = checked_draft_vocab(draft_vocab)
     if isinstance(draft_vocab, str) and draft_vocab == AUTO:
         return min(DRAFT_VOCAB, max(1, vocab_size // DRAFT_VOCAB_SHARE))
     return vocab_size if draft_vocab is None else min(draft_vocab, vocab_size)
@@ -592,10 +593,10 @@ def speculative_generate(
 
     Same arguments, stop rules and cache contract as ``generate_ids`` (the cache ends holding
     the prompt and every yielded token but the last, even when the caller stops early),
-    plus: ``draft_tokens`` k drafted per verify; ``draft_vocab`` the leading token ids the draft
-    head reads ("auto": see :data:`DRAFT_VOCAB`; None: the whole vocabulary); ``argmax_drafts``: draft the head's argmax even when
-    sampling (a one-hot q; by default a sampled draft is drawn from the head's distribution
-    under the same sampling options); ``mtp_cache``: continue one (its ``end`` must be the
+    plus: ``draft_tokens`` k drafted per verify; ``draft_vocab`` the leading token ids the
+    draft head reads ("auto": see :data:`DRAFT_VOCAB`; None: the whole vocabulary);
+    ``argmax_drafts``: draft the head's argmax even when sampling (a one-hot q; by default a
+    sampled draft is drawn from the head's distribution under the same sampling options); ``mtp_cache``: continue one (its ``end`` must be the
     cache's position), else a fresh one covers this call from the prompt on.
 
     Greedy output equals ``generate_ids``'s; sampled output has the same distribution (not
@@ -721,7 +722,7 @@ def draft_cost_estimate(model: Model, head: MtpHead, draft_vocab: int | str | No
         step -= model.embed_tokens.nbytes  # an untied embedding is looked up, not read whole
     total, active, expert_bytes = experts(model)
     step += expert_bytes * active // max(total, 1)  # the experts a token visits
-    rows = draft_rows(c.vocab_size, checked_draft_vocab(draft_vocab))
+    rows = draft_rows(c.vocab_size, draft_vocab)
     layer_bytes = weight_bytes(*head.layers) // len(head.layers)
     if c.is_moe:
         per_layer_experts = expert_bytes // c.num_hidden_layers

@@ -345,11 +345,13 @@ def test_bf16_prompts_is_refused_where_it_cannot_run(monkeypatch):
         minqwen.load(FIXTURES / name, dtype="bfloat16", bf16_prompts=True)
 
 
-def test_with_bf16_prompts_numba_does_every_product_of_bf16_weights_only():
+def test_with_bf16_prompts_numba_does_the_products_of_bf16_prompts_and_a_big_models_decode_steps():
     from minqwen.linear import BF16, SMALL_MODEL_BYTES, numba_multiplies
 
     for rows in (1, BLAS_ROWS, 512):
         assert numba_multiplies(BF16, rows, SMALL_MODEL_BYTES, bf16_prompts=True)  # BLAS then stays on one thread
+        # a small model's few rows: the kernel's serial build, the pool asleep
+        assert numba_multiplies(BF16, rows, SMALL_MODEL_BYTES - 1, bf16_prompts=True) == (rows >= BLAS_ROWS)
         assert not numba_multiplies(np.dtype(np.float32), max(rows, BLAS_ROWS), SMALL_MODEL_BYTES, bf16_prompts=True)
     # An exact prompt: on AMX tiles Numba does it too (three parts); elsewhere BLAS does
     assert numba_multiplies(BF16, BLAS_ROWS, SMALL_MODEL_BYTES) == D.cpu_has_amx_bf16()

@@ -94,17 +94,18 @@ def test_greedy_continuation_is_token_for_token_the_reference(fixture):
     assert generated == expected["greedy"].tolist()
 
 
-def test_with_float32_products_in_the_numba_kernel_the_greedy_continuation_is_still_the_reference(fixture,
-                                                                                                     monkeypatch):
-    # Fixtures are small, so their float32 decode steps multiply with BLAS; a real-size model's
-    # go to Numba's few-row kernel. Pretend this one is real-size.
-    from minqwen import linear
+def test_with_numbas_pool_doing_the_products_the_greedy_continuation_is_still_the_reference(fixture, monkeypatch):
+    # Fixtures are small, so their decode steps run the few-row kernel's serial build with BLAS
+    # left alone; a real-size model's run with BLAS on one thread and Numba's pool awake (big
+    # matrices in the parallel build). Pretend this one is real-size.
+    from minqwen import linear, threads
 
     model, expected = fixture
     monkeypatch.setattr(linear, "SMALL_MODEL_BYTES", 0)
     rows = []
     kernel = linear.linear_few_rows
-    monkeypatch.setattr(linear, "linear_few_rows", lambda x, w: (rows.append(len(x)), kernel(x, w))[1])
+    monkeypatch.setattr(linear, "linear_few_rows",
+                        lambda x, w: (rows.append((len(x), threads.numba_does_the_products())), kernel(x, w))[1])
     generated = greedy_continuation(model, expected["token_ids"], len(expected["greedy"]))
-    assert 1 in rows  # the decode steps' products went to the kernel
+    assert (1, True) in rows  # the decode steps' products went to the kernel, the pool's to do
     assert generated == expected["greedy"].tolist()

@@ -1192,6 +1192,9 @@ def test_by_default_the_draft_reads_the_first_quarter_of_the_vocabulary_at_most_
     assert draft_rows(4096) == 1024  # the embedded model
     assert draft_rows(3) == 1  # never no row at all
     assert draft_rows(4096, None) == 4096 and draft_rows(4096, 100) == 100 and draft_rows(4096, 10**6) == 4096
+    for bad in (0, -5, 2.5, "all"):  # every entry point refuses them (draft_logits read lm_head[:-5] before)
+        with pytest.raises(MinqwenError, match="draft_vocab must be"):
+            draft_rows(4096, bad)
     model = MODELS["text_grouped_bf16_bias"]
     quarter = model.config.vocab_size // 4
     hidden = model.hidden_states([5, 6, 7])[-1]

@@ -314,7 +314,8 @@ def depth(layer_counts: list[int], acceptance: float, repeats: int, out: Path = 
     """What one draft per verify would buy at the embedded model's widths, as the model gets deeper.
 
     The embedded model's MTP layer is one layer beside four, and its LM head a quarter of its
-    weights: a cycle costs too many steps for 1.3x. For each N: a random checkpoint with the
+    weights: a cycle costs too many steps for 1.3x. Speculation drafts with its default draft
+    vocabulary (minqwen.mtp.draft_rows: 1,024 of these models' 4,096 ids). For each N: a random checkpoint with the
     embedded model's config but N decoder layers (every fourth one full attention) and a random
     MTP head, in ``out`` (scratch/, never committed). Random drafts are never accepted, so every cycle
     emits one token, and plain ÷ speculative time per token is what a cycle costs in decode

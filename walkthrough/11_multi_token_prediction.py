@@ -304,10 +304,11 @@ if plt is not None:
 # The same formula says why the model in this chapter gains little from its own head. Its MTP
 # layer is one layer beside the model's four, and its LM head (4,096 rows) is a quarter of its
 # weights, so a draft over the whole vocabulary costs about half a decode step: `c_draft` ≈
-# 0.46–0.51, measured by `tools/mtp_figures.py depth`. Even a verify that cost exactly one step
-# would then give (1 + 0.84) / (1 + 0.5) ≈ 1.2× at the 84% acceptance the README reports for
-# one draft per verify; measured it was 0.9–1.1×, and 1.18–1.19× once the draft head read
-# only the first 1,024 ids (`c_draft` ≈ 0.45 then, of which the MTP layer 0.33). Give the
+# 0.46–0.51, measured by `tools/mtp_figures.py depth` when it drafted over the whole
+# vocabulary. Even a verify that cost exactly one step would then give (1 + 0.84) / (1 + 0.5)
+# ≈ 1.2× at the 84% acceptance the README reports for one draft per verify; measured it was
+# 0.9–1.1×, and 1.18–1.19× once the draft head read only the first 1,024 ids (`c_draft` ≈
+# 0.45 then, of which the MTP layer 0.33). Give the
 # same widths 12 layers and `c_draft` falls to about 0.2; in Qwen3.5-0.8B, with 24 layers and
 # a draft head cut to 32k rows, it is 0.07–0.09. Drafting pays where the draft is small next to
 # the model it drafts for.
