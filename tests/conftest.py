@@ -202,8 +202,14 @@ FLOAT32_SANITY = 2e-3  # the largest float32 gap met on such draws (3.8e-4), wit
 
 
 def misses_live_atol(got, expected) -> bool:
-    """Whether any of minqwen's float32 outputs (a list of arrays) is more than LIVE_ATOL from the reference's."""
-    return any(np.abs(g - e).max() > LIVE_ATOL for g, e in zip(got, expected, strict=True))
+    """Whether any of minqwen's float32 outputs (a list of arrays) is more than LIVE_ATOL from the reference's.
+
+    A NaN or an infinity anywhere, or a shape that differs, is a miss too, which the float64
+    judge then fails. (``abs(g - e).max() > atol`` let NaN through: NaN compares as False, and
+    the subtraction broadcasts over a wrong shape.)
+    """
+    return any(g.shape != e.shape or not (np.isfinite(g).all() and np.isfinite(e).all())
+               or not np.allclose(g, e, rtol=0, atol=LIVE_ATOL) for g, e in zip(got, expected, strict=True))
 
 
 def assert_agree_in_float64(got, expected, got64, exact, what: str, labels=None) -> None:
@@ -216,6 +222,8 @@ def assert_agree_in_float64(got, expected, got64, exact, what: str, labels=None)
     """
     labels = labels or [f"step {i}" for i in range(len(got))]
     for label, g, e, g64, x in zip(labels, got, expected, got64, exact, strict=True):
+        for name, array in (("float32", g), ("float64", g64), ("the reference's float32", e), ("the reference's float64", x)):
+            assert np.isfinite(array).all(), f"{name} {label} of {what} holds NaN or infinite values"
         np.testing.assert_allclose(g64, x, rtol=0, atol=FLOAT64_ATOL, err_msg=f"float64, {label} of {what}")
         np.testing.assert_allclose(g, e, rtol=0, atol=FLOAT32_SANITY, err_msg=f"float32, {label} of {what}")
 

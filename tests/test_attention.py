@@ -226,10 +226,10 @@ def test_a_prompts_key_heads_are_shared_out_between_threads_bit_for_bit(monkeypa
         assert seen == [(threading.current_thread().name, 6)]
         seen.clear()
         shared = causal_attention(q, keys, values, 0.25)
+    np.testing.assert_array_equal(shared, alone)
+    np.testing.assert_allclose(alone, _direct_causal_attention(q, keys, values, 0.25), rtol=0, atol=1e-5)
     if attention.numba.get_num_threads() < 2:
         pytest.skip("one thread: nothing to share")
     # 3 key heads (of 2 query heads each) shared out between min(3, threads) threads
     assert len(seen) == min(3, attention.numba.get_num_threads()) and sum(n for _, n in seen) == 6
     assert all(name.startswith("minqwen-attention") for name, _ in seen)
-    np.testing.assert_array_equal(shared, alone)
-    np.testing.assert_allclose(alone, _direct_causal_attention(q, keys, values, 0.25), rtol=0, atol=1e-5)

@@ -576,8 +576,19 @@ def test_a_scalar_tensor_has_shape_empty_and_one_element(tmp_path):
     assert float(f.array("s")) == 2.5
 
 
+# The safetensors format's dtype names and what each means, written out from its specification
+# (not taken from minqwen.checkpoint.DTYPES, the table under test).
+SAFETENSORS_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+
+
 def test_every_known_dtype_reads_back_what_numpy_wrote(tmp_path):
-    arrays = {name: np.arange(6, dtype=np.float32).astype(dtype).reshape(3, 2) for name, dtype in DTYPES.items()}
+    assert set(DTYPES) == set(SAFETENSORS_DTYPES)
+    arrays = {name: np.arange(6, dtype=np.float32).astype(dtype).reshape(3, 2)
+              for name, dtype in SAFETENSORS_DTYPES.items()}
     header, data, offset = {}, b"", 0
     for name, arr in arrays.items():
         raw = arr.tobytes()
@@ -587,8 +598,19 @@ def test_every_known_dtype_reads_back_what_numpy_wrote(tmp_path):
     f = SafetensorsFile(write_raw(tmp_path / "x.safetensors", header, data))
     for name, arr in arrays.items():
         got = f.array(name)
-        assert got.dtype == DTYPES[name], name
+        assert got.dtype == np.dtype(SAFETENSORS_DTYPES[name]), name
         assert got.tobytes() == arr.tobytes(), name
+
+
+def test_the_safetensors_librarys_own_dtype_names_read_back_as_written(tmp_path):
+    # The library names each NumPy dtype itself: an independent check of the name → dtype table.
+    arrays = {str(np.dtype(t)): np.arange(6).astype(t).reshape(2, 3)
+              for t in (np.float64, np.float32, np.float16, np.int64, np.int32, np.int16, np.int8, np.uint8, np.bool_)}
+    save_file(arrays, str(tmp_path / "x.safetensors"))
+    f = SafetensorsFile(tmp_path / "x.safetensors")
+    for key, arr in arrays.items():
+        got = f.array(key)
+        assert got.dtype == arr.dtype and np.array_equal(got, arr), key
 
 
 def test_raw_tensors_are_read_only_views_of_one_memory_map_not_copies(tmp_path):

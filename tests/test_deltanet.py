@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import minqwen
-from conftest import DIRECT_ACTIVATIONS
+from conftest import DIRECT_ACTIVATIONS, require_reference
 from minqwen.checkpoint import EMBEDDED
 from minqwen.deltanet import (
     DeltaNetState,
@@ -381,11 +381,10 @@ def test_l2_normalize_puts_eps_under_the_square_root_even_for_tiny_vectors():
     # (rtol 1e-8 in float64: minqwen adds eps rounded to float32, 1e-9 relative at the smallest norms)
     for dtype, rtol in ((np.float64, 1e-8), (np.float32, 2e-6)):
         np.testing.assert_allclose(l2_normalize(x.astype(dtype)), expected, rtol=rtol, atol=0)
-    try:
-        import torch
-        from transformers.models.qwen3_5.modeling_qwen3_5 import l2norm
-    except ImportError:
-        return
+    require_reference()
+    import torch
+    from transformers.models.qwen3_5.modeling_qwen3_5 import l2norm
+
     np.testing.assert_allclose(l2_normalize(x), l2norm(torch.tensor(x), dim=-1, eps=1e-6).numpy(), rtol=1e-8, atol=0)
 
 

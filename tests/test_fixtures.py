@@ -109,3 +109,18 @@ def test_with_numbas_pool_doing_the_products_the_greedy_continuation_is_still_th
     generated = greedy_continuation(model, expected["token_ids"], len(expected["greedy"]))
     assert (1, True) in rows  # the decode steps' products went to the kernel, the pool's to do
     assert generated == expected["greedy"].tolist()
+
+
+def test_a_nan_an_infinity_or_a_wrong_shape_misses_the_live_tolerance_and_fails_the_judge():
+    # The live reference lanes (text, MoE, MTP, vision, YaRN) passed minqwen outputs that were all NaN:
+    # abs(g - e).max() > atol is False for NaN, so the float64 judge was never asked.
+    from conftest import LIVE_ATOL, assert_agree_in_float64, misses_live_atol
+
+    e = np.zeros((2, 3), np.float32)
+    assert not misses_live_atol([e + LIVE_ATOL / 2], [e])
+    assert misses_live_atol([e + 2 * LIVE_ATOL], [e])
+    for bad in (np.full((2, 3), np.nan, np.float32), np.full((2, 3), np.inf, np.float32), np.zeros((1, 3), np.float32)):
+        assert misses_live_atol([bad], [e])
+    nan = np.full((2, 3), np.nan)
+    with pytest.raises(AssertionError, match="NaN or infinite"):
+        assert_agree_in_float64([nan.astype(np.float32)], [e], [nan], [nan], "a NaN draw")

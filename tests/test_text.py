@@ -124,11 +124,12 @@ def test_max_new_tokens_and_eos_stop_generation():
 def test_stop_strings_end_the_text_before_them():
     ids = TOKENIZER.encode("def f(x):\n")
     full = "".join(stream_text(MODEL, TOKENIZER, ids, max_new_tokens=40))
-    stop = full.strip()[:3] if len(full.strip()) >= 3 else None
-    if stop is None:
-        pytest.skip("the model produced almost nothing")
+    assert len(full.strip()) >= 12, full  # the embedded model writes a line or more here
+    # a stop string from the middle of the text, so that the cut keeps what came before it
+    middle = len(full) // 2
+    stop = full[middle : middle + 3]
     cut = "".join(stream_text(MODEL, TOKENIZER, ids, max_new_tokens=40, stop_strings=[stop]))
-    assert stop not in cut and full.startswith(cut)
+    assert stop not in cut and full.startswith(cut) and cut == full[: full.index(stop)]
 
 
 def test_empty_prompt_is_a_clear_error():
