@@ -164,8 +164,12 @@ def filter_logits(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
         # Drop the least likely ids while their total mass stays ≤ 1 − p, as transformers does:
         # summed from the bottom, float32 rounding cannot push a tiny tail over the line (summed
         # from the top, 1 − 2e-9 rounds to 1 and reaches p = 1 − 1e-16 one id too early).
-        order = np.argsort(-logits, kind="stable")[::-1]  # [V]: least likely first, np.argmax's pick last
-        tail = np.cumsum(softmax(logits)[order])  # [V]: mass of each id and every less likely one
+        # Only ids still in play are sorted: an id at −inf (cut by top-k) has mass 0 and would sit
+        # at the bottom of the order, adding 0 to every sum above it, and stays cut. (Sorting all
+        # of Qwen3.5's 248k logits each token took ~4 ms.)
+        alive = np.flatnonzero(logits > -np.inf)  # [n], ascending ids, as a stable sort of all would tie-break
+        order = alive[np.argsort(-logits[alive], kind="stable")][::-1]  # [n]: least likely first, argmax's pick last
+        tail = np.cumsum(softmax(logits)[order])  # [n]: mass of each id and every less likely one
         removed = order[:-1][tail[:-1] <= 1 - params.top_p]  # the most likely id always stays
         logits = logits.copy()
         logits[removed] = -np.inf

@@ -421,3 +421,27 @@ def test_overrides_win_over_the_file_and_none_keeps_the_file():
         for other in changed:
             expected = value if other == name else getattr(defaults, other)
             assert getattr(alone, other) == pytest.approx(expected), (name, other)
+
+
+def _top_p_sorting_every_id(logits: np.ndarray, top_p: float) -> np.ndarray:
+    """The top-p rule as written before it sorted only the ids still in play: all V ids sorted."""
+    from minqwen.sampling import softmax
+
+    order = np.argsort(-logits, kind="stable")[::-1]
+    tail = np.cumsum(softmax(logits)[order])
+    kept = logits.copy()
+    kept[order[:-1][tail[:-1] <= 1 - top_p]] = -np.inf
+    return kept
+
+
+@settings(max_examples=300, deadline=None)
+@given(logits=arrays(np.float32, st.integers(1, 80), elements=st.sampled_from([-np.inf, -3.0, -1.0, 0.0, 0.5, 2.0, 7.0])
+                     | st.floats(-20, 20, width=32)),
+       top_k=st.integers(0, 90), top_p=st.floats(0.01, 0.999))
+def test_top_p_over_the_ids_still_in_play_is_bit_for_bit_top_p_over_every_id(logits, top_k, top_p):
+    # Ties, and ids top-k (or the logits themselves) left at −inf, included.
+    if not np.isfinite(logits.max()):
+        logits[0] = 0.0
+    params = SamplingParams(temperature=1.0, top_k=top_k, top_p=top_p)
+    cut = filter_logits(logits, SamplingParams(temperature=1.0, top_k=top_k))  # top-k alone
+    np.testing.assert_array_equal(filter_logits(logits, params), _top_p_sorting_every_id(cut, top_p))
