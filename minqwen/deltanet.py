@@ -305,8 +305,9 @@ def _same_memory(initial, states):
 # One body, compiled twice. A decode step's work per head is too small to pay for waking a
 # thread pool. A speculative verify of a few tokens is large enough to split the heads across
 # cores, and in a model too big for the caches BLAS is kept on one thread then (see
-# linear.numba_multiplies), so the cores are free. A prompt of BLAS_ROWS tokens or more runs serial: OpenBLAS's threads are still spinning
-# from the projections just before (~0.1 s after each call) and take one core. Measured on the
+# linear.numba_multiplies), so the cores are free. A prompt of BLAS_ROWS tokens or more runs
+# serial: OpenBLAS's threads are still spinning from the projections just before (~0.1 s
+# after each call) and take one core. Measured on the
 # 0.8B shape, 512 tokens, one layer right after a product (Intel Xeon VM): 22-23 ms serial,
 # 24 ms parallel; 12.6 ms parallel once OpenBLAS's threads had gone to sleep.
 # With OPENBLAS_THREAD_TIMEOUT=18 set when the process starts, OpenBLAS's threads sleep
@@ -317,8 +318,8 @@ def _same_memory(initial, states):
 # tok/s (alternated runs; 197-200 against 184-189 on a later day, when it also cost the
 # embedded model's decoding ~3-6%), so it is the user's choice, not the default.
 # Where Numba's kernels do the products in their parallel builds (a few rows of a model too big
-# for the caches, bf16 or float32: see linear.numba_multiplies) its pool is awake between calls and the cores are free, so even a
-# decode step's heads are worth splitting: measured on the 0.8B shape, Intel Xeon VM, bf16
+# for the caches, bf16 or float32: see linear.numba_multiplies) its pool is awake between
+# calls and the cores are free, so even a decode step's heads are worth splitting: measured on the 0.8B shape, Intel Xeon VM, bf16
 # decode 14.4-14.6 against 14.9-15.1 tokens/s. Not where BLAS does the products: OpenBLAS's
 # threads spin after each one and take a core (float32 decode through BLAS: 9.1-9.2 tokens/s
 # serial, 8.7 parallel).

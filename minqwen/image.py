@@ -321,8 +321,9 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
 # Pillow resizes an 8-bit image in two passes, one per axis, rounding to 8 bits in between:
 # Pillow 12 and older always go horizontal first, Pillow 13 sometimes vertical first (see
 # vertical_pass_first), and with the rounding the order shows in the result. Each output
-# pixel is a weighted sum of the input pixels under a filter centred on it; when shrinking, the filter is stretched by the shrink factor, so every input
-# pixel counts (an antialiased resize). The weights are normalised to sum to one, then
+# pixel is a weighted sum of the input pixels under a filter centred on it; when shrinking,
+# the filter is stretched by the shrink factor, so every input pixel counts (an antialiased
+# resize). The weights are normalised to sum to one, then
 # turned into fixed-point integers with 22 fractional bits; sums start at one half (for
 # rounding), are shifted back down and clipped to 0…255.
 

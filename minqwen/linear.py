@@ -72,8 +72,8 @@ def numba_multiplies(weight_dtype, n_rows: int, model_bytes: int, bf16_prompts: 
     runs, 1259 tokens/s with its LM head in the parallel build, 1421 with all serial). On one
     core the kernel beat OpenBLAS's GEMV at decoding such a model: on an AMD EPYC VM,
     alternated runs, the embedded model decoded 774 tokens/s against 567 with one row going
-    to BLAS (and 650 against 475, or 426 with BLAS held to one thread, in another series). Its 14.8 MB of weights come from the last-level cache there, not the nearest
-    ones (0.53 ms a step in a sweep over its matrices, 0.18 ms multiplied while still
+    to BLAS (and 650 against 475, or 426 with BLAS held to one thread, in another series).
+    Its 14.8 MB of weights come from the last-level cache there, not the nearest ones (0.53 ms a step in a sweep over its matrices, 0.18 ms multiplied while still
     cached), and the kernel's four streams with their prefetches wait less for them. In a
     loop over one matrix, found in the nearest caches each time, BLAS was as fast or faster.
     Not measured on the Intel VM.

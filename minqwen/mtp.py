@@ -596,8 +596,9 @@ def speculative_generate(
     plus: ``draft_tokens`` k drafted per verify; ``draft_vocab`` the leading token ids the
     draft head reads ("auto": see :data:`DRAFT_VOCAB`; None: the whole vocabulary);
     ``argmax_drafts``: draft the head's argmax even when sampling (a one-hot q; by default a
-    sampled draft is drawn from the head's distribution under the same sampling options); ``mtp_cache``: continue one (its ``end`` must be the
-    cache's position), else a fresh one covers this call from the prompt on.
+    sampled draft is drawn from the head's distribution under the same sampling options);
+    ``mtp_cache``: continue one (its ``end`` must be the cache's position), else a fresh one
+    covers this call from the prompt on.
 
     Greedy output equals ``generate_ids``'s; sampled output has the same distribution (not
     the same draws for a seed: the random stream is used differently).

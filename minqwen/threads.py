@@ -289,10 +289,9 @@ def launched_safely(parallel, serial):
         with _launching:
             try:
                 return parallel(*args)
-            except ValueError as e:  # the first launch starts the pool: a layer this machine lacks
-                if "threading layer" not in str(e):
-                    raise
-                raise threads_cannot_start(e) from None
+            except ValueError as e:  # the first launch starts the pool: a layer this machine lacks?
+                raise_if_a_missing_layer(e)
+                raise
 
     launch.__name__ = launch.__qualname__ = getattr(parallel, "__name__", "parallel")
     launch.parallel, launch.serial = parallel, serial
@@ -319,8 +318,9 @@ def set_threads(n: int | None = None) -> int:
     _limits = threadpool_limits(limits=n)
     try:
         numba.set_num_threads(n)  # (starts Numba's thread pool, in the threading layer asked for)
-    except ValueError as e:  # a layer this machine lacks, as tbb without the tbb package
-        raise threads_cannot_start(e) from None
+    except ValueError as e:  # a layer this machine lacks, as tbb without the tbb package?
+        raise_if_a_missing_layer(e)
+        raise
     return n
 
 
@@ -332,8 +332,13 @@ def numba_threads() -> int:
     try:
         return numba.get_num_threads()
     except ValueError as e:
-        if "threading layer" not in str(e):
-            raise
+        raise_if_a_missing_layer(e)
+        raise
+
+
+def raise_if_a_missing_layer(e: ValueError) -> None:
+    """Raise :func:`threads_cannot_start` if ``e`` is Numba's missing-threading-layer error."""
+    if "threading layer" in str(e):
         raise threads_cannot_start(e) from None
 
 
