@@ -41,10 +41,16 @@ from .threads import numba_does_the_products, numba_threads, serial_and_parallel
 QUERY_BLOCK = 256
 # attention_few_queries takes over from this many keys in the cache, for at most this many
 # query rows per key head (G query heads × T tokens); each of its parallel jobs reads
-# KEY_BLOCK keys. Measured on the 0.8B shape (G = 4): from 2k keys it is the faster for one
-# query token (2× at 16k), for two about even, and for more the slower (its score loop,
-# not memory, becomes the limit).
+# KEY_BLOCK keys. With more rows its score loop, not memory, becomes the limit.
+# Where Numba's pool is awake between products (threads.numba_does_the_products: a model too
+# big for the caches) the kernel pays from a few hundred keys. 0.8B shape (G = 4), float32
+# decode steps, Intel Xeon VM, alternated: at 512 keys 105.5 against 105.6 ms a step (NumPy,
+# kernel), 640 105.8 / 104.6, 768 106.3-108.9 / 104.1-106.0, 1024 108.2-111.2 / 104.3-105.5,
+# 2048 113.4 / 106.0. Elsewhere it would wake the pool for each call: on the embedded model
+# (G = 2, D = 64) it was the slower at every context it can hold (1536 keys: 1.18 against
+# 1.08 ms a step), so it waits for long contexts there.
 KERNEL_FROM_KEYS = 2048
+KERNEL_FROM_KEYS_AWAKE = 512
 FEW_QUERY_ROWS = 8
 KEY_BLOCK = 256
 
@@ -327,7 +333,8 @@ def gated_attention(
         tap("self_attn.gate", gate)
 
     keys, values = cache.append(k, v)  # [Hkv, S, D] each
-    few = t_len * (num_heads // num_kv_heads) <= FEW_QUERY_ROWS and keys.shape[1] >= KERNEL_FROM_KEYS
+    from_keys = KERNEL_FROM_KEYS_AWAKE if numba_does_the_products() else KERNEL_FROM_KEYS
+    few = t_len * (num_heads // num_kv_heads) <= FEW_QUERY_ROWS and keys.shape[1] >= from_keys
     attend = attention_few_queries if few and q.dtype == keys.dtype == np.float32 else causal_attention
     out = attend(q, keys, values, scale=head_dim**-0.5)  # [T, Hq, D]
     # each head's output scaled, element by element, by its own sigmoid gate

@@ -176,7 +176,11 @@ def test_the_few_query_kernel_takes_over_exactly_where_documented(monkeypatch):
     # instead of query rows per key head (G · T), moves real decode steps to the other path. And a
     # float64 layer must never take the float32 kernel: its float64 answer is the judge of float32
     # round-off. Recorded per call; the float64 case is also held to the direct softmax.
+    # Where Numba's pool does the products (inside one_blas_thread), from KERNEL_FROM_KEYS_AWAKE.
+    from minqwen.threads import one_blas_thread
+
     monkeypatch.setattr(attention, "KERNEL_FROM_KEYS", 12)
+    monkeypatch.setattr(attention, "KERNEL_FROM_KEYS_AWAKE", 6)
     chosen = []
     for name in ("attention_few_queries", "causal_attention"):
         real = getattr(attention, name)
@@ -184,13 +188,17 @@ def test_the_few_query_kernel_takes_over_exactly_where_documented(monkeypatch):
     hq, hkv, d, hidden = 4, 2, 8, 16  # G = 2 query heads per key head
     rng = np.random.default_rng(9)
     w = random_attention_weights(rng, hq, hkv, d, hidden)
-    cases = [  # (tokens held before, new tokens, dtype, path expected)
-        (8, 4, np.float32, "attention_few_queries"),  # 12 keys, 2 · 4 = 8 = FEW_QUERY_ROWS rows
-        (7, 4, np.float32, "causal_attention"),  # 11 keys: one short of KERNEL_FROM_KEYS
-        (7, 5, np.float32, "causal_attention"),  # 2 · 5 = 10 rows: too many, although 5 tokens are few
-        (11, 1, np.float64, "causal_attention"),  # a decode step of a float64 layer
+    cases = [  # (tokens held before, new tokens, dtype, Numba's pool awake, path expected)
+        (8, 4, np.float32, False, "attention_few_queries"),  # 12 keys, 2 · 4 = 8 = FEW_QUERY_ROWS rows
+        (7, 4, np.float32, False, "causal_attention"),  # 11 keys: one short of KERNEL_FROM_KEYS
+        (7, 5, np.float32, False, "causal_attention"),  # 2 · 5 = 10 rows: too many, although 5 tokens are few
+        (11, 1, np.float64, False, "causal_attention"),  # a decode step of a float64 layer
+        (5, 1, np.float32, False, "causal_attention"),  # 6 keys: KERNEL_FROM_KEYS_AWAKE, but the pool sleeps
+        (5, 1, np.float32, True, "attention_few_queries"),  # 6 keys = KERNEL_FROM_KEYS_AWAKE, the pool awake
+        (4, 1, np.float32, True, "causal_attention"),  # 5 keys: one short of it
+        (3, 5, np.float32, True, "causal_attention"),  # 8 keys, but 10 rows
     ]
-    for past, t_len, dtype, expected in cases:
+    for past, t_len, dtype, awake, expected in cases:
         weights = AttentionWeights(**{k: v.astype(dtype) for k, v in vars(w).items()})
         cache = KVCache(hkv, d, dtype)
         x = rng.normal(size=(past + t_len, hidden)).astype(dtype)
@@ -198,8 +206,9 @@ def test_the_few_query_kernel_takes_over_exactly_where_documented(monkeypatch):
         cos, sin = mrope_cos_sin(positions, 1e4 ** (-np.arange(0, d, 2) / d), (2, 1, 1), dtype=dtype)
         gated_attention(x[:past], weights, cache, cos[:past], sin[:past], hq, hkv, d, 1e-6)
         chosen.clear()
-        got = gated_attention(x[past:], weights, cache, cos[past:], sin[past:], hq, hkv, d, 1e-6)
-        assert chosen == [expected], (past, t_len, dtype)
+        with one_blas_thread(awake):
+            got = gated_attention(x[past:], weights, cache, cos[past:], sin[past:], hq, hkv, d, 1e-6)
+        assert chosen == [expected], (past, t_len, dtype, awake)
         if dtype == np.float64:
             whole = _direct_gated_attention(x, weights, np.arange(past + t_len), hq, hkv, d, d, 1e4, 1e-6)
             np.testing.assert_allclose(got, whole[past:], rtol=0, atol=1e-12 * np.abs(whole).max())

@@ -360,6 +360,7 @@ def test_decoding_with_the_attention_kernel_equals_decoding_without_it(name, mon
     runs = []
     for from_keys in (10**9, 1):  # never the kernel, then always (every decode step here)
         monkeypatch.setattr(attention, "KERNEL_FROM_KEYS", from_keys)
+        monkeypatch.setattr(attention, "KERNEL_FROM_KEYS_AWAKE", from_keys)
         monkeypatch.setattr(attention, "KEY_BLOCK", 8)  # several blocks even for a short cache
         cache = model.new_cache()
         rows = [model.forward(ids[:20], cache, last_only=True)]
