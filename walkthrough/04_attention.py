@@ -217,8 +217,9 @@ print("capacity after 300 appends:", capacities[-1], "tokens; re-allocations:", 
 #
 # At 16k tokens a decode step's attention is almost all memory traffic: one query token
 # reads every key and value in the cache. minqwen's `attention_few_queries`, a Numba kernel
-# used from 2k keys for a few query tokens (tokens × query heads per KV head ≤ 8: one or two
-# at the 0.8B shape), splits the keys into blocks; each core reads
+# used for a few query tokens (tokens × query heads per KV head ≤ 8: one or two at the 0.8B
+# shape) from 512 keys in a model too big for the caches (2k in a small one, where waking
+# Numba's threads for it costs more than it saves), splits the keys into blocks; each core reads
 # its blocks once and returns, per block, the largest score, the sum of exponentials and the
 # exp-weighted sum of values, and the blocks are merged at the end. That is the online
 # softmax of Exercise 4.1 below, run in parallel ("flash decoding"). It is held equal to the
