@@ -44,7 +44,8 @@ each key to JSON text (decode every value with ``json.loads``):
 ===================  =========================================================================
 
 A file written by another implementation needs only the tensors it has, ``token_ids`` and
-``config_sha256``: :func:`compare` refuses to compare runs over different prompts or configs,
+``config_sha256`` — copied from the reference recording, since it hashes minqwen's reading of
+the config, not the checkpoint's config.json: :func:`compare` refuses to compare runs over different prompts or configs,
 orders rows by :data:`TAPS` and lists the taps that only one side has.
 
 The conv state. A Gated DeltaNet layer's short convolution reads the last K−1 inputs
@@ -116,7 +117,8 @@ LAYER_TAPS = (
         "linear_attention"),
     Tap("layers.{i}.linear_attn.q", "[T, Hk, Dk]", "query: L2-normalised per head, times Dk^-0.5",
         "linear_attention"),
-    Tap("layers.{i}.linear_attn.k", "[T, Hk, Dk]", "key: L2-normalised per head", "linear_attention"),
+    Tap("layers.{i}.linear_attn.k", "[T, Hk, Dk]", "key: L2-normalised per head (value head h reads key "
+        "head h // (Hv / Hk), and query head h // (Hv / Hk))", "linear_attention"),
     Tap("layers.{i}.linear_attn.v", "[T, Hv, Dv]", "value, as split from the conv output", "linear_attention"),
     Tap("layers.{i}.linear_attn.g", "[T, Hv]", "log decay: −exp(A_log) · softplus(a + dt_bias), ≤ 0",
         "linear_attention"),
@@ -151,13 +153,20 @@ LAYER_TAPS = (
     Tap("layers.{i}.mlp.shared_expert", "[T, H]", "the shared expert's SwiGLU output, before its sigmoid gate",
         moe=True),
     Tap("layers.{i}.mlp", "[T, H]", "SwiGLU: down(act(gate(x)) · up(x)); MoE: routed experts + gated shared expert"),
-    Tap("layers.{i}.output", "[T, H]", "the residual stream after layer i (transformers' hidden_states[i + 1])"),
+    Tap("layers.{i}.output", "[T, H]", "the residual stream after layer i (transformers' hidden_states[i + 1], "
+        "but for the last layer: its last entry is after the final norm, the tap 'norm')"),
 )
 FINAL_TAPS = (
     Tap("norm", "[T, H]", "the final zero-centred RMSNorm"),
     Tap("logits", "[T, V]", "the LM head's output (every position: recording never asks for the last only)"),
 )
 TAPS = EMBED_TAPS + LAYER_TAPS + FINAL_TAPS
+
+# Where an MTP layer's tap means something else than the main model's of the same name.
+_MTP_MEANINGS = {
+    "layers.{i}.token_mixer": "the attention block's output (after o_proj): an MTP layer is a full-attention one",
+    "layers.{i}.output": "the MTP layer's output, before mtp.norm",
+}
 
 # The MTP head's taps (minqwen/mtp.py), recorded when asked for (``record(…, mtp_head=…)``,
 # ``golden record --mtp``): a teacher-forced run of MTP layer 0 over the prompt's T − 1 pairs
@@ -167,7 +176,8 @@ MTP_TAPS = (
     Tap("mtp.pre_fc_norm_hidden", "[T−1, H]", "zero-centred RMSNorm of h[j]: the main model's output after its "
         "final norm (the tap 'norm')"),
     Tap("mtp.fc", "[T−1, H]", "[pre_fc_norm_embedding ; pre_fc_norm_hidden] · fcᵀ: embedding first"),
-    *(Tap("mtp." + tap.name, tap.shape.replace("[T", "[T−1"), tap.meaning, tap.layer_type, tap.dtype, tap.moe)
+    *(Tap("mtp." + tap.name, tap.shape.replace("[T", "[T−1"), _MTP_MEANINGS.get(tap.name, tap.meaning),
+          tap.layer_type, tap.dtype, tap.moe)
       for tap in LAYER_TAPS if tap.layer_type in (None, "full_attention")),  # its layer is a full-attention one
     Tap("mtp.norm", "[T−1, H]", "the MTP's own final zero-centred RMSNorm (mtp.norm)"),
     Tap("mtp.logits", "[T−1, V]", "the shared LM head: row j predicts t[j+2]"),
@@ -204,7 +214,8 @@ def format_tap_table() -> str:
     group = None
     for tap in TAPS + MTP_TAPS:
         if tap.name.startswith("mtp."):
-            this = "the MTP head (checkpoints with mtp.* tensors; `golden record --mtp`)"
+            this = ("the MTP head (checkpoints with mtp.* tensors; `golden record --mtp`): teacher-forced over "
+                    "the prompt's pairs (h[j], t[j+1]), row j at rotary position j (0 … T−2), over a fresh MTP cache")
         elif tap.name.startswith("layers."):
             this = _GROUPS["moe" if tap.moe else tap.layer_type]
         else:
@@ -212,7 +223,8 @@ def format_tap_table() -> str:
         if this != group:
             group = this
             lines += ["", f"{group}:"]
-        lines.append(f"  {tap.name:<{width}}  {tap.shape:<13} {tap.meaning}")
+        meaning = tap.meaning + (" (mixture-of-experts models only)" if tap.moe and this.startswith("the MTP") else "")
+        lines.append(f"  {tap.name:<{width}}  {tap.shape:<13} {meaning}")
     return "\n".join(lines)
 
 
@@ -253,6 +265,9 @@ def record(model, token_ids, decode_steps: int = 0, taps: str = "*", mtp_head=No
     if decode_steps and prompt_length + decode_steps > context:
         raise MinqwenError(f"decode_steps is {decode_steps}: after the prompt's {prompt_length} tokens that passes "
                            f"the model's context of {context:,} positions (max_position_embeddings)")
+    if mtp_head is not None and prompt_length < 2:
+        raise MinqwenError(f"recording the MTP head needs a prompt of at least 2 tokens, got {prompt_length}: its "
+                           f"first row reads the pair (h[0], t[1])")
     patterns = _parse_patterns(taps)
     per_call = tap_names(model.config)
     mtp_names = mtp_tap_names(model.config) if mtp_head is not None else []
@@ -479,6 +494,10 @@ def load_recording(path) -> Recording:
         if array is not None and (array.ndim != 1 or not np.issubdtype(array.dtype, np.integer)):
             raise MinqwenError(f"{path}: tensor '{name}' must be 1-D token ids (integers), "
                                f"got {array.dtype} of shape {list(array.shape)}")
+    if "token_ids" in metadata and "token_ids" in tensors and [int(t) for t in tensors["token_ids"]] != ids:
+        raise MinqwenError(f"{path}: its metadata 'token_ids' ({len(ids)} ids) and its 'token_ids' tensor "
+                           f"({tensors['token_ids'].size} ids) are different prompts; write the same ids in both, "
+                           f"or only one of them")
     return Recording(path, tensors, metadata)
 
 
@@ -493,10 +512,13 @@ class TapDiff:
     name: str
     shape_a: tuple
     shape_b: tuple
-    max_abs: float = 0.0  # max |a − b|
-    max_rel: float = 0.0  # max |a − b| / |b| over the elements where b ≠ 0
+    max_abs: float = 0.0  # max |a − b| over the elements that are numbers on both sides
+    max_rel: float = 0.0  # max |a − b| / |b| over those where b is finite and ≠ 0
     beyond: int = 0  # how many elements break |a − b| ≤ atol + rtol·|b|
     size: int = 0
+    nans: int = 0  # elements where a − b is NaN (a NaN on either side, or +inf against −inf)
+    worst: tuple | None = None  # index of the element furthest beyond tolerance (a NaN first), if any
+    worst_values: tuple = ()  # (a, b) there
 
     @property
     def ok(self) -> bool:
@@ -550,6 +572,8 @@ class Report:
             else:
                 shape = str(list(row.shape_a))
                 numbers = f"{row.max_abs:9.2e} {row.max_rel:9.2e}  {row.beyond}/{row.size}"
+                if row.nans:
+                    numbers += f" ({row.nans} NaN)"
             lines.append(f"{mark} {row.name:<{width}}  {shape:<16} {numbers}")
         for side, names in (("a", self.only_in_a), ("b", self.only_in_b)):
             if names:
@@ -563,8 +587,11 @@ class Report:
         elif first.shape_a != first.shape_b:
             lines.append(f"first divergence: {first.name} (shapes differ)")
         else:
+            nans = f", {first.nans} NaN" if first.nans else ""
+            a_value, b_value = first.worst_values
             lines.append(f"first divergence: {first.name} ({first.beyond} of {first.size} elements beyond "
-                         f"tolerance, max abs {first.max_abs:.3g}, max rel {first.max_rel:.3g})")
+                         f"tolerance{nans}, max abs {first.max_abs:.3g}, max rel {first.max_rel:.3g}); the worst at "
+                         f"index {list(first.worst)}: a {a_value:.6g}, b {b_value:.6g}")
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -615,15 +642,26 @@ def _diff(name: str, a: np.ndarray, b: np.ndarray, atol: float, rtol: float) -> 
     if np.issubdtype(a.dtype, np.integer) and np.issubdtype(b.dtype, np.integer):
         a64, b64 = a.astype(np.int64), b.astype(np.int64)
         close = a64 == b64  # ids: equal or not
+        excess = np.where(close, 0.0, 1.0)  # [same shape]: any difference is as bad as another
     else:
         a64, b64 = a.astype(np.float64), b.astype(np.float64)
         close = np.isclose(a64, b64, rtol=rtol, atol=atol)  # |a − b| ≤ atol + rtol·|b|
-    err = np.abs(a64 - b64).astype(np.float64)
-    if err.size:
-        row.max_abs = float(np.max(err))  # NaN if either side has a NaN there
-        nonzero = b64 != 0
-        row.max_rel = float(np.max(err[nonzero] / np.abs(b64[nonzero]))) if nonzero.any() else 0.0
+    with np.errstate(invalid="ignore"):  # NaN in, NaN out: counted below
+        err = np.where(a64 == b64, 0.0, np.abs(a64 - b64).astype(np.float64))  # equal infinities differ by 0
+        if not np.issubdtype(a64.dtype, np.integer):
+            excess = err - (atol + rtol * np.abs(b64))  # > 0 beyond tolerance; NaN where err is, or b infinite
+    nan = np.isnan(err)
+    row.nans = int(np.count_nonzero(nan))
+    numbers = ~nan
+    if numbers.any():
+        row.max_abs = float(np.max(err[numbers]))
+        finite = numbers & (b64 != 0) & np.isfinite(b64)  # (relative to an infinite b: undefined)
+        row.max_rel = float(np.max(err[finite] / np.abs(b64[finite]))) if finite.any() else 0.0
     row.beyond = int(np.count_nonzero(~close))
+    if row.beyond:  # where to look first: a NaN, else the element furthest past its tolerance
+        flat = int(np.argmax(nan)) if row.nans else int(np.argmax(np.where(close, -np.inf, excess)))
+        row.worst = tuple(int(i) for i in np.unravel_index(flat, a.shape))
+        row.worst_values = (a.reshape(-1)[flat].item(), b.reshape(-1)[flat].item())
     return row
 
 

@@ -266,6 +266,39 @@ def test_beyond_tolerance_means_abs_diff_above_atol_plus_rtol_times_reference(tm
     assert "atol 0.0001, rtol 0.001" in report.format()
 
 
+
+def test_the_report_points_at_the_worst_element_of_the_first_divergent_tap(tmp_path):
+    # A port wrong in a few places (rotary on the wrong dims, say) learns where, not only that.
+    logits = np.linspace(-1, 1, 24, dtype=np.float32).reshape(2, 3, 4)
+    port = logits.copy()
+    port[1, 2, 3] += 0.5  # the worst
+    port[0, 1, 0] += 0.2
+    ref_path = write_logits(tmp_path / "ref.safetensors", logits)
+    report = golden.compare(write_logits(tmp_path / "port.safetensors", port), ref_path)
+    row = report.first_divergent
+    assert (row.beyond, row.worst, row.nans) == (2, (1, 2, 3), 0)
+    assert row.worst_values == pytest.approx((float(port[1, 2, 3]), float(logits[1, 2, 3])))
+    assert "the worst at index [1, 2, 3]" in report.format()
+
+
+def test_a_nan_is_counted_apart_and_does_not_hide_the_size_of_the_other_errors(tmp_path):
+    logits = np.zeros(6, np.float32)
+    port = logits.copy()
+    port[1], port[4] = 0.25, np.nan
+    report = golden.compare(write_logits(tmp_path / "port.safetensors", port),
+                            write_logits(tmp_path / "ref.safetensors", logits))
+    row = report.first_divergent
+    assert (row.beyond, row.nans, row.worst) == (2, 1, (4,))  # the NaN is where to look first
+    assert row.max_abs == pytest.approx(0.25)
+    assert "1 NaN" in report.format() and "max abs 0.25" in report.format()
+
+
+def test_equal_infinities_are_no_error_and_opposite_ones_are_an_infinite_one(tmp_path):
+    ref = write_logits(tmp_path / "ref.safetensors", [np.inf, -np.inf, 1.0])
+    assert golden.compare(write_logits(tmp_path / "same.safetensors", [np.inf, -np.inf, 1.0]), ref).ok
+    row = golden.compare(write_logits(tmp_path / "flip.safetensors", [-np.inf, -np.inf, 1.5]), ref).first_divergent
+    assert (row.beyond, row.nans, row.worst, row.max_abs) == (2, 0, (0,), np.inf)
+
 @pytest.mark.parametrize("a_value, b_value", [(1.105, 1.0), (1.0, 1.105), (-2.2, -2.0), (-2.0, -2.2)])
 def test_the_relative_tolerance_scales_with_b_the_reference_not_with_a(tmp_path, a_value, b_value):
     # pairs where scaling rtol by |a| and by |b| give different answers
@@ -519,6 +552,16 @@ def test_compare_refuses_recordings_of_different_prompts(models, tmp_path):
     with pytest.raises(MinqwenError, match="different prompts.*position 2"):
         golden.compare(a, b)
 
+
+
+def test_a_file_whose_token_ids_metadata_and_tensor_disagree_is_refused(tmp_path):
+    # Either one is enough; both must then say the same prompt, else which one ran?
+    path = tmp_path / "port.safetensors"
+    save_file({"token_ids": np.array([1, 2, 3], np.int64), "logits": np.zeros((3, 2), np.float32)}, str(path),
+              metadata={"config_sha256": json.dumps("same"), "token_ids": json.dumps([1, 2, 3, 4, 5, 6])})
+    with pytest.raises(MinqwenError, match=r"port.safetensors: its metadata 'token_ids' \(6 ids\) and its "
+                                           r"'token_ids' tensor \(3 ids\) are different prompts"):
+        golden.load_recording(path)
 
 def test_a_tap_of_another_shape_is_the_first_divergence_and_no_pass(tmp_path):
     # Shapes that differ have no elements to compare, so none is "beyond tolerance": a port

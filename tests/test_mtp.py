@@ -783,6 +783,28 @@ def test_golden_record_with_mtp_adds_the_heads_taps_in_forward_order(tmp_path):
     assert set(golden.load_recording(only).tensors) == {"token_ids", "mtp.fc", "logits"}
 
 
+
+def test_recording_the_mtp_head_over_a_one_token_prompt_says_it_needs_two(tmp_path, capsys):
+    from minqwen.cli import main
+
+    folder, _ = with_random_mtp_tensors(tmp_path)
+    model = minqwen.load(folder)
+    with pytest.raises(MinqwenError, match="MTP head needs a prompt of at least 2 tokens, got 1"):
+        golden.record(model, [3], mtp_head=load_mtp(folder, model))
+    assert main(["golden", "record", "--model", str(folder), "--tokens", "3", "--mtp",
+                 "--out", str(tmp_path / "one.safetensors")]) == 2
+    assert "at least 2 tokens" in capsys.readouterr().err
+
+
+def test_the_mtp_rows_of_the_tap_table_describe_an_mtp_layer():
+    # An MTP layer is a full-attention one and its output goes to mtp.norm; its router taps
+    # exist only in MoE models, as the main model's do.
+    rows = {line.split()[0]: line for line in golden.format_tap_table().splitlines() if line.startswith("  mtp.")}
+    assert "DeltaNet" not in rows["mtp.layers.{i}.token_mixer"]
+    assert "hidden_states" not in rows["mtp.layers.{i}.output"] and "mtp.norm" in rows["mtp.layers.{i}.output"]
+    assert all("mixture-of-experts models only" in rows[name] for name in rows if ".mlp." in name)
+    assert "rotary position j" in golden.format_tap_table()
+
 def test_a_recording_with_mtp_and_decode_steps_is_in_forward_order_and_refuses_a_step_prefixed_mtp_pattern(
         tmp_path):
     from minqwen.cli import main
