@@ -272,9 +272,16 @@ _grouped_rows_kernel_serial, _grouped_rows_kernel = serial_and_parallel(_grouped
 
 def grouped_rows_bf16(x: np.ndarray, starts: np.ndarray, matrices: list) -> np.ndarray:
     """The same as :func:`grouped_rows_bf16_numpy`, compiled, reading the bf16 values as they are."""
-    if not (starts[0] == 0 and starts[-1] == len(x) and len(starts) == len(matrices) + 1):
-        raise MinqwenError(f"grouped_rows_bf16: the groups {starts.tolist()} must tile the {len(x)} rows of x, "
-                           f"one group per matrix ({len(matrices)})")
+    # The kernel trusts these (its reads and writes are unchecked): groups that overlap or run
+    # backwards, or matrices of other shapes than the first, would read and write past the arrays.
+    if not (len(starts) == len(matrices) + 1 and starts[0] == 0 and starts[-1] == len(x)
+            and (np.diff(starts) >= 0).all()):
+        raise MinqwenError(f"grouped_rows_bf16: the groups {starts.tolist()} must tile the {len(x)} rows of x in "
+                           f"order, one group per matrix ({len(matrices)})")
+    shapes = {tuple(m.shape) for m in matrices}
+    if len(shapes) != 1 or next(iter(shapes))[1] != x.shape[1]:
+        raise MinqwenError(f"grouped_rows_bf16: the matrices must share one shape [out, {x.shape[1]}] (x's rows are "
+                           f"{x.shape[1]} wide), got {sorted(shapes)}")
     bits = List([_read_only(np.ascontiguousarray(m).view(np.uint16)) for m in matrices])  # a typed list, for Numba
     out = np.empty((len(x), matrices[0].shape[0]), np.float32)  # [n, out]
     _grouped_rows_kernel(np.ascontiguousarray(x, dtype=np.float32), starts.astype(np.int64), bits, out)
@@ -317,6 +324,11 @@ def _group_kernel(flat, order, offsets):
 def group_by_expert(chosen: np.ndarray, n_experts: int) -> tuple[np.ndarray, np.ndarray]:
     """The same as :func:`group_by_expert_numpy`, compiled."""
     flat = np.ascontiguousarray(chosen.reshape(-1), dtype=np.int64)  # [T·k]
+    # The kernel indexes by expert unchecked: an index past the experts would write past offsets.
+    if flat.size and not (flat.min() >= 0 and flat.max() < n_experts):
+        raise MinqwenError(f"group_by_expert: expert index {int(flat.max() if flat.max() >= n_experts else flat.min())} "
+                           f"is outside 0 … {n_experts - 1}: the router (mlp.gate) scores more experts than the "
+                           f"block holds?")
     order = np.empty(flat.size, np.int64)
     offsets = np.zeros(n_experts + 1, np.int64)
     _group_kernel(flat, order, offsets)

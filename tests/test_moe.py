@@ -303,6 +303,29 @@ def test_scatter_kernel_equals_its_numpy_twin(t_len, n_experts, hidden, data, dt
     np.testing.assert_array_equal(got, twin)  # the same products, added in the same order
 
 
+
+def test_the_compiled_grouping_refuses_an_expert_index_outside_the_experts():
+    # Its kernel indexes by expert unchecked: a router with more rows than the block has experts
+    # (a hand-built MoEWeights) wrote past its arrays and killed the process.
+    for bad in (4, 900, -1):
+        chosen = np.array([[bad, 1]] * 3, np.int64)
+        with pytest.raises(MinqwenError, match=f"expert index {bad} is outside 0 … 3"):
+            group_by_expert(chosen, 4)
+    group_by_expert(np.zeros((0, 2), np.int64), 4)  # no tokens: nothing to check
+
+
+@pytest.mark.parametrize("starts, shapes, message", [
+    ([0, 3, 1, 2], [(3, 4)] * 3, "must tile the 2 rows of x in order"),  # backwards: corrupted the heap
+    ([0, 2, 2], [(3, 4)] * 2 + [(3, 4)], "one group per matrix"),
+    ([0, 1, 2], [(3, 4), (5, 4)], "must share one shape"),
+    ([0, 1, 2], [(3, 5), (3, 5)], "must share one shape"),
+])
+def test_the_grouped_rows_kernel_refuses_groups_or_matrices_it_would_read_past(starts, shapes, message):
+    x = np.ones((2, 4), np.float32)
+    matrices = [np.ones(shape, BF16) for shape in shapes]
+    with pytest.raises(MinqwenError, match=message):
+        grouped_rows_bf16(x, np.array(starts), matrices)
+
 @settings(max_examples=60, deadline=None)
 @given(counts=st.lists(st.integers(0, 4), min_size=1, max_size=8), n_out=st.integers(1, 150),
        n_in=st.integers(1, 300), seed=st.integers(0, 2**31))
@@ -349,10 +372,11 @@ def test_the_gather_equals_a_dense_loop_over_all_experts_masked_by_routing(
     np.testing.assert_allclose(kernels, dense, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(twins, kernels, rtol=1e-6, atol=1e-6)
     # In float64 the three agree to round-off: the algebra is the same, not just close.
-    x64 = x.astype(np.float64)
-    np.testing.assert_allclose(routed_experts(x64, experts, chosen, weights.astype(np.float64), act),
-                               dense_masked_moe(x64, experts, chosen, weights.astype(np.float64), act),
-                               rtol=1e-12, atol=1e-12)
+    x64, w64 = x.astype(np.float64), weights.astype(np.float64)
+    dense64 = dense_masked_moe(x64, experts, chosen, w64, act)
+    np.testing.assert_allclose(routed_experts(x64, experts, chosen, w64, act), dense64, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(routed_experts(x64, experts, chosen, w64, act, grouped=group_by_expert_numpy,
+                                              scatter=scatter_weighted_numpy), dense64, rtol=1e-12, atol=1e-12)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -427,8 +451,10 @@ def test_a_decode_step_reads_exactly_the_experts_the_reference_routed_to(name):
 @pytest.mark.parametrize("name", MOE_FIXTURES)
 @pytest.mark.parametrize("t_len", [3, None], ids=["3 tokens", "whole prompt"])
 def test_a_step_over_several_tokens_reads_each_routed_expert_once_per_matrix(name, t_len):
-    # One matmul per expert over all of its tokens, not one per (token, expert) pair; 3 tokens
-    # (a speculative verify) take the few-rows kernels, a whole prompt the per-expert products.
+    # One matmul per expert over all of its tokens, not one per (token, expert) pair. 3 tokens (a
+    # speculative verify) take the few-rows kernels where the experts are bf16 and 3·k rows are
+    # fewer than 16 (moe_text_16_experts_top4_bf16), the per-expert products elsewhere, as a
+    # whole prompt does; a decode step's one token is the test above.
     model = minqwen.load(FIXTURES / name)
     expected = load_file(str(FIXTURES / name / "expected.safetensors"))
     ids = expected["token_ids"][:t_len]
