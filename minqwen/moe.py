@@ -151,17 +151,19 @@ def routed_experts(
     t_len, top_k = chosen.shape
     order, offsets = grouped(chosen, len(experts))  # [T·k] assignments sorted by expert; [E + 1]
     tokens = order // top_k  # [T·k]: the token of each assignment (assignment a = token·k + slot)
-    xs = x[tokens]  # [T·k, H]: each expert's tokens side by side
     present = np.flatnonzero(offsets[1:] > offsets[:-1])  # the experts some token chose, ascending
     # Each chosen expert's three matrices, indexed once: the only expert weights this call reads.
     used = [(experts.gate_proj[e], experts.up_proj[e], experts.down_proj[e]) for e in present]
-    if len(xs) < BLAS_ROWS and x.dtype == np.float32 and all(_is_bf16(m) for trio in used for m in trio):
+    if len(tokens) < BLAS_ROWS and x.dtype == np.float32 and all(_is_bf16(m) for trio in used for m in trio):
+        xs = x[tokens]  # [T·k, H]: each expert's tokens side by side
         ys = experts_swiglu_few_rows(xs, used, np.diff(offsets)[present], hidden_act)  # a decode step
     else:
-        ys = np.empty_like(xs)  # [T·k, H]
+        # Each expert's tokens are gathered as its turn comes: a prompt's whole [T·k, H] copy of x
+        # would be as large as ys (16k tokens, k = 8, H = 2048: 1 GiB each).
+        ys = np.empty((len(tokens), x.shape[1]), x.dtype)  # [T·k, H]: expert outputs in grouped order
         for (gate, up, down), e in zip(used, present):
             rows = slice(offsets[e], offsets[e + 1])
-            ys[rows] = expert_swiglu(xs[rows], gate, up, down, hidden_act)
+            ys[rows] = expert_swiglu(x[tokens[rows]], gate, up, down, hidden_act)  # [n_e, H]
     return scatter(ys, order, weights.reshape(-1), top_k, t_len)  # [T, H]
 
 
