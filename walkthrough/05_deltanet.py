@@ -470,8 +470,8 @@ if plt is not None:
 #
 # Solutions: `walkthrough/solutions/05_deltanet.py`.
 #
-# **Exercise 5.1.** `my_chunked` calls `np.linalg.solve` twice per chunk. Write
-# `unit_lower_inverse(A)` that computes `(I + A)⁻¹` for a strictly lower-triangular `A` by
+# **Exercise 5.1.** `my_chunked` calls `np.linalg.solve` twice per chunk. Fill in
+# `exercise_5_1(A)` below so that it computes `(I + A)⁻¹` for a strictly lower-triangular `A` by
 # forward substitution — row `i` of the inverse is `e_i − Σ_{j<i} A[i, j] · row_j` — and
 # check it against `np.linalg.inv`. (minqwen's `deltanet.unit_lower_inverse` does this for
 # every head and chunk at once.)

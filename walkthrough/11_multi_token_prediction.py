@@ -112,7 +112,8 @@ def rms_norm(x, w, eps=c.rms_norm_eps):
     return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * (1 + w)
 
 
-text = open(course.__file__, encoding="utf-8").read()[:1500]  # Python the model never saw: course.py
+with open(course.__file__, encoding="utf-8") as source:
+    text = source.read()[:1500]  # Python the model never saw: course.py
 ids = tok.encode(text)[:200]
 hidden = model.hidden_states(ids)  # [T, H], after the final norm
 embedded = model.embed_tokens[ids[1:]].astype(np.float32)  # embed(t[j+1]) for j = 0 … T−2
@@ -287,7 +288,8 @@ if plt is not None:
     fig, ax = plt.subplots(figsize=(6, 3.2))
     acceptance = np.linspace(0, 1, 51)
     # c_verify(k + 1) and c_draft as tools/mtp_figures.py measured them on the Qwen3.5-0.8B
-    # shape (float32, 2 threads, an Intel Xeon VM; the README's table): a k = 1 verify costs
+    # shape (float32, 2 threads, an Intel Xeon VM; the table in the repository's README.md,
+    # section "Multi-token prediction"): a k = 1 verify costs
     # 1.09 steps.
     for k, c_verify, c_draft in ((1, 1.09, 0.076), (2, 1.17, 0.076)):
         tokens = sum(acceptance ** i for i in range(k + 1))  # 1 + a + a² + … (each draft needs the one before)
@@ -306,7 +308,7 @@ if plt is not None:
 # weights, so a draft over the whole vocabulary costs about half a decode step: `c_draft` ≈
 # 0.46–0.51, measured by `tools/mtp_figures.py depth` when it drafted over the whole
 # vocabulary. Even a verify that cost exactly one step would then give (1 + 0.84) / (1 + 0.5)
-# ≈ 1.2× at the 84% acceptance the README reports for one draft per verify; measured it was
+# ≈ 1.2× at the 84% acceptance the repository's README.md reports for one draft per verify; measured it was
 # 0.9–1.1×, and 1.18–1.19× once the draft head read only the first 1,024 ids (`c_draft` ≈
 # 0.45 then, of which the MTP layer 0.33). Give the
 # same widths 12 layers and `c_draft` falls to about 0.2; in Qwen3.5-0.8B, with 24 layers and

@@ -435,8 +435,8 @@ if plt is not None:
 #
 # Solutions: `walkthrough/solutions/12_vision.py`.
 #
-# **Exercise 12.1.** A phone photo is 4032 × 3024 pixels. Write `token_count(height, width)`:
-# how many `<|image_pad|>` tokens an image becomes with this checkpoint's preprocessor. Check it
+# **Exercise 12.1.** A phone photo is 4032 × 3024 pixels. Fill in `exercise_12_1(height, width)`
+# below: how many `<|image_pad|>` tokens an image becomes with this checkpoint's preprocessor. Check it
 # against minqwen's `tower.token_count` on the photo, on the six test images and on a few
 # awkward sizes (2 × 300, 7 × 9, 2000 × 2000). How many tokens would the photo take with
 # patch 16, merge 2 and a budget of up to 4096² = 16,777,216 pixels — the scale of the
