@@ -582,6 +582,11 @@ def add_golden_parser(subparsers) -> None:
                      help="comma-separated globs of tap names (default '*': all); see `minqwen golden taps`")
     rec.add_argument("--mtp", action="store_true",
                      help="also record the MTP head's taps (mtp.*) over the prompt; needs a checkpoint with mtp.*")
+    rec.add_argument("--image", action="append", default=[], metavar="PATH",
+                     help="an image in the prompt (repeatable; a multimodal checkpoint, Pillow): records the vision "
+                          "tower's taps (visual.*) and the 3-D positions too. With --prompt it goes before the text "
+                          "unless the text holds <|vision_start|><|image_pad|><|vision_end|> where each image goes; "
+                          "with --tokens, the ids hold one <|image_pad|> per image")
     rec.add_argument("--out", required=True, metavar="FILE", help="the .safetensors file to write")
     rec.set_defaults(run=run_golden_record)
 
@@ -611,7 +616,18 @@ def run_golden_record(args) -> int:
     if os.path.lexists(out) and out.parent.is_dir() and os.path.samefile(out.parent, model_dir):
         raise MinqwenError(f"--out {args.out}: is a file of the checkpoint being recorded ({model_dir}); writing "
                            f"the recording there would destroy it. Give another file name")
-    ids = parse_token_ids(args.tokens) if args.tokens is not None else encode_prompt(model_dir, args.prompt)
+    tower, prompt_text = None, args.prompt
+    if args.image:
+        from . import vision
+        from .tokenizer import Tokenizer
+
+        if args.mtp:
+            raise MinqwenError("--mtp records the MTP head over a text prompt: record it without --image")
+        tower = vision.load_vision(model_dir)
+        if prompt_text is not None:  # the images go before the text, as `minqwen generate --image` puts them
+            placeholder = vision.image_placeholder(tower, Tokenizer(model_dir))
+            prompt_text = prompt_text if placeholder in prompt_text else placeholder * len(args.image) + prompt_text
+    ids = parse_token_ids(args.tokens) if args.tokens is not None else encode_prompt(model_dir, prompt_text)
     model = load(model_dir)
     head = None
     if args.mtp:
@@ -620,7 +636,9 @@ def run_golden_record(args) -> int:
         head = load_mtp(model_dir, model)
         if head is None:
             raise MinqwenError(f"--mtp: {model_dir} has no MTP head (no mtp.* tensors) to record")
-    recording = golden.record(model, ids, decode_steps=args.decode, taps=args.taps, mtp_head=head)
+    recording = golden.record(model, ids, decode_steps=args.decode, taps=args.taps, mtp_head=head, tower=tower,
+                              images=args.image)
+    ids = recording["token_ids"]  # with images: each <|image_pad|> expanded
     if head is not None and not any(name.startswith("mtp.") for name in recording):
         raise MinqwenError(f"--mtp: --taps '{args.taps}' selects none of the MTP head's taps (mtp.…), so --mtp "
                            f"would record nothing more; add 'mtp.*' to --taps, or leave out --mtp")

@@ -10,8 +10,8 @@ two files in forward order and names the first tap whose values differ beyond to
     minqwen golden compare port.safetensors minqwen.safetensors
 
 Every tap minqwen records is listed in :data:`TAPS` (name, shape, dtype, meaning), in the
-order a forward pass produces them, and the MTP head's in :data:`MTP_TAPS`; ``minqwen golden
-taps`` prints the tables. The names are
+order a forward pass produces them, the MTP head's in :data:`MTP_TAPS` and the vision tower's
+in :data:`VISION_TAPS`; ``minqwen golden taps`` prints the tables. The names are
 a stable interface: they change only with a new ``format`` in the metadata.
 
 Where taps come from: ``Model.forward(..., tap=f)`` calls ``f(name, array)`` for every
@@ -183,6 +183,27 @@ MTP_TAPS = (
     Tap("mtp.logits", "[T−1, V]", "the shared LM head: row j predicts t[j+2]"),
 )
 
+# The vision tower's taps (minqwen/vision.py), recorded for a prompt with images (``record(…,
+# tower=…, images=…)``, ``golden record --image``): once, before the text model reads the prompt,
+# whose <|image_pad|> tokens are then one per merged patch. N = Σ t·h·w patches over the images,
+# each a row of P² = channels × frames × patch × patch pixel values; Dv the tower's hidden size;
+# m = spatial_merge_size.
+VISION_TAPS = (
+    Tap("visual.pixel_values", "[N, P²]", "the preprocessed images: each patch's normalised pixel values, "
+        "(channel, frame, row, column) fastest last (the image processor's pixel_values)"),
+    Tap("visual.grid_thw", "[images, 3]", "each image's patches: frames (a still image: 1), rows, columns",
+        dtype="int64"),
+    Tap("visual.patch_embed", "[N, Dv]", "pixel_values · patch_embedᵀ + bias: the 3-D conv as one matmul"),
+    Tap("visual.embeddings", "[N, Dv]", "patch_embed + the learned position embeddings, interpolated "
+        "bilinearly to each image's grid"),
+    Tap("visual.blocks.{i}", "[N, Dv]", "the output of vision block i"),
+    Tap("visual.merger", "[N/m², H]", "the patch merger's output: the features that replace the <|image_pad|> "
+        "tokens' embeddings, in the tokens' order"),
+)
+# With a vision tower the text model's positions are 3-D (M-RoPE), recorded with the prompt's taps.
+POSITION_TAP = Tap("position_ids", "[3, T]", "M-RoPE positions (t, row, column) of the prompt's tokens; a text "
+                   "token's three are equal (recorded with a vision tower)", dtype="int64")
+
 # Position of each within-layer tap, for putting rows of a comparison in forward order.
 _LAYER_SUFFIXES = [tap.name.removeprefix("layers.{i}.") for tap in LAYER_TAPS]
 
@@ -194,6 +215,14 @@ def tap_names(config: TextConfig) -> list[str]:
         names += [tap.name.format(i=i) for tap in LAYER_TAPS
                   if tap.layer_type in (None, kind) and (config.is_moe or not tap.moe)]
     return names + [tap.name for tap in FINAL_TAPS]
+
+
+def vision_tap_names(tower) -> list[str]:
+    """The names a recording with this vision tower holds besides the text model's, in order."""
+    names = []
+    for tap in VISION_TAPS:
+        names += [tap.name.format(i=i) for i in range(len(tower.blocks))] if "{i}" in tap.name else [tap.name]
+    return names + [POSITION_TAP.name]
 
 
 def mtp_tap_names(config: TextConfig) -> list[str]:
@@ -208,12 +237,16 @@ def format_tap_table() -> str:
         "T tokens in the call, H hidden, V vocab. DeltaNet: Hk×Dk keys, Hv×Dv values, K conv kernel,",
         "C = 2·Hk·Dk + Hv·Dv. Attention: Hq query heads, Hkv key/value heads, D head_dim.",
         "Mixture of experts: E experts, k per token.",
-        "Every tap is float32 (float64 from a Model.astype(np.float64) copy), but experts_chosen (int64).",
+        "Every tap is float32 (float64 from a Model.astype(np.float64) copy), but experts_chosen, grid_thw and",
+        "position_ids (int64).",
         "Decode step n records the same names prefixed 'step{n}.'.",
     ]
     group = None
-    for tap in TAPS + MTP_TAPS:
-        if tap.name.startswith("mtp."):
+    for tap in VISION_TAPS + (POSITION_TAP,) + TAPS + MTP_TAPS:
+        if tap.name.startswith("visual."):
+            this = ("the vision tower (a prompt with images: `golden record --image`), once, before the text "
+                    "model; N patches of P² values, Dv its width, m its merge size")
+        elif tap.name.startswith("mtp."):
             this = ("the MTP head (checkpoints with mtp.* tensors; `golden record --mtp`): teacher-forced over "
                     "the prompt's pairs (h[j], t[j+1]), row j at rotary position j (0 … T−2), over a fresh MTP cache")
         elif tap.name.startswith("layers."):
@@ -239,11 +272,17 @@ _GROUPS = {
 # ==================================================================== recording
 
 
-def record(model, token_ids, decode_steps: int = 0, taps: str = "*", mtp_head=None) -> dict[str, np.ndarray]:
+def record(model, token_ids, decode_steps: int = 0, taps: str = "*", mtp_head=None, tower=None,
+           images=()) -> dict[str, np.ndarray]:
     """Run ``token_ids`` through ``model`` and ``decode_steps`` greedy steps, keeping the taps.
 
     ``mtp_head`` (a :class:`minqwen.mtp.MtpHead`): also record the MTP head's taps
     (:data:`MTP_TAPS`, names ``mtp.…``) over the prompt.
+    ``tower`` (a :class:`minqwen.vision.VisionTower`) and ``images`` (one per ``<|image_pad|>``
+    in ``token_ids``, as :func:`minqwen.vision.multimodal_inputs` takes them): the prompt is
+    read as a prompt with images; the recording adds the tower's taps (:data:`VISION_TAPS`,
+    ``visual.…``) and the prompt's ``position_ids``, and its ``token_ids`` are the ids the text
+    model read, each ``<|image_pad|>`` expanded to one per merged patch.
 
     ``taps``: comma-separated fnmatch-style globs, matched against each tap's name within its
     forward call (``layers.*.mlp``) and against its recorded name (``step2.logits``). Note that
@@ -260,6 +299,30 @@ def record(model, token_ids, decode_steps: int = 0, taps: str = "*", mtp_head=No
     if not is_whole_number(decode_steps) or decode_steps < 0:
         raise MinqwenError(f"decode_steps must be a whole number ≥ 0, got {decode_steps!r}")
     decode_steps = int(decode_steps)
+    if tower is None and images is not None and (not hasattr(images, "__len__") or len(images)):
+        raise MinqwenError("images need the vision tower that encodes them: record(…, tower=minqwen.vision."
+                           "load_vision(folder), images=[…])")
+    if tower is not None and mtp_head is not None:
+        raise MinqwenError("the MTP head's taps are recorded over a text prompt, not one read with a vision tower: "
+                           "record them in a recording of their own")
+    patterns = _parse_patterns(taps)
+    per_call = tap_names(model.config)
+    mtp_names = mtp_tap_names(model.config) if mtp_head is not None else []
+    vision_names = vision_tap_names(tower) if tower is not None else []
+    _check_patterns(patterns, per_call, mtp_names + vision_names, decode_steps)  # before the tower's work
+    inputs, visual = None, {}
+    if tower is not None:
+        from .vision import multimodal_inputs  # here: vision.py builds on the model, as this module does
+
+        def keep_visual(name, value):
+            if _selected(patterns, "visual." + name, "visual." + name):
+                visual["visual." + name] = np.array(value, copy=True, order="C")
+
+        inputs = multimodal_inputs(model, tower, token_ids, images, tap=keep_visual)
+        token_ids = inputs.token_ids  # [T]: each <|image_pad|> expanded
+        for name, value in (("visual.grid_thw", inputs.grid_thw), ("position_ids", inputs.position_ids)):
+            if _selected(patterns, name, name):
+                visual[name] = np.asarray(value, dtype=np.int64)
     context = model.config.max_position_embeddings
     prompt_length = len(token_ids) if hasattr(token_ids, "__len__") else 0  # forward checks the ids themselves
     if decode_steps and prompt_length + decode_steps > context:
@@ -268,11 +331,6 @@ def record(model, token_ids, decode_steps: int = 0, taps: str = "*", mtp_head=No
     if mtp_head is not None and prompt_length < 2:
         raise MinqwenError(f"recording the MTP head needs a prompt of at least 2 tokens, got {prompt_length}: its "
                            f"first row reads the pair (h[0], t[1])")
-    patterns = _parse_patterns(taps)
-    per_call = tap_names(model.config)
-    mtp_names = mtp_tap_names(model.config) if mtp_head is not None else []
-    _check_patterns(patterns, per_call, mtp_names, decode_steps)
-
     taps_seen: dict[str, np.ndarray] = {}
 
     def collector(prefix: str):
@@ -288,7 +346,12 @@ def record(model, token_ids, decode_steps: int = 0, taps: str = "*", mtp_head=No
         return keep
 
     cache = model.new_cache()
-    logits = model.forward(token_ids, cache, tap=collector(""))  # [T, V]; forward validates the ids
+    if inputs is None:
+        logits = model.forward(token_ids, cache, tap=collector(""))  # [T, V]; forward validates the ids
+    else:  # the image features in place of the image tokens' embeddings, at 3-D positions
+        logits = model.forward(cache=cache, inputs_embeds=inputs.inputs_embeds, position_ids=inputs.position_ids,
+                               tap=collector(""))  # [T, V]
+        cache.rope_delta = inputs.rope_delta  # the decode steps' positions continue after the images'
     generated = []
     for n in range(decode_steps):
         if not np.isfinite(logits[-1]).all():  # the argmax of NaNs would decode nonsense, quietly
@@ -299,7 +362,7 @@ def record(model, token_ids, decode_steps: int = 0, taps: str = "*", mtp_head=No
         next_id = int(np.argmax(logits[-1]))
         generated.append(next_id)
         logits = model.forward([next_id], cache, last_only=True, tap=collector(f"step{n}."))  # [1, V]
-    recording = {"token_ids": np.asarray(token_ids).astype(np.int64), **taps_seen}
+    recording = {"token_ids": np.asarray(token_ids).astype(np.int64), **visual, **taps_seen}
     if mtp_head is not None and any(_selected(patterns, name, name) for name in mtp_names):
         from .mtp import record_mtp  # here: mtp.py builds on this module
 
@@ -336,11 +399,12 @@ def _selected(patterns, name, full_name) -> bool:
     return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(full_name, p) for p in patterns)
 
 
-def _check_patterns(patterns, per_call, mtp_names, decode_steps) -> None:
+def _check_patterns(patterns, per_call, once_names, decode_steps) -> None:
     """Every pattern must match some tap of this recording; name the ones that do not.
 
     ``per_call`` taps are recorded for the prompt and again for each step (``step{n}.``);
-    ``mtp_names`` once, over the prompt, so never under a step's prefix.
+    ``once_names`` (the MTP head's, the vision tower's) once, over the prompt, so never under a
+    step's prefix.
     """
     for p in patterns:
         # The steps a pattern can name: the first thousands, and any number written in it
@@ -348,12 +412,12 @@ def _check_patterns(patterns, per_call, mtp_names, decode_steps) -> None:
         steps = set(range(min(decode_steps, 10_000))) | {int(d) for d in re.findall(r"\d+", p) if int(d) < decode_steps}
         prefixes = [""] + [f"step{n}." for n in sorted(steps)]
         if not any(_selected([p], name, prefix + name) for prefix in prefixes for name in per_call) \
-                and not any(_selected([p], name, name) for name in mtp_names):
+                and not any(_selected([p], name, name) for name in once_names):
             examples = ", ".join(per_call[:3] + [per_call[-1]])
             step_hint = f"; decode taps step0 … step{decode_steps - 1}" if decode_steps else " (no decode steps)"
             unstepped = re.sub(r"^step[^.]*\.", "", p)
-            mtp_hint = (f" The MTP head is recorded once, over the prompt: write '{unstepped}', without a step."
-                        if unstepped != p and any(_selected([unstepped], name, name) for name in mtp_names) else "")
+            mtp_hint = (f" Those taps are recorded once, over the prompt: write '{unstepped}', without a step."
+                        if unstepped != p and any(_selected([unstepped], name, name) for name in once_names) else "")
             raise MinqwenError(
                 f"tap pattern '{p}' matches no tap of this model (names look like {examples}{step_hint}; "
                 f"`minqwen golden taps` lists them all).{mtp_hint}"
@@ -696,6 +760,8 @@ def _unknown_name_notes(a: Recording, b: Recording) -> list[str]:
 ID_VECTORS = ("token_ids", "generated_ids")
 _STEP = re.compile(r"step(\d+)\.(.*)")
 _LAYER = re.compile(r"layers\.(\d+)\.(.*)")
+_VISUAL_BLOCK = re.compile(r"visual\.blocks\.(\d+)")
+_VISION_ORDER = [tap.name for tap in VISION_TAPS]
 
 
 def forward_order(name: str) -> tuple:
@@ -713,6 +779,14 @@ def forward_order(name: str) -> tuple:
     if match:
         step, rest = int(match.group(1)), match.group(2)
     layer = _LAYER.fullmatch(rest)
+    if step == -1 and name.startswith("visual."):  # the tower runs before the text model
+        block = _VISUAL_BLOCK.fullmatch(name)
+        if block:
+            return (1, -1, -3, _VISION_ORDER.index("visual.blocks.{i}"), int(block.group(1)))
+        if name in _VISION_ORDER:
+            return (1, -1, -3, _VISION_ORDER.index(name), 0)
+    if step == -1 and name == POSITION_TAP.name:
+        return (1, -1, -2, 0)
     if rest == "embed":
         return (1, step, -1, 0)
     if layer and layer.group(2) in _LAYER_SUFFIXES:

@@ -429,7 +429,8 @@ class VisionTower:
 
         The rows of each image's features are in its merged-grid order (row-major over
         (t, h/m, w/m)), the order its ``<|image_pad|>`` tokens take. ``tap(name, array)``, if
-        given, sees "patch_embed", "embeddings", "blocks.{i}" and "merger".
+        given, sees "pixel_values" (the input, in the tower's dtype), "patch_embed",
+        "embeddings", "blocks.{i}" and "merger".
         """
         c = self.config
         grid_thw = self.check_inputs(pixel_values, grid_thw)
@@ -437,6 +438,8 @@ class VisionTower:
             pixels = np.asarray(pixel_values, self.dtype)  # [N, C·T·P·P]
         if not np.isfinite(pixels).all():  # every feature would be NaN
             raise MinqwenError(f"pixel_values holds NaN or infinite values (in {np.dtype(self.dtype).name})")
+        if tap is not None:
+            tap("pixel_values", pixels)
         x = linear(pixels, self.patch_embed.weight, self.patch_embed.bias)  # [N, D]
         if tap is not None:
             tap("patch_embed", x)
@@ -665,12 +668,13 @@ class MultimodalInputs:
     grid_thw: np.ndarray  # [images, 3]
 
 
-def multimodal_inputs(model, tower: VisionTower, token_ids, images, cache=None) -> MultimodalInputs:
+def multimodal_inputs(model, tower: VisionTower, token_ids, images, cache=None, tap=None) -> MultimodalInputs:
     """Embeddings, 3-D positions and rope delta for ``token_ids`` holding one ``<|image_pad|>`` per image.
 
     ``images``: paths, Pillow images or [H, W, 3] uint8 arrays, one per ``<|image_pad|>``, in
     order. With a ``cache`` the ids continue it: positions start at
     ``cache.position + cache.rope_delta`` (so images may arrive in any turn of a chat).
+    ``tap``: handed to the tower (:meth:`VisionTower.forward`).
     """
     from .generate import check_model  # here: generate.py imports this module
 
@@ -697,7 +701,7 @@ def multimodal_inputs(model, tower: VisionTower, token_ids, images, cache=None) 
     if images:
         pixel_values, grid_thw = preprocess_images(images, tower.preprocessor)
         _check_images_fit_the_context(model, ids, grid_thw, c, past)  # before the tower's long work
-        features = tower.forward(pixel_values, grid_thw)
+        features = tower.forward(pixel_values, grid_thw, tap)
     else:
         features, grid_thw = np.zeros((0, c.out_hidden_size), np.float32), np.zeros((0, 3), np.int64)
     ids = expand_image_tokens(ids, grid_thw, c.image_token_id, c.spatial_merge_size)

@@ -142,6 +142,85 @@ def test_generation_after_an_image_prefill_is_the_references_greedy_continuation
     assert got == want
 
 
+
+# ==================================================================== golden recordings with images
+
+
+def test_a_golden_recording_with_images_holds_the_towers_taps_and_matches_the_reference(fixture):
+    # What a port of the multimodal model checks itself against: the preprocessing, every tower
+    # tap, the expanded ids and 3-D positions, then the text model and cached decode steps.
+    from minqwen import golden
+
+    model, tower, expected, prompts = fixture
+    prompt = prompts[0]  # the fixture keeps the tower's intermediates of its first prompt
+    steps = 3
+    rec = golden.record(model, expected[f"{prompt}.ids"], decode_steps=steps, tower=tower,
+                        images=images_of(expected, prompt))
+    assert list(rec) == sorted(rec, key=golden.forward_order)
+    once = golden.vision_tap_names(tower)
+    assert list(rec)[1:len(once) + 1] == once  # right after token_ids, the tower's taps, then the positions
+    np.testing.assert_array_equal(rec["token_ids"], expected[f"{prompt}.input_ids"])  # each <|image_pad|> expanded
+    np.testing.assert_array_equal(rec["position_ids"], expected[f"{prompt}.position_ids"])
+    np.testing.assert_array_equal(rec["visual.grid_thw"], expected[f"{prompt}.grid_thw"])
+    np.testing.assert_array_equal(rec["visual.pixel_values"], np.concatenate(
+        [expected[f"pixel_values.{i}"] for i in expected[f"{prompt}.images"]]))
+    np.testing.assert_allclose(rec["visual.patch_embed"], expected[f"{prompt}.tap.patch_embed"], rtol=0, atol=ATOL)
+    for i in range(len(tower.blocks)):
+        np.testing.assert_allclose(rec[f"visual.blocks.{i}"], expected[f"{prompt}.tap.blocks.{i}"], rtol=0, atol=ATOL)
+    np.testing.assert_allclose(rec["visual.merger"], expected[f"{prompt}.features"], rtol=0, atol=ATOL)
+    np.testing.assert_allclose(rec["logits"], expected[f"{prompt}.logits"], rtol=0, atol=ATOL)
+    assert rec["generated_ids"].tolist() == expected[f"{prompt}.greedy"][:steps].tolist()
+    for n in range(steps):  # the steps continue at the positions after the images' (cache.rope_delta)
+        np.testing.assert_allclose(rec[f"step{n}.logits"][-1], expected[f"{prompt}.greedy_logits"][n], rtol=0,
+                                   atol=ATOL)
+
+
+def test_golden_record_with_an_image_on_the_command_line_and_a_changed_patch_found_first(tmp_path, capsys):
+    from minqwen import golden
+    from minqwen.cli import main
+
+    Image = require_pillow()
+    folder = VISION_FIXTURES / "vision_fp32"
+    expected = load_file(str(folder / "expected.safetensors"))
+    Image.fromarray(expected["image.1"]).save(tmp_path / "photo.png")
+    c = vision.load_vision(folder).config
+    tokens = f"1,2,{c.vision_start_token_id},{c.image_token_id},{c.vision_end_token_id},3"
+    out = tmp_path / "rec.safetensors"
+    assert main(["golden", "record", "--model", str(folder), "--tokens", tokens, "--image", str(tmp_path / "photo.png"),
+                 "--decode", "1", "--out", str(out)]) == 0
+    rec = golden.load_recording(out)
+    np.testing.assert_array_equal(rec.tensors["visual.pixel_values"], expected["pixel_values.1"])
+    assert rec.token_ids == rec.tensors["token_ids"].tolist() and len(rec.token_ids) > 6  # the ids the model read
+    # a port whose position embeddings are off: the first divergence is the tower's, before any text tap
+    port = dict(rec.tensors)
+    port["visual.embeddings"] = port["visual.embeddings"] + 0.01
+    port["embed"] = port["embed"] + 0.01
+    golden.save(port, tmp_path / "port.safetensors", rec.metadata)
+    assert golden.compare(tmp_path / "port.safetensors", out).first_divergent.name == "visual.embeddings"
+    # refused: --mtp with images; an image for a prompt that has no place for it
+    record = ["golden", "record", "--model", str(folder), "--image", str(tmp_path / "photo.png"),
+              "--out", str(tmp_path / "no.safetensors")]
+    capsys.readouterr()
+    assert main([*record, "--tokens", tokens, "--mtp"]) == 2
+    assert "--mtp records the MTP head over a text prompt" in capsys.readouterr().err
+    assert main([*record, "--tokens", "1,2,3"]) == 2
+    assert "0 <|image_pad|> tokens" in capsys.readouterr().err
+
+
+def test_golden_record_refuses_images_without_a_tower_and_a_tower_beside_the_mtp_head(fixture):
+    from minqwen import golden
+
+    model, tower, expected, prompts = fixture
+    ids, images = expected[f"{prompts[0]}.ids"], images_of(expected, prompts[0])
+    with pytest.raises(MinqwenError, match="images need the vision tower"):
+        golden.record(model, ids, images=images)
+    with pytest.raises(MinqwenError, match="MTP head's taps are recorded over a text prompt"):
+        golden.record(model, ids, tower=tower, images=images, mtp_head=object())
+    with pytest.raises(MinqwenError, match="tap pattern 'visual.nosuch' matches no tap"):
+        golden.record(model, ids, tower=tower, images=images, taps="visual.nosuch")
+    with pytest.raises(MinqwenError, match="recorded once, over the prompt: write 'visual.merger', without a step"):
+        golden.record(model, ids, decode_steps=1, tower=tower, images=images, taps="step0.visual.merger")
+
 def test_images_fed_in_two_chunks_equal_one_prefill(fixture):
     """A later turn can bring an image: positions continue from cache.position + cache.rope_delta."""
     model, tower, expected, prompts = fixture
