@@ -291,7 +291,8 @@ def record(model, token_ids, decode_steps: int = 0, taps: str = "*", mtp_head=No
     step 10,000 a pattern must name its step's number (``step12345.logits``), not a glob of it.
 
     Returns ``{name: array}`` in forward order (:func:`forward_order`): ``token_ids``, the
-    prompt's taps, the MTP taps (with ``mtp_head``), each step's ``step{n}.`` taps, and
+    tower's taps and ``position_ids`` (with ``tower``), the prompt's taps, the MTP taps (with
+    ``mtp_head``), each step's ``step{n}.`` taps, and
     ``generated_ids`` when ``decode_steps`` > 0. The arrays are copies;
     the model computes exactly what it computes without recording, bit for bit. A recorded tap
     holding NaN or inf is an error naming the first such tap: a reference must be numbers.
