@@ -216,11 +216,11 @@ print("capacity after 300 appends:", capacities[-1], "tokens; re-allocations:", 
 # ## What minqwen runs at long context
 #
 # At 16k tokens a decode step's attention is almost all memory traffic: one query token
-# reads every key and value in the cache. minqwen's `attention_few_queries`, a Numba kernel
-# used for a few query tokens (tokens × query heads per KV head ≤ 8: one or two at the 0.8B
-# shape) from 512 keys in a model too big for the caches (2k in a small one, where waking
-# Numba's threads for it costs more than it saves), splits the keys into blocks; each core reads
-# its blocks once and returns, per block, the largest score, the sum of exponentials and the
+# reads every key and value in the cache. For a few query tokens (tokens × query heads per KV
+# head ≤ 8: one or two at the 0.8B shape) minqwen runs `attention_few_queries`, a Numba
+# kernel: from 512 keys in a model too big for the caches, from 2k in a small one, where
+# waking Numba's threads costs more than it saves. It splits the keys into blocks; each core
+# reads its blocks once and returns, per block, the largest score, the sum of exponentials and the
 # exp-weighted sum of values, and the blocks are merged at the end. That is the online
 # softmax of Exercise 4.1 below, run in parallel ("flash decoding"). It is held equal to the
 # definition (minqwen stores its cache as [Hkv, S, D], hence the transposes):
