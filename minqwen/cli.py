@@ -306,24 +306,21 @@ def run_generate(args) -> int:
     model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, bf16_prompts=args.bf16_prompts)
     decode, stats_class = choose_decoder(args, model, find_checkpoint(args.model))  # (loads an MTP head)
     loading = time.perf_counter() - started
-    placeholders, tower = "", None
+    tower, model_text = None, prompt_text  # model_text: what the model reads; the prompt is echoed as given
     if args.image:
         from . import vision
 
         if args.tokens is not None:
             raise MinqwenError("--image goes with a text prompt, not with --tokens")
         tower = vision.load_vision(find_checkpoint(args.model))
-        # The images go before the text, unless the prompt places them itself (one <|image_pad|> each).
-        placeholder = vision.image_placeholder(tower, tokenizer)
-        placeholders = "" if placeholder in prompt_text else placeholder * len(args.image)
+        model_text = vision.with_image_placeholders(prompt_text, len(args.image), tower, tokenizer)
     if args.tokens is not None:
         ids = parse_token_ids(args.tokens)
     elif args.chat:
-        rendered = tokenizer.render_chat([{"role": "user", "content": placeholders + prompt_text}],
-                                         enable_thinking=not args.no_think)
+        rendered = tokenizer.render_chat([{"role": "user", "content": model_text}], enable_thinking=not args.no_think)
         ids = tokenizer.encode(rendered)
     else:
-        ids = tokenizer.encode(placeholders + prompt_text)
+        ids = tokenizer.encode(model_text)
     params = sampling_params(args, tokenizer)
     cache, history = None, ()
     image_prefill_tokens, image_prefill_seconds = 0, 0.0
@@ -624,9 +621,8 @@ def run_golden_record(args) -> int:
         if args.mtp:
             raise MinqwenError("--mtp records the MTP head over a text prompt: record it without --image")
         tower = vision.load_vision(model_dir)
-        if prompt_text is not None:  # the images go before the text, as `minqwen generate --image` puts them
-            placeholder = vision.image_placeholder(tower, Tokenizer(model_dir))
-            prompt_text = prompt_text if placeholder in prompt_text else placeholder * len(args.image) + prompt_text
+        if prompt_text is not None and is_present(model_dir / "tokenizer.json"):  # (else encode_prompt says so)
+            prompt_text = vision.with_image_placeholders(prompt_text, len(args.image), tower, Tokenizer(model_dir))
     ids = parse_token_ids(args.tokens) if args.tokens is not None else encode_prompt(model_dir, prompt_text)
     model = load(model_dir)
     head = None

@@ -22,7 +22,8 @@ The file
 --------
 One safetensors file: the tensors under their tap names, plus two id vectors,
 
-* ``token_ids``      [T] int64 — the prompt;
+* ``token_ids``      [T] int64 — the prompt (with images: the ids the text model read, each
+  ``<|image_pad|>`` expanded to one per merged patch);
 * ``generated_ids``  [N] int64 — present when N > 0 decode steps were recorded: step n's input
   is ``generated_ids[n]``, greedy: the argmax of the previous forward's last logits row.
 
@@ -42,6 +43,10 @@ each key to JSON text (decode every value with ``json.loads``):
 ``taps``             the manifest: ``[{"name", "shape", "dtype"}, …]`` in forward order
 ``tolerances``       the fp32 defaults, ``{"atol": 1e-4, "rtol": 1e-3}`` (compare's own defaults)
 ===================  =========================================================================
+
+A recording of a prompt with images also holds the vision tower's taps (``visual.…``) and the
+prompt's 3-D ``position_ids``. ``config_sha256`` covers the text config only: a port whose
+vision config differs is caught at the first ``visual.…`` tap.
 
 A file written by another implementation needs only the tensors it has, ``token_ids`` and
 ``config_sha256`` — copied from the reference recording, since it hashes minqwen's reading of
@@ -102,7 +107,8 @@ class Tap:
 # C = 2·Hk·Dk + Hv·Dv conv channels (q, k, v side by side). Attention: Hq query heads,
 # Hkv key/value heads, D head_dim. Mixture of experts: E experts, k of them per token.
 EMBED_TAPS = (
-    Tap("embed", "[T, H]", "the input embeddings: rows of embed_tokens for the ids"),
+    Tap("embed", "[T, H]", "the input embeddings: rows of embed_tokens for the ids (with images, the "
+        "<|image_pad|> rows are visual.merger's)"),
 )
 LAYER_TAPS = (
     Tap("layers.{i}.input_layernorm", "[T, H]", "zero-centred RMSNorm of the residual stream, scale 1 + w"),
@@ -176,7 +182,8 @@ MTP_TAPS = (
     Tap("mtp.pre_fc_norm_hidden", "[T−1, H]", "zero-centred RMSNorm of h[j]: the main model's output after its "
         "final norm (the tap 'norm')"),
     Tap("mtp.fc", "[T−1, H]", "[pre_fc_norm_embedding ; pre_fc_norm_hidden] · fcᵀ: embedding first"),
-    *(Tap("mtp." + tap.name, tap.shape.replace("[T", "[T−1"), _MTP_MEANINGS.get(tap.name, tap.meaning),
+    *(Tap("mtp." + tap.name, tap.shape.replace("[T", "[T−1"),
+          _MTP_MEANINGS.get(tap.name, tap.meaning) + (" (mixture-of-experts models only)" if tap.moe else ""),
           tap.layer_type, tap.dtype, tap.moe)
       for tap in LAYER_TAPS if tap.layer_type in (None, "full_attention")),  # its layer is a full-attention one
     Tap("mtp.norm", "[T−1, H]", "the MTP's own final zero-centred RMSNorm (mtp.norm)"),
@@ -186,13 +193,13 @@ MTP_TAPS = (
 # The vision tower's taps (minqwen/vision.py), recorded for a prompt with images (``record(…,
 # tower=…, images=…)``, ``golden record --image``): once, before the text model reads the prompt,
 # whose <|image_pad|> tokens are then one per merged patch. N = Σ t·h·w patches over the images,
-# each a row of P² = channels × frames × patch × patch pixel values; Dv the tower's hidden size;
-# m = spatial_merge_size.
+# each C·T·P·P pixel values (C channels, T = temporal_patch_size frames, P × P pixels); Dv the
+# tower's hidden size; m = spatial_merge_size.
 VISION_TAPS = (
-    Tap("visual.pixel_values", "[N, P²]", "the preprocessed images: each patch's normalised pixel values, "
+    Tap("visual.pixel_values", "[N, C·T·P·P]", "the preprocessed images: each patch's normalised pixel values, "
         "(channel, frame, row, column) fastest last (the image processor's pixel_values)"),
-    Tap("visual.grid_thw", "[images, 3]", "each image's patches: frames (a still image: 1), rows, columns",
-        dtype="int64"),
+    Tap("visual.grid_thw", "[images, 3]", "each image's patches: t (of T frames each; a still image, its frame "
+        "repeated T times: 1), rows, columns", dtype="int64"),
     Tap("visual.patch_embed", "[N, Dv]", "pixel_values · patch_embedᵀ + bias: the 3-D conv as one matmul"),
     Tap("visual.embeddings", "[N, Dv]", "patch_embed + the learned position embeddings, interpolated "
         "bilinearly to each image's grid"),
@@ -201,8 +208,8 @@ VISION_TAPS = (
         "tokens' embeddings, in the tokens' order"),
 )
 # With a vision tower the text model's positions are 3-D (M-RoPE), recorded with the prompt's taps.
-POSITION_TAP = Tap("position_ids", "[3, T]", "M-RoPE positions (t, row, column) of the prompt's tokens; a text "
-                   "token's three are equal (recorded with a vision tower)", dtype="int64")
+POSITION_TAP = Tap("position_ids", "[3, T]", "the text model's M-RoPE positions (t, row, column) of the prompt's "
+                   "tokens, once; a text token's three are equal", dtype="int64")
 
 # Position of each within-layer tap, for putting rows of a comparison in forward order.
 _LAYER_SUFFIXES = [tap.name.removeprefix("layers.{i}.") for tap in LAYER_TAPS]
@@ -243,9 +250,9 @@ def format_tap_table() -> str:
     ]
     group = None
     for tap in VISION_TAPS + (POSITION_TAP,) + TAPS + MTP_TAPS:
-        if tap.name.startswith("visual."):
-            this = ("the vision tower (a prompt with images: `golden record --image`), once, before the text "
-                    "model; N patches of P² values, Dv its width, m its merge size")
+        if tap.name.startswith("visual.") or tap is POSITION_TAP:
+            this = ("a prompt with images (`golden record --image`), once, before the text model: the vision "
+                    "tower (N patches of C·T·P·P values, Dv its width, m its merge size) and the positions")
         elif tap.name.startswith("mtp."):
             this = ("the MTP head (checkpoints with mtp.* tensors; `golden record --mtp`): teacher-forced over "
                     "the prompt's pairs (h[j], t[j+1]), row j at rotary position j (0 … T−2), over a fresh MTP cache")
@@ -256,8 +263,7 @@ def format_tap_table() -> str:
         if this != group:
             group = this
             lines += ["", f"{group}:"]
-        meaning = tap.meaning + (" (mixture-of-experts models only)" if tap.moe and this.startswith("the MTP") else "")
-        lines.append(f"  {tap.name:<{width}}  {tap.shape:<13} {meaning}")
+        lines.append(f"  {tap.name:<{width}}  {tap.shape:<13} {tap.meaning}")
     return "\n".join(lines)
 
 
@@ -303,6 +309,9 @@ def record(model, token_ids, decode_steps: int = 0, taps: str = "*", mtp_head=No
     if tower is None and images is not None and (not hasattr(images, "__len__") or len(images)):
         raise MinqwenError("images need the vision tower that encodes them: record(…, tower=minqwen.vision."
                            "load_vision(folder), images=[…])")
+    if tower is not None and (images is None or not hasattr(images, "__len__") or not len(images)):
+        raise MinqwenError("record(…, tower=…) reads a prompt with images: give them (images=[…]), or leave out "
+                           "the tower to record a text prompt")
     if tower is not None and mtp_head is not None:
         raise MinqwenError("the MTP head's taps are recorded over a text prompt, not one read with a vision tower: "
                            "record them in a recording of their own")
@@ -311,19 +320,22 @@ def record(model, token_ids, decode_steps: int = 0, taps: str = "*", mtp_head=No
     mtp_names = mtp_tap_names(model.config) if mtp_head is not None else []
     vision_names = vision_tap_names(tower) if tower is not None else []
     _check_patterns(patterns, per_call, mtp_names + vision_names, decode_steps)  # before the tower's work
-    inputs, visual = None, {}
+    inputs, before_text = None, {}
     if tower is not None:
         from .vision import multimodal_inputs  # here: vision.py builds on the model, as this module does
 
         def keep_visual(name, value):
             if _selected(patterns, "visual." + name, "visual." + name):
-                visual["visual." + name] = np.array(value, copy=True, order="C")
+                before_text["visual." + name] = np.array(value, copy=True, order="C")
 
         inputs = multimodal_inputs(model, tower, token_ids, images, tap=keep_visual)
+        if not np.isfinite(inputs.inputs_embeds).all():  # the text model would blame its inputs_embeds
+            _refuse_non_finite(before_text)
+            raise MinqwenError(f"the vision tower's features hold NaN or infinite values: {_CANNOT_COMPUTE}")
         token_ids = inputs.token_ids  # [T]: each <|image_pad|> expanded
         for name, value in (("visual.grid_thw", inputs.grid_thw), ("position_ids", inputs.position_ids)):
             if _selected(patterns, name, name):
-                visual[name] = np.asarray(value, dtype=np.int64)
+                before_text[name] = np.asarray(value, dtype=np.int64)
     context = model.config.max_position_embeddings
     prompt_length = len(token_ids) if hasattr(token_ids, "__len__") else 0  # forward checks the ids themselves
     if decode_steps and prompt_length + decode_steps > context:
@@ -363,7 +375,7 @@ def record(model, token_ids, decode_steps: int = 0, taps: str = "*", mtp_head=No
         next_id = int(np.argmax(logits[-1]))
         generated.append(next_id)
         logits = model.forward([next_id], cache, last_only=True, tap=collector(f"step{n}."))  # [1, V]
-    recording = {"token_ids": np.asarray(token_ids).astype(np.int64), **visual, **taps_seen}
+    recording = {"token_ids": np.asarray(token_ids).astype(np.int64), **before_text, **taps_seen}
     if mtp_head is not None and any(_selected(patterns, name, name) for name in mtp_names):
         from .mtp import record_mtp  # here: mtp.py builds on this module
 
@@ -417,12 +429,23 @@ def _check_patterns(patterns, per_call, once_names, decode_steps) -> None:
             examples = ", ".join(per_call[:3] + [per_call[-1]])
             step_hint = f"; decode taps step0 … step{decode_steps - 1}" if decode_steps else " (no decode steps)"
             unstepped = re.sub(r"^step[^.]*\.", "", p)
-            mtp_hint = (f" Those taps are recorded once, over the prompt: write '{unstepped}', without a step."
-                        if unstepped != p and any(_selected([unstepped], name, name) for name in once_names) else "")
+            hint = (f" Those taps are recorded once, over the prompt: write '{unstepped}', without a step."
+                    if unstepped != p and any(_selected([unstepped], name, name) for name in once_names) else "")
+            for names, needs in _RECORDED_ON_REQUEST:  # (the pattern matched none of those asked for)
+                if not hint and any(_selected([unstepped], name, name) for name in names):
+                    hint = f" {needs}."
             raise MinqwenError(
                 f"tap pattern '{p}' matches no tap of this model (names look like {examples}{step_hint}; "
-                f"`minqwen golden taps` lists them all).{mtp_hint}"
+                f"`minqwen golden taps` lists them all).{hint}"
             )
+
+
+# Taps a recording holds only when asked for, and how to ask.
+_RECORDED_ON_REQUEST = (
+    ([tap.name.format(i=0) for tap in MTP_TAPS], "The MTP head's taps need --mtp (record(…, mtp_head=…))"),
+    ([tap.name.format(i=0) for tap in VISION_TAPS] + [POSITION_TAP.name],
+     "The vision tower's taps and position_ids need a prompt with images: --image (record(…, tower=…, images=[…]))"),
+)
 
 
 # ==================================================================== the file
@@ -581,8 +604,9 @@ class TapDiff:
     max_rel: float = 0.0  # max |a − b| / |b| over those where b is finite and ≠ 0
     beyond: int = 0  # how many elements break |a − b| ≤ atol + rtol·|b|
     size: int = 0
-    nans: int = 0  # elements where a − b is NaN (a NaN on either side, or +inf against −inf)
-    worst: tuple | None = None  # index of the element furthest beyond tolerance (a NaN first), if any
+    nans: int = 0  # elements where a or b is NaN
+    worst: tuple | None = None  # index of the element furthest beyond tolerance (a NaN first; ids: the first
+    #                             that differs), if any
     worst_values: tuple = ()  # (a, b) there
 
     @property
@@ -714,7 +738,8 @@ def _diff(name: str, a: np.ndarray, b: np.ndarray, atol: float, rtol: float) -> 
     with np.errstate(invalid="ignore"):  # NaN in, NaN out: counted below
         err = np.where(a64 == b64, 0.0, np.abs(a64 - b64).astype(np.float64))  # equal infinities differ by 0
         if not np.issubdtype(a64.dtype, np.integer):
-            excess = err - (atol + rtol * np.abs(b64))  # > 0 beyond tolerance; NaN where err is, or b infinite
+            excess = err - (atol + rtol * np.abs(b64))  # > 0 beyond tolerance (NaN where err is)
+            excess[np.isinf(b64) & ~close] = np.inf  # an infinite reference missed: as far beyond as it gets
     nan = np.isnan(err)
     row.nans = int(np.count_nonzero(nan))
     numbers = ~nan

@@ -410,11 +410,11 @@ def load(path: str | Path, progress=None, dtype: str = "float32", bf16_prompts: 
     """Load a Qwen3.5 checkpoint folder (config.json + safetensors) into a :class:`Model`.
 
     ``dtype``: how the projection matrices are kept in memory. "float32" (default) widens
-    everything on load. "bfloat16" keeps them as bf16 — half the memory and half the bytes
-    per decode step — and widens inside the matmul kernels, accumulating in float32: exact
-    for a bf16 checkpoint, a rounding of the weights for an fp32 or fp16 one (an MoE model's
-    routed experts excepted: they stay memory-mapped as stored). Norms, decay parameters,
-    biases and every activation stay float32 in both modes.
+    them on load. "bfloat16" keeps them as bf16 — half the memory and half the bytes per
+    decode step — and widens inside the matmul kernels, accumulating in float32: exact for a
+    bf16 checkpoint, a rounding of the weights for an fp32 or fp16 one. Norms, decay
+    parameters, biases and every activation stay float32 in both modes; an MoE model's routed
+    experts stay memory-mapped as stored in both.
     ``bf16_prompts`` (with "bfloat16" only, on a CPU with AVX512-BF16): products of 16 rows
     or more — a prompt's layers, and the LM head over many positions (:meth:`Model.score`) —
     round their activations to bf16 and multiply them with the CPU's bf16 dot-product

@@ -328,9 +328,9 @@ def group_by_expert(chosen: np.ndarray, n_experts: int) -> tuple[np.ndarray, np.
     flat = np.ascontiguousarray(chosen.reshape(-1), dtype=np.int64)  # [T·k]
     # The kernel indexes by expert unchecked: an index past the experts would write past offsets.
     if flat.size and not (flat.min() >= 0 and flat.max() < n_experts):
-        raise MinqwenError(f"group_by_expert: expert index {int(flat.max() if flat.max() >= n_experts else flat.min())} "
-                           f"is outside 0 … {n_experts - 1}: the router (mlp.gate) scores more experts than the "
-                           f"block holds?")
+        bad = int(flat.max() if flat.max() >= n_experts else flat.min())
+        raise MinqwenError(f"group_by_expert: expert index {bad} is outside 0 … {n_experts - 1}: the router "
+                           f"(mlp.gate) scores more experts than the block holds?")
     order = np.empty(flat.size, np.int64)
     offsets = np.zeros(n_experts + 1, np.int64)
     _group_kernel(flat, order, offsets)

@@ -570,6 +570,13 @@ def image_placeholder(tower: VisionTower, tokenizer) -> str:
                             skip_special_tokens=False)
 
 
+def with_image_placeholders(text: str, n_images: int, tower: VisionTower, tokenizer) -> str:
+    """``text`` with one image placeholder per image before it, unless it places them itself
+    (how ``minqwen generate --image`` and ``golden record --image`` read a prompt)."""
+    placeholder = image_placeholder(tower, tokenizer)
+    return text if placeholder in text else placeholder * n_images + text
+
+
 def expand_image_tokens(token_ids, grid_thw, image_token_id: int, merge: int) -> np.ndarray:
     """Give each image as many ``<|image_pad|>`` tokens as it has merged patches.
 

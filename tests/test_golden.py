@@ -266,7 +266,6 @@ def test_beyond_tolerance_means_abs_diff_above_atol_plus_rtol_times_reference(tm
     assert "atol 0.0001, rtol 0.001" in report.format()
 
 
-
 def test_the_report_points_at_the_worst_element_of_the_first_divergent_tap(tmp_path):
     # A port wrong in a few places (rotary on the wrong dims, say) learns where, not only that.
     logits = np.linspace(-1, 1, 24, dtype=np.float32).reshape(2, 3, 4)
@@ -298,6 +297,7 @@ def test_equal_infinities_are_no_error_and_opposite_ones_are_an_infinite_one(tmp
     assert golden.compare(write_logits(tmp_path / "same.safetensors", [np.inf, -np.inf, 1.0]), ref).ok
     row = golden.compare(write_logits(tmp_path / "flip.safetensors", [-np.inf, -np.inf, 1.5]), ref).first_divergent
     assert (row.beyond, row.nans, row.worst, row.max_abs) == (2, 0, (0,), np.inf)
+
 
 @pytest.mark.parametrize("a_value, b_value", [(1.105, 1.0), (1.0, 1.105), (-2.2, -2.0), (-2.0, -2.2)])
 def test_the_relative_tolerance_scales_with_b_the_reference_not_with_a(tmp_path, a_value, b_value):
@@ -553,7 +553,6 @@ def test_compare_refuses_recordings_of_different_prompts(models, tmp_path):
         golden.compare(a, b)
 
 
-
 def test_a_file_whose_token_ids_metadata_and_tensor_disagree_is_refused(tmp_path):
     # Either one is enough; both must then say the same prompt, else which one ran?
     path = tmp_path / "port.safetensors"
@@ -562,6 +561,7 @@ def test_a_file_whose_token_ids_metadata_and_tensor_disagree_is_refused(tmp_path
     with pytest.raises(MinqwenError, match=r"port.safetensors: its metadata 'token_ids' \(6 ids\) and its "
                                            r"'token_ids' tensor \(3 ids\) are different prompts"):
         golden.load_recording(path)
+
 
 def test_a_tap_of_another_shape_is_the_first_divergence_and_no_pass(tmp_path):
     # Shapes that differ have no elements to compare, so none is "beyond tolerance": a port

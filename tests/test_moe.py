@@ -303,7 +303,6 @@ def test_scatter_kernel_equals_its_numpy_twin(t_len, n_experts, hidden, data, dt
     np.testing.assert_array_equal(got, twin)  # the same products, added in the same order
 
 
-
 def test_the_compiled_grouping_refuses_an_expert_index_outside_the_experts():
     # Its kernel indexes by expert unchecked: a router with more rows than the block has experts
     # (a hand-built MoEWeights) wrote past its arrays and killed the process.
@@ -325,6 +324,7 @@ def test_the_grouped_rows_kernel_refuses_groups_or_matrices_it_would_read_past(s
     matrices = [np.ones(shape, BF16) for shape in shapes]
     with pytest.raises(MinqwenError, match=message):
         grouped_rows_bf16(x, np.array(starts), matrices)
+
 
 @settings(max_examples=60, deadline=None)
 @given(counts=st.lists(st.integers(0, 4), min_size=1, max_size=8), n_out=st.integers(1, 150),

@@ -783,7 +783,6 @@ def test_golden_record_with_mtp_adds_the_heads_taps_in_forward_order(tmp_path):
     assert set(golden.load_recording(only).tensors) == {"token_ids", "mtp.fc", "logits"}
 
 
-
 def test_recording_the_mtp_head_over_a_one_token_prompt_says_it_needs_two(tmp_path, capsys):
     from minqwen.cli import main
 
@@ -804,6 +803,7 @@ def test_the_mtp_rows_of_the_tap_table_describe_an_mtp_layer():
     assert "hidden_states" not in rows["mtp.layers.{i}.output"] and "mtp.norm" in rows["mtp.layers.{i}.output"]
     assert all("mixture-of-experts models only" in rows[name] for name in rows if ".mlp." in name)
     assert "rotary position j" in golden.format_tap_table()
+
 
 def test_a_recording_with_mtp_and_decode_steps_is_in_forward_order_and_refuses_a_step_prefixed_mtp_pattern(
         tmp_path):

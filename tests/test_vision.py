@@ -168,6 +168,13 @@ def test_a_golden_recording_with_images_holds_the_towers_taps_and_matches_the_re
     for i in range(len(tower.blocks)):
         np.testing.assert_allclose(rec[f"visual.blocks.{i}"], expected[f"{prompt}.tap.blocks.{i}"], rtol=0, atol=ATOL)
     np.testing.assert_allclose(rec["visual.merger"], expected[f"{prompt}.features"], rtol=0, atol=ATOL)
+    # (the fixture keeps no embeddings: they are patch_embed plus the grid's position embeddings)
+    c = tower.config
+    positions = vision.interpolated_position_embeddings(tower.pos_embed, rec["visual.grid_thw"], c.spatial_merge_size,
+                                                        c.num_grid_per_side)  # [N, Dv]
+    np.testing.assert_allclose(rec["visual.embeddings"] - rec["visual.patch_embed"], positions, rtol=0, atol=1e-6)
+    image_rows = rec["token_ids"] == c.image_token_id
+    np.testing.assert_array_equal(rec["embed"][image_rows], rec["visual.merger"])  # the features, in the tokens' place
     np.testing.assert_allclose(rec["logits"], expected[f"{prompt}.logits"], rtol=0, atol=ATOL)
     assert rec["generated_ids"].tolist() == expected[f"{prompt}.greedy"][:steps].tolist()
     for n in range(steps):  # the steps continue at the positions after the images' (cache.rope_delta)
@@ -214,12 +221,32 @@ def test_golden_record_refuses_images_without_a_tower_and_a_tower_beside_the_mtp
     ids, images = expected[f"{prompts[0]}.ids"], images_of(expected, prompts[0])
     with pytest.raises(MinqwenError, match="images need the vision tower"):
         golden.record(model, ids, images=images)
+    with pytest.raises(MinqwenError, match=r"reads a prompt with images: give them"):  # its taps would be empty
+        golden.record(model, [1, 2, 3], tower=tower)
     with pytest.raises(MinqwenError, match="MTP head's taps are recorded over a text prompt"):
         golden.record(model, ids, tower=tower, images=images, mtp_head=object())
     with pytest.raises(MinqwenError, match="tap pattern 'visual.nosuch' matches no tap"):
         golden.record(model, ids, tower=tower, images=images, taps="visual.nosuch")
     with pytest.raises(MinqwenError, match="recorded once, over the prompt: write 'visual.merger', without a step"):
         golden.record(model, ids, decode_steps=1, tower=tower, images=images, taps="step0.visual.merger")
+    with pytest.raises(MinqwenError, match=r"tower's taps and position_ids need a prompt with images: --image"):
+        golden.record(model, [1, 2, 3], taps="visual.*")
+
+
+def test_a_nan_in_the_tower_is_named_at_the_first_tower_tap_that_holds_it(fixture):
+    # Not at the text model's inputs_embeds, which the caller never gave.
+    from minqwen import golden
+
+    model, tower, expected, prompts = fixture
+    broken = copy.deepcopy(tower)
+    broken.blocks[-1].mlp.linear_fc2.weight[0, 0] = np.nan
+    args = (model, expected[f"{prompts[0]}.ids"])
+    kwargs = dict(tower=broken, images=images_of(expected, prompts[0]))
+    with pytest.raises(MinqwenError, match=f"tap 'visual.blocks.{len(tower.blocks) - 1}' holds NaN"):
+        golden.record(*args, **kwargs)
+    with pytest.raises(MinqwenError, match="the vision tower's features hold NaN"):
+        golden.record(*args, taps="logits", **kwargs)
+
 
 def test_images_fed_in_two_chunks_equal_one_prefill(fixture):
     """A later turn can bring an image: positions continue from cache.position + cache.rope_delta."""

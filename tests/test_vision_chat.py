@@ -275,6 +275,21 @@ def test_generate_puts_the_images_before_a_prompt_that_does_not_place_them(folde
                    "--temperature", "0", "--max-new-tokens", "5")
     assert placed.returncode == 0 and unplaced.returncode == 0, placed.stderr + unplaced.stderr
     assert placed.stdout == unplaced.stdout and len(placed.stdout) > 1
+    echoed = run("generate", "Look.", "--model", str(folder), "--image", str(pngs[0]), "--temperature", "0",
+                 "--max-new-tokens", "5")
+    assert echoed.stdout == "Look." + unplaced.stdout  # the prompt echoed as given, without the placeholder
+
+
+def test_golden_record_puts_the_images_before_a_prompt_that_does_not_place_them(folder, pngs, tmp_path):
+    from minqwen import golden
+    from minqwen.cli import main
+
+    for name, text in (("placed", "<|vision_start|><|image_pad|><|vision_end|>Look."), ("unplaced", "Look.")):
+        assert main(["golden", "record", "--model", str(folder), "--prompt", text, "--image", str(pngs[0]),
+                     "--out", str(tmp_path / f"{name}.safetensors")]) == 0
+    placed, unplaced = (golden.load_recording(tmp_path / f"{name}.safetensors") for name in ("placed", "unplaced"))
+    assert placed.token_ids == unplaced.token_ids and "visual.merger" in placed.tensors
+    assert golden.compare(tmp_path / "unplaced.safetensors", tmp_path / "placed.safetensors").ok
 
 
 def expected_chat(setup, turns):
