@@ -44,6 +44,11 @@ def silu_numpy(x: np.ndarray) -> np.ndarray:
     return x * sigmoid_numpy(x)
 
 
+def silu_times_numpy(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """The twin of silu_times: silu(gate), then the product, in NumPy."""
+    return silu_numpy(gate) * up
+
+
 def sigmoid_numpy(x: np.ndarray) -> np.ndarray:
     """1 / (1 + exp(−x)), in place on one temporary: torch's formula, step for step (the results
     still differ in the last place where NumPy's exp and torch's round differently).

@@ -13,7 +13,7 @@ from hypothesis.extra import numpy as hnp
 from conftest import DIRECT_ACTIVATIONS
 from minqwen import activations
 from minqwen.activations import (ACTIVATIONS, gelu, gelu_numpy, gelu_tanh, sigmoid, sigmoid_numpy, silu,
-                                 silu_numpy, silu_times, softplus)
+                                 silu_numpy, silu_times, silu_times_numpy, softplus)
 from minqwen.mlp import MLPWeights, swiglu_mlp
 
 
@@ -77,6 +77,9 @@ def test_silu_times_is_silu_then_the_product_bit_for_bit(gate, strided, seed):
         got, want = silu_times(gate, up), silu(gate) * up
     assert got.shape == gate.shape and got.dtype == np.float32
     np.testing.assert_array_equal(got, want)  # NaN where both are NaN
+    with np.errstate(invalid="ignore", over="ignore"):
+        twin = silu_times_numpy(gate, up)
+    np.testing.assert_allclose(got, twin, rtol=1e-6, atol=1e-30)  # its twin: silu's rounding apart
 
 
 def test_silu_times_takes_both_cores_for_a_prompt_and_other_dtypes_the_plain_steps(monkeypatch):

@@ -76,9 +76,10 @@ def parts_bound(x, weight, n_parts):
 @pytest.mark.parametrize("amx, n_parts", [pytest.param(False, 1, id="vdpbf16ps"),
                                           pytest.param(True, 1, id="amx", marks=needs_amx),
                                           pytest.param(True, D.EXACT_PARTS, id="amx-exact", marks=needs_amx)])
+@pytest.mark.parametrize("build", ["parallel", "serial"])
 @settings(max_examples=40, deadline=None)
 @given(rows=st.integers(1, 70), n_in=st.integers(1, 200), n_out=st.integers(1, 130), seed=st.integers(0, 999))
-def test_the_kernel_equals_its_twin(amx, n_parts, rows, n_in, n_out, seed):
+def test_the_kernel_equals_its_twin(amx, n_parts, build, rows, n_in, n_out, seed):
     # Shapes off every tile size: rows not a multiple of 8 or 32, outputs of 48 or 32, inputs
     # odd or not a multiple of 32.
     rng = np.random.default_rng(seed)
@@ -86,9 +87,12 @@ def test_the_kernel_equals_its_twin(amx, n_parts, rows, n_in, n_out, seed):
     weight = (rng.standard_normal((n_out, n_in)) * rng.uniform(0.1, 3)).astype(ml_dtypes.bfloat16)
     # (The amx cases run only where needs_amx's call of the real cpu_has_amx_bf16 has asked
     # Linux for the tiles: forcing it True without that would kill the process.)
+    # serial: the builds a child forked from an OpenMP process runs (threads.launched_safely)
+    builds = {f"_{k}_kernel": getattr(D, f"_{k}_kernel" + ("_serial" if build == "serial" else ""))
+              for k in ("round", "split", "products", "amx_products")}
     name = "_amx_products_kernel" if amx else "_products_kernel"
-    kernel, calls = getattr(D, name), []
-    with mock.patch.object(D, "cpu_has_amx_bf16", lambda: amx), \
+    kernel, calls = builds.pop(name), []
+    with mock.patch.object(D, "cpu_has_amx_bf16", lambda: amx), mock.patch.multiple(D, **builds), \
             mock.patch.object(D, name, lambda *arguments: (calls.append(1), kernel(*arguments))[1]):
         got = D.linear_bf16_dot(x, weight, n_parts)
     assert calls == [1]  # the kernel this case is about did the product
@@ -146,18 +150,24 @@ def test_the_parts_of_infinities_and_nans_are_the_value_then_zeros():
 
 
 @needs_amx
-def test_the_split_kernel_lays_out_the_twins_parts_bit_for_bit():
+@pytest.mark.parametrize("n_parts", [1, D.EXACT_PARTS])  # 1: bf16_prompts on AMX; 3: the exact products
+@pytest.mark.parametrize("build", ["parallel", "serial"])
+def test_the_split_kernel_lays_out_the_twins_parts_bit_for_bit(n_parts, build, monkeypatch):
+    if build == "serial":  # (the build a child forked from an OpenMP process runs)
+        monkeypatch.setattr(D, "_split_kernel", D._split_kernel_serial)
     rng = np.random.default_rng(8)
+    ties = np.float32(1 + 2.0**-8) * np.array([1, -1, 3, 2.0**-100], np.float32)  # halfway between two bf16
     for rows, n_in in ((77, 1000), (32, 64), (3, 7)):
         x = (rng.standard_normal((rows, n_in)) * np.exp(rng.uniform(-40, 40, (rows, n_in)))).astype(np.float32)
         x.flat[:6] = [np.inf, -np.inf, np.nan, 3.4e38, -3.4e38, 1e-40]
         x.flat[6:6 + min(len(EDGES), x.size - 6)] = EDGES[: x.size - 6]
-        tiles = D.split_into_bf16_parts(x, D.EXACT_PARTS)  # [T'/32, P'/16, S, 2, 16, 16]
+        x.flat[-min(4, x.size - 6):] = ties[: min(4, x.size - 6)]
+        tiles = D.split_into_bf16_parts(x, n_parts)  # [T'/32, P'/16, S, 2, 16, 16]
         n_blocks, n_steps = tiles.shape[:2]
         assert (n_blocks, n_steps) == (-(-rows // 32), -(-n_in // 32))
         # back to [S, T', P'] pairs, then to bf16 bits [S, T', 2 P']
-        bits = tiles.transpose(2, 0, 3, 5, 1, 4).reshape(D.EXACT_PARTS, 32 * n_blocks, 16 * n_steps).view(np.uint16)
-        for s, part in enumerate(D.split_into_bf16_parts_numpy(x, D.EXACT_PARTS)):
+        bits = tiles.transpose(2, 0, 3, 5, 1, 4).reshape(n_parts, 32 * n_blocks, 16 * n_steps).view(np.uint16)
+        for s, part in enumerate(D.split_into_bf16_parts_numpy(x, n_parts)):
             want = part.view(np.uint16)
             nan = np.isnan(part.astype(np.float32))
             assert np.array_equal(bits[s, :rows, :n_in][~nan], want[~nan])
@@ -185,6 +195,8 @@ def test_products_over_no_inputs_are_zeros():
     weight = np.zeros((40, 0), ml_dtypes.bfloat16)
     for n_parts in (1, D.EXACT_PARTS) if D.cpu_has_amx_bf16() else (1,):
         assert np.array_equal(D.linear_bf16_dot(np.zeros((20, 0), np.float32), weight, n_parts), np.zeros((20, 40)))
+    with mock.patch.object(D, "cpu_has_amx_bf16", lambda: False):  # the VDPBF16PS kernel, on an AMX machine too
+        assert np.array_equal(D.linear_bf16_dot(np.zeros((20, 0), np.float32), weight, 1), np.zeros((20, 40)))
 
 
 @needs_amx

@@ -324,9 +324,12 @@ def test_the_chunked_form_matches_the_reference_fixture():
 
 @settings(max_examples=60, deadline=None)
 @given(num_kv=st.integers(1, 3), groups=st.integers(1, 4), t_len=st.integers(1, 4), past=st.integers(0, 700),
-       head_dim=st.integers(1, 70), block=st.sampled_from([1, 7, 64, 256]), seed=st.integers(0, 2**16))
+       head_dim=st.integers(1, 70), block=st.sampled_from([1, 7, 64, 256]), serial=st.booleans(),
+       seed=st.integers(0, 2**16))
 def test_the_few_query_attention_kernel_equals_the_numpy_definition(num_kv, groups, t_len, past, head_dim, block,
-                                                                      seed):
+                                                                      serial, seed):
+    from unittest import mock
+
     from minqwen import attention
 
     rng = np.random.default_rng(seed)
@@ -335,11 +338,11 @@ def test_the_few_query_attention_kernel_equals_the_numpy_definition(num_kv, grou
     capacity = np.zeros((2, num_kv, s_len + 5, head_dim), np.float32)  # the cache hands over views of a larger buffer
     capacity[..., :s_len, :] = 3 * rng.standard_normal((2, num_kv, s_len, head_dim), dtype=np.float32)
     keys, values = capacity[0, :, :s_len], capacity[1, :, :s_len]
-    old, attention.KEY_BLOCK = attention.KEY_BLOCK, block
-    try:
+    # serial: the build a child forked from an OpenMP process runs (threads.launched_safely)
+    build = attention._attention_blocks_kernel.serial if serial else attention._attention_blocks_kernel
+    with mock.patch.object(attention, "KEY_BLOCK", block), mock.patch.object(attention, "_attention_blocks_kernel",
+                                                                             build):
         kernel = attention.attention_few_queries(q, keys, values, head_dim**-0.5)
-    finally:
-        attention.KEY_BLOCK = old
     twin = attention.causal_attention(q, keys, values, head_dim**-0.5)
     # float32 rounding of reordered sums; outputs are convex mixtures of values of size ~3
     np.testing.assert_allclose(kernel, twin, rtol=0, atol=2e-5)

@@ -310,7 +310,9 @@ def test_the_compiled_grouping_refuses_an_expert_index_outside_the_experts():
         chosen = np.array([[bad, 1]] * 3, np.int64)
         with pytest.raises(MinqwenError, match=f"expert index {bad} is outside 0 … 3"):
             group_by_expert(chosen, 4)
-    group_by_expert(np.zeros((0, 2), np.int64), 4)  # no tokens: nothing to check
+    for got, want in zip(group_by_expert(np.zeros((0, 2), np.int64), 4),  # no tokens: nothing to check, all empty
+                         group_by_expert_numpy(np.zeros((0, 2), np.int64), 4)):
+        np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("starts, shapes, message", [
@@ -328,17 +330,25 @@ def test_the_grouped_rows_kernel_refuses_groups_or_matrices_it_would_read_past(s
 
 @settings(max_examples=60, deadline=None)
 @given(counts=st.lists(st.integers(0, 4), min_size=1, max_size=8), n_out=st.integers(1, 150),
-       n_in=st.integers(1, 300), seed=st.integers(0, 2**31))
-@example(counts=[1] * 8, n_out=2048, n_in=64, seed=0)  # a decode step's down_proj at k = 8: 32 blocks per expert
-@example(counts=[3, 1], n_out=64, n_in=7, seed=1)  # exactly one block of weight rows
-@example(counts=[2], n_out=65, n_in=300, seed=2)  # one row into a second block
-def test_grouped_rows_kernel_and_its_twin_equal_the_exact_product_to_float32_round_off(counts, n_out, n_in, seed):
+       n_in=st.integers(1, 300), serial=st.booleans(), seed=st.integers(0, 2**31))
+@example(counts=[1] * 8, n_out=2048, n_in=64, serial=False, seed=0)  # a decode step's down_proj at k = 8: 32 blocks
+@example(counts=[3, 1], n_out=64, n_in=7, serial=True, seed=1)  # exactly one block of weight rows
+@example(counts=[2], n_out=65, n_in=300, serial=False, seed=2)  # one row into a second block
+def test_grouped_rows_kernel_and_its_twin_equal_the_exact_product_to_float32_round_off(counts, n_out, n_in, serial,
+                                                                                        seed):
     # A step's expert matmuls: the rows of each group (an expert's tokens) times that expert's bf16 matrix.
+    # serial: the build a child forked from an OpenMP process runs (threads.launched_safely).
+    from unittest import mock
+
+    from minqwen import moe
+
     rng = np.random.default_rng(seed)
     matrices = [rng.normal(size=(n_out, n_in)).astype(BF16) for _ in counts]
     starts = np.concatenate([[0], np.cumsum(counts)])  # group m: rows starts[m]:starts[m + 1]
     x = rng.normal(size=(starts[-1], n_in)).astype(np.float32)
-    got = grouped_rows_bf16(x, starts, matrices)
+    build = moe._grouped_rows_kernel_serial if serial else moe._grouped_rows_kernel
+    with mock.patch.object(moe, "_grouped_rows_kernel", build):
+        got = grouped_rows_bf16(x, starts, matrices)
     twin = grouped_rows_bf16_numpy(x, starts, matrices)
     assert got.shape == twin.shape == (starts[-1], n_out) and got.dtype == twin.dtype == np.float32
 
