@@ -324,8 +324,13 @@ def gated_attention(
     k = k.reshape(t_len, num_kv_heads, head_dim)  # [T, Hkv, D]
     v = v.reshape(t_len, num_kv_heads, head_dim)  # [T, Hkv, D]
 
-    q = apply_rotary(rms_norm(q, w.q_norm, eps), cos, sin)
-    k = apply_rotary(rms_norm(k, w.k_norm, eps), cos, sin)
+    q = rms_norm(q, w.q_norm, eps)  # [T, Hq, D]
+    k = rms_norm(k, w.k_norm, eps)  # [T, Hkv, D]
+    if tap is not None:
+        tap("self_attn.q_norm", q)
+        tap("self_attn.k_norm", k)
+    q = apply_rotary(q, cos, sin)
+    k = apply_rotary(k, cos, sin)
     if tap is not None:
         tap("self_attn.q", q)
         tap("self_attn.k", k)

@@ -139,6 +139,8 @@ LAYER_TAPS = (
     Tap("layers.{i}.linear_attn.norm", "[T, Hv, Dv]", "RMSNorm(core) · w · silu(z): the input of out_proj",
         "linear_attention"),
     # Gated attention layers (layer_types[i] == "full_attention")
+    Tap("layers.{i}.self_attn.q_norm", "[T, Hq, D]", "query after q_norm, before rotary", "full_attention"),
+    Tap("layers.{i}.self_attn.k_norm", "[T, Hkv, D]", "key after k_norm, before rotary", "full_attention"),
     Tap("layers.{i}.self_attn.q", "[T, Hq, D]", "query after q_norm and rotary", "full_attention"),
     Tap("layers.{i}.self_attn.k", "[T, Hkv, D]", "key after k_norm and rotary (what the cache stores)",
         "full_attention"),

@@ -219,7 +219,8 @@ WEIGHT_INJECTIONS = [
     (2, "linear_attn.A_log", "layers.2.linear_attn.g"),
     (2, "linear_attn.norm", "layers.2.linear_attn.norm"),
     (2, "mlp.down_proj", "layers.2.mlp"),
-    (3, "self_attn.q_norm", "layers.3.self_attn.q"),
+    (3, "self_attn.q_norm", "layers.3.self_attn.q_norm"),
+    (3, "self_attn.k_norm", "layers.3.self_attn.k_norm"),
     (3, "self_attn.v_proj", "layers.3.self_attn.v"),
     (3, "self_attn.o_proj", "layers.3.token_mixer"),
 ]

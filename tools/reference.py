@@ -392,9 +392,9 @@ def computing_in_float64():
 def reference_taps(hf_model, token_ids, decode_steps: int) -> dict[str, np.ndarray]:
     """The golden taps as transformers computes them, for the prompt and greedy decode steps.
 
-    Forward hooks on the modules give most taps. Three sit inside a module's forward with no
+    Forward hooks on the modules give most taps. Some sit inside a module's forward with no
     module around them, so the functions are wrapped for the run: apply_rotary_pos_emb (q and k
-    after q_norm/k_norm and rotary), and the two gated-delta-rule kernels (their inputs are the
+    after q_norm/k_norm, and after rotary), and the two gated-delta-rule kernels (their inputs are the
     conv output split into q, k, v — still un-normalised, the kernel normalises — and g, beta).
     The decode states are read from the reference's cache after each forward. Decode step n
     feeds the argmax of the previous logits: the reference's own greedy continuation, through
@@ -471,6 +471,8 @@ def reference_taps(hf_model, token_ids, decode_steps: int) -> dict[str, np.ndarr
             ]
 
     def rotary(q, k, *args, **kwargs):
+        put("self_attn.q_norm", q[0].transpose(0, 1))  # [1, heads, T, D]: after q_norm and k_norm
+        put("self_attn.k_norm", k[0].transpose(0, 1))
         q_rot, k_rot = original_rotary(q, k, *args, **kwargs)  # [1, heads, T, D]
         put("self_attn.q", q_rot[0].transpose(0, 1))
         put("self_attn.k", k_rot[0].transpose(0, 1))

@@ -204,5 +204,6 @@ if answer is None:
     print("Exercise 10.1: not attempted yet.")
 else:
     assert answer.startswith("layers.3.self_attn."), "the first divergent tap is inside layer 3's attention"
-    assert answer == "layers.3.self_attn.q", "layer 3 taps q, k, v, then the gate: which of them is wrong first?"
+    assert answer == "layers.3.self_attn.q_norm", ("layer 3 taps q and k after their norms, then after rotary, "
+                                                   "then v and the gate: which of them is wrong first?")
     print("Exercise 10.1: first divergence at", answer)

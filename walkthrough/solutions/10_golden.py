@@ -43,8 +43,8 @@ def exercise_10_1():
 
 name = exercise_10_1()
 print("Exercise 10.1: the flat q/gate split is first seen at", name,
-      "— the query, after q_norm and rotary; k and v are still right, which points at q_proj's split.")
-assert name == "layers.3.self_attn.q"
+      "— the query after q_norm, before rotary; k is still right, which points at q_proj's split.")
+assert name == "layers.3.self_attn.q_norm"
 
 
 # Exercise 10.2 ------------------------------------------------------------------------------
