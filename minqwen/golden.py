@@ -178,7 +178,9 @@ _MTP_MEANINGS = {
 
 # The MTP head's taps (minqwen/mtp.py), recorded when asked for (``record(…, mtp_head=…)``,
 # ``golden record --mtp``): a teacher-forced run of MTP layer 0 over the prompt's T − 1 pairs
-# (h[j], t[j+1]), at rotary positions 0 … T−2, over a fresh MTP cache.
+# (h[j], t[j+1]), at rotary positions 0 … T−2, over a fresh MTP cache; then, with decode steps,
+# one pair per step through that cache (``step{n}.mtp.…``, T − 1 → 1): the main model's output
+# before generated[n] and generated[n], at position T − 1 + n.
 MTP_TAPS = (
     Tap("mtp.pre_fc_norm_embedding", "[T−1, H]", "zero-centred RMSNorm of embed(t[j+1]), j = 0 … T−2"),
     Tap("mtp.pre_fc_norm_hidden", "[T−1, H]", "zero-centred RMSNorm of h[j]: the main model's output after its "
@@ -257,7 +259,9 @@ def format_tap_table() -> str:
                     "tower (N patches of C·T·P·P values, Dv its width, m its merge size) and the positions")
         elif tap.name.startswith("mtp."):
             this = ("the MTP head (checkpoints with mtp.* tensors; `golden record --mtp`): teacher-forced over "
-                    "the prompt's pairs (h[j], t[j+1]), row j at rotary position j (0 … T−2), over a fresh MTP cache")
+                    "the prompt's pairs (h[j], t[j+1]), row j at rotary position j (0 … T−2), over a fresh MTP cache; "
+                    "with decode steps, step{n}.mtp.… takes one more pair through that cache, (the main model's output "
+                    "before generated[n], generated[n]) at position T−1+n, as speculative decoding does (T−1 → 1)")
         elif tap.name.startswith("layers."):
             this = _GROUPS["moe" if tap.moe else tap.layer_type]
         else:
@@ -300,7 +304,7 @@ def record(model, token_ids, decode_steps: int = 0, taps: str = "*", mtp_head=No
 
     Returns ``{name: array}`` in forward order (:func:`forward_order`): ``token_ids``, the
     tower's taps and ``position_ids`` (with ``tower``), the prompt's taps, the MTP taps (with
-    ``mtp_head``), each step's ``step{n}.`` taps, and
+    ``mtp_head``), each step's ``step{n}.`` taps (and its ``step{n}.mtp.…`` with ``mtp_head``), and
     ``generated_ids`` when ``decode_steps`` > 0. The arrays are copies;
     the model computes exactly what it computes without recording, bit for bit. A recorded tap
     holding NaN or inf is an error naming the first such tap: a reference must be numbers.
@@ -321,7 +325,9 @@ def record(model, token_ids, decode_steps: int = 0, taps: str = "*", mtp_head=No
     per_call = tap_names(model.config)
     mtp_names = mtp_tap_names(model.config) if mtp_head is not None else []
     vision_names = vision_tap_names(tower) if tower is not None else []
-    _check_patterns(patterns, per_call, mtp_names + vision_names, decode_steps)  # before the tower's work
+    # with decode steps the MTP head also takes each step's pair (step{n}.mtp.…)
+    _check_patterns(patterns, per_call, mtp_names + vision_names, decode_steps,
+                    step_only=mtp_names if decode_steps else [])  # before the tower's work
     inputs, before_text = None, {}
     if tower is not None:
         from .vision import multimodal_inputs  # here: vision.py builds on the model, as this module does
@@ -347,16 +353,20 @@ def record(model, token_ids, decode_steps: int = 0, taps: str = "*", mtp_head=No
         raise MinqwenError(f"recording the MTP head needs a prompt of at least 2 tokens, got {prompt_length}: its "
                            f"first row reads the pair (h[0], t[1])")
     taps_seen: dict[str, np.ndarray] = {}
+    mtp_steps = mtp_head is not None and decode_steps > 0
+    last_hidden: list[np.ndarray] = []  # [H] per forward call, after the final norm: the MTP head's steps read them
 
     def collector(prefix: str):
         """A tap function that copies the selected intermediates of one forward call, or None."""
         wanted = {name for name in per_call if _selected(patterns, name, prefix + name)}
-        if not wanted:
+        if not wanted and not mtp_steps:
             return None  # this call records nothing: run it untapped
 
         def keep(name, value):
             if name in wanted:
                 taps_seen[prefix + name] = np.array(value, copy=True, order="C")
+            if mtp_steps and name == "norm":
+                last_hidden.append(np.array(value[-1], copy=True))
 
         return keep
 
@@ -378,11 +388,14 @@ def record(model, token_ids, decode_steps: int = 0, taps: str = "*", mtp_head=No
         generated.append(next_id)
         logits = model.forward([next_id], cache, last_only=True, tap=collector(f"step{n}."))  # [1, V]
     recording = {"token_ids": np.asarray(token_ids).astype(np.int64), **before_text, **taps_seen}
-    if mtp_head is not None and any(_selected(patterns, name, name) for name in mtp_names):
+    if mtp_head is not None:
         from .mtp import record_mtp  # here: mtp.py builds on this module
 
-        recording.update({name: value for name, value in record_mtp(model, mtp_head, token_ids).items()
-                          if _selected(patterns, name, name)})
+        # Step n's pair: the output at the position before generated[n] (the prompt's last, then
+        # step n − 1's), and generated[n] itself.
+        mtp_taps = record_mtp(model, mtp_head, token_ids, steps=list(zip(last_hidden, generated)))
+        recording.update({name: value for name, value in mtp_taps.items()
+                          if _selected(patterns, re.sub(r"^step\d+\.", "", name), name)})
     if decode_steps:
         recording["generated_ids"] = np.array(generated, dtype=np.int64)
     _refuse_non_finite(recording)
@@ -414,12 +427,12 @@ def _selected(patterns, name, full_name) -> bool:
     return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(full_name, p) for p in patterns)
 
 
-def _check_patterns(patterns, per_call, once_names, decode_steps) -> None:
+def _check_patterns(patterns, per_call, once_names, decode_steps, step_only=()) -> None:
     """Every pattern must match some tap of this recording; name the ones that do not.
 
     ``per_call`` taps are recorded for the prompt and again for each step (``step{n}.``);
     ``once_names`` (the MTP head's, the vision tower's) once, over the prompt, so never under a
-    step's prefix.
+    step's prefix; ``step_only`` (the MTP head's, with decode steps) under each step's prefix too.
     """
     for p in patterns:
         # The steps a pattern can name: the first thousands, and any number written in it
@@ -427,12 +440,19 @@ def _check_patterns(patterns, per_call, once_names, decode_steps) -> None:
         steps = set(range(min(decode_steps, 10_000))) | {int(d) for d in re.findall(r"\d+", p) if int(d) < decode_steps}
         prefixes = [""] + [f"step{n}." for n in sorted(steps)]
         if not any(_selected([p], name, prefix + name) for prefix in prefixes for name in per_call) \
-                and not any(_selected([p], name, name) for name in once_names):
+                and not any(_selected([p], name, name) for name in once_names) \
+                and not any(_selected([p], name, prefix + name) for prefix in prefixes[1:] for name in step_only):
             examples = ", ".join(per_call[:3] + [per_call[-1]])
             step_hint = f"; decode taps step0 … step{decode_steps - 1}" if decode_steps else " (no decode steps)"
             unstepped = re.sub(r"^step[^.]*\.", "", p)
-            hint = (f" Those taps are recorded once, over the prompt: write '{unstepped}', without a step."
-                    if unstepped != p and any(_selected([unstepped], name, name) for name in once_names) else "")
+            if unstepped != p and any(_selected([unstepped], name, name) for name in step_only):
+                hint = f" There are {decode_steps} decode steps: step0 … step{decode_steps - 1}."
+            elif unstepped != p and any(_selected([unstepped], name, name) for name in once_names):
+                hint = (f" Those taps are recorded over the prompt: write '{unstepped}', without a step"
+                        + (" (the MTP head's are also recorded at each decode step, with decode steps)."
+                           if any(_selected([unstepped], name, name) for name in _RECORDED_ON_REQUEST[0][0]) else "."))
+            else:
+                hint = ""
             for names, needs in _RECORDED_ON_REQUEST:  # (the pattern matched none of those asked for)
                 if not hint and any(_selected([unstepped], name, name) for name in names):
                     hint = f" {needs}."
@@ -823,6 +843,6 @@ def forward_order(name: str) -> tuple:
     if rest in finals:
         return (1, step, float("inf"), finals.index(rest))
     mtp = [tap.name.format(i=0) for tap in MTP_TAPS]
-    if step == -1 and name in mtp:  # the MTP head runs after the main model's prompt pass
-        return (1, -1, float("inf"), len(finals) + mtp.index(name))
+    if rest in mtp:  # the MTP head runs after the main model's pass (the prompt's, or a step's)
+        return (1, step, float("inf"), len(finals) + mtp.index(rest))
     return (3, name)

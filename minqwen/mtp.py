@@ -290,11 +290,12 @@ def mtp_layer(model: Model, head: MtpHead, i: int, hidden: np.ndarray, next_ids,
     return out
 
 
-def mtp_logits(model: Model, head: MtpHead, token_ids, tap=None) -> np.ndarray:
+def mtp_logits(model: Model, head: MtpHead, token_ids, tap=None, kv: KVCache | None = None) -> np.ndarray:
     """Teacher-forced MTP logits over a sequence: row j predicts t[j+2] from (h[j], t[j+1]).
 
     token_ids [T] → [T − 1, V]. This is what the head was trained on (and what its golden
     taps record: ``tap`` receives ``pre_fc_norm_embedding`` … ``norm`` and ``logits``).
+    ``kv``: an empty MTP cache to fill with the T − 1 pairs (default: a fresh one, discarded).
     """
     check_head_fits(model, head)
     ids = whole_number_array(token_ids)
@@ -302,7 +303,7 @@ def mtp_logits(model: Model, head: MtpHead, token_ids, tap=None) -> np.ndarray:
         raise MinqwenError(f"mtp_logits: token_ids must be one sequence (1-D) of at least two token ids, as the "
                            f"head reads t[j] and t[j+1]; got {token_ids!r:.80}")
     hidden = model.hidden_states(ids)  # [T, H]
-    kv = new_mtp_kv(model)
+    kv = new_mtp_kv(model) if kv is None else kv
     out = mtp_layer(model, head, 0, hidden[:-1], ids[1:], kv, 0, tap)  # [T − 1, H]
     logits = model.logits(out)  # [T − 1, V]
     if tap is not None:
@@ -751,13 +752,26 @@ def speculative_decoder(head: MtpHead | None, draft_tokens: int = DRAFT_TOKENS, 
 # ==================================================================== golden taps
 
 
-def record_mtp(model: Model, head: MtpHead, token_ids) -> dict[str, np.ndarray]:
+def record_mtp(model: Model, head: MtpHead, token_ids, steps=()) -> dict[str, np.ndarray]:
     """The MTP taps (:data:`minqwen.golden.MTP_TAPS`, names ``mtp.…``) of a teacher-forced run over ``token_ids``.
 
     Layer 0 only, at rotary positions 0 … T−2, over a fresh MTP cache: what a port computes
     when it runs its MTP head over a prompt. ``golden.record(…, mtp_head=head)`` and
     ``minqwen golden record --mtp`` add these to a recording of the main model.
+    ``steps``: pairs (h [H], t) of decoding, the main model's output at position T − 1 + n (after
+    its final norm) and the token after it; each goes through the same MTP cache at rotary
+    position T − 1 + n, as speculative decoding brings the cache up to date, and its taps are
+    named ``step{n}.mtp.…``.
     """
     taps: dict[str, np.ndarray] = {}
-    mtp_logits(model, head, token_ids, tap=lambda name, value: taps.__setitem__("mtp." + name, np.array(value)))
+
+    def keep(prefix):
+        return lambda name, value: taps.__setitem__(prefix + "mtp." + name, np.array(value))
+
+    kv = new_mtp_kv(model)
+    mtp_logits(model, head, token_ids, tap=keep(""), kv=kv)
+    for n, (hidden, token) in enumerate(steps):
+        tap = keep(f"step{n}.")
+        out = mtp_layer(model, head, 0, np.asarray(hidden)[None], [token], kv, kv.length, tap)  # [1, H]
+        tap("logits", model.logits(out))  # [1, V]: predicts the token after ``token``
     return taps

@@ -820,11 +820,38 @@ def test_a_recording_with_mtp_and_decode_steps_is_in_forward_order_and_refuses_a
                  "--out", str(out)]) == 0
     manifest = [row["name"] for row in golden.load_recording(out).metadata["taps"]]
     assert manifest == sorted(manifest, key=golden.forward_order)
-    # the MTP head is recorded once, over the prompt: a step's prefix on its taps matches nothing
+    # with decode steps the head takes each step's pair too (step{n}.mtp.…); without, there are none
+    assert {"step0.mtp.logits", "step1.mtp.logits"} <= set(names)
+    assert names.index("step0.logits") < names.index("step0.mtp.fc") < names.index("step1.embed")
     for pattern in ("step0.mtp.*", "step*.mtp.logits"):
         with pytest.raises(MinqwenError, match=re.escape(f"tap pattern '{pattern}' matches no tap")) as raised:
-            golden.record(model, [3, 1, 4], decode_steps=2, taps=pattern, mtp_head=head)
-        assert "recorded once, over the prompt: write 'mtp." in str(raised.value)
+            golden.record(model, [3, 1, 4], decode_steps=0, taps=pattern, mtp_head=head)
+        assert "recorded over the prompt: write 'mtp." in str(raised.value)
+        assert "also recorded at each decode step" in str(raised.value)
+    with pytest.raises(MinqwenError, match=r"There are 2 decode steps: step0 … step1"):
+        golden.record(model, [3, 1, 4], decode_steps=2, taps="step2.mtp.logits", mtp_head=head)
+
+
+def test_the_mtp_heads_decode_step_taps_are_the_cached_pairs_of_the_greedy_continuation(tmp_path):
+    # Step n's pair: the main model's output before generated[n], and generated[n], through the
+    # MTP cache the prompt's pairs filled, at rotary position T − 1 + n: the same rows, to float32
+    # rounding, as a teacher-forced run over the prompt and the generated tokens, and what
+    # speculative decoding's MtpCache computes.
+    folder, _ = with_random_mtp_tensors(tmp_path)
+    model = minqwen.load(folder)
+    head = load_mtp(folder, model)
+    ids = [3, 1, 4, 1, 5]
+    rec = golden.record(model, ids, decode_steps=3, mtp_head=head)
+    generated = rec["generated_ids"].tolist()
+    teacher = mtp_logits(model, head, ids + generated)  # [T + 2, V]
+    for n in range(3):
+        np.testing.assert_allclose(rec[f"step{n}.mtp.logits"], teacher[len(ids) - 1 + n : len(ids) + n], rtol=0,
+                                   atol=1e-5)
+    np.testing.assert_allclose(rec["mtp.logits"], teacher[: len(ids) - 1], rtol=0, atol=1e-5)
+    cache = model.new_cache()
+    mtp_cache = MtpCache(model, head)
+    mtp_cache.commit(model, head, model.hidden_states(ids, cache), ids[1:] + generated[:1])
+    np.testing.assert_allclose(model.logits(mtp_cache.last[None]), rec["step0.mtp.logits"], rtol=0, atol=1e-5)
 
 
 def test_golden_record_with_mtp_on_a_checkpoint_without_a_head_says_so(capsys):
