@@ -448,9 +448,10 @@ def _check_patterns(patterns, per_call, once_names, decode_steps, step_only=()) 
             if unstepped != p and any(_selected([unstepped], name, name) for name in step_only):
                 hint = f" There are {decode_steps} decode steps: step0 … step{decode_steps - 1}."
             elif unstepped != p and any(_selected([unstepped], name, name) for name in once_names):
-                hint = (f" Those taps are recorded over the prompt: write '{unstepped}', without a step"
-                        + (" (the MTP head's are also recorded at each decode step, with decode steps)."
-                           if any(_selected([unstepped], name, name) for name in _RECORDED_ON_REQUEST[0][0]) else "."))
+                mtp = any(_selected([unstepped], name, name) for name in _RECORDED_ON_REQUEST[0][0])
+                hint = (f" Those taps are recorded over the prompt: write '{unstepped}', without a step (the MTP "
+                        f"head's also at each decode step, when there are some)." if mtp else
+                        f" Those taps are recorded once, over the prompt: write '{unstepped}', without a step.")
             else:
                 hint = ""
             for names, needs in _RECORDED_ON_REQUEST:  # (the pattern matched none of those asked for)
