@@ -578,7 +578,8 @@ def add_golden_parser(subparsers) -> None:
     rec.add_argument("--taps", default="*", metavar="PATTERN",
                      help="comma-separated globs of tap names (default '*': all); see `minqwen golden taps`")
     rec.add_argument("--mtp", action="store_true",
-                     help="also record the MTP head's taps (mtp.*) over the prompt; needs a checkpoint with mtp.*")
+                     help="also record the MTP head's taps over the prompt (mtp.*) and at each decode step "
+                          "(step{n}.mtp.*); needs a checkpoint with mtp.*")
     rec.add_argument("--image", action="append", default=[], metavar="PATH",
                      help="an image in the prompt (repeatable; a multimodal checkpoint, Pillow): records the vision "
                           "tower's taps (visual.*) and the 3-D positions too. With --prompt it goes before the text "
@@ -635,7 +636,7 @@ def run_golden_record(args) -> int:
     recording = golden.record(model, ids, decode_steps=args.decode, taps=args.taps, mtp_head=head, tower=tower,
                               images=args.image)
     ids = recording["token_ids"]  # with images: each <|image_pad|> expanded
-    if head is not None and not any(name.startswith("mtp.") for name in recording):
+    if head is not None and not any(golden.is_mtp_tap(name) for name in recording):
         raise MinqwenError(f"--mtp: --taps '{args.taps}' selects none of the MTP head's taps (mtp.…), so --mtp "
                            f"would record nothing more; add 'mtp.*' to --taps, or leave out --mtp")
     golden.save(recording, args.out, golden.model_metadata(model))

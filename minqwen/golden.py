@@ -179,8 +179,9 @@ _MTP_MEANINGS = {
 # The MTP head's taps (minqwen/mtp.py), recorded when asked for (``record(…, mtp_head=…)``,
 # ``golden record --mtp``): a teacher-forced run of MTP layer 0 over the prompt's T − 1 pairs
 # (h[j], t[j+1]), at rotary positions 0 … T−2, over a fresh MTP cache; then, with decode steps,
-# one pair per step through that cache (``step{n}.mtp.…``, T − 1 → 1): the main model's output
-# before generated[n] and generated[n], at position T − 1 + n.
+# one pair per step through that cache (``step{n}.mtp.…``, one row where the prompt's have
+# T − 1): the main model's output at the position before generated[n], and generated[n], at
+# position T − 1 + n.
 MTP_TAPS = (
     Tap("mtp.pre_fc_norm_embedding", "[T−1, H]", "zero-centred RMSNorm of embed(t[j+1]), j = 0 … T−2"),
     Tap("mtp.pre_fc_norm_hidden", "[T−1, H]", "zero-centred RMSNorm of h[j]: the main model's output after its "
@@ -260,8 +261,9 @@ def format_tap_table() -> str:
         elif tap.name.startswith("mtp."):
             this = ("the MTP head (checkpoints with mtp.* tensors; `golden record --mtp`): teacher-forced over "
                     "the prompt's pairs (h[j], t[j+1]), row j at rotary position j (0 … T−2), over a fresh MTP cache; "
-                    "with decode steps, step{n}.mtp.… takes one more pair through that cache, (the main model's output "
-                    "before generated[n], generated[n]) at position T−1+n, as speculative decoding does (T−1 → 1)")
+                    "with decode steps, step{n}.mtp.… takes one more pair through that cache, as speculative decoding "
+                    "does: the main model's output at the position before generated[n], and generated[n], at "
+                    "position T−1+n (one row where the prompt's have T−1)")
         elif tap.name.startswith("layers."):
             this = _GROUPS["moe" if tap.moe else tap.layer_type]
         else:
@@ -289,7 +291,7 @@ def record(model, token_ids, decode_steps: int = 0, taps: str = "*", mtp_head=No
     """Run ``token_ids`` through ``model`` and ``decode_steps`` greedy steps, keeping the taps.
 
     ``mtp_head`` (a :class:`minqwen.mtp.MtpHead`): also record the MTP head's taps
-    (:data:`MTP_TAPS`, names ``mtp.…``) over the prompt.
+    (:data:`MTP_TAPS`) over the prompt (``mtp.…``) and at each decode step (``step{n}.mtp.…``).
     ``tower`` (a :class:`minqwen.vision.VisionTower`) and ``images`` (one per ``<|image_pad|>``
     in ``token_ids``, as :func:`minqwen.vision.multimodal_inputs` takes them): the prompt is
     read as a prompt with images; the recording adds the tower's taps (:data:`VISION_TAPS`,
@@ -357,7 +359,11 @@ def record(model, token_ids, decode_steps: int = 0, taps: str = "*", mtp_head=No
     last_hidden: list[np.ndarray] = []  # [H] per forward call, after the final norm: the MTP head's steps read them
 
     def collector(prefix: str):
-        """A tap function that copies the selected intermediates of one forward call, or None."""
+        """A tap function that copies the selected intermediates of one forward call, or None.
+
+        With the MTP head's steps to record it also keeps each call's last row after the final
+        norm, so every call runs tapped then (each tap site's work, such as copying a recurrent
+        state, is done even for taps not kept: a recording's cost, not its values)."""
         wanted = {name for name in per_call if _selected(patterns, name, prefix + name)}
         if not wanted and not mtp_steps:
             return None  # this call records nothing: run it untapped
@@ -395,7 +401,7 @@ def record(model, token_ids, decode_steps: int = 0, taps: str = "*", mtp_head=No
         # step n − 1's), and generated[n] itself.
         mtp_taps = record_mtp(model, mtp_head, token_ids, steps=list(zip(last_hidden, generated)))
         recording.update({name: value for name, value in mtp_taps.items()
-                          if _selected(patterns, re.sub(r"^step\d+\.", "", name), name)})
+                          if _selected(patterns, re.sub(r"^step\d+\.", "", name), name)})  # (name, step's name)
     if decode_steps:
         recording["generated_ids"] = np.array(generated, dtype=np.int64)
     _refuse_non_finite(recording)
@@ -448,7 +454,7 @@ def _check_patterns(patterns, per_call, once_names, decode_steps, step_only=()) 
             if unstepped != p and any(_selected([unstepped], name, name) for name in step_only):
                 hint = f" There are {decode_steps} decode steps: step0 … step{decode_steps - 1}."
             elif unstepped != p and any(_selected([unstepped], name, name) for name in once_names):
-                mtp = any(_selected([unstepped], name, name) for name in _RECORDED_ON_REQUEST[0][0])
+                mtp = any(_selected([unstepped], name, name) for name in _ANY_MTP_NAMES)
                 hint = (f" Those taps are recorded over the prompt: write '{unstepped}', without a step (the MTP "
                         f"head's also at each decode step, when there are some)." if mtp else
                         f" Those taps are recorded once, over the prompt: write '{unstepped}', without a step.")
@@ -464,11 +470,18 @@ def _check_patterns(patterns, per_call, once_names, decode_steps, step_only=()) 
 
 
 # Taps a recording holds only when asked for, and how to ask.
+_ANY_MTP_NAMES = [tap.name.format(i=0) for tap in MTP_TAPS]
+_ANY_VISION_NAMES = [tap.name.format(i=0) for tap in VISION_TAPS] + [POSITION_TAP.name]
 _RECORDED_ON_REQUEST = (
-    ([tap.name.format(i=0) for tap in MTP_TAPS], "The MTP head's taps need --mtp (record(…, mtp_head=…))"),
-    ([tap.name.format(i=0) for tap in VISION_TAPS] + [POSITION_TAP.name],
+    (_ANY_MTP_NAMES, "The MTP head's taps need --mtp (record(…, mtp_head=…))"),
+    (_ANY_VISION_NAMES,
      "The vision tower's taps and position_ids need a prompt with images: --image (record(…, tower=…, images=[…]))"),
 )
+
+
+def is_mtp_tap(name: str) -> bool:
+    """Whether a recorded name is one of the MTP head's taps, the prompt's or a decode step's."""
+    return re.sub(r"^step\d+\.", "", name).startswith("mtp.")
 
 
 # ==================================================================== the file
@@ -816,8 +829,9 @@ _VISION_ORDER = [tap.name for tap in VISION_TAPS]
 def forward_order(name: str) -> tuple:
     """A sort key that puts recorded names in the order a forward pass produces them.
 
-    token_ids, then the prompt's taps, then each decode step's, then generated_ids; within a
-    call, by layer and by position in :data:`TAPS`. Names outside the table go last, sorted.
+    token_ids, the vision tower's taps and position_ids, then the prompt's taps, then each decode
+    step's, then generated_ids; within a call, by layer and by position in :data:`TAPS`, the MTP
+    head's after the call's logits. Names outside the table go last, sorted.
     """
     if name == "token_ids":
         return (0,)

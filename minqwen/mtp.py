@@ -766,7 +766,9 @@ def record_mtp(model: Model, head: MtpHead, token_ids, steps=()) -> dict[str, np
     taps: dict[str, np.ndarray] = {}
 
     def keep(prefix):
-        return lambda name, value: taps.__setitem__(prefix + "mtp." + name, np.array(value))
+        def tap(name, value):
+            taps[prefix + "mtp." + name] = np.array(value)
+        return tap
 
     kv = new_mtp_kv(model)
     mtp_logits(model, head, token_ids, tap=keep(""), kv=kv)

@@ -830,6 +830,12 @@ def test_a_recording_with_mtp_and_decode_steps_is_in_forward_order_and_refuses_a
         assert "also at each decode step, when there are some" in str(raised.value)
     with pytest.raises(MinqwenError, match=r"There are 2 decode steps: step0 … step1"):
         golden.record(model, [3, 1, 4], decode_steps=2, taps="step2.mtp.logits", mtp_head=head)
+    # on the command line a pattern selecting only step taps of the head is enough for --mtp
+    only_steps = tmp_path / "only_steps.safetensors"
+    assert main(["golden", "record", "--model", str(folder), "--tokens", "3,1,4", "--decode", "2", "--mtp",
+                 "--taps", "step*.mtp.logits", "--out", str(only_steps)]) == 0
+    assert set(golden.load_recording(only_steps).tensors) == {"token_ids", "step0.mtp.logits", "step1.mtp.logits",
+                                                              "generated_ids"}
 
 
 def test_the_mtp_heads_decode_step_taps_are_the_cached_pairs_of_the_greedy_continuation(tmp_path):
