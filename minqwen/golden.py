@@ -332,20 +332,8 @@ def record(model, token_ids, decode_steps: int = 0, taps: str = "*", mtp_head=No
                     step_only=mtp_names if decode_steps else [])  # before the tower's work
     inputs, before_text = None, {}
     if tower is not None:
-        from .vision import multimodal_inputs  # here: vision.py builds on the model, as this module does
-
-        def keep_visual(name, value):
-            if _selected(patterns, "visual." + name, "visual." + name):
-                before_text["visual." + name] = np.array(value, copy=True, order="C")
-
-        inputs = multimodal_inputs(model, tower, token_ids, images, tap=keep_visual)
-        if not np.isfinite(inputs.inputs_embeds).all():  # the text model would blame its inputs_embeds
-            _refuse_non_finite(before_text)
-            raise MinqwenError(f"the vision tower's features hold NaN or infinite values: {_CANNOT_COMPUTE}")
+        inputs, before_text = _read_images(model, tower, token_ids, images, patterns)
         token_ids = inputs.token_ids  # [T]: each <|image_pad|> expanded
-        for name, value in (("visual.grid_thw", inputs.grid_thw), ("position_ids", inputs.position_ids)):
-            if _selected(patterns, name, name):
-                before_text[name] = np.asarray(value, dtype=np.int64)
     context = model.config.max_position_embeddings
     prompt_length = len(token_ids) if hasattr(token_ids, "__len__") else 0  # forward checks the ids themselves
     if decode_steps and prompt_length + decode_steps > context:
@@ -406,6 +394,30 @@ def record(model, token_ids, decode_steps: int = 0, taps: str = "*", mtp_head=No
         recording["generated_ids"] = np.array(generated, dtype=np.int64)
     _refuse_non_finite(recording)
     return {name: recording[name] for name in sorted(recording, key=forward_order)}
+
+
+def _read_images(model, tower, token_ids, images, patterns) -> tuple:
+    """A prompt with images, as the text model will read it, and the selected taps of the way there.
+
+    Returns (:class:`minqwen.vision.MultimodalInputs`, {name: array}): the vision tower's taps
+    (``visual.…``, with ``visual.grid_thw``) and the prompt's 3-D ``position_ids``.
+    """
+    from .vision import multimodal_inputs  # here: vision.py builds on the model, as this module does
+
+    taps: dict[str, np.ndarray] = {}
+
+    def keep_visual(name, value):
+        if _selected(patterns, "visual." + name, "visual." + name):
+            taps["visual." + name] = np.array(value, copy=True, order="C")
+
+    inputs = multimodal_inputs(model, tower, token_ids, images, tap=keep_visual)
+    if not np.isfinite(inputs.inputs_embeds).all():  # the text model would blame its inputs_embeds
+        _refuse_non_finite(taps)
+        raise MinqwenError(f"the vision tower's features hold NaN or infinite values: {_CANNOT_COMPUTE}")
+    for name, value in (("visual.grid_thw", inputs.grid_thw), ("position_ids", inputs.position_ids)):
+        if _selected(patterns, name, name):
+            taps[name] = np.asarray(value, dtype=np.int64)
+    return inputs, taps
 
 
 _CANNOT_COMPUTE = ("the model's weights or config.json hold values it cannot compute with (a NaN weight, say), "
