@@ -147,7 +147,9 @@ def as_float32(w):
 def _as_float32_compiled(w):
     if w == types.uint16:
         return lambda w: _float32_from_bits(np.uint32(w) << np.uint32(16))
-    return lambda w: w
+    if w == types.float32:
+        return lambda w: w
+    return lambda w: np.float32(w)  # as the Python body does (no kernel passes other types today)
 
 
 @numba.njit(inline="always")
