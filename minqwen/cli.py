@@ -180,6 +180,9 @@ def load_model_and_tokenizer(spec, need_tokenizer=True, dtype="float32", bf16_pr
             raise MinqwenError("--bf16-prompts needs --dtype bfloat16 (the weights must be kept in bf16)")
         check_bf16_dot_available()
     folder = find_checkpoint(spec)
+    if not is_present(folder / "config.json"):  # not a checkpoint at all: say so, not which of its files is missing
+        raise MinqwenError(f"{folder}: no config.json, so this is not a checkpoint folder (a Qwen3.5 checkpoint "
+                           f"holds config.json, *.safetensors and tokenizer.json)")
     tokenizer = Tokenizer(folder) if need_tokenizer else None
     model = load(folder, progress=progress_bar(), dtype=dtype, bf16_prompts=bf16_prompts)
     return model, tokenizer

@@ -166,6 +166,10 @@ def test_a_folder_without_a_tokenizer_is_a_clean_error():
     assert_clean_error(run("generate", "hi", "--model", str(FIXTURES / "text_tied_fp32")), "no tokenizer.json")
 
 
+def test_a_folder_that_is_no_checkpoint_is_called_that_not_a_checkpoint_without_a_tokenizer():
+    assert_clean_error(run("generate", "hi", "--model", str(FIXTURES)), "no config.json, so this is not a checkpoint")
+
+
 def test_a_hub_id_not_in_the_local_cache_says_how_to_get_it(tmp_path):
     env_cache = str(tmp_path)
     result = subprocess.run([sys.executable, "-m", "minqwen", "generate", "hi", "--model", "Qwen/Qwen3.5-0.8B"],

@@ -598,3 +598,12 @@ def test_family_shapes_float64_reference_computes_in_float64_while_it_runs(tmp_p
     for length in family_shapes.LENGTHS:
         np.testing.assert_allclose(ours.forward(ids[:length]), ref64[f"p{length}"], rtol=0, atol=1e-9,
                                    err_msg=f"{length}-token prompt")
+
+
+def test_the_reference_tools_without_torch_say_how_to_install_the_reference():
+    # (a tool then prints the error and exits 2, instead of a ModuleNotFoundError traceback)
+    code = ("import sys; sys.modules['torch'] = None; sys.path.insert(0, 'tools')\n"
+            "from minqwen.errors import MinqwenError\n"
+            "try:\n    import reference\nexcept MinqwenError as e:\n    print(e)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120).stdout
+    assert "needs the reference" in out and "pip install -e '.[reference]'" in out, out

@@ -34,18 +34,25 @@ from pathlib import Path
 from unittest import mock
 
 import numpy as np
-import torch
-import transformers
-from transformers import (
-    Qwen3_5Config,
-    Qwen3_5ForCausalLM,
-    Qwen3_5ForConditionalGeneration,
-    Qwen3_5MoeConfig,
-    Qwen3_5MoeForCausalLM,
-    Qwen3_5MoeForConditionalGeneration,
-    Qwen3_5MoeTextConfig,
-    Qwen3_5TextConfig,
-)
+
+from minqwen.errors import MinqwenError
+
+try:  # the reference extra is optional: a tool that needs it says how to get it (its callers print this)
+    import torch
+    import transformers
+    from transformers import (
+        Qwen3_5Config,
+        Qwen3_5ForCausalLM,
+        Qwen3_5ForConditionalGeneration,
+        Qwen3_5MoeConfig,
+        Qwen3_5MoeForCausalLM,
+        Qwen3_5MoeForConditionalGeneration,
+        Qwen3_5MoeTextConfig,
+        Qwen3_5TextConfig,
+    )
+except ImportError as e:
+    raise MinqwenError(f"this needs the reference, torch and transformers 5.23.0 ({e}): pip install torch==2.13.0 "
+                       f"--index-url https://download.pytorch.org/whl/cpu, then pip install -e '.[reference]'") from None
 
 assert transformers.__version__ == "5.23.0", f"reference is transformers 5.23.0, found {transformers.__version__}"
 # Quiet: no progress bars when saving, no notes about optional fast kernels.
