@@ -318,11 +318,11 @@ def _same_memory(initial, states):
 # tok/s (alternated runs; 197-200 against 184-189 on a later day, when it also cost the
 # embedded model's decoding ~3-6%), so it is the user's choice, not the default.
 # Where Numba's kernels do the products in their parallel builds (a few rows of a model too big
-# for the caches, bf16 or float32: see linear.numba_multiplies) its pool is awake between
-# calls and the cores are free, so even a decode step's heads are worth splitting: measured on the 0.8B shape, Intel Xeon VM, bf16
-# decode 14.4-14.6 against 14.9-15.1 tokens/s. Not where BLAS does the products: OpenBLAS's
-# threads spin after each one and take a core (float32 decode through BLAS: 9.1-9.2 tokens/s
-# serial, 8.7 parallel).
+# for the caches, bf16 or float32: see linear.numba_multiplies) its pool is awake between calls
+# and the cores are free, so even a decode step's heads are worth splitting: measured on the
+# 0.8B shape, Intel Xeon VM, bf16 decode 14.4-14.6 against 14.9-15.1 tokens/s. Not where BLAS
+# does the products: OpenBLAS's threads spin after each one and take a core (float32 decode
+# through BLAS: 9.1-9.2 tokens/s serial, 8.7 parallel).
 _recurrent_kernel, _recurrent_kernel_parallel = serial_and_parallel(_recurrent_loops)
 PARALLEL_FROM = 1 << 21  # multiply-adds per call (tokens × heads × Dk × Dv) worth waking the pool
 PARALLEL_FROM_AWAKE = 1 << 16  # the same when Numba's pool is already awake

@@ -260,10 +260,10 @@ def format_tap_table() -> str:
                     "tower (N patches of C·T·P·P values, Dv its width, m its merge size) and the positions")
         elif tap.name.startswith("mtp."):
             this = ("the MTP head (checkpoints with mtp.* tensors; `golden record --mtp`): teacher-forced over "
-                    "the prompt's pairs (h[j], t[j+1]), row j at rotary position j (0 … T−2), over a fresh MTP cache; "
-                    "with decode steps, step{n}.mtp.… takes one more pair through that cache, as speculative decoding "
-                    "does: the main model's output at the position before generated[n], and generated[n], at "
-                    "position T−1+n (one row where the prompt's have T−1)")
+                    "the prompt's pairs (h[j], t[j+1]), row j at rotary position j (0 … T−2), over a fresh MTP "
+                    "cache; with decode steps, step{n}.mtp.… takes one more pair through that cache, as "
+                    "speculative decoding does: the main model's output at the position before generated[n], "
+                    "and generated[n], at position T−1+n (one row where the prompt's have T−1)")
         elif tap.name.startswith("layers."):
             this = _GROUPS["moe" if tap.moe else tap.layer_type]
         else:
@@ -389,7 +389,7 @@ def record(model, token_ids, decode_steps: int = 0, taps: str = "*", mtp_head=No
         # step n − 1's), and generated[n] itself.
         mtp_taps = record_mtp(model, mtp_head, token_ids, steps=list(zip(last_hidden, generated)))
         recording.update({name: value for name, value in mtp_taps.items()
-                          if _selected(patterns, re.sub(r"^step\d+\.", "", name), name)})  # (name, step's name)
+                          if _selected(patterns, _within_call(name), name)})
     if decode_steps:
         recording["generated_ids"] = np.array(generated, dtype=np.int64)
     _refuse_non_finite(recording)
@@ -486,14 +486,19 @@ _ANY_MTP_NAMES = [tap.name.format(i=0) for tap in MTP_TAPS]
 _ANY_VISION_NAMES = [tap.name.format(i=0) for tap in VISION_TAPS] + [POSITION_TAP.name]
 _RECORDED_ON_REQUEST = (
     (_ANY_MTP_NAMES, "The MTP head's taps need --mtp (record(…, mtp_head=…))"),
-    (_ANY_VISION_NAMES,
-     "The vision tower's taps and position_ids need a prompt with images: --image (record(…, tower=…, images=[…]))"),
+    (_ANY_VISION_NAMES, "The vision tower's taps and position_ids need a prompt with images: --image "
+                        "(record(…, tower=…, images=[…]))"),
 )
 
 
 def is_mtp_tap(name: str) -> bool:
     """Whether a recorded name is one of the MTP head's taps, the prompt's or a decode step's."""
-    return re.sub(r"^step\d+\.", "", name).startswith("mtp.")
+    return _within_call(name).startswith("mtp.")
+
+
+def _within_call(name: str) -> str:
+    """A recorded name without its decode step's prefix: ``step2.mtp.fc`` → ``mtp.fc``."""
+    return re.sub(r"^step\d+\.", "", name)
 
 
 # ==================================================================== the file

@@ -73,10 +73,10 @@ def numba_multiplies(weight_dtype, n_rows: int, model_bytes: int, bf16_prompts: 
     core the kernel beat OpenBLAS's GEMV at decoding such a model: on an AMD EPYC VM,
     alternated runs, the embedded model decoded 774 tokens/s against 567 with one row going
     to BLAS (and 650 against 475, or 426 with BLAS held to one thread, in another series).
-    Its 14.8 MB of weights come from the last-level cache there, not the nearest ones (0.53 ms a step in a sweep over its matrices, 0.18 ms multiplied while still
-    cached), and the kernel's four streams with their prefetches wait less for them. In a
-    loop over one matrix, found in the nearest caches each time, BLAS was as fast or faster.
-    Not measured on the Intel VM.
+    Its 14.8 MB of weights come from the last-level cache there, not the nearest ones (0.53 ms a
+    step in a sweep over its matrices, 0.18 ms multiplied while still cached), and the kernel's
+    four streams with their prefetches wait less for them. In a loop over one matrix, found in
+    the nearest caches each time, BLAS was as fast or faster. Not measured on the Intel VM.
     Many rows of bf16 weights go to Numba too where bf16_dot's kernels do them: with
     ``bf16_prompts``, and on AMX tiles (three parts, exact) without.
     """
