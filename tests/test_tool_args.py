@@ -8,6 +8,7 @@ also passes arguments that keep that work small and away from the repository's f
 """
 
 import argparse
+import ast
 import importlib.util
 import json
 import os
@@ -44,6 +45,20 @@ def paths(tmp_path):
     (tmp_path / "a_file").write_text("not a folder")
     (tmp_path / "empty").mkdir()
     return tmp_path
+
+
+# ---------------------------------------------------------------------------- --help
+
+def test_every_option_and_subcommand_of_the_tools_says_what_it_does():
+    # Read from the source (running each --help would need torch for some): every
+    # add_argument and add_parser call passes help=.
+    silent = []
+    for script in sorted(TOOLS.glob("*.py")):
+        for node in ast.walk(ast.parse(script.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", "") in ("add_argument", "add_parser") \
+                    and "help" not in {keyword.arg for keyword in node.keywords}:
+                silent.append(f"{script.name}:{node.lineno}")
+    assert not silent, f"options without help= text: {', '.join(silent)}"
 
 
 # ---------------------------------------------------------------------------- argtypes.py
@@ -330,6 +345,14 @@ def test_mtp_figures_says_how_to_make_a_missing_default_checkpoint(tmp_path, mod
     assert_refused(result, "--checkpoint", "no such folder", "python tools/real_shape.py make")
 
 
+@pytest.mark.parametrize("args", [["--threads", "1", "embedded"], ["embedded", "--threads", "1"]])
+def test_mtp_figures_takes_threads_before_or_after_the_subcommand(paths, args):
+    # (after it, argparse called --threads an unrecognized argument); a two-token run of one prompt
+    result = run_tool("mtp_figures.py", *args, "--prompts", "1", "--new-tokens", "2", cwd=paths)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0] == "threads: 1", result.stdout
+
+
 def test_mtp_figures_reports_a_model_it_cannot_use_in_one_line(paths):
     # The fixture has no tokenizer.json: minqwen's error, printed without a traceback.
     assert_refused(run_tool("mtp_figures.py", "embedded", "--model", FIXTURE, cwd=paths), "tokenizer.json")
@@ -518,6 +541,46 @@ def test_compare_with_llama_cpp_says_how_to_get_llama_cpp_when_it_is_missing(pat
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(paths / "stub"), str(ROOT)]))
     result = run_tool("compare_with_llama_cpp.py", "--model", FIXTURE, "--gguf", paths / "a_file", cwd=paths, env=env)
     assert_refused(result, "llama-cpp-python is not installed", "pip install llama-cpp-python==0.3.36")
+
+
+# ---------------------------------------------------------------------------- tools that need the reference
+
+def without_the_reference(folder):
+    """An environment whose torch and transformers fail to import (packages that raise, first on
+    PYTHONPATH), as on a machine with minqwen's test extra alone: it reaches spawned workers too."""
+    for name in ("torch", "transformers"):
+        (folder / "stub" / name).mkdir(parents=True)
+        (folder / "stub" / name / "__init__.py").write_text(f"raise ImportError('no {name}: hidden by a test')\n")
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(folder / "stub"), str(TOOLS), str(ROOT)]))
+
+
+@pytest.mark.parametrize("script, args", [
+    ("real_shape.py", ["make", "--out", "out"]),
+    ("real_shape.py", ["parity", "--out", "out"]),
+    ("real_shape.py", ["vision-parity", "--out", "out"]),
+    ("family_shapes.py", ["--out", "out"]),
+    ("moe_figure.py", ["--quick"]),
+    ("train_embedded.py", ["--help"]),
+    ("make_fixtures.py", []),
+    ("make_vision_fixtures.py", []),
+])
+def test_tools_that_need_the_reference_say_how_to_install_it(paths, script, args):
+    # (each ended in a ModuleNotFoundError traceback from its first `import torch`). The fixture
+    # builders run as copies in a scratch tree: were the check missing, they could not write the
+    # repository's fixtures.
+    (paths / "tools").mkdir()
+    shutil.copy(TOOLS / script, paths / "tools" / script)
+    result = subprocess.run([sys.executable, str(paths / "tools" / script), *args], cwd=paths, capture_output=True,
+                            text=True, timeout=120, env=without_the_reference(paths))
+    assert_refused(result, f"{script}: error", "needs the reference", "pip install -e '.[reference]'")
+    assert not (paths / "out").exists() and not (paths / "tests").exists()
+
+
+def test_bench_without_transformers_says_to_install_it_or_leave_it_out(paths):
+    result = run_tool("bench.py", "--model", FIXTURE, "--quick", cwd=paths, env=without_the_reference(paths),
+                      timeout=300)
+    assert_refused(result, "transformers does not import", "pip install -e '.[reference]'", "--no-transformers",
+                   code=1)
 
 
 def test_oldest_requirements_turns_each_lower_bound_into_a_pin():

@@ -8,6 +8,9 @@ A type that raises ``argparse.ArgumentTypeError`` makes argparse print a one-lin
 parsing, because these tools run for minutes to hours: a typo in ``--json`` must not surface
 only when the results are written at the end. Imports nothing beyond the standard library,
 so that tools/bench.py's driver process can use it without importing minqwen.
+
+:func:`require_reference` is the same kind of check for a missing library: a tool that needs
+torch and transformers stops with one line that says how to install them.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 from pathlib import Path
 
 
@@ -94,3 +98,20 @@ def output_file(text: str) -> Path:
     if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise argparse.ArgumentTypeError(f"{text}: not writable")
     return path
+
+
+def require_reference(prog: str) -> None:
+    """Import tools/reference.py (torch, transformers 5.23.0), or exit 2 saying how to install them.
+
+    Called before a tool's first use of torch: without the reference extra, that first
+    ``import torch`` would end the tool in a traceback, while reference.py's import error names
+    what is missing and the command that installs it. The message is printed as argparse prints
+    a bad option (``prog: error: …``), with its exit code.
+    """
+    from minqwen.errors import MinqwenError  # here, not above: the bench's driver imports this module
+
+    try:
+        import reference  # noqa: F401  (a sibling script, on sys.path like this one)
+    except MinqwenError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -462,15 +462,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=checkpoint_folder,
                         help="checkpoint folder (default: make/reuse the real-shape one)")
-    parser.add_argument("--threads", type=whole_number(1), default=2)
+    parser.add_argument("--threads", type=whole_number(1), default=2, help="threads of every contender (default 2)")
     parser.add_argument("--repeats", type=whole_number(1), help="rounds of every measurement (default 3)")
     parser.add_argument("--long-context", type=whole_number(0),
                         help="context of the long decode (default 16384); 0 skips it")
-    parser.add_argument("--no-transformers", action="store_true")
+    parser.add_argument("--no-transformers", action="store_true",
+                        help="leave transformers out (its rows, and every ratio to it)")
     parser.add_argument("--gguf", type=existing_file, nargs="+", default=[],
                         help="GGUF file(s) of the same checkpoint: measure llama.cpp on each (needs llama_cpp)")
     parser.add_argument("--quick", action="store_true", help="1 repeat, no long context")
-    parser.add_argument("--json", type=output_file)
+    parser.add_argument("--json", type=output_file, help="also write every figure to this JSON file")
     parser.add_argument("--cold-start-only", action="store_true",
                         help="only the cold-start figures (new processes), for minqwen fp32 and bf16-resident")
     args = parser.parse_args()
@@ -491,7 +492,9 @@ def main() -> int:
 
     folder = args.model or DEFAULT_DIR
     if args.model is None and not (folder / "config.json").is_file():  # made once, by a process with torch
-        subprocess.run([sys.executable, str(TOOLS / "real_shape.py"), "make", "--out", str(folder)], check=True)
+        made = subprocess.run([sys.executable, str(TOOLS / "real_shape.py"), "make", "--out", str(folder)])
+        if made.returncode:
+            return made.returncode  # real_shape.py said why (no torch, no room, ...)
     check_config(folder)
     if args.cold_start_only:
         for dtype in ("float32", "bfloat16"):
@@ -524,6 +527,9 @@ def main() -> int:
                 if what == BF16_PROMPTS and "AVX512-BF16" in str(error):
                     print("no bf16-prompts row: this CPU has no AVX512-BF16", flush=True)
                     continue
+                if error.missing and kind == "transformers":
+                    raise ContenderFailed(f"{error}: install the reference (pip install -e '.[reference]', torch "
+                                          f"2.13.0 CPU first: see README) or run with --no-transformers") from None
                 if not (error.missing and kind == "llama.cpp"):
                     raise
                 print(f"no llama.cpp contender ({error}): pip install llama-cpp-python==0.3.36", flush=True)

@@ -120,8 +120,9 @@ def main(argv=None) -> int:
     parser.add_argument("--tokens", type=whole_number(1, 8192), default=300, help="random ids to run (300)")
     parser.add_argument("--prompt-tokens", type=whole_number(1), default=200,
                         help="how many of them go in as one prompt; the rest are decode steps (200)")
-    parser.add_argument("--atol", type=real_number(0, above_minimum=True), default=DEFAULT_ATOL)
-    parser.add_argument("--seed", type=whole_number(0), default=1)
+    parser.add_argument("--atol", type=real_number(0, above_minimum=True), default=DEFAULT_ATOL,
+                        help=f"largest |Δlogits| that passes ({DEFAULT_ATOL:g})")
+    parser.add_argument("--seed", type=whole_number(0), default=1, help="seed of the random token ids (1)")
     parser.add_argument("--threads", type=whole_number(1), default=2, help="llama.cpp's threads (2)")
     args = parser.parse_args(argv)
     if args.prompt_tokens > args.tokens:

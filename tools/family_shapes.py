@@ -41,7 +41,7 @@ ROOT = TOOLS.parent
 sys.path.insert(0, str(TOOLS))
 sys.path.insert(0, str(ROOT))
 
-from argtypes import output_folder, whole_number  # noqa: E402
+from argtypes import output_folder, require_reference, whole_number  # noqa: E402
 
 LENGTHS = [1, 63, 64, 65, 257]
 DECODE_STEPS = 6
@@ -198,6 +198,7 @@ def main(argv=None) -> int:
     parser.add_argument("--run", choices=RUNS, help=argparse.SUPPRESS)  # internal: one run in this process
     parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    require_reference(parser.prog)  # the checkpoints are built, and the logits compared, in transformers
     if args.run:
         run_one(args.folder, args.run)
         return 0

@@ -33,6 +33,9 @@ import numpy as np
 from safetensors.numpy import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from argtypes import require_reference  # noqa: E402
+
+require_reference(Path(__file__).name)
 from reference import build_model, run_reference, save_checkpoint  # noqa: E402
 
 FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures"

@@ -312,7 +312,7 @@ def main() -> None:
     parser.add_argument("source", type=checkpoint_folder, help="a checkpoint folder without an MTP head")
     parser.add_argument("target", type=output_folder,
                         help="where to put the copy with a random MTP head (links, not copies)")
-    parser.add_argument("--seed", type=whole_number(0), default=0)
+    parser.add_argument("--seed", type=whole_number(0), default=0, help="seed of the random head (default 0)")
     args = parser.parse_args()
     if args.target.resolve() == args.source.resolve():  # the head would be written into the source itself
         parser.error(f"target {args.target} is the source folder; give another folder for the copy")

@@ -30,9 +30,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from argtypes import require_reference  # noqa: E402
+
+require_reference(Path(__file__).name)
+import torch  # noqa: E402
 from reference import greedy_steps, randomize  # noqa: E402
 from transformers import Qwen2VLImageProcessorPil, Qwen3_5Config, Qwen3_5ForConditionalGeneration  # noqa: E402
 from transformers.modeling_outputs import BaseModelOutputWithPooling  # noqa: E402

@@ -48,7 +48,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from argtypes import output_file, whole_number  # noqa: E402
+from argtypes import output_file, require_reference, whole_number  # noqa: E402
 
 CONFIGS = {  # name → (experts, experts per token)
     "35B-A3B layers (256 experts, top-8)": (256, 8),
@@ -227,9 +227,9 @@ def main() -> int:
                         help="how minqwen keeps the non-expert matrices (experts stay bf16, mapped)")
     parser.add_argument("--steps", type=whole_number(1), default=16, help="timed decode steps per contender")
     parser.add_argument("--all-steps", type=whole_number(1), default=4, help="timed steps with all experts active")
-    parser.add_argument("--threads", type=whole_number(1), default=2)
+    parser.add_argument("--threads", type=whole_number(1), default=2, help="BLAS and Numba threads (default 2)")
     parser.add_argument("--only", choices=["256", "64"], default=None, help="one config only (by expert count)")
-    parser.add_argument("--json", type=output_file, default=None)
+    parser.add_argument("--json", type=output_file, default=None, help="also write the results to this JSON file")
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: toy widths in a temporary folder, 3 steps (the times mean nothing)")
     args = parser.parse_args()
@@ -240,6 +240,7 @@ def main() -> int:
         if given:
             parser.error(f"--quick runs its own toy config for 3 steps; it does not take {', '.join(given)}")
         args.steps, args.all_steps = 3, 3
+    require_reference(parser.prog)  # the checkpoints' names and shapes come from transformers models
     print(f"{args.threads} threads; load average before: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
     from minqwen.errors import MinqwenError

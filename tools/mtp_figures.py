@@ -397,29 +397,46 @@ def real_shape_checkpoint(text: str) -> Path:
 
 
 def main() -> int:
+    threads_help = "BLAS and Numba threads (default: the physical cores)"
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=whole_number(1), help=threads_help)
+    # --threads after the subcommand too; SUPPRESS leaves the value given before it, if any, alone
+    after = argparse.ArgumentParser(add_help=False)
+    after.add_argument("--threads", type=whole_number(1), default=argparse.SUPPRESS, help=threads_help)
     sub = parser.add_subparsers(dest="which", required=True)
-    real = sub.add_parser("real")
-    real.add_argument("--checkpoint", type=real_shape_checkpoint, default=str(ROOT / "scratch" / "qwen3.5-0.8b-random"))
-    real.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
-    real.add_argument("--repeats", type=whole_number(1), default=7)
-    parts = sub.add_parser("split")
-    parts.add_argument("--checkpoint", type=real_shape_checkpoint, default=str(ROOT / "scratch" / "qwen3.5-0.8b-random"))
-    parts.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
-    parts.add_argument("--rounds", type=whole_number(1), default=20)
-    emb = sub.add_parser("embedded")
-    emb.add_argument("--model", type=checkpoint_folder, default=ROOT / "minqwen" / "embedded")
-    emb.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    checkpoint_help = "the real-shape checkpoint (default scratch/qwen3.5-0.8b-random; not built here)"
+    real = sub.add_parser("real", parents=[after], help="costs and predicted speedups on the real 0.8B shape")
+    real.add_argument("--checkpoint", type=real_shape_checkpoint, default=str(ROOT / "scratch" / "qwen3.5-0.8b-random"),
+                      help=checkpoint_help)
+    real.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16",
+                      help="how the weights are kept in memory (default bfloat16)")
+    real.add_argument("--repeats", type=whole_number(1), default=7, help="runs per cost; medians (default 7)")
+    parts = sub.add_parser("split", parents=[after], help="where a verify's time goes beyond a step's")
+    parts.add_argument("--checkpoint", type=real_shape_checkpoint,
+                       default=str(ROOT / "scratch" / "qwen3.5-0.8b-random"), help=checkpoint_help)
+    parts.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16",
+                       help="how the weights are kept in memory (default bfloat16)")
+    parts.add_argument("--rounds", type=whole_number(1), default=20,
+                       help="step/verify rounds, alternated; medians (default 20)")
+    emb = sub.add_parser("embedded", parents=[after],
+                         help="decode tokens/s with and without speculation on the embedded model")
+    emb.add_argument("--model", type=checkpoint_folder, default=ROOT / "minqwen" / "embedded",
+                     help="a checkpoint with an MTP head (default: the embedded model)")
+    emb.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                     help="how the weights are kept in memory (default float32)")
     # at least 2 new tokens: tokens/s is counted after the first
-    emb.add_argument("--new-tokens", type=whole_number(2), default=64)
-    emb.add_argument("--prompts", type=whole_number(1), default=6)
-    deep = sub.add_parser("depth")
-    deep.add_argument("--layers", type=whole_number(4), nargs="+", default=[4, 8, 12, 16])
+    emb.add_argument("--new-tokens", type=whole_number(2), default=64,
+                     help="tokens generated per prompt; tokens/s counts those after the first (default 64)")
+    emb.add_argument("--prompts", type=whole_number(1), default=6,
+                     help="held-out standard-library prompts, 3 runs each (default 6)")
+    deep = sub.add_parser("depth", parents=[after],
+                          help="the embedded model's widths at more layers: what a cycle costs")
+    deep.add_argument("--layers", type=whole_number(4), nargs="+", default=[4, 8, 12, 16],
+                      help="decoder layer counts to build and measure (default 4 8 12 16)")
     deep.add_argument("--acceptance", type=real_number(0, 1), default=0.84,
                       help="per-draft acceptance to predict at (default 0.84: the embedded model's, greedy, drafting "
                            "over the whole vocabulary; 0.82 with the default 1,024-id draft head)")
-    deep.add_argument("--repeats", type=whole_number(1), default=7)
-    parser.add_argument("--threads", type=whole_number(1), help="BLAS and Numba threads (default: the physical cores)")
+    deep.add_argument("--repeats", type=whole_number(1), default=7, help="runs per layer count; medians (default 7)")
     args = parser.parse_args()
     try:
         print(f"threads: {minqwen.set_threads(args.threads)}")

@@ -154,7 +154,7 @@ def main(argv=None) -> int:
                         help="how the scales are stored (default float32)")
     parser.add_argument("--spread", type=whole_number(0), default=6,
                         help="scales get a random factor 2^0 … 2^SPREAD (default 6)")
-    parser.add_argument("--seed", type=whole_number(0), default=0)
+    parser.add_argument("--seed", type=whole_number(0), default=0, help="seed of the scales' factors (default 0)")
     args = parser.parse_args(argv)
     try:
         done = quantize_checkpoint(args.src, args.out, tuple(args.block), args.scale_dtype, args.spread, args.seed)

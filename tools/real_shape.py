@@ -53,7 +53,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from argtypes import output_folder, whole_number  # noqa: E402
+from argtypes import output_folder, require_reference, whole_number  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # minqwen, when run as python tools/real_shape.py
 
@@ -767,8 +767,10 @@ def vision_passed(report: dict) -> list[str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["make", "parity", "make-moe", "mtp-parity", "vision-parity"])
-    parser.add_argument("--out", type=output_folder, default=None)
+    parser.add_argument("what", choices=["make", "parity", "make-moe", "mtp-parity", "vision-parity"],
+                        help="what to do (see above)")
+    parser.add_argument("--out", type=output_folder, default=None,
+                        help="the checkpoint's folder (default: one in scratch/ named after the shape)")
     parser.add_argument("--experts", type=whole_number(1), default=None,
                         help=f"default: 256 (make-moe), {MTP_MOE_EXPERTS} (mtp-parity)")
     parser.add_argument("--top-k", type=whole_number(1), default=None, help="default 8")
@@ -799,6 +801,7 @@ def main() -> int:
         # MtpModel builds its layer from the main model's last one, which must be full attention (every fourth).
         parser.error(f"--layers {args.layers} must be a multiple of 4 for mtp-parity, so that the last "
                      f"main layer is a full-attention one")
+    require_reference(parser.prog)  # every subcommand builds or runs transformers models
     if args.what == "mtp-parity":
         reports = mtp_parity(args.out or DEFAULT_DIR, args.experts, args.top_k, args.layers,
                              (args.only,) if args.only else ("dense", "moe"))

@@ -46,25 +46,28 @@ from pathlib import Path
 
 import jinja2
 import numpy as np
-import safetensors.torch
 import tokenizers
-import torch
-import torch.nn.functional as F
-import transformers
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-from torch import nn
-from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
-from transformers.models.qwen3_5.modeling_qwen3_5 import (
+
+TOOLS = Path(__file__).resolve().parent
+REPO = TOOLS.parent
+sys.path.insert(0, str(TOOLS))
+from argtypes import output_folder, real_number, require_reference, whole_number  # noqa: E402
+
+require_reference(Path(__file__).name)  # the model is transformers' own, trained in torch
+import safetensors.torch  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import transformers  # noqa: E402
+from torch import nn  # noqa: E402
+from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig  # noqa: E402
+from transformers.models.qwen3_5.modeling_qwen3_5 import (  # noqa: E402
     Qwen3_5DecoderLayer,
     Qwen3_5RMSNorm,
     Qwen3_5TextRotaryEmbedding,
 )
 
-TOOLS = Path(__file__).resolve().parent
-REPO = TOOLS.parent
-sys.path.insert(0, str(TOOLS))
 import build_corpus  # noqa: E402  (a sibling script, not an installed module)
-from argtypes import output_folder, real_number, whole_number  # noqa: E402
 from bench import cpu_name  # noqa: E402
 
 # --------------------------------------------------------------------------------------------
@@ -781,22 +784,24 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=whole_number(0), default=0,
                         help="train this many steps instead of for --minutes")
     # check_causality changes token 10 and reads the MTP logits at position 9
-    parser.add_argument("--seq-len", type=whole_number(10), default=256)
-    parser.add_argument("--batch-size", type=whole_number(1), default=8)
-    parser.add_argument("--lr", type=real_number(0, above_minimum=True), default=2e-3)
+    parser.add_argument("--seq-len", type=whole_number(10), default=256, help="tokens per training window")
+    parser.add_argument("--batch-size", type=whole_number(1), default=8, help="windows per step")
+    parser.add_argument("--lr", type=real_number(0, above_minimum=True), default=2e-3, help="peak learning rate")
     parser.add_argument("--warmup", type=real_number(0, 1), default=0.02, help="fraction of the run")
-    parser.add_argument("--min-lr-ratio", type=real_number(0, 1), default=0.1)
-    parser.add_argument("--weight-decay", type=real_number(0), default=0.1)
-    parser.add_argument("--clip", type=real_number(0, above_minimum=True), default=1.0)
+    parser.add_argument("--min-lr-ratio", type=real_number(0, 1), default=0.1,
+                        help="the cosine ends at this fraction of --lr")
+    parser.add_argument("--weight-decay", type=real_number(0), default=0.1, help="AdamW's, on matrices only")
+    parser.add_argument("--clip", type=real_number(0, above_minimum=True), default=1.0, help="gradient norm clip")
     parser.add_argument("--mtp-weight", type=real_number(0), default=0.4, help="λ in main loss + λ·MTP loss")
     parser.add_argument("--dialog-copies", type=whole_number(1), default=3,
                         help="times the dialog turns appear in training")
-    parser.add_argument("--seed", type=whole_number(0, 2**63 - 1), default=0)
-    parser.add_argument("--threads", type=whole_number(1), default=1)
-    parser.add_argument("--log-every", type=whole_number(1), default=25)
+    parser.add_argument("--seed", type=whole_number(0, 2**63 - 1), default=0, help="initial weights, document order, batches")
+    parser.add_argument("--threads", type=whole_number(1), default=1, help="torch threads")
+    parser.add_argument("--log-every", type=whole_number(1), default=25, help="steps between loss lines")
     parser.add_argument("--eval-every", type=real_number(0), default=5.0, help="minutes between quick evaluations")
-    parser.add_argument("--quick-eval-windows", type=whole_number(1), default=32)
-    parser.add_argument("--eval-batch-size", type=whole_number(1), default=16)
+    parser.add_argument("--quick-eval-windows", type=whole_number(1), default=32,
+                        help="held-out windows each quick evaluation reads (the final one reads them all)")
+    parser.add_argument("--eval-batch-size", type=whole_number(1), default=16, help="windows per evaluation batch")
     parser.add_argument("--from-checkpoint", action="store_true",
                         help="skip training: evaluate and export the checkpoint in --work (with the "
                              "training options it was trained with)")
