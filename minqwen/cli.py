@@ -44,6 +44,9 @@ def add_model_option(parser):
                              "prompt, no longer exact (decode steps multiply exactly, over the cache the prompt left)")
 
 
+SAMPLING_OPTIONS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty")
+
+
 def add_sampling_options(parser):
     g = parser.add_argument_group("sampling (defaults: the checkpoint's generation_config.json as transformers "
                                   "reads it, else greedy; top-k 50 unless set)")
@@ -73,6 +76,15 @@ def check_generation_options(args):
         raise MinqwenError(f"--max-new-tokens must be ≥ 1, got {args.max_new_tokens}")
     if args.seed is not None and args.seed < 0:
         raise MinqwenError(f"--seed must be ≥ 0, got {args.seed}")
+    from .sampling import SamplingParams
+
+    for name in SAMPLING_OPTIONS:  # each alone, the others at their defaults: the error is its own
+        value = getattr(args, name)
+        try:
+            if value is not None:
+                SamplingParams(**{name: value})
+        except MinqwenError as e:  # "top_p must be in (0, 1] …" → "--top-p must be in (0, 1] …"
+            raise MinqwenError(f"--{name.replace('_', '-')}{str(e).removeprefix(name)}") from None
     if not all(args.stop):
         raise MinqwenError("--stop needs a non-empty text to stop at")
     for text in args.stop:
@@ -149,14 +161,12 @@ def warm_kernels(model) -> None:
 
 
 def sampling_params(args, tokenizer):
-    from .sampling import SamplingParams
+    from .sampling import SamplingParams, filters_unused
 
-    names = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty")
     params = SamplingParams.from_generation_config(tokenizer.generation_config, str(tokenizer.generation_config_path),
-                                                   **{n: getattr(args, n) for n in names})
-    # As transformers warns: these only shape a distribution to sample from, and greedy takes its argmax
-    ignored = [f"--{n.replace('_', '-')}" for n in ("top_k", "top_p", "min_p") if getattr(args, n) is not None]
-    if params.greedy and ignored:
+                                                   **{n: getattr(args, n) for n in SAMPLING_OPTIONS})
+    ignored = [f"--{n.replace('_', '-')}" for n in filters_unused(params, vars(args))]
+    if ignored:
         if args.temperature is not None:
             why = "--temperature 0"
         elif tokenizer.generation_config.get("do_sample") is True:

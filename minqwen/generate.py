@@ -8,6 +8,7 @@ the turns of a conversation, feeding only what is new each turn.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -17,7 +18,7 @@ from . import vision
 from .errors import MinqwenError, is_whole_number, whole_number_array
 from .image import image_list, read_image, target_size
 from .model import Cache, Model
-from .sampling import SamplingParams, sample_next
+from .sampling import SamplingParams, filters_unused, sample_next
 from .tokenizer import StreamDecoder, Tokenizer, check_utf8
 
 # The text a chat template writes where an image or a video goes (Qwen's tokenizers: one special token each).
@@ -269,6 +270,11 @@ def stream(model: Model, tokenizer: Tokenizer, prompt, *, max_new_tokens: int = 
     if params is None:
         params = SamplingParams.from_generation_config(tokenizer.generation_config,
                                                        str(tokenizer.generation_config_path), **sampling)
+        unused = filters_unused(params, sampling)
+        if unused:
+            warnings.warn(f"{', '.join(unused)} {'changes' if len(unused) == 1 else 'change'} nothing while "
+                          "decoding is greedy (temperature 0, or a generation_config.json without \"do_sample\": "
+                          "true and no temperature given): give a temperature above 0 to sample", stacklevel=2)
     if isinstance(prompt, str):
         text = prompt
     elif isinstance(prompt, list):

@@ -599,7 +599,9 @@ def speculative_generate(
     ``argmax_drafts``: draft the head's argmax even when sampling (a one-hot q; by default a
     sampled draft is drawn from the head's distribution under the same sampling options);
     ``mtp_cache``: continue one (its ``end`` must be the cache's position), else a fresh one
-    covers this call from the prompt on.
+    covers this call from the prompt on. ``stats``: a :class:`SpeculativeStats` (the default)
+    also counts drafts, acceptances and verifies; a plain ``GenerationStats`` is filled as
+    ``generate_ids`` fills it.
 
     Greedy output equals ``generate_ids``'s; sampled output has the same distribution (not
     the same draws for a seed: the random stream is used differently).
@@ -619,7 +621,9 @@ def speculative_generate(
         _check_mtp_cache(model, head, mtp_cache)
         if mtp_cache.end != cache.position:
             raise MinqwenError(f"mtp_cache ends at position {mtp_cache.end} but the cache is at {cache.position}")
-    stats = checked_stats(stats, SpeculativeStats)
+    # A plain GenerationStats (a caller written for generate_ids) takes the counts it has;
+    # SpeculativeStats, the default, adds how the drafts fared.
+    stats = SpeculativeStats() if stats is None else checked_stats(stats, GenerationStats)
     rng = np.random.default_rng(seed)
     seen = checked_history(history, model.config.vocab_size) + prompt_ids
     generated: list[int] = []
@@ -675,9 +679,10 @@ def speculative_generate(
             drafts = draft(model, head, mtp_cache, k, pick, draft_vocab, seen) if k > 0 else []
             hidden, logits = verify(model, cache, [generated[-1]] + drafts)
         emitted, n_accepted = accept(logits, drafts, q, params, rng, seen, generated)
-        stats.drafted += len(drafts)
-        stats.accepted += n_accepted
-        stats.verifies += 1
+        if isinstance(stats, SpeculativeStats):
+            stats.drafted += len(drafts)
+            stats.accepted += n_accepted
+            stats.verifies += 1
 
         def settle(kept, fed=fed, hidden=hidden, emitted=emitted):
             # the cache holds the verify's first `kept` tokens; the MTP head learns their pairs

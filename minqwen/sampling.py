@@ -10,7 +10,8 @@ draw. Temperature 0 means greedy: the argmax after penalties.
 * **presence_penalty** (the OpenAI API / vLLM definition, additive; transformers has none):
   the penalty is subtracted once from the logit of every id already *generated*. 0 turns it off.
 * **top_k** keeps the k most likely ids (0: off); **top_p** keeps the smallest set of most
-  likely ids whose probabilities add up to at least p (1.0: off); **min_p** drops ids less
+  likely ids whose probabilities add up to at least p (1.0: off; of ids tied at the cut, the
+  lower ids go first, as in transformers); **min_p** drops ids less
   likely than min_p × the most likely one's probability (0: off).
 """
 
@@ -113,9 +114,22 @@ class SamplingParams:
             values["temperature"] = 0.0  # greedy: the file's temperature is for sampling only
         unknown = set(overrides) - set(values)
         if unknown:
-            raise MinqwenError(f"unknown sampling option(s): {', '.join(sorted(unknown))}")
+            hint = ("; minqwen has no do_sample: a temperature above 0 samples, temperature 0 is greedy"
+                    if "do_sample" in unknown else "")
+            raise MinqwenError(f"unknown sampling option(s): {', '.join(sorted(unknown))}{hint}")
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
+
+
+def filters_unused(params: SamplingParams, overrides: dict) -> list[str]:
+    """The names of the filters given in ``overrides`` (not None) that change nothing: decoding is greedy.
+
+    Top-k, top-p and min-p only shape a distribution to sample from, and greedy decoding takes
+    the argmax (transformers warns the same). Said by a warning, not an error: the call runs.
+    """
+    if not params.greedy:
+        return []
+    return [name for name in ("top_k", "top_p", "min_p") if overrides.get(name) is not None]
 
 
 def _shown(value) -> str:
@@ -167,10 +181,12 @@ def filter_logits(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
         # Only ids still in play are sorted: an id at −inf (cut by top-k) has mass 0 and would sit
         # at the bottom of the order, adding 0 to every sum above it, and stays cut. (Sorting all
         # of Qwen3.5's 248k logits each token took ~4 ms.)
-        alive = np.flatnonzero(logits > -np.inf)  # [n], ascending ids, as a stable sort of all would tie-break
-        order = alive[np.argsort(-logits[alive], kind="stable")][::-1]  # [n]: least likely first, argmax's pick last
+        # Ties are ordered as transformers' ascending sort orders them when it is stable (lower id
+        # first, so cut first): which of several equal logits survives the cut is then the same.
+        alive = np.flatnonzero(logits > -np.inf)  # [n], ascending ids
+        order = alive[np.argsort(logits[alive], kind="stable")]  # [n]: least likely first
         tail = np.cumsum(softmax(logits)[order])  # [n]: mass of each id and every less likely one
-        removed = order[:-1][tail[:-1] <= 1 - params.top_p]  # the most likely id always stays
+        removed = order[:-1][tail[:-1] <= 1 - params.top_p]  # the last, most likely id always stays
         logits = logits.copy()
         logits[removed] = -np.inf
     if params.min_p > 0.0:

@@ -115,6 +115,11 @@ class Tokenizer:
         if ignored:
             warnings.warn(f"{self.generation_config_path}: minqwen does not implement {', '.join(ignored)}, which "
                           "transformers' generate() would apply: ignored", stacklevel=2)
+        lengths = [name for name in ("max_new_tokens", "max_length") if self.generation_config.get(name) is not None]
+        if lengths:  # transformers' generate() would stop there
+            warnings.warn(f"{self.generation_config_path}: {' and '.join(lengths)} not read: how many tokens to "
+                          "generate is each call's own max_new_tokens (default 128; ChatSession.reply 256; "
+                          "--max-new-tokens on the command line)", stacklevel=2)
         template = self.config.get("chat_template")
         problem = None  # why the stored template cannot be used: said when a chat is rendered
         if isinstance(template, (list, dict)):  # some releases store several named templates

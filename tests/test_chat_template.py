@@ -390,6 +390,45 @@ def test_content_parts_render_in_the_chatml_fallback_as_qwen_templates_render_th
         "<|vision_start|><|video_pad|><|vision_end|><|im_end|>\n<|im_start|>assistant\n<|im_end|>\n")
 
 
+PARTS = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}, {"video": "v.mp4"},
+                                      {"type": "image_url", "image_url": "x.png"}]},
+         {"role": "assistant", "content": [{"type": "text", "text": "<think>\nhm\n</think>\n\nA cat."}]},
+         {"role": "user", "content": [{"type": "text", "text": "Sure?"}]}]
+
+
+@pytest.mark.parametrize("vision_id", [False, True])
+def test_the_embedded_template_renders_content_parts_as_qwen_templates_render_them(vision_id):
+    # Text given as parts was dropped: the model was asked an empty message.
+    rendered = Tokenizer(EMBEDDED).render_chat(PARTS, add_vision_id=vision_id)
+    image = "<|vision_start|><|image_pad|><|vision_end|>"
+    video = "<|vision_start|><|video_pad|><|vision_end|>"
+    picture, film, second = ("Picture 1: ", "Video 1: ", "Picture 2: ") if vision_id else ("", "", "")
+    assert rendered == (f"<|im_start|>user\n{picture}{image}What is it?{film}{video}{second}{image}<|im_end|>\n"
+                        "<|im_start|>assistant\nA cat.<|im_end|>\n<|im_start|>user\nSure?<|im_end|>\n"
+                        "<|im_start|>assistant\n<think>\n")
+
+
+def test_the_embedded_template_refuses_tools_it_was_not_trained_on():
+    # (they were left out of the prompt without a word)
+    with pytest.raises(MinqwenError, match="^the chat template refused this conversation: this chat template "
+                                           r"\(minqwen's embedded model\) does not take tools"):
+        Tokenizer(EMBEDDED).render_chat([{"role": "user", "content": "hi"}],
+                                        tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
+
+
+def test_the_embedded_template_renders_parts_and_refuses_tools_as_in_transformers():
+    require_reference()
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(EMBEDDED)
+    for vision_id in (False, True):
+        assert Tokenizer(EMBEDDED).render_chat(PARTS, add_vision_id=vision_id) == \
+            hf.apply_chat_template(PARTS, add_generation_prompt=True, add_vision_id=vision_id, tokenize=False)
+    with pytest.raises(Exception, match="does not take tools"):
+        hf.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                               tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
+
+
 @pytest.mark.parametrize("messages, options, error", [
     ([{"role": "user", "content": 5}], {}, "message 0: 'content' must be text or a list of parts"),
     ([{"role": "user", "content": ["hi"]}], {}, "message 0: 'content' must be text or a list of parts"),

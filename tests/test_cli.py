@@ -114,7 +114,7 @@ def test_inspect_with_a_context_below_one_token_is_a_clean_error(context):
 
 
 @pytest.mark.parametrize("option, value, message", [
-    ("--presence-penalty", "nan", "presence_penalty must be a finite number"),
+    ("--presence-penalty", "nan", "--presence-penalty must be a finite number"),
     ("--seed", "-1", "--seed must be ≥ 0")])
 def test_sampling_options_that_numpy_would_choke_on_are_clean_errors(option, value, message):
     result = run("generate", "def f", "--max-new-tokens", "4", "--temperature", "1", option, value)
@@ -212,12 +212,17 @@ def test_a_model_that_is_neither_a_folder_nor_a_hub_id_is_an_error(spec):
         find_checkpoint(spec)
 
 
-@pytest.mark.parametrize("flag, message", [("--temperature=-1", "temperature must be ≥ 0"),
-                                           ("--top-p=0", "top_p must be in (0, 1]"),
-                                           ("--top-k=-1", "top_k must be a whole number ≥ 0"),
-                                           ("--min-p=2", "min_p must be in [0, 1]")])
-def test_bad_sampling_flags_are_a_clean_error(flag, message):
-    assert_clean_error(run("generate", "hi", flag), message)
+@pytest.mark.parametrize("flag, message", [("--temperature=-1", "--temperature must be ≥ 0"),
+                                           ("--top-p=0", "--top-p must be in (0, 1]"),
+                                           ("--top-k=-1", "--top-k must be a whole number ≥ 0"),
+                                           ("--min-p=2", "--min-p must be in [0, 1]"),
+                                           ("--repetition-penalty=0", "--repetition-penalty must be > 0"),
+                                           ("--presence-penalty=nan", "--presence-penalty must be a finite number")])
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_bad_sampling_flags_are_a_clean_error_naming_the_flag_before_the_model_loads(command, flag, message):
+    # (a model that does not exist: the flag is checked first, as --max-new-tokens is)
+    args = ["hi"] if command == "generate" else []
+    assert_clean_error(run(command, *args, flag, "--model", "no/such/model"), message)
 
 
 def test_an_image_with_a_text_only_model_is_a_clean_error(tmp_path):

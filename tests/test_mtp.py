@@ -505,6 +505,29 @@ def test_a_speculative_chat_says_what_a_plain_chat_says():
         assert fast.log == plain.log and fast.cache.position == plain.cache.position
 
 
+def test_the_speculative_decoder_fills_the_plain_stats_a_caller_of_generate_ids_passes():
+    # A drop-in: code that hands stream_text or a chat session a GenerationStats must work
+    # unchanged with speculation on (it was refused as "stats must be a SpeculativeStats").
+    from minqwen.generate import ChatSession, GenerationStats, stream_text
+    from minqwen.mtp import speculative_decoder
+    from minqwen.tokenizer import Tokenizer
+
+    folder = embedded_or_skip()
+    model, tokenizer = minqwen.load(folder), Tokenizer(folder)
+    decode = speculative_decoder(load_mtp(folder, model))
+    ids = tokenizer.encode("def parse_args")
+    plain, fast = GenerationStats(), GenerationStats()
+    expected = "".join(stream_text(model, tokenizer, ids, SamplingParams(), 12, stats=plain))
+    assert "".join(stream_text(model, tokenizer, ids, SamplingParams(), 12, stats=fast, decode=decode)) == expected
+    assert (fast.prompt_tokens, fast.generated_tokens, fast.stop_reason) == \
+        (plain.prompt_tokens, plain.generated_tokens, plain.stop_reason) == (len(ids), 12, "length")
+    assert fast.prefill_seconds > 0 and fast.decode_seconds > 0
+    chat = GenerationStats()
+    assert "".join(ChatSession(model, tokenizer).reply("Hi.", SamplingParams(), max_new_tokens=8, decode=decode,
+                                                       stats=chat))
+    assert chat.generated_tokens > 0
+
+
 # ============================================================================ caches after speculation
 
 

@@ -102,11 +102,12 @@ def test_draws_follow_the_distribution_the_options_define(params, seen, expected
 @given(logits=arrays(np.float32, st.integers(2, 60), elements=st.floats(-20, 20, width=32)),
        temperature=st.floats(0.1, 2.0), top_k=st.integers(0, 70), top_p=st.floats(0.05, 1.0),
        min_p=st.floats(0.0, 0.9), seed=st.integers(0, 1000))
-def test_filters_never_remove_the_most_likely_id_and_draws_stay_in_the_kept_set(
+def test_filters_never_remove_every_most_likely_id_and_draws_stay_in_the_kept_set(
         logits, temperature, top_k, top_p, min_p, seed):
+    # (of several tied for the top, top-p may cut some: the lower ids, as transformers)
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
     kept = np.isfinite(filter_logits(logits, params))
-    assert kept[np.argmax(logits)]
+    assert kept[logits == logits.max()].any()
     assert kept[sample_next(logits, params, np.random.default_rng(seed))]
 
 
@@ -187,6 +188,58 @@ def test_penalties_and_filters_match_transformers_logits_processors(logits, temp
     theirs = scores[0].numpy()
     assert (np.isfinite(ours) == np.isfinite(theirs)).all()
     np.testing.assert_allclose(ours[np.isfinite(ours)], theirs[np.isfinite(theirs)], rtol=1e-5)
+
+
+@pytest.mark.reference
+@settings(max_examples=200, deadline=None)
+@given(logits=arrays(np.float32, st.integers(2, 16), elements=st.sampled_from([0.0, 1.0, 2.5])),
+       top_p=st.floats(0.05, 0.99))
+def test_top_p_cuts_tied_logits_where_transformers_does(logits, top_p):
+    # Equal logits at the cut: which of them survive is the one choice top-p leaves open, and
+    # transformers' ascending sort (stable at these sizes) cuts the lower ids first. It kept
+    # {0, 1} of [0, 0, 0, 0] at p 0.5 here, {2, 3} there.
+    require_reference()
+    import torch
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    ours = filter_logits(logits, SamplingParams(temperature=1.0, top_p=top_p))
+    theirs = TopPLogitsWarper(top_p)(None, torch.tensor(logits)[None])[0].numpy()
+    assert np.flatnonzero(np.isfinite(ours)).tolist() == np.flatnonzero(np.isfinite(theirs)).tolist()
+
+
+def test_do_sample_is_refused_with_what_minqwen_does_instead():
+    with pytest.raises(MinqwenError, match=r"^unknown sampling option\(s\): do_sample; minqwen has no do_sample: "
+                                           r"a temperature above 0 samples, temperature 0 is greedy$"):
+        SamplingParams.from_generation_config({}, do_sample=True)
+
+
+@pytest.mark.parametrize("do_sample, options, unused", [
+    (True, dict(top_k=5, temperature=0), ["top_k"]), (False, dict(top_p=0.9, min_p=0.1), ["top_p", "min_p"]),
+    (False, dict(top_k=5, temperature=0.7), []), (True, dict(top_k=5), []), (False, dict(top_k=None), []),
+    (False, dict(repetition_penalty=1.2), []),
+])
+def test_generate_warns_of_filters_given_while_decoding_is_greedy(tmp_path, do_sample, options, unused):
+    # Greedy: temperature 0, or a generation_config.json without do_sample and no temperature
+    # given. The command line warns the same (tests/test_cli.py).
+    import shutil
+
+    import minqwen
+
+    shutil.copytree(EMBEDDED, tmp_path, dirs_exist_ok=True)
+    config = json.loads((tmp_path / "generation_config.json").read_text())
+    (tmp_path / "generation_config.json").write_text(json.dumps({**config, "do_sample": do_sample}))
+    model, tokenizer = minqwen.load(tmp_path), minqwen.Tokenizer(tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        minqwen.generate(model, tokenizer, "def f", max_new_tokens=2, seed=0, **options)
+    messages = [str(w.message) for w in caught if "nothing while decoding is greedy" in str(w.message)]
+    if unused:
+        verb = "changes" if len(unused) == 1 else "change"
+        assert messages == [f"{', '.join(unused)} {verb} nothing while decoding is greedy (temperature 0, or a "
+                            f"generation_config.json without \"do_sample\": true and no temperature given): give a "
+                            f"temperature above 0 to sample"]
+    else:
+        assert messages == []
 
 
 # ---------------------------------------------------------------- values too extreme to compute with
@@ -427,7 +480,7 @@ def _top_p_sorting_every_id(logits: np.ndarray, top_p: float) -> np.ndarray:
     """The top-p rule as written before it sorted only the ids still in play: all V ids sorted."""
     from minqwen.sampling import softmax
 
-    order = np.argsort(-logits, kind="stable")[::-1]
+    order = np.argsort(logits, kind="stable")
     tail = np.cumsum(softmax(logits)[order])
     kept = logits.copy()
     kept[order[:-1][tail[:-1] <= 1 - top_p]] = -np.inf

@@ -586,6 +586,18 @@ def test_generation_config_fields_minqwen_does_not_implement_are_named_in_a_warn
         Tokenizer(EMBEDDED)
 
 
+@pytest.mark.parametrize("fields", [dict(max_new_tokens=5), dict(max_length=40), dict(max_new_tokens=5, max_length=40)])
+def test_a_generation_config_length_is_named_as_not_read(tmp_path, fields):
+    # transformers' generate() stops there; minqwen's max_new_tokens is the call's own, and a
+    # length that was silently ignored gave 128 tokens where the file said 5.
+    folder = copy_of_embedded(tmp_path)
+    config = json.loads((folder / "generation_config.json").read_text())
+    (folder / "generation_config.json").write_text(json.dumps({**config, **fields}))
+    with pytest.warns(UserWarning, match=rf"generation_config\.json: {' and '.join(fields)} not read: how many "
+                                         r"tokens to generate is each call's own max_new_tokens \(default 128"):
+        Tokenizer(folder)
+
+
 def test_the_embedded_tokenizer_is_loaded_as_the_class_it_was_trained_with():
     # Its tokenizer.json holds Qwen3.5's split (tools/train_embedded.py trains with it), and its
     # tokenizer_config.json names the class that keeps it: transformers and minqwen alike then

@@ -75,6 +75,7 @@ def test_the_tools_chat_renderer_is_transformers_apply_chat_template(te):
     from transformers import AutoTokenizer
 
     hf = AutoTokenizer.from_pretrained(ROOT / "minqwen" / "embedded")
+    assert hf.chat_template == te.load_chat_template()  # the embedded model ships the tool's template
     render = te.ChatRenderer(te.load_chat_template())
     history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
                {"role": "user", "content": "What is <b>2+2</b>?"}]
