@@ -612,11 +612,12 @@ def _check_moe(raw: dict, sizes: dict, source: str, prefix: str) -> None:
             f"num_experts ({sizes['num_experts']})"
         )
     for name, always in MOE_ALWAYS.items():
-        if name in raw and raw[name] != always:
+        # null names nothing, as leaving the field out (transformers ignores the field either way)
+        if raw.get(name) is not None and raw[name] != always:
             raise MinqwenError(
                 f"{source}: field '{prefix}{name}' is {raw[name]!r}; transformers 5.23.0 ignores it and builds every "
                 f"layer as a sparse MoE block with renormalised routing weights, and so does minqwen: only "
-                f"{json.dumps(always)} (or leaving the field out) describes that model"
+                f"{json.dumps(always)} (or null, or leaving the field out) describes that model"
             )
 
 

@@ -217,15 +217,18 @@ def assert_agree_in_float64(got, expected, got64, exact, what: str, labels=None)
 
     Four lists of arrays, output for output: minqwen's float64 outputs ``got64`` must be within
     FLOAT64_ATOL of the float64 reference's ``exact`` (the algebra is the same), and its
-    float32 ``got`` within FLOAT32_SANITY of ``expected``. ``labels`` name the outputs in a
-    failure (by default "step 0", "step 1", …).
+    float32 ``got`` within FLOAT32_SANITY of ``expected`` or of ``exact``: at a router near-tie
+    (two experts' probabilities 1e-8 apart) the reference's float32 can pick the other expert
+    than its own float64, and a logit jumps by ~1 while minqwen's float32 stays near the exact
+    values. ``labels`` name the outputs in a failure (by default "step 0", "step 1", …).
     """
     labels = labels or [f"step {i}" for i in range(len(got))]
     for label, g, e, g64, x in zip(labels, got, expected, got64, exact, strict=True):
         for name, array in (("float32", g), ("float64", g64), ("the reference's float32", e), ("the reference's float64", x)):
             assert np.isfinite(array).all(), f"{name} {label} of {what} holds NaN or infinite values"
         np.testing.assert_allclose(g64, x, rtol=0, atol=FLOAT64_ATOL, err_msg=f"float64, {label} of {what}")
-        np.testing.assert_allclose(g, e, rtol=0, atol=FLOAT32_SANITY, err_msg=f"float32, {label} of {what}")
+        if np.abs(g - x).max() > FLOAT32_SANITY:  # far from exact: then it must be the reference's float32
+            np.testing.assert_allclose(g, e, rtol=0, atol=FLOAT32_SANITY, err_msg=f"float32, {label} of {what}")
 
 
 def reference_steps(model, ids, prompt_len: int) -> list:

@@ -568,6 +568,8 @@ def test_an_moe_field_asking_for_dense_layers_or_unnormalised_weights_is_an_erro
 def test_moe_fields_at_the_values_the_reference_implies_are_accepted_silently():
     c = parse(small_moe(mlp_only_layers=[], decoder_sparse_step=1, norm_topk_prob=True))
     assert c == parse(small_moe())
+    # null names nothing, as an absent field (mlp_only_layers: null was refused as not [])
+    assert parse(small_moe(mlp_only_layers=None, decoder_sparse_step=None, norm_topk_prob=None)) == c
 
 
 def test_in_an_moe_config_intermediate_size_and_training_fields_are_ignored_silently():

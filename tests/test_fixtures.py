@@ -124,3 +124,19 @@ def test_a_nan_an_infinity_or_a_wrong_shape_misses_the_live_tolerance_and_fails_
     nan = np.full((2, 3), np.nan)
     with pytest.raises(AssertionError, match="NaN or infinite"):
         assert_agree_in_float64([nan.astype(np.float32)], [e], [nan], [nan], "a NaN draw")
+
+
+def test_the_float64_judge_passes_float32_near_the_exact_values_when_the_references_float32_jumped():
+    # At a router near-tie (top-k probabilities 1e-8 apart) transformers' float32 picked the other
+    # expert than its own float64 and a logit moved by 1.1, while minqwen's float32 stayed 4e-4
+    # from the exact values: a correct port, failed by the float32 comparison alone.
+    from conftest import FLOAT32_SANITY, assert_agree_in_float64
+
+    exact = np.linspace(-3, 3, 6).reshape(2, 3)
+    jumped = (exact + np.array([[0, 1.1, 0], [0, 0, 0]])).astype(np.float32)
+    near = (exact + 4e-4).astype(np.float32)
+    assert_agree_in_float64([near], [jumped], [exact], [exact], "a near-tie draw")
+    assert_agree_in_float64([jumped], [jumped], [exact], [exact], "both float32 runs on the other expert")
+    for far in (exact + 3 * FLOAT32_SANITY, exact + 1.1 * (exact > 0)):  # far from both
+        with pytest.raises(AssertionError, match="float32, step 0"):
+            assert_agree_in_float64([far.astype(np.float32)], [jumped], [exact], [exact], "a real float32 error")
