@@ -65,3 +65,15 @@ def test_every_command_line_example_parses(line):
     words = shlex.split(line)[1:]
     args = build_parser().parse_args(words)
     assert callable(args.run)
+
+
+def test_the_embedded_model_cards_file_table_gives_each_files_size():
+    # The card is written by tools/train_embedded.py; a file changed afterwards (its chat
+    # template, say) must be re-measured there too.
+    folder = minqwen.checkpoint.EMBEDDED
+    card = (folder / "MODEL_CARD.md").read_text(encoding="utf-8")
+    rows = dict(re.findall(r"^\| `([^`]+)` \| ([\d,]+) \|$", card, flags=re.M))
+    files = {p.name for p in folder.iterdir() if p.is_file() and p.name != "MODEL_CARD.md"}
+    assert set(rows) == files
+    for name, size in rows.items():
+        assert int(size.replace(",", "")) == (folder / name).stat().st_size, name

@@ -795,7 +795,8 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mtp-weight", type=real_number(0), default=0.4, help="λ in main loss + λ·MTP loss")
     parser.add_argument("--dialog-copies", type=whole_number(1), default=3,
                         help="times the dialog turns appear in training")
-    parser.add_argument("--seed", type=whole_number(0, 2**63 - 1), default=0, help="initial weights, document order, batches")
+    parser.add_argument("--seed", type=whole_number(0, 2**63 - 1), default=0,
+                        help="initial weights, document order, batches")
     parser.add_argument("--threads", type=whole_number(1), default=1, help="torch threads")
     parser.add_argument("--log-every", type=whole_number(1), default=25, help="steps between loss lines")
     parser.add_argument("--eval-every", type=real_number(0), default=5.0, help="minutes between quick evaluations")
