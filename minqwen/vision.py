@@ -495,7 +495,8 @@ class VisionTower:
 
 def load_vision(path: str | Path) -> VisionTower:
     """The vision tower of a multimodal Qwen3.5 checkpoint folder: config.json's ``vision_config``,
-    ``preprocessor_config.json`` and the ``model.visual.*`` tensors, every shape checked."""
+    the image preprocessor's settings (:func:`minqwen.image.load_preprocessor_config`) and the
+    ``model.visual.*`` tensors, every shape checked."""
     if not isinstance(path, (str, os.PathLike)):
         raise MinqwenError(f"load_vision takes the path of a checkpoint folder, got {type(path).__name__}")
     folder = Path(path)
@@ -707,7 +708,8 @@ def multimodal_inputs(model, tower: VisionTower, token_ids, images, cache=None, 
     past, start = (cache.position, cache.position + cache.rope_delta) if cache is not None else (0, 0)
     if images:
         pixel_values, grid_thw = preprocess_images(images, tower.preprocessor)
-        _check_images_fit_the_context(model, ids, grid_thw, c, past)  # before the tower's long work
+        _check_images_fit_the_context(model, ids, grid_thw, c, past,  # before the tower's long work
+                                      tower.preprocessor.source)
         features = tower.forward(pixel_values, grid_thw, tap)
     else:
         features, grid_thw = np.zeros((0, c.out_hidden_size), np.float32), np.zeros((0, 3), np.int64)
@@ -719,7 +721,8 @@ def multimodal_inputs(model, tower: VisionTower, token_ids, images, cache=None, 
     return MultimodalInputs(ids, embeds, position_ids, next_position - (past + len(ids)), grid_thw)
 
 
-def _check_images_fit_the_context(model, ids: np.ndarray, grid_thw: np.ndarray, c, past: int) -> None:
+def _check_images_fit_the_context(model, ids: np.ndarray, grid_thw: np.ndarray, c, past: int,
+                                  preprocessor_source: str) -> None:
     """Refuse a prompt whose images, once expanded to their tokens, pass the model's context.
 
     Checked between preprocessing and the tower: the tower's attention grows with the square
@@ -734,7 +737,7 @@ def _check_images_fit_the_context(model, ids: np.ndarray, grid_thw: np.ndarray, 
         raise MinqwenError(
             f"the sequence would reach {total} tokens, beyond the model's context of {limit} (config "
             f"max_position_embeddings): its images take {sizes}. Give smaller images, or lower the "
-            f"preprocessor's max_pixels (size.longest_edge in preprocessor_config.json)"
+            f"preprocessor's max_pixels (size.longest_edge in {preprocessor_source})"
         )
 
 

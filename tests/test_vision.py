@@ -11,6 +11,7 @@ compares in-process; a draw that misses 1e-4 is judged in float64, as the text l
 
 import copy
 import json
+import re
 import shutil
 import sys
 import tracemalloc
@@ -34,6 +35,7 @@ from minqwen.image import (
     preprocessor_config_from_dict,
     read_image,
     resize,
+    resize_numpy,
     smart_resize,
 )
 
@@ -325,11 +327,26 @@ def test_after_an_image_of_more_frames_than_rows_the_next_position_is_the_larges
 @settings(max_examples=60, deadline=None, derandomize=True)
 @given(h=st.integers(1, 90), w=st.integers(1, 90), height=st.integers(1, 120), width=st.integers(1, 120),
        resample=st.sampled_from([BICUBIC, BILINEAR]), seed=st.integers(0, 2**16))
-def test_resize_is_pillows_bit_for_bit(h, w, height, width, resample, seed):
+def test_resize_and_its_numpy_twin_are_pillows_bit_for_bit(h, w, height, width, resample, seed):
     Image = require_pillow()
     image = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
     want = np.array(Image.fromarray(image).resize((width, height), resample=resample))
+    np.testing.assert_array_equal(resize_numpy(image, height, width, resample), want)
     np.testing.assert_array_equal(resize(image, height, width, resample), want)
+
+
+def test_resize_is_pillows_call_and_without_pillow_its_numpy_twin(monkeypatch):
+    import sys
+
+    Image = require_pillow()
+    image = np.random.default_rng(1).integers(0, 256, (30, 41, 3), dtype=np.uint8)
+    calls, pillows = [], Image.Image.resize
+    monkeypatch.setattr(Image.Image, "resize", lambda self, *a, **k: (calls.append(a), pillows(self, *a, **k))[1])
+    with_pillow = resize(image, 17, 60)
+    assert calls == [((60, 17),)]  # (the NumPy twin took 7 s where Pillow takes 0.6 on a 48-megapixel photo)
+    monkeypatch.setitem(sys.modules, "PIL.Image", None)  # import PIL.Image now fails
+    np.testing.assert_array_equal(resize(image, 17, 60), with_pillow)
+    np.testing.assert_array_equal(resize(image, 17, 60), resize_numpy(image, 17, 60))
 
 
 @pytest.mark.parametrize("pillow, vertical_first", [(13, True), (12, False)])
@@ -345,17 +362,17 @@ def test_the_pass_order_is_the_installed_pillows(monkeypatch, pillow, vertical_f
     across = rows(rgb.transpose(1, 0, 2), 22, BICUBIC).transpose(1, 0, 2)  # [40, 22, 3]
     expected = rows(np.ascontiguousarray(across), 2, BICUBIC) if not vertical_first else \
         rows(rows(rgb, 2, BICUBIC).transpose(1, 0, 2), 22, BICUBIC).transpose(1, 0, 2)
-    np.testing.assert_array_equal(resize(rgb, 2, 22), expected)
+    np.testing.assert_array_equal(resize_numpy(rgb, 2, 22), expected)
 
 
-def test_resize_is_pillows_on_both_sides_of_its_pass_order_switch():
+def test_the_numpy_resize_is_pillows_on_both_sides_of_its_pass_order_switch():
     Image = require_pillow()
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)
     for height in (2, 20, 38, 60):
         for width in range(15, 50):
             want = np.array(Image.fromarray(image).resize((width, height), resample=BICUBIC))
-            np.testing.assert_array_equal(resize(image, height, width), want, err_msg=f"{height}×{width}")
+            np.testing.assert_array_equal(resize_numpy(image, height, width), want, err_msg=f"{height}×{width}")
 
 
 @settings(max_examples=300, deadline=None, derandomize=True)
@@ -637,6 +654,69 @@ def test_missing_or_bad_preprocessor_config_is_an_error(folder):
     (folder / "preprocessor_config.json").unlink()
     with pytest.raises(MinqwenError, match="no preprocessor_config.json here"):
         vision.load_vision(folder)
+
+
+def nest_preprocessor_config(folder, keep_flat: bool, **change):
+    """As transformers 5 saves a processor: its settings in processor_config.json's "image_processor"."""
+    flat = json.loads((folder / "preprocessor_config.json").read_text())
+    nested = {"image_processor": {**flat, **change}, "processor_class": "Qwen3VLProcessor"}
+    (folder / "processor_config.json").write_text(json.dumps(nested))
+    if not keep_flat:
+        (folder / "preprocessor_config.json").unlink()
+
+
+@pytest.mark.parametrize("keep_flat", [False, True])
+def test_a_processor_configs_image_processor_block_is_read_first(folder, keep_flat):
+    # A folder saved by transformers 5 has no preprocessor_config.json (it was refused); with
+    # both files, the nested block wins, as in transformers (the flat file's budget was used).
+    flat = load_preprocessor_config(folder)
+    nest_preprocessor_config(folder, keep_flat, size={"shortest_edge": 64, "longest_edge": 1000})
+    ours = load_preprocessor_config(folder)
+    assert (ours.min_pixels, ours.max_pixels) == (64, 1000) != (flat.min_pixels, flat.max_pixels)
+    assert ours.source == f"{folder / 'processor_config.json'} (its \"image_processor\" block)"
+    assert vision.load_vision(folder).preprocessor == ours
+
+
+def test_a_processor_config_without_an_image_processor_block_leaves_preprocessor_config_json_in_charge(folder):
+    (folder / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen3VLProcessor"}))
+    assert load_preprocessor_config(folder).source == str(folder / "preprocessor_config.json")
+    (folder / "processor_config.json").write_text(json.dumps({"image_processor": [1, 2]}))
+    with pytest.raises(MinqwenError, match=r"processor_config.json: field 'image_processor' must be a JSON object"):
+        load_preprocessor_config(folder)
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("keep_flat", [False, True])
+def test_the_image_processor_block_is_what_transformers_reads(folder, keep_flat):
+    require_reference()
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    nest_preprocessor_config(folder, keep_flat, size={"shortest_edge": 64, "longest_edge": 1000}, image_mean=[0.1] * 3)
+    reference, ours = Qwen2VLImageProcessorPil.from_pretrained(folder), load_preprocessor_config(folder)
+    assert (ours.min_pixels, ours.max_pixels) == (reference.size.shortest_edge, reference.size.longest_edge)
+    assert ours.image_mean == tuple(reference.image_mean) == (0.1,) * 3
+
+
+def test_a_folder_given_as_an_image_is_called_a_folder(tmp_path):
+    require_pillow()
+    with pytest.raises(MinqwenError, match=f"^{re.escape(str(tmp_path))}: is a folder, not an image file$"):
+        read_image(tmp_path)
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I", "F"])
+def test_an_image_of_more_than_8_bits_a_channel_is_read_with_a_warning_that_it_is_clipped(tmp_path, mode):
+    # Pillow's RGB conversion, the reference's too, clips instead of scaling: a 16-bit scan came
+    # out mostly white, a float image in 0…1 black, and nothing said so.
+    Image = require_pillow()
+    values = np.full((4, 6), 40000 if mode != "F" else 0.5, np.uint16 if mode == "I;16" else
+                     np.int32 if mode == "I" else np.float32)
+    image = Image.fromarray(values, mode=mode) if mode != "I;16" else Image.fromarray(values)
+    assert image.mode == mode
+    path = tmp_path / ("wide.png" if mode == "I;16" else "wide.tif")
+    image.save(path)
+    for source, named in ((path, str(path)), (image, "this Pillow image")):
+        with pytest.warns(UserWarning, match=f"^{re.escape(named)}: Pillow mode {re.escape(mode)} \\(more than 8 bits"):
+            read_image(source)
 
 
 @pytest.mark.parametrize("field, value", [("image_std", [1e-320, 0.5, 0.5]), ("image_mean", [1e300, 0.5, 0.5]),
@@ -1073,7 +1153,7 @@ def test_resizing_a_photo_sized_image_over_several_row_blocks_is_pillows():
     image = random_image(3, 1000, 1500)
     for height, width in ((900, 1400), (1100, 1400)):  # a pass with 1398 rows per block makes 1400 rows
         want = np.array(Image.fromarray(image).resize((width, height), resample=3))
-        np.testing.assert_array_equal(resize(image, height, width), want, err_msg=f"{height}×{width}")
+        np.testing.assert_array_equal(resize_numpy(image, height, width), want, err_msg=f"{height}×{width}")
 
 
 # ==================================================================== the tower

@@ -92,9 +92,9 @@ for i, image in enumerate(images):
 # Image 3 is a single pixel, grown to the minimum; image 4 (160 × 120) is shrunk into the
 # 48 × 48 budget.
 #
-# The resize itself is Pillow's bicubic filter; minqwen re-implements it bit for bit in NumPy
-# (`minqwen.image.resize`), which we simply use. Then each channel is rescaled to 0…1 and
-# normalised with the checkpoint's mean and standard deviation.
+# The resize itself is Pillow's bicubic filter: `minqwen.image.resize` calls Pillow, and
+# `resize_numpy` says the same in NumPy, bit for bit; we simply use the first. Then each
+# channel is rescaled to 0…1 and normalised with the checkpoint's mean and standard deviation.
 #
 # Cutting into patches has two twists. First, the tower was trained on video: a patch spans
 # `temporal_patch_size = 2` frames, so a still image is repeated to make a clip of two
