@@ -19,6 +19,7 @@ import os
 import re
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from . import __version__, golden
@@ -755,6 +756,18 @@ def main(argv: list[str] | None = None) -> int:
     _text_streams_in_utf8()
     parser = build_parser()
     args = parser.parse_args(argv)
+    with warnings.catch_warnings():  # (which puts Python's own display back on the way out)
+        # A warning (a config field not read, an image clipped to 8 bits) in one line, as the
+        # errors are, instead of Python's file:line and the source line that raised it.
+        warnings.showwarning = _print_warning
+        return _run(args)
+
+
+def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"minqwen: warning: {message}", file=sys.stderr if file is None else file)
+
+
+def _run(args) -> int:
     try:
         from .threads import set_threads
 

@@ -30,6 +30,26 @@ def assert_clean_error(result, message):
     assert message in result.stderr, result.stderr
 
 
+def test_a_warning_is_one_line_as_an_error_is(tmp_path):
+    # It was Python's "path:line: UserWarning: …" and the source line that raised it.
+    import json
+    import shutil
+
+    from minqwen.checkpoint import EMBEDDED
+
+    folder = tmp_path / "model"
+    shutil.copytree(EMBEDDED, folder)
+    config = json.loads((folder / "generation_config.json").read_text())
+    (folder / "generation_config.json").write_text(json.dumps({**config, "max_new_tokens": 5}))
+    result = run("generate", "--model", str(folder), "def f", "--max-new-tokens", "2", "--seed", "0")
+    assert result.returncode == 0, result.stderr
+    warning = [line for line in result.stderr.splitlines() if "max_new_tokens not read" in line]
+    assert warning == [f"minqwen: warning: {folder / 'generation_config.json'}: max_new_tokens not read: how many "
+                       "tokens to generate is each call's own max_new_tokens (default 128; ChatSession.reply 256; "
+                       "--max-new-tokens on the command line)"], result.stderr
+    assert "UserWarning" not in result.stderr and "Tokenizer(" not in result.stderr
+
+
 def test_the_console_script_is_installed():
     assert SCRIPT, "the `minqwen` console script is not on PATH (pip install the package)"
 
