@@ -532,11 +532,19 @@ def read_stdin() -> str:
 def run_score(args) -> int:
     from .scoring import score_text
 
+    # Named as flags, before the model loads (score_text checks them again, against the context)
+    if args.window is not None and args.window < 2:
+        raise MinqwenError(f"--window must be ≥ 2 tokens, got {args.window}")
+    if args.stride is not None and not 1 <= args.stride < (args.window or args.stride + 1):
+        raise MinqwenError(f"--stride must be from 1 to --window − 1 (windows must overlap: each window's first "
+                           f"token is only context for the rest), got {args.stride}"
+                           + (f" with --window {args.window}" if args.window else ""))
     path = Path(args.file)
     if args.file != "-" and path.exists() and (path.is_char_device() or path.is_block_device()):
         raise MinqwenError(f"{args.file}: a device, not a text file (it might never end)")
     try:
-        text = read_stdin() if args.file == "-" else path.read_text(encoding="utf-8")
+        # The file's own bytes: read_text's universal newlines would score \r\n as \n, another text
+        text = read_stdin() if args.file == "-" else path.read_bytes().decode("utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise MinqwenError(f"{args.file}: cannot read this text file ({e})") from None
     model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, bf16_prompts=args.bf16_prompts)

@@ -286,7 +286,7 @@ class Model:
         return [_state_shape(state) for state in self.new_cache().layers]
 
     def score(self, token_ids) -> np.ndarray:
-        """log p(ids[t] | ids[:t]) for t = 1 … T−1, in nats (see scoring.py)."""
+        """log p(ids[t] | ids[:t]) for t = 1 … T−1, in nats (see scoring.py); at least two ids."""
         from .scoring import log_probs
 
         return log_probs(self, token_ids)

@@ -22,8 +22,14 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
+# The LM head's output is [T, V]: at Qwen3.5's 248k vocabulary ~1 MB a token, three times over
+# with log_softmax's temporaries (a 4k-token window: 12 GB). So it is made this many bytes of
+# logits at a time; a small model's whole window is one block.
+SCORE_BLOCK_BYTES = 128 << 20
+
+
 def log_probs(model: Model, ids) -> np.ndarray:
-    """log p(ids[t] | ids[:t]) for t = 1 … T−1, in nats, [T−1] float32."""
+    """log p(ids[t] | ids[:t]) for t = 1 … T−1, in nats, [T−1] float32 (T ≥ 2)."""
     given, ids = ids, whole_number_array(ids)
     if ids is None:
         raise MinqwenError(f"scoring takes one sequence of token ids (ints), got {given!r:.80}")
@@ -31,7 +37,14 @@ def log_probs(model: Model, ids) -> np.ndarray:
         raise MinqwenError(f"scoring takes one sequence of token ids (1-D), got an array of shape {ids.shape}")
     if ids.size < 2:
         raise MinqwenError("scoring needs at least two token ids (the first is only context)")
-    logp = log_softmax(model.forward(ids))[np.arange(ids.size - 1), ids[1:]]  # row t predicts ids[t + 1]
+    hidden = model.hidden_states(ids)[:-1]  # [T−1, H]: row t predicts ids[t + 1]
+    targets = ids[1:]  # [T−1]
+    logp = np.empty(targets.size, hidden.dtype)
+    rows = max(1, SCORE_BLOCK_BYTES // (model.config.vocab_size * hidden.itemsize))
+    for start in range(0, targets.size, rows):
+        block = slice(start, start + rows)
+        logits = model.logits(hidden[block])  # [rows, V]
+        logp[block] = log_softmax(logits)[np.arange(logits.shape[0]), targets[block]]
     if not np.isfinite(logp).all():  # a perplexity of nan would look like a result
         raise MinqwenError("the model computed NaN or infinite logits while scoring: its weights or config.json "
                            "hold values it cannot compute with (a NaN weight, say)")

@@ -94,7 +94,10 @@ def human(n: float) -> str:
 
 def describe(model: Model, context: int = 4096) -> str:
     c = model.config
-    lines = [f"Qwen3.5 text model from {c.source}", ""]
+    lines = [f"Qwen3.5 text model from {c.source}",
+             f"hidden size {c.hidden_size:,} · vocabulary {c.vocab_size:,} · context {c.max_position_embeddings:,} "
+             f"tokens (max_position_embeddings) · weights kept as {model.embed_tokens.dtype.name} (--dtype), "
+             f"computing in {np.dtype(model.dtype).name}", ""]
     lines.append(f"{'layer':>5}  {'type':<18}{'token mixer':>14}{'mlp':>14}{'norms':>10}")
     for i, layer in enumerate(model.layers):
         mixer = layer.linear_attn if layer.layer_type == "linear_attention" else layer.self_attn

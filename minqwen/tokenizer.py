@@ -74,7 +74,14 @@ def _read_json(path: Path) -> dict:
 
 
 class Tokenizer:
-    """A checkpoint's tokenizer, chat template, eos ids and generation defaults."""
+    """A checkpoint's tokenizer, chat template, eos ids and generation defaults.
+
+    Its added tokens (``<|im_end|>`` and the other specials) are tokenizer.json's own, with the
+    flags it gives them. transformers rebuilds them from tokenizer_config.json's
+    ``added_tokens_decoder`` where that is present (releases agree with their tokenizer.json,
+    and transformers 5 no longer writes the field): a config edited to mark other tokens special,
+    or to strip spaces around them, is not followed here.
+    """
 
     def __init__(self, folder: str | Path):
         from tokenizers import Tokenizer as HFTokenizer
@@ -82,6 +89,9 @@ class Tokenizer:
         if not isinstance(folder, (str, os.PathLike)):
             raise MinqwenError(f"Tokenizer takes a checkpoint folder (a path), got {type(folder).__name__}")
         folder = Path(folder)
+        if folder.is_file():
+            raise MinqwenError(f"{folder}: a file; Tokenizer takes the checkpoint folder that holds tokenizer.json "
+                               f"(and its tokenizer_config.json, config.json, generation_config.json)")
         path = folder / "tokenizer.json"
         if not is_present(path):
             raise MinqwenError(
@@ -250,7 +260,10 @@ class Tokenizer:
 
     def _use_qwen_class_rules(self, qwen_class: str) -> None:
         """Tokenize as transformers' Qwen class does: it keeps the file's vocabulary, merges and
-        special tokens, but puts its own normalizer, split and decoder in place of the file's.
+        special tokens, but puts its own normalizer, split and decoder in place of the file's,
+        and builds its BPE model afresh, with that library's defaults for the rest (no
+        ignore_merges: a file's "ignore_merges": true, which looks a whole word up in the
+        vocabulary before merging, gave other ids for 201 of 232 unbuildable words).
         Qwen's released files already say the same (Qwen3.5's split, NFC); a file that says
         otherwise is tokenized as the reference tokenizes it. Only for byte-level BPE files, which
         these classes are made for: other kinds are read as they are (transformers' class would
@@ -263,6 +276,9 @@ class Tokenizer:
             pre_tokenizers.ByteLevel(add_prefix_space=self.config.get("add_prefix_space") is True, use_regex=False),
         ])
         self._tok.decoder = decoders.ByteLevel()
+        bpe = self._tok.model  # the settings transformers' class passes to BPE(...), or leaves at their defaults
+        bpe.dropout, bpe.unk_token, bpe.continuing_subword_prefix, bpe.end_of_word_suffix = None, None, "", ""
+        bpe.fuse_unk, bpe.byte_fallback, bpe.ignore_merges = False, False, False
 
     @property
     def special_tokens(self) -> dict[str, str]:
@@ -289,7 +305,11 @@ class StreamDecoder:
     Byte-level BPE can split one character (an emoji, a CJK ideograph) over several tokens;
     decoding those tokens one by one would print replacement characters. Instead we decode
     the pending ids together and hold them back while the text ends in an incomplete
-    character (which the decoder renders as U+FFFD).
+    character (which the decoder renders as U+FFFD). The pieces then join to the decoding of
+    all the ids: text that ends in a whole character decodes the same alone or followed by
+    more. A U+FFFD the model really wrote is held too, until a character after it (or
+    :meth:`flush`): with a limit on how long to wait, a run of them released a half-decoded
+    character, and the pieces held one U+FFFD too many.
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False):
@@ -301,8 +321,8 @@ class StreamDecoder:
         """Add one id; return the text that is now complete (possibly empty)."""
         self.pending.append(token_id)
         text = self.tokenizer.decode(self.pending, self.skip_special_tokens)
-        if text.endswith("\ufffd") and len(self.pending) < 8:
-            return ""  # an incomplete character: wait for its remaining bytes
+        if text.endswith("\ufffd"):
+            return ""  # an incomplete character, perhaps: wait for its remaining bytes
         self.pending = []
         return text
 

@@ -413,6 +413,32 @@ def test_cli_score_uses_the_window_and_stride_given(tmp_path):
     assert f"bits per byte: {result.bits_per_byte:.4f}" in cli.stdout
 
 
+def test_cli_score_scores_a_files_own_bytes_crlf_included_as_from_standard_input(tmp_path):
+    # Read as text, "\r\n" became "\n": a path scored another text than the file (and than the
+    # same file on standard input), over fewer bytes than it has.
+    from minqwen.scoring import score_text
+
+    data = b"import os\r\nimport sys\r\nprint(os.sep)\r\n"
+    path = tmp_path / "crlf.py"
+    path.write_bytes(data)
+    result = score_text(MODEL, TOKENIZER, data.decode("utf-8"))
+    assert result.n_bytes == len(data)
+    expected = f"tokens scored: {result.tokens_scored}\nperplexity: {result.perplexity:.4f}\n" \
+               f"bits per byte: {result.bits_per_byte:.4f}\n"
+    from_path = subprocess.run([SCRIPT, "score", str(path)], capture_output=True, env=ENV, timeout=300)
+    from_stdin = subprocess.run([SCRIPT, "score", "-"], input=data, capture_output=True, env=ENV, timeout=300)
+    assert from_path.stdout.decode() == from_stdin.stdout.decode() == expected, from_path.stderr
+
+
+@pytest.mark.parametrize("args, message", [(["--window", "1"], "--window must be ≥ 2 tokens, got 1"),
+                                           (["--window", "8", "--stride", "8"], "--stride must be from 1 to --window"),
+                                           (["--stride", "0"], "--stride must be from 1 to --window − 1")])
+def test_cli_score_names_a_bad_window_or_stride_as_flags_before_the_model_loads(tmp_path, args, message):
+    path = tmp_path / "a.py"
+    path.write_text("import os\n")
+    assert_clean_error(run("score", str(path), *args, "--model", "no/such/model"), message)
+
+
 @pytest.mark.parametrize("command", ["generate", "chat", "inspect", "score"])
 def test_cli_loads_the_weights_in_the_dtype_asked_for(monkeypatch, tmp_path, command):
     import io

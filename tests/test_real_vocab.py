@@ -27,7 +27,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import skip_or_fail
+from conftest import require_reference, skip_or_fail
 from minqwen.tokenizer import StreamDecoder, Tokenizer
 
 try:
@@ -194,3 +194,23 @@ def test_streaming_decode_of_real_multibyte_tokens_adds_up(tokenizer):
     pieces = [decoder.push(i) for i in ids] + [decoder.flush()]
     assert "".join(pieces) == text
     assert all("\ufffd" not in p for p in pieces)
+
+
+def test_in_a_qwen35_checkpoint_the_bpe_model_is_transformers_qwen_class_fresh_one(tmp_path):
+    # transformers' Qwen3_5Tokenizer builds a new BPE model from the file's vocabulary and
+    # merges, without the file's "ignore_merges": true (which this converted file sets, as
+    # tiktoken looks a whole piece up first): the words BPE cannot build then encode in pieces.
+    require_reference()
+    from transformers import AutoTokenizer
+
+    qwen_vocab_tokenizer.build_tokenizer_json(tmp_path / "tokenizer.json")
+    (tmp_path / "config.json").write_text('{"model_type": "qwen3_5"}')  # a release's: its class wins
+    (tmp_path / "tokenizer_config.json").write_text('{"tokenizer_class": "Qwen2Tokenizer"}')
+    ours, theirs = Tokenizer(tmp_path), AutoTokenizer.from_pretrained(tmp_path)
+    assert type(theirs).__name__ == "Qwen3_5Tokenizer"
+    ranks = qwen_vocab_tokenizer.load_ranks()
+    words = [t.decode("utf-8") for t, r in ranks.items()
+             if len(t) > 1 and qwen_vocab_tokenizer.merge_of(t, ranks) is None][:60]
+    texts = words + ["毛泽东，加拿大。", "我去了俱乐部！"]
+    assert [ours.encode(t) for t in texts] == [theirs.encode(t, add_special_tokens=False) for t in texts]
+    assert sum(len(ours.encode(w)) > 1 for w in words) > 0  # (with the file's setting each was one token)

@@ -216,3 +216,21 @@ def test_log_softmax_of_large_logits_is_finite_and_exact(dtype, scale):
     got = log_softmax(logits)
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-3)
+
+
+def test_scores_computed_a_block_of_logits_at_a_time_are_those_of_the_whole_window(monkeypatch):
+    # The [T, V] logits of a long window at a real vocabulary (~1 MB a token, three times over
+    # while log_softmax ran) are made a block of rows at a time; blocks of 5 rows here.
+    from minqwen import scoring
+
+    model = minqwen.load(minqwen.checkpoint.EMBEDDED)
+    ids = np.random.default_rng(0).integers(0, model.config.vocab_size, 23)
+    whole = log_softmax(model.forward(ids))[np.arange(22), ids[1:]]
+    assert scoring.SCORE_BLOCK_BYTES >= 23 * model.config.vocab_size * 4  # one block, as before
+    np.testing.assert_array_equal(model.score(ids), whole)
+    widths = []
+    logits = model.logits
+    monkeypatch.setattr(model, "logits", lambda hidden: (widths.append(hidden.shape[0]), logits(hidden))[1])
+    monkeypatch.setattr(scoring, "SCORE_BLOCK_BYTES", 5 * model.config.vocab_size * 4)
+    np.testing.assert_allclose(model.score(ids), whole, rtol=1e-6, atol=0)  # float32 round-off of other products
+    assert widths == [5, 5, 5, 5, 2]

@@ -131,3 +131,15 @@ def test_inspect_sizes_the_caches_in_the_models_compute_dtype():
     n_attention = model.config.layer_types.count("full_attention")
     assert f"({n_attention} attention layer{'s' * (n_attention != 1)}): {human(kv)}  (grows" in text
     assert f"layers): {human(state)}  (constant)" in text
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_inspect_says_the_widths_the_context_and_how_the_weights_are_kept(dtype):
+    from minqwen.checkpoint import EMBEDDED
+    from minqwen.summary import describe
+
+    model = minqwen.load(EMBEDDED, dtype=dtype)
+    c = model.config
+    assert describe(model).splitlines()[1] == (
+        f"hidden size {c.hidden_size} · vocabulary {c.vocab_size:,} · context {c.max_position_embeddings:,} tokens "
+        f"(max_position_embeddings) · weights kept as {dtype} (--dtype), computing in float32")

@@ -36,6 +36,24 @@ def test_streaming_decode_never_splits_a_character_and_adds_up_to_the_whole(text
         assert all("\ufffd" not in p for p in pieces)
 
 
+@settings(max_examples=150, deadline=None)
+@given(ids=st.lists(st.integers(0, 4086), max_size=40))
+def test_streaming_any_ids_adds_up_to_their_decoding(ids):
+    # Random byte-level tokens: half characters, stray continuation bytes, runs of U+FFFD.
+    decoder = StreamDecoder(TOKENIZER)
+    assert "".join([decoder.push(i) for i in ids] + [decoder.flush()]) == TOKENIZER.decode(ids)
+
+
+@pytest.mark.parametrize("text", ["x" + "\ufffd" * 3 + "y", "a" + " \ufffd" * 9 + "日", "\ufffd" * 12])
+def test_a_run_of_replacement_characters_streams_as_it_decodes(text):
+    # Held at most 8 tokens, a run of U+FFFD the text really holds released a character's first
+    # bytes alone: the pieces joined to one U+FFFD too many ("x����y" for "x���y").
+    ids = TOKENIZER.encode(text)
+    decoder = StreamDecoder(TOKENIZER)
+    pieces = [decoder.push(i) for i in ids] + [decoder.flush()]
+    assert "".join(pieces) == TOKENIZER.decode(ids) == text
+
+
 def test_special_token_strings_encode_to_their_ids():
     ids = TOKENIZER.encode("<|im_start|>user\nhi<|im_end|>")
     assert ids[0] == TOKENIZER.token_to_id("<|im_start|>")
@@ -735,3 +753,10 @@ def test_resending_the_same_message_after_a_turn_that_did_not_finish_equals_a_fr
                                 skip_special_tokens=False))
     assert answer == fresh
     assert session.cache.position == len(session.log)
+
+
+def test_a_tokenizer_file_given_for_its_folder_is_named_as_a_file():
+    # (it was told "no tokenizer.json in this folder")
+    with pytest.raises(MinqwenError, match=r"tokenizer\.json: a file; Tokenizer takes the checkpoint folder that "
+                                           r"holds tokenizer\.json"):
+        Tokenizer(EMBEDDED / "tokenizer.json")
