@@ -438,7 +438,7 @@ def _resample_rows(src: np.ndarray, out_size: int, resample: int) -> np.ndarray:
 def resize(image: np.ndarray, height: int, width: int, resample: int = BICUBIC) -> np.ndarray:
     """``[H, W, 3] uint8`` → ``[height, width, 3] uint8``: Pillow's ``Image.resize``, the reference's own call.
 
-    Where Pillow is installed it does the work (a 48-megapixel photo: 0.6 s, against 7 s for
+    Where Pillow is installed it does the work (8000 × 6000 to 4704 × 3520: 0.6 s, against 6.4 s for
     the NumPy twin); without it, :func:`resize_numpy` gives the same pixels.
     """
     try:
