@@ -445,9 +445,9 @@ def run_chat(args) -> int:
         except (EOFError, KeyboardInterrupt):
             print(file=sys.stderr)
             return 0
-        except UnicodeDecodeError:
+        except UnicodeDecodeError as e:
             if not interactive:
-                raise MinqwenError("standard input is not UTF-8 text") from None
+                raise MinqwenError(not_utf8("standard input", e)) from None
             print("minqwen: error: that line is not UTF-8 text; type it again", file=sys.stderr)
             continue
         if not line.strip():
@@ -525,8 +525,14 @@ def read_stdin() -> str:
                            "standard input from one")
     try:
         return sys.stdin.read()
-    except UnicodeDecodeError:  # (with Python's UTF-8 mode, such bytes arrive as surrogates: encode refuses them)
-        raise MinqwenError("standard input is not UTF-8 text") from None
+    except UnicodeDecodeError as e:  # (with Python's UTF-8 mode, such bytes arrive as surrogates: encode refuses them)
+        raise MinqwenError(not_utf8("standard input", e)) from None
+
+
+def not_utf8(what: str, e: UnicodeDecodeError) -> str:
+    """The error for text in another encoding: the first byte UTF-8 cannot read, and how to convert it."""
+    return (f"{what} is not UTF-8 text: the byte {e.object[e.start]:#04x} ({e.reason}); if it is in another "
+            f"encoding, convert it first, e.g. iconv -f latin1 -t utf-8")
 
 
 def run_score(args) -> int:

@@ -281,7 +281,8 @@ def test_output_that_cannot_be_written_and_input_that_is_not_utf8_are_one_line_e
         not_utf8 = subprocess.run([sys.executable, "-m", "minqwen", *args], input=b"\xff\xfe text",
                                   capture_output=True, env=ENV, timeout=300)
         assert not_utf8.returncode == 2 and b"Traceback" not in not_utf8.stderr
-        assert b"not UTF-8" in not_utf8.stderr
+        assert b"standard input is not UTF-8 text: the byte 0xff (invalid start byte); if it is in another " \
+               b"encoding, convert it first, e.g. iconv -f latin1 -t utf-8" in not_utf8.stderr, not_utf8.stderr
 
 
 # ----------------------------------------------------------------------------- options reach what they drive
