@@ -94,7 +94,10 @@ def test_explicit_text_positions_equal_the_default_positions():
 
 
 def test_distinct_height_and_width_positions_change_the_logits():
-    # M-RoPE: with a fitting section, h and w rows drive their own frequencies.
+    # M-RoPE: with a fitting section, h and w rows drive their own frequencies. (Only that they
+    # are read at all: which frequencies each axis drives is pinned by test_attention's
+    # test_mrope_sections_send_each_frequency_to_the_right_axis, and against transformers by the
+    # vision fixtures' 3-D positions.)
     model = MODELS["text_grouped_bf16_bias"]
     ids = prompt(model, 6)
     positions = np.stack([np.arange(6), np.arange(6) * 2, np.arange(6) * 3])
@@ -176,6 +179,45 @@ def test_a_kv_cache_keeps_spare_room_and_its_copy_keeps_the_same():
     np.testing.assert_array_equal(values, np.concatenate([prompt_v, step_v]).transpose(1, 0, 2))
     assert cache.length == 40 and copy.length == 41  # the original is untouched
     np.testing.assert_array_equal(cache.keys[:, :40], prompt_k.transpose(1, 0, 2))
+
+
+@pytest.mark.parametrize("pieces", [[40] + [1] * 600, [40, 250, 7, 300, 1, 1, 33], [3, 1, 400, 300]])
+def test_a_kv_cache_growing_past_its_room_keeps_every_key_and_value(pieces):
+    # No test sent a sequence past prompt + 256 tokens, where append copies the cache into a
+    # bigger buffer: a copy that dropped the newest row passed every test (280 decode steps
+    # later the logits were 3e-2 off). Appended step by step and in chunks, twice past the room,
+    # with a copy taken before each growth left as it was.
+    from minqwen.attention import KVCache
+
+    rng = np.random.default_rng(len(pieces))
+    cache, all_k, all_v, copies, grown = KVCache(num_kv_heads=2, head_dim=4), [], [], [], 0
+    for n in pieces:
+        k, v = rng.standard_normal((2, n, 2, 4), dtype=np.float32)  # [T, Hkv, D] each
+        if cache.length + n > cache.keys.shape[1] and cache.length:
+            copies.append((cache.copy(), cache.length))
+            grown += 1
+        keys, values = cache.append(k, v)
+        all_k.append(k), all_v.append(v)
+        np.testing.assert_array_equal(keys, np.concatenate(all_k).transpose(1, 0, 2))
+        np.testing.assert_array_equal(values, np.concatenate(all_v).transpose(1, 0, 2))
+    assert grown >= 2
+    for copy, length in copies:
+        assert copy.length == length
+        np.testing.assert_array_equal(copy.keys[:, :length], np.concatenate(all_k)[:length].transpose(1, 0, 2))
+
+
+@pytest.mark.parametrize("name", ["text_tied_fp32", "multimodal_sharded"])
+def test_decoding_past_the_kv_caches_first_room_equals_one_full_forward(name):
+    # 20 prompt tokens, then decode steps past 20 + 256 (the first growth) and past its double;
+    # in float64, where 560 float32 steps drift by round-off alone to ~1e-4.
+    model = MODELS64[name]
+    length = min(model.config.max_position_embeddings, 20 + 2 * (20 + 256) + 8)
+    ids = prompt(model, length)
+    full = model.forward(ids)
+    cache = model.new_cache()
+    steps = [model.forward(ids[:20], cache)] + [model.forward([token], cache) for token in ids[20:]]
+    assert length > 20 + 256 and cache.position == length
+    np.testing.assert_allclose(np.concatenate(steps), full, rtol=0, atol=1e-9)
 
 
 def test_cache_reports_its_size():
