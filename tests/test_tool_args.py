@@ -31,6 +31,15 @@ def run_tool(script, *args, cwd, env=None, timeout=120):
                           text=True, timeout=timeout, env=env)
 
 
+def hiding(folder, *packages):
+    """An environment in which ``packages`` fail to import, as if not installed: packages of those
+    names that raise, first on PYTHONPATH (which reaches spawned worker processes too)."""
+    for name in packages:
+        (folder / "stub" / name).mkdir(parents=True)
+        (folder / "stub" / name / "__init__.py").write_text(f"raise ImportError('no {name}: hidden by a test')\n")
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(folder / "stub"), str(TOOLS), str(ROOT)]))
+
+
 def assert_refused(result, *names, code=2):
     assert result.returncode == code, result.stdout + result.stderr
     assert "Traceback" not in result.stderr, result.stderr
@@ -536,9 +545,7 @@ def test_compare_with_llama_cpp_refuses_bad_arguments(paths, args, names):
 def test_compare_with_llama_cpp_says_how_to_get_llama_cpp_when_it_is_missing(paths):
     # A llama_cpp package that fails to import stands in for one not installed (CI has none;
     # a developer's machine may).
-    (paths / "stub" / "llama_cpp").mkdir(parents=True)
-    (paths / "stub" / "llama_cpp" / "__init__.py").write_text("raise ImportError('stub')\n")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(paths / "stub"), str(ROOT)]))
+    env = hiding(paths, "llama_cpp")
     result = run_tool("compare_with_llama_cpp.py", "--model", FIXTURE, "--gguf", paths / "a_file", cwd=paths, env=env)
     assert_refused(result, "llama-cpp-python is not installed", "pip install llama-cpp-python==0.3.36")
 
@@ -546,12 +553,8 @@ def test_compare_with_llama_cpp_says_how_to_get_llama_cpp_when_it_is_missing(pat
 # ---------------------------------------------------------------------------- tools that need the reference
 
 def without_the_reference(folder):
-    """An environment whose torch and transformers fail to import (packages that raise, first on
-    PYTHONPATH), as on a machine with minqwen's test extra alone: it reaches spawned workers too."""
-    for name in ("torch", "transformers"):
-        (folder / "stub" / name).mkdir(parents=True)
-        (folder / "stub" / name / "__init__.py").write_text(f"raise ImportError('no {name}: hidden by a test')\n")
-    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(folder / "stub"), str(TOOLS), str(ROOT)]))
+    """An environment as on a machine with minqwen's test extra alone: no torch, no transformers."""
+    return hiding(folder, "torch", "transformers")
 
 
 @pytest.mark.parametrize("script, args", [
