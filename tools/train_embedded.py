@@ -26,7 +26,10 @@ Steps, all in one run:
 Reproduce the shipped model::
 
     python tools/train_embedded.py --minutes 45
+    python tools/distill_mtp.py --minutes 45     # then its MTP head alone, toward the main model
 
+(The second step keeps the main model as it is and trains the head to agree with it, which is
+what makes speculation accept; it rewrites the card's MTP rows and says what it did.)
 ``--from-checkpoint`` redoes steps 4–5 from the fp32 checkpoint a run leaves in ``--work``.
 """
 
