@@ -67,8 +67,9 @@ def add_speculative_option(parser):
         "--speculative", type=int, nargs="?", const=1, default=None, metavar="K",
         help="draft K tokens per step with the checkpoint's MTP head and verify them in one pass "
              "(greedy: the same output; sampling: the same distribution, other draws for a seed; K defaults "
-             "to 1; 0 turns it off). Default: on (K = 1) when the checkpoint has an MTP head and it was measured "
-             "to pay: models of 64 MB of weights and more, not tiny ones like the embedded")
+             "to 1; 0 turns it off). Default, where the checkpoint has an MTP head: K = 1 in models of 64 MB of "
+             "weights and more; in smaller ones such as the embedded, K = 2 when greedy, off when sampling "
+             "(as measured to pay)")
 
 
 def check_generation_options(args):
@@ -95,24 +96,26 @@ def check_generation_options(args):
             raise MinqwenError(f"--stop {text!r}: not UTF-8 text, so generated text can never match it") from None
 
 
-def choose_decoder(args, model, folder):
+def choose_decoder(args, model, folder, params):
     """(decode, the class of its stats) for the generation loop: the MTP head's speculative decoder
-    when --speculative asks for it or when it pays (mtp.pays_by_default; this loads the head),
-    else None for plain decoding."""
+    when --speculative asks for it or when it pays (mtp.default_draft_tokens; this loads the
+    head), else None for plain decoding."""
     from .generate import GenerationStats
-    from .mtp import SpeculativeStats, load_mtp, pays_by_default, require_head, speculative_decoder
+    from .mtp import SpeculativeStats, default_draft_tokens, load_mtp, require_head, speculative_decoder
 
     k = args.speculative
     if k is not None and k < 0:
         raise MinqwenError(f"--speculative takes a number of draft tokens ≥ 0, got {k}")
-    if k == 0 or (k is None and not pays_by_default(model)):
+    if k is None:
+        k = default_draft_tokens(model, params)
+    if k == 0:
         return None, GenerationStats
     head = load_mtp(folder, model)
     if head is None:
-        if k is None:  # not asked for: plain decoding
+        if args.speculative is None:  # not asked for: plain decoding
             return None, GenerationStats
         require_head(head, str(folder))
-    return speculative_decoder(head, k or 1), SpeculativeStats
+    return speculative_decoder(head, k), SpeculativeStats
 
 
 def decode_rate(stats) -> str:
@@ -318,7 +321,8 @@ def run_generate(args) -> int:
 
     started = time.perf_counter()
     model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, bf16_prompts=args.bf16_prompts)
-    decode, stats_class = choose_decoder(args, model, find_checkpoint(args.model))  # (loads an MTP head)
+    params = sampling_params(args, tokenizer)
+    decode, stats_class = choose_decoder(args, model, find_checkpoint(args.model), params)  # (loads an MTP head)
     loading = time.perf_counter() - started
     tower, model_text = None, prompt_text  # model_text: what the model reads; the prompt is echoed as given
     if args.image:
@@ -335,7 +339,6 @@ def run_generate(args) -> int:
         ids = tokenizer.encode(rendered)
     else:
         ids = tokenizer.encode(model_text)
-    params = sampling_params(args, tokenizer)
     cache, history = None, ()
     image_prefill_tokens, image_prefill_seconds = 0, 0.0
     compiling = compile_timer()
@@ -416,8 +419,8 @@ def run_chat(args) -> int:
 
     check_generation_options(args)
     model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, bf16_prompts=args.bf16_prompts)
-    decode, stats_class = choose_decoder(args, model, find_checkpoint(args.model))
     params = sampling_params(args, tokenizer)
+    decode, stats_class = choose_decoder(args, model, find_checkpoint(args.model), params)
     if sys.stdin is None:  # started with standard input closed (`<&-`)
         raise MinqwenError("standard input is closed: chat reads its messages from it (a terminal, a pipe or a file)")
     warm_kernels(model)  # now, not after the first message: the wait comes before the prompt

@@ -69,8 +69,10 @@ from .rope import mrope_cos_sin, text_position_ids
 from .sampling import SamplingParams, apply_penalties, sample_next, sampling_distribution
 from .threads import one_blas_thread
 
-# How many tokens to draft per verify, unless told otherwise (see tools/mtp_figures.py).
+# How many tokens to draft per verify, unless told otherwise (see tools/mtp_figures.py); in a
+# small model decoding greedily, SMALL_MODEL_DRAFT_TOKENS (see default_draft_tokens).
 DRAFT_TOKENS = 1
+SMALL_MODEL_DRAFT_TOKENS = 2
 # The draft's LM head reads only the first token ids (plus every id already in the context):
 # a byte-level BPE numbers its tokens in merge order, so low ids are the frequent ones. By
 # default ("auto") the first quarter of the vocabulary, at most DRAFT_VOCAB ids: Qwen3.5's
@@ -182,24 +184,29 @@ def _check_mtp_config(folder: Path) -> None:
                            "shares the main model's embedding, as Qwen3.5's released checkpoints do")
 
 
-def pays_by_default(model: Model) -> bool:
-    """Whether speculative decoding (one draft per pass) is expected to be faster for ``model``.
+def default_draft_tokens(model: Model, params: SamplingParams) -> int:
+    """Drafts per verify when the command line is not told (``--speculative``); 0: plain decoding.
 
-    The command line asks this when ``--speculative`` is not given; the Python API speculates
-    only when handed a speculative ``decode=``. Measured with tools/mtp_figures.py (README,
-    tools/measurements.md) on the Qwen3.5-0.8B shape: a two-position verify costs 1.03–1.09
-    decode steps on an Intel Xeon VM and 0.98–1.54 on an AMD EPYC VM, a draft 0.07–0.09, so
-    one draft pays from an acceptance of about 0.05–0.6; drafts from Qwen3.5's own heads are
-    accepted around 0.8. In a small model the MTP layer is a large part of the model, and
-    per-call overhead a large part of every step, the MTP layer's included, so only a head
-    that agrees with its model most of the time pays: the embedded model (four layers), its
-    head distilled toward it (tools/distill_mtp.py), measured 1.41× greedy with two drafts
-    (acceptance 0.88) and 1.01× with its generation config's sampling; before the
-    distillation (acceptance 0.82–0.84) 1.01–1.19× greedy. Since a command cannot know how
-    well a small model's head agrees before it runs, there speculation stays off unless
-    asked for.
+    The Python API speculates only when handed a speculative ``decode=``. Measured with
+    tools/mtp_figures.py (README, tools/measurements.md) on the Qwen3.5-0.8B shape: a
+    two-position verify costs 1.03–1.09 decode steps on an Intel Xeon VM and 0.98–1.54 on an
+    AMD EPYC VM, a draft 0.07–0.09, so one draft pays from an acceptance of about 0.05–0.6;
+    drafts from Qwen3.5's own heads are accepted around 0.8, and a third position costs more
+    than a second draft earns there. So a model of SMALL_MODEL_BYTES of weights and more takes
+    one draft, greedy or sampled.
+    In a small model the MTP layer is a large part of the model, and per-call overhead a large
+    part of every step, the MTP layer's included, so only drafts accepted most of the time pay.
+    The embedded model's head, distilled toward it (tools/distill_mtp.py), measured greedy 1.41×
+    with two drafts (0.88 accepted), 1.36–1.41× with three, 1.24× with one; with its generation
+    config's sampling 1.01× at best (a sampled draft is accepted less often and costs a
+    distribution). So a small model takes SMALL_MODEL_DRAFT_TOKENS drafts when decoding
+    greedily and none when sampling. (A small model whose head guesses its model poorly, such
+    as a random test fixture's, decodes greedily more slowly so, with the same output:
+    ``--speculative 0``.)
     """
-    return model.weight_bytes >= SMALL_MODEL_BYTES
+    if model.weight_bytes >= SMALL_MODEL_BYTES:
+        return DRAFT_TOKENS
+    return SMALL_MODEL_DRAFT_TOKENS if params.greedy else 0
 
 
 def require_head(head: MtpHead | None, where: str | None = None) -> MtpHead:

@@ -891,14 +891,18 @@ def test_golden_record_with_mtp_on_a_checkpoint_without_a_head_says_so(capsys):
     assert code != 0 and "no MTP head" in capsys.readouterr().err
 
 
-def test_speculation_is_on_by_default_for_models_big_enough_to_be_bound_by_reading_weights(monkeypatch):
+def test_the_command_lines_default_drafts_one_in_a_big_model_and_two_in_a_small_one_decoding_greedily(monkeypatch):
     from minqwen import mtp
 
     small = MODELS["text_tied_fp32"]
     bf16 = minqwen.load(FIXTURES / "text_grouped_bf16_bias", dtype="bfloat16")
-    assert not mtp.pays_by_default(small) and not mtp.pays_by_default(bf16)  # a few KB: per-call overhead
-    monkeypatch.setattr(mtp, "SMALL_MODEL_BYTES", 0)  # as if they were big
-    assert mtp.pays_by_default(small) and mtp.pays_by_default(bf16)
+    greedy, sampled = SamplingParams(), SamplingParams(temperature=0.7, top_k=20)
+    for model in (small, bf16):  # a few KB: per-call overhead makes the MTP layer dear, so only greedy pays
+        assert mtp.default_draft_tokens(model, greedy) == mtp.SMALL_MODEL_DRAFT_TOKENS == 2
+        assert mtp.default_draft_tokens(model, sampled) == 0
+    monkeypatch.setattr(mtp, "SMALL_MODEL_BYTES", 0)  # as if they were big: one draft, greedy or not
+    for model in (small, bf16):
+        assert mtp.default_draft_tokens(model, greedy) == mtp.default_draft_tokens(model, sampled) == 1
 
 
 def test_the_depth_figure_prices_a_cycle_and_puts_the_timed_functions_back(tmp_path, capsys):
@@ -1375,14 +1379,14 @@ def test_dedicated_mtp_embeddings_are_refused_naming_the_field(tmp_path, name):
 # ---------------------------------------------------------------- defaults, the decoder, golden taps
 
 
-def test_speculation_pays_from_exactly_small_model_bytes(monkeypatch):
+def test_a_model_is_big_from_exactly_small_model_bytes(monkeypatch):
     from minqwen import mtp
 
-    model = MODELS["text_tied_fp32"]
+    model, sampled = MODELS["text_tied_fp32"], SamplingParams(temperature=1.0)
     monkeypatch.setattr(mtp, "SMALL_MODEL_BYTES", model.weight_bytes)
-    assert mtp.pays_by_default(model)
+    assert mtp.default_draft_tokens(model, sampled) == 1
     monkeypatch.setattr(mtp, "SMALL_MODEL_BYTES", model.weight_bytes + 1)
-    assert not mtp.pays_by_default(model)
+    assert mtp.default_draft_tokens(model, sampled) == 0
 
 
 def test_speculative_decoder_drafts_the_number_of_tokens_it_was_given():

@@ -13,14 +13,26 @@ def greedy(*extra):
     return run("generate", PROMPT, "--max-new-tokens", "24", "--temperature", "0", *extra)
 
 
-def test_speculation_prints_the_same_greedy_text_and_is_off_by_default_on_the_tiny_embedded_model():
+def speculation_line(stderr):
+    """The stats line's ' · speculative: …' part (drafts, acceptance, tokens per pass), or None."""
+    return next((part for line in stderr.splitlines() for part in line.split(" · ") if part.startswith("speculative:")),
+                None)
+
+
+def test_speculation_prints_the_same_greedy_text_and_on_the_tiny_embedded_model_is_on_when_greedy():
     default, one = greedy(), greedy("--speculative")
     two, off = greedy("--speculative", "2"), greedy("--speculative", "0")
     for result in (default, one, two, off):
         assert result.returncode == 0, result.stderr
     assert default.stdout == one.stdout == two.stdout == off.stdout
     assert "drafts accepted" in one.stderr and "drafts accepted" in two.stderr
-    assert "speculative" not in off.stderr and "speculative" not in default.stderr
+    assert "speculative" not in off.stderr
+    # Greedy, a small model drafts two tokens a pass unless told (mtp.default_draft_tokens):
+    # the same drafts, so the same counts, as --speculative 2.
+    assert speculation_line(default.stderr) == speculation_line(two.stderr) != speculation_line(one.stderr)
+    # Sampling (the embedded model's generation config), it decodes plainly unless told.
+    sampled = run("generate", PROMPT, "--max-new-tokens", "8", "--seed", "0")
+    assert sampled.returncode == 0 and "speculative" not in sampled.stderr, sampled.stderr
 
 
 def test_a_speculative_chat_over_stdin_answers_as_a_plain_one():
