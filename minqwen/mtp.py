@@ -191,9 +191,9 @@ def default_draft_tokens(model: Model, params: SamplingParams) -> int:
     tools/mtp_figures.py (README, tools/measurements.md) on the Qwen3.5-0.8B shape: a
     two-position verify costs 1.03–1.09 decode steps on an Intel Xeon VM and 0.98–1.54 on an
     AMD EPYC VM, a draft 0.07–0.09, so one draft pays from an acceptance of about 0.05–0.6;
-    drafts from Qwen3.5's own heads are accepted around 0.8, and a third position costs more
-    than a second draft earns there. So a model of SMALL_MODEL_BYTES of weights and more takes
-    one draft, greedy or sampled.
+    drafts from Qwen3.5's own heads are accepted around 0.8. So a model of SMALL_MODEL_BYTES
+    of weights and more takes DRAFT_TOKENS (one) a pass, greedy or sampled (a third position's
+    cost varied too much between machines and runs for two drafts to be the safe default).
     In a small model the MTP layer is a large part of the model, and per-call overhead a large
     part of every step, the MTP layer's included, so only drafts accepted most of the time pay.
     The embedded model's head, distilled toward it (tools/distill_mtp.py), measured greedy 1.41×
