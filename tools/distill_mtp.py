@@ -38,6 +38,7 @@ import math
 import random
 import re
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -217,15 +218,17 @@ def update_card(card: Path, before: dict, after: dict, run: dict, args) -> None:
                           rf"\g<1>{after['acceptance']:.1%} ({after['drafts']:,} drafts)\g<2>", text, flags=re.M)
     if count != 1:
         raise SystemExit(f"{card}: no 'MTP draft =' row to update")
+    run_text = textwrap.fill(
+        f"After training, the MTP head alone was distilled toward the main model (frozen, unchanged) by "
+        f"`tools/distill_mtp.py`: {run['steps']:,} steps of {args.batch_size} windows of {args.seq_len} tokens in "
+        f"{run['seconds'] / 60:.1f} minutes, KL divergence from the main model's next-token distribution to the "
+        f"head's, on corpus windows and ({args.own_text:.0%} of the batches) on the main model's own greedy "
+        f"continuations of corpus prompts, for the first draft and (weight {args.chained_weight}) for a second "
+        f"draft chained on the head's own output; AdamW, peak lr {args.lr}, cosine to 10%, seed {args.seed}. The "
+        f"MTP rows of the evaluation below are measured after it.", width=94)
     section = f"""{CARD_SECTION}
 
-After training, the MTP head alone was distilled toward the main model (frozen, unchanged)
-by `tools/distill_mtp.py`: {run['steps']:,} steps of {args.batch_size} windows of
-{args.seq_len} tokens in {run['seconds'] / 60:.1f} minutes, KL divergence from the main model's
-next-token distribution to the head's, on corpus windows and ({args.own_text:.0%} of the
-batches) on the main model's own greedy continuations of corpus prompts, for the first draft
-and (weight {args.chained_weight}) for a second draft chained on the head's own output; AdamW,
-peak lr {args.lr}, cosine to 10%, seed {args.seed}. The MTP rows of the evaluation below are measured after it.
+{run_text}
 
 | held-out, bf16 | before | after |
 |---|---|---|
