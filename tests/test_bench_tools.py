@@ -567,6 +567,21 @@ def test_a_random_mtp_head_added_to_a_single_file_checkpoint_is_loaded(tmp_path)
 
 
 
+@pytest.mark.parametrize("sampling", ["greedy", "config"])
+def test_mtp_figures_embedded_measures_plain_and_speculative_decoding(capsys, sampling):
+    # Greedy, it asserts speculation's output is plain decoding's; with the generation config's
+    # sampling (other draws, the same distribution) it must not, and says which sampling it used.
+    import mtp_figures
+
+    mtp_figures.embedded(ROOT / "minqwen" / "embedded", "float32", new_tokens=6, count=1, sampling=sampling)
+    out = capsys.readouterr().out
+    assert re.search(rf"plain decode: +[\d.]+ tok/s +\(6 new tokens per prompt, {sampling},", out)
+    for k in (1, 2, 3):
+        assert re.search(rf"speculative k = {k}: +[\d.]+ tok/s +\([\d.]+x\) +drafts accepted [\d.]+, "
+                         rf"[\d.]+ tokens per verify", out), out
+    assert ("temperature=0.7" in out.splitlines()[0]) == (sampling == "config")
+
+
 def test_mtp_figures_speedups_follow_the_cost_model_from_the_printed_costs(monkeypatch, tmp_path, capsys):
     # speedup = (1 + expected tokens accepted per verify) ÷ (c_verify(k+1) + k·c_draft), with the
     # longest-accepted-prefix expectation a + a² + … + a^k (float64 here, from the printed costs).

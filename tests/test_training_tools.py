@@ -298,7 +298,7 @@ def test_distill_mtp_changes_the_head_alone_and_the_cards_mtp_rows(dm, tiny_runs
     try:
         dm.main([str(a) for a in args])
         card = (out / "MODEL_CARD.md").read_text()
-        dm.main([str(a) for a in args[:2] + ["--out", out] + args[4:]])  # again, over its own output
+        dm.main([str(a) for a in ["--model", out] + args[4:]])  # again, in place over its own output
     finally:
         torch.set_num_threads(threads)
     before = safetensors.torch.load_file(str(source / "model.safetensors"))
@@ -326,6 +326,7 @@ def test_distill_mtp_changes_the_head_alone_and_the_cards_mtp_rows(dm, tiny_runs
     again = (out / "MODEL_CARD.md").read_text()
     assert again.count(dm.CARD_SECTION) == 1 and again.count("python tools/distill_mtp.py") == 1
     assert (out / "tokenizer.json").read_bytes() == (source / "tokenizer.json").read_bytes()
+    assert sorted(path.name for path in out.iterdir()) == sorted(path.name for path in source.iterdir())
     # minqwen loads it, and speculation with the new head still says what plain decoding says.
     model = minqwen.load(out)
     ids = minqwen.Tokenizer(out).encode("def f(x):\n")

@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import re
 import sys
@@ -194,8 +195,12 @@ def write_head(model: te.ModelWithMtp, stored: dict[str, torch.Tensor], source: 
     for path in source.iterdir():
         if path.is_file() and path.name != "model.safetensors" and source.resolve() != out.resolve():
             (out / path.name).write_bytes(path.read_bytes())
-    safetensors.torch.save_file(tensors, str(out / "model.safetensors"), metadata=metadata)
-    (out / "model.safetensors").chmod(0o644)
+    # Written beside it, then renamed over it: the file being replaced may be the one ``stored``
+    # was read from (the default, in place), and an interrupted run leaves the old file whole.
+    partial = out / "model.safetensors.partial"
+    safetensors.torch.save_file(tensors, str(partial), metadata=metadata)
+    partial.chmod(0o644)
+    os.replace(partial, out / "model.safetensors")
     written = safetensors.torch.load_file(str(out / "model.safetensors"))
     for name, tensor in stored.items():
         if not name.startswith("mtp.") and not torch.equal(written[name], tensor):
@@ -296,7 +301,10 @@ def main(argv=None) -> None:
         raise SystemExit(f"{args.corpus}: no corpus there; build it with python tools/build_corpus.py --out {args.corpus}")
     manifest = json.loads((args.corpus / "manifest.json").read_text())
     render = te.ChatRenderer(te.load_chat_template())
-    code, dialog = te.encode_documents(tokenizer, te.load_documents(args.corpus, "train", manifest), render, 3)
+    # The training stream as tools/train_embedded.py builds it (its default dialog copies, shuffled by seed).
+    dialog_copies = te.argument_parser().get_default("dialog_copies")
+    code, dialog = te.encode_documents(tokenizer, te.load_documents(args.corpus, "train", manifest), render,
+                                       dialog_copies)
     documents = code + dialog
     random.Random(args.seed).shuffle(documents)
     windows = te.windows([t for doc in documents for t in doc], args.seq_len + 2, args.seq_len)
