@@ -107,15 +107,21 @@ def _exp32(x):
 
 
 @numba.njit(inline="always")
+def sigmoid32(x):
+    """1 / (1 + exp(−x)) for one float32 value: the compiled sigmoid's arithmetic, for other kernels to share."""
+    return _F(1.0) / (_F(1.0) + _exp32(-x))
+
+
+@numba.njit(inline="always")
 def silu32(x):
     """x · sigmoid(x) for one float32 value: the compiled SiLU's arithmetic, for other kernels to share."""
-    return x * (_F(1.0) / (_F(1.0) + _exp32(-x)))
+    return x * sigmoid32(x)
 
 
 def _sigmoid_loops(x, out):
     """out = 1 / (1 + exp(−x)) over flat float32 arrays."""
     for i in numba.prange(x.size):
-        out[i] = _F(1.0) / (_F(1.0) + _exp32(-x[i]))
+        out[i] = sigmoid32(x[i])
 
 
 def _silu_loops(x, out):

@@ -37,9 +37,9 @@ from dataclasses import dataclass, field
 import numba
 import numpy as np
 
-from .activations import ACTIVATIONS, SILU_NAMES, sigmoid, silu32, softplus
+from .activations import ACTIVATIONS, SILU_NAMES, sigmoid, sigmoid32, silu32, softplus
 from .linear import BLAS_ROWS, linear, linears
-from .norms import gated_rms_norm, l2_normalize
+from .norms import L2_EPS, gated_rms_norm, gated_rms_norm_row, l2_normalize, l2_normalize_row
 from .threads import OPENBLAS_THREADS_NAP, numba_does_the_products, serial_and_parallel
 
 CHUNK_SIZE = 64
@@ -195,6 +195,16 @@ def recurrent_gated_delta_rule_numpy(q, k, v, g, beta, state):
 def _recurrent_loops(q, k, v, g, beta, initial, states, out):
     """Numba twin of recurrent_gated_delta_rule_numpy: the memory starts as ``initial``, ends in ``states``.
 
+    Heads are independent, so they may run in parallel; within a head the tokens are sequential.
+    """
+    for h in numba.prange(q.shape[1]):
+        _recurrent_head(q, k, v, g, beta, initial, states, out, h)
+
+
+@numba.njit(inline="always")
+def _recurrent_head(q, k, v, g, beta, initial, states, out, h):
+    """The recurrence of value head ``h`` over the T tokens of q, k, v, g, beta (arrays of every head).
+
     ``initial`` [Hv, Dk, Dv] is the incoming memory, read through this name only (it may be
     ``states[0]`` itself, each row read before it is overwritten). ``states`` [n, Hv, Dk, Dv]
     receives the memory: with n = 1 it is updated token after token (``initial`` may then be
@@ -210,90 +220,88 @@ def _recurrent_loops(q, k, v, g, beta, initial, states, out):
     token. On the 0.8B head shape (128 × 128) this is 1.5× the two-pass loop on one core. The
     sums run in the same order whether T tokens come in one call or in T calls, so a verify's
     kept states are bit for bit what decode steps leave.
-    Heads are independent, so they may run in parallel; within a head the tokens are sequential.
     """
-    t_len, num_heads, dk = q.shape
+    t_len, dk = q.shape[0], q.shape[2]
     dv = v.shape[2]
     last_slot = states.shape[0] - 1
     if t_len == 0:
         return
-    for h in numba.prange(num_heads):
-        read_k = np.zeros(dv, states.dtype)  # S_{t−1}ᵀ k_t   [Dv]
-        read_q = np.zeros(dv, states.dtype)  # S_{t−1}ᵀ q_t   [Dv]
-        delta = np.empty(dv, states.dtype)  # δ_t = β_t (v_t − v̂_t)   [Dv]
-        for i in range(dk):  # the first token's reads of the incoming memory
-            # Rows as 1-D views, one array written per loop: LLVM then turns the loop over j
-            # into vector code. (Reading S_{t−1} from one array and writing S_t to another
-            # needed more run-time overlap checks than LLVM makes, and ran 6× slower.)
-            row, k_first, q_first = initial[h, i], k[0, h, i], q[0, h, i]  # row [Dv]
-            for j in range(dv):
-                read_k[j] += k_first * row[j]
-                read_q[j] += q_first * row[j]
-        for t in range(t_len):
-            slot = min(t, last_slot)
-            S = states[slot, h]  # [Dk, Dv]: S_t after this token
-            # Where S_{t−1} is: in S already (updating in place), or the slot before, or the
-            # incoming memory. Not in S, each row is copied in just before its update, so the
-            # update pass finds it in the nearest cache.
-            previous = initial[h] if t == 0 else states[slot - 1, h] if slot == t else S
-            copy_in = t > 0 and slot == t or t == 0 and not _same_memory(initial, states)
-            decay = np.exp(g[t, h])
-            k_dot_q = 0.0  # a float64 scalar in Numba: the one sum here over Dk terms
+    read_k = np.zeros(dv, states.dtype)  # S_{t−1}ᵀ k_t   [Dv]
+    read_q = np.zeros(dv, states.dtype)  # S_{t−1}ᵀ q_t   [Dv]
+    delta = np.empty(dv, states.dtype)  # δ_t = β_t (v_t − v̂_t)   [Dv]
+    for i in range(dk):  # the first token's reads of the incoming memory
+        # Rows as 1-D views, one array written per loop: LLVM then turns the loop over j
+        # into vector code. (Reading S_{t−1} from one array and writing S_t to another
+        # needed more run-time overlap checks than LLVM makes, and ran 6× slower.)
+        row, k_first, q_first = initial[h, i], k[0, h, i], q[0, h, i]  # row [Dv]
+        for j in range(dv):
+            read_k[j] += k_first * row[j]
+            read_q[j] += q_first * row[j]
+    for t in range(t_len):
+        slot = min(t, last_slot)
+        S = states[slot, h]  # [Dk, Dv]: S_t after this token
+        # Where S_{t−1} is: in S already (updating in place), or the slot before, or the
+        # incoming memory. Not in S, each row is copied in just before its update, so the
+        # update pass finds it in the nearest cache.
+        previous = initial[h] if t == 0 else states[slot - 1, h] if slot == t else S
+        copy_in = t > 0 and slot == t or t == 0 and not _same_memory(initial, states)
+        decay = np.exp(g[t, h])
+        k_dot_q = 0.0  # a float64 scalar in Numba: the one sum here over Dk terms
+        for i in range(dk):
+            k_dot_q += k[t, h, i] * q[t, h, i]
+        for j in range(dv):
+            delta[j] = beta[t, h] * (v[t, h, j] - decay * read_k[j])
+            out[t, h, j] = decay * read_q[j] + k_dot_q * delta[j]
+            read_k[j] = 0.0  # read: ready to sum the next token's reads
+            read_q[j] = 0.0
+        if t + 1 == t_len:  # the last token: write S_t, nothing more to read
             for i in range(dk):
-                k_dot_q += k[t, h, i] * q[t, h, i]
-            for j in range(dv):
-                delta[j] = beta[t, h] * (v[t, h, j] - decay * read_k[j])
-                out[t, h, j] = decay * read_q[j] + k_dot_q * delta[j]
-                read_k[j] = 0.0  # read: ready to sum the next token's reads
-                read_q[j] = 0.0
-            if t + 1 == t_len:  # the last token: write S_t, nothing more to read
-                for i in range(dk):
-                    row, k_write = S[i], k[t, h, i]  # row [Dv]
-                    if copy_in:
-                        source = previous[i]
-                        for j in range(dv):
-                            row[j] = source[j]
-                    for j in range(dv):
-                        row[j] = decay * row[j] + k_write * delta[j]
-                continue
-            # Write S_t, and read it for token t + 1 on the way. The pass is bound by loads and
-            # stores, not arithmetic: a row at a time it stores three vectors (the row, read_k,
-            # read_q) per vector of S; four rows at a time share one pass over read_k and read_q,
-            # six stores per four vectors (a 512-token prompt on the 0.8B head shape: 1.4-1.5x).
-            # The sums still add the rows one after another, so the results are those of the
-            # row-at-a-time loop, bit for bit (compared on the 0.8B shape and odd ones when the
-            # change was made).
-            i = 0
-            while i < dk:
-                n = min(4, dk - i)  # rows i … i + n − 1 in this pass
+                row, k_write = S[i], k[t, h, i]  # row [Dv]
                 if copy_in:
-                    for r in range(i, i + n):
-                        row, source = S[r], previous[r]
-                        for j in range(dv):
-                            row[j] = source[j]
-                if n == 4:
-                    r0, r1, r2, r3 = S[i], S[i + 1], S[i + 2], S[i + 3]  # [Dv] each
-                    w0, w1, w2, w3 = k[t, h, i], k[t, h, i + 1], k[t, h, i + 2], k[t, h, i + 3]
-                    k0, k1, k2, k3 = k[t + 1, h, i], k[t + 1, h, i + 1], k[t + 1, h, i + 2], k[t + 1, h, i + 3]
-                    q0, q1, q2, q3 = q[t + 1, h, i], q[t + 1, h, i + 1], q[t + 1, h, i + 2], q[t + 1, h, i + 3]
+                    source = previous[i]
                     for j in range(dv):
-                        s0 = decay * r0[j] + w0 * delta[j]
-                        s1 = decay * r1[j] + w1 * delta[j]
-                        s2 = decay * r2[j] + w2 * delta[j]
-                        s3 = decay * r3[j] + w3 * delta[j]
-                        r0[j], r1[j], r2[j], r3[j] = s0, s1, s2, s3
-                        read_k[j] = (((read_k[j] + k0 * s0) + k1 * s1) + k2 * s2) + k3 * s3
-                        read_q[j] = (((read_q[j] + q0 * s0) + q1 * s1) + q2 * s2) + q3 * s3
-                else:  # the last rows of a Dk that is not a multiple of four
-                    for r in range(i, i + n):
-                        row, k_write = S[r], k[t, h, r]
-                        k_next, q_next = k[t + 1, h, r], q[t + 1, h, r]
-                        for j in range(dv):
-                            s = decay * row[j] + k_write * delta[j]
-                            row[j] = s
-                            read_k[j] += k_next * s
-                            read_q[j] += q_next * s
-                i += n
+                        row[j] = source[j]
+                for j in range(dv):
+                    row[j] = decay * row[j] + k_write * delta[j]
+            continue
+        # Write S_t, and read it for token t + 1 on the way. The pass is bound by loads and
+        # stores, not arithmetic: a row at a time it stores three vectors (the row, read_k,
+        # read_q) per vector of S; four rows at a time share one pass over read_k and read_q,
+        # six stores per four vectors (a 512-token prompt on the 0.8B head shape: 1.4-1.5x).
+        # The sums still add the rows one after another, so the results are those of the
+        # row-at-a-time loop, bit for bit (compared on the 0.8B shape and odd ones when the
+        # change was made).
+        i = 0
+        while i < dk:
+            n = min(4, dk - i)  # rows i … i + n − 1 in this pass
+            if copy_in:
+                for r in range(i, i + n):
+                    row, source = S[r], previous[r]
+                    for j in range(dv):
+                        row[j] = source[j]
+            if n == 4:
+                r0, r1, r2, r3 = S[i], S[i + 1], S[i + 2], S[i + 3]  # [Dv] each
+                w0, w1, w2, w3 = k[t, h, i], k[t, h, i + 1], k[t, h, i + 2], k[t, h, i + 3]
+                k0, k1, k2, k3 = k[t + 1, h, i], k[t + 1, h, i + 1], k[t + 1, h, i + 2], k[t + 1, h, i + 3]
+                q0, q1, q2, q3 = q[t + 1, h, i], q[t + 1, h, i + 1], q[t + 1, h, i + 2], q[t + 1, h, i + 3]
+                for j in range(dv):
+                    s0 = decay * r0[j] + w0 * delta[j]
+                    s1 = decay * r1[j] + w1 * delta[j]
+                    s2 = decay * r2[j] + w2 * delta[j]
+                    s3 = decay * r3[j] + w3 * delta[j]
+                    r0[j], r1[j], r2[j], r3[j] = s0, s1, s2, s3
+                    read_k[j] = (((read_k[j] + k0 * s0) + k1 * s1) + k2 * s2) + k3 * s3
+                    read_q[j] = (((read_q[j] + q0 * s0) + q1 * s1) + q2 * s2) + q3 * s3
+            else:  # the last rows of a Dk that is not a multiple of four
+                for r in range(i, i + n):
+                    row, k_write = S[r], k[t, h, r]
+                    k_next, q_next = k[t + 1, h, r], q[t + 1, h, r]
+                    for j in range(dv):
+                        s = decay * row[j] + k_write * delta[j]
+                        row[j] = s
+                        read_k[j] += k_next * s
+                        read_q[j] += q_next * s
+            i += n
 
 
 @numba.njit(inline="always")
@@ -357,6 +365,114 @@ def recurrent_gated_delta_rule(q, k, v, g, beta, state, every_state: bool = Fals
         np.ascontiguousarray(g), np.ascontiguousarray(beta), initial, states, out,
     )
     return out, (states[:t_len] if every_state else states[0])
+
+
+# --------------------------------------------------------------------------- a decode step in one pass
+
+
+def _decode_step_loops(mixed_qkv, z, b, decay_g, conv_weight_t, conv_state, norm, eps, num_key_heads, S, out):
+    """Everything :func:`gated_deltanet` does between its projections, for one token, compiled.
+
+    mixed_qkv [C]: in_proj_qkv's output, before the conv; z [Hv, Dv]; b [Hv]; decay_g [Hv]:
+    :func:`decay_gate` of in_proj_a's output;
+    conv_weight_t [K, C]; conv_state [K−1, C] and S [Hv, Dk, Dv]: the layer's state, both
+    updated in place; out [Hv, Dv]: the gated norm's output, for out_proj.
+
+    The twin is gated_deltanet's own code (from the conv to the gated norm), and each step
+    here is the compiled step that code calls (the conv kernel's sums, sigmoid32, the norms'
+    row functions, :func:`_recurrent_head`), so the results are the same bit for bit (tested):
+    a tapped decode step, which runs that code, records what an untapped one computes. What
+    changes is the number of passes: between two products a decode step made ~20 calls, each
+    with a temporary, and found its data evicted by the product before; here each value head
+    goes from its conv to its norm in one visit, and the heads split across the cores.
+    """
+    num_value_heads, dk, dv = S.shape
+    key_dim = num_key_heads * dk
+    group = num_value_heads // num_key_heads  # value heads per key head
+    taps = conv_weight_t.shape[0]
+    scale = np.float32(dk**-0.5)
+    # Each head fills its own row of these; laid out as gated_deltanet's (T = 1, q and k repeated per value head)
+    q = np.empty((1, num_value_heads, dk), np.float32)  # [1, Hv, Dk]
+    k = np.empty((1, num_value_heads, dk), np.float32)  # [1, Hv, Dk]
+    v = np.empty((1, num_value_heads, dv), np.float32)  # [1, Hv, Dv]
+    g = np.empty((1, num_value_heads), np.float32)  # [1, Hv]
+    beta = np.empty((1, num_value_heads), np.float32)  # [1, Hv]
+    core = np.empty((1, num_value_heads, dv), np.float32)  # [1, Hv, Dv]
+    states = S.reshape((1, num_value_heads, dk, dv))  # the same memory: the recurrence runs in place
+    for h in numba.prange(num_value_heads):
+        key_head = h // group
+        # conv1d + SiLU of this head's channels (its key head's q and k, its own v), reading
+        # the window as it was before this token; the window moves on after every head is done
+        _conv_one_token(mixed_qkv, conv_weight_t, conv_state, key_head * dk, q[0, h])
+        _conv_one_token(mixed_qkv, conv_weight_t, conv_state, key_dim + key_head * dk, k[0, h])
+        _conv_one_token(mixed_qkv, conv_weight_t, conv_state, 2 * key_dim + h * dv, v[0, h])
+        l2_normalize_row(q[0, h], np.float32(L2_EPS), q[0, h])
+        for i in range(dk):
+            q[0, h, i] *= scale
+        l2_normalize_row(k[0, h], np.float32(L2_EPS), k[0, h])
+        beta[0, h] = sigmoid32(b[h])
+        g[0, h] = decay_g[h]
+        _recurrent_head(q, k, v, g, beta, S, states, core, h)
+        gated_rms_norm_row(core[0, h], z[h], norm, eps, out[h])
+    # The window: drop the oldest input, append this token's
+    for row in range(taps - 2):
+        conv_state[row] = conv_state[row + 1]
+    if taps > 1:
+        conv_state[taps - 2] = mixed_qkv
+
+
+@numba.njit(inline="always")
+def _conv_one_token(x, weight_t, conv_state, first, out):
+    """out = silu(conv1d) of channels first … first + len(out) − 1 for one new input row x [C].
+
+    The sums of :func:`_conv_loops` (taps oldest first, from zero, in float32), for one token;
+    as there, loops run along the channels, which LLVM turns into vector code.
+    """
+    taps, n = weight_t.shape[0], out.size
+    for c in range(n):
+        out[c] = 0.0
+    for tap in range(taps):
+        weights = weight_t[tap, first : first + n]  # [n]
+        inputs = (conv_state[tap] if tap < taps - 1 else x)[first : first + n]  # [n]: the window, then x
+        for c in range(n):
+            out[c] += weights[c] * inputs[c]
+    for c in range(n):
+        out[c] = silu32(out[c])
+
+
+_decode_step_kernel, _decode_step_kernel_parallel = serial_and_parallel(_decode_step_loops, error_model="numpy")
+
+
+def decode_step_fits(mixed_qkv, w: DeltaNetWeights, state: DeltaNetState, hidden_act: str) -> bool:
+    """Whether :func:`decode_step` can take this call: one token, float32 throughout (the
+    kernel's arithmetic), SiLU, a state it may update in place. Anything else runs the
+    definition in :func:`gated_deltanet`."""
+    arrays = (mixed_qkv, w.conv1d, w.A_log, w.dt_bias, w.norm, state.conv, state.recurrent)
+    return (
+        mixed_qkv.shape[0] == 1
+        and hidden_act in SILU_NAMES
+        and state.history is None
+        and all(x.dtype == np.float32 for x in arrays)
+        and all(x.flags.c_contiguous and x.flags.writeable for x in (state.conv, state.recurrent))
+    )
+
+
+def decode_step(mixed_qkv, z, b, a, w: DeltaNetWeights, state: DeltaNetState, num_key_heads: int,
+                eps: float) -> np.ndarray:
+    """gated_deltanet between its projections for one token, compiled (:func:`_decode_step_loops`).
+
+    mixed_qkv [1, C], z [1, Hv, Dv], b, a [1, Hv]; advances ``state`` in place; returns the
+    gated norm's output [1, Hv, Dv].
+    """
+    decay_g = decay_gate(a[0], w.A_log, w.dt_bias)  # [Hv]: NumPy's exp and softplus, as in the definition
+    out = np.empty(state.recurrent.shape[0:1] + state.recurrent.shape[2:], np.float32)  # [Hv, Dv]
+    # Split the heads across the cores only where Numba's pool is awake anyway (a model too big
+    # for the caches: see linear.numba_multiplies); a small model's step stays on this thread.
+    kernel = _decode_step_kernel_parallel if numba_does_the_products() else _decode_step_kernel
+    kernel(np.ascontiguousarray(mixed_qkv[0]), np.ascontiguousarray(z[0]), np.ascontiguousarray(b[0]),
+           np.ascontiguousarray(decay_g), np.ascontiguousarray(w.conv1d.T), state.conv, w.norm,
+           np.float32(eps), num_key_heads, state.recurrent, out)
+    return out[None]
 
 
 def chunked_gated_delta_rule(q, k, v, g, beta, state, chunk_size: int = CHUNK_SIZE):
@@ -432,6 +548,15 @@ def unit_lower_inverse(A: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- the layer
 
 
+def decay_gate(a: np.ndarray, A_log: np.ndarray, dt_bias: np.ndarray) -> np.ndarray:
+    """g = −exp(A_log) · softplus(a + dt_bias): a [T, Hv] → g [T, Hv], the log of each head's decay.
+
+    Mamba2's parametrisation: a per-head rate exp(A_log) > 0 times a per-token step
+    softplus(a + dt_bias) > 0 (dt_bias: the head's default step), so exp(g) ∈ (0, 1].
+    """
+    return -np.exp(A_log) * softplus(a + dt_bias)
+
+
 def gated_deltanet(
     x: np.ndarray,
     w: DeltaNetWeights,
@@ -462,6 +587,12 @@ def gated_deltanet(
         tap("linear_attn.in_proj_b", b)
         tap("linear_attn.in_proj_a", a)
 
+    if tap is None and decode_step_fits(mixed_qkv, w, state, hidden_act):
+        # A decode step: everything from here to the gated norm, compiled in one pass per value
+        # head (decode_step). The code below is its definition, and what every other call runs.
+        normed = decode_step(mixed_qkv, z, b, a, w, state, num_key_heads, eps)  # [1, Hv, Dv]
+        return linear(normed.reshape(1, num_value_heads * value_head_dim), w.out_proj)  # [1, H]
+
     # Kept for a speculative verify (mtp.py), which must rebuild the conv window after each of
     # its tokens for the roll-back; the conv below replaces state.conv.
     conv_inputs, conv_before = mixed_qkv, state.conv
@@ -480,9 +611,7 @@ def gated_deltanet(
     q = l2_normalize(q) * q.dtype.type(key_head_dim**-0.5)
     k = l2_normalize(k)
     beta = sigmoid(b)  # [T, Hv]: how strongly this token overwrites the memory
-    # Mamba2's parametrisation: a per-head rate exp(A_log) > 0 times a per-token step
-    # softplus(a + dt_bias) > 0 (dt_bias: the head's default step), so exp(g) ∈ (0, 1].
-    g = -np.exp(w.A_log) * softplus(a + w.dt_bias)  # [T, Hv]: log of the memory's decay, ≤ 0
+    g = decay_gate(a, w.A_log, w.dt_bias)  # [T, Hv]: log of the memory's decay, ≤ 0
     if tap is not None:
         tap("linear_attn.q", q)
         tap("linear_attn.k", k)
@@ -505,8 +634,8 @@ def gated_deltanet(
         core, state.recurrent = recurrent_gated_delta_rule(q, k, v, g, beta, state.recurrent, in_place=True)
     if tap is not None:
         tap("linear_attn.core", core)
-        tap("linear_attn.conv_state", state.conv)
-        # A copy: the next step updates the memory in place, and a tap may keep the array it was handed.
+        # Copies: a decode step updates both in place, and a tap may keep the array it was handed.
+        tap("linear_attn.conv_state", state.conv.copy())
         tap("linear_attn.recurrent_state", state.recurrent.copy())
 
     normed = gated_rms_norm(core, z, w.norm, eps)  # [T, Hv, Dv]

@@ -42,7 +42,10 @@ def gated_rms_norm(x: np.ndarray, gate: np.ndarray, weight: np.ndarray, eps: flo
     return gated_rms_norm_numpy(x, gate, weight, eps)
 
 
-def l2_normalize(x: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+L2_EPS = 1e-6  # the reference's eps for the Gated DeltaNet's q and k
+
+
+def l2_normalize(x: np.ndarray, eps: float = L2_EPS) -> np.ndarray:
     """x / sqrt(|x|² + eps) over the last axis (the reference's eps placement). Float32 takes the kernel."""
     if x.dtype == np.float32 and _rows_fit(x):
         return _by_rows(_l2_normalize_kernel, _l2_normalize_kernel_parallel, x, np.float32(eps))
@@ -61,7 +64,7 @@ def gated_rms_norm_numpy(x: np.ndarray, gate: np.ndarray, weight: np.ndarray, ep
     return weight * normalised(x, eps) * silu_numpy(gate)  # (silu itself would take the compiled kernel)
 
 
-def l2_normalize_numpy(x: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+def l2_normalize_numpy(x: np.ndarray, eps: float = L2_EPS) -> np.ndarray:
     """The twin of l2_normalize."""
     return x / np.sqrt(np.sum(x * x, axis=-1, keepdims=True) + x.dtype.type(eps))
 
@@ -93,22 +96,32 @@ def _rms_norm_loops(x, weight, eps, out):
             result[i] = row[i] / root * (np.float32(1.0) + weight[i])
 
 
+@numba.njit(inline="always")
+def gated_rms_norm_row(row, gate, weight, eps, result):
+    """result = weight · row / √(mean(row²) + eps) · silu(gate), for one row [Dv] (also deltanet's decode step's)."""
+    root = _root_mean_square(row, eps)
+    for i in range(row.size):
+        result[i] = weight[i] * (row[i] / root) * silu32(gate[i])  # silu32: activations.silu's arithmetic
+
+
+@numba.njit(inline="always")
+def l2_normalize_row(row, eps, result):
+    """result = row / √(|row|² + eps), for one row [D] (also deltanet's decode step's)."""
+    root = np.sqrt(np.float32(_sum_of_squares(row)) + eps)
+    for i in range(row.size):
+        result[i] = row[i] / root
+
+
 def _gated_rms_norm_loops(x, gate, weight, eps, out):
     """out[r] = weight · x[r] / √(mean(x[r]²) + eps) · silu(gate[r]), over the rows of x [R, Dv]."""
     for r in numba.prange(x.shape[0]):
-        row, g, result = x[r], gate[r], out[r]  # [Dv]
-        root = _root_mean_square(row, eps)
-        for i in range(row.size):
-            result[i] = weight[i] * (row[i] / root) * silu32(g[i])  # silu32: activations.silu's arithmetic
+        gated_rms_norm_row(x[r], gate[r], weight, eps, out[r])
 
 
 def _l2_normalize_loops(x, eps, out):
     """out[r] = x[r] / √(|x[r]|² + eps), over the rows of x [R, D]."""
     for r in numba.prange(x.shape[0]):
-        row, result = x[r], out[r]  # [D]
-        root = np.sqrt(np.float32(_sum_of_squares(row)) + eps)
-        for i in range(row.size):
-            result[i] = row[i] / root
+        l2_normalize_row(x[r], eps, out[r])
 
 
 _rms_norm_kernel, _rms_norm_kernel_parallel = serial_and_parallel(_rms_norm_loops, error_model="numpy")

@@ -498,3 +498,88 @@ def test_a_layer_keeping_every_state_leaves_the_final_state_in_place_too(t_len):
         layer(x[t : t + 1], step)
         close(keeping.history[t].conv, step.conv)
         close(keeping.history[t].recurrent, step.recurrent)
+
+
+# --------------------------------------------------------------------------- a decode step in one pass
+
+
+def _noop_tap(name, array):
+    """A tap that keeps nothing: a tapped call runs the layer's definition, step by step."""
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 20), st.integers(1, 20), st.integers(1, 6),
+       st.booleans(), st.integers(0, 2**31))
+def test_a_compiled_decode_step_equals_the_layers_definition(hk, group, dk, dv, kernel, awake, seed):
+    # Any head counts (value heads sharing a key head), head widths that are not a multiple of
+    # the recurrence's four rows, conv kernels of 1 (no window) to 6, serial and parallel builds;
+    # several steps in a row, from a state a prompt left.
+    from minqwen.threads import one_blas_thread
+
+    rng = np.random.default_rng(seed)
+    hv = hk * group
+    w, state = _small_deltanet(rng, hk, hv, dk, dv, kernel)
+    gated_deltanet(rng.normal(size=(5, 32)).astype(np.float32), w, state, hk, hv, dk, dv, "silu", 1e-6)
+    compiled, definition = state.copy(), state.copy()
+    conv, memory = compiled.conv, compiled.recurrent
+    for _ in range(3):
+        x = rng.normal(size=(1, 32)).astype(np.float32)
+        with one_blas_thread(awake):
+            got = gated_deltanet(x, w, compiled, hk, hv, dk, dv, "silu", 1e-6)
+        expected = gated_deltanet(x, w, definition, hk, hv, dk, dv, "silu", 1e-6, tap=_noop_tap)
+        # The same arithmetic in the same order: bit for bit (so a tapped step records what an untapped one computes)
+        np.testing.assert_array_equal(got, expected)
+        np.testing.assert_array_equal(compiled.conv, definition.conv)
+        np.testing.assert_array_equal(compiled.recurrent, definition.recurrent)
+    assert compiled.conv is conv and compiled.recurrent is memory  # updated in place
+
+
+def test_the_decode_steps_serial_and_parallel_builds_agree_bit_for_bit():
+    from minqwen import deltanet
+
+    rng = np.random.default_rng(4)
+    hk, hv, dk, dv = 2, 6, 16, 12
+    w, state = _small_deltanet(rng, hk, hv, dk, dv)
+    gated_deltanet(rng.normal(size=(4, 32)).astype(np.float32), w, state, hk, hv, dk, dv, "silu", 1e-6)
+    mixed_qkv = rng.normal(size=(1, w.conv1d.shape[0])).astype(np.float32)
+    z, b, a = (rng.normal(size=s).astype(np.float32) for s in ((1, hv, dv), (1, hv), (1, hv)))
+    results = []
+    for kernel in (deltanet._decode_step_kernel, deltanet._decode_step_kernel_parallel):
+        s = state.copy()
+        out = np.empty((hv, dv), np.float32)
+        kernel(mixed_qkv[0], z[0], b[0], deltanet.decay_gate(a[0], w.A_log, w.dt_bias), np.ascontiguousarray(w.conv1d.T),
+               s.conv, w.norm, np.float32(1e-6), hk, s.recurrent, out)
+        results.append((out, s.conv, s.recurrent))
+    for serial, parallel in zip(*results):
+        np.testing.assert_array_equal(serial, parallel)
+
+
+def test_only_a_plain_float32_decode_step_takes_the_compiled_step(monkeypatch):
+    # Prompts, tapped calls (a tap sees every intermediate), a speculative verify (it keeps each
+    # token's state), float64 checks and other activations run the definition.
+    from minqwen import deltanet
+
+    calls = []
+    for name in ("_decode_step_kernel", "_decode_step_kernel_parallel"):
+        kernel = getattr(deltanet, name)
+        monkeypatch.setattr(deltanet, name, lambda *a, kernel=kernel: (calls.append(1), kernel(*a)))
+    rng = np.random.default_rng(6)
+    hk, hv, dk, dv = 2, 4, 12, 8
+    w, state = _small_deltanet(rng, hk, hv, dk, dv)
+    w64 = DeltaNetWeights(**{name: getattr(w, name).astype(np.float64) for name in vars(w)})
+    state64 = DeltaNetState(state.conv.astype(np.float64), state.recurrent.astype(np.float64))
+    one, two = rng.normal(size=(1, 32)).astype(np.float32), rng.normal(size=(2, 32)).astype(np.float32)
+    verifying = state.copy()
+    verifying.history = []
+    cases = {
+        "a decode step": (one, w, state.copy(), "silu", None, 1),
+        "two tokens": (two, w, state.copy(), "silu", None, 0),
+        "tapped": (one, w, state.copy(), "silu", _noop_tap, 0),
+        "a verify": (one, w, verifying, "silu", None, 0),
+        "float64": (one.astype(np.float64), w64, state64, "silu", None, 0),
+        "gelu": (one, w, state.copy(), "gelu_pytorch_tanh", None, 0),
+    }
+    for case, (x, weights, s, act, tap, expected) in cases.items():
+        calls.clear()
+        gated_deltanet(x, weights, s, hk, hv, dk, dv, act, 1e-6, tap=tap)
+        assert len(calls) == expected, case

@@ -938,9 +938,9 @@ def test_the_split_figure_times_step_and_verify_and_puts_the_timed_functions_bac
     import minqwen.deltanet as deltanet
     import minqwen.linear as linear_module
 
-    originals = linear_module.linear_few_rows, deltanet.recurrent_gated_delta_rule
+    originals = linear_module.linear_few_rows, deltanet.recurrent_gated_delta_rule, deltanet.decode_step
     mtp_figures.split(embedded_or_skip(), "float32", rounds=2)
-    assert (linear_module.linear_few_rows, deltanet.recurrent_gated_delta_rule) == originals
+    assert (linear_module.linear_few_rows, deltanet.recurrent_gated_delta_rule, deltanet.decode_step) == originals
     lines = re.findall(r"(decode step|verify of 2): +([\d.]+) ms; products +([\d.]+), recurrence +([\d.]+), "
                        r"the rest +(-?[\d.]+)", capsys.readouterr().out)
     assert [name for name, *_ in lines] == ["decode step", "verify of 2"]

@@ -200,7 +200,9 @@ def split(checkpoint: Path, dtype: str, rounds: int) -> None:
 
     Every call of the few-row kernel's wrapper and of the Gated DeltaNet recurrence is timed
     (a clock read before and after: ~0.1 µs each, against calls of 0.1–2 ms); the rest is
-    the layer code between them. Step and verify alternate on one live cache, each feeding
+    the layer code between them. A float32 decode step's recurrence runs inside
+    deltanet.decode_step, with the conv and norms around it in the same compiled pass: its
+    "recurrence" is that whole pass. Step and verify alternate on one live cache, each feeding
     one token, for ``rounds`` rounds; medians.
     """
     import minqwen.deltanet as deltanet
@@ -221,9 +223,10 @@ def split(checkpoint: Path, dtype: str, rounds: int) -> None:
             verify(model, cache, tokens)
             keep_first(cache, start, 1)
 
-    originals = linear_module.linear_few_rows, deltanet.recurrent_gated_delta_rule
+    originals = linear_module.linear_few_rows, deltanet.recurrent_gated_delta_rule, deltanet.decode_step
     linear_module.linear_few_rows = timed(originals[0], clocks, "products")
     deltanet.recurrent_gated_delta_rule = timed(originals[1], clocks, "recurrence")
+    deltanet.decode_step = timed(originals[2], clocks, "recurrence")
     rows = {"decode step": [], "verify of 2": []}
     try:
         for repeat in range(rounds + 1):  # the first round warms every kernel and is dropped
@@ -236,7 +239,7 @@ def split(checkpoint: Path, dtype: str, rounds: int) -> None:
                     rest = total - clocks["products"] - clocks["recurrence"]
                     rows[name].append((total, clocks["products"], clocks["recurrence"], rest))
     finally:
-        linear_module.linear_few_rows, deltanet.recurrent_gated_delta_rule = originals
+        linear_module.linear_few_rows, deltanet.recurrent_gated_delta_rule, deltanet.decode_step = originals
     print(f"{checkpoint.name}, {dtype}; {machine_line()}; medians of {rounds} alternated rounds")
     for name, values in rows.items():  # each column's median, so the parts need not add up exactly
         total, products, recurrence, rest = (statistics.median(column) * 1e3 for column in zip(*values))
