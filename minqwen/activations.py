@@ -118,6 +118,12 @@ def silu32(x):
     return x * sigmoid32(x)
 
 
+@numba.njit(inline="always")
+def softplus32(x):
+    """log(1 + exp(x)) for one float32 value, x itself above 20 (:func:`softplus`'s rule), for kernels to share."""
+    return x if x > _F(20.0) else np.log1p(np.exp(x))
+
+
 def _sigmoid_loops(x, out):
     """out = 1 / (1 + exp(−x)) over flat float32 arrays."""
     for i in numba.prange(x.size):

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import numba
 import numpy as np
 
-from .activations import ACTIVATIONS, SILU_NAMES, sigmoid, sigmoid32, silu32, softplus
+from .activations import ACTIVATIONS, SILU_NAMES, sigmoid, sigmoid32, silu32, softplus, softplus32
 from .linear import BLAS_ROWS, linear, linears
 from .norms import L2_EPS, gated_rms_norm, gated_rms_norm_row, l2_normalize, l2_normalize_row
 from .threads import OPENBLAS_THREADS_NAP, numba_does_the_products, serial_and_parallel
@@ -370,17 +370,18 @@ def recurrent_gated_delta_rule(q, k, v, g, beta, state, every_state: bool = Fals
 # --------------------------------------------------------------------------- a decode step in one pass
 
 
-def _decode_step_loops(mixed_qkv, z, b, decay_g, conv_weight_t, conv_state, norm, eps, num_key_heads, S, out):
+def _decode_step_loops(mixed_qkv, z, b, a, conv_weight_t, conv_state, A_log, dt_bias, norm, eps,
+                       num_key_heads, S, out):
     """Everything :func:`gated_deltanet` does between its projections, for one token, compiled.
 
-    mixed_qkv [C]: in_proj_qkv's output, before the conv; z [Hv, Dv]; b [Hv]; decay_g [Hv]:
-    :func:`decay_gate` of in_proj_a's output;
+    mixed_qkv [C]: in_proj_qkv's output, before the conv; z [Hv, Dv]; b, a [Hv];
     conv_weight_t [K, C]; conv_state [K−1, C] and S [Hv, Dk, Dv]: the layer's state, both
     updated in place; out [Hv, Dv]: the gated norm's output, for out_proj.
 
     The twin is gated_deltanet's own code (from the conv to the gated norm), and each step
-    here is the compiled step that code calls (the conv kernel's sums, sigmoid32, the norms'
-    row functions, :func:`_recurrent_head`), so the results are the same bit for bit (tested):
+    here is the compiled step that code calls (the conv kernel's sums, sigmoid32, decay_gate's
+    arithmetic, the norms' row functions, :func:`_recurrent_head`), so the results are the
+    same bit for bit (tested):
     a tapped decode step, which runs that code, records what an untapped one computes. What
     changes is the number of passes: between two products a decode step made ~20 calls, each
     with a temporary, and found its data evicted by the product before; here each value head
@@ -411,7 +412,7 @@ def _decode_step_loops(mixed_qkv, z, b, decay_g, conv_weight_t, conv_state, norm
             q[0, h, i] *= scale
         l2_normalize_row(k[0, h], np.float32(L2_EPS), k[0, h])
         beta[0, h] = sigmoid32(b[h])
-        g[0, h] = decay_g[h]
+        g[0, h] = _decay_gate32(a[h], A_log[h], dt_bias[h])
         _recurrent_head(q, k, v, g, beta, S, states, core, h)
         gated_rms_norm_row(core[0, h], z[h], norm, eps, out[h])
     # The window: drop the oldest input, append this token's
@@ -447,13 +448,14 @@ def decode_step_fits(mixed_qkv, w: DeltaNetWeights, state: DeltaNetState, hidden
     """Whether :func:`decode_step` can take this call: one token, float32 throughout (the
     kernel's arithmetic), SiLU, a state it may update in place. Anything else runs the
     definition in :func:`gated_deltanet`."""
-    arrays = (mixed_qkv, w.conv1d, w.A_log, w.dt_bias, w.norm, state.conv, state.recurrent)
+    conv, memory = state.conv, state.recurrent
     return (
         mixed_qkv.shape[0] == 1
         and hidden_act in SILU_NAMES
         and state.history is None
-        and all(x.dtype == np.float32 for x in arrays)
-        and all(x.flags.c_contiguous and x.flags.writeable for x in (state.conv, state.recurrent))
+        and mixed_qkv.dtype == w.conv1d.dtype == w.A_log.dtype == w.dt_bias.dtype == w.norm.dtype
+        == conv.dtype == memory.dtype == np.float32
+        and conv.flags.c_contiguous and memory.flags.c_contiguous and conv.flags.writeable and memory.flags.writeable
     )
 
 
@@ -461,18 +463,16 @@ def decode_step(mixed_qkv, z, b, a, w: DeltaNetWeights, state: DeltaNetState, nu
                 eps: float) -> np.ndarray:
     """gated_deltanet between its projections for one token, compiled (:func:`_decode_step_loops`).
 
-    mixed_qkv [1, C], z [1, Hv, Dv], b, a [1, Hv]; advances ``state`` in place; returns the
-    gated norm's output [1, Hv, Dv].
+    mixed_qkv [1, C], z [1, Hv, Dv], b, a [1, Hv]: the projections' outputs; advances ``state``
+    in place; returns the gated norm's output [1, Hv, Dv].
     """
-    decay_g = decay_gate(a[0], w.A_log, w.dt_bias)  # [Hv]: NumPy's exp and softplus, as in the definition
-    out = np.empty(state.recurrent.shape[0:1] + state.recurrent.shape[2:], np.float32)  # [Hv, Dv]
+    out = np.empty((1, *z.shape[1:]), np.float32)  # [1, Hv, Dv]
     # Split the heads across the cores only where Numba's pool is awake anyway (a model too big
     # for the caches: see linear.numba_multiplies); a small model's step stays on this thread.
     kernel = _decode_step_kernel_parallel if numba_does_the_products() else _decode_step_kernel
-    kernel(np.ascontiguousarray(mixed_qkv[0]), np.ascontiguousarray(z[0]), np.ascontiguousarray(b[0]),
-           np.ascontiguousarray(decay_g), np.ascontiguousarray(w.conv1d.T), state.conv, w.norm,
-           np.float32(eps), num_key_heads, state.recurrent, out)
-    return out[None]
+    kernel(mixed_qkv[0], z[0], b[0], a[0], np.ascontiguousarray(w.conv1d.T), state.conv, w.A_log, w.dt_bias,
+           w.norm, np.float32(eps), num_key_heads, state.recurrent, out[0])
+    return out
 
 
 def chunked_gated_delta_rule(q, k, v, g, beta, state, chunk_size: int = CHUNK_SIZE):
@@ -553,8 +553,33 @@ def decay_gate(a: np.ndarray, A_log: np.ndarray, dt_bias: np.ndarray) -> np.ndar
 
     Mamba2's parametrisation: a per-head rate exp(A_log) > 0 times a per-token step
     softplus(a + dt_bias) > 0 (dt_bias: the head's default step), so exp(g) ∈ (0, 1].
+    Float32 takes the compiled loop below (the decode step's own arithmetic, so that the two
+    agree bit for bit); the twin is :func:`decay_gate_numpy`.
     """
+    if a.dtype == A_log.dtype == dt_bias.dtype == np.float32 and a.ndim == 2 and A_log.shape == dt_bias.shape == a.shape[1:]:
+        g = np.empty(a.shape, np.float32)
+        _decay_gate_kernel(a, A_log, dt_bias, g)
+        return g
+    return decay_gate_numpy(a, A_log, dt_bias)
+
+
+def decay_gate_numpy(a: np.ndarray, A_log: np.ndarray, dt_bias: np.ndarray) -> np.ndarray:
+    """The twin of :func:`decay_gate`, in NumPy (which rounds exp and log1p within an ulp of the C library's)."""
     return -np.exp(A_log) * softplus(a + dt_bias)
+
+
+@numba.njit(inline="always")
+def _decay_gate32(a, A_log, dt_bias):
+    """decay_gate for one float32 value of a (and its head's A_log, dt_bias)."""
+    return -np.exp(A_log) * softplus32(a + dt_bias)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _decay_gate_kernel(a, A_log, dt_bias, g):
+    """g[t, h] = _decay_gate32(a[t, h], A_log[h], dt_bias[h]) over a, g [T, Hv]."""
+    for t in range(a.shape[0]):
+        for h in range(a.shape[1]):
+            g[t, h] = _decay_gate32(a[t, h], A_log[h], dt_bias[h])
 
 
 def gated_deltanet(

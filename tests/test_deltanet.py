@@ -547,8 +547,8 @@ def test_the_decode_steps_serial_and_parallel_builds_agree_bit_for_bit():
     for kernel in (deltanet._decode_step_kernel, deltanet._decode_step_kernel_parallel):
         s = state.copy()
         out = np.empty((hv, dv), np.float32)
-        kernel(mixed_qkv[0], z[0], b[0], deltanet.decay_gate(a[0], w.A_log, w.dt_bias), np.ascontiguousarray(w.conv1d.T),
-               s.conv, w.norm, np.float32(1e-6), hk, s.recurrent, out)
+        kernel(mixed_qkv[0], z[0], b[0], a[0], np.ascontiguousarray(w.conv1d.T), s.conv, w.A_log, w.dt_bias,
+               w.norm, np.float32(1e-6), hk, s.recurrent, out)
         results.append((out, s.conv, s.recurrent))
     for serial, parallel in zip(*results):
         np.testing.assert_array_equal(serial, parallel)
@@ -583,3 +583,30 @@ def test_only_a_plain_float32_decode_step_takes_the_compiled_step(monkeypatch):
         calls.clear()
         gated_deltanet(x, weights, s, hk, hv, dk, dv, act, 1e-6, tap=tap)
         assert len(calls) == expected, case
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 6), st.integers(1, 20), st.integers(0, 2**31))
+def test_the_compiled_decay_gate_equals_its_numpy_twin(t_len, heads, seed):
+    # Steps from deep in softplus's exponential tail to past its switch to x at 20, and rates
+    # from tiny to large: within float32 rounding of the twin (exp and log1p from another library).
+    from minqwen.deltanet import decay_gate, decay_gate_numpy
+
+    rng = np.random.default_rng(seed)
+    a = rng.normal(0, 12, size=(t_len, heads)).astype(np.float32)
+    A_log = rng.normal(0, 3, size=heads).astype(np.float32)
+    dt_bias = rng.normal(0, 4, size=heads).astype(np.float32)
+    got, expected = decay_gate(a, A_log, dt_bias), decay_gate_numpy(a, A_log, dt_bias)
+    assert got.dtype == np.float32 and got.shape == (t_len, heads)
+    np.testing.assert_allclose(got, expected, rtol=4e-7, atol=0)
+    assert (got <= 0).all()
+
+
+def test_the_decay_gate_at_softplus_switch_and_with_nan():
+    from minqwen.deltanet import decay_gate, decay_gate_numpy
+
+    a = np.array([[19.5, 20.0, 20.5, -100.0, np.nan, np.inf]], np.float32)
+    zero = np.zeros(6, np.float32)
+    got, expected = decay_gate(a, zero, zero), decay_gate_numpy(a, zero, zero)
+    np.testing.assert_allclose(got, expected, rtol=4e-7, atol=0)  # NaN where NaN, -inf where -inf
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(expected))
