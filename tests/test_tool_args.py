@@ -580,6 +580,12 @@ def test_tools_that_need_the_reference_say_how_to_install_it(paths, script, args
     assert not (paths / "out").exists() and not (paths / "tests").exists()
 
 
+def test_bench_in_a_python_without_minqwens_dependencies_says_to_install_minqwen(paths):
+    result = run_tool("bench.py", "--model", FIXTURE, "--quick", "--no-transformers", cwd=paths,
+                      env=hiding(paths, "numba"))
+    assert_refused(result, "do not import in this Python", "no numba", "pip install -e .")
+
+
 def test_bench_without_transformers_says_to_install_it_or_leave_it_out(paths):
     result = run_tool("bench.py", "--model", FIXTURE, "--quick", cwd=paths, env=without_the_reference(paths),
                       timeout=300)

@@ -481,7 +481,11 @@ def main() -> int:
     for name, default in quick.items():
         if getattr(args, name) is None:
             setattr(args, name, default)
-    import numba  # its config only: this process starts no Numba threads (nor imports minqwen)
+    try:
+        import numba  # its config only: this process starts no Numba threads (nor imports minqwen)
+    except ImportError as e:  # run by a Python that minqwen is not installed in
+        parser.error(f"minqwen's dependencies do not import in this Python ({e}): install minqwen first "
+                     "(pip install -e . in the repository)")
 
     if args.threads > numba.config.NUMBA_NUM_THREADS:  # found now, not in a worker after the others loaded
         parser.error(f"--threads {args.threads}: Numba starts with {numba.config.NUMBA_NUM_THREADS} threads here "
