@@ -38,6 +38,7 @@ import numba
 import numpy as np
 
 from .activations import ACTIVATIONS, SILU_NAMES, sigmoid, sigmoid32, silu32, softplus, softplus32
+from .errors import MinqwenError
 from .linear import BLAS_ROWS, linear, linears
 from .norms import L2_EPS, gated_rms_norm, gated_rms_norm_row, l2_normalize, l2_normalize_row
 from .threads import OPENBLAS_THREADS_NAP, numba_does_the_products, serial_and_parallel
@@ -161,6 +162,11 @@ def causal_conv1d(x: np.ndarray, weight: np.ndarray, conv_state: np.ndarray,
     is then not read and written again.
     """
     kernel = weight.shape[1]
+    channels = x.shape[1]
+    # The kernel does not check its reads: shapes that do not fit are refused here
+    if weight.shape != (channels, kernel) or conv_state.shape != (kernel - 1, channels):
+        raise MinqwenError(f"causal_conv1d: x [T, C] = {list(x.shape)} needs weight [C, K] and conv_state "
+                           f"[K − 1, C], got {list(weight.shape)} and {list(conv_state.shape)}")
     out = np.empty_like(x)
     in_the_pass = silu and x.dtype == np.float32  # (the kernel's SiLU is float32 arithmetic)
     conv = _conv_kernel_parallel if x.size >= CONV_PARALLEL_FROM and numba_does_the_products() else _conv_kernel
@@ -344,7 +350,14 @@ def recurrent_gated_delta_rule(q, k, v, g, beta, state, every_state: bool = Fals
     itself and returned: what a decode step wants, as the old memory is not needed again, and
     copying it would be one more pass over 1 MB per layer (0.8B shape) each token.
     """
-    t_len = q.shape[0]
+    t_len, num_heads, dk = q.shape
+    dv = v.shape[-1]
+    # The kernel does not check its reads: shapes that do not fit are refused here
+    if (k.shape != q.shape or v.shape != (t_len, num_heads, dv) or g.shape != (t_len, num_heads)
+            or beta.shape != (t_len, num_heads) or state.shape != (num_heads, dk, dv)):
+        raise MinqwenError(
+            f"recurrent_gated_delta_rule: q, k [T, Hv, Dk], v [T, Hv, Dv], g, beta [T, Hv] and state [Hv, Dk, Dv] "
+            f"do not fit: {', '.join(f'{n} {list(a.shape)}' for n, a in zip('q k v g beta state'.split(), (q, k, v, g, beta, state)))}")
     # [Hv, Dk, Dv]: the incoming memory. With in_place it is also states[0] below, and the
     # kernel reads each of its rows before overwriting it.
     initial = np.ascontiguousarray(state, dtype=q.dtype)
@@ -444,11 +457,17 @@ def _conv_one_token(x, weight_t, conv_state, first, out):
 _decode_step_kernel, _decode_step_kernel_parallel = serial_and_parallel(_decode_step_loops, error_model="numpy")
 
 
-def decode_step_fits(mixed_qkv, w: DeltaNetWeights, state: DeltaNetState, hidden_act: str) -> bool:
+def decode_step_fits(mixed_qkv, z, w: DeltaNetWeights, state: DeltaNetState, num_key_heads: int,
+                     hidden_act: str) -> bool:
     """Whether :func:`decode_step` can take this call: one token, float32 throughout (the
-    kernel's arithmetic), SiLU, a state it may update in place. Anything else runs the
-    definition in :func:`gated_deltanet`."""
+    kernel's arithmetic), SiLU, a state it may update in place, every shape as the kernel reads
+    it. Anything else runs the definition in :func:`gated_deltanet` (which refuses shapes that
+    do not fit)."""
     conv, memory = state.conv, state.recurrent
+    if memory.ndim != 3 or z.ndim != 3:
+        return False
+    num_value_heads, dk, dv = memory.shape
+    channels, taps = w.conv1d.shape
     return (
         mixed_qkv.shape[0] == 1
         and hidden_act in SILU_NAMES
@@ -456,6 +475,12 @@ def decode_step_fits(mixed_qkv, w: DeltaNetWeights, state: DeltaNetState, hidden
         and mixed_qkv.dtype == w.conv1d.dtype == w.A_log.dtype == w.dt_bias.dtype == w.norm.dtype
         == conv.dtype == memory.dtype == np.float32
         and conv.flags.c_contiguous and memory.flags.c_contiguous and conv.flags.writeable and memory.flags.writeable
+        and num_value_heads % num_key_heads == 0
+        and mixed_qkv.shape[1] == channels == 2 * num_key_heads * dk + num_value_heads * dv
+        and conv.shape == (taps - 1, channels)
+        and z.shape[1:] == (num_value_heads, dv)
+        and w.A_log.shape == w.dt_bias.shape == (num_value_heads,) and w.norm.shape == (dv,)
+        and w.in_proj_b.shape[0] == w.in_proj_a.shape[0] == num_value_heads  # b, a: [1, Hv]
     )
 
 
@@ -612,7 +637,7 @@ def gated_deltanet(
         tap("linear_attn.in_proj_b", b)
         tap("linear_attn.in_proj_a", a)
 
-    if tap is None and decode_step_fits(mixed_qkv, w, state, hidden_act):
+    if tap is None and decode_step_fits(mixed_qkv, z, w, state, num_key_heads, hidden_act):
         # A decode step: everything from here to the gated norm, compiled in one pass per value
         # head (decode_step). The code below is its definition, and what every other call runs.
         normed = decode_step(mixed_qkv, z, b, a, w, state, num_key_heads, eps)  # [1, Hv, Dv]

@@ -610,3 +610,24 @@ def test_the_decay_gate_at_softplus_switch_and_with_nan():
     got, expected = decay_gate(a, zero, zero), decay_gate_numpy(a, zero, zero)
     np.testing.assert_allclose(got, expected, rtol=4e-7, atol=0)  # NaN where NaN, -inf where -inf
     np.testing.assert_array_equal(np.isnan(got), np.isnan(expected))
+
+
+def test_arrays_that_do_not_fit_the_kernels_are_refused_not_read_past_their_ends():
+    # The compiled kernels do not check their reads; a state or window of another layer's size
+    # (a hand-built cache) must be refused with a message, never read out of bounds.
+    from minqwen.errors import MinqwenError
+
+    rng = np.random.default_rng(12)
+    hk, hv, dk, dv = 2, 4, 12, 8
+    w, state = _small_deltanet(rng, hk, hv, dk, dv)
+    one, three = rng.normal(size=(1, 32)).astype(np.float32), rng.normal(size=(3, 32)).astype(np.float32)
+    small_memory = DeltaNetState(state.conv.copy(), np.zeros((hv, dk - 4, dv), np.float32))
+    short_window = DeltaNetState(state.conv[:1].copy(), state.recurrent.copy())
+    for x in (one, three):
+        with pytest.raises(MinqwenError, match=r"state \[4, 8, 8\]"):
+            gated_deltanet(x, w, small_memory.copy(), hk, hv, dk, dv, "silu", 1e-6)
+        with pytest.raises(MinqwenError, match=r"conv_state \[K − 1, C\].*\[1, 80\]"):
+            gated_deltanet(x, w, short_window.copy(), hk, hv, dk, dv, "silu", 1e-6)
+    args = random_inputs(rng, 2, 3, 5, 4, np.float32)
+    with pytest.raises(MinqwenError, match="beta"):
+        recurrent_gated_delta_rule(*args[:4], args[4][:1], args[5])
