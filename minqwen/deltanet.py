@@ -27,6 +27,10 @@ The recurrence is written three times, on purpose:
   products (the WY / UT-transform form of Yang et al., NeurIPS 2024), the form GPU kernels
   use for long prompts. Tests hold it equal to the recurrent form (to ~1e-10 in float64).
 
+A float32 decode step runs the whole layer between its projections — conv, norms, gates and
+the recurrence — as one compiled pass per value head (:func:`decode_step`), built of the
+same compiled pieces as :func:`gated_deltanet`, which stays its definition.
+
 The layer's decode state is (conv window, S): see :class:`DeltaNetState`.
 """
 
@@ -394,11 +398,11 @@ def _decode_step_loops(mixed_qkv, z, b, a, conv_weight_t, conv_state, A_log, dt_
     The twin is gated_deltanet's own code (from the conv to the gated norm), and each step
     here is the compiled step that code calls (the conv kernel's sums, sigmoid32, decay_gate's
     arithmetic, the norms' row functions, :func:`_recurrent_head`), so the results are the
-    same bit for bit (tested):
-    a tapped decode step, which runs that code, records what an untapped one computes. What
-    changes is the number of passes: between two products a decode step made ~20 calls, each
-    with a temporary, and found its data evicted by the product before; here each value head
-    goes from its conv to its norm in one visit, and the heads split across the cores.
+    same bit for bit (tested): a tapped decode step, which runs that code, records what an
+    untapped one computes. What changes is the number of passes: between two products a
+    decode step made ~20 calls, each with a temporary, and found its data evicted by the
+    product before; here each value head goes from its conv to its norm in one visit, and
+    the heads split across the cores.
     """
     num_value_heads, dk, dv = S.shape
     key_dim = num_key_heads * dk
@@ -475,7 +479,7 @@ def decode_step_fits(mixed_qkv, z, w: DeltaNetWeights, state: DeltaNetState, num
         and mixed_qkv.dtype == w.conv1d.dtype == w.A_log.dtype == w.dt_bias.dtype == w.norm.dtype
         == conv.dtype == memory.dtype == np.float32
         and conv.flags.c_contiguous and memory.flags.c_contiguous and conv.flags.writeable and memory.flags.writeable
-        and num_value_heads % num_key_heads == 0
+        and num_key_heads > 0 and num_value_heads % num_key_heads == 0
         and mixed_qkv.shape[1] == channels == 2 * num_key_heads * dk + num_value_heads * dv
         and conv.shape == (taps - 1, channels)
         and z.shape[1:] == (num_value_heads, dv)
