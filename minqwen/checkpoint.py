@@ -66,6 +66,7 @@ FP8_E4M3_MAX = 448.0  # the largest finite E4M3 value
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 READ_BLOCK_BYTES = 8 * 1024 * 1024  # loads read (and convert) this much at a time (see read_as)
 SPLIT_BYTES = 4 * 1024 * 1024  # a stored tensor this large is read by several threads at once
+HUGE_PAGE_BYTES = 2 * 1024 * 1024  # x86-64's large page (see empty_on_huge_pages)
 
 
 def _refusing_repeated_names(pairs: list) -> dict:
@@ -205,7 +206,7 @@ class SafetensorsFile:
         on one thread, half that on two: a cold start then is mostly the host's.)
         """
         _, shape, begin, end = self.entries[name]
-        out = np.empty(shape, dtype)
+        out = empty_on_huge_pages(shape, dtype)
         flat = out.reshape(-1)  # a view: filling it fills out
         threads = _reading_threads() if end - begin >= SPLIT_BYTES else 1
         cuts = [flat.size * i // threads for i in range(threads + 1)]
@@ -247,6 +248,29 @@ class SafetensorsFile:
             self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
         raw = self._map[self.data_start + begin : self.data_start + end]
         return raw.view(DTYPES[dtype]).reshape(shape)
+
+
+def empty_on_huge_pages(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """np.empty(shape, dtype), starting on a 2 MiB boundary if it spans one or more 2 MiB.
+
+    Why: a decode step streams every weight from memory, and the CPU's address translation
+    keeps up better with 2 MiB pages than with 4 KiB ones. Linux gives a large NumPy array
+    2 MiB pages where it can (NumPy asks for them with madvise), but only for the whole 2 MiB
+    stretches inside the array: one that starts mid-stretch keeps up to 2 MiB at each end on
+    small pages, a quarter of an 8 MiB matrix. Loaded with plain np.empty, 2.63 of the 0.8B
+    shape's 3.01 GB of float32 weights were on large pages; the few-row kernel streamed
+    48 matrices of 3584 × 1024 at 32.1 GB/s on large pages against 30.5 on small ones (Intel
+    Xeon VM, 2 threads). The bytes before the boundary are never touched, so they take
+    address space, not memory. Elsewhere (other systems, huge pages turned off) this is an
+    ordinary array.
+    """
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes < HUGE_PAGE_BYTES:
+        return np.empty(shape, dtype)
+    raw = np.empty(nbytes + HUGE_PAGE_BYTES, np.uint8)
+    skip = -raw.ctypes.data % HUGE_PAGE_BYTES  # bytes to the first 2 MiB boundary
+    return raw[skip : skip + nbytes].view(dtype).reshape(shape)
 
 
 def _reading_threads() -> int:

@@ -926,3 +926,30 @@ def test_a_tensor_the_config_has_no_place_for_is_warned_of_at_load(tmp_path, ext
                                          rf"describes and were not used: {re.escape(extra)}\."):
         model = minqwen.load(folder)
     assert extra in model.load_report
+
+
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16], ids=["F32", "BF16"])
+@pytest.mark.parametrize("shape", [(1024, 1024), (1500, 1001), (3, 700, 600)])
+def test_a_tensor_of_2_mib_or_more_is_read_into_memory_that_starts_on_a_2_mib_boundary(tmp_path, dtype, shape):
+    # So Linux can put all of it on 2 MiB pages, which a decode step streams faster (see
+    # checkpoint.empty_on_huge_pages); the values are the file's, whatever the alignment.
+    from minqwen.checkpoint import HUGE_PAGE_BYTES
+
+    stored = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+    assert stored.nbytes // 2 >= HUGE_PAGE_BYTES  # in bf16 too
+    save_file({"w": stored.astype(dtype)}, str(tmp_path / "model.safetensors"))
+    ckpt = Checkpoint(tmp_path)
+    for got, expected in ((ckpt.float32("w", shape), stored.astype(dtype).astype(np.float32)),
+                          (ckpt.bfloat16("w", shape), stored.astype(ml_dtypes.bfloat16))):
+        assert got.ctypes.data % HUGE_PAGE_BYTES == 0
+        assert got.flags.c_contiguous and got.flags.writeable and got.shape == shape
+        np.testing.assert_array_equal(got.view(np.uint8), expected.view(np.uint8))
+
+
+@pytest.mark.parametrize("shape", [(), (0, 4096), (7,), (511, 1024)])
+def test_smaller_tensors_are_ordinary_arrays_of_their_own_size(shape):
+    # Below 2 MiB there is no large page to fill: no padding, no view of a larger buffer.
+    from minqwen.checkpoint import empty_on_huge_pages
+
+    got = empty_on_huge_pages(shape, np.float32)
+    assert got.shape == shape and got.dtype == np.float32 and got.base is None
