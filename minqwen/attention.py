@@ -16,7 +16,9 @@ Attention itself has two implementations of one definition: :func:`causal_attent
 :func:`_causal_attention_heads`, which it may share out over threads by key head), and
 :func:`attention_few_queries`, a Numba kernel for a decode step or a speculative verify (a few
 queries over a long cache), where the work is reading the cache once. Tests hold them equal
-to float32 rounding.
+to float32 rounding. And below the length where that kernel pays, a decode step runs
+:func:`decode_step`: everything the layer does between its projections (norms, rotation,
+cache append, softmax, gate) for one token, in one compiled call.
 """
 
 from __future__ import annotations
@@ -29,11 +31,11 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
-from .activations import sigmoid
+from .activations import sigmoid, sigmoid32
 from .errors import MinqwenError
 from .linear import BLAS_ROWS, CACHE_LINE, PREFETCH_AHEAD_BYTES, linear, linears, prefetch
-from .norms import rms_norm
-from .rope import apply_rotary
+from .norms import rms_norm, rms_norm_row
+from .rope import apply_rotary, rotate_row
 from .threads import numba_does_the_products, numba_threads, serial_and_parallel
 
 # Queries are processed in blocks of this many rows so that the score matrix never holds more
@@ -85,6 +87,15 @@ class KVCache:
         """Add k, v [T, Hkv, D]; return all keys and values so far, [Hkv, length, D] each."""
         t = k.shape[0]
         needed = self.length + t
+        self.make_room(t)
+        self.keys[:, self.length : needed] = k.transpose(1, 0, 2)  # [T, Hkv, D] → [Hkv, T, D]
+        self.values[:, self.length : needed] = v.transpose(1, 0, 2)
+        self.length = needed
+        return self.keys[:, :needed], self.values[:, :needed]
+
+    def make_room(self, t: int) -> None:
+        """Grow the storage, if it must, so that rows length … length + t − 1 are free to write."""
+        needed = self.length + t
         if needed > self.keys.shape[1]:
             # Room to spare: a prompt's keys fill the cache exactly, and the first decoded
             # token would otherwise copy the whole history at once.
@@ -94,10 +105,6 @@ class KVCache:
                 new = np.zeros((old.shape[0], capacity, old.shape[2]), old.dtype)
                 new[:, : self.length] = old[:, : self.length]
                 setattr(self, name, new)
-        self.keys[:, self.length : needed] = k.transpose(1, 0, 2)  # [T, Hkv, D] → [Hkv, T, D]
-        self.values[:, self.length : needed] = v.transpose(1, 0, 2)
-        self.length = needed
-        return self.keys[:, :needed], self.values[:, :needed]
 
     def copy(self) -> KVCache:
         """An independent copy with the same spare capacity, so that it grows no sooner than the original.
@@ -300,6 +307,128 @@ _attention_blocks_kernel_serial, _attention_blocks_kernel = serial_and_parallel(
     _attention_blocks_loops, fastmath={"reassoc", "contract"})
 
 
+# --------------------------------------------------------------------------- a decode step in one pass
+
+
+def _decode_step_loops(q_and_gate, k, v, q_norm, k_norm, cos, sin, eps, scale, keys, values, length,
+                       normed_q, normed_k, rotated_q, out):
+    """Everything :func:`gated_attention` does between its projections, for one token, compiled.
+
+    q_and_gate [Hq, 2D]: q_proj's output (per head, the query then the gate); k, v [Hkv, D];
+    cos, sin [R]: this token's angles; keys, values [Hkv, capacity, D]: the cache's arrays,
+    with row ``length`` free: this token's key and value are written there. Filled: normed_q
+    [Hq, D], normed_k [Hkv, D] (after q_norm, k_norm), rotated_q [Hq, D] (the rotated key is
+    the cache's new row), and out [Hq, D], the gated attention output, for o_proj.
+
+    The twin is gated_attention's own code. The norms and the rotation are the same compiled
+    steps as there (:func:`~minqwen.norms.rms_norm_row`, :func:`~minqwen.rope.rotate_row`),
+    so the cache receives the same key bits; the scores and the mix add their terms in
+    another order than BLAS does, so the output agrees to float32 rounding (tested). What
+    changes is the number of calls: between two products a decode step's attention made ~15
+    NumPy calls and small kernels, each finding its data, and the interpreter's, evicted
+    by the product before; here one.
+    """
+    num_heads, head_dim = out.shape
+    num_kv = k.shape[0]
+    group = num_heads // num_kv  # query heads per key/value head
+    visible = length + 1  # every key so far, this token's included
+    for h in range(num_kv):  # this token's key (normed, rotated) and value go in first: its query sees them
+        rms_norm_row(k[h], k_norm, eps, normed_k[h])
+        rotate_row(normed_k[h], cos, sin, keys[h, length])
+        values[h, length, :] = v[h]
+    for h in numba.prange(num_heads):
+        kv = h // group
+        rms_norm_row(q_and_gate[h, :head_dim], q_norm, eps, normed_q[h])
+        rotate_row(normed_q[h], cos, sin, rotated_q[h])
+        _softmax_attention_row(rotated_q[h], keys[kv, :visible], values[kv, :visible], scale, out[h])
+        gate = q_and_gate[h, head_dim:]
+        for i in range(head_dim):  # each head's output scaled by its own sigmoid gate
+            out[h, i] *= sigmoid32(gate[i])
+
+
+@numba.njit(fastmath={"reassoc", "contract"})
+def _softmax_attention_row(query, keys, values, scale, result):
+    """result [D] = softmax(keys · query · scale) · values, for one query over keys, values [S, D].
+
+    Compiled apart from the pass, with the same freedoms as the block kernel above (sums
+    reordered into vector lanes, fused multiply-adds), which the norms must not have.
+    """
+    scores = np.empty(keys.shape[0], np.float32)  # [S]
+    top = np.float32(-np.inf)
+    for s in range(keys.shape[0]):
+        key = keys[s]
+        dot = np.float32(0.0)
+        for i in range(query.size):
+            dot += query[i] * key[i]
+        scores[s] = dot * scale
+        top = max(top, scores[s])
+    total = np.float32(0.0)
+    for s in range(scores.size):
+        scores[s] = np.exp(scores[s] - top)
+        total += scores[s]
+    result[:] = 0.0
+    for s in range(scores.size):
+        weight = scores[s] / total
+        value = values[s]
+        for i in range(result.size):
+            result[i] += weight * value[i]
+
+
+_decode_step_kernel, _decode_step_kernel_parallel = serial_and_parallel(_decode_step_loops, error_model="numpy")
+
+
+def decode_step_fits(q_and_gate, k, v, w: AttentionWeights, cache: KVCache, cos, sin, num_heads: int,
+                     num_kv_heads: int, head_dim: int) -> bool:
+    """Whether :func:`decode_step` can take this call: one token, float32 throughout (the
+    kernel's arithmetic), a cache short enough that the few-query kernel would not take it
+    (see KERNEL_FROM_KEYS), every shape as the kernel reads it. Anything else runs the
+    definition in :func:`gated_attention`."""
+    from_keys = KERNEL_FROM_KEYS_AWAKE if numba_does_the_products() else KERNEL_FROM_KEYS
+    keys = cache.keys
+    return (
+        q_and_gate.shape[0] == 1
+        and cache.length + 1 < from_keys
+        and q_and_gate.dtype == k.dtype == v.dtype == w.q_norm.dtype == w.k_norm.dtype == cos.dtype == sin.dtype
+        == keys.dtype == cache.values.dtype == np.float32
+        and num_kv_heads > 0 and num_heads % num_kv_heads == 0
+        and q_and_gate.shape[1] == num_heads * 2 * head_dim and k.shape[1] == v.shape[1] == num_kv_heads * head_dim
+        and w.q_norm.shape == w.k_norm.shape == (head_dim,)
+        and cos.shape == sin.shape and cos.shape[0] == 1 and cos.shape[1] % 2 == 0 and cos.shape[1] <= head_dim
+        and keys.shape[0] == num_kv_heads and keys.shape[2] == head_dim and keys.shape == cache.values.shape
+    )
+
+
+def decode_step(q_and_gate, k, v, w: AttentionWeights, cache: KVCache, cos, sin, num_heads: int,
+                num_kv_heads: int, head_dim: int, eps: float, tap=None) -> np.ndarray:
+    """gated_attention between its projections for one token, compiled (:func:`_decode_step_loops`).
+
+    q_and_gate [1, Hq·2D], k, v [1, Hkv·D]: the projections' outputs; cos, sin [1, R].
+    Appends this token's key and value to ``cache``; returns the gated output [1, Hq·D].
+    ``tap`` sees the intermediates gated_attention shows, as this pass computed them.
+    """
+    cache.make_room(1)
+    q_and_gate = q_and_gate.reshape(num_heads, 2 * head_dim)  # [Hq, 2D]
+    k, v = k.reshape(num_kv_heads, head_dim), v.reshape(num_kv_heads, head_dim)  # [Hkv, D] each
+    normed_q, rotated_q, out = (np.empty((num_heads, head_dim), np.float32) for _ in range(3))  # [Hq, D] each
+    normed_k = np.empty((num_kv_heads, head_dim), np.float32)  # [Hkv, D]
+    # Heads split across the cores only where Numba's pool is awake anyway (as deltanet's step)
+    kernel = _decode_step_kernel_parallel if numba_does_the_products() else _decode_step_kernel
+    kernel(q_and_gate, k, v, w.q_norm, w.k_norm, cos[0], sin[0], np.float32(eps), np.float32(head_dim**-0.5),
+           cache.keys, cache.values, cache.length, normed_q, normed_k, rotated_q, out)
+    if tap is not None:  # [1, heads, D] each, as the definition shows them
+        tap("self_attn.q_norm", normed_q[None])
+        tap("self_attn.k_norm", normed_k[None])
+        tap("self_attn.q", rotated_q[None])
+        tap("self_attn.k", cache.keys[None, :, cache.length].copy())
+        tap("self_attn.v", v[None])
+        tap("self_attn.gate", q_and_gate[None, :, head_dim:])
+    cache.length += 1
+    out = out.reshape(1, num_heads * head_dim)  # [1, Hq·D]
+    if tap is not None:
+        tap("self_attn.gated_output", out)
+    return out
+
+
 def gated_attention(
     x: np.ndarray,
     w: AttentionWeights,
@@ -319,6 +448,12 @@ def gated_attention(
     """
     t_len = x.shape[0]
     q_and_gate, k, v = linears(x, (w.q_proj, w.k_proj, w.v_proj), (w.q_proj_bias, w.k_proj_bias, w.v_proj_bias))
+    if decode_step_fits(q_and_gate, k, v, w, cache, cos, sin, num_heads, num_kv_heads, head_dim):
+        # A decode step: everything from here to the gate, compiled in one pass (decode_step).
+        # The code below is its definition, and what every other call runs.
+        out = decode_step(q_and_gate, k, v, w, cache, cos, sin, num_heads, num_kv_heads, head_dim, eps,
+                          tap)  # [1, Hq·D]
+        return linear(out, w.o_proj, w.o_proj_bias)  # [1, H]
     q_and_gate = q_and_gate.reshape(t_len, num_heads, 2 * head_dim)  # [T, Hq, 2D]
     q, gate = q_and_gate[..., :head_dim], q_and_gate[..., head_dim:]  # [T, Hq, D] each
     k = k.reshape(t_len, num_kv_heads, head_dim)  # [T, Hkv, D]

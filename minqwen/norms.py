@@ -87,13 +87,18 @@ def _root_mean_square(row, eps):
     return np.sqrt(np.float32(_sum_of_squares(row) / row.size) + eps)
 
 
+@numba.njit(inline="always")
+def rms_norm_row(row, weight, eps, result):
+    """result = row / √(mean(row²) + eps) · (1 + weight), for one row [D] (also attention's decode step's)."""
+    root = _root_mean_square(row, eps)
+    for i in range(row.size):
+        result[i] = row[i] / root * (np.float32(1.0) + weight[i])
+
+
 def _rms_norm_loops(x, weight, eps, out):
     """out[r] = x[r] / √(mean(x[r]²) + eps) · (1 + weight), over the rows of x [R, D]."""
     for r in numba.prange(x.shape[0]):
-        row, result = x[r], out[r]  # [D]
-        root = _root_mean_square(row, eps)
-        for i in range(row.size):
-            result[i] = row[i] / root * (np.float32(1.0) + weight[i])
+        rms_norm_row(x[r], weight, eps, out[r])
 
 
 @numba.njit(inline="always")

@@ -17,6 +17,7 @@ Three ideas stack up here.
 
 import math
 
+import numba
 import numpy as np
 
 
@@ -125,3 +126,21 @@ def apply_rotary(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     # rotate_half pairs dim i with dim i + R/2: (a, b) → (-b, a)
     rotated_half = np.concatenate([-rot[..., half:], rot[..., :half]], axis=-1)  # [T, heads, R]
     return np.concatenate([rot * cos + rotated_half * sin, rest], axis=-1)
+
+
+@numba.njit(inline="always")
+def rotate_row(x, cos, sin, result):
+    """:func:`apply_rotary` for one head's row x [D] and one token's cos, sin [R], into result [D].
+
+    The same float32 steps as apply_rotary's (a product with cos, one with the rotated half and
+    sin, their sum; no fused multiply-add), so the same values bit for bit: attention's decode
+    step calls it.
+    """
+    rotary_dim = cos.size
+    half = rotary_dim // 2
+    for i in range(half):  # (a, b) → (a cos − b sin, b cos + a sin), b = x[i + R/2]
+        result[i] = x[i] * cos[i] + -x[i + half] * sin[i]
+    for i in range(half, rotary_dim):
+        result[i] = x[i] * cos[i] + x[i - half] * sin[i]
+    for i in range(rotary_dim, x.size):
+        result[i] = x[i]

@@ -5,14 +5,18 @@ not reach: prompts longer than one query block, M-RoPE sections with distinct he
 width (the real models' (11, 11, 10)), and a float64 model's tables.
 """
 
+import contextlib
 import math
 import warnings
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from minqwen import attention
 from minqwen.attention import AttentionWeights, KVCache, causal_attention, gated_attention
+from minqwen.linear import linears
 from minqwen.rope import inverse_frequencies, mrope_cos_sin
 
 
@@ -182,7 +186,7 @@ def test_the_few_query_kernel_takes_over_exactly_where_documented(monkeypatch):
     monkeypatch.setattr(attention, "KERNEL_FROM_KEYS", 12)
     monkeypatch.setattr(attention, "KERNEL_FROM_KEYS_AWAKE", 6)
     chosen = []
-    for name in ("attention_few_queries", "causal_attention"):
+    for name in ("attention_few_queries", "causal_attention", "decode_step"):
         real = getattr(attention, name)
         monkeypatch.setattr(attention, name, lambda *a, real=real, name=name, **k: (chosen.append(name), real(*a, **k))[1])
     hq, hkv, d, hidden = 4, 2, 8, 16  # G = 2 query heads per key head
@@ -193,9 +197,13 @@ def test_the_few_query_kernel_takes_over_exactly_where_documented(monkeypatch):
         (7, 4, np.float32, False, "causal_attention"),  # 11 keys: one short of KERNEL_FROM_KEYS
         (7, 5, np.float32, False, "causal_attention"),  # 2 · 5 = 10 rows: too many, although 5 tokens are few
         (11, 1, np.float64, False, "causal_attention"),  # a decode step of a float64 layer
-        (5, 1, np.float32, False, "causal_attention"),  # 6 keys: KERNEL_FROM_KEYS_AWAKE, but the pool sleeps
+        (11, 1, np.float32, False, "attention_few_queries"),  # 12 keys = KERNEL_FROM_KEYS: one decoded token
+        (10, 1, np.float32, False, "decode_step"),  # 11 keys: below it, the one-pass step
+        (5, 1, np.float32, False, "decode_step"),  # 6 keys: KERNEL_FROM_KEYS_AWAKE, but the pool sleeps
         (5, 1, np.float32, True, "attention_few_queries"),  # 6 keys = KERNEL_FROM_KEYS_AWAKE, the pool awake
-        (4, 1, np.float32, True, "causal_attention"),  # 5 keys: one short of it
+        (4, 1, np.float32, True, "decode_step"),  # 5 keys: one short of it
+        (0, 1, np.float32, True, "decode_step"),  # the first token of all: its own key only
+        (3, 2, np.float32, True, "causal_attention"),  # two tokens (a verify) are not a decode step
         (3, 5, np.float32, True, "causal_attention"),  # 8 keys, but 10 rows
     ]
     for past, t_len, dtype, awake, expected in cases:
@@ -242,3 +250,130 @@ def test_a_prompts_key_heads_are_shared_out_between_threads_bit_for_bit(monkeypa
     # 3 key heads (of 2 query heads each) shared out between min(3, threads) threads
     assert len(seen) == min(3, attention.numba.get_num_threads()) and sum(n for _, n in seen) == 6
     assert all(name.startswith("minqwen-attention") for name, _ in seen)
+
+
+# --------------------------------------------------------------------------- the one-pass decode step
+
+
+def _decode_step_case(rng, hq, hkv, d, rotary_dim, past, bias=True):
+    """float32 weights, a cache holding ``past`` tokens, the next token's x and its cos/sin [1, R]."""
+    w = random_attention_weights(rng, hq, hkv, d, hidden=24)
+    if not bias:
+        w.q_proj_bias = w.k_proj_bias = w.v_proj_bias = w.o_proj_bias = None
+    w = AttentionWeights(**{k: None if v is None else v.astype(np.float32) for k, v in vars(w).items()})
+    x = rng.normal(size=(past + 1, 24)).astype(np.float32)
+    positions = np.broadcast_to(np.arange(past + 1), (3, past + 1))
+    cos, sin = mrope_cos_sin(positions, inverse_frequencies(1e4, rotary_dim), (rotary_dim // 2, 0, 0))
+    cache = KVCache(hkv, d)
+    gated_attention(x[:past], w, cache, cos[:past], sin[:past], hq, hkv, d, 1e-6)
+    return w, cache, x[past:], cos[past:], sin[past:]
+
+
+@contextlib.contextmanager
+def _by_definition():
+    """Within the block every call runs gated_attention's definition, decode steps included."""
+    fits = attention.decode_step_fits
+    attention.decode_step_fits = lambda *args: False
+    try:
+        yield
+    finally:
+        attention.decode_step_fits = fits
+
+
+@settings(max_examples=60, deadline=None)
+@given(hkv=st.integers(1, 3), group=st.integers(1, 4), half_d=st.integers(1, 40), data=st.data(),
+       past=st.integers(0, 40), bias=st.booleans(), awake=st.booleans(), seed=st.integers(0, 2**31))
+def test_the_compiled_decode_step_agrees_with_the_layers_definition(hkv, group, half_d, data, past, bias, awake,
+                                                                    seed):
+    # The pass runs the definition's own compiled norms and rotation: the key it writes into the
+    # cache is the definition's bit for bit, and so is the value. Its scores and mix add their
+    # terms in another order than BLAS: the output agrees to float32 rounding. Judged against the
+    # definition on a copy of the same cache, every tap included.
+    from minqwen.threads import one_blas_thread
+
+    d = 2 * half_d
+    rotary_dim = 2 * data.draw(st.integers(1, half_d))  # partial rotary: R even, R ≤ D
+    rng = np.random.default_rng(seed)
+    hq = hkv * group
+    w, cache, x, cos, sin = _decode_step_case(rng, hq, hkv, d, rotary_dim, past, bias)
+    by_definition = cache.copy()
+    taps, taps_by_definition = {}, {}
+    with one_blas_thread(awake):
+        got = gated_attention(x, w, cache, cos, sin, hq, hkv, d, 1e-6, tap=taps.__setitem__)
+        with _by_definition():
+            expected = gated_attention(x, w, by_definition, cos, sin, hq, hkv, d, 1e-6,
+                                       tap=taps_by_definition.__setitem__)
+    assert cache.length == by_definition.length == past + 1
+    np.testing.assert_array_equal(cache.keys[:, : past + 1], by_definition.keys[:, : past + 1])
+    np.testing.assert_array_equal(cache.values[:, : past + 1], by_definition.values[:, : past + 1])
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+    assert list(taps) == list(taps_by_definition)  # the same taps, in the same order, of the same shapes
+    for name, a in taps.items():
+        assert a.shape == taps_by_definition[name].shape and a.dtype == np.float32, name
+        if name != "self_attn.gated_output":  # before the softmax: the same steps, the same bits
+            np.testing.assert_array_equal(a, taps_by_definition[name], err_msg=name)
+    np.testing.assert_allclose(taps["self_attn.gated_output"], taps_by_definition["self_attn.gated_output"],
+                               rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
+def test_the_decode_step_equals_the_direct_layer_in_float64_over_many_steps():
+    # Step after step (the cache growing past its first capacity, 256 spare rows, and the block
+    # kernel taking over at KERNEL_FROM_KEYS_AWAKE keys), against the whole sequence computed
+    # directly in float64.
+    from minqwen.threads import one_blas_thread
+
+    hq, hkv, d, rotary_dim = 6, 2, 16, 8
+    rng = np.random.default_rng(3)
+    w, cache, _, _, _ = _decode_step_case(rng, hq, hkv, d, rotary_dim, past=3)
+    n = 520
+    x = rng.normal(size=(3 + n, 24)).astype(np.float32)
+    positions = np.broadcast_to(np.arange(3 + n), (3, 3 + n))
+    cos, sin = mrope_cos_sin(positions, inverse_frequencies(1e4, rotary_dim), (rotary_dim // 2, 0, 0))
+    cache = KVCache(hkv, d)
+    gated_attention(x[:3], w, cache, cos[:3], sin[:3], hq, hkv, d, 1e-6)
+    calls, real = [], attention.decode_step
+    try:
+        attention.decode_step = lambda *a: (calls.append(1), real(*a))[1]
+        with one_blas_thread():
+            got = np.concatenate([gated_attention(x[t : t + 1], w, cache, cos[t : t + 1], sin[t : t + 1], hq, hkv,
+                                                  d, 1e-6) for t in range(3, 3 + n)])
+    finally:
+        attention.decode_step = real
+    assert len(calls) == attention.KERNEL_FROM_KEYS_AWAKE - 4  # keys 4 … 511: the pass; from 512, the block kernel
+    expected = _direct_gated_attention(x, w, np.arange(3 + n), hq, hkv, d, rotary_dim, 1e4, 1e-6)[3:]
+    np.testing.assert_allclose(got, expected, rtol=0, atol=2e-5 * np.abs(expected).max())
+
+
+def test_the_decode_steps_serial_and_parallel_builds_agree_bit_for_bit():
+    rng = np.random.default_rng(12)
+    w, cache, x, cos, sin = _decode_step_case(rng, 8, 2, 32, 16, past=20)
+    q_and_gate, k, v = (rng.normal(size=(1, n)).astype(np.float32) for n in (8 * 64, 64, 64))
+    outs = []
+    for kernel in (attention._decode_step_kernel, attention._decode_step_kernel_parallel):
+        c = cache.copy()
+        c.make_room(1)
+        filled = [np.empty((n, 32), np.float32) for n in (8, 2, 8, 8)]  # normed q, normed k, rotated q, out
+        kernel(q_and_gate.reshape(8, 64), k.reshape(2, 32), v.reshape(2, 32), w.q_norm, w.k_norm, cos[0], sin[0],
+               np.float32(1e-6), np.float32(32**-0.5), c.keys, c.values, c.length, *filled)
+        outs.append(filled + [c.keys[:, : c.length + 1].copy(), c.values[:, : c.length + 1].copy()])
+    for serial, parallel in zip(*outs):
+        np.testing.assert_array_equal(serial, parallel)
+
+
+def test_only_a_plain_float32_decode_step_takes_the_compiled_step():
+    rng = np.random.default_rng(13)
+    w, cache, x, cos, sin = _decode_step_case(rng, 4, 2, 8, 8, past=5)
+    q_and_gate, k, v = linears(x, (w.q_proj, w.k_proj, w.v_proj), (w.q_proj_bias, w.k_proj_bias, w.v_proj_bias))
+
+    def fits(q_and_gate=q_and_gate, k=k, v=v, w=w, cos=cos, sin=sin, hq=4, hkv=2, d=8):
+        return attention.decode_step_fits(q_and_gate, k, v, w, cache, cos, sin, hq, hkv, d)
+
+    assert fits()
+    two = np.concatenate([q_and_gate, q_and_gate])
+    assert not fits(q_and_gate=two)  # two tokens: a verify
+    assert not fits(q_and_gate=q_and_gate.astype(np.float64))  # a float64 layer: the judge of round-off
+    assert not fits(cos=cos.astype(np.float64), sin=sin.astype(np.float64))
+    assert not fits(hq=3)  # 3 query heads do not share 2 key heads
+    assert not fits(d=4)  # shapes that do not fit are left to the definition, which refuses them
+    assert not fits(cos=np.ones((1, 10), np.float32), sin=np.ones((1, 10), np.float32))  # R > D
+    assert not fits(w=AttentionWeights(**{**vars(w), "q_norm": w.q_norm[:4]}))

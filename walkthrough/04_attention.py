@@ -282,6 +282,33 @@ if plt is not None:
     course.save(fig, "04_kv_cache_growth.png")
 
 # %% [markdown]
+# ## A decode step in one pass
+#
+# Below the length where that kernel takes over, one token's attention is little work spread
+# over many small calls: two norms, two rotations, the cache append, the softmax, the gate.
+# At the real 0.8B shape the products between them have just streamed megabytes through the
+# caches, so each small call first waits for its data. A decode step therefore takes
+# `attention.decode_step`: the same steps in one compiled call. Its norms and rotation are
+# the very compiled steps the definition calls, so the key it caches is the definition's, bit
+# for bit; its scores and weighted sum add their terms in another order than BLAS does, so
+# its output agrees with the definition to float32 rounding. Its taps show what it computed:
+# redo the step's attention from them with this chapter's own `attention`:
+
+# %%
+cache = emb.new_cache()
+emb.forward(ids, cache)
+step_taps = {}
+emb.forward([42], cache, tap=lambda n, a: step_taps.__setitem__(n, a.copy()))  # one token: the compiled pass
+kv_cache = cache.layers[L]
+cached_k = kv_cache.keys[:, : kv_cache.length].transpose(1, 0, 2)  # [S, Hkv, D], as `attention` takes them
+cached_v = kv_cache.values[:, : kv_cache.length].transpose(1, 0, 2)
+np.testing.assert_array_equal(cached_k[-1:], step_taps[f"layers.{L}.self_attn.k"])  # the new key, cached
+gate = step_taps[f"layers.{L}.self_attn.gate"]  # [1, Hq, D]
+ours = attention(step_taps[f"layers.{L}.self_attn.q"], cached_k, cached_v) / (1 + np.exp(-gate))
+np.testing.assert_allclose(ours.reshape(1, -1), step_taps[f"layers.{L}.self_attn.gated_output"], rtol=0, atol=1e-5)
+print(f"decode step over {kv_cache.length} keys: the compiled pass == this chapter's attention, to float32 rounding")
+
+# %% [markdown]
 # ## Exercises
 #
 # Solutions: `walkthrough/solutions/04_attention.py`.
