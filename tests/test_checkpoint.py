@@ -953,3 +953,32 @@ def test_smaller_tensors_are_ordinary_arrays_of_their_own_size(shape):
 
     got = empty_on_huge_pages(shape, np.float32)
     assert got.shape == shape and got.dtype == np.float32 and got.base is None
+
+
+def _vm_flags_at(address: int) -> list[str]:
+    """The VmFlags of the mapping that holds ``address``, from /proc/self/smaps (Linux)."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and all(c in "0123456789abcdef-" for c in head):
+                begin, end = (int(part, 16) for part in head.split("-"))
+                inside = begin <= address < end
+            elif inside and line.startswith("VmFlags:"):
+                return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(not hasattr(__import__("mmap"), "MADV_HUGEPAGE") or not os.path.exists("/proc/self/smaps"),
+                    reason="Linux's large-page advice only")
+def test_only_the_whole_2_mib_pages_of_a_tensor_ask_for_large_pages():
+    # A tail that fills no whole 2 MiB page must not get one (it would cost up to 2 MiB of memory
+    # for a few bytes): "hg" marks memory advised to take large pages, "nh" memory advised not to.
+    from minqwen.checkpoint import HUGE_PAGE_BYTES, empty_on_huge_pages
+
+    array = empty_on_huge_pages((3 * HUGE_PAGE_BYTES // 4 + 1000,), np.float32)  # 3 whole pages and 4000 bytes
+    start = array.ctypes.data
+    assert "hg" in _vm_flags_at(start) and "hg" in _vm_flags_at(start + 3 * HUGE_PAGE_BYTES - 1)
+    assert "nh" in _vm_flags_at(start + 3 * HUGE_PAGE_BYTES)
+    array[:] = 1.5  # and it is ordinary writeable memory
+    assert array.sum() == 1.5 * array.size
