@@ -346,7 +346,7 @@ def _decode_step_loops(q_and_gate, k, v, q_norm, k_norm, cos, sin, eps, scale, k
             out[h, i] *= sigmoid32(gate[i])
 
 
-@numba.njit(fastmath={"reassoc", "contract"})
+@numba.njit(cache=True, fastmath={"reassoc", "contract"})
 def _softmax_attention_row(query, keys, values, scale, result):
     """result [D] = softmax(keys · query · scale) · values, for one query over keys, values [S, D].
 
