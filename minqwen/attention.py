@@ -57,6 +57,11 @@ FEW_QUERY_ROWS = 8
 KEY_BLOCK = 256
 
 
+def few_query_kernel_from() -> int:
+    """How many keys (this call's own included) hand a few queries to attention_few_queries now."""
+    return KERNEL_FROM_KEYS_AWAKE if numba_does_the_products() else KERNEL_FROM_KEYS
+
+
 @dataclass
 class AttentionWeights:
     q_proj: np.ndarray  # [Hq · 2 · D, H]: per head, query then gate
@@ -383,11 +388,10 @@ def decode_step_fits(q_and_gate, k, v, w: AttentionWeights, cache: KVCache, cos,
     kernel's arithmetic), a cache short enough that the few-query kernel would not take it
     (see KERNEL_FROM_KEYS), every shape as the kernel reads it. Anything else runs the
     definition in :func:`gated_attention`."""
-    from_keys = KERNEL_FROM_KEYS_AWAKE if numba_does_the_products() else KERNEL_FROM_KEYS
     keys = cache.keys
     return (
         q_and_gate.shape[0] == 1
-        and cache.length + 1 < from_keys
+        and cache.length + 1 < few_query_kernel_from()  # the keys with this token's own
         and q_and_gate.dtype == k.dtype == v.dtype == w.q_norm.dtype == w.k_norm.dtype == cos.dtype == sin.dtype
         == keys.dtype == cache.values.dtype == np.float32
         and num_kv_heads > 0 and num_heads % num_kv_heads == 0
@@ -473,8 +477,7 @@ def gated_attention(
         tap("self_attn.gate", gate)
 
     keys, values = cache.append(k, v)  # [Hkv, S, D] each
-    from_keys = KERNEL_FROM_KEYS_AWAKE if numba_does_the_products() else KERNEL_FROM_KEYS
-    few = t_len * (num_heads // num_kv_heads) <= FEW_QUERY_ROWS and keys.shape[1] >= from_keys
+    few = t_len * (num_heads // num_kv_heads) <= FEW_QUERY_ROWS and keys.shape[1] >= few_query_kernel_from()
     attend = attention_few_queries if few and q.dtype == keys.dtype == np.float32 else causal_attention
     out = attend(q, keys, values, scale=head_dim**-0.5)  # [T, Hq, D]
     # each head's output scaled, element by element, by its own sigmoid gate
