@@ -250,7 +250,10 @@ PREFILL = {"minqwen fp32": [2.0, 1.0, 9.0], "minqwen bf16-resident": [3.0, 2.5, 
            "transformers fp32": [4.0, 8.0, 5.0], "transformers bf16": [1.5, 1.0, 6.0]}
 DECODE = {"minqwen fp32": [7.0, 20.0, 8.0], "minqwen bf16-resident": [4.0, 3.0, 30.0],
           "transformers fp32": [15.0, 14.0, 13.0], "transformers bf16": [12.0, 40.0, 11.0]}
-ROOFLINE = [20.0, 100.0, 30.0]  # median 30, mean 50
+# The probe's samples, one before and one after each round's decoding: median 35 (of all six),
+# round means 25, 65, 45; chosen so that the median of per-round fractions differs from decode
+# tok/s over the median bandwidth, and from either sample of a pair alone.
+ROOFLINE = [20.0, 30.0, 100.0, 30.0, 40.0, 50.0]
 WEIGHT_BYTES = {"float32": 3_009_347_584, "bfloat16": 1_505_558_528}
 
 
@@ -307,7 +310,8 @@ def _run_bench_main(monkeypatch, tmp_path, *argv, model=FIXTURES / "text_tied_fp
 def test_bench_figures_are_the_protocols_medians_and_the_json_equals_the_table(monkeypatch, tmp_path):
     # Independent side: the protocol's formulas over the scripted times. Fails on a mean instead
     # of a median, 64 (not 63) tokens per decode, a prefill not of 512, a roofline fraction not
-    # decode tok/s × bytes ÷ bandwidth, or a ratio to a peer other than transformers fp32.
+    # the median over rounds of decode tok/s × bytes ÷ the bandwidth around that round's decoding,
+    # or a ratio to a peer other than transformers fp32.
     results, text = _run_bench_main(monkeypatch, tmp_path, "--repeats", "3", "--long-context", "448")
     assert results["roofline_GBps"] == statistics.median(ROOFLINE)
     assert (results["repeats"], results["long_context"]) == (3, 448)
@@ -317,11 +321,14 @@ def test_bench_figures_are_the_protocols_medians_and_the_json_equals_the_table(m
     for name, row in rows.items():
         assert row["prefill512_tps"] == pytest.approx(512 / statistics.median(PREFILL[name]), rel=1e-12)
         assert row["decode_tps"] == pytest.approx(63 / statistics.median(DECODE[name]), rel=1e-12)
+    assert results["roofline_samples_GBps"] == [ROOFLINE[i:i + 2] for i in range(0, 6, 2)]
     for dtype in ("float32", "bfloat16"):
         row = rows[NAMES["minqwen", dtype]]
-        fraction = Fraction(63) / Fraction(statistics.median(DECODE[row["name"]])) * WEIGHT_BYTES[dtype] \
-            / (Fraction(statistics.median(ROOFLINE)) * 10**9)
-        assert row["roofline_fraction"] == pytest.approx(float(fraction), rel=1e-12)
+        # Each round's decode tokens/s over the mean bandwidth around it, then the median of rounds.
+        per_round = [Fraction(63) / Fraction(seconds) * WEIGHT_BYTES[dtype]
+                     / ((Fraction(ROOFLINE[2 * i]) + Fraction(ROOFLINE[2 * i + 1])) / 2 * 10**9)
+                     for i, seconds in enumerate(DECODE[row["name"]])]
+        assert row["roofline_fraction"] == pytest.approx(float(statistics.median(per_round)), rel=1e-12)
         assert row["decode_at_512_tps"] == pytest.approx(10.0) and row["decode_at_448_tps"] == pytest.approx(5.0)
         assert row["long_over_512"] == pytest.approx(0.5)
     # The printed table shows the JSON's numbers (rounded as printed) and ratios to transformers fp32.
@@ -337,6 +344,35 @@ def test_bench_figures_are_the_protocols_medians_and_the_json_equals_the_table(m
         m = re.search(rf"^{re.escape(row['name'])}: (\d+)% of the memory roofline \(([\d.]+) GB/token\)", text, re.M)
         assert int(m.group(1)) == round(100 * row["roofline_fraction"])
         assert float(m.group(2)) == round(WEIGHT_BYTES[dtype] / 1e9, 2)
+
+
+def test_bench_probes_the_bandwidth_just_before_and_just_after_each_rounds_decoding(monkeypatch, tmp_path):
+    # The roofline fraction pairs a round's decoding with the probe's samples around it: the
+    # samples must be taken there, not before the round's prefills or after the whole run.
+    events = []
+    base = _fake_worker_class([])
+
+    class Logged(base):
+        def measure(self, command, *args):
+            events.append(command)
+            return super().measure(command, *args)
+
+    samples = iter(ROOFLINE)
+
+    def sample():
+        events.append("probe")
+        return next(samples)
+
+    monkeypatch.setattr(bench, "Worker", Logged)
+    monkeypatch.setattr(bench, "RooflineProbe", lambda: types.SimpleNamespace(sample=sample))
+    monkeypatch.setattr(bench, "cold_starts", lambda folder, dtype, threads, repeats: {
+        "cold_start": {"seconds": 1.5, "peak_rss_bytes": 2, "resident_weight_bytes": 1}, "jit_seconds": 0.0})
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--model", str(FIXTURES / "text_tied_fp32"), "--threads", "1",
+                                      "--repeats", "3", "--long-context", "0"])
+    with redirect_stdout(io.StringIO()):
+        assert bench.main() == 0
+    one_round = ["prefill"] * 4 + ["probe"] + ["decode"] * 4 + ["probe"]
+    assert events == one_round * 3
 
 
 def _checkpoint_with_positions(tmp_path, positions):

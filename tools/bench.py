@@ -10,7 +10,11 @@ once), with the same thread count, and every figure is the median of several run
 reported as a ratio against transformers measured in the same run, because absolute figures
 drift on shared machines; for the same reason the contenders are all loaded at once and
 measured round-robin (each repeat runs every contender once). The memory roofline is measured
-in the same rounds: a NumPy fp32 GEMV over a matrix much larger than the last-level cache.
+in the same rounds: a NumPy fp32 GEMV over a matrix much larger than the last-level cache,
+sampled just before and just after each round's decoding. A contender's roofline fraction is the
+median over rounds of that round's decode tokens/s × bytes per token ÷ the mean of the two
+samples around it, so a machine that slows during a run moves both sides of the fraction alike
+(the printed GB/s is the median of all samples).
 
 Each contender runs in a worker process of its own, started with the environment this
 benchmark was started with, so each runs with its own library's thread-pool defaults (see
@@ -547,16 +551,22 @@ def main() -> int:
         # Round-robin: every repeat measures the roofline and each contender once, so a machine
         # that slows down for a minute slows every contender alike and the ratios stay meaningful
         # (measured one contender after another, the same code moved by ±20% between runs here).
+        # The probe brackets each decode round, so the roofline fraction pairs a round's decoding with
+        # the bandwidth of the same minute (probed once at each round's start, before its prefills,
+        # runs in which the machine slowed during the round read 84% of a bandwidth it no longer had).
         bandwidth, prefill, decode = [], {w.name: [] for w in workers}, {w.name: [] for w in workers}
         for _ in range(args.repeats):
-            bandwidth.append(gemv.sample())
             for worker in workers:
                 prefill[worker.name].append(worker.measure("prefill", prompt512))
+            before = gemv.sample()
             for worker in workers:
                 decode[worker.name].append(worker.measure("decode", prompt16, 64))
-        results["roofline_GBps"] = statistics.median(bandwidth)
+            bandwidth.append((before, gemv.sample()))
+        results["roofline_GBps"] = statistics.median(sample for pair in bandwidth for sample in pair)
+        results["roofline_samples_GBps"] = bandwidth
         print(f"machine: {results['machine']['cpu']}, {args.threads} threads; "
-              f"fp32 GEMV roofline {results['roofline_GBps']:.1f} GB/s", flush=True)
+              f"fp32 GEMV roofline {results['roofline_GBps']:.1f} GB/s (samples "
+              f"{min(min(pair) for pair in bandwidth):.1f}-{max(max(pair) for pair in bandwidth):.1f})", flush=True)
         del gemv
 
         for worker in workers:
@@ -565,8 +575,9 @@ def main() -> int:
                    "decode_tps": 63 / statistics.median(decode[worker.name])}
             if "weight_bytes_per_token" in worker.info:
                 row["weight_bytes_per_token"] = worker.info["weight_bytes_per_token"]
-                row["roofline_fraction"] = (row["decode_tps"] * row["weight_bytes_per_token"]
-                                            / (results["roofline_GBps"] * 1e9))
+                row["roofline_fraction"] = statistics.median(
+                    (63 / seconds) * row["weight_bytes_per_token"] / ((before + after) / 2 * 1e9)
+                    for seconds, (before, after) in zip(decode[worker.name], bandwidth))
             row.update(worker.info.get("details", {}))
             results["rows"].append(row)
         for worker in workers:  # free every model before the long-context runs and the new processes
