@@ -117,8 +117,8 @@ class _FakeClock:
     def perf_counter(self):
         return self.instants.pop(0)
 
-    def sleep(self, _):
-        pass
+    def sleep(self, seconds):
+        self.slept = (len(self.instants), seconds)
 
 
 def test_roofline_sample_is_the_median_of_five_gemvs(monkeypatch):
@@ -135,9 +135,12 @@ def test_roofline_sample_is_the_median_of_five_gemvs(monkeypatch):
     for d in durations:
         instants += [t, t + d]
         t += 1.0
-    monkeypatch.setattr(bench, "time", _FakeClock(instants))
+    clock = _FakeClock(instants)
+    monkeypatch.setattr(bench, "time", clock)
     expected = probe.W.nbytes / statistics.median(durations) / 1e9
     assert bench.RooflineProbe.sample(probe) == pytest.approx(expected, rel=1e-12)
+    # Then it waits out OpenBLAS's spinning threads (0.1 s measured) before a contender runs.
+    assert clock.slept[0] == 0 and clock.slept[1] >= 0.25
 
 
 class _ShapeOnly:
@@ -321,6 +324,7 @@ def test_bench_figures_are_the_protocols_medians_and_the_json_equals_the_table(m
     for name, row in rows.items():
         assert row["prefill512_tps"] == pytest.approx(512 / statistics.median(PREFILL[name]), rel=1e-12)
         assert row["decode_tps"] == pytest.approx(63 / statistics.median(DECODE[name]), rel=1e-12)
+        assert (row["prefill512_seconds"], row["decode_seconds"]) == (PREFILL[name], DECODE[name])
     assert results["roofline_samples_GBps"] == [ROOFLINE[i:i + 2] for i in range(0, 6, 2)]
     for dtype in ("float32", "bfloat16"):
         row = rows[NAMES["minqwen", dtype]]

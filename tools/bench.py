@@ -123,6 +123,11 @@ class RooflineProbe:
         self.x = np.ones(cols, np.float32)
         self.W @ self.x  # page the matrix in
 
+    # After a call, OpenBLAS's threads spin waiting for the next one (measured here: 0.105 s of
+    # CPU in the 0.2-1 s after a sample); the probe waits them out, so the contender measured next
+    # does not share its cores with the probe's threads.
+    SPIN_SECONDS = 0.3
+
     def sample(self) -> float:
         """The median of 5 GEMVs, in GB/s."""
         times = []
@@ -130,6 +135,7 @@ class RooflineProbe:
             start = time.perf_counter()
             self.W @ self.x
             times.append(time.perf_counter() - start)
+        time.sleep(self.SPIN_SECONDS)
         return self.W.nbytes / statistics.median(times) / 1e9
 
 
@@ -572,7 +578,9 @@ def main() -> int:
         for worker in workers:
             row = {"name": worker.name,
                    "prefill512_tps": 512 / statistics.median(prefill[worker.name]),
-                   "decode_tps": 63 / statistics.median(decode[worker.name])}
+                   "decode_tps": 63 / statistics.median(decode[worker.name]),
+                   # each round's seconds, in round order (beside roofline_samples_GBps)
+                   "prefill512_seconds": prefill[worker.name], "decode_seconds": decode[worker.name]}
             if "weight_bytes_per_token" in worker.info:
                 row["weight_bytes_per_token"] = worker.info["weight_bytes_per_token"]
                 row["roofline_fraction"] = statistics.median(
