@@ -558,8 +558,7 @@ def main() -> int:
         # that slows down for a minute slows every contender alike and the ratios stay meaningful
         # (measured one contender after another, the same code moved by ±20% between runs here).
         # The probe brackets each decode round, so the roofline fraction pairs a round's decoding with
-        # the bandwidth of the same minute (probed once at each round's start, before its prefills,
-        # runs in which the machine slowed during the round read 84% of a bandwidth it no longer had).
+        # the bandwidth of the same minutes (one run's samples spread over 7-12% here, minute to minute).
         bandwidth, prefill, decode = [], {w.name: [] for w in workers}, {w.name: [] for w in workers}
         for _ in range(args.repeats):
             for worker in workers:
